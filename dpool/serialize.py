@@ -10,7 +10,8 @@ the pickle stream and the transport can send them with scatter-gather I/O.
   only for what plain pickle cannot do: functions and classes defined in
   ``__main__``, lambdas, closures and other nested definitions, and
   definitions from modules that cannot be imported by name on the other side
-  (dynamic modules, modules registered with
+  (not in ``sys.modules`` or not holding the definition under its
+  qualified name, modules registered with
   :func:`cloudpickle.register_pickle_by_value`).  Those are pickled by value;
   importable module-level functions and classes go by reference.
 * Exact ``bytes``, ``bytearray`` and ``memoryview`` objects of at least
@@ -19,7 +20,8 @@ the pickle stream and the transport can send them with scatter-gather I/O.
   kwargs)`` pair, an args tuple, a result) travel as out-of-band frames and
   come back as the same type.  ``memoryview`` objects anywhere in the
   structure, and objects that support pickle protocol 5 buffers natively
-  (e.g. NumPy arrays), go out-of-band anywhere when they are large enough.
+  (e.g. NumPy arrays; non-contiguous ones are made contiguous first), go
+  out-of-band anywhere when they are large enough.
 * Buffers on the receiving side: ``bytes`` are rebuilt with one copy (none if
   the frame already is a ``bytes`` object); a ``bytearray`` frame becomes the
   ``bytearray`` itself; ``memoryview`` and NumPy arrays are views of the
@@ -56,7 +58,9 @@ OUT_OF_BAND_THRESHOLD = 64 * 1024
 PROTOCOL = 5
 
 # How many container levels (exact tuple/list/dict) are searched for large
-# bytes/bytearray/memoryview objects: 2 covers ``dumps((args, kwargs))``.
+# bytes/bytearray objects (the C pickler writes those in-band without asking
+# reducer_override): 2 covers ``dumps((args, kwargs))``.  memoryviews are
+# handled by the pickler itself, at any depth.
 _SCAN_DEPTH = 2
 # At most this many container items are looked at by that search, so that
 # dumping a big list does not cost a Python-level walk of all of it.
@@ -65,7 +69,6 @@ _SCAN_BUDGET = 1024
 _FAST_MAX_LEN = 32
 
 _ATOMS = frozenset({type(None), bool, int, float, str})
-_CONTAINERS = (tuple, list, dict)
 
 _FunctionType = types.FunctionType
 _ModuleType = types.ModuleType
@@ -209,14 +212,6 @@ def _swap_big_buffers(obj, depth, budget):
 # --------------------------------------------------------------------------
 # Pickling by value (cloudpickle) only where needed
 
-def _is_dynamic_module(module):
-    # Modules made at run time (types.ModuleType(...)) cannot be imported on
-    # the other side.
-    return (getattr(module, "__spec__", None) is None
-            and getattr(module, "__file__", None) is None
-            and module.__name__ not in sys.builtin_module_names)
-
-
 def _registered_by_value(module_name):
     try:
         registry = cloudpickle.list_registry_pickle_by_value()
@@ -242,7 +237,7 @@ def _by_value(obj):
     if not isinstance(qualname, str) or "<" in qualname:  # <locals>, <lambda>
         return True
     module = sys.modules.get(module_name)
-    if module is None or _is_dynamic_module(module):
+    if module is None:
         return True
     found = module
     try:
@@ -282,6 +277,13 @@ class _Pickler(pickle.Pickler):
         if t is _ModuleType:
             # plain pickle cannot pickle modules at all
             return _cloudpickle_reduce(obj)
+        if (t.__name__ == "ndarray" and t.__module__ == "numpy"
+                and obj.nbytes >= OUT_OF_BAND_THRESHOLD
+                and not (obj.flags.c_contiguous or obj.flags.f_contiguous)
+                and not obj.dtype.hasobject):
+            # NumPy pickles non-contiguous arrays in-band: send a contiguous
+            # copy out-of-band instead.
+            return obj.copy().__reduce_ex__(PROTOCOL)
         return NotImplemented
 
 
