@@ -1,0 +1,138 @@
+"""A blocking Connection for worker processes (no asyncio, fast to start).
+
+Same wire format as the asyncio side.  ``send`` writes the header and frames
+with one ``sendmsg`` (small messages: one ``sendall`` of a joined buffer);
+``recv`` reads with ``recv_into`` into the decoder's buffers, so large frames
+land directly in their own ``bytearray``, and one read may yield several
+queued messages.  No authentication: use it on trusted links (a socketpair to
+the node).
+"""
+from __future__ import annotations
+
+import collections
+import math
+import select
+import socket
+import time
+
+from dpool.errors import ConnectionClosed, ProtocolError
+
+from .frames import FrameDecoder, Limits, encode
+from .streams import IOV_MAX
+
+__all__ = ["BlockingConnection"]
+
+
+def sendmsg_all(sock, parts) -> None:
+    """Send every byte of the buffers ``parts`` (bytes or flat memoryviews)."""
+    parts = list(parts)
+    i = 0
+    while i < len(parts):
+        sent = sock.sendmsg(parts[i:i + IOV_MAX])
+        while sent:
+            size = len(parts[i])
+            if sent >= size:
+                sent -= size
+                i += 1
+            else:
+                parts[i] = memoryview(parts[i])[sent:]
+                sent = 0
+
+
+class BlockingConnection:
+    """Blocking message connection over a connected stream socket.
+
+    ``send(frames)``, ``recv() -> list of frames`` (raises ConnectionClosed
+    at end of stream, ProtocolError on a framing error), ``poll(timeout)``
+    (True once a whole message can be received without blocking), ``close()``,
+    ``fileno()``.  Not thread-safe: one sender thread and one receiver thread
+    at most.
+    """
+
+    def __init__(self, sock, limits: Limits | None = None):
+        sock.setblocking(True)
+        self._sock = sock
+        self._decoder = FrameDecoder(limits)
+        self._messages = collections.deque()
+        self._eof = False
+        self._poller = None
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._sock.fileno() < 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def send(self, frames) -> None:
+        parts = encode(frames)
+        try:
+            if len(parts) == 1:
+                self._sock.sendall(parts[0])
+            else:
+                sendmsg_all(self._sock, parts)
+        except OSError as exc:
+            if self._sock.fileno() < 0 or isinstance(exc, (BrokenPipeError, ConnectionError)):
+                raise ConnectionClosed(f"connection is closed: {exc}") from exc
+            raise
+
+    @property
+    def has_data(self) -> bool:
+        """True if a whole received message is waiting."""
+        return bool(self._messages)
+
+    def recv(self) -> list:
+        messages = self._messages
+        while not messages:
+            self._read(0)
+        return messages.popleft()
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        """Wait up to ``timeout`` seconds (None: forever) for a whole message."""
+        if self._messages:
+            return True
+        if self._eof:
+            return True      # recv() will raise ConnectionClosed at once
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._sock.fileno(), select.POLLIN)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._messages and not self._eof:
+            if deadline is None:
+                ms = None
+            else:
+                left = deadline - time.monotonic()
+                if left < 0:
+                    return False
+                ms = math.ceil(left * 1000)
+            if self._poller.poll(ms):
+                self._read(socket.MSG_DONTWAIT)
+        return True
+
+    def _read(self, flags) -> None:
+        if self._eof:
+            raise ConnectionClosed("connection closed by peer")
+        decoder = self._decoder
+        buf = decoder.get_buffer()
+        try:
+            n = self._sock.recv_into(buf, len(buf), flags)
+        except BlockingIOError:
+            return
+        except ConnectionResetError as exc:
+            self._eof = True
+            raise ConnectionClosed(f"connection reset by peer: {exc}") from exc
+        if not n:
+            self._eof = True
+            if flags:
+                return
+            if decoder.partial:
+                raise ConnectionClosed("connection closed by peer in the middle of a message")
+            raise ConnectionClosed("connection closed by peer")
+        try:
+            self._messages.extend(decoder.buffer_updated(n))
+        except ProtocolError:
+            self._eof = True
+            raise

@@ -1,0 +1,356 @@
+"""The message-oriented connection used by everything above the transport.
+
+Data flow (one event loop owns the connection; no other thread touches it)::
+
+    send(frames) --encode--> stream.write(parts) --sendmsg/TLS--> peer
+    peer --recv_into(decoder.get_buffer())--> decoder.buffer_updated(n)
+         --> [message, ...] --> on_message(frames)   (callback mode)
+                            \\-> pending deque --> await recv()   (pull mode)
+
+The stream below is a plain socket driven by the loop's reader/writer
+callbacks (streams.SocketStream) or an asyncio TLS transport
+(streams.TransportAdapter); both call back into ``_get_buffer``,
+``_buffer_updated``, ``_pause_writing``, ``_resume_writing`` and
+``_connection_lost``.  A connection starts in pre-auth mode when it still has
+to authenticate (see auth.py): then received bytes are collected, at most
+``PREAUTH_MAX`` of them, for the handshake's fixed-size reads.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+from dpool.errors import ConnectionClosed, ProtocolError
+
+from .auth import PREAUTH_MAX
+from .frames import FrameDecoder, Limits, encode
+
+log = logging.getLogger("dpool.transport")
+
+__all__ = ["Connection", "inproc_pair"]
+
+
+class Connection:
+    """A message-oriented, ordered, reliable connection.
+
+    Contract:
+
+    * A message is a list of frames (bytes-like objects).  Messages arrive
+      complete and in the order they were sent.  Received frames are
+      ``bytes`` when small and ``bytearray`` when large.
+    * Use the connection from the one event loop that created it.
+    * ``send(frames)`` never blocks: the message is queued in full or, if
+      the connection is closed, ``ConnectionClosed`` is raised and nothing
+      is sent.  Large frames are kept by reference until written: don't
+      mutate them after ``send`` (bytes are immutable; take care with
+      bytearrays and memoryviews).  Call ``await drain()`` to wait until the
+      write buffer is below its high-water mark (flow control).
+    * Receive either with callbacks, ``set_receiver(on_message, on_close)``
+      (``on_message(frames)`` called synchronously for each message, in
+      order; messages received earlier are delivered inside
+      ``set_receiver``; ``on_close(exc_or_None)`` called once when the
+      connection ends), or by ``await recv()``, which raises
+      ``ConnectionClosed`` once the connection has ended and all received
+      messages have been returned.  An exception from ``on_message`` is
+      logged and aborts the connection.
+    * ``close()`` stops receiving, flushes what was sent, then closes;
+      ``abort()`` drops unsent data and closes now.  Either way the
+      connection ends soon after (``await wait_closed()``).  A peer that
+      breaks the framing (bad count, length over the limits, end of stream
+      in the middle of a message) ends the connection with a
+      ``ProtocolError``/``ConnectionClosed`` given to ``on_close``; protocol
+      errors are logged once at WARNING with the peer's address.
+    * ``peer`` names the other end ("host:port", "inproc", "socketpair");
+      ``hello`` is the peer's hello dict (None on unauthenticated links).
+    """
+
+    def __init__(self, loop, peer: str, limits: Limits | None = None, *,
+                 preauth: bool = False):
+        self._loop = loop
+        self.peer = peer
+        self.hello = None
+        self._limits = limits or Limits()
+        self._decoder = FrameDecoder(self._limits)
+        self._stream = None
+        self._preauth = preauth
+        self._log_errors = not preauth
+        self._hs_buf = bytearray()
+        self._hs_rx = memoryview(bytearray(PREAUTH_MAX + 1))
+        self._hs_waiter = None
+        self._pending = collections.deque()
+        self._on_message = None
+        self._on_close = None
+        self._recv_waiter = None
+        self._closing = False        # close() or abort() called, or failed
+        self._lost = False           # the stream is gone
+        self._exc = None             # why the connection ended, if not cleanly
+        self._close_reported = False
+        self._write_paused = False
+        self._drain_waiters = []
+        self._lost_future = loop.create_future()
+
+    def __repr__(self):
+        state = "closed" if self.closed else "open"
+        return f"<{type(self).__name__} {self.peer} {state}>"
+
+    # -- public API ------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closing or self._lost
+
+    def send(self, frames) -> None:
+        if self._closing or self._lost:
+            raise self._closed_error()
+        self._stream.write(encode(frames))
+
+    async def drain(self) -> None:
+        if self._closing or self._lost:
+            raise self._closed_error()
+        if self._write_paused:
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def set_receiver(self, on_message, on_close=None) -> None:
+        if self._recv_waiter is not None:
+            raise RuntimeError("set_receiver() called while recv() is waiting")
+        self._on_message = on_message
+        self._on_close = on_close
+        pending = self._pending
+        while pending and self._on_message is on_message:
+            if not self._call_receiver(on_message, pending.popleft()):
+                break
+        if self._lost:
+            self._report_close()
+
+    async def recv(self) -> list:
+        if self._on_message is not None:
+            raise RuntimeError("recv() can't be used after set_receiver()")
+        if self._recv_waiter is not None:
+            raise RuntimeError("recv() is already waiting")
+        while not self._pending:
+            if self._closing or self._lost:
+                raise self._closed_error()
+            self._recv_waiter = self._loop.create_future()
+            try:
+                await self._recv_waiter
+            finally:
+                self._recv_waiter = None
+        return self._pending.popleft()
+
+    def close(self) -> None:
+        if not (self._closing or self._lost):
+            self._closing = True
+            self._wake_waiters()
+            self._stream.close()
+
+    def abort(self) -> None:
+        if not self._lost:
+            self._closing = True
+            self._wake_waiters()
+            self._stream.abort()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._lost_future)
+
+    # -- errors and close reporting -----------------------------------------------
+
+    def _closed_error(self):
+        err = ConnectionClosed(f"connection to {self.peer} is closed")
+        if self._exc is not None:
+            err.__cause__ = self._exc
+        return err
+
+    def _fail(self, exc) -> None:
+        """End the connection because of ``exc`` (a peer or callback error)."""
+        if self._lost or self._exc is not None:
+            return
+        self._exc = exc
+        if self._log_errors and isinstance(exc, ProtocolError):
+            log.warning("closing connection to %s: %s", self.peer, exc)
+        self.abort()
+
+    def _report_close(self) -> None:
+        if self._close_reported:
+            return
+        self._close_reported = True
+        on_close = self._on_close
+        if on_close is not None:
+            try:
+                on_close(self._exc)
+            except Exception:
+                log.exception("on_close callback for %s failed", self.peer)
+
+    def _wake_waiters(self) -> None:
+        for waiter in (self._recv_waiter, self._hs_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        if self._closing or self._lost:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(self._closed_error())
+
+    # -- receiving ---------------------------------------------------------------
+
+    def _call_receiver(self, on_message, frames) -> bool:
+        try:
+            on_message(frames)
+        except Exception as exc:
+            log.exception("on_message callback for %s failed; aborting the connection",
+                          self.peer)
+            self._fail(exc)
+            return False
+        return True
+
+    def _deliver(self, messages) -> None:
+        on_message = self._on_message
+        if on_message is None:
+            self._pending.extend(messages)
+            waiter = self._recv_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
+        for i, frames in enumerate(messages):
+            if self._closing:
+                return
+            if self._on_message is not on_message:   # changed by a callback
+                on_message = self._on_message
+                if on_message is None:
+                    self._pending.extend(messages[i:])
+                    return
+            if not self._call_receiver(on_message, frames):
+                return
+
+    # -- stream callbacks ------------------------------------------------------
+
+    def _get_buffer(self):
+        if self._preauth:
+            return self._hs_rx
+        return self._decoder.get_buffer()
+
+    def _buffer_updated(self, nbytes: int) -> None:
+        if self._closing:
+            return
+        if self._preauth:
+            self._hs_buf += self._hs_rx[:nbytes]
+            if len(self._hs_buf) > PREAUTH_MAX:
+                self._fail(ProtocolError(
+                    f"{self.peer} sent more than {PREAUTH_MAX} bytes before authenticating"))
+            elif self._hs_waiter is not None and not self._hs_waiter.done():
+                self._hs_waiter.set_result(None)
+            return
+        try:
+            messages = self._decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        if messages:
+            self._deliver(messages)
+
+    def _pause_writing(self) -> None:
+        self._write_paused = True
+
+    def _resume_writing(self) -> None:
+        self._write_paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _connection_lost(self, exc) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        if self._exc is None:
+            if exc is None and not self._closing and not self._preauth \
+                    and self._decoder.partial:
+                exc = ConnectionClosed(
+                    f"{self.peer} closed the connection in the middle of a message")
+            self._exc = exc
+        self._wake_waiters()
+        self._lost_future.set_result(None)
+        if self._on_message is not None or self._on_close is not None:
+            self._report_close()
+
+    # -- pre-auth helpers (used by auth.py) -----------------------------------
+
+    async def _read_exact(self, n: int) -> bytes:
+        while len(self._hs_buf) < n:
+            if self._closing or self._lost:
+                raise self._closed_error()
+            self._hs_waiter = self._loop.create_future()
+            try:
+                await self._hs_waiter
+            finally:
+                self._hs_waiter = None
+        data = bytes(self._hs_buf[:n])
+        del self._hs_buf[:n]
+        return data
+
+    def _write_raw(self, data: bytes) -> None:
+        if self._closing or self._lost:
+            raise self._closed_error()
+        self._stream.write([data])
+
+    def _start_framing(self) -> None:
+        self._preauth = False
+        leftover, self._hs_buf = bytes(self._hs_buf), bytearray()
+        if leftover:
+            try:
+                messages = self._decoder.feed(leftover)
+            except ProtocolError as exc:
+                self._fail(exc)
+                return
+            self._deliver(messages)
+
+
+class _InprocConnection(Connection):
+    """One end of :func:`inproc_pair`: frames are handed over, never copied."""
+
+    def __init__(self, loop, limits=None):
+        super().__init__(loop, "inproc", limits)
+        self._other = None
+        self._aborted = False
+
+    def send(self, frames) -> None:
+        if self._closing or self._lost:
+            raise self._closed_error()
+        self._loop.call_soon(self._other._receive, list(frames), self)
+
+    def _receive(self, frames, sender) -> None:
+        if sender._aborted or self._closing or self._lost:
+            return
+        limits = self._limits
+        if len(frames) > limits.max_frames:
+            self._fail(ProtocolError(f"message declares {len(frames)} frames, "
+                                     f"over the limit max_frames={limits.max_frames}"))
+            return
+        self._deliver((frames,))
+
+    def close(self) -> None:
+        if not (self._closing or self._lost):
+            self._closing = True
+            self._wake_waiters()
+            self._loop.call_soon(self._connection_lost, None)
+            self._loop.call_soon(self._other._connection_lost, None)
+
+    def abort(self) -> None:
+        if not self._lost:
+            self._closing = True
+            self._aborted = True
+            self._wake_waiters()
+            self._loop.call_soon(self._connection_lost, None)
+            if not self._other._lost:
+                self._loop.call_soon(self._other._connection_lost,
+                                     ConnectionResetError("inproc peer aborted the connection"))
+
+
+def inproc_pair(limits: Limits | None = None):
+    """Two connected Connections in the running loop, without sockets."""
+    loop = asyncio.get_running_loop()
+    a, b = _InprocConnection(loop, limits), _InprocConnection(loop, limits)
+    a._other, b._other = b, a
+    return a, b

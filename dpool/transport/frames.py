@@ -1,0 +1,274 @@
+"""Framing without I/O: how a message of frames is laid out on the wire.
+
+One message on the wire::
+
+    +---------+-----------+-----+-----------+---------+-----+---------+
+    | n: <I   | len0: <Q  | ... | lenN-1:<Q | frame 0 | ... | frame N-1
+    +---------+-----------+-----+-----------+---------+-----+---------+
+
+A frame is any C-contiguous bytes-like object (``bytes``, ``bytearray``,
+``memoryview``, a ``PickleBuffer``'s memoryview...).  Nothing here looks inside
+a frame.
+
+Sending: :func:`encode` returns the header plus the frames as a list ready for
+a scatter-gather write; small pieces are joined (cheap, fewer iovecs), large
+frames are passed by reference and never copied.
+
+Receiving: :class:`FrameDecoder` is a pure incremental decoder.  It follows
+the ``asyncio.BufferedProtocol`` pattern: :meth:`FrameDecoder.get_buffer`
+hands out the memory the next bytes should be read into and
+:meth:`FrameDecoder.buffer_updated` consumes them.  Headers and small frames
+go through one reusable receive buffer; a frame (or a header) of at least
+``LARGE`` bytes gets its own ``bytearray`` of exactly its size, and
+``get_buffer`` returns the unfilled tail of it, so the socket writes the
+payload straight into its final place.  Every declared count and length is
+checked against :class:`Limits` before anything is allocated.
+"""
+from __future__ import annotations
+
+import functools
+import struct
+from dataclasses import dataclass
+
+from dpool.errors import ProtocolError
+
+__all__ = ["Limits", "header", "encode", "FrameDecoder", "LARGE"]
+
+#: Frames (and headers) at least this big are received into their own buffer.
+LARGE = 64 * 1024
+#: Frames smaller than this are joined with their neighbours when sending.
+COALESCE = 32 * 1024
+RECV_BUFFER_SIZE = 256 * 1024
+
+_COUNT = struct.Struct("<I")
+_unpack_count = _COUNT.unpack_from
+
+
+@dataclass
+class Limits:
+    """Upper bounds on what a peer may declare; checked before allocating."""
+
+    max_frames: int = 65536
+    max_frame_bytes: int = 4 * 2**30
+    max_message_bytes: int = 8 * 2**30
+
+
+@functools.lru_cache(maxsize=256)
+def _lengths_struct(n):
+    return struct.Struct(f"<{n}Q")
+
+
+@functools.lru_cache(maxsize=256)
+def _header_struct(n):
+    return struct.Struct(f"<I{n}Q")
+
+
+def _nbytes(frame):
+    return len(frame) if type(frame) is bytes else memoryview(frame).nbytes
+
+
+def header(frames) -> bytes:
+    """The wire header (frame count, then each frame's length) for ``frames``."""
+    n = len(frames)
+    return _header_struct(n).pack(n, *[_nbytes(f) for f in frames])
+
+
+def _as_bytes_view(frame):
+    """A flat byte view of ``frame`` (slicing it counts bytes)."""
+    view = memoryview(frame)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def encode(frames) -> list:
+    """Header and frames as a list of buffers for one scatter-gather write.
+
+    Runs of small frames are joined together with the header; frames of at
+    least ``COALESCE`` bytes are returned as flat memoryviews of the caller's
+    objects (no copy).  Empty pieces are left out.
+    """
+    n = len(frames)
+    lengths = [_nbytes(f) for f in frames]
+    head = _header_struct(n).pack(n, *lengths)
+    if sum(lengths) < COALESCE:
+        return [b"".join([head, *frames])] if n else [head]
+    parts = []
+    run = [head]
+    for frame, size in zip(frames, lengths):
+        if size < COALESCE:
+            if size:
+                run.append(frame)
+            continue
+        if run:
+            parts.append(b"".join(run))
+            run = []
+        parts.append(_as_bytes_view(frame))
+    if run:
+        parts.append(b"".join(run))
+    return parts
+
+
+class FrameDecoder:
+    """Incremental decoder of a stream of messages.
+
+    Either call :meth:`feed` with arbitrary chunks of the stream, or drive it
+    like a ``BufferedProtocol``: read into ``get_buffer()``, then report the
+    count with ``buffer_updated(n)``.  Both return the list of messages
+    completed so far; a message is a list of frames (``bytes`` for small
+    frames, ``bytearray`` for large ones).  Any violation raises
+    :class:`~dpool.errors.ProtocolError`, after which the decoder stays
+    failed.
+    """
+
+    def __init__(self, limits: Limits | None = None, *,
+                 buffer_size: int = RECV_BUFFER_SIZE, large: int = LARGE):
+        if buffer_size < 2 * large:
+            raise ValueError("buffer_size must be at least twice `large`")
+        self.limits = limits or Limits()
+        self._large = large
+        self._buf = bytearray(buffer_size)
+        self._mv = memoryview(self._buf)
+        self._pos = 0          # first unconsumed byte in _buf
+        self._end = 0          # end of received bytes in _buf
+        self._count = -1       # frames in the current message; -1: reading count
+        self._lengths = None   # lengths of the current message's frames
+        self._frames = None    # frames of the current message decoded so far
+        self._big = None       # bytearray being filled directly by the reader
+        self._big_mv = None
+        self._big_pos = 0
+        self._failed = None
+
+    @property
+    def partial(self) -> bool:
+        """True when part of a message has been received but not all of it."""
+        return self._count >= 0 or self._pos != self._end
+
+    def get_buffer(self) -> memoryview:
+        """Writable memory for the next bytes of the stream (never empty)."""
+        if self._big is not None:
+            return self._big_mv[self._big_pos:]
+        pos, end = self._pos, self._end
+        if pos == end:
+            self._pos = self._end = 0
+            return self._mv
+        if len(self._buf) - end < self._large:
+            # What is left is part of one item smaller than `large`.
+            keep = end - pos
+            self._mv[:keep] = self._mv[pos:end]
+            self._pos, self._end = 0, keep
+        return self._mv[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> list:
+        """Consume ``nbytes`` just written into the last ``get_buffer()``."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            if self._big is not None:
+                self._big_pos += nbytes
+                if self._big_pos < len(self._big):
+                    return []
+                self._finish_big()
+            else:
+                self._end += nbytes
+            return self._parse()
+        except ProtocolError as exc:
+            self._failed = exc
+            raise
+
+    def feed(self, data) -> list:
+        """Consume a chunk of the stream; return the messages it completed."""
+        src = _as_bytes_view(data)
+        out = []
+        while len(src):
+            dst = self.get_buffer()
+            k = min(len(dst), len(src))
+            dst[:k] = src[:k]
+            src = src[k:]
+            out += self.buffer_updated(k)
+        return out
+
+    # -- internals -----------------------------------------------------------
+
+    def _set_count(self, count):
+        limit = self.limits.max_frames
+        if count > limit:
+            raise ProtocolError(
+                f"message declares {count} frames, over the limit max_frames={limit}")
+        self._count = count
+
+    def _set_lengths(self, lengths):
+        limits = self.limits
+        biggest = max(lengths)
+        if biggest > limits.max_frame_bytes:
+            raise ProtocolError(
+                f"frame length {biggest} bytes is over the limit "
+                f"max_frame_bytes={limits.max_frame_bytes}")
+        total = sum(lengths)
+        if total > limits.max_message_bytes:
+            raise ProtocolError(
+                f"message length {total} bytes is over the limit "
+                f"max_message_bytes={limits.max_message_bytes}")
+        self._lengths = lengths
+        self._frames = []
+
+    def _start_big(self, size, pos, end):
+        """Give the item of ``size`` bytes at ``pos`` its own buffer."""
+        big = bytearray(size)
+        have = min(size, end - pos)
+        big[:have] = self._mv[pos:pos + have]
+        if have == size:
+            return big, pos + have
+        self._big, self._big_mv, self._big_pos = big, memoryview(big), have
+        return None, pos + have
+
+    def _finish_big(self):
+        big = self._big
+        self._big = self._big_mv = None
+        if self._lengths is None:
+            self._set_lengths(_lengths_struct(self._count).unpack_from(big))
+        else:
+            self._frames.append(big)
+
+    def _parse(self):
+        out = []
+        mv, large = self._mv, self._large
+        pos, end = self._pos, self._end
+        try:
+            while True:
+                if self._lengths is None:
+                    if self._count < 0:
+                        if end - pos < 4:
+                            break
+                        count = _unpack_count(mv, pos)[0]
+                        pos += 4
+                        self._set_count(count)
+                        if count == 0:
+                            out.append([])
+                            self._count = -1
+                            continue
+                    need = 8 * self._count
+                    if end - pos < need:
+                        if need >= large:
+                            _, pos = self._start_big(need, pos, end)
+                        break
+                    self._set_lengths(_lengths_struct(self._count).unpack_from(mv, pos))
+                    pos += need
+                lengths, frames = self._lengths, self._frames
+                while len(frames) < len(lengths):
+                    size = lengths[len(frames)]
+                    if size >= large:
+                        big, pos = self._start_big(size, pos, end)
+                        if big is None:
+                            return out
+                        frames.append(big)
+                    elif end - pos >= size:
+                        frames.append(bytes(mv[pos:pos + size]))
+                        pos += size
+                    else:
+                        return out
+                out.append(frames)
+                self._count, self._lengths, self._frames = -1, None, None
+        finally:
+            self._pos = pos
+        return out

@@ -1,0 +1,216 @@
+"""Byte streams under a Connection: plain sockets and asyncio TLS transports.
+
+Both offer ``write(parts)``, ``close()``, ``abort()`` and call back into the
+connection (``_get_buffer``, ``_buffer_updated``, ``_pause_writing``,
+``_resume_writing``, ``_connection_lost``).
+
+:class:`SocketStream` drives a non-blocking socket with the loop's
+``add_reader``/``add_writer``: ``recv_into`` straight into the decoder's
+buffer, and ``sendmsg`` of the queued parts, which are kept by reference, so a
+large frame is never copied (asyncio's own socket transport on Python 3.11
+joins ``writelines`` and copies unsent data into its buffer).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import socket
+
+try:
+    IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+except (AttributeError, ValueError, OSError):
+    IOV_MAX = 16
+
+HIGH_WATER = 4 * 2**20
+LOW_WATER = 1 * 2**20
+
+
+def set_tcp_options(sock) -> None:
+    """TCP_NODELAY and SO_KEEPALIVE on TCP sockets; nothing on others."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def advance(parts, sent: int) -> None:
+    """Drop ``sent`` bytes from the front of a deque of byte ``parts``."""
+    while sent:
+        first = parts[0]
+        size = len(first)
+        if sent >= size:
+            parts.popleft()
+            sent -= size
+        else:
+            parts[0] = memoryview(first)[sent:]
+            return
+
+
+class SocketStream:
+    """A connected non-blocking stream socket owned by one event loop."""
+
+    def __init__(self, loop, sock, conn):
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._conn = conn
+        self._out = collections.deque()
+        self._out_bytes = 0
+        self._paused = False
+        self._closing = False
+        self._done = False
+        sock.setblocking(False)
+        conn._stream = self
+        loop.add_reader(self._fd, self._read_ready)
+
+    active = True
+
+    def get_extra_info(self, name, default=None):
+        if name == "socket":
+            return self._sock
+        if name == "peername":
+            try:
+                return self._sock.getpeername()
+            except OSError:
+                return default
+        return default
+
+    def _read_ready(self):
+        conn = self._conn
+        try:
+            n = self._sock.recv_into(conn._get_buffer())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if n:
+            conn._buffer_updated(n)
+        else:
+            self._finish(None)
+
+    def write(self, parts) -> None:
+        if self._closing:
+            return
+        out = self._out
+        if not out:
+            try:
+                if len(parts) == 1:
+                    sent = self._sock.send(parts[0])
+                else:
+                    sent = self._sock.sendmsg(parts[:IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._finish(exc)
+                return
+            total = sum(map(len, parts))
+            if sent == total:
+                return
+            out.extend(parts)
+            advance(out, sent)
+            self._out_bytes = total - sent
+            self._loop.add_writer(self._fd, self._write_ready)
+        else:
+            out.extend(parts)
+            self._out_bytes += sum(map(len, parts))
+        if not self._paused and self._out_bytes > HIGH_WATER:
+            self._paused = True
+            self._conn._pause_writing()
+
+    def _write_ready(self):
+        out = self._out
+        try:
+            if len(out) == 1:
+                sent = self._sock.send(out[0])
+            else:
+                sent = self._sock.sendmsg([out[i] for i in range(min(len(out), IOV_MAX))])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        advance(out, sent)
+        self._out_bytes -= sent
+        if self._paused and self._out_bytes <= LOW_WATER:
+            self._paused = False
+            self._conn._resume_writing()
+        if not out:
+            self._loop.remove_writer(self._fd)
+            if self._closing:
+                self._finish(None)
+
+    def close(self) -> None:
+        """Stop reading; close once everything queued has been sent."""
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._fd)
+        if not self._out:
+            self._loop.call_soon(self._finish, None)
+
+    def abort(self) -> None:
+        self._closing = True
+        self._out.clear()
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
+        self._loop.call_soon(self._finish, None)
+
+    def _finish(self, exc) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._closing = True
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
+        self._out.clear()
+        self._sock.close()
+        self._conn._connection_lost(exc)
+
+
+class TransportAdapter:
+    """asyncio BufferedProtocol glue for transports we don't drive (TLS)."""
+
+    def __init__(self, conn):
+        self._conn = conn
+        self._transport = None
+        conn._stream = self
+
+    # stream interface
+    @property
+    def active(self) -> bool:
+        return self._transport is not None
+
+    def write(self, parts) -> None:
+        self._transport.writelines(parts)
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def get_extra_info(self, name, default=None):
+        return self._transport.get_extra_info(name, default)
+
+    # asyncio.BufferedProtocol interface
+    def connection_made(self, transport):
+        self._transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+
+    def get_buffer(self, sizehint):
+        return self._conn._get_buffer()
+
+    def buffer_updated(self, nbytes):
+        self._conn._buffer_updated(nbytes)
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self):
+        self._conn._pause_writing()
+
+    def resume_writing(self):
+        self._conn._resume_writing()
+
+    def connection_lost(self, exc):
+        self._conn._connection_lost(exc)

@@ -1,0 +1,324 @@
+"""TCP (optionally TLS) connections and servers, and wrapping trusted sockets.
+
+Connecting::
+
+    connect(host, port) -- getaddrinfo, non-blocking connect, [TLS handshake]
+        -> Connection(pre-auth) -- auth.client_handshake (auth + hello)
+        -> Connection with .hello = the server's hello
+
+Serving (one listening socket, accepted from a loop reader callback)::
+
+    accept -> task: [TLS handshake] + auth.server_handshake under auth_timeout
+        failure: log once at WARNING with the peer address, close that
+                 connection only; the server keeps serving
+        success: on_connection(conn) (plain function or coroutine function)
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import inspect
+import logging
+import socket
+import ssl as _ssl
+
+from dpool.errors import VersionMismatch
+
+from .auth import check_secret, client_handshake, encode_hello, own_hello, server_handshake
+from .connection import Connection
+from .frames import Limits
+from .streams import SocketStream, TransportAdapter, set_tcp_options
+
+log = logging.getLogger("dpool.transport")
+
+__all__ = ["connect", "start_server", "Server", "wrap_socket",
+           "server_ssl_context", "client_ssl_context"]
+
+
+def format_peer(addr) -> str:
+    """``host:port`` (``[host]:port`` for IPv6) for a socket address."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"unix:{addr}" if addr else "socketpair"
+
+
+async def _open(loop, sock, limits, ssl, *, server_side, server_hostname=None):
+    """A pre-auth Connection on the connected socket ``sock``."""
+    set_tcp_options(sock)
+    conn = Connection(loop, format_peer(sock.getpeername()), limits, preauth=True)
+    if ssl is None:
+        SocketStream(loop, sock, conn)
+        return conn
+    adapter = TransportAdapter(conn)
+    if server_side:
+        await loop.connect_accepted_socket(lambda: adapter, sock, ssl=ssl)
+    else:
+        await loop.create_connection(lambda: adapter, sock=sock, ssl=ssl,
+                                     server_hostname=server_hostname)
+    return conn
+
+
+def _discard(conn, sock) -> None:
+    """Abort ``conn`` if its stream is up, else just close ``sock``."""
+    stream = conn._stream if conn is not None else None
+    if stream is not None and stream.active:
+        conn.abort()
+    else:
+        sock.close()
+
+
+async def _connect_socket(loop, host, port):
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    errors = []
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, addr)
+            return sock
+        except BaseException as exc:
+            sock.close()
+            if not isinstance(exc, OSError):
+                raise
+            errors.append(exc)
+    raise errors[0]
+
+
+async def connect(host: str, port: int, *, secret: bytes, hello, ssl=None,
+                  server_hostname: str | None = None, timeout: float = 10.0,
+                  limits: Limits | None = None) -> Connection:
+    """Connect, authenticate and exchange hellos; ``conn.hello`` is the server's.
+
+    Raises the ``OSError`` of the connect (e.g. ``ConnectionRefusedError``),
+    ``AuthenticationError``, ``ProtocolError``/``VersionMismatch`` or
+    ``TimeoutError`` when all that takes longer than ``timeout`` seconds.
+    """
+    secret = check_secret(secret)
+    loop = asyncio.get_running_loop()
+    sock = conn = None
+    try:
+        async with asyncio.timeout(timeout):
+            sock = await _connect_socket(loop, host, port)
+            conn = await _open(loop, sock, limits, ssl, server_side=False,
+                               server_hostname=server_hostname or host)
+            await client_handshake(conn, secret, hello)
+    except TimeoutError:
+        if sock is not None:
+            _discard(conn, sock)
+        raise TimeoutError(f"connecting to {host}:{port} took longer than "
+                           f"{timeout} s") from None
+    except BaseException:
+        if sock is not None:
+            _discard(conn, sock)
+        raise
+    conn._log_errors = True
+    return conn
+
+
+class Server:
+    """A listening socket accepting authenticated connections.
+
+    ``close(abort_connections=False)`` stops accepting and drops connections
+    still in their handshake; with ``abort_connections=True`` it also aborts
+    the connections handed to ``on_connection`` and cancels the coroutines
+    ``on_connection`` returned.  ``async with server:`` closes it with
+    ``abort_connections=True`` and waits.
+    """
+
+    def __init__(self, loop, lsock, on_connection, secret, hello, ssl, limits,
+                 auth_timeout):
+        self._loop = loop
+        self._lsock = lsock
+        self._on_connection = on_connection
+        self._secret = secret
+        self._hello = hello
+        self._ssl = ssl
+        self._limits = limits
+        self._auth_timeout = auth_timeout
+        self.address = lsock.getsockname()[:2]
+        self.port = self.address[1]
+        self._handshakes = set()    # tasks still authenticating
+        self._handlers = set()      # tasks running on_connection coroutines
+        self._conns = set()         # every connection not yet ended
+        self._live = set()          # connections handed to on_connection
+        self._closed = False
+        self._aborted = False
+        loop.add_reader(lsock.fileno(), self._accept_ready)
+
+    def __repr__(self):
+        return f"<Server {format_peer(self.address)}{' closed' if self._closed else ''}>"
+
+    @property
+    def connections(self) -> set:
+        """The live connections handed to ``on_connection``."""
+        return set(self._live)
+
+    def close(self, abort_connections: bool = False) -> None:
+        if not self._closed:
+            self._closed = True
+            self._loop.remove_reader(self._lsock.fileno())
+            self._lsock.close()
+        for task in self._handshakes:
+            task.cancel()
+        for conn in list(self._conns - self._live):
+            conn.abort()
+        if abort_connections:
+            self._aborted = True
+            for task in self._handlers:
+                task.cancel()
+            for conn in list(self._live):
+                conn.abort()
+
+    async def wait_closed(self) -> None:
+        tasks = set(self._handshakes)
+        if self._aborted:
+            tasks |= self._handlers
+        await asyncio.gather(*tasks, return_exceptions=True)
+        waiting = [c.wait_closed() for c in list(self._conns) if c.closed]
+        await asyncio.gather(*waiting)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        self.close(abort_connections=True)
+        await self.wait_closed()
+
+    def _accept_ready(self) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = self._lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept on %s failed: %s", format_peer(self.address), exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of resources: stop accepting for a while.
+                    fd = self._lsock.fileno()
+                    self._loop.remove_reader(fd)
+                    self._loop.call_later(1.0, self._resume_accepting)
+                return
+            self._spawn(self._handshakes, self._handshake(sock, addr))
+
+    def _resume_accepting(self) -> None:
+        if not self._closed:
+            self._loop.add_reader(self._lsock.fileno(), self._accept_ready)
+
+    def _spawn(self, tasks, coro) -> None:
+        task = self._loop.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def _track(self, conn) -> None:
+        self._conns.add(conn)
+
+        def forget(_):
+            self._conns.discard(conn)
+            self._live.discard(conn)
+        conn._lost_future.add_done_callback(forget)
+
+    async def _handshake(self, sock, addr) -> None:
+        peer = format_peer(addr)
+        conn = None
+        try:
+            async with asyncio.timeout(self._auth_timeout):
+                conn = await _open(self._loop, sock, self._limits, self._ssl,
+                                   server_side=True)
+                self._track(conn)
+                await server_handshake(conn, self._secret, self._hello)
+        except asyncio.CancelledError:
+            _discard(conn, sock)
+            raise
+        except VersionMismatch as exc:
+            log.warning("closing connection from %s: %s", peer, exc)
+            conn.close()    # graceful: our hello tells the client our version
+            return
+        except TimeoutError:
+            log.warning("closing connection from %s: no authentication within %s s",
+                        peer, self._auth_timeout)
+            _discard(conn, sock)
+            return
+        except Exception as exc:
+            log.warning("rejected connection from %s: %s: %s", peer,
+                        type(exc).__name__, exc)
+            if conn is None or not conn.closed:    # (a FAIL reply is being flushed)
+                _discard(conn, sock)
+            return
+        conn._log_errors = True
+        self._live.add(conn)
+        try:
+            result = self._on_connection(conn)
+        except Exception:
+            log.exception("on_connection failed for %s", peer)
+            conn.abort()
+            return
+        if inspect.isawaitable(result):
+            self._spawn(self._handlers, self._run_handler(conn, result))
+
+    async def _run_handler(self, conn, awaitable) -> None:
+        try:
+            await awaitable
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("on_connection failed for %s", conn.peer)
+            conn.abort()
+
+
+async def start_server(on_connection, host: str, port: int, *, secret: bytes, hello,
+                       ssl=None, limits: Limits | None = None,
+                       auth_timeout: float = 5.0, backlog: int = 1024) -> Server:
+    """Listen on ``host:port`` (port 0 picks one: see ``Server.port``).
+
+    ``hello`` is a dict or a callable returning one (called per connection).
+    """
+    secret = check_secret(secret)
+    if not callable(hello):
+        encode_hello(own_hello(hello))     # fail now if it isn't JSON
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    family, type_, proto, _, addr = infos[0]
+    lsock = socket.socket(family, type_, proto)
+    try:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(addr)
+        lsock.listen(backlog)
+        lsock.setblocking(False)
+    except BaseException:
+        lsock.close()
+        raise
+    return Server(loop, lsock, on_connection, secret, hello, ssl, limits, auth_timeout)
+
+
+async def wrap_socket(sock, limits: Limits | None = None,
+                      peer: str = "socketpair") -> Connection:
+    """A Connection over a connected, trusted stream socket: no auth, no hello."""
+    loop = asyncio.get_running_loop()
+    conn = Connection(loop, peer, limits)
+    SocketStream(loop, sock, conn)
+    return conn
+
+
+def server_ssl_context(certfile, keyfile=None, cafile=None,
+                       require_client_cert: bool = False) -> _ssl.SSLContext:
+    """TLS >= 1.2 server context; ``require_client_cert`` needs ``cafile``."""
+    ctx = _ssl.create_default_context(_ssl.Purpose.CLIENT_AUTH, cafile=cafile)
+    ctx.minimum_version = _ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile, keyfile)
+    if require_client_cert:
+        if cafile is None:
+            raise ValueError("require_client_cert=True needs a cafile to verify clients")
+        ctx.verify_mode = _ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_ssl_context(cafile=None, certfile=None, keyfile=None) -> _ssl.SSLContext:
+    """TLS >= 1.2 client context verifying the server against ``cafile``
+    (the system CAs if None); ``certfile``/``keyfile`` for a client cert."""
+    ctx = _ssl.create_default_context(_ssl.Purpose.SERVER_AUTH, cafile=cafile)
+    ctx.minimum_version = _ssl.TLSVersion.TLSv1_2
+    if certfile is not None:
+        ctx.load_cert_chain(certfile, keyfile)
+    return ctx
