@@ -1,0 +1,18 @@
+"""dpool: a distributed process pool.
+
+Three ways in, one engine:
+
+- :class:`dpool.futures.Executor` — a ``concurrent.futures`` executor;
+- :class:`dpool.Pool` — a ``multiprocessing.Pool``;
+- :class:`dpool.JobCluster` — dispy's API (``import dpool as dispy``).
+"""
+from .cluster import DispyJob, JobCluster, NodeAllocate
+from .errors import (AuthenticationError, BrokenCluster, ConnectionClosed, DpoolError,
+                     JobCancelled, NodeLost, ProtocolError, RemoteError, VersionMismatch,
+                     WorkerLost)
+
+__version__ = "0.1.0"
+
+__all__ = ["JobCluster", "DispyJob", "NodeAllocate", "DpoolError", "AuthenticationError",
+           "BrokenCluster", "ConnectionClosed", "JobCancelled", "NodeLost", "ProtocolError",
+           "RemoteError", "VersionMismatch", "WorkerLost"]

@@ -1,0 +1,78 @@
+"""Defaults shared by the client, the node and the commands.
+
+Ports (TCP, all on the same numbers as documented in the README):
+
+=====================  =====
+``dpool-node``         51350
+``dpool-scheduler``    51351
+``dpool-relay``        51352
+=====================  =====
+"""
+import os
+import stat
+
+NODE_PORT = 51350
+SCHEDULER_PORT = 51351
+RELAY_PORT = 51352
+
+SECRET_ENV = "DPOOL_SECRET"
+HOME_ENV = "DPOOL_HOME"
+
+
+def dpool_home():
+    """Folder for dpool's per-user state (secret files, session folders)."""
+    path = os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".dpool")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def resolve_cpus(cpus, total=None):
+    """dispy's convention: 0/None = all CPUs, negative = leave that many free."""
+    total = total or os.cpu_count() or 1
+    if not cpus:
+        return total
+    if cpus < 0:
+        return max(1, total + cpus)
+    return cpus
+
+
+def as_secret(secret):
+    """Normalise a user-given secret (str or bytes) to bytes; None stays None."""
+    if secret is None or secret == "":
+        return None
+    return secret.encode() if isinstance(secret, str) else bytes(secret)
+
+
+def env_secret():
+    return as_secret(os.environ.get(SECRET_ENV))
+
+
+def read_secret_file(path):
+    with open(path, "rb") as f:
+        data = f.read().strip()
+    if not data:
+        raise ValueError(f"secret file {path} is empty")
+    return data
+
+
+def local_secret_path(port):
+    return os.path.join(dpool_home(), f"node-{port}.secret")
+
+
+def write_local_secret(port, secret):
+    """Leave a loopback node's secret where local clients look (mode 0600)."""
+    path = local_secret_path(port)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    os.replace(tmp, path)
+    return path
+
+
+def find_local_secret(port):
+    """What a local client uses to talk to a loopback node with no secret given."""
+    try:
+        return read_secret_file(local_secret_path(port))
+    except (FileNotFoundError, ValueError):
+        return None

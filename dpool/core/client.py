@@ -1,0 +1,494 @@
+"""The client core: futures in the user's threads, the scheduler in our loop.
+
+::
+
+    user threads                       client loop thread (one per Client)
+    ────────────                       ───────────────────────────────────
+    submit(fn, args) ─► Job + Future
+        serialize args (errors raise here, at the caller)
+        append to `incoming` ──(one wake-up per batch)──► _drain: Scheduler.submit
+                                                            │ Send actions
+                                                            ▼
+                                                  NodeLink.conn: FUNC once, RUN batches
+                                                            │
+    future.result() ◄── set_result/set_exception ◄─── DONE batches from the node
+
+All three public APIs (Executor, Pool, JobCluster) are adapters over
+:class:`Client`.  With no nodes given the client embeds a node runtime in
+its own loop (workers are still separate processes, forked by a zygote), so
+the local and the distributed case run the same code.
+"""
+import asyncio
+import collections
+import itertools
+import socket
+import logging
+import sys
+import threading
+import time
+from concurrent.futures import Future
+
+import cloudpickle
+
+from .. import protocol as P
+from .. import serialize
+from ..config import resolve_cpus
+from ..errors import BrokenCluster, DpoolError, JobCancelled
+from ..transport import PROTOCOL_VERSION, connect, inproc_pair
+from .scheduler import Cancelled, CancelRemote, Fail, Scheduler, Send
+
+log = logging.getLogger("dpool")
+
+# Job states (dispy's names; the dispy adapter exposes them as DispyJob.X).
+CREATED, RUNNING, FINISHED, CANCELLED, TERMINATED, ABANDONED = (
+    "Created", "Running", "Finished", "Cancelled", "Terminated", "Abandoned")
+
+
+def client_hello():
+    return {"protocol": PROTOCOL_VERSION, "role": "client",
+            "python": "%d.%d" % sys.version_info[:2], "cloudpickle": cloudpickle.__version__}
+
+
+class Job:
+    """The client's record of one job.  Fields are written by the loop thread
+    before the future resolves, so they are safe to read after it has."""
+
+    __slots__ = ("id", "fn_id", "frames", "future", "status", "node", "submit_time",
+                 "start_time", "end_time", "stdout", "stderr", "sent", "tag", "star",
+                 "__weakref__")
+
+    def __init__(self, job_id, fn_id, frames, tag=None, star=False):
+        self.id = job_id
+        self.fn_id = fn_id
+        self.star = star
+        self.frames = frames
+        self.future = Future()
+        self.status = CREATED
+        self.node = None
+        self.submit_time = time.time()
+        self.start_time = self.end_time = None
+        self.stdout = self.stderr = None
+        self.sent = False
+        self.tag = tag  # whatever the adapter wants to keep with the job
+
+
+class NodeLink:
+    """The client's side of one session with one node."""
+
+    def __init__(self, address, conn=None):
+        self.address = address  # (host, port) or "embedded"
+        self.conn = conn
+        self.info = {}
+        self.fns = set()
+        self.ready = False
+        self.error = None
+        self.jobs_done = 0
+        self.cpu_time = 0.0
+        self.ready_future = None
+
+    @property
+    def name(self):
+        return self.info.get("name") or str(self.address)
+
+    @property
+    def cpus(self):
+        return self.info.get("cpus", 0)
+
+    def __repr__(self):
+        return f"<node {self.name} {self.address}>"
+
+
+class LoopThread:
+    """One private asyncio loop in a daemon thread."""
+
+    def __init__(self, name="dpool-client"):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+        # Let callbacks scheduled during shutdown run, then close.
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+
+    def run(self, coro, timeout=None):
+        """Run a coroutine on the loop and wait for it from another thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn, *args):
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def stop(self, timeout=10):
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout)
+
+
+class _FunctionTable:
+    """Function -> (id, blob); each function is serialized once per client."""
+
+    def __init__(self, size=4096):
+        self.size = size
+        self.table = collections.OrderedDict()  # id(fn) -> (fn, fn_id, blob)
+        self.blobs = {}
+        self.ids = itertools.count(1)
+        self.lock = threading.Lock()
+
+    def get(self, fn):
+        entry = self.table.get(id(fn))
+        if entry is not None and entry[0] is fn:
+            return entry[1]
+        blob = serialize.dumps_function(fn)
+        with self.lock:
+            fn_id = next(self.ids)
+            self.table[id(fn)] = (fn, fn_id, blob)
+            self.blobs[fn_id] = blob
+            while len(self.table) > self.size:
+                _, (_, old_id, _) = self.table.popitem(last=False)
+                self.blobs.pop(old_id, None)
+        return fn_id
+
+
+class Client:
+    """Runs jobs on nodes; the engine behind every public API.
+
+    ``nodes`` is a list of ``(host, port)`` to connect to; ``None`` embeds a
+    local node with ``cpus`` CPUs.  ``session`` holds the per-session options
+    sent to each node (capture, notify_start, max_tasks, cwd, cleanup, cpus);
+    ``initializer``/``initargs`` run once in each worker process.
+    ``on_event(kind, obj)`` is called in the loop thread for "started" and
+    "done" (obj a Job) and "node" (obj a NodeLink) events; it must be quick.
+    """
+
+    def __init__(self, nodes=None, *, secret=None, ssl=None, cpus=None, session=None,
+                 initializer=None, initargs=(), on_event=None, max_retries=2,
+                 connect_timeout=10.0, name="dpool-client"):
+        self.node_addresses = nodes
+        self.secret = secret
+        self.ssl = ssl
+        self.embedded_cpus = cpus
+        self.session = dict(session or {})
+        self.init_frames = serialize.dumps((initializer, tuple(initargs))) if initializer else []
+        self.on_event = on_event
+        self.connect_timeout = connect_timeout
+        self.scheduler = Scheduler(max_retries=max_retries)
+        self.functions = _FunctionTable()
+        self.jobs = {}
+        self.links = []
+        self.broken = None
+        self.closed = False
+        self.embedded = None
+        self._ids = itertools.count(1)
+        self._incoming = collections.deque()
+        self._wake_pending = False
+        self._unfinished = set()  # futures not yet resolved (for close/wait)
+        self._lock = threading.Lock()
+        self._thread = LoopThread(name)
+        self.loop = self._thread.loop
+        self._handlers = {P.READY: self._on_ready, P.REFUSED: self._on_refused,
+                          P.DONE: self._on_done, P.STARTED: self._on_started,
+                          P.INITFAIL: self._on_initfail}
+
+    # ------------------------------------------------------- user-side API
+
+    def start(self):
+        try:
+            self._thread.run(self._start(), self.connect_timeout + 30)
+        except BaseException:
+            self.close(wait=False, cancel=True)
+            raise
+        return self
+
+    def submit(self, fn, args=(), kwargs=None, tag=None, pin=None, star=False):
+        """Queue one job; returns its :class:`Job` (``job.future`` resolves).
+
+        With ``star=True``, ``args`` is a list of argument tuples and the
+        job's result is ``[fn(*a) for a in args]``: one message for a chunk.
+        ``tag`` is kept as ``job.tag``; ``pin`` names the only NodeLink
+        the job may run on.
+        """
+        if self.closed:
+            raise RuntimeError("cannot submit: the client is closed")
+        if self.broken is not None:
+            raise BrokenCluster(f"the cluster is broken: {self.broken}") from self.broken
+        fn_id = self.functions.get(fn)
+        frames = serialize.dumps((args, kwargs or {}))
+        job = Job(next(self._ids), fn_id, frames, tag, star)
+        self._unfinished.add(job.future)
+        job.future.add_done_callback(self._unfinished.discard)
+        self._incoming.append((job, pin))
+        if not self._wake_pending:
+            self._wake_pending = True
+            self.loop.call_soon_threadsafe(self._drain)
+        return job
+
+    def cancel(self, job):
+        """Cancel a queued or running job; its future fails with JobCancelled."""
+        if not job.future.done():
+            self.loop.call_soon_threadsafe(self._cancel, job)
+
+    def wait(self, timeout=None):
+        """Wait until every job submitted so far has finished; True if so."""
+        from concurrent.futures import wait as _wait
+
+        done, not_done = _wait(list(self._unfinished), timeout)
+        return not not_done
+
+    def close(self, wait=True, cancel=False, timeout=None):
+        """Stop taking jobs; optionally wait for or cancel the rest; release all."""
+        if self.closed and not self._thread.thread.is_alive():
+            return
+        self.closed = True
+        if cancel:
+            for future in list(self._unfinished):
+                future.cancel()
+            self.loop.call_soon_threadsafe(self._cancel_all)
+        if wait:
+            self.wait(timeout)
+        if self._thread.thread.is_alive():
+            try:
+                self._thread.run(self._shutdown(), 30)
+            except (TimeoutError, RuntimeError) as exc:
+                log.warning("client shutdown did not finish cleanly: %s", exc)
+            self._thread.stop()
+
+    def nodes(self):
+        return [link for link in self.links if link.ready]
+
+    def pending(self):
+        return len(self._unfinished)
+
+    # ---------------------------------------------------------- loop side
+
+    async def _start(self):
+        if self.node_addresses is None:
+            await self._start_embedded()
+        else:
+            await asyncio.gather(*(self._connect(addr) for addr in self.node_addresses))
+            if not any(link.ready for link in self.links):
+                errors = "; ".join(f"{link.address[0]}:{link.address[1]}: {link.error}"
+                                   for link in self.links)
+                raise BrokenCluster(f"no node could be used ({errors})")
+
+    async def _start_embedded(self):
+        from .node import NodeRuntime
+
+        node = NodeRuntime(resolve_cpus(self.embedded_cpus), name=socket.gethostname())
+        await node.start()
+        self.embedded = node
+        ours, theirs = inproc_pair()
+        link = NodeLink("embedded", ours)
+        node.accept(theirs)
+        await self._open_session(link)
+
+    async def _connect(self, address):
+        host, port = address
+        link = NodeLink(address)
+        self.links.append(link)
+        try:
+            link.conn = await asyncio.wait_for(
+                connect(host, port, secret=self.secret or b"", hello=client_hello(), ssl=self.ssl),
+                self.connect_timeout)
+            await self._open_session(link)
+        except (OSError, DpoolError, TimeoutError) as exc:
+            link.error = exc
+            log.warning("node %s:%s: %s", host, port, exc or type(exc).__name__)
+            if link.conn is not None:
+                link.conn.abort()
+
+    async def _open_session(self, link):
+        if link not in self.links:
+            self.links.append(link)
+        link.ready_future = self.loop.create_future()
+        link.conn.set_receiver(lambda frames: self._on_message(link, frames),
+                               lambda exc=None: self._on_link_closed(link, exc))
+        link.conn.send([P.encode(P.SESSION, self.session), *self.init_frames])
+        await asyncio.wait_for(link.ready_future, self.connect_timeout)
+
+    def _on_message(self, link, frames):
+        header = P.decode(frames[0])
+        self._handlers[header[0]](link, header, frames)
+
+    def _on_ready(self, link, header, frames):
+        link.info = header[1]
+        link.ready = True
+        if not link.ready_future.done():
+            link.ready_future.set_result(None)
+        self._emit("node", link)
+        self._act(self.scheduler.add_node(link, link.cpus, time.monotonic()))
+
+    def _on_refused(self, link, header, frames):
+        link.error = DpoolError(header[1])
+        if not link.ready_future.done():
+            link.ready_future.set_exception(link.error)
+
+    def _on_initfail(self, link, header, frames):
+        exc = serialize.load_exception(frames[1:])
+        link.error = BrokenCluster(f"the initializer failed on node {link.name}: {exc!r}")
+        link.error.__cause__ = exc
+        log.error("node %s: %s", link.name, link.error)
+        link.conn.abort()
+
+    def _on_link_closed(self, link, exc):
+        if link.error is None:
+            link.error = exc or DpoolError(f"node {link.name} closed the connection")
+        if link.ready_future is not None and not link.ready_future.done():
+            link.ready_future.set_exception(link.error)
+        was_ready, link.ready = link.ready, False
+        if not was_ready:
+            return
+        self._emit("node", link)
+        if not self.closed or self._unfinished:
+            log.warning("lost node %s: %s", link.name, link.error)
+        self._act(self.scheduler.remove_node(link, time.monotonic(), str(link.error)))
+        if not any(l.ready for l in self.links):
+            self.broken = link.error
+            error = link.error if isinstance(link.error, BrokenCluster) else \
+                BrokenCluster(f"no node left to run jobs (last error: {link.error})")
+            self._act(self.scheduler.fail_queued(error))
+
+    def _drain(self):
+        self._wake_pending = False
+        incoming = self._incoming
+        plain, now = [], time.monotonic()
+        actions = []
+        while incoming:
+            job, pin = incoming.popleft()
+            self.jobs[job.id] = job
+            if pin is None:
+                plain.append(job.id)
+            else:
+                actions.extend(self.scheduler.submit([job.id], now, pin=pin))
+        if plain:
+            actions.extend(self.scheduler.submit(plain, now))
+        if self.broken is not None and not any(l.ready for l in self.links):
+            actions.extend(self.scheduler.fail_queued(BrokenCluster(f"no node left: {self.broken}")))
+        self._act(actions)
+
+    def _act(self, actions):
+        for action in actions:
+            kind = type(action)
+            if kind is Send:
+                self._send(action.node, action.jobs)
+            elif kind is Fail:
+                self._finish(self.jobs.pop(action.job, None), ABANDONED, error=action.error)
+            elif kind is CancelRemote:
+                action.node.conn.send([P.encode(P.CANCEL, action.jobs)])
+            elif kind is Cancelled:
+                self._finish(self.jobs.pop(action.job, None), CANCELLED, error=JobCancelled("job cancelled"))
+
+    def _send(self, link, ids):
+        conn, jobs = link.conn, self.jobs
+        header, frames, dropped = [], [], []
+        for job_id in ids:
+            job = jobs[job_id]
+            if not job.sent:
+                if not job.future.set_running_or_notify_cancel():
+                    dropped.append(job_id)  # cancelled by the user while queued
+                    continue
+                job.sent = True
+            if job.fn_id not in link.fns:
+                conn.send([P.encode(P.FUNC, job.fn_id), self.functions.blobs[job.fn_id]])
+                link.fns.add(job.fn_id)
+            job.node = link
+            header.append((job_id, job.fn_id, len(job.frames), job.star))
+            frames.extend(job.frames)
+        if header:
+            conn.send([P.encode(P.RUN, header), *frames])
+        for job_id in dropped:
+            self._act(self.scheduler.done(link, job_id))
+            jobs.pop(job_id, None)
+
+    def _on_started(self, link, header, frames):
+        for job_id, start in header[1]:
+            job = self.jobs.get(job_id)
+            if job is not None:
+                job.start_time = start
+                job.status = RUNNING
+                self._emit("started", job)
+
+    def _on_done(self, link, header, frames):
+        i = 1
+        jobs, scheduler = self.jobs, self.scheduler
+        actions = []
+        for job_id, status, start, end, out, err, n in header[1]:
+            payload = frames[i:i + n]
+            i += n
+            job = jobs.pop(job_id, None)
+            actions.extend(scheduler.done(link, job_id, None if start is None else end - start))
+            if job is None:
+                continue
+            job.start_time, job.end_time, job.stdout, job.stderr = start, end, out, err
+            if start is not None:
+                link.jobs_done += 1
+                link.cpu_time += end - start
+            self._resolve(job, status, payload)
+        self._act(actions)
+
+    def _resolve(self, job, status, payload):
+        if status == P.OK:
+            try:
+                value = serialize.loads(payload)
+            except Exception as exc:  # e.g. the result's class is not importable here
+                self._finish(job, TERMINATED, error=exc)
+            else:
+                self._finish(job, FINISHED, value=value)
+        elif status == P.CANCELLED:
+            self._finish(job, CANCELLED if job.start_time is None else TERMINATED,
+                         error=JobCancelled("job cancelled"))
+        else:
+            error = serialize.load_exception(payload)
+            self._finish(job, TERMINATED if status == P.ERROR else ABANDONED, error=error)
+
+    def _finish(self, job, status, value=None, error=None):
+        if job is None:
+            return
+        job.status = status
+        job.frames = None
+        future = job.future
+        if not future.done():
+            if not job.sent and not future.set_running_or_notify_cancel():
+                self._emit("done", job)
+                return
+            if error is None:
+                future.set_result(value)
+            else:
+                future.set_exception(error)
+        self._emit("done", job)
+
+    def _emit(self, kind, obj):
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, obj)
+            except Exception:
+                log.exception("dpool: event handler failed on %s", kind)
+
+    def _cancel(self, job):
+        if job.id not in self.jobs:
+            # Not drained yet: drain first so the scheduler knows it.
+            self._drain()
+        self._act(self.scheduler.cancel(job.id))
+
+    def _cancel_all(self):
+        self._drain()
+        for job_id in list(self.jobs):
+            self._act(self.scheduler.cancel(job_id))
+
+    async def _shutdown(self):
+        self._drain()
+        error = BrokenCluster("the client was closed")
+        self._act(self.scheduler.fail_queued(error))
+        for link in self.links:
+            if link.conn is not None and not link.conn.closed:
+                if link.ready:
+                    link.conn.send([P.encode(P.BYE)])
+                link.ready = False
+                link.conn.close()
+        for job in list(self.jobs.values()):
+            self._finish(job, ABANDONED, error=error)
+        self.jobs.clear()
+        if self.embedded is not None:
+            await self.embedded.close()
+        await asyncio.sleep(0)

@@ -1,0 +1,387 @@
+"""The node runtime: serves client sessions with worker processes.
+
+::
+
+    client ──(authenticated Connection)──► Session ──► queue ──► WorkerHandle ──► worker process
+       ▲                                     │                       │ (socketpair)
+       └──────────── DONE batches ◄──────────┴──── results ◄─────────┘
+
+Everything here runs on one asyncio loop: the loop of ``dpool-node``, or the
+client's private loop when the node is embedded.  A session owns the CPUs the
+node granted it and one worker process per CPU, forked by the zygote.  Jobs
+wait in the session's queue until a worker has room; a worker gets more than
+one job at a time only while jobs are short (so tiny jobs stream, long jobs
+balance).  A worker that dies fails only the job it was running; the jobs
+queued behind it go back to the queue and a new worker takes its place.
+When the client goes away, the session kills its workers (and their process
+groups), frees its CPUs and removes its folder.
+"""
+import asyncio
+import collections
+import itertools
+import logging
+import os
+import shutil
+import socket
+import tempfile
+
+from .. import protocol as P
+from .. import serialize
+from ..errors import WorkerLost
+from ..transport import wrap_socket
+from .zygote import Zygote, describe_exit
+
+log = logging.getLogger("dpool.node")
+
+_SHORT_JOB = 0.002  # seconds: below this a worker gets several jobs at once
+_MAX_DEPTH = 32
+
+
+class NodeRuntime:
+    """The part of a node that is not I/O setup: sessions, CPUs, workers."""
+
+    def __init__(self, cpus, name=None, dest_root=None):
+        self.cpus = cpus
+        self.free_cpus = cpus
+        self.name = name or socket.gethostname()
+        self.dest_root = dest_root
+        self.sessions = set()
+        self.zygote = Zygote()
+        self._ids = itertools.count(1)
+        self._started = False
+
+    async def start(self):
+        if not self._started:
+            self._started = True
+            await self.zygote.start()
+
+    def info(self):
+        return {"name": self.name, "cpus": self.cpus, "free_cpus": self.free_cpus}
+
+    def accept(self, conn):
+        """Take a new authenticated client connection."""
+        session = Session(self, conn, next(self._ids))
+        self.sessions.add(session)
+        conn.set_receiver(session.on_message, session.on_close)
+        return session
+
+    def release(self, session):
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.free_cpus += session.cpus
+
+    async def close(self):
+        for session in list(self.sessions):
+            session.end("node shutting down")
+        await self.zygote.close()
+
+
+class WorkerHandle:
+    __slots__ = ("pid", "conn", "outstanding", "fns", "tasks_left", "dead", "killing")
+
+    def __init__(self, pid, conn, max_tasks):
+        self.pid = pid
+        self.conn = conn
+        self.outstanding = collections.deque()  # job ids, the first is running
+        self.fns = set()
+        self.tasks_left = max_tasks
+        self.dead = False
+        self.killing = None  # job id whose cancel killed this worker
+
+
+class Session:
+    """One client's jobs on this node."""
+
+    def __init__(self, node, conn, sid):
+        self.node = node
+        self.conn = conn
+        self.sid = sid
+        self.cpus = 0
+        self.options = {}
+        self.workers = []
+        self.queue = collections.deque()  # (job_id, fn_id, frames)
+        self.fns = {}
+        self.given = {}  # job id -> (WorkerHandle, job), for jobs given to a worker
+        self._ghosts = set()  # cancelled after being given: drop their results
+        self.out = []  # DONE records waiting to be flushed to the client
+        self.out_frames = []
+        self.started = []
+        self.ema = None
+        self.depth = 1
+        self.dir = None
+        self.ended = False
+        self.init_frames = ()
+        self.tasks = set()
+        self.handlers = {P.SESSION: self.on_session, P.FUNC: self.on_func, P.RUN: self.on_run,
+                         P.CANCEL: self.on_cancel, P.BYE: self.on_bye}
+
+    # ------------------------------------------------------------ client side
+
+    def on_message(self, frames):
+        if self.ended:
+            return
+        try:
+            header = P.decode(frames[0])
+            handler = self.handlers[header[0]]
+        except Exception as exc:  # an authenticated peer sent nonsense
+            log.warning("session %s from %s: bad message (%s); closing it", self.sid, self.conn.peer, exc)
+            self.end("protocol error")
+            return
+        handler(header, frames)
+
+    def on_close(self, exc=None):
+        if not self.ended:
+            log.info("session %s: client %s disconnected%s", self.sid, self.conn.peer,
+                     f" ({exc})" if exc else "")
+        self.end("client disconnected")
+
+    def on_session(self, header, frames):
+        options = self.options = header[1]
+        want = options.get("cpus") or self.node.free_cpus
+        self.cpus = min(want, self.node.free_cpus)
+        if self.cpus <= 0:
+            self.conn.send([P.encode(P.REFUSED, f"node {self.node.name} has no free CPUs "
+                                                f"(all {self.node.cpus} are in use by other clients)")])
+            self.end("refused")
+            return
+        self.node.free_cpus -= self.cpus
+        self.init_frames = tuple(frames[1:])
+        try:
+            self.dir = self._make_dir(options)
+        except OSError as exc:
+            self.conn.send([P.encode(P.REFUSED, f"cannot create the job folder: {exc}")])
+            self.end("refused")
+            return
+        info = dict(self.node.info(), cpus=self.cpus, dir=self.dir, pid=os.getpid())
+        self.conn.send([P.encode(P.READY, info)])
+        for _ in range(self.cpus):
+            self._spawn()
+
+    def _make_dir(self, options):
+        if options.get("cwd"):
+            return options["cwd"]
+        root = self.node.dest_root or tempfile.gettempdir()
+        os.makedirs(root, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"dpool-session-{self.sid}-", dir=root)
+
+    def on_func(self, header, frames):
+        self.fns[header[1]] = frames[1]
+
+    def on_run(self, header, frames):
+        i = 1
+        queue = self.queue
+        for job_id, fn_id, n, star in header[1]:
+            queue.append((job_id, fn_id, frames[i:i + n], star))
+            i += n
+        self.dispatch()
+
+    def on_cancel(self, header, frames):
+        ids = set(header[1])
+        kept = collections.deque()
+        for job in self.queue:
+            if job[0] in ids:
+                self._result(job[0], P.CANCELLED, None, None, None, None, ())
+            else:
+                kept.append(job)
+        self.queue = kept
+        for job_id in ids:
+            worker = self.given.get(job_id, (None,))[0]
+            if worker is None or worker.dead or job_id in self._ghosts:
+                continue
+            if worker.outstanding[0] == job_id:
+                worker.killing = job_id  # its result is sent when the worker is gone
+                self.node.zygote.kill(worker.pid)
+            else:
+                # Queued inside the worker but not started (only short jobs are
+                # queued there): report it cancelled now, drop its result later.
+                self._ghosts.add(job_id)
+                self._result(job_id, P.CANCELLED, None, None, None, None, ())
+
+    def on_bye(self, header, frames):
+        self.end("client closed the session")
+
+    # ----------------------------------------------------------- worker side
+
+    def _spawn(self):
+        task = asyncio.get_running_loop().create_task(self._start_worker())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _start_worker(self):
+        try:
+            pid, sock = await self.node.zygote.spawn()
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            self._fail_all(f"cannot start a worker process: {exc}")
+            return
+        if self.ended:
+            self.node.zygote.kill(pid, forget=True)
+            sock.close()
+            return
+        conn = await wrap_socket(sock, peer=f"worker {pid}")
+        worker = WorkerHandle(pid, conn, self.options.get("max_tasks"))
+        options = {"capture": self.options.get("capture", False), "cwd": self.dir,
+                   "notify_start": self.options.get("notify_start", False),
+                   "max_tasks": self.options.get("max_tasks")}
+        conn.send([P.encode(P.INIT, options), *self.init_frames])
+        self.workers.append(worker)
+        conn.set_receiver(lambda frames: self.on_worker_message(worker, frames),
+                          lambda exc=None: self.on_worker_closed(worker))
+        self.dispatch()
+
+    def dispatch(self):
+        queue = self.queue
+        while queue:
+            worker = self._free_worker()
+            if worker is None:
+                return
+            job_id, fn_id, frames, star = queue.popleft()
+            if fn_id not in worker.fns:
+                blob = self.fns.get(fn_id)
+                if blob is None:
+                    self._result(job_id, P.ERROR, None, None, None, None,
+                                 serialize.dump_exception(LookupError(f"unknown function id {fn_id}")))
+                    continue
+                worker.fns.add(fn_id)
+                worker.conn.send([P.encode(P.FUNC, fn_id), blob])
+            worker.conn.send([P.encode(P.RUN, job_id, fn_id, star), *frames])
+            worker.outstanding.append(job_id)
+            self.given[job_id] = (worker, (job_id, fn_id, frames, star))
+
+    def _free_worker(self):
+        best = None
+        for worker in self.workers:
+            n = len(worker.outstanding)
+            if n >= self.depth or worker.dead or worker.killing is not None:
+                continue
+            if worker.tasks_left is not None and n >= worker.tasks_left:
+                continue
+            if best is None or n < len(best.outstanding):
+                best = worker
+                if n == 0:
+                    break
+        return best
+
+    def on_worker_message(self, worker, frames):
+        header = P.decode(frames[0])
+        op = header[0]
+        if op == P.DONE:
+            job_id, status, start, end, out, err = header[1]
+            if worker.outstanding and worker.outstanding[0] == job_id:
+                worker.outstanding.popleft()
+            if worker.tasks_left is not None:
+                worker.tasks_left -= 1
+            if self.given.pop(job_id, None) is not None and job_id not in self._ghosts:
+                self._result(job_id, status, start, end, out, err, frames[1:])
+            self._ghosts.discard(job_id)
+            self._learn(end - start)
+            self.dispatch()
+        elif op == P.STARTED:
+            if header[1] not in self._ghosts:
+                self.started.append((header[1], header[2]))
+                self._schedule_flush()
+        elif op == P.INITFAIL:
+            self._init_failed(frames[1:])
+
+    def _learn(self, duration):
+        self.ema = duration if self.ema is None else 0.8 * self.ema + 0.2 * duration
+        if self.ema < _SHORT_JOB:
+            self.depth = min(_MAX_DEPTH, max(2, int(_SHORT_JOB / max(self.ema, 1e-5))))
+        else:
+            self.depth = 1
+
+    def on_worker_closed(self, worker):
+        if worker.dead:
+            return
+        worker.dead = True
+        task = asyncio.get_running_loop().create_task(self._worker_exited(worker))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _worker_exited(self, worker):
+        code = await self.node.zygote.exit_code(worker.pid)
+        if worker in self.workers:
+            self.workers.remove(worker)
+        if self.ended:
+            return
+        if worker.outstanding:
+            running = worker.outstanding.popleft()
+            self.given.pop(running, None)
+            if worker.killing == running:
+                self._result(running, P.CANCELLED, None, None, None, None, ())
+            elif running in self._ghosts:
+                self._ghosts.discard(running)
+            else:
+                exc = WorkerLost(f"the worker process (pid {worker.pid}) running this job "
+                                 f"{describe_exit(code)}")
+                self._result(running, P.WORKER_LOST, None, None, None, None, serialize.dump_exception(exc))
+            self._requeue(worker)
+        self._spawn()
+
+    def _requeue(self, worker):
+        """Jobs given to a dead worker but never started go back to the queue."""
+        for job_id in reversed(worker.outstanding):
+            _, job = self.given.pop(job_id)
+            if job_id in self._ghosts:
+                self._ghosts.discard(job_id)
+            else:
+                self.queue.appendleft(job)
+        worker.outstanding.clear()
+
+    def _init_failed(self, exc_frames):
+        # The client fails or moves the jobs it gave us; we just stop.
+        self.conn.send([P.encode(P.INITFAIL), *exc_frames])
+        self.end("initializer failed")
+
+    def _fail_all(self, message):
+        exc = serialize.dump_exception(WorkerLost(message))
+        for job_id, *_ in self.queue:
+            self._result(job_id, P.WORKER_LOST, None, None, None, None, exc)
+        self.queue.clear()
+
+    # --------------------------------------------------------- to the client
+
+    def _result(self, job_id, status, start, end, out, err, frames):
+        self.out.append((job_id, status, start, end, out, err, len(frames)))
+        self.out_frames.extend(frames)
+        self._schedule_flush()
+
+    def _schedule_flush(self):
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    _flush_scheduled = False
+
+    def _flush(self):
+        self._flush_scheduled = False
+        if self.ended or self.conn.closed:
+            return
+        if self.started:
+            self.conn.send([P.encode(P.STARTED, self.started)])
+            self.started = []
+        if self.out:
+            out, frames = self.out, self.out_frames
+            self.out, self.out_frames = [], []
+            self.conn.send([P.encode(P.DONE, out), *frames])
+
+    # ---------------------------------------------------------------- ending
+
+    def end(self, why):
+        if self.ended:
+            return
+        self._flush()
+        self.ended = True
+        for worker in self.workers:
+            worker.dead = True
+            self.node.zygote.kill(worker.pid, forget=True)
+            worker.conn.abort()
+        self.workers.clear()
+        self.queue.clear()
+        for task in list(self.tasks):
+            task.cancel()
+        if not self.conn.closed:
+            self.conn.close()
+        self.node.release(self)
+        if self.dir and not self.options.get("cwd") and self.options.get("cleanup", True):
+            shutil.rmtree(self.dir, ignore_errors=True)
+        log.debug("session %s ended: %s", self.sid, why)

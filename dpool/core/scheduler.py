@@ -1,0 +1,190 @@
+"""Which job goes to which node: a pure state machine.
+
+Events come in as method calls (jobs submitted, a node joined or was lost, a
+job finished, a cancel), with the current time passed in; each call returns
+a list of actions for the driver (:mod:`dpool.core.client`) to carry out.
+Nothing here does I/O, reads the clock or sleeps, so every policy (in-flight
+limits, retries, node loss) is tested without sockets or waiting.
+
+Policies:
+
+- A node gets at most ``limit(node)`` jobs at a time: one per CPU plus a
+  read-ahead that grows as jobs get shorter (measured), so that a node never
+  idles waiting for the client, while long jobs are not piled up on one node
+  when another could start them.
+- A job whose node is lost goes back to the front of the queue, at most
+  ``max_retries`` times; after that it fails with :class:`NodeLost`.  Errors
+  raised by the job itself are results, never retried here.
+- A job may be pinned to one node (``submit_node``); it then waits for that
+  node only, and fails if that node is lost.
+"""
+import collections
+from dataclasses import dataclass, field
+
+from ..errors import NodeLost
+
+
+@dataclass(frozen=True)
+class Send:
+    node: object
+    jobs: list
+
+
+@dataclass(frozen=True)
+class Fail:
+    job: object
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class CancelRemote:
+    node: object
+    jobs: list
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    job: object
+
+
+@dataclass
+class NodeState:
+    cpus: int
+    inflight: set = field(default_factory=set)
+    ema: float | None = None  # moving average of job durations on this node
+    done: int = 0
+
+    def limit(self):
+        if self.ema is None:
+            per_cpu = 2
+        else:
+            per_cpu = 1 + min(64, int(0.02 / max(self.ema, 1e-6)))
+        return self.cpus * per_cpu
+
+    def room(self):
+        return self.limit() - len(self.inflight)
+
+
+@dataclass
+class _Job:
+    node: object = None  # where it runs, None while queued
+    pin: object = None  # the only node it may run on
+    tries: int = 0
+
+
+class Scheduler:
+    def __init__(self, max_retries=2):
+        self.max_retries = max_retries
+        self.nodes = {}
+        self.jobs = {}
+        self.queue = collections.deque()  # ids; stale ids are skipped
+        self.pinned = collections.defaultdict(collections.deque)
+
+    # ----------------------------------------------------------------- events
+
+    def submit(self, job_ids, now=0.0, pin=None):
+        for job_id in job_ids:
+            self.jobs[job_id] = _Job(pin=pin)
+            (self.pinned[pin] if pin is not None else self.queue).append(job_id)
+        return self._dispatch()
+
+    def add_node(self, node, cpus, now=0.0):
+        self.nodes[node] = NodeState(cpus)
+        return self._dispatch()
+
+    def set_cpus(self, node, cpus):
+        if node in self.nodes:
+            self.nodes[node].cpus = cpus
+        return self._dispatch()
+
+    def remove_node(self, node, now=0.0, reason=None):
+        """The node is gone: move or fail its jobs."""
+        state = self.nodes.pop(node, None)
+        actions = []
+        if state is None:
+            return actions
+        error = NodeLost(reason or f"node {node} was lost")
+        for job_id in sorted(state.inflight, reverse=True):
+            job = self.jobs[job_id]
+            job.node = None
+            if job.pin is not None or job.tries > self.max_retries:
+                del self.jobs[job_id]
+                actions.append(Fail(job_id, error))
+            else:
+                self.queue.appendleft(job_id)
+        for job_id in self.pinned.pop(node, ()):
+            if self.jobs.pop(job_id, None) is not None:
+                actions.append(Fail(job_id, error))
+        actions.extend(self._dispatch())
+        return actions
+
+    def done(self, node, job_id, duration=None, now=0.0):
+        """A job finished on ``node`` (result, error or cancel: all final)."""
+        job = self.jobs.pop(job_id, None)
+        state = self.nodes.get(node)
+        if state is not None:
+            state.inflight.discard(job_id)
+            state.done += 1
+            if duration is not None:
+                state.ema = duration if state.ema is None else 0.8 * state.ema + 0.2 * duration
+        if job is None:
+            return []
+        return self._dispatch()
+
+    def cancel(self, job_id):
+        job = self.jobs.get(job_id)
+        if job is None:
+            return []
+        if job.node is None:  # still queued here: the stale id is skipped later
+            del self.jobs[job_id]
+            return [Cancelled(job_id)]
+        return [CancelRemote(job.node, [job_id])]
+
+    def fail_queued(self, error):
+        """Fail every job not on a node (e.g. no node is left to run them)."""
+        actions = []
+        for job_id in list(self.jobs):
+            if self.jobs[job_id].node is None:
+                del self.jobs[job_id]
+                actions.append(Fail(job_id, error))
+        self.queue.clear()
+        self.pinned.clear()
+        return actions
+
+    # ---------------------------------------------------------------- queries
+
+    def pending(self):
+        """Jobs not finished yet (queued here or on a node)."""
+        return len(self.jobs)
+
+    def queued(self):
+        return sum(1 for job in self.jobs.values() if job.node is None)
+
+    # ---------------------------------------------------------------- private
+
+    def _dispatch(self):
+        batches = {}
+        for node, queue in self.pinned.items():
+            state = self.nodes.get(node)
+            if state is not None:
+                self._fill(node, state, queue, batches)
+        if self.queue and self.nodes:
+            for node, state in sorted(self.nodes.items(), key=lambda kv: -kv[1].room()):
+                self._fill(node, state, self.queue, batches)
+                if not self.queue:
+                    break
+        return [Send(node, ids) for node, ids in batches.items()]
+
+    def _fill(self, node, state, queue, batches):
+        room = state.room()
+        jobs = self.jobs
+        while room > 0 and queue:
+            job_id = queue.popleft()
+            job = jobs.get(job_id)
+            if job is None or job.node is not None:
+                continue
+            job.node = node
+            job.tries += 1
+            state.inflight.add(job_id)
+            batches.setdefault(node, []).append(job_id)
+            room -= 1

@@ -1,0 +1,60 @@
+"""A node as a network service: the transport's server around a NodeRuntime.
+
+Used by ``dpool-node`` (and by tests, which run it in-process on port 0).
+Each authenticated connection becomes a session of the runtime; everything
+runs on the caller's event loop.
+"""
+import logging
+import secrets
+import sys
+
+import cloudpickle
+
+from .. import config
+from ..transport import PROTOCOL_VERSION, netaddr, server_ssl_context, start_server
+from .node import NodeRuntime
+
+log = logging.getLogger("dpool.node")
+
+
+class NodeServer:
+    def __init__(self, host="127.0.0.1", port=config.NODE_PORT, *, cpus, secret=None,
+                 name=None, dest_root=None, certfile=None, keyfile=None, cafile=None):
+        self.host = host
+        self.port = port
+        self.cpus = cpus
+        self.secret = secret
+        self.runtime = NodeRuntime(cpus, name=name, dest_root=dest_root)
+        self.ssl = None
+        if certfile:
+            self.ssl = server_ssl_context(certfile, keyfile, cafile=cafile,
+                                          require_client_cert=bool(cafile))
+        self.server = None
+        self.secret_path = None
+
+    def hello(self):
+        return {"protocol": PROTOCOL_VERSION, "role": "node", "name": self.runtime.name,
+                "cpus": self.runtime.cpus, "free_cpus": self.runtime.free_cpus,
+                "python": "%d.%d" % sys.version_info[:2], "cloudpickle": cloudpickle.__version__}
+
+    async def start(self):
+        local_secret = self.secret is None
+        if local_secret:
+            if not netaddr.is_loopback(self.host):
+                raise ValueError(f"a node listening on {self.host} needs a secret")
+            self.secret = (config.find_local_secret(self.port) if self.port else None) \
+                or secrets.token_hex(32).encode()
+        await self.runtime.start()
+        self.server = await start_server(self.runtime.accept, self.host, self.port,
+                                         secret=self.secret, hello=self.hello, ssl=self.ssl)
+        self.port = self.server.port
+        if local_secret:
+            self.secret_path = config.write_local_secret(self.port, self.secret)
+            log.info("no secret given: local clients read it from %s", self.secret_path)
+        return self
+
+    async def close(self):
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        await self.runtime.close()

@@ -1,0 +1,142 @@
+"""The worker process: runs jobs one after another, blocking, no asyncio.
+
+::
+
+    node (asyncio)                      worker process (this module)
+    ──────────────                      ────────────────────────────
+    INIT options + initializer  ──►  set cwd, run initializer
+    FUNC fn_id + blob           ──►  cache the function under fn_id
+    RUN job_id fn_id star + payload ──► load args, run, dump result
+                                ◄──  STARTED job_id time   (if asked)
+                                ◄──  DONE (job_id, status, start, end,
+                                          stdout, stderr) + payload
+
+A worker is forked by the zygote (:mod:`dpool.core.zygote`) with one end of a
+socketpair; its only peer is its node.  It runs in its own process group so
+that killing the group also kills whatever the job started.  It exits when
+the node closes the socket, or after ``max_tasks`` jobs.
+"""
+import io
+import os
+import sys
+import time
+
+from .. import protocol as P
+from .. import serialize
+from ..transport import BlockingConnection
+
+
+class _Capture:
+    """Swap sys.stdout/sys.stderr for buffers around one job."""
+
+    def __enter__(self):
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = self.out, self.err = io.StringIO(), io.StringIO()
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout, sys.stderr = self.saved
+        return False
+
+
+class Worker:
+    def __init__(self, conn):
+        self.conn = conn
+        self.fns = {}
+        self.capture = False
+        self.notify_start = False
+        self.max_tasks = None
+        self.done = 0
+        self.handlers = {P.INIT: self.on_init, P.FUNC: self.on_func, P.RUN: self.on_run}
+
+    def serve(self):
+        recv = self.conn.recv
+        handlers = self.handlers
+        while self.max_tasks is None or self.done < self.max_tasks:
+            frames = recv()
+            header = P.decode(frames[0])
+            handlers[header[0]](header, frames)
+
+    def on_init(self, header, frames):
+        options = header[1]
+        self.capture = options.get("capture", False)
+        self.notify_start = options.get("notify_start", False)
+        self.max_tasks = options.get("max_tasks")
+        cwd = options.get("cwd")
+        if cwd:
+            os.chdir(cwd)
+            if cwd not in sys.path:
+                sys.path.insert(0, cwd)
+        if len(frames) > 1:
+            try:
+                initializer, initargs = serialize.loads(frames[1:])
+                if initializer is not None:
+                    initializer(*initargs)
+            except BaseException as exc:  # reported to the node, then we exit
+                self.conn.send([P.encode(P.INITFAIL), *serialize.dump_exception(exc)])
+                self.conn.close()
+                os._exit(3)
+
+    def on_func(self, header, frames):
+        self.fns[header[1]] = frames[1]
+
+    def _function(self, fn_id):
+        fn = self.fns[fn_id]
+        if isinstance(fn, (bytes, bytearray, memoryview)):
+            fn = self.fns[fn_id] = serialize.loads_function(fn)
+        return fn
+
+    def on_run(self, header, frames):
+        _, job_id, fn_id, star = header
+        start = time.time()
+        if self.notify_start:
+            self.conn.send([P.encode(P.STARTED, job_id, start)])
+        out = err = None
+        try:
+            fn = self._function(fn_id)
+            args, kwargs = serialize.loads(frames[1:])
+            if self.capture:
+                with _Capture() as cap:
+                    try:
+                        result = _call(fn, args, kwargs, star)
+                    finally:
+                        out, err = cap.out.getvalue(), cap.err.getvalue()
+            else:
+                result = _call(fn, args, kwargs, star)
+            payload = serialize.dumps(result)
+            status = P.OK
+        except BaseException as exc:  # the job's failure is its result
+            status = P.ERROR
+            payload = serialize.dump_exception(exc, exc.__traceback__)
+            del exc
+        self.done += 1
+        self.conn.send([P.encode(P.DONE, (job_id, status, start, time.time(), out, err)), *payload])
+
+
+def _call(fn, args, kwargs, star):
+    if star:  # a chunk: args is a list of argument tuples
+        return [fn(*a) for a in args]
+    return fn(*args, **kwargs)
+
+
+def main(fd):
+    """Entry point in a freshly forked worker; never returns."""
+    import socket
+
+    conn = BlockingConnection(socket.socket(fileno=fd))
+    code = 0
+    try:
+        Worker(conn).serve()
+    except (ConnectionError, EOFError):
+        pass  # the node went away or closed us: a normal end
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)

@@ -1,0 +1,261 @@
+"""The zygote: a clean, single-threaded process that forks worker processes.
+
+Worker processes must not be forked from a process that has threads (the
+client always has its event-loop thread, a node may have resolver threads):
+locks held by other threads at fork time stay locked forever in the child.
+So each node starts one zygote with ``subprocess`` (a fresh interpreter),
+which imports the worker code once and then forks a worker per request.
+
+::
+
+    node (asyncio, :class:`Zygote`)             zygote process (:func:`main`)
+    ─────────────────────────────────           ─────────────────────────────
+    b"S" + one fd (worker's socket end)  ──►    fork; the child runs worker.main
+                                         ◄──    b"P" pid      (one per request, in order)
+                                         ◄──    b"X" pid status  (a child exited)
+    close the control socket             ──►    SIGKILL every child, exit
+
+Control records are fixed 16-byte structs.  The zygote ignores SIGINT (a
+Ctrl-C in the user's terminal is the client's business) and dies with its
+node through PR_SET_PDEATHSIG; workers die with the zygote the same way, and
+each runs in its own process group so a job's own children can be killed
+with it.
+"""
+import asyncio
+import collections
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+
+log = logging.getLogger("dpool.node")
+_RECORD = struct.Struct("<cxxxiq")  # kind, pid, status
+
+
+def _set_pdeathsig(sig=signal.SIGKILL):
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+# ---------------------------------------------------------------- zygote side
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ctl = socket.socket(fileno=int(argv[0]))
+    parent = int(argv[1])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_pdeathsig()
+    if os.getppid() != parent:  # the node died before we armed the signal
+        os._exit(0)
+    from . import worker  # noqa: F401  (preloaded so every fork has it)
+
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)
+    signal.set_wakeup_fd(wfd)
+    signal.signal(signal.SIGCHLD, lambda *a: None)
+    children = set()
+    import select
+
+    while True:
+        try:
+            ready, _, _ = select.select([ctl, rfd], [], [])
+        except InterruptedError:
+            ready = []
+        if rfd in ready:
+            os.read(rfd, 4096)
+        _reap(ctl, children)
+        if ctl in ready and not _serve_request(ctl, children):
+            break
+    for pid in children:
+        _kill_group(pid)
+    os._exit(0)
+
+
+def _serve_request(ctl, children):
+    try:
+        msg, fds, _, _ = socket.recv_fds(ctl, 1, 1)
+    except OSError:
+        return False
+    if not msg:
+        for fd in fds:
+            os.close(fd)
+        return False
+    fd = fds[0]
+    pid = os.fork()
+    if pid == 0:
+        ctl.close()
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _set_pdeathsig()
+        from . import worker
+
+        worker.main(fd)
+    os.close(fd)
+    children.add(pid)
+    ctl.sendall(_RECORD.pack(b"P", pid, 0))
+    return True
+
+
+def _reap(ctl, children):
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+        try:
+            ctl.sendall(_RECORD.pack(b"X", pid, os.waitstatus_to_exitcode(status)))
+        except OSError:
+            pass  # the node is gone; we exit on the next select
+
+
+def _kill_group(pid):
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ------------------------------------------------------------------ node side
+
+def describe_exit(code):
+    """Exit code as waitstatus_to_exitcode gives it, in words."""
+    if code is None:
+        return "exited (status unknown)"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with code {code}"
+
+
+class Zygote:
+    """The node's handle on its zygote process (asyncio, one loop)."""
+
+    def __init__(self):
+        self.proc = None
+        self.ctl = None
+        self._pending = collections.deque()  # futures waiting for b"P" replies
+        self._exits = {}  # pid -> future of the exit code
+        self._buf = b""
+
+    async def start(self):
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from dpool.core.zygote import main; main()",
+             str(theirs.fileno()), str(os.getpid())],
+            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        theirs.close()
+        ours.setblocking(False)
+        self.ctl = ours
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
+
+    def _on_readable(self):
+        try:
+            data = self.ctl.recv(64 * _RECORD.size)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lost()
+            return
+        self._buf += data
+        while len(self._buf) >= _RECORD.size:
+            kind, pid, status = _RECORD.unpack_from(self._buf)
+            self._buf = self._buf[_RECORD.size:]
+            if kind == b"P":
+                fut = self._pending.popleft()
+                if not fut.done():
+                    fut.set_result(pid)
+            else:
+                fut = self._exits.get(pid)  # None once forgotten
+                if fut is not None and not fut.done():
+                    fut.set_result(status)
+
+    def _lost(self):
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.ctl.fileno())
+        while self._pending:
+            fut = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(ConnectionError("the worker zygote died"))
+        for fut in self._exits.values():
+            if not fut.done():
+                fut.set_result(None)
+
+    def _exit_future(self, pid):
+        fut = self._exits.get(pid)
+        if fut is None:
+            fut = self._exits[pid] = asyncio.get_running_loop().create_future()
+        return fut
+
+    async def spawn(self):
+        """Fork a worker; return (pid, our end of its socketpair)."""
+        ours, theirs = socket.socketpair()
+        try:
+            fut = asyncio.get_running_loop().create_future()
+            self._pending.append(fut)
+            socket.send_fds(self.ctl, [b"S"], [theirs.fileno()])
+        except OSError as exc:
+            ours.close()
+            raise ConnectionError(f"cannot reach the worker zygote: {exc}") from exc
+        finally:
+            theirs.close()
+        try:
+            pid = await asyncio.wait_for(fut, 30)
+        except BaseException:
+            ours.close()
+            raise
+        self._exit_future(pid)
+        return pid, ours
+
+    async def exit_code(self, pid, timeout=2.0):
+        """The exit code of a worker, once the zygote has reaped it."""
+        fut = self._exit_future(pid)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            return None
+        finally:
+            if fut.done():
+                self._exits.pop(pid, None)
+
+    def kill(self, pid, forget=False):
+        """SIGKILL a worker's process group; with forget, drop its exit report."""
+        _kill_group(pid)
+        if forget:
+            self._exits.pop(pid, None)
+
+    async def close(self):
+        if self.ctl is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            loop.remove_reader(self.ctl.fileno())
+        except (ValueError, OSError):
+            pass
+        self.ctl.close()
+        self.ctl = None
+        for _ in range(200):
+            if self.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            self.proc.kill()
+            self.proc.wait(5)

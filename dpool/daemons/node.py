@@ -1,0 +1,97 @@
+"""``dpool-node``: serve this host's CPUs to authenticated dpool clients.
+
+    dpool-node [--host 127.0.0.1] [--port 51350] [--cpus N] [--secret-file PATH]
+               [--certfile F --keyfile F [--cafile F]] [--dest-path DIR]
+
+The secret comes from ``DPOOL_SECRET`` or ``--secret-file``, never from the
+command line.  On loopback with no secret the node makes one and leaves it
+(mode 0600) in ``~/.dpool/node-PORT.secret`` (``$DPOOL_HOME`` if set), where
+local clients find it.  Any other address needs a secret (or mutual TLS).
+"""
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from .. import config
+from ..core.server import NodeServer
+from ..transport import netaddr
+
+log = logging.getLogger("dpool.node")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="dpool-node", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=config.NODE_PORT,
+                   help=f"TCP port (default {config.NODE_PORT}; 0 picks a free one)")
+    p.add_argument("--cpus", type=int, default=0,
+                   help="CPUs to serve: 0 = all (default), negative = leave that many free")
+    p.add_argument("--secret-file", help="file holding the shared secret (else $DPOOL_SECRET)")
+    p.add_argument("--certfile", help="TLS certificate (PEM)")
+    p.add_argument("--keyfile", help="TLS private key (PEM)")
+    p.add_argument("--cafile", help="CA that client certificates must be signed by "
+                                    "(makes client certificates required)")
+    p.add_argument("--dest-path", help="folder for job folders (default: the temp folder)")
+    p.add_argument("--name", help="node name shown to clients (default: host name)")
+    p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
+    return p.parse_args(argv)
+
+
+def load_secret(args):
+    """The secret, or an error message saying how to give one."""
+    if args.secret_file:
+        return config.read_secret_file(args.secret_file), None
+    secret = config.env_secret()
+    if secret:
+        return secret, None
+    if netaddr.is_loopback(args.host):
+        return None, None  # made once we know the port
+    if args.cafile and args.certfile:
+        return b"", None  # mutual TLS authenticates the clients
+    return None, (f"dpool-node: refusing to listen on {args.host} without a secret.\n"
+                  f"Set one with the DPOOL_SECRET environment variable or --secret-file PATH "
+                  f"(the same secret the clients use), or use mutual TLS "
+                  f"(--certfile, --keyfile and --cafile).")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.loglevel.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        secret, error = load_secret(args)
+    except (OSError, ValueError) as exc:
+        error = f"dpool-node: cannot read the secret: {exc}"
+    if error:
+        print(error, file=sys.stderr)
+        return 2
+    cpus = config.resolve_cpus(args.cpus)
+    server = NodeServer(args.host, args.port, cpus=cpus, secret=secret, name=args.name,
+                        dest_root=args.dest_path, certfile=args.certfile, keyfile=args.keyfile,
+                        cafile=args.cafile)
+    try:
+        asyncio.run(_serve(server))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _serve(server):
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"dpool-node: serving {server.cpus} CPUs on {server.host}:{server.port} (pid {os.getpid()})",
+          flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
