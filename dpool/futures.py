@@ -1,0 +1,244 @@
+"""``concurrent.futures`` API: :class:`Executor`, a ``ProcessPoolExecutor``.
+
+::
+
+    user threads                          dpool.core.client.Client
+    ────────────                          ────────────────────────
+    submit(fn, *args, **kwargs) ──► client.submit ──► core Job; its Future is returned as is
+    map(fn, *iterables, chunksize) ──► one star job per chunk (one message each)
+        generator ◄── chunk results, in order, flattened
+    shutdown() ──► client.close()   (wait=False: closed by a short-lived thread)
+
+The executor is a thin adapter: scheduling, worker processes, retries and
+result delivery all belong to the client core, which is shared with
+:class:`dpool.Pool` and :class:`dpool.JobCluster`.  With no ``nodes`` (and no
+``DPOOL_NODES`` in the environment) the client embeds a local node, so the
+local and the distributed case run the same code.
+
+Deliberate differences from ``ProcessPoolExecutor`` are listed in
+``docs/executor-and-pool.md``.
+"""
+import concurrent.futures as _cf
+import ipaddress
+import itertools
+import os
+import socket
+import threading
+import time
+
+from . import config
+from .core.client import Client
+
+__all__ = ["Executor"]
+
+NODES_ENV = "DPOOL_NODES"
+
+
+# ------------------------------------------------- shared with dpool.pool
+
+def parse_nodes(nodes):
+    """``"host:port,host"`` or a list of ``(host, port)``/``"host:port"`` ->
+    list of ``(host, port)``; a missing port is dpool-node's default."""
+    if isinstance(nodes, str):
+        nodes = [part for part in nodes.split(",") if part.strip()]
+    elif isinstance(nodes, tuple) and len(nodes) == 2 and isinstance(nodes[1], int):
+        nodes = [nodes]
+    out = []
+    for node in nodes:
+        if isinstance(node, str):
+            host, sep, port = node.strip().rpartition(":")
+            if not sep or "]" in port:  # no port, or a bare IPv6 address
+                host, port = node.strip(), config.NODE_PORT
+            host = host.strip("[]")
+            try:
+                port = int(port)
+            except ValueError:
+                raise ValueError(f"invalid node {node!r}: expected host:port") from None
+            out.append((host, port))
+        elif isinstance(node, (tuple, list)) and len(node) == 2:
+            out.append((str(node[0]), int(node[1])))
+        else:
+            raise ValueError(f"invalid node {node!r}: give (host, port) or 'host:port'")
+    if not out:
+        raise ValueError("nodes is empty: give at least one (host, port)")
+    return out
+
+
+def _is_loopback(host):
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _secret_for(secret, addresses):
+    secret = config.as_secret(secret) or config.env_secret()
+    if secret:
+        return secret
+    if all(_is_loopback(host) for host, _ in addresses):
+        found = {config.find_local_secret(port) for _, port in addresses}
+        if len(found) == 1 and None not in found:
+            return found.pop()
+    raise ValueError("a secret is needed to talk to dpool nodes: pass secret=... or set "
+                     "DPOOL_SECRET (nodes on this host also leave it in ~/.dpool)")
+
+
+def start_client(workers, nodes, secret, max_tasks, initializer, initargs):
+    """The started :class:`Client` behind an Executor or a Pool.
+
+    ``workers`` is the embedded node's process count, or with remote nodes
+    the most CPUs to use on each node (None: all of them).
+    """
+    if nodes is None and os.environ.get(NODES_ENV, "").strip():
+        nodes = os.environ[NODES_ENV]
+    session = {"max_tasks": max_tasks, "capture": False}
+    if nodes is None:
+        session["cwd"] = os.getcwd()
+        client = Client(None, cpus=workers, session=session,
+                        initializer=initializer, initargs=initargs)
+    else:
+        addresses = parse_nodes(nodes)
+        if workers:
+            session["cpus"] = workers
+        client = Client(addresses, secret=_secret_for(secret, addresses), session=session,
+                        initializer=initializer, initargs=initargs)
+    return client.start()
+
+
+def total_cpus(client):
+    return sum(link.cpus for link in client.nodes()) or 1
+
+
+def check_initializer(initializer):
+    if initializer is not None and not callable(initializer):
+        raise TypeError("initializer must be a callable")
+
+
+# ------------------------------------------------------------ the executor
+
+class Executor(_cf.Executor):
+    """A ``concurrent.futures`` executor whose workers are dpool processes.
+
+    Takes ``ProcessPoolExecutor``'s arguments (``mp_context`` is accepted and
+    ignored: workers are always forked by dpool's zygote) and dpool's own:
+
+    ``nodes``
+        ``[(host, port), ...]`` or ``"host:port,host:port"``: run on these
+        ``dpool-node``\\ s instead of local processes (default: the
+        ``DPOOL_NODES`` environment variable, else local).  ``max_workers``
+        then caps the CPUs used on each node.
+    ``secret``
+        the nodes' shared secret (default: ``DPOOL_SECRET``, or for nodes on
+        this host the secret they leave in ``~/.dpool``).
+    """
+
+    def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
+                 max_tasks_per_child=None, nodes=None, secret=None):
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        check_initializer(initializer)
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        self._mp_context = mp_context
+        self._shutdown_lock = threading.Lock()
+        self._shutdown_thread = False
+        self._closer = None
+        self._client = start_client(max_workers, nodes, secret, max_tasks_per_child,
+                                    initializer, initargs)
+        self._max_workers = total_cpus(self._client)
+
+    def submit(self, fn, /, *args, **kwargs):
+        with self._shutdown_lock:
+            if self._shutdown_thread:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            return self._client.submit(fn, args, kwargs).future
+
+    submit.__doc__ = _cf.Executor.submit.__doc__
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        """Like :func:`map`, run on the workers; results come back lazily
+        and in order.  Each chunk of ``chunksize`` calls is one job (one
+        message each way).  ``timeout`` counts from this call: a result not
+        ready by then raises ``TimeoutError`` from the iterator.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        submit = self._client.submit
+        futures = []
+        with self._shutdown_lock:
+            if self._shutdown_thread:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            try:
+                for chunk in _batched(zip(*iterables), chunksize):
+                    futures.append(submit(fn, chunk, star=True).future)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+        return _chained_results(futures, end_time)
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        """Stop taking work; ``cancel_futures`` cancels what has not started.
+
+        With ``wait=False`` this returns at once; the work already submitted
+        still runs and the workers are released when it is done.
+        """
+        with self._shutdown_lock:
+            self._shutdown_thread = True
+            if cancel_futures:
+                # Only futures not yet running can be cancelled (as the stdlib).
+                for future in list(self._client._unfinished):
+                    future.cancel()
+            if not wait and self._closer is None:
+                self._closer = threading.Thread(target=self._client.close,
+                                                name="dpool-executor-shutdown", daemon=True)
+                self._closer.start()
+        if wait:
+            if self._closer is not None:
+                self._closer.join()
+            self._client.close(wait=True)
+
+    def __del__(self):
+        # A forgotten executor must not keep its worker processes; never
+        # block the client's own loop thread, though (it may run GC).
+        client = getattr(self, "_client", None)
+        if client is None or client.closed:
+            return
+        if threading.current_thread() is client._thread.thread:
+            return
+        try:
+            client.close(wait=False, cancel=True)
+        except Exception:  # interpreter shutdown: nothing more to do
+            pass
+
+
+def _batched(iterable, n):
+    """Lists of up to ``n`` items (itertools.batched is 3.12+)."""
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, n)):
+        yield chunk
+
+
+def _chained_results(futures, end_time):
+    """Yield the items of each chunk future in order; cancel the rest if the
+    consumer stops early or a wait times out (as the stdlib does)."""
+    futures.reverse()
+    try:
+        while futures:
+            future = futures.pop()
+            try:
+                if end_time is None:
+                    chunk = future.result()
+                else:
+                    chunk = future.result(end_time - time.monotonic())
+            finally:
+                future.cancel()
+            del future
+            yield from chunk
+    finally:
+        for future in futures:
+            future.cancel()
