@@ -150,7 +150,8 @@ class JobCluster:
     # ------------------------------------------------------------ creation
 
     def _session(self, dest_path, cleanup):
-        return {"capture": True, "notify_start": True, "cleanup": cleanup,
+        return {"capture": True, "notify_start": bool(self.job_status or self.cluster_status),
+                "cleanup": cleanup,
                 **({"cwd": dest_path} if dest_path else {})}
 
     def _make_client(self, nodes, dest_path, cleanup, cpus):

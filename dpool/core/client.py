@@ -412,12 +412,11 @@ class Client:
     def _on_done(self, link, header, frames):
         i = 1
         jobs, scheduler = self.jobs, self.scheduler
-        actions = []
         for job_id, status, start, end, out, err, n in header[1]:
             payload = frames[i:i + n]
             i += n
             job = jobs.pop(job_id, None)
-            actions.extend(scheduler.done(link, job_id, None if start is None else end - start))
+            scheduler.done(link, job_id, None if start is None else end - start, dispatch=False)
             if job is None:
                 continue
             job.start_time, job.end_time, job.stdout, job.stderr = start, end, out, err
@@ -425,7 +424,7 @@ class Client:
                 link.jobs_done += 1
                 link.cpu_time += end - start
             self._resolve(job, status, payload)
-        self._act(actions)
+        self._act(scheduler.dispatch())
 
     def _resolve(self, job, status, payload):
         if status == P.OK:

@@ -118,8 +118,12 @@ class Scheduler:
         actions.extend(self._dispatch())
         return actions
 
-    def done(self, node, job_id, duration=None, now=0.0):
-        """A job finished on ``node`` (result, error or cancel: all final)."""
+    def done(self, node, job_id, duration=None, now=0.0, dispatch=True):
+        """A job finished on ``node`` (result, error or cancel: all final).
+
+        With ``dispatch=False`` nothing is sent yet: a driver that takes many
+        results at once calls :meth:`dispatch` after the last one.
+        """
         job = self.jobs.pop(job_id, None)
         state = self.nodes.get(node)
         if state is not None:
@@ -127,8 +131,12 @@ class Scheduler:
             state.done += 1
             if duration is not None:
                 state.ema = duration if state.ema is None else 0.8 * state.ema + 0.2 * duration
-        if job is None:
+        if job is None or not dispatch:
             return []
+        return self._dispatch()
+
+    def dispatch(self):
+        """Send what the nodes have room for."""
         return self._dispatch()
 
     def cancel(self, job_id):
