@@ -12,6 +12,7 @@ joins ``writelines`` and copies unsent data into its buffer).
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import socket
@@ -167,7 +168,7 @@ class SocketStream:
         self._conn._connection_lost(exc)
 
 
-class TransportAdapter:
+class TransportAdapter(asyncio.BufferedProtocol):
     """asyncio BufferedProtocol glue for transports we don't drive (TLS)."""
 
     def __init__(self, conn):

@@ -1,0 +1,262 @@
+"""Pure tests of the wire format and the handshake steps (no I/O)."""
+import array
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dpool.errors import AuthenticationError, ProtocolError, VersionMismatch
+from dpool.transport import FrameDecoder, Limits, encode, header
+from dpool.transport import auth
+from dpool.transport.blocking import sendmsg_all
+from dpool.transport.frames import LARGE
+
+
+def wire(messages):
+    return b"".join(bytes(p) for m in messages for p in encode(m))
+
+
+def as_bytes(messages):
+    return [[bytes(f) for f in m] for m in messages]
+
+
+# -- encode/header ---------------------------------------------------------------
+
+def test_header_layout():
+    assert header([]) == struct.pack("<I", 0)
+    assert header([b"ab", bytearray(5)]) == struct.pack("<IQQ", 2, 2, 5)
+    doubles = memoryview(array.array("d", [1.0, 2.0, 3.0]))
+    assert header([doubles]) == struct.pack("<IQ", 1, 24)
+
+
+def test_encode_keeps_large_frames_by_reference():
+    big = bytearray(1 << 20)
+    parts = encode([b"small", big, b"tail"])
+    assert any(isinstance(p, memoryview) and p.obj is big for p in parts)
+    assert sum(len(p) for p in parts) == len(header([b"small", big, b"tail"])) + 5 + len(big) + 4
+    assert all(len(p) for p in parts)
+
+
+def test_encode_small_message_is_one_buffer():
+    assert encode([b"a", b"bc"]) == [header([b"a", b"bc"]) + b"abc"]
+    assert encode([]) == [struct.pack("<I", 0)]
+
+
+def test_non_byte_formats_are_flattened():
+    doubles = array.array("d", range(10000))
+    [msg] = FrameDecoder().feed(wire([[memoryview(doubles)]]))
+    assert bytes(msg[0]) == doubles.tobytes()
+
+
+# -- decoder ---------------------------------------------------------------------------
+
+def test_decode_mixed_sizes_and_types():
+    big = bytes(range(256)) * 1000
+    messages = [[], [b""], [b"x"], [big], [b"a", big, b"b", b""], [b"q"] * 100]
+    out = FrameDecoder().feed(wire(messages))
+    assert as_bytes(out) == messages
+    assert isinstance(out[3][0], bytearray)        # large: its own buffer
+    assert isinstance(out[2][0], bytes)
+
+
+def test_large_frame_is_received_into_its_own_buffer():
+    payload = bytes(range(256)) * 4096              # 1 MiB
+    data = wire([[payload]])
+    dec = FrameDecoder()
+    buf = dec.get_buffer()
+    buf[:20] = data[:20]
+    assert dec.buffer_updated(20) == []
+    target = dec.get_buffer()                       # the frame's own buffer
+    assert len(target) == len(payload) - 8
+    owner = target.obj
+    target[:] = data[20:]
+    [[frame]] = dec.buffer_updated(len(target))
+    assert frame is owner and frame == payload
+    assert not dec.partial
+
+
+def test_big_header_goes_through_own_buffer():
+    messages = [[b"%d" % i for i in range(20000)]]   # 160 KB of lengths
+    assert as_bytes(FrameDecoder().feed(wire(messages))) == messages
+
+
+@pytest.mark.parametrize("raw, pattern", [
+    (struct.pack("<I", 65537), r"65537 frames.*max_frames=65536"),
+    (struct.pack("<IQ", 1, 2**60), r"frame length 1152921504606846976.*max_frame_bytes"),
+    (struct.pack("<IQQQ", 3, 2**32, 2**32, 2**32), r"message length 12884901888.*max_message_bytes"),
+])
+def test_limits_checked_before_allocating(raw, pattern):
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError, match=pattern):
+        dec.feed(raw)
+    with pytest.raises(ProtocolError):              # stays failed
+        dec.feed(b"\x00\x00\x00\x00")
+
+
+def test_partial_tracks_incomplete_messages():
+    dec = FrameDecoder()
+    data = wire([[b"hello"]])
+    assert dec.feed(data[:3]) == [] and dec.partial
+    assert dec.feed(data[3:-1]) == [] and dec.partial
+    assert as_bytes(dec.feed(data[-1:])) == [[b"hello"]] and not dec.partial
+
+
+frames_st = st.one_of(
+    st.binary(max_size=40),
+    st.integers(0, 3 * LARGE).map(lambda n: bytes((i * 7) & 255 for i in range(n))
+                                  if n < 300 else b"\xab" * n),
+)
+messages_st = st.lists(st.lists(frames_st, max_size=6), max_size=8)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=messages_st, data=st.data())
+def test_arbitrary_splits_reproduce_messages(messages, data):
+    stream = wire(messages)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20)))
+    dec = FrameDecoder()
+    out, prev = [], 0
+    for cut in cuts + [len(stream)]:
+        out += dec.feed(stream[prev:cut])
+        prev = cut
+    assert as_bytes(out) == messages
+    assert not dec.partial
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=messages_st, sizes=st.lists(st.integers(1, 200_000), min_size=1))
+def test_buffered_protocol_style_reads(messages, sizes):
+    """Reading at most k bytes into get_buffer(), as a socket would."""
+    stream = memoryview(wire(messages))
+    dec = FrameDecoder()
+    out, pos, i = [], 0, 0
+    while pos < len(stream):
+        buf = dec.get_buffer()
+        assert len(buf) > 0
+        k = min(len(buf), sizes[i % len(sizes)], len(stream) - pos)
+        buf[:k] = stream[pos:pos + k]
+        out += dec.buffer_updated(k)
+        pos, i = pos + k, i + 1
+    assert as_bytes(out) == messages
+
+
+SMALL = Limits(max_frames=100, max_frame_bytes=10_000, max_message_bytes=20_000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(garbage=st.binary(max_size=2000), chunk=st.integers(1, 64))
+def test_garbage_only_raises_protocol_error_within_limits(garbage, chunk):
+    dec = FrameDecoder(SMALL)
+    try:
+        for i in range(0, len(garbage), chunk):
+            for msg in dec.feed(garbage[i:i + chunk]):
+                assert len(msg) <= SMALL.max_frames
+                assert sum(len(f) for f in msg) <= SMALL.max_message_bytes
+    except ProtocolError:
+        pass
+    if dec._big is not None:
+        assert len(dec._big) <= max(SMALL.max_frame_bytes, 8 * SMALL.max_frames)
+
+
+@given(count=st.integers(65537, 2**32 - 1))
+def test_huge_counts_rejected(count):
+    with pytest.raises(ProtocolError, match="max_frames"):
+        FrameDecoder().feed(struct.pack("<I", count))
+
+
+@given(length=st.integers(4 * 2**30 + 1, 2**64 - 1))
+def test_huge_lengths_rejected(length):
+    with pytest.raises(ProtocolError, match="max_frame_bytes"):
+        FrameDecoder().feed(struct.pack("<IQ", 1, length))
+
+
+# -- sendmsg_all with partial sends -----------------------------------------------------
+
+class PartialSocket:
+    """Accepts a pseudo-random number of bytes per sendmsg; checks IOV chunking."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.calls = 0
+
+    def sendmsg(self, buffers):
+        assert len(buffers) <= 1024
+        self.calls += 1
+        budget = (self.calls * 7919) % 5000 + 1
+        sent = 0
+        for b in buffers:
+            take = min(len(b), budget - sent)
+            self.data += bytes(b[:take])
+            sent += take
+            if sent == budget:
+                break
+        return sent
+
+
+def test_sendmsg_all_handles_partial_sends_and_many_buffers():
+    frames = [bytes([i % 251]) * (i % 50 + LARGE // 2) for i in range(3000)]
+    parts = encode(frames)
+    assert len(parts) > 1024
+    sock = PartialSocket()
+    sendmsg_all(sock, parts)
+    assert bytes(sock.data) == b"".join(bytes(p) for p in parts)
+    assert as_bytes(FrameDecoder().feed(sock.data)) == [frames]
+
+
+# -- handshake steps -----------------------------------------------------------------------
+
+def test_handshake_steps_succeed_with_same_secret():
+    nonce_s, challenge = auth.make_challenge()
+    assert len(challenge) == auth.CHALLENGE_SIZE <= 256
+    ns, nonce_c, response = auth.answer_challenge(b"k", challenge)
+    assert ns == nonce_s and len(response) == auth.RESPONSE_SIZE <= 256
+    reply = auth.verify_response(b"k", nonce_s, response)
+    assert len(reply) == 1 + auth.PROOF_SIZE
+    auth.check_status(reply[:1])
+    auth.verify_proof(b"k", nonce_s, nonce_c, reply[1:])
+
+
+def test_handshake_wrong_secret_either_way():
+    nonce_s, challenge = auth.make_challenge()
+    _, nonce_c, response = auth.answer_challenge(b"client", challenge)
+    with pytest.raises(AuthenticationError):
+        auth.verify_response(b"server", nonce_s, response)
+    reply = auth.verify_response(b"client", nonce_s, response)
+    with pytest.raises(AuthenticationError):     # a server that doesn't know "other"
+        auth.verify_proof(b"other", nonce_s, nonce_c, reply[1:])
+    with pytest.raises(AuthenticationError):
+        auth.check_status(auth.FAIL)
+
+
+def test_proofs_cannot_be_reflected():
+    """The server's proof for (nonce_c, nonce_s) is not a client response."""
+    nonce_s, challenge = auth.make_challenge()
+    _, nonce_c, response = auth.answer_challenge(b"k", challenge)
+    reply = auth.verify_response(b"k", nonce_s, response)
+    forged = auth.MAGIC + nonce_c + reply[1:]
+    with pytest.raises(AuthenticationError):
+        auth.verify_response(b"k", nonce_c, forged)
+
+
+def test_handshake_rejects_bad_magic_and_sizes():
+    with pytest.raises(ProtocolError, match="magic"):
+        auth.answer_challenge(b"k", b"X" * auth.CHALLENGE_SIZE)
+    with pytest.raises(ProtocolError, match="expected"):
+        auth.answer_challenge(b"k", auth.MAGIC)
+    with pytest.raises(ProtocolError, match="magic"):
+        auth.verify_response(b"k", b"n" * 32, b"Y" * auth.RESPONSE_SIZE)
+    with pytest.raises(ProtocolError):
+        auth.check_status(b"\x07")
+
+
+def test_hello_decoding_and_versions():
+    assert auth.decode_hello([b'{"protocol": 1, "x": 2}'], "p") == {"protocol": 1, "x": 2}
+    for bad in ([b"[]"], [b"nope"], [b'{"protocol": "1"}'], [b"{}", b"{}"], [b"\xff"]):
+        with pytest.raises(ProtocolError):
+            auth.decode_hello(bad, "p")
+    with pytest.raises(VersionMismatch, match=r"this side speaks 1, peer at h:1 speaks 2"):
+        auth.check_versions(1, 2, "h:1")
+    assert auth.own_hello(lambda: {"a": 1}) == {"a": 1, "protocol": auth.PROTOCOL_VERSION}
+    with pytest.raises(TypeError):
+        auth.check_secret("text")
