@@ -7,12 +7,13 @@ Three ways in, one engine:
 - :class:`dpool.JobCluster` — dispy's API (``import dpool as dispy``).
 """
 from .cluster import DispyJob, JobCluster, NodeAllocate
+from .pool import Pool
 from .errors import (AuthenticationError, BrokenCluster, ConnectionClosed, DpoolError,
                      JobCancelled, NodeLost, ProtocolError, RemoteError, VersionMismatch,
                      WorkerLost)
 
 __version__ = "0.1.0"
 
-__all__ = ["JobCluster", "DispyJob", "NodeAllocate", "DpoolError", "AuthenticationError",
+__all__ = ["Pool", "JobCluster", "DispyJob", "NodeAllocate", "DpoolError", "AuthenticationError",
            "BrokenCluster", "ConnectionClosed", "JobCancelled", "NodeLost", "ProtocolError",
            "RemoteError", "VersionMismatch", "WorkerLost"]

@@ -1,0 +1,481 @@
+"""``multiprocessing.Pool`` API: :class:`Pool`, over the client core.
+
+::
+
+    user threads                     client loop thread              callback thread
+    ────────────                     ──────────────────              (one per pool, started
+                                                                      on the first callback)
+    apply_async / map_async ──► client.submit (a map: one star
+                                job per chunk)
+                                     future done ──► result._set ─┬─ no callback: ready
+                                                                  └─ queue ──► callback(value),
+                                                                               then ready
+    imap / imap_unordered ──► IMapIterator: submits chunks as the consumer
+                              pulls (a bounded read-ahead), and join() feeds
+                              whatever is left
+    close / join / terminate ──► client.close (terminate also kills running jobs)
+
+Scheduling, worker processes, ``maxtasksperchild`` (the session's
+``max_tasks``) and error transport belong to the client core, shared with
+:class:`dpool.futures.Executor` and :class:`dpool.JobCluster`.  Deliberate
+differences from ``multiprocessing.Pool`` are listed in
+``docs/executor-and-pool.md``.
+"""
+import collections
+import concurrent.futures as _cf
+import itertools
+import logging
+import multiprocessing
+import queue
+import threading
+import warnings
+import weakref
+
+from .futures import check_initializer, start_client, total_cpus
+
+__all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
+           "IMapUnorderedIterator"]
+
+log = logging.getLogger("dpool")
+
+RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
+TimeoutError = multiprocessing.TimeoutError  # what get() and next() raise
+
+
+class Pool:
+    """A process pool with ``multiprocessing.Pool``'s API, run by dpool.
+
+    Takes ``multiprocessing.Pool``'s arguments (``context`` is accepted and
+    ignored: workers are always forked by dpool's zygote) and dpool's own
+    ``nodes`` and ``secret`` (see :class:`dpool.futures.Executor`); with
+    ``nodes``, ``processes`` caps the CPUs used on each node.
+    """
+
+    _state = None  # so that __del__ works when __init__ failed
+
+    def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
+                 context=None, *, nodes=None, secret=None):
+        if processes is not None and processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None:
+            if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
+                raise ValueError("maxtasksperchild must be a positive int or None")
+        check_initializer(initializer)
+        self._ctx = context
+        self._lock = threading.Lock()
+        self._callbacks = None
+        self._feeders = weakref.WeakSet()
+        self._client = start_client(processes, nodes, secret, maxtasksperchild,
+                                    initializer, initargs)
+        self._processes = total_cpus(self._client)
+        self._state = RUN
+
+    def __repr__(self):
+        return (f"<{type(self).__module__}.{type(self).__qualname__} state={self._state} "
+                f"pool_size={getattr(self, '_processes', 0)}>")
+
+    def __reduce__(self):
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
+    # ------------------------------------------------------------ submitting
+
+    def _check_running(self):
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    def _submit(self, fn, chunk):
+        """One chunk (a list of argument tuples) as one job."""
+        return self._client.submit(fn, chunk, star=True).future
+
+    def _runner(self, callback, error_callback):
+        if callback is None and error_callback is None:
+            return None
+        with self._lock:
+            if self._callbacks is None:
+                self._callbacks = _CallbackThread()
+            return self._callbacks
+
+    def apply(self, func, args=(), kwds={}):
+        """``func(*args, **kwds)`` on a worker; waits for and returns the result."""
+        self._check_running()
+        return self._client.submit(func, args, kwds).future.result()
+
+    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
+        """Like :meth:`apply`, but returns an :class:`AsyncResult` at once."""
+        self._check_running()
+        future = self._client.submit(func, args, kwds).future
+        result = ApplyResult(self._runner(callback, error_callback), callback, error_callback)
+        future.add_done_callback(result._from_future)
+        return result
+
+    def map(self, func, iterable, chunksize=None):
+        """``list(map(func, iterable))``, in chunks of ``chunksize`` items."""
+        return self._map_async(func, iterable, chunksize, False).get()
+
+    def starmap(self, func, iterable, chunksize=None):
+        """Like :meth:`map`, but each item is an argument tuple."""
+        return self._map_async(func, iterable, chunksize, True).get()
+
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+        return self._map_async(func, iterable, chunksize, False, callback, error_callback)
+
+    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+        return self._map_async(func, iterable, chunksize, True, callback, error_callback)
+
+    def _map_async(self, func, iterable, chunksize, star, callback=None, error_callback=None):
+        self._check_running()
+        if not hasattr(iterable, "__len__"):
+            iterable = list(iterable)
+        if chunksize is None:
+            chunksize, extra = divmod(len(iterable), self._processes * 4)
+            if extra:
+                chunksize += 1
+        elif chunksize < 1 and len(iterable):
+            raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+        futures = []
+        try:
+            for chunk in _chunks(iterable, chunksize, star):
+                futures.append(self._submit(func, chunk))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return MapResult(self._runner(callback, error_callback), futures, callback, error_callback)
+
+    def imap(self, func, iterable, chunksize=1):
+        """Lazy, ordered :meth:`map`: an iterator whose ``next(timeout)``
+        raises ``multiprocessing.TimeoutError`` when a result is late."""
+        return self._imap(func, iterable, chunksize, True)
+
+    def imap_unordered(self, func, iterable, chunksize=1):
+        """Like :meth:`imap`, but results come in the order they finish."""
+        return self._imap(func, iterable, chunksize, False)
+
+    def _imap(self, func, iterable, chunksize, ordered):
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+        iterator = (IMapIterator if ordered else IMapUnorderedIterator)(
+            self, func, iterable, chunksize, max(64, 8 * self._processes))
+        self._feeders.add(iterator)
+        return iterator
+
+    # ------------------------------------------------------------- stopping
+
+    def close(self):
+        """Take no more work; the workers exit when what is queued is done."""
+        if self._state == RUN:
+            self._state = CLOSE
+
+    def terminate(self):
+        """Stop now: running jobs are killed, queued ones cancelled."""
+        self._state = TERMINATE
+        self._client.close(wait=True, cancel=True, timeout=10)
+        self._stop_callbacks()
+
+    def join(self):
+        """Wait for all work to finish (after :meth:`close`) and release the
+        workers; pending callbacks have run when this returns."""
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        if self._state not in (CLOSE, TERMINATE):
+            raise ValueError("In unknown state")
+        for feeder in list(self._feeders):
+            feeder._feed_all()
+        self._client.close(wait=True)
+        self._stop_callbacks()
+
+    def _stop_callbacks(self):
+        with self._lock:
+            runner, self._callbacks = self._callbacks, None
+        if runner is not None:
+            runner.stop()
+
+    def __enter__(self):
+        self._check_running()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.terminate()
+
+    def __del__(self, _warn=warnings.warn):
+        if self._state != RUN:
+            return
+        _warn(f"unclosed running dpool pool {self!r}", ResourceWarning, source=self)
+        client = self._client
+        if threading.current_thread() is client._thread.thread:
+            return  # never block the client's own loop thread
+        try:
+            client.close(wait=False, cancel=True)
+        except Exception:  # interpreter shutdown: nothing more to do
+            pass
+
+
+def _chunks(items, size, star):
+    """Lists of argument tuples, ``size`` items each, from a sized iterable."""
+    try:
+        items[0:0]
+    except TypeError:  # sized but not sliceable: a set, a dict view...
+        items = list(items)
+    for i in range(0, len(items), size):
+        part = items[i:i + size]
+        yield list(part) if star else list(zip(part))
+
+
+# ----------------------------------------------------------------- results
+
+class _CallbackThread:
+    """Runs the user's callbacks, one after another, in completion order
+    (``multiprocessing`` runs them in its result-handler thread).  A failing
+    callback is logged and does not stop the thread or the pool."""
+
+    def __init__(self):
+        self.queue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="dpool-pool-callbacks", daemon=True)
+        self.thread.start()
+
+    def put(self, result):
+        self.queue.put(result)
+
+    def _run(self):
+        while (result := self.queue.get()) is not None:
+            result._run_callback()
+
+    def stop(self):
+        self.queue.put(None)
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+
+
+class ApplyResult:
+    """The result of :meth:`Pool.apply_async` (``multiprocessing``'s names)."""
+
+    def __init__(self, runner, callback, error_callback):
+        self._event = threading.Event()
+        self._runner = runner
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success = None
+        self._value = None
+
+    def ready(self):
+        return self._event.is_set()
+
+    def successful(self):
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout=None):
+        self._event.wait(timeout)
+
+    def get(self, timeout=None):
+        self.wait(timeout)
+        if not self.ready():
+            raise TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+    def _from_future(self, future):
+        error = _error_of(future)
+        if error is None:
+            self._set(True, future.result())
+        else:
+            self._set(False, error)
+
+    def _set(self, success, value):
+        self._success, self._value = success, value
+        callback = self._callback if success else self._error_callback
+        if callback is not None:
+            self._runner.put(self)
+        else:
+            self._event.set()
+
+    def _run_callback(self):
+        callback = self._callback if self._success else self._error_callback
+        try:
+            callback(self._value)
+        except BaseException:  # a callback must not kill the pool
+            log.exception("dpool.Pool: the %s %r raised; the pool carries on",
+                          "callback" if self._success else "error_callback", callback)
+        finally:
+            self._event.set()
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult):
+    """The result of :meth:`Pool.map_async`: ready when every chunk is done;
+    fails with the first error (in completion order), as ``multiprocessing``."""
+
+    def __init__(self, runner, futures, callback, error_callback):
+        super().__init__(runner, callback, error_callback)
+        self._futures = futures
+        self._left = len(futures)
+        self._error = None
+        self._count_lock = threading.Lock()
+        if not futures:
+            self._success, self._value = True, []
+            self._event.set()
+        for future in futures:
+            future.add_done_callback(self._chunk_done)
+
+    def _chunk_done(self, future):
+        error = _error_of(future)
+        with self._count_lock:
+            self._left -= 1
+            if error is not None and self._error is None:
+                self._error = error
+            last = self._left == 0
+        if last:
+            futures, self._futures = self._futures, None
+            if self._error is None:
+                self._set(True, list(itertools.chain.from_iterable(f.result() for f in futures)))
+            else:
+                self._set(False, self._error)
+
+
+def _error_of(future):
+    if future.cancelled():
+        return _cf.CancelledError("the job was cancelled (the pool was terminated)")
+    return future.exception()
+
+
+def _wait(future, timeout):
+    """Whether the future is done within ``timeout`` (its own errors aside)."""
+    try:
+        future.exception(timeout)
+    except _cf.CancelledError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+class IMapIterator:
+    """The iterator :meth:`Pool.imap` returns: ``next(timeout=None)``.
+
+    Chunks are submitted ahead of the consumer, at most ``window`` at a time
+    (bounded memory); :meth:`Pool.join` submits the rest.  An error raised
+    by a chunk (or by the input iterable) is raised in its place, and
+    iteration can go on after it, as in ``multiprocessing``.
+    """
+
+    def __init__(self, pool, func, iterable, chunksize, window):
+        self._pool = pool
+        self._func = func
+        self._chunks = _batched(iter(iterable), chunksize)
+        self._window = window
+        self._exhausted = False
+        self._lock = threading.RLock()
+        self._inflight = collections.deque()  # chunk futures, in input order
+        self._items = collections.deque()  # results of the current chunk
+        self._feed()
+
+    def __iter__(self):
+        return self
+
+    def next(self, timeout=None):
+        with self._lock:
+            while not self._items:
+                future = self._next_done(timeout)
+                error = _error_of(future)
+                if error is not None:
+                    raise error
+                self._items.extend(future.result())
+            return self._items.popleft()
+
+    __next__ = next
+
+    def _next_done(self, timeout):
+        if not self._inflight:
+            raise StopIteration
+        future = self._inflight[0]
+        if not _wait(future, timeout):
+            raise TimeoutError
+        self._inflight.popleft()
+        self._refill()
+        return future
+
+    def _pending(self):
+        return len(self._inflight)
+
+    def _refill(self):
+        if not self._exhausted and self._pending() <= self._window // 2:
+            self._feed()
+
+    def _feed(self, limit=None):
+        """Submit chunks until ``window`` (or, with limit=0, all) are in flight."""
+        with self._lock:
+            while not self._exhausted and (limit == 0 or self._pending() < self._window):
+                future = self._submit_next()
+                if future is not None:
+                    self._add(future)
+
+    def _feed_all(self):
+        self._feed(limit=0)
+
+    def _submit_next(self):
+        try:
+            chunk = next(self._chunks)
+        except StopIteration:
+            self._exhausted = True
+            return None
+        except Exception as exc:  # the input iterable failed: raise it in its place
+            self._exhausted = True
+            return _failed(exc)
+        try:
+            return self._pool._submit(self._func, chunk)
+        except RuntimeError as exc:  # the pool's client is closed (terminated)
+            self._exhausted = True
+            error = _cf.CancelledError("the pool was terminated")
+            error.__cause__ = exc
+            return _failed(error)
+        except Exception as exc:  # e.g. an argument that cannot be pickled
+            return _failed(exc)
+
+    def _add(self, future):
+        self._inflight.append(future)
+
+
+class IMapUnorderedIterator(IMapIterator):
+    """The iterator :meth:`Pool.imap_unordered` returns: chunks' results in
+    the order the chunks finish."""
+
+    def __init__(self, *args):
+        self._done = queue.SimpleQueue()
+        self._count = 0
+        super().__init__(*args)
+
+    def _add(self, future):
+        self._count += 1
+        future.add_done_callback(self._done.put)
+
+    def _next_done(self, timeout):
+        if not self._count:
+            raise StopIteration
+        try:
+            future = self._done.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError from None
+        self._count -= 1
+        self._refill()
+        return future
+
+    def _pending(self):
+        return self._count
+
+
+def _failed(exc):
+    future = _cf.Future()
+    future.set_running_or_notify_cancel()
+    future.set_exception(exc)
+    return future
+
+
+def _batched(iterator, n):
+    """Lists of up to ``n`` one-argument tuples from ``iterator``."""
+    while chunk := list(zip(itertools.islice(iterator, n))):
+        yield chunk
