@@ -1,0 +1,403 @@
+"""One suite, three executors: ``ProcessPoolExecutor`` (the reference),
+``dpool.futures.Executor`` on local workers, and the same on a
+``dpool-node`` subprocess ("remote", over TCP with a secret).
+
+Where dpool differs from the stdlib on purpose, the test branches on
+``kind`` and says why (docs/executor-and-pool.md lists the same points).
+"""
+import asyncio
+import concurrent.futures as cf
+import os
+import threading
+import time
+
+import pytest
+
+import conformance_helpers as h
+from conftest import poll_for
+from dpool.errors import BrokenCluster, WorkerLost
+from dpool.futures import Executor
+from helpers_engine import start_node
+
+KINDS = ["stdlib", "dpool", "remote"]
+
+
+@pytest.fixture(scope="module")
+def remote_node(tmp_path_factory):
+    node = start_node(tmp_path_factory.mktemp("node"), cpus=2, secret=b"conformance-secret")
+    yield node
+    node.terminate()
+
+
+@pytest.fixture(scope="module")
+def resource_tracker():
+    """The stdlib's "spawn" start method (used with max_tasks_per_child)
+    starts a resource-tracker process that lives as long as this process:
+    start it before the leak check's snapshot."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+
+
+@pytest.fixture(params=KINDS)
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def make(kind, remote_node, resource_tracker):
+    """make(*args, **kwargs) -> a new executor of this kind, shut down after the test.
+
+    (The module's node is requested by every test so that it starts before
+    the per-test leak check takes its snapshot.)"""
+    made = []
+
+    def make(*args, **kwargs):
+        if kind == "stdlib":
+            executor = cf.ProcessPoolExecutor(*args, **kwargs)
+        elif kind == "dpool":
+            executor = Executor(*args, **kwargs)
+        else:
+            executor = Executor(*args, nodes=[remote_node.address], secret=remote_node.secret,
+                                **kwargs)
+        made.append(executor)
+        return executor
+
+    yield make
+    for executor in made:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def executor(make):
+    return make(2)
+
+
+def elapsed(fn):
+    start = time.monotonic()
+    fn()
+    return time.monotonic() - start
+
+
+# ------------------------------------------------------------------ results
+
+def test_submit_returns_a_standard_future(executor):
+    future = executor.submit(h.add, 1, 2, c=3)
+    assert isinstance(future, cf.Future)
+    assert future.result(5) == 6
+
+
+def test_fn_is_positional_only(executor):
+    # The stdlib's submit(fn, /, *args, **kwargs): "fn" can be a keyword of the task.
+    assert executor.submit(dict, fn=1).result(5) == {"fn": 1}
+
+
+def test_many_submits_all_resolve(executor):
+    futures = [executor.submit(h.square, i) for i in range(300)]
+    assert [f.result(10) for f in futures] == [i * i for i in range(300)]
+
+
+def test_wait_and_as_completed(executor):
+    futures = [executor.submit(h.sleep_then, 0.01 * (i % 3), i) for i in range(12)]
+    done, not_done = cf.wait(futures, timeout=10)
+    assert not not_done
+    assert sorted(f.result() for f in cf.as_completed(futures, timeout=10)) == list(range(12))
+
+
+def test_asyncio_wrap_future(executor):
+    async def main():
+        return await asyncio.wait_for(asyncio.wrap_future(executor.submit(h.square, 7)), 10)
+
+    assert asyncio.run(main()) == 49
+
+
+@pytest.mark.parametrize("chunksize", [1, 3, 50])
+def test_map_in_order(executor, chunksize):
+    results = executor.map(h.add, range(20), range(100, 115), chunksize=chunksize)
+    assert list(results) == [a + b for a, b in zip(range(20), range(100, 115))]
+
+
+def test_map_is_ordered_even_when_late_tasks_finish_first(executor):
+    delays = [0.2, 0.1, 0.0, 0.0]
+    assert list(executor.map(h.sleep_then, delays, range(4))) == [0, 1, 2, 3]
+
+
+def test_map_empty(executor):
+    assert list(executor.map(h.square, [])) == []
+
+
+def test_map_submits_at_call_not_at_iteration(executor):
+    results = executor.map(h.getpid, range(4))  # nothing consumed yet
+    poll_for(lambda: True)
+    executor.shutdown(wait=True)  # the work was already submitted
+    assert len(list(results)) == 4
+
+
+def test_map_bad_chunksize(executor):
+    with pytest.raises(ValueError):
+        executor.map(h.square, [1], chunksize=0)
+
+
+def test_map_timeout_never_blocks_past_it(executor):
+    results = executor.map(h.sleep_then, [0.5], timeout=0.1)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        next(results)
+    assert time.monotonic() - start < 0.4
+
+
+def test_map_closed_early_cancels_the_rest(make):
+    executor = make(1)
+    results = executor.map(h.sleep_then, [0.05] * 40)
+    next(results)
+    results.close()  # what a `break` out of a for loop does
+    assert elapsed(lambda: executor.shutdown(wait=True)) < 1.5
+
+
+# --------------------------------------------------------------- exceptions
+
+def test_exception_keeps_type_and_remote_traceback(executor):
+    future = executor.submit(h.raise_value_error, "from the task")
+    with pytest.raises(ValueError, match="from the task") as info:
+        future.result(5)
+    cause = info.value.__cause__
+    assert cause is not None and "raise_value_error" in str(cause)
+    assert "Traceback" in str(cause)
+
+
+def test_map_raises_at_the_failing_item_after_earlier_results(executor):
+    results = executor.map(h.fail_on, range(6), [3] * 6)
+    assert [next(results) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="bad item 3"):
+        next(results)
+
+
+def test_task_raising_timeout_error_is_not_a_timeout(executor):
+    future = executor.submit(h.raise_timeout_error)
+    with pytest.raises(TimeoutError, match="raised by the task"):
+        future.result(5)
+
+
+def test_result_timeout_never_blocks_past_it(executor):
+    future = executor.submit(h.sleep_then, 0.5, "late")
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        future.result(timeout=0.1)
+    assert time.monotonic() - start < 0.4
+    assert future.result(5) == "late"
+
+
+def test_unpicklable_result_fails_the_future(executor):
+    future = executor.submit(h.return_unpicklable)
+    with pytest.raises(Exception, match="lock"):  # the type is named
+        future.result(5)
+    assert executor.submit(h.square, 3).result(5) == 9
+
+
+def test_unpicklable_argument(executor, kind):
+    if kind == "stdlib":
+        future = executor.submit(h.identity, h.Unpicklable())
+        with pytest.raises(TypeError, match="lock"):
+            future.result(5)
+    else:
+        # dpool on purpose: the error is raised at submit, in the caller's
+        # frame, naming the type; nothing is queued.
+        with pytest.raises(TypeError, match="lock"):
+            executor.submit(h.identity, h.Unpicklable())
+    assert executor.submit(h.square, 3).result(5) == 9
+
+
+@pytest.mark.parametrize("crash", [h.exit_worker, h.kill_worker])
+def test_task_that_kills_its_worker(executor, kind, crash):
+    future = executor.submit(crash)
+    if kind == "stdlib":
+        # The stdlib breaks the whole pool.
+        with pytest.raises(cf.process.BrokenProcessPool):
+            future.result(5)
+        with pytest.raises(cf.process.BrokenProcessPool):
+            executor.submit(h.square, 3)
+    else:
+        # dpool on purpose: only that task fails; the worker is replaced and
+        # the executor keeps working.
+        with pytest.raises(WorkerLost, match="worker process"):
+            future.result(5)
+        assert executor.submit(h.square, 3).result(5) == 9
+
+
+# ------------------------------------------------------------------- cancel
+
+def test_cancel_a_queued_future(make):
+    executor = make(1)
+    futures = [executor.submit(h.sleep_then, 0.05, i) for i in range(8)]
+    last = futures[-1]
+    assert last.cancel()
+    assert last.cancelled()
+    with pytest.raises(cf.CancelledError):
+        last.result(0)
+    assert [f.result(5) for f in futures[:-1]] == list(range(7))
+
+
+def test_a_running_future_cannot_be_cancelled(make):
+    executor = make(1)
+    future = executor.submit(h.sleep_then, 0.3, "ran")
+    poll_for(future.running, 5, message="the task to start")
+    assert not future.cancel()
+    assert future.result(5) == "ran"
+
+
+# ----------------------------------------------------------------- shutdown
+
+def test_submit_after_shutdown_raises(executor):
+    executor.shutdown()
+    with pytest.raises(RuntimeError):
+        executor.submit(h.square, 2)
+    with pytest.raises(RuntimeError):
+        executor.map(h.square, [1])
+    executor.shutdown()  # twice is fine
+
+
+def test_shutdown_waits_for_submitted_work(executor):
+    futures = [executor.submit(h.sleep_then, 0.05, i) for i in range(6)]
+    executor.shutdown(wait=True)
+    assert all(f.done() for f in futures)
+    assert [f.result() for f in futures] == list(range(6))
+
+
+def test_shutdown_without_wait_returns_and_work_completes(executor):
+    future = executor.submit(h.sleep_then, 0.3, "done")
+    assert elapsed(lambda: executor.shutdown(wait=False)) < 0.25
+    assert poll_for(future.done, 5, message="the future to complete")
+    assert future.result() == "done"
+
+
+def test_shutdown_cancel_futures_cancels_what_has_not_started(make):
+    executor = make(1)
+    first = executor.submit(h.sleep_then, 0.2, "first")
+    poll_for(first.running, 5, message="the first task to start")
+    rest = [executor.submit(h.sleep_then, 0.2, i) for i in range(10)]
+    executor.shutdown(wait=True, cancel_futures=True)
+    assert first.result() == "first"
+    assert sum(f.cancelled() for f in rest) >= 8  # at most a read-ahead had started
+
+
+def test_context_manager_shuts_down(make):
+    with make(2) as executor:
+        future = executor.submit(h.sleep_then, 0.05, 1)
+    assert future.done()
+    with pytest.raises(RuntimeError):
+        executor.submit(h.square, 2)
+
+
+# -------------------------------------------------------------- arguments
+
+def test_max_workers_must_be_positive(kind):
+    cls = cf.ProcessPoolExecutor if kind == "stdlib" else Executor
+    for bad in (0, -1):
+        with pytest.raises(ValueError):
+            cls(bad)
+
+
+def test_initializer_must_be_callable(kind):
+    cls = cf.ProcessPoolExecutor if kind == "stdlib" else Executor
+    with pytest.raises(TypeError):
+        cls(1, initializer=42)
+
+
+def test_max_tasks_per_child_is_checked(kind):
+    cls = cf.ProcessPoolExecutor if kind == "stdlib" else Executor
+    with pytest.raises(TypeError):
+        cls(1, max_tasks_per_child="1")
+    with pytest.raises(ValueError):
+        cls(1, max_tasks_per_child=0)
+
+
+def test_mp_context_is_accepted(make):
+    import multiprocessing
+
+    executor = make(1, mp_context=multiprocessing.get_context("fork"))
+    assert executor.submit(h.square, 4).result(5) == 16
+
+
+def test_max_tasks_per_child_replaces_workers(make):
+    # The stdlib picks the "spawn" start method here (slow but correct).
+    executor = make(1, max_tasks_per_child=1)
+    pids = [executor.submit(h.getpid).result(20) for _ in range(3)]
+    assert len(set(pids)) == 3
+
+
+def test_initializer_runs_in_every_worker(make):
+    executor = make(2, initializer=h.set_initialized, initargs=("ready",))
+    assert set(executor.map(h.get_initialized, range(8))) == {"ready"}
+
+
+def test_failing_initializer_breaks_the_executor(make):
+    executor = make(1, initializer=h.failing_initializer)
+    future = executor.submit(h.square, 2)
+    with pytest.raises(cf.BrokenExecutor):
+        future.result(10)
+
+    def submit_fails():
+        try:
+            executor.submit(h.square, 2).result(10)
+        except cf.BrokenExecutor:
+            return True
+        return False
+
+    assert poll_for(submit_fails, 5, message="the executor to be broken")
+
+
+# -------------------------------------------------- functions dpool can ship
+
+def _closure_factory(k):
+    def times_k(x):
+        return k * x
+    return times_k
+
+
+MAIN_STYLE = [pytest.param(lambda x: x + 1, 3, id="lambda"),
+              pytest.param(_closure_factory(5), 10, id="closure")]
+
+
+@pytest.mark.parametrize("fn, expected", MAIN_STYLE)
+def test_lambdas_and_closures(executor, kind, fn, expected):
+    future = executor.submit(fn, 2)
+    if kind == "stdlib":
+        # The stdlib pickles functions by reference: it cannot ship these.
+        with pytest.raises(Exception, match="pickle|attribute"):
+            future.result(5)
+    else:
+        # dpool ships them by value (cloudpickle), once per node.
+        assert future.result(5) == expected
+        assert list(executor.map(fn, [2, 2], chunksize=2)) == [expected, expected]
+
+
+def test_main_module_function(executor, kind):
+    namespace = {"__name__": "__main__"}
+    exec("def triple(x):\n    return 3 * x\n", namespace)
+    triple = namespace["triple"]
+    assert triple.__module__ == "__main__"
+    future = executor.submit(triple, 4)
+    if kind == "stdlib":
+        with pytest.raises(Exception, match="pickle|attribute|triple"):
+            future.result(5)
+    else:
+        assert future.result(5) == 12
+
+
+# ----------------------------------------------------------- dpool placement
+
+def test_remote_placement_runs_on_the_node(kind, make):
+    if kind != "remote":
+        pytest.skip("about the remote placement only")
+    executor = make(2)
+    pids = set(executor.map(h.getpid, range(8)))
+    assert os.getpid() not in pids
+    assert executor._client.nodes()[0].address != "embedded"
+
+
+def test_executor_threads_do_not_grow_per_task(executor):
+    for i in range(50):
+        executor.submit(h.square, i)
+    before = threading.active_count()
+    executor.submit(h.square, 1).result(5)
+    assert threading.active_count() <= before + 1
