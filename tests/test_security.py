@@ -1,0 +1,209 @@
+"""A dpool-node facing hostile or broken peers: nothing is unpickled before
+authentication, bad peers lose only their own connection, limits hold."""
+import asyncio
+import os
+import pickle
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+import dpool
+from dpool import protocol as P
+from dpool.core.server import NodeServer
+from dpool.errors import AuthenticationError, BrokenCluster
+from dpool.transport import auth, connect
+from dpool.transport.frames import encode as encode_frames
+from conftest import poll_for
+from helpers_engine import (dpool_node, node_secret,  # noqa: F401 (fixtures)
+                            authenticated_socket, double, hold, node_env, read_marker,
+                            recv_until_closed)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def cluster_on(node, fn, **kwargs):
+    kwargs.setdefault("secret", node.secret)
+    return dpool.JobCluster(fn, nodes=[node.address], **kwargs)
+
+
+def still_serves(node):
+    assert node.proc.poll() is None, node.stderr()
+    with cluster_on(node, double) as cluster:
+        assert [cluster.submit(i)(timeout=10) for i in range(3)] == [0, 2, 4]
+
+
+class _System:
+    """Unpickling this runs ``os.system(command)``."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class _Open:
+    """Unpickling this creates ``path`` with ``open(path, "w")``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def evil_pickles(marker):
+    return [pickle.dumps(_System(f"touch {marker}-system")),
+            pickle.dumps(_Open(f"{marker}-open"), protocol=2)]
+
+
+def test_the_evil_pickles_are_live(tmp_path):
+    """Self-check: unpickled here, each payload does create its marker."""
+    marker = str(tmp_path / "pwned")
+    for payload in evil_pickles(marker):
+        result = pickle.loads(payload)
+        if hasattr(result, "close"):
+            result.close()
+    assert sorted(os.listdir(tmp_path)) == ["pwned-open", "pwned-system"]
+
+
+FRAMINGS = {
+    "raw": lambda p: p,
+    "frame": lambda p: b"".join(encode_frames([p])),
+    "op-header": lambda p: b"".join(encode_frames([P.encode(P.RUN, [(1, 1, 1, False)]), p])),
+    "fake-magic": lambda p: auth.MAGIC + p,
+    # a well-formed but wrong response, then a frame: the frame must never be read
+    "bad-response-then-frame": lambda p: (auth.MAGIC + b"\0" * (auth.NONCE_SIZE + auth.DIGEST_SIZE)
+                                          + b"".join(encode_frames([p]))),
+    "oversized": lambda p: p * (1 + 4096 // len(p)),
+}
+
+
+@pytest.mark.parametrize("framing", sorted(FRAMINGS))
+def test_unauthenticated_pickles_never_run(dpool_node, tmp_path, framing):
+    marker = str(tmp_path / "pwned")
+    for payload in evil_pickles(marker):
+        with socket.create_connection(dpool_node.address, timeout=5) as sock:
+            challenge = sock.recv(auth.CHALLENGE_SIZE)
+            assert challenge.startswith(auth.MAGIC)
+            try:
+                sock.sendall(FRAMINGS[framing](payload))
+                sock.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the node dropped us first: fine
+            reply = recv_until_closed(sock)
+            assert reply in (b"", auth.FAIL), reply  # never an OK
+    poll_for(lambda: dpool_node.stderr().count("rejected connection from 127.0.0.1") >= 2,
+             5, message="the node to log the rejections")
+    still_serves(dpool_node)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("pwned")]
+
+
+def test_wrong_secret_is_rejected_and_the_node_serves_others(dpool_node):
+    with pytest.raises(BrokenCluster) as info:
+        cluster_on(dpool_node, double, secret="not the secret")
+    message = str(info.value)
+    assert "secret" in message and f"127.0.0.1:{dpool_node.port}" in message
+    assert isinstance(info.value.__context__, AuthenticationError) or "authentication" in message
+
+    async def raw_connect():
+        await connect("127.0.0.1", dpool_node.port, secret=b"wrong", hello={}, timeout=5)
+    with pytest.raises(AuthenticationError, match="secret"):
+        asyncio.run(raw_connect())
+    poll_for(lambda: "AuthenticationError" in dpool_node.stderr(), 5,
+             message="the node to log the failed authentication")
+    still_serves(dpool_node)
+
+
+GARBAGE = {
+    "not-a-pickle": [b"\x00\x01 this is not a pickle"],
+    "unknown-op": [P.encode(99, "what")],
+    "not-a-tuple": [pickle.dumps(5)],
+    "no-frames": [],
+    "truncated-pickle": [P.encode(P.RUN, [(1, 1, 1, False)])[:-3]],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+def test_garbage_after_auth_closes_only_that_session(dpool_node, tmp_path, kind):
+    marker, gate = str(tmp_path / "marker"), str(tmp_path / "gate")
+    with cluster_on(dpool_node, hold) as cluster:
+        job = cluster.submit(marker, gate)
+        (pid,), _ = read_marker(marker)
+        with authenticated_socket(dpool_node.port, dpool_node.secret) as sock:
+            sock.sendall(b"".join(encode_frames(GARBAGE[kind])))
+            recv_until_closed(sock)
+        open(gate, "w").close()
+        assert job(timeout=10) == pid
+        assert cluster.submit(marker + "2", gate)(timeout=10) > 0
+    poll_for(lambda: "bad message" in dpool_node.stderr(), 5, message="the node to log it")
+    still_serves(dpool_node)
+
+
+@pytest.mark.parametrize("header", [
+    struct.pack("<IQ", 1, 1 << 50),                  # one frame of a petabyte
+    struct.pack("<IQQQ", 3, 3 << 30, 3 << 30, 3 << 30),  # each under the frame limit, not their sum
+    struct.pack("<I", 0xFFFFFFFF),                   # four billion frames
+], ids=["huge-frame", "huge-message", "huge-count"])
+def test_oversized_declared_length_after_auth(dpool_node, header):
+    node = psutil.Process(dpool_node.pid)
+    before = node.memory_info().rss
+    with authenticated_socket(dpool_node.port, dpool_node.secret) as sock:
+        sock.sendall(header)
+        recv_until_closed(sock)
+    assert node.memory_info().rss - before < 50 * 2**20
+    poll_for(lambda: "over the limit" in dpool_node.stderr(), 5, message="the node to log it")
+    still_serves(dpool_node)
+
+
+def test_silent_peer_is_dropped_after_the_auth_deadline(dpool_node):
+    with socket.create_connection(dpool_node.address, timeout=5) as silent:
+        t0 = time.monotonic()
+        assert silent.recv(auth.CHALLENGE_SIZE).startswith(auth.MAGIC)
+        still_serves(dpool_node)  # served while the silent peer hangs on
+        recv_until_closed(silent, timeout=12)
+        elapsed = time.monotonic() - t0
+    assert 1 < elapsed < 12
+    poll_for(lambda: "no authentication within" in dpool_node.stderr(), 5,
+             message="the node to log the timeout")
+    still_serves(dpool_node)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_non_loopback_without_secret_refuses_to_start(tmp_path, host):
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "dpool.daemons.node", "--host", host,
+                           "--port", "0", "--cpus", "1"], env=node_env(None),
+                          capture_output=True, text=True, timeout=15, cwd=tmp_path)
+    assert time.monotonic() - t0 < 10
+    assert proc.returncode != 0
+    assert "DPOOL_SECRET" in proc.stderr and "--secret-file" in proc.stderr
+    assert host in proc.stderr
+    assert "serving" not in proc.stdout
+
+
+def test_empty_secret_file_refuses_to_start(tmp_path):
+    empty = tmp_path / "secret"
+    empty.write_text("\n")
+    proc = subprocess.run([sys.executable, "-m", "dpool.daemons.node", "--port", "0",
+                           "--secret-file", str(empty)], env=node_env(None),
+                          capture_output=True, text=True, timeout=15, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "secret" in proc.stderr and "empty" in proc.stderr
+
+
+def test_node_server_refuses_non_loopback_without_secret():
+    async def main():
+        server = NodeServer("0.0.0.0", 0, cpus=1)
+        try:
+            with pytest.raises(ValueError, match="secret"):
+                await server.start()
+            assert server.server is None  # never bound
+        finally:
+            await server.close()
+    asyncio.run(main())
