@@ -10,8 +10,8 @@ A dispy program runs unchanged with ``import dpool as dispy``::
 dispy's names and fields and turns the client's job events into dispy's job
 fields (status, result, exception, stdout, stderr, times, ip_addr).
 """
-import fnmatch
 import logging
+import queue
 import socket
 import threading
 import time
@@ -56,7 +56,7 @@ class DispyJob:
         self.submit_time = time.time()
         self.start_time = None
         self.end_time = None
-        self.status = DispyJob.Created
+        self._status = None  # set when final (or provisional); else read from the core job
         self.ip_addr = None
         self.finish = threading.Event()
         self._job = None
@@ -67,6 +67,14 @@ class DispyJob:
         if clear:
             self.finish.clear()
         return self.result
+
+    @property
+    def status(self):
+        if self._status is not None:
+            return self._status
+        if self._job is None:
+            return DispyJob.Created
+        return DispyJob._from_core[self._job.status]
 
     def __lt__(self, other):  # dispy sorts jobs in priority queues
         return self.submit_time < other.submit_time
@@ -145,7 +153,13 @@ class JobCluster:
         self._jobs = set()
         self._lock = threading.Lock()
         self._start = time.time()
-        self._client = self._make_client(nodes, dest_path, cleanup, cpus)
+        self._callbacks = _CallbackThread() if (job_status or cluster_status) else None
+        try:
+            self._client = self._make_client(nodes, dest_path, cleanup, cpus)
+        except BaseException:
+            if self._callbacks is not None:
+                self._callbacks.stop()
+            raise
 
     # ------------------------------------------------------------ creation
 
@@ -175,7 +189,7 @@ class JobCluster:
             return self.secret
         if all(_is_local(host) for host, _ in addresses):
             found = {config.find_local_secret(port) for _, port in addresses}
-            if len(found) == 1:
+            if len(found) == 1 and None not in found:
                 return found.pop()
         raise ValueError("a secret is needed to talk to dpool nodes: pass secret=... or set "
                          "DPOOL_SECRET (nodes on this host also leave it in ~/.dpool)")
@@ -210,11 +224,12 @@ class JobCluster:
         if job is None:
             return
         if kind == "started":
-            job.status = DispyJob.Running
             job.start_time = obj.start_time
             job.ip_addr = _ip_of(obj.node)
         elif kind == "done":
             self._finish(job, obj)
+        if self.job_status is not None:
+            self._callbacks.put((self.job_status, (job,)))
 
     def _finish(self, job, core_job):
         future = core_job.future
@@ -223,14 +238,14 @@ class JobCluster:
         job.stdout, job.stderr = core_job.stdout or "", core_job.stderr or ""
         job.ip_addr = _ip_of(core_job.node) if core_job.node is not None else job.ip_addr
         if future.cancelled():
-            job.status = DispyJob.Cancelled
+            job._status = DispyJob.Cancelled
         else:
             error = future.exception()
             if error is None:
                 job.result = future.result()
             else:
                 job.exception = _exception_text(error)
-            job.status = DispyJob._from_core[core_job.status]
+            job._status = DispyJob._from_core[core_job.status]
         with self._lock:
             self._jobs.discard(job)
         job.finish.set()
@@ -268,6 +283,8 @@ class JobCluster:
         else:
             finished = self._client.wait(timeout)
             self._client.close(wait=False, cancel=not finished)
+        if self._callbacks is not None:
+            self._callbacks.stop()
 
     shutdown = close
 
@@ -309,6 +326,35 @@ class JobCluster:
                 pass
 
 
+class _CallbackThread:
+    """Runs user callbacks one at a time, in order, off the client's loop."""
+
+    def __init__(self):
+        self.queue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="dpool-callbacks", daemon=True)
+        self.thread.start()
+
+    def put(self, item):
+        self.queue.put(item)
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("dpool: callback %r raised", getattr(fn, "__name__", fn))
+
+    def stop(self, timeout=10):
+        if self.thread.is_alive():
+            self.queue.put(None)
+            if threading.current_thread() is not self.thread:
+                self.thread.join(timeout)
+
+
 def _ip_of(link):
     if link is None:
         return None
@@ -343,6 +389,3 @@ def _configure_logging(level):
     if level is not None:
         logger.setLevel(level)
 
-
-def _match(host, pattern):
-    return fnmatch.fnmatch(host, pattern)

@@ -35,7 +35,8 @@ READY, REFUSED, DONE, STARTED = 11, 12, 13, 14
 INIT, INITFAIL = 21, 22
 
 # Job outcome codes carried in DONE.
-OK, ERROR, WORKER_LOST, CANCELLED, SETUP_FAILED = 0, 1, 2, 3, 4
+# CANCELLED: taken off the queue before it ran; KILLED: its process was killed.
+OK, ERROR, WORKER_LOST, CANCELLED, SETUP_FAILED, KILLED = 0, 1, 2, 3, 4, 5
 
 _dumps = pickle.dumps
 _loads = pickle.loads

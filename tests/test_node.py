@@ -138,11 +138,6 @@ def test_cancel_running_job_kills_it_and_its_children(dpool_node, tmp_path):
         assert cluster.submit(str(tmp_path / "again"), str(tmp_path))(timeout=10) != pid
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Client._on_done (dpool/core/client.py) overwrites job.start_time with the "
-    "None of the node's CANCELLED record before _resolve() picks CANCELLED vs TERMINATED; "
-    "and JobCluster._session (dpool/cluster.py) asks for STARTED only when job_status/"
-    "cluster_status is given, so the client never knows the job was running"))
 def test_cancel_running_job_status_is_terminated(dpool_node, tmp_path):
     """README: a cancelled running job ends as Terminated (dispy's meaning)."""
     marker = str(tmp_path / "running")
@@ -154,10 +149,6 @@ def test_cancel_running_job_status_is_terminated(dpool_node, tmp_path):
         assert job.status == DispyJob.Terminated
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Client._on_done (dpool/core/client.py) sets job.start_time = start (None in "
-    "the node's CANCELLED record) before _resolve() tests job.start_time, so a cancelled "
-    "running job always ends Cancelled, never Terminated, even with notify_start"))
 def test_cancel_with_client_core(dpool_node, tmp_path):
     """The core's futures: a cancelled running job fails with JobCancelled."""
     marker = str(tmp_path / "running")

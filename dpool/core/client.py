@@ -393,6 +393,7 @@ class Client:
                 conn.send([P.encode(P.FUNC, job.fn_id), self.functions.blobs[job.fn_id]])
                 link.fns.add(job.fn_id)
             job.node = link
+            job.status = RUNNING
             header.append((job_id, job.fn_id, len(job.frames), job.star))
             frames.extend(job.frames)
         if header:
@@ -419,8 +420,8 @@ class Client:
             scheduler.done(link, job_id, None if start is None else end - start, dispatch=False)
             if job is None:
                 continue
-            job.start_time, job.end_time, job.stdout, job.stderr = start, end, out, err
             if start is not None:
+                job.start_time, job.end_time, job.stdout, job.stderr = start, end, out, err
                 link.jobs_done += 1
                 link.cpu_time += end - start
             self._resolve(job, status, payload)
@@ -435,8 +436,9 @@ class Client:
             else:
                 self._finish(job, FINISHED, value=value)
         elif status == P.CANCELLED:
-            self._finish(job, CANCELLED if job.start_time is None else TERMINATED,
-                         error=JobCancelled("job cancelled"))
+            self._finish(job, CANCELLED, error=JobCancelled("job cancelled before it ran"))
+        elif status == P.KILLED:
+            self._finish(job, TERMINATED, error=JobCancelled("job cancelled: its process was killed"))
         else:
             error = serialize.load_exception(payload)
             self._finish(job, TERMINATED if status == P.ERROR else ABANDONED, error=error)

@@ -307,7 +307,7 @@ class Session:
             running = worker.outstanding.popleft()
             self.given.pop(running, None)
             if worker.killing == running:
-                self._result(running, P.CANCELLED, None, None, None, None, ())
+                self._result(running, P.KILLED, None, None, None, None, ())
             elif running in self._ghosts:
                 self._ghosts.discard(running)
             else:
