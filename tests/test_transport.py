@@ -366,6 +366,30 @@ def test_bad_peers_before_auth(payload, caplog):
     assert len(warnings) == 1 and name in warnings[0], warnings
 
 
+@pytest.mark.parametrize("payload", [b"", b"\x16\x03\x01 not really TLS" * 10])
+def test_bad_peers_before_tls_handshake(payload, certs, caplog):
+    caplog.set_level(logging.WARNING, "dpool.transport")
+
+    async def main():
+        server_ctx, client_ctx = ssl_contexts("tls", certs)
+        async with serving(ssl=server_ctx, auth_timeout=0.3) as server:
+            reader, writer, name = await raw_client(server.port)
+            writer.write(payload)
+            with contextlib.suppress(ConnectionError):
+                await reader.read()                    # until the server hangs up
+            writer.close()
+            await until(lambda: caplog.records)
+            good = await connect("127.0.0.1", server.port, secret=SECRET, hello={},
+                                 ssl=client_ctx)
+            await server.accepted.get()
+            good.abort()
+            await good.wait_closed()
+            return name
+    name = run(main())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and name in warnings[0], warnings
+
+
 @pytest.mark.parametrize("how", ["limits", "garbage"])
 def test_bad_frames_after_auth_close_only_that_connection(how, caplog):
     caplog.set_level(logging.WARNING, "dpool.transport")

@@ -102,7 +102,7 @@ class SocketStream:
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
-                self._finish(exc)
+                self._fail_soon(exc)     # not from inside the caller's send()
                 return
             total = sum(map(len, parts))
             if sent == total:
@@ -150,11 +150,20 @@ class SocketStream:
             self._loop.call_soon(self._finish, None)
 
     def abort(self) -> None:
+        self._stop()
+        self._loop.call_soon(self._finish, None)
+
+    def _fail_soon(self, exc) -> None:
+        self._stop()
+        self._loop.call_soon(self._finish, exc)
+
+    def _stop(self) -> None:
+        if self._done:          # the fd may already belong to someone else
+            return
         self._closing = True
         self._out.clear()
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
-        self._loop.call_soon(self._finish, None)
 
     def _finish(self, exc) -> None:
         if self._done:
