@@ -199,10 +199,6 @@ def test_cancel_sent_job_asks_its_node():
     assert s.cancel(1) == [] and s.cancel(99) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Scheduler.remove_node (dpool/core/scheduler.py) requeues a job whose cancel "
-    "was already sent to the lost node (cancel() returned CancelRemote and forgot it), "
-    "so a job the user cancelled runs again on another node instead of ending Cancelled"))
 def test_cancelled_job_is_not_rerun_when_its_node_is_lost():
     s = Scheduler()
     s.add_node("a", 1)

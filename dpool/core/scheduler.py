@@ -70,6 +70,7 @@ class _Job:
     node: object = None  # where it runs, None while queued
     pin: object = None  # the only node it may run on
     tries: int = 0
+    cancelling: bool = False  # a cancel was sent to its node
 
 
 class Scheduler:
@@ -107,7 +108,10 @@ class Scheduler:
         for job_id in sorted(state.inflight, reverse=True):
             job = self.jobs[job_id]
             job.node = None
-            if job.pin is not None or job.tries > self.max_retries:
+            if job.cancelling:
+                del self.jobs[job_id]
+                actions.append(Cancelled(job_id))
+            elif job.pin is not None or job.tries > self.max_retries:
                 del self.jobs[job_id]
                 actions.append(Fail(job_id, error))
             else:
@@ -146,6 +150,9 @@ class Scheduler:
         if job.node is None:  # still queued here: the stale id is skipped later
             del self.jobs[job_id]
             return [Cancelled(job_id)]
+        if job.cancelling:
+            return []
+        job.cancelling = True
         return [CancelRemote(job.node, [job_id])]
 
     def fail_queued(self, error):
