@@ -134,7 +134,7 @@ class Pool:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         futures = []
         try:
-            for chunk in _chunks(iterable, chunksize, star):
+            for chunk in _chunks(iterable, chunksize, star) if len(iterable) else ():
                 futures.append(self._submit(func, chunk))
         except BaseException:
             for future in futures:
@@ -349,7 +349,7 @@ def _wait(future, timeout):
         future.exception(timeout)
     except _cf.CancelledError:
         pass
-    except TimeoutError:
+    except _cf.TimeoutError:  # (the builtin one; this module's is multiprocessing's)
         return False
     return True
 

@@ -46,6 +46,15 @@ def fail_on(x, bad):
     return x
 
 
+def sleep_return(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def fail_on_3(x):
+    return fail_on(x, 3)
+
+
 def getpid(_=None):
     return os.getpid()
 
