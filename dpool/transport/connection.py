@@ -71,7 +71,8 @@ class Connection:
         self.peer = peer
         self.hello = None
         self._limits = limits or Limits()
-        self._decoder = FrameDecoder(self._limits)
+        # The 256 KiB receive buffer only once authenticated (cheap pre-auth).
+        self._decoder = None if preauth else FrameDecoder(self._limits)
         self._stream = None
         self._preauth = preauth
         self._log_errors = not preauth
@@ -114,6 +115,8 @@ class Connection:
             await waiter
 
     def set_receiver(self, on_message, on_close=None) -> None:
+        if not callable(on_message):
+            raise TypeError("on_message must be callable")
         if self._recv_waiter is not None:
             raise RuntimeError("set_receiver() called while recv() is waiting")
         self._on_message = on_message
@@ -296,6 +299,7 @@ class Connection:
         self._stream.write([data])
 
     def _start_framing(self) -> None:
+        self._decoder = FrameDecoder(self._limits)
         self._preauth = False
         leftover, self._hs_buf = bytes(self._hs_buf), bytearray()
         if leftover:
