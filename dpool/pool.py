@@ -40,6 +40,7 @@ log = logging.getLogger("dpool")
 
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 TimeoutError = multiprocessing.TimeoutError  # what get() and next() raise
+_BIG_CHUNK = 64  # items; see Pool._submit_items
 
 
 class Pool:
@@ -86,6 +87,17 @@ class Pool:
     def _submit(self, fn, chunk):
         """One chunk (a list of argument tuples) as one job."""
         return self._client.submit(fn, chunk, star=True).future
+
+    def _submit_items(self, fn, items, star):
+        """One chunk of a map (``items``: a slice of the input) as one job.
+
+        A big chunk is sent as it is and run by :func:`_run_chunk` on the
+        worker: making and pickling a one-item tuple per item, as the core's
+        star jobs need, costs more than the whole map on the workers.
+        """
+        if len(items) >= _BIG_CHUNK:
+            return self._client.submit(_run_chunk, (fn, items, star)).future
+        return self._submit(fn, list(items) if star else list(zip(items)))
 
     def _runner(self, callback, error_callback):
         if callback is None and error_callback is None:
@@ -134,8 +146,8 @@ class Pool:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         futures = []
         try:
-            for chunk in _chunks(iterable, chunksize, star) if len(iterable) else ():
-                futures.append(self._submit(func, chunk))
+            for items in _slices(iterable, chunksize) if len(iterable) else ():
+                futures.append(self._submit_items(func, items, star))
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -211,15 +223,19 @@ class Pool:
             pass
 
 
-def _chunks(items, size, star):
-    """Lists of argument tuples, ``size`` items each, from a sized iterable."""
+def _slices(items, size):
+    """Slices of ``size`` items of a sized iterable."""
     try:
         items[0:0]
     except TypeError:  # sized but not sliceable: a set, a dict view...
         items = list(items)
     for i in range(0, len(items), size):
-        part = items[i:i + size]
-        yield list(part) if star else list(zip(part))
+        yield items[i:i + size]
+
+
+def _run_chunk(fn, items, star):
+    """On a worker: one big chunk of a map or starmap."""
+    return list(itertools.starmap(fn, items) if star else map(fn, items))
 
 
 # ----------------------------------------------------------------- results
