@@ -1,0 +1,90 @@
+"""dpool.futures.Executor: what the conformance suite cannot compare with
+the stdlib (placement options, clean-up of a forgotten executor)."""
+import gc
+import warnings
+
+import pytest
+
+import conformance_helpers as h
+from conftest import poll_for
+from dpool import config
+from dpool.futures import Executor, parse_nodes
+from helpers_engine import start_node
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("127.0.0.1:5000", [("127.0.0.1", 5000)]),
+    ("a:1, b:2", [("a", 1), ("b", 2)]),
+    ("localhost", [("localhost", config.NODE_PORT)]),
+    ("[::1]:7", [("::1", 7)]),
+    (("h", 9), [("h", 9)]),
+    ([("h", 9), "g:8"], [("h", 9), ("g", 8)]),
+])
+def test_parse_nodes(spec, expected):
+    assert parse_nodes(spec) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "h:port", [("h",)], [42]])
+def test_parse_nodes_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_nodes(bad)
+
+
+def test_remote_nodes_need_a_secret():
+    with pytest.raises(ValueError, match="secret"):
+        Executor(nodes=[("192.0.2.1", 51350)])
+
+
+def test_dpool_nodes_environment_selects_the_node(tmp_path, monkeypatch):
+    node = start_node(tmp_path / "node", cpus=2, secret=b"env-secret")
+    try:
+        monkeypatch.setenv("DPOOL_NODES", f"127.0.0.1:{node.port}")
+        monkeypatch.setenv("DPOOL_SECRET", "env-secret")
+        with Executor() as executor:
+            pids = set(executor.map(h.getpid, range(6)))
+            on_node = {p.pid for p in node.descendants()}
+            assert pids <= on_node
+            assert executor._max_workers == 2
+    finally:
+        node.terminate()
+
+
+def test_max_workers_caps_cpus_on_a_node(tmp_path):
+    node = start_node(tmp_path / "node", cpus=2, secret=b"s3")
+    try:
+        with Executor(1, nodes=[node.address], secret="s3") as executor:
+            assert executor._max_workers == 1
+            assert executor.submit(h.square, 3).result(5) == 9
+    finally:
+        node.terminate()
+
+
+def test_shutdown_without_wait_then_with_wait():
+    executor = Executor(1)
+    future = executor.submit(h.sleep_then, 0.1, "x")
+    executor.shutdown(wait=False)
+    executor.shutdown(wait=True)  # joins the closing thread
+    assert future.result(0) == "x"
+
+
+def test_a_forgotten_executor_releases_its_workers():
+    executor = Executor(1)
+    assert executor.submit(h.square, 2).result(5) == 4
+    client = executor._client
+    del executor
+    gc.collect()
+    assert poll_for(lambda: client.closed and not client._thread.thread.is_alive(), 10,
+                    message="the client to close")
+
+
+def test_map_with_a_lambda_and_chunks():
+    with Executor(2) as executor:
+        assert list(executor.map(lambda a, b: a * b, range(100), range(100), chunksize=7)) == \
+            [i * i for i in range(100)]
+
+
+def test_no_resource_warning_on_normal_use():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        with Executor(1) as executor:
+            executor.submit(h.square, 2).result(5)

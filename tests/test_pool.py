@@ -1,0 +1,109 @@
+"""dpool.Pool: what the conformance suite cannot compare with
+multiprocessing (bounded imap read-ahead, terminate resolving everything,
+big map chunks, clean-up of a forgotten pool)."""
+import concurrent.futures as cf
+import gc
+import itertools
+
+import pytest
+
+import conformance_helpers as h
+import dpool
+from conftest import poll_for
+from dpool.pool import _BIG_CHUNK
+
+
+@pytest.fixture
+def pool():
+    pool = dpool.Pool(2)
+    yield pool
+    pool.terminate()
+    pool.join()
+
+
+def test_big_chunks_map_and_starmap(pool):
+    n = _BIG_CHUNK * 10
+    assert pool.map(lambda x: -x, range(n)) == [-x for x in range(n)]
+    assert pool.starmap(h.add, [(i, i) for i in range(n)]) == [2 * i for i in range(n)]
+    with pytest.raises(ValueError, match="bad item 500") as info:
+        pool.starmap(h.fail_on, [(i, 500) for i in range(n)], _BIG_CHUNK)
+    assert "fail_on" in str(info.value.__cause__)
+    with pytest.raises(TypeError, match="missing 1 required"):
+        pool.map(h.fail_on, range(n))
+
+
+def test_imap_reads_its_input_ahead_only_so_far(pool):
+    pulled = itertools.count()
+
+    def numbers():
+        for i in itertools.count():
+            next(pulled)
+            yield i
+
+    it = pool.imap(h.square, numbers())
+    assert [next(it) for _ in range(10)] == [i * i for i in range(10)]
+    assert next(pulled) < 500  # an infinite input is fine; memory stays bounded
+    pool.terminate()
+
+
+def test_imap_input_error_is_raised_in_place(pool):
+    def numbers():
+        yield 1
+        yield 2
+        raise KeyError("input broke")
+
+    it = pool.imap(h.square, numbers())
+    assert next(it) == 1 and next(it) == 4
+    with pytest.raises(KeyError, match="input broke"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_terminate_resolves_imap_and_results(pool):
+    it = pool.imap(h.sleep_then, [30] * 3)
+    result = pool.apply_async(h.sleep_then, (30,))
+    pool.terminate()
+    assert result.ready() and not result.successful()
+    with pytest.raises((cf.CancelledError, dpool.JobCancelled)):
+        it.next(timeout=5)
+
+
+def test_a_callback_may_terminate_the_pool(pool):
+    done = []
+
+    def callback(value):
+        pool.terminate()  # from the callback thread: must not deadlock
+        done.append(value)
+
+    pool.apply_async(h.square, (3,), callback=callback)
+    assert poll_for(lambda: done, 10, message="the callback") == [9]
+    pool.join()
+
+
+def test_error_callback_that_raises_is_logged(pool, caplog):
+    def bad(exc):
+        raise RuntimeError("error callback bug")
+
+    result = pool.apply_async(h.raise_value_error, ("x",), error_callback=bad)
+    with pytest.raises(ValueError):
+        result.get(5)
+    assert "error callback bug" in caplog.text
+    assert pool.apply(h.square, (2,)) == 4
+
+
+def test_a_forgotten_pool_warns_and_releases_its_workers():
+    pool = dpool.Pool(1)
+    assert pool.apply(h.square, (2,)) == 4
+    client = pool._client
+    with pytest.warns(ResourceWarning, match="unclosed running dpool pool"):
+        del pool
+        gc.collect()
+    assert poll_for(lambda: not client._thread.thread.is_alive(), 10,
+                    message="the client to close")
+
+
+def test_repr(pool):
+    assert "state=RUN" in repr(pool) and "pool_size=2" in repr(pool)
+    pool.close()
+    assert "state=CLOSE" in repr(pool)
