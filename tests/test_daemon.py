@@ -111,10 +111,6 @@ def test_sigterm_idle_node(tmp_path, node_secret):
     poll_for(lambda: pid_gone(descendants[0].pid), 5, message="the zygote to exit")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: dpool/daemons/node.py main() does not catch the OSError of the bind in "
-    "NodeServer.start() (e.g. EADDRINUSE): the node dies with a Python traceback instead "
-    "of a one-line 'dpool-node: cannot listen on HOST:PORT: ...' message (exit code 1)"))
 def test_port_in_use_gives_a_clear_message(dpool_node, tmp_path):
     proc = run_node("--port", str(dpool_node.port), "--cpus", "1",
                     env=node_env(dpool_node.secret), cwd=tmp_path)

@@ -76,6 +76,10 @@ def main(argv=None):
         asyncio.run(_serve(server))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # e.g. the port is taken
+        print(f"dpool-node: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -84,7 +88,11 @@ async def _serve(server):
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.close()
+        raise
     print(f"dpool-node: serving {server.cpus} CPUs on {server.host}:{server.port} (pid {os.getpid()})",
           flush=True)
     try:
