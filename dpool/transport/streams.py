@@ -90,53 +90,56 @@ class SocketStream:
             self._finish(None)
 
     def write(self, parts) -> None:
+        # Writes are corked until the end of this loop iteration: every
+        # message sent meanwhile goes out in one sendmsg (one syscall for a
+        # whole batch of small messages instead of one each).
         if self._closing:
             return
-        out = self._out
-        if not out:
-            try:
-                if len(parts) == 1:
-                    sent = self._sock.send(parts[0])
-                else:
-                    sent = self._sock.sendmsg(parts[:IOV_MAX])
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._fail_soon(exc)     # not from inside the caller's send()
-                return
-            total = sum(map(len, parts))
-            if sent == total:
-                return
-            out.extend(parts)
-            advance(out, sent)
-            self._out_bytes = total - sent
-            self._loop.add_writer(self._fd, self._write_ready)
-        else:
-            out.extend(parts)
-            self._out_bytes += sum(map(len, parts))
+        self._out.extend(parts)
+        self._out_bytes += sum(map(len, parts))
+        if not self._flush_pending and not self._writer_on:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush)
         if not self._paused and self._out_bytes > HIGH_WATER:
             self._paused = True
             self._conn._pause_writing()
 
+    _flush_pending = False
+    _writer_on = False
+
+    def _flush(self):
+        self._flush_pending = False
+        if self._done or not self._out:
+            return
+        self._write_ready()
+        if self._out and not self._done and not self._writer_on:
+            self._writer_on = True
+            self._loop.add_writer(self._fd, self._write_ready)
+
     def _write_ready(self):
         out = self._out
         try:
-            if len(out) == 1:
-                sent = self._sock.send(out[0])
-            else:
-                sent = self._sock.sendmsg([out[i] for i in range(min(len(out), IOV_MAX))])
+            while out:
+                if len(out) == 1:
+                    sent = self._sock.send(out[0])
+                else:
+                    sent = self._sock.sendmsg([out[i] for i in range(min(len(out), IOV_MAX))])
+                advance(out, sent)
+                self._out_bytes -= sent
+                if not sent or len(out) < IOV_MAX and out:
+                    break  # the kernel buffer is full: wait for writability
         except (BlockingIOError, InterruptedError):
-            return
+            pass
         except OSError as exc:
             self._finish(exc)
             return
-        advance(out, sent)
-        self._out_bytes -= sent
         if self._paused and self._out_bytes <= LOW_WATER:
             self._paused = False
             self._conn._resume_writing()
         if not out:
-            self._loop.remove_writer(self._fd)
+            if self._writer_on:
+                self._writer_on = False
+                self._loop.remove_writer(self._fd)
             if self._closing:
                 self._finish(None)
 
