@@ -229,12 +229,15 @@ class Session:
         self.dispatch()
 
     def dispatch(self):
+        """Give queued jobs to workers with room: one RUN message per worker."""
         queue = self.queue
+        batches = {}
         while queue:
             worker = self._free_worker()
             if worker is None:
-                return
-            job_id, fn_id, frames, star = queue.popleft()
+                break
+            job = queue.popleft()
+            job_id, fn_id, frames, star = job
             if fn_id not in worker.fns:
                 blob = self.fns.get(fn_id)
                 if blob is None:
@@ -243,9 +246,16 @@ class Session:
                     continue
                 worker.fns.add(fn_id)
                 worker.conn.send([P.encode(P.FUNC, fn_id), blob])
-            worker.conn.send([P.encode(P.RUN, job_id, fn_id, star), *frames])
+            batch = batches.get(worker)
+            if batch is None:
+                batch = batches[worker] = ([], [None])
+            batch[0].append((job_id, fn_id, star, len(frames)))
+            batch[1].extend(frames)
             worker.outstanding.append(job_id)
-            self.given[job_id] = (worker, (job_id, fn_id, frames, star))
+            self.given[job_id] = (worker, job)
+        for worker, (header, frames) in batches.items():
+            frames[0] = P.encode(P.RUN, header)
+            worker.conn.send(frames)
 
     def _free_worker(self):
         best = None
@@ -265,15 +275,17 @@ class Session:
         header = P.decode(frames[0])
         op = header[0]
         if op == P.DONE:
-            job_id, status, start, end, out, err = header[1]
-            if worker.outstanding and worker.outstanding[0] == job_id:
-                worker.outstanding.popleft()
-            if worker.tasks_left is not None:
-                worker.tasks_left -= 1
-            if self.given.pop(job_id, None) is not None and job_id not in self._ghosts:
-                self._result(job_id, status, start, end, out, err, frames[1:])
-            self._ghosts.discard(job_id)
-            self._learn(end - start)
+            i = 1
+            for job_id, status, start, end, out, err, n in header[1]:
+                if worker.outstanding and worker.outstanding[0] == job_id:
+                    worker.outstanding.popleft()
+                if worker.tasks_left is not None:
+                    worker.tasks_left -= 1
+                if self.given.pop(job_id, None) is not None and job_id not in self._ghosts:
+                    self._result(job_id, status, start, end, out, err, frames[i:i + n])
+                self._ghosts.discard(job_id)
+                self._learn(end - start)
+                i += n
             self.dispatch()
         elif op == P.STARTED:
             if header[1] not in self._ghosts:

@@ -6,10 +6,10 @@
     ──────────────                      ────────────────────────────
     INIT options + initializer  ──►  set cwd, run initializer
     FUNC fn_id + blob           ──►  cache the function under fn_id
-    RUN job_id fn_id star + payload ──► load args, run, dump result
+    RUN [(job_id, fn_id, star, n)] + payloads ──► for each: load, run, dump
                                 ◄──  STARTED job_id time   (if asked)
-                                ◄──  DONE (job_id, status, start, end,
-                                          stdout, stderr) + payload
+                                ◄──  DONE [(job_id, status, start, end,
+                                           stdout, stderr, n)] + payloads
 
 A worker is forked by the zygote (:mod:`dpool.core.zygote`) with one end of a
 socketpair; its only peer is its node.  It runs in its own process group so
@@ -39,6 +39,10 @@ class _Capture:
         return False
 
 
+_MAX_HELD = 64  # results
+_MAX_HOLD = 0.002  # seconds
+
+
 class Worker:
     def __init__(self, conn):
         self.conn = conn
@@ -47,6 +51,9 @@ class Worker:
         self.notify_start = False
         self.max_tasks = None
         self.done = 0
+        self.results = []  # DONE records held back while a batch runs
+        self.result_frames = []
+        self.first_result = 0.0
         self.handlers = {P.INIT: self.on_init, P.FUNC: self.on_func, P.RUN: self.on_run}
 
     def serve(self):
@@ -87,14 +94,38 @@ class Worker:
         return fn
 
     def on_run(self, header, frames):
-        _, job_id, fn_id, star = header
+        """Run a batch of jobs; results of short jobs go back in batches too."""
+        jobs = header[1]
+        last = len(jobs) - 1
+        i = 1
+        for k, (job_id, fn_id, star, n) in enumerate(jobs):
+            record, payload = self.run(job_id, fn_id, star, frames[i:i + n])
+            i += n
+            if not self.results:
+                self.first_result = time.monotonic()
+            self.results.append(record)
+            self.result_frames.extend(payload)
+            # Hold results only while more jobs of this batch wait (the node
+            # batches only short jobs), and never for long.
+            if k == last or len(self.results) >= _MAX_HELD or \
+                    time.monotonic() - self.first_result > _MAX_HOLD:
+                self.flush()
+
+    def flush(self):
+        if self.results:
+            results, frames = self.results, self.result_frames
+            self.results, self.result_frames = [], []
+            self.conn.send([P.encode(P.DONE, results), *frames])
+
+    def run(self, job_id, fn_id, star, frames):
         start = time.time()
         if self.notify_start:
+            self.flush()
             self.conn.send([P.encode(P.STARTED, job_id, start)])
         out = err = None
         try:
             fn = self._function(fn_id)
-            args, kwargs = serialize.loads(frames[1:])
+            args, kwargs = serialize.loads(frames)
             if self.capture:
                 with _Capture() as cap:
                     try:
@@ -110,7 +141,7 @@ class Worker:
             payload = serialize.dump_exception(exc, exc.__traceback__)
             del exc
         self.done += 1
-        self.conn.send([P.encode(P.DONE, (job_id, status, start, time.time(), out, err)), *payload])
+        return (job_id, status, start, time.time(), out, err, len(payload)), payload
 
 
 def _call(fn, args, kwargs, star):
