@@ -15,6 +15,23 @@ Client -> node                         Node -> client
   CANCEL   (op, job_ids)                 STARTED  (op, [(job_id, time)])
   BYE      (op,)
 
+Job environment (dispy's features; only sessions that ask for them):
+
+Client -> node                         Node -> client
+  FILE  (op, req_id, name, mode) + data  FILEDONE    (op, req_id, error or None)
+  SETUP (op,) + dumps((names, setup,     SETUPDONE   (op, info)
+         setup_args, cleanup))           SETUPFAIL   (op,)              + exception
+                                         PROVISIONAL (op, job_id)       + payload
+                                         SENDFILE    (op, job_id, name) + data
+Node -> worker                         Worker -> node
+  SETUP   (op,) + the client's frames    SETUPDONE   (op,) + env frames
+  ENV     (op,) + env frames             SETUPFAIL   (op,) + exception
+  CLEANUP (op,) + the client's frames    CLEANUPDONE (op, error or None)
+                                         PROVISIONAL, SENDFILE as above
+
+``name`` in FILE is relative to the session folder (no absolute paths, no
+``..``); the node refuses anything else.
+
 Node -> worker                         Worker -> node
   INIT     (op, options)     + blobs     INITFAIL (op,)           + exception
   FUNC     (op, fn_id)       + blob      DONE     (op, result)    + payload
@@ -33,6 +50,10 @@ SESSION, FUNC, RUN, CANCEL, BYE = 1, 2, 3, 4, 5
 READY, REFUSED, DONE, STARTED = 11, 12, 13, 14
 # node <-> worker (FUNC, RUN, DONE and STARTED are shared with the above)
 INIT, INITFAIL = 21, 22
+# job environment (see above); SETUP.. are shared by all three parties
+FILE, SETUP = 6, 7
+FILEDONE, SETUPDONE, SETUPFAIL, PROVISIONAL, SENDFILE = 15, 16, 17, 18, 19
+ENV, CLEANUP, CLEANUPDONE = 23, 24, 25
 
 # Job outcome codes carried in DONE.
 # CANCELLED: taken off the queue before it ran; KILLED: its process was killed.
