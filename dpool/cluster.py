@@ -141,7 +141,7 @@ class JobCluster:
                  ext_ip_addr=None, dest_path=None, loglevel=logging.INFO, setup=None,
                  cleanup=True, ping_interval=None, pulse_interval=None, poll_interval=None,
                  reentrant=False, secret="", keyfile=None, certfile=None, recover_file=None,
-                 cpus=None, **kwargs):
+                 cpus=None, cafile=None, **kwargs):
         if not callable(computation):
             raise TypeError(f"computation must be a function, not {type(computation).__name__}")
         _configure_logging(loglevel)
@@ -150,6 +150,7 @@ class JobCluster:
         self.cluster_status = cluster_status
         self.node_port = node_port or config.NODE_PORT
         self.secret = config.as_secret(secret) or config.env_secret()
+        self._ssl = _tls_context(cafile, certfile, keyfile)
         self._jobs = set()
         self._lock = threading.Lock()
         self._start = time.time()
@@ -181,7 +182,7 @@ class JobCluster:
                     f"not have yet; name the nodes by host name or address")
             addresses.append((spec.host, spec.port))
         client = core.Client(addresses, secret=self._secret_for(addresses), session=session,
-                             on_event=self._on_event)
+                             on_event=self._on_event, ssl=self._ssl)
         return client.start()
 
     def _secret_for(self, addresses):
@@ -198,7 +199,7 @@ class JobCluster:
         secret = self.secret or config.find_local_secret(self.node_port)
         if secret is not None:
             client = core.Client([("127.0.0.1", self.node_port)], secret=secret, session=session,
-                                 on_event=self._on_event, connect_timeout=3)
+                                 on_event=self._on_event, connect_timeout=3, ssl=self._ssl)
             try:
                 client.start()
                 log.info("using the dpool-node at 127.0.0.1:%d", self.node_port)
@@ -353,6 +354,17 @@ class _CallbackThread:
             self.queue.put(None)
             if threading.current_thread() is not self.thread:
                 self.thread.join(timeout)
+
+
+def _tls_context(cafile, certfile, keyfile):
+    """TLS to the nodes when any of the files is given: the nodes' certificates
+    are checked against ``cafile`` (the system CAs if None); ``certfile`` and
+    ``keyfile`` are this client's certificate, for nodes that require one."""
+    if not (cafile or certfile):
+        return None
+    from .transport import client_ssl_context
+
+    return client_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)
 
 
 def _ip_of(link):

@@ -86,6 +86,8 @@ class NodeLink:
         self.cpu_time = 0.0
         self.ready_future = None
 
+    hold = False  # True: READY but not given jobs until SETUPDONE (job environment)
+
     @property
     def name(self):
         return self.info.get("name") or str(self.address)
@@ -164,7 +166,7 @@ class Client:
 
     def __init__(self, nodes=None, *, secret=None, ssl=None, cpus=None, session=None,
                  initializer=None, initargs=(), on_event=None, max_retries=2,
-                 connect_timeout=10.0, name="dpool-client"):
+                 connect_timeout=10.0, name="dpool-client", prepare=None):
         self.node_addresses = nodes
         self.secret = secret
         self.ssl = ssl
@@ -190,6 +192,15 @@ class Client:
         self._handlers = {P.READY: self._on_ready, P.REFUSED: self._on_refused,
                           P.DONE: self._on_done, P.STARTED: self._on_started,
                           P.INITFAIL: self._on_initfail}
+        # ``prepare(link)`` (loop thread, before SESSION) returns None to skip
+        # the node, or (session options, [messages sent right after SESSION]);
+        # a SETUP among them holds the node until SETUPDONE.
+        self.prepare = prepare
+        self._file_waiters = {}
+        self._file_ids = itertools.count(1)
+        self._handlers.update({P.SETUPDONE: self._on_setup_done, P.SETUPFAIL: self._on_setup_fail,
+                               P.FILEDONE: self._on_file_done, P.PROVISIONAL: self._on_provisional,
+                               P.SENDFILE: self._on_sendfile})
 
     # ------------------------------------------------------- user-side API
 
@@ -283,9 +294,9 @@ class Client:
         node.accept(theirs)
         await self._open_session(link)
 
-    async def _connect(self, address):
+    async def _connect(self, address, link=None):
         host, port = address
-        link = NodeLink(address)
+        link = link or NodeLink(address)
         self.links.append(link)
         try:
             link.conn = await asyncio.wait_for(
@@ -304,7 +315,16 @@ class Client:
         link.ready_future = self.loop.create_future()
         link.conn.set_receiver(lambda frames: self._on_message(link, frames),
                                lambda exc=None: self._on_link_closed(link, exc))
-        link.conn.send([P.encode(P.SESSION, self.session), *self.init_frames])
+        session, preamble = self.session, ()
+        if self.prepare is not None:
+            plan = self.prepare(link)
+            if plan is None:
+                raise DpoolError("not used: the cluster's allocation gave it no CPUs")
+            session, preamble = plan
+        link.conn.send([P.encode(P.SESSION, session), *self.init_frames])
+        for message in preamble:
+            link.hold = link.hold or P.decode(message[0])[0] == P.SETUP
+            link.conn.send(message)
         await asyncio.wait_for(link.ready_future, self.connect_timeout)
 
     def _on_message(self, link, frames):
@@ -316,6 +336,10 @@ class Client:
         link.ready = True
         if not link.ready_future.done():
             link.ready_future.set_result(None)
+        if not link.hold:
+            self._admit(link)
+
+    def _admit(self, link):
         self._emit("node", link)
         self._act(self.scheduler.add_node(link, link.cpus, time.monotonic()))
 
@@ -330,6 +354,84 @@ class Client:
         link.error.__cause__ = exc
         log.error("node %s: %s", link.name, link.error)
         link.conn.abort()
+
+    # ------------------------------------------ job environment (JobCluster)
+
+    def _on_setup_done(self, link, header, frames):
+        link.hold = False
+        if link.ready:
+            self._admit(link)
+
+    def _on_setup_fail(self, link, header, frames):
+        exc = serialize.load_exception(frames[1:])
+        link.error = BrokenCluster(f"setup failed on node {link.name}: {exc!r}")
+        link.error.__cause__ = exc
+        log.error("node %s: %s (the node is left out)", link.name, link.error)
+        link.conn.abort()
+
+    def _on_file_done(self, link, header, frames):
+        waiter = self._file_waiters.pop(header[1], None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(header[2])
+        elif header[2] is not None:  # a dependency sent before the session was ready
+            link.error = BrokenCluster(header[2])
+            log.error("node %s: %s (the node is left out)", link.name, header[2])
+            link.conn.abort()
+
+    def _on_provisional(self, link, header, frames):
+        job = self.jobs.get(header[1])
+        if job is not None:
+            try:
+                value = serialize.loads(frames[1:])
+            except Exception as exc:
+                log.warning("a provisional result of job %s could not be loaded: %r", job.id, exc)
+                return
+            self._emit("provisional", (job, value))
+
+    def _on_sendfile(self, link, header, frames):
+        self._emit("file", (self.jobs.get(header[1]), header[2], frames[1]))
+
+    def send_file(self, link, name, data, mode=0o644):
+        """Write ``data`` as ``name`` in the node's session folder; returns a
+        Future of None (written) or the node's error text."""
+        waiter = Future()
+        req_id = next(self._file_ids)
+        self._file_waiters[req_id] = waiter
+
+        def send():
+            if not link.ready or link.conn.closed:
+                self._file_waiters.pop(req_id, None)
+                waiter.set_result(f"node {link.name} is not connected")
+                return
+            link.conn.send([P.encode(P.FILE, req_id, name, mode), data])
+        self.loop.call_soon_threadsafe(send)
+        return waiter
+
+    def add_nodes(self, addresses):
+        """Connect to more nodes (user thread); returns their NodeLinks."""
+        async def connect_all():
+            links = [NodeLink(address) for address in addresses]
+            await asyncio.gather(*(self._connect(address, link) for address, link
+                                   in zip(addresses, links)))
+            if self.broken is not None and any(link.ready for link in links):
+                self.broken = None
+            return links
+        return self._thread.run(connect_all(), self.connect_timeout + 30)
+
+    def close_link(self, link):
+        """End the session with one node (user thread); its unfinished jobs
+        are moved to other nodes as for a lost node."""
+        def close():
+            if link.conn is not None and not link.conn.closed:
+                if link.ready:
+                    link.conn.send([P.encode(P.BYE)])
+                link.conn.close()
+        self.loop.call_soon_threadsafe(close)
+
+    def set_cpus(self, link, cpus):
+        """Use at most ``cpus`` of the CPUs a node granted (0: no new jobs)."""
+        self.loop.call_soon_threadsafe(
+            lambda: self._act(self.scheduler.set_cpus(link, min(cpus, link.cpus))))
 
     def _on_link_closed(self, link, exc):
         if link.error is None:

@@ -56,7 +56,10 @@ class NodeRuntime:
             await self.zygote.start()
 
     def info(self):
-        return {"name": self.name, "cpus": self.cpus, "free_cpus": self.free_cpus}
+        from .nodeenv import avail_info
+
+        return {"name": self.name, "cpus": self.cpus, "free_cpus": self.free_cpus,
+                "avail_info": avail_info(self.dest_root)}
 
     def accept(self, conn):
         """Take a new authenticated client connection."""
@@ -112,8 +115,10 @@ class Session:
         self.ended = False
         self.init_frames = ()
         self.tasks = set()
+        self.env = None  # a nodeenv.SessionEnv once the client sends FILE or SETUP
         self.handlers = {P.SESSION: self.on_session, P.FUNC: self.on_func, P.RUN: self.on_run,
-                         P.CANCEL: self.on_cancel, P.BYE: self.on_bye}
+                         P.CANCEL: self.on_cancel, P.BYE: self.on_bye,
+                         P.FILE: self.on_env, P.SETUP: self.on_env}
 
     # ------------------------------------------------------------ client side
 
@@ -162,6 +167,13 @@ class Session:
             return options["cwd"]
         root = self.node.dest_root or tempfile.gettempdir()
         os.makedirs(root, exist_ok=True)
+        if options.get("dest_path"):  # dispy's dest_path: relative to the job root
+            from .nodeenv import dest_dir
+
+            try:
+                return dest_dir(root, options["dest_path"])
+            except ValueError as exc:
+                raise OSError(str(exc)) from None
         return tempfile.mkdtemp(prefix=f"dpool-session-{self.sid}-", dir=root)
 
     def on_func(self, header, frames):
@@ -200,6 +212,14 @@ class Session:
     def on_bye(self, header, frames):
         self.end("client closed the session")
 
+    def on_env(self, header, frames):
+        """FILE and SETUP: dispy's job environment (see nodeenv)."""
+        if self.env is None:
+            from .nodeenv import SessionEnv
+
+            self.env = SessionEnv(self)
+        self.env.on_client_message(header, frames)
+
     # ----------------------------------------------------------- worker side
 
     def _spawn(self):
@@ -223,7 +243,8 @@ class Session:
                    "notify_start": self.options.get("notify_start", False),
                    "max_tasks": self.options.get("max_tasks")}
         conn.send([P.encode(P.INIT, options), *self.init_frames])
-        self.workers.append(worker)
+        if self.env is None or self.env.admit(worker):
+            self.workers.append(worker)
         conn.set_receiver(lambda frames: self.on_worker_message(worker, frames),
                           lambda exc=None: self.on_worker_closed(worker))
         self.dispatch()
@@ -293,6 +314,8 @@ class Session:
                 self._schedule_flush()
         elif op == P.INITFAIL:
             self._init_failed(frames[1:])
+        elif self.env is not None:
+            self.env.on_worker_message(worker, header, frames)
 
     def _learn(self, duration):
         self.ema = duration if self.ema is None else 0.8 * self.ema + 0.2 * duration
@@ -311,6 +334,8 @@ class Session:
 
     async def _worker_exited(self, worker):
         code = await self.node.zygote.exit_code(worker.pid)
+        if self.env is not None:
+            self.env.worker_exited(worker, code)
         if worker in self.workers:
             self.workers.remove(worker)
         if self.ended:
@@ -381,6 +406,10 @@ class Session:
     def end(self, why):
         if self.ended:
             return
+        if self.env is not None:
+            if self.env.defer_end(why):  # the user's cleanup runs first
+                return
+            self.env.end()
         self._flush()
         self.ended = True
         for worker in self.workers:
@@ -394,6 +423,7 @@ class Session:
         if not self.conn.closed:
             self.conn.close()
         self.node.release(self)
-        if self.dir and not self.options.get("cwd") and self.options.get("cleanup", True):
+        if self.dir and not self.options.get("cwd") and not self.options.get("dest_path") \
+                and self.options.get("cleanup", True):
             shutil.rmtree(self.dir, ignore_errors=True)
         log.debug("session %s ended: %s", self.sid, why)

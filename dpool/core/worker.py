@@ -54,7 +54,8 @@ class Worker:
         self.results = []  # DONE records held back while a batch runs
         self.result_frames = []
         self.first_result = 0.0
-        self.handlers = {P.INIT: self.on_init, P.FUNC: self.on_func, P.RUN: self.on_run}
+        self.handlers = {P.INIT: self.on_init, P.FUNC: self.on_func, P.RUN: self.on_run,
+                         P.SETUP: self.on_env, P.ENV: self.on_env, P.CLEANUP: self.on_env}
 
     def serve(self):
         recv = self.conn.recv
@@ -86,6 +87,12 @@ class Worker:
 
     def on_func(self, header, frames):
         self.fns[header[1]] = frames[1]
+
+    def on_env(self, header, frames):
+        """dispy's job environment (JobCluster sessions only): see jobenv."""
+        from . import jobenv
+
+        jobenv.handle(self, header, frames)
 
     def _function(self, fn_id):
         fn = self.fns[fn_id]
