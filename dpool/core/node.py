@@ -35,6 +35,7 @@ log = logging.getLogger("dpool.node")
 
 _SHORT_JOB = 0.002  # seconds: below this a worker gets several jobs at once
 _MAX_DEPTH = 32
+_PREFETCH_JOB = 0.05  # below this a worker also holds the job after its current one
 
 
 class NodeRuntime:
@@ -321,6 +322,8 @@ class Session:
         self.ema = duration if self.ema is None else 0.8 * self.ema + 0.2 * duration
         if self.ema < _SHORT_JOB:
             self.depth = min(_MAX_DEPTH, max(2, int(_SHORT_JOB / max(self.ema, 1e-5))))
+        elif self.ema < _PREFETCH_JOB:
+            self.depth = 2  # the next job waits in the worker's socket: no gap
         else:
             self.depth = 1
 
