@@ -69,3 +69,12 @@ def no_leaks(request):
             pytest.fail(f"test leaked threads={[t.name for t in threads_left]} "
                         f"processes={[c.pid for c in children_left]} fds=+{fds_left}")
         time.sleep(0.02)
+
+
+def pytest_runtest_setup(item):
+    """Tests marked ``root`` need root (network namespaces): outside CI they
+    are skipped without it; in CI (CI=true) a missing privilege is a failure."""
+    if item.get_closest_marker("root") and os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("this test needs root, and CI must run it as root")
+        pytest.skip("needs root (network namespaces)")
