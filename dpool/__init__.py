@@ -6,7 +6,8 @@ Three ways in, one engine:
 - :class:`dpool.Pool` — a ``multiprocessing.Pool``;
 - :class:`dpool.JobCluster` — dispy's API (``import dpool as dispy``).
 """
-from .cluster import DispyJob, JobCluster, NodeAllocate
+from .cluster import (ClusterStatus, DispyJob, DispyNode, DispyNodeAvailInfo, JobCluster,
+                      NodeAllocate)
 from .pool import Pool
 from .errors import (AuthenticationError, BrokenCluster, ConnectionClosed, DpoolError,
                      JobCancelled, NodeLost, ProtocolError, RemoteError, VersionMismatch,
@@ -14,6 +15,7 @@ from .errors import (AuthenticationError, BrokenCluster, ConnectionClosed, Dpool
 
 __version__ = "0.1.0"
 
-__all__ = ["Pool", "JobCluster", "DispyJob", "NodeAllocate", "DpoolError", "AuthenticationError",
+__all__ = ["Pool", "JobCluster", "DispyJob", "DispyNode", "DispyNodeAvailInfo", "NodeAllocate",
+           "ClusterStatus", "DpoolError", "AuthenticationError",
            "BrokenCluster", "ConnectionClosed", "JobCancelled", "NodeLost", "ProtocolError",
            "RemoteError", "VersionMismatch", "WorkerLost"]

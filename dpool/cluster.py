@@ -1,4 +1,4 @@
-"""dispy-compatible API: ``JobCluster``, ``DispyJob``, ``NodeAllocate``.
+"""dispy-compatible API: ``JobCluster`` (and the model in :mod:`dpool.dispy_model`).
 
 A dispy program runs unchanged with ``import dpool as dispy``::
 
@@ -6,183 +6,155 @@ A dispy program runs unchanged with ``import dpool as dispy``::
     job = cluster.submit(5)
     host, n = job()                              # waits, returns job.result
 
-``JobCluster`` is an adapter over :class:`dpool.core.client.Client`; it keeps
-dispy's names and fields and turns the client's job events into dispy's job
-fields (status, result, exception, stdout, stderr, times, ip_addr).
+::
+
+    user thread                    client loop thread               callback thread
+    ───────────                    ──────────────────               ───────────────
+    JobCluster(...): check computation, depends, setup; connect
+      └─ prepare(link) per node: NodeAllocate.allocate -> CPUs,
+         FILE (depends) + SETUP messages after SESSION
+    submit() ─► Client.submit ──►  events: node / started /          job_status(job)
+                                   provisional / file / done  ──►    cluster_status(status,
+                                   (DispyJob and DispyNode fields      node, job)
+                                   are written here)                 one at a time, in order
+
+``JobCluster`` is an adapter over :class:`dpool.core.client.Client`; the
+node side of the job environment is :mod:`dpool.core.nodeenv` and
+:mod:`dpool.core.jobenv`.
 """
+import inspect
 import logging
-import queue
+import os
+import shutil
 import socket
 import threading
 import time
 import traceback
 
-from . import config
+from . import config, serialize
 from .core import client as core
+from .core import jobenv
+from .dispy_depends import collect, file_entry
+from .dispy_model import (CallbackThread, ClusterStatus, DispyJob, DispyNode,
+                          DispyNodeAvailInfo, NodeAllocate, parse_nodes, resolve_host)
 from .errors import BrokenCluster, DpoolError
+from . import protocol as P
 
 log = logging.getLogger("dpool")
 
+__all__ = ["JobCluster", "DispyJob", "DispyNode", "DispyNodeAvailInfo", "NodeAllocate",
+           "ClusterStatus"]
 
-class DispyJob:
-    """A job submitted to a cluster; ``job()`` waits for and returns its result.
-
-    ``id`` may be set by the user; the other fields are filled in by dpool:
-    ``result``, ``stdout``, ``stderr``, ``exception`` (the remote traceback
-    text, ``None`` on success), ``submit_time``, ``start_time``, ``end_time``,
-    ``status`` (one of the constants below) and ``ip_addr`` (the node's).
-    """
-
-    Created = 5
-    Running = 6
-    ProvisionalResult = 7
-    Cancelled = 8
-    Terminated = 9
-    Abandoned = 10
-    Finished = 11
-
-    _from_core = {core.CREATED: Created, core.RUNNING: Running, core.FINISHED: Finished,
-                  core.CANCELLED: Cancelled, core.TERMINATED: Terminated,
-                  core.ABANDONED: Abandoned}
-
-    def __init__(self, args=(), kwargs=None):
-        self.id = None
-        self.args = args
-        self.kwargs = kwargs or {}
-        self.result = None
-        self.stdout = None
-        self.stderr = None
-        self.exception = None
-        self.submit_time = time.time()
-        self.start_time = None
-        self.end_time = None
-        self._status = None  # set when final (or provisional); else read from the core job
-        self.ip_addr = None
-        self.finish = threading.Event()
-        self._job = None
-
-    def __call__(self, clear=False, timeout=None):
-        """Wait for the job to finish (up to ``timeout`` s) and return its result."""
-        self.finish.wait(timeout)
-        if clear:
-            self.finish.clear()
-        return self.result
-
-    @property
-    def status(self):
-        if self._status is not None:
-            return self._status
-        if self._job is None:
-            return DispyJob.Created
-        return DispyJob._from_core[self._job.status]
-
-    def __lt__(self, other):  # dispy sorts jobs in priority queues
-        return self.submit_time < other.submit_time
-
-    def __repr__(self):
-        return f"<DispyJob id={self.id!r} status={self.status}>"
-
-
-class NodeAllocate:
-    """Which nodes to use and how many CPUs on each (dispy's NodeAllocate).
-
-    ``host`` is a name, an IP address or a pattern with ``*``; ``port`` the
-    node's port (default 51350); ``cpus`` 0 for all, negative to leave some
-    free.  Subclasses may override :meth:`allocate`.
-    """
-
-    def __init__(self, host, port=None, cpus=0):
-        self.host = host
-        self.port = port
-        self.cpus = cpus
-        self.ip_addr = host
-
-    def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform=""):
-        """The number of CPUs to use on this node (0 leaves the node out)."""
-        if self.cpus > 0:
-            return min(self.cpus, cpus)
-        if self.cpus < 0:
-            return max(0, cpus + self.cpus)
-        return cpus
-
-
-def _parse_nodes(nodes, default_port):
-    """dispy's ``nodes`` -> list of NodeAllocate (patterns kept as patterns)."""
-    if isinstance(nodes, (str, NodeAllocate, tuple)):
-        nodes = [nodes]
-    out = []
-    for node in nodes:
-        if isinstance(node, NodeAllocate):
-            spec = node
-        elif isinstance(node, str):
-            spec = NodeAllocate(node)
-        elif isinstance(node, tuple) and 1 <= len(node) <= 3:
-            spec = NodeAllocate(*node)
-        else:
-            raise ValueError(f"invalid node {node!r}: give a host name, an IP address, "
-                             f"a '*' pattern or a NodeAllocate")
-        if spec.port is None:
-            spec.port = default_port
-        out.append(spec)
-    return out
+_DISPY_ONLY = {"host", "dispy_port", "ext_host", "ip_addr", "ext_ip_addr", "ipv4_udp_multicast",
+               "ping_interval", "pulse_interval", "poll_interval", "reentrant", "recover_file"}
 
 
 class JobCluster:
     """Run one computation on the nodes of a cluster (dispy's JobCluster).
 
-    With ``nodes=None`` (or ``'*'``) the cluster uses a ``dpool-node`` running
-    on this host at ``node_port`` if one answers, else it starts an embedded
-    node with all local CPUs (one log line says which).  ``secret`` (or the
-    ``DPOOL_SECRET`` environment variable) authenticates with the nodes.
+    ``computation`` is a function, or the path (or PATH name) of a program.
+    With ``nodes=None`` (or ``'*'``) the cluster uses a ``dpool-node`` on
+    this host at ``node_port`` if one answers, else an embedded node with
+    ``cpus`` local CPUs.  ``secret`` (or ``DPOOL_SECRET``) authenticates with
+    the nodes.  See docs/dispy-compatibility.md for every argument.
     """
 
     def __init__(self, computation, nodes=None, depends=(), job_status=None,
-                 cluster_status=None, ip_addr=None, port=None, node_port=None,
-                 ext_ip_addr=None, dest_path=None, loglevel=logging.INFO, setup=None,
-                 cleanup=True, ping_interval=None, pulse_interval=None, poll_interval=None,
-                 reentrant=False, secret="", keyfile=None, certfile=None, recover_file=None,
-                 cpus=None, cafile=None, **kwargs):
-        if not callable(computation):
-            raise TypeError(f"computation must be a function, not {type(computation).__name__}")
+                 cluster_status=None, dest_path=None, loglevel=logging.INFO, setup=None,
+                 cleanup=True, secret="", keyfile=None, certfile=None, cafile=None, cpus=None,
+                 node_port=None, port=None, callback=None, **dispy_options):
+        unknown = set(dispy_options) - _DISPY_ONLY
+        if unknown:
+            raise TypeError(f"JobCluster() got unexpected arguments: {', '.join(sorted(unknown))}")
         _configure_logging(loglevel)
-        self.computation = computation
-        self.job_status = job_status
-        self.cluster_status = cluster_status
-        self.node_port = node_port or config.NODE_PORT
+        self.job_status = _check_callback(job_status or callback, 1, "job_status")
+        self.cluster_status = _check_callback(cluster_status, 3, "cluster_status")
+        self.node_port = node_port or port or config.NODE_PORT
         self.secret = config.as_secret(secret) or config.env_secret()
         self._ssl = _tls_context(cafile, certfile, keyfile)
-        self._jobs = set()
-        self._lock = threading.Lock()
+        self._program = None
+        depends = list(depends)
+        if isinstance(computation, str):
+            path = computation if os.path.isfile(computation) else shutil.which(computation)
+            if not path:
+                raise FileNotFoundError(f"program {computation!r} not found (nor on PATH)")
+            self._program = os.path.basename(path)
+            depends.append(path)
+            computation = jobenv.run_program
+        elif not callable(computation):
+            raise TypeError(f"computation must be a function or a program path, "
+                            f"not {type(computation).__name__}")
+        self.computation = computation
+        self._files, names = collect(depends)
+        names["__dpool_computation__"] = computation
+        self._names = names
+        self._setup, self._cleanup = setup, cleanup
+        self._check_setup(setup, cleanup)
+        self._cleanup_files = cleanup is not False
+        self._dest_path = _check_dest_path(dest_path)
+        _check_picklable(computation, names, setup, cleanup)
         self._start = time.time()
-        self._callbacks = _CallbackThread() if (job_status or cluster_status) else None
+        self._lock = threading.Lock()
+        self._jobs = set()
+        self._nodes = {}  # NodeLink -> DispyNode (initialized nodes)
+        self._closing = {}  # NodeLink -> close when idle
+        self._allocs = [] if nodes in (None, "*", ["*"]) else parse_nodes(nodes, self.node_port)
+        for alloc in self._allocs:
+            alloc._files = [file_entry(dep) for dep in alloc.depends]
+            self._check_setup_args(alloc.setup_args)
+        self._callbacks = CallbackThread() if (self.job_status or self.cluster_status) else None
         try:
-            self._client = self._make_client(nodes, dest_path, cleanup, cpus)
+            self._client = self._make_client(cpus)
         except BaseException:
             if self._callbacks is not None:
                 self._callbacks.stop()
             raise
 
+    # ------------------------------------------------------------ checks
+
+    def _check_setup(self, setup, cleanup):
+        if setup is not None and not callable(setup):
+            raise TypeError("setup must be a function")
+        if not (isinstance(cleanup, bool) or callable(cleanup)):
+            raise TypeError("cleanup must be True, False or a function")
+        self._check_setup_args(())
+
+    def _check_setup_args(self, setup_args):
+        for fn, what in ((self._setup, "setup"), (self._cleanup, "cleanup")):
+            if callable(fn) and not isinstance(fn, bool):
+                try:
+                    inspect.signature(fn).bind(*setup_args)
+                except TypeError as exc:
+                    raise TypeError(f"{what} {getattr(fn, '__name__', fn)!r} cannot be called "
+                                    f"with setup_args {setup_args!r}: {exc}") from None
+                except ValueError:  # no signature (builtin): find out on the node
+                    pass
+
     # ------------------------------------------------------------ creation
 
-    def _session(self, dest_path, cleanup):
-        return {"capture": True, "notify_start": bool(self.job_status or self.cluster_status),
-                "cleanup": cleanup,
-                **({"cwd": dest_path} if dest_path else {})}
+    def _session(self):
+        options = {"capture": True, "notify_start": bool(self.job_status or self.cluster_status),
+                   "cleanup": self._cleanup_files, "cleanup_fn": callable(self._cleanup)
+                   and not isinstance(self._cleanup, bool)}
+        if self._dest_path:
+            options["dest_path"] = self._dest_path
+        return options
 
-    def _make_client(self, nodes, dest_path, cleanup, cpus):
-        session = self._session(dest_path, cleanup)
-        specs = None if nodes in (None, "*", ["*"]) else _parse_nodes(nodes, self.node_port)
-        if specs is None:
-            return self._local_client(session, cpus)
+    def _client_args(self):
+        return dict(session=self._session(), on_event=self._on_event, prepare=self._prepare,
+                    ssl=self._ssl)
+
+    def _make_client(self, cpus):
+        if not self._allocs:
+            return self._local_client(cpus)
         addresses = []
-        for spec in specs:
+        for spec in self._allocs:
             if "*" in spec.host:
                 raise NotImplementedError(
                     f"node pattern {spec.host!r} needs broadcast discovery, which dpool does "
                     f"not have yet; name the nodes by host name or address")
             addresses.append((spec.host, spec.port))
-        client = core.Client(addresses, secret=self._secret_for(addresses), session=session,
-                             on_event=self._on_event, ssl=self._ssl)
+        client = core.Client(addresses, secret=self._secret_for(addresses), **self._client_args())
         return client.start()
 
     def _secret_for(self, addresses):
@@ -195,11 +167,12 @@ class JobCluster:
         raise ValueError("a secret is needed to talk to dpool nodes: pass secret=... or set "
                          "DPOOL_SECRET (nodes on this host also leave it in ~/.dpool)")
 
-    def _local_client(self, session, cpus):
+    def _local_client(self, cpus):
+        self._embedded_cpus = config.resolve_cpus(cpus)
         secret = self.secret or config.find_local_secret(self.node_port)
         if secret is not None:
-            client = core.Client([("127.0.0.1", self.node_port)], secret=secret, session=session,
-                                 on_event=self._on_event, connect_timeout=3, ssl=self._ssl)
+            client = core.Client([("127.0.0.1", self.node_port)], secret=secret,
+                                 connect_timeout=3, **self._client_args())
             try:
                 client.start()
                 log.info("using the dpool-node at 127.0.0.1:%d", self.node_port)
@@ -209,28 +182,115 @@ class JobCluster:
                 if not refused:
                     log.warning("the node at 127.0.0.1:%d could not be used (%s)",
                                 self.node_port, exc)
-        client = core.Client(None, cpus=cpus, session=session, on_event=self._on_event)
+        args = dict(self._client_args(), ssl=None)
+        client = core.Client(None, cpus=self._embedded_cpus, **args)
         client.start()
         log.info("no dpool-node at 127.0.0.1:%d; started an embedded local node with "
                  "%d CPUs", self.node_port, client.nodes()[0].cpus)
         return client
 
+    def _alloc_for(self, link):
+        for alloc in self._allocs:
+            if link.address != "embedded" and (alloc.host, alloc.port) == tuple(link.address):
+                return alloc
+        return NodeAllocate("*")
+
+    def _prepare(self, link):
+        """Loop thread, before a session opens: CPUs, depends, setup for one node."""
+        hello = getattr(link.conn, "hello", None) or {}
+        ip = _ip_of(link)
+        name = hello.get("name") or socket.gethostname()
+        if link.address == "embedded":
+            cpus = self._embedded_cpus
+        else:
+            cpus = hello.get("free_cpus") or hello.get("cpus") or 0
+        alloc = self._alloc_for(link)
+        try:
+            want = alloc.allocate(self, ip, name, cpus, None, "")
+        except Exception:
+            log.exception("NodeAllocate.allocate failed for %s; the node is left out", ip)
+            return None
+        if not want or want <= 0:
+            log.info("node %s (%s): not used (allocate returned %r)", ip, name, want)
+            return None
+        session = dict(self._session(), cpus=want)
+        messages = []
+        for fname, mode, data in self._files + getattr(alloc, "_files", []):
+            messages.append([P.encode(P.FILE, None, fname, mode), data])
+        names = dict(self._names, dispy_node_name=name, dispy_node_ip_addr=ip)
+        cleanup = self._cleanup if not isinstance(self._cleanup, bool) else None
+        messages.append([P.encode(P.SETUP),
+                         *serialize.dumps((names, self._setup, alloc.setup_args, cleanup))])
+        return session, messages
+
     # -------------------------------------------------------------- events
 
     def _on_event(self, kind, obj):
-        """Called in the client's loop thread: copy core state into DispyJobs."""
+        """Client loop thread: copy core state into DispyJobs and DispyNodes."""
         if kind == "node":
+            self._node_event(obj)
+            return
+        if kind == "provisional":
+            core_job, value = obj
+            job = core_job.tag
+            job.result = value
+            job._status = DispyJob.ProvisionalResult
+            self._notify(job, job.status, core_job.node)
+            return
+        if kind == "file":
+            self._save_file(*obj)
             return
         job = obj.tag
         if job is None:
             return
+        node = self._nodes.get(obj.node)
         if kind == "started":
             job.start_time = obj.start_time
             job.ip_addr = _ip_of(obj.node)
+            if node is not None:
+                job._busy_on = node
+                node.busy += 1
+                node.update_time = time.time()
+            if self.cluster_status:
+                self._callbacks.put(self.cluster_status, DispyJob.Running, node, job.snapshot())
         elif kind == "done":
             self._finish(job, obj)
-        if self.job_status is not None:
-            self._callbacks.put((self.job_status, (job,)))
+            if node is not None:
+                if getattr(job, "_busy_on", None) is node and node.busy > 0:
+                    node.busy -= 1
+                node.jobs_done, node.cpu_time = obj.node.jobs_done, obj.node.cpu_time
+                node.update_time = time.time()
+            self._notify(job, job.status, obj.node)
+            self._close_if_idle(obj.node)
+
+    def _notify(self, job, status, link):
+        if self._callbacks is None:
+            return
+        snap = job.snapshot()
+        if self.job_status:
+            self._callbacks.put(self.job_status, snap)
+        if self.cluster_status:
+            self._callbacks.put(self.cluster_status, status, self._nodes.get(link), snap)
+
+    def _node_event(self, link):
+        if link.ready and not link.hold:
+            node = DispyNode(_ip_of(link), link.name, link.cpus)
+            node.avail_info = DispyNodeAvailInfo.from_info(link.info.get("avail_info"))
+            node.platform = (link.info.get("avail_info") or {}).get("platform", "")
+            node.update_time = time.time()
+            self._nodes[link] = node
+            status = DispyNode.Initialized
+        else:
+            node = self._nodes.pop(link, None)
+            if node is None:  # left out before it was initialized (e.g. setup failed)
+                node = DispyNode(_ip_of(link), link.name, 0)
+            node.avail_cpus = node.busy = 0
+            node.exception = str(link.error) if link.error else None
+            node.update_time = time.time()
+            status = DispyNode.Closed
+            self._closing.pop(link, None)
+        if self.cluster_status:
+            self._callbacks.put(self.cluster_status, status, node, None)
 
     def _finish(self, job, core_job):
         future = core_job.future
@@ -245,21 +305,59 @@ class JobCluster:
             if error is None:
                 job.result = future.result()
             else:
+                job.result = None
                 job.exception = _exception_text(error)
             job._status = DispyJob._from_core[core_job.status]
         with self._lock:
             self._jobs.discard(job)
         job.finish.set()
 
+    def _save_file(self, core_job, name, data):
+        try:
+            path = jobenv.safe_path(os.getcwd(), name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        except (OSError, ValueError) as exc:
+            log.warning("a file sent by job %s could not be saved: %s",
+                        getattr(getattr(core_job, "tag", None), "id", "?"), exc)
+
     # ------------------------------------------------------------ user API
 
     def submit(self, *args, **kwargs):
         """Run the computation with these arguments; returns a DispyJob."""
-        job = DispyJob(args, kwargs)
+        return self._submit(None, None, args, kwargs)
+
+    def submit_job_id(self, job_id, *args, **kwargs):
+        return self._submit(job_id, None, args, kwargs)
+
+    def submit_node(self, node, *args, **kwargs):
+        """Run a job on ``node`` only (a DispyNode, IP address or host name)."""
+        return self._submit(None, self._link(node, strict=True), args, kwargs)
+
+    def submit_job_id_node(self, job_id, node, *args, **kwargs):
+        return self._submit(job_id, self._link(node, strict=True), args, kwargs)
+
+    def _submit(self, job_id, pin, args, kwargs):
+        files = kwargs.pop("dispy_job_depends", None)
+        if self._program is not None:
+            args = (self._program, *(str(a) for a in args))
+        fn = self.computation
+        if files:
+            entries, names = collect(files)
+            if names:
+                raise TypeError("dispy_job_depends: functions and classes go in the "
+                                "cluster's depends; give files or modules here")
+            args, kwargs = (entries, self._cleanup_files, args, kwargs), {}
+            fn = jobenv.run_with_files
+        job = DispyJob(job_id, args, kwargs)
+        job._pin = pin
         with self._lock:
             self._jobs.add(job)
+        if self.cluster_status:
+            self._callbacks.put(self.cluster_status, DispyJob.Created, None, job.snapshot())
         try:
-            job._job = self._client.submit(self.computation, args, kwargs, tag=job)
+            job._job = self._client.submit(fn, args, kwargs, tag=job, pin=pin)
         except BaseException:
             with self._lock:
                 self._jobs.discard(job)
@@ -267,7 +365,7 @@ class JobCluster:
         return job
 
     def cancel(self, job):
-        """Cancel a queued (-> Cancelled) or running (-> Terminated) job."""
+        """Cancel a queued (-> Cancelled) or running (-> Terminated) job; 0 or -1."""
         if job._job is None or job.finish.is_set():
             return -1
         self._client.cancel(job._job)
@@ -277,39 +375,210 @@ class JobCluster:
         """Wait for all submitted jobs to finish; True if they did in time."""
         return self._client.wait(timeout)
 
+    __call__ = wait
+
     def close(self, timeout=None, terminate=False):
-        """Wait for the jobs (or terminate them) and release the nodes."""
+        """Wait for the jobs and release the nodes; True once closed.
+
+        With ``terminate=False`` and jobs still unfinished after ``timeout``
+        seconds, nothing is closed and False is returned (as in dispy).
+        With ``terminate=True`` the jobs still unfinished after ``timeout``
+        (at once if None) are cancelled: Cancelled if queued, Terminated if
+        running.
+        """
+        if self._client.closed:
+            return True
         if terminate:
-            self._client.close(wait=True, cancel=True, timeout=timeout)
+            if timeout:
+                self._client.wait(timeout)
+            self._client.close(wait=True, cancel=True, timeout=30)
         else:
-            finished = self._client.wait(timeout)
-            self._client.close(wait=False, cancel=not finished)
+            if not self._client.wait(timeout):
+                return False
+            self._client.close(wait=False)
         if self._callbacks is not None:
             self._callbacks.stop()
+        return True
 
-    shutdown = close
+    def shutdown(self):
+        self.close()
 
-    def stats(self, wall_time=None):
-        self.print_status(wall_time)
+    @property
+    def name(self):
+        return self._program or getattr(self.computation, "__name__", str(self.computation))
+
+    # -------------------------------------------------------------- nodes
+
+    def status(self):
+        """ClusterStatus(nodes=[DispyNode...], jobs_pending=N)."""
+        def collect_status():
+            busy = {}
+            for job in self._client.jobs.values():
+                if job.sent and job.node is not None:
+                    busy[job.node] = busy.get(job.node, 0) + 1
+            for link, node in self._nodes.items():
+                node.busy = busy.get(link, 0)
+                node.jobs_done, node.cpu_time = link.jobs_done, link.cpu_time
+            return ClusterStatus(list(self._nodes.values()), self._client.pending())
+        if self._client.closed:
+            return ClusterStatus([], 0)
+        return self._call(collect_status)
 
     def print_status(self, wall_time=None):
         """Print the per-node table dispy prints: CPUs, jobs, time per job."""
+        info = self.status()
         print()
-        heading = " %30s | %5s | %7s | %10s | %13s" % ("Node", "CPUs", "Jobs", "Sec/Job", "Node Time Sec")
+        heading = " %30s | %5s | %7s | %10s | %13s" % ("Node", "CPUs", "Jobs", "Sec/Job",
+                                                      "Node Time Sec")
         print(heading)
         print("-" * len(heading))
         total = 0.0
-        for link in self._client.links:
-            name = f"{_ip_of(link)} ({link.name})"
-            per_job = link.cpu_time / link.jobs_done if link.jobs_done else 0.0
-            total += link.cpu_time
-            print(" %-30.30s | %5s | %7s | %10.3f | %13.3f" % (name, link.cpus, link.jobs_done,
-                                                              per_job, link.cpu_time))
+        for node in info.nodes:
+            per_job = node.cpu_time / node.jobs_done if node.jobs_done else 0.0
+            total += node.cpu_time
+            print(" %-30.30s | %5s | %7s | %10.3f | %13.3f" % (
+                f"{node.ip_addr} ({node.name})", node.cpus, node.jobs_done, per_job,
+                node.cpu_time))
         print()
-        wall = wall_time if wall_time is not None else time.time() - self._start
+        if info.jobs_pending:
+            print("Jobs pending: %s" % info.jobs_pending)
+        wall = wall_time or (time.time() - self._start)
         print("Total job time: %.3f sec, wall time: %.3f sec, speedup: %.3f"
               % (total, wall, total / wall if wall else 0.0))
         print()
+
+    stats = print_status
+
+    def _call(self, fn, timeout=30):
+        async def run():
+            return fn()
+        return self._client._thread.run(run(), timeout)
+
+    def _link(self, node, strict=False):
+        """A DispyNode, IP address, host name (or NodeAllocate) -> NodeLink."""
+        if isinstance(node, DispyNode):
+            ip, name = node.ip_addr, node.name
+        elif isinstance(node, NodeAllocate):
+            ip, name = node.ip_addr, node.host
+        elif isinstance(node, str):
+            ip, name = resolve_host(node), node
+        else:
+            ip = name = None
+        for link, known in list(self._nodes.items()):
+            if known.ip_addr == ip or known.name == name:
+                return link
+        if strict:
+            raise ValueError(f"{node!r} is not a node of this cluster "
+                             f"(nodes: {[n.ip_addr for n in self._nodes.values()]})")
+        return None
+
+    def allocate_node(self, node):
+        """Use (again) a node: a DispyNode, host, address, NodeAllocate or list."""
+        specs = node if isinstance(node, list) else [node]
+        links = []
+        for spec in specs:
+            link = None if isinstance(spec, (NodeAllocate, tuple)) else self._link(spec)
+            if link is not None:
+                self._closing.pop(link, None)
+                self._client.set_cpus(link, link.cpus)
+                continue
+            alloc = parse_nodes([spec], self.node_port)[0]
+            alloc._files = [file_entry(dep) for dep in alloc.depends]
+            self._check_setup_args(alloc.setup_args)
+            self._allocs.append(alloc)
+            links.extend(self._client.add_nodes([(alloc.host, alloc.port)]))
+        return 0 if all(link.ready for link in links) else -1
+
+    def deallocate_node(self, node):
+        """Send no more jobs to this node (its running jobs finish); 0 or -1."""
+        link = self._link(node)
+        if link is None:
+            return -1
+        self._client.set_cpus(link, 0)
+        return 0
+
+    def close_node(self, node, terminate_pending=False):
+        """Stop using a node: jobs pinned to it and waiting are cancelled; its
+        running jobs finish first (or are terminated with terminate_pending)."""
+        link = self._link(node)
+        if link is None:
+            return -1
+        self._client.set_cpus(link, 0)
+
+        def close():
+            for job in list(self._client.jobs.values()):
+                if job.node is link and (terminate_pending or not job.sent):
+                    self._client._cancel(job)
+            self._closing[link] = True
+            self._close_if_idle(link)
+        self._client.loop.call_soon_threadsafe(close)
+        for job in self._pinned_waiting(link):
+            self._client.cancel(job._job)
+        return 0
+
+    def _pinned_waiting(self, link):
+        with self._lock:
+            jobs = list(self._jobs)
+        return [job for job in jobs if job._job is not None and not job._job.sent
+                and job._job.node is None and getattr(job, "_pin", None) is link]
+
+    def _close_if_idle(self, link):
+        if link in self._closing and not any(job.node is link
+                                             for job in self._client.jobs.values()):
+            del self._closing[link]
+            self._client.close_link(link)
+
+    def resetup_node(self, node, terminate_pending=False, timeout=60):
+        """Close a node's session and set it up again (setup runs again);
+        returns when done: 0, or -1 if the node is unknown or did not come back."""
+        link = self._link(node)
+        if link is None:
+            return -1
+        address = link.address
+        self.close_node(node, terminate_pending)
+        deadline = time.monotonic() + timeout
+        while link.ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if link.ready or address == "embedded":
+            return -1
+        new = self._client.add_nodes([address])[0]
+        while new.ready and new.hold and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return 0 if new.ready and not new.hold else -1
+
+    def set_node_cpus(self, node, cpus):
+        """Use this many of the node's CPUs (negative: all but that many); the
+        number now used, or -1."""
+        link = self._link(node)
+        if link is None:
+            return -1
+        cpus = int(cpus)
+        n = min(link.cpus, cpus) if cpus >= 0 else max(0, link.cpus + cpus)
+        self._client.set_cpus(link, n)
+        self._nodes[link].cpus = n
+        return n
+
+    def node_jobs(self, node, from_node=False):
+        """The jobs running (or sent to run) on a node."""
+        link = self._link(node)
+        if link is None:
+            return -1
+        return self._call(lambda: [job.tag for job in self._client.jobs.values()
+                                   if job.node is link and job.sent and job.tag is not None])
+
+    def send_file(self, path, node, relay=False, timeout=30):
+        """Send a file to a node's job folder; 0 if written there, -1 if not."""
+        link = self._link(node)
+        if link is None:
+            return -1
+        name, mode, data = file_entry(path)
+        error = self._client.send_file(link, name, data, mode).result(timeout)
+        if error:
+            log.warning("send_file(%r): %s", path, error)
+            return -1
+        return 0
+
+    # -------------------------------------------------------------- ending
 
     def __enter__(self):
         return self
@@ -327,33 +596,43 @@ class JobCluster:
                 pass
 
 
-class _CallbackThread:
-    """Runs user callbacks one at a time, in order, off the client's loop."""
+# ------------------------------------------------------------------ helpers
 
-    def __init__(self):
-        self.queue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="dpool-callbacks", daemon=True)
-        self.thread.start()
+def _check_callback(fn, nargs, what):
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise TypeError(f"{what} must be a function")
+    try:
+        inspect.signature(fn).bind(*range(nargs))
+    except TypeError:
+        raise TypeError(f"{what} must take {nargs} positional argument"
+                        f"{'s' if nargs > 1 else ''}") from None
+    except ValueError:
+        pass
+    return fn
 
-    def put(self, item):
-        self.queue.put(item)
 
-    def _run(self):
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            fn, args = item
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("dpool: callback %r raised", getattr(fn, "__name__", fn))
+def _check_dest_path(dest_path):
+    if dest_path is None:
+        return None
+    if not isinstance(dest_path, str):
+        raise TypeError("dest_path must be a string")
+    dest_path = dest_path.strip().strip("/")
+    jobenv.safe_path("/", dest_path)  # ValueError for '..' and the like
+    return dest_path
 
-    def stop(self, timeout=10):
-        if self.thread.is_alive():
-            self.queue.put(None)
-            if threading.current_thread() is not self.thread:
-                self.thread.join(timeout)
+
+def _check_picklable(computation, names, setup, cleanup):
+    try:
+        serialize.dumps_function(computation)
+    except Exception as exc:
+        raise TypeError(f"the computation {computation!r} cannot be sent to the nodes: "
+                        f"{exc}") from exc
+    try:
+        serialize.dumps((names, setup, (), cleanup))
+    except Exception as exc:
+        raise TypeError(f"depends, setup or cleanup cannot be sent to the nodes: {exc}") from exc
 
 
 def _tls_context(cafile, certfile, keyfile):
@@ -372,11 +651,7 @@ def _ip_of(link):
         return None
     if link.address == "embedded":
         return "127.0.0.1"
-    host = link.address[0]
-    try:
-        return socket.gethostbyname(host)
-    except OSError:
-        return host
+    return resolve_host(link.address[0])
 
 
 def _is_local(host):
@@ -400,4 +675,3 @@ def _configure_logging(level):
         logger.addHandler(handler)
     if level is not None:
         logger.setLevel(level)
-

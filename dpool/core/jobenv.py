@@ -1,0 +1,240 @@
+"""What a computation sees on the node: dispy's job environment.
+
+Only sessions that ask for it (a SETUP message, sent by ``JobCluster``)
+use this module; plain Executor/Pool jobs never touch it.
+
+::
+
+    node (asyncio)                          worker process (this module)
+    ──────────────                          ────────────────────────────
+    SETUP + (names, setup, args, cleanup) ─► one worker per node: install the
+                                               names, run setup(*args), keep the
+                                               globals it bound
+                                          ◄─ SETUPDONE + env (names + those globals)
+                                             or SETUPFAIL + exception
+    ENV + env                             ─► every other worker (and every
+                                               replacement) installs the same env
+    RUN ...                               ─► the job runs with the env in its
+                                               function's globals, and may call
+                                          ◄─ PROVISIONAL job_id + result
+                                          ◄─ SENDFILE job_id name + data
+    CLEANUP + (names, setup, args, cleanup) ► cleanup(*args) when the session ends
+                                          ◄─ CLEANUPDONE error-or-None
+
+The env is a dict of names: the client's ``depends`` functions and classes,
+``dispy_node_name``, ``dispy_node_ip_addr``, ``dispy_job_path``,
+``dispy_provisional_result``, ``dispy_send_file``, and the module-level
+globals that ``setup`` created or rebound.  It is merged into the globals of
+every function the worker loads (the computation, setup, cleanup), which is
+how a job sees what setup made: setup runs once per node, its globals are
+pickled and given to each worker process of the session.
+"""
+import os
+import subprocess
+import sys
+
+from .. import protocol as P
+from .. import serialize
+
+#: Files a job sends back with dispy_send_file are limited to this size.
+MAX_SEND_FILE = 256 * 1024 * 1024
+
+_conn = None  # the worker's connection to its node, once SETUP/ENV arrived
+_job_id = None  # the job running now (None between jobs)
+
+
+# ------------------------------------------------- called by the computation
+
+def dispy_provisional_result(result, relay=False, timeout=None):
+    """Send ``result`` to the client now; the job goes on.  0 if sent, -1 if not."""
+    if _conn is None or _job_id is None:
+        return -1
+    try:
+        frames = serialize.dumps(result)
+    except TypeError:
+        return -1
+    _conn.send([P.encode(P.PROVISIONAL, _job_id), *frames])
+    return 0
+
+
+def dispy_send_file(path, relay=False, timeout=None):
+    """Send the file at ``path`` to the client's working directory.
+
+    A path inside the job's folder keeps its relative path; any other file
+    is saved under its base name.  0 if sent, -1 if not (no such file, or
+    larger than :data:`MAX_SEND_FILE`).
+    """
+    if _conn is None or _job_id is None:
+        return -1
+    try:
+        full = os.path.abspath(path)
+        if os.path.getsize(full) > MAX_SEND_FILE:
+            return -1
+        with open(full, "rb") as f:
+            data = f.read()
+    except OSError:
+        return -1
+    here = os.getcwd()
+    if full.startswith(here + os.sep):
+        name = os.path.relpath(full, here)
+    else:
+        name = os.path.basename(full)
+    _conn.send([P.encode(P.SENDFILE, _job_id, name), data])
+    return 0
+
+
+# ------------------------------------------------------- run by the cluster
+
+def run_program(program, *args):
+    """A program computation: run ``program`` with the job's arguments.
+
+    The program was sent to the job folder as a dependency; its stdout and
+    stderr become the job's, its exit code is the result.  It runs in the
+    worker's process group, so cancelling the job kills it too.
+    """
+    path = os.path.join(os.getcwd(), program)
+    if not os.path.isfile(path):
+        path = program
+    proc = subprocess.run([path, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL)
+    sys.stdout.write(proc.stdout.decode(errors="replace"))
+    sys.stderr.write(proc.stderr.decode(errors="replace"))
+    return proc.returncode
+
+
+def run_with_files(files, cleanup, args, kwargs):
+    """A job with ``dispy_job_depends`` files: write them, run, remove them."""
+    written = []
+    try:
+        for name, mode, data in files:
+            path = safe_path(os.getcwd(), name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+            os.chmod(path, mode | 0o600)
+            written.append(path)
+        return _namespace["__dpool_computation__"](*args, **kwargs)
+    finally:
+        if cleanup:
+            for path in written:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+
+def safe_path(root, name):
+    """``root/name``, refusing absolute names and names that leave root."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
+        raise ValueError(f"invalid file name {name!r}: give a relative path")
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts[:-1]) or parts[-1] in ("", ".", ".."):
+        raise ValueError(f"invalid file name {name!r}: no '..', '.' or empty parts")
+    path = os.path.join(root, *parts)
+    if os.path.commonpath([os.path.realpath(root), os.path.realpath(path)]) != \
+            os.path.realpath(root):
+        raise ValueError(f"invalid file name {name!r}: it leaves the job folder")
+    return path
+
+
+# ------------------------------------------------------------ worker side
+
+_namespace = {}
+
+
+class JobEnv:
+    """Installed in a :class:`dpool.core.worker.Worker` by SETUP or ENV."""
+
+    def __init__(self, worker):
+        global _conn
+        _conn = worker.conn
+        self.worker = worker
+        self.loaded = set()
+        self._load = worker._function
+        self._run = worker.run
+        worker._function = self.function
+        worker.run = self.run
+
+    def install(self, env):
+        _namespace.update(env)
+        for fn_id in self.loaded:
+            _inject(self.worker.fns[fn_id])
+
+    def function(self, fn_id):
+        fn = self._load(fn_id)
+        if fn_id not in self.loaded:
+            self.loaded.add(fn_id)
+            _inject(fn)
+        return fn
+
+    def run(self, job_id, fn_id, star, frames):
+        global _job_id
+        _job_id = job_id
+        try:
+            return self._run(job_id, fn_id, star, frames)
+        finally:
+            _job_id = None
+
+
+def _inject(fn):
+    g = getattr(fn, "__globals__", None)
+    if g is None:
+        g = getattr(getattr(fn, "func", None), "__globals__", None)  # functools.partial
+    if g is not None:
+        g.update(_namespace)
+
+
+def _base_names():
+    return {"dispy_provisional_result": dispy_provisional_result,
+            "dispy_send_file": dispy_send_file, "dispy_job_path": os.getcwd()}
+
+
+def handle(worker, header, frames):
+    """SETUP, ENV and CLEANUP messages from the node."""
+    env = getattr(worker, "jobenv", None)
+    if env is None:
+        env = worker.jobenv = JobEnv(worker)
+    op = header[0]
+    if op == P.ENV:
+        env.install({**_base_names(), **serialize.loads(frames[1:])})
+    elif op == P.SETUP:
+        _setup(worker, env, frames[1:])
+    elif op == P.CLEANUP:
+        error = None
+        try:
+            names, _, setup_args, cleanup = serialize.loads(frames[1:])
+            if callable(cleanup):
+                _inject(cleanup)
+                cleanup(*setup_args)
+        except BaseException as exc:  # reported, the session ends anyway
+            error = "".join(__import__("traceback").format_exception(exc))
+        worker.conn.send([P.encode(P.CLEANUPDONE, error)])
+
+
+def _setup(worker, env, frames):
+    try:
+        names, setup, setup_args, _ = serialize.loads(frames)
+        names = {**_base_names(), **names}
+        env.install(names)
+        made = {}
+        if setup is not None:
+            _inject(setup)
+            scope = setup.__globals__
+            before = dict(scope)
+            status = setup(*setup_args)
+            if status not in (None, 0, 1):
+                raise RuntimeError(f"setup returned {status!r} (0 or None means success)")
+            made = {k: v for k, v in scope.items()
+                    if not k.startswith("__") and (k not in before or before[k] is not v)}
+            env.install(made)
+        out = {k: v for k, v in names.items() if k != "dispy_job_path"}
+        out.update(made)
+        try:
+            payload = serialize.dumps(out)
+        except TypeError as exc:
+            raise TypeError(f"setup's globals must be picklable to reach the node's other "
+                            f"worker processes: {exc}") from None
+    except BaseException as exc:  # the node reports it and ends the session
+        worker.conn.send([P.encode(P.SETUPFAIL), *serialize.dump_exception(exc)])
+        return
+    worker.conn.send([P.encode(P.SETUPDONE), *payload])

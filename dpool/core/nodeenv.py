@@ -1,0 +1,209 @@
+"""A session's job environment on the node: files, setup, env, cleanup.
+
+Created by :class:`dpool.core.node.Session` on the first FILE or SETUP
+message (``JobCluster`` sessions); Executor and Pool sessions never have one.
+
+::
+
+    client ── FILE name+data ──► write under the session folder ── FILEDONE ──► client
+    client ── SETUP ──► park the workers (no jobs yet); the first one runs setup
+                         SETUPDONE from it: its env goes to every other worker
+                         (ENV), the workers are unparked, jobs flow ── SETUPDONE ──► client
+                         SETUPFAIL (or the setup worker dies) ── SETUPFAIL ──► client,
+                         and the session ends
+    worker ── PROVISIONAL / SENDFILE ──► forwarded to the client, after the
+                         STARTED/DONE records already waiting (order is kept)
+    session end (client closed or gone): CLEANUP to a live worker, up to
+                         CLEANUP_TIMEOUT s, then the workers are killed; files
+                         sent into a shared dest_path are removed (cleanup=True)
+
+File names from the client are relative to the session folder; absolute
+names and names with ``..`` are refused (:func:`jobenv.safe_path`).
+"""
+import asyncio
+import logging
+import os
+import platform
+
+from .. import protocol as P
+from .. import serialize
+from ..errors import WorkerLost
+from .jobenv import safe_path
+from .zygote import describe_exit
+
+log = logging.getLogger("dpool.node")
+
+CLEANUP_TIMEOUT = 10.0
+
+
+def avail_info(path=None):
+    """dispy's DispyNodeAvailInfo fields (cpu %, bytes of memory, disk, swap)."""
+    try:
+        import psutil
+
+        return {"cpu": psutil.cpu_percent(None), "memory": psutil.virtual_memory().available,
+                "disk": psutil.disk_usage(path or os.getcwd()).free,
+                "swap": psutil.swap_memory().free, "platform": platform.platform()}
+    except Exception:  # psutil missing or a call unsupported here
+        return None
+
+
+def dest_dir(root, dest_path):
+    """The folder for a client's ``dest_path``: always inside the node's job root."""
+    path = safe_path(root, dest_path.strip().strip("/"))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+class SessionEnv:
+    def __init__(self, session):
+        self.session = session
+        self.setup_frames = None
+        self.env_frames = None
+        self.state = None  # None (no setup), "pending", "done", "failed"
+        self.parked = []
+        self.setup_worker = None
+        self.files = []
+        self.cleaning = self.cleaned = False
+
+    # ------------------------------------------------------------ client side
+
+    def on_client_message(self, header, frames):
+        if header[0] == P.FILE:
+            self.on_file(header, frames)
+        else:
+            self.on_setup(frames)
+
+    def on_file(self, header, frames):
+        _, req_id, name, mode = header
+        error = None
+        try:
+            path = safe_path(self.session.dir, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(frames[1])
+            os.chmod(path, (mode & 0o777) | 0o600)
+            self.files.append(path)
+        except (OSError, ValueError) as exc:
+            error = f"node {self.session.node.name} cannot write {name!r}: {exc}"
+            log.warning("session %s: %s", self.session.sid, error)
+        self.session.conn.send([P.encode(P.FILEDONE, req_id, error)])
+
+    def on_setup(self, frames):
+        session = self.session
+        self.setup_frames = tuple(frames[1:])
+        self.state = "pending"
+        self.parked.extend(session.workers)
+        session.workers.clear()
+        self._start_setup()
+
+    def _start_setup(self):
+        if self.setup_worker is None and self.parked:
+            self.setup_worker = self.parked[0]
+            self.setup_worker.conn.send([P.encode(P.SETUP), *self.setup_frames])
+
+    # ------------------------------------------------------------ worker side
+
+    def admit(self, worker):
+        """A new worker: True if it may take jobs now, False if parked."""
+        if self.state == "done":
+            if self.env_frames is not None:
+                worker.conn.send([P.encode(P.ENV), *self.env_frames])
+            return True
+        if self.state is None:
+            return True
+        self.parked.append(worker)
+        if self.state == "pending":
+            self._start_setup()
+        return False
+
+    def on_worker_message(self, worker, header, frames):
+        op = header[0]
+        if op == P.PROVISIONAL or op == P.SENDFILE:
+            if header[1] in self.session.given and header[1] not in self.session._ghosts:
+                self.session._flush()  # STARTED and earlier results first
+                self.session.conn.send(frames)
+        elif op == P.SETUPDONE and worker is self.setup_worker:
+            self._setup_done(frames[1:])
+        elif op == P.SETUPFAIL and worker is self.setup_worker:
+            self._setup_failed(frames[1:])
+        elif op == P.CLEANUPDONE and self.cleaning:
+            if header[1]:
+                log.warning("session %s: cleanup failed:\n%s", self.session.sid, header[1])
+            self._finish_cleanup()
+
+    def _setup_done(self, env_frames):
+        session = self.session
+        self.state = "done"
+        self.env_frames = tuple(env_frames)
+        for worker in self.parked:
+            if worker.dead:
+                continue
+            if worker is not self.setup_worker:
+                worker.conn.send([P.encode(P.ENV), *self.env_frames])
+            session.workers.append(worker)
+        self.parked.clear()
+        session.conn.send([P.encode(P.SETUPDONE, {"cpus": session.cpus})])
+        session.dispatch()
+
+    def _setup_failed(self, exc_frames):
+        self.state = "failed"
+        log.warning("session %s: setup failed; ending the session", self.session.sid)
+        if not self.session.conn.closed:
+            self.session.conn.send([P.encode(P.SETUPFAIL), *exc_frames])
+        self.session.end("setup failed")
+
+    def worker_exited(self, worker, code):
+        if worker in self.parked:
+            self.parked.remove(worker)
+        if worker is self.setup_worker and self.state == "pending":
+            exc = WorkerLost(f"the process running setup (pid {worker.pid}) {describe_exit(code)}")
+            self._setup_failed(serialize.dump_exception(exc))
+        elif self.cleaning and not any(not w.dead for w in self.session.workers):
+            self._finish_cleanup()
+
+    # ---------------------------------------------------------------- ending
+
+    def defer_end(self, why):
+        """Run the user's cleanup before the session ends; True if deferred."""
+        if why not in ("client closed the session", "client disconnected"):
+            return False
+        if self.cleaning:
+            return not self.cleaned
+        if self.state != "done" or not self.setup_frames:
+            return False
+        if not self.session.options.get("cleanup_fn"):
+            return False
+        live = [w for w in self.session.workers if not w.dead and w.killing is None]
+        if not live:
+            return False
+        self.cleaning = True
+        idle = [w for w in live if not w.outstanding] or live
+        idle[0].conn.send([P.encode(P.CLEANUP), *self.setup_frames])
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(CLEANUP_TIMEOUT, self._cleanup_timed_out)
+        return True
+
+    def _cleanup_timed_out(self):
+        log.warning("session %s: cleanup did not finish in %ss", self.session.sid,
+                    CLEANUP_TIMEOUT)
+        self._finish_cleanup()
+
+    def _finish_cleanup(self):
+        if self.cleaning and not self.cleaned:
+            self.cleaned = True
+            self._timer.cancel()
+            self.session.end("cleaned up")
+
+    def end(self):
+        """The session is ending: hand parked workers back to be killed,
+        remove the files sent into a shared dest_path (cleanup=True)."""
+        self.session.workers.extend(self.parked)
+        self.parked.clear()
+        options = self.session.options
+        if options.get("dest_path") and options.get("cleanup", True):
+            for path in self.files:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass

@@ -1,0 +1,245 @@
+"""dispy's data model: jobs, nodes, node allocation, cluster status.
+
+These are the objects a dispy program touches (``DispyJob``, ``DispyNode``,
+``DispyNodeAvailInfo``, ``NodeAllocate``, ``ClusterStatus``); the machinery
+that fills them in is :mod:`dpool.cluster`.  Status constants have dispy's
+values, so code that compares them with numbers keeps working.
+"""
+import collections
+import copy
+import fnmatch
+import itertools
+import logging
+import queue
+import socket
+import threading
+import time
+
+from .core import client as core
+
+log = logging.getLogger("dpool")
+
+#: What ``JobCluster.status()`` returns: DispyNode objects and the number of
+#: jobs not finished yet.
+ClusterStatus = collections.namedtuple("ClusterStatus", ["nodes", "jobs_pending"])
+
+
+class DispyJob:
+    """A job submitted to a cluster; ``job()`` waits for and returns its result.
+
+    ``id`` may be set by the user (dispy numbers jobs 1, 2, ... by default);
+    the other fields are filled in by dpool: ``result``, ``stdout``,
+    ``stderr``, ``exception`` (the remote traceback text, ``None`` on
+    success), ``submit_time``, ``start_time``, ``end_time``, ``status`` (one
+    of the constants below), ``ip_addr`` (the node's) and ``finish`` (an
+    Event set when the job is done, whatever its end).
+    """
+
+    Created = 5
+    Running = 6
+    ProvisionalResult = 7
+    Cancelled = 8
+    Terminated = 9
+    Abandoned = 10
+    Finished = 11
+
+    _from_core = {core.CREATED: Created, core.RUNNING: Running, core.FINISHED: Finished,
+                  core.CANCELLED: Cancelled, core.TERMINATED: Terminated,
+                  core.ABANDONED: Abandoned}
+    _ids = itertools.count(1)
+
+    def __init__(self, job_id=None, args=(), kwargs=None):
+        self.id = job_id if job_id is not None else next(DispyJob._ids)
+        self.args = args
+        self.kwargs = kwargs or {}
+        self.result = None
+        self.stdout = None
+        self.stderr = None
+        self.exception = None
+        self.submit_time = time.time()
+        self.start_time = None
+        self.end_time = None
+        self._status = None  # set when final or provisional; else read from the core job
+        self.ip_addr = None
+        self.finish = threading.Event()
+        self._job = None
+
+    def __call__(self, clear=False, timeout=None):
+        """Wait for the job to finish (up to ``timeout`` s) and return its result."""
+        self.finish.wait(timeout)
+        if clear:
+            self.finish.clear()
+        return self.result
+
+    @property
+    def status(self):
+        if self._status is not None:
+            return self._status
+        if self._job is None:
+            return DispyJob.Created
+        return DispyJob._from_core[self._job.status]
+
+    def snapshot(self):
+        """A copy with the status frozen: what callbacks get (as in dispy)."""
+        job = copy.copy(self)
+        job._status = self.status
+        return job
+
+    def __lt__(self, other):  # dispy sorts jobs in priority queues
+        return self.submit_time < other.submit_time
+
+    def __repr__(self):
+        return f"<DispyJob id={self.id!r} status={self.status}>"
+
+
+class DispyNodeAvailInfo:
+    """A node's free resources: ``cpu`` (% used), ``memory``, ``disk`` and
+    ``swap`` (bytes available), measured with psutil by the node."""
+
+    def __init__(self, cpu, memory, disk, swap):
+        self.cpu = cpu
+        self.memory = memory
+        self.disk = disk
+        self.swap = swap
+
+    @classmethod
+    def from_info(cls, info):
+        if not info:
+            return None
+        return cls(info.get("cpu"), info.get("memory"), info.get("disk"), info.get("swap"))
+
+    def __repr__(self):
+        return (f"<DispyNodeAvailInfo cpu={self.cpu}% memory={self.memory} disk={self.disk} "
+                f"swap={self.swap}>")
+
+
+class DispyNode:
+    """A node as the cluster sees it (given to ``cluster_status`` callbacks
+    and listed by ``status()``).  ``exception`` is dpool's addition: the
+    error that left the node out (failed setup, lost connection) or None."""
+
+    Initialized = DispyJob.Created - 1
+    Closed = DispyJob.Finished + 5
+    AvailInfo = Closed + 1
+
+    def __init__(self, ip_addr, name, cpus):
+        self.ip_addr = ip_addr
+        self.name = name
+        self.cpus = cpus
+        self.avail_cpus = cpus
+        self.busy = 0
+        self.jobs_done = 0
+        self.cpu_time = 0.0
+        self.tx = 0
+        self.rx = 0
+        self.update_time = 0
+        self.avail_info = None
+        self.platform = ""
+        self.exception = None
+
+    def __repr__(self):
+        return f"<DispyNode {self.ip_addr} ({self.name}) cpus={self.cpus} busy={self.busy}>"
+
+
+def resolve_host(host):
+    """A host name or address -> IP address (the name itself if it won't resolve)."""
+    if "*" in host:
+        return host
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
+
+
+class NodeAllocate:
+    """Which nodes to use and how many CPUs on each (dispy's NodeAllocate).
+
+    ``host`` is a name, an IP address or a pattern with ``*``; ``port`` the
+    node's port (default 51350); ``cpus`` 0 for all, negative to leave some
+    free; ``depends`` files sent to this node only; ``setup_args`` the
+    arguments of ``setup`` on this node.  Subclasses may override
+    :meth:`allocate`.
+    """
+
+    def __init__(self, host, port=None, cpus=0, depends=(), setup_args=()):
+        if isinstance(depends, str) or not isinstance(depends, (list, tuple)):
+            raise TypeError("NodeAllocate: depends must be a list of file paths")
+        if not isinstance(setup_args, tuple):
+            raise TypeError("NodeAllocate: setup_args must be a tuple")
+        self.host = host
+        self.ip_addr = resolve_host(host)
+        self.port = int(port) if port else None
+        self.cpus = int(cpus or 0)
+        self.depends = list(depends)
+        self.setup_args = setup_args
+
+    def matches(self, ip_addr, name=None):
+        for pattern in {self.ip_addr, self.host}:
+            if fnmatch.fnmatchcase(ip_addr, pattern) or (name and fnmatch.fnmatchcase(name, pattern)):
+                return True
+        return False
+
+    def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform=""):
+        """The number of CPUs to use on this node (0 leaves the node out)."""
+        if not self.matches(ip_addr, name):
+            return 0
+        if self.cpus > 0:
+            return min(self.cpus, cpus)
+        if self.cpus < 0:
+            return max(0, cpus + self.cpus)
+        return cpus
+
+    def __repr__(self):
+        return f"<NodeAllocate {self.host}:{self.port} cpus={self.cpus}>"
+
+
+def parse_nodes(nodes, default_port):
+    """dispy's ``nodes`` -> list of NodeAllocate."""
+    if isinstance(nodes, (str, NodeAllocate, tuple)):
+        nodes = [nodes]
+    out = []
+    for node in nodes:
+        if isinstance(node, NodeAllocate):
+            spec = node
+        elif isinstance(node, str):
+            spec = NodeAllocate(node)
+        elif isinstance(node, tuple) and 1 <= len(node) <= 3:
+            spec = NodeAllocate(*node)
+        else:
+            raise ValueError(f"invalid node {node!r}: give a host name, an IP address, "
+                             f"a (host, port[, cpus]) tuple or a NodeAllocate")
+        if spec.port is None:
+            spec.port = default_port
+        out.append(spec)
+    return out
+
+
+class CallbackThread:
+    """Runs user callbacks one at a time, in order, off the client's loop;
+    an exception in a callback is logged and the next one runs."""
+
+    def __init__(self):
+        self.queue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="dpool-callbacks", daemon=True)
+        self.thread.start()
+
+    def put(self, fn, *args):
+        self.queue.put((fn, args))
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("dpool: callback %s raised", getattr(fn, "__name__", fn))
+
+    def stop(self, timeout=10):
+        """Run the callbacks already queued, then end the thread."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            if threading.current_thread() is not self.thread:
+                self.thread.join(timeout)
