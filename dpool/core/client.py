@@ -319,6 +319,7 @@ class Client:
         if self.prepare is not None:
             plan = self.prepare(link)
             if plan is None:
+                link.ready_future.cancel()  # nobody waits for it
                 raise DpoolError("not used: the cluster's allocation gave it no CPUs")
             session, preamble = plan
         link.conn.send([P.encode(P.SESSION, session), *self.init_frames])
