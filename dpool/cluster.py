@@ -45,6 +45,7 @@ log = logging.getLogger("dpool")
 __all__ = ["JobCluster", "DispyJob", "DispyNode", "DispyNodeAvailInfo", "NodeAllocate",
            "ClusterStatus"]
 
+SETUP_WAIT = 60.0  # seconds JobCluster() waits for the nodes' setup
 _DISPY_ONLY = {"host", "dispy_port", "ext_host", "ip_addr", "ext_ip_addr", "ipv4_udp_multicast",
                "ping_interval", "pulse_interval", "poll_interval", "reentrant", "recover_file"}
 
@@ -99,16 +100,33 @@ class JobCluster:
         self._nodes = {}  # NodeLink -> DispyNode (initialized nodes)
         self._closing = {}  # NodeLink -> close when idle
         self._allocs = [] if nodes in (None, "*", ["*"]) else parse_nodes(nodes, self.node_port)
-        for alloc in self._allocs:
+        for alloc in self._allocs or [NodeAllocate("*")]:
             alloc._files = [file_entry(dep) for dep in alloc.depends]
             self._check_setup_args(alloc.setup_args)
         self._callbacks = CallbackThread() if (self.job_status or self.cluster_status) else None
         try:
             self._client = self._make_client(cpus)
+            self._wait_for_setup(self._client)
         except BaseException:
             if self._callbacks is not None:
                 self._callbacks.stop()
             raise
+
+    def _wait_for_setup(self, client, timeout=SETUP_WAIT):
+        """Return once every node has run setup (or was left out); raise if
+        no node is left.  A setup still running after ``timeout`` s goes on:
+        jobs wait for it."""
+        deadline = time.monotonic() + timeout
+        while any(link.ready and link.hold for link in client.links):
+            if time.monotonic() > deadline:
+                log.warning("setup is still running on some nodes after %ss; jobs wait for "
+                            "them", timeout)
+                return
+            time.sleep(0.005)
+        if not any(link.ready for link in client.links):
+            errors = "; ".join(str(link.error) for link in client.links if link.error)
+            client.close(wait=False, cancel=True)
+            raise BrokenCluster(f"no node could be set up: {errors}")
 
     # ------------------------------------------------------------ checks
 
@@ -117,7 +135,6 @@ class JobCluster:
             raise TypeError("setup must be a function")
         if not (isinstance(cleanup, bool) or callable(cleanup)):
             raise TypeError("cleanup must be True, False or a function")
-        self._check_setup_args(())
 
     def _check_setup_args(self, setup_args):
         for fn, what in ((self._setup, "setup"), (self._cleanup, "cleanup")):
@@ -396,6 +413,12 @@ class JobCluster:
             if not self._client.wait(timeout):
                 return False
             self._client.close(wait=False)
+        for node in self._nodes.values():  # the loop thread has stopped
+            node.avail_cpus = node.busy = 0
+            node.update_time = time.time()
+            if self.cluster_status:
+                self._callbacks.put(self.cluster_status, DispyNode.Closed, node, None)
+        self._nodes.clear()
         if self._callbacks is not None:
             self._callbacks.stop()
         return True

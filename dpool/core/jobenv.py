@@ -113,7 +113,9 @@ def run_with_files(files, cleanup, args, kwargs):
                 f.write(data)
             os.chmod(path, mode | 0o600)
             written.append(path)
-        return _namespace["__dpool_computation__"](*args, **kwargs)
+        fn = _namespace["__dpool_computation__"]
+        _inject(fn)
+        return fn(*args, **kwargs)
     finally:
         if cleanup:
             for path in written:

@@ -1,0 +1,332 @@
+"""dispy compatibility (issue #3) through the public API, against real nodes."""
+import logging
+import os
+import threading
+import time
+
+import pytest
+
+import dpool as dispy
+from dpool.errors import BrokenCluster
+from conftest import poll_for
+from helpers_engine import dpool_node, node1, node_secret, pid_gone  # noqa: F401 (fixtures)
+import helpers_dispy as H
+
+DispyJob, DispyNode = dispy.DispyJob, dispy.DispyNode
+pytestmark = pytest.mark.timeout(30)
+
+
+def cluster_on(node, fn, **kwargs):
+    kwargs.setdefault("secret", node.secret)
+    kwargs.setdefault("nodes", [node.address])
+    return dispy.JobCluster(fn, **kwargs)
+
+
+def helper(d, x):
+    return f"{d}:{x}"
+
+
+# ----------------------------------------------------------- 1. job and node model
+
+def test_status_constants_have_dispys_values():
+    assert [DispyJob.Created, DispyJob.Running, DispyJob.ProvisionalResult, DispyJob.Cancelled,
+            DispyJob.Terminated, DispyJob.Abandoned, DispyJob.Finished] == list(range(5, 12))
+    assert (DispyNode.Initialized, DispyNode.Closed, DispyNode.AvailInfo) == (4, 16, 17)
+    for name in ("JobCluster", "DispyJob", "DispyNode", "DispyNodeAvailInfo", "NodeAllocate"):
+        assert hasattr(dispy, name)
+
+
+def test_status_and_print_status(dpool_node, capsys):
+    with cluster_on(dpool_node, H.fast) as cluster:
+        jobs = [cluster.submit(i) for i in range(4)]
+        assert cluster.wait(10)
+        status = cluster.status()
+        assert status.jobs_pending == 0
+        (node,) = status.nodes
+        assert isinstance(node, DispyNode)
+        assert (node.ip_addr, node.cpus, node.jobs_done, node.busy) == ("127.0.0.1", 2, 4, 0)
+        assert node.cpu_time >= 0 and node.update_time > 0
+        assert isinstance(node.avail_info, dispy.DispyNodeAvailInfo)
+        assert node.avail_info.memory > 0 and node.avail_info.disk > 0
+        cluster.print_status()
+        out = capsys.readouterr().out
+        assert "Node" in out and "Total job time" in out
+        assert [job.id for job in jobs] == sorted(job.id for job in jobs)  # numbered like dispy
+
+
+# ---------------------------------------------------------------- 2. callbacks
+
+def test_callbacks_see_node_and_job_transitions_in_order(dpool_node):
+    events, seen = [], []
+    threads = set()
+
+    def cluster_status(status, node, job):
+        threads.add(threading.current_thread().name)
+        events.append((status, node.ip_addr if node else None, job.id if job else None))
+
+    def job_status(job):
+        threads.add(threading.current_thread().name)
+        seen.append((job.id, job.status, job.result))
+
+    cluster = cluster_on(dpool_node, H.fast, cluster_status=cluster_status,
+                         job_status=job_status)
+    job = cluster.submit_job_id("j1", 7)
+    assert job() == 7
+    cluster.close()
+    assert threads == {"dpool-callbacks"}
+    ip = "127.0.0.1"
+    assert events[0] == (DispyNode.Initialized, ip, None)
+    mine = [e for e in events if e[2] == "j1"]
+    assert mine == [(DispyJob.Created, None, "j1"), (DispyJob.Running, ip, "j1"),
+                    (DispyJob.Finished, ip, "j1")]
+    assert events[-1] == (DispyNode.Closed, ip, None)
+    assert seen == [("j1", DispyJob.Finished, 7)]
+
+
+def test_callback_exception_is_logged_and_the_next_runs(dpool_node, caplog):
+    seen = []
+
+    def job_status(job):
+        seen.append(job.id)
+        if len(seen) == 1:
+            raise ValueError("callback bug")
+
+    with caplog.at_level(logging.ERROR, logger="dpool"):
+        with cluster_on(dpool_node, H.fast, job_status=job_status) as cluster:
+            for i in range(3):
+                cluster.submit(i)
+    assert len(seen) == 3
+    assert "callback bug" in caplog.text
+
+
+def test_callback_signatures_are_checked():
+    with pytest.raises(TypeError, match="job_status"):
+        dispy.JobCluster(H.fast, nodes=[("127.0.0.1", 1)], job_status=lambda: None)
+    with pytest.raises(TypeError, match="cluster_status"):
+        dispy.JobCluster(H.fast, nodes=[("127.0.0.1", 1)], cluster_status=lambda a: None)
+
+
+# ------------------------------------------------------ 3. cancel, wait, close
+
+def test_close_timeout_without_terminate_keeps_the_cluster(dpool_node, tmp_path):
+    gate, marker = str(tmp_path / "gate"), str(tmp_path / "m")
+    cluster = cluster_on(dpool_node, H.hold_until)
+    job = cluster.submit(gate, marker)
+    poll_for(lambda: os.path.exists(marker), 10, message="the job to start")
+    t0 = time.monotonic()
+    assert cluster.close(timeout=0.2) is False
+    assert time.monotonic() - t0 < 2
+    assert cluster.submit(gate, marker + "2") is not None  # still open
+    open(gate, "w").close()
+    assert cluster.close(timeout=10) is True
+    assert job.status == DispyJob.Finished
+
+
+def test_close_terminate_after_timeout_wakes_every_waiter(dpool_node, tmp_path):
+    gate, marker = str(tmp_path / "gate"), str(tmp_path / "m")
+    cluster = cluster_on(dpool_node, H.hold_until)
+    running = cluster.submit(gate, marker)
+    queued = [cluster.submit(gate, str(tmp_path / f"q{i}")) for i in range(3)]
+    poll_for(lambda: os.path.exists(marker), 10, message="the job to start")
+    pid = int(open(marker).read())
+    woken = []
+    waiters = [threading.Thread(target=lambda j=j: woken.append(j())) for j in [running] + queued]
+    for t in waiters:
+        t.start()
+    t0 = time.monotonic()
+    assert cluster.close(timeout=0.3, terminate=True) is True
+    assert 0.25 < time.monotonic() - t0 < 5
+    for t in waiters:
+        t.join(5)
+    assert len(woken) == 4
+    assert running.status == DispyJob.Terminated
+    assert {j.status for j in queued} <= {DispyJob.Cancelled, DispyJob.Terminated}
+    poll_for(lambda: pid_gone(pid), 5, message="the running job's process to die")
+
+
+# ------------------------------------------------------ 4. inside a computation
+
+def test_globals_provisional_results_and_send_file(dpool_node, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    with cluster_on(dpool_node, H.where) as cluster:
+        x, name, ip, job_path, cwd = cluster.submit(1)(timeout=10)
+        assert (x, ip) == (1, "127.0.0.1") and name and job_path == cwd
+    with cluster_on(dpool_node, H.provisional,
+                    job_status=lambda job: seen.append((job.status, job.result))) as cluster:
+        job = cluster.submit(3)
+        assert job(timeout=10) == ("final", 3)
+    poll_for(lambda: len(seen) == 4, 5, message="all job_status calls")
+    assert seen == [(DispyJob.ProvisionalResult, ("step", i)) for i in range(3)] + \
+        [(DispyJob.Finished, ("final", 3))]
+    with cluster_on(dpool_node, H.send_back) as cluster:
+        assert cluster.submit("out.txt", "from the node")(timeout=10) == 0
+    poll_for(lambda: (tmp_path / "out.txt").exists(), 5, message="the file sent back")
+    assert (tmp_path / "out.txt").read_text() == "from the node"
+
+
+# --------------------------------------------------- 5. depends, setup, cleanup
+
+def test_depends_setup_once_per_node_and_cleanup(dpool_node, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.txt").write_text("payload\n")
+    marker = str(tmp_path / "setup-ran")
+    cluster = cluster_on(dpool_node, H.uses_setup, depends=[helper, "data.txt"],
+                         setup=H.setup_reads, cleanup=H.cleanup_writes,
+                         nodes=[dispy.NodeAllocate("127.0.0.1", dpool_node.port,
+                                                   setup_args=("data.txt", marker))])
+    jobs = [cluster.submit(i) for i in range(6)]
+    results = [job(timeout=10) for job in jobs]
+    assert [r[0] for r in results] == [f"payload:{i}" for i in range(6)]
+    assert len({r[1] for r in results}) == 2  # both workers saw setup's global
+    assert len(open(marker).read().split()) == 1  # setup ran once on the node
+    cluster.close()
+    poll_for(lambda: os.path.exists(marker + ".cleanup"), 10, message="cleanup to run")
+    assert open(marker + ".cleanup").read() == "payload"
+
+
+def test_job_depends_and_dest_path(dpool_node, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "per-job.txt").write_text("job file")
+    with cluster_on(dpool_node, H.read_file_where, dest_path="dpool-test/sub") as cluster:
+        job = cluster.submit("per-job.txt", dispy_job_depends=["per-job.txt"])
+        assert job(timeout=10) is not None, job.exception
+        text, cwd, job_path = job.result
+        assert text == "job file"
+        assert cwd == job_path and cwd.endswith(os.path.join("", "dpool-test", "sub"))
+        assert not os.path.exists(os.path.join(cwd, "per-job.txt"))  # cleanup=True
+    with pytest.raises(ValueError):
+        dispy.JobCluster(H.fast, nodes=[dpool_node.address], secret=dpool_node.secret,
+                         dest_path="../escape")
+
+
+def test_failing_setup_leaves_the_node_out_and_says_why(dpool_node, tmp_path, caplog):
+    events = []
+    with pytest.raises(BrokenCluster, match="setup broke on purpose"):
+        cluster_on(dpool_node, H.fast, setup=H.setup_raises,
+                   cluster_status=lambda s, n, j: events.append((s, n, j)))
+    assert "setup broke on purpose" in caplog.text  # logged
+    (status, node, job), = events
+    assert status == DispyNode.Closed and job is None
+    assert "setup broke on purpose" in node.exception
+
+
+def test_failed_resetup_fails_pending_jobs(dpool_node, tmp_path):
+    """No node left after a failed setup: jobs waiting fail with that error."""
+    marker = str(tmp_path / "setups")
+    cluster = cluster_on(dpool_node, H.fast, setup=H.counter_setup,
+                         nodes=[dispy.NodeAllocate("127.0.0.1", dpool_node.port,
+                                                   setup_args=(marker,))])
+    try:
+        os.mkdir(marker + ".blocker")
+        os.rename(marker, marker + ".old")
+        os.rmdir(marker + ".blocker")
+        os.mkdir(marker)  # the next setup cannot append to it: it raises
+        assert cluster.resetup_node("127.0.0.1") == -1
+        with pytest.raises(BrokenCluster, match="setup failed"):
+            cluster.submit(1)
+    finally:
+        cluster.close(terminate=True)
+
+
+def test_bad_input_fails_at_creation(dpool_node, tmp_path):
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="cannot be sent"):
+        cluster_on(dpool_node, lambda x: lock)
+    with pytest.raises(FileNotFoundError, match="no-such-file"):
+        cluster_on(dpool_node, H.fast, depends=[str(tmp_path / "no-such-file")])
+    with pytest.raises(TypeError, match="setup"):
+        cluster_on(dpool_node, H.fast, setup=H.setup_two)  # needs 2 args, given none
+    with pytest.raises(TypeError, match="invalid dependency"):
+        cluster_on(dpool_node, H.fast, depends=[42])
+    with pytest.raises(FileNotFoundError):
+        cluster_on(dpool_node, "/no/such/program")
+
+
+# ------------------------------------------------------------------- 6. nodes
+
+class OneCpu(dispy.NodeAllocate):
+    def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform=""):
+        return 1
+
+
+class NoCpu(dispy.NodeAllocate):
+    def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform=""):
+        return 0
+
+
+def test_node_allocate_override(dpool_node):
+    with cluster_on(dpool_node, H.fast, nodes=[OneCpu("127.0.0.1", dpool_node.port)]) as c:
+        assert [n.cpus for n in c.status().nodes] == [1]
+        assert c.submit(3)(timeout=10) == 3
+    with pytest.raises(BrokenCluster, match="allocation"):
+        cluster_on(dpool_node, H.fast, nodes=[NoCpu("127.0.0.1", dpool_node.port)])
+
+
+def test_node_methods(dpool_node, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sent.txt").write_text("sent later")
+    gate, marker = str(tmp_path / "gate"), str(tmp_path / "m")
+    with cluster_on(dpool_node, H.hold_until) as cluster:
+        (node,) = cluster.status().nodes
+        job = cluster.submit_node(node, gate, marker)
+        poll_for(lambda: os.path.exists(marker), 10, message="the pinned job to start")
+        assert cluster.node_jobs("127.0.0.1") == [job]
+        assert cluster.set_node_cpus(node, 1) == 1
+        assert cluster.set_node_cpus(node, -1) == 1
+        assert cluster.send_file("sent.txt", node) == 0
+        open(gate, "w").close()
+        job(timeout=10)
+        assert cluster.deallocate_node(node) == 0
+        assert cluster.allocate_node("127.0.0.1") == 0
+        with pytest.raises(ValueError, match="not a node"):
+            cluster.submit_node("10.255.255.1", gate, marker)
+        assert cluster.node_jobs("10.255.255.1") == -1
+    with cluster_on(dpool_node, H.read_file, cleanup=False) as cluster:
+        (node,) = cluster.status().nodes
+        assert cluster.send_file("sent.txt", node) == 0
+        assert cluster.submit("sent.txt")(timeout=10) == "sent later"
+
+
+def test_close_node_and_resetup_node(dpool_node, tmp_path):
+    marker = str(tmp_path / "setups")
+    events = []
+    cluster = cluster_on(dpool_node, H.fast, setup=H.counter_setup,
+                         nodes=[dispy.NodeAllocate("127.0.0.1", dpool_node.port,
+                                                   setup_args=(marker,))],
+                         cluster_status=lambda s, n, j: events.append(s))
+    try:
+        assert cluster.submit(1)(timeout=10) == 1
+        assert cluster.resetup_node("127.0.0.1") == 0
+        assert open(marker).read().split() == ["setup", "setup"]
+        assert cluster.submit(2)(timeout=10) == 2
+        assert cluster.close_node("127.0.0.1") == 0
+        poll_for(lambda: not cluster.status().nodes, 5, message="the node to be closed")
+        assert events.count(DispyNode.Initialized) == 2
+        assert events.count(DispyNode.Closed) == 2
+    finally:
+        cluster.close(timeout=5, terminate=True)
+
+
+# ------------------------------------------------------- 7. program computations
+
+def test_program_computation(dpool_node, tmp_path):
+    prog = tmp_path / "prog.sh"
+    prog.write_text("#!/bin/sh\necho \"args: $*\"\necho oops >&2\n"
+                    "[ \"$1\" = sleep ] && exec sleep 30\nexit $1\n")
+    prog.chmod(0o755)
+    with cluster_on(dpool_node, str(prog)) as cluster:
+        assert cluster.name == "prog.sh"
+        job = cluster.submit(3, "x")
+        assert job(timeout=10) == 3
+        assert job.status == DispyJob.Finished
+        assert job.stdout == "args: 3 x\n" and job.stderr == "oops\n"
+        long = cluster.submit("sleep")
+
+        def sleeper():
+            return [p for p in dpool_node.descendants() if p.name() == "sleep"]
+        (proc,) = poll_for(sleeper, 5, message="the program to run")
+        assert cluster.cancel(long) == 0
+        long(timeout=5)
+        assert long.status == DispyJob.Terminated
+        poll_for(lambda: pid_gone(proc.pid), 5, message="the program to be killed")
