@@ -36,6 +36,13 @@ def _snapshot():
             proc.num_fds())
 
 
+def _alive(process):
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(request):
     """After each test: no new threads, child processes or file descriptors."""
@@ -50,7 +57,7 @@ def no_leaks(request):
         extra_threads = [t for t in threading.enumerate()
                          if t.ident not in threads and t.is_alive()]
         extra_children = [p for p in proc.children(recursive=True)
-                          if p.pid not in children and p.status() != psutil.STATUS_ZOMBIE]
+                          if p.pid not in children and _alive(p)]
         return not extra_threads and not extra_children and now_fds <= fds, \
             (extra_threads, extra_children, now_fds - fds)
 

@@ -207,3 +207,17 @@ def test_node_server_refuses_non_loopback_without_secret():
         finally:
             await server.close()
     asyncio.run(main())
+
+
+def test_a_remote_client_cannot_choose_the_job_folder(dpool_node, tmp_path):
+    """The 'cwd' session option is for the client's own embedded node only."""
+    from dpool.core.client import Client
+
+    client = Client([dpool_node.address], secret=dpool_node.secret,
+                    session={"cwd": str(tmp_path)}, connect_timeout=5)
+    with pytest.raises(BrokenCluster, match="only for embedded nodes"):
+        client.start()
+    # The node still serves a well-behaved client.
+    with dpool.JobCluster(abs, nodes=[dpool_node.address], secret=dpool_node.secret,
+                          loglevel=None) as cluster:
+        assert cluster.submit(-3)(timeout=10) == 3

@@ -286,7 +286,8 @@ class Client:
     async def _start_embedded(self):
         from .node import NodeRuntime
 
-        node = NodeRuntime(resolve_cpus(self.embedded_cpus), name=socket.gethostname())
+        node = NodeRuntime(resolve_cpus(self.embedded_cpus), name=socket.gethostname(),
+                           embedded=True)
         await node.start()
         self.embedded = node
         ours, theirs = inproc_pair()

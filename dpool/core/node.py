@@ -41,8 +41,9 @@ _PREFETCH_JOB = 0.05  # below this a worker also holds the job after its current
 class NodeRuntime:
     """The part of a node that is not I/O setup: sessions, CPUs, workers."""
 
-    def __init__(self, cpus, name=None, dest_root=None):
+    def __init__(self, cpus, name=None, dest_root=None, embedded=False):
         self.cpus = cpus
+        self.embedded = embedded  # in the client's own process
         self.free_cpus = cpus
         self.name = name or socket.gethostname()
         self.dest_root = dest_root
@@ -165,6 +166,11 @@ class Session:
 
     def _make_dir(self, options):
         if options.get("cwd"):
+            # Running jobs in a folder of the client's choosing is for the
+            # client's own embedded node only; over the network, jobs run in
+            # a session folder under the node's job root.
+            if not self.node.embedded:
+                raise OSError("the 'cwd' session option is only for embedded nodes")
             return options["cwd"]
         root = self.node.dest_root or tempfile.gettempdir()
         os.makedirs(root, exist_ok=True)

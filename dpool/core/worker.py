@@ -39,10 +39,6 @@ class _Capture:
         return False
 
 
-_MAX_HELD = 64  # results
-_MAX_HOLD = 0.002  # seconds
-
-
 class Worker:
     def __init__(self, conn):
         self.conn = conn
@@ -51,9 +47,6 @@ class Worker:
         self.notify_start = False
         self.max_tasks = None
         self.done = 0
-        self.results = []  # DONE records held back while a batch runs
-        self.result_frames = []
-        self.first_result = 0.0
         self.handlers = {P.INIT: self.on_init, P.FUNC: self.on_func, P.RUN: self.on_run,
                          P.SETUP: self.on_env, P.ENV: self.on_env, P.CLEANUP: self.on_env}
 
@@ -101,33 +94,20 @@ class Worker:
         return fn
 
     def on_run(self, header, frames):
-        """Run a batch of jobs; results of short jobs go back in batches too."""
-        jobs = header[1]
-        last = len(jobs) - 1
+        """Run a batch of jobs.  Each result is sent as soon as its job ends,
+        before the next job starts: if a later job kills this process, the
+        results already made are safe with the node, and the node knows that
+        the job it has no result for is the one that was running."""
         i = 1
-        for k, (job_id, fn_id, star, n) in enumerate(jobs):
+        send = self.conn.send
+        for job_id, fn_id, star, n in header[1]:
             record, payload = self.run(job_id, fn_id, star, frames[i:i + n])
             i += n
-            if not self.results:
-                self.first_result = time.monotonic()
-            self.results.append(record)
-            self.result_frames.extend(payload)
-            # Hold results only while more jobs of this batch wait (the node
-            # batches only short jobs), and never for long.
-            if k == last or len(self.results) >= _MAX_HELD or \
-                    time.monotonic() - self.first_result > _MAX_HOLD:
-                self.flush()
-
-    def flush(self):
-        if self.results:
-            results, frames = self.results, self.result_frames
-            self.results, self.result_frames = [], []
-            self.conn.send([P.encode(P.DONE, results), *frames])
+            send([P.encode(P.DONE, [record]), *payload])
 
     def run(self, job_id, fn_id, star, frames):
         start = time.time()
         if self.notify_start:
-            self.flush()
             self.conn.send([P.encode(P.STARTED, job_id, start)])
         out = err = None
         try:
