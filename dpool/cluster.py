@@ -171,18 +171,9 @@ class JobCluster:
                     f"node pattern {spec.host!r} needs broadcast discovery, which dpool does "
                     f"not have yet; name the nodes by host name or address")
             addresses.append((spec.host, spec.port))
-        client = core.Client(addresses, secret=self._secret_for(addresses), **self._client_args())
+        client = core.Client(addresses, secret=config.secret_for(self.secret, addresses),
+                             **self._client_args())
         return client.start()
-
-    def _secret_for(self, addresses):
-        if self.secret:
-            return self.secret
-        if all(_is_local(host) for host, _ in addresses):
-            found = {config.find_local_secret(port) for _, port in addresses}
-            if len(found) == 1 and None not in found:
-                return found.pop()
-        raise ValueError("a secret is needed to talk to dpool nodes: pass secret=... or set "
-                         "DPOOL_SECRET (nodes on this host also leave it in ~/.dpool)")
 
     def _local_client(self, cpus):
         self._embedded_cpus = config.resolve_cpus(cpus)
@@ -675,12 +666,6 @@ def _ip_of(link):
     if link.address == "embedded":
         return "127.0.0.1"
     return resolve_host(link.address[0])
-
-
-def _is_local(host):
-    from .transport import netaddr
-
-    return netaddr.is_loopback(host)
 
 
 def _exception_text(error):

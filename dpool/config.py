@@ -76,3 +76,22 @@ def find_local_secret(port):
         return read_secret_file(local_secret_path(port))
     except (FileNotFoundError, ValueError):
         return None
+
+
+def secret_for(secret, addresses):
+    """The secret to use with the nodes at ``addresses`` ((host, port) pairs).
+
+    The one given (str or bytes), else ``DPOOL_SECRET``, else, when every
+    node is on this host, the secret such nodes leave in ``dpool_home()``.
+    """
+    from .transport.netaddr import is_loopback
+
+    secret = as_secret(secret) or env_secret()
+    if secret:
+        return secret
+    if all(is_loopback(host) for host, _ in addresses):
+        found = {find_local_secret(port) for _, port in addresses}
+        if len(found) == 1 and None not in found:
+            return found.pop()
+    raise ValueError("a secret is needed to talk to dpool nodes: pass secret=... or set "
+                     "DPOOL_SECRET (nodes on this host also leave it in ~/.dpool)")

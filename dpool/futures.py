@@ -19,10 +19,8 @@ Deliberate differences from ``ProcessPoolExecutor`` are listed in
 ``docs/executor-and-pool.md``.
 """
 import concurrent.futures as _cf
-import ipaddress
 import itertools
 import os
-import socket
 import threading
 import time
 
@@ -64,25 +62,6 @@ def parse_nodes(nodes):
     return out
 
 
-def _is_loopback(host):
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        return False
-
-
-def _secret_for(secret, addresses):
-    secret = config.as_secret(secret) or config.env_secret()
-    if secret:
-        return secret
-    if all(_is_loopback(host) for host, _ in addresses):
-        found = {config.find_local_secret(port) for _, port in addresses}
-        if len(found) == 1 and None not in found:
-            return found.pop()
-    raise ValueError("a secret is needed to talk to dpool nodes: pass secret=... or set "
-                     "DPOOL_SECRET (nodes on this host also leave it in ~/.dpool)")
-
-
 def start_client(workers, nodes, secret, max_tasks, initializer, initargs):
     """The started :class:`Client` behind an Executor or a Pool.
 
@@ -100,7 +79,7 @@ def start_client(workers, nodes, secret, max_tasks, initializer, initargs):
         addresses = parse_nodes(nodes)
         if workers:
             session["cpus"] = workers
-        client = Client(addresses, secret=_secret_for(secret, addresses), session=session,
+        client = Client(addresses, secret=config.secret_for(secret, addresses), session=session,
                         initializer=initializer, initargs=initargs)
     return client.start()
 
