@@ -47,14 +47,13 @@ def test_node_added_after_submit_gets_the_queue_in_order():
 
 
 def test_long_jobs_are_not_piled_up():
-    """After a long job the limit is one per CPU: no send until room appears."""
+    """With long jobs the limit stays two per CPU: one running, one waiting."""
     s = Scheduler()
     s.add_node("a", 2)
     s.submit(range(10))
-    assert s.done("a", 0, duration=1.0) == []  # 3 in flight, limit now 2
-    assert s.done("a", 1, duration=1.0) == []  # 2 in flight, limit 2
-    assert sends(s.done("a", 2, duration=1.0)) == {"a": [4]}
-    assert len(s.nodes["a"].inflight) == 2
+    assert sends(s.done("a", 0, duration=1.0)) == {"a": [4]}  # limit stays 4
+    assert sends(s.done("a", 1, duration=1.0)) == {"a": [5]}
+    assert len(s.nodes["a"].inflight) == s.nodes["a"].limit() == 4
 
 
 def test_short_jobs_stream_deeper():

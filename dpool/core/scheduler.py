@@ -8,10 +8,10 @@ limits, retries, node loss) is tested without sockets or waiting.
 
 Policies:
 
-- A node gets at most ``limit(node)`` jobs at a time: one per CPU plus a
+- A node gets at most ``limit(node)`` jobs at a time: two per CPU plus a
   read-ahead that grows as jobs get shorter (measured), so that a node never
   idles waiting for the client, while long jobs are not piled up on one node
-  when another could start them.
+  when another could start them (at most one waits per CPU).
 - A job whose node is lost goes back to the front of the queue, at most
   ``max_retries`` times; after that it fails with :class:`NodeLost`.  Errors
   raised by the job itself are results, never retried here.
@@ -55,10 +55,12 @@ class NodeState:
     done: int = 0
 
     def limit(self):
+        """Jobs this node may hold: two per CPU (the next job is always there
+        when one ends), more as measured jobs get shorter (up to 65)."""
         if self.ema is None:
             per_cpu = 2
         else:
-            per_cpu = 1 + min(64, int(0.02 / max(self.ema, 1e-6)))
+            per_cpu = 2 + min(63, int(0.02 / max(self.ema, 1e-6)))
         return self.cpus * per_cpu
 
     def room(self):
