@@ -31,6 +31,7 @@ import threading
 import warnings
 import weakref
 
+from . import protocol as P
 from .futures import check_initializer, start_client, total_cpus
 
 __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
@@ -40,7 +41,6 @@ log = logging.getLogger("dpool")
 
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 TimeoutError = multiprocessing.TimeoutError  # what get() and next() raise
-_BIG_CHUNK = 64  # items; see Pool._submit_items
 
 
 class Pool:
@@ -89,15 +89,11 @@ class Pool:
         return self._client.submit(fn, chunk, star=True).future
 
     def _submit_items(self, fn, items, star):
-        """One chunk of a map (``items``: a slice of the input) as one job.
-
-        A big chunk is sent as it is and run by :func:`_run_chunk` on the
-        worker: making and pickling a one-item tuple per item, as the core's
-        star jobs need, costs more than the whole map on the workers.
-        """
-        if len(items) >= _BIG_CHUNK:
-            return self._client.submit(_run_chunk, (fn, items, star)).future
-        return self._submit(fn, list(items) if star else list(zip(items)))
+        """One chunk of a map (``items``: a slice of the input) as one job;
+        the items travel as they are, no one-item tuple per item."""
+        mode = P.STARMAP if star else P.MAP
+        return self._client.submit(fn, items if isinstance(items, list) else list(items),
+                                   star=mode).future
 
     def _runner(self, callback, error_callback):
         if callback is None and error_callback is None:
@@ -231,11 +227,6 @@ def _slices(items, size):
         items = list(items)
     for i in range(0, len(items), size):
         yield items[i:i + size]
-
-
-def _run_chunk(fn, items, star):
-    """On a worker: one big chunk of a map or starmap."""
-    return list(itertools.starmap(fn, items) if star else map(fn, items))
 
 
 # ----------------------------------------------------------------- results

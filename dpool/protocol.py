@@ -38,9 +38,10 @@ Node -> worker                         Worker -> node
   RUN  (op, job_id, fn_id, star) + payload STARTED (op, job_id, time)
 
 ``jobs`` in RUN is a list of ``(job_id, fn_id, nframes, star)``: the payload frames
-of the jobs follow the header in that order.  ``star`` true means the payload
-is ``(list_of_arg_tuples, {})`` and the result the list of ``fn(*args)``
-(a chunk of a map).  ``results`` in DONE is a list
+of the jobs follow the header in that order.  ``star`` is CALL (``fn(*args,
+**kwargs)``), STARMAP (the payload is ``(list_of_arg_tuples, {})``, the
+result the list of ``fn(*a)``) or MAP (``(list_of_items, {})``, the result
+the list of ``fn(x)``): a chunk of a map is one job.  ``results`` in DONE is a list
 of result tuples ``(job_id, status, start, end, stdout, stderr, nframes)``.
 """
 import pickle
@@ -54,6 +55,9 @@ INIT, INITFAIL = 21, 22
 FILE, SETUP = 6, 7
 FILEDONE, SETUPDONE, SETUPFAIL, PROVISIONAL, SENDFILE = 15, 16, 17, 18, 19
 ENV, CLEANUP, CLEANUPDONE = 23, 24, 25
+
+# How a worker calls a job's function (``star`` in RUN).
+CALL, STARMAP, MAP = 0, 1, 2
 
 # Job outcome codes carried in DONE.
 # CANCELLED: taken off the queue before it ran; KILLED: its process was killed.

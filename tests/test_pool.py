@@ -10,7 +10,6 @@ import pytest
 import conformance_helpers as h
 import dpool
 from conftest import poll_for
-from dpool.pool import _BIG_CHUNK
 
 
 @pytest.fixture
@@ -22,11 +21,11 @@ def pool():
 
 
 def test_big_chunks_map_and_starmap(pool):
-    n = _BIG_CHUNK * 10
+    n = 640
     assert pool.map(lambda x: -x, range(n)) == [-x for x in range(n)]
     assert pool.starmap(h.add, [(i, i) for i in range(n)]) == [2 * i for i in range(n)]
     with pytest.raises(ValueError, match="bad item 500") as info:
-        pool.starmap(h.fail_on, [(i, 500) for i in range(n)], _BIG_CHUNK)
+        pool.starmap(h.fail_on, [(i, 500) for i in range(n)], 64)
     assert "fail_on" in str(info.value.__cause__)
     with pytest.raises(TypeError, match="missing 1 required"):
         pool.map(h.fail_on, range(n))

@@ -96,6 +96,16 @@ class NodeLink:
     def cpus(self):
         return self.info.get("cpus", 0)
 
+    @property
+    def tx(self):
+        """Bytes sent to the node on this session's connection."""
+        return self.conn.bytes_sent if self.conn is not None else 0
+
+    @property
+    def rx(self):
+        """Bytes received from the node on this session's connection."""
+        return self.conn.bytes_received if self.conn is not None else 0
+
     def __repr__(self):
         return f"<node {self.name} {self.address}>"
 
@@ -215,8 +225,10 @@ class Client:
     def submit(self, fn, args=(), kwargs=None, tag=None, pin=None, star=False):
         """Queue one job; returns its :class:`Job` (``job.future`` resolves).
 
-        With ``star=True``, ``args`` is a list of argument tuples and the
-        job's result is ``[fn(*a) for a in args]``: one message for a chunk.
+        With ``star=True`` (or ``protocol.STARMAP``), ``args`` is a list of
+        argument tuples and the job's result is ``[fn(*a) for a in args]``;
+        with ``star=protocol.MAP`` it is a list of items and the result
+        ``[fn(x) for x in args]``: one message for a chunk of a map.
         ``tag`` is kept as ``job.tag``; ``pin`` names the only NodeLink
         the job may run on.
         """

@@ -17,6 +17,7 @@ that killing the group also kills whatever the job started.  It exits when
 the node closes the socket, or after ``max_tasks`` jobs.
 """
 import io
+import itertools
 import os
 import sys
 import time
@@ -132,9 +133,11 @@ class Worker:
 
 
 def _call(fn, args, kwargs, star):
-    if star:  # a chunk: args is a list of argument tuples
-        return [fn(*a) for a in args]
-    return fn(*args, **kwargs)
+    if not star:
+        return fn(*args, **kwargs)
+    if star == P.MAP:  # a chunk of a map: args is a list of items
+        return list(map(fn, args))
+    return list(itertools.starmap(fn, args))  # P.STARMAP: a list of argument tuples
 
 
 def main(fd):
