@@ -267,6 +267,7 @@ class JobCluster:
                 if getattr(job, "_busy_on", None) is node and node.busy > 0:
                     node.busy -= 1
                 node.jobs_done, node.cpu_time = obj.node.jobs_done, obj.node.cpu_time
+                node.tx, node.rx = obj.node.tx, obj.node.rx
                 node.update_time = time.time()
             self._notify(job, job.status, obj.node)
             self._close_if_idle(obj.node)
@@ -433,26 +434,28 @@ class JobCluster:
             for link, node in self._nodes.items():
                 node.busy = busy.get(link, 0)
                 node.jobs_done, node.cpu_time = link.jobs_done, link.cpu_time
+                node.tx, node.rx = link.tx, link.rx
             return ClusterStatus(list(self._nodes.values()), self._client.pending())
         if self._client.closed:
             return ClusterStatus([], 0)
         return self._call(collect_status)
 
     def print_status(self, wall_time=None):
-        """Print the per-node table dispy prints: CPUs, jobs, time per job."""
+        """Print the per-node table dispy prints: CPUs, jobs, time per job,
+        bytes sent to and received from each node."""
         info = self.status()
         print()
-        heading = " %30s | %5s | %7s | %10s | %13s" % ("Node", "CPUs", "Jobs", "Sec/Job",
-                                                      "Node Time Sec")
+        heading = " %30s | %5s | %7s | %10s | %13s | %8s | %8s" % (
+            "Node", "CPUs", "Jobs", "Sec/Job", "Node Time Sec", "Sent", "Rcvd")
         print(heading)
         print("-" * len(heading))
         total = 0.0
         for node in info.nodes:
             per_job = node.cpu_time / node.jobs_done if node.jobs_done else 0.0
             total += node.cpu_time
-            print(" %-30.30s | %5s | %7s | %10.3f | %13.3f" % (
+            print(" %-30.30s | %5s | %7s | %10.3f | %13.3f | %8s | %8s" % (
                 f"{node.ip_addr} ({node.name})", node.cpus, node.jobs_done, per_job,
-                node.cpu_time))
+                node.cpu_time, _byte_size(node.tx), _byte_size(node.rx)))
         print()
         if info.jobs_pending:
             print("Jobs pending: %s" % info.jobs_pending)
@@ -464,9 +467,7 @@ class JobCluster:
     stats = print_status
 
     def _call(self, fn, timeout=30):
-        async def run():
-            return fn()
-        return self._client._thread.run(run(), timeout)
+        return self._client.call(fn, timeout)
 
     def _link(self, node, strict=False):
         """A DispyNode, IP address, host name (or NodeAllocate) -> NodeLink."""
@@ -666,6 +667,14 @@ def _ip_of(link):
     if link.address == "embedded":
         return "127.0.0.1"
     return resolve_host(link.address[0])
+
+
+def _byte_size(n):
+    """1234567 -> '1.2 M' (dispy's units in print_status)."""
+    for unit, size in (("T", 2**40), ("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if n >= size:
+            return "%.1f %s" % (n / size, unit)
+    return "%d B" % n
 
 
 def _exception_text(error):

@@ -280,6 +280,21 @@ class Client:
     def nodes(self):
         return [link for link in self.links if link.ready]
 
+    def unfinished(self):
+        """The futures of the jobs not finished yet."""
+        return list(self._unfinished)
+
+    def in_loop_thread(self):
+        """True when called from the client's own loop thread (where
+        nothing may block on the client)."""
+        return threading.current_thread() is self._thread.thread
+
+    def call(self, fn, timeout=30):
+        """Run ``fn()`` in the loop thread and return its result."""
+        async def run():
+            return fn()
+        return self._thread.run(run(), timeout)
+
     def pending(self):
         return len(self._unfinished)
 

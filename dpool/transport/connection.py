@@ -24,7 +24,7 @@ import logging
 from dpool.errors import ConnectionClosed, ProtocolError
 
 from .auth import PREAUTH_MAX
-from .frames import FrameDecoder, Limits, encode
+from .frames import FrameDecoder, Limits, _nbytes, encode
 
 log = logging.getLogger("dpool.transport")
 
@@ -63,6 +63,10 @@ class Connection:
       errors are logged once at WARNING with the peer's address.
     * ``peer`` names the other end ("host:port", "inproc", "socketpair");
       ``hello`` is the peer's hello dict (None on unauthenticated links).
+    * ``bytes_sent`` / ``bytes_received`` count the bytes written to and
+      read from the stream (handshake and framing included; on TLS the
+      plaintext handed to / received from the TLS layer; in-process, the
+      frames' bytes).  One integer add per read or write call.
     """
 
     def __init__(self, loop, peer: str, limits: Limits | None = None, *,
@@ -90,6 +94,8 @@ class Connection:
         self._write_paused = False
         self._drain_waiters = []
         self._lost_future = loop.create_future()
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     def __repr__(self):
         state = "closed" if self.closed else "open"
@@ -322,11 +328,14 @@ class _InprocConnection(Connection):
     def send(self, frames) -> None:
         if self._closing or self._lost:
             raise self._closed_error()
-        self._loop.call_soon(self._other._receive, list(frames), self)
+        frames = list(frames)
+        self.bytes_sent += sum(map(_nbytes, frames))
+        self._loop.call_soon(self._other._receive, frames, self)
 
     def _receive(self, frames, sender) -> None:
         if sender._aborted or self._closing or self._lost:
             return
+        self.bytes_received += sum(map(_nbytes, frames))
         limits = self._limits
         if len(frames) > limits.max_frames:
             self._fail(ProtocolError(f"message declares {len(frames)} frames, "

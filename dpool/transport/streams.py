@@ -85,6 +85,7 @@ class SocketStream:
             self._finish(exc)
             return
         if n:
+            conn.bytes_received += n
             conn._buffer_updated(n)
         else:
             self._finish(None)
@@ -126,6 +127,7 @@ class SocketStream:
                     sent = self._sock.sendmsg([out[i] for i in range(min(len(out), IOV_MAX))])
                 advance(out, sent)
                 self._out_bytes -= sent
+                self._conn.bytes_sent += sent
                 if not sent or len(out) < IOV_MAX and out:
                     break  # the kernel buffer is full: wait for writability
         except (BlockingIOError, InterruptedError):
@@ -194,6 +196,7 @@ class TransportAdapter(asyncio.BufferedProtocol):
         return self._transport is not None
 
     def write(self, parts) -> None:
+        self._conn.bytes_sent += sum(map(len, parts))
         self._transport.writelines(parts)
 
     def close(self) -> None:
@@ -214,6 +217,7 @@ class TransportAdapter(asyncio.BufferedProtocol):
         return self._conn._get_buffer()
 
     def buffer_updated(self, nbytes):
+        self._conn.bytes_received += nbytes
         self._conn._buffer_updated(nbytes)
 
     def eof_received(self):
