@@ -170,7 +170,7 @@ class Executor(_cf.Executor):
             self._shutdown_thread = True
             if cancel_futures:
                 # Only futures not yet running can be cancelled (as the stdlib).
-                for future in list(self._client._unfinished):
+                for future in self._client.unfinished():
                     future.cancel()
             if not wait and self._closer is None:
                 self._closer = threading.Thread(target=self._client.close,
@@ -187,7 +187,7 @@ class Executor(_cf.Executor):
         client = getattr(self, "_client", None)
         if client is None or client.closed:
             return
-        if threading.current_thread() is client._thread.thread:
+        if client.in_loop_thread():
             return
         try:
             client.close(wait=False, cancel=True)

@@ -211,7 +211,7 @@ class Pool:
             return
         _warn(f"unclosed running dpool pool {self!r}", ResourceWarning, source=self)
         client = self._client
-        if threading.current_thread() is client._thread.thread:
+        if client.in_loop_thread():
             return  # never block the client's own loop thread
         try:
             client.close(wait=False, cancel=True)
