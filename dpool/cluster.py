@@ -67,6 +67,7 @@ class JobCluster:
         unknown = set(dispy_options) - _DISPY_ONLY
         if unknown:
             raise TypeError(f"JobCluster() got unexpected arguments: {', '.join(sorted(unknown))}")
+        self._pulse_interval = _check_pulse_interval(dispy_options.get("pulse_interval"))
         _configure_logging(loglevel)
         self.job_status = _check_callback(job_status or callback, 1, "job_status")
         self.cluster_status = _check_callback(cluster_status, 3, "cluster_status")
@@ -155,6 +156,8 @@ class JobCluster:
                    and not isinstance(self._cleanup, bool)}
         if self._dest_path:
             options["dest_path"] = self._dest_path
+        if self._pulse_interval:
+            options["pulse_interval"] = self._pulse_interval
         return options
 
     def _client_args(self):
@@ -248,6 +251,9 @@ class JobCluster:
         if kind == "file":
             self._save_file(*obj)
             return
+        if kind == "avail":
+            self._avail_event(obj)
+            return
         job = obj.tag
         if job is None:
             return
@@ -300,6 +306,16 @@ class JobCluster:
             self._closing.pop(link, None)
         if self.cluster_status:
             self._callbacks.put(self.cluster_status, status, node, None)
+
+    def _avail_event(self, link):
+        node = self._nodes.get(link)
+        if node is None:
+            return
+        node.avail_info = DispyNodeAvailInfo.from_info(link.info.get("avail_info"))
+        node.tx, node.rx = link.tx, link.rx
+        node.update_time = time.time()
+        if self.cluster_status:
+            self._callbacks.put(self.cluster_status, DispyNode.AvailInfo, node, None)
 
     def _finish(self, job, core_job):
         future = core_job.future
@@ -626,6 +642,18 @@ def _check_callback(fn, nargs, what):
     except ValueError:
         pass
     return fn
+
+
+def _check_pulse_interval(value):
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0.1 <= value <= 1000:
+        raise ValueError("pulse_interval must be a number of seconds between 0.1 and 1000")
+    return value
 
 
 def _check_dest_path(dest_path):

@@ -23,6 +23,9 @@ Client -> node                         Node -> client
          setup_args, cleanup))           SETUPFAIL   (op,)              + exception
                                          PROVISIONAL (op, job_id)       + payload
                                          SENDFILE    (op, job_id, name) + data
+                                         AVAILINFO   (op, info)  every
+                                           ``pulse_interval`` s if the
+                                           session options ask for it
 Node -> worker                         Worker -> node
   SETUP   (op,) + the client's frames    SETUPDONE   (op,) + env frames
   ENV     (op,) + env frames             SETUPFAIL   (op,) + exception
@@ -54,6 +57,7 @@ INIT, INITFAIL = 21, 22
 # job environment (see above); SETUP.. are shared by all three parties
 FILE, SETUP = 6, 7
 FILEDONE, SETUPDONE, SETUPFAIL, PROVISIONAL, SENDFILE = 15, 16, 17, 18, 19
+AVAILINFO = 20
 ENV, CLEANUP, CLEANUPDONE = 23, 24, 25
 
 # How a worker calls a job's function (``star`` in RUN).

@@ -210,7 +210,7 @@ class Client:
         self._file_ids = itertools.count(1)
         self._handlers.update({P.SETUPDONE: self._on_setup_done, P.SETUPFAIL: self._on_setup_fail,
                                P.FILEDONE: self._on_file_done, P.PROVISIONAL: self._on_provisional,
-                               P.SENDFILE: self._on_sendfile})
+                               P.SENDFILE: self._on_sendfile, P.AVAILINFO: self._on_avail_info})
 
     # ------------------------------------------------------- user-side API
 
@@ -416,6 +416,10 @@ class Client:
                 log.warning("a provisional result of job %s could not be loaded: %r", job.id, exc)
                 return
             self._emit("provisional", (job, value))
+
+    def _on_avail_info(self, link, header, frames):
+        link.info["avail_info"] = header[1]
+        self._emit("avail", link)
 
     def _on_sendfile(self, link, header, frames):
         self._emit("file", (self.jobs.get(header[1]), header[2], frames[1]))

@@ -36,6 +36,7 @@ log = logging.getLogger("dpool.node")
 _SHORT_JOB = 0.002  # seconds: below this a worker gets several jobs at once
 _MAX_DEPTH = 32
 _PREFETCH_JOB = 0.05  # below this a worker also holds the job after its current one
+MIN_PULSE = 0.1  # seconds: the shortest pulse_interval a session may ask for (as dispy)
 
 
 class NodeRuntime:
@@ -163,6 +164,21 @@ class Session:
         self.conn.send([P.encode(P.READY, info)])
         for _ in range(self.cpus):
             self._spawn()
+        if options.get("pulse_interval"):
+            task = asyncio.get_running_loop().create_task(
+                self._pulse(max(MIN_PULSE, float(options["pulse_interval"]))))
+            self.tasks.add(task)  # cancelled when the session ends
+            task.add_done_callback(self.tasks.discard)
+
+    async def _pulse(self, interval):
+        """dispy's pulse: this node's cpu/memory/disk/swap every ``interval`` s."""
+        from .nodeenv import avail_info
+
+        while True:
+            await asyncio.sleep(interval)
+            if self.ended or self.conn.closed:
+                return
+            self.conn.send([P.encode(P.AVAILINFO, avail_info(self.node.dest_root))])
 
     def _make_dir(self, options):
         if options.get("cwd"):
