@@ -9,13 +9,14 @@ Three ways in, one engine:
 from .cluster import (ClusterStatus, DispyJob, DispyNode, DispyNodeAvailInfo, JobCluster,
                       NodeAllocate)
 from .pool import Pool
+from .recover import recover_jobs
 from .errors import (AuthenticationError, BrokenCluster, ConnectionClosed, DpoolError,
                      JobCancelled, NodeLost, ProtocolError, RemoteError, VersionMismatch,
                      WorkerLost)
 
 __version__ = "0.1.0"
 
-__all__ = ["Pool", "JobCluster", "DispyJob", "DispyNode", "DispyNodeAvailInfo", "NodeAllocate",
+__all__ = ["Pool", "JobCluster", "recover_jobs", "DispyJob", "DispyNode", "DispyNodeAvailInfo", "NodeAllocate",
            "ClusterStatus", "DpoolError", "AuthenticationError",
            "BrokenCluster", "ConnectionClosed", "JobCancelled", "NodeLost", "ProtocolError",
            "RemoteError", "VersionMismatch", "WorkerLost"]

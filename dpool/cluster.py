@@ -68,6 +68,7 @@ class JobCluster:
         if unknown:
             raise TypeError(f"JobCluster() got unexpected arguments: {', '.join(sorted(unknown))}")
         self._pulse_interval = _check_pulse_interval(dispy_options.get("pulse_interval"))
+        self._recover = self._used_secret = None
         _configure_logging(loglevel)
         self.job_status = _check_callback(job_status or callback, 1, "job_status")
         self.cluster_status = _check_callback(cluster_status, 3, "cluster_status")
@@ -104,6 +105,12 @@ class JobCluster:
         for alloc in self._allocs or [NodeAllocate("*")]:
             alloc._files = [file_entry(dep) for dep in alloc.depends]
             self._check_setup_args(alloc.setup_args)
+        recover_file = dispy_options.get("recover_file")
+        if recover_file:  # opt-in (dispy always writes one): see docs
+            from .recover import RecoverFile, default_name
+
+            self._recover = RecoverFile(default_name() if recover_file is True else recover_file,
+                                        cafile, certfile, keyfile)
         self._callbacks = CallbackThread() if (self.job_status or self.cluster_status) else None
         try:
             self._client = self._make_client(cpus)
@@ -111,6 +118,8 @@ class JobCluster:
         except BaseException:
             if self._callbacks is not None:
                 self._callbacks.stop()
+            if self._recover is not None:
+                self._recover.close()
             raise
 
     def _wait_for_setup(self, client, timeout=SETUP_WAIT):
@@ -174,13 +183,14 @@ class JobCluster:
                     f"node pattern {spec.host!r} needs broadcast discovery, which dpool does "
                     f"not have yet; name the nodes by host name or address")
             addresses.append((spec.host, spec.port))
-        client = core.Client(addresses, secret=config.secret_for(self.secret, addresses),
+        self._used_secret = config.secret_for(self.secret, addresses)
+        client = core.Client(addresses, secret=self._used_secret,
                              **self._client_args())
         return client.start()
 
     def _local_client(self, cpus):
         self._embedded_cpus = config.resolve_cpus(cpus)
-        secret = self.secret or config.find_local_secret(self.node_port)
+        secret = self._used_secret = self.secret or config.find_local_secret(self.node_port)
         if secret is not None:
             client = core.Client([("127.0.0.1", self.node_port)], secret=secret,
                                  connect_timeout=3, **self._client_args())
@@ -225,6 +235,8 @@ class JobCluster:
             log.info("node %s (%s): not used (allocate returned %r)", ip, name, want)
             return None
         session = dict(self._session(), cpus=want)
+        if self._recover is not None and link.address != "embedded":
+            session["recover_token"] = self._recover.new_session(link.address, self._used_secret)
         messages = []
         for fname, mode, data in self._files + getattr(alloc, "_files", []):
             messages.append([P.encode(P.FILE, None, fname, mode), data])
@@ -383,6 +395,8 @@ class JobCluster:
             self._callbacks.put(self.cluster_status, DispyJob.Created, None, job.snapshot())
         try:
             job._job = self._client.submit(fn, args, kwargs, tag=job, pin=pin)
+            if self._recover is not None:
+                self._recover.job(job._job.id, job.id)
         except BaseException:
             with self._lock:
                 self._jobs.discard(job)
@@ -429,6 +443,8 @@ class JobCluster:
         self._nodes.clear()
         if self._callbacks is not None:
             self._callbacks.stop()
+        if self._recover is not None:
+            self._recover.close()  # closed with BYE: the nodes keep nothing
         return True
 
     def shutdown(self):

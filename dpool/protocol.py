@@ -14,6 +14,12 @@ Client -> node                         Node -> client
   RUN      (op, jobs)        + payloads  DONE     (op, results)   + payloads
   CANCEL   (op, job_ids)                 STARTED  (op, [(job_id, time)])
   BYE      (op,)
+  RECOVER  (op, token, terminate)        READY (op, {"recovered": True,
+                                           "kept": [job_id], "pending": [job_id]})
+                                         or REFUSED; then DONE as usual
+
+RECOVER, instead of SESSION, takes over a session opened with the option
+``recover_token`` whose client went away without BYE (see node.py).
 
 Job environment (dispy's features; only sessions that ask for them):
 
@@ -56,6 +62,7 @@ READY, REFUSED, DONE, STARTED = 11, 12, 13, 14
 INIT, INITFAIL = 21, 22
 # job environment (see above); SETUP.. are shared by all three parties
 FILE, SETUP = 6, 7
+RECOVER = 8
 FILEDONE, SETUPDONE, SETUPFAIL, PROVISIONAL, SENDFILE = 15, 16, 17, 18, 19
 AVAILINFO = 20
 ENV, CLEANUP, CLEANUPDONE = 23, 24, 25

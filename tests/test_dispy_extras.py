@@ -19,6 +19,21 @@ def make_bytes(n):
     return b"x" * n
 
 
+def gated(gate, marker):
+    """Write ``marker`` (the pid), wait for ``gate``, write marker.done."""
+    import os
+    import time
+
+    with open(marker + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(marker + ".tmp", marker)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    open(marker + ".done", "w").close()
+    return os.getpid()
+
+
 def cluster_on(node, fn, **kwargs):
     kwargs.setdefault("secret", node.secret)
     kwargs.setdefault("nodes", [node.address])
@@ -79,3 +94,122 @@ def test_no_pulse_unless_asked(dpool_node):
                     cluster_status=lambda s, n, j: events.append(s)) as cluster:
         assert cluster.submit(b"abc")(timeout=10) == 3
     assert DispyNode.AvailInfo not in events
+
+
+# ------------------------------------------------------------------ recover_jobs
+
+CLIENT = """
+import os, sys, time
+import dpool as dispy
+from test_dispy_extras import gated
+port, secret, recover_file, gate, tmp = sys.argv[1:]
+cluster = dispy.JobCluster(gated, nodes=[("127.0.0.1", int(port))], secret=secret,
+                           recover_file=recover_file)
+done_gate = os.path.join(tmp, "open")
+open(done_gate, "w").close()
+quick = cluster.submit_job_id("quick", done_gate, os.path.join(tmp, "m-quick"))
+slow = cluster.submit_job_id("slow", gate, os.path.join(tmp, "m-slow"))
+later = cluster.submit_job_id("later", gate + "2", os.path.join(tmp, "m-later"))
+quick()
+while not all(os.path.exists(os.path.join(tmp, m)) for m in ("m-slow", "m-later")):
+    time.sleep(0.01)
+open(os.path.join(tmp, "ready"), "w").close()
+time.sleep(60)
+"""
+
+
+def client_killed_with_jobs(node, tmp_path):
+    """Run a JobCluster client in a subprocess, SIGKILL it once job "quick"
+    has finished (and been received) and jobs "slow" and "later" are
+    running, waiting for files ``gate`` and ``gate + "2"``; return
+    (recover_file, gate, marker of "slow")."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers_engine import node_env
+
+    recover_file, gate = str(tmp_path / "_dispy_test"), str(tmp_path / "gate")
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, str(node.port), node.secret.decode(),
+                             recover_file, gate, str(tmp_path)],
+                            env=node_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "client.err", "wb"))
+    try:
+        poll_for(lambda: (tmp_path / "ready").exists() or proc.poll() is not None, 10,
+                 message="the client to submit its jobs")
+        assert proc.poll() is None, (tmp_path / "client.err").read_text()
+        assert oct(os.stat(recover_file).st_mode & 0o777) == "0o600"
+    finally:
+        proc.kill()
+        proc.wait()
+    return recover_file, gate, str(tmp_path / "m-slow")
+
+
+def test_recover_jobs_collects_results_of_a_killed_client(dpool_node, tmp_path):
+    import os
+
+    import threading
+
+    recover_file, gate, marker = client_killed_with_jobs(dpool_node, tmp_path)
+    poll_for(lambda: "kept for" in dpool_node.stderr(), 5, message="the node to detach")
+    open(gate, "w").close()  # "slow" finishes while the client is gone: kept
+    poll_for(lambda: os.path.exists(marker + ".done"), 5, message="job slow to finish")
+
+    def finish_later():  # "later" finishes after recover_jobs has taken over
+        poll_for(lambda: "recovered by" in dpool_node.stderr(), 5, message="recovery")
+        open(gate + "2", "w").close()
+    opener = threading.Thread(target=finish_later)
+    opener.start()
+    jobs = dispy.recover_jobs(recover_file, timeout=10)
+    opener.join()
+    # "quick" reached the client before it died: it is not kept.
+    assert sorted(job.id for job in jobs) == ["later", "slow"]
+    for job in jobs:
+        assert job.status == dispy.DispyJob.Finished and isinstance(job.result, int), job.exception
+        assert job.ip_addr == "127.0.0.1" and job.finish.is_set()
+    assert "1 results kept, 1 jobs unfinished" in dpool_node.stderr()
+    assert not os.path.exists(recover_file)  # all collected, the session ended (BYE)
+    assert dispy.recover_jobs(recover_file) == []
+
+
+def test_recover_jobs_terminate_pending(dpool_node, tmp_path):
+    from helpers_engine import pid_gone
+
+    recover_file, gate, marker = client_killed_with_jobs(dpool_node, tmp_path)
+    pid = int(open(marker).read())
+    jobs = {job.id: job for job in dispy.recover_jobs(recover_file, timeout=10,
+                                                       terminate_pending=True)}
+    assert set(jobs) == {"slow", "later"}
+    assert {job.status for job in jobs.values()} == {dispy.DispyJob.Terminated}
+    poll_for(lambda: pid_gone(pid), 5, message="the pending job's process to be killed")
+
+
+def test_kept_results_are_discarded_after_keep_results(tmp_path, node_secret, caplog):
+    import logging
+
+    from helpers_engine import start_node
+
+    node = start_node(tmp_path / "node", cpus=2, secret=node_secret,
+                      args=["--keep-results", "0.3"])
+    try:
+        recover_file, gate, marker = client_killed_with_jobs(node, tmp_path)
+        open(gate, "w").close()
+        poll_for(lambda: "did not come back within 0.3s" in node.stderr(), 5,
+                 message="the node to discard the session")
+        assert "discarding 1 kept results and 1 unfinished jobs" in node.stderr()
+        with caplog.at_level(logging.INFO, logger="dpool"):
+            assert dispy.recover_jobs(recover_file, timeout=5) == []
+        assert "keeps no results" in caplog.text
+    finally:
+        assert node.terminate() == 0, node.stderr()
+
+
+def test_closed_cluster_leaves_nothing_to_recover(dpool_node, tmp_path):
+    import os
+
+    recover_file = str(tmp_path / "_dispy_closed")
+    with cluster_on(dpool_node, size_of, recover_file=recover_file) as cluster:
+        assert cluster.submit(b"ab")(timeout=10) == 2
+        assert os.path.exists(recover_file)
+    assert not os.path.exists(recover_file)
+    assert dispy.recover_jobs(recover_file) == []

@@ -15,6 +15,15 @@ balance).  A worker that dies fails only the job it was running; the jobs
 queued behind it go back to the queue and a new worker takes its place.
 When the client goes away, the session kills its workers (and their process
 groups), frees its CPUs and removes its folder.
+
+Recovery (dispy's ``recover_jobs``): a session opened with the option
+``recover_token`` whose client goes away without BYE is *detached*: its jobs
+go on, their results are kept (at most KEEP_MAX_RESULTS results and
+KEEP_MAX_BYTES bytes), and its CPUs stay allocated, for ``keep_results``
+seconds.  A new connection sending ``RECOVER token`` takes the session over:
+it gets the kept results, then the others as they come, and ends it with BYE.
+When the time passes (or the limits are exceeded) the session ends, its
+results and unfinished jobs are discarded, with one log line.
 """
 import asyncio
 import collections
@@ -37,13 +46,18 @@ _SHORT_JOB = 0.002  # seconds: below this a worker gets several jobs at once
 _MAX_DEPTH = 32
 _PREFETCH_JOB = 0.05  # below this a worker also holds the job after its current one
 MIN_PULSE = 0.1  # seconds: the shortest pulse_interval a session may ask for (as dispy)
+KEEP_RESULTS = 3600.0  # seconds a detached (recoverable) session is kept
+KEEP_MAX_RESULTS = 100_000  # results kept for a detached session, at most
+KEEP_MAX_BYTES = 1 << 30  # bytes of results kept for a detached session, at most
 
 
 class NodeRuntime:
     """The part of a node that is not I/O setup: sessions, CPUs, workers."""
 
-    def __init__(self, cpus, name=None, dest_root=None, embedded=False):
+    def __init__(self, cpus, name=None, dest_root=None, embedded=False, keep_results=None):
         self.cpus = cpus
+        self.keep_results = KEEP_RESULTS if keep_results is None else keep_results
+        self.detached = {}  # recover token -> Session whose client went away
         self.embedded = embedded  # in the client's own process
         self.free_cpus = cpus
         self.name = name or socket.gethostname()
@@ -121,7 +135,9 @@ class Session:
         self.env = None  # a nodeenv.SessionEnv once the client sends FILE or SETUP
         self.handlers = {P.SESSION: self.on_session, P.FUNC: self.on_func, P.RUN: self.on_run,
                          P.CANCEL: self.on_cancel, P.BYE: self.on_bye,
-                         P.FILE: self.on_env, P.SETUP: self.on_env}
+                         P.FILE: self.on_env, P.SETUP: self.on_env, P.RECOVER: self.on_recover}
+        self.detached_at = None  # loop time the client went away (recoverable sessions)
+        self._expiry = None
 
     # ------------------------------------------------------------ client side
 
@@ -138,6 +154,10 @@ class Session:
         handler(header, frames)
 
     def on_close(self, exc=None):
+        if not self.ended and self.cpus > 0 and self.options.get("recover_token") \
+                and not self.node.embedded:
+            self._detach(exc)
+            return
         if not self.ended:
             log.info("session %s: client %s disconnected%s", self.sid, self.conn.peer,
                      f" ({exc})" if exc else "")
@@ -234,6 +254,72 @@ class Session:
 
     def on_bye(self, header, frames):
         self.end("client closed the session")
+
+    # ---------------------------------------------------------- recovery
+
+    def _detach(self, exc):
+        loop = asyncio.get_running_loop()
+        keep = self.node.keep_results
+        log.info("session %s: client %s disconnected%s; its jobs go on and their results "
+                 "are kept for %ss (recover_jobs)", self.sid, self.conn.peer,
+                 f" ({exc})" if exc else "", keep)
+        self.detached_at = loop.time()
+        self.started = []
+        self._kept_bytes = self._kept_counted = 0
+        self.node.detached[self.options["recover_token"]] = self
+        self._expiry = loop.call_later(keep, self._discard,
+                                       f"the client did not come back within {keep}s")
+
+    def _check_kept(self):
+        """While detached: results are kept, within limits."""
+        self.started = []
+        frames = self.out_frames
+        for frame in frames[self._kept_counted:]:
+            self._kept_bytes += memoryview(frame).nbytes
+        self._kept_counted = len(frames)
+        if len(self.out) > KEEP_MAX_RESULTS or self._kept_bytes > KEEP_MAX_BYTES:
+            self._discard(f"more results than a session may keep ({KEEP_MAX_RESULTS} "
+                          f"results, {KEEP_MAX_BYTES} bytes)")
+
+    def _discard(self, why):
+        if self.detached_at is None or self.ended:
+            return
+        self.detached_at = None
+        self.node.detached.pop(self.options["recover_token"], None)
+        log.warning("session %s: %s; discarding %d kept results and %d unfinished jobs",
+                    self.sid, why, len(self.out), len(self.queue) + len(self.given))
+        self.end(why)
+
+    def on_recover(self, header, frames):
+        """RECOVER on a new connection: take over a detached session."""
+        _, token, terminate = header
+        old = self.node.detached.pop(token, None) if self.cpus == 0 else None
+        if old is None or old.ended:
+            self.conn.send([P.encode(P.REFUSED, f"node {self.node.name} keeps no results for "
+                                                f"that session (unknown, or the time to "
+                                                f"recover it has passed)")])
+            self.end("refused")
+            return
+        self.ended = True  # this session only hands its connection over
+        self.node.release(self)
+        old._reattach(self.conn, terminate)
+
+    def _reattach(self, conn, terminate):
+        self._expiry.cancel()
+        self._expiry = self.detached_at = None
+        self.conn = conn
+        conn.set_receiver(self.on_message, self.on_close)
+        pending = [job[0] for job in self.queue]
+        pending += [job_id for job_id in self.given if job_id not in self._ghosts]
+        kept = [record[0] for record in self.out]
+        log.info("session %s: recovered by %s: %d results kept, %d jobs unfinished%s",
+                 self.sid, conn.peer, len(kept), len(pending),
+                 " (terminated)" if terminate and pending else "")
+        conn.send([P.encode(P.READY, dict(self.node.info(), recovered=True, kept=kept,
+                                          pending=pending))])
+        self._schedule_flush()
+        if terminate and pending:
+            self.on_cancel((P.CANCEL, pending), ())
 
     def on_env(self, header, frames):
         """FILE and SETUP: dispy's job environment (see nodeenv)."""
@@ -417,6 +503,8 @@ class Session:
     def _flush(self):
         self._flush_scheduled = False
         if self.ended or self.conn.closed:
+            if self.detached_at is not None and not self.ended:
+                self._check_kept()
             return
         if self.started:
             self.conn.send([P.encode(P.STARTED, self.started)])
@@ -431,6 +519,10 @@ class Session:
     def end(self, why):
         if self.ended:
             return
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+            self.node.detached.pop(self.options.get("recover_token"), None)
         if self.env is not None:
             if self.env.defer_end(why):  # the user's cleanup runs first
                 return

@@ -122,7 +122,8 @@ class SessionEnv:
         if op == P.PROVISIONAL or op == P.SENDFILE:
             if header[1] in self.session.given and header[1] not in self.session._ghosts:
                 self.session._flush()  # STARTED and earlier results first
-                self.session.conn.send(frames)
+                if not self.session.conn.closed:  # else: a detached session
+                    self.session.conn.send(frames)
         elif op == P.SETUPDONE and worker is self.setup_worker:
             self._setup_done(frames[1:])
         elif op == P.SETUPFAIL and worker is self.setup_worker:
@@ -143,7 +144,8 @@ class SessionEnv:
                 worker.conn.send([P.encode(P.ENV), *self.env_frames])
             session.workers.append(worker)
         self.parked.clear()
-        session.conn.send([P.encode(P.SETUPDONE, {"cpus": session.cpus})])
+        if not session.conn.closed:  # else: a detached session
+            session.conn.send([P.encode(P.SETUPDONE, {"cpus": session.cpus})])
         session.dispatch()
 
     def _setup_failed(self, exc_frames):

@@ -19,12 +19,14 @@ log = logging.getLogger("dpool.node")
 
 class NodeServer:
     def __init__(self, host="127.0.0.1", port=config.NODE_PORT, *, cpus, secret=None,
-                 name=None, dest_root=None, certfile=None, keyfile=None, cafile=None):
+                 name=None, dest_root=None, certfile=None, keyfile=None, cafile=None,
+                 keep_results=None):
         self.host = host
         self.port = port
         self.cpus = cpus
         self.secret = secret
-        self.runtime = NodeRuntime(cpus, name=name, dest_root=dest_root)
+        self.runtime = NodeRuntime(cpus, name=name, dest_root=dest_root,
+                                   keep_results=keep_results)
         self.ssl = None
         if certfile:
             self.ssl = server_ssl_context(certfile, keyfile, cafile=cafile,

@@ -2,6 +2,7 @@
 
     dpool-node [--host 127.0.0.1] [--port 51350] [--cpus N] [--secret-file PATH]
                [--certfile F --keyfile F [--cafile F]] [--dest-path DIR]
+               [--keep-results SECONDS]
 
 The secret comes from ``DPOOL_SECRET`` or ``--secret-file``, never from the
 command line.  On loopback with no secret the node makes one and leaves it
@@ -36,6 +37,9 @@ def parse_args(argv=None):
                                     "(makes client certificates required)")
     p.add_argument("--dest-path", help="folder for job folders (default: the temp folder)")
     p.add_argument("--name", help="node name shown to clients (default: host name)")
+    p.add_argument("--keep-results", type=float, default=None, metavar="SECONDS",
+                   help="how long the jobs and results of a recoverable session (JobCluster "
+                        "recover_file) are kept after its client went away (default 3600)")
     p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
     return p.parse_args(argv)
 
@@ -71,7 +75,7 @@ def main(argv=None):
     cpus = config.resolve_cpus(args.cpus)
     server = NodeServer(args.host, args.port, cpus=cpus, secret=secret, name=args.name,
                         dest_root=args.dest_path, certfile=args.certfile, keyfile=args.keyfile,
-                        cafile=args.cafile)
+                        cafile=args.cafile, keep_results=args.keep_results)
     try:
         asyncio.run(_serve(server))
     except KeyboardInterrupt:

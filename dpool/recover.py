@@ -1,0 +1,221 @@
+"""dispy's fault recovery: ``JobCluster(..., recover_file=...)`` and
+:func:`recover_jobs`.
+
+::
+
+    JobCluster(recover_file=F)       the recover file F (JSON lines, mode 0600):
+      per node session: a random     {"dpool_recover": 1, TLS files}
+      token in the SESSION options   {"node": [host, port], "token": T, "secret": S}
+      per job: its ids ──────────►   {"job": core id, "id": DispyJob id} per job
+    client gone without BYE: the node keeps the session (jobs go on, results
+      are kept) for --keep-results seconds (see dpool/core/node.py)
+    recover_jobs(F): per node, connect, RECOVER T ──► READY {kept, pending}
+      ◄── DONE ... until every job is in; BYE ends the session; F is removed
+
+The file holds the cluster's secret (as dispy's does): it is created
+readable by its owner only.
+"""
+import asyncio
+import datetime
+import glob
+import json
+import logging
+import os
+import secrets
+import threading
+
+from . import protocol as P
+from . import serialize
+from .dispy_model import DispyJob, resolve_host
+from .errors import DpoolError
+
+log = logging.getLogger("dpool")
+
+__all__ = ["recover_jobs"]
+
+
+def default_name():
+    """dispy's default recover file name: ``_dispy_YYYYMMDDHHMMSS``."""
+    return datetime.datetime.now().strftime("_dispy_%Y%m%d%H%M%S")
+
+
+class RecoverFile:
+    """Writes a recover file; each record is flushed at once (the client
+    may be killed at any moment)."""
+
+    def __init__(self, path, cafile=None, certfile=None, keyfile=None):
+        self.path = os.path.abspath(path)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.file = os.fdopen(fd, "w")
+        self.lock = threading.Lock()
+        self.write({"dpool_recover": 1, "cafile": cafile, "certfile": certfile,
+                    "keyfile": keyfile})
+
+    def write(self, record):
+        line = json.dumps(record, default=str) + "\n"
+        with self.lock:
+            if self.file is not None:
+                self.file.write(line)
+                self.file.flush()
+
+    def new_session(self, address, secret):
+        """A token for a session with the node at ``address``, recorded."""
+        token = secrets.token_hex(16)
+        self.write({"node": list(address), "token": token, "secret": (secret or b"").hex()})
+        return token
+
+    def job(self, core_id, job_id):
+        self.write({"job": core_id, "id": job_id})
+
+    def close(self, remove=True):
+        with self.lock:
+            if self.file is not None:
+                self.file.close()
+                self.file = None
+        if remove:
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _read(path):
+    header, nodes, ids = None, [], {}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short when the client was killed
+                continue
+            if "dpool_recover" in record:
+                header = record
+            elif "node" in record:
+                nodes.append((tuple(record["node"]), record["token"],
+                              bytes.fromhex(record.get("secret", ""))))
+            elif "job" in record:
+                ids[record["job"]] = record["id"]
+    if header is None:
+        raise ValueError(f"{path} is not a dpool recover file")
+    return header, nodes, ids
+
+
+def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
+    """Collect the results of the jobs of a cluster whose client went away.
+
+    ``recover_file`` is the file given to ``JobCluster(recover_file=...)``
+    (default: the newest ``_dispy_*`` in the current folder).  Waits for the
+    jobs still running (at most ``timeout`` seconds in all; those not done
+    by then are left out, and can be recovered by a later call), or with
+    ``terminate_pending=True`` kills them (they come back Terminated, or
+    Cancelled if they had not started).  Returns the DispyJobs (``id`` as
+    given at submit, ``args`` and ``kwargs`` None, as in dispy).  Once every
+    job is collected the nodes' sessions end and the file is removed.
+    """
+    if not recover_file:
+        found = sorted(glob.glob("_dispy_*"))
+        if not found:
+            log.warning("recover_jobs: no recover file (_dispy_*) in %s", os.getcwd())
+            return []
+        recover_file = found[-1]
+    try:
+        header, nodes, ids = _read(recover_file)
+    except (OSError, ValueError) as exc:
+        log.warning("recover_jobs: cannot read %s: %s", recover_file, exc)
+        return []
+    ssl = None
+    if header.get("cafile") or header.get("certfile"):
+        from .transport import client_ssl_context
+
+        ssl = client_ssl_context(cafile=header.get("cafile"), certfile=header.get("certfile"),
+                                 keyfile=header.get("keyfile"))
+    results = [None] * len(nodes)
+    complete = [False] * len(nodes)
+
+    async def main():
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        await asyncio.gather(*(_recover_node(i, address, token, secret, ssl, ids,
+                                             terminate_pending, deadline, results, complete)
+                               for i, (address, token, secret) in enumerate(nodes)))
+
+    runner = threading.Thread(target=asyncio.run, args=(main(),), name="dpool-recover")
+    runner.start()
+    runner.join()
+    if all(complete):
+        try:
+            os.remove(recover_file)
+        except OSError:
+            pass
+    return [job for jobs in results if jobs for job in jobs]
+
+
+async def _recover_node(i, address, token, secret, ssl, ids, terminate, deadline,
+                        results, complete):
+    from .core.client import client_hello
+    from .transport import connect
+
+    host, port = address
+    loop = asyncio.get_running_loop()
+    jobs = results[i] = []
+
+    def remaining():
+        return None if deadline is None else max(0.0, deadline - loop.time())
+
+    conn = None
+    try:
+        conn = await asyncio.wait_for(connect(host, port, secret=secret, hello=client_hello(),
+                                              ssl=ssl), min(10.0, remaining() or 10.0))
+        conn.send([P.encode(P.RECOVER, token, bool(terminate))])
+        header = P.decode((await asyncio.wait_for(conn.recv(), remaining()))[0])
+        if header[0] != P.READY:
+            log.info("recover_jobs: node %s:%s: %s", host, port, header[1])
+            complete[i] = True  # nothing kept there (collected before, or expired)
+            return
+        expected = set(header[1]["kept"]) | set(header[1]["pending"])
+        ip = resolve_host(host)
+        while expected:
+            frames = await asyncio.wait_for(conn.recv(), remaining())
+            header = P.decode(frames[0])
+            if header[0] != P.DONE:
+                continue  # STARTED, AVAILINFO, provisional results: not kept
+            k = 1
+            for job_id, status, start, end, out, err, n in header[1]:
+                payload = frames[k:k + n]
+                k += n
+                if job_id in expected:
+                    expected.discard(job_id)
+                    jobs.append(_job(ids.get(job_id), ip, status, start, end, out, err,
+                                     payload))
+        conn.send([P.encode(P.BYE)])
+        complete[i] = True
+    except (TimeoutError, OSError, DpoolError) as exc:
+        log.warning("recover_jobs: node %s:%s: %s", host, port,
+                    "timed out" if isinstance(exc, TimeoutError) else exc)
+    finally:
+        if conn is not None:
+            conn.close()
+            await conn.wait_closed()
+
+
+def _job(job_id, ip, status, start, end, out, err, payload):
+    from .cluster import _exception_text
+
+    job = DispyJob(None, None, None)
+    job.id, job.args, job.kwargs = job_id, None, None
+    job.ip_addr, job.start_time, job.end_time = ip, start, end
+    job.stdout, job.stderr = out or "", err or ""
+    if status == P.OK:
+        try:
+            job.result = serialize.loads(payload)
+            job._status = DispyJob.Finished
+        except Exception as exc:
+            job.exception, job._status = _exception_text(exc), DispyJob.Terminated
+    elif status == P.CANCELLED:
+        job._status = DispyJob.Cancelled
+    elif status == P.KILLED:
+        job.exception, job._status = "job terminated (recover_jobs terminate_pending)", \
+            DispyJob.Terminated
+    else:
+        job.exception = _exception_text(serialize.load_exception(payload))
+        job._status = DispyJob.Terminated if status == P.ERROR else DispyJob.Abandoned
+    job.finish.set()
+    return job
