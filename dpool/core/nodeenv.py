@@ -37,14 +37,16 @@ CLEANUP_TIMEOUT = 10.0
 
 
 def avail_info(path=None):
-    """dispy's DispyNodeAvailInfo fields (cpu %, bytes of memory, disk, swap)."""
-    try:
-        import psutil
+    """dispy's DispyNodeAvailInfo fields, as dispy means them: CPU available
+    in percent, memory and disk available in bytes, swap available in percent."""
+    import psutil
 
-        return {"cpu": psutil.cpu_percent(None), "memory": psutil.virtual_memory().available,
+    try:
+        return {"cpu": 100.0 - psutil.cpu_percent(None),
+                "memory": psutil.virtual_memory().available,
                 "disk": psutil.disk_usage(path or os.getcwd()).free,
-                "swap": psutil.swap_memory().free, "platform": platform.platform()}
-    except Exception:  # psutil missing or a call unsupported here
+                "swap": 100.0 - psutil.swap_memory().percent, "platform": platform.platform()}
+    except OSError:  # e.g. the folder is gone, or /proc is not readable here
         return None
 
 
