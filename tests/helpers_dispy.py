@@ -41,7 +41,14 @@ def cleanup_writes(path, marker):
     os.replace(marker + ".tmp", marker + ".cleanup")
 
 
-def uses_setup(x):
+def uses_setup(x, rendezvous=None):
+    """With ``rendezvous`` (a folder), wait (up to 10 s) until two worker
+    processes have both started a job, so that both are seen to run."""
+    if rendezvous:
+        open(os.path.join(rendezvous, str(os.getpid())), "w").close()
+        deadline = time.monotonic() + 10
+        while len(os.listdir(rendezvous)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
     return helper(data, x), os.getpid()
 
 

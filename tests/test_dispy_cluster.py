@@ -175,8 +175,10 @@ def test_depends_setup_once_per_node_and_cleanup(dpool_node, tmp_path, monkeypat
                          setup=H.setup_reads, cleanup=H.cleanup_writes,
                          nodes=[dispy.NodeAllocate("127.0.0.1", dpool_node.port,
                                                    setup_args=("data.txt", marker))])
-    jobs = [cluster.submit(i) for i in range(6)]
-    results = [job(timeout=10) for job in jobs]
+    rendezvous = tmp_path / "rendezvous"
+    rendezvous.mkdir()
+    jobs = [cluster.submit(i, str(rendezvous)) for i in range(6)]
+    results = [job(timeout=15) for job in jobs]
     assert [r[0] for r in results] == [f"payload:{i}" for i in range(6)]
     assert len({r[1] for r in results}) == 2  # both workers saw setup's global
     assert len(open(marker).read().split()) == 1  # setup ran once on the node
