@@ -627,4 +627,14 @@ class Client:
         self.jobs.clear()
         if self.embedded is not None:
             await self.embedded.close()
+        # A graceful close (TLS's in particular) needs the loop for a moment
+        # more: wait for it, briefly, then abort what is left.
+        conns = [link.conn for link in self.links if link.conn is not None]
+        if conns:
+            done, pending = await asyncio.wait(
+                [asyncio.ensure_future(conn.wait_closed()) for conn in conns], timeout=2)
+            for future in pending:
+                future.cancel()
+            for conn in conns:
+                conn.abort()
         await asyncio.sleep(0)
