@@ -330,20 +330,18 @@ class JobCluster:
             self._callbacks.put(self.cluster_status, DispyNode.AvailInfo, node, None)
 
     def _finish(self, job, core_job):
-        future = core_job.future
         job.start_time = core_job.start_time or job.start_time
         job.end_time = core_job.end_time or time.time()
         job.stdout, job.stderr = core_job.stdout or "", core_job.stderr or ""
         job.ip_addr = _ip_of(core_job.node) if core_job.node is not None else job.ip_addr
-        if future.cancelled():
+        if core_job.cancelled:
             job._status = DispyJob.Cancelled
         else:
-            error = future.exception()
-            if error is None:
-                job.result = future.result()
+            if core_job.error is None:
+                job.result = core_job.value
             else:
                 job.result = None
-                job.exception = _exception_text(error)
+                job.exception = _exception_text(core_job.error)
             job._status = DispyJob._from_core[core_job.status]
         with self._lock:
             self._jobs.discard(job)
@@ -706,11 +704,14 @@ def _tls_context(cafile, certfile, keyfile):
 
 
 def _ip_of(link):
+    """The node's IP address, resolved once per node (never per job)."""
     if link is None:
         return None
-    if link.address == "embedded":
-        return "127.0.0.1"
-    return resolve_host(link.address[0])
+    ip = getattr(link, "ip_addr", None)
+    if ip is None:
+        ip = link.ip_addr = ("127.0.0.1" if link.address == "embedded"
+                             else resolve_host(link.address[0]))
+    return ip
 
 
 def _byte_size(n):

@@ -93,8 +93,9 @@ class DispyJob:
 
 
 class DispyNodeAvailInfo:
-    """A node's free resources: ``cpu`` (% used), ``memory``, ``disk`` and
-    ``swap`` (bytes available), measured with psutil by the node."""
+    """A node's free resources, in dispy's units: ``cpu`` (percent
+    available), ``memory`` and ``disk`` (bytes available) and ``swap``
+    (percent available), measured with psutil by the node."""
 
     def __init__(self, cpu, memory, disk, swap):
         self.cpu = cpu

@@ -55,7 +55,7 @@ class Job:
 
     __slots__ = ("id", "fn_id", "frames", "future", "status", "node", "submit_time",
                  "start_time", "end_time", "stdout", "stderr", "sent", "tag", "star",
-                 "__weakref__")
+                 "value", "error", "cancelled", "__weakref__")
 
     def __init__(self, job_id, fn_id, frames, tag=None, star=False):
         self.id = job_id
@@ -69,7 +69,11 @@ class Job:
         self.start_time = self.end_time = None
         self.stdout = self.stderr = None
         self.sent = False
-        self.tag = tag  # whatever the adapter wants to keep with the job
+        self.tag = tag
+        # The outcome, also readable without the future's lock once "done"
+        # was emitted: value or error, or cancelled by the user's future.cancel().
+        self.value = self.error = None
+        self.cancelled = False  # whatever the adapter wants to keep with the job
 
 
 class NodeLink:
@@ -239,8 +243,7 @@ class Client:
         fn_id = self.functions.get(fn)
         frames = serialize.dumps((args, kwargs or {}))
         job = Job(next(self._ids), fn_id, frames, tag, star)
-        self._unfinished.add(job.future)
-        job.future.add_done_callback(self._unfinished.discard)
+        self._unfinished.add(job.future)  # the loop thread discards it when done
         self._incoming.append((job, pin))
         if not self._wake_pending:
             self._wake_pending = True
@@ -535,7 +538,7 @@ class Client:
             conn.send([P.encode(P.RUN, header), *frames])
         for job_id in dropped:
             self._act(self.scheduler.done(link, job_id))
-            jobs.pop(job_id, None)
+            self._unfinished.discard(jobs.pop(job_id).future)
 
     def _on_started(self, link, header, frames):
         for job_id, start in header[1]:
@@ -583,15 +586,20 @@ class Client:
             return
         job.status = status
         job.frames = None
+        job.value, job.error = value, error
         future = job.future
+        self._unfinished.discard(future)
         if not future.done():
             if not job.sent and not future.set_running_or_notify_cancel():
+                job.cancelled = True
                 self._emit("done", job)
                 return
             if error is None:
                 future.set_result(value)
             else:
                 future.set_exception(error)
+        else:
+            job.cancelled = future.cancelled()
         self._emit("done", job)
 
     def _emit(self, kind, obj):
