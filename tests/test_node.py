@@ -248,3 +248,45 @@ def test_closed_session_frees_cpus_and_folder(dpool_node, tmp_path):
     with cluster_on(dpool_node, getpid) as cluster:
         assert cluster._client.nodes()[0].cpus == 2
         assert cluster.submit()(timeout=10) > 0
+
+
+def _zygote_of(pid):
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and \
+                    "dpool.core.zygote" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # gone, or a zombie not reaped yet
+            pass
+    return found
+
+
+def test_node_survives_its_zygote_dying(dpool_node):
+    """Workers die with the zygote; the node starts a new zygote and serves on."""
+    with dpool.JobCluster(abs, nodes=[dpool_node.address], secret=dpool_node.secret,
+                          loglevel=None) as cluster:
+        assert cluster.submit(-1)(timeout=10) == 1
+        (zygote,) = _zygote_of(dpool_node.pid)
+        zygote.kill()
+        poll_for(lambda: _zygote_of(dpool_node.pid) and
+                 _zygote_of(dpool_node.pid)[0].pid != zygote.pid, 10,
+                 message="a new zygote")
+        jobs = [cluster.submit(-i) for i in range(6)]
+        assert [job(timeout=10) for job in jobs] == list(range(6))
+    assert "died; starting a new one" in dpool_node.stderr()
+
+
+def test_embedded_client_survives_its_zygote_dying():
+    client = Client(None, cpus=2).start()
+    try:
+        assert client.submit(abs, (-2,)).future.result(10) == 2
+        (zygote,) = _zygote_of(os.getpid())
+        zygote.kill()
+        poll_for(lambda: [z for z in _zygote_of(os.getpid()) if z.pid != zygote.pid], 10,
+                 message="a new zygote")
+        assert [client.submit(abs, (-i,)).future.result(10) for i in range(4)] == [0, 1, 2, 3]
+    finally:
+        client.close()

@@ -64,6 +64,7 @@ class NodeRuntime:
         self.dest_root = dest_root
         self.sessions = set()
         self.zygote = Zygote()
+        self._zygote_lock = asyncio.Lock()
         self._ids = itertools.count(1)
         self._started = False
 
@@ -77,6 +78,22 @@ class NodeRuntime:
 
         return {"name": self.name, "cpus": self.cpus, "free_cpus": self.free_cpus,
                 "avail_info": avail_info(self.dest_root)}
+
+    async def spawn_worker(self):
+        """Fork a worker: (zygote, pid, socket).  If the zygote died (its
+        workers die with it), a new one is started first, so the node keeps
+        serving."""
+        if self.zygote.dead:
+            async with self._zygote_lock:
+                if self.zygote.dead:
+                    old, self.zygote = self.zygote, Zygote()
+                    log.warning("the worker zygote (pid %s) died; starting a new one",
+                                old.proc.pid)
+                    await old.close()
+                    await self.zygote.start()
+        zygote = self.zygote
+        pid, sock = await zygote.spawn()
+        return zygote, pid, sock
 
     def accept(self, conn):
         """Take a new authenticated client connection."""
@@ -97,10 +114,11 @@ class NodeRuntime:
 
 
 class WorkerHandle:
-    __slots__ = ("pid", "conn", "outstanding", "fns", "tasks_left", "dead", "killing")
+    __slots__ = ("pid", "conn", "zygote", "outstanding", "fns", "tasks_left", "dead", "killing")
 
-    def __init__(self, pid, conn, max_tasks):
+    def __init__(self, pid, conn, max_tasks, zygote):
         self.pid = pid
+        self.zygote = zygote  # the one that forked it (and reports its exit)
         self.conn = conn
         self.outstanding = collections.deque()  # job ids, the first is running
         self.fns = set()
@@ -245,7 +263,7 @@ class Session:
                 continue
             if worker.outstanding[0] == job_id:
                 worker.killing = job_id  # its result is sent when the worker is gone
-                self.node.zygote.kill(worker.pid)
+                worker.zygote.kill(worker.pid)
             else:
                 # Queued inside the worker but not started (only short jobs are
                 # queued there): report it cancelled now, drop its result later.
@@ -338,16 +356,19 @@ class Session:
 
     async def _start_worker(self):
         try:
-            pid, sock = await self.node.zygote.spawn()
+            zygote, pid, sock = await self.node.spawn_worker()
         except (ConnectionError, OSError, TimeoutError) as exc:
-            self._fail_all(f"cannot start a worker process: {exc}")
+            # Without workers this session can't serve: end it, so that the
+            # client sees the node as lost and moves or fails its jobs.
+            log.error("session %s: cannot start a worker process: %s", self.sid, exc)
+            self.end(f"cannot start a worker process: {exc}")
             return
         if self.ended:
-            self.node.zygote.kill(pid, forget=True)
+            zygote.kill(pid, forget=True)
             sock.close()
             return
         conn = await wrap_socket(sock, peer=f"worker {pid}")
-        worker = WorkerHandle(pid, conn, self.options.get("max_tasks"))
+        worker = WorkerHandle(pid, conn, self.options.get("max_tasks"), zygote)
         options = {"capture": self.options.get("capture", False), "cwd": self.dir,
                    "notify_start": self.options.get("notify_start", False),
                    "max_tasks": self.options.get("max_tasks")}
@@ -444,7 +465,7 @@ class Session:
         task.add_done_callback(self.tasks.discard)
 
     async def _worker_exited(self, worker):
-        code = await self.node.zygote.exit_code(worker.pid)
+        code = await worker.zygote.exit_code(worker.pid)
         if self.env is not None:
             self.env.worker_exited(worker, code)
         if worker in self.workers:
@@ -479,12 +500,6 @@ class Session:
         # The client fails or moves the jobs it gave us; we just stop.
         self.conn.send([P.encode(P.INITFAIL), *exc_frames])
         self.end("initializer failed")
-
-    def _fail_all(self, message):
-        exc = serialize.dump_exception(WorkerLost(message))
-        for job_id, *_ in self.queue:
-            self._result(job_id, P.WORKER_LOST, None, None, None, None, exc)
-        self.queue.clear()
 
     # --------------------------------------------------------- to the client
 
@@ -531,7 +546,7 @@ class Session:
         self.ended = True
         for worker in self.workers:
             worker.dead = True
-            self.node.zygote.kill(worker.pid, forget=True)
+            worker.zygote.kill(worker.pid, forget=True)
             worker.conn.abort()
         self.workers.clear()
         self.queue.clear()

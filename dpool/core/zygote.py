@@ -151,6 +151,7 @@ class Zygote:
         self._pending = collections.deque()  # futures waiting for b"P" replies
         self._exits = {}  # pid -> future of the exit code
         self._buf = b""
+        self.dead = False  # the zygote process is gone (its workers with it)
 
     async def start(self):
         ours, theirs = socket.socketpair()
@@ -189,6 +190,7 @@ class Zygote:
                     fut.set_result(status)
 
     def _lost(self):
+        self.dead = True
         loop = asyncio.get_running_loop()
         loop.remove_reader(self.ctl.fileno())
         while self._pending:
@@ -207,6 +209,8 @@ class Zygote:
 
     async def spawn(self):
         """Fork a worker; return (pid, our end of its socketpair)."""
+        if self.dead or self.ctl is None:
+            raise ConnectionError("the worker zygote is gone")
         ours, theirs = socket.socketpair()
         try:
             fut = asyncio.get_running_loop().create_future()
@@ -228,6 +232,8 @@ class Zygote:
     async def exit_code(self, pid, timeout=2.0):
         """The exit code of a worker, once the zygote has reaped it."""
         fut = self._exit_future(pid)
+        if self.dead and not fut.done():
+            return None  # the zygote died and took the report with it
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
