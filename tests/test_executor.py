@@ -88,3 +88,11 @@ def test_no_resource_warning_on_normal_use():
         warnings.simplefilter("error", ResourceWarning)
         with Executor(1) as executor:
             executor.submit(h.square, 2).result(5)
+
+
+def test_more_distinct_functions_than_the_client_remembers():
+    """A lambda made per call is a new function each time; more of them than
+    the client's function table holds (4096) must all still run."""
+    with Executor(2) as ex:
+        futures = [ex.submit(lambda i=i: 2 * i) for i in range(4500)]
+        assert [f.result(60) for f in futures] == [2 * i for i in range(4500)]

@@ -55,13 +55,14 @@ class Job:
 
     __slots__ = ("id", "fn_id", "frames", "future", "status", "node", "submit_time",
                  "start_time", "end_time", "stdout", "stderr", "sent", "tag", "star",
-                 "value", "error", "cancelled", "__weakref__")
+                 "value", "error", "cancelled", "blob", "__weakref__")
 
     def __init__(self, job_id, fn_id, frames, tag=None, star=False):
         self.id = job_id
         self.fn_id = fn_id
         self.star = star
         self.frames = frames
+        self.blob = None  # the function, serialized (set by Client.submit)
         self.future = Future()
         self.status = CREATED
         self.node = None
@@ -143,28 +144,31 @@ class LoopThread:
 
 
 class _FunctionTable:
-    """Function -> (id, blob); each function is serialized once per client."""
+    """Function -> (id, blob): each function is serialized once per client.
+
+    The table remembers the last ``size`` functions; a job keeps its own
+    reference to its function's blob until it is done, so a function that
+    falls out of the table (many lambdas made per call) is still there to
+    send to whichever node runs the job.
+    """
 
     def __init__(self, size=4096):
         self.size = size
         self.table = collections.OrderedDict()  # id(fn) -> (fn, fn_id, blob)
-        self.blobs = {}
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
 
     def get(self, fn):
         entry = self.table.get(id(fn))
         if entry is not None and entry[0] is fn:
-            return entry[1]
+            return entry[1], entry[2]
         blob = serialize.dumps_function(fn)
         with self.lock:
             fn_id = next(self.ids)
             self.table[id(fn)] = (fn, fn_id, blob)
-            self.blobs[fn_id] = blob
             while len(self.table) > self.size:
-                _, (_, old_id, _) = self.table.popitem(last=False)
-                self.blobs.pop(old_id, None)
-        return fn_id
+                self.table.popitem(last=False)
+        return fn_id, blob
 
 
 class Client:
@@ -240,9 +244,10 @@ class Client:
             raise RuntimeError("cannot submit: the client is closed")
         if self.broken is not None:
             raise BrokenCluster(f"the cluster is broken: {self.broken}") from self.broken
-        fn_id = self.functions.get(fn)
+        fn_id, blob = self.functions.get(fn)
         frames = serialize.dumps((args, kwargs or {}))
         job = Job(next(self._ids), fn_id, frames, tag, star)
+        job.blob = blob
         self._unfinished.add(job.future)  # the loop thread discards it when done
         self._incoming.append((job, pin))
         if not self._wake_pending:
@@ -528,7 +533,7 @@ class Client:
                     continue
                 job.sent = True
             if job.fn_id not in link.fns:
-                conn.send([P.encode(P.FUNC, job.fn_id), self.functions.blobs[job.fn_id]])
+                conn.send([P.encode(P.FUNC, job.fn_id), job.blob])
                 link.fns.add(job.fn_id)
             job.node = link
             job.status = RUNNING
@@ -585,7 +590,7 @@ class Client:
         if job is None:
             return
         job.status = status
-        job.frames = None
+        job.frames = job.blob = None
         job.value, job.error = value, error
         future = job.future
         self._unfinished.discard(future)
