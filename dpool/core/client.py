@@ -33,7 +33,7 @@ import cloudpickle
 from .. import protocol as P
 from .. import serialize
 from ..config import resolve_cpus
-from ..errors import BrokenCluster, DpoolError, JobCancelled
+from ..errors import BrokenCluster, ConnectionClosed, DpoolError, JobCancelled
 from ..transport import PROTOCOL_VERSION, connect, inproc_pair
 from .scheduler import Cancelled, CancelRemote, Fail, Scheduler, Send
 
@@ -524,7 +524,7 @@ class Client:
 
     def _send(self, link, ids):
         conn, jobs = link.conn, self.jobs
-        header, frames, dropped = [], [], []
+        header, frames, dropped, functions = [], [], [], []
         for job_id in ids:
             job = jobs[job_id]
             if not job.sent:
@@ -533,14 +533,21 @@ class Client:
                     continue
                 job.sent = True
             if job.fn_id not in link.fns:
-                conn.send([P.encode(P.FUNC, job.fn_id), job.blob])
+                functions.append([P.encode(P.FUNC, job.fn_id), job.blob])
                 link.fns.add(job.fn_id)
             job.node = link
             job.status = RUNNING
             header.append((job_id, job.fn_id, len(job.frames), job.star))
             frames.extend(job.frames)
-        if header:
-            conn.send([P.encode(P.RUN, header), *frames])
+        try:
+            for message in functions:
+                conn.send(message)
+            if header:
+                conn.send([P.encode(P.RUN, header), *frames])
+        except ConnectionClosed as exc:
+            # Closed under us (its close callback, which runs later, does the
+            # rest): these jobs go elsewhere now, with the node's others.
+            self._act(self.scheduler.remove_node(link, time.monotonic(), str(exc)))
         for job_id in dropped:
             self._act(self.scheduler.done(link, job_id))
             self._unfinished.discard(jobs.pop(job_id).future)
