@@ -157,12 +157,20 @@ def _rebuild_memoryview(buf, fmt=None, shape=None):
     return mv
 
 
+class _Cycle(Exception):
+    """A container refers back to one being copied by _swap_big_buffers."""
+
+
+_BUSY = object()  # memo value of a container while it is being copied
+
+
 def _swap_big_buffers(obj, depth, budget):
     """Return obj, or a shallow copy of it in which large bytes/bytearray
     objects (at most ``depth`` container levels down) are replaced by
     _OutOfBand wrappers.  budget is ``[items left to look at, memo]``; the
-    memo gives an object seen twice the same wrapper (one frame, and the
-    identity is kept as plain pickle would)."""
+    memo gives an object seen twice the same wrapper or copy (one frame, and
+    the identity is kept as plain pickle would).  Raises _Cycle when a
+    container contains itself (the caller then pickles obj unchanged)."""
     t = type(obj)
     if t is bytes or t is bytearray:
         if len(obj) >= OUT_OF_BAND_THRESHOLD:
@@ -172,12 +180,26 @@ def _swap_big_buffers(obj, depth, budget):
                 wrapper = memo[id(obj)] = _OutOfBand(obj)
             return wrapper
         return obj
-    if not depth:
+    if t is not tuple and t is not list and t is not dict:
         return obj
+    memo = budget[1]
+    done = memo.get(id(obj))
+    if done is not None:
+        if done is _BUSY:
+            raise _Cycle
+        return done
+    if not depth or len(obj) > budget[0]:
+        memo[id(obj)] = obj
+        return obj
+    memo[id(obj)] = _BUSY
+    new = _swap_items(obj, t, depth, budget)
+    memo[id(obj)] = new
+    return new
+
+
+def _swap_items(obj, t, depth, budget):
     if t is tuple or t is list:
         n = len(obj)
-        if n > budget[0]:
-            return obj
         budget[0] -= n
         new = None
         for i, x in enumerate(obj):
@@ -193,8 +215,6 @@ def _swap_big_buffers(obj, depth, budget):
         return tuple(new) if t is tuple else new
     if t is dict:
         n = len(obj)
-        if n > budget[0]:
-            return obj
         budget[0] -= n
         new = None
         for k, v in obj.items():
@@ -343,7 +363,10 @@ def dumps(obj):
     """
     if _is_simple(obj):
         return [pickle.dumps(obj, PROTOCOL)]
-    obj = _swap_big_buffers(obj, _SCAN_DEPTH, [_SCAN_BUDGET, {}])
+    try:
+        obj = _swap_big_buffers(obj, _SCAN_DEPTH, [_SCAN_BUDGET, {}])
+    except _Cycle:
+        pass  # pickled as is: large bytes in-band, but the cycle intact
     frames = [None]
     _pickle(obj, frames, _buffer_callback(frames))
     return frames

@@ -1,0 +1,32 @@
+"""Review findings: transport, serialization and node daemon edge cases."""
+import pytest
+
+from dpool.errors import RemoteError
+from dpool.serialize import OUT_OF_BAND_THRESHOLD, dump_exception, dumps, load_exception, loads
+
+pytestmark = pytest.mark.timeout(30)
+
+BIG = b"x" * (2 * OUT_OF_BAND_THRESHOLD)
+
+
+def test_shared_list_holding_a_large_buffer_stays_shared():
+    shared = [BIG]
+    out = loads(dumps((shared, shared)))
+    assert out == (shared, shared)
+    assert out[0] is out[1]
+    out = loads(dumps(((shared,), {"k": shared})))    # an (args, kwargs) pair
+    assert out[0][0] is out[1]["k"]
+
+
+def test_shared_list_seen_first_below_the_scan_depth_stays_shared():
+    inner = [BIG]
+    obj = [[inner], inner]
+    out = loads(dumps(obj))
+    assert out == obj and out[0][0] is out[1]
+
+
+def test_recursive_list_holding_a_large_buffer_keeps_its_cycle():
+    rec = [BIG]
+    rec.append(rec)
+    out = loads(dumps(rec))
+    assert out[0] == BIG and out[1] is out
