@@ -33,6 +33,7 @@ the remote traceback as ``__cause__`` (a :class:`RemoteTraceback`).
 """
 import io
 import pickle
+import re
 import sys
 import traceback
 import types
@@ -426,6 +427,15 @@ def _safe_str(exc):
         return f"<unprintable {type(exc).__name__} object>"
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _no_addresses(text):
+    """text without the `` at 0x...`` of default reprs (an object in an
+    exception's message is a copy, at another address, after a round trip)."""
+    return _ADDRESS.sub("", text)
+
+
 def dump_exception(exc, tb=None):
     """Serialize an exception raised on a worker, with its traceback text.
 
@@ -444,7 +454,7 @@ def dump_exception(exc, tb=None):
     try:
         frames = dumps(exc)
         copy = loads(frames)
-        if type(copy) is not type(exc) or _safe_str(copy) != message:
+        if type(copy) is not type(exc) or _no_addresses(_safe_str(copy)) != _no_addresses(message):
             raise TypeError("exception does not survive a pickle round trip")
     except Exception:
         frames = dumps(RemoteError(type_name, message, tb_text))

@@ -30,3 +30,17 @@ def test_recursive_list_holding_a_large_buffer_keeps_its_cycle():
     rec.append(rec)
     out = loads(dumps(rec))
     assert out[0] == BIG and out[1] is out
+
+
+class Key:
+    """Default repr: ``<... Key object at 0x...>``, different in every process."""
+
+
+def test_exception_with_an_object_in_its_message_keeps_its_type():
+    try:
+        {}[Key()]
+    except KeyError as exc:
+        frames = dump_exception(exc)
+    out = load_exception(frames)
+    assert type(out) is KeyError and not isinstance(out, RemoteError)
+    assert isinstance(out.args[0], Key)
