@@ -44,3 +44,20 @@ def test_exception_with_an_object_in_its_message_keeps_its_type():
     out = load_exception(frames)
     assert type(out) is KeyError and not isinstance(out, RemoteError)
     assert isinstance(out.args[0], Key)
+
+
+def test_node_daemon_names_the_folder_it_cannot_write_not_the_port(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers_engine import node_env
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    home = not_a_folder / "home"      # the node can't make its secret folder here
+    proc = subprocess.run([sys.executable, "-m", "dpool.daemons.node", "--port", "0",
+                           "--cpus", "1"], env=node_env(None, DPOOL_HOME=str(home)),
+                          capture_output=True, text=True, timeout=15)
+    assert proc.returncode == 1
+    assert "cannot listen" not in proc.stderr, proc.stderr
+    assert str(home) in proc.stderr, proc.stderr

@@ -81,6 +81,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # e.g. the port is taken
+        if exc.filename:    # not the socket: e.g. the secret file's folder
+            print(f"dpool-node: cannot start: {exc.strerror or exc}: {exc.filename}",
+                  file=sys.stderr)
+            return 1
         print(f"dpool-node: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
               file=sys.stderr)
         return 1
