@@ -173,8 +173,10 @@ class Executor(_cf.Executor):
                 for future in self._client.unfinished():
                     future.cancel()
             if not wait and self._closer is None:
+                # Not a daemon: the interpreter's exit waits for the submitted
+                # work, as it does for the stdlib's executor-manager thread.
                 self._closer = threading.Thread(target=self._client.close,
-                                                name="dpool-executor-shutdown", daemon=True)
+                                                name="dpool-executor-shutdown")
                 self._closer.start()
         if wait:
             if self._closer is not None:
