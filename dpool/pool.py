@@ -207,16 +207,33 @@ class Pool:
         self.terminate()
 
     def __del__(self, _warn=warnings.warn):
-        if self._state != RUN:
-            return
-        _warn(f"unclosed running dpool pool {self!r}", ResourceWarning, source=self)
-        client = self._client
+        if self._state is None or self._client.closed:
+            return  # __init__ failed, or terminate()/join() released it all
+        running = self._state == RUN
+        if running:
+            _warn(f"unclosed running dpool pool {self!r}", ResourceWarning, source=self)
+        client, runner = self._client, self._callbacks
         if client.in_loop_thread():
             return  # never block the client's own loop thread
+        if not running:
+            # Closed but never joined: the queued work finishes, then the
+            # workers and the callback thread go (close()'s promise).
+            threading.Thread(target=_release, args=(client, runner),
+                             name="dpool-pool-release", daemon=True).start()
+            return
         try:
             client.close(wait=False, cancel=True)
         except Exception:  # interpreter shutdown: nothing more to do
             pass
+        if runner is not None:
+            runner.queue.put(None)  # its thread ends after the queued callbacks
+
+
+def _release(client, runner):
+    """A closed Pool collected before join(): what join() would release."""
+    client.close(wait=True)
+    if runner is not None:
+        runner.stop()
 
 
 def _slices(items, size):
@@ -435,6 +452,9 @@ class IMapIterator:
             return _failed(exc)
         try:
             return self._pool._submit(self._func, chunk)
+        except _cf.BrokenExecutor as exc:  # e.g. the initializer failed: say so
+            self._exhausted = True
+            return _failed(exc)
         except RuntimeError as exc:  # the pool's client is closed (terminated)
             self._exhausted = True
             error = _cf.CancelledError("the pool was terminated")

@@ -41,3 +41,45 @@ def test_shutdown_without_wait_finishes_the_work_before_the_interpreter_exits(tm
     """))
     subprocess.run([sys.executable, str(script)], timeout=30, check=True, cwd=tmp_path)
     assert out.read_text() == "done"
+
+
+def test_a_forgotten_pool_with_callbacks_stops_its_callback_thread():
+    before = len(_threads_named("dpool-pool-callbacks"))
+    pool = dpool.Pool(1)
+    seen = []
+    pool.apply_async(h.square, (3,), callback=seen.append).get(5)
+    assert seen == [9]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        del pool
+        gc.collect()
+    poll_for(lambda: len(_threads_named("dpool-pool-callbacks")) == before, 5,
+             message="the callback thread to end")
+
+
+def test_a_closed_pool_dropped_without_join_releases_its_workers():
+    # multiprocessing: a pool closed, never joined and then dropped is
+    # cleaned up by its finalizer; dpool kept the client and the node.
+    pool = dpool.Pool(1)
+    assert pool.apply(h.square, (2,)) == 4
+    client = pool._client
+    pool.close()
+    del pool
+    gc.collect()
+    poll_for(lambda: client.closed and not client._thread.thread.is_alive(), 5,
+             message="the client to close")
+
+
+def test_imap_on_a_broken_pool_raises_broken_cluster():
+    # apply/map raise BrokenCluster (docs: difference 5); imap said
+    # CancelledError("the pool was terminated"), which it was not.
+    pool = dpool.Pool(1, initializer=h.failing_initializer)
+    try:
+        with pytest.raises(BrokenCluster, match="initializer"):
+            pool.apply_async(h.square, (2,)).get(10)
+        it = pool.imap(h.square, range(3))
+        with pytest.raises(BrokenCluster, match="initializer"):
+            it.next(5)
+    finally:
+        pool.terminate()
+        pool.join()
