@@ -33,7 +33,7 @@ import cloudpickle
 from .. import protocol as P
 from .. import serialize
 from ..config import resolve_cpus
-from ..errors import BrokenCluster, ConnectionClosed, DpoolError, JobCancelled
+from ..errors import BrokenCluster, ConnectionClosed, DpoolError, JobCancelled, NodeLost
 from ..transport import PROTOCOL_VERSION, connect, inproc_pair
 from .scheduler import Cancelled, CancelRemote, Fail, Scheduler, Send
 
@@ -502,6 +502,8 @@ class Client:
             self.jobs[job.id] = job
             if pin is None:
                 plain.append(job.id)
+            elif not pin.ready and pin.error is not None:  # lost: it won't come back
+                actions.append(Fail(job.id, NodeLost(f"node {pin.name} was lost: {pin.error}")))
             else:
                 actions.extend(self.scheduler.submit([job.id], now, pin=pin))
         if plain:

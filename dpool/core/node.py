@@ -83,6 +83,15 @@ class NodeRuntime:
         """Fork a worker: (zygote, pid, socket).  If the zygote died (its
         workers die with it), a new one is started first, so the node keeps
         serving."""
+        try:
+            return await self._spawn_worker()
+        except ConnectionError:
+            if not self.zygote.dead:
+                raise
+            # The zygote died while we waited for it: once more, with a new one.
+            return await self._spawn_worker()
+
+    async def _spawn_worker(self):
         if self.zygote.dead:
             async with self._zygote_lock:
                 if self.zygote.dead:
@@ -259,9 +268,11 @@ class Session:
         self.queue = kept
         for job_id in ids:
             worker = self.given.get(job_id, (None,))[0]
-            if worker is None or worker.dead or job_id in self._ghosts:
+            if worker is None or job_id in self._ghosts:
                 continue
             if worker.outstanding[0] == job_id:
+                if worker.dead:  # its exit reports it (_worker_exited)
+                    continue
                 worker.killing = job_id  # its result is sent when the worker is gone
                 worker.zygote.kill(worker.pid)
             else:
