@@ -113,9 +113,11 @@ class BlockingConnection:
         return True
 
     def _read(self, flags) -> None:
-        if self._eof:
-            raise ConnectionClosed("connection closed by peer")
         decoder = self._decoder
+        if self._eof:
+            if decoder.partial:     # (the end was seen by poll())
+                raise ConnectionClosed("connection closed by peer in the middle of a message")
+            raise ConnectionClosed("connection closed by peer")
         buf = decoder.get_buffer()
         try:
             n = self._sock.recv_into(buf, len(buf), flags)
