@@ -520,7 +520,10 @@ class Client:
             elif kind is Fail:
                 self._finish(self.jobs.pop(action.job, None), ABANDONED, error=action.error)
             elif kind is CancelRemote:
-                action.node.conn.send([P.encode(P.CANCEL, action.jobs)])
+                try:
+                    action.node.conn.send([P.encode(P.CANCEL, action.jobs)])
+                except ConnectionClosed:
+                    pass  # closing: its close callback reports these jobs cancelled
             elif kind is Cancelled:
                 self._finish(self.jobs.pop(action.job, None), CANCELLED, error=JobCancelled("job cancelled"))
 
