@@ -212,15 +212,15 @@ class Zygote:
         if self.dead or self.ctl is None:
             raise ConnectionError("the worker zygote is gone")
         ours, theirs = socket.socketpair()
+        fut = asyncio.get_running_loop().create_future()
         try:
-            fut = asyncio.get_running_loop().create_future()
-            self._pending.append(fut)
             socket.send_fds(self.ctl, [b"S"], [theirs.fileno()])
         except OSError as exc:
             ours.close()
             raise ConnectionError(f"cannot reach the worker zygote: {exc}") from exc
         finally:
             theirs.close()
+        self._pending.append(fut)  # only once the request is sent: replies come in order
         try:
             pid = await asyncio.wait_for(fut, 30)
         except BaseException:
@@ -233,14 +233,14 @@ class Zygote:
         """The exit code of a worker, once the zygote has reaped it."""
         fut = self._exit_future(pid)
         if self.dead and not fut.done():
+            self._exits.pop(pid, None)
             return None  # the zygote died and took the report with it
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
             return None
         finally:
-            if fut.done():
-                self._exits.pop(pid, None)
+            self._exits.pop(pid, None)
 
     def kill(self, pid, forget=False):
         """SIGKILL a worker's process group; with forget, drop its exit report."""
