@@ -163,7 +163,8 @@ async def _recover_node(i, address, token, secret, ssl, ids, terminate, deadline
     conn = None
     try:
         conn = await asyncio.wait_for(connect(host, port, secret=secret, hello=client_hello(),
-                                              ssl=ssl), min(10.0, remaining() or 10.0))
+                                              ssl=ssl),
+                                      10.0 if deadline is None else min(10.0, remaining()))
         conn.send([P.encode(P.RECOVER, token, bool(terminate))])
         header = P.decode((await asyncio.wait_for(conn.recv(), remaining()))[0])
         if header[0] != P.READY:

@@ -83,3 +83,23 @@ def test_imap_on_a_broken_pool_raises_broken_cluster():
     finally:
         pool.terminate()
         pool.join()
+
+
+def test_recover_jobs_timeout_zero_does_not_wait_for_a_silent_node(tmp_path):
+    # timeout=0 ("collect what is there now") waited the full 10 s connect
+    # timeout for a node that accepts but does not answer (0.0 or 10.0 == 10.0).
+    import json
+    import socket
+    import time
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        path = tmp_path / "_dispy_recover"
+        path.write_text(json.dumps({"dpool_recover": 1}) + "\n" + json.dumps(
+            {"node": ["127.0.0.1", server.getsockname()[1]], "token": "ab",
+             "secret": b"s".hex()}) + "\n")
+        start = time.monotonic()
+        assert dpool.recover_jobs(str(path), timeout=0) == []
+        assert time.monotonic() - start < 3
+        assert path.exists()  # not collected: a later call may try again
