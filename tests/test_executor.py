@@ -96,3 +96,28 @@ def test_more_distinct_functions_than_the_client_remembers():
     with Executor(2) as ex:
         futures = [ex.submit(lambda i=i: 2 * i) for i in range(4500)]
         assert [f.result(60) for f in futures] == [2 * i for i in range(4500)]
+
+
+def test_shutdown_from_a_done_callback_raises_instead_of_deadlocking():
+    """Done-callbacks run in the client's loop thread; closing the client
+    there would wait on that very thread, so it raises RuntimeError."""
+    import threading
+
+    errors, ran = [], threading.Event()
+
+    def callback(future):
+        try:
+            ex.shutdown(wait=True)
+        except RuntimeError as exc:
+            errors.append(exc)
+        ran.set()
+
+    ex = Executor(1)
+    try:
+        ex.submit(abs, -1).add_done_callback(callback)
+        assert ran.wait(10)
+        assert errors and "loop thread" in str(errors[0])
+        with pytest.raises(RuntimeError):  # shut down, as the stdlib's would be
+            ex.submit(abs, -2)
+    finally:
+        ex.shutdown()  # from this thread it completes and releases everything

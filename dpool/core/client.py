@@ -252,7 +252,10 @@ class Client:
         self._incoming.append((job, pin))
         if not self._wake_pending:
             self._wake_pending = True
-            self.loop.call_soon_threadsafe(self._drain)
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop closed under us: close() raced this submit
+                self._fail_leftovers()
         return job
 
     def cancel(self, job):
@@ -271,6 +274,10 @@ class Client:
         """Stop taking jobs; optionally wait for or cancel the rest; release all."""
         if self.closed and not self._thread.thread.is_alive():
             return
+        if self.in_loop_thread():
+            raise RuntimeError("a dpool client can't be closed from its own loop thread "
+                               "(a done-callback or event handler runs there): close it "
+                               "from another thread")
         self.closed = True
         if cancel:
             for future in list(self._unfinished):
@@ -284,6 +291,16 @@ class Client:
             except (TimeoutError, RuntimeError) as exc:
                 log.warning("client shutdown did not finish cleanly: %s", exc)
             self._thread.stop()
+        self._fail_leftovers()
+
+    def _fail_leftovers(self):
+        """Jobs a submit racing close() queued after the loop's last drain."""
+        error = BrokenCluster("the client was closed")
+        while self._incoming:
+            job, _ = self._incoming.popleft()
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(error)
+            self._unfinished.discard(job.future)
 
     def nodes(self):
         return [link for link in self.links if link.ready]
