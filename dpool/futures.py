@@ -184,16 +184,16 @@ class Executor(_cf.Executor):
             self._client.close(wait=True)
 
     def __del__(self):
-        # A forgotten executor must not keep its worker processes; never
-        # block the client's own loop thread, though (it may run GC).
+        # A forgotten executor finishes the work it was given (as the
+        # stdlib's does: ``list(Executor().map(f, xs))`` must work), then
+        # releases its workers; from a thread of its own, since garbage
+        # collection may run anywhere, the client's loop thread included.
         client = getattr(self, "_client", None)
         if client is None or client.closed:
             return
-        if client.in_loop_thread():
-            return
         try:
-            client.close(wait=False, cancel=True)
-        except Exception:  # interpreter shutdown: nothing more to do
+            threading.Thread(target=client.close, name="dpool-executor-shutdown").start()
+        except RuntimeError:  # interpreter shutdown: nothing more to do
             pass
 
 

@@ -121,3 +121,10 @@ def test_shutdown_from_a_done_callback_raises_instead_of_deadlocking():
             ex.submit(abs, -2)
     finally:
         ex.shutdown()  # from this thread it completes and releases everything
+
+
+def test_map_on_a_temporary_executor_finishes_its_work():
+    """The executor is garbage collected while map's results are still
+    coming; as with the stdlib, the work is finished, not cancelled."""
+    assert list(Executor(2).map(h.square, range(200))) == [i * i for i in range(200)]
+    gc.collect()
