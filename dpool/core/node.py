@@ -419,6 +419,13 @@ class Session:
             frames[0] = P.encode(P.RUN, header)
             worker.conn.send(frames)
 
+    _dispatch_scheduled = False
+
+    def _deferred_dispatch(self):
+        self._dispatch_scheduled = False
+        if not self.ended:
+            self.dispatch()
+
     def _free_worker(self):
         best = None
         for worker in self.workers:
@@ -448,7 +455,11 @@ class Session:
                 self._ghosts.discard(job_id)
                 self._learn(end - start)
                 i += n
-            self.dispatch()
+            # Once per loop iteration, after every worker's results of this
+            # pass are in: the freed room goes out as one RUN per worker.
+            if not self._dispatch_scheduled:
+                self._dispatch_scheduled = True
+                asyncio.get_running_loop().call_soon(self._deferred_dispatch)
         elif op == P.STARTED:
             if header[1] not in self._ghosts:
                 self.started.append((header[1], header[2]))
