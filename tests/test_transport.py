@@ -562,3 +562,30 @@ def test_blocking_connection_eof_mid_message_and_protocol_error():
     conn.close()
     with pytest.raises(ConnectionClosed):
         conn.send([b"after close"])
+
+
+def test_silent_peers_cannot_exhaust_the_server(monkeypatch, caplog):
+    """Past MAX_HANDSHAKES connections still authenticating, new ones are
+    closed at once (logged once); when the silent ones go, real clients get in."""
+    from dpool.transport import tcp
+
+    monkeypatch.setattr(tcp, "MAX_HANDSHAKES", 3)
+    caplog.set_level(logging.WARNING, "dpool.transport")
+
+    async def main():
+        async with serving(auth_timeout=10) as server:
+            silent = [await raw_client(server.port) for _ in range(3)]
+            await until(lambda: len(server._handshakes) == 3)
+            reader, writer, _ = await raw_client(server.port)
+            with contextlib.suppress(ConnectionError):
+                assert await reader.read() == b""  # closed without a challenge
+            writer.close()
+            assert any("refusing new ones" in r.getMessage() for r in caplog.records)
+            for _, w, _ in silent:
+                w.close()
+            await until(lambda: not server._handshakes)
+            good = await connect("127.0.0.1", server.port, secret=SECRET, hello={})
+            await server.accepted.get()
+            good.abort()
+            await good.wait_closed()
+    run(main())

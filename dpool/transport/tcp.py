@@ -31,6 +31,9 @@ from .streams import SocketStream, TransportAdapter, set_tcp_options
 
 log = logging.getLogger("dpool.transport")
 
+#: Connections allowed to be authenticating at once; more are closed at once.
+MAX_HANDSHAKES = 256
+
 __all__ = ["connect", "start_server", "Server", "wrap_socket",
            "server_ssl_context", "client_ssl_context"]
 
@@ -199,7 +202,21 @@ class Server:
                     self._loop.remove_reader(fd)
                     self._loop.call_later(1.0, self._resume_accepting)
                 return
+            if len(self._handshakes) >= MAX_HANDSHAKES:
+                # Peers that connect and stay silent must not exhaust our fds
+                # and lock out real clients: past the cap, new connections
+                # are closed at once until handshakes finish or time out.
+                sock.close()
+                now = self._loop.time()
+                if now - self._last_refusal_log > 10:
+                    self._last_refusal_log = now
+                    log.warning("%s: %d connections still authenticating; refusing new ones "
+                                "(latest from %s)", format_peer(self.address), MAX_HANDSHAKES,
+                                format_peer(addr))
+                continue
             self._spawn(self._handshakes, self._handshake(sock, addr))
+
+    _last_refusal_log = -1e9
 
     def _resume_accepting(self) -> None:
         if not self._closed:
