@@ -589,3 +589,20 @@ def test_silent_peers_cannot_exhaust_the_server(monkeypatch, caplog):
             good.abort()
             await good.wait_closed()
     run(main())
+
+
+def test_close_gives_up_on_a_peer_that_stopped_reading(monkeypatch):
+    from dpool.transport import streams
+
+    monkeypatch.setattr(streams, "CLOSE_TIMEOUT", 0.2)
+
+    async def main():
+        ours, theirs = socket.socketpair()
+        try:
+            conn = await wrap_socket(ours)
+            conn.send([b"x" * (16 * 2**20)])  # far more than the socket buffers hold
+            conn.close()
+            await asyncio.wait_for(conn.wait_closed(), 5)
+        finally:
+            theirs.close()
+    run(main())

@@ -22,6 +22,7 @@ try:
 except (AttributeError, ValueError, OSError):
     IOV_MAX = 16
 
+CLOSE_TIMEOUT = 10.0  # seconds a graceful close waits for unsent data to go out
 HIGH_WATER = 4 * 2**20
 LOW_WATER = 1 * 2**20
 
@@ -153,6 +154,14 @@ class SocketStream:
         self._loop.remove_reader(self._fd)
         if not self._out:
             self._loop.call_soon(self._finish, None)
+        else:  # a peer that stopped reading must not hold the socket forever
+            self._loop.call_later(CLOSE_TIMEOUT, self._give_up_close)
+
+    def _give_up_close(self) -> None:
+        if not self._done:
+            self._stop()
+            self._finish(ConnectionError(f"peer did not read the last {self._out_bytes} "
+                                         f"bytes within {CLOSE_TIMEOUT} s of close"))
 
     def abort(self) -> None:
         self._stop()
