@@ -14,6 +14,8 @@ Client -> node                         Node -> client
   RUN      (op, jobs)        + payloads  DONE     (op, results)   + payloads
   CANCEL   (op, job_ids)                 STARTED  (op, [(job_id, time)])
   BYE      (op,)
+  FORGET   (op, fn_ids)  functions no job in flight needs; the node drops
+                         them and forwards FORGET to the workers holding them
   RECOVER  (op, token, terminate)        READY (op, {"recovered": True,
                                            "kept": [job_id], "pending": [job_id]})
                                          or REFUSED; then DONE as usual
@@ -43,8 +45,9 @@ Node -> worker                         Worker -> node
 
 Node -> worker                         Worker -> node
   INIT     (op, options)     + blobs     INITFAIL (op,)           + exception
-  FUNC     (op, fn_id)       + blob      DONE     (op, result)    + payload
-  RUN  (op, job_id, fn_id, star) + payload STARTED (op, job_id, time)
+  FUNC     (op, fn_id)       + blob      DONE     (op, results)   + payloads
+  RUN      (op, jobs)        + payloads  STARTED  (op, job_id, time)
+  FORGET   (op, fn_ids)
 
 ``jobs`` in RUN is a list of ``(job_id, fn_id, nframes, star)``: the payload frames
 of the jobs follow the header in that order.  ``star`` is CALL (``fn(*args,
@@ -63,6 +66,8 @@ INIT, INITFAIL = 21, 22
 # job environment (see above); SETUP.. are shared by all three parties
 FILE, SETUP = 6, 7
 RECOVER = 8
+# client -> node -> worker: drop these function ids (no job of theirs is left)
+FORGET = 9
 FILEDONE, SETUPDONE, SETUPFAIL, PROVISIONAL, SENDFILE = 15, 16, 17, 18, 19
 AVAILINFO = 20
 ENV, CLEANUP, CLEANUPDONE = 23, 24, 25

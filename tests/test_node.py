@@ -290,3 +290,26 @@ def test_embedded_client_survives_its_zygote_dying():
         assert [client.submit(abs, (-i,)).future.result(10) for i in range(4)] == [0, 1, 2, 3]
     finally:
         client.close()
+
+
+def test_functions_no_longer_needed_are_forgotten_by_the_node_and_workers():
+    """A lambda made per call is a new function each time: the node session
+    and its workers keep only a bounded number of them."""
+    from dpool.core import client as core
+
+    client = Client(None, cpus=2).start()
+    try:
+        for batch in range(3):
+            jobs = [client.submit(lambda i=i: i + 1) for i in range(800)]
+            assert [job.future.result(30) for job in jobs] == list(range(1, 801))
+        (session,) = client.embedded.sessions
+        assert len(session.fns) <= core._NODE_FUNCTIONS
+        assert all(len(w.fns) <= core._NODE_FUNCTIONS for w in session.workers)
+        (link,) = client.nodes()
+        assert len(link.fns) <= core._NODE_FUNCTIONS
+        # Functions still in use were never forgotten: a job of an old one runs.
+        keep = lambda: "kept"  # noqa: E731
+        assert client.submit(keep).future.result(10) == "kept"
+        assert client.submit(keep).future.result(10) == "kept"
+    finally:
+        client.close()

@@ -49,6 +49,10 @@ def client_hello():
             "python": "%d.%d" % sys.version_info[:2], "cloudpickle": cloudpickle.__version__}
 
 
+#: Functions a node session keeps at most (see Client._forget).
+_NODE_FUNCTIONS = 1024
+
+
 class Job:
     """The client's record of one job.  Fields are written by the loop thread
     before the future resolves, so they are safe to read after it has."""
@@ -84,7 +88,7 @@ class NodeLink:
         self.address = address  # (host, port) or "embedded"
         self.conn = conn
         self.info = {}
-        self.fns = set()
+        self.fns = collections.OrderedDict()  # fn_id -> jobs in flight here (LRU order)
         self.ready = False
         self.error = None
         self.jobs_done = 0
@@ -554,9 +558,13 @@ class Client:
                     dropped.append(job_id)  # cancelled by the user while queued
                     continue
                 job.sent = True
-            if job.fn_id not in link.fns:
+            count = link.fns.get(job.fn_id)
+            if count is None:
                 functions.append([P.encode(P.FUNC, job.fn_id), job.blob])
-                link.fns.add(job.fn_id)
+                link.fns[job.fn_id] = 1
+            else:
+                link.fns[job.fn_id] = count + 1
+                link.fns.move_to_end(job.fn_id)
             job.node = link
             job.status = RUNNING
             header.append((job_id, job.fn_id, len(job.frames), job.star))
@@ -570,9 +578,28 @@ class Client:
             # Closed under us (its close callback, which runs later, does the
             # rest): these jobs go elsewhere now, with the node's others.
             self._act(self.scheduler.remove_node(link, time.monotonic(), str(exc)))
+            return
+        if len(link.fns) > _NODE_FUNCTIONS:
+            self._forget(link)
         for job_id in dropped:
             self._act(self.scheduler.done(link, job_id))
             self._unfinished.discard(jobs.pop(job_id).future)
+
+    def _forget(self, link):
+        """Tell the node to drop the least recently used functions that no
+        job in flight there needs (a lambda made per call is a new function
+        each time: without this the node and its workers would keep them all)."""
+        fns, drop = link.fns, []
+        excess = len(fns) - _NODE_FUNCTIONS * 3 // 4
+        for fn_id, count in fns.items():
+            if len(drop) >= excess:
+                break
+            if count == 0:
+                drop.append(fn_id)
+        for fn_id in drop:
+            del fns[fn_id]
+        if drop:
+            link.conn.send([P.encode(P.FORGET, drop)])
 
     def _on_started(self, link, header, frames):
         for job_id, start in header[1]:
@@ -592,6 +619,9 @@ class Client:
             scheduler.done(link, job_id, None if start is None else end - start, dispatch=False)
             if job is None:
                 continue
+            count = link.fns.get(job.fn_id)
+            if count:
+                link.fns[job.fn_id] = count - 1
             if start is not None:
                 job.start_time, job.end_time, job.stdout, job.stderr = start, end, out, err
                 link.jobs_done += 1

@@ -159,6 +159,7 @@ class JobEnv:
 
     def install(self, env):
         _namespace.update(env)
+        self.loaded &= self.worker.fns.keys()  # some may have been forgotten
         for fn_id in self.loaded:
             _inject(self.worker.fns[fn_id])
 

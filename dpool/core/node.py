@@ -161,7 +161,7 @@ class Session:
         self.tasks = set()
         self.env = None  # a nodeenv.SessionEnv once the client sends FILE or SETUP
         self.handlers = {P.SESSION: self.on_session, P.FUNC: self.on_func, P.RUN: self.on_run,
-                         P.CANCEL: self.on_cancel, P.BYE: self.on_bye,
+                         P.CANCEL: self.on_cancel, P.BYE: self.on_bye, P.FORGET: self.on_forget,
                          P.FILE: self.on_env, P.SETUP: self.on_env, P.RECOVER: self.on_recover}
         self.detached_at = None  # loop time the client went away (recoverable sessions)
         self._expiry = None
@@ -256,6 +256,18 @@ class Session:
             queue.append((job_id, fn_id, frames[i:i + n], star))
             i += n
         self.dispatch()
+
+    def on_forget(self, header, frames):
+        """The client needs these functions no more (none of their jobs is
+        left here): drop them, and have the workers that loaded them drop them."""
+        ids = header[1]
+        for fn_id in ids:
+            self.fns.pop(fn_id, None)
+        for worker in self.workers:
+            gone = [fn_id for fn_id in ids if fn_id in worker.fns]
+            if gone and not worker.dead:
+                worker.fns.difference_update(gone)
+                worker.conn.send([P.encode(P.FORGET, gone)])
 
     def on_cancel(self, header, frames):
         ids = set(header[1])

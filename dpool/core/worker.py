@@ -49,6 +49,7 @@ class Worker:
         self.max_tasks = None
         self.done = 0
         self.handlers = {P.INIT: self.on_init, P.FUNC: self.on_func, P.RUN: self.on_run,
+                         P.FORGET: self.on_forget,
                          P.SETUP: self.on_env, P.ENV: self.on_env, P.CLEANUP: self.on_env}
 
     def serve(self):
@@ -87,6 +88,10 @@ class Worker:
         from . import jobenv
 
         jobenv.handle(self, header, frames)
+
+    def on_forget(self, header, frames):
+        for fn_id in header[1]:
+            self.fns.pop(fn_id, None)
 
     def _function(self, fn_id):
         fn = self.fns[fn_id]
