@@ -2,7 +2,8 @@
 
     python bench/bench_engine.py [--jobs 10000] [--trips 500] [--mb 100] [--remote]
 
-Measures, in one run and on the same machine:
+Measures, in one run and on the same machine (a full garbage collection
+before each measurement, for both sides):
   throughput  N no-op jobs submitted at once, until all results are back
   latency     sequential round trips of one no-op job
   bandwidth   one 100 MB argument (returning its length) and one 100 MB result
@@ -13,6 +14,7 @@ With --remote the node is a separate `dpool-node` process on 127.0.0.1
 (TCP + auth), otherwise the cluster's embedded node (in-process link).
 """
 import argparse
+import gc
 import multiprocessing
 import os
 import subprocess
@@ -38,19 +40,23 @@ def bench_mp(args):
     out = {}
     with multiprocessing.Pool(cpus) as pool:
         pool.apply(noop)  # warm up
+        gc.collect()
         t = time.perf_counter()
         rs = [pool.apply_async(noop, (i,)) for i in range(args.jobs)]
         for r in rs:
             r.get()
         out["throughput"] = args.jobs / (time.perf_counter() - t)
+        gc.collect()
         t = time.perf_counter()
         for i in range(args.trips):
             pool.apply(noop, (i,))
         out["latency"] = (time.perf_counter() - t) / args.trips
         data = make(args.mb)
+        gc.collect()
         t = time.perf_counter()
         pool.apply(size_of, (data,))
         out["arg_mbs"] = args.mb / (time.perf_counter() - t)
+        gc.collect()
         t = time.perf_counter()
         pool.apply(make, (args.mb,))
         out["result_mbs"] = args.mb / (time.perf_counter() - t)
@@ -62,15 +68,15 @@ def bench_dpool(args, nodes=None, secret=None):
 
     out = {}
     kw = {"nodes": nodes, "secret": secret} if nodes else {}
-    for name, fn in (("noop", noop), ("size", size_of), ("make", make)):
-        pass
     cluster = dpool.JobCluster(noop, loglevel=30, **kw)
     cluster.submit(0)()
+    gc.collect()
     t = time.perf_counter()
     jobs = [cluster.submit(i) for i in range(args.jobs)]
     for job in jobs:
         job()
     out["throughput"] = args.jobs / (time.perf_counter() - t)
+    gc.collect()
     t = time.perf_counter()
     for i in range(args.trips):
         cluster.submit(i)()
@@ -79,12 +85,14 @@ def bench_dpool(args, nodes=None, secret=None):
     cluster = dpool.JobCluster(size_of, loglevel=30, **kw)
     cluster.submit(b"")()
     data = make(args.mb)
+    gc.collect()
     t = time.perf_counter()
     assert cluster.submit(data)() == len(data)
     out["arg_mbs"] = args.mb / (time.perf_counter() - t)
     cluster.close()
     cluster = dpool.JobCluster(make, loglevel=30, **kw)
     cluster.submit(0)()
+    gc.collect()
     t = time.perf_counter()
     assert len(cluster.submit(args.mb)()) == args.mb * 1_000_000
     out["result_mbs"] = args.mb / (time.perf_counter() - t)
