@@ -290,3 +290,11 @@ def authenticated_socket(port, secret, timeout=5.0):
     except BaseException:
         sock.close()
         raise
+
+
+@pytest.fixture(scope="module")
+def remote_node(tmp_path_factory):
+    """A dpool-node subprocess (2 CPUs, a fixed secret) shared by a module's tests."""
+    node = start_node(tmp_path_factory.mktemp("node"), cpus=2, secret=b"conformance-secret")
+    yield node
+    node.terminate()

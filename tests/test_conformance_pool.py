@@ -15,16 +15,10 @@ import conformance_helpers as h
 import dpool
 from conftest import poll_for
 from dpool.errors import BrokenCluster, WorkerLost
-from helpers_engine import start_node
+from helpers_engine import remote_node  # noqa: F401  (module-scoped fixture)
 
 KINDS = ["stdlib", "dpool", "remote"]
 
-
-@pytest.fixture(scope="module")
-def remote_node(tmp_path_factory):
-    node = start_node(tmp_path_factory.mktemp("node"), cpus=2, secret=b"conformance-secret")
-    yield node
-    node.terminate()
 
 
 @pytest.fixture(params=KINDS)
