@@ -345,7 +345,7 @@ class JobCluster:
             job._status = DispyJob._from_core[core_job.status]
         with self._lock:
             self._jobs.discard(job)
-        job.finish.set()
+        job._set_done()
 
     def _save_file(self, core_job, name, data):
         try:
@@ -403,7 +403,7 @@ class JobCluster:
 
     def cancel(self, job):
         """Cancel a queued (-> Cancelled) or running (-> Terminated) job; 0 or -1."""
-        if job._job is None or job.finish.is_set():
+        if job._job is None or job._done:
             return -1
         self._client.cancel(job._job)
         return 0

@@ -61,14 +61,43 @@ class DispyJob:
         self.end_time = None
         self._status = None  # set when final or provisional; else read from the core job
         self.ip_addr = None
-        self.finish = threading.Event()
+        self._event = None  # ``finish``, made when someone needs to wait on it
+        self._done = False
         self._job = None
+
+    _event_lock = threading.Lock()
+
+    @property
+    def finish(self):
+        """dispy's Event, set when the job is done (made on first use: most
+        jobs are done before anyone waits, and an Event per job is not free)."""
+        event = self._event
+        if event is None:
+            with DispyJob._event_lock:
+                event = self._event
+                if event is None:
+                    event = self._event = threading.Event()
+                    if self._done:
+                        event.set()
+        return event
+
+    def _set_done(self):
+        """Called once the job's fields are final: wakes every waiter."""
+        with DispyJob._event_lock:
+            self._done = True
+            event = self._event
+        if event is not None:
+            event.set()
 
     def __call__(self, clear=False, timeout=None):
         """Wait for the job to finish (up to ``timeout`` s) and return its result."""
-        self.finish.wait(timeout)
+        if not self._done:
+            self.finish.wait(timeout)
         if clear:
-            self.finish.clear()
+            with DispyJob._event_lock:
+                self._done = False
+                if self._event is not None:
+                    self._event.clear()
         return self.result
 
     @property

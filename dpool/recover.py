@@ -218,5 +218,5 @@ def _job(job_id, ip, status, start, end, out, err, payload):
     else:
         job.exception = _exception_text(serialize.load_exception(payload))
         job._status = DispyJob.Terminated if status == P.ERROR else DispyJob.Abandoned
-    job.finish.set()
+    job._set_done()
     return job
