@@ -287,3 +287,25 @@ def test_lost_node_jobs_run_again_elsewhere(tmp_path, node_secret):
     finally:
         for node in nodes:
             node.kill()
+
+
+def test_finish_event_taken_before_or_after_the_end(dpool_node, tmp_path):
+    """``job.finish`` is made on first use: an Event taken while the job runs
+    is set when it ends; one taken afterwards is already set."""
+    import threading
+
+    marker, gate = str(tmp_path / "marker"), str(tmp_path / "gate")
+    with cluster_on(dpool_node, hold) as cluster:
+        early = cluster.submit(marker, gate)
+        read_marker(marker)
+        event = early.finish
+        assert not event.is_set()
+        woke = threading.Event()
+        waiter = threading.Thread(target=lambda: (event.wait(10), woke.set()))
+        waiter.start()
+        open(gate, "w").close()
+        assert woke.wait(10) and early.finish is event
+        waiter.join()
+        late = cluster.submit(str(tmp_path / "m2"), gate)
+        assert late(timeout=10) is not None
+        assert late.finish.is_set()
