@@ -75,6 +75,10 @@ def main(argv=None):
             break
     for pid in children:
         _kill_group(pid)
+        try:  # a child forked just now may not lead its group yet (setsid)
+            os.kill(pid, signal.SIGKILL)  # not reaped, so the pid is still ours
+        except ProcessLookupError:
+            pass
     os._exit(0)
 
 
@@ -101,7 +105,10 @@ def _serve_request(ctl, children):
         worker.main(fd)
     os.close(fd)
     children.add(pid)
-    ctl.sendall(_RECORD.pack(b"P", pid, 0))
+    try:
+        ctl.sendall(_RECORD.pack(b"P", pid, 0))
+    except OSError:
+        return False  # the node is gone (or closing): kill the children and exit
     return True
 
 

@@ -1,0 +1,41 @@
+"""Found by walking through README.md and docs/ as a new user: each test pins
+a place where the code did not do what the docs say."""
+import os
+import socket
+import subprocess
+import sys
+
+from helpers_engine import node_env
+
+
+def test_zygote_exits_quietly_when_the_node_closed_before_the_fork_reply():
+    """``Executor(max_workers=4)`` shut down at once sometimes printed a
+    zygote ``BrokenPipeError`` traceback: the node had stopped reading the
+    control socket while a fork request was in flight, and the b"P" reply
+    raised (``_reap`` already ignored that; ``_serve_request`` did not)."""
+    ours, theirs = socket.socketpair()
+    worker_ours, worker_theirs = socket.socketpair()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from dpool.core.zygote import main; main()",
+             str(theirs.fileno()), str(os.getpid())],
+            pass_fds=[theirs.fileno()], env=node_env(), stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
+        theirs.close()
+        ours.shutdown(socket.SHUT_RD)  # the zygote's replies now fail with EPIPE
+        socket.send_fds(ours, [b"S"], [worker_theirs.fileno()])
+        worker_theirs.close()
+        try:
+            _, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert b"Traceback" not in err, err.decode(errors="replace")
+        assert proc.returncode == 0, err.decode(errors="replace")
+        worker_ours.settimeout(10)
+        assert worker_ours.recv(1) == b""  # the forked worker was killed with it
+    finally:
+        ours.close()
+        worker_ours.close()
+        worker_theirs.close()
