@@ -39,3 +39,20 @@ def test_zygote_exits_quietly_when_the_node_closed_before_the_fork_reply():
         ours.close()
         worker_ours.close()
         worker_theirs.close()
+
+
+def test_dpool_node_refuses_a_port_out_of_range(tmp_path):
+    """``dpool-node --port 99999`` used to listen on port 34463 (99999 mod
+    65536, getaddrinfo's wrap-around) and say so, instead of refusing."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dpool.daemons.node", "--port", "99999", "--cpus", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        env=node_env(b"walkthrough"), cwd=tmp_path)
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert proc.returncode == 2, (out, err)
+    assert b"serving" not in out
+    assert b"--port" in err and b"65535" in err, err

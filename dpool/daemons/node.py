@@ -23,10 +23,20 @@ from ..transport import netaddr
 log = logging.getLogger("dpool.node")
 
 
+def _port(text):
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:  # getaddrinfo would wrap it around silently
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (0 to 65535)")
+    return port
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="dpool-node", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=config.NODE_PORT,
+    p.add_argument("--port", type=_port, default=config.NODE_PORT,
                    help=f"TCP port (default {config.NODE_PORT}; 0 picks a free one)")
     p.add_argument("--cpus", type=int, default=0,
                    help="CPUs to serve: 0 = all (default), negative = leave that many free")
