@@ -67,6 +67,7 @@ class SessionEnv:
         self.setup_worker = None
         self.files = []
         self.cleaning = self.cleaned = False
+        self.cleanup_worker = None
 
     # ------------------------------------------------------------ client side
 
@@ -111,6 +112,8 @@ class SessionEnv:
         if self.state == "done":
             if self.env_frames is not None:
                 worker.conn.send([P.encode(P.ENV), *self.env_frames])
+            if self.cleaning and self.cleanup_worker is None:
+                self._send_cleanup(worker)  # the workers were killed: a new one runs it
             return True
         if self.state is None:
             return True
@@ -163,7 +166,9 @@ class SessionEnv:
         if worker is self.setup_worker and self.state == "pending":
             exc = WorkerLost(f"the process running setup (pid {worker.pid}) {describe_exit(code)}")
             self._setup_failed(serialize.dump_exception(exc))
-        elif self.cleaning and not any(not w.dead for w in self.session.workers):
+        elif self.cleaning and worker is self.cleanup_worker:
+            log.warning("session %s: the process running cleanup (pid %s) %s", self.session.sid,
+                        worker.pid, describe_exit(code))
             self._finish_cleanup()
 
     # ---------------------------------------------------------------- ending
@@ -179,14 +184,18 @@ class SessionEnv:
         if not self.session.options.get("cleanup_fn"):
             return False
         live = [w for w in self.session.workers if not w.dead and w.killing is None]
-        if not live:
-            return False
         self.cleaning = True
-        idle = [w for w in live if not w.outstanding] or live
-        idle[0].conn.send([P.encode(P.CLEANUP), *self.setup_frames])
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(CLEANUP_TIMEOUT, self._cleanup_timed_out)
+        if live:
+            idle = [w for w in live if not w.outstanding] or live
+            self._send_cleanup(idle[0])
+        # else: every worker is being killed (a cancel); its replacement runs cleanup
         return True
+
+    def _send_cleanup(self, worker):
+        self.cleanup_worker = worker
+        worker.conn.send([P.encode(P.CLEANUP), *self.setup_frames])
 
     def _cleanup_timed_out(self):
         log.warning("session %s: cleanup did not finish in %ss", self.session.sid,

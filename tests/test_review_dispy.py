@@ -1,0 +1,64 @@
+"""Review of the node side of dispy's features and recovery: regressions."""
+import os
+import time
+
+import pytest
+
+import dpool as dispy
+from dpool import protocol as P
+from conftest import poll_for
+from helpers_engine import dpool_node, node_secret, pid_gone  # noqa: F401 (fixtures)
+import helpers_review_dispy as R
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def cluster_on(node, fn, **kwargs):
+    kwargs.setdefault("secret", node.secret)
+    kwargs.setdefault("nodes", [node.address])
+    return dispy.JobCluster(fn, **kwargs)
+
+
+def test_cleanup_runs_after_close_terminate_with_every_cpu_busy(dpool_node, tmp_path):
+    """close(terminate=True) kills the running jobs' workers; the cleanup
+    function must still run once (in a replacement worker)."""
+    marker = str(tmp_path / "cleanup-ran")
+    cluster = cluster_on(dpool_node, R.hold_until, cleanup=R.cleanup_marks,
+                         nodes=[dispy.NodeAllocate("127.0.0.1", dpool_node.port,
+                                                   setup_args=(marker,))])
+    gate = str(tmp_path / "never")
+    jobs = [cluster.submit(gate, str(tmp_path / f"m{i}")) for i in range(2)]
+    poll_for(lambda: all(os.path.exists(tmp_path / f"m{i}") for i in range(2)), 10,
+             message="both jobs to run")
+    pids = [int(open(tmp_path / f"m{i}").read()) for i in range(2)]
+    # What close(terminate=True) sends, CANCEL then BYE, back to back (so the
+    # node has not replaced the killed workers yet when BYE arrives).
+    client = cluster._client
+    link, = client.links
+
+    def cancel_and_bye():
+        link.conn.send([P.encode(P.CANCEL, [job._job.id for job in jobs])])
+        link.conn.send([P.encode(P.BYE)])
+    client.loop.call_soon_threadsafe(cancel_and_bye)
+    assert cluster.close(terminate=True)
+    poll_for(lambda: os.path.exists(marker), 5, message="cleanup to run")
+    assert int(open(marker).read()) not in pids
+    poll_for(lambda: all(pid_gone(p) for p in pids), 5, message="the jobs' workers to die")
+
+
+def test_a_cleanup_that_kills_its_process_does_not_hold_the_session(dpool_node, tmp_path):
+    """The worker running cleanup dies: the session ends then (its other
+    workers are killed, its CPUs freed), not CLEANUP_TIMEOUT (10 s) later."""
+    cluster = cluster_on(dpool_node, R.hold_until, cleanup=R.cleanup_dies,
+                         nodes=[dispy.NodeAllocate("127.0.0.1", dpool_node.port,
+                                                   setup_args=("unused",))])
+    gate = tmp_path / "gate"
+    jobs = [cluster.submit(str(gate), str(tmp_path / f"m{i}")) for i in range(2)]
+    poll_for(lambda: all(os.path.exists(tmp_path / f"m{i}") for i in range(2)), 10,
+             message="both jobs to run")
+    gate.touch()
+    pids = {job(timeout=10) for job in jobs}
+    assert len(pids) == 2
+    cluster.close()
+    poll_for(lambda: all(pid_gone(p) for p in pids), 4, message="the session's workers to die")
+    assert "the process running cleanup" in dpool_node.stderr()
