@@ -62,3 +62,25 @@ def test_a_cleanup_that_kills_its_process_does_not_hold_the_session(dpool_node, 
     cluster.close()
     poll_for(lambda: all(pid_gone(p) for p in pids), 4, message="the session's workers to die")
     assert "the process running cleanup" in dpool_node.stderr()
+
+
+def test_a_dependency_the_node_cannot_write_does_not_keep_a_recoverable_session(
+        dpool_node, tmp_path, monkeypatch):
+    """The node cannot write a dependency: the client leaves the node out.
+    With recover_file the node must not keep that session (and its CPUs)
+    for --keep-results seconds as if the client had died."""
+    from dpool.errors import BrokenCluster
+
+    outside, cwd = tmp_path / "outside", tmp_path / "cwd"
+    (cwd / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "sub").write_text("a file named sub")
+    (cwd / "sub" / "a.txt").write_text("a file under the folder sub")
+    monkeypatch.chdir(cwd)
+    with pytest.raises(BrokenCluster, match="cannot write"):
+        cluster_on(dpool_node, R.fast, depends=[str(outside / "sub"), "sub/a.txt"],
+                   recover_file=str(tmp_path / "_dispy_review"))
+    with cluster_on(dpool_node, R.fast) as cluster:
+        assert cluster.submit(5)(timeout=10) == 5
+        assert [node.cpus for node in cluster.status().nodes] == [2]
+    assert "kept for" not in dpool_node.stderr()

@@ -91,6 +91,11 @@ class SessionEnv:
             error = f"node {self.session.node.name} cannot write {name!r}: {exc}"
             log.warning("session %s: %s", self.session.sid, error)
         self.session.conn.send([P.encode(P.FILEDONE, req_id, error)])
+        if error is not None and req_id is None:
+            # A dependency of the session's start: the client leaves this node
+            # out, so end the session here (a recoverable one would otherwise be
+            # kept, its CPUs held, as if the client had gone away).
+            self.session.end("a dependency could not be written")
 
     def on_setup(self, frames):
         session = self.session
