@@ -191,6 +191,7 @@ class JobCluster:
     def _local_client(self, cpus):
         self._embedded_cpus = config.resolve_cpus(cpus)
         secret = self._used_secret = self.secret or config.find_local_secret(self.node_port)
+        why = "no dpool-node at"
         if secret is not None:
             client = core.Client([("127.0.0.1", self.node_port)], secret=secret,
                                  connect_timeout=3, **self._client_args())
@@ -203,11 +204,12 @@ class JobCluster:
                 if not refused:
                     log.warning("the node at 127.0.0.1:%d could not be used (%s)",
                                 self.node_port, exc)
+                    why = "could not use the dpool-node at"
         args = dict(self._client_args(), ssl=None)
         client = core.Client(None, cpus=self._embedded_cpus, **args)
         client.start()
-        log.info("no dpool-node at 127.0.0.1:%d; started an embedded local node with "
-                 "%d CPUs", self.node_port, client.nodes()[0].cpus)
+        log.info("%s 127.0.0.1:%d; started an embedded local node with "
+                 "%d CPUs", why, self.node_port, client.nodes()[0].cpus)
         return client
 
     def _alloc_for(self, link):

@@ -5,7 +5,8 @@ import socket
 import subprocess
 import sys
 
-from helpers_engine import node_env
+import dpool
+from helpers_engine import dpool_node, double, node_env, node_secret  # noqa: F401 (fixtures)
 
 
 def test_zygote_exits_quietly_when_the_node_closed_before_the_fork_reply():
@@ -56,3 +57,16 @@ def test_dpool_node_refuses_a_port_out_of_range(tmp_path):
     assert proc.returncode == 2, (out, err)
     assert b"serving" not in out
     assert b"--port" in err and b"65535" in err, err
+
+
+def test_fallback_to_embedded_does_not_deny_the_node_it_could_not_use(dpool_node, caplog):
+    """With a wrong secret for the local dpool-node, JobCluster() warned that
+    the node could not be used, then logged "no dpool-node at 127.0.0.1:PORT;
+    started an embedded local node": the node was there."""
+    caplog.set_level("INFO", logger="dpool")
+    with dpool.JobCluster(double, node_port=dpool_node.port, secret=b"wrong") as cluster:
+        assert cluster.submit(21)(timeout=10) == 42
+    lines = [r.getMessage() for r in caplog.records if "embedded" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "no dpool-node at" not in lines[0], lines[0]
+    assert f"127.0.0.1:{dpool_node.port}" in lines[0], lines[0]
