@@ -89,6 +89,8 @@ class JobCluster:
                             f"not {type(computation).__name__}")
         self.computation = computation
         self._files, names = collect(depends)
+        if self._program is not None:  # its name on the node (a path under cwd is kept)
+            self._program_file = self._files[-1][0]
         names["__dpool_computation__"] = computation
         self._names = names
         self._setup, self._cleanup = setup, cleanup
@@ -378,7 +380,7 @@ class JobCluster:
     def _submit(self, job_id, pin, args, kwargs):
         files = kwargs.pop("dispy_job_depends", None)
         if self._program is not None:
-            args = (self._program, *(str(a) for a in args))
+            args = (self._program_file, *(str(a) for a in args))
         fn = self.computation
         if files:
             entries, names = collect(files)

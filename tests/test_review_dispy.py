@@ -84,3 +84,17 @@ def test_a_dependency_the_node_cannot_write_does_not_keep_a_recoverable_session(
         assert cluster.submit(5)(timeout=10) == 5
         assert [node.cpus for node in cluster.status().nodes] == [2]
     assert "kept for" not in dpool_node.stderr()
+
+
+def test_program_in_a_subfolder_of_the_working_directory(dpool_node, tmp_path, monkeypatch):
+    """JobCluster('bin/prog'): the program is sent as bin/prog (its path under
+    the working directory is kept); the job must run that file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bin").mkdir()
+    prog = tmp_path / "bin" / "review-prog-7"
+    prog.write_text("#!/bin/sh\necho \"args: $*\"\nexit 7\n")
+    prog.chmod(0o755)
+    with cluster_on(dpool_node, "bin/review-prog-7") as cluster:
+        job = cluster.submit("a", 1)
+        assert job(timeout=10) == 7, job.exception
+        assert job.stdout == "args: a 1\n"
