@@ -6,7 +6,10 @@ import subprocess
 import sys
 
 import dpool
-from helpers_engine import dpool_node, double, node_env, node_secret  # noqa: F401 (fixtures)
+from conftest import poll_for
+from dpool.futures import Executor
+from helpers_engine import (dpool_node, double, node_env, node_secret,  # noqa: F401 (fixtures)
+                            start_node)
 
 
 def test_zygote_exits_quietly_when_the_node_closed_before_the_fork_reply():
@@ -70,3 +73,21 @@ def test_fallback_to_embedded_does_not_deny_the_node_it_could_not_use(dpool_node
     assert len(lines) == 1, lines
     assert "no dpool-node at" not in lines[0], lines[0]
     assert f"127.0.0.1:{dpool_node.port}" in lines[0], lines[0]
+
+
+def test_lost_node_warning_says_which_node(tmp_path, dpool_node, node_secret, caplog):
+    """Two dpool-nodes on one host: killing one logged "lost node vm: node vm
+    closed the connection", which does not say which of the two was lost."""
+    caplog.set_level("WARNING", logger="dpool")
+    doomed = start_node(tmp_path / "doomed", cpus=1, secret=node_secret)
+    try:
+        with Executor(nodes=[dpool_node.address, doomed.address], secret=node_secret) as ex:
+            assert ex.submit(double, 2).result(10) == 4
+            doomed.kill()
+            lost = poll_for(lambda: [r.getMessage() for r in caplog.records
+                                     if r.getMessage().startswith("lost node")], 10,
+                            message="the lost node warning")
+            assert f"127.0.0.1:{doomed.port}" in lost[0], lost
+            assert ex.submit(double, 3).result(10) == 6
+    finally:
+        doomed.kill()

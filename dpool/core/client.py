@@ -505,7 +505,9 @@ class Client:
             return
         self._emit("node", link)
         if not self.closed or self._unfinished:
-            log.warning("lost node %s: %s", link.name, link.error)
+            where = "%s:%s" % tuple(link.address) if isinstance(link.address, tuple) \
+                else link.address  # nodes on one host share a name
+            log.warning("lost node %s (%s): %s", link.name, where, link.error)
         self._act(self.scheduler.remove_node(link, time.monotonic(), str(link.error)))
         if not any(l.ready for l in self.links):
             self.broken = link.error
