@@ -57,6 +57,8 @@ def parse_nodes(nodes):
             out.append((str(node[0]), int(node[1])))
         else:
             raise ValueError(f"invalid node {node!r}: give (host, port) or 'host:port'")
+        if not 0 < out[-1][1] <= 65535:  # getaddrinfo would wrap it around silently
+            raise ValueError(f"invalid node {node!r}: the port must be 1 to 65535")
     if not out:
         raise ValueError("nodes is empty: give at least one (host, port)")
     return out

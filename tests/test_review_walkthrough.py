@@ -91,3 +91,15 @@ def test_lost_node_warning_says_which_node(tmp_path, dpool_node, node_secret, ca
             assert ex.submit(double, 3).result(10) == 6
     finally:
         doomed.kill()
+
+
+def test_executor_refuses_a_node_port_out_of_range():
+    """``Executor(nodes="127.0.0.1:99999")`` connected to port 34463
+    (getaddrinfo's wrap-around) and reported a refused connection there."""
+    import pytest
+
+    for nodes in ("127.0.0.1:99999", [("127.0.0.1", 99999)], "127.0.0.1:-1"):
+        with pytest.raises(ValueError, match="65535"):
+            Executor(nodes=nodes, secret="x")
+        with pytest.raises(ValueError, match="65535"):
+            dpool.Pool(nodes=nodes, secret="x")
