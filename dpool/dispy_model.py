@@ -199,6 +199,8 @@ class NodeAllocate:
         self.host = host
         self.ip_addr = resolve_host(host)
         self.port = int(port) if port else None
+        if self.port is not None and not 0 < self.port <= 65535:  # else getaddrinfo wraps it
+            raise ValueError(f"NodeAllocate: port {port} is not 1 to 65535")
         self.cpus = int(cpus or 0)
         self.depends = list(depends)
         self.setup_args = setup_args

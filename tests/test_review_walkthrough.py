@@ -103,3 +103,15 @@ def test_executor_refuses_a_node_port_out_of_range():
             Executor(nodes=nodes, secret="x")
         with pytest.raises(ValueError, match="65535"):
             dpool.Pool(nodes=nodes, secret="x")
+
+
+def test_jobcluster_refuses_a_node_port_out_of_range():
+    """``JobCluster(nodes=[("127.0.0.1", 99999)])`` (and NodeAllocate) connected
+    to port 34463, getaddrinfo's wrap-around, instead of refusing the port."""
+    import pytest
+
+    for nodes in ([("127.0.0.1", 99999)], [("127.0.0.1", 70000)]):
+        with pytest.raises(ValueError, match="65535"):
+            dpool.JobCluster(double, nodes=nodes, secret="x")
+    with pytest.raises(ValueError, match="65535"):
+        dpool.NodeAllocate("127.0.0.1", port=99999)
