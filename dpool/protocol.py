@@ -77,7 +77,7 @@ CALL, STARMAP, MAP = 0, 1, 2
 
 # Job outcome codes carried in DONE.
 # CANCELLED: taken off the queue before it ran; KILLED: its process was killed.
-OK, ERROR, WORKER_LOST, CANCELLED, SETUP_FAILED, KILLED = 0, 1, 2, 3, 4, 5
+OK, ERROR, WORKER_LOST, CANCELLED, KILLED = 0, 1, 2, 3, 5
 
 _dumps = pickle.dumps
 _loads = pickle.loads

@@ -208,7 +208,6 @@ class Client:
         self._incoming = collections.deque()
         self._wake_pending = False
         self._unfinished = set()  # futures not yet resolved (for close/wait)
-        self._lock = threading.Lock()
         self._thread = LoopThread(name)
         self.loop = self._thread.loop
         self._handlers = {P.READY: self._on_ready, P.REFUSED: self._on_refused,
@@ -407,10 +406,15 @@ class Client:
             link.ready_future.set_exception(link.error)
 
     def _on_initfail(self, link, header, frames):
+        self._leave_out(link, "the initializer failed", frames)
+
+    def _leave_out(self, link, what, frames):
+        """The node reported a failure (frames[1:]) that makes it unusable:
+        record it as the link's error and drop the link (its jobs move on)."""
         exc = serialize.load_exception(frames[1:])
-        link.error = BrokenCluster(f"the initializer failed on node {link.name}: {exc!r}")
+        link.error = BrokenCluster(f"{what} on node {link.name}: {exc!r}")
         link.error.__cause__ = exc
-        log.error("node %s: %s", link.name, link.error)
+        log.error("node %s: %s (the node is left out)", link.name, link.error)
         link.conn.abort()
 
     # ------------------------------------------ job environment (JobCluster)
@@ -421,11 +425,7 @@ class Client:
             self._admit(link)
 
     def _on_setup_fail(self, link, header, frames):
-        exc = serialize.load_exception(frames[1:])
-        link.error = BrokenCluster(f"setup failed on node {link.name}: {exc!r}")
-        link.error.__cause__ = exc
-        log.error("node %s: %s (the node is left out)", link.name, link.error)
-        link.conn.abort()
+        self._leave_out(link, "setup failed", frames)
 
     def _on_file_done(self, link, header, frames):
         waiter = self._file_waiters.pop(header[1], None)
