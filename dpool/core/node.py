@@ -531,8 +531,10 @@ class Session:
         worker.outstanding.clear()
 
     def _init_failed(self, exc_frames):
-        # The client fails or moves the jobs it gave us; we just stop.
-        self.conn.send([P.encode(P.INITFAIL), *exc_frames])
+        # The client fails or moves the jobs it gave us; we just stop (a
+        # client already gone, as a recoverable session's may be, hears nothing).
+        if not self.conn.closed:
+            self.conn.send([P.encode(P.INITFAIL), *exc_frames])
         self.end("initializer failed")
 
     # --------------------------------------------------------- to the client
