@@ -6,10 +6,10 @@ Three ways in, one engine:
 - :class:`dpool.Pool` — a ``multiprocessing.Pool``;
 - :class:`dpool.JobCluster` — dispy's API (``import dpool as dispy``).
 """
-from .cluster import (ClusterStatus, DispyJob, DispyNode, DispyNodeAvailInfo, JobCluster,
+from .dispy.cluster import (ClusterStatus, DispyJob, DispyNode, DispyNodeAvailInfo, JobCluster,
                       NodeAllocate)
 from .pool import Pool
-from .recover import recover_jobs
+from .dispy.recover import recover_jobs
 from .errors import (AuthenticationError, BrokenCluster, ConnectionClosed, DpoolError,
                      JobCancelled, NodeLost, ProtocolError, RemoteError, VersionMismatch,
                      WorkerLost)

@@ -257,7 +257,7 @@ def _zygote_of(pid):
     for child in psutil.Process(pid).children():
         try:
             if child.status() != psutil.STATUS_ZOMBIE and \
-                    "dpool.core.zygote" in " ".join(child.cmdline()):
+                    "dpool.node.zygote" in " ".join(child.cmdline()):
                 found.append(child)
         except psutil.Error:  # gone, or a zombie not reaped yet
             pass

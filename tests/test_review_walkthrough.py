@@ -21,7 +21,7 @@ def test_zygote_exits_quietly_when_the_node_closed_before_the_fork_reply():
     worker_ours, worker_theirs = socket.socketpair()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from dpool.core.zygote import main; main()",
+            [sys.executable, "-c", "from dpool.node.zygote import main; main()",
              str(theirs.fileno()), str(os.getpid())],
             pass_fds=[theirs.fileno()], env=node_env(), stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE)

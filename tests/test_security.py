@@ -14,7 +14,7 @@ import pytest
 
 import dpool
 from dpool import protocol as P
-from dpool.core.server import NodeServer
+from dpool.node.server import NodeServer
 from dpool.errors import AuthenticationError, BrokenCluster
 from dpool.transport import auth, connect
 from dpool.transport.frames import encode as encode_frames

@@ -339,7 +339,7 @@ class Client:
                 raise BrokenCluster(f"no node could be used ({errors})")
 
     async def _start_embedded(self):
-        from .node import NodeRuntime
+        from ..node.runtime import NodeRuntime
 
         node = NodeRuntime(resolve_cpus(self.embedded_cpus), name=socket.gethostname(),
                            embedded=True)

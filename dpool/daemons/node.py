@@ -17,7 +17,7 @@ import signal
 import sys
 
 from .. import config
-from ..core.server import NodeServer
+from ..node.server import NodeServer
 from ..transport import netaddr
 
 log = logging.getLogger("dpool.node")

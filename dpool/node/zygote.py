@@ -165,7 +165,7 @@ class Zygote:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from dpool.core.zygote import main; main()",
+            [sys.executable, "-c", "from dpool.node.zygote import main; main()",
              str(theirs.fileno()), str(os.getpid())],
             pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
         theirs.close()

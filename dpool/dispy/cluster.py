@@ -1,4 +1,4 @@
-"""dispy-compatible API: ``JobCluster`` (and the model in :mod:`dpool.dispy_model`).
+"""dispy-compatible API: ``JobCluster`` (and the model in :mod:`dpool.dispy.model`).
 
 A dispy program runs unchanged with ``import dpool as dispy``::
 
@@ -19,8 +19,8 @@ A dispy program runs unchanged with ``import dpool as dispy``::
                                    are written here)                 one at a time, in order
 
 ``JobCluster`` is an adapter over :class:`dpool.core.client.Client`; the
-node side of the job environment is :mod:`dpool.core.nodeenv` and
-:mod:`dpool.core.jobenv`.
+node side of the job environment is :mod:`dpool.node.env.session` and
+:mod:`dpool.node.env.job`.
 """
 import inspect
 import logging
@@ -31,14 +31,14 @@ import threading
 import time
 import traceback
 
-from . import config, serialize
-from .core import client as core
-from .core import jobenv
-from .dispy_depends import collect, file_entry
-from .dispy_model import (CallbackThread, ClusterStatus, DispyJob, DispyNode,
+from .. import config, serialize
+from ..core import client as core
+from ..node.env import job as jobenv
+from .depends import collect, file_entry
+from .model import (CallbackThread, ClusterStatus, DispyJob, DispyNode,
                           DispyNodeAvailInfo, NodeAllocate, parse_nodes, resolve_host)
-from .errors import BrokenCluster, DpoolError
-from . import protocol as P
+from ..errors import BrokenCluster, DpoolError
+from .. import protocol as P
 
 log = logging.getLogger("dpool")
 
@@ -702,7 +702,7 @@ def _tls_context(cafile, certfile, keyfile):
     ``keyfile`` are this client's certificate, for nodes that require one."""
     if not (cafile or certfile):
         return None
-    from .transport import client_ssl_context
+    from ..transport import client_ssl_context
 
     return client_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)
 

@@ -74,7 +74,7 @@ class NodeRuntime:
             await self.zygote.start()
 
     def info(self):
-        from .nodeenv import avail_info
+        from .env.session import avail_info
 
         return {"name": self.name, "cpus": self.cpus, "free_cpus": self.free_cpus,
                 "avail_info": avail_info(self.dest_root)}
@@ -219,7 +219,7 @@ class Session:
 
     async def _pulse(self, interval):
         """dispy's pulse: this node's cpu/memory/disk/swap every ``interval`` s."""
-        from .nodeenv import avail_info
+        from .env.session import avail_info
 
         while True:
             await asyncio.sleep(interval)
@@ -238,7 +238,7 @@ class Session:
         root = self.node.dest_root or tempfile.gettempdir()
         os.makedirs(root, exist_ok=True)
         if options.get("dest_path"):  # dispy's dest_path: relative to the job root
-            from .nodeenv import dest_dir
+            from .env.session import dest_dir
 
             try:
                 return dest_dir(root, options["dest_path"])
@@ -365,7 +365,7 @@ class Session:
     def on_env(self, header, frames):
         """FILE and SETUP: dispy's job environment (see nodeenv)."""
         if self.env is None:
-            from .nodeenv import SessionEnv
+            from .env.session import SessionEnv
 
             self.env = SessionEnv(self)
         self.env.on_client_message(header, frames)

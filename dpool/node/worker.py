@@ -11,7 +11,7 @@
                                 ◄──  DONE [(job_id, status, start, end,
                                            stdout, stderr, n)] + payloads
 
-A worker is forked by the zygote (:mod:`dpool.core.zygote`) with one end of a
+A worker is forked by the zygote (:mod:`dpool.node.zygote`) with one end of a
 socketpair; its only peer is its node.  It runs in its own process group so
 that killing the group also kills whatever the job started.  It exits when
 the node closes the socket, or after ``max_tasks`` jobs.
@@ -85,7 +85,7 @@ class Worker:
 
     def on_env(self, header, frames):
         """dispy's job environment (JobCluster sessions only): see jobenv."""
-        from . import jobenv
+        from .env import job as jobenv
 
         jobenv.handle(self, header, frames)
 

@@ -24,10 +24,10 @@ import os
 import secrets
 import threading
 
-from . import protocol as P
-from . import serialize
-from .dispy_model import DispyJob, resolve_host
-from .errors import DpoolError
+from .. import protocol as P
+from .. import serialize
+from .model import DispyJob, resolve_host
+from ..errors import DpoolError
 
 log = logging.getLogger("dpool")
 
@@ -124,7 +124,7 @@ def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
         return []
     ssl = None
     if header.get("cafile") or header.get("certfile"):
-        from .transport import client_ssl_context
+        from ..transport import client_ssl_context
 
         ssl = client_ssl_context(cafile=header.get("cafile"), certfile=header.get("certfile"),
                                  keyfile=header.get("keyfile"))
@@ -150,8 +150,8 @@ def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
 
 async def _recover_node(i, address, token, secret, ssl, ids, terminate, deadline,
                         results, complete):
-    from .core.client import client_hello
-    from .transport import connect
+    from ..core.client import client_hello
+    from ..transport import connect
 
     host, port = address
     loop = asyncio.get_running_loop()

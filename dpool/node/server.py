@@ -12,7 +12,7 @@ import cloudpickle
 
 from .. import config
 from ..transport import PROTOCOL_VERSION, netaddr, server_ssl_context, start_server
-from .node import NodeRuntime
+from .runtime import NodeRuntime
 
 log = logging.getLogger("dpool.node")
 

@@ -2,7 +2,7 @@
 
 These are the objects a dispy program touches (``DispyJob``, ``DispyNode``,
 ``DispyNodeAvailInfo``, ``NodeAllocate``, ``ClusterStatus``); the machinery
-that fills them in is :mod:`dpool.cluster`.  Status constants have dispy's
+that fills them in is :mod:`dpool.dispy.cluster`.  Status constants have dispy's
 values, so code that compares them with numbers keeps working.
 """
 import collections
@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 
-from .core import client as core
+from ..core import client as core
 
 log = logging.getLogger("dpool")
 

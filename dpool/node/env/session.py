@@ -1,6 +1,6 @@
 """A session's job environment on the node: files, setup, env, cleanup.
 
-Created by :class:`dpool.core.node.Session` on the first FILE or SETUP
+Created by :class:`dpool.node.runtime.Session` on the first FILE or SETUP
 message (``JobCluster`` sessions); Executor and Pool sessions never have one.
 
 ::
@@ -25,11 +25,11 @@ import logging
 import os
 import platform
 
-from .. import protocol as P
-from .. import serialize
-from ..errors import WorkerLost
-from .jobenv import safe_path
-from .zygote import describe_exit
+from ... import protocol as P
+from ... import serialize
+from ...errors import WorkerLost
+from .job import safe_path
+from ..zygote import describe_exit
 
 log = logging.getLogger("dpool.node")
 

@@ -33,8 +33,8 @@ import os
 import subprocess
 import sys
 
-from .. import protocol as P
-from .. import serialize
+from ... import protocol as P
+from ... import serialize
 
 #: Files a job sends back with dispy_send_file are limited to this size.
 MAX_SEND_FILE = 256 * 1024 * 1024
@@ -145,7 +145,7 @@ _namespace = {}
 
 
 class JobEnv:
-    """Installed in a :class:`dpool.core.worker.Worker` by SETUP or ENV."""
+    """Installed in a :class:`dpool.node.worker.Worker` by SETUP or ENV."""
 
     def __init__(self, worker):
         global _conn
