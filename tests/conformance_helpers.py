@@ -1,4 +1,4 @@
-"""Task functions for the conformance suites (tests/test_conformance_*.py).
+"""Task functions for the conformance suites (tests/api/test_conformance_*.py).
 
 They live in an importable module (``tests/`` is on ``sys.path`` under
 pytest) so that the stdlib pools, which pickle functions by reference, can

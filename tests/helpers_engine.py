@@ -122,7 +122,9 @@ def node_env(secret=None, **extra):
     env.pop("DPOOL_SECRET", None)
     if secret is not None:
         env["DPOOL_SECRET"] = secret.decode() if isinstance(secret, bytes) else secret
-    path = [str(TESTS_DIR), str(REPO_ROOT)]
+    # test modules define some of the jobs; they live one level down, by component
+    path = [str(TESTS_DIR)] + sorted(str(d) for d in TESTS_DIR.iterdir()
+                                     if d.is_dir() and d.name.isidentifier()) + [str(REPO_ROOT)]
     if env.get("PYTHONPATH"):
         path.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(path)

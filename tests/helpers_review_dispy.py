@@ -1,4 +1,4 @@
-"""Computations, setups and cleanups for tests/test_review_dispy.py (a module
+"""Computations, setups and cleanups for tests/dispy/test_review_dispy.py (a module
 the nodes can import: tests/ is on their PYTHONPATH)."""
 import os
 import time
