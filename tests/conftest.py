@@ -1,22 +1,18 @@
-"""Shared fixtures: leak checks after every test, polling, isolated state."""
+"""The fixtures every component's tests share: isolated state, the leak
+check after every test, ``dpool-node`` subprocesses.
+
+Helpers (polling, NodeProcess, ...) are in helpers.py and task functions in
+tasks.py: import those by name; never import this module (each component
+folder may have its own conftest.py, and they all are ``conftest``)."""
 import os
+import secrets
 import threading
 import time
 
 import psutil
 import pytest
 
-
-def poll_for(condition, timeout=10.0, interval=0.01, message="condition"):
-    """Wait until condition() is truthy; fail the test after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
+from helpers import start_node
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +23,30 @@ def dpool_home(tmp_path, monkeypatch):
     monkeypatch.delenv("DPOOL_SECRET", raising=False)
     monkeypatch.delenv("DPOOL_NODES", raising=False)
     return home
+
+
+@pytest.fixture
+def node_secret():
+    return ("test-" + secrets.token_hex(8)).encode()
+
+
+def _serve(workdir, cpus, secret):
+    node = start_node(workdir, cpus=cpus, secret=secret)
+    yield node
+    code = node.terminate()
+    assert code == 0, f"dpool-node exited with {code}: {node.stderr()}"
+
+
+@pytest.fixture
+def dpool_node(tmp_path, node_secret):
+    """A dpool-node subprocess with 2 CPUs and a secret, on a free port."""
+    yield from _serve(tmp_path / "node", 2, node_secret)
+
+
+@pytest.fixture
+def node1(tmp_path, node_secret):
+    """A dpool-node subprocess with 1 CPU and a secret."""
+    yield from _serve(tmp_path / "node1", 1, node_secret)
 
 
 def _snapshot():

@@ -13,14 +13,12 @@ import time
 
 import pytest
 
-import conformance_helpers as h
-from conftest import poll_for
-from dpool.errors import BrokenCluster, WorkerLost
+from dpool.errors import WorkerLost
 from dpool.futures import Executor
-from helpers_engine import remote_node  # noqa: F401  (module-scoped fixture)
+import tasks
+from helpers import poll_for
 
 KINDS = ["stdlib", "dpool", "remote"]
-
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +74,7 @@ def elapsed(fn):
 # ------------------------------------------------------------------ results
 
 def test_submit_returns_a_standard_future(executor):
-    future = executor.submit(h.add, 1, 2, c=3)
+    future = executor.submit(tasks.add, 1, 2, c=3)
     assert isinstance(future, cf.Future)
     assert future.result(5) == 6
 
@@ -87,12 +85,12 @@ def test_fn_is_positional_only(executor):
 
 
 def test_many_submits_all_resolve(executor):
-    futures = [executor.submit(h.square, i) for i in range(300)]
+    futures = [executor.submit(tasks.square, i) for i in range(300)]
     assert [f.result(10) for f in futures] == [i * i for i in range(300)]
 
 
 def test_wait_and_as_completed(executor):
-    futures = [executor.submit(h.sleep_then, 0.01 * (i % 3), i) for i in range(12)]
+    futures = [executor.submit(tasks.nap, 0.01 * (i % 3), i) for i in range(12)]
     done, not_done = cf.wait(futures, timeout=10)
     assert not not_done
     assert sorted(f.result() for f in cf.as_completed(futures, timeout=10)) == list(range(12))
@@ -100,28 +98,28 @@ def test_wait_and_as_completed(executor):
 
 def test_asyncio_wrap_future(executor):
     async def main():
-        return await asyncio.wait_for(asyncio.wrap_future(executor.submit(h.square, 7)), 10)
+        return await asyncio.wait_for(asyncio.wrap_future(executor.submit(tasks.square, 7)), 10)
 
     assert asyncio.run(main()) == 49
 
 
 @pytest.mark.parametrize("chunksize", [1, 3, 50])
 def test_map_in_order(executor, chunksize):
-    results = executor.map(h.add, range(20), range(100, 115), chunksize=chunksize)
+    results = executor.map(tasks.add, range(20), range(100, 115), chunksize=chunksize)
     assert list(results) == [a + b for a, b in zip(range(20), range(100, 115))]
 
 
 def test_map_is_ordered_even_when_late_tasks_finish_first(executor):
     delays = [0.2, 0.1, 0.0, 0.0]
-    assert list(executor.map(h.sleep_then, delays, range(4))) == [0, 1, 2, 3]
+    assert list(executor.map(tasks.nap, delays, range(4))) == [0, 1, 2, 3]
 
 
 def test_map_empty(executor):
-    assert list(executor.map(h.square, [])) == []
+    assert list(executor.map(tasks.square, [])) == []
 
 
 def test_map_submits_at_call_not_at_iteration(executor):
-    results = executor.map(h.getpid, range(4))  # nothing consumed yet
+    results = executor.map(tasks.getpid, range(4))  # nothing consumed yet
     poll_for(lambda: True)
     executor.shutdown(wait=True)  # the work was already submitted
     assert len(list(results)) == 4
@@ -129,11 +127,11 @@ def test_map_submits_at_call_not_at_iteration(executor):
 
 def test_map_bad_chunksize(executor):
     with pytest.raises(ValueError):
-        executor.map(h.square, [1], chunksize=0)
+        executor.map(tasks.square, [1], chunksize=0)
 
 
 def test_map_timeout_never_blocks_past_it(executor):
-    results = executor.map(h.sleep_then, [0.5], timeout=0.1)
+    results = executor.map(tasks.nap, [0.5], timeout=0.1)
     start = time.monotonic()
     with pytest.raises(TimeoutError):
         next(results)
@@ -142,7 +140,7 @@ def test_map_timeout_never_blocks_past_it(executor):
 
 def test_map_closed_early_cancels_the_rest(make):
     executor = make(1)
-    results = executor.map(h.sleep_then, [0.05] * 40)
+    results = executor.map(tasks.nap, [0.05] * 40)
     next(results)
     results.close()  # what a `break` out of a for loop does
     assert elapsed(lambda: executor.shutdown(wait=True)) < 1.5
@@ -151,7 +149,7 @@ def test_map_closed_early_cancels_the_rest(make):
 # --------------------------------------------------------------- exceptions
 
 def test_exception_keeps_type_and_remote_traceback(executor):
-    future = executor.submit(h.raise_value_error, "from the task")
+    future = executor.submit(tasks.raise_value_error, "from the task")
     with pytest.raises(ValueError, match="from the task") as info:
         future.result(5)
     cause = info.value.__cause__
@@ -160,20 +158,20 @@ def test_exception_keeps_type_and_remote_traceback(executor):
 
 
 def test_map_raises_at_the_failing_item_after_earlier_results(executor):
-    results = executor.map(h.fail_on, range(6), [3] * 6)
+    results = executor.map(tasks.fail_on, range(6), [3] * 6)
     assert [next(results) for _ in range(3)] == [0, 1, 2]
     with pytest.raises(ValueError, match="bad item 3"):
         next(results)
 
 
 def test_task_raising_timeout_error_is_not_a_timeout(executor):
-    future = executor.submit(h.raise_timeout_error)
+    future = executor.submit(tasks.raise_timeout_error)
     with pytest.raises(TimeoutError, match="raised by the task"):
         future.result(5)
 
 
 def test_result_timeout_never_blocks_past_it(executor):
-    future = executor.submit(h.sleep_then, 0.5, "late")
+    future = executor.submit(tasks.nap, 0.5, "late")
     start = time.monotonic()
     with pytest.raises(TimeoutError):
         future.result(timeout=0.1)
@@ -182,26 +180,26 @@ def test_result_timeout_never_blocks_past_it(executor):
 
 
 def test_unpicklable_result_fails_the_future(executor):
-    future = executor.submit(h.return_unpicklable)
+    future = executor.submit(tasks.return_unpicklable)
     with pytest.raises(Exception, match="lock"):  # the type is named
         future.result(5)
-    assert executor.submit(h.square, 3).result(5) == 9
+    assert executor.submit(tasks.square, 3).result(5) == 9
 
 
 def test_unpicklable_argument(executor, kind):
     if kind == "stdlib":
-        future = executor.submit(h.identity, h.Unpicklable())
+        future = executor.submit(tasks.identity, tasks.Unpicklable())
         with pytest.raises(TypeError, match="lock"):
             future.result(5)
     else:
         # dpool on purpose: the error is raised at submit, in the caller's
         # frame, naming the type; nothing is queued.
         with pytest.raises(TypeError, match="lock"):
-            executor.submit(h.identity, h.Unpicklable())
-    assert executor.submit(h.square, 3).result(5) == 9
+            executor.submit(tasks.identity, tasks.Unpicklable())
+    assert executor.submit(tasks.square, 3).result(5) == 9
 
 
-@pytest.mark.parametrize("crash", [h.exit_worker, h.kill_worker])
+@pytest.mark.parametrize("crash", [tasks.exit_worker, tasks.kill_worker])
 def test_task_that_kills_its_worker(executor, kind, crash):
     future = executor.submit(crash)
     if kind == "stdlib":
@@ -209,20 +207,20 @@ def test_task_that_kills_its_worker(executor, kind, crash):
         with pytest.raises(cf.process.BrokenProcessPool):
             future.result(5)
         with pytest.raises(cf.process.BrokenProcessPool):
-            executor.submit(h.square, 3)
+            executor.submit(tasks.square, 3)
     else:
         # dpool on purpose: only that task fails; the worker is replaced and
         # the executor keeps working.
         with pytest.raises(WorkerLost, match="worker process"):
             future.result(5)
-        assert executor.submit(h.square, 3).result(5) == 9
+        assert executor.submit(tasks.square, 3).result(5) == 9
 
 
 # ------------------------------------------------------------------- cancel
 
 def test_cancel_a_queued_future(make):
     executor = make(1)
-    futures = [executor.submit(h.sleep_then, 0.05, i) for i in range(8)]
+    futures = [executor.submit(tasks.nap, 0.05, i) for i in range(8)]
     last = futures[-1]
     assert last.cancel()
     assert last.cancelled()
@@ -233,7 +231,7 @@ def test_cancel_a_queued_future(make):
 
 def test_a_running_future_cannot_be_cancelled(make):
     executor = make(1)
-    future = executor.submit(h.sleep_then, 0.3, "ran")
+    future = executor.submit(tasks.nap, 0.3, "ran")
     poll_for(future.running, 5, message="the task to start")
     assert not future.cancel()
     assert future.result(5) == "ran"
@@ -244,21 +242,21 @@ def test_a_running_future_cannot_be_cancelled(make):
 def test_submit_after_shutdown_raises(executor):
     executor.shutdown()
     with pytest.raises(RuntimeError):
-        executor.submit(h.square, 2)
+        executor.submit(tasks.square, 2)
     with pytest.raises(RuntimeError):
-        executor.map(h.square, [1])
+        executor.map(tasks.square, [1])
     executor.shutdown()  # twice is fine
 
 
 def test_shutdown_waits_for_submitted_work(executor):
-    futures = [executor.submit(h.sleep_then, 0.05, i) for i in range(6)]
+    futures = [executor.submit(tasks.nap, 0.05, i) for i in range(6)]
     executor.shutdown(wait=True)
     assert all(f.done() for f in futures)
     assert [f.result() for f in futures] == list(range(6))
 
 
 def test_shutdown_without_wait_returns_and_work_completes(executor):
-    future = executor.submit(h.sleep_then, 0.3, "done")
+    future = executor.submit(tasks.nap, 0.3, "done")
     assert elapsed(lambda: executor.shutdown(wait=False)) < 0.25
     assert poll_for(future.done, 5, message="the future to complete")
     assert future.result() == "done"
@@ -266,9 +264,9 @@ def test_shutdown_without_wait_returns_and_work_completes(executor):
 
 def test_shutdown_cancel_futures_cancels_what_has_not_started(make):
     executor = make(1)
-    first = executor.submit(h.sleep_then, 0.2, "first")
+    first = executor.submit(tasks.nap, 0.2, "first")
     poll_for(first.running, 5, message="the first task to start")
-    rest = [executor.submit(h.sleep_then, 0.2, i) for i in range(10)]
+    rest = [executor.submit(tasks.nap, 0.2, i) for i in range(10)]
     executor.shutdown(wait=True, cancel_futures=True)
     assert first.result() == "first"
     assert sum(f.cancelled() for f in rest) >= 8  # at most a read-ahead had started
@@ -276,10 +274,10 @@ def test_shutdown_cancel_futures_cancels_what_has_not_started(make):
 
 def test_context_manager_shuts_down(make):
     with make(2) as executor:
-        future = executor.submit(h.sleep_then, 0.05, 1)
+        future = executor.submit(tasks.nap, 0.05, 1)
     assert future.done()
     with pytest.raises(RuntimeError):
-        executor.submit(h.square, 2)
+        executor.submit(tasks.square, 2)
 
 
 # -------------------------------------------------------------- arguments
@@ -309,30 +307,30 @@ def test_mp_context_is_accepted(make):
     import multiprocessing
 
     executor = make(1, mp_context=multiprocessing.get_context("fork"))
-    assert executor.submit(h.square, 4).result(5) == 16
+    assert executor.submit(tasks.square, 4).result(5) == 16
 
 
 def test_max_tasks_per_child_replaces_workers(make):
     # The stdlib picks the "spawn" start method here (slow but correct).
     executor = make(1, max_tasks_per_child=1)
-    pids = [executor.submit(h.getpid).result(20) for _ in range(3)]
+    pids = [executor.submit(tasks.getpid).result(20) for _ in range(3)]
     assert len(set(pids)) == 3
 
 
 def test_initializer_runs_in_every_worker(make):
-    executor = make(2, initializer=h.set_initialized, initargs=("ready",))
-    assert set(executor.map(h.get_initialized, range(8))) == {"ready"}
+    executor = make(2, initializer=tasks.set_initialized, initargs=("ready",))
+    assert set(executor.map(tasks.get_initialized, range(8))) == {"ready"}
 
 
 def test_failing_initializer_breaks_the_executor(make):
-    executor = make(1, initializer=h.failing_initializer)
-    future = executor.submit(h.square, 2)
+    executor = make(1, initializer=tasks.failing_initializer)
+    future = executor.submit(tasks.square, 2)
     with pytest.raises(cf.BrokenExecutor):
         future.result(10)
 
     def submit_fails():
         try:
-            executor.submit(h.square, 2).result(10)
+            executor.submit(tasks.square, 2).result(10)
         except cf.BrokenExecutor:
             return True
         return False
@@ -384,14 +382,14 @@ def test_remote_placement_runs_on_the_node(kind, make):
     if kind != "remote":
         pytest.skip("about the remote placement only")
     executor = make(2)
-    pids = set(executor.map(h.getpid, range(8)))
+    pids = set(executor.map(tasks.getpid, range(8)))
     assert os.getpid() not in pids
     assert executor._client.nodes()[0].address != "embedded"
 
 
 def test_executor_threads_do_not_grow_per_task(executor):
     for i in range(50):
-        executor.submit(h.square, i)
+        executor.submit(tasks.square, i)
     before = threading.active_count()
-    executor.submit(h.square, 1).result(5)
+    executor.submit(tasks.square, 1).result(5)
     assert threading.active_count() <= before + 1

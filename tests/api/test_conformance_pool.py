@@ -11,14 +11,11 @@ import time
 
 import pytest
 
-import conformance_helpers as h
 import dpool
-from conftest import poll_for
 from dpool.errors import BrokenCluster, WorkerLost
-from helpers_engine import remote_node  # noqa: F401  (module-scoped fixture)
+import tasks
 
 KINDS = ["stdlib", "dpool", "remote"]
-
 
 
 @pytest.fixture(params=KINDS)
@@ -78,59 +75,59 @@ def pool_class(kind):
 # ------------------------------------------------------------------ results
 
 def test_apply(pool):
-    assert pool.apply(h.add, (1, 2), {"c": 3}) == 6
+    assert pool.apply(tasks.add, (1, 2), {"c": 3}) == 6
 
 
 def test_apply_async(pool):
-    result = pool.apply_async(h.add, (1,), {"b": 2})
+    result = pool.apply_async(tasks.add, (1,), {"b": 2})
     assert result.get(5) == 3
     assert result.ready() and result.successful()
 
 
 @pytest.mark.parametrize("chunksize", [None, 1, 7])
 def test_map_and_starmap(pool, chunksize):
-    assert pool.map(h.square, range(50), chunksize) == [i * i for i in range(50)]
+    assert pool.map(tasks.square, range(50), chunksize) == [i * i for i in range(50)]
     pairs = [(i, 10 * i) for i in range(30)]
-    assert pool.starmap(h.add, pairs, chunksize) == [a + b for a, b in pairs]
+    assert pool.starmap(tasks.add, pairs, chunksize) == [a + b for a, b in pairs]
 
 
 def test_map_takes_any_iterable(pool):
-    assert pool.map(h.square, (i for i in range(10))) == [i * i for i in range(10)]
-    assert sorted(pool.map(h.square, {1, 2, 3})) == [1, 4, 9]
+    assert pool.map(tasks.square, (i for i in range(10))) == [i * i for i in range(10)]
+    assert sorted(pool.map(tasks.square, {1, 2, 3})) == [1, 4, 9]
 
 
 def test_map_empty(pool):
-    assert pool.map(h.square, []) == []
-    assert pool.map_async(h.square, []).get(5) == []
+    assert pool.map(tasks.square, []) == []
+    assert pool.map_async(tasks.square, []).get(5) == []
 
 
 def test_map_async_and_starmap_async(pool):
-    assert pool.map_async(h.square, range(5), 2).get(5) == [0, 1, 4, 9, 16]
-    assert pool.starmap_async(h.add, [(1, 2), (3, 4)]).get(5) == [3, 7]
+    assert pool.map_async(tasks.square, range(5), 2).get(5) == [0, 1, 4, 9, 16]
+    assert pool.starmap_async(tasks.add, [(1, 2), (3, 4)]).get(5) == [3, 7]
 
 
 @pytest.mark.parametrize("chunksize", [1, 4])
 def test_imap_in_order_and_imap_unordered(pool, chunksize):
-    assert list(pool.imap(h.square, range(20), chunksize)) == [i * i for i in range(20)]
-    assert sorted(pool.imap_unordered(h.square, range(20), chunksize)) == \
+    assert list(pool.imap(tasks.square, range(20), chunksize)) == [i * i for i in range(20)]
+    assert sorted(pool.imap_unordered(tasks.square, range(20), chunksize)) == \
         sorted(i * i for i in range(20))
 
 
 def test_imap_is_ordered_even_when_late_tasks_finish_first(pool):
     delays = [0.2, 0.1, 0.0, 0.0]
-    assert list(pool.imap(h.sleep_then, [0.2, 0.1, 0.0, 0.0])) == [None] * len(delays)
+    assert list(pool.imap(tasks.nap, [0.2, 0.1, 0.0, 0.0])) == [None] * len(delays)
     args = [(d, i) for i, d in enumerate(delays)]
-    assert pool.starmap(h.sleep_then, args, 1) == [0, 1, 2, 3]
+    assert pool.starmap(tasks.nap, args, 1) == [0, 1, 2, 3]
 
 
 def test_imap_unordered_yields_in_completion_order(pool):
-    it = pool.imap_unordered(h.sleep_return, [0.3, 0.0])
+    it = pool.imap_unordered(tasks.nap_for, [0.3, 0.0])
     assert next(it) == 0.0  # the quick one; the slow one is still running
     assert next(it) == 0.3
 
 
 def test_imap_next_timeout(pool):
-    it = pool.imap(h.sleep_then, [0.5])
+    it = pool.imap(tasks.nap, [0.5])
     start = time.monotonic()
     with pytest.raises(multiprocessing.TimeoutError):
         it.next(timeout=0.1)
@@ -140,12 +137,12 @@ def test_imap_next_timeout(pool):
 
 def test_imap_rejects_bad_chunksize(pool):
     with pytest.raises(ValueError):
-        pool.imap(h.square, [1], 0)
+        pool.imap(tasks.square, [1], 0)
 
 
 def test_imap_of_an_unconsumed_iterator_survives_close_and_join(make):
     pool = make(2)
-    it = pool.imap(h.square, range(300))
+    it = pool.imap(tasks.square, range(300))
     pool.close()
     pool.join()
     assert list(it) == [i * i for i in range(300)]
@@ -154,7 +151,7 @@ def test_imap_of_an_unconsumed_iterator_survives_close_and_join(make):
 # --------------------------------------------------------------- exceptions
 
 def test_exception_keeps_type_and_remote_traceback(pool):
-    result = pool.apply_async(h.raise_value_error, ("from the task",))
+    result = pool.apply_async(tasks.raise_value_error, ("from the task",))
     with pytest.raises(ValueError, match="from the task") as info:
         result.get(5)
     assert not result.successful()
@@ -164,18 +161,18 @@ def test_exception_keeps_type_and_remote_traceback(pool):
 
 def test_map_raises_the_error(pool):
     with pytest.raises(ValueError, match="bad item 3"):
-        pool.starmap(h.fail_on, [(i, 3) for i in range(8)], 2)
+        pool.starmap(tasks.fail_on, [(i, 3) for i in range(8)], 2)
 
 
 def test_imap_raises_in_place_and_goes_on(pool):
-    it = pool.imap(h.die_or_value, [1, 2, 3])  # nothing dies; just the protocol
+    it = pool.imap(tasks.die_or_value, [1, 2, 3])  # nothing dies; just the protocol
     assert list(it) == [1, 2, 3]
-    it = pool.imap(h.raise_value_error, ["x"])
+    it = pool.imap(tasks.raise_value_error, ["x"])
     with pytest.raises(ValueError, match="x"):
         next(it)
     with pytest.raises(StopIteration):
         next(it)
-    it = pool.imap(h.fail_on_3, [1, 3, 5], 1)
+    it = pool.imap(tasks.fail_on_3, [1, 3, 5], 1)
     assert next(it) == 1
     with pytest.raises(ValueError):
         it.next(timeout=5)
@@ -183,7 +180,7 @@ def test_imap_raises_in_place_and_goes_on(pool):
 
 
 def test_get_timeout_never_blocks_past_it(pool):
-    result = pool.apply_async(h.sleep_then, (0.5, "late"))
+    result = pool.apply_async(tasks.nap, (0.5, "late"))
     start = time.monotonic()
     with pytest.raises(multiprocessing.TimeoutError):
         result.get(timeout=0.1)
@@ -197,30 +194,30 @@ def test_get_timeout_never_blocks_past_it(pool):
 
 def test_task_raising_timeout_error_is_not_a_timeout(pool):
     with pytest.raises(TimeoutError, match="raised by the task"):
-        pool.apply(h.raise_timeout_error)
+        pool.apply(tasks.raise_timeout_error)
 
 
 def test_unpicklable_argument(pool, kind):
     if kind == "stdlib":
-        result = pool.apply_async(h.identity, (h.Unpicklable(),))
+        result = pool.apply_async(tasks.identity, (tasks.Unpicklable(),))
         with pytest.raises(TypeError, match="lock"):
             result.get(5)
     else:
         # dpool on purpose: raised at the call, naming the type.
         with pytest.raises(TypeError, match="lock"):
-            pool.apply_async(h.identity, (h.Unpicklable(),))
+            pool.apply_async(tasks.identity, (tasks.Unpicklable(),))
         with pytest.raises(TypeError, match="lock"):
-            pool.map(h.identity, [1, h.Unpicklable()])
-    assert pool.apply(h.square, (3,)) == 9
+            pool.map(tasks.identity, [1, tasks.Unpicklable()])
+    assert pool.apply(tasks.square, (3,)) == 9
 
 
 def test_unpicklable_result(pool):
     with pytest.raises(Exception, match="lock"):
-        pool.apply_async(h.return_unpicklable).get(5)
-    assert pool.apply(h.square, (3,)) == 9
+        pool.apply_async(tasks.return_unpicklable).get(5)
+    assert pool.apply(tasks.square, (3,)) == 9
 
 
-@pytest.mark.parametrize("crash", [h.exit_worker, h.kill_worker])
+@pytest.mark.parametrize("crash", [tasks.exit_worker, tasks.kill_worker])
 def test_task_that_kills_its_worker(pool, kind, crash):
     result = pool.apply_async(crash)
     if kind == "stdlib":
@@ -233,7 +230,7 @@ def test_task_that_kills_its_worker(pool, kind, crash):
         # dpool on purpose: the task fails with WorkerLost; the pool goes on.
         with pytest.raises(WorkerLost):
             result.get(5)
-    assert pool.apply(h.square, (3,)) == 9
+    assert pool.apply(tasks.square, (3,)) == 9
 
 
 # ---------------------------------------------------------------- callbacks
@@ -245,23 +242,23 @@ def test_callbacks_run_before_get_returns_in_one_thread(pool):
         threads.add(threading.get_ident())
         seen.append(value)
 
-    results = [pool.apply_async(h.square, (i,), callback=callback) for i in range(10)]
+    results = [pool.apply_async(tasks.square, (i,), callback=callback) for i in range(10)]
     for result in results:
         result.get(5)
     assert sorted(seen) == [i * i for i in range(10)]
     assert len(threads) == 1 and threading.get_ident() not in threads
     out = []
-    assert pool.map_async(h.square, range(4), callback=out.append).get(5) == [0, 1, 4, 9]
+    assert pool.map_async(tasks.square, range(4), callback=out.append).get(5) == [0, 1, 4, 9]
     assert out == [[0, 1, 4, 9]]
 
 
 def test_error_callback(pool):
     errors = []
-    result = pool.apply_async(h.raise_value_error, ("cb",), error_callback=errors.append)
+    result = pool.apply_async(tasks.raise_value_error, ("cb",), error_callback=errors.append)
     with pytest.raises(ValueError):
         result.get(5)
     assert len(errors) == 1 and isinstance(errors[0], ValueError)
-    result = pool.map_async(h.fail_on_3, [1, 3], callback=errors.append,
+    result = pool.map_async(tasks.fail_on_3, [1, 3], callback=errors.append,
                             error_callback=errors.append)
     with pytest.raises(ValueError):
         result.get(5)
@@ -270,8 +267,8 @@ def test_error_callback(pool):
 
 def test_callbacks_run_in_completion_order(pool):
     order = []
-    slow = pool.apply_async(h.sleep_then, (0.3, "slow"), callback=order.append)
-    fast = pool.apply_async(h.sleep_then, (0.0, "fast"), callback=order.append)
+    slow = pool.apply_async(tasks.nap, (0.3, "slow"), callback=order.append)
+    fast = pool.apply_async(tasks.nap, (0.0, "fast"), callback=order.append)
     fast.get(5)
     slow.get(5)
     assert order == ["fast", "slow"]
@@ -285,23 +282,23 @@ def test_a_raising_callback_does_not_kill_the_pool(pool, kind):
     def bad(value):
         raise RuntimeError("callback bug")
 
-    pool.apply_async(h.square, (2,), callback=bad).wait(5)
+    pool.apply_async(tasks.square, (2,), callback=bad).wait(5)
     out = []
-    assert pool.apply_async(h.square, (3,), callback=out.append).get(5) == 9
+    assert pool.apply_async(tasks.square, (3,), callback=out.append).get(5) == 9
     assert out == [9]
 
 
 # --------------------------------------------------- close / join / terminate
 
 def test_close_then_join_finishes_the_work(pool):
-    results = [pool.apply_async(h.sleep_then, (0.05, i)) for i in range(6)]
+    results = [pool.apply_async(tasks.nap, (0.05, i)) for i in range(6)]
     pool.close()
     with pytest.raises(ValueError, match="Pool not running"):
-        pool.apply(h.square, (1,))
+        pool.apply(tasks.square, (1,))
     with pytest.raises(ValueError, match="Pool not running"):
-        pool.map(h.square, [1])
+        pool.map(tasks.square, [1])
     with pytest.raises(ValueError, match="Pool not running"):
-        pool.imap(h.square, [1])
+        pool.imap(tasks.square, [1])
     pool.join()
     assert [r.get(0) for r in results] == list(range(6))
 
@@ -309,18 +306,18 @@ def test_close_then_join_finishes_the_work(pool):
 def test_join_before_close_raises(pool):
     with pytest.raises(ValueError):
         pool.join()
-    assert pool.apply(h.square, (2,)) == 4  # still usable
+    assert pool.apply(tasks.square, (2,)) == 4  # still usable
 
 
 def test_terminate_stops_running_work(pool, kind):
-    result = pool.apply_async(h.sleep_then, (30, "never"))
+    result = pool.apply_async(tasks.nap, (30, "never"))
     time.sleep(0.05)
     start = time.monotonic()
     pool.terminate()
     pool.join()
     assert time.monotonic() - start < 3
     with pytest.raises(ValueError, match="Pool not running"):
-        pool.apply_async(h.square, (1,))
+        pool.apply_async(tasks.square, (1,))
     if kind == "stdlib":
         assert not result.ready()  # multiprocessing leaves it pending forever
         del result  # (so that the pool can be collected)
@@ -331,9 +328,9 @@ def test_terminate_stops_running_work(pool, kind):
 
 def test_context_manager_terminates(make):
     with make(2) as pool:
-        assert pool.apply(h.square, (5,)) == 25
+        assert pool.apply(tasks.square, (5,)) == 25
     with pytest.raises(ValueError, match="Pool not running"):
-        pool.apply(h.square, (1,))
+        pool.apply(tasks.square, (1,))
 
 
 def test_pool_cannot_be_pickled(make):
@@ -363,13 +360,13 @@ def test_initializer_must_be_callable(kind):
 
 
 def test_initializer_runs_in_every_worker(make):
-    pool = make(2, h.set_initialized, ("ready",))
-    assert set(pool.map(h.get_initialized, range(8), 1)) == {"ready"}
+    pool = make(2, tasks.set_initialized, ("ready",))
+    assert set(pool.map(tasks.get_initialized, range(8), 1)) == {"ready"}
 
 
 def test_maxtasksperchild_replaces_workers(make):
     pool = make(1, maxtasksperchild=1)
-    pids = [pool.apply(h.getpid) for _ in range(3)]
+    pids = [pool.apply(tasks.getpid) for _ in range(3)]
     assert len(set(pids)) == 3
 
 
@@ -377,9 +374,9 @@ def test_failing_initializer(make, kind):
     if kind == "stdlib":
         pytest.skip("multiprocessing restarts the failing workers forever: get() hangs")
     # dpool on purpose: the pool breaks and says why.
-    pool = make(1, initializer=h.failing_initializer)
+    pool = make(1, initializer=tasks.failing_initializer)
     with pytest.raises(BrokenCluster, match="initializer"):
-        pool.apply_async(h.square, (2,)).get(10)
+        pool.apply_async(tasks.square, (2,)).get(10)
 
 
 # -------------------------------------------------- functions dpool can ship

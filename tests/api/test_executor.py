@@ -1,15 +1,18 @@
 """dpool.futures.Executor: what the conformance suite cannot compare with
 the stdlib (placement options, clean-up of a forgotten executor)."""
 import gc
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
 
-import conformance_helpers as h
-from conftest import poll_for
+import dpool
 from dpool import config
 from dpool.futures import Executor, parse_nodes
-from helpers_engine import start_node
+import tasks
+from helpers import poll_for, start_node
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -41,7 +44,7 @@ def test_dpool_nodes_environment_selects_the_node(tmp_path, monkeypatch):
         monkeypatch.setenv("DPOOL_NODES", f"127.0.0.1:{node.port}")
         monkeypatch.setenv("DPOOL_SECRET", "env-secret")
         with Executor() as executor:
-            pids = set(executor.map(h.getpid, range(6)))
+            pids = set(executor.map(tasks.getpid, range(6)))
             on_node = {p.pid for p in node.descendants()}
             assert pids <= on_node
             assert executor._max_workers == 2
@@ -54,14 +57,14 @@ def test_max_workers_caps_cpus_on_a_node(tmp_path):
     try:
         with Executor(1, nodes=[node.address], secret="s3") as executor:
             assert executor._max_workers == 1
-            assert executor.submit(h.square, 3).result(5) == 9
+            assert executor.submit(tasks.square, 3).result(5) == 9
     finally:
         node.terminate()
 
 
 def test_shutdown_without_wait_then_with_wait():
     executor = Executor(1)
-    future = executor.submit(h.sleep_then, 0.1, "x")
+    future = executor.submit(tasks.nap, 0.1, "x")
     executor.shutdown(wait=False)
     executor.shutdown(wait=True)  # joins the closing thread
     assert future.result(0) == "x"
@@ -69,7 +72,7 @@ def test_shutdown_without_wait_then_with_wait():
 
 def test_a_forgotten_executor_releases_its_workers():
     executor = Executor(1)
-    assert executor.submit(h.square, 2).result(5) == 4
+    assert executor.submit(tasks.square, 2).result(5) == 4
     client = executor._client
     del executor
     gc.collect()
@@ -87,7 +90,7 @@ def test_no_resource_warning_on_normal_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResourceWarning)
         with Executor(1) as executor:
-            executor.submit(h.square, 2).result(5)
+            executor.submit(tasks.square, 2).result(5)
 
 
 def test_more_distinct_functions_than_the_client_remembers():
@@ -126,5 +129,59 @@ def test_shutdown_from_a_done_callback_raises_instead_of_deadlocking():
 def test_map_on_a_temporary_executor_finishes_its_work():
     """The executor is garbage collected while map's results are still
     coming; as with the stdlib, the work is finished, not cancelled."""
-    assert list(Executor(2).map(h.square, range(200))) == [i * i for i in range(200)]
+    assert list(Executor(2).map(tasks.square, range(200))) == [i * i for i in range(200)]
     gc.collect()
+
+
+# --------------------------------------------------------- found by review
+
+
+def test_shutdown_without_wait_finishes_the_work_before_the_interpreter_exits(tmp_path):
+    # ProcessPoolExecutor: the submitted work still runs when the program
+    # ends right after shutdown(wait=False).  dpool's closing thread was a
+    # daemon, so the work was dropped at exit.
+    out = tmp_path / "out"
+    script = tmp_path / "prog.py"
+    script.write_text(textwrap.dedent(f"""
+        from dpool.futures import Executor
+
+        def work(path):
+            import time
+            time.sleep(0.3)
+            open(path, "w").write("done")
+
+        if __name__ == "__main__":
+            ex = Executor(1)
+            ex.submit(work, {str(out)!r})
+            ex.shutdown(wait=False)
+    """))
+    subprocess.run([sys.executable, str(script)], timeout=30, check=True, cwd=tmp_path)
+    assert out.read_text() == "done"
+
+
+def test_lost_node_warning_says_which_node(tmp_path, dpool_node, node_secret, caplog):
+    """Two dpool-nodes on one host: killing one logged "lost node vm: node vm
+    closed the connection", which does not say which of the two was lost."""
+    caplog.set_level("WARNING", logger="dpool")
+    doomed = start_node(tmp_path / "doomed", cpus=1, secret=node_secret)
+    try:
+        with Executor(nodes=[dpool_node.address, doomed.address], secret=node_secret) as ex:
+            assert ex.submit(tasks.double, 2).result(10) == 4
+            doomed.kill()
+            lost = poll_for(lambda: [r.getMessage() for r in caplog.records
+                                     if r.getMessage().startswith("lost node")], 10,
+                            message="the lost node warning")
+            assert f"127.0.0.1:{doomed.port}" in lost[0], lost
+            assert ex.submit(tasks.double, 3).result(10) == 6
+    finally:
+        doomed.kill()
+
+
+def test_executor_refuses_a_node_port_out_of_range():
+    """``Executor(nodes="127.0.0.1:99999")`` connected to port 34463
+    (getaddrinfo's wrap-around) and reported a refused connection there."""
+    for nodes in ("127.0.0.1:99999", [("127.0.0.1", 99999)], "127.0.0.1:-1"):
+        with pytest.raises(ValueError, match="65535"):
+            Executor(nodes=nodes, secret="x")
+        with pytest.raises(ValueError, match="65535"):
+            dpool.Pool(nodes=nodes, secret="x")

@@ -4,12 +4,15 @@ big map chunks, clean-up of a forgotten pool)."""
 import concurrent.futures as cf
 import gc
 import itertools
+import threading
+import warnings
 
 import pytest
 
-import conformance_helpers as h
 import dpool
-from conftest import poll_for
+from dpool.errors import BrokenCluster
+import tasks
+from helpers import poll_for
 
 
 @pytest.fixture
@@ -23,12 +26,12 @@ def pool():
 def test_big_chunks_map_and_starmap(pool):
     n = 640
     assert pool.map(lambda x: -x, range(n)) == [-x for x in range(n)]
-    assert pool.starmap(h.add, [(i, i) for i in range(n)]) == [2 * i for i in range(n)]
+    assert pool.starmap(tasks.add, [(i, i) for i in range(n)]) == [2 * i for i in range(n)]
     with pytest.raises(ValueError, match="bad item 500") as info:
-        pool.starmap(h.fail_on, [(i, 500) for i in range(n)], 64)
+        pool.starmap(tasks.fail_on, [(i, 500) for i in range(n)], 64)
     assert "fail_on" in str(info.value.__cause__)
     with pytest.raises(TypeError, match="missing 1 required"):
-        pool.map(h.fail_on, range(n))
+        pool.map(tasks.fail_on, range(n))
 
 
 def test_imap_reads_its_input_ahead_only_so_far(pool):
@@ -39,7 +42,7 @@ def test_imap_reads_its_input_ahead_only_so_far(pool):
             next(pulled)
             yield i
 
-    it = pool.imap(h.square, numbers())
+    it = pool.imap(tasks.square, numbers())
     assert [next(it) for _ in range(10)] == [i * i for i in range(10)]
     assert next(pulled) < 500  # an infinite input is fine; memory stays bounded
     pool.terminate()
@@ -51,7 +54,7 @@ def test_imap_input_error_is_raised_in_place(pool):
         yield 2
         raise KeyError("input broke")
 
-    it = pool.imap(h.square, numbers())
+    it = pool.imap(tasks.square, numbers())
     assert next(it) == 1 and next(it) == 4
     with pytest.raises(KeyError, match="input broke"):
         next(it)
@@ -60,8 +63,8 @@ def test_imap_input_error_is_raised_in_place(pool):
 
 
 def test_terminate_resolves_imap_and_results(pool):
-    it = pool.imap(h.sleep_then, [30] * 3)
-    result = pool.apply_async(h.sleep_then, (30,))
+    it = pool.imap(tasks.nap, [30] * 3)
+    result = pool.apply_async(tasks.nap, (30,))
     pool.terminate()
     assert result.ready() and not result.successful()
     with pytest.raises((cf.CancelledError, dpool.JobCancelled)):
@@ -75,7 +78,7 @@ def test_a_callback_may_terminate_the_pool(pool):
         pool.terminate()  # from the callback thread: must not deadlock
         done.append(value)
 
-    pool.apply_async(h.square, (3,), callback=callback)
+    pool.apply_async(tasks.square, (3,), callback=callback)
     assert poll_for(lambda: done, 10, message="the callback") == [9]
     pool.join()
 
@@ -84,16 +87,16 @@ def test_error_callback_that_raises_is_logged(pool, caplog):
     def bad(exc):
         raise RuntimeError("error callback bug")
 
-    result = pool.apply_async(h.raise_value_error, ("x",), error_callback=bad)
+    result = pool.apply_async(tasks.raise_value_error, ("x",), error_callback=bad)
     with pytest.raises(ValueError):
         result.get(5)
     assert "error callback bug" in caplog.text
-    assert pool.apply(h.square, (2,)) == 4
+    assert pool.apply(tasks.square, (2,)) == 4
 
 
 def test_a_forgotten_pool_warns_and_releases_its_workers():
     pool = dpool.Pool(1)
-    assert pool.apply(h.square, (2,)) == 4
+    assert pool.apply(tasks.square, (2,)) == 4
     client = pool._client
     with pytest.warns(ResourceWarning, match="unclosed running dpool pool"):
         del pool
@@ -106,3 +109,52 @@ def test_repr(pool):
     assert "state=RUN" in repr(pool) and "pool_size=2" in repr(pool)
     pool.close()
     assert "state=CLOSE" in repr(pool)
+
+
+# --------------------------------------------------------- found by review
+
+
+def _threads_named(name):
+    return [t for t in threading.enumerate() if t.name == name and t.is_alive()]
+
+
+def test_a_forgotten_pool_with_callbacks_stops_its_callback_thread():
+    before = len(_threads_named("dpool-pool-callbacks"))
+    pool = dpool.Pool(1)
+    seen = []
+    pool.apply_async(tasks.square, (3,), callback=seen.append).get(5)
+    assert seen == [9]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        del pool
+        gc.collect()
+    poll_for(lambda: len(_threads_named("dpool-pool-callbacks")) == before, 5,
+             message="the callback thread to end")
+
+
+def test_a_closed_pool_dropped_without_join_releases_its_workers():
+    # multiprocessing: a pool closed, never joined and then dropped is
+    # cleaned up by its finalizer; dpool kept the client and the node.
+    pool = dpool.Pool(1)
+    assert pool.apply(tasks.square, (2,)) == 4
+    client = pool._client
+    pool.close()
+    del pool
+    gc.collect()
+    poll_for(lambda: client.closed and not client._thread.thread.is_alive(), 5,
+             message="the client to close")
+
+
+def test_imap_on_a_broken_pool_raises_broken_cluster():
+    # apply/map raise BrokenCluster (docs: difference 5); imap said
+    # CancelledError("the pool was terminated"), which it was not.
+    pool = dpool.Pool(1, initializer=tasks.failing_initializer)
+    try:
+        with pytest.raises(BrokenCluster, match="initializer"):
+            pool.apply_async(tasks.square, (2,)).get(10)
+        it = pool.imap(tasks.square, range(3))
+        with pytest.raises(BrokenCluster, match="initializer"):
+            it.next(5)
+    finally:
+        pool.terminate()
+        pool.join()

@@ -2,7 +2,6 @@
 
 No sockets, no clock, no sleeps: nodes are plain strings, times are numbers.
 """
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,

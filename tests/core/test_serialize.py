@@ -490,3 +490,46 @@ def test_frames_of_exceptions_are_bytes_like():
     assert all(isinstance(f, (bytes, bytearray, memoryview)) for f in frames)
     frames = [bytes(f) for f in frames]
     assert type(load_exception(frames)) is MyError
+
+
+# ------------------------------------- large buffers shared or in cycles, keyed exceptions
+
+
+BIG = b"x" * (2 * OUT_OF_BAND_THRESHOLD)
+
+
+def test_shared_list_holding_a_large_buffer_stays_shared():
+    shared = [BIG]
+    out = loads(dumps((shared, shared)))
+    assert out == (shared, shared)
+    assert out[0] is out[1]
+    out = loads(dumps(((shared,), {"k": shared})))    # an (args, kwargs) pair
+    assert out[0][0] is out[1]["k"]
+
+
+def test_shared_list_seen_first_below_the_scan_depth_stays_shared():
+    inner = [BIG]
+    obj = [[inner], inner]
+    out = loads(dumps(obj))
+    assert out == obj and out[0][0] is out[1]
+
+
+def test_recursive_list_holding_a_large_buffer_keeps_its_cycle():
+    rec = [BIG]
+    rec.append(rec)
+    out = loads(dumps(rec))
+    assert out[0] == BIG and out[1] is out
+
+
+class Key:
+    """Default repr: ``<... Key object at 0x...>``, different in every process."""
+
+
+def test_exception_with_an_object_in_its_message_keeps_its_type():
+    try:
+        {}[Key()]
+    except KeyError as exc:
+        frames = dump_exception(exc)
+    out = load_exception(frames)
+    assert type(out) is KeyError and not isinstance(out, RemoteError)
+    assert isinstance(out.args[0], Key)

@@ -7,17 +7,11 @@ import pytest
 
 import dpool
 from dpool.errors import BrokenCluster
-from conftest import poll_for
-from helpers_engine import (dpool_node, node1, node_secret,  # noqa: F401 (fixtures)
-                            double, getpid, hold, nap, pid_gone, read_marker, start_node)
+from helpers import cluster_on, pid_gone, poll_for, read_marker, start_node
+from tasks import double, getpid, hold, nap
 
 DispyJob = dpool.DispyJob
 pytestmark = pytest.mark.timeout(30)
-
-
-def cluster_on(node, fn, **kwargs):
-    kwargs.setdefault("secret", node.secret)
-    return dpool.JobCluster(fn, nodes=[node.address], **kwargs)
 
 
 # ------------------------------------------------------------------- results
@@ -309,3 +303,29 @@ def test_finish_event_taken_before_or_after_the_end(dpool_node, tmp_path):
         late = cluster.submit(str(tmp_path / "m2"), gate)
         assert late(timeout=10) is not None
         assert late.finish.is_set()
+
+
+# --------------------------------------------- node addresses and fallback
+
+
+def test_fallback_to_embedded_does_not_deny_the_node_it_could_not_use(dpool_node, caplog):
+    """With a wrong secret for the local dpool-node, JobCluster() warned that
+    the node could not be used, then logged "no dpool-node at 127.0.0.1:PORT;
+    started an embedded local node": the node was there."""
+    caplog.set_level("INFO", logger="dpool")
+    with dpool.JobCluster(double, node_port=dpool_node.port, secret=b"wrong") as cluster:
+        assert cluster.submit(21)(timeout=10) == 42
+    lines = [r.getMessage() for r in caplog.records if "embedded" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "no dpool-node at" not in lines[0], lines[0]
+    assert f"127.0.0.1:{dpool_node.port}" in lines[0], lines[0]
+
+
+def test_jobcluster_refuses_a_node_port_out_of_range():
+    """``JobCluster(nodes=[("127.0.0.1", 99999)])`` (and NodeAllocate) connected
+    to port 34463, getaddrinfo's wrap-around, instead of refusing the port."""
+    for nodes in ([("127.0.0.1", 99999)], [("127.0.0.1", 70000)]):
+        with pytest.raises(ValueError, match="65535"):
+            dpool.JobCluster(double, nodes=nodes, secret="x")
+    with pytest.raises(ValueError, match="65535"):
+        dpool.NodeAllocate("127.0.0.1", port=99999)

@@ -7,19 +7,13 @@ import time
 import pytest
 
 import dpool as dispy
+from dpool import protocol as P
 from dpool.errors import BrokenCluster
-from conftest import poll_for
-from helpers_engine import dpool_node, node1, node_secret, pid_gone  # noqa: F401 (fixtures)
-import helpers_dispy as H
+import tasks
+from helpers import cluster_on, pid_gone, poll_for, read_marker
 
 DispyJob, DispyNode = dispy.DispyJob, dispy.DispyNode
 pytestmark = pytest.mark.timeout(30)
-
-
-def cluster_on(node, fn, **kwargs):
-    kwargs.setdefault("secret", node.secret)
-    kwargs.setdefault("nodes", [node.address])
-    return dispy.JobCluster(fn, **kwargs)
 
 
 def helper(d, x):
@@ -37,7 +31,7 @@ def test_status_constants_have_dispys_values():
 
 
 def test_status_and_print_status(dpool_node, capsys):
-    with cluster_on(dpool_node, H.fast) as cluster:
+    with cluster_on(dpool_node, tasks.identity) as cluster:
         jobs = [cluster.submit(i) for i in range(4)]
         assert cluster.wait(10)
         status = cluster.status()
@@ -68,7 +62,7 @@ def test_callbacks_see_node_and_job_transitions_in_order(dpool_node):
         threads.add(threading.current_thread().name)
         seen.append((job.id, job.status, job.result))
 
-    cluster = cluster_on(dpool_node, H.fast, cluster_status=cluster_status,
+    cluster = cluster_on(dpool_node, tasks.identity, cluster_status=cluster_status,
                          job_status=job_status)
     job = cluster.submit_job_id("j1", 7)
     assert job() == 7
@@ -92,7 +86,7 @@ def test_callback_exception_is_logged_and_the_next_runs(dpool_node, caplog):
             raise ValueError("callback bug")
 
     with caplog.at_level(logging.ERROR, logger="dpool"):
-        with cluster_on(dpool_node, H.fast, job_status=job_status) as cluster:
+        with cluster_on(dpool_node, tasks.identity, job_status=job_status) as cluster:
             for i in range(3):
                 cluster.submit(i)
     assert len(seen) == 3
@@ -101,22 +95,22 @@ def test_callback_exception_is_logged_and_the_next_runs(dpool_node, caplog):
 
 def test_callback_signatures_are_checked():
     with pytest.raises(TypeError, match="job_status"):
-        dispy.JobCluster(H.fast, nodes=[("127.0.0.1", 1)], job_status=lambda: None)
+        dispy.JobCluster(tasks.identity, nodes=[("127.0.0.1", 1)], job_status=lambda: None)
     with pytest.raises(TypeError, match="cluster_status"):
-        dispy.JobCluster(H.fast, nodes=[("127.0.0.1", 1)], cluster_status=lambda a: None)
+        dispy.JobCluster(tasks.identity, nodes=[("127.0.0.1", 1)], cluster_status=lambda a: None)
 
 
 # ------------------------------------------------------ 3. cancel, wait, close
 
 def test_close_timeout_without_terminate_keeps_the_cluster(dpool_node, tmp_path):
     gate, marker = str(tmp_path / "gate"), str(tmp_path / "m")
-    cluster = cluster_on(dpool_node, H.hold_until)
-    job = cluster.submit(gate, marker)
+    cluster = cluster_on(dpool_node, tasks.hold)
+    job = cluster.submit(marker, gate)
     poll_for(lambda: os.path.exists(marker), 10, message="the job to start")
     t0 = time.monotonic()
     assert cluster.close(timeout=0.2) is False
     assert time.monotonic() - t0 < 2
-    assert cluster.submit(gate, marker + "2") is not None  # still open
+    assert cluster.submit(marker + "2", gate) is not None  # still open
     open(gate, "w").close()
     assert cluster.close(timeout=10) is True
     assert job.status == DispyJob.Finished
@@ -124,11 +118,11 @@ def test_close_timeout_without_terminate_keeps_the_cluster(dpool_node, tmp_path)
 
 def test_close_terminate_after_timeout_wakes_every_waiter(dpool_node, tmp_path):
     gate, marker = str(tmp_path / "gate"), str(tmp_path / "m")
-    cluster = cluster_on(dpool_node, H.hold_until)
-    running = cluster.submit(gate, marker)
-    queued = [cluster.submit(gate, str(tmp_path / f"q{i}")) for i in range(3)]
+    cluster = cluster_on(dpool_node, tasks.hold)
+    running = cluster.submit(marker, gate)
+    queued = [cluster.submit(str(tmp_path / f"q{i}"), gate) for i in range(3)]
     poll_for(lambda: os.path.exists(marker), 10, message="the job to start")
-    pid = int(open(marker).read())
+    (pid,), _ = read_marker(marker)
     woken = []
     waiters = [threading.Thread(target=lambda j=j: woken.append(j())) for j in [running] + queued]
     for t in waiters:
@@ -149,17 +143,17 @@ def test_close_terminate_after_timeout_wakes_every_waiter(dpool_node, tmp_path):
 def test_globals_provisional_results_and_send_file(dpool_node, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     seen = []
-    with cluster_on(dpool_node, H.where) as cluster:
+    with cluster_on(dpool_node, tasks.where) as cluster:
         x, name, ip, job_path, cwd = cluster.submit(1)(timeout=10)
         assert (x, ip) == (1, "127.0.0.1") and name and job_path == cwd
-    with cluster_on(dpool_node, H.provisional,
+    with cluster_on(dpool_node, tasks.provisional,
                     job_status=lambda job: seen.append((job.status, job.result))) as cluster:
         job = cluster.submit(3)
         assert job(timeout=10) == ("final", 3)
     poll_for(lambda: len(seen) == 4, 5, message="all job_status calls")
     assert seen == [(DispyJob.ProvisionalResult, ("step", i)) for i in range(3)] + \
         [(DispyJob.Finished, ("final", 3))]
-    with cluster_on(dpool_node, H.send_back) as cluster:
+    with cluster_on(dpool_node, tasks.send_back) as cluster:
         assert cluster.submit("out.txt", "from the node")(timeout=10) == 0
     poll_for(lambda: (tmp_path / "out.txt").exists(), 5, message="the file sent back")
     assert (tmp_path / "out.txt").read_text() == "from the node"
@@ -171,8 +165,8 @@ def test_depends_setup_once_per_node_and_cleanup(dpool_node, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.txt").write_text("payload\n")
     marker = str(tmp_path / "setup-ran")
-    cluster = cluster_on(dpool_node, H.uses_setup, depends=[helper, "data.txt"],
-                         setup=H.setup_reads, cleanup=H.cleanup_writes,
+    cluster = cluster_on(dpool_node, tasks.uses_setup, depends=[helper, "data.txt"],
+                         setup=tasks.setup_reads, cleanup=tasks.cleanup_writes,
                          nodes=[dispy.NodeAllocate("127.0.0.1", dpool_node.port,
                                                    setup_args=("data.txt", marker))])
     rendezvous = tmp_path / "rendezvous"
@@ -190,7 +184,7 @@ def test_depends_setup_once_per_node_and_cleanup(dpool_node, tmp_path, monkeypat
 def test_job_depends_and_dest_path(dpool_node, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "per-job.txt").write_text("job file")
-    with cluster_on(dpool_node, H.read_file_where, dest_path="dpool-test/sub") as cluster:
+    with cluster_on(dpool_node, tasks.read_file_where, dest_path="dpool-test/sub") as cluster:
         job = cluster.submit("per-job.txt", dispy_job_depends=["per-job.txt"])
         assert job(timeout=10) is not None, job.exception
         text, cwd, job_path = job.result
@@ -198,14 +192,14 @@ def test_job_depends_and_dest_path(dpool_node, tmp_path, monkeypatch):
         assert cwd == job_path and cwd.endswith(os.path.join("", "dpool-test", "sub"))
         assert not os.path.exists(os.path.join(cwd, "per-job.txt"))  # cleanup=True
     with pytest.raises(ValueError):
-        dispy.JobCluster(H.fast, nodes=[dpool_node.address], secret=dpool_node.secret,
+        dispy.JobCluster(tasks.identity, nodes=[dpool_node.address], secret=dpool_node.secret,
                          dest_path="../escape")
 
 
 def test_failing_setup_leaves_the_node_out_and_says_why(dpool_node, tmp_path, caplog):
     events = []
     with pytest.raises(BrokenCluster, match="setup broke on purpose"):
-        cluster_on(dpool_node, H.fast, setup=H.setup_raises,
+        cluster_on(dpool_node, tasks.identity, setup=tasks.setup_raises,
                    cluster_status=lambda s, n, j: events.append((s, n, j)))
     assert "setup broke on purpose" in caplog.text  # logged
     (status, node, job), = events
@@ -216,7 +210,7 @@ def test_failing_setup_leaves_the_node_out_and_says_why(dpool_node, tmp_path, ca
 def test_failed_resetup_fails_pending_jobs(dpool_node, tmp_path):
     """No node left after a failed setup: jobs waiting fail with that error."""
     marker = str(tmp_path / "setups")
-    cluster = cluster_on(dpool_node, H.fast, setup=H.counter_setup,
+    cluster = cluster_on(dpool_node, tasks.identity, setup=tasks.counter_setup,
                          nodes=[dispy.NodeAllocate("127.0.0.1", dpool_node.port,
                                                    setup_args=(marker,))])
     try:
@@ -236,11 +230,11 @@ def test_bad_input_fails_at_creation(dpool_node, tmp_path):
     with pytest.raises(TypeError, match="cannot be sent"):
         cluster_on(dpool_node, lambda x: lock)
     with pytest.raises(FileNotFoundError, match="no-such-file"):
-        cluster_on(dpool_node, H.fast, depends=[str(tmp_path / "no-such-file")])
+        cluster_on(dpool_node, tasks.identity, depends=[str(tmp_path / "no-such-file")])
     with pytest.raises(TypeError, match="setup"):
-        cluster_on(dpool_node, H.fast, setup=H.setup_two)  # needs 2 args, given none
+        cluster_on(dpool_node, tasks.identity, setup=tasks.setup_two)  # needs 2 args, given none
     with pytest.raises(TypeError, match="invalid dependency"):
-        cluster_on(dpool_node, H.fast, depends=[42])
+        cluster_on(dpool_node, tasks.identity, depends=[42])
     with pytest.raises(FileNotFoundError):
         cluster_on(dpool_node, "/no/such/program")
 
@@ -258,20 +252,20 @@ class NoCpu(dispy.NodeAllocate):
 
 
 def test_node_allocate_override(dpool_node):
-    with cluster_on(dpool_node, H.fast, nodes=[OneCpu("127.0.0.1", dpool_node.port)]) as c:
+    with cluster_on(dpool_node, tasks.identity, nodes=[OneCpu("127.0.0.1", dpool_node.port)]) as c:
         assert [n.cpus for n in c.status().nodes] == [1]
         assert c.submit(3)(timeout=10) == 3
     with pytest.raises(BrokenCluster, match="allocation"):
-        cluster_on(dpool_node, H.fast, nodes=[NoCpu("127.0.0.1", dpool_node.port)])
+        cluster_on(dpool_node, tasks.identity, nodes=[NoCpu("127.0.0.1", dpool_node.port)])
 
 
 def test_node_methods(dpool_node, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sent.txt").write_text("sent later")
     gate, marker = str(tmp_path / "gate"), str(tmp_path / "m")
-    with cluster_on(dpool_node, H.hold_until) as cluster:
+    with cluster_on(dpool_node, tasks.hold) as cluster:
         (node,) = cluster.status().nodes
-        job = cluster.submit_node(node, gate, marker)
+        job = cluster.submit_node(node, marker, gate)
         poll_for(lambda: os.path.exists(marker), 10, message="the pinned job to start")
         assert cluster.node_jobs("127.0.0.1") == [job]
         assert cluster.set_node_cpus(node, 1) == 1
@@ -282,9 +276,9 @@ def test_node_methods(dpool_node, tmp_path, monkeypatch):
         assert cluster.deallocate_node(node) == 0
         assert cluster.allocate_node("127.0.0.1") == 0
         with pytest.raises(ValueError, match="not a node"):
-            cluster.submit_node("10.255.255.1", gate, marker)
+            cluster.submit_node("10.255.255.1", marker, gate)
         assert cluster.node_jobs("10.255.255.1") == -1
-    with cluster_on(dpool_node, H.read_file, cleanup=False) as cluster:
+    with cluster_on(dpool_node, tasks.read_file, cleanup=False) as cluster:
         (node,) = cluster.status().nodes
         assert cluster.send_file("sent.txt", node) == 0
         assert cluster.submit("sent.txt")(timeout=10) == "sent later"
@@ -293,7 +287,7 @@ def test_node_methods(dpool_node, tmp_path, monkeypatch):
 def test_close_node_and_resetup_node(dpool_node, tmp_path):
     marker = str(tmp_path / "setups")
     events = []
-    cluster = cluster_on(dpool_node, H.fast, setup=H.counter_setup,
+    cluster = cluster_on(dpool_node, tasks.identity, setup=tasks.counter_setup,
                          nodes=[dispy.NodeAllocate("127.0.0.1", dpool_node.port,
                                                    setup_args=(marker,))],
                          cluster_status=lambda s, n, j: events.append(s))
@@ -332,3 +326,87 @@ def test_program_computation(dpool_node, tmp_path):
         long(timeout=5)
         assert long.status == DispyJob.Terminated
         poll_for(lambda: pid_gone(proc.pid), 5, message="the program to be killed")
+
+
+# ------------------------------------------- cleanup, depends and programs, continued
+
+
+def test_cleanup_runs_after_close_terminate_with_every_cpu_busy(dpool_node, tmp_path):
+    """close(terminate=True) kills the running jobs' workers; the cleanup
+    function must still run once (in a replacement worker)."""
+    marker = str(tmp_path / "cleanup-ran")
+    cluster = cluster_on(dpool_node, tasks.hold, cleanup=tasks.cleanup_marks,
+                         nodes=[dispy.NodeAllocate("127.0.0.1", dpool_node.port,
+                                                   setup_args=(marker,))])
+    gate = str(tmp_path / "never")
+    jobs = [cluster.submit(str(tmp_path / f"m{i}"), gate) for i in range(2)]
+    poll_for(lambda: all(os.path.exists(tmp_path / f"m{i}") for i in range(2)), 10,
+             message="both jobs to run")
+    pids = [read_marker(str(tmp_path / f"m{i}"))[0][0] for i in range(2)]
+    # What close(terminate=True) sends, CANCEL then BYE, back to back (so the
+    # node has not replaced the killed workers yet when BYE arrives).
+    client = cluster._client
+    link, = client.links
+
+    def cancel_and_bye():
+        link.conn.send([P.encode(P.CANCEL, [job._job.id for job in jobs])])
+        link.conn.send([P.encode(P.BYE)])
+    client.loop.call_soon_threadsafe(cancel_and_bye)
+    assert cluster.close(terminate=True)
+    poll_for(lambda: os.path.exists(marker), 5, message="cleanup to run")
+    assert int(open(marker).read()) not in pids
+    poll_for(lambda: all(pid_gone(p) for p in pids), 5, message="the jobs' workers to die")
+
+
+def test_a_cleanup_that_kills_its_process_does_not_hold_the_session(dpool_node, tmp_path):
+    """The worker running cleanup dies: the session ends then (its other
+    workers are killed, its CPUs freed), not CLEANUP_TIMEOUT (10 s) later."""
+    cluster = cluster_on(dpool_node, tasks.hold, cleanup=tasks.cleanup_dies,
+                         nodes=[dispy.NodeAllocate("127.0.0.1", dpool_node.port,
+                                                   setup_args=("unused",))])
+    gate = tmp_path / "gate"
+    jobs = [cluster.submit(str(tmp_path / f"m{i}"), str(gate)) for i in range(2)]
+    poll_for(lambda: all(os.path.exists(tmp_path / f"m{i}") for i in range(2)), 10,
+             message="both jobs to run")
+    gate.touch()
+    pids = {job(timeout=10) for job in jobs}
+    assert len(pids) == 2
+    cluster.close()
+    poll_for(lambda: all(pid_gone(p) for p in pids), 4, message="the session's workers to die")
+    assert "the process running cleanup" in dpool_node.stderr()
+
+
+def test_a_dependency_the_node_cannot_write_does_not_keep_a_recoverable_session(
+        dpool_node, tmp_path, monkeypatch):
+    """The node cannot write a dependency: the client leaves the node out.
+    With recover_file the node must not keep that session (and its CPUs)
+    for --keep-results seconds as if the client had died."""
+    from dpool.errors import BrokenCluster
+
+    outside, cwd = tmp_path / "outside", tmp_path / "cwd"
+    (cwd / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "sub").write_text("a file named sub")
+    (cwd / "sub" / "a.txt").write_text("a file under the folder sub")
+    monkeypatch.chdir(cwd)
+    with pytest.raises(BrokenCluster, match="cannot write"):
+        cluster_on(dpool_node, tasks.identity, depends=[str(outside / "sub"), "sub/a.txt"],
+                   recover_file=str(tmp_path / "_dispy_review"))
+    with cluster_on(dpool_node, tasks.identity) as cluster:
+        assert cluster.submit(5)(timeout=10) == 5
+        assert [node.cpus for node in cluster.status().nodes] == [2]
+    assert "kept for" not in dpool_node.stderr()
+
+
+def test_program_in_a_subfolder_of_the_working_directory(dpool_node, tmp_path, monkeypatch):
+    """JobCluster('bin/prog'): the program is sent as bin/prog (its path under
+    the working directory is kept); the job must run that file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bin").mkdir()
+    prog = tmp_path / "bin" / "review-prog-7"
+    prog.write_text("#!/bin/sh\necho \"args: $*\"\nexit 7\n")
+    prog.chmod(0o755)
+    with cluster_on(dpool_node, "bin/review-prog-7") as cluster:
+        job = cluster.submit("a", 1)
+        assert job(timeout=10) == 7, job.exception
+        assert job.stdout == "args: a 1\n"

@@ -1,43 +1,20 @@
 """dispy compatibility, continued: DispyNode.tx/rx, AvailInfo updates,
 recover_jobs.  Through the public API, against dpool-node subprocesses."""
+import logging
+import os
+import subprocess
+import sys
+import threading
+
 import pytest
 
 import dpool as dispy
-from conftest import poll_for
-from helpers_engine import dpool_node, node_secret  # noqa: F401 (fixtures)
+from helpers import cluster_on, node_env, pid_gone, poll_for, read_marker, start_node
+from tasks import make_bytes, size_of
 
 DispyNode = dispy.DispyNode
 pytestmark = pytest.mark.timeout(30)
 MB = 2**20
-
-
-def size_of(data):
-    return len(data)
-
-
-def make_bytes(n):
-    return b"x" * n
-
-
-def gated(gate, marker):
-    """Write ``marker`` (the pid), wait for ``gate``, write marker.done."""
-    import os
-    import time
-
-    with open(marker + ".tmp", "w") as f:
-        f.write(str(os.getpid()))
-    os.replace(marker + ".tmp", marker)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(gate) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    open(marker + ".done", "w").close()
-    return os.getpid()
-
-
-def cluster_on(node, fn, **kwargs):
-    kwargs.setdefault("secret", node.secret)
-    kwargs.setdefault("nodes", [node.address])
-    return dispy.JobCluster(fn, **kwargs)
 
 
 # ------------------------------------------------------------------ tx / rx
@@ -101,15 +78,15 @@ def test_no_pulse_unless_asked(dpool_node):
 CLIENT = """
 import os, sys, time
 import dpool as dispy
-from test_dispy_extras import gated
+from tasks import hold
 port, secret, recover_file, gate, tmp = sys.argv[1:]
-cluster = dispy.JobCluster(gated, nodes=[("127.0.0.1", int(port))], secret=secret,
+cluster = dispy.JobCluster(hold, nodes=[("127.0.0.1", int(port))], secret=secret,
                            recover_file=recover_file)
 done_gate = os.path.join(tmp, "open")
 open(done_gate, "w").close()
-quick = cluster.submit_job_id("quick", done_gate, os.path.join(tmp, "m-quick"))
-slow = cluster.submit_job_id("slow", gate, os.path.join(tmp, "m-slow"))
-later = cluster.submit_job_id("later", gate + "2", os.path.join(tmp, "m-later"))
+quick = cluster.submit_job_id("quick", os.path.join(tmp, "m-quick"), done_gate)
+slow = cluster.submit_job_id("slow", os.path.join(tmp, "m-slow"), gate)
+later = cluster.submit_job_id("later", os.path.join(tmp, "m-later"), gate + "2")
 quick()
 while not all(os.path.exists(os.path.join(tmp, m)) for m in ("m-slow", "m-later")):
     time.sleep(0.01)
@@ -123,12 +100,6 @@ def client_killed_with_jobs(node, tmp_path):
     has finished (and been received) and jobs "slow" and "later" are
     running, waiting for files ``gate`` and ``gate + "2"``; return
     (recover_file, gate, marker of "slow")."""
-    import os
-    import subprocess
-    import sys
-
-    from helpers_engine import node_env
-
     recover_file, gate = str(tmp_path / "_dispy_test"), str(tmp_path / "gate")
     proc = subprocess.Popen([sys.executable, "-c", CLIENT, str(node.port), node.secret.decode(),
                              recover_file, gate, str(tmp_path)],
@@ -146,10 +117,6 @@ def client_killed_with_jobs(node, tmp_path):
 
 
 def test_recover_jobs_collects_results_of_a_killed_client(dpool_node, tmp_path):
-    import os
-
-    import threading
-
     recover_file, gate, marker = client_killed_with_jobs(dpool_node, tmp_path)
     poll_for(lambda: "kept for" in dpool_node.stderr(), 5, message="the node to detach")
     open(gate, "w").close()  # "slow" finishes while the client is gone: kept
@@ -173,10 +140,8 @@ def test_recover_jobs_collects_results_of_a_killed_client(dpool_node, tmp_path):
 
 
 def test_recover_jobs_terminate_pending(dpool_node, tmp_path):
-    from helpers_engine import pid_gone
-
     recover_file, gate, marker = client_killed_with_jobs(dpool_node, tmp_path)
-    pid = int(open(marker).read())
+    (pid,), _ = read_marker(marker)
     jobs = {job.id: job for job in dispy.recover_jobs(recover_file, timeout=10,
                                                        terminate_pending=True)}
     assert set(jobs) == {"slow", "later"}
@@ -185,10 +150,6 @@ def test_recover_jobs_terminate_pending(dpool_node, tmp_path):
 
 
 def test_kept_results_are_discarded_after_keep_results(tmp_path, node_secret, caplog):
-    import logging
-
-    from helpers_engine import start_node
-
     node = start_node(tmp_path / "node", cpus=2, secret=node_secret,
                       args=["--keep-results", "0.3"])
     try:
@@ -205,11 +166,29 @@ def test_kept_results_are_discarded_after_keep_results(tmp_path, node_secret, ca
 
 
 def test_closed_cluster_leaves_nothing_to_recover(dpool_node, tmp_path):
-    import os
-
     recover_file = str(tmp_path / "_dispy_closed")
     with cluster_on(dpool_node, size_of, recover_file=recover_file) as cluster:
         assert cluster.submit(b"ab")(timeout=10) == 2
         assert os.path.exists(recover_file)
     assert not os.path.exists(recover_file)
     assert dispy.recover_jobs(recover_file) == []
+
+
+def test_recover_jobs_timeout_zero_does_not_wait_for_a_silent_node(tmp_path):
+    # timeout=0 ("collect what is there now") waited the full 10 s connect
+    # timeout for a node that accepts but does not answer (0.0 or 10.0 == 10.0).
+    import json
+    import socket
+    import time
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        path = tmp_path / "_dispy_recover"
+        path.write_text(json.dumps({"dpool_recover": 1}) + "\n" + json.dumps(
+            {"node": ["127.0.0.1", server.getsockname()[1]], "token": "ab",
+             "secret": b"s".hex()}) + "\n")
+        start = time.monotonic()
+        assert dispy.recover_jobs(str(path), timeout=0) == []
+        assert time.monotonic() - start < 3
+        assert path.exists()  # not collected: a later call may try again

@@ -9,9 +9,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers import DEFAULT_PORT, REPO_ROOT, port_in_use, start_node
 
-from helpers_engine import (DEFAULT_PORT, REPO_ROOT, node_secret,  # noqa: F401 (fixture)
-                            port_in_use, start_node)
 
 pytestmark = pytest.mark.timeout(60)
 

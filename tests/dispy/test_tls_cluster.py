@@ -3,13 +3,10 @@ import pytest
 
 import dpool
 from dpool.errors import BrokenCluster
-from helpers_engine import node_secret, start_node  # noqa: F401  (fixture)
+from helpers import start_node
+from tasks import triple
 
 trustme = pytest.importorskip("trustme")
-
-
-def triple(x):
-    return 3 * x
 
 
 @pytest.fixture

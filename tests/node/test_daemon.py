@@ -8,9 +8,8 @@ import sys
 import pytest
 
 import dpool
-from conftest import poll_for
-from helpers_engine import (dpool_node, node_env, node_secret,  # noqa: F401 (fixtures)
-                            double, getpid, hold, pid_gone, read_marker, start_node)
+from helpers import node_env, pid_gone, poll_for, read_marker, start_node
+from tasks import double, getpid, hold
 
 DispyJob = dpool.DispyJob
 pytestmark = pytest.mark.timeout(30)
@@ -117,3 +116,37 @@ def test_port_in_use_gives_a_clear_message(dpool_node, tmp_path):
     assert proc.returncode != 0
     assert "already in use" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_node_daemon_names_the_folder_it_cannot_write_not_the_port(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import node_env
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    home = not_a_folder / "home"      # the node can't make its secret folder here
+    proc = subprocess.run([sys.executable, "-m", "dpool.daemons.node", "--port", "0",
+                           "--cpus", "1"], env=node_env(None, DPOOL_HOME=str(home)),
+                          capture_output=True, text=True, timeout=15)
+    assert proc.returncode == 1
+    assert "cannot listen" not in proc.stderr, proc.stderr
+    assert str(home) in proc.stderr, proc.stderr
+
+
+def test_dpool_node_refuses_a_port_out_of_range(tmp_path):
+    """``dpool-node --port 99999`` used to listen on port 34463 (99999 mod
+    65536, getaddrinfo's wrap-around) and say so, instead of refusing."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dpool.daemons.node", "--port", "99999", "--cpus", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        env=node_env(b"walkthrough"), cwd=tmp_path)
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert proc.returncode == 2, (out, err)
+    assert b"serving" not in out
+    assert b"--port" in err and b"65535" in err, err

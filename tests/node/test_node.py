@@ -2,11 +2,12 @@
 remote exceptions and clean-up after a client vanishes.
 
 Most tests run a real ``dpool-node`` subprocess (fixtures in
-helpers_engine.py); one runs the embedded node of ``Client(None)``.
+conftest.py); one runs the embedded node of ``Client(None)``.
 """
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -15,22 +16,17 @@ import time
 import pytest
 
 import dpool
+from dpool import protocol as P
 from dpool.core.client import Client
 from dpool.errors import JobCancelled, WorkerLost
-from conftest import poll_for
-from helpers_engine import (dpool_node, node1, node_env, node_secret,  # noqa: F401 (fixtures)
-                            die_or_pid, dies, double, echo_outputs, fails, getpid, hold,
-                            pid_gone, read_marker)
+from helpers import cluster_on, node_env, pid_gone, poll_for, read_marker
+from tasks import die_or_pid, dies, double, echo_outputs, fails, getpid, hold
 
 DispyJob = dpool.DispyJob
 pytestmark = pytest.mark.timeout(30)
 
 DEATHS = {"exit": "exited with code 3", "sigkill": "killed by SIGKILL",
           "segfault": "killed by SIGSEGV"}
-
-
-def cluster_on(node, fn, **kwargs):
-    return dpool.JobCluster(fn, nodes=[node.address], secret=node.secret, **kwargs)
 
 
 def dead_pid(job):
@@ -198,7 +194,7 @@ def test_exception_comes_back_as_traceback_text(dpool_node):
 CLIENT_SCRIPT = textwrap.dedent("""\
     import sys
     import dpool
-    from helpers_engine import hold
+    from tasks import hold
 
     port, markers = int(sys.argv[1]), sys.argv[2:]
     cluster = dpool.JobCluster(hold, nodes=[("127.0.0.1", port)])
@@ -312,4 +308,105 @@ def test_functions_no_longer_needed_are_forgotten_by_the_node_and_workers():
         assert client.submit(keep).future.result(10) == "kept"
         assert client.submit(keep).future.result(10) == "kept"
     finally:
+        client.close()
+
+
+# ------------------------------------------------------------- the zygote
+
+
+def test_zygote_exits_quietly_when_the_node_closed_before_the_fork_reply():
+    """``Executor(max_workers=4)`` shut down at once sometimes printed a
+    zygote ``BrokenPipeError`` traceback: the node had stopped reading the
+    control socket while a fork request was in flight, and the b"P" reply
+    raised (``_reap`` already ignored that; ``_serve_request`` did not)."""
+    ours, theirs = socket.socketpair()
+    worker_ours, worker_theirs = socket.socketpair()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from dpool.node.zygote import main; main()",
+             str(theirs.fileno()), str(os.getpid())],
+            pass_fds=[theirs.fileno()], env=node_env(), stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
+        theirs.close()
+        ours.shutdown(socket.SHUT_RD)  # the zygote's replies now fail with EPIPE
+        socket.send_fds(ours, [b"S"], [worker_theirs.fileno()])
+        worker_theirs.close()
+        try:
+            _, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert b"Traceback" not in err, err.decode(errors="replace")
+        assert proc.returncode == 0, err.decode(errors="replace")
+        worker_ours.settimeout(10)
+        assert worker_ours.recv(1) == b""  # the forked worker was killed with it
+    finally:
+        ours.close()
+        worker_ours.close()
+        worker_theirs.close()
+
+
+def _session(client):
+    return client.call(lambda: next(iter(client.embedded.sessions)))
+
+
+def test_zygote_dying_during_a_spawn_does_not_end_the_session():
+    """A worker start waiting on the zygote when it dies is retried with the
+    new zygote; the session (the node, for the client) goes on serving."""
+    client = Client(None, cpus=1).start()
+    zygote = None
+    try:
+        pid = client.submit(getpid).future.result(10)
+        zygote = client.embedded.zygote.proc
+        os.kill(zygote.pid, signal.SIGSTOP)
+        os.kill(pid, signal.SIGKILL)  # a new worker is asked of the stopped zygote
+        poll_for(lambda: client.call(lambda: len(client.embedded.zygote._pending)), 10,
+                 message="a spawn waiting on the zygote")
+        os.kill(zygote.pid, signal.SIGKILL)
+        os.kill(zygote.pid, signal.SIGCONT)
+        assert client.submit(double, (21,)).future.result(10) == 42
+        assert client.nodes()
+    finally:
+        if zygote is not None:
+            try:
+                os.kill(zygote.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        client.close()
+
+
+def test_cancel_of_a_job_queued_in_a_worker_that_just_died(tmp_path):
+    """Cancel of a job queued inside a worker whose death is not yet fully
+    handled (its exit not reported yet) is not lost: the job is not requeued
+    and run, its future fails with JobCancelled."""
+    client = Client(None, cpus=1).start()
+    zygote = None
+    try:
+        for _ in range(20):  # short jobs: the worker is given several at once
+            client.submit(double, (1,)).future.result(10)
+        session = _session(client)
+        assert client.call(lambda: session.depth) >= 2
+        marker = str(tmp_path / "a")
+        a = client.submit(hold, (marker,))
+        b = client.submit(double, (5,))
+        (worker_pid,), _ = read_marker(marker)
+        (worker,) = client.call(lambda: list(session.workers))
+        assert client.call(lambda: list(worker.outstanding)) == [a.id, b.id]
+        cancels = []
+        original = session.handlers[P.CANCEL]
+        session.handlers[P.CANCEL] = lambda h, f: (original(h, f), cancels.append(h[1]))
+        zygote = client.embedded.zygote.proc
+        os.kill(zygote.pid, signal.SIGSTOP)  # its exit report waits
+        os.kill(worker_pid, signal.SIGKILL)
+        poll_for(lambda: client.call(lambda: worker.dead), 10, message="the worker seen dead")
+        client.cancel(b)
+        poll_for(lambda: cancels, 10, message="the cancel at the node")
+        os.kill(zygote.pid, signal.SIGCONT)
+        with pytest.raises(JobCancelled):
+            b.future.result(10)
+        a.future.exception(10)
+    finally:
+        if zygote is not None:
+            os.kill(zygote.pid, signal.SIGCONT)
         client.close()

@@ -18,17 +18,11 @@ from dpool.node.server import NodeServer
 from dpool.errors import AuthenticationError, BrokenCluster
 from dpool.transport import auth, connect
 from dpool.transport.frames import encode as encode_frames
-from conftest import poll_for
-from helpers_engine import (dpool_node, node_secret,  # noqa: F401 (fixtures)
-                            authenticated_socket, double, hold, node_env, read_marker,
-                            recv_until_closed)
+from helpers import (authenticated_socket, cluster_on, node_env, poll_for, read_marker,
+                     recv_until_closed)
+from tasks import double, hold
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def cluster_on(node, fn, **kwargs):
-    kwargs.setdefault("secret", node.secret)
-    return dpool.JobCluster(fn, nodes=[node.address], **kwargs)
 
 
 def still_serves(node):

@@ -606,3 +606,21 @@ def test_close_gives_up_on_a_peer_that_stopped_reading(monkeypatch):
         finally:
             theirs.close()
     run(main())
+
+
+def test_blocking_eof_mid_message_seen_by_poll_is_reported_as_such():
+    import socket
+
+    from dpool.errors import ConnectionClosed
+    from dpool.transport import BlockingConnection, encode
+
+    a, b = socket.socketpair()
+    conn = BlockingConnection(b)
+    try:
+        a.sendall(b"".join(bytes(p) for p in encode([b"hello"]))[:-2])
+        a.close()
+        assert conn.poll(2.0)          # end of stream: recv() won't block
+        with pytest.raises(ConnectionClosed, match="middle of a message"):
+            conn.recv()
+    finally:
+        conn.close()

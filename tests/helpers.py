@@ -1,16 +1,8 @@
-"""Shared helpers for the engine tests: a ``dpool-node`` subprocess fixture,
-raw-socket clients, and small job functions.
-
-The job functions live here (a module importable by the workers: the node
-subprocess gets this folder on its PYTHONPATH, an embedded node inherits the
-client's ``sys.path``), so they are pickled by reference and cheap to load.
-They take the paths of marker files as arguments: a job that must be
-"running" creates a file the test polls for; a job that must wait does so
-until the test creates a "gate" file.
-"""
+"""Helpers the tests share (fixtures are in the conftest.py files, task
+functions in tasks.py): polling, a ``dpool-node`` subprocess, marker files,
+a JobCluster on a test node, raw-socket clients."""
 import os
 import pathlib
-import secrets
 import signal
 import socket
 import subprocess
@@ -18,87 +10,27 @@ import sys
 import time
 
 import psutil
-import pytest
 
-from conftest import poll_for
+import dpool
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 DEFAULT_PORT = 51350
 
 
-# ---------------------------------------------------------------- job functions
-
-def double(x):
-    return 2 * x
-
-
-def getpid(_=None):
-    return os.getpid()
-
-
-def echo_outputs(n):
-    print(f"stdout of job {n}")
-    print(f"stderr of job {n}", file=sys.stderr)
-    return n
-
-
-def nap(seconds, value=None):
-    time.sleep(seconds)
-    return value
-
-
-def fails(n):
-    raise ValueError(f"boom-{n}")
-
-
-def dies(how):
-    """Kill the worker process running this job in one of several ways."""
-    if how == "exit":
-        os._exit(3)
-    if how == "sigkill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if how == "segfault":
-        import ctypes
-
-        ctypes.string_at(0)
-    return how
-
-
-def die_or_pid(how):
-    """``dies(how)`` for a truthy ``how``, else the worker's pid."""
-    if how:
-        dies(how)
-    return os.getpid()
-
-
-def write_file(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)  # the test never sees a half-written file
-
-
-def hold(marker, gate=None, child=False, timeout=60.0):
-    """Write "pid [child-pid] cwd" to ``marker``, then wait for ``gate`` to
-    exist (forever if None, up to ``timeout`` s); return the pid."""
-    pids = [str(os.getpid())]
-    if child:
-        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-        pids.append(str(proc.pid))
-    write_file(marker, " ".join(pids) + "\n" + os.getcwd())
+def poll_for(condition, timeout=10.0, interval=0.01, message="condition"):
+    """Wait until condition() is truthy; fail the test after ``timeout`` s."""
     deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if gate is not None and os.path.exists(gate):
-                return os.getpid()
-            time.sleep(0.01)
-        raise TimeoutError("the gate was never opened")
-    finally:
-        if child:
-            proc.kill()
-            proc.wait()
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
 
+
+# ---------------------------------------------------------------- markers
 
 def read_marker(path, timeout=10.0):
     """Wait for a marker written by :func:`hold`; return (pids, cwd)."""
@@ -210,33 +142,17 @@ def start_node(workdir, **kwargs):
         raise
 
 
-@pytest.fixture
-def node_secret():
-    return ("test-" + secrets.token_hex(8)).encode()
-
-
-@pytest.fixture
-def dpool_node(tmp_path, node_secret):
-    """A dpool-node subprocess with 2 CPUs and a secret, on a free port."""
-    node = start_node(tmp_path / "node", cpus=2, secret=node_secret)
-    yield node
-    code = node.terminate()
-    assert code == 0, f"dpool-node exited with {code}: {node.stderr()}"
-
-
-@pytest.fixture
-def node1(tmp_path, node_secret):
-    """A dpool-node subprocess with 1 CPU and a secret."""
-    node = start_node(tmp_path / "node1", cpus=1, secret=node_secret)
-    yield node
-    code = node.terminate()
-    assert code == 0, f"dpool-node exited with {code}: {node.stderr()}"
-
-
 def port_in_use(port, host="127.0.0.1"):
     with socket.socket() as s:
         s.settimeout(1)
         return s.connect_ex((host, port)) == 0
+
+
+def cluster_on(node, fn, **kwargs):
+    """A JobCluster running ``fn`` on ``node`` (a NodeProcess) with its secret."""
+    kwargs.setdefault("secret", node.secret)
+    kwargs.setdefault("nodes", [node.address])
+    return dpool.JobCluster(fn, **kwargs)
 
 
 # ---------------------------------------------------------------- raw clients
@@ -292,11 +208,3 @@ def authenticated_socket(port, secret, timeout=5.0):
     except BaseException:
         sock.close()
         raise
-
-
-@pytest.fixture(scope="module")
-def remote_node(tmp_path_factory):
-    """A dpool-node subprocess (2 CPUs, a fixed secret) shared by a module's tests."""
-    node = start_node(tmp_path_factory.mktemp("node"), cpus=2, secret=b"conformance-secret")
-    yield node
-    node.terminate()

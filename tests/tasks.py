@@ -1,0 +1,265 @@
+"""The task functions every test runs: jobs, setups and cleanups.
+
+They live in one module the workers can import by name (``tests/`` is on
+``sys.path`` under pytest and on a node subprocess's PYTHONPATH, see
+``helpers.node_env``), so they are pickled by reference and cheap to load,
+and the stdlib pools of the conformance suites can run them too.
+
+Jobs that must be seen "running" write a marker file the test polls for;
+jobs that must wait do so until the test creates a "gate" file.  The
+dispy-style ones use the names dispy puts in a computation's globals
+(``dispy_node_name``, ``dispy_provisional_result``, ...), which dpool injects
+on the node, and a setup's globals (``data``; ``helper`` comes from a
+computation's ``depends``).
+"""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+_initialized = None
+
+
+# ------------------------------------------------------------ plain results
+
+def identity(x):
+    return x
+
+
+def double(x):
+    return 2 * x
+
+
+def triple(x):
+    return 3 * x
+
+
+def square(x):
+    return x * x
+
+
+def add(a, b=0, *, c=0):
+    return a + b + c
+
+
+def size_of(data):
+    return len(data)
+
+
+def make_bytes(n):
+    return b"x" * n
+
+
+def getpid(_=None):
+    return os.getpid()
+
+
+def nap(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def nap_for(seconds):
+    """Sleep ``seconds``, then return them."""
+    return nap(seconds, seconds)
+
+
+def echo_outputs(n):
+    print(f"stdout of job {n}")
+    print(f"stderr of job {n}", file=sys.stderr)
+    return n
+
+
+# ----------------------------------------------------------------- failures
+
+def fails(n):
+    raise ValueError(f"boom-{n}")
+
+
+def raise_value_error(message):
+    raise ValueError(message)
+
+
+def fail_on(x, bad):
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def fail_on_3(x):
+    return fail_on(x, 3)
+
+
+def raise_timeout_error():
+    raise TimeoutError("raised by the task, not a wait")
+
+
+class Unpicklable:
+    """An object no pickler can serialize (it holds a lock)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+
+def return_unpicklable():
+    return Unpicklable()
+
+
+# ------------------------------------------------------------ worker deaths
+
+def dies(how):
+    """Kill the worker process running this job in one of several ways."""
+    if how == "exit":
+        os._exit(3)
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "segfault":
+        import ctypes
+
+        ctypes.string_at(0)
+    return how
+
+
+def die_or_pid(how):
+    """``dies(how)`` for a truthy ``how``, else the worker's pid."""
+    if how:
+        dies(how)
+    return os.getpid()
+
+
+def die_or_value(x):
+    if x == "die":
+        os._exit(7)
+    return x
+
+
+def exit_worker(code=1):
+    os._exit(code)
+
+
+def kill_worker(_=None):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------- markers and gates
+
+def write_file(path, text):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # the test never sees a half-written file
+
+
+def hold(marker, gate=None, child=False, timeout=60.0):
+    """Write "pid [child-pid]\\ncwd" to ``marker`` (read it with
+    ``helpers.read_marker``), then wait for ``gate`` to exist (forever if
+    None, up to ``timeout`` s); once it does, create ``marker + ".done"``
+    and return the pid."""
+    pids = [str(os.getpid())]
+    if child:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        pids.append(str(proc.pid))
+    write_file(marker, " ".join(pids) + "\n" + os.getcwd())
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if gate is not None and os.path.exists(gate):
+                open(marker + ".done", "w").close()
+                return os.getpid()
+            time.sleep(0.01)
+        raise TimeoutError("the gate was never opened")
+    finally:
+        if child:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------- initializers (Executor, Pool)
+
+def set_initialized(value):
+    global _initialized
+    _initialized = value
+
+
+def get_initialized(_=None):
+    return _initialized
+
+
+def failing_initializer():
+    raise RuntimeError("initializer failed on purpose")
+
+
+# ------------------------------------------ dispy: globals, setup, cleanup
+
+def where(x):
+    return x, dispy_node_name, dispy_node_ip_addr, dispy_job_path, os.getcwd()  # noqa: F821
+
+
+def provisional(n):
+    for i in range(n):
+        dispy_provisional_result(("step", i))  # noqa: F821
+    return ("final", n)
+
+
+def send_back(name, text):
+    with open(name, "w") as f:
+        f.write(text)
+    return dispy_send_file(name)  # noqa: F821
+
+
+def read_file(name):
+    with open(name) as f:
+        return f.read()
+
+
+def read_file_where(name):
+    with open(name) as f:
+        return f.read(), os.getcwd(), dispy_job_path  # noqa: F821
+
+
+def setup_reads(path, marker):
+    global data
+    with open(path) as f:
+        data = f.read().strip()
+    with open(marker, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return 0
+
+
+def uses_setup(x, rendezvous=None):
+    """With ``rendezvous`` (a folder), wait (up to 10 s) until two worker
+    processes have both started a job, so that both are seen to run."""
+    if rendezvous:
+        open(os.path.join(rendezvous, str(os.getpid())), "w").close()
+        deadline = time.monotonic() + 10
+        while len(os.listdir(rendezvous)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return helper(data, x), os.getpid()  # noqa: F821 (setup_reads, depends)
+
+
+def cleanup_writes(path, marker):
+    write_file(marker + ".cleanup", data)  # noqa: F821 (set by setup_reads)
+
+
+def setup_raises():
+    raise RuntimeError("setup broke on purpose")
+
+
+def setup_two(a, b):
+    return 0
+
+
+def counter_setup(marker):
+    with open(marker, "a") as f:
+        f.write("setup\n")
+    return 0
+
+
+def cleanup_marks(marker):
+    write_file(marker, str(os.getpid()))
+
+
+def cleanup_dies(marker):
+    os._exit(7)
