@@ -1,0 +1,111 @@
+"""A joblib backend: ``joblib.Parallel`` (and scikit-learn's ``n_jobs``) on dpool.
+
+Importing this module registers the backend under the name ``"dpool"``::
+
+    import joblib
+    import dpool.joblib                      # registers "dpool"
+
+    with joblib.parallel_backend("dpool"):   # local worker processes
+        joblib.Parallel()(joblib.delayed(f)(x) for x in xs)
+
+    with joblib.parallel_backend("dpool", nodes="hostA:51350,hostB", secret="..."):
+        GridSearchCV(estimator, grid, n_jobs=-1).fit(X, y)   # on the nodes
+
+``nodes`` and ``secret`` are those of :class:`dpool.futures.Executor`
+(default: ``DPOOL_NODES`` and ``DPOOL_SECRET``; no nodes: local processes).
+``n_jobs=-1`` (the default under this backend) means every CPU of the
+cluster.  Each ``Parallel`` call gets its own executor, closed when the call
+ends, so nothing outlives the ``with`` block.
+
+Needs joblib (``pip install 'dpool[ecosystem]'``).
+"""
+import joblib
+from joblib.parallel import AutoBatchingMixin, ParallelBackendBase
+
+from .futures import Executor, total_cpus
+
+__all__ = ["DpoolBackend", "register"]
+
+NAME = "dpool"
+
+
+class DpoolBackend(AutoBatchingMixin, ParallelBackendBase):
+    """joblib's ParallelBackendBase over a :class:`dpool.futures.Executor`."""
+
+    default_n_jobs = -1
+    supports_retrieve_callback = True  # results come through future callbacks
+    supports_timeout = True
+
+    def __init__(self, nodes=None, secret=None, nesting_level=None, **backend_kwargs):
+        super().__init__(nesting_level=nesting_level, **backend_kwargs)
+        self.nodes = nodes
+        self.secret = secret
+        self._executor = None
+        self._workers = None  # local processes asked for (None: all CPUs)
+
+    # ------------------------------------------------------------ sizing
+
+    def effective_n_jobs(self, n_jobs):
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        if n_jobs is None:
+            n_jobs = self.default_n_jobs
+        if n_jobs > 0:
+            return n_jobs
+        return max(self._cluster_cpus() + 1 + n_jobs, 1)  # -1: all, -2: all but one...
+
+    def _cluster_cpus(self):
+        return total_cpus(self._start())
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _start(self):
+        """The executor's client, starting the executor if needed."""
+        if self._executor is None:
+            self._executor = Executor(self._workers, nodes=self.nodes, secret=self.secret)
+        return self._executor._client
+
+    def configure(self, n_jobs=1, parallel=None, prefer=None, require=None, **kwargs):
+        self.parallel = parallel
+        if n_jobs is not None and n_jobs > 0 and self._executor is None and self._local():
+            self._workers = n_jobs  # local: no more processes than asked for
+        return self.effective_n_jobs(n_jobs)
+
+    def _local(self):
+        import os
+        from .futures import NODES_ENV
+        return self.nodes is None and not os.environ.get(NODES_ENV, "").strip()
+
+    def submit(self, func, callback=None):
+        self._start()
+        future = self._executor.submit(func)
+        if callback is not None:
+            future.add_done_callback(callback)
+        return future
+
+    def retrieve_result_callback(self, future):
+        return future.result()
+
+    def terminate(self):
+        """End of a Parallel call: release the workers."""
+        executor, self._executor = self._executor, None
+        self._workers = None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        self.reset_batch_stats()
+
+    def abort_everything(self, ensure_ready=True):
+        """A task failed: cancel what has not run yet (running ones finish)."""
+        if self._executor is not None:
+            for future in self._executor._client.unfinished():
+                future.cancel()
+        if not ensure_ready:
+            self.terminate()
+
+
+def register():
+    """Register the backend as ``"dpool"`` (done on import)."""
+    joblib.register_parallel_backend(NAME, DpoolBackend)
+
+
+register()

@@ -1,0 +1,97 @@
+"""The joblib backend (dpool.joblib): joblib.Parallel and scikit-learn on dpool."""
+import os
+
+import pytest
+
+from helpers_engine import remote_node  # noqa: F401 (fixture)
+
+joblib = pytest.importorskip("joblib")
+import dpool.joblib  # noqa: E402,F401  (registers "dpool")
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def square(x):
+    return x * x
+
+
+def pid_of(_):
+    return os.getpid()
+
+
+def ancestors(_):
+    import psutil
+    return [p.pid for p in psutil.Process().parents()]
+
+
+def boom(x):
+    if x == 3:
+        raise ValueError("boom-3")
+    return x
+
+
+def test_registered_on_import():
+    from joblib.parallel import BACKENDS
+    assert BACKENDS["dpool"] is dpool.joblib.DpoolBackend
+
+
+def test_parallel_runs_in_dpool_workers():
+    with joblib.parallel_backend("dpool", n_jobs=2):
+        out = joblib.Parallel()(joblib.delayed(square)(x) for x in range(20))
+        pids = set(joblib.Parallel()(joblib.delayed(pid_of)(x) for x in range(8)))
+    assert out == [x * x for x in range(20)]
+    assert os.getpid() not in pids
+
+
+def test_n_jobs_minus_one_is_every_cpu():
+    with joblib.parallel_config(backend="dpool", n_jobs=-1):
+        parallel = joblib.Parallel()
+        with parallel:
+            assert parallel._effective_n_jobs() == (os.cpu_count() or 1)
+        assert parallel([joblib.delayed(square)(3)]) == [9]
+
+
+def test_a_task_error_reaches_the_caller_with_its_type():
+    with joblib.parallel_backend("dpool", n_jobs=2):
+        with pytest.raises(ValueError, match="boom-3"):
+            joblib.Parallel()(joblib.delayed(boom)(x) for x in range(10))
+        # the backend keeps working after an error
+        assert joblib.Parallel()(joblib.delayed(square)(x) for x in range(3)) == [0, 1, 4]
+
+
+def test_generator_output():
+    with joblib.parallel_backend("dpool", n_jobs=2):
+        gen = joblib.Parallel(return_as="generator")(joblib.delayed(square)(x) for x in range(5))
+        assert list(gen) == [0, 1, 4, 9, 16]
+
+
+def test_on_a_remote_node(remote_node):  # noqa: F811
+    address = "127.0.0.1:%d" % remote_node.port
+    with joblib.parallel_backend("dpool", nodes=address, secret=remote_node.secret):
+        runs = joblib.Parallel()(joblib.delayed(ancestors)(x) for x in range(6))
+    assert all(remote_node.pid in parents for parents in runs)
+
+
+def test_nodes_from_the_environment(remote_node, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("DPOOL_NODES", "127.0.0.1:%d" % remote_node.port)
+    monkeypatch.setenv("DPOOL_SECRET", remote_node.secret.decode())
+    with joblib.parallel_backend("dpool"):
+        runs = joblib.Parallel()(joblib.delayed(ancestors)(x) for x in range(4))
+    assert all(remote_node.pid in parents for parents in runs)
+
+
+def test_scikit_learn_grid_search():
+    sklearn = pytest.importorskip("sklearn")
+    from sklearn.datasets import make_classification
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.svm import SVC
+
+    X, y = make_classification(n_samples=60, n_features=5, random_state=0)
+    grid = {"C": [0.1, 1.0, 10.0], "kernel": ["linear", "rbf"]}
+    with joblib.parallel_backend("dpool", n_jobs=2):
+        search = GridSearchCV(SVC(), grid, cv=3, n_jobs=-1).fit(X, y)
+    reference = GridSearchCV(SVC(), grid, cv=3, n_jobs=1).fit(X, y)
+    assert search.best_params_ == reference.best_params_
+    assert search.cv_results_["mean_test_score"].tolist() == \
+        reference.cv_results_["mean_test_score"].tolist()
+    assert sklearn.__version__
