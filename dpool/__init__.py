@@ -10,13 +10,14 @@ from .dispy.cluster import (ClusterStatus, DispyJob, DispyNode, DispyNodeAvailIn
                       NodeAllocate)
 from .pool import Pool
 from .dispy.recover import recover_jobs
+from .progressbar import progress
 from .errors import (AuthenticationError, BrokenCluster, ConnectionClosed, DpoolError,
                      JobCancelled, NodeLost, ProtocolError, RemoteError, VersionMismatch,
                      WorkerLost)
 
 __version__ = "0.1.0"
 
-__all__ = ["Pool", "JobCluster", "recover_jobs", "DispyJob", "DispyNode", "DispyNodeAvailInfo", "NodeAllocate",
+__all__ = ["Pool", "JobCluster", "recover_jobs", "progress", "DispyJob", "DispyNode", "DispyNodeAvailInfo", "NodeAllocate",
            "ClusterStatus", "DpoolError", "AuthenticationError",
            "BrokenCluster", "ConnectionClosed", "JobCancelled", "NodeLost", "ProtocolError",
            "RemoteError", "VersionMismatch", "WorkerLost"]

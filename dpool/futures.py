@@ -26,6 +26,7 @@ import time
 
 from . import config
 from .core.client import Client
+from .progressbar import make_bar, track
 
 __all__ = ["Executor"]
 
@@ -139,27 +140,33 @@ class Executor(_cf.Executor):
 
     submit.__doc__ = _cf.Executor.submit.__doc__
 
-    def map(self, fn, *iterables, timeout=None, chunksize=1):
+    def map(self, fn, *iterables, timeout=None, chunksize=1, progress=False):
         """Like :func:`map`, run on the workers; results come back lazily
         and in order.  Each chunk of ``chunksize`` calls is one job (one
         message each way).  ``timeout`` counts from this call: a result not
         ready by then raises ``TimeoutError`` from the iterator.
+        ``progress=True`` (dpool's own) shows a tqdm bar of finished calls.
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
         submit = self._client.submit
-        futures = []
+        bar = make_bar(progress)  # (a bad option fails before anything is submitted)
+        futures, sizes = [], []
         with self._shutdown_lock:
             if self._shutdown_thread:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             try:
                 for chunk in _batched(zip(*iterables), chunksize):
                     futures.append(submit(fn, chunk, star=True).future)
+                    sizes.append(len(chunk))
             except BaseException:
                 for future in futures:
                     future.cancel()
+                if bar is not None:
+                    bar.close()
                 raise
+        track(bar, futures, sizes)
         return _chained_results(futures, end_time)
 
     def shutdown(self, wait=True, *, cancel_futures=False):

@@ -33,6 +33,7 @@ import weakref
 
 from . import protocol as P
 from .futures import check_initializer, start_client, total_cpus
+from .progressbar import make_bar, track
 
 __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
            "IMapUnorderedIterator"]
@@ -116,21 +117,28 @@ class Pool:
         future.add_done_callback(result._from_future)
         return result
 
-    def map(self, func, iterable, chunksize=None):
-        """``list(map(func, iterable))``, in chunks of ``chunksize`` items."""
-        return self._map_async(func, iterable, chunksize, False).get()
+    def map(self, func, iterable, chunksize=None, *, progress=False):
+        """``list(map(func, iterable))``, in chunks of ``chunksize`` items.
+        ``progress=True`` (dpool's own, as on the other maps) shows a tqdm
+        bar of finished items."""
+        return self._map_async(func, iterable, chunksize, False, progress=progress).get()
 
-    def starmap(self, func, iterable, chunksize=None):
+    def starmap(self, func, iterable, chunksize=None, *, progress=False):
         """Like :meth:`map`, but each item is an argument tuple."""
-        return self._map_async(func, iterable, chunksize, True).get()
+        return self._map_async(func, iterable, chunksize, True, progress=progress).get()
 
-    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
-        return self._map_async(func, iterable, chunksize, False, callback, error_callback)
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
+                  progress=False):
+        return self._map_async(func, iterable, chunksize, False, callback, error_callback,
+                               progress)
 
-    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
-        return self._map_async(func, iterable, chunksize, True, callback, error_callback)
+    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None,
+                      *, progress=False):
+        return self._map_async(func, iterable, chunksize, True, callback, error_callback,
+                               progress)
 
-    def _map_async(self, func, iterable, chunksize, star, callback=None, error_callback=None):
+    def _map_async(self, func, iterable, chunksize, star, callback=None, error_callback=None,
+                   progress=False):
         self._check_running()
         if not hasattr(iterable, "__len__"):
             iterable = list(iterable)
@@ -140,31 +148,40 @@ class Pool:
                 chunksize += 1
         elif chunksize < 1 and len(iterable):
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
-        futures = []
+        bar = make_bar(progress, len(iterable))
+        futures, sizes = [], []
         try:
             for items in _slices(iterable, chunksize) if len(iterable) else ():
                 futures.append(self._submit_items(func, items, star))
+                sizes.append(len(items))
         except BaseException:
             for future in futures:
                 future.cancel()
+            if bar is not None:
+                bar.close()
             raise
+        track(bar, futures, sizes)
         return MapResult(self._runner(callback, error_callback), futures, callback, error_callback)
 
-    def imap(self, func, iterable, chunksize=1):
+    def imap(self, func, iterable, chunksize=1, *, progress=False):
         """Lazy, ordered :meth:`map`: an iterator whose ``next(timeout)``
-        raises ``multiprocessing.TimeoutError`` when a result is late."""
-        return self._imap(func, iterable, chunksize, True)
+        raises ``multiprocessing.TimeoutError`` when a result is late.
+        ``progress=True`` shows a tqdm bar of the results taken (its total
+        is ``len(iterable)`` when the iterable has one)."""
+        return self._imap(func, iterable, chunksize, True, progress)
 
-    def imap_unordered(self, func, iterable, chunksize=1):
+    def imap_unordered(self, func, iterable, chunksize=1, *, progress=False):
         """Like :meth:`imap`, but results come in the order they finish."""
-        return self._imap(func, iterable, chunksize, False)
+        return self._imap(func, iterable, chunksize, False, progress)
 
-    def _imap(self, func, iterable, chunksize, ordered):
+    def _imap(self, func, iterable, chunksize, ordered, progress=False):
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
+        total = len(iterable) if hasattr(iterable, "__len__") else None
         iterator = (IMapIterator if ordered else IMapUnorderedIterator)(
-            self, func, iterable, chunksize, max(64, 8 * self._processes))
+            self, func, iterable, chunksize, max(64, 8 * self._processes),
+            make_bar(progress, total))
         self._feeders.add(iterator)
         return iterator
 
@@ -387,8 +404,9 @@ class IMapIterator:
     iteration can go on after it, as in ``multiprocessing``.
     """
 
-    def __init__(self, pool, func, iterable, chunksize, window):
+    def __init__(self, pool, func, iterable, chunksize, window, bar=None):
         self._pool = pool
+        self._bar = bar
         self._func = func
         self._chunks = _batched(iter(iterable), chunksize)
         self._window = window
@@ -404,11 +422,18 @@ class IMapIterator:
     def next(self, timeout=None):
         with self._lock:
             while not self._items:
-                future = self._next_done(timeout)
+                try:
+                    future = self._next_done(timeout)
+                except StopIteration:
+                    if self._bar is not None:
+                        self._bar.close()
+                    raise
                 error = _error_of(future)
                 if error is not None:
                     raise error
                 self._items.extend(future.result())
+            if self._bar is not None:
+                self._bar.update(1)
             return self._items.popleft()
 
     __next__ = next
