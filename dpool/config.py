@@ -11,6 +11,8 @@ Ports (TCP, all on the same numbers as documented in the README):
 import os
 import stat
 
+from .hosts import is_loopback
+
 NODE_PORT = 51350
 SCHEDULER_PORT = 51351
 RELAY_PORT = 51352
@@ -84,8 +86,6 @@ def secret_for(secret, addresses):
     The one given (str or bytes), else ``DPOOL_SECRET``, else, when every
     node is on this host, the secret such nodes leave in ``dpool_home()``.
     """
-    from .transport.netaddr import is_loopback
-
     secret = as_secret(secret) or env_secret()
     if secret:
         return secret

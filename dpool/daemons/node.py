@@ -17,8 +17,8 @@ import signal
 import sys
 
 from .. import config
+from ..hosts import is_loopback
 from ..node.server import NodeServer
-from ..transport import netaddr
 
 log = logging.getLogger("dpool.node")
 
@@ -61,7 +61,7 @@ def load_secret(args):
     secret = config.env_secret()
     if secret:
         return secret, None
-    if netaddr.is_loopback(args.host):
+    if is_loopback(args.host):
         return None, None  # made once we know the port
     if args.cafile and args.certfile:
         return b"", None  # mutual TLS authenticates the clients

@@ -11,7 +11,8 @@ import sys
 import cloudpickle
 
 from .. import config
-from ..transport import PROTOCOL_VERSION, netaddr, server_ssl_context, start_server
+from ..hosts import is_loopback
+from ..transport import PROTOCOL_VERSION, server_ssl_context, start_server
 from .runtime import NodeRuntime
 
 log = logging.getLogger("dpool.node")
@@ -42,7 +43,7 @@ class NodeServer:
     async def start(self):
         local_secret = self.secret is None
         if local_secret:
-            if not netaddr.is_loopback(self.host):
+            if not is_loopback(self.host):
                 raise ValueError(f"a node listening on {self.host} needs a secret")
             self.secret = (config.find_local_secret(self.port) if self.port else None) \
                 or secrets.token_hex(32).encode()

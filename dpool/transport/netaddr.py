@@ -1,4 +1,7 @@
-"""Network interface addresses (for broadcast discovery) and loopback checks."""
+"""Network interface addresses (for broadcast discovery).
+
+The loopback check is in :mod:`dpool.hosts` (the bottom layer: the config
+uses it too)."""
 from __future__ import annotations
 
 import ipaddress
@@ -6,7 +9,7 @@ import socket
 
 import psutil
 
-__all__ = ["interface_addresses", "is_loopback"]
+__all__ = ["interface_addresses"]
 
 
 def interface_addresses() -> list[tuple[str, str, str | None, str | None]]:
@@ -27,30 +30,3 @@ def interface_addresses() -> list[tuple[str, str, str | None, str | None]]:
                     broadcast = str(net.broadcast_address)
             result.append((name, addr.address, addr.netmask, broadcast))
     return result
-
-
-def _ip_is_loopback(text: str) -> bool:
-    ip = ipaddress.ip_address(text.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
-def is_loopback(host) -> bool:
-    """True if ``host`` (an address or a name) only means this machine's loopback.
-
-    Names are resolved; a name is loopback when all its addresses are.
-    ``''``, ``'0.0.0.0'`` and ``'::'`` (all interfaces) are not loopback.
-    """
-    if not host:
-        return False
-    host = str(host).strip("[]")
-    try:
-        return _ip_is_loopback(host)
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        return False
-    return bool(infos) and all(_ip_is_loopback(info[4][0]) for info in infos)

@@ -5,6 +5,7 @@ import re
 import pytest
 
 import dpool.transport
+from dpool.hosts import is_loopback
 from dpool.transport import netaddr
 
 
@@ -23,7 +24,7 @@ def test_interface_addresses_include_loopback():
     ("10.1.2.3", False), ("192.0.2.1", False), ("no-such-host.invalid", False),
 ])
 def test_is_loopback(host, expected):
-    assert netaddr.is_loopback(host) is expected
+    assert is_loopback(host) is expected
 
 
 def test_no_pickle_in_the_transport():
