@@ -7,7 +7,8 @@ Bottom to top (a module may import its own layer and the ones below)::
     protocol, serialize
     node
     core
-    futures, pool, _adapters, dispy      (the APIs)
+    futures, pool, _adapters, dispy,     (the APIs, what they share,
+    progressbar, joblib                   and what builds on them)
     daemons
     dpool/__init__.py
 
@@ -30,7 +31,8 @@ LAYERS = [
     ("dpool.protocol", "dpool.serialize"),
     ("dpool.node",),
     ("dpool.core",),
-    ("dpool.futures", "dpool.pool", "dpool._adapters", "dpool.dispy"),
+    ("dpool.futures", "dpool.pool", "dpool._adapters", "dpool.dispy", "dpool.progressbar",
+     "dpool.joblib"),
     ("dpool.daemons",),
     ("dpool",),
 ]
