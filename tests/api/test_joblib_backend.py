@@ -3,8 +3,6 @@ import os
 
 import pytest
 
-from helpers_engine import remote_node  # noqa: F401 (fixture)
-
 joblib = pytest.importorskip("joblib")
 import dpool.joblib  # noqa: E402,F401  (registers "dpool")
 
@@ -65,14 +63,14 @@ def test_generator_output():
         assert list(gen) == [0, 1, 4, 9, 16]
 
 
-def test_on_a_remote_node(remote_node):  # noqa: F811
+def test_on_a_remote_node(remote_node):
     address = "127.0.0.1:%d" % remote_node.port
     with joblib.parallel_backend("dpool", nodes=address, secret=remote_node.secret):
         runs = joblib.Parallel()(joblib.delayed(ancestors)(x) for x in range(6))
     assert all(remote_node.pid in parents for parents in runs)
 
 
-def test_nodes_from_the_environment(remote_node, monkeypatch):  # noqa: F811
+def test_nodes_from_the_environment(remote_node, monkeypatch):
     monkeypatch.setenv("DPOOL_NODES", "127.0.0.1:%d" % remote_node.port)
     monkeypatch.setenv("DPOOL_SECRET", remote_node.secret.decode())
     with joblib.parallel_backend("dpool"):

@@ -7,7 +7,7 @@ import pytest
 
 import dpool
 from dpool.futures import Executor
-from helpers_engine import double, nap
+from tasks import double, nap
 
 tqdm = pytest.importorskip("tqdm")
 pytestmark = pytest.mark.timeout(60)
