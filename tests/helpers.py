@@ -173,11 +173,37 @@ def recv_until_closed(sock, timeout=10.0):
         data += chunk
 
 
+class SealedSocket:
+    """A blocking socket past the handshake: ``sendall`` seals the bytes into
+    records (as a real peer would), ``recv`` returns the raw stream."""
+
+    def __init__(self, sock, keys):
+        from dpool.transport.records import Sealer
+        self.sock = sock
+        self.keys = keys
+        self.sealer = Sealer(keys.send)
+
+    def sendall(self, data):
+        import collections
+        for piece in self.sealer.seal_all(collections.deque([bytes(data)])):
+            self.sock.sendall(piece)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.sock.close()
+
+
 def authenticated_socket(port, secret, timeout=5.0):
-    """A blocking socket that has passed the handshake (steps 1-7 of
+    """A :class:`SealedSocket` that has passed the handshake (steps 1-8 of
     :mod:`dpool.transport.auth`) with a node, using its pure functions."""
     from dpool.transport import PROTOCOL_VERSION, auth
     from dpool.transport.frames import FrameDecoder, encode
+    from dpool.transport.records import SecureDecoder
 
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
@@ -189,13 +215,18 @@ def authenticated_socket(port, secret, timeout=5.0):
                     raise ConnectionError("closed during the handshake")
                 data += chunk
             return data
-        nonce_s, nonce_c, response = auth.answer_challenge(secret, read(auth.CHALLENGE_SIZE))
-        sock.sendall(response)
+        challenge = auth.parse_challenge(read(auth.CHALLENGE_SIZE))
+        reply = auth.make_reply()
+        sock.sendall(reply)
+        transcript = challenge.raw + reply
+        key = auth.stretch(secret, challenge.salt)
+        auth.check_proof(key, b"S", transcript, read(auth.PROOF_SIZE))
+        sock.sendall(auth.prove(key, b"C", transcript))
         auth.check_status(read(1))
-        auth.verify_proof(secret, nonce_s, nonce_c, read(auth.PROOF_SIZE))
-        sock.sendall(b"".join(encode([auth.encode_hello({"protocol": PROTOCOL_VERSION,
-                                                          "role": "client"})])))
-        decoder = FrameDecoder()
+        sealed = SealedSocket(sock, auth.derive_keys(key, transcript, server=False))
+        sealed.sendall(b"".join(encode([auth.encode_hello({"protocol": PROTOCOL_VERSION,
+                                                            "role": "client"})])))
+        decoder = SecureDecoder(FrameDecoder(), sealed.keys.recv)
         messages = []
         while not messages:
             chunk = sock.recv(65536)
@@ -204,7 +235,7 @@ def authenticated_socket(port, secret, timeout=5.0):
             messages = decoder.feed(chunk)
         hello = auth.decode_hello(messages[0], "node")
         assert hello["role"] == "node"
-        return sock
+        return sealed
     except BaseException:
         sock.close()
         raise

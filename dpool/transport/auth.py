@@ -3,62 +3,99 @@
 Both sides know a shared ``secret`` (bytes).  Nothing but the fixed-format
 messages below is read before authentication; each is at most 256 bytes, and
 the whole exchange (authentication and hello) runs under one deadline.
-Digests are HMAC-SHA256 and compared with :func:`hmac.compare_digest`.
 
-Authentication, the server challenges first::
+The secret is never used directly: each side stretches it with
+``hashlib.scrypt`` (N=2**14, r=8, p=1: about 50 ms and 16 MiB per guess) under
+a random salt the server draws once per process and sends in its challenge;
+the stretched key is cached per (secret, salt) in the process, so only the
+first connection to a node pays for it.  Digests are HMAC-SHA256 under the
+stretched key, compared with :func:`hmac.compare_digest`.
 
-    1. server -> client   MAGIC (8 bytes) + nonce_s (32 bytes from os.urandom)
-    2. client: checks MAGIC (else ProtocolError), draws nonce_c, then
-       client -> server   MAGIC + nonce_c + HMAC(secret, b"C" + nonce_s + nonce_c)
-    3. server: checks MAGIC (else ProtocolError) and the client's digest.
-       Wrong digest:      server -> client  FAIL (1 byte), server closes the
-                          connection and raises AuthenticationError.
-       Right digest:      server -> client  OK (1 byte) + HMAC(secret, b"S" + nonce_c + nonce_s)
-    4. client: reads the status byte (FAIL -> AuthenticationError), then checks
-       the server's digest (mismatch -> AuthenticationError).  A client thus
-       never sends anything else to a peer that does not know the secret.
+Authentication, the server proves first::
 
-The b"C"/b"S" prefixes and the nonce order make each side's proof useless as
-the other side's, so a proof can't be reflected back.  End of stream during
-these steps is an AuthenticationError; the deadline expiring a TimeoutError.
+    1. server -> client  MAGIC (8) + flags (1) + salt (16) + nonce_s (32)
+    2. client -> server  MAGIC (8) + nonce_c (32)
+    3. server -> client  HMAC(key, b"S" + transcript)          (32)
+    4. client: checks the server's proof (mismatch -> AuthenticationError,
+       and the client closes having sent nothing that depends on the secret);
+       client -> server  HMAC(key, b"C" + transcript)          (32)
+    5. server: checks the client's proof.
+       Wrong:  server -> client  FAIL (1 byte), closes, raises AuthenticationError.
+       Right:  server -> client  OK (1 byte)
+
+``transcript`` is message 1 + message 2, so the flags and the salt are
+covered by both proofs: a man in the middle who changes them fails the
+handshake.  The b"C"/b"S" prefixes make each side's proof useless as the
+other's.
+
+Why the server proves first: a client connects to whatever address it was
+given (a host name, an announcement), so a rogue listener is the easy attack;
+it learns only ``nonce_c`` and can't prove anything, so it gets nothing it can
+test guesses against.  A rogue *client* does get the server's proof, but only
+by connecting to a real node (which counts and logs such connections), and
+testing each guess offline costs a full scrypt (~50 ms, 16 MiB), under a salt
+that is different for each node.
+
+Message protection: flag bit 0 (``PROTECT``) says every message after the
+handshake travels in AES-256-GCM records (see :mod:`dpool.transport.records`)
+under per-connection keys: HKDF-SHA256 of the stretched key over the
+transcript, one key per direction, the record's sequence number as the
+nonce.  The server sets it on every connection without TLS; under TLS the
+records are left out (TLS protects the messages).  A client without TLS
+refuses a server that does not set it.
 
 Hello, framed messages from here on (see :mod:`dpool.transport.frames`)::
 
-    5. client -> server   one message, one frame: a JSON object (the client's hello)
-    6. server -> client   one message, one frame: a JSON object (the server's hello)
-    7. each side compares the peer's ``"protocol"`` with its own; on a
+    6. client -> server   one message, one frame: a JSON object (the client's hello)
+    7. server -> client   one message, one frame: a JSON object (the server's hello)
+    8. each side compares the peer's ``"protocol"`` with its own; on a
        difference both raise VersionMismatch naming both versions (the server
        sends its hello first, so the client learns the server's version).
 
-The client speaks first in the hello so that, during steps 1-4, neither side
-ever has more than one fixed-size pre-auth message in flight towards it.
 A hello is JSON only, never pickle; it must hold ``"protocol"`` (an int), the
 caller adds anything else (Python and cloudpickle versions, cpus, name...).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
+import logging
 import os
+import warnings
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dpool.errors import AuthenticationError, ConnectionClosed, ProtocolError, VersionMismatch
 
+log = logging.getLogger("dpool.transport")
+
 PROTOCOL_VERSION = 1
 
-MAGIC = b"DPOOL\x00\x01\x00"
+MAGIC = b"DPOOL\x00\x02\x00"
 NONCE_SIZE = 32
+SALT_SIZE = 16
 DIGEST_SIZE = 32
+KEY_SIZE = 32
 OK = b"\x00"
 FAIL = b"\x01"
-CHALLENGE_SIZE = len(MAGIC) + NONCE_SIZE                 # step 1
-RESPONSE_SIZE = len(MAGIC) + NONCE_SIZE + DIGEST_SIZE    # step 2
-PROOF_SIZE = DIGEST_SIZE                                 # step 3, after OK
+PROTECT = 0x01
+CHALLENGE_SIZE = len(MAGIC) + 1 + SALT_SIZE + NONCE_SIZE     # step 1
+REPLY_SIZE = len(MAGIC) + NONCE_SIZE                         # step 2
+PROOF_SIZE = DIGEST_SIZE                                     # steps 3 and 4
 PREAUTH_MAX = 256
+#: Secrets shorter than this are warned about (they can be guessed).
+SHORT_SECRET = 16
+SCRYPT = {"n": 2**14, "r": 8, "p": 1, "maxmem": 64 * 2**20, "dklen": KEY_SIZE}
+#: One salt per process: every server of this process sends it.
+PROCESS_SALT = os.urandom(SALT_SIZE)
 
 
-def _digest(secret, data):
-    return hmac.new(secret, data, hashlib.sha256).digest()
+class WeakSecretWarning(UserWarning):
+    """The shared secret is short enough to be guessed."""
 
 
 def check_secret(secret):
@@ -66,6 +103,17 @@ def check_secret(secret):
     if not isinstance(secret, (bytes, bytearray, memoryview)):
         raise TypeError(f"secret must be bytes, not {type(secret).__name__}")
     return bytes(secret)
+
+
+@functools.lru_cache(maxsize=64)
+def stretch(secret: bytes, salt: bytes) -> bytes:
+    """The secret stretched with scrypt under ``salt`` (cached per process)."""
+    if 0 < len(secret) < SHORT_SECRET:
+        warnings.warn(f"the shared secret is only {len(secret)} bytes long and can be "
+                      f"guessed: use at least {SHORT_SECRET} random bytes (e.g. "
+                      f"`python -c 'import secrets; print(secrets.token_hex(32))'`)",
+                      WeakSecretWarning, stacklevel=2)
+    return hashlib.scrypt(secret, salt=salt, **SCRYPT)
 
 
 def _check_magic(msg, what):
@@ -77,50 +125,81 @@ def _check_magic(msg, what):
 
 # -- pure steps --------------------------------------------------------------
 
-def make_challenge() -> tuple[bytes, bytes]:
-    """Step 1 (server): return ``(nonce_s, message)``."""
-    nonce_s = os.urandom(NONCE_SIZE)
-    return nonce_s, MAGIC + nonce_s
+@dataclass(frozen=True)
+class Challenge:
+    """Step 1 as the client reads it."""
+
+    raw: bytes
+    flags: int
+    salt: bytes
+
+    @property
+    def protect(self) -> bool:
+        return bool(self.flags & PROTECT)
 
 
-def answer_challenge(secret: bytes, challenge: bytes) -> tuple[bytes, bytes, bytes]:
-    """Step 2 (client): return ``(nonce_s, nonce_c, message)``."""
-    if len(challenge) != CHALLENGE_SIZE:
-        raise ProtocolError(f"challenge is {len(challenge)} bytes, expected {CHALLENGE_SIZE}")
-    _check_magic(challenge, "challenge")
-    nonce_s = bytes(challenge[len(MAGIC):])
-    nonce_c = os.urandom(NONCE_SIZE)
-    return nonce_s, nonce_c, MAGIC + nonce_c + _digest(secret, b"C" + nonce_s + nonce_c)
+@dataclass(frozen=True)
+class Keys:
+    """Per-connection record keys, one for each direction."""
+
+    send: bytes
+    recv: bytes
 
 
-def verify_response(secret: bytes, nonce_s: bytes, response: bytes) -> bytes:
-    """Step 3 (server): check the client's response; return the reply to send.
+def make_challenge(salt: bytes = PROCESS_SALT, protect: bool = True) -> bytes:
+    """Step 1 (server): the challenge message (it holds a fresh nonce)."""
+    flags = PROTECT if protect else 0
+    return MAGIC + bytes([flags]) + salt + os.urandom(NONCE_SIZE)
 
-    Raises AuthenticationError on a wrong digest (the caller then sends
-    ``FAIL`` and closes), ProtocolError on a malformed message.
-    """
-    if len(response) != RESPONSE_SIZE:
-        raise ProtocolError(f"response is {len(response)} bytes, expected {RESPONSE_SIZE}")
-    _check_magic(response, "response")
-    nonce_c = bytes(response[len(MAGIC):len(MAGIC) + NONCE_SIZE])
-    got = bytes(response[len(MAGIC) + NONCE_SIZE:])
-    if not hmac.compare_digest(got, _digest(secret, b"C" + nonce_s + nonce_c)):
-        raise AuthenticationError("client failed authentication (wrong secret?)")
-    return OK + _digest(secret, b"S" + nonce_c + nonce_s)
+
+def parse_challenge(msg: bytes) -> Challenge:
+    """Step 1 (client)."""
+    if len(msg) != CHALLENGE_SIZE:
+        raise ProtocolError(f"challenge is {len(msg)} bytes, expected {CHALLENGE_SIZE}")
+    _check_magic(msg, "challenge")
+    start = len(MAGIC) + 1
+    return Challenge(bytes(msg), msg[len(MAGIC)], bytes(msg[start:start + SALT_SIZE]))
+
+
+def make_reply() -> bytes:
+    """Step 2 (client): the client's nonce."""
+    return MAGIC + os.urandom(NONCE_SIZE)
+
+
+def check_reply(msg: bytes) -> None:
+    """Step 2 (server)."""
+    if len(msg) != REPLY_SIZE:
+        raise ProtocolError(f"reply is {len(msg)} bytes, expected {REPLY_SIZE}")
+    _check_magic(msg, "reply")
+
+
+def prove(key: bytes, side: bytes, transcript: bytes) -> bytes:
+    """Steps 3 (``side=b"S"``) and 4 (``side=b"C"``)."""
+    return hmac.new(key, side + transcript, hashlib.sha256).digest()
+
+
+def check_proof(key: bytes, side: bytes, transcript: bytes, proof: bytes) -> None:
+    """Steps 4 and 5: raise AuthenticationError unless ``proof`` is right."""
+    if not hmac.compare_digest(bytes(proof), prove(key, side, transcript)):
+        who = "node" if side == b"S" else "client"
+        raise AuthenticationError(f"{who} failed authentication: it did not prove it knows "
+                                  f"the secret (wrong secret?)")
 
 
 def check_status(status: bytes) -> None:
-    """Step 4a (client): the server's status byte."""
+    """Step 5 (client): the server's status byte."""
     if status == FAIL:
         raise AuthenticationError("server rejected our authentication (wrong secret?)")
     if status != OK:
         raise ProtocolError(f"bad authentication status byte {bytes(status)!r}")
 
 
-def verify_proof(secret: bytes, nonce_s: bytes, nonce_c: bytes, proof: bytes) -> None:
-    """Step 4b (client): check the server's proof of the secret."""
-    if not hmac.compare_digest(bytes(proof), _digest(secret, b"S" + nonce_c + nonce_s)):
-        raise AuthenticationError("server failed authentication (wrong secret?)")
+def derive_keys(key: bytes, transcript: bytes, *, server: bool) -> Keys:
+    """Per-connection record keys from the stretched key and both nonces."""
+    okm = HKDF(hashes.SHA256(), 2 * KEY_SIZE, salt=hashlib.sha256(transcript).digest(),
+               info=b"dpool records v1").derive(key)
+    to_server, to_client = okm[:KEY_SIZE], okm[KEY_SIZE:]
+    return Keys(to_client, to_server) if server else Keys(to_server, to_client)
 
 
 def encode_hello(hello: dict) -> bytes:
@@ -128,7 +207,7 @@ def encode_hello(hello: dict) -> bytes:
 
 
 def decode_hello(frames, peer: str) -> dict:
-    """Steps 5/6: the peer's hello message as a dict."""
+    """Steps 6/7: the peer's hello message as a dict."""
     if len(frames) != 1:
         raise ProtocolError(f"hello from {peer} has {len(frames)} frames, expected 1")
     try:
@@ -144,7 +223,7 @@ def decode_hello(frames, peer: str) -> dict:
 
 
 def check_versions(ours: int, theirs: int, peer: str) -> None:
-    """Step 7."""
+    """Step 8."""
     if ours != theirs:
         raise VersionMismatch(f"protocol version mismatch: this side speaks {ours}, "
                               f"peer at {peer} speaks {theirs}")
@@ -169,30 +248,42 @@ async def _read(conn, n):
             f"{conn.peer} closed the connection during authentication") from exc
 
 
-async def server_handshake(conn, secret: bytes, hello) -> dict:
-    """Steps 1-7 for the server side; sets and returns ``conn.hello``."""
-    nonce_s, challenge = make_challenge()
+async def server_handshake(conn, secret: bytes, hello, *, protect: bool = True) -> dict:
+    """Steps 1-8 for the server side; sets and returns ``conn.hello``."""
+    key = stretch(secret, PROCESS_SALT)
+    challenge = make_challenge(PROCESS_SALT, protect)
     conn._write_raw(challenge)
-    response = await _read(conn, RESPONSE_SIZE)
+    reply = await _read(conn, REPLY_SIZE)
+    check_reply(reply)
+    transcript = challenge + reply
+    conn._write_raw(prove(key, b"S", transcript))
+    proof = await _read(conn, PROOF_SIZE)
     try:
-        reply = verify_response(secret, nonce_s, response)
+        check_proof(key, b"C", transcript, proof)
     except AuthenticationError:
         conn._write_raw(FAIL)
         conn.close()
         raise
-    conn._write_raw(reply)
-    conn._start_framing()
+    conn._write_raw(OK)
+    conn._start_framing(derive_keys(key, transcript, server=True) if protect else None)
     return await _exchange_hello(conn, own_hello(hello), client=False)
 
 
-async def client_handshake(conn, secret: bytes, hello) -> dict:
-    """Steps 1-7 for the client side; sets and returns ``conn.hello``."""
-    challenge = await _read(conn, CHALLENGE_SIZE)
-    nonce_s, nonce_c, response = answer_challenge(secret, challenge)
-    conn._write_raw(response)
+async def client_handshake(conn, secret: bytes, hello, *, tls: bool = False) -> dict:
+    """Steps 1-8 for the client side; sets and returns ``conn.hello``."""
+    challenge = parse_challenge(await _read(conn, CHALLENGE_SIZE))
+    if not (challenge.protect or tls):
+        raise ProtocolError(f"{conn.peer} offers no message protection on a connection "
+                            f"without TLS; refusing it")
+    reply = make_reply()
+    conn._write_raw(reply)
+    transcript = challenge.raw + reply
+    key = stretch(secret, challenge.salt)
+    check_proof(key, b"S", transcript, await _read(conn, PROOF_SIZE))
+    conn._write_raw(prove(key, b"C", transcript))
     check_status(await _read(conn, 1))
-    verify_proof(secret, nonce_s, nonce_c, await _read(conn, PROOF_SIZE))
-    conn._start_framing()
+    conn._start_framing(derive_keys(key, transcript, server=False)
+                        if challenge.protect else None)
     return await _exchange_hello(conn, own_hello(hello), client=True)
 
 

@@ -25,6 +25,7 @@ from dpool.errors import ConnectionClosed, ProtocolError
 
 from .auth import PREAUTH_MAX
 from .frames import FrameDecoder, Limits, _nbytes, encode
+from .records import Sealer, SecureDecoder
 
 log = logging.getLogger("dpool.transport")
 
@@ -304,8 +305,13 @@ class Connection:
             raise self._closed_error()
         self._stream.write([data])
 
-    def _start_framing(self) -> None:
+    def _start_framing(self, keys=None) -> None:
+        """Leave pre-auth mode; with ``keys`` (auth.Keys) every byte from now
+        on travels in AEAD records (records.py)."""
         self._decoder = FrameDecoder(self._limits)
+        if keys is not None:
+            self._decoder = SecureDecoder(self._decoder, keys.recv)
+            self._stream.set_sealer(Sealer(keys.send))
         self._preauth = False
         leftover, self._hs_buf = bytes(self._hs_buf), bytearray()
         if leftover:

@@ -8,7 +8,10 @@ connection (``_get_buffer``, ``_buffer_updated``, ``_pause_writing``,
 ``add_reader``/``add_writer``: ``recv_into`` straight into the decoder's
 buffer, and ``sendmsg`` of the queued parts, which are kept by reference, so a
 large frame is never copied (asyncio's own socket transport on Python 3.11
-joins ``writelines`` and copies unsent data into its buffer).
+joins ``writelines`` and copies unsent data into its buffer).  With a sealer
+(records.py), written parts wait as plaintext and are sealed into records
+only as the socket takes them (``SEAL_AHEAD`` bytes ahead at most), so a
+large frame is never held twice.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import asyncio
 import collections
 import os
 import socket
+
+from .records import RECORD_DATA, TAG, take
 
 try:
     IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
@@ -25,6 +30,7 @@ except (AttributeError, ValueError, OSError):
 CLOSE_TIMEOUT = 10.0  # seconds a graceful close waits for unsent data to go out
 HIGH_WATER = 4 * 2**20
 LOW_WATER = 1 * 2**20
+SEAL_AHEAD = 1 * 2**20
 
 
 def set_tcp_options(sock) -> None:
@@ -55,8 +61,11 @@ class SocketStream:
         self._sock = sock
         self._fd = sock.fileno()
         self._conn = conn
-        self._out = collections.deque()
-        self._out_bytes = 0
+        self._out = collections.deque()     # wire bytes ready to send
+        self._out_bytes = 0                 # bytes not yet sent (plain or sealed)
+        self._plain = collections.deque()   # with a sealer: parts not yet sealed
+        self._sealed_bytes = 0              # with a sealer: bytes in _out
+        self._sealer = None
         self._paused = False
         self._closing = False
         self._done = False
@@ -91,13 +100,18 @@ class SocketStream:
         else:
             self._finish(None)
 
+    def set_sealer(self, sealer) -> None:
+        """Seal everything written from now on (records.Sealer)."""
+        self._sealer = sealer
+
     def write(self, parts) -> None:
         # Writes are corked until the end of this loop iteration: every
         # message sent meanwhile goes out in one sendmsg (one syscall for a
-        # whole batch of small messages instead of one each).
+        # whole batch of small messages instead of one each; with a sealer,
+        # one record for all of them).
         if self._closing:
             return
-        self._out.extend(parts)
+        (self._out if self._sealer is None else self._plain).extend(parts)
         self._out_bytes += sum(map(len, parts))
         if not self._flush_pending and not self._writer_on:
             self._flush_pending = True
@@ -111,23 +125,39 @@ class SocketStream:
 
     def _flush(self):
         self._flush_pending = False
-        if self._done or not self._out:
+        if self._done or not (self._out or self._plain):
             return
         self._write_ready()
         if self._out and not self._done and not self._writer_on:
             self._writer_on = True
             self._loop.add_writer(self._fd, self._write_ready)
 
+    def _seal_more(self) -> None:
+        """Seal queued plaintext into ``_out`` until SEAL_AHEAD bytes wait there."""
+        plain, out, sealer = self._plain, self._out, self._sealer
+        while plain and self._sealed_bytes < SEAL_AHEAD:
+            head, body = sealer.seal(take(plain, RECORD_DATA))
+            out.append(head)
+            out.append(body)
+            size = len(head) + len(body)
+            self._sealed_bytes += size
+            self._out_bytes += size - (len(body) - TAG)
+
     def _write_ready(self):
         out = self._out
         try:
-            while out:
+            while True:
+                if self._plain:
+                    self._seal_more()
+                if not out:
+                    break
                 if len(out) == 1:
                     sent = self._sock.send(out[0])
                 else:
                     sent = self._sock.sendmsg([out[i] for i in range(min(len(out), IOV_MAX))])
                 advance(out, sent)
                 self._out_bytes -= sent
+                self._sealed_bytes -= sent
                 self._conn.bytes_sent += sent
                 if not sent or len(out) < IOV_MAX and out:
                     break  # the kernel buffer is full: wait for writability
@@ -139,7 +169,7 @@ class SocketStream:
         if self._paused and self._out_bytes <= LOW_WATER:
             self._paused = False
             self._conn._resume_writing()
-        if not out:
+        if not out and not self._plain:
             if self._writer_on:
                 self._writer_on = False
                 self._loop.remove_writer(self._fd)
@@ -152,7 +182,7 @@ class SocketStream:
             return
         self._closing = True
         self._loop.remove_reader(self._fd)
-        if not self._out:
+        if not (self._out or self._plain):
             self._loop.call_soon(self._finish, None)
         else:  # a peer that stopped reading must not hold the socket forever
             self._loop.call_later(CLOSE_TIMEOUT, self._give_up_close)
@@ -176,6 +206,7 @@ class SocketStream:
             return
         self._closing = True
         self._out.clear()
+        self._plain.clear()
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
 
@@ -187,6 +218,7 @@ class SocketStream:
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
         self._out.clear()
+        self._plain.clear()
         self._sock.close()
         self._conn._connection_lost(exc)
 

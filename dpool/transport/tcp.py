@@ -24,7 +24,8 @@ import ssl as _ssl
 
 from dpool.errors import VersionMismatch
 
-from .auth import check_secret, client_handshake, encode_hello, own_hello, server_handshake
+from .auth import (PROCESS_SALT, check_secret, client_handshake, encode_hello, own_hello,
+                   server_handshake, stretch)
 from .connection import Connection
 from .frames import Limits
 from .streams import SocketStream, TransportAdapter, set_tcp_options
@@ -105,7 +106,7 @@ async def connect(host: str, port: int, *, secret: bytes, hello, ssl=None,
             sock = await _connect_socket(loop, host, port)
             conn = await _open(loop, sock, limits, ssl, server_side=False,
                                server_hostname=server_hostname or host)
-            await client_handshake(conn, secret, hello)
+            await client_handshake(conn, secret, hello, tls=ssl is not None)
     except TimeoutError:
         if sock is not None:
             _discard(conn, sock)
@@ -243,7 +244,8 @@ class Server:
                 conn = await _open(self._loop, sock, self._limits, self._ssl,
                                    server_side=True)
                 self._track(conn)
-                await server_handshake(conn, self._secret, self._hello)
+                await server_handshake(conn, self._secret, self._hello,
+                                       protect=self._ssl is None)
         except asyncio.CancelledError:
             _discard(conn, sock)
             raise
@@ -293,6 +295,7 @@ async def start_server(on_connection, host: str, port: int, *, secret: bytes, he
     secret = check_secret(secret)
     if not callable(hello):
         encode_hello(own_hello(hello))     # fail now if it isn't JSON
+    stretch(secret, PROCESS_SALT)          # once, now, rather than in the first handshake
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)

@@ -309,10 +309,9 @@ def test_client_rejects_server_without_the_secret():
     after_proof = []
 
     async def handler(reader, writer):
-        _, challenge = auth.make_challenge()
-        writer.write(challenge)
-        await reader.readexactly(auth.RESPONSE_SIZE)
-        writer.write(auth.OK + os.urandom(auth.PROOF_SIZE))
+        writer.write(auth.make_challenge())
+        await reader.readexactly(auth.REPLY_SIZE)
+        writer.write(os.urandom(auth.PROOF_SIZE))
         try:
             after_proof.append(await reader.read())   # the client sends nothing more
         except ConnectionError:
@@ -322,7 +321,7 @@ def test_client_rejects_server_without_the_secret():
     async def main():
         fake = await asyncio.start_server(handler, "127.0.0.1", 0)
         port = fake.sockets[0].getsockname()[1]
-        with pytest.raises(AuthenticationError, match="server failed authentication"):
+        with pytest.raises(AuthenticationError, match="node failed authentication"):
             await connect("127.0.0.1", port, secret=SECRET, hello={})
         await until(lambda: after_proof)
         assert after_proof == [b""]
@@ -340,7 +339,7 @@ async def raw_client(port):
 @pytest.mark.parametrize("payload", [
     b"",                                     # silence until the deadline
     b"GET / HTTP/1.1\r\n\r\n",               # short garbage, then silence
-    os.urandom(auth.RESPONSE_SIZE),          # right size, bad magic
+    os.urandom(auth.REPLY_SIZE),             # right size, bad magic
     b"\x00" * 1000,                          # more than 256 pre-auth bytes
 ])
 def test_bad_peers_before_auth(payload, caplog):

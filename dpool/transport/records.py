@@ -1,0 +1,179 @@
+"""Message protection: the byte stream after the handshake cut into AEAD records.
+
+On a connection without TLS, everything after the handshake (framing
+included) travels in records::
+
+    +-----------+----------------------------------+---------+
+    | len: <I   | ciphertext (len - 16 bytes)      | tag: 16 |
+    +-----------+----------------------------------+---------+
+
+sealed with AES-256-GCM (``cryptography``; OpenSSL with AES-NI does 9 GB/s a
+core here, ChaCha20-Poly1305 3.5 GB/s).  Each direction has its own key
+(:func:`dpool.transport.auth.derive_keys`) and counts its records from 0; the
+count is the nonce, and the length header is the associated data.  A record
+that was forged, changed, replayed, reordered or dropped fails its tag, and
+the receiver raises :class:`~dpool.errors.ProtocolError` (the connection then
+closes with one log line).
+
+A record holds at most ``RECORD_DATA`` bytes of the stream, so a frame of any
+size is checked piece by piece as it arrives and nothing waits for a whole
+frame before being verified.  The sender seals records lazily, as the socket
+takes them (see streams.py), so a large frame is never held twice.  The
+receiver decrypts each record straight into the frame decoder's buffer (the
+frame's own buffer for large frames).
+"""
+from __future__ import annotations
+
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from dpool.errors import ProtocolError
+
+__all__ = ["RECORD_DATA", "Sealer", "SecureDecoder", "take"]
+
+RECORD_DATA = 256 * 1024           # stream bytes per record, at most
+TAG = 16
+_LEN = struct.Struct("<I")
+HEAD = _LEN.size
+RECORD_MAX = HEAD + RECORD_DATA + TAG
+
+
+def _nonce(seq: int) -> bytes:
+    return seq.to_bytes(12, "big")
+
+
+class Sealer:
+    """The sending half: seals stream bytes into records, counting them."""
+
+    __slots__ = ("_aead", "_seq")
+
+    def __init__(self, key: bytes):
+        self._aead = AESGCM(key)
+        self._seq = 0
+
+    def seal(self, data) -> list:
+        """``[header, ciphertext+tag]`` for up to ``RECORD_DATA`` bytes of ``data``."""
+        head = _LEN.pack(len(data) + TAG)
+        sealed = self._aead.encrypt(_nonce(self._seq), data, head)
+        self._seq += 1
+        return [head, sealed]
+
+    def seal_all(self, parts) -> list:
+        """Every byte of ``parts`` (a deque, emptied) as a list of record pieces."""
+        out = []
+        while parts:
+            out += self.seal(take(parts, RECORD_DATA))
+        return out
+
+
+def take(parts, limit: int):
+    """Remove and return up to ``limit`` bytes from the front of the deque
+    ``parts`` (bytes or flat memoryviews): a slice of the first part when it
+    is big enough, else the first parts joined."""
+    first = parts[0]
+    size = len(first)
+    if size >= limit:
+        view = memoryview(first)
+        if size == limit:
+            parts.popleft()
+        else:
+            parts[0] = view[limit:]
+        return view[:limit]
+    pieces, total = [], 0
+    while parts and total < limit:
+        piece = parts[0]
+        room = limit - total
+        if len(piece) <= room:
+            parts.popleft()
+        else:
+            view = memoryview(piece)
+            piece, parts[0] = view[:room], view[room:]
+        pieces.append(piece)
+        total += len(piece)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+class SecureDecoder:
+    """The receiving half: opens records and hands the stream to ``inner``
+    (a :class:`~dpool.transport.frames.FrameDecoder`), with the same
+    ``get_buffer`` / ``buffer_updated`` / ``feed`` / ``partial`` interface."""
+
+    def __init__(self, inner, key: bytes):
+        self._inner = inner
+        self._aead = AESGCM(key)
+        self._seq = 0
+        self._buf = bytearray(2 * RECORD_MAX)
+        self._mv = memoryview(self._buf)
+        self._pos = 0
+        self._end = 0
+        self._failed = None
+
+    @property
+    def partial(self) -> bool:
+        return self._pos != self._end or self._inner.partial
+
+    def get_buffer(self) -> memoryview:
+        pos, end = self._pos, self._end
+        if pos == end:
+            self._pos = self._end = 0
+        elif len(self._buf) - end < RECORD_MAX:
+            keep = end - pos      # part of one record: move it to the front
+            self._mv[:keep] = self._mv[pos:end]
+            self._pos, self._end = 0, keep
+        return self._mv[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> list:
+        if self._failed is not None:
+            raise self._failed
+        self._end += nbytes
+        try:
+            return self._open_records()
+        except ProtocolError as exc:
+            self._failed = exc
+            raise
+
+    def feed(self, data) -> list:
+        src = memoryview(data).cast("B")
+        out = []
+        while len(src):
+            dst = self.get_buffer()
+            k = min(len(dst), len(src))
+            dst[:k] = src[:k]
+            src = src[k:]
+            out += self.buffer_updated(k)
+        return out
+
+    def _open_records(self) -> list:
+        out = []
+        mv, pos, end = self._mv, self._pos, self._end
+        try:
+            while end - pos >= HEAD:
+                size = _LEN.unpack_from(mv, pos)[0]
+                if not TAG <= size <= RECORD_DATA + TAG:
+                    raise ProtocolError(f"record of {size} bytes is outside "
+                                        f"{TAG}..{RECORD_DATA + TAG}: not a dpool record")
+                if end - pos < HEAD + size:
+                    break
+                out += self._open(mv[pos:pos + HEAD], mv[pos + HEAD:pos + HEAD + size])
+                pos += HEAD + size
+        finally:
+            self._pos = pos
+        return out
+
+    def _open(self, head, sealed) -> list:
+        nonce, seq = _nonce(self._seq), self._seq
+        self._seq += 1
+        inner = self._inner
+        size = len(sealed) - TAG
+        dst = inner.get_buffer()
+        try:
+            if len(dst) >= size:
+                self._aead.decrypt_into(nonce, sealed, head, dst[:size])
+                return inner.buffer_updated(size)
+            data = self._aead.decrypt(nonce, sealed, head)
+        except InvalidTag:
+            raise ProtocolError(f"record {seq} failed authentication (forged, changed, "
+                                f"replayed, reordered or dropped data)") from None
+        return inner.feed(data)
