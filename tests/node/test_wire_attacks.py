@@ -11,8 +11,8 @@ import pytest
 
 import dpool
 from dpool.transport.frames import encode as encode_frames
-from conftest import poll_for
-from helpers_engine import dpool_node, node_secret, double  # noqa: F401 (fixtures)
+from helpers import poll_for
+from tasks import double
 
 pytestmark = pytest.mark.timeout(60)
 
