@@ -14,16 +14,21 @@ import math
 import select
 import socket
 import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from dpool.errors import ConnectionClosed, ProtocolError
 
-from .frames import FrameDecoder, Limits, encode
+from .frames import FrameDecoder, Limits, Message, encode
 from .streams import IOV_MAX
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer as Frame
 
 __all__ = ["BlockingConnection"]
 
 
-def sendmsg_all(sock, parts) -> None:
+def sendmsg_all(sock: socket.socket, parts: Iterable[bytes | memoryview]) -> None:
     """Send every byte of the buffers ``parts`` (bytes or flat memoryviews)."""
     parts = list(parts)
     i = 0
@@ -49,13 +54,13 @@ class BlockingConnection:
     at most.
     """
 
-    def __init__(self, sock, limits: Limits | None = None):
+    def __init__(self, sock: socket.socket, limits: Limits | None = None) -> None:
         sock.setblocking(True)
         self._sock = sock
         self._decoder = FrameDecoder(limits)
-        self._messages = collections.deque()
+        self._messages: collections.deque[Message] = collections.deque()
         self._eof = False
-        self._poller = None
+        self._poller: select.poll | None = None
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -67,7 +72,7 @@ class BlockingConnection:
     def close(self) -> None:
         self._sock.close()
 
-    def send(self, frames) -> None:
+    def send(self, frames: Sequence[Frame]) -> None:
         parts = encode(frames)
         try:
             if len(parts) == 1:
@@ -84,7 +89,7 @@ class BlockingConnection:
         """True if a whole received message is waiting."""
         return bool(self._messages)
 
-    def recv(self) -> list:
+    def recv(self) -> Message:
         messages = self._messages
         while not messages:
             self._read(0)
@@ -96,9 +101,10 @@ class BlockingConnection:
             return True
         if self._eof:
             return True      # recv() will raise ConnectionClosed at once
-        if self._poller is None:
-            self._poller = select.poll()
-            self._poller.register(self._sock.fileno(), select.POLLIN)
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self._sock.fileno(), select.POLLIN)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._messages and not self._eof:
             if deadline is None:
@@ -108,11 +114,11 @@ class BlockingConnection:
                 if left < 0:
                     return False
                 ms = math.ceil(left * 1000)
-            if self._poller.poll(ms):
+            if poller.poll(ms):
                 self._read(socket.MSG_DONTWAIT)
         return True
 
-    def _read(self, flags) -> None:
+    def _read(self, flags: int) -> None:
         decoder = self._decoder
         if self._eof:
             if decoder.partial:     # (the end was seen by poll())

@@ -20,16 +20,33 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from dpool.errors import ConnectionClosed, ProtocolError
 
-from .auth import PREAUTH_MAX
-from .frames import FrameDecoder, Limits, _nbytes, encode
+from .auth import PREAUTH_MAX, Keys
+from .frames import FrameDecoder, Limits, Message, _nbytes, encode
 from .records import Sealer, SecureDecoder
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer as Frame
 
 log = logging.getLogger("dpool.transport")
 
 __all__ = ["Connection", "inproc_pair"]
+
+OnMessage = Callable[[Message], object]
+OnClose = Callable[[BaseException | None], object]
+
+
+class Stream(Protocol):
+    """What a Connection writes to (streams.SocketStream, TransportAdapter)."""
+
+    def write(self, parts: list[bytes | memoryview]) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def set_sealer(self, sealer: Sealer) -> None: ...
 
 
 class Connection:
@@ -70,35 +87,36 @@ class Connection:
       frames' bytes).  One integer add per read or write call.
     """
 
-    def __init__(self, loop, peer: str, limits: Limits | None = None, *,
-                 preauth: bool = False):
+    def __init__(self, loop: asyncio.AbstractEventLoop, peer: str,
+                 limits: Limits | None = None, *, preauth: bool = False) -> None:
         self._loop = loop
         self.peer = peer
-        self.hello = None
+        self.hello: dict[str, Any] | None = None
         self._limits = limits or Limits()
         # The 256 KiB receive buffer only once authenticated (cheap pre-auth).
-        self._decoder = None if preauth else FrameDecoder(self._limits)
-        self._stream = None
+        self._decoder: FrameDecoder | SecureDecoder = (
+            cast(FrameDecoder, None) if preauth else FrameDecoder(self._limits))
+        self._stream = cast(Stream, None)     # the stream attaches itself (streams.py)
         self._preauth = preauth
         self._log_errors = not preauth
         self._hs_buf = bytearray()
         self._hs_rx = memoryview(bytearray(PREAUTH_MAX + 1))
-        self._hs_waiter = None
-        self._pending = collections.deque()
-        self._on_message = None
-        self._on_close = None
-        self._recv_waiter = None
+        self._hs_waiter: asyncio.Future[None] | None = None
+        self._pending: collections.deque[Message] = collections.deque()
+        self._on_message: OnMessage | None = None
+        self._on_close: OnClose | None = None
+        self._recv_waiter: asyncio.Future[None] | None = None
         self._closing = False        # close() or abort() called, or failed
         self._lost = False           # the stream is gone
-        self._exc = None             # why the connection ended, if not cleanly
+        self._exc: BaseException | None = None  # why the connection ended, if not cleanly
         self._close_reported = False
         self._write_paused = False
-        self._drain_waiters = []
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self._lost_future = loop.create_future()
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<{type(self).__name__} {self.peer} {state}>"
 
@@ -108,7 +126,7 @@ class Connection:
     def closed(self) -> bool:
         return self._closing or self._lost
 
-    def send(self, frames) -> None:
+    def send(self, frames: Sequence[Frame]) -> None:
         if self._closing or self._lost:
             raise self._closed_error()
         self._stream.write(encode(frames))
@@ -117,11 +135,11 @@ class Connection:
         if self._closing or self._lost:
             raise self._closed_error()
         if self._write_paused:
-            waiter = self._loop.create_future()
+            waiter: asyncio.Future[None] = self._loop.create_future()
             self._drain_waiters.append(waiter)
             await waiter
 
-    def set_receiver(self, on_message, on_close=None) -> None:
+    def set_receiver(self, on_message: OnMessage, on_close: OnClose | None = None) -> None:
         if not callable(on_message):
             raise TypeError("on_message must be callable")
         if self._recv_waiter is not None:
@@ -135,7 +153,7 @@ class Connection:
         if self._lost:
             self._report_close()
 
-    async def recv(self) -> list:
+    async def recv(self) -> Message:
         if self._on_message is not None:
             raise RuntimeError("recv() can't be used after set_receiver()")
         if self._recv_waiter is not None:
@@ -167,13 +185,13 @@ class Connection:
 
     # -- errors and close reporting -----------------------------------------------
 
-    def _closed_error(self):
+    def _closed_error(self) -> ConnectionClosed:
         err = ConnectionClosed(f"connection to {self.peer} is closed")
         if self._exc is not None:
             err.__cause__ = self._exc
         return err
 
-    def _fail(self, exc) -> None:
+    def _fail(self, exc: BaseException) -> None:
         """End the connection because of ``exc`` (a peer or callback error)."""
         if self._lost or self._exc is not None:
             return
@@ -205,7 +223,7 @@ class Connection:
 
     # -- receiving ---------------------------------------------------------------
 
-    def _call_receiver(self, on_message, frames) -> bool:
+    def _call_receiver(self, on_message: OnMessage, frames: Message) -> bool:
         try:
             on_message(frames)
         except Exception as exc:
@@ -215,7 +233,7 @@ class Connection:
             return False
         return True
 
-    def _deliver(self, messages) -> None:
+    def _deliver(self, messages: Sequence[Message]) -> None:
         on_message = self._on_message
         if on_message is None:
             self._pending.extend(messages)
@@ -236,7 +254,7 @@ class Connection:
 
     # -- stream callbacks ------------------------------------------------------
 
-    def _get_buffer(self):
+    def _get_buffer(self) -> memoryview:
         if self._preauth:
             return self._hs_rx
         return self._decoder.get_buffer()
@@ -270,7 +288,7 @@ class Connection:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _connection_lost(self, exc) -> None:
+    def _connection_lost(self, exc: BaseException | None) -> None:
         if self._lost:
             return
         self._lost = True
@@ -305,7 +323,7 @@ class Connection:
             raise self._closed_error()
         self._stream.write([data])
 
-    def _start_framing(self, keys=None) -> None:
+    def _start_framing(self, keys: Keys | None = None) -> None:
         """Leave pre-auth mode; with ``keys`` (auth.Keys) every byte from now
         on travels in AEAD records (records.py)."""
         self._decoder = FrameDecoder(self._limits)
@@ -326,19 +344,19 @@ class Connection:
 class _InprocConnection(Connection):
     """One end of :func:`inproc_pair`: frames are handed over, never copied."""
 
-    def __init__(self, loop, limits=None):
+    def __init__(self, loop: asyncio.AbstractEventLoop, limits: Limits | None = None) -> None:
         super().__init__(loop, "inproc", limits)
-        self._other = None
+        self._other = cast(_InprocConnection, None)   # set by inproc_pair
         self._aborted = False
 
-    def send(self, frames) -> None:
+    def send(self, frames: Iterable[Frame]) -> None:
         if self._closing or self._lost:
             raise self._closed_error()
-        frames = list(frames)
-        self.bytes_sent += sum(map(_nbytes, frames))
-        self._loop.call_soon(self._other._receive, frames, self)
+        message: list[Any] = list(frames)   # handed over as they are, not copied
+        self.bytes_sent += sum(map(_nbytes, message))
+        self._loop.call_soon(self._other._receive, message, self)
 
-    def _receive(self, frames, sender) -> None:
+    def _receive(self, frames: list[Any], sender: _InprocConnection) -> None:
         if sender._aborted or self._closing or self._lost:
             return
         self.bytes_received += sum(map(_nbytes, frames))
@@ -367,7 +385,7 @@ class _InprocConnection(Connection):
                                      ConnectionResetError("inproc peer aborted the connection"))
 
 
-def inproc_pair(limits: Limits | None = None):
+def inproc_pair(limits: Limits | None = None) -> tuple[Connection, Connection]:
     """Two connected Connections in the running loop, without sockets."""
     loop = asyncio.get_running_loop()
     a, b = _InprocConnection(loop, limits), _InprocConnection(loop, limits)

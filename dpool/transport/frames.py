@@ -28,17 +28,25 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dpool.errors import ProtocolError
 
-__all__ = ["Limits", "header", "encode", "FrameDecoder", "LARGE"]
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer as Frame  # bytes, bytearray, memoryview, ...
+
+__all__ = ["Limits", "header", "encode", "FrameDecoder", "LARGE", "Message"]
 
 #: Frames (and headers) at least this big are received into their own buffer.
 LARGE = 64 * 1024
 #: Frames smaller than this are joined with their neighbours when sending.
 COALESCE = 32 * 1024
 RECV_BUFFER_SIZE = 256 * 1024
+
+#: A received message: its frames (``bytes``, ``bytearray`` for large ones).
+Message = list[bytes | bytearray]
 
 _COUNT = struct.Struct("<I")
 _unpack_count = _COUNT.unpack_from
@@ -54,26 +62,26 @@ class Limits:
 
 
 @functools.lru_cache(maxsize=256)
-def _lengths_struct(n):
+def _lengths_struct(n: int) -> struct.Struct:
     return struct.Struct(f"<{n}Q")
 
 
 @functools.lru_cache(maxsize=256)
-def _header_struct(n):
+def _header_struct(n: int) -> struct.Struct:
     return struct.Struct(f"<I{n}Q")
 
 
-def _nbytes(frame):
+def _nbytes(frame: Frame) -> int:
     return len(frame) if type(frame) is bytes else memoryview(frame).nbytes
 
 
-def header(frames) -> bytes:
+def header(frames: Sequence[Frame]) -> bytes:
     """The wire header (frame count, then each frame's length) for ``frames``."""
     n = len(frames)
     return _header_struct(n).pack(n, *[_nbytes(f) for f in frames])
 
 
-def _as_bytes_view(frame):
+def _as_bytes_view(frame: Frame) -> memoryview:
     """A flat byte view of ``frame`` (slicing it counts bytes)."""
     view = memoryview(frame)
     if view.format != "B" or view.ndim != 1:
@@ -81,7 +89,7 @@ def _as_bytes_view(frame):
     return view
 
 
-def encode(frames) -> list:
+def encode(frames: Sequence[Frame]) -> list[bytes | memoryview]:
     """Header and frames as a list of buffers for one scatter-gather write.
 
     Runs of small frames are joined together with the header; frames of at
@@ -93,8 +101,8 @@ def encode(frames) -> list:
     head = _header_struct(n).pack(n, *lengths)
     if sum(lengths) < COALESCE:
         return [b"".join([head, *frames])] if n else [head]
-    parts = []
-    run = [head]
+    parts: list[bytes | memoryview] = []
+    run: list[Frame] = [head]
     for frame, size in zip(frames, lengths):
         if size < COALESCE:
             if size:
@@ -122,7 +130,7 @@ class FrameDecoder:
     """
 
     def __init__(self, limits: Limits | None = None, *,
-                 buffer_size: int = RECV_BUFFER_SIZE, large: int = LARGE):
+                 buffer_size: int = RECV_BUFFER_SIZE, large: int = LARGE) -> None:
         if buffer_size < 2 * large:
             raise ValueError("buffer_size must be at least twice `large`")
         self.limits = limits or Limits()
@@ -132,12 +140,12 @@ class FrameDecoder:
         self._pos = 0          # first unconsumed byte in _buf
         self._end = 0          # end of received bytes in _buf
         self._count = -1       # frames in the current message; -1: reading count
-        self._lengths = None   # lengths of the current message's frames
-        self._frames = None    # frames of the current message decoded so far
-        self._big = None       # bytearray being filled directly by the reader
-        self._big_mv = None
+        self._lengths: tuple[int, ...] | None = None  # the current message's frame lengths
+        self._frames: list[bytes | bytearray] | None = None  # its frames decoded so far
+        self._big: bytearray | None = None  # being filled directly by the reader
+        self._big_mv: memoryview | None = None
         self._big_pos = 0
-        self._failed = None
+        self._failed: ProtocolError | None = None
 
     @property
     def partial(self) -> bool:
@@ -146,7 +154,7 @@ class FrameDecoder:
 
     def get_buffer(self) -> memoryview:
         """Writable memory for the next bytes of the stream (never empty)."""
-        if self._big is not None:
+        if self._big_mv is not None:
             return self._big_mv[self._big_pos:]
         pos, end = self._pos, self._end
         if pos == end:
@@ -159,7 +167,7 @@ class FrameDecoder:
             self._pos, self._end = 0, keep
         return self._mv[self._end:]
 
-    def buffer_updated(self, nbytes: int) -> list:
+    def buffer_updated(self, nbytes: int) -> list[Message]:
         """Consume ``nbytes`` just written into the last ``get_buffer()``."""
         if self._failed is not None:
             raise self._failed
@@ -176,10 +184,10 @@ class FrameDecoder:
             self._failed = exc
             raise
 
-    def feed(self, data) -> list:
+    def feed(self, data: Frame) -> list[Message]:
         """Consume a chunk of the stream; return the messages it completed."""
         src = _as_bytes_view(data)
-        out = []
+        out: list[Message] = []
         while len(src):
             dst = self.get_buffer()
             k = min(len(dst), len(src))
@@ -190,14 +198,14 @@ class FrameDecoder:
 
     # -- internals -----------------------------------------------------------
 
-    def _set_count(self, count):
+    def _set_count(self, count: int) -> None:
         limit = self.limits.max_frames
         if count > limit:
             raise ProtocolError(
                 f"message declares {count} frames, over the limit max_frames={limit}")
         self._count = count
 
-    def _set_lengths(self, lengths):
+    def _set_lengths(self, lengths: tuple[int, ...]) -> None:
         limits = self.limits
         biggest = max(lengths)
         if biggest > limits.max_frame_bytes:
@@ -212,7 +220,7 @@ class FrameDecoder:
         self._lengths = lengths
         self._frames = []
 
-    def _start_big(self, size, pos, end):
+    def _start_big(self, size: int, pos: int, end: int) -> tuple[bytearray | None, int]:
         """Give the item of ``size`` bytes at ``pos`` its own buffer."""
         big = bytearray(size)
         have = min(size, end - pos)
@@ -222,16 +230,18 @@ class FrameDecoder:
         self._big, self._big_mv, self._big_pos = big, memoryview(big), have
         return None, pos + have
 
-    def _finish_big(self):
+    def _finish_big(self) -> None:
         big = self._big
+        assert big is not None
         self._big = self._big_mv = None
         if self._lengths is None:
             self._set_lengths(_lengths_struct(self._count).unpack_from(big))
         else:
+            assert self._frames is not None
             self._frames.append(big)
 
-    def _parse(self):
-        out = []
+    def _parse(self) -> list[Message]:
+        out: list[Message] = []
         mv, large = self._mv, self._large
         pos, end = self._pos, self._end
         try:
@@ -255,6 +265,7 @@ class FrameDecoder:
                     self._set_lengths(_lengths_struct(self._count).unpack_from(mv, pos))
                     pos += need
                 lengths, frames = self._lengths, self._frames
+                assert lengths is not None and frames is not None
                 while len(frames) < len(lengths):
                     size = lengths[len(frames)]
                     if size >= large:
