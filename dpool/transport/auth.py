@@ -64,12 +64,22 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dpool.errors import AuthenticationError, ConnectionClosed, ProtocolError, VersionMismatch
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+    from .connection import Connection
+
+#: What a side says about itself in its hello: a dict, or a callable making one.
+Hello = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
 
 log = logging.getLogger("dpool.transport")
 
@@ -98,7 +108,7 @@ class WeakSecretWarning(UserWarning):
     """The shared secret is short enough to be guessed."""
 
 
-def check_secret(secret):
+def check_secret(secret: object) -> bytes:
     """Reject secrets that are not bytes-like (a ``str`` is a likely mistake)."""
     if not isinstance(secret, (bytes, bytearray, memoryview)):
         raise TypeError(f"secret must be bytes, not {type(secret).__name__}")
@@ -116,7 +126,7 @@ def stretch(secret: bytes, salt: bytes) -> bytes:
     return hashlib.scrypt(secret, salt=salt, **SCRYPT)
 
 
-def _check_magic(msg, what):
+def _check_magic(msg: bytes, what: str) -> None:
     if msg[:len(MAGIC)] != MAGIC:
         raise ProtocolError(f"{what} does not start with the dpool magic "
                             f"(got {bytes(msg[:len(MAGIC)])!r}); not a dpool peer "
@@ -206,7 +216,7 @@ def encode_hello(hello: dict) -> bytes:
     return json.dumps(hello, separators=(",", ":")).encode()
 
 
-def decode_hello(frames, peer: str) -> dict:
+def decode_hello(frames: Sequence[ReadableBuffer], peer: str) -> dict[str, Any]:
     """Steps 6/7: the peer's hello message as a dict."""
     if len(frames) != 1:
         raise ProtocolError(f"hello from {peer} has {len(frames)} frames, expected 1")
@@ -229,7 +239,7 @@ def check_versions(ours: int, theirs: int, peer: str) -> None:
                               f"peer at {peer} speaks {theirs}")
 
 
-def own_hello(hello) -> dict:
+def own_hello(hello: Hello) -> dict[str, Any]:
     """The hello to send: the caller's dict (or callable's result) + protocol."""
     hello = dict(hello() if callable(hello) else (hello or {}))
     hello.setdefault("protocol", PROTOCOL_VERSION)
@@ -240,7 +250,7 @@ def own_hello(hello) -> dict:
 # ``conn`` is a Connection in pre-auth mode; see connection.py for _read_exact,
 # _write_raw and _start_framing.  The caller applies the deadline.
 
-async def _read(conn, n):
+async def _read(conn: Connection, n: int) -> bytes:
     try:
         return await conn._read_exact(n)
     except ConnectionClosed as exc:
@@ -248,7 +258,8 @@ async def _read(conn, n):
             f"{conn.peer} closed the connection during authentication") from exc
 
 
-async def server_handshake(conn, secret: bytes, hello, *, protect: bool = True) -> dict:
+async def server_handshake(conn: Connection, secret: bytes, hello: Hello, *,
+                           protect: bool = True) -> dict[str, Any]:
     """Steps 1-8 for the server side; sets and returns ``conn.hello``."""
     key = stretch(secret, PROCESS_SALT)
     challenge = make_challenge(PROCESS_SALT, protect)
@@ -269,7 +280,8 @@ async def server_handshake(conn, secret: bytes, hello, *, protect: bool = True) 
     return await _exchange_hello(conn, own_hello(hello), client=False)
 
 
-async def client_handshake(conn, secret: bytes, hello, *, tls: bool = False) -> dict:
+async def client_handshake(conn: Connection, secret: bytes, hello: Hello, *,
+                           tls: bool = False) -> dict[str, Any]:
     """Steps 1-8 for the client side; sets and returns ``conn.hello``."""
     challenge = parse_challenge(await _read(conn, CHALLENGE_SIZE))
     if not (challenge.protect or tls):
@@ -287,7 +299,7 @@ async def client_handshake(conn, secret: bytes, hello, *, tls: bool = False) -> 
     return await _exchange_hello(conn, own_hello(hello), client=True)
 
 
-async def _exchange_hello(conn, mine: dict, client: bool) -> dict:
+async def _exchange_hello(conn: Connection, mine: dict[str, Any], client: bool) -> dict[str, Any]:
     if client:
         conn.send([encode_hello(mine)])
     theirs = decode_hello(await conn.recv(), conn.peer)

@@ -24,14 +24,24 @@ frame's own buffer for large frames).
 """
 from __future__ import annotations
 
+import collections
 import struct
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dpool.errors import ProtocolError
 
+from .frames import FrameDecoder, Message
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
 __all__ = ["RECORD_DATA", "Sealer", "SecureDecoder", "take"]
+
+#: A queue of byte parts (bytes or flat memoryviews) waiting to be sent.
+Parts = collections.deque[Any]
 
 RECORD_DATA = 256 * 1024           # stream bytes per record, at most
 TAG = 16
@@ -49,26 +59,26 @@ class Sealer:
 
     __slots__ = ("_aead", "_seq")
 
-    def __init__(self, key: bytes):
+    def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
         self._seq = 0
 
-    def seal(self, data) -> list:
+    def seal(self, data: bytes | memoryview) -> list[bytes]:
         """``[header, ciphertext+tag]`` for up to ``RECORD_DATA`` bytes of ``data``."""
         head = _LEN.pack(len(data) + TAG)
         sealed = self._aead.encrypt(_nonce(self._seq), data, head)
         self._seq += 1
         return [head, sealed]
 
-    def seal_all(self, parts) -> list:
+    def seal_all(self, parts: Parts) -> list[bytes]:
         """Every byte of ``parts`` (a deque, emptied) as a list of record pieces."""
-        out = []
+        out: list[bytes] = []
         while parts:
             out += self.seal(take(parts, RECORD_DATA))
         return out
 
 
-def take(parts, limit: int):
+def take(parts: Parts, limit: int) -> bytes | memoryview:
     """Remove and return up to ``limit`` bytes from the front of the deque
     ``parts`` (bytes or flat memoryviews): a slice of the first part when it
     is big enough, else the first parts joined."""
@@ -81,7 +91,8 @@ def take(parts, limit: int):
         else:
             parts[0] = view[limit:]
         return view[:limit]
-    pieces, total = [], 0
+    pieces: list[bytes | memoryview] = []
+    total = 0
     while parts and total < limit:
         piece = parts[0]
         room = limit - total
@@ -100,7 +111,7 @@ class SecureDecoder:
     (a :class:`~dpool.transport.frames.FrameDecoder`), with the same
     ``get_buffer`` / ``buffer_updated`` / ``feed`` / ``partial`` interface."""
 
-    def __init__(self, inner, key: bytes):
+    def __init__(self, inner: FrameDecoder, key: bytes) -> None:
         self._inner = inner
         self._aead = AESGCM(key)
         self._seq = 0
@@ -108,7 +119,7 @@ class SecureDecoder:
         self._mv = memoryview(self._buf)
         self._pos = 0
         self._end = 0
-        self._failed = None
+        self._failed: ProtocolError | None = None
 
     @property
     def partial(self) -> bool:
@@ -124,7 +135,7 @@ class SecureDecoder:
             self._pos, self._end = 0, keep
         return self._mv[self._end:]
 
-    def buffer_updated(self, nbytes: int) -> list:
+    def buffer_updated(self, nbytes: int) -> list[Message]:
         if self._failed is not None:
             raise self._failed
         self._end += nbytes
@@ -134,9 +145,9 @@ class SecureDecoder:
             self._failed = exc
             raise
 
-    def feed(self, data) -> list:
+    def feed(self, data: ReadableBuffer) -> list[Message]:
         src = memoryview(data).cast("B")
-        out = []
+        out: list[Message] = []
         while len(src):
             dst = self.get_buffer()
             k = min(len(dst), len(src))
@@ -145,8 +156,8 @@ class SecureDecoder:
             out += self.buffer_updated(k)
         return out
 
-    def _open_records(self) -> list:
-        out = []
+    def _open_records(self) -> list[Message]:
+        out: list[Message] = []
         mv, pos, end = self._mv, self._pos, self._end
         try:
             while end - pos >= HEAD:
@@ -162,7 +173,7 @@ class SecureDecoder:
             self._pos = pos
         return out
 
-    def _open(self, head, sealed) -> list:
+    def _open(self, head: memoryview, sealed: memoryview) -> list[Message]:
         nonce, seq = _nonce(self._seq), self._seq
         self._seq += 1
         inner = self._inner

@@ -19,8 +19,12 @@ import asyncio
 import collections
 import os
 import socket
+from typing import TYPE_CHECKING, Any
 
-from .records import RECORD_DATA, TAG, take
+from .records import RECORD_DATA, TAG, Parts, Sealer, take
+
+if TYPE_CHECKING:
+    from .connection import Connection
 
 try:
     IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
@@ -33,14 +37,14 @@ LOW_WATER = 1 * 2**20
 SEAL_AHEAD = 1 * 2**20
 
 
-def set_tcp_options(sock) -> None:
+def set_tcp_options(sock: socket.socket) -> None:
     """TCP_NODELAY and SO_KEEPALIVE on TCP sockets; nothing on others."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
-def advance(parts, sent: int) -> None:
+def advance(parts: Parts, sent: int) -> None:
     """Drop ``sent`` bytes from the front of a deque of byte ``parts``."""
     while sent:
         first = parts[0]
@@ -56,16 +60,17 @@ def advance(parts, sent: int) -> None:
 class SocketStream:
     """A connected non-blocking stream socket owned by one event loop."""
 
-    def __init__(self, loop, sock, conn):
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 conn: Connection) -> None:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
         self._conn = conn
-        self._out = collections.deque()     # wire bytes ready to send
+        self._out: Parts = collections.deque()    # wire bytes ready to send
         self._out_bytes = 0                 # bytes not yet sent (plain or sealed)
-        self._plain = collections.deque()   # with a sealer: parts not yet sealed
+        self._plain: Parts = collections.deque()  # with a sealer: parts not yet sealed
         self._sealed_bytes = 0              # with a sealer: bytes in _out
-        self._sealer = None
+        self._sealer: Sealer | None = None
         self._paused = False
         self._closing = False
         self._done = False
@@ -75,7 +80,7 @@ class SocketStream:
 
     active = True
 
-    def get_extra_info(self, name, default=None):
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "socket":
             return self._sock
         if name == "peername":
@@ -85,7 +90,7 @@ class SocketStream:
                 return default
         return default
 
-    def _read_ready(self):
+    def _read_ready(self) -> None:
         conn = self._conn
         try:
             n = self._sock.recv_into(conn._get_buffer())
@@ -100,11 +105,11 @@ class SocketStream:
         else:
             self._finish(None)
 
-    def set_sealer(self, sealer) -> None:
+    def set_sealer(self, sealer: Sealer) -> None:
         """Seal everything written from now on (records.Sealer)."""
         self._sealer = sealer
 
-    def write(self, parts) -> None:
+    def write(self, parts: list[bytes | memoryview]) -> None:
         # Writes are corked until the end of this loop iteration: every
         # message sent meanwhile goes out in one sendmsg (one syscall for a
         # whole batch of small messages instead of one each; with a sealer,
@@ -123,7 +128,7 @@ class SocketStream:
     _flush_pending = False
     _writer_on = False
 
-    def _flush(self):
+    def _flush(self) -> None:
         self._flush_pending = False
         if self._done or not (self._out or self._plain):
             return
@@ -135,6 +140,7 @@ class SocketStream:
     def _seal_more(self) -> None:
         """Seal queued plaintext into ``_out`` until SEAL_AHEAD bytes wait there."""
         plain, out, sealer = self._plain, self._out, self._sealer
+        assert sealer is not None
         while plain and self._sealed_bytes < SEAL_AHEAD:
             head, body = sealer.seal(take(plain, RECORD_DATA))
             out.append(head)
@@ -143,7 +149,7 @@ class SocketStream:
             self._sealed_bytes += size
             self._out_bytes += size - (len(body) - TAG)
 
-    def _write_ready(self):
+    def _write_ready(self) -> None:
         out = self._out
         try:
             while True:
@@ -197,7 +203,7 @@ class SocketStream:
         self._stop()
         self._loop.call_soon(self._finish, None)
 
-    def _fail_soon(self, exc) -> None:
+    def _fail_soon(self, exc: BaseException) -> None:
         self._stop()
         self._loop.call_soon(self._finish, exc)
 
@@ -210,7 +216,7 @@ class SocketStream:
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
 
-    def _finish(self, exc) -> None:
+    def _finish(self, exc: BaseException | None) -> None:
         if self._done:
             return
         self._done = True
@@ -226,9 +232,9 @@ class SocketStream:
 class TransportAdapter(asyncio.BufferedProtocol):
     """asyncio BufferedProtocol glue for transports we don't drive (TLS)."""
 
-    def __init__(self, conn):
+    def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._transport = None
+        self._transport: asyncio.Transport | None = None
         conn._stream = self
 
     # stream interface
@@ -236,39 +242,48 @@ class TransportAdapter(asyncio.BufferedProtocol):
     def active(self) -> bool:
         return self._transport is not None
 
-    def write(self, parts) -> None:
+    @property
+    def transport(self) -> asyncio.Transport:
+        assert self._transport is not None, "not connected yet"
+        return self._transport
+
+    def write(self, parts: list[bytes | memoryview]) -> None:
         self._conn.bytes_sent += sum(map(len, parts))
-        self._transport.writelines(parts)
+        self.transport.writelines(parts)
 
     def close(self) -> None:
-        self._transport.close()
+        self.transport.close()
 
     def abort(self) -> None:
-        self._transport.abort()
+        self.transport.abort()
 
-    def get_extra_info(self, name, default=None):
-        return self._transport.get_extra_info(name, default)
+    def set_sealer(self, sealer: Sealer) -> None:
+        raise NotImplementedError("TLS streams are not sealed again")
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
 
     # asyncio.BufferedProtocol interface
-    def connection_made(self, transport):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
 
-    def get_buffer(self, sizehint):
+    def get_buffer(self, sizehint: int) -> memoryview:
         return self._conn._get_buffer()
 
-    def buffer_updated(self, nbytes):
+    def buffer_updated(self, nbytes: int) -> None:
         self._conn.bytes_received += nbytes
         self._conn._buffer_updated(nbytes)
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
         return False
 
-    def pause_writing(self):
+    def pause_writing(self) -> None:
         self._conn._pause_writing()
 
-    def resume_writing(self):
+    def resume_writing(self) -> None:
         self._conn._resume_writing()
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: Exception | None) -> None:
         self._conn._connection_lost(exc)
