@@ -92,7 +92,7 @@ class Pool:
     def _submit_items(self, fn, items, star):
         """One chunk of a map (``items``: a slice of the input) as one job;
         the items travel as they are, no one-item tuple per item."""
-        mode = P.STARMAP if star else P.MAP
+        mode = P.Call.STARMAP if star else P.Call.MAP
         return self._client.submit(fn, items if isinstance(items, list) else list(items),
                                    star=mode).future
 

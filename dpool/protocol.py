@@ -1,93 +1,359 @@
 """Message types exchanged after authentication, and their encoding.
 
 A message is a list of frames (see :mod:`dpool.transport`).  Frame 0 is the
-header: a pickled tuple whose first item is an op code from the tables
-below.  Frames 1.. carry payloads (pickle streams and out-of-band buffers made
-by :mod:`dpool.serialize`) and are forwarded by nodes without being decoded.
+header: a pickled tuple ``(op, *fields)`` whose first item is an :class:`Op`
+code (a plain int on the wire) and whose fields are those of the message's
+record below.  Frames 1.. carry payloads (pickle streams and out-of-band
+buffers made by :mod:`dpool.serialize`) and are forwarded by nodes without
+being decoded.  :func:`encode` and :func:`decode` are the only places a
+header is built or read; items inside a header (the jobs of RUN, the results
+of DONE) are plain tuples on the wire, made by :func:`run_item` and
+:func:`result`, and read back as records by :func:`run_items` and
+:func:`results`, the one RUN and the one DONE decoder of client, node,
+worker and recovery.
 
 Headers are only ever decoded on connections whose peer has authenticated
 (client <-> node) or is our own child process (node <-> worker).
 
 Client -> node                         Node -> client
-  SESSION  (op, options)                 READY    (op, info)
-  FUNC     (op, fn_id)       + blob      REFUSED  (op, reason)
-  RUN      (op, jobs)        + payloads  DONE     (op, results)   + payloads
-  CANCEL   (op, job_ids)                 STARTED  (op, [(job_id, time)])
-  BYE      (op,)
-  FORGET   (op, fn_ids)  functions no job in flight needs; the node drops
-                         them and forwards FORGET to the workers holding them
-  RECOVER  (op, token, terminate)        READY (op, {"recovered": True,
+  Session  (options)                     Ready    (info)
+  Func     (fn_id)       + blob          Refused  (reason)
+  Run      (jobs)        + payloads      Done     (results) + payloads
+  Cancel   (job_ids)                     Started  (jobs: [(job_id, time)])
+  Bye      ()
+  Forget   (fn_ids)  functions no job in flight needs; the node drops
+                     them and forwards Forget to the workers holding them
+  Recover  (token, terminate)            Ready (info + {"recovered": True,
                                            "kept": [job_id], "pending": [job_id]})
-                                         or REFUSED; then DONE as usual
+                                         or Refused; then Done as usual
 
-RECOVER, instead of SESSION, takes over a session opened with the option
-``recover_token`` whose client went away without BYE (see node.py).
+Recover, instead of Session, takes over a session opened with the option
+``recover_token`` whose client went away without Bye (see node/runtime.py).
 
 Job environment (dispy's features; only sessions that ask for them):
 
 Client -> node                         Node -> client
-  FILE  (op, req_id, name, mode) + data  FILEDONE    (op, req_id, error or None)
-  SETUP (op,) + dumps((names, setup,     SETUPDONE   (op, info)
-         setup_args, cleanup))           SETUPFAIL   (op,)              + exception
-                                         PROVISIONAL (op, job_id)       + payload
-                                         SENDFILE    (op, job_id, name) + data
-                                         AVAILINFO   (op, info)  every
+  File  (req_id, name, mode) + data      FileDone    (req_id, error or None)
+  Setup () + dumps((names, setup,        SetupDone   (info)
+         setup_args, cleanup))           SetupFail   ()               + exception
+                                         Provisional (job_id)         + payload
+                                         SendFile    (job_id, name)   + data
+                                         AvailInfo   (info)  every
                                            ``pulse_interval`` s if the
                                            session options ask for it
 Node -> worker                         Worker -> node
-  SETUP   (op,) + the client's frames    SETUPDONE   (op,) + env frames
-  ENV     (op,) + env frames             SETUPFAIL   (op,) + exception
-  CLEANUP (op,) + the client's frames    CLEANUPDONE (op, error or None)
-                                         PROVISIONAL, SENDFILE as above
+  Setup   () + the client's frames       SetupDone   (None) + env frames
+  Env     () + env frames                SetupFail   ()     + exception
+  Cleanup () + the client's frames       CleanupDone (error or None)
+                                         Provisional, SendFile as above
 
-``name`` in FILE is relative to the session folder (no absolute paths, no
+``name`` in File is relative to the session folder (no absolute paths, no
 ``..``); the node refuses anything else.
 
 Node -> worker                         Worker -> node
-  INIT     (op, options)     + blobs     INITFAIL (op,)           + exception
-  FUNC     (op, fn_id)       + blob      DONE     (op, results)   + payloads
-  RUN      (op, jobs)        + payloads  STARTED  (op, job_id, time)
-  FORGET   (op, fn_ids)
+  Init     (options)     + blobs         InitFail ()          + exception
+  Func     (fn_id)       + blob          Done     (results)   + payloads
+  Run      (jobs)        + payloads      Started  (jobs: [(job_id, time)])
+  Forget   (fn_ids)
 
-``jobs`` in RUN is a list of ``(job_id, fn_id, nframes, star)``: the payload frames
-of the jobs follow the header in that order.  ``star`` is CALL (``fn(*args,
-**kwargs)``), STARMAP (the payload is ``(list_of_arg_tuples, {})``, the
-result the list of ``fn(*a)``) or MAP (``(list_of_items, {})``, the result
-the list of ``fn(x)``): a chunk of a map is one job.  ``results`` in DONE is a list
-of result tuples ``(job_id, status, start, end, stdout, stderr, nframes)``.
+``jobs`` in Run (both legs) is a list of :class:`RunItem` ``(job_id, fn_id,
+nframes, star)``: the payload frames of the jobs follow the header in that
+order.  ``star`` is a :class:`Call`.  ``results`` in Done is a list of
+:class:`Result` ``(job_id, outcome, start, end, stdout, stderr, nframes)``.
+
+A new message: a code in :class:`Op`, a record registered with
+``@message(Op.X)``; a handler for it where it is received.
 """
 import pickle
+from enum import IntEnum
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
-# client <-> node
-SESSION, FUNC, RUN, CANCEL, BYE = 1, 2, 3, 4, 5
-READY, REFUSED, DONE, STARTED = 11, 12, 13, 14
-# node <-> worker (FUNC, RUN, DONE and STARTED are shared with the above)
-INIT, INITFAIL = 21, 22
-# job environment (see above); SETUP.. are shared by all three parties
-FILE, SETUP = 6, 7
-RECOVER = 8
-# client -> node -> worker: drop these function ids (no job of theirs is left)
-FORGET = 9
-FILEDONE, SETUPDONE, SETUPFAIL, PROVISIONAL, SENDFILE = 15, 16, 17, 18, 19
-AVAILINFO = 20
-ENV, CLEANUP, CLEANUPDONE = 23, 24, 25
+from .errors import ProtocolError
 
-# How a worker calls a job's function (``star`` in RUN).
-CALL, STARMAP, MAP = 0, 1, 2
 
-# Job outcome codes carried in DONE.
-# CANCELLED: taken off the queue before it ran; KILLED: its process was killed.
-OK, ERROR, WORKER_LOST, CANCELLED, KILLED = 0, 1, 2, 3, 5
+class Op(IntEnum):
+    """Message codes (frame 0's first item)."""
+
+    # client <-> node
+    SESSION = 1
+    FUNC = 2
+    RUN = 3
+    CANCEL = 4
+    BYE = 5
+    FILE = 6
+    SETUP = 7
+    RECOVER = 8
+    FORGET = 9
+    READY = 11
+    REFUSED = 12
+    DONE = 13
+    STARTED = 14
+    FILEDONE = 15
+    SETUPDONE = 16
+    SETUPFAIL = 17
+    PROVISIONAL = 18
+    SENDFILE = 19
+    AVAILINFO = 20
+    # node <-> worker (FUNC, RUN, FORGET, DONE, STARTED and SETUP.. are shared)
+    INIT = 21
+    INITFAIL = 22
+    ENV = 23
+    CLEANUP = 24
+    CLEANUPDONE = 25
+
+
+class Call(IntEnum):
+    """How a worker calls a job's function (``star`` in a RunItem)."""
+
+    CALL = 0  # fn(*args, **kwargs)
+    STARMAP = 1  # the payload is (list_of_arg_tuples, {}); the result [fn(*a) ...]
+    MAP = 2  # the payload is (list_of_items, {}); the result [fn(x) ...]
+
+
+class Outcome(IntEnum):
+    """How a job ended (``outcome`` in a Result)."""
+
+    OK = 0  # the payload is the pickled result
+    ERROR = 1  # the function raised: the payload is the exception
+    WORKER_LOST = 2  # its process died: the payload is a WorkerLost
+    CANCELLED = 3  # taken off the queue before it ran; no payload
+    KILLED = 5  # its process was killed (a cancel while running); no payload
+
+
+# ---------------------------------------------------------------- items
+
+class RunItem(NamedTuple):
+    """One job of a Run message (client -> node and node -> worker)."""
+
+    job_id: int
+    fn_id: int
+    nframes: int  # its payload frames, after those of the jobs before it
+    star: int  # a Call
+
+
+class Result(NamedTuple):
+    """One job's outcome in a Done message (worker -> node -> client).
+
+    ``start``, ``end`` (time.time()), ``stdout`` and ``stderr`` are None for a
+    job that did not run to its end (cancelled, killed, its worker lost).
+    """
+
+    job_id: int
+    outcome: int  # an Outcome
+    start: Optional[float]
+    end: Optional[float]
+    stdout: Optional[str]
+    stderr: Optional[str]
+    nframes: int  # its payload frames, after those of the results before it
+
+
+def run_item(job_id: int, fn_id: int, nframes: int, star: int) -> tuple:
+    """A RunItem as it goes on the wire."""
+    return (job_id, fn_id, nframes, star)
+
+
+def result(job_id: int, outcome: int, nframes: int = 0, start: Optional[float] = None,
+           end: Optional[float] = None, stdout: Optional[str] = None,
+           stderr: Optional[str] = None) -> tuple:
+    """A Result as it goes on the wire (the outcome a plain int)."""
+    return (job_id, int(outcome), start, end, stdout, stderr, nframes)
+
+
+# Items are made with tuple.__new__ (what NamedTuple._make does, without its
+# length check): they are on the hot path, once per job on each leg.
+_new = tuple.__new__
+
+
+def run_items(msg: "Run", frames: Sequence) -> Iterator[tuple[RunItem, Sequence]]:
+    """The jobs of a Run message, each with its payload frames."""
+    i = 1
+    for record in msg.jobs:
+        item = _new(RunItem, record)
+        n = item.nframes
+        yield item, frames[i:i + n]
+        i += n
+
+
+def results(msg: "Done", frames: Sequence) -> Iterator[tuple[Result, Sequence]]:
+    """The results of a Done message, each with its payload frames."""
+    i = 1
+    for record in msg.results:
+        res = _new(Result, record)
+        n = res.nframes
+        yield res, frames[i:i + n]
+        i += n
+
+
+# ------------------------------------------------------------- messages
+
+_RECORDS: dict[int, Any] = {}  # op -> (message record class, its header's length)
+_CODES: dict[Any, int] = {}  # message record class -> op
+
+
+def message(op: Op):
+    """Register a NamedTuple class as the record of message ``op``."""
+    def register(cls):
+        if op in _RECORDS:
+            raise ValueError(f"{op!r} already has a record: {_RECORDS[op][0].__name__}")
+        _RECORDS[int(op)] = (cls, 1 + len(cls._fields))
+        _CODES[cls] = int(op)
+        return cls
+    return register
+
+
+@message(Op.SESSION)
+class Session(NamedTuple):
+    options: dict  # capture, notify_start, max_tasks, cwd, cleanup, cpus, ...
+
+
+@message(Op.FUNC)
+class Func(NamedTuple):
+    fn_id: int  # the function's blob follows
+
+
+@message(Op.RUN)
+class Run(NamedTuple):
+    jobs: list  # RunItem tuples (see run_items)
+
+
+@message(Op.CANCEL)
+class Cancel(NamedTuple):
+    job_ids: list
+
+
+@message(Op.BYE)
+class Bye(NamedTuple):
+    pass
+
+
+@message(Op.FILE)
+class File(NamedTuple):
+    req_id: Optional[int]  # None: a dependency sent before the session was ready
+    name: str  # relative to the session folder
+    mode: int
+
+
+@message(Op.SETUP)
+class Setup(NamedTuple):
+    pass
+
+
+@message(Op.RECOVER)
+class Recover(NamedTuple):
+    token: str
+    terminate: bool
+
+
+@message(Op.FORGET)
+class Forget(NamedTuple):
+    fn_ids: list
+
+
+@message(Op.READY)
+class Ready(NamedTuple):
+    info: dict
+
+
+@message(Op.REFUSED)
+class Refused(NamedTuple):
+    reason: str
+
+
+@message(Op.DONE)
+class Done(NamedTuple):
+    results: list  # Result tuples (see results)
+
+
+@message(Op.STARTED)
+class Started(NamedTuple):
+    jobs: list  # [(job_id, start time)]
+
+
+@message(Op.FILEDONE)
+class FileDone(NamedTuple):
+    req_id: Optional[int]
+    error: Optional[str]
+
+
+@message(Op.SETUPDONE)
+class SetupDone(NamedTuple):
+    info: Optional[dict]  # node -> client: {"cpus": n}; worker -> node: None
+
+
+@message(Op.SETUPFAIL)
+class SetupFail(NamedTuple):
+    pass
+
+
+@message(Op.PROVISIONAL)
+class Provisional(NamedTuple):
+    job_id: int
+
+
+@message(Op.SENDFILE)
+class SendFile(NamedTuple):
+    job_id: int
+    name: str
+
+
+@message(Op.AVAILINFO)
+class AvailInfo(NamedTuple):
+    info: dict
+
+
+@message(Op.INIT)
+class Init(NamedTuple):
+    options: dict  # capture, cwd, notify_start, max_tasks
+
+
+@message(Op.INITFAIL)
+class InitFail(NamedTuple):
+    pass
+
+
+@message(Op.ENV)
+class Env(NamedTuple):
+    pass
+
+
+@message(Op.CLEANUP)
+class Cleanup(NamedTuple):
+    pass
+
+
+@message(Op.CLEANUPDONE)
+class CleanupDone(NamedTuple):
+    error: Optional[str]
+
 
 _dumps = pickle.dumps
 _loads = pickle.loads
 
 
-def encode(*header):
-    """Frame 0 of a message: the header tuple, pickled."""
-    return _dumps(header, 5)
+def encode(msg: tuple) -> bytes:
+    """Frame 0 of a message: ``(op, *fields)``, pickled."""
+    return _dumps((_CODES[type(msg)], *msg), 5)
 
 
-def decode(frame):
-    """Inverse of :func:`encode`; only for authenticated peers."""
-    return _loads(frame)
+def decode(frame) -> Any:
+    """Inverse of :func:`encode`: the message's record.  Only for
+    authenticated peers; raises ProtocolError for an unknown op or a
+    header of the wrong shape."""
+    header = _loads(frame)
+    try:
+        cls, length = _RECORDS[header[0]]
+    except (KeyError, TypeError, IndexError):
+        raise ProtocolError(f"not a dpool message header: {_short(header)}") from None
+    if type(header) is not tuple or len(header) != length:
+        raise ProtocolError(f"bad {Op(header[0]).name} header: {_short(header)}")
+    return _new(cls, header[1:])
+
+
+def op_of(msg: tuple) -> Op:
+    """The Op of a message record (for logs)."""
+    return Op(_CODES[type(msg)])
+
+
+def _short(obj, limit: int = 80) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -31,6 +31,7 @@ from concurrent.futures import Future
 import cloudpickle
 
 from .. import protocol as P
+from ..protocol import Outcome, run_item
 from .. import serialize
 from ..config import resolve_cpus
 from ..errors import BrokenCluster, ConnectionClosed, DpoolError, JobCancelled, NodeLost
@@ -74,11 +75,11 @@ class Job:
         self.start_time = self.end_time = None
         self.stdout = self.stderr = None
         self.sent = False
-        self.tag = tag
+        self.tag = tag  # whatever the adapter wants to keep with the job
         # The outcome, also readable without the future's lock once "done"
         # was emitted: value or error, or cancelled by the user's future.cancel().
         self.value = self.error = None
-        self.cancelled = False  # whatever the adapter wants to keep with the job
+        self.cancelled = False  # True: the user's future.cancel() won before it ran
 
 
 class NodeLink:
@@ -182,8 +183,11 @@ class Client:
     local node with ``cpus`` CPUs.  ``session`` holds the per-session options
     sent to each node (capture, notify_start, max_tasks, cwd, cleanup, cpus);
     ``initializer``/``initargs`` run once in each worker process.
-    ``on_event(kind, obj)`` is called in the loop thread for "started" and
-    "done" (obj a Job) and "node" (obj a NodeLink) events; it must be quick.
+    ``on_event(kind, obj)`` is called in the loop thread; it must be quick.
+    The kinds: "started" and "done" (obj a Job), "node" (obj a NodeLink that
+    joined or was lost) and, for JobCluster's job environment, "provisional"
+    (obj ``(job, value)``), "file" (obj ``(job, name, data)``) and "avail"
+    (obj the NodeLink whose ``info["avail_info"]`` was updated).
     """
 
     def __init__(self, nodes=None, *, secret=None, ssl=None, cpus=None, session=None,
@@ -210,18 +214,18 @@ class Client:
         self._unfinished = set()  # futures not yet resolved (for close/wait)
         self._thread = LoopThread(name)
         self.loop = self._thread.loop
-        self._handlers = {P.READY: self._on_ready, P.REFUSED: self._on_refused,
-                          P.DONE: self._on_done, P.STARTED: self._on_started,
-                          P.INITFAIL: self._on_initfail}
+        self._handlers = {P.Ready: self._on_ready, P.Refused: self._on_refused,
+                          P.Done: self._on_done, P.Started: self._on_started,
+                          P.InitFail: self._on_initfail}
         # ``prepare(link)`` (loop thread, before SESSION) returns None to skip
         # the node, or (session options, [messages sent right after SESSION]);
         # a SETUP among them holds the node until SETUPDONE.
         self.prepare = prepare
         self._file_waiters = {}
         self._file_ids = itertools.count(1)
-        self._handlers.update({P.SETUPDONE: self._on_setup_done, P.SETUPFAIL: self._on_setup_fail,
-                               P.FILEDONE: self._on_file_done, P.PROVISIONAL: self._on_provisional,
-                               P.SENDFILE: self._on_sendfile, P.AVAILINFO: self._on_avail_info})
+        self._handlers.update({P.SetupDone: self._on_setup_done, P.SetupFail: self._on_setup_fail,
+                               P.FileDone: self._on_file_done, P.Provisional: self._on_provisional,
+                               P.SendFile: self._on_sendfile, P.AvailInfo: self._on_avail_info})
 
     # ------------------------------------------------------- user-side API
 
@@ -236,9 +240,9 @@ class Client:
     def submit(self, fn, args=(), kwargs=None, tag=None, pin=None, star=False):
         """Queue one job; returns its :class:`Job` (``job.future`` resolves).
 
-        With ``star=True`` (or ``protocol.STARMAP``), ``args`` is a list of
+        With ``star=True`` (or ``protocol.Call.STARMAP``), ``args`` is a list of
         argument tuples and the job's result is ``[fn(*a) for a in args]``;
-        with ``star=protocol.MAP`` it is a list of items and the result
+        with ``star=protocol.Call.MAP`` it is a list of items and the result
         ``[fn(x) for x in args]``: one message for a chunk of a map.
         ``tag`` is kept as ``job.tag``; ``pin`` names the only NodeLink
         the job may run on.
@@ -249,7 +253,7 @@ class Client:
             raise BrokenCluster(f"the cluster is broken: {self.broken}") from self.broken
         fn_id, blob = self.functions.get(fn)
         frames = serialize.dumps((args, kwargs or {}))
-        job = Job(next(self._ids), fn_id, frames, tag, star)
+        job = Job(next(self._ids), fn_id, frames, tag, int(star))  # a plain int on the wire
         job.blob = blob
         self._unfinished.add(job.future)  # the loop thread discards it when done
         self._incoming.append((job, pin))
@@ -378,18 +382,18 @@ class Client:
                 link.ready_future.cancel()  # nobody waits for it
                 raise DpoolError("not used: the cluster's allocation gave it no CPUs")
             session, preamble = plan
-        link.conn.send([P.encode(P.SESSION, session), *self.init_frames])
+        link.conn.send([P.encode(P.Session(session)), *self.init_frames])
         for message in preamble:
-            link.hold = link.hold or P.decode(message[0])[0] == P.SETUP
+            link.hold = link.hold or type(P.decode(message[0])) is P.Setup
             link.conn.send(message)
         await asyncio.wait_for(link.ready_future, self.connect_timeout)
 
     def _on_message(self, link, frames):
-        header = P.decode(frames[0])
-        self._handlers[header[0]](link, header, frames)
+        msg = P.decode(frames[0])
+        self._handlers[type(msg)](link, msg, frames)
 
-    def _on_ready(self, link, header, frames):
-        link.info = header[1]
+    def _on_ready(self, link, msg, frames):
+        link.info = msg.info
         link.ready = True
         if not link.ready_future.done():
             link.ready_future.set_result(None)
@@ -400,12 +404,12 @@ class Client:
         self._emit("node", link)
         self._act(self.scheduler.add_node(link, link.cpus, time.monotonic()))
 
-    def _on_refused(self, link, header, frames):
-        link.error = DpoolError(header[1])
+    def _on_refused(self, link, msg, frames):
+        link.error = DpoolError(msg.reason)
         if not link.ready_future.done():
             link.ready_future.set_exception(link.error)
 
-    def _on_initfail(self, link, header, frames):
+    def _on_initfail(self, link, msg, frames):
         self._leave_out(link, "the initializer failed", frames)
 
     def _leave_out(self, link, what, frames):
@@ -419,25 +423,25 @@ class Client:
 
     # ------------------------------------------ job environment (JobCluster)
 
-    def _on_setup_done(self, link, header, frames):
+    def _on_setup_done(self, link, msg, frames):
         link.hold = False
         if link.ready:
             self._admit(link)
 
-    def _on_setup_fail(self, link, header, frames):
+    def _on_setup_fail(self, link, msg, frames):
         self._leave_out(link, "setup failed", frames)
 
-    def _on_file_done(self, link, header, frames):
-        waiter = self._file_waiters.pop(header[1], None)
+    def _on_file_done(self, link, msg, frames):
+        waiter = self._file_waiters.pop(msg.req_id, None)
         if waiter is not None and not waiter.done():
-            waiter.set_result(header[2])
-        elif header[2] is not None:  # a dependency sent before the session was ready
-            link.error = BrokenCluster(header[2])
-            log.error("node %s: %s (the node is left out)", link.name, header[2])
+            waiter.set_result(msg.error)
+        elif msg.error is not None:  # a dependency sent before the session was ready
+            link.error = BrokenCluster(msg.error)
+            log.error("node %s: %s (the node is left out)", link.name, msg.error)
             link.conn.abort()
 
-    def _on_provisional(self, link, header, frames):
-        job = self.jobs.get(header[1])
+    def _on_provisional(self, link, msg, frames):
+        job = self.jobs.get(msg.job_id)
         if job is not None:
             try:
                 value = serialize.loads(frames[1:])
@@ -446,12 +450,12 @@ class Client:
                 return
             self._emit("provisional", (job, value))
 
-    def _on_avail_info(self, link, header, frames):
-        link.info["avail_info"] = header[1]
+    def _on_avail_info(self, link, msg, frames):
+        link.info["avail_info"] = msg.info
         self._emit("avail", link)
 
-    def _on_sendfile(self, link, header, frames):
-        self._emit("file", (self.jobs.get(header[1]), header[2], frames[1]))
+    def _on_sendfile(self, link, msg, frames):
+        self._emit("file", (self.jobs.get(msg.job_id), msg.name, frames[1]))
 
     def send_file(self, link, name, data, mode=0o644):
         """Write ``data`` as ``name`` in the node's session folder; returns a
@@ -465,7 +469,7 @@ class Client:
                 self._file_waiters.pop(req_id, None)
                 waiter.set_result(f"node {link.name} is not connected")
                 return
-            link.conn.send([P.encode(P.FILE, req_id, name, mode), data])
+            link.conn.send([P.encode(P.File(req_id, name, mode)), data])
         self.loop.call_soon_threadsafe(send)
         return waiter
 
@@ -486,7 +490,7 @@ class Client:
         def close():
             if link.conn is not None and not link.conn.closed:
                 if link.ready:
-                    link.conn.send([P.encode(P.BYE)])
+                    link.conn.send([P.encode(P.Bye())])
                 link.conn.close()
         self.loop.call_soon_threadsafe(close)
 
@@ -544,7 +548,7 @@ class Client:
                 self._finish(self.jobs.pop(action.job, None), ABANDONED, error=action.error)
             elif kind is CancelRemote:
                 try:
-                    action.node.conn.send([P.encode(P.CANCEL, action.jobs)])
+                    action.node.conn.send([P.encode(P.Cancel(action.jobs))])
                 except ConnectionClosed:
                     pass  # closing: its close callback reports these jobs cancelled
             elif kind is Cancelled:
@@ -562,20 +566,20 @@ class Client:
                 job.sent = True
             count = link.fns.get(job.fn_id)
             if count is None:
-                functions.append([P.encode(P.FUNC, job.fn_id), job.blob])
+                functions.append([P.encode(P.Func(job.fn_id)), job.blob])
                 link.fns[job.fn_id] = 1
             else:
                 link.fns[job.fn_id] = count + 1
                 link.fns.move_to_end(job.fn_id)
             job.node = link
             job.status = RUNNING
-            header.append((job_id, job.fn_id, len(job.frames), job.star))
+            header.append(run_item(job_id, job.fn_id, len(job.frames), job.star))
             frames.extend(job.frames)
         try:
             for message in functions:
                 conn.send(message)
             if header:
-                conn.send([P.encode(P.RUN, header), *frames])
+                conn.send([P.encode(P.Run(header)), *frames])
         except ConnectionClosed as exc:
             # Closed under us (its close callback, which runs later, does the
             # rest): these jobs go elsewhere now, with the node's others.
@@ -601,51 +605,51 @@ class Client:
         for fn_id in drop:
             del fns[fn_id]
         if drop:
-            link.conn.send([P.encode(P.FORGET, drop)])
+            link.conn.send([P.encode(P.Forget(drop))])
 
-    def _on_started(self, link, header, frames):
-        for job_id, start in header[1]:
+    def _on_started(self, link, msg, frames):
+        for job_id, start in msg.jobs:
             job = self.jobs.get(job_id)
             if job is not None:
                 job.start_time = start
                 job.status = RUNNING
                 self._emit("started", job)
 
-    def _on_done(self, link, header, frames):
-        i = 1
+    def _on_done(self, link, msg, frames):
         jobs, scheduler = self.jobs, self.scheduler
-        for job_id, status, start, end, out, err, n in header[1]:
-            payload = frames[i:i + n]
-            i += n
-            job = jobs.pop(job_id, None)
-            scheduler.done(link, job_id, None if start is None else end - start, dispatch=False)
+        for res, payload in P.results(msg, frames):
+            start, end = res.start, res.end
+            job = jobs.pop(res.job_id, None)
+            scheduler.done(link, res.job_id, None if start is None else end - start,
+                           dispatch=False)
             if job is None:
                 continue
             count = link.fns.get(job.fn_id)
             if count:
                 link.fns[job.fn_id] = count - 1
             if start is not None:
-                job.start_time, job.end_time, job.stdout, job.stderr = start, end, out, err
+                job.start_time, job.end_time, job.stdout, job.stderr = \
+                    start, end, res.stdout, res.stderr
                 link.jobs_done += 1
                 link.cpu_time += end - start
-            self._resolve(job, status, payload)
+            self._resolve(job, res.outcome, payload)
         self._act(scheduler.dispatch())
 
-    def _resolve(self, job, status, payload):
-        if status == P.OK:
+    def _resolve(self, job, outcome, payload):
+        if outcome == Outcome.OK:
             try:
                 value = serialize.loads(payload)
             except Exception as exc:  # e.g. the result's class is not importable here
                 self._finish(job, TERMINATED, error=exc)
             else:
                 self._finish(job, FINISHED, value=value)
-        elif status == P.CANCELLED:
+        elif outcome == Outcome.CANCELLED:
             self._finish(job, CANCELLED, error=JobCancelled("job cancelled before it ran"))
-        elif status == P.KILLED:
+        elif outcome == Outcome.KILLED:
             self._finish(job, TERMINATED, error=JobCancelled("job cancelled: its process was killed"))
         else:
             error = serialize.load_exception(payload)
-            self._finish(job, TERMINATED if status == P.ERROR else ABANDONED, error=error)
+            self._finish(job, TERMINATED if outcome == Outcome.ERROR else ABANDONED, error=error)
 
     def _finish(self, job, status, value=None, error=None):
         if job is None:
@@ -693,7 +697,7 @@ class Client:
         for link in self.links:
             if link.conn is not None and not link.conn.closed:
                 if link.ready:
-                    link.conn.send([P.encode(P.BYE)])
+                    link.conn.send([P.encode(P.Bye())])
                 link.ready = False
                 link.conn.close()
         for job in list(self.jobs.values()):

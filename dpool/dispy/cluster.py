@@ -243,10 +243,10 @@ class JobCluster:
             session["recover_token"] = self._recover.new_session(link.address, self._used_secret)
         messages = []
         for fname, mode, data in self._files + getattr(alloc, "_files", []):
-            messages.append([P.encode(P.FILE, None, fname, mode), data])
+            messages.append([P.encode(P.File(None, fname, mode)), data])
         names = dict(self._names, dispy_node_name=name, dispy_node_ip_addr=ip)
         cleanup = self._cleanup if not isinstance(self._cleanup, bool) else None
-        messages.append([P.encode(P.SETUP),
+        messages.append([P.encode(P.Setup()),
                          *serialize.dumps((names, self._setup, alloc.setup_args, cleanup))])
         return session, messages
 

@@ -25,6 +25,7 @@ import secrets
 import threading
 
 from .. import protocol as P
+from ..protocol import Outcome
 from .. import serialize
 from .model import DispyJob, resolve_host
 from ..errors import DpoolError
@@ -165,28 +166,24 @@ async def _recover_node(i, address, token, secret, ssl, ids, terminate, deadline
         conn = await asyncio.wait_for(connect(host, port, secret=secret, hello=client_hello(),
                                               ssl=ssl),
                                       10.0 if deadline is None else min(10.0, remaining()))
-        conn.send([P.encode(P.RECOVER, token, bool(terminate))])
-        header = P.decode((await asyncio.wait_for(conn.recv(), remaining()))[0])
-        if header[0] != P.READY:
-            log.info("recover_jobs: node %s:%s: %s", host, port, header[1])
+        conn.send([P.encode(P.Recover(token, bool(terminate)))])
+        msg = P.decode((await asyncio.wait_for(conn.recv(), remaining()))[0])
+        if type(msg) is not P.Ready:
+            log.info("recover_jobs: node %s:%s: %s", host, port, msg)
             complete[i] = True  # nothing kept there (collected before, or expired)
             return
-        expected = set(header[1]["kept"]) | set(header[1]["pending"])
+        expected = set(msg.info["kept"]) | set(msg.info["pending"])
         ip = resolve_host(host)
         while expected:
             frames = await asyncio.wait_for(conn.recv(), remaining())
-            header = P.decode(frames[0])
-            if header[0] != P.DONE:
+            msg = P.decode(frames[0])
+            if type(msg) is not P.Done:
                 continue  # STARTED, AVAILINFO, provisional results: not kept
-            k = 1
-            for job_id, status, start, end, out, err, n in header[1]:
-                payload = frames[k:k + n]
-                k += n
-                if job_id in expected:
-                    expected.discard(job_id)
-                    jobs.append(_job(ids.get(job_id), ip, status, start, end, out, err,
-                                     payload))
-        conn.send([P.encode(P.BYE)])
+            for res, payload in P.results(msg, frames):
+                if res.job_id in expected:
+                    expected.discard(res.job_id)
+                    jobs.append(_job(ids.get(res.job_id), ip, res, payload))
+        conn.send([P.encode(P.Bye())])
         complete[i] = True
     except (TimeoutError, OSError, DpoolError) as exc:
         log.warning("recover_jobs: node %s:%s: %s", host, port,
@@ -197,26 +194,27 @@ async def _recover_node(i, address, token, secret, ssl, ids, terminate, deadline
             await conn.wait_closed()
 
 
-def _job(job_id, ip, status, start, end, out, err, payload):
+def _job(job_id, ip, res, payload):
     from .cluster import _exception_text
 
     job = DispyJob(None, None, None)
     job.id, job.args, job.kwargs = job_id, None, None
-    job.ip_addr, job.start_time, job.end_time = ip, start, end
-    job.stdout, job.stderr = out or "", err or ""
-    if status == P.OK:
+    job.ip_addr, job.start_time, job.end_time = ip, res.start, res.end
+    job.stdout, job.stderr = res.stdout or "", res.stderr or ""
+    status = res.outcome
+    if status == Outcome.OK:
         try:
             job.result = serialize.loads(payload)
             job._status = DispyJob.Finished
         except Exception as exc:
             job.exception, job._status = _exception_text(exc), DispyJob.Terminated
-    elif status == P.CANCELLED:
+    elif status == Outcome.CANCELLED:
         job._status = DispyJob.Cancelled
-    elif status == P.KILLED:
+    elif status == Outcome.KILLED:
         job.exception, job._status = "job terminated (recover_jobs terminate_pending)", \
             DispyJob.Terminated
     else:
         job.exception = _exception_text(serialize.load_exception(payload))
-        job._status = DispyJob.Terminated if status == P.ERROR else DispyJob.Abandoned
+        job._status = DispyJob.Terminated if status == Outcome.ERROR else DispyJob.Abandoned
     job._set_done()
     return job

@@ -35,6 +35,7 @@ import socket
 import tempfile
 
 from .. import protocol as P
+from ..protocol import Outcome
 from .. import serialize
 from ..errors import WorkerLost
 from ..transport import wrap_socket
@@ -146,7 +147,7 @@ class Session:
         self.cpus = 0
         self.options = {}
         self.workers = []
-        self.queue = collections.deque()  # (job_id, fn_id, frames)
+        self.queue = collections.deque()  # (RunItem, its payload frames)
         self.fns = {}
         self.given = {}  # job id -> (WorkerHandle, job), for jobs given to a worker
         self._ghosts = set()  # cancelled after being given: drop their results
@@ -160,9 +161,9 @@ class Session:
         self.init_frames = ()
         self.tasks = set()
         self.env = None  # a nodeenv.SessionEnv once the client sends FILE or SETUP
-        self.handlers = {P.SESSION: self.on_session, P.FUNC: self.on_func, P.RUN: self.on_run,
-                         P.CANCEL: self.on_cancel, P.BYE: self.on_bye, P.FORGET: self.on_forget,
-                         P.FILE: self.on_env, P.SETUP: self.on_env, P.RECOVER: self.on_recover}
+        self.handlers = {P.Session: self.on_session, P.Func: self.on_func, P.Run: self.on_run,
+                         P.Cancel: self.on_cancel, P.Bye: self.on_bye, P.Forget: self.on_forget,
+                         P.File: self.on_env, P.Setup: self.on_env, P.Recover: self.on_recover}
         self.detached_at = None  # loop time the client went away (recoverable sessions)
         self._expiry = None
 
@@ -172,13 +173,15 @@ class Session:
         if self.ended:
             return
         try:
-            header = P.decode(frames[0])
-            handler = self.handlers[header[0]]
+            msg = P.decode(frames[0])
+            handler = self.handlers[type(msg)]
         except Exception as exc:  # an authenticated peer sent nonsense
+            if isinstance(exc, KeyError):
+                exc = f"{P.op_of(msg).name} is not a message a client sends"
             log.warning("session %s from %s: bad message (%s); closing it", self.sid, self.conn.peer, exc)
             self.end("protocol error")
             return
-        handler(header, frames)
+        handler(msg, frames)
 
     def on_close(self, exc=None):
         if not self.ended and self.cpus > 0 and self.options.get("recover_token") \
@@ -190,13 +193,13 @@ class Session:
                      f" ({exc})" if exc else "")
         self.end("client disconnected")
 
-    def on_session(self, header, frames):
-        options = self.options = header[1]
+    def on_session(self, msg, frames):
+        options = self.options = msg.options
         want = options.get("cpus") or self.node.free_cpus
         self.cpus = min(want, self.node.free_cpus)
         if self.cpus <= 0:
-            self.conn.send([P.encode(P.REFUSED, f"node {self.node.name} has no free CPUs "
-                                                f"(all {self.node.cpus} are in use by other clients)")])
+            self.conn.send([P.encode(P.Refused(f"node {self.node.name} has no free CPUs (all "
+                                               f"{self.node.cpus} are in use by other clients)"))])
             self.end("refused")
             return
         self.node.free_cpus -= self.cpus
@@ -204,11 +207,11 @@ class Session:
         try:
             self.dir = self._make_dir(options)
         except OSError as exc:
-            self.conn.send([P.encode(P.REFUSED, f"cannot create the job folder: {exc}")])
+            self.conn.send([P.encode(P.Refused(f"cannot create the job folder: {exc}"))])
             self.end("refused")
             return
         info = dict(self.node.info(), cpus=self.cpus, dir=self.dir, pid=os.getpid())
-        self.conn.send([P.encode(P.READY, info)])
+        self.conn.send([P.encode(P.Ready(info))])
         for _ in range(self.cpus):
             self._spawn()
         if options.get("pulse_interval"):
@@ -225,7 +228,7 @@ class Session:
             await asyncio.sleep(interval)
             if self.ended or self.conn.closed:
                 return
-            self.conn.send([P.encode(P.AVAILINFO, avail_info(self.node.dest_root))])
+            self.conn.send([P.encode(P.AvailInfo(avail_info(self.node.dest_root)))])
 
     def _make_dir(self, options):
         if options.get("cwd"):
@@ -246,35 +249,32 @@ class Session:
                 raise OSError(str(exc)) from None
         return tempfile.mkdtemp(prefix=f"dpool-session-{self.sid}-", dir=root)
 
-    def on_func(self, header, frames):
-        self.fns[header[1]] = frames[1]
+    def on_func(self, msg, frames):
+        self.fns[msg.fn_id] = frames[1]
 
-    def on_run(self, header, frames):
-        i = 1
-        queue = self.queue
-        for job_id, fn_id, n, star in header[1]:
-            queue.append((job_id, fn_id, frames[i:i + n], star))
-            i += n
+    def on_run(self, msg, frames):
+        self.queue.extend(P.run_items(msg, frames))
         self.dispatch()
 
-    def on_forget(self, header, frames):
+    def on_forget(self, msg, frames):
         """The client needs these functions no more (none of their jobs is
         left here): drop them, and have the workers that loaded them drop them."""
-        ids = header[1]
+        ids = msg.fn_ids
         for fn_id in ids:
             self.fns.pop(fn_id, None)
         for worker in self.workers:
             gone = [fn_id for fn_id in ids if fn_id in worker.fns]
             if gone and not worker.dead:
                 worker.fns.difference_update(gone)
-                worker.conn.send([P.encode(P.FORGET, gone)])
+                worker.conn.send([P.encode(P.Forget(gone))])
 
-    def on_cancel(self, header, frames):
-        ids = set(header[1])
+    def on_cancel(self, msg, frames):
+        ids = set(msg.job_ids)
         kept = collections.deque()
         for job in self.queue:
-            if job[0] in ids:
-                self._result(job[0], P.CANCELLED, None, None, None, None, ())
+            job_id = job[0].job_id
+            if job_id in ids:
+                self._report(job_id, Outcome.CANCELLED)
             else:
                 kept.append(job)
         self.queue = kept
@@ -291,9 +291,9 @@ class Session:
                 # Queued inside the worker but not started (only short jobs are
                 # queued there): report it cancelled now, drop its result later.
                 self._ghosts.add(job_id)
-                self._result(job_id, P.CANCELLED, None, None, None, None, ())
+                self._report(job_id, Outcome.CANCELLED)
 
-    def on_bye(self, header, frames):
+    def on_bye(self, msg, frames):
         self.end("client closed the session")
 
     # ---------------------------------------------------------- recovery
@@ -331,44 +331,43 @@ class Session:
                     self.sid, why, len(self.out), len(self.queue) + len(self.given))
         self.end(why)
 
-    def on_recover(self, header, frames):
+    def on_recover(self, msg, frames):
         """RECOVER on a new connection: take over a detached session."""
-        _, token, terminate = header
-        old = self.node.detached.pop(token, None) if self.cpus == 0 else None
+        old = self.node.detached.pop(msg.token, None) if self.cpus == 0 else None
         if old is None or old.ended:
-            self.conn.send([P.encode(P.REFUSED, f"node {self.node.name} keeps no results for "
-                                                f"that session (unknown, or the time to "
-                                                f"recover it has passed)")])
+            self.conn.send([P.encode(P.Refused(f"node {self.node.name} keeps no results for "
+                                               f"that session (unknown, or the time to "
+                                               f"recover it has passed)"))])
             self.end("refused")
             return
         self.ended = True  # this session only hands its connection over
         self.node.release(self)
-        old._reattach(self.conn, terminate)
+        old._reattach(self.conn, msg.terminate)
 
     def _reattach(self, conn, terminate):
         self._expiry.cancel()
         self._expiry = self.detached_at = None
         self.conn = conn
         conn.set_receiver(self.on_message, self.on_close)
-        pending = [job[0] for job in self.queue]
+        pending = [item.job_id for item, _ in self.queue]
         pending += [job_id for job_id in self.given if job_id not in self._ghosts]
         kept = [record[0] for record in self.out]
         log.info("session %s: recovered by %s: %d results kept, %d jobs unfinished%s",
                  self.sid, conn.peer, len(kept), len(pending),
                  " (terminated)" if terminate and pending else "")
-        conn.send([P.encode(P.READY, dict(self.node.info(), recovered=True, kept=kept,
-                                          pending=pending))])
+        conn.send([P.encode(P.Ready(dict(self.node.info(), recovered=True, kept=kept,
+                                         pending=pending)))])
         self._schedule_flush()
         if terminate and pending:
-            self.on_cancel((P.CANCEL, pending), ())
+            self.on_cancel(P.Cancel(pending), ())
 
-    def on_env(self, header, frames):
-        """FILE and SETUP: dispy's job environment (see nodeenv)."""
+    def on_env(self, msg, frames):
+        """File and Setup: dispy's job environment (see node/env)."""
         if self.env is None:
             from .env.session import SessionEnv
 
             self.env = SessionEnv(self)
-        self.env.on_client_message(header, frames)
+        self.env.on_client_message(msg, frames)
 
     # ----------------------------------------------------------- worker side
 
@@ -395,7 +394,7 @@ class Session:
         options = {"capture": self.options.get("capture", False), "cwd": self.dir,
                    "notify_start": self.options.get("notify_start", False),
                    "max_tasks": self.options.get("max_tasks")}
-        conn.send([P.encode(P.INIT, options), *self.init_frames])
+        conn.send([P.encode(P.Init(options)), *self.init_frames])
         if self.env is None or self.env.admit(worker):
             self.workers.append(worker)
         conn.set_receiver(lambda frames: self.on_worker_message(worker, frames),
@@ -411,24 +410,25 @@ class Session:
             if worker is None:
                 break
             job = queue.popleft()
-            job_id, fn_id, frames, star = job
+            item, frames = job
+            job_id, fn_id = item.job_id, item.fn_id
             if fn_id not in worker.fns:
                 blob = self.fns.get(fn_id)
                 if blob is None:
-                    self._result(job_id, P.ERROR, None, None, None, None,
-                                 serialize.dump_exception(LookupError(f"unknown function id {fn_id}")))
+                    self._report(job_id, Outcome.ERROR, serialize.dump_exception(
+                        LookupError(f"unknown function id {fn_id}")))
                     continue
                 worker.fns.add(fn_id)
-                worker.conn.send([P.encode(P.FUNC, fn_id), blob])
+                worker.conn.send([P.encode(P.Func(fn_id)), blob])
             batch = batches.get(worker)
             if batch is None:
                 batch = batches[worker] = ([], [None])
-            batch[0].append((job_id, fn_id, star, len(frames)))
+            batch[0].append(P.run_item(job_id, fn_id, item.nframes, item.star))
             batch[1].extend(frames)
             worker.outstanding.append(job_id)
             self.given[job_id] = (worker, job)
         for worker, (header, frames) in batches.items():
-            frames[0] = P.encode(P.RUN, header)
+            frames[0] = P.encode(P.Run(header))
             worker.conn.send(frames)
 
     _dispatch_scheduled = False
@@ -453,33 +453,31 @@ class Session:
         return best
 
     def on_worker_message(self, worker, frames):
-        header = P.decode(frames[0])
-        op = header[0]
-        if op == P.DONE:
-            i = 1
-            for job_id, status, start, end, out, err, n in header[1]:
+        msg = P.decode(frames[0])
+        kind = type(msg)
+        if kind is P.Done:
+            for res, payload in P.results(msg, frames):
+                job_id = res.job_id
                 if worker.outstanding and worker.outstanding[0] == job_id:
                     worker.outstanding.popleft()
                 if worker.tasks_left is not None:
                     worker.tasks_left -= 1
                 if self.given.pop(job_id, None) is not None and job_id not in self._ghosts:
-                    self._result(job_id, status, start, end, out, err, frames[i:i + n])
+                    self._result(tuple(res), payload)
                 self._ghosts.discard(job_id)
-                self._learn(end - start)
-                i += n
+                self._learn(res.end - res.start)
             # Once per loop iteration, after every worker's results of this
             # pass are in: the freed room goes out as one RUN per worker.
             if not self._dispatch_scheduled:
                 self._dispatch_scheduled = True
                 asyncio.get_running_loop().call_soon(self._deferred_dispatch)
-        elif op == P.STARTED:
-            if header[1] not in self._ghosts:
-                self.started.append((header[1], header[2]))
-                self._schedule_flush()
-        elif op == P.INITFAIL:
+        elif kind is P.Started:
+            self.started.extend(job for job in msg.jobs if job[0] not in self._ghosts)
+            self._schedule_flush()
+        elif kind is P.InitFail:
             self._init_failed(frames[1:])
         elif self.env is not None:
-            self.env.on_worker_message(worker, header, frames)
+            self.env.on_worker_message(worker, msg, frames)
 
     def _learn(self, duration):
         self.ema = duration if self.ema is None else 0.8 * self.ema + 0.2 * duration
@@ -510,13 +508,13 @@ class Session:
             running = worker.outstanding.popleft()
             self.given.pop(running, None)
             if worker.killing == running:
-                self._result(running, P.KILLED, None, None, None, None, ())
+                self._report(running, Outcome.KILLED)
             elif running in self._ghosts:
                 self._ghosts.discard(running)
             else:
                 exc = WorkerLost(f"the worker process (pid {worker.pid}) running this job "
                                  f"{describe_exit(code)}")
-                self._result(running, P.WORKER_LOST, None, None, None, None, serialize.dump_exception(exc))
+                self._report(running, Outcome.WORKER_LOST, serialize.dump_exception(exc))
             self._requeue(worker)
         self._spawn()
 
@@ -534,13 +532,18 @@ class Session:
         # The client fails or moves the jobs it gave us; we just stop (a
         # client already gone, as a recoverable session's may be, hears nothing).
         if not self.conn.closed:
-            self.conn.send([P.encode(P.INITFAIL), *exc_frames])
+            self.conn.send([P.encode(P.InitFail()), *exc_frames])
         self.end("initializer failed")
 
     # --------------------------------------------------------- to the client
 
-    def _result(self, job_id, status, start, end, out, err, frames):
-        self.out.append((job_id, status, start, end, out, err, len(frames)))
+    def _report(self, job_id, outcome, frames=()):
+        """The result of a job that did not run to its end (no times, no output)."""
+        self._result(P.result(job_id, outcome, len(frames)), frames)
+
+    def _result(self, record, frames):
+        """Queue a Result (as on the wire) and its payload for the next Done."""
+        self.out.append(record)
         self.out_frames.extend(frames)
         self._schedule_flush()
 
@@ -558,12 +561,12 @@ class Session:
                 self._check_kept()
             return
         if self.started:
-            self.conn.send([P.encode(P.STARTED, self.started)])
+            self.conn.send([P.encode(P.Started(self.started))])
             self.started = []
         if self.out:
             out, frames = self.out, self.out_frames
             self.out, self.out_frames = [], []
-            self.conn.send([P.encode(P.DONE, out), *frames])
+            self.conn.send([P.encode(P.Done(out)), *frames])
 
     # ---------------------------------------------------------------- ending
 

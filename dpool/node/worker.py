@@ -6,10 +6,10 @@
     ──────────────                      ────────────────────────────
     INIT options + initializer  ──►  set cwd, run initializer
     FUNC fn_id + blob           ──►  cache the function under fn_id
-    RUN [(job_id, fn_id, star, n)] + payloads ──► for each: load, run, dump
-                                ◄──  STARTED job_id time   (if asked)
-                                ◄──  DONE [(job_id, status, start, end,
-                                           stdout, stderr, n)] + payloads
+    RUN [RunItem(job_id, fn_id, n, star)] + payloads ──► for each: load, run, dump
+                                ◄──  STARTED [(job_id, time)]   (if asked)
+                                ◄──  DONE [Result(job_id, outcome, start, end,
+                                              stdout, stderr, n)] + payloads
 
 A worker is forked by the zygote (:mod:`dpool.node.zygote`) with one end of a
 socketpair; its only peer is its node.  It runs in its own process group so
@@ -23,8 +23,12 @@ import sys
 import time
 
 from .. import protocol as P
+from ..protocol import Call, Outcome
 from .. import serialize
 from ..transport import BlockingConnection
+
+
+_OK, _ERROR = int(Outcome.OK), int(Outcome.ERROR)
 
 
 class _Capture:
@@ -48,20 +52,20 @@ class Worker:
         self.notify_start = False
         self.max_tasks = None
         self.done = 0
-        self.handlers = {P.INIT: self.on_init, P.FUNC: self.on_func, P.RUN: self.on_run,
-                         P.FORGET: self.on_forget,
-                         P.SETUP: self.on_env, P.ENV: self.on_env, P.CLEANUP: self.on_env}
+        self.handlers = {P.Init: self.on_init, P.Func: self.on_func, P.Run: self.on_run,
+                         P.Forget: self.on_forget,
+                         P.Setup: self.on_env, P.Env: self.on_env, P.Cleanup: self.on_env}
 
     def serve(self):
         recv = self.conn.recv
         handlers = self.handlers
         while self.max_tasks is None or self.done < self.max_tasks:
             frames = recv()
-            header = P.decode(frames[0])
-            handlers[header[0]](header, frames)
+            msg = P.decode(frames[0])
+            handlers[type(msg)](msg, frames)
 
-    def on_init(self, header, frames):
-        options = header[1]
+    def on_init(self, msg, frames):
+        options = msg.options
         self.capture = options.get("capture", False)
         self.notify_start = options.get("notify_start", False)
         self.max_tasks = options.get("max_tasks")
@@ -76,21 +80,21 @@ class Worker:
                 if initializer is not None:
                     initializer(*initargs)
             except BaseException as exc:  # reported to the node, then we exit
-                self.conn.send([P.encode(P.INITFAIL), *serialize.dump_exception(exc)])
+                self.conn.send([P.encode(P.InitFail()), *serialize.dump_exception(exc)])
                 self.conn.close()
                 os._exit(3)
 
-    def on_func(self, header, frames):
-        self.fns[header[1]] = frames[1]
+    def on_func(self, msg, frames):
+        self.fns[msg.fn_id] = frames[1]
 
-    def on_env(self, header, frames):
+    def on_env(self, msg, frames):
         """dispy's job environment (JobCluster sessions only): see jobenv."""
         from .env import job as jobenv
 
-        jobenv.handle(self, header, frames)
+        jobenv.handle(self, msg, frames)
 
-    def on_forget(self, header, frames):
-        for fn_id in header[1]:
+    def on_forget(self, msg, frames):
+        for fn_id in msg.fn_ids:
             self.fns.pop(fn_id, None)
 
     def _function(self, fn_id):
@@ -99,22 +103,20 @@ class Worker:
             fn = self.fns[fn_id] = serialize.loads_function(fn)
         return fn
 
-    def on_run(self, header, frames):
+    def on_run(self, msg, frames):
         """Run a batch of jobs.  Each result is sent as soon as its job ends,
         before the next job starts: if a later job kills this process, the
         results already made are safe with the node, and the node knows that
         the job it has no result for is the one that was running."""
-        i = 1
         send = self.conn.send
-        for job_id, fn_id, star, n in header[1]:
-            record, payload = self.run(job_id, fn_id, star, frames[i:i + n])
-            i += n
-            send([P.encode(P.DONE, [record]), *payload])
+        for item, payload in P.run_items(msg, frames):
+            record, payload = self.run(item.job_id, item.fn_id, item.star, payload)
+            send([P.encode(P.Done([record])), *payload])
 
     def run(self, job_id, fn_id, star, frames):
         start = time.time()
         if self.notify_start:
-            self.conn.send([P.encode(P.STARTED, job_id, start)])
+            self.conn.send([P.encode(P.Started([(job_id, start)]))])
         out = err = None
         try:
             fn = self._function(fn_id)
@@ -128,21 +130,21 @@ class Worker:
             else:
                 result = _call(fn, args, kwargs, star)
             payload = serialize.dumps(result)
-            status = P.OK
+            outcome = _OK
         except BaseException as exc:  # the job's failure is its result
-            status = P.ERROR
+            outcome = _ERROR
             payload = serialize.dump_exception(exc, exc.__traceback__)
             del exc
         self.done += 1
-        return (job_id, status, start, time.time(), out, err, len(payload)), payload
+        return P.result(job_id, outcome, len(payload), start, time.time(), out, err), payload
 
 
 def _call(fn, args, kwargs, star):
     if not star:
         return fn(*args, **kwargs)
-    if star == P.MAP:  # a chunk of a map: args is a list of items
+    if star == Call.MAP:  # a chunk of a map: args is a list of items
         return list(map(fn, args))
-    return list(itertools.starmap(fn, args))  # P.STARMAP: a list of argument tuples
+    return list(itertools.starmap(fn, args))  # Call.STARMAP: a list of argument tuples
 
 
 def main(fd):

@@ -394,8 +394,8 @@ def test_cancel_of_a_job_queued_in_a_worker_that_just_died(tmp_path):
         (worker,) = client.call(lambda: list(session.workers))
         assert client.call(lambda: list(worker.outstanding)) == [a.id, b.id]
         cancels = []
-        original = session.handlers[P.CANCEL]
-        session.handlers[P.CANCEL] = lambda h, f: (original(h, f), cancels.append(h[1]))
+        original = session.handlers[P.Cancel]
+        session.handlers[P.Cancel] = lambda m, f: (original(m, f), cancels.append(m.job_ids))
         zygote = client.embedded.zygote.proc
         os.kill(zygote.pid, signal.SIGSTOP)  # its exit report waits
         os.kill(worker_pid, signal.SIGKILL)

@@ -69,7 +69,7 @@ def test_the_evil_pickles_are_live(tmp_path):
 FRAMINGS = {
     "raw": lambda p: p,
     "frame": lambda p: b"".join(encode_frames([p])),
-    "op-header": lambda p: b"".join(encode_frames([P.encode(P.RUN, [(1, 1, 1, False)]), p])),
+    "op-header": lambda p: b"".join(encode_frames([P.encode(P.Run([P.run_item(1, 1, 1, 0)])), p])),
     "fake-magic": lambda p: auth.MAGIC + p,
     # a well-formed but wrong response, then a frame: the frame must never be read
     "bad-response-then-frame": lambda p: (auth.MAGIC + b"\0" * (auth.NONCE_SIZE + auth.DIGEST_SIZE)
@@ -117,10 +117,11 @@ def test_wrong_secret_is_rejected_and_the_node_serves_others(dpool_node):
 
 GARBAGE = {
     "not-a-pickle": [b"\x00\x01 this is not a pickle"],
-    "unknown-op": [P.encode(99, "what")],
+    "unknown-op": [pickle.dumps((99, "what"))],
+    "wrong-shape": [pickle.dumps((int(P.Op.RUN), "what", "more"))],
     "not-a-tuple": [pickle.dumps(5)],
     "no-frames": [],
-    "truncated-pickle": [P.encode(P.RUN, [(1, 1, 1, False)])[:-3]],
+    "truncated-pickle": [P.encode(P.Run([P.run_item(1, 1, 1, 0)]))[:-3]],
 }
 
 

@@ -53,7 +53,7 @@ def dispy_provisional_result(result, relay=False, timeout=None):
         frames = serialize.dumps(result)
     except TypeError:
         return -1
-    _conn.send([P.encode(P.PROVISIONAL, _job_id), *frames])
+    _conn.send([P.encode(P.Provisional(_job_id)), *frames])
     return 0
 
 
@@ -79,7 +79,7 @@ def dispy_send_file(path, relay=False, timeout=None):
         name = os.path.relpath(full, here)
     else:
         name = os.path.basename(full)
-    _conn.send([P.encode(P.SENDFILE, _job_id, name), data])
+    _conn.send([P.encode(P.SendFile(_job_id, name)), data])
     return 0
 
 
@@ -192,17 +192,17 @@ def _base_names():
             "dispy_send_file": dispy_send_file, "dispy_job_path": os.getcwd()}
 
 
-def handle(worker, header, frames):
+def handle(worker, msg, frames):
     """SETUP, ENV and CLEANUP messages from the node."""
     env = getattr(worker, "jobenv", None)
     if env is None:
         env = worker.jobenv = JobEnv(worker)
-    op = header[0]
-    if op == P.ENV:
+    kind = type(msg)
+    if kind is P.Env:
         env.install({**_base_names(), **serialize.loads(frames[1:])})
-    elif op == P.SETUP:
+    elif kind is P.Setup:
         _setup(worker, env, frames[1:])
-    elif op == P.CLEANUP:
+    elif kind is P.Cleanup:
         error = None
         try:
             names, _, setup_args, cleanup = serialize.loads(frames[1:])
@@ -211,7 +211,7 @@ def handle(worker, header, frames):
                 cleanup(*setup_args)
         except BaseException as exc:  # reported, the session ends anyway
             error = "".join(__import__("traceback").format_exception(exc))
-        worker.conn.send([P.encode(P.CLEANUPDONE, error)])
+        worker.conn.send([P.encode(P.CleanupDone(error))])
 
 
 def _setup(worker, env, frames):
@@ -238,6 +238,6 @@ def _setup(worker, env, frames):
             raise TypeError(f"setup's globals must be picklable to reach the node's other "
                             f"worker processes: {exc}") from None
     except BaseException as exc:  # the node reports it and ends the session
-        worker.conn.send([P.encode(P.SETUPFAIL), *serialize.dump_exception(exc)])
+        worker.conn.send([P.encode(P.SetupFail()), *serialize.dump_exception(exc)])
         return
-    worker.conn.send([P.encode(P.SETUPDONE), *payload])
+    worker.conn.send([P.encode(P.SetupDone(None)), *payload])

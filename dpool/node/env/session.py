@@ -71,14 +71,14 @@ class SessionEnv:
 
     # ------------------------------------------------------------ client side
 
-    def on_client_message(self, header, frames):
-        if header[0] == P.FILE:
-            self.on_file(header, frames)
+    def on_client_message(self, msg, frames):
+        if type(msg) is P.File:
+            self.on_file(msg, frames)
         else:
             self.on_setup(frames)
 
-    def on_file(self, header, frames):
-        _, req_id, name, mode = header
+    def on_file(self, msg, frames):
+        req_id, name, mode = msg
         error = None
         try:
             path = safe_path(self.session.dir, name)
@@ -90,7 +90,7 @@ class SessionEnv:
         except (OSError, ValueError) as exc:
             error = f"node {self.session.node.name} cannot write {name!r}: {exc}"
             log.warning("session %s: %s", self.session.sid, error)
-        self.session.conn.send([P.encode(P.FILEDONE, req_id, error)])
+        self.session.conn.send([P.encode(P.FileDone(req_id, error))])
         if error is not None and req_id is None:
             # A dependency of the session's start: the client leaves this node
             # out, so end the session here (a recoverable one would otherwise be
@@ -108,7 +108,7 @@ class SessionEnv:
     def _start_setup(self):
         if self.setup_worker is None and self.parked:
             self.setup_worker = self.parked[0]
-            self.setup_worker.conn.send([P.encode(P.SETUP), *self.setup_frames])
+            self.setup_worker.conn.send([P.encode(P.Setup()), *self.setup_frames])
 
     # ------------------------------------------------------------ worker side
 
@@ -116,7 +116,7 @@ class SessionEnv:
         """A new worker: True if it may take jobs now, False if parked."""
         if self.state == "done":
             if self.env_frames is not None:
-                worker.conn.send([P.encode(P.ENV), *self.env_frames])
+                worker.conn.send([P.encode(P.Env()), *self.env_frames])
             if self.cleaning and self.cleanup_worker is None:
                 self._send_cleanup(worker)  # the workers were killed: a new one runs it
             return True
@@ -127,20 +127,20 @@ class SessionEnv:
             self._start_setup()
         return False
 
-    def on_worker_message(self, worker, header, frames):
-        op = header[0]
-        if op == P.PROVISIONAL or op == P.SENDFILE:
-            if header[1] in self.session.given and header[1] not in self.session._ghosts:
+    def on_worker_message(self, worker, msg, frames):
+        kind = type(msg)
+        if kind is P.Provisional or kind is P.SendFile:
+            if msg.job_id in self.session.given and msg.job_id not in self.session._ghosts:
                 self.session._flush()  # STARTED and earlier results first
                 if not self.session.conn.closed:  # else: a detached session
                     self.session.conn.send(frames)
-        elif op == P.SETUPDONE and worker is self.setup_worker:
+        elif kind is P.SetupDone and worker is self.setup_worker:
             self._setup_done(frames[1:])
-        elif op == P.SETUPFAIL and worker is self.setup_worker:
+        elif kind is P.SetupFail and worker is self.setup_worker:
             self._setup_failed(frames[1:])
-        elif op == P.CLEANUPDONE and self.cleaning:
-            if header[1]:
-                log.warning("session %s: cleanup failed:\n%s", self.session.sid, header[1])
+        elif kind is P.CleanupDone and self.cleaning:
+            if msg.error:
+                log.warning("session %s: cleanup failed:\n%s", self.session.sid, msg.error)
             self._finish_cleanup()
 
     def _setup_done(self, env_frames):
@@ -151,18 +151,18 @@ class SessionEnv:
             if worker.dead:
                 continue
             if worker is not self.setup_worker:
-                worker.conn.send([P.encode(P.ENV), *self.env_frames])
+                worker.conn.send([P.encode(P.Env()), *self.env_frames])
             session.workers.append(worker)
         self.parked.clear()
         if not session.conn.closed:  # else: a detached session
-            session.conn.send([P.encode(P.SETUPDONE, {"cpus": session.cpus})])
+            session.conn.send([P.encode(P.SetupDone({"cpus": session.cpus}))])
         session.dispatch()
 
     def _setup_failed(self, exc_frames):
         self.state = "failed"
         log.warning("session %s: setup failed; ending the session", self.session.sid)
         if not self.session.conn.closed:
-            self.session.conn.send([P.encode(P.SETUPFAIL), *exc_frames])
+            self.session.conn.send([P.encode(P.SetupFail()), *exc_frames])
         self.session.end("setup failed")
 
     def worker_exited(self, worker, code):
@@ -200,7 +200,7 @@ class SessionEnv:
 
     def _send_cleanup(self, worker):
         self.cleanup_worker = worker
-        worker.conn.send([P.encode(P.CLEANUP), *self.setup_frames])
+        worker.conn.send([P.encode(P.Cleanup()), *self.setup_frames])
 
     def _cleanup_timed_out(self):
         log.warning("session %s: cleanup did not finish in %ss", self.session.sid,
