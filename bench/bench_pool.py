@@ -18,8 +18,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dpool  # noqa: E402
-from dpool.futures import Executor  # noqa: E402
+import dpool
+from dpool.futures import Executor
 
 CPUS = 2
 MP = multiprocessing.get_context("fork")

@@ -1,13 +1,15 @@
 # 'compute' is distributed to each node running 'dpool-node';
 # runs on each processor in each of the nodes
 def compute(n):
-    import time, socket
+    import time
+    import socket
     time.sleep(n)
     host = socket.gethostname()
     return (host, n)
 
 if __name__ == '__main__':
-    import dpool as dispy, random
+    import dpool as dispy
+    import random
     cluster = dispy.JobCluster(compute)
     jobs = []
     for n in range(10):

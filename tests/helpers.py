@@ -119,7 +119,8 @@ class NodeProcess:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"dpool-node did not exit within {timeout}s of SIGTERM")
+            raise AssertionError(
+                f"dpool-node did not exit within {timeout}s of SIGTERM") from None
 
     def kill(self):
         children = self.descendants()
@@ -157,6 +158,17 @@ def cluster_on(node, fn, **kwargs):
 
 # ---------------------------------------------------------------- raw clients
 
+class SystemOnUnpickle:
+    """Unpickling this runs ``os.system(command)`` (an attacker's payload)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+
 def recv_until_closed(sock, timeout=10.0):
     """Read until the peer closes; return what was read (fail on timeout)."""
     sock.settimeout(timeout)
@@ -167,7 +179,8 @@ def recv_until_closed(sock, timeout=10.0):
         except ConnectionResetError:
             return data
         except socket.timeout:
-            raise AssertionError(f"the peer did not close the connection within {timeout}s")
+            raise AssertionError(
+                f"the peer did not close the connection within {timeout}s") from None
         if not chunk:
             return data
         data += chunk

@@ -240,7 +240,7 @@ def uses_setup(x, rendezvous=None):
 
 
 def cleanup_writes(path, marker):
-    write_file(marker + ".cleanup", data)  # noqa: F821 (set by setup_reads)
+    write_file(marker + ".cleanup", data)
 
 
 def setup_raises():

@@ -4,7 +4,7 @@ import os
 import pytest
 
 joblib = pytest.importorskip("joblib")
-import dpool.joblib  # noqa: E402,F401  (registers "dpool")
+import dpool.joblib  # noqa: E402  (registers the "dpool" backend)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,7 +14,8 @@ def pki(tmp_path):
     ca = trustme.CA()
     paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "node", "client", "other_ca")}
     ca.cert_pem.write_to_path(paths["ca"])
-    ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(paths["node"])
+    node = ca.issue_cert("127.0.0.1", "localhost")
+    node.private_key_and_cert_chain_pem.write_to_path(paths["node"])
     ca.issue_cert("client.example").private_key_and_cert_chain_pem.write_to_path(paths["client"])
     trustme.CA().cert_pem.write_to_path(paths["other_ca"])
     return {k: str(v) for k, v in paths.items()}

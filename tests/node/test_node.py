@@ -216,7 +216,7 @@ def test_client_killed_node_cleans_up(dpool_node, tmp_path):
     except AssertionError:
         client.kill()
         _, err = client.communicate(timeout=10)
-        raise AssertionError(f"the client script failed: {err.decode()}")
+        raise AssertionError(f"the client script failed: {err.decode()}") from None
     pids = [pid for pids, _ in found for pid in pids]
     session_dir = found[0][1]
     assert os.path.isdir(session_dir) and found[1][1] == session_dir
@@ -295,7 +295,7 @@ def test_functions_no_longer_needed_are_forgotten_by_the_node_and_workers():
 
     client = Client(None, cpus=2).start()
     try:
-        for batch in range(3):
+        for _ in range(3):
             jobs = [client.submit(lambda i=i: i + 1) for i in range(800)]
             assert [job.future.result(30) for job in jobs] == list(range(1, 801))
         (session,) = client.embedded.sessions

@@ -18,8 +18,8 @@ from dpool.node.server import NodeServer
 from dpool.errors import AuthenticationError, BrokenCluster
 from dpool.transport import auth, connect
 from dpool.transport.frames import encode as encode_frames
-from helpers import (authenticated_socket, cluster_on, node_env, poll_for, read_marker,
-                     recv_until_closed)
+from helpers import (SystemOnUnpickle, authenticated_socket, cluster_on, node_env, poll_for,
+                     read_marker, recv_until_closed)
 from tasks import double, hold
 
 pytestmark = pytest.mark.timeout(30)
@@ -29,16 +29,6 @@ def still_serves(node):
     assert node.proc.poll() is None, node.stderr()
     with cluster_on(node, double) as cluster:
         assert [cluster.submit(i)(timeout=10) for i in range(3)] == [0, 2, 4]
-
-
-class _System:
-    """Unpickling this runs ``os.system(command)``."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
 
 
 class _Open:
@@ -52,7 +42,7 @@ class _Open:
 
 
 def evil_pickles(marker):
-    return [pickle.dumps(_System(f"touch {marker}-system")),
+    return [pickle.dumps(SystemOnUnpickle(f"touch {marker}-system")),
             pickle.dumps(_Open(f"{marker}-open"), protocol=2)]
 
 
@@ -143,7 +133,8 @@ def test_garbage_after_auth_closes_only_that_session(dpool_node, tmp_path, kind)
 
 @pytest.mark.parametrize("header", [
     struct.pack("<IQ", 1, 1 << 50),                  # one frame of a petabyte
-    struct.pack("<IQQQ", 3, 3 << 30, 3 << 30, 3 << 30),  # each under the frame limit, not their sum
+    # each under the frame limit, not their sum:
+    struct.pack("<IQQQ", 3, 3 << 30, 3 << 30, 3 << 30),
     struct.pack("<I", 0xFFFFFFFF),                   # four billion frames
 ], ids=["huge-frame", "huge-message", "huge-count"])
 def test_oversized_declared_length_after_auth(dpool_node, header):

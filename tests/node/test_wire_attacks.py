@@ -2,7 +2,6 @@
 loopback relays a real client's handshake, then injects, replays or drops
 bytes.  Every message after the handshake is sealed (AES-GCM records), so
 each of these closes the connection with one log line and runs nothing."""
-import os
 import pickle
 import socket
 import threading
@@ -11,20 +10,10 @@ import pytest
 
 import dpool
 from dpool.transport.frames import encode as encode_frames
-from helpers import poll_for
+from helpers import SystemOnUnpickle, poll_for
 from tasks import double
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class _System:
-    """Unpickling this runs ``os.system(command)``."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
 
 
 class Proxy:
@@ -109,7 +98,7 @@ def test_on_path_attacker_gets_nothing_run_and_the_connection_closes(dpool_node,
         try:
             assert cluster.submit(21)(timeout=20) == 42       # the handshake went through
             if attack == "inject-pickle":
-                evil = pickle.dumps(_System(f"touch {marker}"))
+                evil = pickle.dumps(SystemOnUnpickle(f"touch {marker}"))
                 proxy.inject(b"".join(bytes(p) for p in encode_frames([evil])))
             elif attack == "replay":
                 proxy.inject(proxy.from_client[-1])

@@ -102,7 +102,8 @@ async def make_pair(kind, certs=None, limits=None):
 
 
 def blob(n, seed=0):
-    return (bytes(range(seed % 256, 256)) + bytes(range(seed % 256))) * (n // 256) + b"x" * (n % 256)
+    cycle = bytes(range(seed % 256, 256)) + bytes(range(seed % 256))
+    return cycle * (n // 256) + b"x" * (n % 256)
 
 
 MESSAGES = [

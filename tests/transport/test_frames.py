@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpool.errors import AuthenticationError, ProtocolError, VersionMismatch
+from dpool.errors import ProtocolError, VersionMismatch
 from dpool.transport import FrameDecoder, Limits, encode, header
 from dpool.transport import auth
 from dpool.transport.blocking import sendmsg_all
@@ -84,7 +84,8 @@ def test_big_header_goes_through_own_buffer():
 @pytest.mark.parametrize("raw, pattern", [
     (struct.pack("<I", 65537), r"65537 frames.*max_frames=65536"),
     (struct.pack("<IQ", 1, 2**60), r"frame length 1152921504606846976.*max_frame_bytes"),
-    (struct.pack("<IQQQ", 3, 2**32, 2**32, 2**32), r"message length 12884901888.*max_message_bytes"),
+    (struct.pack("<IQQQ", 3, 2**32, 2**32, 2**32),
+     r"message length 12884901888.*max_message_bytes"),
 ])
 def test_limits_checked_before_allocating(raw, pattern):
     dec = FrameDecoder()

@@ -13,7 +13,7 @@ def test_interface_addresses_include_loopback():
     addrs = netaddr.interface_addresses()
     assert all(len(a) == 4 for a in addrs)
     assert any(ip == "127.0.0.1" for _, ip, _, _ in addrs)
-    for name, ip, mask, broadcast in addrs:
+    for _, ip, _, _ in addrs:
         assert ":" not in ip
 
 
