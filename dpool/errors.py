@@ -15,6 +15,12 @@ class ConnectionClosed(DpoolError, ConnectionError):
     """The connection was closed (by the peer, by us, or by a failure)."""
 
 
+class HandshakeRefused(ConnectionClosed):
+    """The node closed the connection before the handshake began: it was
+    refusing new connections (too many still authenticating, from this
+    address or in all), e.g. under a flood.  Clients retry it with backoff."""
+
+
 class AuthenticationError(DpoolError):
     """The peer did not prove knowledge of the shared secret."""
 

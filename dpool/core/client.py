@@ -359,9 +359,9 @@ class Client:
         link = link or NodeLink(address)
         self.links.append(link)
         try:
-            link.conn = await asyncio.wait_for(
-                connect(host, port, secret=self.secret or b"", hello=client_hello(), ssl=self.ssl),
-                self.connect_timeout)
+            link.conn = await connect(host, port, secret=self.secret or b"",
+                                      hello=client_hello(), ssl=self.ssl,
+                                      timeout=self.connect_timeout)
             await self._open_session(link)
         except (OSError, DpoolError, TimeoutError) as exc:
             link.error = exc

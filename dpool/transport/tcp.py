@@ -8,32 +8,49 @@ Connecting::
 
 Serving (one listening socket, accepted from a loop reader callback)::
 
-    accept -> task: [TLS handshake] + auth.server_handshake under auth_timeout
-        failure: log once at WARNING with the peer address, close that
-                 connection only; the server keeps serving
+    accept -> past MAX_HANDSHAKES_PER_HOST connections still authenticating
+              from that address (or MAX_HANDSHAKES in all): closed at once
+           -> task: [TLS handshake] + auth.server_handshake under auth_timeout
+        failure: close that connection only; the server keeps serving; logged
+                 rate-limited (see rejections.py: the first one of a period
+                 with the peer address and reason, then one summary a period)
         success: on_connection(conn) (plain function or coroutine function)
+
+A client whose connection is closed before the handshake began (the server
+was at one of its caps) retries with backoff until its connect timeout.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import inspect
 import logging
+import random
 import socket
 import ssl as _ssl
 
-from dpool.errors import VersionMismatch
+from dpool.errors import AuthenticationError, ConnectionClosed, HandshakeRefused, VersionMismatch
 
 from .auth import (PROCESS_SALT, check_secret, client_handshake, encode_hello, own_hello,
                    server_handshake, stretch)
 from .connection import Connection
 from .frames import Limits
+from .rejections import RejectionLog
 from .streams import SocketStream, TransportAdapter, set_tcp_options
 
 log = logging.getLogger("dpool.transport")
 
 #: Connections allowed to be authenticating at once; more are closed at once.
 MAX_HANDSHAKES = 256
+#: ... of which from one source address (so one address can't take them all).
+MAX_HANDSHAKES_PER_HOST = 32
+#: Seconds a connection may take to authenticate (server side).
+AUTH_TIMEOUT = 3.0
+#: A client closed before the handshake began retries after this many
+#: seconds, doubling up to RETRY_MAX, until its connect timeout.
+RETRY_FIRST = 0.02
+RETRY_MAX = 0.5
 
 __all__ = ["connect", "start_server", "Server", "wrap_socket",
            "server_ssl_context", "client_ssl_context"]
@@ -94,15 +111,38 @@ async def connect(host: str, port: int, *, secret: bytes, hello, ssl=None,
                   limits: Limits | None = None) -> Connection:
     """Connect, authenticate and exchange hellos; ``conn.hello`` is the server's.
 
+    A connection the server closes before the handshake began is retried
+    with backoff (RETRY_FIRST doubling to RETRY_MAX) within ``timeout``.
     Raises the ``OSError`` of the connect (e.g. ``ConnectionRefusedError``),
+    ``HandshakeRefused`` if the server kept closing it that early,
     ``AuthenticationError``, ``ProtocolError``/``VersionMismatch`` or
     ``TimeoutError`` when all that takes longer than ``timeout`` seconds.
     """
     secret = check_secret(secret)
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay, refusals = RETRY_FIRST, 0
+    while True:
+        try:
+            return await _connect_once(loop, host, port, secret, hello, ssl,
+                                       server_hostname, deadline, timeout, limits)
+        except HandshakeRefused:
+            refusals += 1
+            if deadline - loop.time() <= delay:
+                raise HandshakeRefused(
+                    f"{host}:{port} closed the connection before the handshake began "
+                    f"({refusals} times in {timeout} s): the node refuses new connections "
+                    f"while too many are still authenticating (from this address or in "
+                    f"all), as under a flood of connections") from None
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(2 * delay, RETRY_MAX)
+
+
+async def _connect_once(loop, host, port, secret, hello, ssl, server_hostname, deadline,
+                        timeout, limits) -> Connection:
     sock = conn = None
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout_at(deadline):
             sock = await _connect_socket(loop, host, port)
             conn = await _open(loop, sock, limits, ssl, server_side=False,
                                server_hostname=server_hostname or host)
@@ -112,9 +152,13 @@ async def connect(host: str, port: int, *, secret: bytes, hello, ssl=None,
             _discard(conn, sock)
         raise TimeoutError(f"connecting to {host}:{port} took longer than "
                            f"{timeout} s") from None
-    except BaseException:
+    except BaseException as exc:
         if sock is not None:
             _discard(conn, sock)
+        if isinstance(exc, AuthenticationError) and conn is not None \
+                and conn.bytes_received == 0 and isinstance(exc.__cause__, ConnectionClosed):
+            raise HandshakeRefused(f"{host}:{port} closed the connection before the "
+                                   f"handshake began") from None
         raise
     conn._log_errors = True
     return conn
@@ -143,6 +187,8 @@ class Server:
         self.address = lsock.getsockname()[:2]
         self.port = self.address[1]
         self._handshakes = set()    # tasks still authenticating
+        self._pending = collections.Counter()   # source address -> of those
+        self.rejections = RejectionLog(log, format_peer(self.address))
         self._handlers = set()      # tasks running on_connection coroutines
         self._conns = set()         # every connection not yet ended
         self._live = set()          # connections handed to on_connection
@@ -163,6 +209,7 @@ class Server:
             self._closed = True
             self._loop.remove_reader(self._lsock.fileno())
             self._lsock.close()
+            self.rejections.close()
         for task in self._handshakes:
             task.cancel()
         for conn in list(self._conns - self._live):
@@ -203,21 +250,31 @@ class Server:
                     self._loop.remove_reader(fd)
                     self._loop.call_later(1.0, self._resume_accepting)
                 return
-            if len(self._handshakes) >= MAX_HANDSHAKES:
-                # Peers that connect and stay silent must not exhaust our fds
-                # and lock out real clients: past the cap, new connections
-                # are closed at once until handshakes finish or time out.
-                sock.close()
-                now = self._loop.time()
-                if now - self._last_refusal_log > 10:
-                    self._last_refusal_log = now
-                    log.warning("%s: %d connections still authenticating; refusing new ones "
-                                "(latest from %s)", format_peer(self.address), MAX_HANDSHAKES,
-                                format_peer(addr))
+            host = addr[0] if isinstance(addr, tuple) else ""
+            if len(self._handshakes) >= MAX_HANDSHAKES \
+                    or self._pending[host] >= MAX_HANDSHAKES_PER_HOST:
+                self._refuse(sock, addr, host)
                 continue
-            self._spawn(self._handshakes, self._handshake(sock, addr))
+            self._pending[host] += 1
+            task = self._spawn(self._handshakes, self._handshake(sock, addr))
+            task.add_done_callback(lambda _, host=host: self._handshake_ended(host))
 
-    _last_refusal_log = -1e9
+    def _refuse(self, sock, addr, host) -> None:
+        # Peers that connect and stay silent must not exhaust our fds and
+        # lock out real clients: past a cap, new connections are closed at
+        # once (the client sees HandshakeRefused and retries with backoff).
+        sock.close()
+        if len(self._handshakes) >= MAX_HANDSHAKES:
+            why = f"{MAX_HANDSHAKES} connections still authenticating"
+        else:
+            why = f"{MAX_HANDSHAKES_PER_HOST} connections from {host} still authenticating"
+        self.rejections.reject(host, "refused at the cap", "refusing connection from %s: %s",
+                               format_peer(addr), why)
+
+    def _handshake_ended(self, host) -> None:
+        self._pending[host] -= 1
+        if self._pending[host] <= 0:
+            del self._pending[host]
 
     def _resume_accepting(self) -> None:
         if not self._closed:
@@ -227,6 +284,7 @@ class Server:
         task = self._loop.create_task(coro)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        return task
 
     def _track(self, conn) -> None:
         self._conns.add(conn)
@@ -238,6 +296,8 @@ class Server:
 
     async def _handshake(self, sock, addr) -> None:
         peer = format_peer(addr)
+        host = addr[0] if isinstance(addr, tuple) else peer
+        reject = self.rejections.reject
         conn = None
         try:
             async with asyncio.timeout(self._auth_timeout):
@@ -250,17 +310,18 @@ class Server:
             _discard(conn, sock)
             raise
         except VersionMismatch as exc:
-            log.warning("closing connection from %s: %s", peer, exc)
+            reject(host, "version mismatch", "closing connection from %s: %s", peer, exc)
             conn.close()    # graceful: our hello tells the client our version
             return
         except TimeoutError:
-            log.warning("closing connection from %s: no authentication within %s s",
-                        peer, self._auth_timeout)
+            reject(host, "no authentication in time",
+                   "closing connection from %s: no authentication within %s s",
+                   peer, self._auth_timeout)
             _discard(conn, sock)
             return
         except Exception as exc:
-            log.warning("rejected connection from %s: %s: %s", peer,
-                        type(exc).__name__, exc)
+            reject(host, type(exc).__name__, "rejected connection from %s: %s: %s", peer,
+                   type(exc).__name__, exc)
             if conn is None or not conn.closed:    # (a FAIL reply is being flushed)
                 _discard(conn, sock)
             return
@@ -287,7 +348,7 @@ class Server:
 
 async def start_server(on_connection, host: str, port: int, *, secret: bytes, hello,
                        ssl=None, limits: Limits | None = None,
-                       auth_timeout: float = 5.0, backlog: int = 1024) -> Server:
+                       auth_timeout: float = AUTH_TIMEOUT, backlog: int = 1024) -> Server:
     """Listen on ``host:port`` (port 0 picks one: see ``Server.port``).
 
     ``hello`` is a dict or a callable returning one (called per connection).
