@@ -18,6 +18,7 @@ import sys
 
 from .. import config
 from ..hosts import is_loopback
+from ..node.files import default_job_root, private_dir
 from ..node.server import NodeServer
 
 log = logging.getLogger("dpool.node")
@@ -45,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--keyfile", help="TLS private key (PEM)")
     p.add_argument("--cafile", help="CA that client certificates must be signed by "
                                     "(makes client certificates required)")
-    p.add_argument("--dest-path", help="folder for job folders (default: the temp folder)")
+    p.add_argument("--dest-path", help="folder for job folders, made private to this user "
+                                       "(default: dpool-UID in the temp folder)")
     p.add_argument("--name", help="node name shown to clients (default: host name)")
     p.add_argument("--keep-results", type=float, default=None, metavar="SECONDS",
                    help="how long the jobs and results of a recoverable session (JobCluster "
@@ -82,9 +84,14 @@ def main(argv=None):
     if error:
         print(error, file=sys.stderr)
         return 2
+    try:
+        dest_root = private_dir(args.dest_path or default_job_root())
+    except OSError as exc:
+        print(f"dpool-node: cannot use the job folder: {exc}", file=sys.stderr)
+        return 2
     cpus = config.resolve_cpus(args.cpus)
     server = NodeServer(args.host, args.port, cpus=cpus, secret=secret, name=args.name,
-                        dest_root=args.dest_path, certfile=args.certfile, keyfile=args.keyfile,
+                        dest_root=dest_root, certfile=args.certfile, keyfile=args.keyfile,
                         cafile=args.cafile, keep_results=args.keep_results)
     try:
         asyncio.run(_serve(server))

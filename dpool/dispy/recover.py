@@ -13,10 +13,14 @@
       ◄── DONE ... until every job is in; BYE ends the session; F is removed
 
 The file holds the cluster's secret (as dispy's does): it is created
-readable by its owner only.
+exclusively (an existing file or a symbolic link at its path is refused,
+never truncated or followed) and readable and writable by its owner only
+(0600, whatever the umask); the default name ends in 64 random bits, so it
+can't be guessed and planted in advance.
 """
 import asyncio
 import datetime
+import errno
 import glob
 import json
 import logging
@@ -36,8 +40,9 @@ __all__ = ["recover_jobs"]
 
 
 def default_name():
-    """dispy's default recover file name: ``_dispy_YYYYMMDDHHMMSS``."""
-    return datetime.datetime.now().strftime("_dispy_%Y%m%d%H%M%S")
+    """dispy's default recover file name plus a random part:
+    ``_dispy_YYYYMMDDHHMMSS_<16 hex digits>`` (in the current folder)."""
+    return datetime.datetime.now().strftime("_dispy_%Y%m%d%H%M%S_") + secrets.token_hex(8)
 
 
 class RecoverFile:
@@ -46,8 +51,20 @@ class RecoverFile:
 
     def __init__(self, path, cafile=None, certfile=None, keyfile=None):
         self.path = os.path.abspath(path)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "the recover file exists already (a "
+                                  "cluster's earlier one? collect it with recover_jobs, or "
+                                  "remove it); it is never overwritten", self.path) from None
+        try:
+            os.fchmod(fd, 0o600)
+        except BaseException:
+            os.close(fd)
+            raise
         self.file = os.fdopen(fd, "w")
+        log.info("recover file: %s", self.path)
         self.lock = threading.Lock()
         self.write({"dpool_recover": 1, "cafile": cafile, "certfile": certfile,
                     "keyfile": keyfile})
@@ -78,6 +95,13 @@ class RecoverFile:
                 os.remove(self.path)
             except FileNotFoundError:
                 pass
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _read(path):
@@ -113,7 +137,7 @@ def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
     job is collected the nodes' sessions end and the file is removed.
     """
     if not recover_file:
-        found = sorted(glob.glob("_dispy_*"))
+        found = sorted(glob.glob("_dispy_*"), key=_mtime)
         if not found:
             log.warning("recover_jobs: no recover file (_dispy_*) in %s", os.getcwd())
             return []

@@ -39,6 +39,7 @@ from ..protocol import Outcome
 from .. import serialize
 from ..errors import WorkerLost
 from ..transport import wrap_socket
+from .files import default_job_root, private_dir
 from .zygote import Zygote, describe_exit
 
 log = logging.getLogger("dpool.node")
@@ -62,7 +63,7 @@ class NodeRuntime:
         self.embedded = embedded  # in the client's own process
         self.free_cpus = cpus
         self.name = name or socket.gethostname()
-        self.dest_root = dest_root
+        self.dest_root = dest_root  # the job root: see files.private_dir
         self.sessions = set()
         self.zygote = Zygote()
         self._zygote_lock = asyncio.Lock()
@@ -71,6 +72,7 @@ class NodeRuntime:
 
     async def start(self):
         if not self._started:
+            self.dest_root = private_dir(self.dest_root or default_job_root())
             self._started = True
             await self.zygote.start()
 
@@ -238,8 +240,7 @@ class Session:
             if not self.node.embedded:
                 raise OSError("the 'cwd' session option is only for embedded nodes")
             return options["cwd"]
-        root = self.node.dest_root or tempfile.gettempdir()
-        os.makedirs(root, exist_ok=True)
+        root = private_dir(self.node.dest_root or default_job_root())
         if options.get("dest_path"):  # dispy's dest_path: relative to the job root
             from .env.session import dest_dir
 

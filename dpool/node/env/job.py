@@ -35,6 +35,7 @@ import sys
 
 from ... import protocol as P
 from ... import serialize
+from ..files import write_private
 
 #: Files a job sends back with dispy_send_file are limited to this size.
 MAX_SEND_FILE = 256 * 1024 * 1024
@@ -108,10 +109,7 @@ def run_with_files(files, cleanup, args, kwargs):
     try:
         for name, mode, data in files:
             path = safe_path(os.getcwd(), name)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(data)
-            os.chmod(path, mode | 0o600)
+            write_private(path, data, mode)
             written.append(path)
         fn = _namespace["__dpool_computation__"]
         _inject(fn)

@@ -29,6 +29,7 @@ from ... import protocol as P
 from ... import serialize
 from ...errors import WorkerLost
 from .job import safe_path
+from ..files import private_dir, write_private
 from ..zygote import describe_exit
 
 log = logging.getLogger("dpool.node")
@@ -52,9 +53,7 @@ def avail_info(path=None):
 
 def dest_dir(root, dest_path):
     """The folder for a client's ``dest_path``: always inside the node's job root."""
-    path = safe_path(root, dest_path.strip().strip("/"))
-    os.makedirs(path, exist_ok=True)
-    return path
+    return private_dir(safe_path(root, dest_path.strip().strip("/")))
 
 
 class SessionEnv:
@@ -82,10 +81,7 @@ class SessionEnv:
         error = None
         try:
             path = safe_path(self.session.dir, name)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(frames[1])
-            os.chmod(path, (mode & 0o777) | 0o600)
+            write_private(path, frames[1], mode)
             self.files.append(path)
         except (OSError, ValueError) as exc:
             error = f"node {self.session.node.name} cannot write {name!r}: {exc}"
