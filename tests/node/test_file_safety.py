@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import dpool as dispy
-from helpers_engine import dpool_node, node_env, node_secret, start_node  # noqa: F401
+from helpers import node_env, start_node
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from dpool.core.client import Client
-from conftest import poll_for
-from helpers_engine import dpool_node, node_secret, double  # noqa: F401 (fixtures)
+from helpers import poll_for
+from tasks import double
 
 pytestmark = pytest.mark.timeout(60)
 
