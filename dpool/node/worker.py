@@ -13,8 +13,11 @@
 
 A worker is forked by the zygote (:mod:`dpool.node.zygote`) with one end of a
 socketpair; its only peer is its node.  It runs in its own process group so
-that killing the group also kills whatever the job started.  It exits when
-the node closes the socket, or after ``max_tasks`` jobs.
+that killing the group also kills whatever the job started, and is a child
+subreaper (:mod:`dpool.node.reaper`): after each batch of jobs it kills the
+processes they left (their own children, and orphans that left the group
+with ``setsid``), keeping only those that existed before (e.g. a setup's).
+It exits when the node closes the socket, or after ``max_tasks`` jobs.
 """
 import io
 import itertools
@@ -26,6 +29,7 @@ from .. import protocol as P
 from ..protocol import Call, Outcome
 from .. import serialize
 from ..transport import BlockingConnection
+from . import reaper
 
 
 _OK, _ERROR = int(Outcome.OK), int(Outcome.ERROR)
@@ -52,6 +56,7 @@ class Worker:
         self.notify_start = False
         self.max_tasks = None
         self.done = 0
+        self.kept = frozenset()  # child processes that outlive jobs (a setup's)
         self.handlers = {P.Init: self.on_init, P.Func: self.on_func, P.Run: self.on_run,
                          P.Forget: self.on_forget,
                          P.Setup: self.on_env, P.Env: self.on_env, P.Cleanup: self.on_env}
@@ -83,6 +88,7 @@ class Worker:
                 self.conn.send([P.encode(P.InitFail()), *serialize.dump_exception(exc)])
                 self.conn.close()
                 os._exit(3)
+            self.kept = frozenset(reaper.children())  # an initializer's may stay
 
     def on_func(self, msg, frames):
         self.fns[msg.fn_id] = frames[1]
@@ -92,6 +98,7 @@ class Worker:
         from .env import job as jobenv
 
         jobenv.handle(self, msg, frames)
+        self.kept = frozenset(reaper.children())
 
     def on_forget(self, msg, frames):
         for fn_id in msg.fn_ids:
@@ -112,6 +119,7 @@ class Worker:
         for item, payload in P.run_items(msg, frames):
             record, payload = self.run(item.job_id, item.fn_id, item.star, payload)
             send([P.encode(P.Done([record])), *payload])
+        reaper.kill_children(self.kept)  # nothing of a job outlives it
 
     def run(self, job_id, fn_id, star, frames):
         start = time.time()

@@ -19,7 +19,10 @@ Control records are fixed 16-byte structs.  The zygote ignores SIGINT (a
 Ctrl-C in the user's terminal is the client's business) and dies with its
 node through PR_SET_PDEATHSIG; workers die with the zygote the same way, and
 each runs in its own process group so a job's own children can be killed
-with it.
+with it.  The zygote and each worker are child subreapers (see
+:mod:`dpool.node.reaper`): a process a job started that left the group
+(``setsid``, double fork) comes back to the worker, or to the zygote once
+the worker is gone, and is killed: nothing of a job outlives it.
 """
 import asyncio
 import collections
@@ -30,6 +33,8 @@ import socket
 import struct
 import subprocess
 import sys
+
+from . import reaper
 
 log = logging.getLogger("dpool.node")
 _RECORD = struct.Struct("<cxxxiq")  # kind, pid, status
@@ -54,6 +59,7 @@ def main(argv=None):
     _set_pdeathsig()
     if os.getppid() != parent:  # the node died before we armed the signal
         os._exit(0)
+    reaper.set_subreaper()  # a dead worker's leftovers come to us, to be killed
     from . import worker  # noqa: F401  (preloaded so every fork has it)
 
     rfd, wfd = os.pipe()
@@ -79,6 +85,7 @@ def main(argv=None):
             os.kill(pid, signal.SIGKILL)  # not reaped, so the pid is still ours
         except ProcessLookupError:
             pass
+    reaper.kill_children()  # the workers, and whatever they left to us
     os._exit(0)
 
 
@@ -100,6 +107,7 @@ def _serve_request(ctl, children):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         _set_pdeathsig()
+        reaper.set_subreaper()  # what its jobs leave comes back to it
         from . import worker
 
         worker.main(fd)
@@ -113,18 +121,26 @@ def _serve_request(ctl, children):
 
 
 def _reap(ctl, children):
-    while children:
+    """Reap what exited; report workers; kill what dead workers left us."""
+    orphans = False
+    while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            break
         if pid == 0:
-            return
+            break
+        if pid not in children:
+            orphans = True  # something a worker left behind (already dead)
+            continue
         children.discard(pid)
+        orphans = True  # its leftovers, if any, are ours now
         try:
             ctl.sendall(_RECORD.pack(b"X", pid, os.waitstatus_to_exitcode(status)))
         except OSError:
             pass  # the node is gone; we exit on the next select
+    if orphans:
+        reaper.kill_children(keep=children)
 
 
 def _kill_group(pid):

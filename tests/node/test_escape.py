@@ -1,0 +1,111 @@
+"""Issue 8, finding 7: nothing a job starts outlives it, not even a process
+that left the worker's process group (``setsid``, a double fork)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import dpool as dispy
+from dpool.core.client import Client
+from helpers import pid_gone, poll_for
+from tasks import write_file
+
+pytestmark = pytest.mark.timeout(60)
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(300)"]
+
+
+def escape(how, marker, gate=None):
+    """Job: start a process that leaves our process group, write its pid to
+    ``marker``; then return, or wait (up to 60 s) for ``gate`` to exist."""
+    if how == "setsid":
+        pid = subprocess.Popen(SLEEPER, start_new_session=True).pid
+    else:   # double fork: its parent exits at once, it is nobody's child
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.setsid()
+            grandchild = os.fork()
+            if grandchild == 0:
+                os.execv(sys.executable, SLEEPER)
+            os.write(w, str(grandchild).encode())
+            os._exit(0)
+        os.close(w)
+        os.waitpid(child, 0)
+        with os.fdopen(r) as f:
+            pid = int(f.read())
+    write_file(marker, f"{pid} {os.getpgid(0)}")
+    deadline = time.monotonic() + 60
+    while gate is not None and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return pid
+
+
+def escaped(marker):
+    poll_for(lambda: os.path.exists(marker), 10, message="the job to start its escapee")
+    pid, worker_group = map(int, open(marker).read().split())
+    assert not pid_gone(pid)
+    assert os.getpgid(pid) != worker_group      # it did leave the worker's group
+    return pid
+
+
+def gone(pid):
+    try:
+        poll_for(lambda: pid_gone(pid), 10, message=f"process {pid} to die with its job")
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)    # (today's main: don't leave it behind)
+        except ProcessLookupError:
+            pass
+
+
+HOW = ["setsid", "double-fork"]
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_a_job_that_returns_leaves_nothing_behind(dpool_node, tmp_path, how):
+    marker = str(tmp_path / "pid")
+    with dispy.JobCluster(escape, nodes=[dpool_node.address], secret=dpool_node.secret,
+                          loglevel=None) as cluster:
+        job = cluster.submit(how, marker)
+        assert job(timeout=10) is not None, job.exception
+        gone(escaped(marker))
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_a_cancelled_job_leaves_nothing_behind(dpool_node, tmp_path, how):
+    marker, gate = str(tmp_path / "pid"), str(tmp_path / "gate")
+    with dispy.JobCluster(escape, nodes=[dpool_node.address], secret=dpool_node.secret,
+                          loglevel=None) as cluster:
+        job = cluster.submit(how, marker, gate)
+        pid = escaped(marker)
+        cluster.cancel(job)
+        gone(pid)
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_a_closed_client_leaves_nothing_behind(dpool_node, tmp_path, how):
+    marker = str(tmp_path / "pid")
+    client = Client([dpool_node.address], secret=dpool_node.secret, connect_timeout=5).start()
+    try:
+        client.submit(escape, (how, marker, str(tmp_path / "gate")))
+        pid = escaped(marker)
+    finally:
+        client.close(wait=False)
+    gone(pid)
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_a_stopped_node_leaves_nothing_behind(dpool_node, tmp_path, how):
+    marker = str(tmp_path / "pid")
+    client = Client([dpool_node.address], secret=dpool_node.secret, connect_timeout=5).start()
+    try:
+        client.submit(escape, (how, marker, str(tmp_path / "gate")))
+        pid = escaped(marker)
+        assert dpool_node.terminate() == 0
+        gone(pid)
+    finally:
+        client.close(wait=False)
