@@ -34,7 +34,8 @@ from .. import protocol as P
 from ..protocol import Outcome, run_item
 from .. import serialize
 from ..config import resolve_cpus
-from ..errors import BrokenCluster, ConnectionClosed, DpoolError, JobCancelled, NodeLost
+from ..errors import (BrokenCluster, ConnectionClosed, DpoolError, JobCancelled, NodeLost,
+                      ProtocolError)
 from ..transport import PROTOCOL_VERSION, connect, inproc_pair
 from .scheduler import Cancelled, CancelRemote, Fail, Scheduler, Send
 
@@ -95,6 +96,9 @@ class NodeLink:
         self.jobs_done = 0
         self.cpu_time = 0.0
         self.ready_future = None
+        # Job ids given to this node and not done there: the only ones it may
+        # report on (results, starts, provisional results, files).
+        self.in_flight = set()
 
     hold = False  # True: READY but not given jobs until SETUPDONE (job environment)
 
@@ -392,6 +396,20 @@ class Client:
         msg = P.decode(frames[0])
         self._handlers[type(msg)](link, msg, frames)
 
+    def _trusted(self, link, job_ids, what):
+        """True if every job in ``job_ids`` is in flight on ``link``; else a
+        node reports on jobs it was not given (another node's, or none):
+        its link is closed, with one log line, and nothing of it is taken."""
+        strangers = [job_id for job_id in job_ids if job_id not in link.in_flight]
+        if not strangers:
+            return True
+        shown = ", ".join(map(str, strangers[:5])) + (" ..." if len(strangers) > 5 else "")
+        link.error = ProtocolError(f"node {link.name} sent {what} for job {shown}, not given "
+                                   f"to it (or done there already): closing its connection")
+        log.error("%s", link.error)
+        link.conn.abort()
+        return False
+
     def _on_ready(self, link, msg, frames):
         link.info = msg.info
         link.ready = True
@@ -441,6 +459,8 @@ class Client:
             link.conn.abort()
 
     def _on_provisional(self, link, msg, frames):
+        if not self._trusted(link, [msg.job_id], "a provisional result"):
+            return
         job = self.jobs.get(msg.job_id)
         if job is not None:
             try:
@@ -455,6 +475,8 @@ class Client:
         self._emit("avail", link)
 
     def _on_sendfile(self, link, msg, frames):
+        if not self._trusted(link, [msg.job_id], "a file"):
+            return
         self._emit("file", (self.jobs.get(msg.job_id), msg.name, frames[1]))
 
     def send_file(self, link, name, data, mode=0o644):
@@ -572,6 +594,7 @@ class Client:
                 link.fns[job.fn_id] = count + 1
                 link.fns.move_to_end(job.fn_id)
             job.node = link
+            link.in_flight.add(job_id)
             job.status = RUNNING
             header.append(run_item(job_id, job.fn_id, len(job.frames), job.star))
             frames.extend(job.frames)
@@ -608,6 +631,8 @@ class Client:
             link.conn.send([P.encode(P.Forget(drop))])
 
     def _on_started(self, link, msg, frames):
+        if not self._trusted(link, [record[0] for record in msg.jobs], "a start"):
+            return
         for job_id, start in msg.jobs:
             job = self.jobs.get(job_id)
             if job is not None:
@@ -616,9 +641,12 @@ class Client:
                 self._emit("started", job)
 
     def _on_done(self, link, msg, frames):
+        if not self._trusted(link, [record[0] for record in msg.results], "a result"):
+            return
         jobs, scheduler = self.jobs, self.scheduler
         for res, payload in P.results(msg, frames):
             start, end = res.start, res.end
+            link.in_flight.discard(res.job_id)
             job = jobs.pop(res.job_id, None)
             scheduler.done(link, res.job_id, None if start is None else end - start,
                            dispatch=False)
