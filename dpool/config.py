@@ -57,6 +57,23 @@ def read_secret_file(path):
     return data
 
 
+def generate_secret() -> bytes:
+    """A strong secret: 256 random bits, URL-safe text (43 characters)."""
+    import secrets
+
+    return secrets.token_urlsafe(32).encode()
+
+
+def write_new_secret_file(path, secret) -> None:
+    """Write ``secret`` to a new file at ``path``, mode 0600; an existing
+    file (or symbolic link) there is refused, never overwritten."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), stat.S_IRUSR | stat.S_IWUSR)
+        f.write(secret + b"\n")
+
+
 def local_secret_path(port):
     return os.path.join(dpool_home(), f"node-{port}.secret")
 

@@ -3,6 +3,7 @@
     dpool-node [--host 127.0.0.1] [--port 51350] [--cpus N] [--secret-file PATH]
                [--certfile F --keyfile F [--cafile F]] [--dest-path DIR]
                [--keep-results SECONDS]
+    dpool-node --generate-secret [--secret-file NEW-PATH]
 
 The secret comes from ``DPOOL_SECRET`` or ``--secret-file``, never from the
 command line.  On loopback with no secret the node makes one and leaves it
@@ -53,6 +54,9 @@ def parse_args(argv=None):
                    help="how long the jobs and results of a recoverable session (JobCluster "
                         "recover_file) are kept after its client went away (default 3600)")
     p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
+    p.add_argument("--generate-secret", action="store_true",
+                   help="print a new strong secret (256 random bits) and exit; with "
+                        "--secret-file PATH, write it to that new file (mode 0600) instead")
     return p.parse_args(argv)
 
 
@@ -73,8 +77,26 @@ def load_secret(args):
                   f"(--certfile, --keyfile and --cafile).")
 
 
+def generate_secret(args):
+    """``--generate-secret``: print one, or write it to a new 0600 file."""
+    secret = config.generate_secret()
+    if not args.secret_file:
+        print(secret.decode(), flush=True)
+        return 0
+    try:
+        config.write_new_secret_file(args.secret_file, secret)
+    except OSError as exc:
+        print(f"dpool-node: cannot write the secret file: {exc.strerror or exc}: "
+              f"{args.secret_file} (an existing file is never overwritten)", file=sys.stderr)
+        return 1
+    print(f"dpool-node: wrote a new secret to {args.secret_file} (mode 0600)", flush=True)
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.generate_secret:
+        return generate_secret(args)
     logging.basicConfig(level=getattr(logging, args.loglevel.upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
