@@ -5,8 +5,10 @@ import os
 import pathlib
 import signal
 import socket
+import selectors
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -252,3 +254,59 @@ def authenticated_socket(port, secret, timeout=5.0):
     except BaseException:
         sock.close()
         raise
+
+
+# ---------------------------------------------------------------- floods
+
+class SilentFlood:
+    """Keeps up to ``count`` silent connections from ``source`` (a loopback
+    address of its own: loopback is the whole 127/8) to ``address`` open,
+    opening a new one whenever the node closes one (at most ``rate`` opens
+    a second), in a thread: the lock-out attack of issue 8."""
+
+    def __init__(self, address, source="127.0.0.2", count=300, rate=2000):
+        self.address, self.source, self.count, self.rate = address, source, count, rate
+        self.opened = self.closed_by_node = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="silent-flood")
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(10)
+
+    def _open(self, sel):
+        sock = socket.socket()
+        sock.bind((self.source, 0))
+        sock.setblocking(False)
+        try:
+            sock.connect(self.address)
+        except BlockingIOError:
+            pass
+        sel.register(sock, selectors.EVENT_READ)
+        self.opened += 1
+
+    def _run(self):
+        sel = selectors.DefaultSelector()
+        try:
+            t0 = time.monotonic()
+            while not self.stop.is_set():
+                allowed = int((time.monotonic() - t0) * self.rate) + self.count
+                while len(sel.get_map()) < self.count and self.opened < allowed:
+                    self._open(sel)
+                for key, _ in sel.select(0.01):
+                    try:
+                        data = key.fileobj.recv(4096)   # the challenge, then EOF
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self.closed_by_node += 1
+                        sel.unregister(key.fileobj)
+                        key.fileobj.close()
+        finally:
+            for key in list(sel.get_map().values()):
+                key.fileobj.close()
+            sel.close()
