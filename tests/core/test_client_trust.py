@@ -59,10 +59,10 @@ class RogueNode:
         self.conn = conn
         try:
             while True:
-                header = P.decode((await conn.recv())[0])
-                if header[0] == P.SESSION:
-                    conn.send([P.encode(P.READY, {"name": "rogue", "cpus": 1,
-                                                  "free_cpus": 0, "dir": "/", "pid": 1})])
+                msg = P.decode((await conn.recv())[0])
+                if isinstance(msg, P.Session):
+                    conn.send([P.encode(P.Ready({"name": "rogue", "cpus": 1, "free_cpus": 0,
+                                                 "dir": "/", "pid": 1}))])
         except ConnectionClosed:
             self.closed.set()
 
@@ -75,7 +75,8 @@ class RogueNode:
 
 def forged_result(job_id, value):
     payload = serialize.dumps(value)
-    return [P.encode(P.DONE, [(job_id, P.OK, 1.0, 2.0, "", "", len(payload))]), *payload]
+    record = P.result(job_id, P.Outcome.OK, len(payload), 1.0, 2.0, "", "")
+    return [P.encode(P.Done([record])), *payload]
 
 
 @pytest.fixture
@@ -103,8 +104,8 @@ def test_a_node_cannot_answer_for_a_job_another_node_runs(dpool_node, rogue, tmp
         job = client.submit(hold, (marker, gate), pin=real)
         (pid,), _ = read_marker(marker)
         payload = serialize.dumps("provisional")
-        rogue.send([P.encode(P.SENDFILE, job.id, "evil.txt"), b"evil"],
-                   [P.encode(P.PROVISIONAL, job.id), *payload],
+        rogue.send([P.encode(P.SendFile(job.id, "evil.txt")), b"evil"],
+                   [P.encode(P.Provisional(job.id)), *payload],
                    forged_result(job.id, "forged"))
         assert rogue.closed.wait(10), "the client kept the lying node's link open"
         open(gate, "w").close()
