@@ -16,9 +16,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from bench_engine import noop, start_node  # noqa: E402
-from dpool.core.client import Client  # noqa: E402
-from helpers import SilentFlood  # noqa: E402
+from bench_engine import noop, start_node
+from dpool.core.client import Client
+from helpers import SilentFlood
 
 
 def connect_and_run(port):

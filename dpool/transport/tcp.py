@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import functools
 import inspect
 import logging
 import random
@@ -187,7 +188,7 @@ class Server:
         self.address = lsock.getsockname()[:2]
         self.port = self.address[1]
         self._handshakes = set()    # tasks still authenticating
-        self._pending = collections.Counter()   # source address -> of those
+        self._pending: collections.Counter[str] = collections.Counter()  # address -> of those
         self.rejections = RejectionLog(log, format_peer(self.address))
         self._handlers = set()      # tasks running on_connection coroutines
         self._conns = set()         # every connection not yet ended
@@ -257,7 +258,7 @@ class Server:
                 continue
             self._pending[host] += 1
             task = self._spawn(self._handshakes, self._handshake(sock, addr))
-            task.add_done_callback(lambda _, host=host: self._handshake_ended(host))
+            task.add_done_callback(functools.partial(self._handshake_ended, host))
 
     def _refuse(self, sock, addr, host) -> None:
         # Peers that connect and stay silent must not exhaust our fds and
@@ -271,7 +272,7 @@ class Server:
         self.rejections.reject(host, "refused at the cap", "refusing connection from %s: %s",
                                format_peer(addr), why)
 
-    def _handshake_ended(self, host) -> None:
+    def _handshake_ended(self, host: str, _task: asyncio.Task) -> None:
         self._pending[host] -= 1
         if self._pending[host] <= 0:
             del self._pending[host]
@@ -280,7 +281,7 @@ class Server:
         if not self._closed:
             self._loop.add_reader(self._lsock.fileno(), self._accept_ready)
 
-    def _spawn(self, tasks, coro) -> None:
+    def _spawn(self, tasks, coro) -> asyncio.Task:
         task = self._loop.create_task(coro)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
