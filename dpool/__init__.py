@@ -21,3 +21,13 @@ __all__ = ["Pool", "JobCluster", "recover_jobs", "progress", "DispyJob", "DispyN
            "ClusterStatus", "DpoolError", "AuthenticationError",
            "BrokenCluster", "ConnectionClosed", "JobCancelled", "NodeLost", "ProtocolError",
            "RemoteError", "VersionMismatch", "WorkerLost"]
+
+
+def __getattr__(name):
+    """``dispy.httpd`` (and ``dpool.dashboard``) after ``import dpool as dispy``,
+    imported on first use."""
+    if name in ("httpd", "dashboard"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,8 @@ Bottom to top (a module may import its own layer and the ones below)::
     node
     core
     futures, pool, _adapters, dispy,     (the APIs, what they share,
-    progressbar, joblib                   and what builds on them)
+    progressbar, joblib, dashboard,       and what builds on them)
+    httpd
     daemons
     dpool/__init__.py
 
@@ -32,7 +33,7 @@ LAYERS = [
     ("dpool.node",),
     ("dpool.core",),
     ("dpool.futures", "dpool.pool", "dpool._adapters", "dpool.dispy", "dpool.progressbar",
-     "dpool.joblib"),
+     "dpool.joblib", "dpool.dashboard", "dpool.httpd"),
     ("dpool.daemons",),
     ("dpool",),
 ]

@@ -204,6 +204,7 @@ class Client:
         self.session = dict(session or {})
         self.init_frames = serialize.dumps((initializer, tuple(initargs))) if initializer else []
         self.on_event = on_event
+        self.listeners = []  # more on_event-like callables (monitors: dpool.dashboard)
         self.connect_timeout = connect_timeout
         self.scheduler = Scheduler(max_retries=max_retries)
         self.functions = _FunctionTable()
@@ -706,6 +707,11 @@ class Client:
                 self.on_event(kind, obj)
             except Exception:
                 log.exception("dpool: event handler failed on %s", kind)
+        for listener in self.listeners:
+            try:
+                listener(kind, obj)
+            except Exception:
+                log.exception("dpool: event listener failed on %s", kind)
 
     def _cancel(self, job):
         if job.id not in self.jobs:

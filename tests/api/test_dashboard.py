@@ -1,0 +1,136 @@
+"""The dashboard's JSON endpoint and token, and dispy's DispyHTTPServer API,
+over plain HTTP."""
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+
+import dpool
+from dpool.dashboard import serve
+from dpool.futures import Executor
+from helpers import poll_for
+from tasks import double, fails, nap
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def get(url, timeout=10):
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
+        return reply.status, reply.headers.get("Content-Type"), reply.read()
+
+
+def code_of(url):
+    """The HTTP status of a GET (error replies closed: they hold a socket)."""
+    try:
+        return get(url)[0]
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return exc.code
+
+
+def status(board):
+    base = board.url.split("?")[0]
+    query = board.url[len(base):]
+    code, ctype, body = get(base + "api/status" + query)
+    assert code == 200 and ctype == "application/json"
+    return json.loads(body)
+
+
+def test_pool_jobs_nodes_and_errors():
+    with dpool.Pool(2) as pool, serve(pool, poll_sec=0.5) as board:
+        assert board.url.startswith("http://127.0.0.1:") and "token" not in board.url
+        assert pool.map(double, range(10), chunksize=1) == [2 * x for x in range(10)]
+        with pytest.raises(ValueError):
+            pool.apply(fails, (7,))
+        data = poll_for(lambda: (lambda d: d if d["sources"][0]["jobs"]["failed"] == 1 else None)(
+            status(board)), message="the failed job on the page")
+        (src,) = data["sources"]
+        assert src["kind"] == "Pool" and not src["closed"]
+        assert src["jobs"]["finished"] == 10 and src["jobs"]["failed"] == 1
+        assert src["jobs"]["queued"] == 0 and src["jobs"]["running"] == 0
+        (node,) = src["nodes"]
+        assert node["cpus"] == 2 and node["connected"] and node["done"] == 11
+        assert node["load"] is not None and node["cpu_busy"] is not None
+        (error,) = src["errors"]
+        assert "ValueError: boom-7" in error["error"] and error["node"] == node["name"]
+        assert [j["status"] for j in src["recent"]].count("finished") == 10
+        code, ctype, page = get(board.url)
+        assert code == 200 and ctype.startswith("text/html") and b"api/status" in page
+
+
+def test_running_and_queued_jobs_are_counted(tmp_path):
+    with Executor(1) as ex, serve(ex) as board:
+        futures = [ex.submit(nap, 0.3, n) for n in range(4)]
+        data = poll_for(lambda: (lambda s: s if s["jobs"]["running"] >= 1 else None)(
+            status(board)["sources"][0]), message="a running job")
+        assert data["jobs"]["running"] + data["jobs"]["queued"] + data["jobs"]["finished"] == 4
+        assert [f.result() for f in futures] == [0, 1, 2, 3]
+        assert status(board)["sources"][0]["jobs"]["finished"] == 4
+        # the throughput series has points once a second has passed
+        poll_for(lambda: status(board)["sources"][0]["throughput"], message="throughput")
+
+
+def test_a_closed_pool_shows_its_last_state():
+    pool = dpool.Pool(1)
+    board = serve(pool)
+    try:
+        pool.map(double, [1, 2, 3], chunksize=3)  # one chunk: one job
+        status(board)
+        pool.close()
+        pool.join()
+        (src,) = status(board)["sources"]
+        assert src["closed"] and src["jobs"]["finished"] == 1
+    finally:
+        board.shutdown()
+
+
+def test_token_when_not_on_loopback():
+    with serve(host="0.0.0.0") as board:
+        assert board.token and f"?token={board.token}" in board.url
+        base = f"http://127.0.0.1:{board.port}/"
+        for path in ("", "api/status", "api/status?token=wrong"):
+            assert code_of(base + path) == 403
+        assert code_of(base + "api/status?token=" + board.token) == 200
+        request = urllib.request.Request(base + "api/status",
+                                         headers={"Authorization": "Bearer " + board.token})
+        assert code_of(request) == 200
+        assert code_of(base + "nothing?token=" + board.token) == 404
+
+
+def test_a_given_token_is_required_on_loopback_too():
+    with serve(token="s3cret") as board:
+        assert code_of(f"http://127.0.0.1:{board.port}/api/status") == 403
+        assert status(board)["sources"] == []
+
+
+def test_bad_poll_sec():
+    with pytest.raises(ValueError, match="poll_sec"):
+        serve(poll_sec=0)
+
+
+def test_dispy_httpd_under_import_dpool_as_dispy():
+    import dpool as dispy
+
+    with dispy.JobCluster(double, cpus=2) as cluster:
+        http_server = dispy.httpd.DispyHTTPServer(cluster, port=0, poll_sec=1)
+        try:
+            assert http_server.host == "127.0.0.1"  # dispy's default '' is every interface
+            jobs = [cluster.submit(n) for n in range(5)]
+            cluster.wait()
+            assert [job.result for job in jobs] == [0, 2, 4, 6, 8]
+            (src,) = status(http_server)["sources"]
+            assert src["name"] == "double" and src["kind"] == "JobCluster"
+            assert src["jobs"]["finished"] == 5
+            assert sorted(j["id"] for j in src["recent"]) == sorted(job.id for job in jobs)
+            assert {j["args"] for j in src["recent"]} == {f"({n},)" for n in range(5)}
+            http_server.add_cluster(cluster)  # already there: a warning, no second copy
+            assert len(status(http_server)["sources"]) == 1
+            http_server.del_cluster(cluster)
+            assert status(http_server)["sources"] == []
+        finally:
+            http_server.shutdown(wait=False)
+    assert not http_server._thread.is_alive()
+    with pytest.raises(OSError):  # nobody listens there any more
+        socket.create_connection(("127.0.0.1", http_server.port), timeout=5).close()
