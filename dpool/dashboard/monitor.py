@@ -60,9 +60,13 @@ class Monitor:
     def _collect(self):
         """Runs in the loop thread: the live part of the snapshot."""
         client = self.client
+        # Nodes report when a job starts only if the session asked them to
+        # (JobCluster with callbacks); otherwise a job sent counts as running.
+        starts_known = bool(client.session.get("notify_start"))
         running, queued = collections.Counter(), len(client._incoming)
         for job in client.jobs.values():
-            if job.sent and job.node is not None:
+            if job.sent and job.node is not None and \
+                    (job.start_time is not None or not starts_known):
                 running[job.node] += 1
             else:
                 queued += 1
