@@ -30,6 +30,11 @@ Client -> node                         Node -> client
 Recover, instead of Session, takes over a session opened with the option
 ``recover_token`` whose client went away without Bye (see node/runtime.py).
 
+  Status   (None)                        Status (info)  then the node closes
+
+Status, instead of Session, asks for the node's status (``dpool status``,
+see node/status.py); it takes no CPU.
+
 Job environment (dispy's features; only sessions that ask for them):
 
 Client -> node                         Node -> client
@@ -84,6 +89,7 @@ class Op(IntEnum):
     SETUP = 7
     RECOVER = 8
     FORGET = 9
+    STATUS = 10  # instead of SESSION: the node answers STATUS with its status
     READY = 11
     REFUSED = 12
     DONE = 13
@@ -247,6 +253,11 @@ class Recover(NamedTuple):
 @message(Op.FORGET)
 class Forget(NamedTuple):
     fn_ids: list
+
+
+@message(Op.STATUS)
+class Status(NamedTuple):
+    info: Optional[dict]  # client -> node: None; node -> client: its status (dpool status)
 
 
 @message(Op.READY)

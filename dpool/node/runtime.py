@@ -40,6 +40,7 @@ from .. import serialize
 from ..errors import WorkerLost
 from ..transport import wrap_socket
 from .files import default_job_root, private_dir
+from .status import node_status
 from .zygote import Zygote, describe_exit
 
 log = logging.getLogger("dpool.node")
@@ -165,7 +166,8 @@ class Session:
         self.env = None  # a nodeenv.SessionEnv once the client sends FILE or SETUP
         self.handlers = {P.Session: self.on_session, P.Func: self.on_func, P.Run: self.on_run,
                          P.Cancel: self.on_cancel, P.Bye: self.on_bye, P.Forget: self.on_forget,
-                         P.File: self.on_env, P.Setup: self.on_env, P.Recover: self.on_recover}
+                         P.File: self.on_env, P.Setup: self.on_env, P.Recover: self.on_recover,
+                         P.Status: self.on_status}
         self.detached_at = None  # loop time the client went away (recoverable sessions)
         self._expiry = None
 
@@ -194,6 +196,12 @@ class Session:
             log.info("session %s: client %s disconnected%s", self.sid, self.conn.peer,
                      f" ({exc})" if exc else "")
         self.end("client disconnected")
+
+    def on_status(self, msg, frames):
+        """Status instead of Session: answer, take no CPU, end quietly."""
+        if self.cpus == 0 and not self.options:
+            self.conn.send([P.encode(P.Status(node_status(self.node)))])
+        self.end("status")
 
     def on_session(self, msg, frames):
         options = self.options = msg.options

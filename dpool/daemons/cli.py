@@ -1,0 +1,163 @@
+"""``dpool``: the command-line tool for a dpool cluster.
+
+    dpool status [HOST[:PORT] ...] [--json] [--secret-file PATH] [--timeout S]
+                 [--cafile F [--certfile F --keyfile F]]
+
+``status`` asks each node, over the same authenticated (and encrypted)
+connection a client uses, for its CPUs, sessions, running and queued jobs,
+load and version, without opening a session (no CPU is taken).  With no
+HOST it asks the nodes in DPOOL_NODES, else the node on this host at the
+default port.  The secret comes from --secret-file or DPOOL_SECRET; for a
+node on this host, from the file such a node leaves in ~/.dpool.
+
+Exit status: 0 when every node answered, 1 when one did not, 2 for bad usage.
+"""
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+
+from .. import config
+from ..core.status import query_nodes
+from ..errors import AuthenticationError, ConnectionClosed, DpoolError, VersionMismatch
+
+NODES_ENV = "DPOOL_NODES"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="dpool", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    s = sub.add_parser("status", help="ask dpool-nodes what they are doing",
+                       description="Ask dpool-nodes for their CPUs, sessions, running and "
+                                   "queued jobs, load and version.")
+    s.add_argument("nodes", nargs="*", metavar="HOST[:PORT]",
+                   help=f"nodes to ask (default: ${NODES_ENV}, else "
+                        f"127.0.0.1:{config.NODE_PORT})")
+    s.add_argument("--json", action="store_true", help="print JSON (one object per node)")
+    s.add_argument("--secret-file", help="file holding the shared secret (else $DPOOL_SECRET)")
+    s.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds to wait for each node (default 5)")
+    s.add_argument("--cafile", help="CA to check the nodes' TLS certificates against (TLS)")
+    s.add_argument("--certfile", help="client certificate (for nodes that require one)")
+    s.add_argument("--keyfile", help="client certificate's key")
+    return p.parse_args(argv)
+
+
+def parse_address(text):
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or "]" in port:
+        host, port = text.strip(), str(config.NODE_PORT)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"invalid node {text!r}: expected HOST or HOST:PORT (port 1-65535)")
+    return host, int(port)
+
+
+def node_addresses(args):
+    names = args.nodes
+    if not names:
+        env = os.environ.get(NODES_ENV, "")
+        names = [n for n in env.split(",") if n.strip()] or [f"127.0.0.1:{config.NODE_PORT}"]
+    return [parse_address(name) for name in names]
+
+
+def secrets_for(args, addresses):
+    """One secret per address (None: none known, the node will say so)."""
+    if args.secret_file:
+        secret = config.read_secret_file(args.secret_file)
+        return [secret] * len(addresses)
+    secret = config.env_secret()
+    return [secret or (config.find_local_secret(port) if config.is_loopback(host) else None)
+            for host, port in addresses]
+
+
+def explain(exc, timeout):
+    """A one-line reason a node gave no status."""
+    if isinstance(exc, AuthenticationError):
+        return ("wrong secret: the node and this command do not share a secret "
+                "(check DPOOL_SECRET or --secret-file)")
+    if isinstance(exc, VersionMismatch):
+        return f"version mismatch: {exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "unreachable: connection refused (is dpool-node running there, on that port?)"
+    if isinstance(exc, socket.gaierror):
+        return f"unreachable: unknown host ({exc.strerror or exc})"
+    if isinstance(exc, TimeoutError):
+        return f"unreachable: no answer within {timeout:g} s"
+    if isinstance(exc, ConnectionClosed):
+        return "the node closed the connection without answering (an older dpool-node?)"
+    if isinstance(exc, OSError):
+        return f"unreachable: {exc.strerror or exc}"
+    if isinstance(exc, DpoolError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+COLUMNS = [("NODE", "name"), ("ADDRESS", "address"), ("STATE", "state"), ("CPUS", "cpus"),
+           ("FREE", "free_cpus"), ("SESSIONS", "sessions"), ("RUNNING", "running"),
+           ("QUEUED", "queued"), ("LOAD", "load"), ("CPU%", "cpu_busy"),
+           ("VERSION", "version"), ("PYTHON", "python")]
+
+
+def table(rows):
+    """The rows as aligned text; an unreachable node gets its reason instead."""
+    cells = [[title for title, _ in COLUMNS]]
+    notes = []
+    for row in rows:
+        if row["state"] != "up":
+            cells.append([row.get("name") or "-", row["address"], row["state"]])
+            notes.append(f"{row['address']}: {row['error']}")
+            continue
+        cells.append(["" if row.get(key) is None else str(row[key]) for _, key in COLUMNS])
+    widths = [max(len(line[i]) for line in cells if i < len(line)) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+             for line in cells]
+    return "\n".join(lines + notes)
+
+
+def status(args):
+    try:
+        addresses = node_addresses(args)
+        secrets = secrets_for(args, addresses)
+        ssl = None
+        if args.cafile or args.certfile:
+            from ..transport import client_ssl_context
+            ssl = client_ssl_context(args.cafile, args.certfile, args.keyfile)
+    except (OSError, ValueError) as exc:
+        print(f"dpool status: {exc}", file=sys.stderr)
+        return 2
+    answers = asyncio.run(query_nodes(addresses, secrets, ssl=ssl, timeout=args.timeout))
+    rows = []
+    for (host, port), answer in zip(addresses, answers):
+        row = {"address": f"{host}:{port}"}
+        if isinstance(answer, BaseException):
+            row.update(state=_state_of(answer), error=explain(answer, args.timeout))
+        else:
+            row.update(answer, state="up")
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(table(rows))
+    return 0 if all(row["state"] == "up" for row in rows) else 1
+
+
+def _state_of(exc):
+    if isinstance(exc, AuthenticationError):
+        return "wrong-secret"
+    if isinstance(exc, (OSError, TimeoutError)) and not isinstance(exc, ConnectionClosed):
+        return "unreachable"
+    return "error"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.command == "status":
+        return status(args)
+    return 2  # argparse refuses unknown commands before this
+
+
+if __name__ == "__main__":
+    sys.exit(main())

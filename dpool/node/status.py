@@ -1,0 +1,57 @@
+"""What a node says about itself when asked STATUS (``dpool status``)."""
+import os
+import platform
+import sys
+import time
+
+import psutil
+
+_STARTED = time.time()
+
+
+def dpool_version():
+    try:
+        from importlib.metadata import version
+
+        return version("dpool")
+    except Exception:  # not installed (run from a source tree)
+        return "unknown"
+
+
+_VERSION = dpool_version()
+psutil.cpu_percent(None)  # the first call only starts the measurement
+
+
+def session_jobs(session):
+    """(running, queued) jobs of one session: a worker runs the first job it
+    holds; the others it holds and the session's queue are waiting."""
+    running = queued = 0
+    for worker in session.workers:
+        held = len(worker.outstanding)
+        if held:
+            running += 1
+            queued += held - 1
+    return running, queued + len(session.queue)
+
+
+def node_status(runtime):
+    """A JSON-able dict: identity, CPUs, sessions, jobs, load, versions."""
+    running = queued = sessions = 0
+    for session in runtime.sessions:
+        if session.cpus <= 0 or session.ended:
+            continue  # e.g. the STATUS connection itself
+        sessions += 1
+        r, q = session_jobs(session)
+        running += r
+        queued += q
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
+    return {"name": runtime.name, "version": _VERSION,
+            "python": "%d.%d.%d" % sys.version_info[:3], "platform": platform.platform(),
+            "pid": os.getpid(), "uptime": round(time.time() - _STARTED, 1),
+            "cpus": runtime.cpus, "free_cpus": runtime.free_cpus, "sessions": sessions,
+            "kept": len(runtime.detached), "running": running, "queued": queued,
+            "load": load, "cpu_busy": round(psutil.cpu_percent(None), 1),
+            "memory_free": psutil.virtual_memory().available}
