@@ -19,10 +19,12 @@ ends, so nothing outlives the ``with`` block.
 
 Needs joblib (``pip install 'dpool[ecosystem]'``).
 """
+import os
+
 import joblib
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase
 
-from .futures import Executor, total_cpus
+from .futures import NODES_ENV, Executor, total_cpus
 
 __all__ = ["DpoolBackend", "register"]
 
@@ -72,8 +74,6 @@ class DpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         return self.effective_n_jobs(n_jobs)
 
     def _local(self):
-        import os
-        from .futures import NODES_ENV
         return self.nodes is None and not os.environ.get(NODES_ENV, "").strip()
 
     def submit(self, func, callback=None):

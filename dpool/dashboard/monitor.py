@@ -4,12 +4,14 @@ A :class:`Monitor` listens to its client's events (in the client's loop
 thread: counts, recent errors and jobs) and builds a JSON-ready snapshot on
 request, also in the loop thread, where the client's state may be read.
 """
+import asyncio
 import collections
 import os
 import threading
 import time
 
 from ..core import client as core
+from ..core.status import query_nodes
 
 # How a job that ended is counted (core status -> dashboard name).
 _ENDED = {core.FINISHED: "finished", core.TERMINATED: "failed",
@@ -19,6 +21,7 @@ RECENT = 50        # recent jobs kept
 ERRORS = 20        # recent errors kept
 SAMPLES = 300      # throughput samples kept
 SAMPLE_EVERY = 1.0  # seconds between throughput samples
+STATUS_EVERY = 2.0  # seconds between Status requests to remote nodes
 
 
 class Monitor:
@@ -33,6 +36,8 @@ class Monitor:
         self.recent = collections.deque(maxlen=RECENT)
         self.samples = collections.deque(maxlen=SAMPLES)  # (time, jobs ended so far)
         self._last = None
+        self._loads = {}  # (host, port) -> the remote node's last Status
+        self._loads_at = 0.0
         self._lock = threading.Lock()  # the loop thread writes, HTTP threads copy
         # copy on write: the loop thread may be iterating the list
         self.client.listeners = self.client.listeners + [self.on_event]
@@ -70,8 +75,26 @@ class Monitor:
                 running[job.node] += 1
             else:
                 queued += 1
-        nodes = [_node_row(link, running.get(link, 0)) for link in client.links]
+        nodes = [_node_row(link, running.get(link, 0), self._loads.get(link.address))
+                 for link in client.links]
         return nodes, queued, sum(running.values())
+
+    def _refresh_loads(self):
+        """Ask the remote nodes for their load (a Status request each, on the
+        client's loop), at most every STATUS_EVERY seconds."""
+        now = time.monotonic()
+        if now - self._loads_at < STATUS_EVERY:
+            return
+        self._loads_at = now
+        addresses = [link.address for link in self.client.nodes()
+                     if isinstance(link.address, tuple)]
+        if not addresses:
+            return
+        query = query_nodes(addresses, [self.client.secret] * len(addresses),
+                            ssl=self.client.ssl, timeout=2)
+        answers = asyncio.run_coroutine_threadsafe(query, self.client.loop).result(5)
+        self._loads = {address: answer for address, answer in zip(addresses, answers)
+                       if isinstance(answer, dict)}
 
     # ---------------------------------------------------- HTTP threads
 
@@ -80,6 +103,7 @@ class Monitor:
         closed = self.client.closed or not self.client._thread.thread.is_alive()
         if not closed:
             try:
+                self._refresh_loads()
                 nodes, queued, running = self.client.call(self._collect, timeout=5)
             except (RuntimeError, TimeoutError):
                 closed = True
@@ -143,7 +167,7 @@ def _node_name(link):
     return None if link is None else link.name
 
 
-def _node_row(link, running):
+def _node_row(link, running, status=None):
     info = link.info or {}
     avail = info.get("avail_info") or {}
     row = {"name": link.name, "address": _address(link), "cpus": link.cpus,
@@ -153,6 +177,9 @@ def _node_row(link, running):
            "memory_free": avail.get("memory"), "load": None}
     if link.address == "embedded":
         row.update(_local_load())
+    elif status is not None:  # fresher than the avail_info of the session's start
+        row.update(load=status.get("load"), cpu_busy=status.get("cpu_busy"),
+                   memory_free=status.get("memory_free"))
     return row
 
 

@@ -134,3 +134,13 @@ def test_dispy_httpd_under_import_dpool_as_dispy():
     assert not http_server._thread.is_alive()
     with pytest.raises(OSError):  # nobody listens there any more
         socket.create_connection(("127.0.0.1", http_server.port), timeout=5).close()
+
+
+def test_remote_node_load_comes_from_its_status(dpool_node, node_secret):
+    with Executor(nodes=[dpool_node.address], secret=node_secret) as ex, serve(ex) as board:
+        assert ex.submit(double, 4).result() == 8
+        (src,) = status(board)["sources"]
+        (node,) = src["nodes"]
+        assert node["address"] == "127.0.0.1:%d" % dpool_node.port and node["connected"]
+        assert node["cpus"] == 2 and node["done"] == 1
+        assert isinstance(node["load"], float) and node["memory_free"] > 0
