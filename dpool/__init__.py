@@ -17,8 +17,9 @@ from .errors import (AuthenticationError, BrokenCluster, ConnectionClosed, Dpool
 
 __version__ = "0.1.0"
 
-__all__ = ["Pool", "JobCluster", "recover_jobs", "progress", "DispyJob", "DispyNode", "DispyNodeAvailInfo", "NodeAllocate",
-           "ClusterStatus", "DpoolError", "AuthenticationError",
+__all__ = ["Pool", "JobCluster", "recover_jobs", "progress", "DispyJob", "DispyNode",
+           "DispyNodeAvailInfo", "NodeAllocate", "ClusterStatus", "DpoolError",
+           "AuthenticationError",
            "BrokenCluster", "ConnectionClosed", "JobCancelled", "NodeLost", "ProtocolError",
            "RemoteError", "VersionMismatch", "WorkerLost"]
 

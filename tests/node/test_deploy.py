@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def exec_start(text):
-    (line,) = [l for l in text.splitlines() if l.startswith("ExecStart=")]
+    (line,) = [s for s in text.splitlines() if s.startswith("ExecStart=")]
     return shlex.split(line[len("ExecStart="):])
 
 
