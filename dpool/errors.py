@@ -5,6 +5,7 @@ Errors raised by user code on a node come back as their own type, with the
 remote traceback attached as ``__cause__`` (see :mod:`dpool.serialize`).
 """
 from concurrent.futures import BrokenExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 
 class DpoolError(Exception):
@@ -37,8 +38,13 @@ class NodeLost(DpoolError):
     """The node running a job went away before the job finished."""
 
 
-class WorkerLost(DpoolError):
-    """The worker process running a job died (exit, signal, crash)."""
+class WorkerLost(DpoolError, BrokenProcessPool):
+    """The worker process running a job died (exit, signal, crash).
+
+    Also a ``BrokenProcessPool`` (what ``ProcessPoolExecutor`` raises when a
+    worker dies), so that ``except BrokenProcessPool`` still catches it; but
+    only that job fails: the worker is replaced and the executor stays usable.
+    """
 
 
 class JobCancelled(DpoolError):

@@ -65,15 +65,17 @@ def parse_nodes(nodes):
     return out
 
 
-def start_client(workers, nodes, secret, max_tasks, initializer, initargs):
+def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
+                 process_name="ForkProcess"):
     """The started :class:`Client` behind an Executor or a Pool.
 
     ``workers`` is the embedded node's process count, or with remote nodes
-    the most CPUs to use on each node (None: all of them).
+    the most CPUs to use on each node (None: all of them).  The workers
+    are named ``process_name-N`` (``multiprocessing.current_process().name``).
     """
     if nodes is None and os.environ.get(NODES_ENV, "").strip():
         nodes = os.environ[NODES_ENV]
-    session = {"max_tasks": max_tasks, "capture": False}
+    session = {"max_tasks": max_tasks, "capture": False, "process_name": process_name}
     if nodes is None:
         session["cwd"] = os.getcwd()
         client = Client(None, cpus=workers, session=session,
@@ -136,7 +138,7 @@ class Executor(_cf.Executor):
         with self._shutdown_lock:
             if self._shutdown_thread:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            return self._client.submit(fn, args, kwargs).future
+            return self._client.submit(fn, args, kwargs, defer_errors=True).future
 
     submit.__doc__ = _cf.Executor.submit.__doc__
 
@@ -158,7 +160,7 @@ class Executor(_cf.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             try:
                 for chunk in _batched(zip(*iterables), chunksize):
-                    futures.append(submit(fn, chunk, star=True).future)
+                    futures.append(submit(fn, chunk, star=True, defer_errors=True).future)
                     sizes.append(len(chunk))
             except BaseException:
                 for future in futures:

@@ -30,9 +30,11 @@ import queue
 import threading
 import warnings
 import weakref
+from multiprocessing.pool import MaybeEncodingError
 
 from . import protocol as P
 from .futures import check_initializer, start_client, total_cpus
+from .node.worker import RESULT_REPR
 from .progressbar import make_bar, track
 
 __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
@@ -68,7 +70,7 @@ class Pool:
         self._callbacks = None
         self._feeders = weakref.WeakSet()
         self._client = start_client(processes, nodes, secret, maxtasksperchild,
-                                    initializer, initargs)
+                                    initializer, initargs, process_name="ForkPoolWorker")
         self._processes = total_cpus(self._client)
         self._state = RUN
 
@@ -87,14 +89,14 @@ class Pool:
 
     def _submit(self, fn, chunk):
         """One chunk (a list of argument tuples) as one job."""
-        return self._client.submit(fn, chunk, star=True).future
+        return self._client.submit(fn, chunk, star=True, defer_errors=True).future
 
     def _submit_items(self, fn, items, star):
         """One chunk of a map (``items``: a slice of the input) as one job;
         the items travel as they are, no one-item tuple per item."""
         mode = P.Call.STARMAP if star else P.Call.MAP
         return self._client.submit(fn, items if isinstance(items, list) else list(items),
-                                   star=mode).future
+                                   star=mode, defer_errors=True).future
 
     def _runner(self, callback, error_callback):
         if callback is None and error_callback is None:
@@ -107,12 +109,12 @@ class Pool:
     def apply(self, func, args=(), kwds={}):
         """``func(*args, **kwds)`` on a worker; waits for and returns the result."""
         self._check_running()
-        return self._client.submit(func, args, kwds).future.result()
+        return self._client.submit(func, args, kwds, defer_errors=True).future.result()
 
     def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
         """Like :meth:`apply`, but returns an :class:`AsyncResult` at once."""
         self._check_running()
-        future = self._client.submit(func, args, kwds).future
+        future = self._client.submit(func, args, kwds, defer_errors=True).future
         result = ApplyResult(self._runner(callback, error_callback), callback, error_callback)
         future.add_done_callback(result._from_future)
         return result
@@ -381,7 +383,20 @@ class MapResult(ApplyResult):
 def _error_of(future):
     if future.cancelled():
         return _cf.CancelledError("the job was cancelled (the pool was terminated)")
-    return future.exception()
+    error = future.exception()
+    text = getattr(error, RESULT_REPR, None)
+    if isinstance(text, str):
+        return _encoding_error(error, text)
+    return error
+
+
+def _encoding_error(error, result_repr):
+    """multiprocessing's MaybeEncodingError for a result the worker could not
+    send (``result_repr``: the result's repr, made on the worker)."""
+    wrapped = MaybeEncodingError(error, None)
+    wrapped.value = result_repr
+    wrapped.args = (wrapped.exc, result_repr)
+    return wrapped
 
 
 def _wait(future, timeout):

@@ -38,6 +38,9 @@ import sys
 import traceback
 import types
 
+import concurrent.futures.process as _cf_process
+import multiprocessing.pool as _mp_pool
+
 import cloudpickle
 
 from dpool.errors import RemoteError
@@ -346,9 +349,10 @@ def _pickle(obj, frames, callback):
             stream = cloudpickle.dumps(obj, protocol=PROTOCOL,
                                        buffer_callback=callback)
         except Exception:
-            raise TypeError(
-                f"dpool cannot serialize {_describe(culprit)} object: {e}"
-            ) from e
+            # The pickler's own exception, as the stdlib's pools raise it
+            # (a PicklingError, a TypeError, whatever __reduce__ raised).
+            e.add_note(f"dpool cannot serialize {_describe(culprit)} object")
+            raise e from None
         frames[0] = stream
         return
     frames[0] = f.getvalue()
@@ -360,7 +364,9 @@ def _pickle(obj, frames, callback):
 def dumps(obj):
     """Serialize obj to a list of frames: ``[pickle stream, *buffers]``.
 
-    Raises TypeError naming the offending type if obj cannot be serialized.
+    If obj cannot be serialized, raises the pickler's own exception (as the
+    stdlib does: a ``TypeError``, a ``PicklingError``, whatever a
+    ``__reduce__`` raised), with a note naming the offending type.
     """
     if _is_simple(obj):
         return [pickle.dumps(obj, PROTOCOL)]
@@ -400,12 +406,15 @@ def loads_function(data):
 # --------------------------------------------------------------------------
 # Exceptions
 
-class RemoteTraceback(Exception):
+class RemoteTraceback(_cf_process._RemoteTraceback, _mp_pool.RemoteTraceback):
     """Set as ``__cause__`` of exceptions coming from a worker; its text is
-    the remote traceback (as :mod:`concurrent.futures.process` does)."""
+    the remote traceback.  It is both the stdlib's classes for this
+    (``concurrent.futures.process._RemoteTraceback`` and
+    ``multiprocessing.pool.RemoteTraceback``), so code that checks for either
+    finds it; ``tb`` is the traceback text, as theirs."""
 
     def __init__(self, tb):
-        super().__init__(tb)
+        Exception.__init__(self, tb)
         self.tb = tb
 
     def __str__(self):

@@ -103,8 +103,30 @@ class Unpicklable:
         self.lock = threading.Lock()
 
 
-def return_unpicklable():
+def return_unpicklable(_=None):
     return Unpicklable()
+
+
+class ReduceError(Exception):
+    pass
+
+
+class RaisesOnReduce:
+    """An object whose __reduce__ raises its own exception."""
+
+    def __reduce__(self):
+        raise ReduceError("this object refuses to be pickled")
+
+
+class Weakrefable:
+    def method(self, x):
+        return x
+
+
+def process_name(_=None):
+    import multiprocessing
+
+    return multiprocessing.current_process().name, os.getpid()
 
 
 # ------------------------------------------------------------ worker deaths

@@ -26,6 +26,8 @@ import logging
 import sys
 import threading
 import time
+import traceback
+import weakref
 from concurrent.futures import Future
 
 import cloudpickle
@@ -163,18 +165,26 @@ class _FunctionTable:
 
     def __init__(self, size=4096):
         self.size = size
-        self.table = collections.OrderedDict()  # id(fn) -> (fn, fn_id, blob)
+        self.table = collections.OrderedDict()  # id(fn) -> (weakref to fn, fn_id, blob)
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
 
     def get(self, fn):
+        """(fn_id, blob).  The table holds functions by weak reference only:
+        a callable the caller dropped (a bound method, a partial holding
+        data) is freed, not kept alive by dpool; one that can't be weakly
+        referenced is serialized on each call."""
         entry = self.table.get(id(fn))
-        if entry is not None and entry[0] is fn:
+        if entry is not None and entry[0]() is fn:
             return entry[1], entry[2]
         blob = serialize.dumps_function(fn)
         with self.lock:
             fn_id = next(self.ids)
-            self.table[id(fn)] = (fn, fn_id, blob)
+            try:
+                ref = weakref.ref(fn)
+            except TypeError:
+                return fn_id, blob
+            self.table[id(fn)] = (ref, fn_id, blob)
             while len(self.table) > self.size:
                 self.table.popitem(last=False)
         return fn_id, blob
@@ -242,8 +252,13 @@ class Client:
             raise
         return self
 
-    def submit(self, fn, args=(), kwargs=None, tag=None, pin=None, star=False):
+    def submit(self, fn, args=(), kwargs=None, tag=None, pin=None, star=False,
+               defer_errors=False):
         """Queue one job; returns its :class:`Job` (``job.future`` resolves).
+
+        A function or arguments that can't be serialized raise here, or with
+        ``defer_errors`` fail the returned job's future (not queued), as the
+        stdlib's pools report them.
 
         With ``star=True`` (or ``protocol.Call.STARMAP``), ``args`` is a list of
         argument tuples and the job's result is ``[fn(*a) for a in args]``;
@@ -256,8 +271,13 @@ class Client:
             raise RuntimeError("cannot submit: the client is closed")
         if self.broken is not None:
             raise BrokenCluster(f"the cluster is broken: {self.broken}") from self.broken
-        fn_id, blob = self.functions.get(fn)
-        frames = serialize.dumps((args, kwargs or {}))
+        try:
+            fn_id, blob = self.functions.get(fn)
+            frames = serialize.dumps((args, kwargs or {}))
+        except Exception as exc:
+            if not defer_errors:
+                raise
+            return self._unsent(exc, tag, star)
         job = Job(next(self._ids), fn_id, frames, tag, int(star))  # a plain int on the wire
         job.blob = blob
         self._unfinished.add(job.future)  # the loop thread discards it when done
@@ -268,6 +288,17 @@ class Client:
                 self.loop.call_soon_threadsafe(self._drain)
             except RuntimeError:  # the loop closed under us: close() raced this submit
                 self._fail_leftovers()
+        return job
+
+    def _unsent(self, exc, tag, star):
+        """A job that could not be serialized: its future fails at once with
+        the pickler's exception, the local traceback as its __cause__."""
+        job = Job(next(self._ids), None, None, tag, star)
+        job.status = ABANDONED
+        job.error = exc
+        exc.__cause__ = serialize.RemoteTraceback("".join(traceback.format_exception(exc)))
+        job.future.set_running_or_notify_cancel()
+        job.future.set_exception(exc)
         return job
 
     def cancel(self, job):

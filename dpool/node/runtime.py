@@ -69,6 +69,7 @@ class NodeRuntime:
         self.zygote = Zygote()
         self._zygote_lock = asyncio.Lock()
         self._ids = itertools.count(1)
+        self.worker_numbers = itertools.count(1)  # names workers as the stdlib does
         self._started = False
 
     async def start(self):
@@ -402,7 +403,9 @@ class Session:
         worker = WorkerHandle(pid, conn, self.options.get("max_tasks"), zygote)
         options = {"capture": self.options.get("capture", False), "cwd": self.dir,
                    "notify_start": self.options.get("notify_start", False),
-                   "max_tasks": self.options.get("max_tasks")}
+                   "max_tasks": self.options.get("max_tasks"),
+                   "process_name": self.options.get("process_name"),
+                   "process_index": next(self.node.worker_numbers)}
         conn.send([P.encode(P.Init(options)), *self.init_frames])
         if self.env is None or self.env.admit(worker):
             self.workers.append(worker)

@@ -74,6 +74,7 @@ class Worker:
         self.capture = options.get("capture", False)
         self.notify_start = options.get("notify_start", False)
         self.max_tasks = options.get("max_tasks")
+        _name_process(options)
         cwd = options.get("cwd")
         if cwd:
             os.chdir(cwd)
@@ -137,7 +138,7 @@ class Worker:
                         out, err = cap.out.getvalue(), cap.err.getvalue()
             else:
                 result = _call(fn, args, kwargs, star)
-            payload = serialize.dumps(result)
+            payload = _dump_result(result)
             outcome = _OK
         except BaseException as exc:  # the job's failure is its result
             outcome = _ERROR
@@ -145,6 +146,38 @@ class Worker:
             del exc
         self.done += 1
         return P.result(job_id, outcome, len(payload), start, time.time(), out, err), payload
+
+
+#: Attribute set on the exception of a result that could not be serialized:
+#: the result's repr (dpool.Pool reports it as multiprocessing's
+#: MaybeEncodingError; the Executor raises the exception itself).
+RESULT_REPR = "dpool_result_repr"
+
+
+def _dump_result(result):
+    try:
+        return serialize.dumps(result)
+    except Exception as exc:
+        try:
+            setattr(exc, RESULT_REPR, repr(result))
+        except Exception:
+            pass
+        raise
+
+
+def _name_process(options):
+    """Name this worker as the stdlib names its pools' workers (e.g.
+    ``ForkProcess-3``, ``ForkPoolWorker-3``): code that checks
+    ``multiprocessing.current_process().name`` sees a worker, not
+    ``MainProcess``."""
+    prefix, index = options.get("process_name"), options.get("process_index")
+    if not prefix or not index:
+        return
+    import multiprocessing.process as mpp
+
+    current = mpp.current_process()
+    current._identity = (index,)
+    current.name = f"{prefix}-{index}"
 
 
 def _call(fn, args, kwargs, star):

@@ -7,9 +7,12 @@ Where dpool differs from the stdlib on purpose, the test branches on
 """
 import asyncio
 import concurrent.futures as cf
+import gc
 import os
+import re
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -155,6 +158,7 @@ def test_exception_keeps_type_and_remote_traceback(executor):
     cause = info.value.__cause__
     assert cause is not None and "raise_value_error" in str(cause)
     assert "Traceback" in str(cause)
+    assert isinstance(cause, cf.process._RemoteTraceback)  # what code checks for
 
 
 def test_map_raises_at_the_failing_item_after_earlier_results(executor):
@@ -181,22 +185,46 @@ def test_result_timeout_never_blocks_past_it(executor):
 
 def test_unpicklable_result_fails_the_future(executor):
     future = executor.submit(tasks.return_unpicklable)
-    with pytest.raises(Exception, match="lock"):  # the type is named
+    with pytest.raises(TypeError, match="lock") as info:  # the pickler's own error
         future.result(5)
+    assert isinstance(info.value.__cause__, cf.process._RemoteTraceback)
     assert executor.submit(tasks.square, 3).result(5) == 9
 
 
-def test_unpicklable_argument(executor, kind):
-    if kind == "stdlib":
-        future = executor.submit(tasks.identity, tasks.Unpicklable())
-        with pytest.raises(TypeError, match="lock"):
-            future.result(5)
-    else:
-        # dpool on purpose: the error is raised at submit, in the caller's
-        # frame, naming the type; nothing is queued.
-        with pytest.raises(TypeError, match="lock"):
-            executor.submit(tasks.identity, tasks.Unpicklable())
+@pytest.mark.parametrize("arg, error", [(tasks.Unpicklable, TypeError),
+                                        (tasks.RaisesOnReduce, tasks.ReduceError)])
+def test_unpicklable_argument_fails_the_future(executor, arg, error):
+    # The stdlib (and dpool) return a future, which fails with the pickler's
+    # own exception (or whatever __reduce__ raised), traceback as its cause.
+    future = executor.submit(tasks.identity, arg())
+    with pytest.raises(error) as info:
+        future.result(5)
+    assert isinstance(info.value.__cause__, cf.process._RemoteTraceback)
+    results = executor.map(tasks.identity, [1, arg()])
+    assert next(results) == 1
+    with pytest.raises(error):
+        next(results)
     assert executor.submit(tasks.square, 3).result(5) == 9
+
+
+def test_worker_process_names(executor, kind):
+    names = {name for name, _ in executor.map(tasks.process_name, range(8))}
+    assert "MainProcess" not in names
+    assert all(re.fullmatch(r"ForkProcess-\d+", name) for name in names), names
+
+
+def test_an_argument_is_freed_once_its_future_is_dropped(executor):
+    """Nothing keeps what was given to submit (the callable included) once
+    the caller dropped the future: long-running executors don't grow."""
+    data, holder = tasks.Weakrefable(), tasks.Weakrefable()
+    refs = [weakref.ref(data), weakref.ref(holder)]
+    future = executor.submit(tasks.identity, data)
+    assert future.result(5).__class__ is tasks.Weakrefable
+    future = executor.submit(holder.method, 2)  # a bound method: holds its object
+    assert future.result(5) == 2
+    del data, holder, future
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
 
 
 @pytest.mark.parametrize("crash", [tasks.exit_worker, tasks.kill_worker])
@@ -211,8 +239,10 @@ def test_task_that_kills_its_worker(executor, kind, crash):
     else:
         # dpool on purpose: only that task fails; the worker is replaced and
         # the executor keeps working.
-        with pytest.raises(WorkerLost, match="worker process"):
+        with pytest.raises(WorkerLost, match="worker process") as info:
             future.result(5)
+        # Also a BrokenProcessPool, for code that catches that.
+        assert isinstance(info.value, cf.process.BrokenProcessPool)
         assert executor.submit(tasks.square, 3).result(5) == 9
 
 

@@ -5,7 +5,10 @@ subprocess ("remote", over TCP with a secret).
 Where dpool differs from multiprocessing on purpose, the test branches on
 ``kind`` and says why (docs/executor-and-pool.md lists the same points).
 """
+import concurrent.futures.process
 import multiprocessing
+import multiprocessing.pool
+import re
 import threading
 import time
 
@@ -157,6 +160,7 @@ def test_exception_keeps_type_and_remote_traceback(pool):
     assert not result.successful()
     cause = info.value.__cause__
     assert cause is not None and "raise_value_error" in str(cause)
+    assert isinstance(cause, multiprocessing.pool.RemoteTraceback)  # what code checks for
 
 
 def test_map_raises_the_error(pool):
@@ -197,24 +201,36 @@ def test_task_raising_timeout_error_is_not_a_timeout(pool):
         pool.apply(tasks.raise_timeout_error)
 
 
-def test_unpicklable_argument(pool, kind):
-    if kind == "stdlib":
-        result = pool.apply_async(tasks.identity, (tasks.Unpicklable(),))
-        with pytest.raises(TypeError, match="lock"):
-            result.get(5)
-    else:
-        # dpool on purpose: raised at the call, naming the type.
-        with pytest.raises(TypeError, match="lock"):
-            pool.apply_async(tasks.identity, (tasks.Unpicklable(),))
-        with pytest.raises(TypeError, match="lock"):
-            pool.map(tasks.identity, [1, tasks.Unpicklable()])
+@pytest.mark.parametrize("arg, error", [(tasks.Unpicklable, TypeError),
+                                        (tasks.RaisesOnReduce, tasks.ReduceError)])
+def test_unpicklable_argument(pool, arg, error):
+    # The pickler's own exception (or what __reduce__ raised): through the
+    # result for apply_async, from the call for map.
+    result = pool.apply_async(tasks.identity, (arg(),))
+    with pytest.raises(error):
+        result.get(5)
+    with pytest.raises(error):
+        pool.map(tasks.identity, [1, arg()])
+    with pytest.raises(error):
+        pool.apply(tasks.identity, (arg(),))
     assert pool.apply(tasks.square, (3,)) == 9
 
 
 def test_unpicklable_result(pool):
-    with pytest.raises(Exception, match="lock"):
+    with pytest.raises(multiprocessing.pool.MaybeEncodingError, match="lock") as info:
         pool.apply_async(tasks.return_unpicklable).get(5)
+    assert "Unpicklable object" in info.value.value
+    assert "TypeError" in info.value.exc
+    with pytest.raises(multiprocessing.pool.MaybeEncodingError,
+                       match=r"Error sending result: '\[<tasks.Unpicklable"):
+        pool.map(tasks.return_unpicklable, [1], chunksize=1)
     assert pool.apply(tasks.square, (3,)) == 9
+
+
+def test_worker_process_names(pool):
+    names = {name for name, _ in pool.map(tasks.process_name, range(8), chunksize=1)}
+    assert "MainProcess" not in names
+    assert all(re.fullmatch(r"ForkPoolWorker-\d+", name) for name in names), names
 
 
 @pytest.mark.parametrize("crash", [tasks.exit_worker, tasks.kill_worker])
@@ -228,8 +244,9 @@ def test_task_that_kills_its_worker(pool, kind, crash):
         del result  # it stays pending: let the pool be collected
     else:
         # dpool on purpose: the task fails with WorkerLost; the pool goes on.
-        with pytest.raises(WorkerLost):
+        with pytest.raises(WorkerLost) as info:
             result.get(5)
+        assert isinstance(info.value, concurrent.futures.process.BrokenProcessPool)
     assert pool.apply(tasks.square, (3,)) == 9
 
 
