@@ -52,7 +52,7 @@ def dispy_provisional_result(result, relay=False, timeout=None):
         return -1
     try:
         frames = serialize.dumps(result)
-    except TypeError:
+    except Exception:
         return -1
     _conn.send([P.encode(P.Provisional(_job_id)), *frames])
     return 0
