@@ -8,6 +8,7 @@ Three ways in, one engine:
 """
 from .dispy.cluster import (ClusterStatus, DispyJob, DispyNode, DispyNodeAvailInfo, JobCluster,
                       NodeAllocate)
+from .dispy.model import logger
 from .pool import Pool
 from .dispy.recover import recover_jobs
 from .progressbar import progress
@@ -21,7 +22,7 @@ __all__ = ["Pool", "JobCluster", "recover_jobs", "progress", "DispyJob", "DispyN
            "DispyNodeAvailInfo", "NodeAllocate", "ClusterStatus", "DpoolError",
            "AuthenticationError",
            "BrokenCluster", "ConnectionClosed", "JobCancelled", "NodeLost", "ProtocolError",
-           "RemoteError", "VersionMismatch", "WorkerLost"]
+           "RemoteError", "VersionMismatch", "WorkerLost", "logger"]
 
 
 def __getattr__(name):

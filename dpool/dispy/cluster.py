@@ -105,8 +105,10 @@ class JobCluster:
         self._closing = {}  # NodeLink -> close when idle
         self._allocs = [] if nodes in (None, "*", ["*"]) else parse_nodes(nodes, self.node_port)
         for alloc in self._allocs or [NodeAllocate("*")]:
-            alloc._files = [file_entry(dep) for dep in alloc.depends]
-            self._check_setup_args(alloc.setup_args)
+            for dep in alloc.depends:  # missing files fail here, not per node
+                file_entry(dep)
+            if type(alloc).allocate is NodeAllocate.allocate:  # else allocate sets them
+                self._check_setup_args(alloc.setup_args)
         recover_file = dispy_options.get("recover_file")
         if recover_file:  # opt-in (dispy always writes one): see docs
             from .recover import RecoverFile, default_name
@@ -164,7 +166,8 @@ class JobCluster:
     def _session(self):
         options = {"capture": True, "notify_start": bool(self.job_status or self.cluster_status),
                    "cleanup": self._cleanup_files, "cleanup_fn": callable(self._cleanup)
-                   and not isinstance(self._cleanup, bool)}
+                   and not isinstance(self._cleanup, bool),
+                   "setup": True}  # workers are forked from the setup process
         if self._dest_path:
             options["dest_path"] = self._dest_path
         if self._pulse_interval:
@@ -230,8 +233,14 @@ class JobCluster:
         else:
             cpus = hello.get("free_cpus") or hello.get("cpus") or 0
         alloc = self._alloc_for(link)
+        info = hello.get("avail_info") or {}
         try:
-            want = alloc.allocate(self, ip, name, cpus, None, "")
+            want = alloc.allocate(self, ip, name, cpus, DispyNodeAvailInfo.from_info(info),
+                                  info.get("platform", ""))
+            # allocate may set this node's depends and setup_args (dispy's
+            # node_setup example): read them now.
+            node_files = [file_entry(dep) for dep in alloc.depends]
+            self._check_setup_args(alloc.setup_args)
         except Exception:
             log.exception("NodeAllocate.allocate failed for %s; the node is left out", ip)
             return None
@@ -242,7 +251,7 @@ class JobCluster:
         if self._recover is not None and link.address != "embedded":
             session["recover_token"] = self._recover.new_session(link.address, self._used_secret)
         messages = []
-        for fname, mode, data in self._files + getattr(alloc, "_files", []):
+        for fname, mode, data in self._files + node_files:
             messages.append([P.encode(P.File(None, fname, mode)), data])
         names = dict(self._names, dispy_node_name=name, dispy_node_ip_addr=ip)
         cleanup = self._cleanup if not isinstance(self._cleanup, bool) else None
@@ -532,7 +541,8 @@ class JobCluster:
                 self._client.set_cpus(link, link.cpus)
                 continue
             alloc = parse_nodes([spec], self.node_port)[0]
-            alloc._files = [file_entry(dep) for dep in alloc.depends]
+            for dep in alloc.depends:  # missing files fail here, not per node
+                file_entry(dep)
             self._check_setup_args(alloc.setup_args)
             self._allocs.append(alloc)
             links.extend(self._client.add_nodes([(alloc.host, alloc.port)]))

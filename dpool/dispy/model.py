@@ -24,6 +24,19 @@ log = logging.getLogger("dpool")
 ClusterStatus = collections.namedtuple("ClusterStatus", ["nodes", "jobs_pending"])
 
 
+
+def _dispy_logger():
+    """``dispy.logger``: dpool's logger, with pycos.Logger's level names as
+    attributes (programs write ``loglevel=dispy.logger.DEBUG`` and
+    ``dispy.logger.setLevel(dispy.logger.INFO)``)."""
+    logger = logging.getLogger("dpool")
+    for name in ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"):
+        setattr(logger, name, getattr(logging, name))
+    return logger
+
+
+logger = _dispy_logger()
+
 class DispyJob:
     """A job submitted to a cluster; ``job()`` waits for and returns its result.
 

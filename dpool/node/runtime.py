@@ -88,15 +88,24 @@ class NodeRuntime:
         """Fork a worker: (zygote, pid, socket).  If the zygote died (its
         workers die with it), a new one is started first, so the node keeps
         serving."""
+        zygote, (pid, sock) = await self._with_zygote(Zygote.spawn)
+        return zygote, pid, sock
+
+    async def spawn_setup_process(self):
+        """Fork a session's setup process: (zygote, its handle, socket)."""
+        zygote, (handle, sock) = await self._with_zygote(Zygote.spawn_setup_process)
+        return zygote, handle, sock
+
+    async def _with_zygote(self, request):
         try:
-            return await self._spawn_worker()
+            return await self._request(request)
         except ConnectionError:
             if not self.zygote.dead:
                 raise
             # The zygote died while we waited for it: once more, with a new one.
-            return await self._spawn_worker()
+            return await self._request(request)
 
-    async def _spawn_worker(self):
+    async def _request(self, request):
         if self.zygote.dead:
             async with self._zygote_lock:
                 if self.zygote.dead:
@@ -106,8 +115,7 @@ class NodeRuntime:
                     await old.close()
                     await self.zygote.start()
         zygote = self.zygote
-        pid, sock = await zygote.spawn()
-        return zygote, pid, sock
+        return zygote, await request(zygote)
 
     def accept(self, conn):
         """Take a new authenticated client connection."""
@@ -223,8 +231,9 @@ class Session:
             return
         info = dict(self.node.info(), cpus=self.cpus, dir=self.dir, pid=os.getpid())
         self.conn.send([P.encode(P.Ready(info))])
-        for _ in range(self.cpus):
-            self._spawn()
+        if not options.get("setup"):  # else: forked from the setup process
+            for _ in range(self.cpus):
+                self._spawn()
         if options.get("pulse_interval"):
             task = asyncio.get_running_loop().create_task(
                 self._pulse(max(MIN_PULSE, float(options["pulse_interval"]))))
@@ -386,9 +395,25 @@ class Session:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    async def _fork_worker(self):
+        """A worker forked by the node's zygote, or by the session's setup
+        process once it has one (dispy's job environment)."""
+        if self.env is None or self.env.zygote is None:
+            return await self.node.spawn_worker()
+        zygote = await self.env.setup_process()
+        return (zygote, *await zygote.spawn())
+
+    def worker_options(self):
+        """The INIT options of this session's worker processes."""
+        return {"capture": self.options.get("capture", False), "cwd": self.dir,
+                "notify_start": self.options.get("notify_start", False),
+                "max_tasks": self.options.get("max_tasks"),
+                "process_name": self.options.get("process_name"),
+                "process_index": next(self.node.worker_numbers)}
+
     async def _start_worker(self):
         try:
-            zygote, pid, sock = await self.node.spawn_worker()
+            zygote, pid, sock = await self._fork_worker()
         except (ConnectionError, OSError, TimeoutError) as exc:
             # Without workers this session can't serve: end it, so that the
             # client sees the node as lost and moves or fails its jobs.
@@ -401,12 +426,7 @@ class Session:
             return
         conn = await wrap_socket(sock, peer=f"worker {pid}")
         worker = WorkerHandle(pid, conn, self.options.get("max_tasks"), zygote)
-        options = {"capture": self.options.get("capture", False), "cwd": self.dir,
-                   "notify_start": self.options.get("notify_start", False),
-                   "max_tasks": self.options.get("max_tasks"),
-                   "process_name": self.options.get("process_name"),
-                   "process_index": next(self.node.worker_numbers)}
-        conn.send([P.encode(P.Init(options)), *self.init_frames])
+        conn.send([P.encode(P.Init(self.worker_options())), *self.init_frames])
         if self.env is None or self.env.admit(worker):
             self.workers.append(worker)
         conn.set_receiver(lambda frames: self.on_worker_message(worker, frames),

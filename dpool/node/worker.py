@@ -188,6 +188,29 @@ def _call(fn, args, kwargs, star):
     return list(itertools.starmap(fn, args))  # Call.STARMAP: a list of argument tuples
 
 
+def run_setup(fd):
+    """In a session's setup process (see zygote): take INIT and SETUP on
+    ``fd`` as a worker would, run setup, reply; True if it succeeded.  The
+    workers forked from this process afterwards inherit its job environment."""
+    import socket
+
+    from .env import job as jobenv
+
+    conn = BlockingConnection(socket.socket(fileno=fd))
+    worker = Worker(conn)
+    try:
+        while True:
+            frames = conn.recv()
+            msg = P.decode(frames[0])
+            worker.handlers[type(msg)](msg, frames)
+            if type(msg) is P.Setup:
+                return jobenv.setup_succeeded()
+    except (ConnectionError, EOFError):
+        return False
+    finally:
+        conn.close()
+
+
 def main(fd):
     """Entry point in a freshly forked worker; never returns."""
     import socket
@@ -195,7 +218,10 @@ def main(fd):
     conn = BlockingConnection(socket.socket(fileno=fd))
     code = 0
     try:
-        Worker(conn).serve()
+        worker = Worker(conn)
+        if "dpool.node.env.job" in sys.modules:  # forked from a setup process
+            sys.modules["dpool.node.env.job"].inherit(worker)
+        worker.serve()
     except (ConnectionError, EOFError):
         pass  # the node went away or closed us: a normal end
     except BaseException:

@@ -62,6 +62,11 @@ def main(argv=None):
     reaper.set_subreaper()  # a dead worker's leftovers come to us, to be killed
     from . import worker  # noqa: F401  (preloaded so every fork has it)
 
+    _serve(ctl)
+
+
+def _serve(ctl):
+    """Fork a worker per request on ``ctl`` until it closes; never returns."""
     rfd, wfd = os.pipe()
     os.set_blocking(wfd, False)
     signal.set_wakeup_fd(wfd)
@@ -91,33 +96,51 @@ def main(argv=None):
 
 def _serve_request(ctl, children):
     try:
-        msg, fds, _, _ = socket.recv_fds(ctl, 1, 1)
+        msg, fds, _, _ = socket.recv_fds(ctl, 1, 2)
     except OSError:
         return False
-    if not msg:
+    if not msg or len(fds) != (2 if msg == b"Z" else 1):
         for fd in fds:
             os.close(fd)
         return False
-    fd = fds[0]
     pid = os.fork()
     if pid == 0:
         ctl.close()
         os.setsid()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # KeyboardInterrupt, as in any Python program: a cancelled dispy job
+        # gets one (SIGINT) before its process is killed.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         _set_pdeathsig()
         reaper.set_subreaper()  # what its jobs leave comes back to it
         from . import worker
 
-        worker.main(fd)
-    os.close(fd)
+        if msg == b"Z":
+            _setup_process(*fds)
+        worker.main(fds[0])
+    for fd in fds:
+        os.close(fd)
     children.add(pid)
     try:
         ctl.sendall(_RECORD.pack(b"P", pid, 0))
     except OSError:
         return False  # the node is gone (or closing): kill the children and exit
     return True
+
+
+def _setup_process(ctl_fd, data_fd):
+    """A session's setup process (dispy's): runs the session's setup (over
+    ``data_fd``, as a worker would), then forks the session's workers on
+    ``ctl_fd`` as the zygote does, so that what setup made (a
+    ``multiprocessing.Value``, a lock, an open file...) is inherited by every
+    job process of the session on this node, as with dispynode."""
+    from . import worker
+
+    if not worker.run_setup(data_fd):
+        os._exit(0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _serve(socket.socket(fileno=ctl_fd))
 
 
 def _reap(ctl, children):
@@ -175,6 +198,7 @@ class Zygote:
         self._exits = {}  # pid -> future of the exit code
         self._buf = b""
         self.dead = False  # the zygote process is gone (its workers with it)
+        self.pid = None  # a setup process's pid (see adopt)
 
     async def start(self):
         ours, theirs = socket.socketpair()
@@ -230,27 +254,51 @@ class Zygote:
             fut = self._exits[pid] = asyncio.get_running_loop().create_future()
         return fut
 
+    @classmethod
+    def adopt(cls, ctl, pid):
+        """The handle on a session's setup process (which forks that
+        session's workers) through its control socket ``ctl``."""
+        zygote = cls()
+        zygote.pid = pid
+        ctl.setblocking(False)
+        zygote.ctl = ctl
+        asyncio.get_running_loop().add_reader(ctl.fileno(), zygote._on_readable)
+        return zygote
+
     async def spawn(self):
         """Fork a worker; return (pid, our end of its socketpair)."""
+        pid, (ours,) = await self._request(b"S", 1)
+        return pid, ours
+
+    async def spawn_setup_process(self):
+        """Fork a session's setup process: return (its handle, our end of the
+        socketpair on which it takes INIT and SETUP, as a worker)."""
+        pid, (ctl, data) = await self._request(b"Z", 2)
+        return Zygote.adopt(ctl, pid), data
+
+    async def _request(self, kind, count):
         if self.dead or self.ctl is None:
             raise ConnectionError("the worker zygote is gone")
-        ours, theirs = socket.socketpair()
+        pairs = [socket.socketpair() for _ in range(count)]
         fut = asyncio.get_running_loop().create_future()
         try:
-            socket.send_fds(self.ctl, [b"S"], [theirs.fileno()])
+            socket.send_fds(self.ctl, [kind], [theirs.fileno() for _, theirs in pairs])
         except OSError as exc:
-            ours.close()
+            for ours, _ in pairs:
+                ours.close()
             raise ConnectionError(f"cannot reach the worker zygote: {exc}") from exc
         finally:
-            theirs.close()
+            for _, theirs in pairs:
+                theirs.close()
         self._pending.append(fut)  # only once the request is sent: replies come in order
         try:
             pid = await asyncio.wait_for(fut, 30)
         except BaseException:
-            ours.close()
+            for ours, _ in pairs:
+                ours.close()
             raise
         self._exit_future(pid)
-        return pid, ours
+        return pid, [ours for ours, _ in pairs]
 
     async def exit_code(self, pid, timeout=2.0):
         """The exit code of a worker, once the zygote has reaped it."""
@@ -271,16 +319,26 @@ class Zygote:
         if forget:
             self._exits.pop(pid, None)
 
-    async def close(self):
+    def close_adopted(self):
+        """Close a setup process's control socket: it kills its workers and
+        exits (its own zygote reaps it; the caller kills it if it is stuck)."""
         if self.ctl is None:
             return
-        loop = asyncio.get_running_loop()
+        self.dead = True
+        self._close_ctl()
+
+    def _close_ctl(self):
         try:
-            loop.remove_reader(self.ctl.fileno())
-        except (ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self.ctl.fileno())
+        except (ValueError, OSError, RuntimeError):
             pass
         self.ctl.close()
         self.ctl = None
+
+    async def close(self):
+        if self.ctl is None:
+            return
+        self._close_ctl()
         for _ in range(200):
             if self.proc.poll() is not None:
                 break

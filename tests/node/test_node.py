@@ -267,8 +267,7 @@ def test_node_survives_its_zygote_dying(dpool_node):
         assert cluster.submit(-1)(timeout=10) == 1
         (zygote,) = _zygote_of(dpool_node.pid)
         zygote.kill()
-        poll_for(lambda: _zygote_of(dpool_node.pid) and
-                 _zygote_of(dpool_node.pid)[0].pid != zygote.pid, 10,
+        poll_for(lambda: [z for z in _zygote_of(dpool_node.pid) if z.pid != zygote.pid], 10,
                  message="a new zygote")
         jobs = [cluster.submit(-i) for i in range(6)]
         assert [job(timeout=10) for job in jobs] == list(range(6))

@@ -7,13 +7,12 @@ use this module; plain Executor/Pool jobs never touch it.
 
     node (asyncio)                          worker process (this module)
     ──────────────                          ────────────────────────────
-    SETUP + (names, setup, args, cleanup) ─► one worker per node: install the
-                                               names, run setup(*args), keep the
-                                               globals it bound
-                                          ◄─ SETUPDONE + env (names + those globals)
-                                             or SETUPFAIL + exception
-    ENV + env                             ─► every other worker (and every
-                                               replacement) installs the same env
+    SETUP + (names, setup, args, cleanup) ─► the session's setup process:
+                                               install the names, run
+                                               setup(*args), keep the globals
+                                               it bound
+                                          ◄─ SETUPDONE, or SETUPFAIL + exception
+    (workers forked from the setup process inherit the env)
     RUN ...                               ─► the job runs with the env in its
                                                function's globals, and may call
                                           ◄─ PROVISIONAL job_id + result
@@ -25,9 +24,13 @@ The env is a dict of names: the client's ``depends`` functions and classes,
 ``dispy_node_name``, ``dispy_node_ip_addr``, ``dispy_job_path``,
 ``dispy_provisional_result``, ``dispy_send_file``, and the module-level
 globals that ``setup`` created or rebound.  It is merged into the globals of
-every function the worker loads (the computation, setup, cleanup), which is
-how a job sees what setup made: setup runs once per node, its globals are
-pickled and given to each worker process of the session.
+every function the worker loads (the computation, setup, cleanup), with the
+modules dispynode imports (os, time, socket...: :data:`DISPYNODE_MODULES`)
+where the function has no global of that name.  SETUP runs in the session's
+*setup process* (forked by the zygote, see :func:`dpool.node.zygote`), and
+the session's workers are forked from it afterwards: they inherit the env and
+everything setup made (shared ``multiprocessing`` objects included), as job
+processes inherit from dispynode's setup process.
 """
 import os
 import subprocess
@@ -177,11 +180,27 @@ class JobEnv:
             _job_id = None
 
 
+#: The modules dispynode imports at its top level: a dispy computation runs
+#: among dispynode's globals, so it may use these without importing them.
+DISPYNODE_MODULES = ("os", "sys", "time", "stat", "socket", "multiprocessing", "threading",
+                     "subprocess", "traceback", "marshal", "tempfile", "shutil", "glob",
+                     "pickle", "io", "signal", "platform", "copy", "struct", "hashlib", "re",
+                     "errno")
+
+
+def _dispynode_globals():
+    import importlib
+
+    return {name: importlib.import_module(name) for name in DISPYNODE_MODULES}
+
+
 def _inject(fn):
     g = getattr(fn, "__globals__", None)
     if g is None:
         g = getattr(getattr(fn, "func", None), "__globals__", None)  # functools.partial
     if g is not None:
+        for name, module in _modules.items():  # the function's own globals win
+            g.setdefault(name, module)
         g.update(_namespace)
 
 
@@ -212,10 +231,29 @@ def handle(worker, msg, frames):
         worker.conn.send([P.encode(P.CleanupDone(error))])
 
 
+_setup_ok = False  # in a setup process: whether setup succeeded
+_modules = {}  # DISPYNODE_MODULES, once SETUP arrived
+
+
+def setup_succeeded():
+    return _setup_ok
+
+
+def inherit(worker):
+    """A worker forked from a setup process: the job environment (setup's
+    globals included) is already here, inherited; use it."""
+    if _setup_ok:
+        worker.jobenv = JobEnv(worker)
+
+
 def _setup(worker, env, frames):
+    """Run setup in this (setup) process; the session's workers are forked
+    from it afterwards and inherit everything it made, picklable or not."""
+    global _setup_ok
     try:
         names, setup, setup_args, _ = serialize.loads(frames)
         names = {**_base_names(), **names}
+        _modules.update(_dispynode_globals())
         env.install(names)
         made = {}
         if setup is not None:
@@ -228,14 +266,8 @@ def _setup(worker, env, frames):
             made = {k: v for k, v in scope.items()
                     if not k.startswith("__") and (k not in before or before[k] is not v)}
             env.install(made)
-        out = {k: v for k, v in names.items() if k != "dispy_job_path"}
-        out.update(made)
-        try:
-            payload = serialize.dumps(out)
-        except TypeError as exc:
-            raise TypeError(f"setup's globals must be picklable to reach the node's other "
-                            f"worker processes: {exc}") from None
     except BaseException as exc:  # the node reports it and ends the session
         worker.conn.send([P.encode(P.SetupFail()), *serialize.dump_exception(exc)])
         return
-    worker.conn.send([P.encode(P.SetupDone(None)), *payload])
+    _setup_ok = True
+    worker.conn.send([P.encode(P.SetupDone(None))])

@@ -6,10 +6,11 @@ message (``JobCluster`` sessions); Executor and Pool sessions never have one.
 ::
 
     client ── FILE name+data ──► write under the session folder ── FILEDONE ──► client
-    client ── SETUP ──► park the workers (no jobs yet); the first one runs setup
-                         SETUPDONE from it: its env goes to every other worker
-                         (ENV), the workers are unparked, jobs flow ── SETUPDONE ──► client
-                         SETUPFAIL (or the setup worker dies) ── SETUPFAIL ──► client,
+    client ── SETUP ──► fork the session's setup process (the zygote does), which
+                         runs setup; SETUPDONE from it: the session's workers are
+                         forked from it (they inherit setup's globals), jobs
+                         flow ── SETUPDONE ──► client
+                         SETUPFAIL (or the setup process dies) ── SETUPFAIL ──► client,
                          and the session ends
     worker ── PROVISIONAL / SENDFILE ──► forwarded to the client, after the
                          STARTED/DONE records already waiting (order is kept)
@@ -28,6 +29,7 @@ import platform
 from ... import protocol as P
 from ... import serialize
 from ...errors import WorkerLost
+from ...transport import wrap_socket
 from .job import safe_path
 from ..files import private_dir, write_private
 from ..zygote import describe_exit
@@ -60,10 +62,11 @@ class SessionEnv:
     def __init__(self, session):
         self.session = session
         self.setup_frames = None
-        self.env_frames = None
         self.state = None  # None (no setup), "pending", "done", "failed"
         self.parked = []
-        self.setup_worker = None
+        self.zygote = None  # the setup process, which forks the session's workers
+        self.parent = None  # the node's zygote that forked it
+        self._lock = asyncio.Lock()
         self.files = []
         self.cleaning = self.cleaned = False
         self.cleanup_worker = None
@@ -94,34 +97,91 @@ class SessionEnv:
             self.session.end("a dependency could not be written")
 
     def on_setup(self, frames):
+        """Start the session's setup process; the session's workers are
+        forked from it once setup is done (the session started none)."""
         session = self.session
         self.setup_frames = tuple(frames[1:])
         self.state = "pending"
-        self.parked.extend(session.workers)
+        self.parked.extend(session.workers)  # none, unless an old client
         session.workers.clear()
-        self._start_setup()
+        task = asyncio.get_running_loop().create_task(self._start_setup())
+        session.tasks.add(task)  # cancelled if the session ends first
+        task.add_done_callback(session.tasks.discard)
 
-    def _start_setup(self):
-        if self.setup_worker is None and self.parked:
-            self.setup_worker = self.parked[0]
-            self.setup_worker.conn.send([P.encode(P.Setup()), *self.setup_frames])
+    async def _start_setup(self):
+        failure = await self._run_setup()
+        if self.state != "pending":
+            return
+        if failure is None:
+            self._setup_done()
+        else:
+            self._setup_failed(failure)
+
+    async def _run_setup(self):
+        """Fork a setup process and run setup in it: None if it succeeded,
+        else the frames of the exception to report."""
+        session = self.session
+        try:
+            parent, zygote, sock = await session.node.spawn_setup_process()
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            return serialize.dump_exception(WorkerLost(f"cannot start the setup process: {exc}"))
+        self.parent, self.zygote = parent, zygote  # killed by end() if it comes to that
+        conn = await wrap_socket(sock, peer=f"setup process {zygote.pid}")
+        reply = asyncio.get_running_loop().create_future()
+
+        def answer(frames):
+            if not reply.done():
+                reply.set_result(frames)
+        conn.set_receiver(answer, lambda exc=None: answer(None))
+        try:
+            conn.send([P.encode(P.Init(session.worker_options())), *session.init_frames])
+            conn.send([P.encode(P.Setup()), *self.setup_frames])
+            frames = await reply
+        finally:
+            conn.close()
+        if frames is None:  # it died
+            code = await parent.exit_code(zygote.pid)
+            exc = WorkerLost(f"the setup process (pid {zygote.pid}) {describe_exit(code)}")
+            return serialize.dump_exception(exc)
+        if type(P.decode(frames[0])) is P.SetupDone:
+            return None
+        return frames[1:]
+
+    async def setup_process(self):
+        """The live setup process to fork workers from.  If it died (the
+        node's zygote died, say), setup runs again in a new one."""
+        async with self._lock:
+            if self.zygote.dead:
+                log.warning("session %s: the setup process (pid %s) is gone; running setup "
+                            "again in a new one", self.session.sid, self.zygote.pid)
+                self.zygote.close_adopted()
+                failure = await self._run_setup()
+                if failure is not None:
+                    error = serialize.load_exception(failure)
+                    raise ConnectionError(f"setup failed in a new setup process: {error!r}")
+        return self.zygote
 
     # ------------------------------------------------------------ worker side
 
     def admit(self, worker):
         """A new worker: True if it may take jobs now, False if parked."""
-        if self.state == "done":
-            if self.env_frames is not None:
-                worker.conn.send([P.encode(P.Env()), *self.env_frames])
+        if self.state == "done" and worker.zygote is self.zygote:
             if self.cleaning and self.cleanup_worker is None:
                 self._send_cleanup(worker)  # the workers were killed: a new one runs it
             return True
         if self.state is None:
             return True
+        # Not forked from the setup process (an old client's session): parked
+        # until setup is done, then replaced by one forked from it.
         self.parked.append(worker)
-        if self.state == "pending":
-            self._start_setup()
+        if self.state == "done":
+            self._replace_parked()
         return False
+
+    def _replace_parked(self):
+        for worker in self.parked:
+            worker.zygote.kill(worker.pid)  # its exit starts a replacement
+        self.parked.clear()
 
     def on_worker_message(self, worker, msg, frames):
         kind = type(msg)
@@ -130,29 +190,20 @@ class SessionEnv:
                 self.session._flush()  # STARTED and earlier results first
                 if not self.session.conn.closed:  # else: a detached session
                     self.session.conn.send(frames)
-        elif kind is P.SetupDone and worker is self.setup_worker:
-            self._setup_done(frames[1:])
-        elif kind is P.SetupFail and worker is self.setup_worker:
-            self._setup_failed(frames[1:])
         elif kind is P.CleanupDone and self.cleaning:
             if msg.error:
                 log.warning("session %s: cleanup failed:\n%s", self.session.sid, msg.error)
             self._finish_cleanup()
 
-    def _setup_done(self, env_frames):
+    def _setup_done(self):
         session = self.session
         self.state = "done"
-        self.env_frames = tuple(env_frames)
-        for worker in self.parked:
-            if worker.dead:
-                continue
-            if worker is not self.setup_worker:
-                worker.conn.send([P.encode(P.Env()), *self.env_frames])
-            session.workers.append(worker)
-        self.parked.clear()
+        self._replace_parked()  # (their exits start replacements)
+        if session.options.get("setup"):  # the session started no worker
+            for _ in range(session.cpus):
+                session._spawn()  # forked from the setup process
         if not session.conn.closed:  # else: a detached session
             session.conn.send([P.encode(P.SetupDone({"cpus": session.cpus}))])
-        session.dispatch()
 
     def _setup_failed(self, exc_frames):
         self.state = "failed"
@@ -164,10 +215,7 @@ class SessionEnv:
     def worker_exited(self, worker, code):
         if worker in self.parked:
             self.parked.remove(worker)
-        if worker is self.setup_worker and self.state == "pending":
-            exc = WorkerLost(f"the process running setup (pid {worker.pid}) {describe_exit(code)}")
-            self._setup_failed(serialize.dump_exception(exc))
-        elif self.cleaning and worker is self.cleanup_worker:
+        if self.cleaning and worker is self.cleanup_worker:
             log.warning("session %s: the process running cleanup (pid %s) %s", self.session.sid,
                         worker.pid, describe_exit(code))
             self._finish_cleanup()
@@ -210,10 +258,14 @@ class SessionEnv:
             self.session.end("cleaned up")
 
     def end(self):
-        """The session is ending: hand parked workers back to be killed,
-        remove the files sent into a shared dest_path (cleanup=True)."""
+        """The session is ending: hand parked workers back to be killed, end
+        the setup process, remove the files sent into a shared dest_path
+        (cleanup=True)."""
         self.session.workers.extend(self.parked)
         self.parked.clear()
+        if self.zygote is not None:
+            self.zygote.close_adopted()
+            self.parent.kill(self.zygote.pid, forget=True)  # if stuck in setup
         options = self.session.options
         if options.get("dest_path") and options.get("cleanup", True):
             for path in self.files:
