@@ -8,17 +8,10 @@ import os
 import pytest
 
 import dpool as dispy
-import helpers_dropin as h
-from conftest import poll_for
-from helpers_engine import dpool_node, node_secret  # noqa: F401 (fixtures)
+import tasks_dispynode as h
+from helpers import cluster_on, poll_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def cluster_on(node, fn, **kwargs):
-    kwargs.setdefault("secret", node.secret)
-    kwargs.setdefault("nodes", [node.address])
-    return dispy.JobCluster(fn, **kwargs)
 
 
 def test_setup_shares_a_multiprocessing_value_among_the_jobs_of_a_node(dpool_node):

@@ -1,6 +1,5 @@
-"""Computations for the drop-in tests (tests/dispy/test_dispy_dropin.py).
-
-On purpose this module imports neither os, time nor socket: a dispy
+"""dispy computations for tests/dispy/test_dispy_dropin.py, apart from
+tasks.py because this module must not import os, time, socket...: a dispy
 computation may use the modules dispynode imports without importing them
 (dispynode runs it among its own globals), and dpool gives it the same.
 """
