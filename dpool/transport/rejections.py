@@ -29,7 +29,7 @@ class RejectionLog:
         self._hosts: collections.Counter = collections.Counter()
         self._timer: asyncio.TimerHandle | None = None
 
-    def reject(self, host: str, reason: str, message: str, *args) -> None:
+    def reject(self, host: str, reason: str, message: str, *args: object) -> None:
         """One rejected connection from ``host``; ``message % args`` is logged
         if it is the first of a period, else it counts under ``reason``."""
         loop = asyncio.get_running_loop()

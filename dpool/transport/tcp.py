@@ -30,10 +30,12 @@ import logging
 import random
 import socket
 import ssl as _ssl
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from dpool.errors import AuthenticationError, ConnectionClosed, HandshakeRefused, VersionMismatch
 
-from .auth import (PROCESS_SALT, check_secret, client_handshake, encode_hello, own_hello,
+from .auth import (PROCESS_SALT, Hello, check_secret, client_handshake, encode_hello, own_hello,
                    server_handshake, stretch)
 from .connection import Connection
 from .frames import Limits
@@ -56,8 +58,11 @@ RETRY_MAX = 0.5
 __all__ = ["connect", "start_server", "Server", "wrap_socket",
            "server_ssl_context", "client_ssl_context"]
 
+#: Called with each authenticated connection; may return an awaitable to run.
+OnConnection = Callable[[Connection], Awaitable[object] | None]
 
-def format_peer(addr) -> str:
+
+def format_peer(addr: Any) -> str:
     """``host:port`` (``[host]:port`` for IPv6) for a socket address."""
     if isinstance(addr, tuple) and len(addr) >= 2:
         host, port = addr[0], addr[1]
@@ -65,7 +70,9 @@ def format_peer(addr) -> str:
     return f"unix:{addr}" if addr else "socketpair"
 
 
-async def _open(loop, sock, limits, ssl, *, server_side, server_hostname=None):
+async def _open(loop: asyncio.AbstractEventLoop, sock: socket.socket, limits: Limits | None,
+                ssl: _ssl.SSLContext | None, *, server_side: bool,
+                server_hostname: str | None = None) -> Connection:
     """A pre-auth Connection on the connected socket ``sock``."""
     set_tcp_options(sock)
     conn = Connection(loop, format_peer(sock.getpeername()), limits, preauth=True)
@@ -81,18 +88,19 @@ async def _open(loop, sock, limits, ssl, *, server_side, server_hostname=None):
     return conn
 
 
-def _discard(conn, sock) -> None:
+def _discard(conn: Connection | None, sock: socket.socket) -> None:
     """Abort ``conn`` if its stream is up, else just close ``sock``."""
     stream = conn._stream if conn is not None else None
-    if stream is not None and stream.active:
+    if conn is not None and stream is not None and stream.active:
         conn.abort()
     else:
         sock.close()
 
 
-async def _connect_socket(loop, host, port):
+async def _connect_socket(loop: asyncio.AbstractEventLoop, host: str,
+                          port: int) -> socket.socket:
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    errors = []
+    errors: list[OSError] = []
     for family, type_, proto, _, addr in infos:
         sock = socket.socket(family, type_, proto)
         try:
@@ -107,7 +115,8 @@ async def _connect_socket(loop, host, port):
     raise errors[0]
 
 
-async def connect(host: str, port: int, *, secret: bytes, hello, ssl=None,
+async def connect(host: str, port: int, *, secret: bytes, hello: Hello,
+                  ssl: _ssl.SSLContext | None = None,
                   server_hostname: str | None = None, timeout: float = 10.0,
                   limits: Limits | None = None) -> Connection:
     """Connect, authenticate and exchange hellos; ``conn.hello`` is the server's.
@@ -139,9 +148,12 @@ async def connect(host: str, port: int, *, secret: bytes, hello, ssl=None,
             delay = min(2 * delay, RETRY_MAX)
 
 
-async def _connect_once(loop, host, port, secret, hello, ssl, server_hostname, deadline,
-                        timeout, limits) -> Connection:
-    sock = conn = None
+async def _connect_once(loop: asyncio.AbstractEventLoop, host: str, port: int, secret: bytes,
+                        hello: Hello, ssl: _ssl.SSLContext | None,
+                        server_hostname: str | None, deadline: float, timeout: float,
+                        limits: Limits | None) -> Connection:
+    sock: socket.socket | None = None
+    conn: Connection | None = None
     try:
         async with asyncio.timeout_at(deadline):
             sock = await _connect_socket(loop, host, port)
@@ -161,6 +173,7 @@ async def _connect_once(loop, host, port, secret, hello, ssl, server_hostname, d
             raise HandshakeRefused(f"{host}:{port} closed the connection before the "
                                    f"handshake began") from None
         raise
+    assert conn is not None
     conn._log_errors = True
     return conn
 
@@ -175,8 +188,10 @@ class Server:
     ``abort_connections=True`` and waits.
     """
 
-    def __init__(self, loop, lsock, on_connection, secret, hello, ssl, limits,
-                 auth_timeout):
+    def __init__(self, loop: asyncio.AbstractEventLoop, lsock: socket.socket,
+                 on_connection: OnConnection, secret: bytes, hello: Hello,
+                 ssl: _ssl.SSLContext | None, limits: Limits | None,
+                 auth_timeout: float) -> None:
         self._loop = loop
         self._lsock = lsock
         self._on_connection = on_connection
@@ -187,21 +202,21 @@ class Server:
         self._auth_timeout = auth_timeout
         self.address = lsock.getsockname()[:2]
         self.port = self.address[1]
-        self._handshakes = set()    # tasks still authenticating
+        self._handshakes: set[asyncio.Task[None]] = set()  # tasks still authenticating
         self._pending: collections.Counter[str] = collections.Counter()  # address -> of those
         self.rejections = RejectionLog(log, format_peer(self.address))
-        self._handlers = set()      # tasks running on_connection coroutines
-        self._conns = set()         # every connection not yet ended
-        self._live = set()          # connections handed to on_connection
+        self._handlers: set[asyncio.Task[None]] = set()  # running on_connection coroutines
+        self._conns: set[Connection] = set()  # every connection not yet ended
+        self._live: set[Connection] = set()   # connections handed to on_connection
         self._closed = False
         self._aborted = False
         loop.add_reader(lsock.fileno(), self._accept_ready)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Server {format_peer(self.address)}{' closed' if self._closed else ''}>"
 
     @property
-    def connections(self) -> set:
+    def connections(self) -> set[Connection]:
         """The live connections handed to ``on_connection``."""
         return set(self._live)
 
@@ -230,10 +245,10 @@ class Server:
         waiting = [c.wait_closed() for c in list(self._conns) if c.closed]
         await asyncio.gather(*waiting)
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> Server:
         return self
 
-    async def __aexit__(self, *exc_info):
+    async def __aexit__(self, *exc_info: object) -> None:
         self.close(abort_connections=True)
         await self.wait_closed()
 
@@ -260,7 +275,7 @@ class Server:
             task = self._spawn(self._handshakes, self._handshake(sock, addr))
             task.add_done_callback(functools.partial(self._handshake_ended, host))
 
-    def _refuse(self, sock, addr, host) -> None:
+    def _refuse(self, sock: socket.socket, addr: Any, host: str) -> None:
         # Peers that connect and stay silent must not exhaust our fds and
         # lock out real clients: past a cap, new connections are closed at
         # once (the client sees HandshakeRefused and retries with backoff).
@@ -272,7 +287,7 @@ class Server:
         self.rejections.reject(host, "refused at the cap", "refusing connection from %s: %s",
                                format_peer(addr), why)
 
-    def _handshake_ended(self, host: str, _task: asyncio.Task) -> None:
+    def _handshake_ended(self, host: str, _task: asyncio.Task[None]) -> None:
         self._pending[host] -= 1
         if self._pending[host] <= 0:
             del self._pending[host]
@@ -281,21 +296,22 @@ class Server:
         if not self._closed:
             self._loop.add_reader(self._lsock.fileno(), self._accept_ready)
 
-    def _spawn(self, tasks, coro) -> asyncio.Task:
+    def _spawn(self, tasks: set[asyncio.Task[None]],
+               coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = self._loop.create_task(coro)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         return task
 
-    def _track(self, conn) -> None:
+    def _track(self, conn: Connection) -> None:
         self._conns.add(conn)
 
-        def forget(_):
+        def forget(_: object) -> None:
             self._conns.discard(conn)
             self._live.discard(conn)
         conn._lost_future.add_done_callback(forget)
 
-    async def _handshake(self, sock, addr) -> None:
+    async def _handshake(self, sock: socket.socket, addr: Any) -> None:
         peer = format_peer(addr)
         host = addr[0] if isinstance(addr, tuple) else peer
         reject = self.rejections.reject
@@ -312,6 +328,7 @@ class Server:
             raise
         except VersionMismatch as exc:
             reject(host, "version mismatch", "closing connection from %s: %s", peer, exc)
+            assert conn is not None
             conn.close()    # graceful: our hello tells the client our version
             return
         except TimeoutError:
@@ -326,6 +343,7 @@ class Server:
             if conn is None or not conn.closed:    # (a FAIL reply is being flushed)
                 _discard(conn, sock)
             return
+        assert conn is not None
         conn._log_errors = True
         self._live.add(conn)
         try:
@@ -337,7 +355,7 @@ class Server:
         if inspect.isawaitable(result):
             self._spawn(self._handlers, self._run_handler(conn, result))
 
-    async def _run_handler(self, conn, awaitable) -> None:
+    async def _run_handler(self, conn: Connection, awaitable: Awaitable[object]) -> None:
         try:
             await awaitable
         except asyncio.CancelledError:
@@ -347,8 +365,8 @@ class Server:
             conn.abort()
 
 
-async def start_server(on_connection, host: str, port: int, *, secret: bytes, hello,
-                       ssl=None, limits: Limits | None = None,
+async def start_server(on_connection: OnConnection, host: str, port: int, *, secret: bytes,
+                       hello: Hello, ssl: _ssl.SSLContext | None = None, limits: Limits | None = None,
                        auth_timeout: float = AUTH_TIMEOUT, backlog: int = 1024) -> Server:
     """Listen on ``host:port`` (port 0 picks one: see ``Server.port``).
 
@@ -374,7 +392,7 @@ async def start_server(on_connection, host: str, port: int, *, secret: bytes, he
     return Server(loop, lsock, on_connection, secret, hello, ssl, limits, auth_timeout)
 
 
-async def wrap_socket(sock, limits: Limits | None = None,
+async def wrap_socket(sock: socket.socket, limits: Limits | None = None,
                       peer: str = "socketpair") -> Connection:
     """A Connection over a connected, trusted stream socket: no auth, no hello."""
     loop = asyncio.get_running_loop()
@@ -383,7 +401,7 @@ async def wrap_socket(sock, limits: Limits | None = None,
     return conn
 
 
-def server_ssl_context(certfile, keyfile=None, cafile=None,
+def server_ssl_context(certfile: str, keyfile: str | None = None, cafile: str | None = None,
                        require_client_cert: bool = False) -> _ssl.SSLContext:
     """TLS >= 1.2 server context; ``require_client_cert`` needs ``cafile``."""
     ctx = _ssl.create_default_context(_ssl.Purpose.CLIENT_AUTH, cafile=cafile)
@@ -396,7 +414,8 @@ def server_ssl_context(certfile, keyfile=None, cafile=None,
     return ctx
 
 
-def client_ssl_context(cafile=None, certfile=None, keyfile=None) -> _ssl.SSLContext:
+def client_ssl_context(cafile: str | None = None, certfile: str | None = None,
+                       keyfile: str | None = None) -> _ssl.SSLContext:
     """TLS >= 1.2 client context verifying the server against ``cafile``
     (the system CAs if None); ``certfile``/``keyfile`` for a client cert."""
     ctx = _ssl.create_default_context(_ssl.Purpose.SERVER_AUTH, cafile=cafile)
