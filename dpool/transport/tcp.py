@@ -355,7 +355,8 @@ class Server:
         if inspect.isawaitable(result):
             self._spawn(self._handlers, self._run_handler(conn, result))
 
-    async def _run_handler(self, conn: Connection, awaitable: Awaitable[object]) -> None:
+    async def _run_handler(self, conn: Connection,
+                           awaitable: Awaitable[object]) -> None:
         try:
             await awaitable
         except asyncio.CancelledError:
@@ -366,7 +367,8 @@ class Server:
 
 
 async def start_server(on_connection: OnConnection, host: str, port: int, *, secret: bytes,
-                       hello: Hello, ssl: _ssl.SSLContext | None = None, limits: Limits | None = None,
+                       hello: Hello, ssl: _ssl.SSLContext | None = None,
+                       limits: Limits | None = None,
                        auth_timeout: float = AUTH_TIMEOUT, backlog: int = 1024) -> Server:
     """Listen on ``host:port`` (port 0 picks one: see ``Server.port``).
 

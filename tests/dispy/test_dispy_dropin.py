@@ -3,13 +3,12 @@
 modules dispynode gives a computation, the node names, cancel as
 KeyboardInterrupt, NodeAllocate subclasses, submit_node with programs."""
 import logging
-import os
 
 import pytest
 
 import dpool as dispy
 import tasks_dispynode as h
-from helpers import cluster_on, poll_for
+from helpers import cluster_on
 
 pytestmark = pytest.mark.timeout(60)
 
