@@ -109,3 +109,65 @@ def test_a_stopped_node_leaves_nothing_behind(dpool_node, tmp_path, how):
         gone(pid)
     finally:
         client.close(wait=False)
+
+
+# ---------------------------------------- helpers meant to serve many jobs
+
+_helper = None
+
+
+def start_helper(marker):
+    """Initializer: start a helper process (in a session of its own) that
+    the worker's jobs use; its pid goes to ``marker``."""
+    global _helper
+    _helper = subprocess.Popen(SLEEPER, start_new_session=True)
+    write_file(marker, str(_helper.pid))
+
+
+def setup_helper():
+    """dispy setup: the same, keeping the pid in a global."""
+    global helper_pid
+    helper_pid = subprocess.Popen(SLEEPER, start_new_session=True).pid
+    return 0
+
+
+def helper_status(_=None):
+    """Job (after setup_helper): the helper's pid, and whether it runs."""
+    return helper_pid, alive(helper_pid)  # (a global setup_helper made)
+
+
+def alive(pid):
+    """Job: whether process ``pid`` still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+
+
+def test_an_initializers_helper_lives_until_the_session_ends(dpool_node, tmp_path):
+    marker = str(tmp_path / "helper")
+    client = Client([dpool_node.address], secret=dpool_node.secret, connect_timeout=5,
+                    cpus=1, initializer=start_helper, initargs=(marker,)).start()
+    try:
+        helper = escaped(marker)
+        escapee = str(tmp_path / "escapee")
+        client.submit(escape, ("setsid", escapee)).future.result(timeout=10)
+        gone(escaped(escapee, running=False))               # the job's: killed
+        for _ in range(3):
+            assert client.submit(alive, (helper,)).future.result(timeout=10)  # kept
+    finally:
+        client.close()
+    gone(helper)                                            # ... until the end
+
+
+def test_a_setups_helper_lives_until_the_cluster_closes(dpool_node, tmp_path):
+    cluster = dispy.JobCluster(helper_status, nodes=[dpool_node.address],
+                               secret=dpool_node.secret, setup=setup_helper, loglevel=None)
+    try:
+        statuses = {cluster.submit(i)(timeout=10) for i in range(4)}
+        [(helper, running)] = statuses
+        assert running
+    finally:
+        cluster.close()
+    gone(helper)
