@@ -121,7 +121,7 @@ def stretch(secret: bytes, salt: bytes) -> bytes:
     if 0 < len(secret) < SHORT_SECRET:
         warnings.warn(f"the shared secret is only {len(secret)} bytes long and can be "
                       f"guessed: use at least {SHORT_SECRET} random bytes (e.g. "
-                      f"`python -c 'import secrets; print(secrets.token_hex(32))'`)",
+                      "`dpool-node --generate-secret`)",
                       WeakSecretWarning, stacklevel=2)
     return hashlib.scrypt(secret, salt=salt, **SCRYPT)
 
