@@ -14,13 +14,26 @@ from .client import client_hello
 log = logging.getLogger("dpool")
 
 
+class NoSecret(DpoolError):
+    """No secret to talk to this node with."""
+
+
+async def _reachable(host: str, port: int, timeout: float) -> None:
+    """Raise what a TCP connect raises (refused, unknown host, timeout)."""
+    async with asyncio.timeout(timeout):
+        _, writer = await asyncio.open_connection(host, port)
+    writer.close()
+    await writer.wait_closed()
+
+
 async def query_node(host: str, port: int, secret: bytes | None, *, ssl=None,
                      timeout: float = 5.0) -> dict:
     """The node's status dict; raises what connecting raises (OSError,
     AuthenticationError, TimeoutError...) or ConnectionClosed."""
     if not secret and ssl is None:
-        raise DpoolError("no secret: set DPOOL_SECRET or give --secret-file "
-                         "(the secret the node was started with)")
+        await _reachable(host, port, timeout)  # unreachable says more than "no secret"
+        raise NoSecret("no secret: set DPOOL_SECRET or give --secret-file "
+                       "(the secret the node was started with)")
     conn = await connect(host, port, secret=secret or b"", hello=client_hello(), ssl=ssl,
                          timeout=timeout)
     loop = asyncio.get_running_loop()

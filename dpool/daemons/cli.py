@@ -20,7 +20,7 @@ import socket
 import sys
 
 from .. import config
-from ..core.status import query_nodes
+from ..core.status import NoSecret, query_nodes
 from ..errors import AuthenticationError, ConnectionClosed, DpoolError, VersionMismatch
 
 NODES_ENV = "DPOOL_NODES"
@@ -147,6 +147,8 @@ def status(args):
 def _state_of(exc):
     if isinstance(exc, AuthenticationError):
         return "wrong-secret"
+    if isinstance(exc, NoSecret):
+        return "no-secret"
     if isinstance(exc, (OSError, TimeoutError)) and not isinstance(exc, ConnectionClosed):
         return "unreachable"
     return "error"

@@ -98,8 +98,11 @@ def test_secret_file_env_nodes_and_local_secret(tmp_path, dpool_home):
         secret_file = tmp_path / "secret"
         secret_file.write_bytes((dpool_home / f"node-{local.port}.secret").read_bytes())
         env = node_env(None, DPOOL_HOME=str(tmp_path / "elsewhere"))
-        proc = run_status(f"127.0.0.1:{local.port}", env=env)
-        assert proc.returncode == 1 and "no secret" in proc.stdout
+        proc = run_status(f"127.0.0.1:{local.port}", "127.0.0.1:1", "--json", env=env)
+        assert proc.returncode == 1
+        up, down = json.loads(proc.stdout)
+        assert up["state"] == "no-secret" and "no secret" in up["error"]
+        assert down["state"] == "unreachable"  # not "no secret": nothing listens there
         proc = run_status(f"127.0.0.1:{local.port}", "--secret-file", str(secret_file), env=env)
         assert proc.returncode == 0, proc.stdout
     finally:
