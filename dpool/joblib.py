@@ -15,11 +15,17 @@ Importing this module registers the backend under the name ``"dpool"``::
 (default: ``DPOOL_NODES`` and ``DPOOL_SECRET``; no nodes: local processes).
 ``n_jobs=-1`` (the default under this backend) means every CPU of the
 cluster.  Each ``Parallel`` call gets its own executor, closed when the call
-ends, so nothing outlives the ``with`` block.
+ends, so nothing outlives the ``with`` block; starting one costs about a
+second (its worker processes).  To pay that once, give yours::
+
+    with dpool.futures.Executor(nodes=...) as ex:
+        with joblib.parallel_backend("dpool", executor=ex):
+            ...                               # every Parallel call uses ex
 
 Needs joblib (``pip install 'dpool[ecosystem]'``).
 """
 import os
+import threading
 
 import joblib
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase
@@ -38,12 +44,21 @@ class DpoolBackend(AutoBatchingMixin, ParallelBackendBase):
     supports_retrieve_callback = True  # results come through future callbacks
     supports_timeout = True
 
-    def __init__(self, nodes=None, secret=None, nesting_level=None, **backend_kwargs):
+    def __init__(self, nodes=None, secret=None, executor=None, nesting_level=None,
+                 **backend_kwargs):
         super().__init__(nesting_level=nesting_level, **backend_kwargs)
+        if executor is not None and (nodes is not None or secret is not None):
+            raise ValueError("give executor= or nodes=/secret=, not both")
+        if executor is not None and not isinstance(executor, Executor):
+            raise TypeError(f"executor must be a dpool.futures.Executor, not "
+                            f"{type(executor).__name__}")
         self.nodes = nodes
         self.secret = secret
-        self._executor = None
+        self._given = executor  # the user's: used, never shut down
+        self._executor = executor
         self._workers = None  # local processes asked for (None: all CPUs)
+        self._futures = set()  # ours not done yet (the user's executor may run others)
+        self._lock = threading.Lock()  # done callbacks run in the client's loop thread
 
     # ------------------------------------------------------------ sizing
 
@@ -79,26 +94,34 @@ class DpoolBackend(AutoBatchingMixin, ParallelBackendBase):
     def submit(self, func, callback=None):
         self._start()
         future = self._executor.submit(func)
+        with self._lock:
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
         if callback is not None:
             future.add_done_callback(callback)
         return future
+
+    def _forget(self, future):
+        with self._lock:
+            self._futures.discard(future)
 
     def retrieve_result_callback(self, future):
         return future.result()
 
     def terminate(self):
-        """End of a Parallel call: release the workers."""
-        executor, self._executor = self._executor, None
+        """End of a Parallel call: release the workers (not the user's)."""
+        executor, self._executor = self._executor, self._given
         self._workers = None
-        if executor is not None:
+        if executor is not None and executor is not self._given:
             executor.shutdown(wait=True, cancel_futures=True)
         self.reset_batch_stats()
 
     def abort_everything(self, ensure_ready=True):
-        """A task failed: cancel what has not run yet (running ones finish)."""
-        if self._executor is not None:
-            for future in self._executor._client.unfinished():
-                future.cancel()
+        """A task failed: cancel ours that have not run yet (running ones finish)."""
+        with self._lock:
+            futures = list(self._futures)
+        for future in futures:
+            future.cancel()
         if not ensure_ready:
             self.terminate()
 

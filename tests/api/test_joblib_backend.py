@@ -93,3 +93,26 @@ def test_scikit_learn_grid_search():
     assert search.cv_results_["mean_test_score"].tolist() == \
         reference.cv_results_["mean_test_score"].tolist()
     assert sklearn.__version__
+
+
+def test_a_given_executor_is_reused_and_left_open():
+    from dpool.futures import Executor
+
+    with Executor(2) as ex:
+        with joblib.parallel_backend("dpool", executor=ex):
+            first = set(joblib.Parallel(n_jobs=2)(joblib.delayed(pid_of)(x) for x in range(8)))
+            with pytest.raises(ValueError, match="boom-3"):
+                joblib.Parallel(n_jobs=2)(joblib.delayed(boom)(x) for x in range(10))
+            second = set(joblib.Parallel(n_jobs=2)(joblib.delayed(pid_of)(x) for x in range(8)))
+        assert len(first | second) <= 2  # the executor's two workers, both times
+        assert ex.submit(square, 5).result() == 25  # still open
+
+
+def test_bad_backend_arguments():
+    from dpool.futures import Executor
+
+    with pytest.raises(TypeError, match="Executor"):
+        dpool.joblib.DpoolBackend(executor=object())
+    with Executor(1) as ex:
+        with pytest.raises(ValueError, match="not both"):
+            dpool.joblib.DpoolBackend(executor=ex, nodes="127.0.0.1:1")
