@@ -18,7 +18,7 @@ import urllib.request
 import joblib
 
 import dpool
-import dpool.joblib  # noqa: F401  (registers "dpool")
+import dpool.joblib  # registers "dpool"
 from dpool.dashboard import serve
 
 
