@@ -46,6 +46,7 @@ __all__ = ["JobCluster", "DispyJob", "DispyNode", "DispyNodeAvailInfo", "NodeAll
            "ClusterStatus"]
 
 SETUP_WAIT = 60.0  # seconds JobCluster() waits for the nodes' setup
+CANCEL_GRACE = 5.0  # seconds a cancelled running job has to end after its KeyboardInterrupt
 _DISPY_ONLY = {"host", "dispy_port", "ext_host", "ip_addr", "ext_ip_addr", "ipv4_udp_multicast",
                "ping_interval", "pulse_interval", "poll_interval", "reentrant", "recover_file"}
 
@@ -167,7 +168,8 @@ class JobCluster:
         options = {"capture": True, "notify_start": bool(self.job_status or self.cluster_status),
                    "cleanup": self._cleanup_files, "cleanup_fn": callable(self._cleanup)
                    and not isinstance(self._cleanup, bool),
-                   "setup": True}  # workers are forked from the setup process
+                   "setup": True,  # workers are forked from the setup process
+                   "interrupt": CANCEL_GRACE}  # cancel: KeyboardInterrupt first
         if self._dest_path:
             options["dest_path"] = self._dest_path
         if self._pulse_interval:

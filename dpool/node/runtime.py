@@ -48,6 +48,7 @@ log = logging.getLogger("dpool.node")
 _SHORT_JOB = 0.002  # seconds: below this a worker gets several jobs at once
 _MAX_DEPTH = 32
 _PREFETCH_JOB = 0.05  # below this a worker also holds the job after its current one
+MAX_INTERRUPT_GRACE = 30.0  # seconds a cancelled job may take to clean up, at most
 MIN_PULSE = 0.1  # seconds: the shortest pulse_interval a session may ask for (as dispy)
 KEEP_RESULTS = 3600.0  # seconds a detached (recoverable) session is kept
 KEEP_MAX_RESULTS = 100_000  # results kept for a detached session, at most
@@ -305,12 +306,27 @@ class Session:
                 if worker.dead:  # its exit reports it (_worker_exited)
                     continue
                 worker.killing = job_id  # its result is sent when the worker is gone
-                worker.zygote.kill(worker.pid)
+                self._stop(worker)
             else:
                 # Queued inside the worker but not started (only short jobs are
                 # queued there): report it cancelled now, drop its result later.
                 self._ghosts.add(job_id)
                 self._report(job_id, Outcome.CANCELLED)
+
+    def _stop(self, worker):
+        """Kill a worker whose running job was cancelled.  With the session
+        option ``interrupt`` (JobCluster: dispy's cancel), the job first gets
+        a KeyboardInterrupt (SIGINT) and that many seconds to clean up."""
+        grace = self.options.get("interrupt")
+        if not grace:
+            worker.zygote.kill(worker.pid)
+            return
+        worker.zygote.interrupt(worker.pid)
+
+        def kill():
+            if not worker.dead:
+                worker.zygote.kill(worker.pid)
+        asyncio.get_running_loop().call_later(min(float(grace), MAX_INTERRUPT_GRACE), kill)
 
     def on_bye(self, msg, frames):
         self.end("client closed the session")
@@ -488,6 +504,11 @@ class Session:
         msg = P.decode(frames[0])
         kind = type(msg)
         if kind is P.Done:
+            if worker.killing is not None:
+                # Its running job was cancelled (and interrupted): this worker's
+                # results are dropped now; its exit reports the cancel.
+                worker.zygote.kill(worker.pid)
+                return
             for res, payload in P.results(msg, frames):
                 job_id = res.job_id
                 if worker.outstanding and worker.outstanding[0] == job_id:

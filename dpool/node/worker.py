@@ -222,8 +222,8 @@ def main(fd):
         if "dpool.node.env.job" in sys.modules:  # forked from a setup process
             sys.modules["dpool.node.env.job"].inherit(worker)
         worker.serve()
-    except (ConnectionError, EOFError):
-        pass  # the node went away or closed us: a normal end
+    except (ConnectionError, EOFError, KeyboardInterrupt):
+        pass  # the node went away or closed us (or interrupted us between jobs)
     except BaseException:
         import traceback
 

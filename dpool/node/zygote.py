@@ -313,6 +313,13 @@ class Zygote:
         finally:
             self._exits.pop(pid, None)
 
+    def interrupt(self, pid):
+        """SIGINT to a worker (not its group): KeyboardInterrupt in its job."""
+        try:
+            os.kill(pid, signal.SIGINT)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def kill(self, pid, forget=False):
         """SIGKILL a worker's process group; with forget, drop its exit report."""
         _kill_group(pid)

@@ -84,3 +84,16 @@ def test_node_allocate_subclass_sets_per_node_depends_and_setup_args(dpool_node,
         assert job(timeout=30) == "data for this node", job.exception
         (node,) = cluster.status().nodes
     assert seen and seen[0][0] == "127.0.0.1" and node.cpus == max(1, seen[0][2] - 1)
+
+
+def test_cancel_of_a_running_job_is_a_keyboard_interrupt_inside_it(dpool_node, tmp_path):
+    """dispy cancels a running job with SIGINT: the computation gets a
+    KeyboardInterrupt and can clean up; the job ends Terminated."""
+    started, cleaned = tmp_path / "started", tmp_path / "cleaned"
+    with cluster_on(dpool_node, h.interruptible) as cluster:
+        job = cluster.submit(str(started), str(cleaned))
+        poll_for(started.exists, 20, message="the job to start")
+        assert cluster.cancel(job) == 0
+        job(timeout=20)
+        assert job.status == dispy.DispyJob.Terminated and job.result is None
+        assert cleaned.read_text() == "cleaned up"
