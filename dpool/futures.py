@@ -26,6 +26,7 @@ import time
 
 from . import config
 from .core.client import Client
+from .dispy.depends import code_files, file_messages
 from .progressbar import make_bar, track
 
 __all__ = ["Executor"]
@@ -66,13 +67,17 @@ def parse_nodes(nodes):
 
 
 def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
-                 process_name="ForkProcess"):
+                 process_name="ForkProcess", depends=None):
     """The started :class:`Client` behind an Executor or a Pool.
 
     ``workers`` is the embedded node's process count, or with remote nodes
     the most CPUs to use on each node (None: all of them).  The workers
     are named ``process_name-N`` (``multiprocessing.current_process().name``).
+    ``depends`` (modules, file paths) are written into each remote node's
+    session folder, on the workers' ``sys.path``, before any job; local
+    workers already import what this process imports.
     """
+    files = code_files(depends)
     if nodes is None and os.environ.get(NODES_ENV, "").strip():
         nodes = os.environ[NODES_ENV]
     session = {"max_tasks": max_tasks, "capture": False, "process_name": process_name}
@@ -84,8 +89,10 @@ def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
         addresses = parse_nodes(nodes)
         if workers:
             session["cpus"] = workers
+        messages = file_messages(files)
         client = Client(addresses, secret=config.secret_for(secret, addresses), session=session,
-                        initializer=initializer, initargs=initargs)
+                        initializer=initializer, initargs=initargs,
+                        prepare=(lambda link: (session, messages)) if files else None)
     return client.start()
 
 
@@ -111,13 +118,19 @@ class Executor(_cf.Executor):
         ``dpool-node``\\ s instead of local processes (default: the
         ``DPOOL_NODES`` environment variable, else local).  ``max_workers``
         then caps the CPUs used on each node.
+    ``depends``
+        modules and files the nodes need, e.g. ``[mymodule, "data.csv"]``:
+        sent once to each node, into the folder the jobs run in (on their
+        ``sys.path``), before any job.  Needed with remote nodes for a
+        function from a module they don't have; ignored by local workers,
+        which import what this process imports.
     ``secret``
         the nodes' shared secret (default: ``DPOOL_SECRET``, or for nodes on
         this host the secret they leave in ``~/.dpool``).
     """
 
     def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
-                 max_tasks_per_child=None, nodes=None, secret=None):
+                 max_tasks_per_child=None, nodes=None, secret=None, depends=None):
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         check_initializer(initializer)
@@ -131,7 +144,7 @@ class Executor(_cf.Executor):
         self._shutdown_thread = False
         self._closer = None
         self._client = start_client(max_workers, nodes, secret, max_tasks_per_child,
-                                    initializer, initargs)
+                                    initializer, initargs, depends=depends)
         self._max_workers = total_cpus(self._client)
 
     def submit(self, fn, /, *args, **kwargs):

@@ -51,14 +51,14 @@ class Pool:
 
     Takes ``multiprocessing.Pool``'s arguments (``context`` is accepted and
     ignored: workers are always forked by dpool's zygote) and dpool's own
-    ``nodes`` and ``secret`` (see :class:`dpool.futures.Executor`); with
+    ``nodes``, ``secret`` and ``depends`` (see :class:`dpool.futures.Executor`); with
     ``nodes``, ``processes`` caps the CPUs used on each node.
     """
 
     _state = None  # so that __del__ works when __init__ failed
 
     def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
-                 context=None, *, nodes=None, secret=None):
+                 context=None, *, nodes=None, secret=None, depends=None):
         if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None:
@@ -70,7 +70,8 @@ class Pool:
         self._callbacks = None
         self._feeders = weakref.WeakSet()
         self._client = start_client(processes, nodes, secret, maxtasksperchild,
-                                    initializer, initargs, process_name="ForkPoolWorker")
+                                    initializer, initargs, process_name="ForkPoolWorker",
+                                    depends=depends)
         self._processes = total_cpus(self._client)
         self._state = RUN
 

@@ -34,7 +34,7 @@ import traceback
 from .. import config, serialize
 from ..core import client as core
 from ..node.env import job as jobenv
-from .depends import collect, file_entry
+from .depends import collect, file_entry, file_messages
 from .model import (CallbackThread, ClusterStatus, DispyJob, DispyNode,
                           DispyNodeAvailInfo, NodeAllocate, parse_nodes, resolve_host)
 from ..errors import BrokenCluster, DpoolError
@@ -252,9 +252,7 @@ class JobCluster:
         session = dict(self._session(), cpus=want)
         if self._recover is not None and link.address != "embedded":
             session["recover_token"] = self._recover.new_session(link.address, self._used_secret)
-        messages = []
-        for fname, mode, data in self._files + node_files:
-            messages.append([P.encode(P.File(None, fname, mode)), data])
+        messages = file_messages(self._files + node_files)
         names = dict(self._names, dispy_node_name=name, dispy_node_ip_addr=ip)
         cleanup = self._cleanup if not isinstance(self._cleanup, bool) else None
         messages.append([P.encode(P.Setup()),

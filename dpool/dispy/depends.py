@@ -15,6 +15,8 @@ import inspect
 import os
 import stat
 
+from .. import protocol as P
+
 #: (name relative to the job folder, permission bits, contents)
 FileEntry = tuple
 
@@ -73,3 +75,21 @@ def collect(depends, cwd=None):
             raise TypeError(f"invalid dependency {dep!r}: give a file path, a module, a "
                             f"function or a class")
     return files, names
+
+
+def file_messages(files):
+    """FILE messages (sent after SESSION) writing ``files`` ([FileEntry]) into
+    the session's folder on a node."""
+    return [[P.encode(P.File(None, name, mode)), data] for name, mode, data in files]
+
+
+def code_files(depends):
+    """The Executor's and Pool's ``depends``: modules and file paths only
+    (functions and classes travel with the job that uses them)."""
+    if not depends:
+        return []
+    files, names = collect(list(depends) if isinstance(depends, tuple) else depends)
+    if names:
+        raise TypeError(f"depends takes modules and file paths; {', '.join(names)} "
+                        f"travel with the jobs that use them (give their module instead)")
+    return files
