@@ -358,6 +358,9 @@ class JobCluster:
             job._status = DispyJob._from_core[core_job.status]
         with self._lock:
             self._jobs.discard(job)
+        if self._recover is not None:
+            job._on_id = None
+            self._recover.done(core_job.id)  # received: recover_jobs leaves it out
         job._set_done()
 
     def _save_file(self, core_job, name, data):
@@ -408,6 +411,7 @@ class JobCluster:
             job._job = self._client.submit(fn, args, kwargs, tag=job, pin=pin)
             if self._recover is not None:
                 self._recover.job(job._job.id, job.id)
+                job._on_id = lambda j: self._recover.job(j._job.id, j.id)
         except BaseException:
             with self._lock:
                 self._jobs.discard(job)

@@ -61,8 +61,10 @@ class DispyJob:
                   core.ABANDONED: Abandoned}
     _ids = itertools.count(1)
 
+    _on_id = None  # called with the job when its id changes (the recover file)
+
     def __init__(self, job_id=None, args=(), kwargs=None):
-        self.id = job_id if job_id is not None else next(DispyJob._ids)
+        self._id = job_id if job_id is not None else next(DispyJob._ids)
         self.args = args
         self.kwargs = kwargs or {}
         self.result = None
@@ -79,6 +81,19 @@ class DispyJob:
         self._job = None
 
     _event_lock = threading.Lock()
+
+    @property
+    def id(self):
+        return self._id
+
+    @id.setter
+    def id(self, value):
+        """Yours to set, before or after submit (dispy's programs do
+        ``job = cluster.submit(x); job.id = x``); a recoverable cluster
+        records the new id, so recover_jobs returns it."""
+        self._id = value
+        if self._on_id is not None:
+            self._on_id(self)
 
     @property
     def finish(self):
@@ -125,6 +140,7 @@ class DispyJob:
         """A copy with the status frozen: what callbacks get (as in dispy)."""
         job = copy.copy(self)
         job._status = self.status
+        job._on_id = None
         return job
 
     def __lt__(self, other):  # dispy sorts jobs in priority queues

@@ -7,6 +7,9 @@
       per node session: a random     {"dpool_recover": 1, TLS files}
       token in the SESSION options   {"node": [host, port], "token": T, "secret": S}
       per job: its ids ──────────►   {"job": core id, "id": DispyJob id} per job
+      (again if job.id changes;     (an id JSON would change, e.g. a tuple:
+      a result received:            {"job": core id, "id_pickle": hex})
+                                    {"done": core id})
     client gone without BYE: the node keeps the session (jobs go on, results
       are kept) for --keep-results seconds (see dpool/core/node.py)
     recover_jobs(F): per node, connect, RECOVER T ──► READY {kept, pending}
@@ -25,6 +28,7 @@ import glob
 import json
 import logging
 import os
+import pickle
 import secrets
 import threading
 
@@ -83,7 +87,10 @@ class RecoverFile:
         return token
 
     def job(self, core_id, job_id):
-        self.write({"job": core_id, "id": job_id})
+        self.write({"job": core_id, **_encode_id(job_id)})
+
+    def done(self, core_id):
+        self.write({"done": core_id})
 
     def close(self, remove=True):
         with self.lock:
@@ -97,6 +104,29 @@ class RecoverFile:
                 pass
 
 
+_JSON_EXACT = (str, int, float, bool, type(None))
+
+
+def _encode_id(job_id):
+    """A job id as JSON that gives back the same value and type."""
+    if type(job_id) in _JSON_EXACT:
+        return {"id": job_id}
+    try:
+        return {"id_pickle": pickle.dumps(job_id, 4).hex()}
+    except Exception:
+        log.warning("recover file: job id %r can't be pickled; recorded as its str", job_id)
+        return {"id": str(job_id)}
+
+
+def _decode_id(record):
+    if "id_pickle" in record:
+        try:  # our own file (0600, created exclusively; it holds the secret too)
+            return pickle.loads(bytes.fromhex(record["id_pickle"]))
+        except Exception:
+            return record["id_pickle"]
+    return record.get("id")
+
+
 def _mtime(path):
     try:
         return os.stat(path).st_mtime
@@ -105,7 +135,7 @@ def _mtime(path):
 
 
 def _read(path):
-    header, nodes, ids = None, [], {}
+    header, nodes, ids, done = None, [], {}, set()
     with open(path) as f:
         for line in f:
             try:
@@ -118,10 +148,12 @@ def _read(path):
                 nodes.append((tuple(record["node"]), record["token"],
                               bytes.fromhex(record.get("secret", ""))))
             elif "job" in record:
-                ids[record["job"]] = record["id"]
+                ids[record["job"]] = _decode_id(record)
+            elif "done" in record:
+                done.add(record["done"])
     if header is None:
         raise ValueError(f"{path} is not a dpool recover file")
-    return header, nodes, ids
+    return header, nodes, ids, done
 
 
 def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
@@ -143,7 +175,7 @@ def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
             return []
         recover_file = found[-1]
     try:
-        header, nodes, ids = _read(recover_file)
+        header, nodes, ids, done = _read(recover_file)
     except (OSError, ValueError) as exc:
         log.warning("recover_jobs: cannot read %s: %s", recover_file, exc)
         return []
@@ -165,12 +197,49 @@ def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
     runner = threading.Thread(target=asyncio.run, args=(main(),), name="dpool-recover")
     runner.start()
     runner.join()
+    jobs = _once(results, done)
     if all(complete):
+        jobs += _lost(ids, done, jobs)
         try:
             os.remove(recover_file)
         except OSError:
             pass
-    return [job for jobs in results if jobs for job in jobs]
+    return jobs
+
+
+def _once(results, done):
+    """The recovered jobs, each once: a job whose connection dropped while
+    its node stayed up may be kept there and also have run again elsewhere
+    (its result received by the client: left out, or recovered twice)."""
+    seen, jobs = set(done), []
+    for node_jobs in results:
+        for core_id, job in node_jobs or ():
+            if core_id not in seen:
+                seen.add(core_id)
+                jobs.append(job)
+    return jobs
+
+
+def _lost(ids, done, recovered):
+    """Jobs submitted but neither received nor kept by any node (e.g. still
+    queued in the client when it died): Abandoned, and said so."""
+    got = {job._core_id for job in recovered}
+    lost = [core_id for core_id in ids if core_id not in done and core_id not in got]
+    if lost:
+        log.warning("recover_jobs: %d jobs were submitted but no node kept them (still "
+                    "queued in the client when it went away, or their node's session "
+                    "expired); they come back Abandoned: ids %s", len(lost),
+                    ", ".join(repr(ids[core_id]) for core_id in lost[:20]))
+    jobs = []
+    for core_id in lost:
+        job = DispyJob(None, None, None)
+        job.id, job.args, job.kwargs, job._core_id = ids[core_id], None, None, core_id
+        job.exception = ("no node kept this job: it was still queued in the client when "
+                         "the client went away (or its node's session expired); it did not run")
+        job._status = DispyJob.Abandoned
+        job._set_done()
+        jobs.append(job)
+    return jobs
 
 
 async def _recover_node(i, address, token, secret, ssl, ids, terminate, deadline,
@@ -193,7 +262,8 @@ async def _recover_node(i, address, token, secret, ssl, ids, terminate, deadline
         conn.send([P.encode(P.Recover(token, bool(terminate)))])
         msg = P.decode((await asyncio.wait_for(conn.recv(), remaining()))[0])
         if type(msg) is not P.Ready:
-            log.info("recover_jobs: node %s:%s: %s", host, port, msg)
+            log.warning("recover_jobs: node %s:%s refused: %s", host, port,
+                        getattr(msg, "reason", msg))
             complete[i] = True  # nothing kept there (collected before, or expired)
             return
         expected = set(msg.info["kept"]) | set(msg.info["pending"])
@@ -206,7 +276,8 @@ async def _recover_node(i, address, token, secret, ssl, ids, terminate, deadline
             for res, payload in P.results(msg, frames):
                 if res.job_id in expected:
                     expected.discard(res.job_id)
-                    jobs.append(_job(ids.get(res.job_id), ip, res, payload))
+                    jobs.append((res.job_id, _job(ids.get(res.job_id), res.job_id, ip, res,
+                                                  payload)))
         conn.send([P.encode(P.Bye())])
         complete[i] = True
     except (TimeoutError, OSError, DpoolError) as exc:
@@ -218,11 +289,11 @@ async def _recover_node(i, address, token, secret, ssl, ids, terminate, deadline
             await conn.wait_closed()
 
 
-def _job(job_id, ip, res, payload):
+def _job(job_id, core_id, ip, res, payload):
     from .cluster import _exception_text
 
     job = DispyJob(None, None, None)
-    job.id, job.args, job.kwargs = job_id, None, None
+    job.id, job.args, job.kwargs, job._core_id = job_id, None, None, core_id
     job.ip_addr, job.start_time, job.end_time = ip, res.start, res.end
     job.stdout, job.stderr = res.stdout or "", res.stderr or ""
     status = res.outcome

@@ -8,7 +8,7 @@ import pytest
 
 import dpool as dispy
 import tasks_dispynode as h
-from helpers import cluster_on
+from helpers import cluster_on, poll_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -158,9 +158,12 @@ def test_kept_results_are_discarded_after_keep_results(tmp_path, node_secret, ca
         poll_for(lambda: "did not come back within 0.3s" in node.stderr(), 5,
                  message="the node to discard the session")
         assert "discarding 1 kept results and 1 unfinished jobs" in node.stderr()
-        with caplog.at_level(logging.INFO, logger="dpool"):
-            assert dispy.recover_jobs(recover_file, timeout=5) == []
+        with caplog.at_level(logging.WARNING, logger="dpool"):
+            jobs = dispy.recover_jobs(recover_file, timeout=5)
+        # The node refused (a warning); its jobs come back Abandoned, not dropped.
         assert "keeps no results" in caplog.text
+        assert sorted(job.id for job in jobs) == ["later", "slow"]
+        assert {job.status for job in jobs} == {dispy.DispyJob.Abandoned}
     finally:
         assert node.terminate() == 0, node.stderr()
 

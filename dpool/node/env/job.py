@@ -78,7 +78,7 @@ def dispy_send_file(path, relay=False, timeout=None):
             data = f.read()
     except OSError:
         return -1
-    here = os.getcwd()
+    here = _namespace.get("dispy_job_path") or os.getcwd()  # the job folder
     if full.startswith(here + os.sep):
         name = os.path.relpath(full, here)
     else:

@@ -1,0 +1,100 @@
+"""recover_jobs leftovers (issue 12): jobs still queued in the client when
+it died, ids set after submit and of any type, a node's refusal logged as a
+warning; and dispy_send_file names relative to the job folder."""
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+import dpool as dispy
+from helpers import cluster_on, node_env, poll_for, start_node
+
+pytestmark = pytest.mark.timeout(60)
+
+CLIENT = """
+import os, sys, time
+import dpool as dispy
+from tasks import hold
+port, secret, recover_file, tmp = sys.argv[1:]
+cluster = dispy.JobCluster(hold, nodes=[("127.0.0.1", int(port))], secret=secret,
+                           recover_file=recover_file)
+for i in range(6):  # 2 CPUs: 4 jobs go to the node (2 run), 2 wait in the client
+    job = cluster.submit(os.path.join(tmp, f"m-{i}"), os.path.join(tmp, "never"))
+    job.id = ("job", i)  # set after submit, as dispy's programs do; a tuple
+while not (os.path.exists(os.path.join(tmp, "m-0")) and os.path.exists(os.path.join(tmp, "m-1"))):
+    time.sleep(0.01)
+open(os.path.join(tmp, "ready"), "w").close()
+time.sleep(60)
+"""
+
+
+def killed_client(node, tmp_path):
+    recover_file = str(tmp_path / "_dispy_dropin")
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT, str(node.port), node.secret.decode(),
+                             recover_file, str(tmp_path)],
+                            env=node_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "client.err", "wb"))
+    try:
+        poll_for(lambda: (tmp_path / "ready").exists() or proc.poll() is not None, 30,
+                 message="the client to submit its jobs")
+        assert proc.poll() is None, (tmp_path / "client.err").read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+    return recover_file
+
+
+def test_recover_jobs_returns_every_job_with_its_id(tmp_path, node_secret, caplog):
+    node = start_node(tmp_path / "node", cpus=2, secret=node_secret)
+    try:
+        recover_file = killed_client(node, tmp_path)
+        poll_for(lambda: "kept for" in node.stderr(), 10, message="the node to detach")
+        with caplog.at_level(logging.WARNING, logger="dpool"):
+            jobs = dispy.recover_jobs(recover_file, timeout=20, terminate_pending=True)
+    finally:
+        assert node.terminate() == 0, node.stderr()
+    by_id = {job.id: job for job in jobs}
+    assert sorted(by_id) == [("job", i) for i in range(6)]  # tuples, as set after submit
+    statuses = sorted(job.status for job in jobs)
+    assert statuses.count(dispy.DispyJob.Abandoned) == 2  # queued in the client
+    for job in jobs:
+        assert job.finish.is_set()
+        if job.status == dispy.DispyJob.Abandoned:
+            assert "queued in the client" in job.exception
+    assert "no node kept them" in caplog.text
+    assert not os.path.exists(recover_file)
+
+
+def test_a_nodes_refusal_is_a_warning_and_its_jobs_come_back(tmp_path, node_secret, caplog):
+    node = start_node(tmp_path / "node", cpus=2, secret=node_secret,
+                      args=["--keep-results", "0.3"])
+    try:
+        recover_file = killed_client(node, tmp_path)
+        poll_for(lambda: "did not come back within 0.3s" in node.stderr(), 10,
+                 message="the node to discard the session")
+        with caplog.at_level(logging.WARNING, logger="dpool"):
+            jobs = dispy.recover_jobs(recover_file, timeout=5)
+    finally:
+        assert node.terminate() == 0, node.stderr()
+    assert "refused" in caplog.text and "keeps no results" in caplog.text
+    assert sorted(job.id for job in jobs) == [("job", i) for i in range(6)]
+    assert {job.status for job in jobs} == {dispy.DispyJob.Abandoned}
+
+
+def sends_from_a_subfolder(text):
+    os.makedirs("sub", exist_ok=True)
+    os.chdir("sub")
+    with open("out.txt", "w") as f:
+        f.write(text)
+    return dispy_send_file("out.txt")  # noqa: F821 (injected on the node)
+
+
+def test_dispy_send_file_names_are_relative_to_the_job_folder(dpool_node, tmp_path,
+                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with cluster_on(dpool_node, sends_from_a_subfolder) as cluster:
+        job = cluster.submit("hello")
+        assert job(timeout=30) == 0, job.exception
+    assert (tmp_path / "sub" / "out.txt").read_text() == "hello"
