@@ -97,3 +97,17 @@ def test_cancel_of_a_running_job_is_a_keyboard_interrupt_inside_it(dpool_node, t
         job(timeout=20)
         assert job.status == dispy.DispyJob.Terminated and job.result is None
         assert cleaned.read_text() == "cleaned up"
+
+
+def test_submit_node_with_a_program_computation(dpool_node, tmp_path):
+    """A program (not a function) computation: submit_node and
+    submit_job_id_node run it on that node, arguments as strings."""
+    prog = tmp_path / "prog.sh"
+    prog.write_text("#!/bin/sh\necho \"args: $*\"\nexit $1\n")
+    prog.chmod(0o755)
+    with cluster_on(dpool_node, str(prog)) as cluster:
+        (node,) = cluster.status().nodes
+        job = cluster.submit_node(node, 4, "x")
+        assert job(timeout=30) == 4 and job.stdout == "args: 4 x\n", job.exception
+        job = cluster.submit_job_id_node("mine", node.ip_addr, 5)
+        assert job(timeout=30) == 5 and job.id == "mine" and job.ip_addr == node.ip_addr

@@ -98,3 +98,28 @@ def test_dispy_send_file_names_are_relative_to_the_job_folder(dpool_node, tmp_pa
         job = cluster.submit("hello")
         assert job(timeout=30) == 0, job.exception
     assert (tmp_path / "sub" / "out.txt").read_text() == "hello"
+
+
+def test_a_job_whose_connection_dropped_is_not_recovered_again(dpool_node, tmp_path):
+    """The connection drops while the node stays up: the node keeps the
+    session (the job runs on there), the client ends the job (node lost).
+    recover_jobs must not hand that job back a second time."""
+    from tasks import hold
+
+    recover_file = str(tmp_path / "_dispy_dropped")
+    marker, gate = str(tmp_path / "m"), str(tmp_path / "gate")
+    cluster = cluster_on(dpool_node, hold, recover_file=recover_file)
+    try:
+        job = cluster.submit(marker, gate)
+        poll_for(lambda: os.path.exists(marker), 20, message="the job to start")
+        cluster._client.links[0].conn.abort()  # fault injection: the link is cut
+        poll_for(lambda: not cluster.status().nodes, 10, message="the node to be lost")
+        cluster.cancel(job)  # (with no node left it would wait for one)
+        job(timeout=20)
+        assert job.finish.is_set()  # the client saw it end
+        poll_for(lambda: "kept for" in dpool_node.stderr(), 10, message="the node to keep it")
+        open(gate, "w").close()  # it finishes on the node: kept there
+        poll_for(lambda: os.path.exists(marker + ".done"), 10, message="the job to finish")
+        assert dispy.recover_jobs(recover_file, timeout=10) == []
+    finally:
+        cluster.close(terminate=True)
