@@ -97,11 +97,13 @@ def find_local_secret(port):
         return None
 
 
-def secret_for(secret, addresses):
+def secret_for(secret, addresses, client_cert=False):
     """The secret to use with the nodes at ``addresses`` ((host, port) pairs).
 
     The one given (str or bytes), else ``DPOOL_SECRET``, else, when every
-    node is on this host, the secret such nodes leave in ``dpool_home()``.
+    node is on this host, the secret such nodes leave in ``dpool_home()``,
+    else, with a client certificate (``client_cert``), none (``b""``: mutual
+    TLS authenticates both sides).
     """
     secret = as_secret(secret) or env_secret()
     if secret:
@@ -110,5 +112,7 @@ def secret_for(secret, addresses):
         found = {find_local_secret(port) for _, port in addresses}
         if len(found) == 1 and None not in found:
             return found.pop()
+    if client_cert:
+        return b""
     raise ValueError("a secret is needed to talk to dpool nodes: pass secret=... or set "
                      "DPOOL_SECRET (nodes on this host also leave it in ~/.dpool)")

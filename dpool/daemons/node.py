@@ -2,7 +2,7 @@
 
     dpool-node [--host 127.0.0.1] [--port 51350] [--cpus N] [--secret-file PATH]
                [--certfile F --keyfile F [--cafile F]] [--dest-path DIR]
-               [--keep-results SECONDS]
+               [--keep-results SECONDS] [--receive-budget BYTES]
     dpool-node --generate-secret [--secret-file NEW-PATH]
 
 The secret comes from ``DPOOL_SECRET`` or ``--secret-file``, never from the
@@ -35,6 +35,21 @@ def _port(text):
     return port
 
 
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def _size(text):
+    """A byte count: an integer with an optional K, M or G suffix (powers of 1024)."""
+    unit = text[-1:].upper() if text[-1:].isalpha() else ""
+    try:
+        value = int(text[:len(text) - len(unit)]) * _UNITS[unit]
+    except (KeyError, ValueError):
+        value = -1
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a size in bytes (e.g. 512M, 2G)")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="dpool-node", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -53,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--keep-results", type=float, default=None, metavar="SECONDS",
                    help="how long the jobs and results of a recoverable session (JobCluster "
                         "recover_file) are kept after its client went away (default 3600)")
+    p.add_argument("--receive-budget", type=_size, default=None, metavar="BYTES",
+                   help="bytes of partly received messages the node holds across all "
+                        "connections before it stops reading from all but one "
+                        "(backpressure); K, M, G suffixes (default 1G)")
     p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
     p.add_argument("--generate-secret", action="store_true",
                    help="print a new strong secret (256 random bits) and exit; with "
@@ -114,7 +133,8 @@ def main(argv=None):
     cpus = config.resolve_cpus(args.cpus)
     server = NodeServer(args.host, args.port, cpus=cpus, secret=secret, name=args.name,
                         dest_root=dest_root, certfile=args.certfile, keyfile=args.keyfile,
-                        cafile=args.cafile, keep_results=args.keep_results)
+                        cafile=args.cafile, keep_results=args.keep_results,
+                        receive_budget=args.receive_budget)
     try:
         asyncio.run(_serve(server))
     except KeyboardInterrupt:

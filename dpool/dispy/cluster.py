@@ -76,6 +76,7 @@ class JobCluster:
         self.node_port = node_port or port or config.NODE_PORT
         self.secret = config.as_secret(secret) or config.env_secret()
         self._ssl = _tls_context(cafile, certfile, keyfile)
+        self._client_cert = bool(certfile)
         self._program = None
         depends = list(depends)
         if isinstance(computation, str):
@@ -190,7 +191,8 @@ class JobCluster:
                     f"node pattern {spec.host!r} needs broadcast discovery, which dpool does "
                     f"not have yet; name the nodes by host name or address")
             addresses.append((spec.host, spec.port))
-        self._used_secret = config.secret_for(self.secret, addresses)
+        self._used_secret = config.secret_for(self.secret, addresses,
+                                              client_cert=self._client_cert)
         client = core.Client(addresses, secret=self._used_secret,
                              **self._client_args())
         return client.start()

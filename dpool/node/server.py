@@ -13,6 +13,7 @@ import cloudpickle
 from .. import config
 from ..hosts import is_loopback
 from ..transport import PROTOCOL_VERSION, server_ssl_context, start_server
+from ..transport.budget import ReceiveBudget
 from .runtime import NodeRuntime
 
 log = logging.getLogger("dpool.node")
@@ -21,7 +22,7 @@ log = logging.getLogger("dpool.node")
 class NodeServer:
     def __init__(self, host="127.0.0.1", port=config.NODE_PORT, *, cpus, secret=None,
                  name=None, dest_root=None, certfile=None, keyfile=None, cafile=None,
-                 keep_results=None):
+                 keep_results=None, receive_budget=None):
         self.host = host
         self.port = port
         self.cpus = cpus
@@ -34,6 +35,7 @@ class NodeServer:
                                           require_client_cert=bool(cafile))
         self.server = None
         self.secret_path = None
+        self.receive_budget = receive_budget   # bytes; None: the transport's default
 
     def hello(self):
         return {"protocol": PROTOCOL_VERSION, "role": "node", "name": self.runtime.name,
@@ -48,8 +50,10 @@ class NodeServer:
             self.secret = (config.find_local_secret(self.port) if self.port else None) \
                 or secrets.token_hex(32).encode()
         await self.runtime.start()
+        budget = ReceiveBudget(self.receive_budget) if self.receive_budget else None
         self.server = await start_server(self.runtime.accept, self.host, self.port,
-                                         secret=self.secret, hello=self.hello, ssl=self.ssl)
+                                         secret=self.secret, hello=self.hello, ssl=self.ssl,
+                                         receive_budget=budget)
         self.port = self.server.port
         if local_secret:
             self.secret_path = config.write_local_secret(self.port, self.secret)

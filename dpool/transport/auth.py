@@ -14,7 +14,8 @@ stretched key, compared with :func:`hmac.compare_digest`.
 Authentication, the server proves first::
 
     1. server -> client  MAGIC (8) + flags (1) + salt (16) + nonce_s (32)
-    2. client -> server  MAGIC (8) + nonce_c (32)
+    2. client -> server  MAGIC (8) + nonce_c (32); the client sends it as soon
+                         as it is connected, without waiting for step 1
     3. server -> client  HMAC(key, b"S" + transcript)          (32)
     4. client: checks the server's proof (mismatch -> AuthenticationError,
        and the client closes having sent nothing that depends on the secret);
@@ -43,6 +44,12 @@ transcript, one key per direction, the record's sequence number as the
 nonce.  The server sets it on every connection without TLS; under TLS the
 records are left out (TLS protects the messages).  A client without TLS
 refuses a server that does not set it.
+
+A node with TLS peeks at the first byte a new connection sends: a TLS
+client starts with a handshake record (0x16), a plaintext dpool client with
+step 2 (MAGIC).  To the latter the node sends ``tls_required_notice()``, a
+step 1 with only the ``TLS_REQUIRED`` flag, and closes; the client fails at
+once with an error saying that the node requires TLS.
 
 Hello, framed messages from here on (see :mod:`dpool.transport.frames`)::
 
@@ -93,6 +100,7 @@ KEY_SIZE = 32
 OK = b"\x00"
 FAIL = b"\x01"
 PROTECT = 0x01
+TLS_REQUIRED = 0x80
 CHALLENGE_SIZE = len(MAGIC) + 1 + SALT_SIZE + NONCE_SIZE     # step 1
 REPLY_SIZE = len(MAGIC) + NONCE_SIZE                         # step 2
 PROOF_SIZE = DIGEST_SIZE                                     # steps 3 and 4
@@ -160,6 +168,11 @@ def make_challenge(salt: bytes = PROCESS_SALT, protect: bool = True) -> bytes:
     """Step 1 (server): the challenge message (it holds a fresh nonce)."""
     flags = PROTECT if protect else 0
     return MAGIC + bytes([flags]) + salt + os.urandom(NONCE_SIZE)
+
+
+def tls_required_notice() -> bytes:
+    """What a TLS node sends, in plaintext, to a client that spoke plaintext dpool."""
+    return MAGIC + bytes([TLS_REQUIRED]) + bytes(SALT_SIZE + NONCE_SIZE)
 
 
 def parse_challenge(msg: bytes) -> Challenge:
@@ -254,8 +267,9 @@ async def _read(conn: Connection, n: int) -> bytes:
     try:
         return await conn._read_exact(n)
     except ConnectionClosed as exc:
+        why = f": {exc.__cause__}" if exc.__cause__ is not None else ""   # e.g. a TLS alert
         raise AuthenticationError(
-            f"{conn.peer} closed the connection during authentication") from exc
+            f"{conn.peer} closed the connection during authentication{why}") from exc
 
 
 async def server_handshake(conn: Connection, secret: bytes, hello: Hello, *,
@@ -283,12 +297,15 @@ async def server_handshake(conn: Connection, secret: bytes, hello: Hello, *,
 async def client_handshake(conn: Connection, secret: bytes, hello: Hello, *,
                            tls: bool = False) -> dict[str, Any]:
     """Steps 1-8 for the client side; sets and returns ``conn.hello``."""
+    reply = make_reply()
+    conn._write_raw(reply)       # at once: it holds nothing but a nonce
     challenge = parse_challenge(await _read(conn, CHALLENGE_SIZE))
+    if challenge.flags & TLS_REQUIRED:
+        raise ProtocolError(f"the node at {conn.peer} requires TLS: connect with cafile=... "
+                            f"(and certfile=/keyfile= if it asks for client certificates)")
     if not (challenge.protect or tls):
         raise ProtocolError(f"{conn.peer} offers no message protection on a connection "
                             f"without TLS; refusing it")
-    reply = make_reply()
-    conn._write_raw(reply)
     transcript = challenge.raw + reply
     key = stretch(secret, challenge.salt)
     check_proof(key, b"S", transcript, await _read(conn, PROOF_SIZE))

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from dpool.errors import ConnectionClosed, ProtocolError
 
 from .auth import PREAUTH_MAX, Keys
+from .budget import ReceiveBudget
 from .frames import FrameDecoder, Limits, Message, _nbytes, encode
 from .records import Sealer, SecureDecoder
 
@@ -49,6 +50,8 @@ class Stream(Protocol):
     def close(self) -> None: ...
     def abort(self) -> None: ...
     def set_sealer(self, sealer: Sealer) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
 
 
 class Connection:
@@ -90,8 +93,10 @@ class Connection:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, peer: str,
-                 limits: Limits | None = None, *, preauth: bool = False) -> None:
+                 limits: Limits | None = None, *, preauth: bool = False,
+                 budget: ReceiveBudget | None = None) -> None:
         self._loop = loop
+        self._budget = budget        # a ReceiveBudget shared with other connections
         self.peer = peer
         self.hello: dict[str, Any] | None = None
         self._limits = limits or Limits()
@@ -207,6 +212,10 @@ class Connection:
             return
         self._close_reported = True
         on_close = self._on_close
+        # Drop the callbacks: they usually hold the object that holds this
+        # connection, and that cycle would keep both (and their buffers)
+        # alive until the garbage collector runs.
+        self._on_message = self._on_close = None
         if on_close is not None:
             try:
                 on_close(self._exc)
@@ -277,8 +286,15 @@ class Connection:
         except ProtocolError as exc:
             self._fail(exc)
             return
+        if self._budget is not None and not self._budget.update(self, self._decoder.held):
+            self._stream.pause_reading()
+            self._budget.pause(self, self._resume_reading)
         if messages:
             self._deliver(messages)
+
+    def _resume_reading(self) -> None:
+        if not (self._closing or self._lost):
+            self._stream.resume_reading()
 
     def _pause_writing(self) -> None:
         self._write_paused = True
@@ -300,6 +316,9 @@ class Connection:
                 exc = ConnectionClosed(
                     f"{self.peer} closed the connection in the middle of a message")
             self._exc = exc
+        self._decoder = cast(FrameDecoder, None)   # frees a partly received message now
+        if self._budget is not None:
+            self._budget.forget(self)
         self._wake_waiters()
         self._lost_future.set_result(None)
         if self._on_message is not None or self._on_close is not None:

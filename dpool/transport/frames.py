@@ -19,10 +19,14 @@ the ``asyncio.BufferedProtocol`` pattern: :meth:`FrameDecoder.get_buffer`
 hands out the memory the next bytes should be read into and
 :meth:`FrameDecoder.buffer_updated` consumes them.  Headers and small frames
 go through one reusable receive buffer; a frame (or a header) of at least
-``LARGE`` bytes gets its own ``bytearray`` of exactly its size, and
-``get_buffer`` returns the unfilled tail of it, so the socket writes the
-payload straight into its final place.  Every declared count and length is
-checked against :class:`Limits` before anything is allocated.
+``LARGE`` bytes gets its own ``bytearray``, which grows as its bytes arrive
+(the socket reads into the reusable buffer, each read is appended): nothing
+is ever allocated from a declared length, so a peer that declares a huge
+frame costs only the bytes it really sends.  (Appending costs one copy from
+a cache-hot buffer; the alternative, a zero-filled buffer of the declared
+size, costs a pass over all of it up front.)  ``held`` counts the bytes of
+the message being received, for a receive budget.  Every declared count and
+length is checked against :class:`Limits` first.
 """
 from __future__ import annotations
 
@@ -117,6 +121,20 @@ def encode(frames: Sequence[Frame]) -> list[bytes | memoryview]:
     return parts
 
 
+def feed_buffered(decoder, data) -> list[Message]:
+    """Copy ``data`` through ``decoder.get_buffer()``/``buffer_updated()``
+    (any decoder with that interface); return the messages it completed."""
+    src = _as_bytes_view(data)
+    out: list[Message] = []
+    while len(src):
+        dst = decoder.get_buffer()
+        k = min(len(dst), len(src))
+        dst[:k] = src[:k]
+        src = src[k:]
+        out += decoder.buffer_updated(k)
+    return out
+
+
 class FrameDecoder:
     """Incremental decoder of a stream of messages.
 
@@ -142,9 +160,9 @@ class FrameDecoder:
         self._count = -1       # frames in the current message; -1: reading count
         self._lengths: tuple[int, ...] | None = None  # the current message's frame lengths
         self._frames: list[bytes | bytearray] | None = None  # its frames decoded so far
-        self._big: bytearray | None = None  # being filled directly by the reader
-        self._big_mv: memoryview | None = None
-        self._big_pos = 0
+        self._big: bytearray | None = None  # growing as its bytes arrive
+        self._big_size = 0     # the size it will have
+        self._held = 0         # bytes of the current message held in frames
         self._failed: ProtocolError | None = None
 
     @property
@@ -152,10 +170,15 @@ class FrameDecoder:
         """True when part of a message has been received but not all of it."""
         return self._count >= 0 or self._pos != self._end
 
+    @property
+    def held(self) -> int:
+        """Bytes of the message being received that are held in memory."""
+        return self._held + (len(self._big) if self._big is not None else 0)
+
     def get_buffer(self) -> memoryview:
         """Writable memory for the next bytes of the stream (never empty)."""
-        if self._big_mv is not None:
-            return self._big_mv[self._big_pos:]
+        if self._big is not None:   # (then nothing is pending in _buf)
+            return self._mv[:min(len(self._buf), self._big_size - len(self._big))]
         pos, end = self._pos, self._end
         if pos == end:
             self._pos = self._end = 0
@@ -173,8 +196,8 @@ class FrameDecoder:
             raise self._failed
         try:
             if self._big is not None:
-                self._big_pos += nbytes
-                if self._big_pos < len(self._big):
+                self._big += self._mv[:nbytes]
+                if len(self._big) < self._big_size:
                     return []
                 self._finish_big()
             else:
@@ -186,15 +209,7 @@ class FrameDecoder:
 
     def feed(self, data: Frame) -> list[Message]:
         """Consume a chunk of the stream; return the messages it completed."""
-        src = _as_bytes_view(data)
-        out: list[Message] = []
-        while len(src):
-            dst = self.get_buffer()
-            k = min(len(dst), len(src))
-            dst[:k] = src[:k]
-            src = src[k:]
-            out += self.buffer_updated(k)
-        return out
+        return feed_buffered(self, data)
 
     # -- internals -----------------------------------------------------------
 
@@ -221,23 +236,25 @@ class FrameDecoder:
         self._frames = []
 
     def _start_big(self, size: int, pos: int, end: int) -> tuple[bytearray | None, int]:
-        """Give the item of ``size`` bytes at ``pos`` its own buffer."""
-        big = bytearray(size)
+        """Give the item of ``size`` bytes at ``pos`` its own buffer, holding
+        what has arrived of it so far."""
         have = min(size, end - pos)
-        big[:have] = self._mv[pos:pos + have]
+        big = bytearray(self._mv[pos:pos + have])
         if have == size:
+            self._held += size
             return big, pos + have
-        self._big, self._big_mv, self._big_pos = big, memoryview(big), have
+        self._big, self._big_size = big, size
         return None, pos + have
 
     def _finish_big(self) -> None:
         big = self._big
         assert big is not None
-        self._big = self._big_mv = None
+        self._big = None
         if self._lengths is None:
             self._set_lengths(_lengths_struct(self._count).unpack_from(big))
         else:
             assert self._frames is not None
+            self._held += len(big)
             self._frames.append(big)
 
     def _parse(self) -> list[Message]:
@@ -275,11 +292,13 @@ class FrameDecoder:
                         frames.append(big)
                     elif end - pos >= size:
                         frames.append(bytes(mv[pos:pos + size]))
+                        self._held += size
                         pos += size
                     else:
                         return out
                 out.append(frames)
                 self._count, self._lengths, self._frames = -1, None, None
+                self._held = 0
         finally:
             self._pos = pos
         return out

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dpool.errors import ProtocolError
 
-from .frames import FrameDecoder, Message
+from .frames import FrameDecoder, Message, feed_buffered
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -125,6 +125,10 @@ class SecureDecoder:
     def partial(self) -> bool:
         return self._pos != self._end or self._inner.partial
 
+    @property
+    def held(self) -> int:
+        return self._inner.held
+
     def get_buffer(self) -> memoryview:
         pos, end = self._pos, self._end
         if pos == end:
@@ -146,15 +150,7 @@ class SecureDecoder:
             raise
 
     def feed(self, data: ReadableBuffer) -> list[Message]:
-        src = memoryview(data).cast("B")
-        out: list[Message] = []
-        while len(src):
-            dst = self.get_buffer()
-            k = min(len(dst), len(src))
-            dst[:k] = src[:k]
-            src = src[k:]
-            out += self.buffer_updated(k)
-        return out
+        return feed_buffered(self, data)
 
     def _open_records(self) -> list[Message]:
         out: list[Message] = []

@@ -16,6 +16,7 @@ large frame is never held twice.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import collections
 import os
 import socket
@@ -104,6 +105,14 @@ class SocketStream:
             conn._buffer_updated(n)
         else:
             self._finish(None)
+
+    def pause_reading(self) -> None:
+        if not self._closing:
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if not self._closing:
+            self._loop.add_reader(self._fd, self._read_ready)
 
     def set_sealer(self, sealer: Sealer) -> None:
         """Seal everything written from now on (records.Sealer)."""
@@ -263,6 +272,13 @@ class TransportAdapter(asyncio.BufferedProtocol):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.transport.get_extra_info(name, default)
 
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
     # asyncio.BufferedProtocol interface
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -287,3 +303,32 @@ class TransportAdapter(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._conn._connection_lost(exc)
+
+
+class _AlertingSSLProtocol(asyncio.sslproto.SSLProtocol):
+    """asyncio's TLS protocol, but a failed handshake sends its alert (e.g.
+    "certificate required", "unknown ca") before the connection closes, so
+    the peer learns why; asyncio 3.11-3.13 drops it."""
+
+    def _on_handshake_complete(self, handshake_exc):  # type: ignore[no-untyped-def]
+        if handshake_exc is not None:
+            try:
+                self._process_outgoing()
+            except Exception:  # pragma: no cover - best effort only
+                pass
+        super()._on_handshake_complete(handshake_exc)
+
+
+async def accept_tls(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                     adapter: TransportAdapter, ssl: Any) -> None:
+    """The server side of a TLS handshake on the accepted ``sock``; what
+    ``loop.connect_accepted_socket(..., ssl=ssl)`` does, with the alert kept."""
+    waiter = loop.create_future()
+    protocol = _AlertingSSLProtocol(loop, adapter, ssl, waiter, server_side=True)
+    transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
+    try:
+        await waiter
+    except BaseException:
+        transport.close()
+        raise
+

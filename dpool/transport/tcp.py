@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import functools
 import inspect
@@ -33,14 +34,16 @@ import ssl as _ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from dpool.errors import AuthenticationError, ConnectionClosed, HandshakeRefused, VersionMismatch
+from dpool.errors import (AuthenticationError, ConnectionClosed, HandshakeRefused,
+                          ProtocolError, VersionMismatch)
 
-from .auth import (PROCESS_SALT, Hello, check_secret, client_handshake, encode_hello, own_hello,
-                   server_handshake, stretch)
+from .auth import (MAGIC, PREAUTH_MAX, PROCESS_SALT, Hello, check_secret, client_handshake,
+                   encode_hello, own_hello, server_handshake, stretch, tls_required_notice)
+from .budget import ReceiveBudget
 from .connection import Connection
 from .frames import Limits
 from .rejections import RejectionLog
-from .streams import SocketStream, TransportAdapter, set_tcp_options
+from .streams import SocketStream, TransportAdapter, accept_tls, set_tcp_options
 
 log = logging.getLogger("dpool.transport")
 
@@ -72,16 +75,18 @@ def format_peer(addr: Any) -> str:
 
 async def _open(loop: asyncio.AbstractEventLoop, sock: socket.socket, limits: Limits | None,
                 ssl: _ssl.SSLContext | None, *, server_side: bool,
-                server_hostname: str | None = None) -> Connection:
+                server_hostname: str | None = None,
+                budget: ReceiveBudget | None = None) -> Connection:
     """A pre-auth Connection on the connected socket ``sock``."""
     set_tcp_options(sock)
-    conn = Connection(loop, format_peer(sock.getpeername()), limits, preauth=True)
+    conn = Connection(loop, format_peer(sock.getpeername()), limits, preauth=True,
+                      budget=budget)
     if ssl is None:
         SocketStream(loop, sock, conn)
         return conn
     adapter = TransportAdapter(conn)
     if server_side:
-        await loop.connect_accepted_socket(lambda: adapter, sock, ssl=ssl)
+        await accept_tls(loop, sock, adapter, ssl)
     else:
         await loop.create_connection(lambda: adapter, sock=sock, ssl=ssl,
                                      server_hostname=server_hostname)
@@ -95,6 +100,24 @@ def _discard(conn: Connection | None, sock: socket.socket) -> None:
         conn.abort()
     else:
         sock.close()
+
+
+async def _speaks_plain_dpool(loop: asyncio.AbstractEventLoop,
+                             sock: socket.socket) -> bool:
+    """Wait for the first byte ``sock`` sends: True if it starts a plaintext
+    dpool handshake rather than TLS (a TLS client speaks first too)."""
+    sock.setblocking(False)
+    readable: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: readable.done() or readable.set_result(None))
+    try:
+        await readable
+    finally:
+        loop.remove_reader(sock.fileno())
+    try:
+        first = sock.recv(1, socket.MSG_PEEK)
+    except OSError:
+        return False            # let the TLS handshake report it
+    return first == MAGIC[:1]
 
 
 async def _connect_socket(loop: asyncio.AbstractEventLoop, host: str,
@@ -169,7 +192,8 @@ async def _connect_once(loop: asyncio.AbstractEventLoop, host: str, port: int, s
         if sock is not None:
             _discard(conn, sock)
         if isinstance(exc, AuthenticationError) and conn is not None \
-                and conn.bytes_received == 0 and isinstance(exc.__cause__, ConnectionClosed):
+                and conn.bytes_received == 0 and isinstance(exc.__cause__, ConnectionClosed) \
+                and not isinstance(exc.__cause__.__cause__, _ssl.SSLError):  # (a TLS alert)
             raise HandshakeRefused(f"{host}:{port} closed the connection before the "
                                    f"handshake began") from None
         raise
@@ -191,7 +215,7 @@ class Server:
     def __init__(self, loop: asyncio.AbstractEventLoop, lsock: socket.socket,
                  on_connection: OnConnection, secret: bytes, hello: Hello,
                  ssl: _ssl.SSLContext | None, limits: Limits | None,
-                 auth_timeout: float) -> None:
+                 auth_timeout: float, receive_budget: ReceiveBudget | None = None) -> None:
         self._loop = loop
         self._lsock = lsock
         self._on_connection = on_connection
@@ -200,6 +224,7 @@ class Server:
         self._ssl = ssl
         self._limits = limits
         self._auth_timeout = auth_timeout
+        self.receive_budget = receive_budget
         self.address = lsock.getsockname()[:2]
         self.port = self.address[1]
         self._handshakes: set[asyncio.Task[None]] = set()  # tasks still authenticating
@@ -318,8 +343,13 @@ class Server:
         conn = None
         try:
             async with asyncio.timeout(self._auth_timeout):
+                if self._ssl is not None and await _speaks_plain_dpool(self._loop, sock):
+                    with contextlib.suppress(OSError):
+                        sock.recv(PREAUTH_MAX)   # (unread bytes would turn close into a reset)
+                        sock.send(tls_required_notice())
+                    raise ProtocolError("a plaintext dpool client; this node requires TLS")
                 conn = await _open(self._loop, sock, self._limits, self._ssl,
-                                   server_side=True)
+                                   server_side=True, budget=self.receive_budget)
                 self._track(conn)
                 await server_handshake(conn, self._secret, self._hello,
                                        protect=self._ssl is None)
@@ -369,10 +399,13 @@ class Server:
 async def start_server(on_connection: OnConnection, host: str, port: int, *, secret: bytes,
                        hello: Hello, ssl: _ssl.SSLContext | None = None,
                        limits: Limits | None = None,
-                       auth_timeout: float = AUTH_TIMEOUT, backlog: int = 1024) -> Server:
+                       auth_timeout: float = AUTH_TIMEOUT, backlog: int = 1024,
+                       receive_budget: ReceiveBudget | None = None) -> Server:
     """Listen on ``host:port`` (port 0 picks one: see ``Server.port``).
 
     ``hello`` is a dict or a callable returning one (called per connection).
+    ``receive_budget`` bounds the bytes of partly received messages across
+    all its connections (see budget.py; default: 1 GiB).
     """
     secret = check_secret(secret)
     if not callable(hello):
@@ -391,7 +424,8 @@ async def start_server(on_connection: OnConnection, host: str, port: int, *, sec
     except BaseException:
         lsock.close()
         raise
-    return Server(loop, lsock, on_connection, secret, hello, ssl, limits, auth_timeout)
+    return Server(loop, lsock, on_connection, secret, hello, ssl, limits, auth_timeout,
+                  receive_budget or ReceiveBudget())
 
 
 async def wrap_socket(sock: socket.socket, limits: Limits | None = None,

@@ -10,7 +10,7 @@ from dpool.errors import ProtocolError, VersionMismatch
 from dpool.transport import FrameDecoder, Limits, encode, header
 from dpool.transport import auth
 from dpool.transport.blocking import sendmsg_all
-from dpool.transport.frames import LARGE
+from dpool.transport.frames import LARGE, RECV_BUFFER_SIZE
 
 
 def wire(messages):
@@ -60,20 +60,42 @@ def test_decode_mixed_sizes_and_types():
     assert isinstance(out[2][0], bytes)
 
 
-def test_large_frame_is_received_into_its_own_buffer():
+def test_large_frame_grows_as_its_bytes_arrive():
+    """A declared length allocates nothing: the frame's buffer holds what has
+    arrived, read through the reusable buffer (issue 8, finding 4)."""
     payload = bytes(range(256)) * 4096              # 1 MiB
     data = wire([[payload]])
     dec = FrameDecoder()
     buf = dec.get_buffer()
     buf[:20] = data[:20]
     assert dec.buffer_updated(20) == []
-    target = dec.get_buffer()                       # the frame's own buffer
-    assert len(target) == len(payload) - 8
-    owner = target.obj
-    target[:] = data[20:]
-    [[frame]] = dec.buffer_updated(len(target))
-    assert frame is owner and frame == payload
-    assert not dec.partial
+    assert dec.held == 8                            # only what arrived
+    fed = 20
+    while fed < len(data):
+        target = dec.get_buffer()
+        assert len(target) <= RECV_BUFFER_SIZE
+        k = min(len(target), len(data) - fed)
+        target[:k] = data[fed:fed + k]
+        fed += k
+        out = dec.buffer_updated(k)
+        if fed < len(data):
+            assert out == [] and dec.held == fed - 12
+    [[frame]] = out
+    assert type(frame) is bytearray and frame == payload
+    assert not dec.partial and dec.held == 0
+
+
+def test_huge_declared_frame_holds_only_the_bytes_sent():
+    import tracemalloc
+    dec = FrameDecoder()
+    tracemalloc.start()
+    try:
+        dec.feed(struct.pack("<IQ", 1, 3 * 2**30) + b"x" * 100_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert dec.held == 100_000 and dec.partial
+    assert peak < 2**20
 
 
 def test_big_header_goes_through_own_buffer():

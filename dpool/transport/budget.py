@@ -1,0 +1,66 @@
+"""A budget for the bytes of messages being received, shared by connections.
+
+Each connection reports how many bytes its partly received message holds
+(:attr:`FrameDecoder.held`).  While the total is within ``limit`` everyone
+reads on.  Past it, one connection (the first to find the budget exceeded)
+may go on until its message is complete, so a message bigger than the whole
+budget still gets through; every other connection that holds or wants more
+stops reading (backpressure: the kernel's buffers fill and its peer's sends
+block) until the total is back within the limit or the overdraft is free.
+So at most ``limit`` + one message + one read per connection is held.
+"""
+from __future__ import annotations
+
+import collections
+
+__all__ = ["ReceiveBudget", "DEFAULT_RECEIVE_BUDGET"]
+
+DEFAULT_RECEIVE_BUDGET = 1 * 2**30
+
+
+class ReceiveBudget:
+    """Bytes being received across connections, at most ``limit`` (but one)."""
+
+    def __init__(self, limit: int = DEFAULT_RECEIVE_BUDGET):
+        if limit <= 0:
+            raise ValueError(f"a receive budget must be positive, not {limit}")
+        self.limit = limit
+        self.used = 0
+        self._held = {}                       # connection -> bytes held
+        self._overdraft = None                # the connection allowed past the limit
+        self._paused = collections.OrderedDict()   # connection -> resume callback
+
+    def __repr__(self):
+        return (f"<ReceiveBudget {self.used}/{self.limit} bytes, "
+                f"{len(self._paused)} paused>")
+
+    def update(self, conn, held: int) -> bool:
+        """Record that ``conn`` holds ``held`` bytes; False: it must stop reading."""
+        self.used += held - self._held.pop(conn, 0)
+        if held:
+            self._held[conn] = held
+        elif self._overdraft is conn:
+            self._overdraft = None
+        self._wake()
+        if not held or self.used <= self.limit or self._overdraft is conn:
+            return True
+        if self._overdraft is None:
+            self._overdraft = conn
+            return True
+        return False
+
+    def pause(self, conn, resume) -> None:
+        """``conn`` stopped reading; ``resume()`` is called when it may go on."""
+        self._paused[conn] = resume
+
+    def forget(self, conn) -> None:
+        """``conn`` is gone: release what it held."""
+        self._paused.pop(conn, None)
+        self.update(conn, 0)
+
+    def _wake(self) -> None:
+        while self._paused and (self.used <= self.limit or self._overdraft is None):
+            conn, resume = self._paused.popitem(last=False)
+            if self.used > self.limit:
+                self._overdraft = conn
+            resume()
