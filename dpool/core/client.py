@@ -436,11 +436,15 @@ class Client:
         if not strangers:
             return True
         shown = ", ".join(map(str, strangers[:5])) + (" ..." if len(strangers) > 5 else "")
-        link.error = ProtocolError(f"node {link.name} sent {what} for job {shown}, not given "
-                                   f"to it (or done there already): closing its connection")
+        self._distrust(link, f"{what} for job {shown}, not given to it (or done there "
+                             f"already)")
+        return False
+
+    def _distrust(self, link, what):
+        """``link``'s node sent ``what`` (not its own to answer): log, close."""
+        link.error = ProtocolError(f"node {link.name} sent {what}: closing its connection")
         log.error("%s", link.error)
         link.conn.abort()
-        return False
 
     def _on_ready(self, link, msg, frames):
         link.info = msg.info
@@ -482,7 +486,11 @@ class Client:
         self._leave_out(link, "setup failed", frames)
 
     def _on_file_done(self, link, msg, frames):
-        waiter = self._file_waiters.pop(msg.req_id, None)
+        sent_to, waiter = self._file_waiters.get(msg.req_id, (link, None))
+        if sent_to is not link:  # request numbers are guessable: another node's
+            self._distrust(link, f"an answer to file request {msg.req_id}, not sent to it")
+            return
+        self._file_waiters.pop(msg.req_id, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(msg.error)
         elif msg.error is not None:  # a dependency sent before the session was ready
@@ -516,7 +524,7 @@ class Client:
         Future of None (written) or the node's error text."""
         waiter = Future()
         req_id = next(self._file_ids)
-        self._file_waiters[req_id] = waiter
+        self._file_waiters[req_id] = (link, waiter)
 
         def send():
             if not link.ready or link.conn.closed:

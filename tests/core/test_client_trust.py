@@ -128,3 +128,26 @@ def test_a_result_for_a_job_never_sent_closes_the_link(dpool_node, rogue, caplog
         client.close()
     assert any("rogue" in r.getMessage() and "job 999" in r.getMessage()
                for r in caplog.records), caplog.text
+
+
+def test_a_node_cannot_answer_for_a_file_sent_to_another_node(dpool_node, caplog):
+    """File requests are numbered by the client (1, 2, ...), so a lying node
+    can guess the number of one sent to another node: its FileDone must not
+    settle that request."""
+    caplog.set_level(logging.WARNING, "dpool")
+    with RogueNode(dpool_node.secret) as silent, RogueNode(dpool_node.secret) as liar:
+        client = Client([silent.address, liar.address], secret=dpool_node.secret,
+                        connect_timeout=5)
+        client.start()
+        try:
+            poll_for(lambda: silent.conn is not None and liar.conn is not None, 5,
+                     message="both sessions")
+            to_silent = [link for link in client.nodes() if link.address[1] == silent.address[1]]
+            waiter = client.send_file(to_silent[0], "data.txt", b"data")
+            liar.send([P.encode(P.FileDone(1, None))])        # the first request's number
+            assert liar.closed.wait(10), "the client kept the lying node's link open"
+            assert not waiter.done(), "a node settled a file request sent to another node"
+        finally:
+            client.close()
+    assert any("file request" in r.getMessage() and "not sent to it" in r.getMessage()
+               for r in caplog.records), caplog.text
