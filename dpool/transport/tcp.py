@@ -9,7 +9,8 @@ Connecting::
 Serving (one listening socket, accepted from a loop reader callback)::
 
     accept -> past MAX_HANDSHAKES_PER_HOST connections still authenticating
-              from that address (or MAX_HANDSHAKES in all): closed at once
+              from that address (an IPv6 /64 counting as one) or MAX_HANDSHAKES
+              in all: closed at once
            -> task: [TLS handshake] + auth.server_handshake under auth_timeout
         failure: close that connection only; the server keeps serving; logged
                  rate-limited (see rejections.py: the first one of a period
@@ -27,6 +28,7 @@ import contextlib
 import errno
 import functools
 import inspect
+import ipaddress
 import logging
 import random
 import socket
@@ -71,6 +73,21 @@ def format_peer(addr: Any) -> str:
         host, port = addr[0], addr[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return f"unix:{addr}" if addr else "socketpair"
+
+
+def source_key(addr: Any) -> str:
+    """Whom a connection from ``addr`` counts against: its IPv4 address (also
+    when IPv4-mapped), or its IPv6 /64, as a single host is given a whole /64."""
+    host = addr[0] if isinstance(addr, tuple) else ""
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return host
 
 
 async def _open(loop: asyncio.AbstractEventLoop, sock: socket.socket, limits: Limits | None,
@@ -291,7 +308,7 @@ class Server:
                     self._loop.remove_reader(fd)
                     self._loop.call_later(1.0, self._resume_accepting)
                 return
-            host = addr[0] if isinstance(addr, tuple) else ""
+            host = source_key(addr)
             if len(self._handshakes) >= MAX_HANDSHAKES \
                     or self._pending[host] >= MAX_HANDSHAKES_PER_HOST:
                 self._refuse(sock, addr, host)
@@ -338,7 +355,7 @@ class Server:
 
     async def _handshake(self, sock: socket.socket, addr: Any) -> None:
         peer = format_peer(addr)
-        host = addr[0] if isinstance(addr, tuple) else peer
+        host = source_key(addr) or peer
         reject = self.rejections.reject
         conn = None
         try:
