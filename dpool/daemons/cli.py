@@ -17,11 +17,13 @@ import asyncio
 import json
 import os
 import socket
+import ssl as _ssl
 import sys
 
 from .. import config
 from ..core.status import NoSecret, query_nodes
 from ..errors import AuthenticationError, ConnectionClosed, DpoolError, VersionMismatch
+from ..transport import client_ssl_context
 
 NODES_ENV = "DPOOL_NODES"
 
@@ -80,6 +82,9 @@ def explain(exc, timeout):
                 "(check DPOOL_SECRET or --secret-file)")
     if isinstance(exc, VersionMismatch):
         return f"version mismatch: {exc}"
+    if isinstance(exc, _ssl.SSLError):
+        return (f"TLS failed: {exc.reason or exc} (check --cafile, --certfile and --keyfile "
+                f"against the node's --certfile and --cafile)")
     if isinstance(exc, ConnectionRefusedError):
         return "unreachable: connection refused (is dpool-node running there, on that port?)"
     if isinstance(exc, socket.gaierror):
@@ -123,7 +128,6 @@ def status(args):
         secrets = secrets_for(args, addresses)
         ssl = None
         if args.cafile or args.certfile:
-            from ..transport import client_ssl_context
             ssl = client_ssl_context(args.cafile, args.certfile, args.keyfile)
     except (OSError, ValueError) as exc:
         print(f"dpool status: {exc}", file=sys.stderr)
@@ -149,6 +153,8 @@ def _state_of(exc):
         return "wrong-secret"
     if isinstance(exc, NoSecret):
         return "no-secret"
+    if isinstance(exc, _ssl.SSLError):
+        return "tls-error"
     if isinstance(exc, (OSError, TimeoutError)) and not isinstance(exc, ConnectionClosed):
         return "unreachable"
     return "error"

@@ -131,3 +131,28 @@ def test_console_script(dpool_node, node_secret):
     proc = subprocess.run(["dpool", "status", f"127.0.0.1:{dpool_node.port}"],
                           env=node_env(node_secret), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and " up " in proc.stdout
+
+
+def test_over_tls_with_a_client_certificate(tmp_path, node_secret):
+    trustme = pytest.importorskip("trustme")
+    ca, other = trustme.CA(), trustme.CA()
+    paths = {name: str(tmp_path / f"{name}.pem") for name in ("ca", "node", "client", "other")}
+    ca.cert_pem.write_to_path(paths["ca"])
+    other.cert_pem.write_to_path(paths["other"])
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(paths["node"])
+    ca.issue_cert("client.example").private_key_and_cert_chain_pem.write_to_path(paths["client"])
+    node = start_node(tmp_path / "node", cpus=1, secret=node_secret,
+                      args=("--certfile", paths["node"], "--cafile", paths["ca"]))
+    try:
+        address = f"127.0.0.1:{node.port}"
+        proc = run_status(address, "--json", "--cafile", paths["ca"], "--certfile",
+                          paths["client"], secret=node_secret)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert json.loads(proc.stdout)[0]["cpus"] == 1
+        proc = run_status(address, "--json", "--cafile", paths["other"], "--certfile",
+                          paths["client"], secret=node_secret)
+        (row,) = json.loads(proc.stdout)
+        assert proc.returncode == 1 and row["state"] == "tls-error"
+        assert "TLS failed" in row["error"] and "CERTIFICATE_VERIFY_FAILED" in row["error"]
+    finally:
+        assert node.terminate() == 0
