@@ -5,9 +5,11 @@ of Session: the node answers with one Status message and takes no CPU.
 """
 import asyncio
 import logging
+import socket
+import ssl as _ssl
 
 from .. import protocol as P
-from ..errors import ConnectionClosed, DpoolError
+from ..errors import AuthenticationError, ConnectionClosed, DpoolError, VersionMismatch
 from ..transport import connect
 from .client import client_hello
 
@@ -66,3 +68,41 @@ async def query_nodes(addresses, secrets, *, ssl=None, timeout: float = 5.0) -> 
         *(query_node(host, port, secret, ssl=ssl, timeout=timeout)
           for (host, port), secret in zip(addresses, secrets)),
         return_exceptions=True)
+
+
+def explain(exc: BaseException, timeout: float) -> str:
+    """A one-line reason a node gave no status."""
+    if isinstance(exc, AuthenticationError):
+        return ("wrong secret: the node and this command do not share a secret "
+                "(check DPOOL_SECRET or --secret-file)")
+    if isinstance(exc, VersionMismatch):
+        return f"version mismatch: {exc}"
+    if isinstance(exc, _ssl.SSLError):
+        return (f"TLS failed: {exc.reason or exc} (check --cafile, --certfile and --keyfile "
+                f"against the node's --certfile and --cafile)")
+    if isinstance(exc, ConnectionRefusedError):
+        return "unreachable: connection refused (is dpool-node running there, on that port?)"
+    if isinstance(exc, socket.gaierror):
+        return f"unreachable: unknown host ({exc.strerror or exc})"
+    if isinstance(exc, TimeoutError):
+        return f"unreachable: no answer within {timeout:g} s"
+    if isinstance(exc, ConnectionClosed):
+        return "the node closed the connection without answering (an older dpool-node?)"
+    if isinstance(exc, OSError):
+        return f"unreachable: {exc.strerror or exc}"
+    if isinstance(exc, DpoolError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def state_of(exc: BaseException) -> str:
+    """A short name for why a node gave no status (``state`` in dpool status)."""
+    if isinstance(exc, AuthenticationError):
+        return "wrong-secret"
+    if isinstance(exc, NoSecret):
+        return "no-secret"
+    if isinstance(exc, _ssl.SSLError):
+        return "tls-error"
+    if isinstance(exc, (OSError, TimeoutError)) and not isinstance(exc, ConnectionClosed):
+        return "unreachable"
+    return "error"

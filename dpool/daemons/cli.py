@@ -2,6 +2,8 @@
 
     dpool status [HOST[:PORT] ...] [--json] [--secret-file PATH] [--timeout S]
                  [--cafile F [--certfile F --keyfile F]]
+    dpool dashboard [HOST[:PORT] ...] [--host 127.0.0.1] [--port 8181] [--poll-sec S]
+                    [the node options of status]
 
 ``status`` asks each node, over the same authenticated (and encrypted)
 connection a client uses, for its CPUs, sessions, running and queued jobs,
@@ -10,40 +12,57 @@ HOST it asks the nodes in DPOOL_NODES, else the node on this host at the
 default port.  The secret comes from --secret-file or DPOOL_SECRET; for a
 node on this host, from the file such a node leaves in ~/.dpool.
 
-Exit status: 0 when every node answered, 1 when one did not, 2 for bad usage.
+``dashboard`` serves a web page of the same status, updated live (see
+dpool.dashboard), until interrupted.
+
+Exit status of status: 0 when every node answered, 1 when one did not, 2 for
+bad usage.
 """
 import argparse
 import asyncio
 import json
 import os
-import socket
-import ssl as _ssl
 import sys
 
 from .. import config
-from ..core.status import NoSecret, query_nodes
-from ..errors import AuthenticationError, ConnectionClosed, DpoolError, VersionMismatch
+from ..core.status import explain, query_nodes, state_of
 from ..transport import client_ssl_context
 
 NODES_ENV = "DPOOL_NODES"
 
 
+def _node_options():
+    """The options every subcommand that talks to nodes shares."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("nodes", nargs="*", metavar="HOST[:PORT]",
+                   help=f"nodes to ask (default: ${NODES_ENV}, else "
+                        f"127.0.0.1:{config.NODE_PORT})")
+    p.add_argument("--secret-file", help="file holding the shared secret (else $DPOOL_SECRET)")
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds to wait for each node (default 5)")
+    p.add_argument("--cafile", help="CA to check the nodes' TLS certificates against (TLS)")
+    p.add_argument("--certfile", help="client certificate (for nodes that require one)")
+    p.add_argument("--keyfile", help="client certificate's key")
+    return p
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="dpool", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    s = sub.add_parser("status", help="ask dpool-nodes what they are doing",
+    nodes = _node_options()
+    s = sub.add_parser("status", parents=[nodes], help="ask dpool-nodes what they are doing",
                        description="Ask dpool-nodes for their CPUs, sessions, running and "
                                    "queued jobs, load and version.")
-    s.add_argument("nodes", nargs="*", metavar="HOST[:PORT]",
-                   help=f"nodes to ask (default: ${NODES_ENV}, else "
-                        f"127.0.0.1:{config.NODE_PORT})")
     s.add_argument("--json", action="store_true", help="print JSON (one object per node)")
-    s.add_argument("--secret-file", help="file holding the shared secret (else $DPOOL_SECRET)")
-    s.add_argument("--timeout", type=float, default=5.0,
-                   help="seconds to wait for each node (default 5)")
-    s.add_argument("--cafile", help="CA to check the nodes' TLS certificates against (TLS)")
-    s.add_argument("--certfile", help="client certificate (for nodes that require one)")
-    s.add_argument("--keyfile", help="client certificate's key")
+    d = sub.add_parser("dashboard", parents=[nodes], help="a web page of dpool-nodes' status",
+                       description="Serve a live web page of the nodes' status until "
+                                   "interrupted (SIGINT or SIGTERM).")
+    d.add_argument("--host", default="127.0.0.1",
+                   help="address to serve the page on (default 127.0.0.1; any other "
+                        "needs the token printed with the URL)")
+    d.add_argument("--port", type=int, default=8181, help="port (default 8181; 0: a free one)")
+    d.add_argument("--poll-sec", type=float, default=2.0,
+                   help="seconds between the page's updates (default 2)")
     return p.parse_args(argv)
 
 
@@ -75,31 +94,6 @@ def secrets_for(args, addresses):
             for host, port in addresses]
 
 
-def explain(exc, timeout):
-    """A one-line reason a node gave no status."""
-    if isinstance(exc, AuthenticationError):
-        return ("wrong secret: the node and this command do not share a secret "
-                "(check DPOOL_SECRET or --secret-file)")
-    if isinstance(exc, VersionMismatch):
-        return f"version mismatch: {exc}"
-    if isinstance(exc, _ssl.SSLError):
-        return (f"TLS failed: {exc.reason or exc} (check --cafile, --certfile and --keyfile "
-                f"against the node's --certfile and --cafile)")
-    if isinstance(exc, ConnectionRefusedError):
-        return "unreachable: connection refused (is dpool-node running there, on that port?)"
-    if isinstance(exc, socket.gaierror):
-        return f"unreachable: unknown host ({exc.strerror or exc})"
-    if isinstance(exc, TimeoutError):
-        return f"unreachable: no answer within {timeout:g} s"
-    if isinstance(exc, ConnectionClosed):
-        return "the node closed the connection without answering (an older dpool-node?)"
-    if isinstance(exc, OSError):
-        return f"unreachable: {exc.strerror or exc}"
-    if isinstance(exc, DpoolError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
 COLUMNS = [("NODE", "name"), ("ADDRESS", "address"), ("STATE", "state"), ("CPUS", "cpus"),
            ("FREE", "free_cpus"), ("SESSIONS", "sessions"), ("RUNNING", "running"),
            ("QUEUED", "queued"), ("LOAD", "load"), ("CPU%", "cpu_busy"),
@@ -122,7 +116,9 @@ def table(rows):
     return "\n".join(lines + notes)
 
 
-def status(args):
+def connection(args, command):
+    """(addresses, secrets, ssl context) from the node options; prints the
+    problem and returns None on bad usage."""
     try:
         addresses = node_addresses(args)
         secrets = secrets_for(args, addresses)
@@ -130,14 +126,22 @@ def status(args):
         if args.cafile or args.certfile:
             ssl = client_ssl_context(args.cafile, args.certfile, args.keyfile)
     except (OSError, ValueError) as exc:
-        print(f"dpool status: {exc}", file=sys.stderr)
+        print(f"dpool {command}: {exc}", file=sys.stderr)
+        return None
+    return addresses, secrets, ssl
+
+
+def status(args):
+    conn = connection(args, "status")
+    if conn is None:
         return 2
+    addresses, secrets, ssl = conn
     answers = asyncio.run(query_nodes(addresses, secrets, ssl=ssl, timeout=args.timeout))
     rows = []
     for (host, port), answer in zip(addresses, answers):
         row = {"address": f"{host}:{port}"}
         if isinstance(answer, BaseException):
-            row.update(state=_state_of(answer), error=explain(answer, args.timeout))
+            row.update(state=state_of(answer), error=explain(answer, args.timeout))
         else:
             row.update(answer, state="up")
         rows.append(row)
@@ -148,22 +152,16 @@ def status(args):
     return 0 if all(row["state"] == "up" for row in rows) else 1
 
 
-def _state_of(exc):
-    if isinstance(exc, AuthenticationError):
-        return "wrong-secret"
-    if isinstance(exc, NoSecret):
-        return "no-secret"
-    if isinstance(exc, _ssl.SSLError):
-        return "tls-error"
-    if isinstance(exc, (OSError, TimeoutError)) and not isinstance(exc, ConnectionClosed):
-        return "unreachable"
-    return "error"
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.command == "status":
         return status(args)
+    if args.command == "dashboard":
+        conn = connection(args, "dashboard")
+        if conn is None:
+            return 2
+        from .dashboard import serve_nodes
+        return serve_nodes(*conn, args)
     return 2  # argparse refuses unknown commands before this
 
 

@@ -102,7 +102,11 @@ class DashboardServer:
 
     def add(self, source, name=None):
         """Show ``source`` (an Executor, Pool, JobCluster or core Client)."""
-        monitor = Monitor(source, name=name, show_job_args=self.show_job_args)
+        return self.add_monitor(Monitor(source, name=name, show_job_args=self.show_job_args))
+
+    def add_monitor(self, monitor):
+        """Show anything with ``name``, ``source``, ``snapshot()`` and
+        ``detach()`` (a :class:`Monitor`, a :class:`~.nodes.NodesMonitor`)."""
         with self._lock:
             if monitor.name in self.monitors:
                 monitor.name = f"{monitor.name}-{len(self.monitors) + 1}"

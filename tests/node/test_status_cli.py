@@ -156,3 +156,34 @@ def test_over_tls_with_a_client_certificate(tmp_path, node_secret):
         assert "TLS failed" in row["error"] and "CERTIFICATE_VERIFY_FAILED" in row["error"]
     finally:
         assert node.terminate() == 0
+
+
+def test_dpool_dashboard_serves_the_nodes_status(dpool_node, node_secret):
+    import signal
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dpool.daemons.cli", "dashboard", f"127.0.0.1:{dpool_node.port}",
+         "127.0.0.1:1", "--port", "0", "--poll-sec", "0.5"],
+        env=node_env(node_secret), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("dpool dashboard: http://127.0.0.1:"), line + proc.stderr.read()
+        url = line.split()[-1]
+        with urllib.request.urlopen(url + "api/status", timeout=10) as reply:
+            (src,) = json.loads(reply.read())["sources"]
+        up, down = src["nodes"]
+        assert up["connected"] and up["cpus"] == 2 and up["address"].endswith(
+            f":{dpool_node.port}")
+        assert not down["connected"] and "connection refused" in down["error"]
+        assert src["jobs"] == {"queued": 0, "running": 0}
+        assert [e["node"] for e in src["errors"]] == ["127.0.0.1:1"]
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert b"dpool dashboard" in reply.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(15)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert code == 0
