@@ -12,6 +12,7 @@ So at most ``limit`` + one message + one read per connection is held.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
 __all__ = ["ReceiveBudget", "DEFAULT_RECEIVE_BUDGET"]
 
@@ -21,20 +22,22 @@ DEFAULT_RECEIVE_BUDGET = 1 * 2**30
 class ReceiveBudget:
     """Bytes being received across connections, at most ``limit`` (but one)."""
 
-    def __init__(self, limit: int = DEFAULT_RECEIVE_BUDGET):
+    def __init__(self, limit: int = DEFAULT_RECEIVE_BUDGET) -> None:
         if limit <= 0:
             raise ValueError(f"a receive budget must be positive, not {limit}")
         self.limit = limit
         self.used = 0
-        self._held = {}                       # connection -> bytes held
-        self._overdraft = None                # the connection allowed past the limit
-        self._paused = collections.OrderedDict()   # connection -> resume callback
+        self._held: dict[object, int] = {}    # connection -> bytes held
+        self._overdraft: object = None        # the connection allowed past the limit
+        # connection -> resume callback
+        self._paused: collections.OrderedDict[object, Callable[[], object]] = \
+            collections.OrderedDict()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"<ReceiveBudget {self.used}/{self.limit} bytes, "
                 f"{len(self._paused)} paused>")
 
-    def update(self, conn, held: int) -> bool:
+    def update(self, conn: object, held: int) -> bool:
         """Record that ``conn`` holds ``held`` bytes; False: it must stop reading."""
         self.used += held - self._held.pop(conn, 0)
         if held:
@@ -49,11 +52,11 @@ class ReceiveBudget:
             return True
         return False
 
-    def pause(self, conn, resume) -> None:
+    def pause(self, conn: object, resume: Callable[[], object]) -> None:
         """``conn`` stopped reading; ``resume()`` is called when it may go on."""
         self._paused[conn] = resume
 
-    def forget(self, conn) -> None:
+    def forget(self, conn: object) -> None:
         """``conn`` is gone: release what it held."""
         self._paused.pop(conn, None)
         self.update(conn, 0)

@@ -34,7 +34,7 @@ import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from dpool.errors import ProtocolError
 
@@ -121,7 +121,14 @@ def encode(frames: Sequence[Frame]) -> list[bytes | memoryview]:
     return parts
 
 
-def feed_buffered(decoder, data) -> list[Message]:
+class BufferedDecoder(Protocol):
+    """What :func:`feed_buffered` drives (FrameDecoder, records.SecureDecoder)."""
+
+    def get_buffer(self) -> memoryview: ...
+    def buffer_updated(self, nbytes: int) -> list[Message]: ...
+
+
+def feed_buffered(decoder: BufferedDecoder, data: Frame) -> list[Message]:
     """Copy ``data`` through ``decoder.get_buffer()``/``buffer_updated()``
     (any decoder with that interface); return the messages it completed."""
     src = _as_bytes_view(data)

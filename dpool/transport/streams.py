@@ -313,7 +313,7 @@ class _AlertingSSLProtocol(asyncio.sslproto.SSLProtocol):
     def _on_handshake_complete(self, handshake_exc):  # type: ignore[no-untyped-def]
         if handshake_exc is not None:
             try:
-                self._process_outgoing()
+                self._process_outgoing()  # type: ignore[attr-defined]
             except Exception:  # pragma: no cover - best effort only
                 pass
         super()._on_handshake_complete(handshake_exc)

@@ -125,7 +125,10 @@ async def _speaks_plain_dpool(loop: asyncio.AbstractEventLoop,
     dpool handshake rather than TLS (a TLS client speaks first too)."""
     sock.setblocking(False)
     readable: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(sock.fileno(), lambda: readable.done() or readable.set_result(None))
+    def ready() -> None:
+        if not readable.done():
+            readable.set_result(None)
+    loop.add_reader(sock.fileno(), ready)
     try:
         await readable
     finally:
