@@ -67,7 +67,8 @@ def parse_nodes(nodes):
 
 
 def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
-                 process_name="ForkProcess", depends=None):
+                 process_name="ForkProcess", depends=None, connect_timeout=None,
+                 heartbeat=None):
     """The started :class:`Client` behind an Executor or a Pool.
 
     ``workers`` is the embedded node's process count, or with remote nodes
@@ -75,7 +76,8 @@ def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
     are named ``process_name-N`` (``multiprocessing.current_process().name``).
     ``depends`` (modules, file paths) are written into each remote node's
     session folder, on the workers' ``sys.path``, before any job; local
-    workers already import what this process imports.
+    workers already import what this process imports.  ``connect_timeout``
+    and ``heartbeat`` are the client core's (see :class:`dpool.core.client.Client`).
     """
     files = code_files(depends)
     if nodes is None and os.environ.get(NODES_ENV, "").strip():
@@ -83,8 +85,8 @@ def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
     session = {"max_tasks": max_tasks, "capture": False, "process_name": process_name}
     if nodes is None:
         session["cwd"] = os.getcwd()
-        client = Client(None, cpus=workers, session=session,
-                        initializer=initializer, initargs=initargs)
+        client = Client(None, cpus=workers, session=session, initializer=initializer,
+                        initargs=initargs, connect_timeout=connect_timeout, heartbeat=heartbeat)
     else:
         addresses = parse_nodes(nodes)
         if workers:
@@ -92,12 +94,27 @@ def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
         messages = file_messages(files)
         client = Client(addresses, secret=config.secret_for(secret, addresses), session=session,
                         initializer=initializer, initargs=initargs,
-                        prepare=(lambda link: (session, messages)) if files else None)
+                        prepare=(lambda link: (session, messages)) if files else None,
+                        connect_timeout=connect_timeout, heartbeat=heartbeat)
     return client.start()
 
 
 def total_cpus(client):
     return sum(link.cpus for link in client.nodes()) or 1
+
+
+def add_nodes(client, nodes, secret=None):
+    """Connect a running client to more nodes; returns how many joined now.
+
+    The others (not answering yet) are retried in the background with
+    backoff, as a lost node is, and used once they answer; a node that
+    refuses (wrong secret, no free CPUs) raises nothing here and is logged.
+    """
+    addresses = parse_nodes(nodes)
+    if client.secret is None:  # an embedded-only client: find the nodes' secret now
+        client.secret = config.secret_for(secret, addresses)
+    links = client.add_nodes(addresses)
+    return sum(1 for link in links if link.ready)
 
 
 def check_initializer(initializer):
@@ -127,10 +144,18 @@ class Executor(_cf.Executor):
     ``secret``
         the nodes' shared secret (default: ``DPOOL_SECRET``, or for nodes on
         this host the secret they leave in ``~/.dpool``).
+    ``connect_timeout``
+        seconds to connect to a node and open a session (default
+        ``DPOOL_CONNECT_TIMEOUT``, else 10).
+    ``heartbeat``
+        ``(interval, deadline)`` in seconds (default ``DPOOL_HEARTBEAT``,
+        else 1 and 10): a node silent past the deadline is lost, its jobs
+        rerun elsewhere, and it is retried until it answers again.
     """
 
     def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
-                 max_tasks_per_child=None, nodes=None, secret=None, depends=None):
+                 max_tasks_per_child=None, nodes=None, secret=None, depends=None,
+                 connect_timeout=None, heartbeat=None):
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         check_initializer(initializer)
@@ -144,8 +169,20 @@ class Executor(_cf.Executor):
         self._shutdown_thread = False
         self._closer = None
         self._client = start_client(max_workers, nodes, secret, max_tasks_per_child,
-                                    initializer, initargs, depends=depends)
+                                    initializer, initargs, depends=depends,
+                                    connect_timeout=connect_timeout, heartbeat=heartbeat)
         self._max_workers = total_cpus(self._client)
+
+    def add_nodes(self, nodes, secret=None):
+        """Use more ``dpool-node``\\ s from now on (``nodes`` as in the
+        constructor); returns how many joined at once.  Nodes that do not
+        answer yet are retried in the background and used when they do."""
+        with self._shutdown_lock:
+            if self._shutdown_thread:
+                raise RuntimeError("cannot add nodes after shutdown")
+            joined = add_nodes(self._client, nodes, secret)
+            self._max_workers = total_cpus(self._client)
+            return joined
 
     def submit(self, fn, /, *args, **kwargs):
         with self._shutdown_lock:

@@ -33,7 +33,7 @@ import weakref
 from multiprocessing.pool import MaybeEncodingError
 
 from . import protocol as P
-from .futures import check_initializer, start_client, total_cpus
+from .futures import add_nodes, check_initializer, start_client, total_cpus
 from .node.worker import RESULT_REPR
 from .progressbar import make_bar, track
 
@@ -51,14 +51,16 @@ class Pool:
 
     Takes ``multiprocessing.Pool``'s arguments (``context`` is accepted and
     ignored: workers are always forked by dpool's zygote) and dpool's own
-    ``nodes``, ``secret`` and ``depends`` (see :class:`dpool.futures.Executor`); with
-    ``nodes``, ``processes`` caps the CPUs used on each node.
+    ``nodes``, ``secret``, ``depends``, ``connect_timeout`` and ``heartbeat`` (see
+    :class:`dpool.futures.Executor`); with ``nodes``, ``processes`` caps the
+    CPUs used on each node.
     """
 
     _state = None  # so that __del__ works when __init__ failed
 
     def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
-                 context=None, *, nodes=None, secret=None, depends=None):
+                 context=None, *, nodes=None, secret=None, depends=None,
+                 connect_timeout=None, heartbeat=None):
         if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None:
@@ -71,9 +73,20 @@ class Pool:
         self._feeders = weakref.WeakSet()
         self._client = start_client(processes, nodes, secret, maxtasksperchild,
                                     initializer, initargs, process_name="ForkPoolWorker",
-                                    depends=depends)
+                                    depends=depends, connect_timeout=connect_timeout,
+                                    heartbeat=heartbeat)
         self._processes = total_cpus(self._client)
         self._state = RUN
+
+    def add_nodes(self, nodes, secret=None):
+        """Use more ``dpool-node``\\ s from now on (``nodes`` as in the
+        constructor); returns how many joined at once.  Nodes that do not
+        answer yet are retried in the background and used when they do.
+        Maps already split into chunks keep their chunk size."""
+        self._check_running()
+        joined = add_nodes(self._client, nodes, secret)
+        self._processes = total_cpus(self._client)
+        return joined
 
     def __repr__(self):
         return (f"<{type(self).__module__}.{type(self).__qualname__} state={self._state} "

@@ -21,6 +21,9 @@ Client -> node                         Node -> client
   Run      (jobs)        + payloads      Done     (results) + payloads
   Cancel   (job_ids)                     Started  (jobs: [(job_id, time)])
   Bye      ()
+  Heartbeat ()  both ways (node -> client too), when nothing else was sent
+                for the interval the client asked for in Session's
+                ``heartbeat`` option (see dpool.liveness)
   Forget   (fn_ids)  functions no job in flight needs; the node drops
                      them and forwards Forget to the workers holding them
   Recover  (token, terminate)            Ready (info + {"recovered": True,
@@ -62,9 +65,12 @@ Node -> worker                         Worker -> node
   Forget   (fn_ids)
 
 ``jobs`` in Run (both legs) is a list of :class:`RunItem` ``(job_id, fn_id,
-nframes, star)``: the payload frames of the jobs follow the header in that
-order.  ``star`` is a :class:`Call`.  ``results`` in Done is a list of
-:class:`Result` ``(job_id, outcome, start, end, stdout, stderr, nframes)``.
+nframes, star, attempt)``: the payload frames of the jobs follow the header
+in that order.  ``star`` is a :class:`Call`; ``attempt`` numbers the client's
+dispatches of the job (1, 2, ...).  ``results`` in Done is a list of
+:class:`Result` ``(job_id, outcome, start, end, stdout, stderr, nframes,
+attempt)``; the node puts the attempt of the job's Run in the results it
+sends the client (the client delivers only its current attempt's).
 
 A new message: a code in :class:`Op`, a record registered with
 ``@message(Op.X)``; a handler for it where it is received.
@@ -106,6 +112,8 @@ class Op(IntEnum):
     ENV = 23
     CLEANUP = 24
     CLEANUPDONE = 25
+    # client <-> node, both ways: "I am alive" (see dpool.liveness)
+    HEARTBEAT = 26
 
 
 class Call(IntEnum):
@@ -135,6 +143,7 @@ class RunItem(NamedTuple):
     fn_id: int
     nframes: int  # its payload frames, after those of the jobs before it
     star: int  # a Call
+    attempt: int  # the client's dispatch number of this job (1, 2, ...)
 
 
 class Result(NamedTuple):
@@ -151,18 +160,19 @@ class Result(NamedTuple):
     stdout: Optional[str]
     stderr: Optional[str]
     nframes: int  # its payload frames, after those of the results before it
+    attempt: Optional[int]  # the job's attempt (node -> client; None from a worker)
 
 
-def run_item(job_id: int, fn_id: int, nframes: int, star: int) -> tuple:
+def run_item(job_id: int, fn_id: int, nframes: int, star: int, attempt: int = 1) -> tuple:
     """A RunItem as it goes on the wire."""
-    return (job_id, fn_id, nframes, star)
+    return (job_id, fn_id, nframes, star, attempt)
 
 
 def result(job_id: int, outcome: int, nframes: int = 0, start: Optional[float] = None,
            end: Optional[float] = None, stdout: Optional[str] = None,
-           stderr: Optional[str] = None) -> tuple:
+           stderr: Optional[str] = None, attempt: Optional[int] = None) -> tuple:
     """A Result as it goes on the wire (the outcome a plain int)."""
-    return (job_id, int(outcome), start, end, stdout, stderr, nframes)
+    return (job_id, int(outcome), start, end, stdout, stderr, nframes, attempt)
 
 
 # Items are made with tuple.__new__ (what NamedTuple._make does, without its
@@ -248,6 +258,11 @@ class Setup(NamedTuple):
 class Recover(NamedTuple):
     token: str
     terminate: bool
+
+
+@message(Op.HEARTBEAT)
+class Heartbeat(NamedTuple):
+    pass
 
 
 @message(Op.FORGET)

@@ -69,13 +69,14 @@ def node_env(secret=None, **extra):
 class NodeProcess:
     """``python -m dpool.daemons.node`` in a subprocess; stdout/stderr in files."""
 
-    def __init__(self, workdir, port=0, cpus=2, secret=None, args=(), env=None):
+    def __init__(self, workdir, port=0, cpus=2, secret=None, args=(), env=None, prefix=()):
         self.secret = secret
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.out_path = self.workdir / "node.out"
         self.err_path = self.workdir / "node.err"
-        cmd = [sys.executable, "-m", "dpool.daemons.node", "--port", str(port),
+        # ``prefix``: e.g. ("ip", "netns", "exec", NS), which execs in place (same pid)
+        cmd = [*prefix, sys.executable, "-m", "dpool.daemons.node", "--port", str(port),
                "--cpus", str(cpus), *args]
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
@@ -250,6 +251,7 @@ def authenticated_socket(port, secret, timeout=5.0):
             messages = decoder.feed(chunk)
         hello = auth.decode_hello(messages[0], "node")
         assert hello["role"] == "node"
+        sealed.decoder = decoder  # its record numbers go on: read later messages with it
         return sealed
     except BaseException:
         sock.close()

@@ -165,6 +165,16 @@ def kill_worker(_=None):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def counted(outdir, i, seconds=0.0):
+    """Job ``i`` of a fault test: each execution leaves a file
+    ``<i>-<pid>-<ns>`` in ``outdir`` (helpers_faults counts them), then
+    sleeps ``seconds``; returns ``i``."""
+    with open(os.path.join(outdir, f"{i}-{os.getpid()}-{time.monotonic_ns()}"), "w"):
+        pass
+    time.sleep(seconds)
+    return i
+
+
 # ------------------------------------------------------- markers and gates
 
 def write_file(path, text):

@@ -4,7 +4,7 @@ Bottom to top (a module may import its own layer and the ones below)::
 
     errors, config, hosts
     transport
-    protocol, serialize
+    protocol, serialize, liveness
     node
     core
     futures, pool, _adapters, dispy,     (the APIs, what they share,
@@ -29,7 +29,7 @@ ROOT = pathlib.Path(dpool.__file__).resolve().parent
 LAYERS = [
     ("dpool.errors", "dpool.config", "dpool.hosts"),
     ("dpool.transport",),
-    ("dpool.protocol", "dpool.serialize"),
+    ("dpool.protocol", "dpool.serialize", "dpool.liveness"),
     ("dpool.node",),
     ("dpool.core",),
     ("dpool.futures", "dpool.pool", "dpool._adapters", "dpool.dispy", "dpool.progressbar",

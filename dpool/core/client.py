@@ -32,12 +32,13 @@ from concurrent.futures import Future
 
 import cloudpickle
 
+from .. import liveness
 from .. import protocol as P
 from ..protocol import Outcome, run_item
 from .. import serialize
 from ..config import resolve_cpus
-from ..errors import (BrokenCluster, ConnectionClosed, DpoolError, JobCancelled, NodeLost,
-                      ProtocolError)
+from ..errors import (AuthenticationError, BrokenCluster, ConnectionClosed, DpoolError,
+                      JobCancelled, NodeLost, ProtocolError)
 from ..transport import PROTOCOL_VERSION, connect, inproc_pair
 from .scheduler import Cancelled, CancelRemote, Fail, Scheduler, Send
 
@@ -46,6 +47,16 @@ log = logging.getLogger("dpool")
 # Job states (dispy's names; the dispy adapter exposes them as DispyJob.X).
 CREATED, RUNNING, FINISHED, CANCELLED, TERMINATED, ABANDONED = (
     "Created", "Running", "Finished", "Cancelled", "Terminated", "Abandoned")
+
+
+def describe(exc):
+    """An exception's text, never empty (``TimeoutError()`` says nothing)."""
+    text = str(exc)
+    return text if text.strip() else type(exc).__name__
+
+
+def _ignore(link, msg, frames):
+    """Heartbeat: its bytes already counted as a sign of life."""
 
 
 def client_hello():
@@ -101,6 +112,8 @@ class NodeLink:
         # Job ids given to this node and not done there: the only ones it may
         # report on (results, starts, provisional results, files).
         self.in_flight = set()
+        self.heartbeat = None  # a liveness.Heartbeat while the session is open (TCP only)
+        self.retry = True  # False: the node refused us, or we closed it: don't re-join
 
     hold = False  # True: READY but not given jobs until SETUPDONE (job environment)
 
@@ -124,6 +137,13 @@ class NodeLink:
 
     def __repr__(self):
         return f"<node {self.name} {self.address}>"
+
+
+def _where(link):
+    """host:port of a link (nodes on one host share a name)."""
+    if isinstance(link.address, tuple):
+        return "%s:%s" % tuple(link.address)
+    return str(link.address)
 
 
 class LoopThread:
@@ -202,11 +222,17 @@ class Client:
     joined or was lost) and, for JobCluster's job environment, "provisional"
     (obj ``(job, value)``), "file" (obj ``(job, name, data)``) and "avail"
     (obj the NodeLink whose ``info["avail_info"]`` was updated).
+    ``heartbeat`` is ``(interval, deadline)`` in seconds (default
+    ``$DPOOL_HEARTBEAT``, else 1 s and 10 s, see :mod:`dpool.liveness`):
+    a node silent for longer than the deadline is lost (its jobs rerun
+    elsewhere), then retried with backoff and used again when it answers.
+    ``connect_timeout`` bounds connecting to a node and opening the session
+    (default ``$DPOOL_CONNECT_TIMEOUT``, else 10 s).
     """
 
     def __init__(self, nodes=None, *, secret=None, ssl=None, cpus=None, session=None,
                  initializer=None, initargs=(), on_event=None, max_retries=2,
-                 connect_timeout=10.0, name="dpool-client", prepare=None):
+                 connect_timeout=None, heartbeat=None, name="dpool-client", prepare=None):
         self.node_addresses = nodes
         self.secret = secret
         self.ssl = ssl
@@ -215,7 +241,10 @@ class Client:
         self.init_frames = serialize.dumps((initializer, tuple(initargs))) if initializer else []
         self.on_event = on_event
         self.listeners = []  # more on_event-like callables (monitors: dpool.dashboard)
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = liveness.connect_timeout(connect_timeout)
+        self.liveness = liveness.settings(heartbeat)
+        self._ticker = None  # the heartbeat timer (call_later handle)
+        self._rejoins = {}  # address -> task retrying a lost node
         self.scheduler = Scheduler(max_retries=max_retries)
         self.functions = _FunctionTable()
         self.jobs = {}
@@ -231,7 +260,7 @@ class Client:
         self.loop = self._thread.loop
         self._handlers = {P.Ready: self._on_ready, P.Refused: self._on_refused,
                           P.Done: self._on_done, P.Started: self._on_started,
-                          P.InitFail: self._on_initfail}
+                          P.InitFail: self._on_initfail, P.Heartbeat: _ignore}
         # ``prepare(link)`` (loop thread, before SESSION) returns None to skip
         # the node, or (session options, [messages sent right after SESSION]);
         # a SETUP among them holds the node until SETUPDONE.
@@ -246,7 +275,7 @@ class Client:
 
     def start(self):
         try:
-            self._thread.run(self._start(), self.connect_timeout + 30)
+            self._thread.run(self._start(), self.connect_timeout + 5)
         except BaseException:
             self.close(wait=False, cancel=True)
             raise
@@ -270,7 +299,7 @@ class Client:
         if self.closed:
             raise RuntimeError("cannot submit: the client is closed")
         if self.broken is not None:
-            raise BrokenCluster(f"the cluster is broken: {self.broken}") from self.broken
+            raise BrokenCluster(f"the cluster is broken: {describe(self.broken)}") from self.broken
         try:
             fn_id, blob = self.functions.get(fn)
             frames = serialize.dumps((args, kwargs or {}))
@@ -330,7 +359,8 @@ class Client:
             self.wait(timeout)
         if self._thread.thread.is_alive():
             try:
-                self._thread.run(self._shutdown(), 30)
+                # A caller that gave a timeout gets at most half a second more.
+                self._thread.run(self._shutdown(2.0 if timeout is None else 0.5), 30)
             except (TimeoutError, RuntimeError) as exc:
                 log.warning("client shutdown did not finish cleanly: %s", exc)
             self._thread.stop()
@@ -374,7 +404,7 @@ class Client:
         else:
             await asyncio.gather(*(self._connect(addr) for addr in self.node_addresses))
             if not any(link.ready for link in self.links):
-                errors = "; ".join(f"{link.address[0]}:{link.address[1]}: {link.error}"
+                errors = "; ".join(f"{link.address[0]}:{link.address[1]}: {describe(link.error)}"
                                    for link in self.links)
                 raise BrokenCluster(f"no node could be used ({errors})")
 
@@ -390,24 +420,42 @@ class Client:
         node.accept(theirs)
         await self._open_session(link)
 
-    async def _connect(self, address, link=None):
+    async def _connect(self, address, link=None, quiet=False):
+        """Connect to a node and open a session, within connect_timeout.
+        On failure the link keeps the error (never an empty text) and a node
+        that may come back is retried in the background."""
         host, port = address
         link = link or NodeLink(address)
-        self.links.append(link)
+        self._replace_link(link)
+        timeout = self.connect_timeout
         try:
-            link.conn = await connect(host, port, secret=self.secret or b"",
-                                      hello=client_hello(), ssl=self.ssl,
-                                      timeout=self.connect_timeout)
-            await self._open_session(link)
+            async with asyncio.timeout(timeout):
+                link.conn = await connect(host, port, secret=self.secret or b"",
+                                          hello=client_hello(), ssl=self.ssl, timeout=timeout)
+                await self._open_session(link)
         except (OSError, DpoolError, TimeoutError) as exc:
-            link.error = exc
-            log.warning("node %s:%s: %s", host, port, exc or type(exc).__name__)
+            if isinstance(exc, TimeoutError) and not str(exc):
+                exc = TimeoutError(f"no answer from {host}:{port} within the connect "
+                                   f"timeout of {timeout} s")
+            link.error = link.error or exc
+            if not quiet:
+                log.warning("node %s:%s: %s", host, port, describe(link.error))
             if link.conn is not None:
                 link.conn.abort()
+            self._maybe_rejoin(link)
+
+    def _replace_link(self, link):
+        """Add ``link``; a lost link to the same address is replaced."""
+        for i, old in enumerate(self.links):
+            if old is link:
+                return
+            if old.address == link.address and not old.ready and old.error is not None:
+                self.links[i] = link
+                return
+        self.links.append(link)
 
     async def _open_session(self, link):
-        if link not in self.links:
-            self.links.append(link)
+        self._replace_link(link)
         link.ready_future = self.loop.create_future()
         link.conn.set_receiver(lambda frames: self._on_message(link, frames),
                                lambda exc=None: self._on_link_closed(link, exc))
@@ -416,8 +464,15 @@ class Client:
             plan = self.prepare(link)
             if plan is None:
                 link.ready_future.cancel()  # nobody waits for it
+                link.retry = False
                 raise DpoolError("not used: the cluster's allocation gave it no CPUs")
             session, preamble = plan
+        if link.address != "embedded":  # in-process links don't go silent
+            session = dict(session, heartbeat=self.liveness.as_option())
+            link.conn.set_deadline(self.liveness.deadline)
+            link.heartbeat = liveness.Heartbeat(self.liveness, self.loop.time(),
+                                                link.conn.bytes_received, link.conn.bytes_sent)
+            self._start_ticker()
         link.conn.send([P.encode(P.Session(session)), *self.init_frames])
         for message in preamble:
             link.hold = link.hold or type(P.decode(message[0])) is P.Setup
@@ -459,6 +514,7 @@ class Client:
         self._act(self.scheduler.add_node(link, link.cpus, time.monotonic()))
 
     def _on_refused(self, link, msg, frames):
+        link.retry = False
         link.error = DpoolError(msg.reason)
         if not link.ready_future.done():
             link.ready_future.set_exception(link.error)
@@ -471,6 +527,7 @@ class Client:
         record it as the link's error and drop the link (its jobs move on)."""
         exc = serialize.load_exception(frames[1:])
         link.error = BrokenCluster(f"{what} on node {link.name}: {exc!r}")
+        link.retry = False
         link.error.__cause__ = exc
         log.error("node %s: %s (the node is left out)", link.name, link.error)
         link.conn.abort()
@@ -495,6 +552,7 @@ class Client:
             waiter.set_result(msg.error)
         elif msg.error is not None:  # a dependency sent before the session was ready
             link.error = BrokenCluster(msg.error)
+            link.retry = False
             log.error("node %s: %s (the node is left out)", link.name, msg.error)
             link.conn.abort()
 
@@ -544,12 +602,13 @@ class Client:
             if self.broken is not None and any(link.ready for link in links):
                 self.broken = None
             return links
-        return self._thread.run(connect_all(), self.connect_timeout + 30)
+        return self._thread.run(connect_all(), self.connect_timeout + 5)
 
     def close_link(self, link):
         """End the session with one node (user thread); its unfinished jobs
         are moved to other nodes as for a lost node."""
         def close():
+            link.retry = False
             if link.conn is not None and not link.conn.closed:
                 if link.ready:
                     link.conn.send([P.encode(P.Bye())])
@@ -563,7 +622,8 @@ class Client:
 
     def _on_link_closed(self, link, exc):
         if link.error is None:
-            link.error = exc or DpoolError(f"node {link.name} closed the connection")
+            link.error = exc or ConnectionClosed(f"node {link.name} closed the connection")
+        link.heartbeat = None
         if link.ready_future is not None and not link.ready_future.done():
             link.ready_future.set_exception(link.error)
         was_ready, link.ready = link.ready, False
@@ -571,15 +631,71 @@ class Client:
             return
         self._emit("node", link)
         if not self.closed or self._unfinished:
-            where = "%s:%s" % tuple(link.address) if isinstance(link.address, tuple) \
-                else link.address  # nodes on one host share a name
-            log.warning("lost node %s (%s): %s", link.name, where, link.error)
-        self._act(self.scheduler.remove_node(link, time.monotonic(), str(link.error)))
+            log.warning("lost node %s (%s): %s", link.name, _where(link), describe(link.error))
+        self._act(self.scheduler.remove_node(link, time.monotonic(), describe(link.error)))
         if not any(l.ready for l in self.links):
             self.broken = link.error
             error = link.error if isinstance(link.error, BrokenCluster) else \
-                BrokenCluster(f"no node left to run jobs (last error: {link.error})")
+                BrokenCluster(f"no node left to run jobs (last error: {describe(link.error)})")
             self._act(self.scheduler.fail_queued(error))
+        self._maybe_rejoin(link)
+
+    # ------------------------------------------------ liveness and re-join
+
+    @property
+    def late_results(self):
+        """Outcomes dropped because they were not from a job's current
+        attempt (a node declared lost answered after all)."""
+        return self.scheduler.stale
+
+    def _start_ticker(self):
+        if self._ticker is None and not self.closed:
+            self._ticker = self.loop.call_later(self.liveness.tick, self._tick)
+
+    def _tick(self):
+        """Every ``liveness.tick`` s: heartbeats out, silent nodes lost."""
+        now = self.loop.time()
+        for link in list(self.links):
+            hb, conn = link.heartbeat, link.conn
+            if hb is None or conn is None or conn.closed:
+                continue
+            verdict = hb.tick(now, conn.bytes_received, conn.bytes_sent)
+            if verdict is liveness.SEND:
+                conn.send([P.encode(P.Heartbeat())])
+            elif verdict is liveness.LOST:
+                link.error = NodeLost(f"node {link.name} ({_where(link)}) sent nothing for "
+                                      f"{hb.silence(now):.1f} s (heartbeat deadline "
+                                      f"{self.liveness.deadline} s)")
+                conn.abort()  # its close callback moves its jobs elsewhere
+        self._ticker = self.loop.call_later(self.liveness.tick, self._tick)
+
+    def _maybe_rejoin(self, link):
+        """Retry a lost node in the background, unless it refused us, we
+        closed it, or it can't be used anyway (wrong secret, protocol)."""
+        address = link.address
+        if self.closed or not link.retry or not isinstance(address, tuple) \
+                or address in self._rejoins \
+                or isinstance(link.error, (AuthenticationError, ProtocolError)):
+            return
+        self._rejoins[address] = self.loop.create_task(self._rejoin(address))
+
+    async def _rejoin(self, address):
+        backoff = liveness.Backoff(first=min(0.25, self.liveness.interval),
+                                   cap=max(1.0, min(5.0, self.liveness.deadline / 2)))
+        try:
+            while not self.closed:
+                await asyncio.sleep(backoff.next())
+                link = NodeLink(address)
+                await self._connect(address, link, quiet=True)
+                if link.ready:
+                    log.warning("node %s (%s:%s) is back", link.name, *address)
+                    self.broken = None
+                    return
+                if not link.retry or isinstance(link.error, (AuthenticationError, ProtocolError)):
+                    log.warning("node %s:%s: %s (not retried)", *address, describe(link.error))
+                    return
+        finally:
+            self._rejoins.pop(address, None)
 
     def _drain(self):
         self._wake_pending = False
@@ -592,13 +708,14 @@ class Client:
             if pin is None:
                 plain.append(job.id)
             elif not pin.ready and pin.error is not None:  # lost: it won't come back
-                actions.append(Fail(job.id, NodeLost(f"node {pin.name} was lost: {pin.error}")))
+                actions.append(Fail(job.id, NodeLost(f"node {pin.name} was lost: {describe(pin.error)}")))
             else:
                 actions.extend(self.scheduler.submit([job.id], now, pin=pin))
         if plain:
             actions.extend(self.scheduler.submit(plain, now))
         if self.broken is not None and not any(l.ready for l in self.links):
-            actions.extend(self.scheduler.fail_queued(BrokenCluster(f"no node left: {self.broken}")))
+            actions.extend(self.scheduler.fail_queued(
+                BrokenCluster(f"no node left: {describe(self.broken)}")))
         self._act(actions)
 
     def _act(self, actions):
@@ -636,7 +753,8 @@ class Client:
             job.node = link
             link.in_flight.add(job_id)
             job.status = RUNNING
-            header.append(run_item(job_id, job.fn_id, len(job.frames), job.star))
+            header.append(run_item(job_id, job.fn_id, len(job.frames), job.star,
+                                   self.scheduler.attempt(job_id)))
             frames.extend(job.frames)
         try:
             for message in functions:
@@ -685,6 +803,11 @@ class Client:
             return
         jobs, scheduler = self.jobs, self.scheduler
         for res, payload in P.results(msg, frames):
+            if not scheduler.current(link, res.job_id, res.attempt):
+                scheduler.done(link, res.job_id, attempt=res.attempt)  # counted as stale
+                log.info("node %s: dropped a late outcome of job %s (attempt %s)",
+                         link.name, res.job_id, res.attempt)
+                continue
             start, end = res.start, res.end
             link.in_flight.discard(res.job_id)
             job = jobs.pop(res.job_id, None)
@@ -763,8 +886,12 @@ class Client:
         for job_id in list(self.jobs):
             self._act(self.scheduler.cancel(job_id))
 
-    async def _shutdown(self):
+    async def _shutdown(self, grace=2.0):
         self._drain()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        for task in list(self._rejoins.values()):
+            task.cancel()
         error = BrokenCluster("the client was closed")
         self._act(self.scheduler.fail_queued(error))
         for link in self.links:
@@ -774,7 +901,12 @@ class Client:
                 link.ready = False
                 link.conn.close()
         for job in list(self.jobs.values()):
-            self._finish(job, ABANDONED, error=error)
+            state = self.scheduler.jobs.get(job.id)
+            if state is not None and state.cancelling:  # its node did not answer in time
+                self._finish(job, TERMINATED, error=JobCancelled(
+                    "job cancelled; its node did not confirm before the client closed"))
+            else:
+                self._finish(job, ABANDONED, error=error)
         self.jobs.clear()
         if self.embedded is not None:
             await self.embedded.close()
@@ -783,7 +915,7 @@ class Client:
         conns = [link.conn for link in self.links if link.conn is not None]
         if conns:
             done, pending = await asyncio.wait(
-                [asyncio.ensure_future(conn.wait_closed()) for conn in conns], timeout=2)
+                [asyncio.ensure_future(conn.wait_closed()) for conn in conns], timeout=grace)
             for future in pending:
                 future.cancel()
             for conn in conns:

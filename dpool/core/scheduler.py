@@ -17,6 +17,11 @@ Policies:
   raised by the job itself are results, never retried here.
 - A job may be pinned to one node (``submit_node``); it then waits for that
   node only, and fails if that node is lost.
+- Each dispatch of a job is a new attempt (numbered from 1, sent with the
+  job); only the outcome of the current attempt on the node it was sent to
+  resolves the job.  A late outcome (from a node declared lost that answers
+  after all, or from an earlier attempt) is dropped and counted in
+  ``stale``: a job is delivered exactly once.
 """
 import collections
 from dataclasses import dataclass, field
@@ -82,6 +87,7 @@ class Scheduler:
         self.jobs = {}
         self.queue = collections.deque()  # ids; stale ids are skipped
         self.pinned = collections.defaultdict(collections.deque)
+        self.stale = 0  # outcomes dropped: not from the job's current attempt
 
     # ----------------------------------------------------------------- events
 
@@ -124,12 +130,17 @@ class Scheduler:
         actions.extend(self._dispatch())
         return actions
 
-    def done(self, node, job_id, duration=None, now=0.0, dispatch=True):
+    def done(self, node, job_id, duration=None, now=0.0, dispatch=True, attempt=None):
         """A job finished on ``node`` (result, error or cancel: all final).
 
+        An outcome that is not the job's current attempt (see :meth:`current`;
+        ``attempt=None`` checks the node only) changes nothing but ``stale``.
         With ``dispatch=False`` nothing is sent yet: a driver that takes many
         results at once calls :meth:`dispatch` after the last one.
         """
+        if not self.current(node, job_id, attempt):
+            self.stale += 1
+            return []
         job = self.jobs.pop(job_id, None)
         state = self.nodes.get(node)
         if state is not None:
@@ -169,6 +180,16 @@ class Scheduler:
         return actions
 
     # ---------------------------------------------------------------- queries
+
+    def attempt(self, job_id):
+        """The number of the job's latest dispatch (1 for the first)."""
+        return self.jobs[job_id].tries
+
+    def current(self, node, job_id, attempt=None):
+        """True if an outcome of ``job_id`` from ``node`` (for ``attempt``)
+        is the one to deliver: the job is in flight there, in that attempt."""
+        job = self.jobs.get(job_id)
+        return job is not None and job.node == node and (attempt is None or attempt == job.tries)
 
     def pending(self):
         """Jobs not finished yet (queued here or on a node)."""

@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 
-from .. import config, serialize
+from .. import config, liveness, serialize
 from ..core import client as core
 from ..node.env import job as jobenv
 from .depends import collect, file_entry, file_messages
@@ -47,6 +47,7 @@ __all__ = ["JobCluster", "DispyJob", "DispyNode", "DispyNodeAvailInfo", "NodeAll
 
 SETUP_WAIT = 60.0  # seconds JobCluster() waits for the nodes' setup
 CANCEL_GRACE = 5.0  # seconds a cancelled running job has to end after its KeyboardInterrupt
+CLOSE_CANCEL_WAIT = 0.4  # seconds close(terminate=True) waits for nodes to confirm cancels
 _DISPY_ONLY = {"host", "dispy_port", "ext_host", "ip_addr", "ext_ip_addr", "ipv4_udp_multicast",
                "ping_interval", "pulse_interval", "poll_interval", "reentrant", "recover_file"}
 
@@ -64,11 +65,14 @@ class JobCluster:
     def __init__(self, computation, nodes=None, depends=(), job_status=None,
                  cluster_status=None, dest_path=None, loglevel=logging.INFO, setup=None,
                  cleanup=True, secret="", keyfile=None, certfile=None, cafile=None, cpus=None,
-                 node_port=None, port=None, callback=None, **dispy_options):
+                 node_port=None, port=None, callback=None, connect_timeout=None,
+                 heartbeat=None, **dispy_options):
         unknown = set(dispy_options) - _DISPY_ONLY
         if unknown:
             raise TypeError(f"JobCluster() got unexpected arguments: {', '.join(sorted(unknown))}")
         self._pulse_interval = _check_pulse_interval(dispy_options.get("pulse_interval"))
+        self._liveness = dict(connect_timeout=liveness.connect_timeout(connect_timeout),
+                              heartbeat=liveness.settings(heartbeat))
         self._recover = self._used_secret = None
         _configure_logging(loglevel)
         self.job_status = _check_callback(job_status or callback, 1, "job_status")
@@ -179,7 +183,7 @@ class JobCluster:
 
     def _client_args(self):
         return dict(session=self._session(), on_event=self._on_event, prepare=self._prepare,
-                    ssl=self._ssl)
+                    ssl=self._ssl, **self._liveness)
 
     def _make_client(self, cpus):
         if not self._allocs:
@@ -202,8 +206,9 @@ class JobCluster:
         secret = self._used_secret = self.secret or config.find_local_secret(self.node_port)
         why = "no dpool-node at"
         if secret is not None:
-            client = core.Client([("127.0.0.1", self.node_port)], secret=secret,
-                                 connect_timeout=3, **self._client_args())
+            args = dict(self._client_args(), connect_timeout=min(
+                3, self._liveness["connect_timeout"]))
+            client = core.Client([("127.0.0.1", self.node_port)], secret=secret, **args)
             try:
                 client.start()
                 log.info("using the dpool-node at 127.0.0.1:%d", self.node_port)
@@ -447,7 +452,9 @@ class JobCluster:
         if terminate:
             if timeout:
                 self._client.wait(timeout)
-            self._client.close(wait=True, cancel=True, timeout=30)
+            # Nodes that answer confirm the cancels in milliseconds; one that
+            # does not (stopped, cut off) must not hold close() past timeout.
+            self._client.close(wait=True, cancel=True, timeout=CLOSE_CANCEL_WAIT)
         else:
             if not self._client.wait(timeout):
                 return False

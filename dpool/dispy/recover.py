@@ -32,6 +32,7 @@ import pickle
 import secrets
 import threading
 
+from .. import liveness
 from .. import protocol as P
 from ..protocol import Outcome
 from .. import serialize
@@ -269,7 +270,7 @@ async def _recover_node(i, address, token, secret, ssl, ids, terminate, deadline
         expected = set(msg.info["kept"]) | set(msg.info["pending"])
         ip = resolve_host(host)
         while expected:
-            frames = await asyncio.wait_for(conn.recv(), remaining())
+            frames = await _recv_alive(conn, remaining())
             msg = P.decode(frames[0])
             if type(msg) is not P.Done:
                 continue  # STARTED, AVAILINFO, provisional results: not kept
@@ -287,6 +288,22 @@ async def _recover_node(i, address, token, secret, ssl, ids, terminate, deadline
         if conn is not None:
             conn.close()
             await conn.wait_closed()
+
+
+async def _recv_alive(conn, timeout):
+    """The next message, sending heartbeats while waiting (the node ends a
+    session whose client is silent past its lease)."""
+    interval = liveness.HEARTBEAT_INTERVAL
+    while True:
+        wait = interval if timeout is None else min(interval, timeout)
+        try:
+            return await asyncio.wait_for(conn.recv(), wait)
+        except TimeoutError:
+            if timeout is not None:
+                timeout -= wait
+                if timeout <= 0:
+                    raise
+            conn.send([P.encode(P.Heartbeat())])
 
 
 def _job(job_id, core_id, ip, res, payload):

@@ -24,6 +24,12 @@ seconds.  A new connection sending ``RECOVER token`` takes the session over:
 it gets the kept results, then the others as they come, and ends it with BYE.
 When the time passes (or the limits are exceeded) the session ends, its
 results and unfinished jobs are discarded, with one log line.
+
+Liveness: a TCP session sends Heartbeat when it sent nothing for the interval
+the client asked for (Session's ``heartbeat`` option, see dpool.liveness),
+and a client that sent nothing for the deadline (its lease) is treated as
+gone: its connection is aborted, so its session ends (or is detached, if
+recoverable) exactly as when the client disconnects.
 """
 import asyncio
 import collections
@@ -34,6 +40,7 @@ import shutil
 import socket
 import tempfile
 
+from .. import liveness
 from .. import protocol as P
 from ..protocol import Outcome
 from .. import serialize
@@ -123,6 +130,8 @@ class NodeRuntime:
         session = Session(self, conn, next(self._ids))
         self.sessions.add(session)
         conn.set_receiver(session.on_message, session.on_close)
+        if not self.embedded:  # a client must send Session within the default lease
+            session.watch(liveness.Settings())
         return session
 
     def release(self, session):
@@ -177,9 +186,49 @@ class Session:
         self.handlers = {P.Session: self.on_session, P.Func: self.on_func, P.Run: self.on_run,
                          P.Cancel: self.on_cancel, P.Bye: self.on_bye, P.Forget: self.on_forget,
                          P.File: self.on_env, P.Setup: self.on_env, P.Recover: self.on_recover,
-                         P.Status: self.on_status}
+                         P.Status: self.on_status,
+                         P.Heartbeat: self.on_heartbeat}
         self.detached_at = None  # loop time the client went away (recoverable sessions)
         self._expiry = None
+        self.attempts = {}  # job id -> the attempt number the client gave it (Run)
+        self._heartbeat = self._ticker = None
+
+    # -------------------------------------------------------------- liveness
+
+    def watch(self, settings):
+        """Send heartbeats and hold the client to its lease (``settings``)."""
+        self.unwatch()
+        conn = self.conn
+        conn.set_deadline(settings.deadline)
+        loop = asyncio.get_running_loop()
+        self._heartbeat = liveness.Heartbeat(settings, loop.time(), conn.bytes_received,
+                                             conn.bytes_sent)
+        self._ticker = loop.call_later(settings.tick, self._tick)
+
+    def unwatch(self):
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self._heartbeat = self._ticker = None
+
+    def _tick(self):
+        conn, hb = self.conn, self._heartbeat
+        if self.ended or conn.closed or hb is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        verdict = hb.tick(now, conn.bytes_received, conn.bytes_sent)
+        if verdict is liveness.LOST:
+            log.warning("session %s: client %s sent nothing for %.1f s (lease %s s): "
+                        "treating it as gone", self.sid, conn.peer, hb.silence(now),
+                        hb.settings.deadline)
+            conn.abort()  # on_close ends (or detaches) the session
+            return
+        if verdict is liveness.SEND:
+            conn.send([P.encode(P.Heartbeat())])
+        self._ticker = loop.call_later(hb.settings.tick, self._tick)
+
+    def on_heartbeat(self, msg, frames):
+        """Nothing to do: its bytes already counted as a sign of life."""
 
     # ------------------------------------------------------------ client side
 
@@ -223,6 +272,8 @@ class Session:
             self.end("refused")
             return
         self.node.free_cpus -= self.cpus
+        if "heartbeat" in options and not self.node.embedded:
+            self.watch(liveness.peer_settings(options["heartbeat"]))
         self.init_frames = tuple(frames[1:])
         try:
             self.dir = self._make_dir(options)
@@ -273,7 +324,9 @@ class Session:
         self.fns[msg.fn_id] = frames[1]
 
     def on_run(self, msg, frames):
-        self.queue.extend(P.run_items(msg, frames))
+        items = list(P.run_items(msg, frames))
+        self.attempts.update((item.job_id, item.attempt) for item, _ in items)
+        self.queue.extend(items)
         self.dispatch()
 
     def on_forget(self, msg, frames):
@@ -340,6 +393,7 @@ class Session:
                  "are kept for %ss (recover_jobs)", self.sid, self.conn.peer,
                  f" ({exc})" if exc else "", keep)
         self.detached_at = loop.time()
+        self.unwatch()
         self.started = []
         self._kept_bytes = self._kept_counted = 0
         self.node.detached[self.options["recover_token"]] = self
@@ -377,13 +431,17 @@ class Session:
             return
         self.ended = True  # this session only hands its connection over
         self.node.release(self)
-        old._reattach(self.conn, msg.terminate)
+        settings = self._heartbeat.settings if self._heartbeat is not None else None
+        self.unwatch()
+        old._reattach(self.conn, msg.terminate, settings)
 
-    def _reattach(self, conn, terminate):
+    def _reattach(self, conn, terminate, settings=None):
         self._expiry.cancel()
         self._expiry = self.detached_at = None
         self.conn = conn
         conn.set_receiver(self.on_message, self.on_close)
+        if settings is not None:
+            self.watch(settings)
         pending = [item.job_id for item, _ in self.queue]
         pending += [job_id for job_id in self.given if job_id not in self._ghosts]
         kept = [record[0] for record in self.out]
@@ -471,7 +529,7 @@ class Session:
             batch = batches.get(worker)
             if batch is None:
                 batch = batches[worker] = ([], [None])
-            batch[0].append(P.run_item(job_id, fn_id, item.nframes, item.star))
+            batch[0].append(P.run_item(job_id, fn_id, item.nframes, item.star, item.attempt))
             batch[1].extend(frames)
             worker.outstanding.append(job_id)
             self.given[job_id] = (worker, job)
@@ -595,8 +653,9 @@ class Session:
         self._result(P.result(job_id, outcome, len(frames)), frames)
 
     def _result(self, record, frames):
-        """Queue a Result (as on the wire) and its payload for the next Done."""
-        self.out.append(record)
+        """Queue a Result (as on the wire) and its payload for the next Done,
+        with the attempt number the client gave the job."""
+        self.out.append((*record[:-1], self.attempts.pop(record[0], None)))
         self.out_frames.extend(frames)
         self._schedule_flush()
 
@@ -636,6 +695,7 @@ class Session:
             self.env.end()
         self._flush()
         self.ended = True
+        self.unwatch()
         for worker in self.workers:
             worker.dead = True
             worker.zygote.kill(worker.pid, forget=True)

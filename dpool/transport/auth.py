@@ -90,7 +90,7 @@ Hello = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
 
 log = logging.getLogger("dpool.transport")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: attempt numbers in RUN and DONE, HEARTBEAT
 
 MAGIC = b"DPOOL\x00\x02\x00"
 NONCE_SIZE = 32

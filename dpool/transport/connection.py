@@ -29,6 +29,7 @@ from .auth import PREAUTH_MAX, Keys
 from .budget import ReceiveBudget
 from .frames import FrameDecoder, Limits, Message, _nbytes, encode
 from .records import Sealer, SecureDecoder
+from .streams import set_tcp_options
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer as Frame
@@ -189,6 +190,14 @@ class Connection:
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._lost_future)
+
+    def set_deadline(self, seconds: float) -> None:
+        """Have the kernel fail this connection when the peer stops answering
+        for ``seconds`` (keepalive, TCP_USER_TIMEOUT); no-op off TCP."""
+        stream = self._stream
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None and not self.closed:
+            set_tcp_options(sock, seconds)
 
     # -- errors and close reporting -----------------------------------------------
 

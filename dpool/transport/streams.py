@@ -38,11 +38,28 @@ LOW_WATER = 1 * 2**20
 SEAL_AHEAD = 1 * 2**20
 
 
-def set_tcp_options(sock: socket.socket) -> None:
-    """TCP_NODELAY and SO_KEEPALIVE on TCP sockets; nothing on others."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+#: Seconds after which a TCP connection whose peer stopped answering fails by
+#: itself (the heartbeat deadline, see dpool.liveness, replaces it per session).
+DEFAULT_DEADLINE = 10.0
+
+
+def set_tcp_options(sock: socket.socket, deadline: float = DEFAULT_DEADLINE) -> None:
+    """TCP_NODELAY, and a dead peer noticed by the kernel within ``deadline``
+    seconds: keepalive probes on an idle connection, TCP_USER_TIMEOUT when
+    sent data stays unacknowledged (so a blocked send can't outlive the
+    deadline).  Nothing on non-TCP sockets."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle = max(1, int(deadline / 3))
+    interval = max(1, int(deadline / 10))
+    count = max(1, int((deadline - idle) / interval))
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
+                        ("TCP_KEEPCNT", count), ("TCP_USER_TIMEOUT", int(deadline * 1000))):
+        option = getattr(socket, name, None)
+        if option is not None:  # Linux has them all; others keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def advance(parts: Parts, sent: int) -> None:

@@ -20,11 +20,11 @@ def test_the_wire_holds_plain_ints_not_enums():
     """An IntEnum pickles as a reference to its class; the wire must stay compact."""
     frame = P.encode(P.Done([P.result(7, P.Outcome.CANCELLED), P.result(8, P.Outcome.OK, 1)]))
     assert b"Outcome" not in frame and b"protocol" not in frame
-    assert pickle.loads(frame) == (13, [(7, 3, None, None, None, None, 0),
-                                        (8, 0, None, None, None, None, 1)])
+    assert pickle.loads(frame) == (13, [(7, 3, None, None, None, None, 0, None),
+                                        (8, 0, None, None, None, None, 1, None)])
     frame = P.encode(P.Run([P.run_item(1, 2, 1, int(P.Call.MAP))]))
     assert b"Call" not in frame and b"RunItem" not in frame
-    assert pickle.loads(frame) == (3, [(1, 2, 1, 2)])
+    assert pickle.loads(frame) == (3, [(1, 2, 1, 2, 1)])  # attempt 1 by default
 
 
 def test_results_decodes_each_job_with_its_payload():
@@ -40,8 +40,8 @@ def test_results_decodes_each_job_with_its_payload():
 def test_run_items_decodes_each_job_with_its_payload():
     msg = P.decode(P.encode(P.Run([P.run_item(1, 5, 1, 0), P.run_item(2, 5, 2, 1)])))
     got = list(P.run_items(msg, [b"header", b"a", b"b", b"c"]))
-    assert got == [(P.RunItem(1, 5, 1, P.Call.CALL), [b"a"]),
-                   (P.RunItem(2, 5, 2, P.Call.STARMAP), [b"b", b"c"])]
+    assert got == [(P.RunItem(1, 5, 1, P.Call.CALL, 1), [b"a"]),
+                   (P.RunItem(2, 5, 2, P.Call.STARMAP, 1), [b"b", b"c"])]
 
 
 @pytest.mark.parametrize("header", [(99, "what"), 5, (), ("RUN", []), (int(P.Op.RUN),),
