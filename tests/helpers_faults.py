@@ -4,6 +4,7 @@ and compares them with deliveries.
 """
 import collections
 import os
+import time
 
 #: Heartbeat used by the fault tests: noticed within ~1.6 s of silence.
 HEARTBEAT = (0.2, 1.5)
@@ -41,3 +42,19 @@ def rerun_elsewhere(outdir, pids, jobs):
         if ran & pids and not ran - pids:
             return False
     return True
+
+
+def times_of(events, t0, timeout):
+    """Poll every condition of ``events`` ({name: condition}) until all have
+    held; return {name: seconds from t0 to the first time it held}."""
+    seen = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < len(events):
+        for name, condition in events.items():
+            if name not in seen and condition():
+                seen[name] = time.monotonic() - t0
+        if time.monotonic() > deadline:
+            missing = sorted(set(events) - set(seen))
+            raise AssertionError(f"timed out after {timeout}s waiting for {missing}")
+        time.sleep(0.01)
+    return seen

@@ -21,7 +21,7 @@ import pytest
 from dpool.futures import Executor
 from helpers import node_env, poll_for, start_node
 from helpers_faults import (HEARTBEAT, executions, link_for, measure, pids_running,
-                            rerun_elsewhere)
+                            rerun_elsewhere, times_of)
 from helpers_netns import Lab, entered
 from tasks import counted
 
@@ -96,15 +96,12 @@ def node_row(lab, nodes, out, row, cut, heal):
         cut()
         t0 = time.monotonic()
         link = link_for(client, n1.addr)
-        poll_for(lambda: not link.ready, timeout=BOUND + 5, message="node 1 lost")
-        detect = time.monotonic() - t0
-        poll_for(lambda: rerun_elsewhere(out, pids, range(8)), timeout=30,
-                 message="node 1's jobs to start again on node 2")
-        rerun = time.monotonic() - t0
-        # node 1 ends the session of the client it no longer hears, too
-        poll_for(lambda: len(n1.descendants()) == 1, timeout=BOUND + 5,
-                 message="node 1 to drop the silent client's workers")
-        node_detect = time.monotonic() - t0
+        seen = times_of({
+            "detect": lambda: not link.ready,  # the client declared node 1 lost
+            "rerun": lambda: rerun_elsewhere(out, pids, range(8)),  # its jobs restarted
+            # node 1 ends the session of the client it no longer hears, too
+            "node_detect": lambda: len(n1.descendants()) == 1}, t0, timeout=30)
+        detect = seen["detect"]
         results = [f.result(timeout=30) for f in futures]
         recover = time.monotonic() - t0
         total = check_once(results, out, 8, ran_on(n1, out, 8, pids))
@@ -113,9 +110,8 @@ def node_row(lab, nodes, out, row, cut, heal):
         poll_for(lambda: (link_for(client, n1.addr) or link).ready, timeout=20,
                  message="node 1 to re-join")
         rejoin = time.monotonic() - t1
-    assert detect <= BOUND, detect
-    measure(row, detect=detect, rerun=rerun, recover=recover, node_detect=node_detect,
-            rejoin=rejoin)
+    assert detect <= BOUND and seen["node_detect"] <= BOUND, seen
+    measure(row, **seen, recover=recover, rejoin=rejoin)
     print(f"executions={total} deliveries=8 late={client.late_results}")
 
 
