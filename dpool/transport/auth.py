@@ -8,7 +8,8 @@ The secret is never used directly: each side stretches it with
 ``hashlib.scrypt`` (N=2**14, r=8, p=1: about 50 ms and 16 MiB per guess) under
 a random salt the server draws once per process and sends in its challenge;
 the stretched key is cached per (secret, salt) in the process, so only the
-first connection to a node pays for it.  Digests are HMAC-SHA256 under the
+first connection to a node pays for it; a client stretches in a thread, not
+in its event loop.  Digests are HMAC-SHA256 under the
 stretched key, compared with :func:`hmac.compare_digest`.
 
 Authentication, the server proves first::
@@ -64,6 +65,7 @@ caller adds anything else (Python and cloudpickle versions, cpus, name...).
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import hmac
@@ -307,7 +309,10 @@ async def client_handshake(conn: Connection, secret: bytes, hello: Hello, *,
         raise ProtocolError(f"{conn.peer} offers no message protection on a connection "
                             f"without TLS; refusing it")
     transcript = challenge.raw + reply
-    key = stretch(secret, challenge.salt)
+    # In a thread (scrypt releases the GIL): the loop serves other
+    # connections meanwhile, and a client meeting many nodes (each its own
+    # salt) stretches for several at once, within their auth deadlines.
+    key = await asyncio.to_thread(stretch, secret, challenge.salt)
     check_proof(key, b"S", transcript, await _read(conn, PROOF_SIZE))
     conn._write_raw(prove(key, b"C", transcript))
     check_status(await _read(conn, 1))

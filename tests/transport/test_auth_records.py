@@ -1,14 +1,16 @@
 """The handshake's pure steps (server proves first, scrypt-stretched key) and
 the AEAD record layer that protects every message after it."""
+import asyncio
 import collections
 import hashlib
 import os
 import struct
+import threading
 
 import pytest
 
 from dpool.errors import AuthenticationError, ProtocolError
-from dpool.transport import auth
+from dpool.transport import auth, connect
 from dpool.transport.frames import FrameDecoder, encode
 from dpool.transport.records import RECORD_DATA, Sealer, SecureDecoder, take
 
@@ -165,3 +167,52 @@ def test_take_slices_big_parts_and_joins_small_ones():
     parts = collections.deque([big])
     first = take(parts, 4)
     assert isinstance(first, memoryview) and first.obj is big   # no copy
+
+
+def test_the_client_keeps_its_event_loop_running_while_it_stretches_the_secret(monkeypatch):
+    """Each node has its own salt, so a client meeting N nodes at once
+    stretches the secret N times (~50-100 ms each).  In the event loop, that
+    blocks everything else the client does (other nodes' results) and runs
+    the stretches one after another while every node's authentication
+    deadline (3 s) runs: a client of a few dozen nodes lost the last ones."""
+    real_scrypt, ticked, calls, done = hashlib.scrypt, threading.Event(), [], []
+
+    def scrypt(*args, **kwargs):
+        calls.append(threading.current_thread())
+        ticked.clear()
+        if not ticked.wait(5):
+            raise AssertionError("the event loop did not run while the secret was stretched")
+        return real_scrypt(*args, **kwargs)
+
+    async def node_with_its_own_salt(reader, writer):
+        try:
+            writer.write(auth.make_challenge(os.urandom(auth.SALT_SIZE)))  # salt not cached
+            await reader.readexactly(auth.REPLY_SIZE)
+            writer.write(os.urandom(auth.PROOF_SIZE))    # (no secret here: a wrong proof)
+            await reader.read()
+        finally:
+            writer.close()
+            done[0].set()
+
+    async def main():
+        done.append(asyncio.Event())
+
+        async def tick():
+            while True:
+                ticked.set()
+                await asyncio.sleep(0.001)
+        ticker = asyncio.ensure_future(tick())
+        server = await asyncio.start_server(node_with_its_own_salt, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(AuthenticationError, match="node failed authentication"):
+                await connect("127.0.0.1", port, secret=b"s" * 32, hello={}, timeout=10)
+            await asyncio.wait_for(done[0].wait(), 5)
+        finally:
+            ticker.cancel()
+            server.close()
+            await server.wait_closed()
+
+    monkeypatch.setattr(hashlib, "scrypt", scrypt)
+    asyncio.run(main())
+    assert len(calls) == 1 and calls[0] is not threading.main_thread()
