@@ -82,9 +82,11 @@ def write_local_secret(port, secret):
     """Leave a loopback node's secret where local clients look (mode 0600)."""
     path = local_secret_path(port)
     tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
+    try:  # whatever is there (a stale file, a planted link) is never written through
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    write_new_secret_file(tmp, secret)
     os.replace(tmp, path)
     return path
 

@@ -140,3 +140,28 @@ def test_default_recover_file_name_is_unpredictable(tmp_path, monkeypatch):
     for name in names:
         random_part = name.rsplit("_", 1)[1]
         assert len(random_part) >= 16, name    # >= 64 random bits
+
+
+def test_a_loopback_nodes_secret_file_never_follows_a_link(tmp_path, monkeypatch):
+    """A loopback node with no secret leaves its secret in the dpool home
+    (``<home>/node-<port>.secret``) through a temporary file named after its
+    pid: a link or a readable file planted there beforehand must be neither
+    written through nor kept (its mode would be kept, secret and all)."""
+    from dpool import config
+
+    monkeypatch.setenv(config.HOME_ENV, str(tmp_path))
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    tmp = f"{config.local_secret_path(4000)}.{os.getpid()}.tmp"
+    os.symlink(victim, tmp)
+    path = config.write_local_secret(4000, b"s" * 32)
+    assert victim.read_bytes() == b"precious", "the secret was written through a link"
+    assert config.read_secret_file(path) == b"s" * 32
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    os.unlink(path)
+    with open(tmp, "wb"):
+        pass
+    os.chmod(tmp, 0o644)                               # a readable file planted there
+    path = config.write_local_secret(4000, b"t" * 32)
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    assert config.read_secret_file(path) == b"t" * 32
