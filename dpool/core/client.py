@@ -29,6 +29,7 @@ import time
 import traceback
 import weakref
 from concurrent.futures import Future
+from typing import Any
 
 import cloudpickle
 
@@ -40,7 +41,7 @@ from ..config import resolve_cpus
 from ..errors import (AuthenticationError, BrokenCluster, ConnectionClosed, DpoolError,
                       JobCancelled, NodeLost, ProtocolError)
 from ..transport import PROTOCOL_VERSION, connect, inproc_pair
-from .scheduler import Cancelled, CancelRemote, Fail, Scheduler, Send
+from .scheduler import Action, Cancelled, CancelRemote, Fail, Scheduler, Send
 
 log = logging.getLogger("dpool")
 
@@ -82,7 +83,7 @@ class Job:
         self.star = star
         self.frames = frames
         self.blob = None  # the function, serialized (set by Client.submit)
-        self.future = Future()
+        self.future: Future[Any] = Future()
         self.status = CREATED
         self.node = None
         self.submit_time = time.time()
@@ -253,7 +254,7 @@ class Client:
         self.closed = False
         self.embedded = None
         self._ids = itertools.count(1)
-        self._incoming = collections.deque()
+        self._incoming: collections.deque[tuple[Job, Any]] = collections.deque()  # (job, pin)
         self._wake_pending = False
         self._unfinished = set()  # futures not yet resolved (for close/wait)
         self._thread = LoopThread(name)
@@ -459,7 +460,7 @@ class Client:
         link.ready_future = self.loop.create_future()
         link.conn.set_receiver(lambda frames: self._on_message(link, frames),
                                lambda exc=None: self._on_link_closed(link, exc))
-        session, preamble = self.session, ()
+        session, preamble = self.session, ()  # type: tuple[Any, Any]
         if self.prepare is not None:
             plan = self.prepare(link)
             if plan is None:
@@ -580,7 +581,7 @@ class Client:
     def send_file(self, link, name, data, mode=0o644):
         """Write ``data`` as ``name`` in the node's session folder; returns a
         Future of None (written) or the node's error text."""
-        waiter = Future()
+        waiter: Future[Any] = Future()
         req_id = next(self._file_ids)
         self._file_waiters[req_id] = (link, waiter)
 
@@ -633,7 +634,7 @@ class Client:
         if not self.closed or self._unfinished:
             log.warning("lost node %s (%s): %s", link.name, _where(link), describe(link.error))
         self._act(self.scheduler.remove_node(link, time.monotonic(), describe(link.error)))
-        if not any(l.ready for l in self.links):
+        if not any(other.ready for other in self.links):
             self.broken = link.error
             error = link.error if isinstance(link.error, BrokenCluster) else \
                 BrokenCluster(f"no node left to run jobs (last error: {describe(link.error)})")
@@ -701,19 +702,20 @@ class Client:
         self._wake_pending = False
         incoming = self._incoming
         plain, now = [], time.monotonic()
-        actions = []
+        actions: list[Action] = []
         while incoming:
             job, pin = incoming.popleft()
             self.jobs[job.id] = job
             if pin is None:
                 plain.append(job.id)
             elif not pin.ready and pin.error is not None:  # lost: it won't come back
-                actions.append(Fail(job.id, NodeLost(f"node {pin.name} was lost: {describe(pin.error)}")))
+                error = NodeLost(f"node {pin.name} was lost: {describe(pin.error)}")
+                actions.append(Fail(job.id, error))
             else:
                 actions.extend(self.scheduler.submit([job.id], now, pin=pin))
         if plain:
             actions.extend(self.scheduler.submit(plain, now))
-        if self.broken is not None and not any(l.ready for l in self.links):
+        if self.broken is not None and not any(link.ready for link in self.links):
             actions.extend(self.scheduler.fail_queued(
                 BrokenCluster(f"no node left: {describe(self.broken)}")))
         self._act(actions)
@@ -731,7 +733,8 @@ class Client:
                 except ConnectionClosed:
                     pass  # closing: its close callback reports these jobs cancelled
             elif kind is Cancelled:
-                self._finish(self.jobs.pop(action.job, None), CANCELLED, error=JobCancelled("job cancelled"))
+                self._finish(self.jobs.pop(action.job, None), CANCELLED,
+                             error=JobCancelled("job cancelled"))
 
     def _send(self, link, ids):
         conn, jobs = link.conn, self.jobs
@@ -776,7 +779,7 @@ class Client:
         """Tell the node to drop the least recently used functions that no
         job in flight there needs (a lambda made per call is a new function
         each time: without this the node and its workers would keep them all)."""
-        fns, drop = link.fns, []
+        fns, drop = link.fns, []  # type: Any, list[Any]
         excess = len(fns) - _NODE_FUNCTIONS * 3 // 4
         for fn_id, count in fns.items():
             if len(drop) >= excess:
@@ -809,20 +812,20 @@ class Client:
                          link.name, res.job_id, res.attempt)
                 continue
             start, end = res.start, res.end
+            duration = None if start is None or end is None else end - start
             link.in_flight.discard(res.job_id)
             job = jobs.pop(res.job_id, None)
-            scheduler.done(link, res.job_id, None if start is None else end - start,
-                           dispatch=False)
+            scheduler.done(link, res.job_id, duration, dispatch=False)
             if job is None:
                 continue
             count = link.fns.get(job.fn_id)
             if count:
                 link.fns[job.fn_id] = count - 1
-            if start is not None:
+            if duration is not None:
                 job.start_time, job.end_time, job.stdout, job.stderr = \
                     start, end, res.stdout, res.stderr
                 link.jobs_done += 1
-                link.cpu_time += end - start
+                link.cpu_time += duration
             self._resolve(job, res.outcome, payload)
         self._act(scheduler.dispatch())
 
@@ -837,7 +840,8 @@ class Client:
         elif outcome == Outcome.CANCELLED:
             self._finish(job, CANCELLED, error=JobCancelled("job cancelled before it ran"))
         elif outcome == Outcome.KILLED:
-            self._finish(job, TERMINATED, error=JobCancelled("job cancelled: its process was killed"))
+            self._finish(job, TERMINATED,
+                         error=JobCancelled("job cancelled: its process was killed"))
         else:
             error = serialize.load_exception(payload)
             self._finish(job, TERMINATED if outcome == Outcome.ERROR else ABANDONED, error=error)

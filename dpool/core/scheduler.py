@@ -23,43 +23,53 @@ Policies:
   after all, or from an earlier attempt) is dropped and counted in
   ``stale``: a job is delivered exactly once.
 """
+from __future__ import annotations
+
 import collections
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 from ..errors import NodeLost
 
+#: A node as the driver names it (the client uses its link objects).
+Node = Hashable
+JobId = int
+
 
 @dataclass(frozen=True)
 class Send:
-    node: object
-    jobs: list
+    node: Node
+    jobs: list[JobId]
 
 
 @dataclass(frozen=True)
 class Fail:
-    job: object
+    job: JobId
     error: BaseException
 
 
 @dataclass(frozen=True)
 class CancelRemote:
-    node: object
-    jobs: list
+    node: Node
+    jobs: list[JobId]
 
 
 @dataclass(frozen=True)
 class Cancelled:
-    job: object
+    job: JobId
+
+
+Action = Send | Fail | CancelRemote | Cancelled
 
 
 @dataclass
 class NodeState:
     cpus: int
-    inflight: set = field(default_factory=set)
+    inflight: set[JobId] = field(default_factory=set)
     ema: float | None = None  # moving average of job durations on this node
     done: int = 0
 
-    def limit(self):
+    def limit(self) -> int:
         """Jobs this node may hold: two per CPU (the next job is always there
         when one ends), more as measured jobs get shorter (up to 65)."""
         if self.ema is None:
@@ -68,48 +78,51 @@ class NodeState:
             per_cpu = 2 + min(63, int(0.02 / max(self.ema, 1e-6)))
         return self.cpus * per_cpu
 
-    def room(self):
+    def room(self) -> int:
         return self.limit() - len(self.inflight)
 
 
 @dataclass
 class _Job:
-    node: object = None  # where it runs, None while queued
-    pin: object = None  # the only node it may run on
+    node: Node | None = None  # where it runs, None while queued
+    pin: Node | None = None  # the only node it may run on
     tries: int = 0
     cancelling: bool = False  # a cancel was sent to its node
 
 
 class Scheduler:
-    def __init__(self, max_retries=2):
+    def __init__(self, max_retries: int = 2) -> None:
         self.max_retries = max_retries
-        self.nodes = {}
-        self.jobs = {}
-        self.queue = collections.deque()  # ids; stale ids are skipped
-        self.pinned = collections.defaultdict(collections.deque)
+        self.nodes: dict[Node, NodeState] = {}
+        self.jobs: dict[JobId, _Job] = {}
+        self.queue: collections.deque[JobId] = collections.deque()  # stale ids are skipped
+        self.pinned: collections.defaultdict[Node, collections.deque[JobId]] = \
+            collections.defaultdict(collections.deque)
         self.stale = 0  # outcomes dropped: not from the job's current attempt
 
     # ----------------------------------------------------------------- events
 
-    def submit(self, job_ids, now=0.0, pin=None):
+    def submit(self, job_ids: Iterable[JobId], now: float = 0.0,
+               pin: Node | None = None) -> list[Action]:
         for job_id in job_ids:
             self.jobs[job_id] = _Job(pin=pin)
             (self.pinned[pin] if pin is not None else self.queue).append(job_id)
         return self._dispatch()
 
-    def add_node(self, node, cpus, now=0.0):
+    def add_node(self, node: Node, cpus: int, now: float = 0.0) -> list[Action]:
         self.nodes[node] = NodeState(cpus)
         return self._dispatch()
 
-    def set_cpus(self, node, cpus):
+    def set_cpus(self, node: Node, cpus: int) -> list[Action]:
         if node in self.nodes:
             self.nodes[node].cpus = cpus
         return self._dispatch()
 
-    def remove_node(self, node, now=0.0, reason=None):
+    def remove_node(self, node: Node, now: float = 0.0,
+                    reason: str | None = None) -> list[Action]:
         """The node is gone: move or fail its jobs."""
         state = self.nodes.pop(node, None)
-        actions = []
+        actions: list[Action] = []
         if state is None:
             return actions
         error = NodeLost(reason or f"node {node} was lost")
@@ -130,7 +143,8 @@ class Scheduler:
         actions.extend(self._dispatch())
         return actions
 
-    def done(self, node, job_id, duration=None, now=0.0, dispatch=True, attempt=None):
+    def done(self, node: Node, job_id: JobId, duration: float | None = None, now: float = 0.0,
+             dispatch: bool = True, attempt: int | None = None) -> list[Action]:
         """A job finished on ``node`` (result, error or cancel: all final).
 
         An outcome that is not the job's current attempt (see :meth:`current`;
@@ -152,11 +166,11 @@ class Scheduler:
             return []
         return self._dispatch()
 
-    def dispatch(self):
+    def dispatch(self) -> list[Action]:
         """Send what the nodes have room for."""
         return self._dispatch()
 
-    def cancel(self, job_id):
+    def cancel(self, job_id: JobId) -> list[Action]:
         job = self.jobs.get(job_id)
         if job is None:
             return []
@@ -168,9 +182,9 @@ class Scheduler:
         job.cancelling = True
         return [CancelRemote(job.node, [job_id])]
 
-    def fail_queued(self, error):
+    def fail_queued(self, error: BaseException) -> list[Action]:
         """Fail every job not on a node (e.g. no node is left to run them)."""
-        actions = []
+        actions: list[Action] = []
         for job_id in list(self.jobs):
             if self.jobs[job_id].node is None:
                 del self.jobs[job_id]
@@ -181,27 +195,27 @@ class Scheduler:
 
     # ---------------------------------------------------------------- queries
 
-    def attempt(self, job_id):
+    def attempt(self, job_id: JobId) -> int:
         """The number of the job's latest dispatch (1 for the first)."""
         return self.jobs[job_id].tries
 
-    def current(self, node, job_id, attempt=None):
+    def current(self, node: Node, job_id: JobId, attempt: int | None = None) -> bool:
         """True if an outcome of ``job_id`` from ``node`` (for ``attempt``)
         is the one to deliver: the job is in flight there, in that attempt."""
         job = self.jobs.get(job_id)
         return job is not None and job.node == node and (attempt is None or attempt == job.tries)
 
-    def pending(self):
+    def pending(self) -> int:
         """Jobs not finished yet (queued here or on a node)."""
         return len(self.jobs)
 
-    def queued(self):
+    def queued(self) -> int:
         return sum(1 for job in self.jobs.values() if job.node is None)
 
     # ---------------------------------------------------------------- private
 
-    def _dispatch(self):
-        batches = {}
+    def _dispatch(self) -> list[Action]:
+        batches: dict[Node, list[JobId]] = {}
         for node, queue in self.pinned.items():
             state = self.nodes.get(node)
             if state is not None:
@@ -213,7 +227,8 @@ class Scheduler:
                     break
         return [Send(node, ids) for node, ids in batches.items()]
 
-    def _fill(self, node, state, queue, batches):
+    def _fill(self, node: Node, state: NodeState, queue: collections.deque[JobId],
+              batches: dict[Node, list[JobId]]) -> None:
         room = state.room()
         jobs = self.jobs
         while room > 0 and queue:

@@ -160,7 +160,8 @@ async def _serve(server):
     except BaseException:
         await server.close()
         raise
-    print(f"dpool-node: serving {server.cpus} CPUs on {server.host}:{server.port} (pid {os.getpid()})",
+    print(f"dpool-node: serving {server.cpus} CPUs on {server.host}:{server.port} "
+          f"(pid {os.getpid()})",
           flush=True)
     try:
         await stop.wait()

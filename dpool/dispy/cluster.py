@@ -214,7 +214,8 @@ class JobCluster:
                 log.info("using the dpool-node at 127.0.0.1:%d", self.node_port)
                 return client
             except (BrokenCluster, DpoolError, OSError) as exc:
-                refused = isinstance(exc.__context__, ConnectionRefusedError) or "refused" in str(exc)
+                refused = isinstance(exc.__context__, ConnectionRefusedError) \
+                    or "refused" in str(exc)
                 if not refused:
                     log.warning("the node at 127.0.0.1:%d could not be used (%s)",
                                 self.node_port, exc)

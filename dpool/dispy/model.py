@@ -236,7 +236,8 @@ class NodeAllocate:
 
     def matches(self, ip_addr, name=None):
         for pattern in {self.ip_addr, self.host}:
-            if fnmatch.fnmatchcase(ip_addr, pattern) or (name and fnmatch.fnmatchcase(name, pattern)):
+            if fnmatch.fnmatchcase(ip_addr, pattern) \
+                    or (name and fnmatch.fnmatchcase(name, pattern)):
                 return True
         return False
 

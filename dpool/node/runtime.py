@@ -241,7 +241,8 @@ class Session:
         except Exception as exc:  # an authenticated peer sent nonsense
             if isinstance(exc, KeyError):
                 exc = f"{P.op_of(msg).name} is not a message a client sends"
-            log.warning("session %s from %s: bad message (%s); closing it", self.sid, self.conn.peer, exc)
+            log.warning("session %s from %s: bad message (%s); closing it",
+                        self.sid, self.conn.peer, exc)
             self.end("protocol error")
             return
         handler(msg, frames)

@@ -8,7 +8,6 @@ Each row asserts a detection bound (generous: the heartbeat deadline plus
 nothing leaked (conftest; the lab is always torn down).  ``pytest -s``
 prints the measured times (docs/failures.md).
 """
-import os
 import pathlib
 import shutil
 import signal

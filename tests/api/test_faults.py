@@ -119,7 +119,7 @@ def test_a_killed_node_restarted_on_its_port_rejoins(nodes, out, node_secret):
         check_deliveries(results, out, 8, rerun=running_on(a, out, range(8), a_pids))
         a2 = nodes("a2", port=port)
         t1 = time.monotonic()
-        back = poll_for(lambda: (lambda l: l if l is not None and l.ready else None)(
+        back = poll_for(lambda: (lambda link: link if link is not None and link.ready else None)(
             link_for(client, a2.address)), timeout=15, message="the restarted node to re-join")
         rejoin = time.monotonic() - t1
         assert back is not link
@@ -139,7 +139,7 @@ def test_a_node_started_after_the_client_is_used(nodes, out, node_secret):
     with Executor(nodes=[b.address, ("127.0.0.1", port)], secret=node_secret,
                   heartbeat=HEARTBEAT) as ex:
         late = nodes("late", port=port)
-        link = poll_for(lambda: (lambda l: l if l is not None and l.ready else None)(
+        link = poll_for(lambda: (lambda link: link if link is not None and link.ready else None)(
             link_for(ex._client, late.address)), timeout=15, message="the late node to join")
         assert sorted(ex.map(work, [out] * 8, range(8), [0.3] * 8)) == list(range(8))
         assert link.jobs_done > 0

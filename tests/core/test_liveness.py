@@ -52,11 +52,13 @@ def test_heartbeat_from_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="DPOOL_HEARTBEAT"):
         liveness.settings()
     monkeypatch.delenv(liveness.HEARTBEAT_ENV)
-    assert liveness.settings() == Settings(liveness.HEARTBEAT_INTERVAL, liveness.HEARTBEAT_DEADLINE)
+    assert liveness.settings() == Settings(liveness.HEARTBEAT_INTERVAL,
+                                           liveness.HEARTBEAT_DEADLINE)
 
 
 def test_peer_settings_are_clamped_not_trusted():
-    assert liveness.peer_settings((0.0, 0.0)) == Settings(liveness.MIN_INTERVAL, 2 * liveness.MIN_INTERVAL)
+    assert liveness.peer_settings((0.0, 0.0)) == Settings(liveness.MIN_INTERVAL,
+                                                          2 * liveness.MIN_INTERVAL)
     assert liveness.peer_settings("junk") == Settings()
     assert liveness.peer_settings((1e9, 1e9)).deadline == liveness.MAX_DEADLINE
 
