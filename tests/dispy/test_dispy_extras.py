@@ -106,7 +106,7 @@ def client_killed_with_jobs(node, tmp_path):
                             env=node_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "client.err", "wb"))
     try:
-        poll_for(lambda: (tmp_path / "ready").exists() or proc.poll() is not None, 10,
+        poll_for(lambda: (tmp_path / "ready").exists() or proc.poll() is not None, 30,
                  message="the client to submit its jobs")
         assert proc.poll() is None, (tmp_path / "client.err").read_text()
         assert oct(os.stat(recover_file).st_mode & 0o777) == "0o600"
