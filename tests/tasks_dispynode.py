@@ -75,3 +75,21 @@ def setup_with_file(name):
 
 def read_setup_file(_=None):
     return file_text
+
+
+def setup_starts_a_manager():
+    """setup starts a process of its own (a multiprocessing Manager): it
+    must stay up while the node's workers come and go."""
+    import multiprocessing
+
+    global manager, shared
+    manager = multiprocessing.Manager()
+    shared = manager.list()
+    return 0
+
+
+def append_to_manager_list(x):
+    if x == "die":
+        os._exit(3)  # the worker dies; the node forks a new one from the setup process
+    shared.append(x)
+    return len(shared)

@@ -65,8 +65,9 @@ def main(argv=None):
     _serve(ctl)
 
 
-def _serve(ctl):
-    """Fork a worker per request on ``ctl`` until it closes; never returns."""
+def _serve(ctl, kept=frozenset()):
+    """Fork a worker per request on ``ctl`` until it closes; never returns.
+    ``kept``: children that are not workers and stay (a setup's)."""
     rfd, wfd = os.pipe()
     os.set_blocking(wfd, False)
     signal.set_wakeup_fd(wfd)
@@ -81,7 +82,7 @@ def _serve(ctl):
             ready = []
         if rfd in ready:
             os.read(rfd, 4096)
-        _reap(ctl, children)
+        _reap(ctl, children, kept)
         if ctl in ready and not _serve_request(ctl, children):
             break
     for pid in children:
@@ -140,10 +141,11 @@ def _setup_process(ctl_fd, data_fd):
     if not worker.run_setup(data_fd):
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _serve(socket.socket(fileno=ctl_fd))
+    # The processes setup started (a multiprocessing Manager, a server) stay.
+    _serve(socket.socket(fileno=ctl_fd), frozenset(reaper.children()))
 
 
-def _reap(ctl, children):
+def _reap(ctl, children, kept=frozenset()):
     """Reap what exited; report workers; kill what dead workers left us."""
     orphans = False
     while True:
@@ -163,7 +165,7 @@ def _reap(ctl, children):
         except OSError:
             pass  # the node is gone; we exit on the next select
     if orphans:
-        reaper.kill_children(keep=children)
+        reaper.kill_children(keep=children | kept)
 
 
 def _kill_group(pid):

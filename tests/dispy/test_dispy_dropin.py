@@ -111,3 +111,16 @@ def test_submit_node_with_a_program_computation(dpool_node, tmp_path):
         assert job(timeout=30) == 4 and job.stdout == "args: 4 x\n", job.exception
         job = cluster.submit_job_id_node("mine", node.ip_addr, 5)
         assert job(timeout=30) == 5 and job.id == "mine" and job.ip_addr == node.ip_addr
+
+
+def test_a_process_setup_started_outlives_the_workers(dpool_node):
+    """A Manager started by setup serves every job, also after a worker
+    died and was replaced (the setup process only reaps what workers leave)."""
+    with cluster_on(dpool_node, h.append_to_manager_list,
+                    setup=h.setup_starts_a_manager) as cluster:
+        assert cluster.submit(1)(timeout=30) == 1
+        died = cluster.submit("die")
+        died(timeout=30)
+        assert died.status == dispy.DispyJob.Abandoned
+        job = cluster.submit(2)
+        assert job(timeout=30) == 2, job.exception
