@@ -8,8 +8,8 @@ message (``JobCluster`` sessions); Executor and Pool sessions never have one.
     client ── FILE name+data ──► write under the session folder ── FILEDONE ──► client
     client ── SETUP ──► fork the session's setup process (the zygote does), which
                          runs setup; SETUPDONE from it: the session's workers are
-                         forked from it (they inherit setup's globals), jobs
-                         flow ── SETUPDONE ──► client
+                         forked from it (they inherit setup's globals); once they
+                         are up ── SETUPDONE ──► client, jobs flow
                          SETUPFAIL (or the setup process dies) ── SETUPFAIL ──► client,
                          and the session ends
     worker ── PROVISIONAL / SENDFILE ──► forwarded to the client, after the
@@ -37,6 +37,7 @@ from ..zygote import describe_exit
 log = logging.getLogger("dpool.node")
 
 CLEANUP_TIMEOUT = 10.0
+WORKERS_WAIT = 5.0  # seconds SETUPDONE waits for the session's workers, at most
 
 
 def avail_info(path=None):
@@ -66,6 +67,8 @@ class SessionEnv:
         self.parked = []
         self.zygote = None  # the setup process, which forks the session's workers
         self.parent = None  # the node's zygote that forked it
+        self._admitted = 0  # workers forked from the setup process so far
+        self._announce = None  # the timer that sends SETUPDONE at the latest
         self._lock = asyncio.Lock()
         self.files = []
         self.cleaning = self.cleaned = False
@@ -168,6 +171,9 @@ class SessionEnv:
         if self.state == "done" and worker.zygote is self.zygote:
             if self.cleaning and self.cleanup_worker is None:
                 self._send_cleanup(worker)  # the workers were killed: a new one runs it
+            self._admitted += 1
+            if self._admitted >= self.session.cpus:
+                self._announce_done()
             return True
         if self.state is None:
             return True
@@ -202,7 +208,18 @@ class SessionEnv:
         if session.options.get("setup"):  # the session started no worker
             for _ in range(session.cpus):
                 session._spawn()  # forked from the setup process
-        if not session.conn.closed:  # else: a detached session
+        # SETUPDONE once the workers are up (or after WORKERS_WAIT s): jobs
+        # sent earlier would all go to the first worker, queued behind each
+        # other (a worker takes several short jobs at once).
+        self._announce = asyncio.get_running_loop().call_later(WORKERS_WAIT, self._announce_done)
+
+    def _announce_done(self):
+        if self._announce is None:
+            return
+        self._announce.cancel()
+        self._announce = None
+        session = self.session
+        if not session.conn.closed and not session.ended:  # else: a detached session
             session.conn.send([P.encode(P.SetupDone({"cpus": session.cpus}))])
 
     def _setup_failed(self, exc_frames):
@@ -263,6 +280,9 @@ class SessionEnv:
         (cleanup=True)."""
         self.session.workers.extend(self.parked)
         self.parked.clear()
+        if self._announce is not None:
+            self._announce.cancel()
+            self._announce = None
         if self.zygote is not None:
             self.zygote.close_adopted()
             self.parent.kill(self.zygote.pid, forget=True)  # if stuck in setup
