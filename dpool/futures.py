@@ -20,107 +20,13 @@ Deliberate differences from ``ProcessPoolExecutor`` are listed in
 """
 import concurrent.futures as _cf
 import itertools
-import os
 import threading
 import time
 
-from . import config
-from .core.client import Client
-from .dispy.depends import code_files, file_messages
+from ._adapters import add_nodes, check_initializer, start_client, total_cpus
 from .progressbar import make_bar, track
 
 __all__ = ["Executor"]
-
-NODES_ENV = "DPOOL_NODES"
-
-
-# ------------------------------------------------- shared with dpool.pool
-
-def parse_nodes(nodes):
-    """``"host:port,host"`` or a list of ``(host, port)``/``"host:port"`` ->
-    list of ``(host, port)``; a missing port is dpool-node's default."""
-    if isinstance(nodes, str):
-        nodes = [part for part in nodes.split(",") if part.strip()]
-    elif isinstance(nodes, tuple) and len(nodes) == 2 and isinstance(nodes[1], int):
-        nodes = [nodes]
-    out = []
-    for node in nodes:
-        if isinstance(node, str):
-            host, sep, port = node.strip().rpartition(":")
-            if not sep or "]" in port:  # no port, or a bare IPv6 address
-                host, port = node.strip(), config.NODE_PORT
-            host = host.strip("[]")
-            try:
-                port = int(port)
-            except ValueError:
-                raise ValueError(f"invalid node {node!r}: expected host:port") from None
-            out.append((host, port))
-        elif isinstance(node, (tuple, list)) and len(node) == 2:
-            out.append((str(node[0]), int(node[1])))
-        else:
-            raise ValueError(f"invalid node {node!r}: give (host, port) or 'host:port'")
-        if not 0 < out[-1][1] <= 65535:  # getaddrinfo would wrap it around silently
-            raise ValueError(f"invalid node {node!r}: the port must be 1 to 65535")
-    if not out:
-        raise ValueError("nodes is empty: give at least one (host, port)")
-    return out
-
-
-def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
-                 process_name="ForkProcess", depends=None, connect_timeout=None,
-                 heartbeat=None):
-    """The started :class:`Client` behind an Executor or a Pool.
-
-    ``workers`` is the embedded node's process count, or with remote nodes
-    the most CPUs to use on each node (None: all of them).  The workers
-    are named ``process_name-N`` (``multiprocessing.current_process().name``).
-    ``depends`` (modules, file paths) are written into each remote node's
-    session folder, on the workers' ``sys.path``, before any job; local
-    workers already import what this process imports.  ``connect_timeout``
-    and ``heartbeat`` are the client core's (see :class:`dpool.core.client.Client`).
-    """
-    files = code_files(depends)
-    if nodes is None and os.environ.get(NODES_ENV, "").strip():
-        nodes = os.environ[NODES_ENV]
-    session = {"max_tasks": max_tasks, "capture": False, "process_name": process_name}
-    if nodes is None:
-        session["cwd"] = os.getcwd()
-        client = Client(None, cpus=workers, session=session, initializer=initializer,
-                        initargs=initargs, connect_timeout=connect_timeout, heartbeat=heartbeat)
-    else:
-        addresses = parse_nodes(nodes)
-        if workers:
-            session["cpus"] = workers
-        messages = file_messages(files)
-        client = Client(addresses, secret=config.secret_for(secret, addresses), session=session,
-                        initializer=initializer, initargs=initargs,
-                        prepare=(lambda link: (session, messages)) if files else None,
-                        connect_timeout=connect_timeout, heartbeat=heartbeat)
-    return client.start()
-
-
-def total_cpus(client):
-    return sum(link.cpus for link in client.nodes()) or 1
-
-
-def add_nodes(client, nodes, secret=None):
-    """Connect a running client to more nodes; returns how many joined now.
-
-    The others (not answering yet) are retried in the background with
-    backoff, as a lost node is, and used once they answer; a node that
-    refuses (wrong secret, no free CPUs) raises nothing here and is logged.
-    """
-    addresses = parse_nodes(nodes)
-    if client.secret is None:  # an embedded-only client: find the nodes' secret now
-        client.secret = config.secret_for(secret, addresses)
-    links = client.add_nodes(addresses)
-    return sum(1 for link in links if link.ready)
-
-
-def check_initializer(initializer):
-    if initializer is not None and not callable(initializer):
-        raise TypeError("initializer must be a callable")
-
 
 # ------------------------------------------------------------ the executor
 
@@ -151,11 +57,16 @@ class Executor(_cf.Executor):
         ``(interval, deadline)`` in seconds (default ``DPOOL_HEARTBEAT``,
         else 1 and 10): a node silent past the deadline is lost, its jobs
         rerun elsewhere, and it is retried until it answers again.
+    ``cafile``, ``certfile``, ``keyfile``
+        TLS to the nodes, as for :class:`dpool.JobCluster`: the nodes'
+        certificates are checked against ``cafile``; ``certfile``/``keyfile``
+        are this client's, for nodes that require one.
     """
 
     def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
                  max_tasks_per_child=None, nodes=None, secret=None, depends=None,
-                 connect_timeout=None, heartbeat=None):
+                 connect_timeout=None, heartbeat=None, cafile=None, certfile=None,
+                 keyfile=None):
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         check_initializer(initializer)
@@ -170,7 +81,8 @@ class Executor(_cf.Executor):
         self._closer = None
         self._client = start_client(max_workers, nodes, secret, max_tasks_per_child,
                                     initializer, initargs, depends=depends,
-                                    connect_timeout=connect_timeout, heartbeat=heartbeat)
+                                    connect_timeout=connect_timeout, heartbeat=heartbeat,
+                                    tls=(cafile, certfile, keyfile))
         self._max_workers = total_cpus(self._client)
 
     def add_nodes(self, nodes, secret=None):
@@ -209,7 +121,7 @@ class Executor(_cf.Executor):
             if self._shutdown_thread:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             try:
-                for chunk in _batched(zip(*iterables), chunksize):
+                for chunk in _chunks(zip(*iterables), chunksize):
                     futures.append(submit(fn, chunk, star=True, defer_errors=True).future)
                     sizes.append(len(chunk))
             except BaseException:
@@ -258,7 +170,7 @@ class Executor(_cf.Executor):
             pass
 
 
-def _batched(iterable, n):
+def _chunks(iterable, n):
     """Lists of up to ``n`` items (itertools.batched is 3.12+)."""
     iterator = iter(iterable)
     while chunk := list(itertools.islice(iterator, n)):

@@ -1,4 +1,4 @@
-"""Host names and addresses: the loopback check.
+"""Host names and addresses: the loopback check and the one node-address parser.
 
 The bottom layer (with errors and config): the secret lookup in config, the
 node server and the daemon all ask whether a host is this machine only.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-__all__ = ["is_loopback"]
+__all__ = ["is_loopback", "parse_address"]
 
 
 def _ip_is_loopback(text: str) -> bool:
@@ -36,3 +36,36 @@ def is_loopback(host) -> bool:
     except (socket.gaierror, UnicodeError):
         return False
     return bool(infos) and all(_ip_is_loopback(info[4][0]) for info in infos)
+
+
+def parse_address(node, default_port: int) -> tuple[str, int]:
+    """One node address -> ``(host, port)``, for every API that takes nodes.
+
+    ``node`` is ``"host"``, ``"host:port"``, ``"[ipv6]:port"``, a bare IPv6
+    address, or a ``(host, port)`` pair; a missing port is ``default_port``.
+    Raises ValueError naming the node for anything else.
+    """
+    if isinstance(node, str):
+        text = node.strip()
+        if text.startswith("["):  # [v6] or [v6]:port
+            host, bracket, rest = text[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ValueError(f"invalid node {node!r}: expected [address]:port")
+            port = rest[1:] or default_port
+        elif text.count(":") == 1:
+            host, port = text.split(":")
+        else:  # a name, an IPv4 address or a bare IPv6 address
+            host, port = text, default_port
+    elif isinstance(node, (tuple, list)) and len(node) == 2:
+        host, port = str(node[0]), node[1]
+    else:
+        raise ValueError(f"invalid node {node!r}: give 'host', 'host:port' or (host, port)")
+    if not host.strip():
+        raise ValueError(f"invalid node {node!r}: no host")
+    try:
+        port = int(port)
+    except (TypeError, ValueError):
+        raise ValueError(f"invalid node {node!r}: expected host:port") from None
+    if not 0 < port <= 65535:  # getaddrinfo would wrap it around silently
+        raise ValueError(f"invalid node {node!r}: the port must be 1 to 65535")
+    return host.strip(), port

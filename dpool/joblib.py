@@ -30,7 +30,8 @@ import threading
 import joblib
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase
 
-from .futures import NODES_ENV, Executor, total_cpus
+from ._adapters import NODES_ENV, total_cpus
+from .futures import Executor
 
 __all__ = ["DpoolBackend", "register"]
 

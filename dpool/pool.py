@@ -33,7 +33,7 @@ import weakref
 from multiprocessing.pool import MaybeEncodingError
 
 from . import protocol as P
-from .futures import add_nodes, check_initializer, start_client, total_cpus
+from ._adapters import add_nodes, check_initializer, start_client, total_cpus
 from .node.worker import RESULT_REPR
 from .progressbar import make_bar, track
 
@@ -51,7 +51,8 @@ class Pool:
 
     Takes ``multiprocessing.Pool``'s arguments (``context`` is accepted and
     ignored: workers are always forked by dpool's zygote) and dpool's own
-    ``nodes``, ``secret``, ``depends``, ``connect_timeout`` and ``heartbeat`` (see
+    ``nodes``, ``secret``, ``depends``, ``connect_timeout``, ``heartbeat`` and
+    the TLS files ``cafile``, ``certfile``, ``keyfile`` (see
     :class:`dpool.futures.Executor`); with ``nodes``, ``processes`` caps the
     CPUs used on each node.
     """
@@ -60,7 +61,8 @@ class Pool:
 
     def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
                  context=None, *, nodes=None, secret=None, depends=None,
-                 connect_timeout=None, heartbeat=None):
+                 connect_timeout=None, heartbeat=None, cafile=None, certfile=None,
+                 keyfile=None):
         if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None:
@@ -74,7 +76,7 @@ class Pool:
         self._client = start_client(processes, nodes, secret, maxtasksperchild,
                                     initializer, initargs, process_name="ForkPoolWorker",
                                     depends=depends, connect_timeout=connect_timeout,
-                                    heartbeat=heartbeat)
+                                    heartbeat=heartbeat, tls=(cafile, certfile, keyfile))
         self._processes = total_cpus(self._client)
         self._state = RUN
 
@@ -437,7 +439,7 @@ class IMapIterator:
         self._pool = pool
         self._bar = bar
         self._func = func
-        self._chunks = _batched(iter(iterable), chunksize)
+        self._chunks = _one_arg_chunks(iter(iterable), chunksize)
         self._window = window
         self._exhausted = False
         self._lock = threading.RLock()
@@ -556,7 +558,7 @@ def _failed(exc):
     return future
 
 
-def _batched(iterator, n):
+def _one_arg_chunks(iterator, n):
     """Lists of up to ``n`` one-argument tuples from ``iterator``."""
     while chunk := list(zip(itertools.islice(iterator, n))):
         yield chunk

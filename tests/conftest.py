@@ -31,7 +31,10 @@ def node_secret():
 
 
 def _serve(workdir, cpus, secret):
-    node = start_node(workdir, cpus=cpus, secret=secret)
+    yield from _serve_node(start_node(workdir, cpus=cpus, secret=secret))
+
+
+def _serve_node(node):
     yield node
     code = node.terminate()
     assert code == 0, f"dpool-node exited with {code}: {node.stderr()}"
@@ -41,6 +44,28 @@ def _serve(workdir, cpus, secret):
 def dpool_node(tmp_path, node_secret):
     """A dpool-node subprocess with 2 CPUs and a secret, on a free port."""
     yield from _serve(tmp_path / "node", 2, node_secret)
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """A CA (trustme), a node certificate for 127.0.0.1/localhost signed by
+    it, a client certificate, and another CA's certificate: paths."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "node", "client", "other_ca")}
+    ca.cert_pem.write_to_path(paths["ca"])
+    node = ca.issue_cert("127.0.0.1", "localhost")
+    node.private_key_and_cert_chain_pem.write_to_path(paths["node"])
+    ca.issue_cert("client.example").private_key_and_cert_chain_pem.write_to_path(paths["client"])
+    trustme.CA().cert_pem.write_to_path(paths["other_ca"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+@pytest.fixture
+def tls_node(tmp_path, pki, node_secret):
+    """A dpool-node (1 CPU) that speaks TLS and requires client certificates."""
+    yield from _serve_node(start_node(tmp_path / "tls-node", cpus=1, secret=node_secret,
+                                      args=("--certfile", pki["node"], "--cafile", pki["ca"])))
 
 
 @pytest.fixture

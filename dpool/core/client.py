@@ -40,7 +40,7 @@ from .. import serialize
 from ..config import resolve_cpus
 from ..errors import (AuthenticationError, BrokenCluster, ConnectionClosed, DpoolError,
                       JobCancelled, NodeLost, ProtocolError)
-from ..transport import PROTOCOL_VERSION, connect, inproc_pair
+from ..transport import PROTOCOL_VERSION, client_ssl_context, connect, inproc_pair
 from .scheduler import Action, Cancelled, CancelRemote, Fail, Scheduler, Send
 
 log = logging.getLogger("dpool")
@@ -63,6 +63,16 @@ def _ignore(link, msg, frames):
 def client_hello():
     return {"protocol": PROTOCOL_VERSION, "role": "client",
             "python": "%d.%d" % sys.version_info[:2], "cloudpickle": cloudpickle.__version__}
+
+
+def tls_context(cafile=None, certfile=None, keyfile=None):
+    """The TLS setup of every API: TLS to the nodes when any file is given.
+    The nodes' certificates are checked against ``cafile`` (the system CAs if
+    None); ``certfile`` and ``keyfile`` are this client's certificate, for
+    nodes that require one.  None (no TLS) when no file is given."""
+    if not (cafile or certfile):
+        return None
+    return client_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)
 
 
 #: Functions a node session keeps at most (see Client._forget).

@@ -36,7 +36,7 @@ from ..core import client as core
 from ..node.env import job as jobenv
 from .depends import collect, file_entry, file_messages
 from .model import (CallbackThread, ClusterStatus, DispyJob, DispyNode,
-                          DispyNodeAvailInfo, NodeAllocate, parse_nodes, resolve_host)
+                          DispyNodeAvailInfo, NodeAllocate, allocations, resolve_host)
 from ..errors import BrokenCluster, DpoolError
 from .. import protocol as P
 
@@ -79,7 +79,7 @@ class JobCluster:
         self.cluster_status = _check_callback(cluster_status, 3, "cluster_status")
         self.node_port = node_port or port or config.NODE_PORT
         self.secret = config.as_secret(secret) or config.env_secret()
-        self._ssl = _tls_context(cafile, certfile, keyfile)
+        self._ssl = core.tls_context(cafile, certfile, keyfile)
         self._client_cert = bool(certfile)
         self._program = None
         depends = list(depends)
@@ -109,7 +109,7 @@ class JobCluster:
         self._jobs = set()
         self._nodes = {}  # NodeLink -> DispyNode (initialized nodes)
         self._closing = {}  # NodeLink -> close when idle
-        self._allocs = [] if nodes in (None, "*", ["*"]) else parse_nodes(nodes, self.node_port)
+        self._allocs = [] if nodes in (None, "*", ["*"]) else allocations(nodes, self.node_port)
         for alloc in self._allocs or [NodeAllocate("*")]:
             for dep in alloc.depends:  # missing files fail here, not per node
                 file_entry(dep)
@@ -554,7 +554,7 @@ class JobCluster:
                 self._closing.pop(link, None)
                 self._client.set_cpus(link, link.cpus)
                 continue
-            alloc = parse_nodes([spec], self.node_port)[0]
+            alloc = allocations([spec], self.node_port)[0]
             for dep in alloc.depends:  # missing files fail here, not per node
                 file_entry(dep)
             self._check_setup_args(alloc.setup_args)
@@ -718,17 +718,6 @@ def _check_picklable(computation, names, setup, cleanup):
         serialize.dumps((names, setup, (), cleanup))
     except Exception as exc:
         raise TypeError(f"depends, setup or cleanup cannot be sent to the nodes: {exc}") from exc
-
-
-def _tls_context(cafile, certfile, keyfile):
-    """TLS to the nodes when any of the files is given: the nodes' certificates
-    are checked against ``cafile`` (the system CAs if None); ``certfile`` and
-    ``keyfile`` are this client's certificate, for nodes that require one."""
-    if not (cafile or certfile):
-        return None
-    from ..transport import client_ssl_context
-
-    return client_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)
 
 
 def _ip_of(link):

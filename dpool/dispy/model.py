@@ -16,6 +16,7 @@ import threading
 import time
 
 from ..core import client as core
+from ..hosts import parse_address
 
 log = logging.getLogger("dpool")
 
@@ -255,8 +256,9 @@ class NodeAllocate:
         return f"<NodeAllocate {self.host}:{self.port} cpus={self.cpus}>"
 
 
-def parse_nodes(nodes, default_port):
-    """dispy's ``nodes`` -> list of NodeAllocate."""
+def allocations(nodes, default_port):
+    """dispy's ``nodes`` -> list of NodeAllocate.  A string is parsed as by
+    the other APIs (``"host"``, ``"host:port"``, ``"[ipv6]:port"``)."""
     if isinstance(nodes, (str, NodeAllocate, tuple)):
         nodes = [nodes]
     out = []
@@ -264,7 +266,7 @@ def parse_nodes(nodes, default_port):
         if isinstance(node, NodeAllocate):
             spec = node
         elif isinstance(node, str):
-            spec = NodeAllocate(node)
+            spec = NodeAllocate(*parse_address(node, default_port))
         elif isinstance(node, tuple) and 1 <= len(node) <= 3:
             spec = NodeAllocate(*node)
         else:

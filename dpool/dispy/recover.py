@@ -36,6 +36,7 @@ from .. import liveness
 from .. import protocol as P
 from ..protocol import Outcome
 from .. import serialize
+from ..core.client import tls_context
 from .model import DispyJob, resolve_host
 from ..errors import DpoolError
 
@@ -180,12 +181,7 @@ def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
     except (OSError, ValueError) as exc:
         log.warning("recover_jobs: cannot read %s: %s", recover_file, exc)
         return []
-    ssl = None
-    if header.get("cafile") or header.get("certfile"):
-        from ..transport import client_ssl_context
-
-        ssl = client_ssl_context(cafile=header.get("cafile"), certfile=header.get("certfile"),
-                                 keyfile=header.get("keyfile"))
+    ssl = tls_context(header.get("cafile"), header.get("certfile"), header.get("keyfile"))
     results = [None] * len(nodes)
     complete = [False] * len(nodes)
 

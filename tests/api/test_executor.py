@@ -10,7 +10,8 @@ import pytest
 
 import dpool
 from dpool import config
-from dpool.futures import Executor, parse_nodes
+from dpool._adapters import node_addresses as parse_nodes
+from dpool.futures import Executor
 import tasks
 from helpers import poll_for, start_node
 

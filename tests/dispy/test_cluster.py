@@ -192,6 +192,26 @@ def test_loopback_node_leaves_its_secret_for_local_clients(tmp_path, dpool_home)
         assert node.terminate() == 0
 
 
+def test_nodes_as_host_port_strings(dpool_node):
+    """``JobCluster(nodes=["host:port"])`` was taken for a host name (the
+    Executor and Pool accepted it): the one address parser reads it."""
+    address = f"127.0.0.1:{dpool_node.port}"
+    with dpool.JobCluster(double, nodes=[address], secret=dpool_node.secret,
+                          loglevel=None) as cluster:
+        assert cluster.submit(5)(timeout=10) == 10
+        assert [node.ip_addr for node in cluster.status().nodes] == ["127.0.0.1"]
+
+
+def test_node_strings_parse_as_in_the_other_apis():
+    from dpool._adapters import node_addresses
+    from dpool.dispy.model import allocations
+
+    specs = ["h", "h:5", "[::1]:7", "::1", "10.0.0.1:80"]
+    assert [(a.host, a.port) for a in allocations(specs, 51350)] == node_addresses(specs)
+    with pytest.raises(ValueError, match="expected host:port"):
+        allocations(["h:port"], 51350)
+
+
 # ------------------------------------------------------- computations
 
 def test_lambda_computation(dpool_node):

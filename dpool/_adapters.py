@@ -1,0 +1,85 @@
+"""What the two stdlib drop-ins (:mod:`dpool.futures`, :mod:`dpool.pool`)
+share: where their nodes are, how their client starts, argument checks."""
+import os
+
+from . import config
+from .core.client import Client, tls_context
+from .dispy.depends import code_files, file_messages
+from .dispy.env import JobEnv
+from .hosts import parse_address
+
+NODES_ENV = "DPOOL_NODES"
+
+
+def node_addresses(nodes):
+    """``"host:port,host"`` or a list of ``(host, port)``/``"host:port"`` ->
+    list of ``(host, port)``; a missing port is dpool-node's default."""
+    if isinstance(nodes, str):
+        nodes = [part for part in nodes.split(",") if part.strip()]
+    elif isinstance(nodes, tuple) and len(nodes) == 2 and isinstance(nodes[1], int):
+        nodes = [nodes]
+    out = [parse_address(node, config.NODE_PORT) for node in nodes]
+    if not out:
+        raise ValueError("nodes is empty: give at least one (host, port)")
+    return out
+
+
+def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
+                 process_name="ForkProcess", depends=None, connect_timeout=None,
+                 heartbeat=None, tls=(None, None, None)):
+    """The started :class:`Client` behind an Executor or a Pool.
+
+    ``workers`` is the embedded node's process count, or with remote nodes
+    the most CPUs to use on each node (None: all of them).  The workers
+    are named ``process_name-N`` (``multiprocessing.current_process().name``).
+    ``depends`` (modules, file paths) are written into each remote node's
+    session folder, on the workers' ``sys.path``, before any job; local
+    workers already import what this process imports.  ``connect_timeout``
+    and ``heartbeat`` are the client core's (see :class:`dpool.core.client.Client`);
+    ``tls`` is ``(cafile, certfile, keyfile)`` for the connections to remote
+    nodes (see :func:`dpool.core.client.tls_context`).
+    """
+    files = code_files(depends)
+    if nodes is None and os.environ.get(NODES_ENV, "").strip():
+        nodes = os.environ[NODES_ENV]
+    session = {"max_tasks": max_tasks, "capture": False, "process_name": process_name}
+    if nodes is None:
+        session["cwd"] = os.getcwd()
+        client = Client(None, cpus=workers, session=session, initializer=initializer,
+                        initargs=initargs, connect_timeout=connect_timeout, heartbeat=heartbeat)
+    else:
+        addresses = node_addresses(nodes)
+        if workers:
+            session["cpus"] = workers
+        messages = file_messages(files)
+        client = Client(addresses, session=session,
+                        secret=config.secret_for(secret, addresses, client_cert=bool(tls[1])),
+                        initializer=initializer, initargs=initargs, ssl=tls_context(*tls),
+                        prepare=(lambda link: (session, messages)) if files else None,
+                        connect_timeout=connect_timeout, heartbeat=heartbeat)
+        if files:
+            JobEnv(client)  # the nodes answer each file (FileDone)
+    return client.start()
+
+
+def total_cpus(client):
+    return sum(link.cpus for link in client.nodes()) or 1
+
+
+def add_nodes(client, nodes, secret=None):
+    """Connect a running client to more nodes; returns how many joined now.
+
+    The others (not answering yet) are retried in the background with
+    backoff, as a lost node is, and used once they answer; a node that
+    refuses (wrong secret, no free CPUs) raises nothing here and is logged.
+    """
+    addresses = node_addresses(nodes)
+    if client.secret is None:  # an embedded-only client: find the nodes' secret now
+        client.secret = config.secret_for(secret, addresses)
+    links = client.add_nodes(addresses)
+    return sum(1 for link in links if link.ready)
+
+
+def check_initializer(initializer):
+    if initializer is not None and not callable(initializer):
+        raise TypeError("initializer must be a callable")
