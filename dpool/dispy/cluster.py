@@ -29,7 +29,6 @@ import shutil
 import socket
 import threading
 import time
-import traceback
 
 from .. import config, liveness, serialize
 from ..core import client as core
@@ -351,25 +350,12 @@ class JobCluster:
             self._callbacks.put(self.cluster_status, DispyNode.AvailInfo, node, None)
 
     def _finish(self, job, core_job):
-        job.start_time = core_job.start_time or job.start_time
-        job.end_time = core_job.end_time or time.time()
-        job.stdout, job.stderr = core_job.stdout or "", core_job.stderr or ""
-        job.ip_addr = _ip_of(core_job.node) if core_job.node is not None else job.ip_addr
-        if core_job.cancelled:
-            job._status = DispyJob.Cancelled
-        else:
-            if core_job.error is None:
-                job.result = core_job.value
-            else:
-                job.result = None
-                job.exception = _exception_text(core_job.error)
-            job._status = DispyJob._from_core[core_job.status]
         with self._lock:
             self._jobs.discard(job)
         if self._recover is not None:
             job._on_id = None
             self._recover.done(core_job.id)  # received: recover_jobs leaves it out
-        job._set_done()
+        job.finish_from(core_job, _ip_of(core_job.node))
 
     def _save_file(self, core_job, name, data):
         try:
@@ -737,13 +723,6 @@ def _byte_size(n):
         if n >= size:
             return "%.1f %s" % (n / size, unit)
     return "%d B" % n
-
-
-def _exception_text(error):
-    cause = error.__cause__
-    if cause is not None and type(cause).__name__ == "RemoteTraceback":
-        return str(cause).strip().strip('"').strip() + "\n"
-    return "".join(traceback.format_exception(error))
 
 
 def _configure_logging(level):

@@ -14,6 +14,7 @@ import queue
 import socket
 import threading
 import time
+import traceback
 
 from ..core import client as core
 from ..hosts import parse_address
@@ -110,6 +111,23 @@ class DispyJob:
                         event.set()
         return event
 
+    def finish_from(self, core_job, ip_addr=None):
+        """Take the final state of the core job (loop thread) and wake waiters."""
+        self.start_time = core_job.start_time or self.start_time
+        self.end_time = core_job.end_time or time.time()
+        self.stdout, self.stderr = core_job.stdout or "", core_job.stderr or ""
+        self.ip_addr = ip_addr or self.ip_addr
+        if core_job.cancelled:
+            self._status = DispyJob.Cancelled
+        else:
+            if core_job.error is None:
+                self.result = core_job.value
+            else:
+                self.result = None
+                self.exception = exception_text(core_job.error)
+            self._status = DispyJob._from_core[core_job.status]
+        self._set_done()
+
     def _set_done(self):
         """Called once the job's fields are final: wakes every waiter."""
         with DispyJob._event_lock:
@@ -199,6 +217,14 @@ class DispyNode:
 
     def __repr__(self):
         return f"<DispyNode {self.ip_addr} ({self.name}) cpus={self.cpus} busy={self.busy}>"
+
+
+def exception_text(error):
+    """DispyJob.exception: the remote traceback text (or this one's)."""
+    cause = error.__cause__
+    if cause is not None and type(cause).__name__ == "RemoteTraceback":
+        return str(cause).strip().strip('"').strip() + "\n"
+    return "".join(traceback.format_exception(error))
 
 
 def resolve_host(host):

@@ -37,7 +37,7 @@ from .. import protocol as P
 from ..protocol import Outcome
 from .. import serialize
 from ..core.client import tls_context
-from .model import DispyJob, resolve_host
+from .model import DispyJob, exception_text, resolve_host
 from ..errors import DpoolError
 
 log = logging.getLogger("dpool")
@@ -303,8 +303,6 @@ async def _recv_alive(conn, timeout):
 
 
 def _job(job_id, core_id, ip, res, payload):
-    from .cluster import _exception_text
-
     job = DispyJob(None, None, None)
     job.id, job.args, job.kwargs, job._core_id = job_id, None, None, core_id
     job.ip_addr, job.start_time, job.end_time = ip, res.start, res.end
@@ -315,14 +313,14 @@ def _job(job_id, core_id, ip, res, payload):
             job.result = serialize.loads(payload)
             job._status = DispyJob.Finished
         except Exception as exc:
-            job.exception, job._status = _exception_text(exc), DispyJob.Terminated
+            job.exception, job._status = exception_text(exc), DispyJob.Terminated
     elif status == Outcome.CANCELLED:
         job._status = DispyJob.Cancelled
     elif status == Outcome.KILLED:
         job.exception, job._status = "job terminated (recover_jobs terminate_pending)", \
             DispyJob.Terminated
     else:
-        job.exception = _exception_text(serialize.load_exception(payload))
+        job.exception = exception_text(serialize.load_exception(payload))
         job._status = DispyJob.Terminated if status == Outcome.ERROR else DispyJob.Abandoned
     job._set_done()
     return job
