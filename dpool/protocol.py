@@ -6,7 +6,8 @@ code (a plain int on the wire) and whose fields are those of the message's
 record below.  Frames 1.. carry payloads (pickle streams and out-of-band
 buffers made by :mod:`dpool.serialize`) and are forwarded by nodes without
 being decoded.  :func:`encode` and :func:`decode` are the only places a
-header is built or read; items inside a header (the jobs of RUN, the results
+header is built or read (a received header becomes its message's record);
+items inside a header (the jobs of RUN, the results
 of DONE) are plain tuples on the wire, made by :func:`run_item` and
 :func:`result`, and read back as records by :func:`run_items` and
 :func:`results`, the one RUN and the one DONE decoder of client, node,
@@ -77,7 +78,7 @@ A new message: a code in :class:`Op`, a record registered with
 """
 import pickle
 from enum import IntEnum
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from .errors import ProtocolError
 
@@ -180,30 +181,33 @@ def result(job_id: int, outcome: int, nframes: int = 0, start: Optional[float] =
 _new = tuple.__new__
 
 
-def run_items(msg: "Run", frames: Sequence) -> Iterator[tuple[RunItem, Sequence]]:
-    """The jobs of a Run message, each with its payload frames."""
-    i = 1
-    for record in msg.jobs:
-        item = _new(RunItem, record)
-        n = item.nframes
-        yield item, frames[i:i + n]
-        i += n
+def _items_decoder(cls, doc):
+    """The decoder of a message whose one field is a list of ``cls`` items,
+    each followed by its ``nframes`` payload frames."""
+    k = cls._fields.index("nframes")
+
+    def decode(msg: tuple, frames: Sequence) -> list[tuple[Any, Sequence]]:
+        # A list, not a generator: a Done from a worker holds one result,
+        # and making a generator costs more than the list (measured).
+        out = []
+        i = 1
+        for record in msg[0]:
+            n = record[k]
+            out.append((_new(cls, record), frames[i:i + n]))
+            i += n
+        return out
+    decode.__doc__ = doc
+    return decode
 
 
-def results(msg: "Done", frames: Sequence) -> Iterator[tuple[Result, Sequence]]:
-    """The results of a Done message, each with its payload frames."""
-    i = 1
-    for record in msg.results:
-        res = _new(Result, record)
-        n = res.nframes
-        yield res, frames[i:i + n]
-        i += n
+run_items = _items_decoder(RunItem, "The jobs of a Run message, each with its payload frames.")
+results = _items_decoder(Result, "The results of a Done message, each with its payload frames.")
 
 
 # ------------------------------------------------------------- messages
 
 _RECORDS: dict[int, Any] = {}  # op -> (message record class, its header's length)
-_CODES: dict[Any, int] = {}  # message record class -> op
+_CODES: dict[Any, tuple[int, int]] = {}  # message record class -> (op, its field count)
 
 
 def message(op: Op):
@@ -212,7 +216,7 @@ def message(op: Op):
         if op in _RECORDS:
             raise ValueError(f"{op!r} already has a record: {_RECORDS[op][0].__name__}")
         _RECORDS[int(op)] = (cls, 1 + len(cls._fields))
-        _CODES[cls] = int(op)
+        _CODES[cls] = (int(op), len(cls._fields))
         return cls
     return register
 
@@ -356,9 +360,16 @@ _dumps = pickle.dumps
 _loads = pickle.loads
 
 
-def encode(msg: tuple) -> bytes:
-    """Frame 0 of a message: ``(op, *fields)``, pickled."""
-    return _dumps((_CODES[type(msg)], *msg), 5)
+def encode(kind: type, *fields) -> bytes:
+    """Frame 0 of a message of type ``kind`` (its record class, e.g.
+    ``encode(Run, items)``): ``(op, *fields)``, pickled, the fields in the
+    record's order.  (No record is made on the way out: a message is sent
+    once per job on some legs.)"""
+    code, count = _CODES[kind]
+    if len(fields) != count:
+        raise TypeError(f"{kind.__name__} takes {count} fields ({', '.join(kind._fields)}), "
+                        f"not {len(fields)}")
+    return _dumps((code, *fields), 5)
 
 
 def decode(frame) -> Any:
@@ -368,16 +379,16 @@ def decode(frame) -> Any:
     header = _loads(frame)
     try:
         cls, length = _RECORDS[header[0]]
+        if len(header) == length:
+            return _new(cls, header[1:])
     except (KeyError, TypeError, IndexError):
         raise ProtocolError(f"not a dpool message header: {_short(header)}") from None
-    if type(header) is not tuple or len(header) != length:
-        raise ProtocolError(f"bad {Op(header[0]).name} header: {_short(header)}")
-    return _new(cls, header[1:])
+    raise ProtocolError(f"bad {Op(header[0]).name} header: {_short(header)}")
 
 
 def op_of(msg: tuple) -> Op:
     """The Op of a message record (for logs)."""
-    return Op(_CODES[type(msg)])
+    return Op(_CODES[type(msg)][0])
 
 
 def _short(obj, limit: int = 80) -> str:

@@ -484,7 +484,7 @@ class Client:
             link.heartbeat = liveness.Heartbeat(self.liveness, self.loop.time(),
                                                 link.conn.bytes_received, link.conn.bytes_sent)
             self._start_ticker()
-        link.conn.send([P.encode(P.Session(session)), *self.init_frames])
+        link.conn.send([P.encode(P.Session, session), *self.init_frames])
         for message in preamble:
             link.hold = link.hold or type(P.decode(message[0])) is P.Setup
             link.conn.send(message)
@@ -600,7 +600,7 @@ class Client:
                 self._file_waiters.pop(req_id, None)
                 waiter.set_result(f"node {link.name} is not connected")
                 return
-            link.conn.send([P.encode(P.File(req_id, name, mode)), data])
+            link.conn.send([P.encode(P.File, req_id, name, mode), data])
         self.loop.call_soon_threadsafe(send)
         return waiter
 
@@ -622,7 +622,7 @@ class Client:
             link.retry = False
             if link.conn is not None and not link.conn.closed:
                 if link.ready:
-                    link.conn.send([P.encode(P.Bye())])
+                    link.conn.send([P.encode(P.Bye)])
                 link.conn.close()
         self.loop.call_soon_threadsafe(close)
 
@@ -672,7 +672,7 @@ class Client:
                 continue
             verdict = hb.tick(now, conn.bytes_received, conn.bytes_sent)
             if verdict is liveness.SEND:
-                conn.send([P.encode(P.Heartbeat())])
+                conn.send([P.encode(P.Heartbeat)])
             elif verdict is liveness.LOST:
                 link.error = NodeLost(f"node {link.name} ({_where(link)}) sent nothing for "
                                       f"{hb.silence(now):.1f} s (heartbeat deadline "
@@ -739,7 +739,7 @@ class Client:
                 self._finish(self.jobs.pop(action.job, None), ABANDONED, error=action.error)
             elif kind is CancelRemote:
                 try:
-                    action.node.conn.send([P.encode(P.Cancel(action.jobs))])
+                    action.node.conn.send([P.encode(P.Cancel, action.jobs)])
                 except ConnectionClosed:
                     pass  # closing: its close callback reports these jobs cancelled
             elif kind is Cancelled:
@@ -758,7 +758,7 @@ class Client:
                 job.sent = True
             count = link.fns.get(job.fn_id)
             if count is None:
-                functions.append([P.encode(P.Func(job.fn_id)), job.blob])
+                functions.append([P.encode(P.Func, job.fn_id), job.blob])
                 link.fns[job.fn_id] = 1
             else:
                 link.fns[job.fn_id] = count + 1
@@ -773,7 +773,7 @@ class Client:
             for message in functions:
                 conn.send(message)
             if header:
-                conn.send([P.encode(P.Run(header)), *frames])
+                conn.send([P.encode(P.Run, header), *frames])
         except ConnectionClosed as exc:
             # Closed under us (its close callback, which runs later, does the
             # rest): these jobs go elsewhere now, with the node's others.
@@ -799,7 +799,7 @@ class Client:
         for fn_id in drop:
             del fns[fn_id]
         if drop:
-            link.conn.send([P.encode(P.Forget(drop))])
+            link.conn.send([P.encode(P.Forget, drop)])
 
     def _on_started(self, link, msg, frames):
         if not self._trusted(link, [record[0] for record in msg.jobs], "a start"):
@@ -911,7 +911,7 @@ class Client:
         for link in self.links:
             if link.conn is not None and not link.conn.closed:
                 if link.ready:
-                    link.conn.send([P.encode(P.Bye())])
+                    link.conn.send([P.encode(P.Bye)])
                 link.ready = False
                 link.conn.close()
         for job in list(self.jobs.values()):

@@ -51,7 +51,7 @@ async def query_node(host: str, port: int, secret: bytes | None, *, ssl=None,
 
     conn.set_receiver(on_message, on_close)
     try:
-        conn.send([P.encode(P.Status(None))])
+        conn.send([P.encode(P.Status, None)])
         frames = await asyncio.wait_for(reply, timeout)
         msg = P.decode(frames[0])
         if type(msg) is not P.Status or not isinstance(msg.info, dict):

@@ -262,7 +262,7 @@ class JobCluster:
         messages = file_messages(self._files + node_files)
         names = dict(self._names, dispy_node_name=name, dispy_node_ip_addr=ip)
         cleanup = self._cleanup if not isinstance(self._cleanup, bool) else None
-        messages.append([P.encode(P.Setup()),
+        messages.append([P.encode(P.Setup),
                          *serialize.dumps((names, self._setup, alloc.setup_args, cleanup))])
         return session, messages
 

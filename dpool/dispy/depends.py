@@ -80,7 +80,7 @@ def collect(depends, cwd=None):
 def file_messages(files):
     """FILE messages (sent after SESSION) writing ``files`` ([FileEntry]) into
     the session's folder on a node."""
-    return [[P.encode(P.File(None, name, mode)), data] for name, mode, data in files]
+    return [[P.encode(P.File, None, name, mode), data] for name, mode, data in files]
 
 
 def code_files(depends):

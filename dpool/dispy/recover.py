@@ -256,7 +256,7 @@ async def _recover_node(i, address, token, secret, ssl, ids, terminate, deadline
         conn = await asyncio.wait_for(connect(host, port, secret=secret, hello=client_hello(),
                                               ssl=ssl),
                                       10.0 if deadline is None else min(10.0, remaining()))
-        conn.send([P.encode(P.Recover(token, bool(terminate)))])
+        conn.send([P.encode(P.Recover, token, bool(terminate))])
         msg = P.decode((await asyncio.wait_for(conn.recv(), remaining()))[0])
         if type(msg) is not P.Ready:
             log.warning("recover_jobs: node %s:%s refused: %s", host, port,
@@ -275,7 +275,7 @@ async def _recover_node(i, address, token, secret, ssl, ids, terminate, deadline
                     expected.discard(res.job_id)
                     jobs.append((res.job_id, _job(ids.get(res.job_id), res.job_id, ip, res,
                                                   payload)))
-        conn.send([P.encode(P.Bye())])
+        conn.send([P.encode(P.Bye)])
         complete[i] = True
     except (TimeoutError, OSError, DpoolError) as exc:
         log.warning("recover_jobs: node %s:%s: %s", host, port,
@@ -299,7 +299,7 @@ async def _recv_alive(conn, timeout):
                 timeout -= wait
                 if timeout <= 0:
                     raise
-            conn.send([P.encode(P.Heartbeat())])
+            conn.send([P.encode(P.Heartbeat)])
 
 
 def _job(job_id, core_id, ip, res, payload):

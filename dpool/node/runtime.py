@@ -224,7 +224,7 @@ class Session:
             conn.abort()  # on_close ends (or detaches) the session
             return
         if verdict is liveness.SEND:
-            conn.send([P.encode(P.Heartbeat())])
+            conn.send([P.encode(P.Heartbeat)])
         self._ticker = loop.call_later(hb.settings.tick, self._tick)
 
     def on_heartbeat(self, msg, frames):
@@ -260,7 +260,7 @@ class Session:
     def on_status(self, msg, frames):
         """Status instead of Session: answer, take no CPU, end quietly."""
         if self.cpus == 0 and not self.options:
-            self.conn.send([P.encode(P.Status(node_status(self.node)))])
+            self.conn.send([P.encode(P.Status, node_status(self.node))])
         self.end("status")
 
     def on_session(self, msg, frames):
@@ -268,8 +268,8 @@ class Session:
         want = options.get("cpus") or self.node.free_cpus
         self.cpus = min(want, self.node.free_cpus)
         if self.cpus <= 0:
-            self.conn.send([P.encode(P.Refused(f"node {self.node.name} has no free CPUs (all "
-                                               f"{self.node.cpus} are in use by other clients)"))])
+            self.conn.send([P.encode(P.Refused, f"node {self.node.name} has no free CPUs (all "
+                                               f"{self.node.cpus} are in use by other clients)")])
             self.end("refused")
             return
         self.node.free_cpus -= self.cpus
@@ -279,11 +279,11 @@ class Session:
         try:
             self.dir = self._make_dir(options)
         except OSError as exc:
-            self.conn.send([P.encode(P.Refused(f"cannot create the job folder: {exc}"))])
+            self.conn.send([P.encode(P.Refused, f"cannot create the job folder: {exc}")])
             self.end("refused")
             return
         info = dict(self.node.info(), cpus=self.cpus, dir=self.dir, pid=os.getpid())
-        self.conn.send([P.encode(P.Ready(info))])
+        self.conn.send([P.encode(P.Ready, info)])
         if not options.get("setup"):  # else: forked from the setup process
             for _ in range(self.cpus):
                 self._spawn()
@@ -301,7 +301,7 @@ class Session:
             await asyncio.sleep(interval)
             if self.ended or self.conn.closed:
                 return
-            self.conn.send([P.encode(P.AvailInfo(avail_info(self.node.dest_root)))])
+            self.conn.send([P.encode(P.AvailInfo, avail_info(self.node.dest_root))])
 
     def _make_dir(self, options):
         if options.get("cwd"):
@@ -340,7 +340,7 @@ class Session:
             gone = [fn_id for fn_id in ids if fn_id in worker.fns]
             if gone and not worker.dead:
                 worker.fns.difference_update(gone)
-                worker.conn.send([P.encode(P.Forget(gone))])
+                worker.conn.send([P.encode(P.Forget, gone)])
 
     def on_cancel(self, msg, frames):
         ids = set(msg.job_ids)
@@ -425,9 +425,9 @@ class Session:
         """RECOVER on a new connection: take over a detached session."""
         old = self.node.detached.pop(msg.token, None) if self.cpus == 0 else None
         if old is None or old.ended:
-            self.conn.send([P.encode(P.Refused(f"node {self.node.name} keeps no results for "
+            self.conn.send([P.encode(P.Refused, f"node {self.node.name} keeps no results for "
                                                f"that session (unknown, or the time to "
-                                               f"recover it has passed)"))])
+                                               f"recover it has passed)")])
             self.end("refused")
             return
         self.ended = True  # this session only hands its connection over
@@ -449,8 +449,8 @@ class Session:
         log.info("session %s: recovered by %s: %d results kept, %d jobs unfinished%s",
                  self.sid, conn.peer, len(kept), len(pending),
                  " (terminated)" if terminate and pending else "")
-        conn.send([P.encode(P.Ready(dict(self.node.info(), recovered=True, kept=kept,
-                                         pending=pending)))])
+        conn.send([P.encode(P.Ready, dict(self.node.info(), recovered=True, kept=kept,
+                                         pending=pending))])
         self._schedule_flush()
         if terminate and pending:
             self.on_cancel(P.Cancel(pending), ())
@@ -501,7 +501,7 @@ class Session:
             return
         conn = await wrap_socket(sock, peer=f"worker {pid}")
         worker = WorkerHandle(pid, conn, self.options.get("max_tasks"), zygote)
-        conn.send([P.encode(P.Init(self.worker_options())), *self.init_frames])
+        conn.send([P.encode(P.Init, self.worker_options()), *self.init_frames])
         if self.env is None or self.env.admit(worker):
             self.workers.append(worker)
         conn.set_receiver(lambda frames: self.on_worker_message(worker, frames),
@@ -526,16 +526,16 @@ class Session:
                         LookupError(f"unknown function id {fn_id}")))
                     continue
                 worker.fns.add(fn_id)
-                worker.conn.send([P.encode(P.Func(fn_id)), blob])
+                worker.conn.send([P.encode(P.Func, fn_id), blob])
             batch = batches.get(worker)
             if batch is None:
                 batch = batches[worker] = ([], [None])
-            batch[0].append(P.run_item(job_id, fn_id, item.nframes, item.star, item.attempt))
+            batch[0].append(tuple(item))  # the same RunItem, as it goes on the wire
             batch[1].extend(frames)
             worker.outstanding.append(job_id)
             self.given[job_id] = (worker, job)
         for worker, (header, frames) in batches.items():
-            frames[0] = P.encode(P.Run(header))
+            frames[0] = P.encode(P.Run, header)
             worker.conn.send(frames)
 
     _dispatch_scheduled = False
@@ -644,7 +644,7 @@ class Session:
         # The client fails or moves the jobs it gave us; we just stop (a
         # client already gone, as a recoverable session's may be, hears nothing).
         if not self.conn.closed:
-            self.conn.send([P.encode(P.InitFail()), *exc_frames])
+            self.conn.send([P.encode(P.InitFail), *exc_frames])
         self.end("initializer failed")
 
     # --------------------------------------------------------- to the client
@@ -674,12 +674,12 @@ class Session:
                 self._check_kept()
             return
         if self.started:
-            self.conn.send([P.encode(P.Started(self.started))])
+            self.conn.send([P.encode(P.Started, self.started)])
             self.started = []
         if self.out:
             out, frames = self.out, self.out_frames
             self.out, self.out_frames = [], []
-            self.conn.send([P.encode(P.Done(out)), *frames])
+            self.conn.send([P.encode(P.Done, out), *frames])
 
     # ---------------------------------------------------------------- ending
 

@@ -86,7 +86,7 @@ class Worker:
                 if initializer is not None:
                     initializer(*initargs)
             except BaseException as exc:  # reported to the node, then we exit
-                self.conn.send([P.encode(P.InitFail()), *serialize.dump_exception(exc)])
+                self.conn.send([P.encode(P.InitFail), *serialize.dump_exception(exc)])
                 self.conn.close()
                 os._exit(3)
             self.kept = frozenset(reaper.children())  # an initializer's may stay
@@ -119,13 +119,13 @@ class Worker:
         send = self.conn.send
         for item, payload in P.run_items(msg, frames):
             record, payload = self.run(item.job_id, item.fn_id, item.star, payload)
-            send([P.encode(P.Done([record])), *payload])
+            send([P.encode(P.Done, [record]), *payload])
         reaper.kill_children(self.kept)  # nothing of a job outlives it
 
     def run(self, job_id, fn_id, star, frames):
         start = time.time()
         if self.notify_start:
-            self.conn.send([P.encode(P.Started([(job_id, start)]))])
+            self.conn.send([P.encode(P.Started, [(job_id, start)])])
         out = err = None
         try:
             fn = self._function(fn_id)

@@ -61,8 +61,8 @@ class RogueNode:
             while True:
                 msg = P.decode((await conn.recv())[0])
                 if isinstance(msg, P.Session):
-                    conn.send([P.encode(P.Ready({"name": "rogue", "cpus": 1, "free_cpus": 0,
-                                                 "dir": "/", "pid": 1}))])
+                    conn.send([P.encode(P.Ready, {"name": "rogue", "cpus": 1, "free_cpus": 0,
+                                                 "dir": "/", "pid": 1})])
         except ConnectionClosed:
             self.closed.set()
 
@@ -76,7 +76,7 @@ class RogueNode:
 def forged_result(job_id, value):
     payload = serialize.dumps(value)
     record = P.result(job_id, P.Outcome.OK, len(payload), 1.0, 2.0, "", "")
-    return [P.encode(P.Done([record])), *payload]
+    return [P.encode(P.Done, [record]), *payload]
 
 
 @pytest.fixture
@@ -104,8 +104,8 @@ def test_a_node_cannot_answer_for_a_job_another_node_runs(dpool_node, rogue, tmp
         job = client.submit(hold, (marker, gate), pin=real)
         (pid,), _ = read_marker(marker)
         payload = serialize.dumps("provisional")
-        rogue.send([P.encode(P.SendFile(job.id, "evil.txt")), b"evil"],
-                   [P.encode(P.Provisional(job.id)), *payload],
+        rogue.send([P.encode(P.SendFile, job.id, "evil.txt"), b"evil"],
+                   [P.encode(P.Provisional, job.id), *payload],
                    forged_result(job.id, "forged"))
         assert rogue.closed.wait(10), "the client kept the lying node's link open"
         open(gate, "w").close()
@@ -144,7 +144,7 @@ def test_a_node_cannot_answer_for_a_file_sent_to_another_node(dpool_node, caplog
                      message="both sessions")
             to_silent = [link for link in client.nodes() if link.address[1] == silent.address[1]]
             waiter = client.send_file(to_silent[0], "data.txt", b"data")
-            liar.send([P.encode(P.FileDone(1, None))])        # the first request's number
+            liar.send([P.encode(P.FileDone, 1, None)])        # the first request's number
             assert liar.closed.wait(10), "the client kept the lying node's link open"
             assert not waiter.done(), "a node settled a file request sent to another node"
         finally:

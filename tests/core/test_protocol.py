@@ -12,25 +12,30 @@ def test_every_op_has_one_record_and_round_trips():
         cls = P._RECORDS[int(op)][0]
         msg = cls._make(f"field{i}" for i in range(len(cls._fields)))
         assert P.op_of(msg) is op
-        assert P.decode(P.encode(msg)) == msg
-        assert type(P.decode(P.encode(msg))) is cls
+        assert P.decode(P.encode(cls, *msg)) == msg
+        assert type(P.decode(P.encode(cls, *msg))) is cls
+
+
+def test_encode_checks_the_field_count():
+    with pytest.raises(TypeError, match=r"Recover takes 2 fields \(token, terminate\), not 1"):
+        P.encode(P.Recover, "token")
 
 
 def test_the_wire_holds_plain_ints_not_enums():
     """An IntEnum pickles as a reference to its class; the wire must stay compact."""
-    frame = P.encode(P.Done([P.result(7, P.Outcome.CANCELLED), P.result(8, P.Outcome.OK, 1)]))
+    frame = P.encode(P.Done, [P.result(7, P.Outcome.CANCELLED), P.result(8, P.Outcome.OK, 1)])
     assert b"Outcome" not in frame and b"protocol" not in frame
     assert pickle.loads(frame) == (13, [(7, 3, None, None, None, None, 0, None),
                                         (8, 0, None, None, None, None, 1, None)])
-    frame = P.encode(P.Run([P.run_item(1, 2, 1, int(P.Call.MAP))]))
+    frame = P.encode(P.Run, [P.run_item(1, 2, 1, int(P.Call.MAP))])
     assert b"Call" not in frame and b"RunItem" not in frame
     assert pickle.loads(frame) == (3, [(1, 2, 1, 2, 1)])  # attempt 1 by default
 
 
 def test_results_decodes_each_job_with_its_payload():
-    msg = P.decode(P.encode(P.Done([P.result(1, P.Outcome.OK, 2, 1.0, 2.0, "out", ""),
+    msg = P.decode(P.encode(P.Done, [P.result(1, P.Outcome.OK, 2, 1.0, 2.0, "out", ""),
                                     P.result(2, P.Outcome.KILLED),
-                                    P.result(3, P.Outcome.ERROR, 1)])))
+                                    P.result(3, P.Outcome.ERROR, 1)]))
     got = list(P.results(msg, [b"header", b"a", b"b", b"c"]))
     assert [(r.job_id, P.Outcome(r.outcome), list(payload)) for r, payload in got] == [
         (1, P.Outcome.OK, [b"a", b"b"]), (2, P.Outcome.KILLED, []), (3, P.Outcome.ERROR, [b"c"])]
@@ -38,7 +43,7 @@ def test_results_decodes_each_job_with_its_payload():
 
 
 def test_run_items_decodes_each_job_with_its_payload():
-    msg = P.decode(P.encode(P.Run([P.run_item(1, 5, 1, 0), P.run_item(2, 5, 2, 1)])))
+    msg = P.decode(P.encode(P.Run, [P.run_item(1, 5, 1, 0), P.run_item(2, 5, 2, 1)]))
     got = list(P.run_items(msg, [b"header", b"a", b"b", b"c"]))
     assert got == [(P.RunItem(1, 5, 1, P.Call.CALL, 1), [b"a"]),
                    (P.RunItem(2, 5, 2, P.Call.STARMAP, 1), [b"b", b"c"])]

@@ -349,8 +349,8 @@ def test_cleanup_runs_after_close_terminate_with_every_cpu_busy(dpool_node, tmp_
     link, = client.links
 
     def cancel_and_bye():
-        link.conn.send([P.encode(P.Cancel([job._job.id for job in jobs]))])
-        link.conn.send([P.encode(P.Bye())])
+        link.conn.send([P.encode(P.Cancel, [job._job.id for job in jobs])])
+        link.conn.send([P.encode(P.Bye)])
     client.loop.call_soon_threadsafe(cancel_and_bye)
     assert cluster.close(terminate=True)
     poll_for(lambda: os.path.exists(marker), 5, message="cleanup to run")

@@ -59,7 +59,7 @@ def test_the_evil_pickles_are_live(tmp_path):
 FRAMINGS = {
     "raw": lambda p: p,
     "frame": lambda p: b"".join(encode_frames([p])),
-    "op-header": lambda p: b"".join(encode_frames([P.encode(P.Run([P.run_item(1, 1, 1, 0)])), p])),
+    "op-header": lambda p: b"".join(encode_frames([P.encode(P.Run, [P.run_item(1, 1, 1, 0)]), p])),
     "fake-magic": lambda p: auth.MAGIC + p,
     # a well-formed but wrong response, then a frame: the frame must never be read
     "bad-response-then-frame": lambda p: (auth.MAGIC + b"\0" * (auth.NONCE_SIZE + auth.DIGEST_SIZE)
@@ -112,7 +112,7 @@ GARBAGE = {
     "wrong-shape": [pickle.dumps((int(P.Op.RUN), "what", "more"))],
     "not-a-tuple": [pickle.dumps(5)],
     "no-frames": [],
-    "truncated-pickle": [P.encode(P.Run([P.run_item(1, 1, 1, 0)]))[:-3]],
+    "truncated-pickle": [P.encode(P.Run, [P.run_item(1, 1, 1, 0)])[:-3]],
 }
 
 

@@ -57,7 +57,7 @@ def dispy_provisional_result(result, relay=False, timeout=None):
         frames = serialize.dumps(result)
     except Exception:
         return -1
-    _conn.send([P.encode(P.Provisional(_job_id)), *frames])
+    _conn.send([P.encode(P.Provisional, _job_id), *frames])
     return 0
 
 
@@ -83,7 +83,7 @@ def dispy_send_file(path, relay=False, timeout=None):
         name = os.path.relpath(full, here)
     else:
         name = os.path.basename(full)
-    _conn.send([P.encode(P.SendFile(_job_id, name)), data])
+    _conn.send([P.encode(P.SendFile, _job_id, name), data])
     return 0
 
 
@@ -228,7 +228,7 @@ def handle(worker, msg, frames):
                 cleanup(*setup_args)
         except BaseException as exc:  # reported, the session ends anyway
             error = "".join(__import__("traceback").format_exception(exc))
-        worker.conn.send([P.encode(P.CleanupDone(error))])
+        worker.conn.send([P.encode(P.CleanupDone, error)])
 
 
 _setup_ok = False  # in a setup process: whether setup succeeded
@@ -267,7 +267,7 @@ def _setup(worker, env, frames):
                     if not k.startswith("__") and (k not in before or before[k] is not v)}
             env.install(made)
     except BaseException as exc:  # the node reports it and ends the session
-        worker.conn.send([P.encode(P.SetupFail()), *serialize.dump_exception(exc)])
+        worker.conn.send([P.encode(P.SetupFail), *serialize.dump_exception(exc)])
         return
     _setup_ok = True
-    worker.conn.send([P.encode(P.SetupDone(None))])
+    worker.conn.send([P.encode(P.SetupDone, None)])

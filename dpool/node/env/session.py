@@ -92,7 +92,7 @@ class SessionEnv:
         except (OSError, ValueError) as exc:
             error = f"node {self.session.node.name} cannot write {name!r}: {exc}"
             log.warning("session %s: %s", self.session.sid, error)
-        self.session.conn.send([P.encode(P.FileDone(req_id, error))])
+        self.session.conn.send([P.encode(P.FileDone, req_id, error)])
         if error is not None and req_id is None:
             # A dependency of the session's start: the client leaves this node
             # out, so end the session here (a recoverable one would otherwise be
@@ -137,8 +137,8 @@ class SessionEnv:
                 reply.set_result(frames)
         conn.set_receiver(answer, lambda exc=None: answer(None))
         try:
-            conn.send([P.encode(P.Init(session.worker_options())), *session.init_frames])
-            conn.send([P.encode(P.Setup()), *self.setup_frames])
+            conn.send([P.encode(P.Init, session.worker_options()), *session.init_frames])
+            conn.send([P.encode(P.Setup), *self.setup_frames])
             frames = await reply
         finally:
             conn.close()
@@ -220,13 +220,13 @@ class SessionEnv:
         self._announce = None
         session = self.session
         if not session.conn.closed and not session.ended:  # else: a detached session
-            session.conn.send([P.encode(P.SetupDone({"cpus": session.cpus}))])
+            session.conn.send([P.encode(P.SetupDone, {"cpus": session.cpus})])
 
     def _setup_failed(self, exc_frames):
         self.state = "failed"
         log.warning("session %s: setup failed; ending the session", self.session.sid)
         if not self.session.conn.closed:
-            self.session.conn.send([P.encode(P.SetupFail()), *exc_frames])
+            self.session.conn.send([P.encode(P.SetupFail), *exc_frames])
         self.session.end("setup failed")
 
     def worker_exited(self, worker, code):
@@ -261,7 +261,7 @@ class SessionEnv:
 
     def _send_cleanup(self, worker):
         self.cleanup_worker = worker
-        worker.conn.send([P.encode(P.Cleanup()), *self.setup_frames])
+        worker.conn.send([P.encode(P.Cleanup), *self.setup_frames])
 
     def _cleanup_timed_out(self):
         log.warning("session %s: cleanup did not finish in %ss", self.session.sid,
