@@ -62,7 +62,7 @@ class RogueNode:
                 msg = P.decode((await conn.recv())[0])
                 if isinstance(msg, P.Session):
                     conn.send([P.encode(P.Ready, {"name": "rogue", "cpus": 1, "free_cpus": 0,
-                                                 "dir": "/", "pid": 1})])
+                                                "dir": "/", "pid": 1})])
         except ConnectionClosed:
             self.closed.set()
 
