@@ -35,6 +35,7 @@ from multiprocessing.pool import MaybeEncodingError
 from . import protocol as P
 from ._adapters import add_nodes, check_initializer, start_client, total_cpus
 from .node.worker import RESULT_REPR
+from .core.callbacks import CallbackThread
 from .progressbar import make_bar, track
 
 __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
@@ -119,7 +120,7 @@ class Pool:
             return None
         with self._lock:
             if self._callbacks is None:
-                self._callbacks = _CallbackThread()
+                self._callbacks = CallbackThread("dpool-pool-callbacks")
             return self._callbacks
 
     def apply(self, func, args=(), kwds={}):
@@ -261,7 +262,7 @@ class Pool:
         except Exception:  # interpreter shutdown: nothing more to do
             pass
         if runner is not None:
-            runner.queue.put(None)  # its thread ends after the queued callbacks
+            runner.stop(wait=False)  # its thread ends after the queued callbacks
 
 
 def _release(client, runner):
@@ -282,29 +283,6 @@ def _slices(items, size):
 
 
 # ----------------------------------------------------------------- results
-
-class _CallbackThread:
-    """Runs the user's callbacks, one after another, in completion order
-    (``multiprocessing`` runs them in its result-handler thread).  A failing
-    callback is logged and does not stop the thread or the pool."""
-
-    def __init__(self):
-        self.queue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="dpool-pool-callbacks", daemon=True)
-        self.thread.start()
-
-    def put(self, result):
-        self.queue.put(result)
-
-    def _run(self):
-        while (result := self.queue.get()) is not None:
-            result._run_callback()
-
-    def stop(self):
-        self.queue.put(None)
-        if threading.current_thread() is not self.thread:
-            self.thread.join()
-
 
 class ApplyResult:
     """The result of :meth:`Pool.apply_async` (``multiprocessing``'s names)."""
@@ -347,7 +325,7 @@ class ApplyResult:
         self._success, self._value = success, value
         callback = self._callback if success else self._error_callback
         if callback is not None:
-            self._runner.put(self)
+            self._runner.put(self._run_callback)
         else:
             self._event.set()
 

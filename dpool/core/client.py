@@ -126,7 +126,7 @@ class NodeLink:
         self.heartbeat = None  # a liveness.Heartbeat while the session is open (TCP only)
         self.retry = True  # False: the node refused us, or we closed it: don't re-join
 
-    hold = False  # True: READY but not given jobs until SETUPDONE (job environment)
+    hold = False  # True: READY but not given jobs until an extension admits it
 
     @property
     def name(self):
@@ -230,15 +230,19 @@ class Client:
     ``initializer``/``initargs`` run once in each worker process.
     ``on_event(kind, obj)`` is called in the loop thread; it must be quick.
     The kinds: "started" and "done" (obj a Job), "node" (obj a NodeLink that
-    joined or was lost) and, for JobCluster's job environment, "provisional"
-    (obj ``(job, value)``), "file" (obj ``(job, name, data)``) and "avail"
-    (obj the NodeLink whose ``info["avail_info"]`` was updated).
+    joined or was lost), and those of extensions (JobCluster's job
+    environment, :mod:`dpool.dispy.env`, adds "provisional", "file" and
+    "avail").
     ``heartbeat`` is ``(interval, deadline)`` in seconds (default
     ``$DPOOL_HEARTBEAT``, else 1 s and 10 s, see :mod:`dpool.liveness`):
     a node silent for longer than the deadline is lost (its jobs rerun
     elsewhere), then retried with backoff and used again when it answers.
     ``connect_timeout`` bounds connecting to a node and opening the session
     (default ``$DPOOL_CONNECT_TIMEOUT``, else 10 s).
+
+    An extension handles more message types (:meth:`register`), may hook
+    each session's start (``prepare``) and uses :meth:`admit`,
+    :meth:`leave_out`, :meth:`trusted`, :meth:`distrust` and :meth:`emit`.
     """
 
     def __init__(self, nodes=None, *, secret=None, ssl=None, cpus=None, session=None,
@@ -274,13 +278,13 @@ class Client:
                           P.InitFail: self._on_initfail, P.Heartbeat: _ignore}
         # ``prepare(link)`` (loop thread, before SESSION) returns None to skip
         # the node, or (session options, [messages sent right after SESSION]);
-        # a SETUP among them holds the node until SETUPDONE.
+        # it sets ``link.hold`` to keep the node from jobs until it is admitted.
         self.prepare = prepare
-        self._file_waiters = {}
-        self._file_ids = itertools.count(1)
-        self._handlers.update({P.SetupDone: self._on_setup_done, P.SetupFail: self._on_setup_fail,
-                               P.FileDone: self._on_file_done, P.Provisional: self._on_provisional,
-                               P.SendFile: self._on_sendfile, P.AvailInfo: self._on_avail_info})
+
+    def register(self, handlers):
+        """Handle more message types: ``{record class: fn(link, msg, frames)}``,
+        called in the loop thread (before :meth:`start`)."""
+        self._handlers.update(handlers)
 
     # ------------------------------------------------------- user-side API
 
@@ -342,8 +346,13 @@ class Client:
         return job
 
     def cancel(self, job):
-        """Cancel a queued or running job; its future fails with JobCancelled."""
-        if not job.future.done():
+        """Cancel a queued or running job; its future fails with JobCancelled.
+        From any thread (from the loop thread it takes effect at once)."""
+        if job.future.done():
+            return
+        if self.in_loop_thread():
+            self._cancel(job)
+        else:
             self.loop.call_soon_threadsafe(self._cancel, job)
 
     def wait(self, timeout=None):
@@ -486,7 +495,6 @@ class Client:
             self._start_ticker()
         link.conn.send([P.encode(P.Session, session), *self.init_frames])
         for message in preamble:
-            link.hold = link.hold or type(P.decode(message[0])) is P.Setup
             link.conn.send(message)
         await asyncio.wait_for(link.ready_future, self.connect_timeout)
 
@@ -494,7 +502,7 @@ class Client:
         msg = P.decode(frames[0])
         self._handlers[type(msg)](link, msg, frames)
 
-    def _trusted(self, link, job_ids, what):
+    def trusted(self, link, job_ids, what):
         """True if every job in ``job_ids`` is in flight on ``link``; else a
         node reports on jobs it was not given (another node's, or none):
         its link is closed, with one log line, and nothing of it is taken."""
@@ -502,11 +510,11 @@ class Client:
         if not strangers:
             return True
         shown = ", ".join(map(str, strangers[:5])) + (" ..." if len(strangers) > 5 else "")
-        self._distrust(link, f"{what} for job {shown}, not given to it (or done there "
+        self.distrust(link, f"{what} for job {shown}, not given to it (or done there "
                              f"already)")
         return False
 
-    def _distrust(self, link, what):
+    def distrust(self, link, what):
         """``link``'s node sent ``what`` (not its own to answer): log, close."""
         link.error = ProtocolError(f"node {link.name} sent {what}: closing its connection")
         log.error("%s", link.error)
@@ -518,10 +526,10 @@ class Client:
         if not link.ready_future.done():
             link.ready_future.set_result(None)
         if not link.hold:
-            self._admit(link)
+            self.admit(link)
 
-    def _admit(self, link):
-        self._emit("node", link)
+    def admit(self, link):
+        self.emit("node", link)
         self._act(self.scheduler.add_node(link, link.cpus, time.monotonic()))
 
     def _on_refused(self, link, msg, frames):
@@ -531,9 +539,9 @@ class Client:
             link.ready_future.set_exception(link.error)
 
     def _on_initfail(self, link, msg, frames):
-        self._leave_out(link, "the initializer failed", frames)
+        self.leave_out(link, "the initializer failed", frames)
 
-    def _leave_out(self, link, what, frames):
+    def leave_out(self, link, what, frames):
         """The node reported a failure (frames[1:]) that makes it unusable:
         record it as the link's error and drop the link (its jobs move on)."""
         exc = serialize.load_exception(frames[1:])
@@ -542,67 +550,6 @@ class Client:
         link.error.__cause__ = exc
         log.error("node %s: %s (the node is left out)", link.name, link.error)
         link.conn.abort()
-
-    # ------------------------------------------ job environment (JobCluster)
-
-    def _on_setup_done(self, link, msg, frames):
-        link.hold = False
-        if link.ready:
-            self._admit(link)
-
-    def _on_setup_fail(self, link, msg, frames):
-        self._leave_out(link, "setup failed", frames)
-
-    def _on_file_done(self, link, msg, frames):
-        sent_to, waiter = self._file_waiters.get(msg.req_id, (link, None))
-        if sent_to is not link:  # request numbers are guessable: another node's
-            self._distrust(link, f"an answer to file request {msg.req_id}, not sent to it")
-            return
-        self._file_waiters.pop(msg.req_id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(msg.error)
-        elif msg.error is not None:  # a dependency sent before the session was ready
-            link.error = BrokenCluster(msg.error)
-            link.retry = False
-            log.error("node %s: %s (the node is left out)", link.name, msg.error)
-            link.conn.abort()
-
-    def _on_provisional(self, link, msg, frames):
-        if not self._trusted(link, [msg.job_id], "a provisional result"):
-            return
-        job = self.jobs.get(msg.job_id)
-        if job is not None:
-            try:
-                value = serialize.loads(frames[1:])
-            except Exception as exc:
-                log.warning("a provisional result of job %s could not be loaded: %r", job.id, exc)
-                return
-            self._emit("provisional", (job, value))
-
-    def _on_avail_info(self, link, msg, frames):
-        link.info["avail_info"] = msg.info
-        self._emit("avail", link)
-
-    def _on_sendfile(self, link, msg, frames):
-        if not self._trusted(link, [msg.job_id], "a file"):
-            return
-        self._emit("file", (self.jobs.get(msg.job_id), msg.name, frames[1]))
-
-    def send_file(self, link, name, data, mode=0o644):
-        """Write ``data`` as ``name`` in the node's session folder; returns a
-        Future of None (written) or the node's error text."""
-        waiter: Future[Any] = Future()
-        req_id = next(self._file_ids)
-        self._file_waiters[req_id] = (link, waiter)
-
-        def send():
-            if not link.ready or link.conn.closed:
-                self._file_waiters.pop(req_id, None)
-                waiter.set_result(f"node {link.name} is not connected")
-                return
-            link.conn.send([P.encode(P.File, req_id, name, mode), data])
-        self.loop.call_soon_threadsafe(send)
-        return waiter
 
     def add_nodes(self, addresses):
         """Connect to more nodes (user thread); returns their NodeLinks."""
@@ -640,7 +587,7 @@ class Client:
         was_ready, link.ready = link.ready, False
         if not was_ready:
             return
-        self._emit("node", link)
+        self.emit("node", link)
         if not self.closed or self._unfinished:
             log.warning("lost node %s (%s): %s", link.name, _where(link), describe(link.error))
         self._act(self.scheduler.remove_node(link, time.monotonic(), describe(link.error)))
@@ -802,17 +749,17 @@ class Client:
             link.conn.send([P.encode(P.Forget, drop)])
 
     def _on_started(self, link, msg, frames):
-        if not self._trusted(link, [record[0] for record in msg.jobs], "a start"):
+        if not self.trusted(link, [record[0] for record in msg.jobs], "a start"):
             return
         for job_id, start in msg.jobs:
             job = self.jobs.get(job_id)
             if job is not None:
                 job.start_time = start
                 job.status = RUNNING
-                self._emit("started", job)
+                self.emit("started", job)
 
     def _on_done(self, link, msg, frames):
-        if not self._trusted(link, [record[0] for record in msg.results], "a result"):
+        if not self.trusted(link, [record[0] for record in msg.results], "a result"):
             return
         jobs, scheduler = self.jobs, self.scheduler
         for res, payload in P.results(msg, frames):
@@ -867,7 +814,7 @@ class Client:
         if not future.done():
             if not job.sent and not future.set_running_or_notify_cancel():
                 job.cancelled = True
-                self._emit("done", job)
+                self.emit("done", job)
                 return
             if error is None:
                 future.set_result(value)
@@ -875,9 +822,9 @@ class Client:
                 future.set_exception(error)
         else:
             job.cancelled = future.cancelled()
-        self._emit("done", job)
+        self.emit("done", job)
 
-    def _emit(self, kind, obj):
+    def emit(self, kind, obj):
         if self.on_event is not None:
             try:
                 self.on_event(kind, obj)

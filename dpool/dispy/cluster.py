@@ -32,9 +32,11 @@ import time
 
 from .. import config, liveness, serialize
 from ..core import client as core
+from ..core.callbacks import CallbackThread
 from ..node.env import job as jobenv
 from .depends import collect, file_entry, file_messages
-from .model import (CallbackThread, ClusterStatus, DispyJob, DispyNode,
+from .env import JobEnv
+from .model import (ClusterStatus, DispyJob, DispyNode,
                           DispyNodeAvailInfo, NodeAllocate, allocations, resolve_host)
 from ..errors import BrokenCluster, DpoolError
 from .. import protocol as P
@@ -108,6 +110,9 @@ class JobCluster:
         self._jobs = set()
         self._nodes = {}  # NodeLink -> DispyNode (initialized nodes)
         self._closing = {}  # NodeLink -> close when idle
+        self._nodes_changed = threading.Condition()  # notified on every "node" event
+        self._ips = {}  # NodeLink -> its IP address, resolved once per node
+        self._busy_on = {}  # DispyJob -> the DispyNode it started on
         self._allocs = [] if nodes in (None, "*", ["*"]) else allocations(nodes, self.node_port)
         for alloc in self._allocs or [NodeAllocate("*")]:
             for dep in alloc.depends:  # missing files fail here, not per node
@@ -126,7 +131,7 @@ class JobCluster:
             self._wait_for_setup(self._client)
         except BaseException:
             if self._callbacks is not None:
-                self._callbacks.stop()
+                self._callbacks.stop(10)
             if self._recover is not None:
                 self._recover.close()
             raise
@@ -135,13 +140,12 @@ class JobCluster:
         """Return once every node has run setup (or was left out); raise if
         no node is left.  A setup still running after ``timeout`` s goes on:
         jobs wait for it."""
-        deadline = time.monotonic() + timeout
-        while any(link.ready and link.hold for link in client.links):
-            if time.monotonic() > deadline:
+        with self._nodes_changed:
+            if not self._nodes_changed.wait_for(
+                    lambda: not any(link.ready and link.hold for link in client.links), timeout):
                 log.warning("setup is still running on some nodes after %ss; jobs wait for "
                             "them", timeout)
                 return
-            time.sleep(0.005)
         if not any(link.ready for link in client.links):
             errors = "; ".join(str(link.error) for link in client.links if link.error)
             client.close(wait=False, cancel=True)
@@ -184,6 +188,12 @@ class JobCluster:
         return dict(session=self._session(), on_event=self._on_event, prepare=self._prepare,
                     ssl=self._ssl, **self._liveness)
 
+    def _new_client(self, nodes, **options):
+        """A core client with the job environment extension registered."""
+        client = core.Client(nodes, **dict(self._client_args(), **options))
+        self._env = JobEnv(client)
+        return client
+
     def _make_client(self, cpus):
         if not self._allocs:
             return self._local_client(cpus)
@@ -196,18 +206,15 @@ class JobCluster:
             addresses.append((spec.host, spec.port))
         self._used_secret = config.secret_for(self.secret, addresses,
                                               client_cert=self._client_cert)
-        client = core.Client(addresses, secret=self._used_secret,
-                             **self._client_args())
-        return client.start()
+        return self._new_client(addresses, secret=self._used_secret).start()
 
     def _local_client(self, cpus):
         self._embedded_cpus = config.resolve_cpus(cpus)
         secret = self._used_secret = self.secret or config.find_local_secret(self.node_port)
         why = "no dpool-node at"
         if secret is not None:
-            args = dict(self._client_args(), connect_timeout=min(
-                3, self._liveness["connect_timeout"]))
-            client = core.Client([("127.0.0.1", self.node_port)], secret=secret, **args)
+            client = self._new_client([("127.0.0.1", self.node_port)], secret=secret,
+                                      connect_timeout=min(3, self._liveness["connect_timeout"]))
             try:
                 client.start()
                 log.info("using the dpool-node at 127.0.0.1:%d", self.node_port)
@@ -219,12 +226,21 @@ class JobCluster:
                     log.warning("the node at 127.0.0.1:%d could not be used (%s)",
                                 self.node_port, exc)
                     why = "could not use the dpool-node at"
-        args = dict(self._client_args(), ssl=None)
-        client = core.Client(None, cpus=self._embedded_cpus, **args)
+        client = self._new_client(None, cpus=self._embedded_cpus, ssl=None)
         client.start()
         log.info("%s 127.0.0.1:%d; started an embedded local node with "
                  "%d CPUs", why, self.node_port, client.nodes()[0].cpus)
         return client
+
+    def _ip_of(self, link):
+        """The node's IP address, resolved once per node (never per job)."""
+        if link is None:
+            return None
+        ip = self._ips.get(link)
+        if ip is None:
+            ip = self._ips[link] = ("127.0.0.1" if link.address == "embedded"
+                                    else resolve_host(link.address[0]))
+        return ip
 
     def _alloc_for(self, link):
         for alloc in self._allocs:
@@ -235,7 +251,7 @@ class JobCluster:
     def _prepare(self, link):
         """Loop thread, before a session opens: CPUs, depends, setup for one node."""
         hello = getattr(link.conn, "hello", None) or {}
-        ip = _ip_of(link)
+        ip = self._ip_of(link)
         name = hello.get("name") or socket.gethostname()
         if link.address == "embedded":
             cpus = self._embedded_cpus
@@ -264,6 +280,7 @@ class JobCluster:
         cleanup = self._cleanup if not isinstance(self._cleanup, bool) else None
         messages.append([P.encode(P.Setup),
                          *serialize.dumps((names, self._setup, alloc.setup_args, cleanup))])
+        link.hold = True  # no jobs until the node's setup is done (JobEnv admits it)
         return session, messages
 
     # -------------------------------------------------------------- events
@@ -272,12 +289,13 @@ class JobCluster:
         """Client loop thread: copy core state into DispyJobs and DispyNodes."""
         if kind == "node":
             self._node_event(obj)
+            with self._nodes_changed:
+                self._nodes_changed.notify_all()
             return
         if kind == "provisional":
             core_job, value = obj
             job = core_job.tag
-            job.result = value
-            job._status = DispyJob.ProvisionalResult
+            job.provisional(value)
             self._notify(job, job.status, core_job.node)
             return
         if kind == "file":
@@ -292,9 +310,9 @@ class JobCluster:
         node = self._nodes.get(obj.node)
         if kind == "started":
             job.start_time = obj.start_time
-            job.ip_addr = _ip_of(obj.node)
+            job.ip_addr = self._ip_of(obj.node)
             if node is not None:
-                job._busy_on = node
+                self._busy_on[job] = node
                 node.busy += 1
                 node.update_time = time.time()
             if self.cluster_status:
@@ -302,7 +320,7 @@ class JobCluster:
         elif kind == "done":
             self._finish(job, obj)
             if node is not None:
-                if getattr(job, "_busy_on", None) is node and node.busy > 0:
+                if self._busy_on.pop(job, None) is node and node.busy > 0:
                     node.busy -= 1
                 node.jobs_done, node.cpu_time = obj.node.jobs_done, obj.node.cpu_time
                 node.tx, node.rx = obj.node.tx, obj.node.rx
@@ -321,7 +339,7 @@ class JobCluster:
 
     def _node_event(self, link):
         if link.ready and not link.hold:
-            node = DispyNode(_ip_of(link), link.name, link.cpus)
+            node = DispyNode(self._ip_of(link), link.name, link.cpus)
             node.avail_info = DispyNodeAvailInfo.from_info(link.info.get("avail_info"))
             node.platform = (link.info.get("avail_info") or {}).get("platform", "")
             node.update_time = time.time()
@@ -330,7 +348,7 @@ class JobCluster:
         else:
             node = self._nodes.pop(link, None)
             if node is None:  # left out before it was initialized (e.g. setup failed)
-                node = DispyNode(_ip_of(link), link.name, 0)
+                node = DispyNode(self._ip_of(link), link.name, 0)
             node.avail_cpus = node.busy = 0
             node.exception = str(link.error) if link.error else None
             node.update_time = time.time()
@@ -355,7 +373,7 @@ class JobCluster:
         if self._recover is not None:
             job._on_id = None
             self._recover.done(core_job.id)  # received: recover_jobs leaves it out
-        job.finish_from(core_job, _ip_of(core_job.node))
+        job.finish_from(core_job, self._ip_of(core_job.node))
 
     def _save_file(self, core_job, name, data):
         try:
@@ -396,16 +414,16 @@ class JobCluster:
             args, kwargs = (entries, self._cleanup_files, args, kwargs), {}
             fn = jobenv.run_with_files
         job = DispyJob(job_id, args, kwargs)
-        job._pin = pin
         with self._lock:
             self._jobs.add(job)
         if self.cluster_status:
             self._callbacks.put(self.cluster_status, DispyJob.Created, None, job.snapshot())
         try:
-            job._job = self._client.submit(fn, args, kwargs, tag=job, pin=pin)
+            core_job = self._client.submit(fn, args, kwargs, tag=job, pin=pin)
+            job.submitted(core_job, pin)
             if self._recover is not None:
-                self._recover.job(job._job.id, job.id)
-                job._on_id = lambda j: self._recover.job(j._job.id, j.id)
+                self._recover.job(core_job.id, job.id)
+                job._on_id = lambda j: self._recover.job(j.core_job.id, j.id)
         except BaseException:
             with self._lock:
                 self._jobs.discard(job)
@@ -414,9 +432,9 @@ class JobCluster:
 
     def cancel(self, job):
         """Cancel a queued (-> Cancelled) or running (-> Terminated) job; 0 or -1."""
-        if job._job is None or job._done:
+        if job.core_job is None or job.is_done():
             return -1
-        self._client.cancel(job._job)
+        self._client.cancel(job.core_job)
         return 0
 
     def wait(self, timeout=None):
@@ -453,7 +471,7 @@ class JobCluster:
                 self._callbacks.put(self.cluster_status, DispyNode.Closed, node, None)
         self._nodes.clear()
         if self._callbacks is not None:
-            self._callbacks.stop()
+            self._callbacks.stop(10)
         if self._recover is not None:
             self._recover.close()  # closed with BYE: the nodes keep nothing
         return True
@@ -567,19 +585,19 @@ class JobCluster:
         def close():
             for job in list(self._client.jobs.values()):
                 if job.node is link and (terminate_pending or not job.sent):
-                    self._client._cancel(job)
+                    self._client.cancel(job)
             self._closing[link] = True
             self._close_if_idle(link)
         self._client.loop.call_soon_threadsafe(close)
         for job in self._pinned_waiting(link):
-            self._client.cancel(job._job)
+            self._client.cancel(job.core_job)
         return 0
 
     def _pinned_waiting(self, link):
         with self._lock:
             jobs = list(self._jobs)
-        return [job for job in jobs if job._job is not None and not job._job.sent
-                and job._job.node is None and getattr(job, "_pin", None) is link]
+        return [job for job in jobs if job.core_job is not None and not job.core_job.sent
+                and job.core_job.node is None and job.pinned_to is link]
 
     def _close_if_idle(self, link):
         if link in self._closing and not any(job.node is link
@@ -596,13 +614,15 @@ class JobCluster:
         address = link.address
         self.close_node(node, terminate_pending)
         deadline = time.monotonic() + timeout
-        while link.ready and time.monotonic() < deadline:
-            time.sleep(0.01)
+        with self._nodes_changed:
+            self._nodes_changed.wait_for(lambda: not link.ready, timeout)
         if link.ready or address == "embedded":
             return -1
         new = self._client.add_nodes([address])[0]
-        while new.ready and new.hold and time.monotonic() < deadline:
-            time.sleep(0.01)
+        with self._nodes_changed:
+            self._nodes_changed.wait_for(lambda: not (new.ready and new.hold),
+                                         max(0.0, deadline - time.monotonic()))
+        self._call(lambda: None)  # the loop has done with the event (a lost node's jobs)
         return 0 if new.ready and not new.hold else -1
 
     def set_node_cpus(self, node, cpus):
@@ -631,7 +651,7 @@ class JobCluster:
         if link is None:
             return -1
         name, mode, data = file_entry(path)
-        error = self._client.send_file(link, name, data, mode).result(timeout)
+        error = self._env.send_file(link, name, data, mode).result(timeout)
         if error:
             log.warning("send_file(%r): %s", path, error)
             return -1
@@ -704,17 +724,6 @@ def _check_picklable(computation, names, setup, cleanup):
         serialize.dumps((names, setup, (), cleanup))
     except Exception as exc:
         raise TypeError(f"depends, setup or cleanup cannot be sent to the nodes: {exc}") from exc
-
-
-def _ip_of(link):
-    """The node's IP address, resolved once per node (never per job)."""
-    if link is None:
-        return None
-    ip = getattr(link, "ip_addr", None)
-    if ip is None:
-        ip = link.ip_addr = ("127.0.0.1" if link.address == "embedded"
-                             else resolve_host(link.address[0]))
-    return ip
 
 
 def _byte_size(n):

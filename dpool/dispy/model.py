@@ -10,7 +10,6 @@ import copy
 import fnmatch
 import itertools
 import logging
-import queue
 import socket
 import threading
 import time
@@ -80,7 +79,8 @@ class DispyJob:
         self.ip_addr = None
         self._event = None  # ``finish``, made when someone needs to wait on it
         self._done = False
-        self._job = None
+        self._job = None  # the core Job, once submitted
+        self._pin = None  # the NodeLink it must run on, if any
 
     _event_lock = threading.Lock()
 
@@ -110,6 +110,30 @@ class DispyJob:
                     if self._done:
                         event.set()
         return event
+
+    # The cluster's side (client loop thread or submit): never the user's.
+
+    @property
+    def core_job(self):
+        """The client core's Job (None until submitted)."""
+        return self._job
+
+    @property
+    def pinned_to(self):
+        """The NodeLink this job must run on (submit_node), or None."""
+        return self._pin
+
+    def is_done(self):
+        """True once the job's fields are final (without making ``finish``)."""
+        return self._done
+
+    def submitted(self, core_job, pin=None):
+        self._job, self._pin = core_job, pin
+
+    def provisional(self, value):
+        """A provisional result (dispy_provisional_result) arrived."""
+        self.result = value
+        self._status = DispyJob.ProvisionalResult
 
     def finish_from(self, core_job, ip_addr=None):
         """Take the final state of the core job (loop thread) and wake waiters."""
@@ -302,34 +326,3 @@ def allocations(nodes, default_port):
             spec.port = default_port
         out.append(spec)
     return out
-
-
-class CallbackThread:
-    """Runs user callbacks one at a time, in order, off the client's loop;
-    an exception in a callback is logged and the next one runs."""
-
-    def __init__(self):
-        self.queue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="dpool-callbacks", daemon=True)
-        self.thread.start()
-
-    def put(self, fn, *args):
-        self.queue.put((fn, args))
-
-    def _run(self):
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            fn, args = item
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("dpool: callback %s raised", getattr(fn, "__name__", fn))
-
-    def stop(self, timeout=10):
-        """Run the callbacks already queued, then end the thread."""
-        if self.thread.is_alive():
-            self.queue.put(None)
-            if threading.current_thread() is not self.thread:
-                self.thread.join(timeout)

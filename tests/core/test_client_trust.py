@@ -138,12 +138,13 @@ def test_a_node_cannot_answer_for_a_file_sent_to_another_node(dpool_node, caplog
     with RogueNode(dpool_node.secret) as silent, RogueNode(dpool_node.secret) as liar:
         client = Client([silent.address, liar.address], secret=dpool_node.secret,
                         connect_timeout=5)
+        env = JobEnv(client)  # send_file is the job environment's
         client.start()
         try:
             poll_for(lambda: silent.conn is not None and liar.conn is not None, 5,
                      message="both sessions")
             to_silent = [link for link in client.nodes() if link.address[1] == silent.address[1]]
-            waiter = client.send_file(to_silent[0], "data.txt", b"data")
+            waiter = env.send_file(to_silent[0], "data.txt", b"data")
             liar.send([P.encode(P.FileDone, 1, None)])        # the first request's number
             assert liar.closed.wait(10), "the client kept the lying node's link open"
             assert not waiter.done(), "a node settled a file request sent to another node"
