@@ -36,6 +36,7 @@ from ..core.callbacks import CallbackThread
 from ..node.env import job as jobenv
 from .depends import collect, file_entry, file_messages
 from .env import JobEnv
+from .recover import RecoverFile, default_name
 from .model import (ClusterStatus, DispyJob, DispyNode,
                           DispyNodeAvailInfo, NodeAllocate, allocations, resolve_host)
 from ..errors import BrokenCluster, DpoolError
@@ -74,7 +75,6 @@ class JobCluster:
         self._pulse_interval = _check_pulse_interval(dispy_options.get("pulse_interval"))
         self._liveness = dict(connect_timeout=liveness.connect_timeout(connect_timeout),
                               heartbeat=liveness.settings(heartbeat))
-        self._recover = self._used_secret = None
         _configure_logging(loglevel)
         self.job_status = _check_callback(job_status or callback, 1, "job_status")
         self.cluster_status = _check_callback(cluster_status, 3, "cluster_status")
@@ -82,8 +82,16 @@ class JobCluster:
         self.secret = config.as_secret(secret) or config.env_secret()
         self._ssl = core.tls_context(cafile, certfile, keyfile)
         self._client_cert = bool(certfile)
+        self._take_computation(computation, list(depends), setup, cleanup)
+        self._dest_path = _check_dest_path(dest_path)
+        self._init_state()
+        self._take_nodes(nodes)
+        self._start_up(cpus, dispy_options.get("recover_file"), (cafile, certfile, keyfile))
+
+    def _take_computation(self, computation, depends, setup, cleanup):
+        """The computation (a function, or a program run by jobenv.run_program),
+        the depends and setup/cleanup, checked and ready to send."""
         self._program = None
-        depends = list(depends)
         if isinstance(computation, str):
             path = computation if os.path.isfile(computation) else shutil.which(computation)
             if not path:
@@ -103,9 +111,11 @@ class JobCluster:
         self._setup, self._cleanup = setup, cleanup
         self._check_setup(setup, cleanup)
         self._cleanup_files = cleanup is not False
-        self._dest_path = _check_dest_path(dest_path)
         _check_picklable(computation, names, setup, cleanup)
+
+    def _init_state(self):
         self._start = time.time()
+        self._recover = self._used_secret = None
         self._lock = threading.Lock()
         self._jobs = set()
         self._nodes = {}  # NodeLink -> DispyNode (initialized nodes)
@@ -113,18 +123,24 @@ class JobCluster:
         self._nodes_changed = threading.Condition()  # notified on every "node" event
         self._ips = {}  # NodeLink -> its IP address, resolved once per node
         self._busy_on = {}  # DispyJob -> the DispyNode it started on
+        self._event_handlers = {"node": self._node_changed, "provisional": self._provisional,
+                                "file": self._file_received, "avail": self._avail_event,
+                                "started": self._job_started, "done": self._job_done}
+
+    def _take_nodes(self, nodes):
         self._allocs = [] if nodes in (None, "*", ["*"]) else allocations(nodes, self.node_port)
         for alloc in self._allocs or [NodeAllocate("*")]:
             for dep in alloc.depends:  # missing files fail here, not per node
                 file_entry(dep)
             if type(alloc).allocate is NodeAllocate.allocate:  # else allocate sets them
                 self._check_setup_args(alloc.setup_args)
-        recover_file = dispy_options.get("recover_file")
-        if recover_file:  # opt-in (dispy always writes one): see docs
-            from .recover import RecoverFile, default_name
 
+    def _start_up(self, cpus, recover_file, tls_files):
+        """Open the recover file, start the callback thread, connect to the
+        nodes and wait for their setup; on failure release what was started."""
+        if recover_file:  # opt-in (dispy always writes one): see docs
             self._recover = RecoverFile(default_name() if recover_file is True else recover_file,
-                                        cafile, certfile, keyfile)
+                                        *tls_files)
         self._callbacks = CallbackThread() if (self.job_status or self.cluster_status) else None
         try:
             self._client = self._make_client(cpus)
@@ -287,46 +303,52 @@ class JobCluster:
 
     def _on_event(self, kind, obj):
         """Client loop thread: copy core state into DispyJobs and DispyNodes."""
-        if kind == "node":
-            self._node_event(obj)
-            with self._nodes_changed:
-                self._nodes_changed.notify_all()
-            return
-        if kind == "provisional":
-            core_job, value = obj
-            job = core_job.tag
-            job.provisional(value)
-            self._notify(job, job.status, core_job.node)
-            return
-        if kind == "file":
-            self._save_file(*obj)
-            return
-        if kind == "avail":
-            self._avail_event(obj)
-            return
-        job = obj.tag
+        self._event_handlers[kind](obj)
+
+    def _node_changed(self, link):
+        self._node_event(link)
+        with self._nodes_changed:
+            self._nodes_changed.notify_all()
+
+    def _provisional(self, event):
+        core_job, value = event
+        job = core_job.tag
+        job.provisional(value)
+        self._notify(job, job.status, core_job.node)
+
+    def _file_received(self, event):
+        self._save_file(*event)
+
+    def _job_started(self, core_job):
+        job = core_job.tag
         if job is None:
             return
-        node = self._nodes.get(obj.node)
-        if kind == "started":
-            job.start_time = obj.start_time
-            job.ip_addr = self._ip_of(obj.node)
-            if node is not None:
-                self._busy_on[job] = node
-                node.busy += 1
-                node.update_time = time.time()
-            if self.cluster_status:
-                self._callbacks.put(self.cluster_status, DispyJob.Running, node, job.snapshot())
-        elif kind == "done":
-            self._finish(job, obj)
-            if node is not None:
-                if self._busy_on.pop(job, None) is node and node.busy > 0:
-                    node.busy -= 1
-                node.jobs_done, node.cpu_time = obj.node.jobs_done, obj.node.cpu_time
-                node.tx, node.rx = obj.node.tx, obj.node.rx
-                node.update_time = time.time()
-            self._notify(job, job.status, obj.node)
-            self._close_if_idle(obj.node)
+        node = self._nodes.get(core_job.node)
+        job.start_time = core_job.start_time
+        job.ip_addr = self._ip_of(core_job.node)
+        if node is not None:
+            self._busy_on[job] = node
+            node.busy += 1
+            node.update_time = time.time()
+        if self.cluster_status:
+            self._callbacks.put(self.cluster_status, DispyJob.Running, node, job.snapshot())
+
+    def _job_done(self, core_job):
+        job = core_job.tag
+        if job is None:
+            return
+        link = core_job.node
+        node = self._nodes.get(link)
+        busy_on = self._busy_on.pop(job, None)
+        self._finish(job, core_job)
+        if node is not None:
+            if busy_on is node and node.busy > 0:
+                node.busy -= 1
+            node.jobs_done, node.cpu_time = link.jobs_done, link.cpu_time
+            node.tx, node.rx = link.tx, link.rx
+            node.update_time = time.time()
+        self._notify(job, job.status, link)
+        self._close_if_idle(link)
 
     def _notify(self, job, status, link):
         if self._callbacks is None:
