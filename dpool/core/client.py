@@ -500,7 +500,14 @@ class Client:
 
     def _on_message(self, link, frames):
         msg = P.decode(frames[0])
-        self._handlers[type(msg)](link, msg, frames)
+        handler = self._handlers.get(type(msg))
+        if handler is None:  # e.g. a job-environment message with no JobEnv registered
+            link.error = ProtocolError(f"node {link.name} sent {P.op_of(msg).name}, which "
+                                       f"this client does not expect: closing its connection")
+            log.error("%s", link.error)
+            link.conn.abort()
+            return
+        handler(link, msg, frames)
 
     def trusted(self, link, job_ids, what):
         """True if every job in ``job_ids`` is in flight on ``link``; else a

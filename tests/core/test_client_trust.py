@@ -15,6 +15,7 @@ import pytest
 from dpool import protocol as P
 from dpool import serialize
 from dpool.core.client import Client
+from dpool.dispy.env import JobEnv
 from dpool.errors import ConnectionClosed
 from dpool.transport import PROTOCOL_VERSION, start_server
 from helpers import poll_for, read_marker
@@ -85,9 +86,11 @@ def rogue(dpool_node):
         yield node
 
 
-def connect_both(dpool_node, rogue, events):
+def connect_both(dpool_node, rogue, events, env=True):
     client = Client([dpool_node.address, rogue.address], secret=dpool_node.secret,
                     connect_timeout=5, on_event=lambda kind, obj: events.append((kind, obj)))
+    if env:
+        JobEnv(client)  # files and provisional results are the job environment's
     client.start()
     poll_for(lambda: rogue.conn is not None, 5, message="the rogue's session")
     real = [link for link in client.nodes() if link.name != "rogue"]
@@ -115,6 +118,20 @@ def test_a_node_cannot_answer_for_a_job_another_node_runs(dpool_node, rogue, tmp
     assert not [kind for kind, _ in events if kind in ("file", "provisional")]
     assert any("rogue" in r.getMessage() and f"job {job.id}" in r.getMessage()
                and "not given to it" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_message_the_client_does_not_expect_closes_the_link(dpool_node, rogue, caplog):
+    """A job-environment message to a client without the JobEnv extension
+    (an Executor's, a Pool's): one clear log line, the link closed."""
+    caplog.set_level(logging.WARNING, "dpool")
+    client, _ = connect_both(dpool_node, rogue, [], env=False)
+    try:
+        rogue.send([P.encode(P.AvailInfo, {})])
+        assert rogue.closed.wait(10), "the client kept the link open"
+        assert [link.name for link in client.nodes()] != ["rogue"]
+    finally:
+        client.close()
+    assert "rogue sent AVAILINFO, which this client does not expect" in caplog.text
 
 
 def test_a_result_for_a_job_never_sent_closes_the_link(dpool_node, rogue, caplog):
