@@ -242,7 +242,7 @@ def test_connect_timeout_from_the_environment(black_hole, monkeypatch):
 # ---------------------------------------------------------------- silent clients
 
 def send(sock, msg):
-    sock.sendall(b"".join(encode([P.encode(msg)])))
+    sock.sendall(b"".join(encode([P.encode(type(msg), *msg)])))
 
 
 def reply(sock):
