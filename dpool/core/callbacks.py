@@ -1,8 +1,11 @@
 """The one callback thread of the APIs: user callbacks run off the client's
 loop thread, one at a time, in the order they were queued."""
+from __future__ import annotations
+
 import logging
 import queue
 import threading
+from typing import Any, Callable
 
 log = logging.getLogger("dpool")
 
@@ -11,15 +14,16 @@ class CallbackThread:
     """Runs ``fn(*args)`` for each :meth:`put`, one at a time, in order; a
     callback that raises is logged and the next one runs."""
 
-    def __init__(self, name="dpool-callbacks"):
-        self.queue = queue.SimpleQueue()
+    def __init__(self, name: str = "dpool-callbacks") -> None:
+        self.queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple] | None] = \
+            queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
-    def put(self, fn, *args):
+    def put(self, fn: Callable[..., Any], *args: Any) -> None:
         self.queue.put((fn, args))
 
-    def _run(self):
+    def _run(self) -> None:
         while True:
             item = self.queue.get()
             if item is None:
@@ -30,7 +34,7 @@ class CallbackThread:
             except Exception:
                 log.exception("dpool: callback %s raised", getattr(fn, "__name__", fn))
 
-    def stop(self, timeout=None, wait=True):
+    def stop(self, timeout: float | None = None, wait: bool = True) -> None:
         """Run the callbacks already queued, then end the thread (waiting
         for it up to ``timeout`` s if ``wait``, unless called from it)."""
         if self.thread.is_alive():
