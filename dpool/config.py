@@ -25,6 +25,14 @@ def dpool_home():
     """Folder for dpool's per-user state (secret files, session folders)."""
     path = os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".dpool")
     os.makedirs(path, mode=0o700, exist_ok=True)
+    # It holds loopback nodes' secrets: whoever owns it could swap them.
+    st = os.stat(path)
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"{path} (the dpool home, {HOME_ENV}) is owned by uid "
+                              f"{st.st_uid}, not by this user (uid {os.getuid()}): refusing "
+                              f"to keep or read secrets there; choose a folder of your own")
+    if st.st_mode & 0o022:
+        os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o022)
     return path
 
 

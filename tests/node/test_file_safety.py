@@ -165,3 +165,29 @@ def test_a_loopback_nodes_secret_file_never_follows_a_link(tmp_path, monkeypatch
     path = config.write_local_secret(4000, b"t" * 32)
     assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
     assert config.read_secret_file(path) == b"t" * 32
+
+
+@pytest.mark.root
+def test_a_dpool_home_owned_by_someone_else_is_refused(tmp_path, monkeypatch):
+    """The dpool home holds loopback nodes' secrets: whoever owns the folder
+    can swap a node's secret file for one of their own, and a local client
+    would then authenticate a rogue node listening on that port (which can
+    run code on the client through results).  ``DPOOL_HOME`` in a shared
+    folder someone else created beforehand must be refused, as a job root is."""
+    from dpool import config
+
+    home = tmp_path / "shared-home"
+    home.mkdir(mode=0o777)
+    os.chown(home, OTHER_UID, OTHER_UID)
+    monkeypatch.setenv(config.HOME_ENV, str(home))
+    with pytest.raises(PermissionError, match=f"owned by uid {OTHER_UID}"):
+        config.write_local_secret(4000, b"s" * 32)
+    with pytest.raises(PermissionError, match=f"owned by uid {OTHER_UID}"):
+        config.find_local_secret(4000)
+    assert not list(home.iterdir())
+    own = tmp_path / "own-home"
+    own.mkdir(mode=0o777)
+    os.chmod(own, 0o777)                       # ours, but anyone could plant files there
+    monkeypatch.setenv(config.HOME_ENV, str(own))
+    config.write_local_secret(4000, b"s" * 32)
+    assert stat.S_IMODE(own.stat().st_mode) & 0o022 == 0
