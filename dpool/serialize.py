@@ -390,6 +390,11 @@ def loads(frames):
     return pickle.loads(frames[0], buffers=frames[1:])
 
 
+def runtime_versions():
+    """What a peer's pickles depend on, for the hello (see transport.auth)."""
+    return {"python": "%d.%d" % sys.version_info[:2], "cloudpickle": cloudpickle.__version__}
+
+
 def dumps_function(fn):
     """Serialize a callable to one bytes blob (by reference when importable,
     by value with cloudpickle otherwise)."""

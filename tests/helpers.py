@@ -217,6 +217,7 @@ class SealedSocket:
 def authenticated_socket(port, secret, timeout=5.0):
     """A :class:`SealedSocket` that has passed the handshake (steps 1-8 of
     :mod:`dpool.transport.auth`) with a node, using its pure functions."""
+    from dpool.serialize import runtime_versions
     from dpool.transport import PROTOCOL_VERSION, auth
     from dpool.transport.frames import FrameDecoder, encode
     from dpool.transport.records import SecureDecoder
@@ -240,8 +241,8 @@ def authenticated_socket(port, secret, timeout=5.0):
         sock.sendall(auth.prove(key, b"C", transcript))
         auth.check_status(read(1))
         sealed = SealedSocket(sock, auth.derive_keys(key, transcript, server=False))
-        sealed.sendall(b"".join(encode([auth.encode_hello({"protocol": PROTOCOL_VERSION,
-                                                            "role": "client"})])))
+        hello = {"protocol": PROTOCOL_VERSION, "role": "client", **runtime_versions()}
+        sealed.sendall(b"".join(encode([auth.encode_hello(hello)])))
         decoder = SecureDecoder(FrameDecoder(), sealed.keys.recv)
         messages = []
         while not messages:

@@ -23,15 +23,12 @@ import collections
 import itertools
 import socket
 import logging
-import sys
 import threading
 import time
 import traceback
 import weakref
 from concurrent.futures import Future
 from typing import Any
-
-import cloudpickle
 
 from .. import liveness
 from .. import protocol as P
@@ -61,8 +58,7 @@ def _ignore(link, msg, frames):
 
 
 def client_hello():
-    return {"protocol": PROTOCOL_VERSION, "role": "client",
-            "python": "%d.%d" % sys.version_info[:2], "cloudpickle": cloudpickle.__version__}
+    return {"protocol": PROTOCOL_VERSION, "role": "client", **serialize.runtime_versions()}
 
 
 def tls_context(cafile=None, certfile=None, keyfile=None):

@@ -6,11 +6,8 @@ runs on the caller's event loop.
 """
 import logging
 import secrets
-import sys
 
-import cloudpickle
-
-from .. import config
+from .. import config, serialize
 from ..hosts import is_loopback
 from ..transport import PROTOCOL_VERSION, server_ssl_context, start_server
 from ..transport.budget import ReceiveBudget
@@ -40,7 +37,7 @@ class NodeServer:
     def hello(self):
         return {"protocol": PROTOCOL_VERSION, "role": "node", "name": self.runtime.name,
                 "cpus": self.runtime.cpus, "free_cpus": self.runtime.free_cpus,
-                "python": "%d.%d" % sys.version_info[:2], "cloudpickle": cloudpickle.__version__}
+                **serialize.runtime_versions()}
 
     async def start(self):
         local_secret = self.secret is None

@@ -56,9 +56,11 @@ Hello, framed messages from here on (see :mod:`dpool.transport.frames`)::
 
     6. client -> server   one message, one frame: a JSON object (the client's hello)
     7. server -> client   one message, one frame: a JSON object (the server's hello)
-    8. each side compares the peer's ``"protocol"`` with its own; on a
-       difference both raise VersionMismatch naming both versions (the server
-       sends its hello first, so the client learns the server's version).
+    8. each side compares the peer's ``"protocol"`` with its own, and also
+       ``"python"`` (major.minor) and ``"cloudpickle"`` when its own hello
+       holds them (pickles of functions don't cross those versions); on a
+       difference both raise VersionMismatch naming both sides' versions (the
+       server sends its hello even so, so the client learns the server's).
 
 A hello is JSON only, never pickle; it must hold ``"protocol"`` (an int), the
 caller adds anything else (Python and cloudpickle versions, cpus, name...).
@@ -248,10 +250,26 @@ def decode_hello(frames: Sequence[ReadableBuffer], peer: str) -> dict[str, Any]:
 
 
 def check_versions(ours: int, theirs: int, peer: str) -> None:
-    """Step 8."""
+    """Step 8, the protocol version."""
     if ours != theirs:
         raise VersionMismatch(f"protocol version mismatch: this side speaks {ours}, "
                               f"peer at {peer} speaks {theirs}")
+
+
+#: Hello fields that must be equal on both sides when this side's hello has them.
+RUNTIME_FIELDS = ("python", "cloudpickle")
+
+
+def check_runtime(mine: dict[str, Any], theirs: dict[str, Any], peer: str) -> None:
+    """Step 8, the runtimes: functions pickled by one Python minor version or
+    cloudpickle version can't be trusted to load (or run) on another."""
+    wrong = [key for key in RUNTIME_FIELDS if key in mine and theirs.get(key) != mine[key]]
+    if wrong:
+        ours = ", ".join(f"{key} {mine[key]}" for key in RUNTIME_FIELDS if key in mine)
+        other = ", ".join(f"{key} {theirs.get(key, '(not given)')}" for key in RUNTIME_FIELDS
+                          if key in mine)
+        raise VersionMismatch(f"{' and '.join(wrong)} version mismatch: this side runs "
+                              f"{ours}; peer at {peer} runs {other}")
 
 
 def own_hello(hello: Hello) -> dict[str, Any]:
@@ -329,4 +347,5 @@ async def _exchange_hello(conn: Connection, mine: dict[str, Any], client: bool) 
         conn.send([encode_hello(mine)])
     conn.hello = theirs
     check_versions(mine["protocol"], theirs["protocol"], conn.peer)
+    check_runtime(mine, theirs, conn.peer)
     return theirs
