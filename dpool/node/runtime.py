@@ -32,7 +32,6 @@ gone: its connection is aborted, so its session ends (or is detached, if
 recoverable) exactly as when the client disconnects.
 """
 import asyncio
-import collections
 import itertools
 import logging
 import os
@@ -44,17 +43,14 @@ from .. import liveness
 from .. import protocol as P
 from ..protocol import Outcome
 from .. import serialize
-from ..errors import WorkerLost
 from ..transport import wrap_socket
+from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Run, Worker
 from .files import default_job_root, private_dir
 from .status import node_status
 from .zygote import Zygote, describe_exit
 
 log = logging.getLogger("dpool.node")
 
-_SHORT_JOB = 0.002  # seconds: below this a worker gets several jobs at once
-_MAX_DEPTH = 32
-_PREFETCH_JOB = 0.05  # below this a worker also holds the job after its current one
 MAX_INTERRUPT_GRACE = 30.0  # seconds a cancelled job may take to clean up, at most
 MIN_PULSE = 0.1  # seconds: the shortest pulse_interval a session may ask for (as dispy)
 KEEP_RESULTS = 3600.0  # seconds a detached (recoverable) session is kept
@@ -145,18 +141,13 @@ class NodeRuntime:
         await self.zygote.close()
 
 
-class WorkerHandle:
-    __slots__ = ("pid", "conn", "zygote", "outstanding", "fns", "tasks_left", "dead", "killing")
+class WorkerHandle(Worker):
+    """A worker process: the dispatcher's view of it plus its connection."""
 
     def __init__(self, pid, conn, max_tasks, zygote):
-        self.pid = pid
+        super().__init__(pid=pid, tasks_left=max_tasks)
         self.zygote = zygote  # the one that forked it (and reports its exit)
         self.conn = conn
-        self.outstanding = collections.deque()  # job ids, the first is running
-        self.fns = set()
-        self.tasks_left = max_tasks
-        self.dead = False
-        self.killing = None  # job id whose cancel killed this worker
 
 
 class Session:
@@ -168,16 +159,12 @@ class Session:
         self.sid = sid
         self.cpus = 0
         self.options = {}
-        self.workers = []
-        self.queue = collections.deque()  # (RunItem, its payload frames)
-        self.fns = {}
-        self.given = {}  # job id -> (WorkerHandle, job), for jobs given to a worker
-        self._ghosts = set()  # cancelled after being given: drop their results
+        self.dispatcher = Dispatcher()  # the queue and the workers' jobs
+        self.workers = self.dispatcher.workers  # the job environment parks some
+        self.fns = {}  # fn_id -> blob
         self.out = []  # DONE records waiting to be flushed to the client
         self.out_frames = []
         self.started = []
-        self.ema = None
-        self.depth = 1
         self.dir = None
         self.ended = False
         self.init_frames = ()
@@ -323,49 +310,22 @@ class Session:
 
     def on_func(self, msg, frames):
         self.fns[msg.fn_id] = frames[1]
+        self.dispatcher.fns.add(msg.fn_id)
 
     def on_run(self, msg, frames):
         items = list(P.run_items(msg, frames))
         self.attempts.update((item.job_id, item.attempt) for item, _ in items)
-        self.queue.extend(items)
-        self.dispatch()
+        self._act(self.dispatcher.submit(items))
 
     def on_forget(self, msg, frames):
         """The client needs these functions no more (none of their jobs is
         left here): drop them, and have the workers that loaded them drop them."""
-        ids = msg.fn_ids
-        for fn_id in ids:
+        for fn_id in msg.fn_ids:
             self.fns.pop(fn_id, None)
-        for worker in self.workers:
-            gone = [fn_id for fn_id in ids if fn_id in worker.fns]
-            if gone and not worker.dead:
-                worker.fns.difference_update(gone)
-                worker.conn.send([P.encode(P.Forget, gone)])
+        self._act(self.dispatcher.forget(msg.fn_ids))
 
     def on_cancel(self, msg, frames):
-        ids = set(msg.job_ids)
-        kept = collections.deque()
-        for job in self.queue:
-            job_id = job[0].job_id
-            if job_id in ids:
-                self._report(job_id, Outcome.CANCELLED)
-            else:
-                kept.append(job)
-        self.queue = kept
-        for job_id in ids:
-            worker = self.given.get(job_id, (None,))[0]
-            if worker is None or job_id in self._ghosts:
-                continue
-            if worker.outstanding[0] == job_id:
-                if worker.dead:  # its exit reports it (_worker_exited)
-                    continue
-                worker.killing = job_id  # its result is sent when the worker is gone
-                self._stop(worker)
-            else:
-                # Queued inside the worker but not started (only short jobs are
-                # queued there): report it cancelled now, drop its result later.
-                self._ghosts.add(job_id)
-                self._report(job_id, Outcome.CANCELLED)
+        self._act(self.dispatcher.cancel(msg.job_ids))
 
     def _stop(self, worker):
         """Kill a worker whose running job was cancelled.  With the session
@@ -418,7 +378,7 @@ class Session:
         self.detached_at = None
         self.node.detached.pop(self.options["recover_token"], None)
         log.warning("session %s: %s; discarding %d kept results and %d unfinished jobs",
-                    self.sid, why, len(self.out), len(self.queue) + len(self.given))
+                    self.sid, why, len(self.out), len(self.dispatcher.pending()))
         self.end(why)
 
     def on_recover(self, msg, frames):
@@ -443,8 +403,7 @@ class Session:
         conn.set_receiver(self.on_message, self.on_close)
         if settings is not None:
             self.watch(settings)
-        pending = [item.job_id for item, _ in self.queue]
-        pending += [job_id for job_id in self.given if job_id not in self._ghosts]
+        pending = self.dispatcher.pending()
         kept = [record[0] for record in self.out]
         log.info("session %s: recovered by %s: %d results kept, %d jobs unfinished%s",
                  self.sid, conn.peer, len(kept), len(pending),
@@ -502,41 +461,37 @@ class Session:
         conn = await wrap_socket(sock, peer=f"worker {pid}")
         worker = WorkerHandle(pid, conn, self.options.get("max_tasks"), zygote)
         conn.send([P.encode(P.Init, self.worker_options()), *self.init_frames])
-        if self.env is None or self.env.admit(worker):
-            self.workers.append(worker)
         conn.set_receiver(lambda frames: self.on_worker_message(worker, frames),
                           lambda exc=None: self.on_worker_closed(worker))
-        self.dispatch()
+        if self.env is None or self.env.admit(worker):
+            self._act(self.dispatcher.add_worker(worker))
+        else:
+            self.dispatch()
 
     def dispatch(self):
         """Give queued jobs to workers with room: one RUN message per worker."""
-        queue = self.queue
-        batches = {}
-        while queue:
-            worker = self._free_worker()
-            if worker is None:
-                break
-            job = queue.popleft()
-            item, frames = job
-            job_id, fn_id = item.job_id, item.fn_id
-            if fn_id not in worker.fns:
-                blob = self.fns.get(fn_id)
-                if blob is None:
-                    self._report(job_id, Outcome.ERROR, serialize.dump_exception(
-                        LookupError(f"unknown function id {fn_id}")))
-                    continue
-                worker.fns.add(fn_id)
-                worker.conn.send([P.encode(P.Func, fn_id), blob])
-            batch = batches.get(worker)
-            if batch is None:
-                batch = batches[worker] = ([], [None])
-            batch[0].append(tuple(item))  # the same RunItem, as it goes on the wire
-            batch[1].extend(frames)
-            worker.outstanding.append(job_id)
-            self.given[job_id] = (worker, job)
-        for worker, (header, frames) in batches.items():
-            frames[0] = P.encode(P.Run, header)
-            worker.conn.send(frames)
+        self._act(self.dispatcher.dispatch())
+
+    def _act(self, actions):
+        """Carry out the dispatcher's actions."""
+        for action in actions:
+            kind = type(action)
+            if kind is Run:
+                header, frames = [], [None]
+                for item, payload in action.jobs:
+                    header.append(tuple(item))
+                    frames.extend(payload)
+                frames[0] = P.encode(P.Run, header)
+                action.worker.conn.send(frames)
+            elif kind is LoadFunction:
+                action.worker.conn.send([P.encode(P.Func, action.fn_id), self.fns[action.fn_id]])
+            elif kind is Report:
+                error = () if action.error is None else serialize.dump_exception(action.error)
+                self._report(action.job_id, action.outcome, error)
+            elif kind is Kill:
+                self._stop(action.worker)
+            elif kind is Forget:
+                action.worker.conn.send([P.encode(P.Forget, action.fn_ids)])
 
     _dispatch_scheduled = False
 
@@ -544,20 +499,6 @@ class Session:
         self._dispatch_scheduled = False
         if not self.ended:
             self.dispatch()
-
-    def _free_worker(self):
-        best = None
-        for worker in self.workers:
-            n = len(worker.outstanding)
-            if n >= self.depth or worker.dead or worker.killing is not None:
-                continue
-            if worker.tasks_left is not None and n >= worker.tasks_left:
-                continue
-            if best is None or n < len(best.outstanding):
-                best = worker
-                if n == 0:
-                    break
-        return best
 
     def on_worker_message(self, worker, frames):
         msg = P.decode(frames[0])
@@ -568,42 +509,26 @@ class Session:
                 # results are dropped now; its exit reports the cancel.
                 worker.zygote.kill(worker.pid)
                 return
+            done = self.dispatcher.done
             for res, payload in P.results(msg, frames):
-                job_id = res.job_id
-                if worker.outstanding and worker.outstanding[0] == job_id:
-                    worker.outstanding.popleft()
-                if worker.tasks_left is not None:
-                    worker.tasks_left -= 1
-                if self.given.pop(job_id, None) is not None and job_id not in self._ghosts:
+                if done(worker, res.job_id, res.end - res.start):
                     self._result(tuple(res), payload)
-                self._ghosts.discard(job_id)
-                self._learn(res.end - res.start)
             # Once per loop iteration, after every worker's results of this
             # pass are in: the freed room goes out as one RUN per worker.
             if not self._dispatch_scheduled:
                 self._dispatch_scheduled = True
                 asyncio.get_running_loop().call_soon(self._deferred_dispatch)
         elif kind is P.Started:
-            self.started.extend(job for job in msg.jobs if job[0] not in self._ghosts)
+            self.started.extend(job for job in msg.jobs if self.dispatcher.started(job[0]))
             self._schedule_flush()
         elif kind is P.InitFail:
             self._init_failed(frames[1:])
         elif self.env is not None:
             self.env.on_worker_message(worker, msg, frames)
 
-    def _learn(self, duration):
-        self.ema = duration if self.ema is None else 0.8 * self.ema + 0.2 * duration
-        if self.ema < _SHORT_JOB:
-            self.depth = min(_MAX_DEPTH, max(2, int(_SHORT_JOB / max(self.ema, 1e-5))))
-        elif self.ema < _PREFETCH_JOB:
-            self.depth = 2  # the next job waits in the worker's socket: no gap
-        else:
-            self.depth = 1
-
     def on_worker_closed(self, worker):
-        if worker.dead:
+        if not self.dispatcher.worker_closed(worker):
             return
-        worker.dead = True
         task = asyncio.get_running_loop().create_task(self._worker_exited(worker))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -612,33 +537,12 @@ class Session:
         code = await worker.zygote.exit_code(worker.pid)
         if self.env is not None:
             self.env.worker_exited(worker, code)
-        if worker in self.workers:
-            self.workers.remove(worker)
         if self.ended:
+            if worker in self.workers:
+                self.workers.remove(worker)
             return
-        if worker.outstanding:
-            running = worker.outstanding.popleft()
-            self.given.pop(running, None)
-            if worker.killing == running:
-                self._report(running, Outcome.KILLED)
-            elif running in self._ghosts:
-                self._ghosts.discard(running)
-            else:
-                exc = WorkerLost(f"the worker process (pid {worker.pid}) running this job "
-                                 f"{describe_exit(code)}")
-                self._report(running, Outcome.WORKER_LOST, serialize.dump_exception(exc))
-            self._requeue(worker)
+        self._act(self.dispatcher.worker_exited(worker, describe_exit(code)))
         self._spawn()
-
-    def _requeue(self, worker):
-        """Jobs given to a dead worker but never started go back to the queue."""
-        for job_id in reversed(worker.outstanding):
-            _, job = self.given.pop(job_id)
-            if job_id in self._ghosts:
-                self._ghosts.discard(job_id)
-            else:
-                self.queue.appendleft(job)
-        worker.outstanding.clear()
 
     def _init_failed(self, exc_frames):
         # The client fails or moves the jobs it gave us; we just stop (a
@@ -701,8 +605,7 @@ class Session:
             worker.dead = True
             worker.zygote.kill(worker.pid, forget=True)
             worker.conn.abort()
-        self.workers.clear()
-        self.queue.clear()
+        self.dispatcher.clear()
         for task in list(self.tasks):
             task.cancel()
         if not self.conn.closed:

@@ -31,7 +31,7 @@ def session_jobs(session):
         if held:
             running += 1
             queued += held - 1
-    return running, queued + len(session.queue)
+    return running, queued + len(session.dispatcher.queue)
 
 
 def node_status(runtime):

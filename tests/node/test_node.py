@@ -385,7 +385,7 @@ def test_cancel_of_a_job_queued_in_a_worker_that_just_died(tmp_path):
         for _ in range(20):  # short jobs: the worker is given several at once
             client.submit(double, (1,)).future.result(10)
         session = _session(client)
-        assert client.call(lambda: session.depth) >= 2
+        assert client.call(lambda: session.dispatcher.depth) >= 2
         marker = str(tmp_path / "a")
         a = client.submit(hold, (marker,))
         b = client.submit(double, (5,))

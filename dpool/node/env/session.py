@@ -192,7 +192,7 @@ class SessionEnv:
     def on_worker_message(self, worker, msg, frames):
         kind = type(msg)
         if kind is P.Provisional or kind is P.SendFile:
-            if msg.job_id in self.session.given and msg.job_id not in self.session._ghosts:
+            if self.session.dispatcher.live(msg.job_id):
                 self.session._flush()  # STARTED and earlier results first
                 if not self.session.conn.closed:  # else: a detached session
                     self.session.conn.send(frames)

@@ -1,0 +1,271 @@
+"""Which worker runs which job of a node session: a pure state machine.
+
+The session (:mod:`dpool.node.runtime`) does the I/O; it tells the
+:class:`Dispatcher` what happened (jobs arrived, a worker joined, finished a
+job, died, a cancel came) and carries out the actions each call returns
+(load a function into a worker, send it jobs, report an outcome the node
+made up, kill a worker).  Nothing here reads the clock, sends or sleeps, so
+every policy is tested without processes (tests/node/test_dispatch.py).
+
+Policies:
+
+- Jobs wait in the session's queue, in order, until a worker has room.  A
+  worker holds ``depth`` jobs at a time (its first one runs, the others wait
+  in its socket): 1 for long jobs, so a waiting job goes to whichever worker
+  frees first; 2 below ``PREFETCH_JOB`` seconds (the next job is already
+  there when one ends); up to ``MAX_DEPTH`` below ``SHORT_JOB`` (tiny jobs
+  stream).  Durations are measured (a moving average).
+- Each job goes to the worker with the fewest jobs; a worker about to reach
+  its ``max_tasks`` gets no more than it will run.
+- A worker that dies fails only the job it was running (``WORKER_LOST``, or
+  ``KILLED`` when a cancel killed it); the jobs queued behind it go back to
+  the front of the queue.
+- A cancelled job still in the queue is reported ``CANCELLED``; a running one
+  has its worker killed; one waiting inside a worker is reported at once and
+  its result, when it comes, dropped (a *ghost*).
+- Jobs in the queue can be handed back (``give_back``): the client moves
+  them to a node with a free CPU, or away from a draining node.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import WorkerLost
+from ..protocol import Outcome
+
+SHORT_JOB = 0.002  # seconds: below this a worker gets several jobs at once
+MAX_DEPTH = 32
+PREFETCH_JOB = 0.05  # below this a worker also holds the job after its current one
+
+
+@dataclass(eq=False)
+class Worker:
+    """What the dispatcher knows of one worker process."""
+
+    pid: int = 0
+    tasks_left: int | None = None  # jobs it will still run (max_tasks), None: no limit
+    outstanding: collections.deque = field(default_factory=collections.deque)  # ids; [0] runs
+    fns: set = field(default_factory=set)  # function ids it has loaded
+    dead: bool = False
+    killing: Any = None  # the job id whose cancel killed it
+
+
+# ------------------------------------------------------------------- actions
+
+@dataclass(frozen=True)
+class LoadFunction:
+    worker: Worker
+    fn_id: Any
+
+
+@dataclass(frozen=True)
+class Run:
+    worker: Worker
+    jobs: list  # the queued jobs (RunItem, payload frames), in order
+
+
+@dataclass(frozen=True)
+class Report:
+    """An outcome the node makes up itself (no result from a worker)."""
+    job_id: Any
+    outcome: Outcome
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Kill:
+    worker: Worker
+
+
+@dataclass(frozen=True)
+class Forget:
+    worker: Worker
+    fn_ids: list
+
+
+class Dispatcher:
+    """One session's queue and workers.  A job is ``(item, frames)``: a
+    :class:`dpool.protocol.RunItem` (``job_id``, ``fn_id``...) and its
+    payload frames, carried along."""
+
+    def __init__(self):
+        self.queue = collections.deque()  # jobs not given to a worker yet
+        self.workers = []  # the workers that may take jobs
+        self.fns = set()  # function ids the session can load into workers
+        self.given = {}  # job id -> (worker, job) for jobs given to a worker
+        self.ghosts = set()  # cancelled after being given: drop their results
+        self.ema = None  # moving average of job durations, seconds
+        self.depth = 1
+
+    # ---------------------------------------------------------------- events
+
+    def submit(self, jobs):
+        self.queue.extend(jobs)
+        return self.dispatch()
+
+    def add_worker(self, worker):
+        self.workers.append(worker)
+        return self.dispatch()
+
+    def forget(self, fn_ids):
+        """The client needs these functions no more."""
+        self.fns.difference_update(fn_ids)
+        actions = []
+        for worker in self.workers:
+            gone = [fn_id for fn_id in fn_ids if fn_id in worker.fns]
+            if gone and not worker.dead:
+                worker.fns.difference_update(gone)
+                actions.append(Forget(worker, gone))
+        return actions
+
+    def dispatch(self):
+        """Give queued jobs to workers with room: at most one Run per worker."""
+        actions, batches = [], {}
+        queue = self.queue
+        while queue:
+            worker = self._free_worker()
+            if worker is None:
+                break
+            job = queue.popleft()
+            job_id, fn_id = job[0].job_id, job[0].fn_id
+            if fn_id not in worker.fns:
+                if fn_id not in self.fns:
+                    actions.append(Report(job_id, Outcome.ERROR,
+                                          LookupError(f"unknown function id {fn_id}")))
+                    continue
+                worker.fns.add(fn_id)
+                actions.append(LoadFunction(worker, fn_id))
+            batches.setdefault(worker, []).append(job)
+            worker.outstanding.append(job_id)
+            self.given[job_id] = (worker, job)
+        actions.extend(Run(worker, jobs) for worker, jobs in batches.items())
+        return actions
+
+    def cancel(self, job_ids):
+        ids = set(job_ids)
+        actions = []
+        kept = collections.deque()
+        for job in self.queue:
+            if job[0].job_id in ids:
+                actions.append(Report(job[0].job_id, Outcome.CANCELLED))
+            else:
+                kept.append(job)
+        self.queue = kept
+        for job_id in job_ids:
+            worker = self.given.get(job_id, (None,))[0]
+            if worker is None or job_id in self.ghosts:
+                continue
+            if worker.outstanding[0] == job_id:
+                if worker.dead:  # its exit reports it (worker_exited)
+                    continue
+                if worker.killing is None:
+                    worker.killing = job_id  # reported KILLED when the worker is gone
+                    actions.append(Kill(worker))
+            else:
+                # Waiting inside the worker (only short jobs wait there):
+                # reported cancelled now, its result dropped later.
+                self.ghosts.add(job_id)
+                actions.append(Report(job_id, Outcome.CANCELLED))
+        return actions
+
+    def done(self, worker, job_id, duration):
+        """A worker's result for ``job_id``: True if it goes to the client.
+        Call :meth:`dispatch` once after a batch of results."""
+        if worker.outstanding and worker.outstanding[0] == job_id:
+            worker.outstanding.popleft()
+        if worker.tasks_left is not None:
+            worker.tasks_left -= 1
+        deliver = self.given.pop(job_id, None) is not None and job_id not in self.ghosts
+        self.ghosts.discard(job_id)
+        self._learn(duration)
+        return deliver
+
+    def started(self, job_id):
+        """True if the client is to hear that ``job_id`` started."""
+        return job_id not in self.ghosts
+
+    def live(self, job_id):
+        """True while ``job_id`` runs or waits in a worker, not cancelled."""
+        return job_id in self.given and job_id not in self.ghosts
+
+    def worker_closed(self, worker):
+        """The worker's connection closed; True the first time (its exit
+        status comes later, with :meth:`worker_exited`)."""
+        if worker.dead:
+            return False
+        worker.dead = True
+        return True
+
+    def worker_exited(self, worker, how):
+        """The dead worker's exit is known (``how`` says it in words): its
+        running job fails, the jobs behind it go back to the queue."""
+        if worker in self.workers:
+            self.workers.remove(worker)
+        if not worker.outstanding:
+            return []
+        actions = []
+        running = worker.outstanding.popleft()
+        self.given.pop(running, None)
+        if worker.killing == running:
+            actions.append(Report(running, Outcome.KILLED))
+        elif running in self.ghosts:
+            self.ghosts.discard(running)
+        else:
+            actions.append(Report(running, Outcome.WORKER_LOST, WorkerLost(
+                f"the worker process (pid {worker.pid}) running this job {how}")))
+        for job_id in reversed(worker.outstanding):
+            _, job = self.given.pop(job_id)
+            if job_id in self.ghosts:
+                self.ghosts.discard(job_id)
+            else:
+                self.queue.appendleft(job)
+        worker.outstanding.clear()
+        return actions
+
+    def give_back(self, n=None):
+        """Take up to ``n`` (all if None) jobs no worker has, from the back
+        of the queue; returns their ids (the client runs them elsewhere)."""
+        n = len(self.queue) if n is None else min(n, len(self.queue))
+        return [self.queue.pop()[0].job_id for _ in range(n)][::-1]
+
+    def clear(self):
+        self.queue.clear()
+        self.workers.clear()
+
+    # --------------------------------------------------------------- queries
+
+    def pending(self):
+        """Ids of the jobs not finished: queued, then given to workers."""
+        return [job[0].job_id for job in self.queue] + [job_id for job_id in self.given
+                                                 if job_id not in self.ghosts]
+
+    def running(self):
+        """How many jobs workers hold (not cancelled)."""
+        return sum(1 for job_id in self.given if job_id not in self.ghosts)
+
+    # --------------------------------------------------------------- private
+
+    def _free_worker(self):
+        best = None
+        for worker in self.workers:
+            n = len(worker.outstanding)
+            if n >= self.depth or worker.dead or worker.killing is not None:
+                continue
+            if worker.tasks_left is not None and n >= worker.tasks_left:
+                continue
+            if best is None or n < len(best.outstanding):
+                best = worker
+                if n == 0:
+                    break
+        return best
+
+    def _learn(self, duration):
+        self.ema = duration if self.ema is None else 0.8 * self.ema + 0.2 * duration
+        if self.ema < SHORT_JOB:
+            self.depth = min(MAX_DEPTH, max(2, int(SHORT_JOB / max(self.ema, 1e-5))))
+        elif self.ema < PREFETCH_JOB:
+            self.depth = 2  # the next job waits in the worker's socket: no gap
+        else:
+            self.depth = 1
