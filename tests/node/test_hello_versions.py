@@ -13,8 +13,7 @@ from dpool import serialize
 from dpool.core.client import Client
 from dpool.errors import BrokenCluster, VersionMismatch
 from dpool.transport import auth, start_server
-from conftest import poll_for
-from helpers_engine import dpool_node, node_secret  # noqa: F401 (fixtures)
+from helpers import poll_for
 
 OURS = serialize.runtime_versions()
 
@@ -49,7 +48,7 @@ def test_node_refuses_a_client_with_another_python(dpool_node, node_secret, monk
         client.start()
     message = str(info.value)
     assert "python version mismatch" in message, message
-    assert f"this side runs python 3.99" in message and f"runs python {OURS['python']}" in message
+    assert "this side runs python 3.99" in message and f"runs python {OURS['python']}" in message
     client.close()
 
     def logged():
