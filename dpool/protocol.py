@@ -27,6 +27,11 @@ Client -> node                         Node -> client
                 ``heartbeat`` option (see dpool.liveness)
   Forget   (fn_ids)  functions no job in flight needs; the node drops
                      them and forwards Forget to the workers holding them
+  Reclaim  (count)  give back up to count   GiveBack (job_ids)  jobs that did not run
+           jobs no worker has taken         here (the answer to Reclaim, and unasked
+                                            while draining)
+                                         Draining (grace)  the node stops: no new
+                                            jobs; running ones get grace s
   Recover  (token, terminate)            Ready (info + {"recovered": True,
                                            "kept": [job_id], "pending": [job_id]})
                                          or Refused; then Done as usual
@@ -115,6 +120,10 @@ class Op(IntEnum):
     CLEANUPDONE = 25
     # client <-> node, both ways: "I am alive" (see dpool.liveness)
     HEARTBEAT = 26
+    # the node gives jobs back (Reclaim's answer, or draining); it is stopping; give back
+    GIVEBACK = 27
+    DRAINING = 28
+    RECLAIM = 29
 
 
 class Call(IntEnum):
@@ -279,6 +288,11 @@ class Status(NamedTuple):
     info: Optional[dict]  # client -> node: None; node -> client: its status (dpool status)
 
 
+@message(Op.RECLAIM)
+class Reclaim(NamedTuple):
+    count: int  # give back at most this many jobs no worker has taken
+
+
 @message(Op.READY)
 class Ready(NamedTuple):
     info: dict
@@ -297,6 +311,16 @@ class Done(NamedTuple):
 @message(Op.STARTED)
 class Started(NamedTuple):
     jobs: list  # [(job_id, start time)]
+
+
+@message(Op.GIVEBACK)
+class GiveBack(NamedTuple):
+    job_ids: list  # jobs that did not run here: the client runs them elsewhere
+
+
+@message(Op.DRAINING)
+class Draining(NamedTuple):
+    grace: float  # the node stops: no new jobs; running ones get this many seconds
 
 
 @message(Op.FILEDONE)

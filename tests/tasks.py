@@ -208,6 +208,19 @@ def hold(marker, gate=None, child=False, timeout=60.0):
             proc.wait()
 
 
+def count_and_hold(log, gate, value=None, timeout=60.0):
+    """Append this run's pid to ``log`` (one line per execution), wait for
+    ``gate`` to exist (up to ``timeout`` s), return ``value``."""
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the gate was never opened")
+        time.sleep(0.01)
+    return value
+
+
 # ------------------------------------------- initializers (Executor, Pool)
 
 def set_initialized(value):

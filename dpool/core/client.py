@@ -38,7 +38,7 @@ from ..config import resolve_cpus
 from ..errors import (AuthenticationError, BrokenCluster, ConnectionClosed, DpoolError,
                       JobCancelled, NodeLost, ProtocolError)
 from ..transport import PROTOCOL_VERSION, client_ssl_context, connect, inproc_pair
-from .scheduler import Action, Cancelled, CancelRemote, Fail, Scheduler, Send
+from .scheduler import Action, Cancelled, CancelRemote, Fail, Reclaim, Scheduler, Send
 
 log = logging.getLogger("dpool")
 
@@ -123,6 +123,7 @@ class NodeLink:
         self.retry = True  # False: the node refused us, or we closed it: don't re-join
 
     hold = False  # True: READY but not given jobs until an extension admits it
+    draining = False  # True: the node said it is shutting down
 
     @property
     def name(self):
@@ -271,7 +272,8 @@ class Client:
         self.loop = self._thread.loop
         self._handlers = {P.Ready: self._on_ready, P.Refused: self._on_refused,
                           P.Done: self._on_done, P.Started: self._on_started,
-                          P.InitFail: self._on_initfail, P.Heartbeat: _ignore}
+                          P.InitFail: self._on_initfail, P.Heartbeat: _ignore,
+                          P.GiveBack: self._on_giveback, P.Draining: self._on_draining}
         # ``prepare(link)`` (loop thread, before SESSION) returns None to skip
         # the node, or (session options, [messages sent right after SESSION]);
         # it sets ``link.hold`` to keep the node from jobs until it is admitted.
@@ -541,6 +543,20 @@ class Client:
         if not link.ready_future.done():
             link.ready_future.set_exception(link.error)
 
+    def _on_giveback(self, link, msg, frames):
+        """Jobs the node did not run (we reclaimed them, or it is draining)."""
+        for job_id in msg.job_ids:
+            job = self.jobs.get(job_id)
+            if job is not None and link.fns.get(job.fn_id):
+                link.fns[job.fn_id] -= 1
+        self._act(self.scheduler.given_back(link, msg.job_ids, time.monotonic()))
+
+    def _on_draining(self, link, msg, frames):
+        log.info("node %s is shutting down: no new jobs go there (its running jobs have "
+                 "%ss to finish)", link.name, msg.grace)
+        link.draining = True
+        self._act(self.scheduler.drain(link, time.monotonic()))
+
     def _on_initfail(self, link, msg, frames):
         self.leave_out(link, "the initializer failed", frames)
 
@@ -592,7 +608,11 @@ class Client:
             return
         self.emit("node", link)
         if not self.closed or self._unfinished:
-            log.warning("lost node %s (%s): %s", link.name, _where(link), describe(link.error))
+            if link.draining:
+                log.info("node %s (%s) has shut down", link.name, _where(link))
+            else:
+                log.warning("lost node %s (%s): %s", link.name, _where(link),
+                            describe(link.error))
         self._act(self.scheduler.remove_node(link, time.monotonic(), describe(link.error)))
         if not any(other.ready for other in self.links):
             self.broken = link.error
@@ -692,6 +712,11 @@ class Client:
                     action.node.conn.send([P.encode(P.Cancel, action.jobs)])
                 except ConnectionClosed:
                     pass  # closing: its close callback reports these jobs cancelled
+            elif kind is Reclaim:
+                try:
+                    action.node.conn.send([P.encode(P.Reclaim, action.count)])
+                except ConnectionClosed:
+                    pass  # closing: its close callback moves its jobs
             elif kind is Cancelled:
                 self._finish(self.jobs.pop(action.job, None), CANCELLED,
                              error=JobCancelled("job cancelled"))

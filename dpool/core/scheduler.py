@@ -8,10 +8,16 @@ limits, retries, node loss) is tested without sockets or waiting.
 
 Policies:
 
-- A node gets at most ``limit(node)`` jobs at a time: two per CPU plus a
-  read-ahead that grows as jobs get shorter (measured), so that a node never
-  idles waiting for the client, while long jobs are not piled up on one node
-  when another could start them (at most one waits per CPU).
+- No CPU idles while a job waits.  Jobs go first one per free CPU, to every
+  node; only then does a node get more, up to ``limit(node)``: two per CPU
+  plus a read-ahead that grows as jobs get shorter (measured), so that a node
+  never idles waiting for the client.  When nothing is left to send and a node
+  has a free CPU while another holds jobs it has not started (jobs not known
+  to be tiny), the scheduler asks that node to give them back
+  (:class:`Reclaim`); those it returns (:meth:`Scheduler.given_back`) go to
+  the free CPUs.
+- A draining node (:meth:`Scheduler.drain`) gets no new jobs; the jobs it
+  gives back run elsewhere, those it runs finish there.
 - A job whose node is lost goes back to the front of the queue, at most
   ``max_retries`` times; after that it fails with :class:`NodeLost`.  Errors
   raised by the job itself are results, never retried here.
@@ -59,7 +65,19 @@ class Cancelled:
     job: JobId
 
 
-Action = Send | Fail | CancelRemote | Cancelled
+@dataclass(frozen=True)
+class Reclaim:
+    """Ask ``node`` to give back up to ``count`` jobs it has not started."""
+    node: Node
+    count: int
+
+
+Action = Send | Fail | CancelRemote | Cancelled | Reclaim
+
+
+#: Jobs measured shorter than this (seconds) are not reclaimed: moving them
+#: would cost more than the wait it saves.
+RECLAIM_MIN = 0.01
 
 
 @dataclass
@@ -68,6 +86,10 @@ class NodeState:
     inflight: set[JobId] = field(default_factory=set)
     ema: float | None = None  # moving average of job durations on this node
     done: int = 0
+    # Jobs a Reclaim asked back: no other Reclaim goes to this node until the
+    # answer gives them all back, or (a shorter answer) a job ends here.
+    reclaiming: int = 0
+    draining: bool = False  # stopping: no new jobs
 
     def limit(self) -> int:
         """Jobs this node may hold: two per CPU (the next job is always there
@@ -79,14 +101,26 @@ class NodeState:
         return self.cpus * per_cpu
 
     def room(self) -> int:
+        if self.draining:
+            return 0
         return self.limit() - len(self.inflight)
+
+    def free_cpus(self) -> int:
+        if self.draining:
+            return 0
+        return max(0, self.cpus - len(self.inflight))
+
+    def waiting(self) -> int:
+        """Jobs here beyond one per CPU: they wait on the node, not started."""
+        return max(0, len(self.inflight) - self.cpus)
 
 
 @dataclass
 class _Job:
     node: Node | None = None  # where it runs, None while queued
     pin: Node | None = None  # the only node it may run on
-    tries: int = 0
+    tries: int = 0  # dispatches (the attempt number of the latest)
+    returned: int = 0  # dispatches given back unstarted: not retries
     cancelling: bool = False  # a cancel was sent to its node
 
 
@@ -99,6 +133,7 @@ class Scheduler:
         self.pinned: collections.defaultdict[Node, collections.deque[JobId]] = \
             collections.defaultdict(collections.deque)
         self.stale = 0  # outcomes dropped: not from the job's current attempt
+        self.ema: float | None = None  # moving average of job durations on any node
 
     # ----------------------------------------------------------------- events
 
@@ -132,7 +167,7 @@ class Scheduler:
             if job.cancelling:
                 del self.jobs[job_id]
                 actions.append(Cancelled(job_id))
-            elif job.pin is not None or job.tries > self.max_retries:
+            elif job.pin is not None or job.tries - job.returned > self.max_retries:
                 del self.jobs[job_id]
                 actions.append(Fail(job_id, error))
             else:
@@ -160,14 +195,46 @@ class Scheduler:
         if state is not None:
             state.inflight.discard(job_id)
             state.done += 1
+            state.reclaiming = 0
             if duration is not None:
                 state.ema = duration if state.ema is None else 0.8 * state.ema + 0.2 * duration
+                self.ema = duration if self.ema is None else 0.8 * self.ema + 0.2 * duration
         if job is None or not dispatch:
             return []
         return self._dispatch()
 
     def dispatch(self) -> list[Action]:
         """Send what the nodes have room for."""
+        return self._dispatch()
+
+    def given_back(self, node: Node, job_ids: list[JobId], now: float = 0.0) -> list[Action]:
+        """``node`` gave these jobs back unstarted (a Reclaim's answer, or
+        it is draining): they go to the front of the queue."""
+        state = self.nodes.get(node)
+        actions: list[Action] = []
+        if state is not None and len(job_ids) >= state.reclaiming:
+            state.reclaiming = 0
+        for job_id in reversed(job_ids):
+            job = self.jobs.get(job_id)
+            if job is None or job.node is not node:
+                continue
+            if state is not None:
+                state.inflight.discard(job_id)
+            job.node = None
+            job.returned += 1  # it never ran: not a retry (its next dispatch is a new attempt)
+            if job.cancelling:
+                del self.jobs[job_id]
+                actions.append(Cancelled(job_id))
+            else:
+                (self.pinned[job.pin] if job.pin is not None else self.queue).appendleft(job_id)
+        actions.extend(self._dispatch())
+        return actions
+
+    def drain(self, node: Node, now: float = 0.0) -> list[Action]:
+        """``node`` is stopping: no new jobs for it (it gives back its queued ones)."""
+        state = self.nodes.get(node)
+        if state is not None:
+            state.draining = True
         return self._dispatch()
 
     def cancel(self, job_id: JobId) -> list[Action]:
@@ -219,17 +286,55 @@ class Scheduler:
         for node, queue in self.pinned.items():
             state = self.nodes.get(node)
             if state is not None:
-                self._fill(node, state, queue, batches)
+                self._fill(node, state, queue, batches, state.room())
         if self.queue and self.nodes:
-            for node, state in sorted(self.nodes.items(), key=lambda kv: -kv[1].room()):
-                self._fill(node, state, self.queue, batches)
-                if not self.queue:
-                    break
-        return [Send(node, ids) for node, ids in batches.items()]
+            # One job per free CPU everywhere first, then the read-ahead.
+            for room in (NodeState.free_cpus, NodeState.room):
+                for node, state in sorted(self.nodes.items(), key=lambda kv: -room(kv[1])):
+                    self._fill(node, state, self.queue, batches, room(state))
+                    if not self.queue:
+                        break
+        actions: list[Action] = [Send(node, ids) for node, ids in batches.items()]
+        if not self._has_queued():
+            actions.extend(self._reclaim())
+        return actions
+
+    def _has_queued(self) -> bool:
+        jobs = self.jobs
+        while self.queue:
+            job = jobs.get(self.queue[0])
+            if job is not None and job.node is None:
+                return True
+            self.queue.popleft()  # stale: cancelled or already sent
+        return False
+
+    def _reclaim(self) -> list[Action]:
+        """Free CPUs and nothing to send: ask nodes holding jobs they have
+        not started to give them back."""
+        free = sum(state.free_cpus() for state in self.nodes.values())
+        actions: list[Action] = []
+        for node, state in self.nodes.items():
+            if free <= 0:
+                break
+            ema = self.ema if state.ema is None else state.ema
+            if state.waiting() and not state.reclaiming and not state.draining \
+                    and (ema is None or ema >= RECLAIM_MIN):
+                count = min(self._movable(state), free)
+                if count > 0:
+                    state.reclaiming = count
+                    free -= count
+                    actions.append(Reclaim(node, count))
+        return actions
+
+    def _movable(self, state: NodeState) -> int:
+        """Jobs waiting on a node that could run elsewhere (not pinned to it)."""
+        jobs = self.jobs
+        movable = sum(1 for job_id in state.inflight
+                      if job_id in jobs and jobs[job_id].pin is None)
+        return min(movable, state.waiting())
 
     def _fill(self, node: Node, state: NodeState, queue: collections.deque[JobId],
-              batches: dict[Node, list[JobId]]) -> None:
-        room = state.room()
+              batches: dict[Node, list[JobId]], room: int) -> None:
         jobs = self.jobs
         while room > 0 and queue:
             job_id = queue.popleft()

@@ -2,13 +2,20 @@
 
     dpool-node [--host 127.0.0.1] [--port 51350] [--cpus N] [--secret-file PATH]
                [--certfile F --keyfile F [--cafile F]] [--dest-path DIR]
-               [--keep-results SECONDS] [--receive-budget BYTES]
+               [--keep-results SECONDS] [--receive-budget BYTES] [--grace SECONDS]
+               [--logfile PATH]
     dpool-node --generate-secret [--secret-file NEW-PATH]
+    dpool-node --version
 
 The secret comes from ``DPOOL_SECRET`` or ``--secret-file``, never from the
 command line.  On loopback with no secret the node makes one and leaves it
 (mode 0600) in ``~/.dpool/node-PORT.secret`` (``$DPOOL_HOME`` if set), where
 local clients find it.  Any other address needs a secret (or mutual TLS).
+
+SIGTERM drains: the node accepts no more clients, its clients move their
+queued jobs elsewhere, running jobs get ``--grace`` seconds to finish; a
+second SIGTERM, or SIGINT, stops at once (running jobs are killed and rerun
+elsewhere by their clients).
 """
 import argparse
 import asyncio
@@ -17,12 +24,14 @@ import os
 import signal
 import sys
 
-from .. import config
+from .. import __version__, config, serialize
 from ..hosts import is_loopback
 from ..node.files import default_job_root, private_dir
 from ..node.server import NodeServer
 
 log = logging.getLogger("dpool.node")
+
+GRACE = 30.0  # seconds running jobs get on SIGTERM
 
 
 def _port(text):
@@ -51,7 +60,8 @@ def _size(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="dpool-node", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="dpool-node",
+                                description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=config.NODE_PORT,
                    help=f"TCP port (default {config.NODE_PORT}; 0 picks a free one)")
@@ -72,10 +82,18 @@ def parse_args(argv=None):
                    help="bytes of partly received messages the node holds across all "
                         "connections before it stops reading from all but one "
                         "(backpressure); K, M, G suffixes (default 1G)")
+    p.add_argument("--grace", type=float, default=GRACE, metavar="SECONDS",
+                   help=f"on SIGTERM, how long running jobs may take to finish before they "
+                        f"are killed (default {GRACE:g}); a second SIGTERM kills at once")
     p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
     p.add_argument("--generate-secret", action="store_true",
                    help="print a new strong secret (256 random bits) and exit; with "
                         "--secret-file PATH, write it to that new file (mode 0600) instead")
+    p.add_argument("--logfile", metavar="PATH", help="log to this file (default: stderr)")
+    versions = serialize.runtime_versions()
+    p.add_argument("--version", action="version",
+                   version=f"dpool-node {__version__} (Python {versions['python']}, "
+                           f"cloudpickle {versions['cloudpickle']})")
     return p.parse_args(argv)
 
 
@@ -117,7 +135,8 @@ def main(argv=None):
     if args.generate_secret:
         return generate_secret(args)
     logging.basicConfig(level=getattr(logging, args.loglevel.upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        filename=args.logfile)
     try:
         secret, error = load_secret(args)
     except (OSError, ValueError) as exc:
@@ -136,7 +155,7 @@ def main(argv=None):
                         cafile=args.cafile, keep_results=args.keep_results,
                         receive_budget=args.receive_budget)
     try:
-        asyncio.run(_serve(server))
+        asyncio.run(_serve(server, args.grace))
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # e.g. the port is taken
@@ -150,11 +169,14 @@ def main(argv=None):
     return 0
 
 
-async def _serve(server):
-    stop = asyncio.Event()
+async def _serve(server, grace):
+    stop, drain = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+
+    def on_sigterm():
+        (stop if drain.is_set() else drain).set()
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
     try:
         await server.start()
     except BaseException:
@@ -163,10 +185,28 @@ async def _serve(server):
     print(f"dpool-node: serving {server.cpus} CPUs on {server.host}:{server.port} "
           f"(pid {os.getpid()})",
           flush=True)
+    log.info("serving %d CPUs on %s:%s (pid %d)", server.cpus, server.host, server.port,
+             os.getpid())
     try:
-        await stop.wait()
+        await _until_first(stop.wait(), drain.wait())
+        if not stop.is_set():
+            log.info("SIGTERM: draining (a second SIGTERM or SIGINT stops at once)")
+            await _until_first(stop.wait(), server.drain(grace))
+        if stop.is_set():
+            log.info("stopping now")
     finally:
         await server.close()
+
+
+async def _until_first(*coros):
+    """Run the coroutines until one ends; cancel the others."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        task.result()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ gone: its connection is aborted, so its session ends (or is detached, if
 recoverable) exactly as when the client disconnects.
 """
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -56,6 +57,8 @@ MIN_PULSE = 0.1  # seconds: the shortest pulse_interval a session may ask for (a
 KEEP_RESULTS = 3600.0  # seconds a detached (recoverable) session is kept
 KEEP_MAX_RESULTS = 100_000  # results kept for a detached session, at most
 KEEP_MAX_BYTES = 1 << 30  # bytes of results kept for a detached session, at most
+_OUTCOMES = {Outcome.OK: "done", Outcome.ERROR: "raised", Outcome.WORKER_LOST: "worker lost",
+             Outcome.CANCELLED: "cancelled", Outcome.KILLED: "killed"}
 
 
 class NodeRuntime:
@@ -75,6 +78,8 @@ class NodeRuntime:
         self._ids = itertools.count(1)
         self.worker_numbers = itertools.count(1)  # names workers as the stdlib does
         self._started = False
+        self.draining = False
+        self._idle = None  # set when the last session ends, while draining
 
     async def start(self):
         if not self._started:
@@ -121,6 +126,29 @@ class NodeRuntime:
         zygote = self.zygote
         return zygote, await request(zygote)
 
+    @property
+    def log_level(self):
+        """Session starts and ends: INFO on a node, DEBUG when embedded."""
+        return logging.DEBUG if self.embedded else logging.INFO
+
+    async def drain(self, grace):
+        """Stop taking jobs; the running ones get ``grace`` seconds to finish
+        (clients move the others).  Returns when every session has ended or
+        the time is up; :meth:`close` ends the rest."""
+        self.draining = True
+        running = sum(session.dispatcher.running() for session in self.sessions)
+        log.info("draining: %d sessions, %d jobs running; waiting up to %ss for them",
+                 len(self.sessions), running, grace)
+        self._idle = asyncio.Event()
+        for session in list(self.sessions):
+            session.drain(grace)
+        if self.sessions:
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except TimeoutError:
+                log.warning("grace period of %ss over: killing %d running jobs", grace,
+                            sum(session.dispatcher.running() for session in self.sessions))
+
     def accept(self, conn):
         """Take a new authenticated client connection."""
         session = Session(self, conn, next(self._ids))
@@ -134,11 +162,15 @@ class NodeRuntime:
         if session in self.sessions:
             self.sessions.discard(session)
             self.free_cpus += session.cpus
+            if not self.sessions and self._idle is not None:
+                self._idle.set()
 
     async def close(self):
         for session in list(self.sessions):
             session.end("node shutting down")
         await self.zygote.close()
+        if not self.embedded:
+            log.info("node %s shut down", self.name)
 
 
 class WorkerHandle(Worker):
@@ -173,8 +205,10 @@ class Session:
         self.handlers = {P.Session: self.on_session, P.Func: self.on_func, P.Run: self.on_run,
                          P.Cancel: self.on_cancel, P.Bye: self.on_bye, P.Forget: self.on_forget,
                          P.File: self.on_env, P.Setup: self.on_env, P.Recover: self.on_recover,
-                         P.Status: self.on_status,
-                         P.Heartbeat: self.on_heartbeat}
+                         P.Status: self.on_status, P.Heartbeat: self.on_heartbeat,
+                         P.Reclaim: self.on_reclaim}
+        self.counts = collections.Counter()  # jobs by outcome, for the log
+        self.draining = False
         self.detached_at = None  # loop time the client went away (recoverable sessions)
         self._expiry = None
         self.attempts = {}  # job id -> the attempt number the client gave it (Run)
@@ -271,6 +305,8 @@ class Session:
             return
         info = dict(self.node.info(), cpus=self.cpus, dir=self.dir, pid=os.getpid())
         self.conn.send([P.encode(P.Ready, info)])
+        log.log(self.node.log_level, "session %s: client %s, %d CPUs", self.sid, self.conn.peer,
+                self.cpus)
         if not options.get("setup"):  # else: forked from the setup process
             for _ in range(self.cpus):
                 self._spawn()
@@ -313,9 +349,40 @@ class Session:
         self.dispatcher.fns.add(msg.fn_id)
 
     def on_run(self, msg, frames):
+        self.counts["received"] += len(msg.jobs)
+        if self.draining:  # sent before the client heard Draining: back they go
+            self._give_back([item[0] for item in msg.jobs])
+            return
         items = list(P.run_items(msg, frames))
         self.attempts.update((item.job_id, item.attempt) for item, _ in items)
         self._act(self.dispatcher.submit(items))
+
+    def on_reclaim(self, msg, frames):
+        """The client has a free CPU elsewhere: jobs no worker has go back."""
+        self._give_back(self.dispatcher.give_back(msg.count))
+
+    def _give_back(self, job_ids):
+        if job_ids:
+            self.counts["given back"] += len(job_ids)
+            for job_id in job_ids:
+                self.attempts.pop(job_id, None)
+        if not self.conn.closed:
+            self._flush()  # results first: the client's view stays in order
+            self.conn.send([P.encode(P.GiveBack, job_ids)])
+
+    def drain(self, grace):
+        """The node is stopping: no new jobs, the queued ones go back to the
+        client; the session ends when its running jobs have."""
+        self.draining = True
+        if not self.conn.closed:
+            self.conn.send([P.encode(P.Draining, grace)])
+            self._give_back(self.dispatcher.give_back())
+        # (a detached session's queued jobs run on: no client is there to move them)
+        self._end_if_drained()
+
+    def _end_if_drained(self):
+        if self.draining and not self.dispatcher.running() and not self.dispatcher.queue:
+            self.end("node shutting down")
 
     def on_forget(self, msg, frames):
         """The client needs these functions no more (none of their jobs is
@@ -513,6 +580,10 @@ class Session:
             for res, payload in P.results(msg, frames):
                 if done(worker, res.job_id, res.end - res.start):
                     self._result(tuple(res), payload)
+            if self.draining:
+                self._end_if_drained()
+                if self.ended:
+                    return
             # Once per loop iteration, after every worker's results of this
             # pass are in: the freed room goes out as one RUN per worker.
             if not self._dispatch_scheduled:
@@ -542,7 +613,12 @@ class Session:
                 self.workers.remove(worker)
             return
         self._act(self.dispatcher.worker_exited(worker, describe_exit(code)))
-        self._spawn()
+        if self.draining:
+            if not self.conn.closed:
+                self._give_back(self.dispatcher.give_back())
+            self._end_if_drained()
+        if not self.ended:
+            self._spawn()
 
     def _init_failed(self, exc_frames):
         # The client fails or moves the jobs it gave us; we just stop (a
@@ -560,6 +636,7 @@ class Session:
     def _result(self, record, frames):
         """Queue a Result (as on the wire) and its payload for the next Done,
         with the attempt number the client gave the job."""
+        self.counts[_OUTCOMES.get(record[1], "other")] += 1
         self.out.append((*record[:-1], self.attempts.pop(record[0], None)))
         self.out_frames.extend(frames)
         self._schedule_flush()
@@ -614,4 +691,6 @@ class Session:
         if self.dir and not self.options.get("cwd") and not self.options.get("dest_path") \
                 and self.options.get("cleanup", True):
             shutil.rmtree(self.dir, ignore_errors=True)
-        log.debug("session %s ended: %s", self.sid, why)
+        counts = ", ".join(f"{n} {what}" for what, n in self.counts.items()) or "no jobs"
+        log.log(self.node.log_level, "session %s ended (%s): client %s; jobs: %s",
+                self.sid, why, self.conn.peer, counts)

@@ -57,6 +57,13 @@ class NodeServer:
             log.info("no secret given: local clients read it from %s", self.secret_path)
         return self
 
+    async def drain(self, grace):
+        """Graceful stop: accept no more clients; running jobs get ``grace``
+        seconds; clients move queued jobs elsewhere.  Then :meth:`close`."""
+        if self.server is not None:
+            self.server.close()  # stops listening; sessions go on
+        await self.runtime.drain(grace)
+
     async def close(self):
         if self.server is not None:
             self.server.close()

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
 
-from dpool.core.scheduler import Cancelled, CancelRemote, Fail, Scheduler, Send
+from dpool.core.scheduler import (RECLAIM_MIN, Cancelled, CancelRemote, Fail, Reclaim,
+                                  Scheduler, Send)
 from dpool.errors import NodeLost
 
 
@@ -103,6 +104,102 @@ def test_the_emptier_node_is_filled_first():
     assert sends(s.submit([3, 4, 5])) == {"b": [3, 4, 5]}
 
 
+# ------------------------------------------------------------ no idle CPU
+
+def test_one_job_per_free_cpu_everywhere_before_any_read_ahead():
+    """6 jobs on 3 nodes of 2 CPUs: two each, none queued behind another
+    (issue 9: one node idled while another ran four)."""
+    s = Scheduler()
+    for node in "abc":
+        s.add_node(node, 2)
+    assert {n: len(ids) for n, ids in sends(s.submit(range(6))).items()} == \
+        {"a": 2, "b": 2, "c": 2}
+    assert all(state.waiting() == 0 for state in s.nodes.values())
+
+
+def test_read_ahead_goes_out_only_after_every_cpu_has_a_job():
+    s = Scheduler()
+    s.add_node("a", 1)
+    s.add_node("b", 2)
+    # 0, 1, 2 one per CPU (the node with more free CPUs first), then two per CPU
+    assert sends(s.submit(range(7))) == {"b": [0, 1, 3, 4], "a": [2, 5]}
+
+
+def test_a_free_cpu_reclaims_a_job_waiting_on_another_node():
+    s = Scheduler()
+    s.add_node("a", 1)
+    s.add_node("b", 1)
+    s.submit(range(4))                      # a: 0 runs, 2 waits; b: 1 runs, 3 waits
+    assert sends(s.done("b", 1, duration=1.0)) == {}  # b runs 3: nothing to move
+    assert s.done("b", 3, duration=1.0) == [Reclaim("a", 1)]
+    assert s.dispatch() == []               # asked once, until the answer
+    assert sends(s.given_back("a", [2])) == {"b": [2]}
+    assert s.nodes["a"].inflight == {0} and s.nodes["b"].inflight == {2}
+    assert s.done("a", 0) == [] and s.done("b", 2) == []
+    assert s.pending() == 0
+
+
+def test_a_given_back_job_is_not_a_retry():
+    s = Scheduler(max_retries=1)
+    s.add_node("a", 1)
+    s.add_node("b", 1)
+    s.submit(range(3))                      # a: 0, 2; b: 1
+    assert s.done("b", 1, duration=1.0) == [Reclaim("a", 1)]
+    assert sends(s.given_back("a", [2])) == {"b": [2]}
+    assert s.attempt(2) == 2  # a new attempt, but not a retry:
+    assert sends(s.remove_node("b")) == {"a": [2]}  # a retry left
+
+
+def test_a_short_answer_stops_reclaims_until_a_job_ends_there():
+    s = Scheduler()
+    s.add_node("b", 1)
+    s.submit([0, 1, 2])                     # b: 0 runs, 1 waits; 2 queued here
+    assert sends(s.add_node("a", 1)) == {"a": [2]}
+    assert s.done("a", 2, duration=1.0) == [Reclaim("b", 1)]
+    assert s.given_back("b", []) == []      # it had started it: ask no more
+    assert s.dispatch() == []
+    assert s.done("b", 0, duration=1.0) == []  # nothing waits there now
+    assert s.pending() == 1
+
+
+def test_tiny_jobs_are_not_reclaimed():
+    s = Scheduler()
+    s.add_node("a", 1)
+    s.add_node("b", 1)
+    s.submit(range(4))
+    s.done("a", 0, duration=RECLAIM_MIN / 10)
+    s.done("b", 1, duration=1.0)
+    assert only(s.done("b", 3, duration=1.0), Reclaim) == []
+
+
+def test_pinned_jobs_are_not_reclaimed():
+    s = Scheduler()
+    s.add_node("a", 1)
+    s.add_node("b", 1)
+    s.submit([0, 1], pin="a")
+    assert s.dispatch() == []
+
+
+def test_a_cancelled_job_given_back_is_cancelled():
+    s = Scheduler()
+    s.add_node("a", 1)
+    s.submit([0, 1])
+    assert s.cancel(1) == [CancelRemote("a", [1])]
+    assert s.given_back("a", [1]) == [Cancelled(1)]
+    assert s.pending() == 1
+
+
+def test_a_draining_node_gets_nothing_new_and_its_jobs_move():
+    s = Scheduler()
+    s.add_node("a", 1)
+    s.submit(range(3))                      # a: 0, 1; 2 queued
+    assert s.drain("a") == []
+    s.add_node("b", 1)                      # b takes 2 (and reads ahead nothing more)
+    assert sends(s.given_back("a", [1])) == {"b": [1]}
+    assert s.done("a", 0, duration=1.0) == []  # nothing new for a
+    assert s.pending() == 2
+
+
 # ------------------------------------------------------------ node loss
 
 def test_node_loss_requeues_in_flight_jobs_in_order_at_the_front():
@@ -118,10 +215,10 @@ def test_node_loss_moves_jobs_to_the_other_node():
     s = Scheduler()
     s.add_node("a", 1)
     s.add_node("b", 1)
-    assert sends(s.submit(range(3))) == {"a": [0, 1], "b": [2]}
-    assert s.done("b", 2) == []
-    assert sends(s.remove_node("a")) == {"b": [0, 1]}
-    assert s.nodes["b"].inflight == {0, 1}
+    assert sends(s.submit(range(3))) == {"a": [0, 2], "b": [1]}
+    assert s.done("b", 1, duration=0.001) == []  # tiny jobs: not worth reclaiming
+    assert sends(s.remove_node("a")) == {"b": [0, 2]}
+    assert s.nodes["b"].inflight == {0, 2}
 
 
 def test_retries_then_node_lost():
@@ -243,6 +340,8 @@ class SchedulerNeverLosesJobs(RuleBasedStateMachine):
         self.where = {}         # job -> node, for jobs in flight
         self.ended = {}         # job -> how it ended
         self.jobs = set()
+        self.asked = {}         # node -> jobs a Reclaim asked back
+        self.draining = set()
 
     # -- driving the scheduler and checking each action --------------------
 
@@ -250,6 +349,7 @@ class SchedulerNeverLosesJobs(RuleBasedStateMachine):
         for action in actions:
             if isinstance(action, Send):
                 assert action.node in self.present, action
+                assert action.node not in self.draining, action
                 assert action.jobs, action
                 for job in action.jobs:
                     assert job in self.jobs and job not in self.ended, (job, action)
@@ -264,6 +364,12 @@ class SchedulerNeverLosesJobs(RuleBasedStateMachine):
             elif isinstance(action, CancelRemote):
                 for job in action.jobs:
                     assert self.where.get(job) == action.node
+            elif isinstance(action, Reclaim):
+                assert action.node in self.present and action.node not in self.draining
+                assert action.node not in self.asked, "asked again before the answer"
+                assert 0 < action.count <= sum(1 for n in self.where.values()
+                                               if n == action.node)
+                self.asked[action.node] = action.count
             else:
                 raise AssertionError(f"unknown action {action!r}")
 
@@ -297,6 +403,8 @@ class SchedulerNeverLosesJobs(RuleBasedStateMachine):
     def remove_node(self, data):
         node = data.draw(st.sampled_from(sorted(self.present)))
         del self.present[node]
+        self.draining.discard(node)
+        self.asked.pop(node, None)
         lost = [job for job, where in self.where.items() if where == node]
         for job in lost:
             del self.where[job]  # requeued or failed: either way not in flight
@@ -308,6 +416,8 @@ class SchedulerNeverLosesJobs(RuleBasedStateMachine):
         job = data.draw(st.sampled_from(sorted(self.where)))
         node = self.where.pop(job)
         self.ended[job] = "done"
+        if self.asked.get(node):
+            self.asked.pop(node)  # (its answer may be lost: a job ended here)
         self.apply(self.s.done(node, job, duration=duration))
 
     @precondition(lambda self: self.jobs)
@@ -315,6 +425,31 @@ class SchedulerNeverLosesJobs(RuleBasedStateMachine):
     def cancel(self, data):
         job = data.draw(st.sampled_from(sorted(self.jobs)))
         self.apply(self.s.cancel(job))
+
+    def give_back(self, node, data, most):
+        here = sorted(j for j, n in self.where.items() if n == node)
+        back = data.draw(st.lists(st.sampled_from(here), unique=True, max_size=most)) \
+            if here else []
+        for job in back:
+            del self.where[job]
+        self.apply(self.s.given_back(node, back))
+
+    @precondition(lambda self: self.asked)
+    @rule(data=st.data())
+    def answer_reclaim(self, data):
+        node = data.draw(st.sampled_from(sorted(self.asked)))
+        count = self.asked.pop(node)
+        if node in self.present:
+            self.give_back(node, data, count)
+
+    @precondition(lambda self: set(self.present) - self.draining)
+    @rule(data=st.data())
+    def drain(self, data):
+        node = data.draw(st.sampled_from(sorted(set(self.present) - self.draining)))
+        self.draining.add(node)
+        self.apply(self.s.drain(node))
+        self.asked.pop(node, None)
+        self.give_back(node, data, 100)
 
     @rule()
     def fail_queued(self):
@@ -334,7 +469,14 @@ class SchedulerNeverLosesJobs(RuleBasedStateMachine):
     def teardown(self):
         if not hasattr(self, "s"):
             return
-        # Give the unpinned queue a node, then finish everything in flight.
+        # Draining nodes go; give the unpinned queue a node, then finish
+        # everything in flight.
+        for node in sorted(self.draining):
+            del self.present[node]
+            for job in [j for j, n in self.where.items() if n == node]:
+                del self.where[job]
+            self.apply(self.s.remove_node(node))
+        self.draining.clear()
         if not self.present:
             self.present["final"] = 1
             self.apply(self.s.add_node("final", 1))

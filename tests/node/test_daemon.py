@@ -1,6 +1,8 @@
 """``dpool-node``: command line, CPU counts, signals and clean exit."""
 import os
+import re
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import pytest
 
 import dpool
 from helpers import node_env, pid_gone, poll_for, read_marker, start_node
-from tasks import double, getpid, hold
+from tasks import count_and_hold, double, getpid, hold
 
 DispyJob = dpool.DispyJob
 pytestmark = pytest.mark.timeout(30)
@@ -28,6 +30,16 @@ def test_help():
                    "--cafile", "--dest-path"):
         assert option in proc.stdout
     assert "DPOOL_SECRET" in proc.stdout and "51350" in proc.stdout
+    assert "--grace" in proc.stdout and "--logfile" in proc.stdout
+    assert "``" not in proc.stdout  # no raw markup (issue 14)
+
+
+def test_version():
+    proc = run_node("--version")
+    assert proc.returncode == 0, proc.stderr
+    versions = dpool.serialize.runtime_versions()
+    assert proc.stdout.strip() == (f"dpool-node {dpool.__version__} (Python "
+                                   f"{versions['python']}, cloudpickle {versions['cloudpickle']})")
 
 
 @pytest.mark.skipif(shutil.which("dpool-node") is None, reason="dpool-node script not installed")
@@ -75,8 +87,11 @@ def test_secret_file_name_and_dest_path(tmp_path, dpool_home):
         assert node.terminate() == 0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_exits_cleanly_and_kills_workers(tmp_path, node_secret, sig):
+@pytest.mark.parametrize("signals", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT,)],
+                         ids=["SIGTERM-twice", "SIGINT"])
+def test_signal_exits_cleanly_and_kills_workers(tmp_path, node_secret, signals):
+    """SIGINT, or a second SIGTERM while draining, stops the node at once:
+    running jobs are killed (with their children), the folder removed."""
     node = start_node(tmp_path / "node", cpus=2, secret=node_secret)
     marker = str(tmp_path / "marker")
     try:
@@ -86,7 +101,11 @@ def test_signal_exits_cleanly_and_kills_workers(tmp_path, node_secret, sig):
             descendants = node.descendants()
             assert worker in {p.pid for p in descendants}
             assert len(descendants) >= 4  # zygote, 2 workers, the job's child
-            node.proc.send_signal(sig)
+            for i, sig in enumerate(signals):
+                node.proc.send_signal(sig)
+                if i < len(signals) - 1:  # a first SIGTERM drains: the job goes on
+                    poll_for(lambda: "draining" in node.stderr(), message="the node to drain")
+                    assert node.proc.poll() is None
             assert node.proc.wait(5) == 0, node.stderr()
             for proc in descendants:
                 poll_for(lambda: pid_gone(proc.pid), 5, message=f"{proc.pid} to die")
@@ -150,3 +169,62 @@ def test_dpool_node_refuses_a_port_out_of_range(tmp_path):
     assert proc.returncode == 2, (out, err)
     assert b"serving" not in out
     assert b"--port" in err and b"65535" in err, err
+
+
+def test_sigterm_drains(tmp_path, node_secret):
+    """SIGTERM: the node takes no new clients, tells its clients, which move
+    its queued jobs to another node; its running job finishes there (run
+    once, its result delivered); then it logs its end and exits 0."""
+    from dpool.core.client import Client
+
+    a = start_node(tmp_path / "a", cpus=1, secret=node_secret, args=["--grace", "20"])
+    b = start_node(tmp_path / "b", cpus=1, secret=node_secret)
+    runs, gate = str(tmp_path / "runs"), str(tmp_path / "gate")
+    client = Client([a.address, b.address], secret=node_secret).start()
+    try:
+        # one job runs on each node, one more waits on each
+        jobs = client.call(lambda: [client.submit(count_and_hold, (runs, gate, i))
+                                    for i in range(4)])
+        poll_for(lambda: os.path.exists(runs) and len(open(runs).readlines()) == 2,
+                 message="two jobs running")
+        on_a = [job for job in jobs if job.node.address == a.address]
+        assert len(on_a) == 2
+        a.proc.send_signal(signal.SIGTERM)
+        poll_for(lambda: "draining" in a.stderr(), message="node a to drain")
+        with pytest.raises(ConnectionRefusedError):  # it takes no new clients
+            socket.create_connection(a.address, timeout=2).close()
+        open(gate, "w").close()
+        assert [job.future.result(20) for job in jobs] == [0, 1, 2, 3]
+        assert a.proc.wait(10) == 0, a.stderr()
+        assert len(open(runs).readlines()) == 4  # each job ran once
+        ran_on_a = [job for job in jobs if job.node.address == a.address]
+        assert len(ran_on_a) == 1  # the running one; the waiting one moved to b
+        log = a.stderr()
+        assert "1 given back" in log and "1 done" in log, log
+        assert "shut down" in log, log
+    finally:
+        client.close()
+        b.terminate()
+        a.kill()
+
+
+def test_grace_over_kills_the_running_jobs(tmp_path, node_secret):
+    node = start_node(tmp_path / "node", cpus=1, secret=node_secret,
+                      args=["--grace", "0.5", "--logfile", str(tmp_path / "node.log")])
+    marker = str(tmp_path / "marker")
+    try:
+        with dpool.JobCluster(hold, nodes=[node.address], secret=node_secret) as cluster:
+            job = cluster.submit(marker)
+            (worker,), _ = read_marker(marker)
+            node.proc.send_signal(signal.SIGTERM)
+            assert node.proc.wait(10) == 0
+            poll_for(lambda: pid_gone(worker), 5, message="the job's worker to die")
+            job(timeout=10)
+            assert job.status == DispyJob.Abandoned
+    finally:
+        node.kill()
+    log = (tmp_path / "node.log").read_text()
+    assert "grace period of 0.5s over: killing 1 running jobs" in log, log
+    assert re.search(r"session 1: client 127\.0\.0\.1:\d+, 1 CPUs", log), log
+    assert "session 1 ended (node shutting down)" in log, log
+    assert "shut down" in log and node.stderr() == "", node.stderr()

@@ -94,7 +94,8 @@ def test_worker_death_fails_its_running_job_and_requeues_the_rest():
     [lost] = d.worker_exited(a, "was killed by signal 9")
     assert lost.job_id == 0 and lost.outcome == Outcome.WORKER_LOST
     assert isinstance(lost.error, WorkerLost)
-    assert str(lost.error) == "the worker process (pid 100) running this job was killed by signal 9"
+    assert str(lost.error) == ("the worker process (pid 100) running this job "
+                               "was killed by signal 9")
     assert [j[0].job_id for j in d.queue] == [2, 4]
     assert a not in d.workers
     c = Worker(pid=200)
