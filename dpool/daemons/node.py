@@ -19,12 +19,13 @@ elsewhere by their clients).
 """
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import signal
 import sys
 
-from .. import __version__, config, serialize
+from .. import config, serialize
 from ..hosts import is_loopback
 from ..node.files import default_job_root, private_dir
 from ..node.server import NodeServer
@@ -92,9 +93,16 @@ def parse_args(argv=None):
     p.add_argument("--logfile", metavar="PATH", help="log to this file (default: stderr)")
     versions = serialize.runtime_versions()
     p.add_argument("--version", action="version",
-                   version=f"dpool-node {__version__} (Python {versions['python']}, "
+                   version=f"dpool-node {_version()} (Python {versions['python']}, "
                            f"cloudpickle {versions['cloudpickle']})")
     return p.parse_args(argv)
+
+
+def _version():
+    try:
+        return importlib.metadata.version("dpool")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "(not installed)"
 
 
 def load_secret(args):
