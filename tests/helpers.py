@@ -114,16 +114,18 @@ class NodeProcess:
         except psutil.NoSuchProcess:
             return []
 
-    def terminate(self, timeout=10.0):
-        """SIGTERM; return the exit code (kill and fail if it hangs)."""
+    def terminate(self, timeout=10.0, sig=signal.SIGINT):
+        """Stop it (SIGINT: at once, running jobs killed; SIGTERM would
+        drain, letting them finish); return the exit code (kill and fail if
+        it hangs)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(
-                f"dpool-node did not exit within {timeout}s of SIGTERM") from None
+            raise AssertionError(f"dpool-node did not exit within {timeout}s of "
+                                 f"{signal.Signals(sig).name}") from None
 
     def kill(self):
         children = self.descendants()

@@ -125,7 +125,7 @@ def test_sigterm_idle_node(tmp_path, node_secret):
     node = start_node(tmp_path / "node", cpus=1, secret=node_secret)
     descendants = node.descendants()
     assert len(descendants) == 1  # the zygote
-    assert node.terminate(timeout=5) == 0
+    assert node.terminate(timeout=5, sig=signal.SIGTERM) == 0  # nothing to drain
     poll_for(lambda: pid_gone(descendants[0].pid), 5, message="the zygote to exit")
 
 
