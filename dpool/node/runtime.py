@@ -2,19 +2,25 @@
 
 ::
 
-    client ──(authenticated Connection)──► Session ──► queue ──► WorkerHandle ──► worker process
-       ▲                                     │                       │ (socketpair)
-       └──────────── DONE batches ◄──────────┴──── results ◄─────────┘
+    client ──(authenticated Connection)──► Session ──► Dispatcher ──► WorkerHandle ──► worker process
+       ▲                                     │  (I/O)      (pure)            │ (socketpair)
+       └──────────── Done batches ◄──────────┴──── results ◄─────────────────┘
 
 Everything here runs on one asyncio loop: the loop of ``dpool-node``, or the
 client's private loop when the node is embedded.  A session owns the CPUs the
-node granted it and one worker process per CPU, forked by the zygote.  Jobs
-wait in the session's queue until a worker has room; a worker gets more than
-one job at a time only while jobs are short (so tiny jobs stream, long jobs
-balance).  A worker that dies fails only the job it was running; the jobs
-queued behind it go back to the queue and a new worker takes its place.
-When the client goes away, the session kills its workers (and their process
-groups), frees its CPUs and removes its folder.
+node granted it and one worker process per CPU, forked by the zygote.  Which
+worker runs which job, and what happens when one dies or a cancel comes, is
+decided by the session's :class:`~dpool.node.dispatch.Dispatcher`; the
+session carries out its actions.  A worker that dies fails only the job it
+was running and a new worker takes its place.  When the client goes away,
+the session kills its workers (and their process groups), frees its CPUs and
+removes its folder.
+
+Reclaim and drain: the client may ask for jobs no worker has taken back
+(``Reclaim``, to run them on a free CPU elsewhere); the node answers
+``GiveBack``.  :meth:`NodeRuntime.drain` (``dpool-node`` on SIGTERM) sends
+each client ``Draining`` and gives its queued jobs back; each session ends
+when its running jobs have, or when the grace period is over.
 
 Recovery (dispy's ``recover_jobs``): a session opened with the option
 ``recover_token`` whose client goes away without BYE is *detached*: its jobs

@@ -1,5 +1,6 @@
 """``dpool-node``: command line, CPU counts, signals and clean exit."""
 import os
+import pathlib
 import re
 import shutil
 import socket
@@ -185,8 +186,9 @@ def test_sigterm_drains(tmp_path, node_secret):
         # one job runs on each node, one more waits on each
         jobs = client.call(lambda: [client.submit(count_and_hold, (runs, gate, i))
                                     for i in range(4)])
-        poll_for(lambda: os.path.exists(runs) and len(open(runs).readlines()) == 2,
-                 message="two jobs running")
+        def executions():
+            return len(pathlib.Path(runs).read_text().splitlines()) if os.path.exists(runs) else 0
+        poll_for(lambda: executions() == 2, message="two jobs running")
         on_a = [job for job in jobs if job.node.address == a.address]
         assert len(on_a) == 2
         a.proc.send_signal(signal.SIGTERM)
@@ -196,7 +198,7 @@ def test_sigterm_drains(tmp_path, node_secret):
         open(gate, "w").close()
         assert [job.future.result(20) for job in jobs] == [0, 1, 2, 3]
         assert a.proc.wait(10) == 0, a.stderr()
-        assert len(open(runs).readlines()) == 4  # each job ran once
+        assert executions() == 4  # each job ran once
         ran_on_a = [job for job in jobs if job.node.address == a.address]
         assert len(ran_on_a) == 1  # the running one; the waiting one moved to b
         log = a.stderr()
