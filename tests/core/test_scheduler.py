@@ -486,6 +486,7 @@ class SchedulerNeverLosesJobs(RuleBasedStateMachine):
             job = min(self.where)
             node = self.where.pop(job)
             self.ended[job] = "done"
+            self.asked.pop(node, None)  # (a job ended there: it may be asked again)
             self.apply(self.s.done(node, job, duration=0.5))
         assert not self.where
         assert self.s.pending() == 0
