@@ -2,7 +2,7 @@
 
 ::
 
-    client ──(authenticated Connection)──► Session ──► Dispatcher ──► WorkerHandle ──► worker process
+    client ──(authenticated Connection)──► Session ──► Dispatcher ──► WorkerHandle ──► worker
        ▲                                     │  (I/O)      (pure)            │ (socketpair)
        └──────────── Done batches ◄──────────┴──── results ◄─────────────────┘
 
