@@ -30,6 +30,7 @@ class JobEnv:
         client.register({P.SetupDone: self.on_setup_done, P.SetupFail: self.on_setup_fail,
                          P.FileDone: self.on_file_done, P.Provisional: self.on_provisional,
                          P.SendFile: self.on_sendfile, P.AvailInfo: self.on_avail_info})
+        client.listeners.append(self.on_event)
 
     # ------------------------------------------------------------ loop thread
 
@@ -66,6 +67,18 @@ class JobEnv:
                 log.warning("a provisional result of job %s could not be loaded: %r", job.id, exc)
                 return
             self.client.emit("provisional", (job, value))
+
+    def on_event(self, kind, obj):
+        """A node whose connection went down answers none of its file
+        requests: fail their waiters now instead of leaving them forever."""
+        if kind != "node" or obj.ready:
+            return
+        for req_id, (sent_to, waiter) in list(self.waiters.items()):
+            if sent_to is obj:
+                del self.waiters[req_id]
+                if not waiter.done():
+                    waiter.set_result(f"node {obj.name} went away before it wrote the file"
+                                      f" ({obj.error})")
 
     def on_avail_info(self, link, msg, frames):
         link.info["avail_info"] = msg.info

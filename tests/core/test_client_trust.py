@@ -169,3 +169,21 @@ def test_a_node_cannot_answer_for_a_file_sent_to_another_node(dpool_node, caplog
             client.close()
     assert any("file request" in r.getMessage() and "not sent to it" in r.getMessage()
                for r in caplog.records), caplog.text
+
+
+def test_a_file_request_fails_when_its_node_goes_away(dpool_node):
+    """A file sent to a node whose connection then closes, before it
+    answered, must fail its waiter with a reason instead of waiting forever
+    (``JobCluster.send_file(..., timeout=None)`` hung)."""
+    with RogueNode(dpool_node.secret) as silent:
+        client = Client([silent.address], secret=dpool_node.secret, connect_timeout=5)
+        env = JobEnv(client)
+        client.start()
+        try:
+            poll_for(lambda: silent.conn is not None, 5, message="the session")
+            waiter = env.send_file(client.nodes()[0], "data.txt", b"data")
+            silent.loop.call_soon_threadsafe(silent.conn.abort)
+            error = waiter.result(timeout=10)
+            assert error and "rogue" in error, error
+        finally:
+            client.close()
