@@ -1,0 +1,88 @@
+"""CPU per job of the client + its embedded node, across commits.
+
+    python bench/bench_cpu_per_job.py [--jobs 20000] [--runs 5] [REV ...]
+
+For each REV (a git revision of this repository; default: the working
+tree only) the sources are exported (git archive) to a temporary folder
+and a fresh interpreter with that tree first on PYTHONPATH runs N no-op
+jobs on a JobCluster's embedded node (in-process link), submitted at
+once, ``--runs`` times; the figure is the best (lowest) of the runs'
+``time.process_time()`` of that process (client and embedded node
+threads; the workers are other processes and not counted), over N.
+Rows run interleaved (rev A, rev B, ..., then again) so load on the
+machine affects each alike.  The last column is the ratio to the first
+row.  Compare, e.g., a release candidate with the last release:
+
+    python bench/bench_cpu_per_job.py v1.2 HEAD WORKTREE
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = r"""
+import gc, sys, time
+import dpool
+
+def noop(x=None):
+    return x
+
+n = int(sys.argv[1])
+cluster = dpool.JobCluster(noop, loglevel=30)
+try:
+    for job in [cluster.submit(i) for i in range(200)]:  # warm up
+        job()
+    gc.collect()
+    t = time.process_time()
+    jobs = [cluster.submit(i) for i in range(n)]
+    for job in jobs:
+        job()
+    print(time.process_time() - t)
+finally:
+    cluster.close()
+"""
+
+
+def export(rev, into):
+    """The tree of ``rev`` (or the working tree for WORKTREE) in ``into``."""
+    if rev == "WORKTREE":
+        return ROOT
+    dest = os.path.join(into, rev.replace("/", "_").replace("^", "_p"))
+    os.makedirs(dest)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "dpool"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    return dest
+
+
+def one_run(tree, jobs):
+    env = dict(os.environ, PYTHONPATH=tree)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(jobs)], env=env, cwd=tree,
+                         check=True, capture_output=True, text=True).stdout
+    return float(out.split()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("revs", nargs="*", default=["WORKTREE"],
+                    help="git revisions, or WORKTREE for the working tree")
+    ap.add_argument("--jobs", type=int, default=20000)
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = [export(rev, tmp) for rev in args.revs]
+        best = [float("inf")] * len(trees)
+        for _ in range(args.runs):
+            for i, tree in enumerate(trees):
+                best[i] = min(best[i], one_run(tree, args.jobs))
+    print(f"{args.jobs} no-op jobs, JobCluster on the embedded node, best of {args.runs} "
+          f"process_time (client + node), per job:")
+    for rev, cpu in zip(args.revs, best):
+        print(f"  {rev:>12}  {cpu / args.jobs * 1e6:7.2f} us   x{cpu / best[0]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
