@@ -190,9 +190,11 @@ def result(job_id: int, outcome: int, nframes: int = 0, start: Optional[float] =
 _new = tuple.__new__
 
 
-def _items_decoder(cls, doc):
+def _items_decoder(cls, doc, records=True):
     """The decoder of a message whose one field is a list of ``cls`` items,
-    each followed by its ``nframes`` payload frames."""
+    each followed by its ``nframes`` payload frames; with ``records=False``
+    the items stay the plain tuples they came as (for code that only passes
+    them on: no record is made)."""
     k = cls._fields.index("nframes")
 
     def decode(msg: tuple, frames: Sequence) -> list[tuple[Any, Sequence]]:
@@ -202,7 +204,7 @@ def _items_decoder(cls, doc):
         i = 1
         for record in msg[0]:
             n = record[k]
-            out.append((_new(cls, record), frames[i:i + n]))
+            out.append((_new(cls, record) if records else record, frames[i:i + n]))
             i += n
         return out
     decode.__doc__ = doc
@@ -211,6 +213,13 @@ def _items_decoder(cls, doc):
 
 run_items = _items_decoder(RunItem, "The jobs of a Run message, each with its payload frames.")
 results = _items_decoder(Result, "The results of a Done message, each with its payload frames.")
+raw_results = _items_decoder(
+    Result, "The results of a Done message as they came (plain tuples, read with the "
+    "RESULT_* indices), each with its payload frames: for a node, which only passes "
+    "them on.", records=False)
+# Where a Result's fields are in its plain tuple (see raw_results).
+RESULT_JOB_ID, RESULT_START, RESULT_END = (Result._fields.index(name)
+                                           for name in ("job_id", "start", "end"))
 
 
 # ------------------------------------------------------------- messages

@@ -27,6 +27,7 @@ import threading
 import time
 import traceback
 import weakref
+from operator import itemgetter
 from concurrent.futures import Future
 from typing import Any
 
@@ -41,6 +42,7 @@ from ..transport import PROTOCOL_VERSION, client_ssl_context, connect, inproc_pa
 from .scheduler import Action, Cancelled, CancelRemote, Fail, Reclaim, Scheduler, Send
 
 log = logging.getLogger("dpool")
+_first = itemgetter(0)
 
 # Job states (dispy's names; the dispy adapter exposes them as DispyJob.X).
 CREATED, RUNNING, FINISHED, CANCELLED, TERMINATED, ABANDONED = (
@@ -519,6 +521,12 @@ class Client:
                              f"already)")
         return False
 
+    def _trusted_items(self, link, items, what):
+        """:meth:`trusted` for a message's items (tuples, the job id first),
+        without a list of their ids when all are in flight (once per Done)."""
+        return link.in_flight.issuperset(map(_first, items)) or \
+            self.trusted(link, [item[0] for item in items], what)
+
     def distrust(self, link, what):
         """``link``'s node sent ``what`` (not its own to answer): log, close."""
         link.error = ProtocolError(f"node {link.name} sent {what}: closing its connection")
@@ -777,7 +785,7 @@ class Client:
             link.conn.send([P.encode(P.Forget, drop)])
 
     def _on_started(self, link, msg, frames):
-        if not self.trusted(link, [record[0] for record in msg.jobs], "a start"):
+        if not self._trusted_items(link, msg.jobs, "a start"):
             return
         for job_id, start in msg.jobs:
             job = self.jobs.get(job_id)
@@ -787,7 +795,7 @@ class Client:
                 self.emit("started", job)
 
     def _on_done(self, link, msg, frames):
-        if not self.trusted(link, [record[0] for record in msg.results], "a result"):
+        if not self._trusted_items(link, msg.results, "a result"):
             return
         jobs, scheduler = self.jobs, self.scheduler
         for res, payload in P.results(msg, frames):

@@ -48,7 +48,7 @@ import tempfile
 
 from .. import liveness
 from .. import protocol as P
-from ..protocol import Outcome
+from ..protocol import RESULT_END as _END, RESULT_JOB_ID as _JOB_ID, RESULT_START as _START, Outcome
 from .. import serialize
 from ..transport import wrap_socket
 from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Run, Worker
@@ -583,9 +583,9 @@ class Session:
                 worker.zygote.kill(worker.pid)
                 return
             done = self.dispatcher.done
-            for res, payload in P.results(msg, frames):
-                if done(worker, res.job_id, res.end - res.start):
-                    self._result(tuple(res), payload)
+            for record, payload in P.raw_results(msg, frames):  # passed on as they came
+                if done(worker, record[_JOB_ID], record[_END] - record[_START]):
+                    self._result(record, payload)
             if self.draining:
                 self._end_if_drained()
                 if self.ended:
