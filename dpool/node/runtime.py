@@ -48,7 +48,8 @@ import tempfile
 
 from .. import liveness
 from .. import protocol as P
-from ..protocol import RESULT_END as _END, RESULT_JOB_ID as _JOB_ID, RESULT_START as _START, Outcome
+from ..protocol import Outcome
+from ..protocol import RESULT_END as _END, RESULT_JOB_ID as _JOB_ID, RESULT_START as _START
 from .. import serialize
 from ..transport import wrap_socket
 from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Run, Worker
