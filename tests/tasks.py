@@ -178,7 +178,7 @@ def counted(outdir, i, seconds=0.0):
 # ------------------------------------------------------- markers and gates
 
 def write_file(path, text):
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # two processes may write one marker
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)  # the test never sees a half-written file

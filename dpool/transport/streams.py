@@ -123,6 +123,18 @@ class SocketStream:
         else:
             self._finish(None)
 
+    def _read_what_is_left(self) -> None:
+        """Read and deliver what the kernel holds for us, without waiting."""
+        while not self._closing:
+            try:
+                n = self._sock.recv_into(self._conn._get_buffer())
+            except OSError:    # nothing more (EAGAIN), or the reset itself
+                return
+            if not n:
+                return
+            self._conn.bytes_received += n
+            self._conn._buffer_updated(n)
+
     def pause_reading(self) -> None:
         if not self._closing:
             self._loop.remove_reader(self._fd)
@@ -196,6 +208,10 @@ class SocketStream:
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
+            # The peer is gone (EPIPE, ECONNRESET), but what it sent before
+            # going is still in our receive buffer: a worker's last result,
+            # say. Deliver it before the close.
+            self._read_what_is_left()
             self._finish(exc)
             return
         if self._paused and self._out_bytes <= LOW_WATER:

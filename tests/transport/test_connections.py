@@ -14,7 +14,7 @@ import pytest
 from dpool.errors import (AuthenticationError, ConnectionClosed, ProtocolError,
                           VersionMismatch)
 from dpool.transport import (PROTOCOL_VERSION, BlockingConnection, Limits, auth,
-                             client_ssl_context, connect, header, inproc_pair,
+                             client_ssl_context, connect, encode, header, inproc_pair,
                              server_ssl_context, start_server, wrap_socket)
 
 SECRET = b"test secret"
@@ -624,3 +624,25 @@ def test_blocking_eof_mid_message_seen_by_poll_is_reported_as_such():
             conn.recv()
     finally:
         conn.close()
+
+
+def test_messages_a_dead_peer_sent_are_delivered_before_a_failed_write_closes():
+    """A worker sends its last result and dies; the node, not having read it
+    yet, sends the worker more work. The failed write (EPIPE) used to close
+    the connection at once, dropping the result still in the socket (the node
+    then blamed the finished job for the worker's death). What the peer sent
+    must be delivered before the close is reported."""
+    async def main():
+        ours, theirs = socket.socketpair()
+        conn = await wrap_socket(ours, peer="worker")
+        # (``theirs`` is closed below; ``ours`` by the connection)
+        got, closed = [], asyncio.get_running_loop().create_future()
+        conn.set_receiver(lambda frames: got.append(bytes(frames[0])),
+                          lambda exc: closed.done() or closed.set_result(exc))
+        for part in encode([b"last result"]):
+            theirs.sendall(part)
+        theirs.close()
+        conn.send([b"more work"])    # flushed before the loop polls the socket
+        await asyncio.wait_for(closed, 5)
+        assert got == [b"last result"]
+    asyncio.run(main())
