@@ -17,7 +17,8 @@ the most recent errors.
 
 Bound to 127.0.0.1 by default.  Bound to any other address it needs a token
 (one is made if none is given): ``board.url`` carries it as ``?token=...``;
-requests without it get 403.
+requests without it get 403.  Without a token (loopback), a request whose
+Host header is not a loopback name or address gets 403 (DNS rebinding).
 
 ::
 
@@ -65,6 +66,14 @@ def _is_loopback(host):
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _host_name(header):
+    """The name in a Host header, without port or brackets ('' if malformed)."""
+    try:
+        return urllib.parse.urlsplit("//" + header).hostname or ""
+    except ValueError:
+        return ""
 
 
 class DashboardServer:
@@ -153,8 +162,8 @@ class DashboardServer:
     # ------------------------------------------------------------ HTTP
 
     def _authorized(self, handler):
-        if self.token is None:
-            return True
+        if self.token is None:  # loopback: refuse a rebound foreign name (DNS rebinding)
+            return _is_loopback(_host_name(handler.headers.get("Host", "")))
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
         given = (query.get("token") or [""])[0]
         bearer = handler.headers.get("Authorization", "")

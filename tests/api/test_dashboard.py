@@ -144,3 +144,28 @@ def test_remote_node_load_comes_from_its_status(dpool_node, node_secret):
         assert node["address"] == "127.0.0.1:%d" % dpool_node.port and node["connected"]
         assert node["cpus"] == 2 and node["done"] == 1
         assert isinstance(node["load"], float) and node["memory_free"] > 0
+
+
+def code_with_host(board, host_header, path="/api/status"):
+    request = urllib.request.Request(f"http://127.0.0.1:{board.port}{path}",
+                                     headers={"Host": host_header})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return exc.code
+
+
+def test_dns_rebinding_a_foreign_host_header_is_refused_on_loopback():
+    """Without a token (loopback), a page from evil.example whose name was
+    rebound to 127.0.0.1 is same-origin with the board: the Host header is
+    its only tell."""
+    with serve() as board:
+        assert board.token is None
+        for host in ("evil.example", f"evil.example:{board.port}", "127.0.0.1.evil.example"):
+            assert code_with_host(board, host) == 403
+            assert code_with_host(board, host, "/") == 403
+        for host in (f"127.0.0.1:{board.port}", f"localhost:{board.port}", "localhost",
+                     f"[::1]:{board.port}", "127.0.0.1"):
+            assert code_with_host(board, host) == 200
