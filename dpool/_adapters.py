@@ -43,22 +43,23 @@ def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
     if nodes is None and os.environ.get(NODES_ENV, "").strip():
         nodes = os.environ[NODES_ENV]
     session = {"max_tasks": max_tasks, "capture": False, "process_name": process_name}
-    if nodes is None:
-        session["cwd"] = os.getcwd()
-        client = Client(None, cpus=workers, session=session, initializer=initializer,
-                        initargs=initargs, connect_timeout=connect_timeout, heartbeat=heartbeat)
-    else:
-        addresses = node_addresses(nodes)
-        if workers:
-            session["cpus"] = workers
-        messages = file_messages(files)
-        client = Client(addresses, session=session,
-                        secret=config.secret_for(secret, addresses, client_cert=bool(tls[1])),
-                        initializer=initializer, initargs=initargs, ssl=tls_context(*tls),
-                        prepare=(lambda link: (session, messages)) if files else None,
-                        connect_timeout=connect_timeout, heartbeat=heartbeat)
-        if files:
-            JobEnv(client)  # the nodes answer each file (FileDone)
+    local = dict(session, cwd=os.getcwd())
+    messages = file_messages(files)
+
+    def prepare(link):  # remote nodes, added later ones too, get the depends files
+        return (local, ()) if link.address == "embedded" else (session, messages)
+
+    addresses = None if nodes is None else node_addresses(nodes)
+    if addresses is not None and workers:
+        session["cpus"] = workers
+    secret = None if addresses is None else \
+        config.secret_for(secret, addresses, client_cert=bool(tls[1]))
+    client = Client(addresses, cpus=workers if addresses is None else None, session=session,
+                    secret=secret, initializer=initializer, initargs=initargs,
+                    ssl=tls_context(*tls), prepare=prepare,
+                    connect_timeout=connect_timeout, heartbeat=heartbeat)
+    if files:
+        JobEnv(client)  # the nodes answer each file (FileDone)
     return client.start()
 
 

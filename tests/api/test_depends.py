@@ -72,3 +72,14 @@ def test_local_workers_need_no_depends(shipped):
     module, _ = shipped
     with Executor(2, depends=[module]) as ex:
         assert ex.submit(module.triple, 5).result(30) == 15
+
+
+def test_added_nodes_get_the_depends_of_an_executor_made_without_nodes(remote_node, shipped):
+    module, _ = shipped
+    with Executor(1, depends=[module]) as ex:
+        assert ex.add_nodes([remote_node.address], secret=remote_node.secret) == 1
+        client = ex._client
+        remote = [link for link in client.nodes() if link.address == remote_node.address]
+        futures = [ex.submit(module.triple, i) for i in range(12)]
+        assert [f.result(30) for f in futures] == [3 * i for i in range(12)]
+        assert remote[0].jobs_done > 0
