@@ -308,3 +308,19 @@ def test_a_poison_job_fails_clearly_without_harming_the_others(nodes, out, node_
             bad.result(timeout=30)
         assert sorted(f.result(timeout=30) for f in good) == list(range(6))
     assert sum(executions(out).values()) == 6
+
+
+def test_futures_of_a_lost_only_node_that_does_not_come_back_all_resolve(nodes, out, node_secret):
+    a = nodes("a")
+    ex = Executor(nodes=[a.address], secret=node_secret, heartbeat=HEARTBEAT)
+    try:
+        futures = [ex.submit(work, out, i, 30.0) for i in range(10)]
+        poll_for(lambda: running_on(a, out, range(10)), message="jobs running")
+        os.kill(a.pid, signal.SIGSTOP)
+        poll_for(lambda: all(f.done() for f in futures), timeout=BOUND + 10,
+                 message="every future resolved")
+        for f in futures:
+            assert isinstance(f.exception(0), BrokenCluster), f
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+        ex.shutdown(wait=False, cancel_futures=True)
