@@ -125,8 +125,7 @@ class Pool:
 
     def apply(self, func, args=(), kwds={}):
         """``func(*args, **kwds)`` on a worker; waits for and returns the result."""
-        self._check_running()
-        return self._client.submit(func, args, kwds, defer_errors=True).future.result()
+        return self.apply_async(func, args, kwds).get()
 
     def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
         """Like :meth:`apply`, but returns an :class:`AsyncResult` at once."""

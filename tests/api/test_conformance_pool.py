@@ -221,6 +221,8 @@ def test_unpicklable_result(pool):
         pool.apply_async(tasks.return_unpicklable).get(5)
     assert "Unpicklable object" in info.value.value
     assert "TypeError" in info.value.exc
+    with pytest.raises(multiprocessing.pool.MaybeEncodingError, match="lock"):
+        pool.apply(tasks.return_unpicklable)
     with pytest.raises(multiprocessing.pool.MaybeEncodingError,
                        match=r"Error sending result: '\[<tasks.Unpicklable"):
         pool.map(tasks.return_unpicklable, [1], chunksize=1)
