@@ -35,6 +35,7 @@ import json
 import logging
 import pathlib
 import secrets
+import socket
 import threading
 import time
 import urllib.parse
@@ -68,6 +69,10 @@ def _is_loopback(host):
         return False
 
 
+class _HTTPServer6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def _host_name(header):
     """The name in a Host header, without port or brackets ('' if malformed)."""
     try:
@@ -90,7 +95,8 @@ class DashboardServer:
         self.monitors = collections.OrderedDict()  # name -> Monitor
         self._lock = threading.Lock()
         self._page = PAGE.read_bytes()
-        self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
+        server_class = _HTTPServer6 if ":" in host else ThreadingHTTPServer
+        self._httpd = server_class((host, port), self._handler_class())
         self._httpd.daemon_threads = True
         if ssl_context is not None:
             self._httpd.socket = ssl_context.wrap_socket(self._httpd.socket, server_side=True)

@@ -169,3 +169,9 @@ def test_dns_rebinding_a_foreign_host_header_is_refused_on_loopback():
         for host in (f"127.0.0.1:{board.port}", f"localhost:{board.port}", "localhost",
                      f"[::1]:{board.port}", "127.0.0.1"):
             assert code_with_host(board, host) == 200
+
+
+def test_served_on_ipv6_loopback():
+    with serve(host="::1") as board:
+        assert board.token is None and board.url.startswith("http://[::1]:")
+        assert code_of(board.url + "api/status") == 200
