@@ -555,7 +555,10 @@ class Client:
         """Jobs the node did not run (we reclaimed them, or it is draining)."""
         for job_id in msg.job_ids:
             job = self.jobs.get(job_id)
-            if job is not None and link.fns.get(job.fn_id):
+            if job is None or not self.scheduler.current(link, job_id):
+                continue  # not in flight there: the scheduler ignores it too
+            link.in_flight.discard(job_id)
+            if link.fns.get(job.fn_id):
                 link.fns[job.fn_id] -= 1
         self._act(self.scheduler.given_back(link, msg.job_ids, time.monotonic()))
 

@@ -324,3 +324,17 @@ def test_futures_of_a_lost_only_node_that_does_not_come_back_all_resolve(nodes, 
     finally:
         os.kill(a.pid, signal.SIGCONT)
         ex.shutdown(wait=False, cancel_futures=True)
+
+
+def test_jobs_reclaimed_for_an_added_node_run_once_and_leave_nothing_in_flight(
+        nodes, out, node_secret):
+    a, b = nodes("a"), nodes("b")
+    with Executor(nodes=[a.address], secret=node_secret, heartbeat=HEARTBEAT) as ex:
+        futures = [ex.submit(work, out, i, 2.0) for i in range(4)]
+        poll_for(lambda: len(running_on(a, out, range(4))) == 2, message="two jobs running")
+        assert ex.add_nodes([b.address], secret=node_secret) == 1
+        assert sorted(f.result(30) for f in futures) == list(range(4))
+        assert running_on(b, out, range(4))  # the two waiting on a were given back
+        check_deliveries(list(range(4)), out, 4, rerun=set())
+        for link in ex._client.links:
+            assert link.in_flight == set(), link
