@@ -84,6 +84,8 @@ def _host_name(header):
 class DashboardServer:
     """The HTTP server; ``add(source)`` puts a pool or cluster on the page."""
 
+    request_timeout = 30.0  # seconds a connection may sit idle (one thread each)
+
     def __init__(self, host="127.0.0.1", port=0, poll_sec=2.0, token=None, show_job_args=True,
                  ssl_context=None):
         if poll_sec <= 0:
@@ -182,6 +184,7 @@ class DashboardServer:
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "dpool-dashboard"
+            timeout = board.request_timeout
 
             def do_GET(self):
                 if not board._authorized(self):

@@ -175,3 +175,14 @@ def test_served_on_ipv6_loopback():
     with serve(host="::1") as board:
         assert board.token is None and board.url.startswith("http://[::1]:")
         assert code_of(board.url + "api/status") == 200
+
+
+def test_an_idle_connection_is_closed(monkeypatch):
+    """A connection that never sends its request (slowloris) must not hold
+    a server thread for ever."""
+    from dpool.dashboard import DashboardServer
+    monkeypatch.setattr(DashboardServer, "request_timeout", 0.5)
+    with serve() as board, socket.create_connection(("127.0.0.1", board.port)) as sock:
+        sock.settimeout(20)
+        sock.sendall(b"GET /api/status HTTP/1.1\r\n")  # and never the rest
+        assert sock.recv(100) == b""
