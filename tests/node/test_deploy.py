@@ -71,3 +71,19 @@ def test_kubernetes_manifest_args():
     args = daemon.parse_args(entry[1:] + container["args"])
     assert args.cpus == 4 and args.secret_file == "/run/secrets/dpool/secret"
     assert docs[0]["spec"]["ports"][0]["port"] == args.port
+
+
+def test_kubernetes_pod_can_read_its_secret_and_drain():
+    """The secret volume's files are root's (mode 0440): the image's non-root
+    user reads them only through fsGroup; and the pod's grace period must
+    outlast dpool-node's --grace, or SIGKILL cuts the drain short."""
+    yaml = pytest.importorskip("yaml")
+    docs = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "dpool-node.yaml").read_text()))
+    pod = docs[1]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    gid = re.search(r"useradd .*--gid (\d+)", text)
+    assert gid, "the Dockerfile's user needs a fixed gid"
+    if not volume["secret"].get("defaultMode", 0o644) & 0o004:
+        assert pod.get("securityContext", {}).get("fsGroup") == int(gid.group(1))
+    assert pod["terminationGracePeriodSeconds"] > daemon.parse_args([]).grace
