@@ -4,7 +4,6 @@ Every error dpool raises on its own account derives from :class:`DpoolError`.
 Errors raised by user code on a node come back as their own type, with the
 remote traceback attached as ``__cause__`` (see :mod:`dpool.serialize`).
 """
-from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 
@@ -51,8 +50,11 @@ class JobCancelled(DpoolError):
     """The job was cancelled before it produced a result."""
 
 
-class BrokenCluster(DpoolError, BrokenExecutor):
-    """The cluster can no longer run jobs (no nodes left, failed set-up...)."""
+class BrokenCluster(DpoolError, BrokenProcessPool):
+    """The cluster can no longer run jobs (no nodes left, failed set-up...).
+
+    A ``BrokenProcessPool`` (so a ``BrokenExecutor``) as the stdlib's broken
+    executor raises, so that ``except BrokenProcessPool`` still catches it."""
 
 
 class RemoteError(DpoolError):
