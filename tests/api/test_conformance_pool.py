@@ -183,6 +183,18 @@ def test_imap_raises_in_place_and_goes_on(pool):
     assert next(it) == 5  # chunksize 1: the error took one item's place
 
 
+def test_chunked_imap_after_a_failed_chunk(pool, kind):
+    it = pool.imap(tasks.fail_on_3, range(1, 7), 3)
+    with pytest.raises(ValueError):
+        next(it)  # the first chunk, [1, 2, 3], failed as a whole
+    if kind == "stdlib":
+        # multiprocessing's chunked imap is a plain generator: it is over.
+        assert list(it) == []
+    else:
+        # dpool's is the same iterator for any chunksize: later chunks follow.
+        assert list(it) == [4, 5, 6]
+
+
 def test_get_timeout_never_blocks_past_it(pool):
     result = pool.apply_async(tasks.nap, (0.5, "late"))
     start = time.monotonic()
