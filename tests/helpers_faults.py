@@ -58,3 +58,13 @@ def times_of(events, t0, timeout):
             raise AssertionError(f"timed out after {timeout}s waiting for {missing}")
         time.sleep(0.01)
     return seen
+
+
+def check_deliveries(results, outdir, n, rerun):
+    """Each of jobs 0..n-1 delivered once; only jobs in ``rerun`` may have
+    run twice. Returns the number of executions."""
+    assert sorted(results) == list(range(n))
+    runs = executions(outdir)
+    assert all(runs[i] == 1 for i in range(n) if i not in rerun), runs
+    assert all(1 <= runs[i] <= 2 for i in rerun), runs
+    return sum(runs.values())

@@ -10,3 +10,11 @@ def remote_node(tmp_path_factory):
     node = start_node(tmp_path_factory.mktemp("node"), cpus=2, secret=b"conformance-secret")
     yield node
     node.terminate()
+
+
+@pytest.fixture
+def out(tmp_path):
+    """A folder where counted jobs record each execution (helpers_faults)."""
+    path = tmp_path / "executions"
+    path.mkdir()
+    return str(path)

@@ -19,8 +19,8 @@ import pytest
 
 from dpool.futures import Executor
 from helpers import node_env, poll_for, start_node
-from helpers_faults import (HEARTBEAT, executions, link_for, measure, pids_running,
-                            rerun_elsewhere, times_of)
+from helpers_faults import (HEARTBEAT, check_deliveries, executions, link_for, measure,
+                            pids_running, rerun_elsewhere, times_of)
 from helpers_netns import Lab, entered
 from tasks import counted
 
@@ -61,23 +61,8 @@ def nodes(lab, tmp_path):
         node.kill()
 
 
-@pytest.fixture
-def out(tmp_path):
-    path = tmp_path / "executions"
-    path.mkdir()
-    return str(path)
-
-
 def ran_on(node, out, n, pids):
     return {i for i in range(n) if set(pids_running(out, i)) & pids}
-
-
-def check_once(results, out, n, rerun):
-    assert sorted(results) == list(range(n))
-    runs = executions(out)
-    assert all(runs[i] == 1 for i in range(n) if i not in rerun), runs
-    assert all(1 <= runs[i] <= 2 for i in rerun), runs
-    return sum(runs.values())
 
 
 def node_row(lab, nodes, out, row, cut, heal):
@@ -103,7 +88,7 @@ def node_row(lab, nodes, out, row, cut, heal):
         detect = seen["detect"]
         results = [f.result(timeout=30) for f in futures]
         recover = time.monotonic() - t0
-        total = check_once(results, out, 8, ran_on(n1, out, 8, pids))
+        total = check_deliveries(results, out, 8, ran_on(n1, out, 8, pids))
         heal()
         t1 = time.monotonic()
         poll_for(lambda: (link_for(client, n1.addr) or link).ready, timeout=20,

@@ -18,8 +18,8 @@ from dpool.errors import BrokenCluster, WorkerLost
 from dpool.futures import Executor
 from dpool.transport.frames import encode
 from helpers import authenticated_socket, poll_for, recv_until_closed, start_node
-from helpers_faults import (HEARTBEAT, executions, link_for, measure, pids_running,
-                            rerun_elsewhere)
+from helpers_faults import (HEARTBEAT, check_deliveries, executions, link_for, measure,
+                            pids_running, rerun_elsewhere)
 from tasks import counted as work, kill_worker as poison
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,26 +44,10 @@ def nodes(tmp_path, node_secret):
         node.kill()
 
 
-@pytest.fixture
-def out(tmp_path):
-    path = tmp_path / "executions"
-    path.mkdir()
-    return str(path)
-
-
 def running_on(node, out, jobs, pids=None):
     """Jobs (indexes) run by a process of ``node`` (or one of ``pids``)."""
     pids = pids or {p.pid for p in node.descendants()}
     return {i for i in jobs if set(pids_running(out, i)) & pids}
-
-
-def check_deliveries(results, out, n, rerun):
-    """Each job delivered once; only jobs in ``rerun`` may have run twice."""
-    assert sorted(results) == list(range(n))
-    runs = executions(out)
-    assert all(runs[i] == 1 for i in range(n) if i not in rerun), runs
-    assert all(1 <= runs[i] <= 2 for i in rerun), runs
-    return sum(runs.values())
 
 
 def test_a_stopped_node_is_lost_its_jobs_rerun_and_it_rejoins_when_continued(
