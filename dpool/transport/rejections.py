@@ -20,8 +20,10 @@ TOP_ADDRESSES = 5
 class RejectionLog:
     """Counts rejections per reason and per source address; logs them sparingly."""
 
-    def __init__(self, logger: logging.Logger, where: str, period: float = PERIOD):
+    def __init__(self, logger: logging.Logger, where: str, period: float = PERIOD,
+                 what: str = "connections refused or rejected"):
         self.log = logger
+        self.what = what
         self.where = where
         self.period = period
         self._quiet_until = float("-inf")   # loop time the current period ends
@@ -56,8 +58,8 @@ class RejectionLog:
         hosts = ", ".join(f"{host} ({n})" for host, n in top)
         if len(self._hosts) > len(top):
             hosts += f" and {len(self._hosts) - len(top)} more addresses"
-        self.log.warning("%s: %d more connections refused or rejected (%s); from %s",
-                         self.where, total, why, hosts)
+        self.log.warning("%s: %d more %s (%s); from %s",
+                         self.where, total, self.what, why, hosts)
         self._reasons.clear()
         self._hosts.clear()
         try:

@@ -1,0 +1,237 @@
+"""Discovery datagrams (dpool.transport.discovery, pure) and their UDP
+endpoints on loopback (dpool.transport.udp): forged, replayed, stale,
+oversized and truncated datagrams are dropped and nothing is sent back."""
+import asyncio
+import json
+import socket
+
+import pytest
+
+from dpool.transport import discovery as D
+from dpool.transport import udp
+
+SECRET = b"discovery test secret, 32 bytes!"
+KEY = D.discovery_key(SECRET)
+BODY = D.node_body("n1", 4242, 4, 3, ["127.0.0.1"], 2)
+
+
+class Clock:
+    def __init__(self, now=1_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def verifier(clock=None):
+    return D.Verifier(KEY, clock=clock or Clock())
+
+
+def ping(now=1_000_000.0, **kw):
+    return D.encode(KEY, D.PING, {"role": "client"}, pad_to=D.PING_SIZE, now=now, **kw)
+
+
+def reason(v, data):
+    with pytest.raises(D.Rejected) as info:
+        v.check(data)
+    return info.value.reason
+
+
+def test_round_trip():
+    msg = verifier().check(D.encode(KEY, D.ANNOUNCE, BODY, now=1_000_000.0))
+    assert (msg.kind, msg.timestamp, dict(msg.body)) == (D.ANNOUNCE, 1_000_000.0, BODY)
+
+
+def test_key_is_per_secret_and_not_the_secret():
+    assert D.discovery_key(SECRET) == KEY and len(KEY) == 32
+    assert D.discovery_key(SECRET + b"x") != KEY and SECRET not in KEY
+    with pytest.raises(ValueError):
+        D.discovery_key(b"")
+
+
+def test_pings_are_padded_and_a_pong_never_exceeds_its_ping():
+    data = ping()
+    assert len(data) == D.PING_SIZE
+    msg = verifier().check(data)
+    pong = D.reply(KEY, msg, BODY, now=1_000_000.0)
+    assert pong is not None and len(pong) <= len(data)
+    assert verifier().check(pong).body["re"] == msg.nonce.hex()
+    small = verifier().check(D.encode(KEY, D.PING, {}, now=1_000_000.0))   # unpadded
+    assert D.reply(KEY, small, BODY) is None
+
+
+def test_the_largest_node_body_fits_a_ping():
+    body = D.node_body("x" * 500, 65535, 10**6, 10**6, ["y" * 500] * 10, 99)
+    msg = verifier().check(ping())
+    assert D.reply(KEY, msg, body, now=1_000_000.0) is not None
+
+
+def test_forged_and_other_secret_rejected():
+    v = verifier()
+    data = bytearray(ping())
+    data[40] ^= 1
+    assert reason(v, bytes(data)) == "forged"
+    other = D.encode(D.discovery_key(b"another secret of 32 bytes......"), D.PING, {},
+                     now=1_000_000.0)
+    assert reason(v, other) == "forged"
+
+
+def test_replayed_rejected_then_forgotten_once_stale():
+    clock = Clock()
+    v = verifier(clock)
+    data = ping()
+    v.check(data)
+    assert reason(v, data) == "replayed"
+    clock.now += D.WINDOW + 1
+    assert reason(v, data) == "stale"
+    clock.now += D.WINDOW
+    fresh = ping(now=clock.now)
+    v.check(fresh)
+    assert len(v._seen) == 1  # the old nonce was dropped from the cache
+
+
+@pytest.mark.parametrize("offset", [D.WINDOW + 1, -D.WINDOW - 1])
+def test_stale_rejected_both_ways(offset):
+    assert reason(verifier(), ping(now=1_000_000.0 + offset)) == "stale"
+
+
+def test_oversized_truncated_and_garbage_rejected():
+    v = verifier()
+    data = ping()
+    assert reason(v, data + bytes(D.MAX_DATAGRAM)) == "size"
+    assert reason(v, data[:20]) == "size"
+    assert reason(v, data[:-1]) == "forged"
+    assert reason(v, b"GET / HTTP/1.0\r\n" * 10) == "garbage"
+    with pytest.raises(ValueError):
+        D.encode(KEY, D.ANNOUNCE, {"x": "y" * D.MAX_DATAGRAM})
+
+
+def test_forged_datagrams_do_not_fill_the_replay_cache():
+    v = D.Verifier(KEY, clock=Clock(), cache_size=2)
+    for _ in range(10):
+        data = bytearray(ping())
+        data[-1] ^= 1
+        reason(v, bytes(data))
+    v.check(ping())
+    v.check(ping())
+    assert reason(v, ping()) == "flood"   # full: refused, not evicted (fail closed)
+
+
+def test_a_verified_body_that_is_not_an_object_is_rejected():
+    import hashlib
+    import hmac
+    msg = D._HEADER.pack(D.MAGIC, D.ANNOUNCE, 0, 1_000_000_000, bytes(16), 2) + b"[]"
+    data = msg + hmac.new(KEY, msg, hashlib.sha256).digest()
+    assert reason(verifier(), data) == "malformed"
+
+
+def test_found_from_prefers_the_source_then_listed_addresses():
+    msg = verifier().check(D.encode(KEY, D.PONG, dict(BODY, addrs=["10.0.0.9"]),
+                                    now=1_000_000.0))
+    assert udp.found_from(msg, ("10.0.0.9", 1)).address == ("10.0.0.9", 4242)
+    assert udp.found_from(msg, ("10.0.0.1", 1)).address == ("10.0.0.9", 4242)  # NAT / relay
+    msg = verifier().check(D.encode(KEY, D.PONG, dict(BODY, addrs=[]), now=1_000_000.0))
+    assert udp.found_from(msg, ("10.0.0.1", 1)).address == ("10.0.0.1", 4242)
+    bad = verifier().check(D.encode(KEY, D.PONG, {"role": "node"}, now=1_000_000.0))
+    assert udp.found_from(bad, ("10.0.0.1", 1)) is None
+
+
+# ------------------------------------------------------------------ UDP on loopback
+
+async def _node_and_seeker(host="127.0.0.7", found=None):
+    node = await udp.Responder(KEY, lambda: BODY, host, 0, announce_to=[]).start()
+    seeker = await udp.Seeker(KEY, (found if found is not None else []).append,
+                              node_port=node.udp_port, listen_port=None).start()
+    return node, seeker
+
+
+async def _poll(condition, timeout=10.0):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not condition():
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def test_a_ping_to_the_loopback_broadcast_finds_a_node_on_127_0_0_x():
+    async def main():
+        found = []
+        node, seeker = await _node_and_seeker(found=found)
+        try:
+            seeker.ping([(udp.LOOPBACK_BROADCAST, node.udp_port)])
+            await _poll(lambda: found)
+            assert found[0].address == ("127.0.0.1", 4242)   # as the node's body says
+            assert found[0].source == ("127.0.0.7", node.udp_port)
+            assert found[0].kind == D.PONG and found[0].name == "n1"
+        finally:
+            node.close()
+            seeker.close()
+    asyncio.run(main())
+
+
+def test_announcements_reach_every_listener_on_the_port():
+    async def main():
+        got1, got2 = [], []
+        s1 = await udp.Seeker(KEY, got1.append, node_port=1, listen_port=0).start()
+        s2 = await udp.Seeker(KEY, got2.append, node_port=1,
+                              listen_port=s1.listen_port).start()
+        node = await udp.Responder(KEY, lambda: BODY, "127.0.0.1", 0,
+                                   announce_to=[(udp.LOOPBACK_BROADCAST, s1.listen_port)]).start()
+        try:
+            await _poll(lambda: got1 and got2)
+            assert got1[0].kind == got2[0].kind == D.ANNOUNCE
+        finally:
+            for x in (node, s1, s2):
+                x.close()
+    asyncio.run(main())
+
+
+def test_bad_datagrams_get_no_answer(caplog):
+    """Forged, replayed, stale, oversized, truncated and unpadded pings are
+    dropped with a rate-limited log and nothing goes back to their source."""
+    async def main():
+        node = await udp.Responder(KEY, lambda: BODY, "127.0.0.1", 0, announce_to=[]).start()
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        raw.bind(("127.0.0.1", 0))
+        raw.setblocking(False)
+        target = ("127.0.0.1", node.udp_port)
+        good = D.encode(KEY, D.PING, {}, pad_to=D.PING_SIZE)
+        forged = bytearray(good)
+        forged[33] ^= 1
+        stale = D.encode(KEY, D.PING, {}, pad_to=D.PING_SIZE, now=1.0)
+        bad = [bytes(forged), stale, good + bytes(D.MAX_DATAGRAM), good[:40],
+               D.encode(KEY, D.PING, {}), b"\x00" * 600]
+        try:
+            raw.sendto(good, target)
+            await _poll(lambda: node.pongs == 1)
+            await _poll(lambda: _readable(raw))
+            raw.recv(2000)
+            for data in [good, *bad]:    # good again: a replay
+                raw.sendto(data, target)
+            await _poll(lambda: node.rejected == len(bad) + 1)
+            # a fresh good ping after them is answered: nothing was sent before it
+            raw.sendto(D.encode(KEY, D.PING, {}, pad_to=D.PING_SIZE), target)
+            await _poll(lambda: node.pongs == 2)
+            await _poll(lambda: _readable(raw))
+            reply = raw.recv(2000)
+            assert D.Verifier(KEY).check(reply).kind == D.PONG
+            assert not _readable(raw)
+            assert node.rejected == len(bad) + 1 and node.sent == 2
+        finally:
+            node.close()
+            raw.close()
+    with caplog.at_level("WARNING", logger="dpool.discovery"):
+        asyncio.run(main())
+    lines = [r for r in caplog.records if "discovery" in r.getMessage()]
+    assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]   # rate-limited
+
+
+def _readable(sock):
+    import select
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def test_body_is_json_never_pickle():
+    data = D.encode(KEY, D.ANNOUNCE, BODY, now=1_000_000.0)
+    start, length = D.HEADER, int.from_bytes(data[30:32], "big")
+    assert json.loads(data[start:start + length]) == BODY
