@@ -9,6 +9,7 @@ Three ways in, one engine:
 from .dispy.cluster import (ClusterStatus, DispyJob, DispyNode, DispyNodeAvailInfo, JobCluster,
                       NodeAllocate)
 from .dispy.model import logger
+from .dispy.shared import SharedJobCluster
 from .pool import Pool
 from .dispy.recover import recover_jobs
 from .progressbar import progress
@@ -18,7 +19,8 @@ from .errors import (AuthenticationError, BrokenCluster, ConnectionClosed, Dpool
 
 __version__ = "0.1.0"
 
-__all__ = ["Pool", "JobCluster", "recover_jobs", "progress", "DispyJob", "DispyNode",
+__all__ = ["Pool", "JobCluster", "SharedJobCluster", "recover_jobs", "progress", "DispyJob",
+           "DispyNode",
            "DispyNodeAvailInfo", "NodeAllocate", "ClusterStatus", "DpoolError",
            "AuthenticationError",
            "BrokenCluster", "ConnectionClosed", "JobCancelled", "NodeLost", "ProtocolError",

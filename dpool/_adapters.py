@@ -24,13 +24,29 @@ def node_addresses(nodes):
     return out
 
 
+def where_to_run(nodes, scheduler):
+    """The addresses to connect to: ``nodes``, else a scheduler's
+    (``scheduler``, else ``$DPOOL_SCHEDULER``), else ``$DPOOL_NODES``;
+    None: an embedded node."""
+    if nodes is not None and scheduler is not None:
+        raise ValueError("give nodes or scheduler, not both")
+    if nodes is None and scheduler is None and os.environ.get(config.SCHEDULER_ENV, "").strip():
+        scheduler = os.environ[config.SCHEDULER_ENV]
+    if scheduler is not None:
+        return [config.scheduler_address(scheduler)]
+    if nodes is None and os.environ.get(NODES_ENV, "").strip():
+        nodes = os.environ[NODES_ENV]
+    return None if nodes is None else node_addresses(nodes)
+
+
 def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
                  process_name="ForkProcess", depends=None, connect_timeout=None,
-                 heartbeat=None, tls=(None, None, None)):
+                 heartbeat=None, tls=(None, None, None), scheduler=None):
     """The started :class:`Client` behind an Executor or a Pool.
 
     ``workers`` is the embedded node's process count, or with remote nodes
-    the most CPUs to use on each node (None: all of them).  The workers
+    the most CPUs to use on each node (None: all of them); ``scheduler``
+    ("host[:port]") runs the jobs through a dpool-scheduler (see where_to_run).  The workers
     are named ``process_name-N`` (``multiprocessing.current_process().name``).
     ``depends`` (modules, file paths) are written into each remote node's
     session folder, on the workers' ``sys.path``, before any job; local
@@ -40,8 +56,7 @@ def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
     nodes (see :func:`dpool.core.client.tls_context`).
     """
     files = code_files(depends)
-    if nodes is None and os.environ.get(NODES_ENV, "").strip():
-        nodes = os.environ[NODES_ENV]
+    addresses = where_to_run(nodes, scheduler)
     session = {"max_tasks": max_tasks, "capture": False, "process_name": process_name}
     local = dict(session, cwd=os.getcwd())
     messages = file_messages(files)
@@ -49,7 +64,6 @@ def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
     def prepare(link):  # remote nodes, added later ones too, get the depends files
         return (local, ()) if link.address == "embedded" else (session, messages)
 
-    addresses = None if nodes is None else node_addresses(nodes)
     if addresses is not None and workers:
         session["cpus"] = workers
     secret = None if addresses is None else \

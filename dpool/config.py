@@ -17,6 +17,7 @@ NODE_PORT = 51350
 SCHEDULER_PORT = 51351
 RELAY_PORT = 51352
 
+SCHEDULER_ENV = "DPOOL_SCHEDULER"  # host[:port] of a dpool-scheduler
 SECRET_ENV = "DPOOL_SECRET"
 HOME_ENV = "DPOOL_HOME"
 
@@ -34,6 +35,17 @@ def dpool_home():
     if st.st_mode & 0o022:
         os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o022)
     return path
+
+
+def scheduler_address(host=None, port=None):
+    """(host, port) of a dpool-scheduler: ``host`` ("host[:port]"), else
+    ``$DPOOL_SCHEDULER``, else this host; the port defaults to 51351."""
+    from .hosts import parse_address
+
+    if host is None:
+        host = os.environ.get(SCHEDULER_ENV, "").strip() or "127.0.0.1"
+    found = parse_address(host, SCHEDULER_PORT)
+    return (found[0], int(port)) if port else found
 
 
 def resolve_cpus(cpus, total=None):

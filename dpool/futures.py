@@ -66,7 +66,7 @@ class Executor(_cf.Executor):
     def __init__(self, max_workers=None, mp_context=None, initializer=None, initargs=(), *,
                  max_tasks_per_child=None, nodes=None, secret=None, depends=None,
                  connect_timeout=None, heartbeat=None, cafile=None, certfile=None,
-                 keyfile=None):
+                 keyfile=None, scheduler=None):
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         check_initializer(initializer)
@@ -82,7 +82,8 @@ class Executor(_cf.Executor):
         self._client = start_client(max_workers, nodes, secret, max_tasks_per_child,
                                     initializer, initargs, depends=depends,
                                     connect_timeout=connect_timeout, heartbeat=heartbeat,
-                                    tls=(cafile, certfile, keyfile))
+                                    tls=(cafile, certfile, keyfile),
+                                    scheduler=scheduler)
         self._max_workers = total_cpus(self._client)
 
     def add_nodes(self, nodes, secret=None):

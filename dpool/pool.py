@@ -63,7 +63,7 @@ class Pool:
     def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
                  context=None, *, nodes=None, secret=None, depends=None,
                  connect_timeout=None, heartbeat=None, cafile=None, certfile=None,
-                 keyfile=None):
+                 keyfile=None, scheduler=None):
         if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
         if maxtasksperchild is not None:
@@ -77,7 +77,8 @@ class Pool:
         self._client = start_client(processes, nodes, secret, maxtasksperchild,
                                     initializer, initargs, process_name="ForkPoolWorker",
                                     depends=depends, connect_timeout=connect_timeout,
-                                    heartbeat=heartbeat, tls=(cafile, certfile, keyfile))
+                                    heartbeat=heartbeat, tls=(cafile, certfile, keyfile),
+                                    scheduler=scheduler)
         self._processes = total_cpus(self._client)
         self._state = RUN
 

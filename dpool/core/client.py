@@ -83,7 +83,7 @@ class Job:
 
     __slots__ = ("id", "fn_id", "frames", "future", "status", "node", "submit_time",
                  "start_time", "end_time", "stdout", "stderr", "sent", "tag", "star",
-                 "value", "error", "cancelled", "blob", "__weakref__")
+                 "value", "error", "cancelled", "blob", "where", "__weakref__")
 
     def __init__(self, job_id, fn_id, frames, tag=None, star=False):
         self.id = job_id
@@ -94,6 +94,7 @@ class Job:
         self.future: Future[Any] = Future()
         self.status = CREATED
         self.node = None
+        self.where = None  # the host that ran it, when a scheduler (the node) says so
         self.submit_time = time.time()
         self.start_time = self.end_time = None
         self.stdout = self.stderr = None
@@ -790,10 +791,11 @@ class Client:
     def _on_started(self, link, msg, frames):
         if not self._trusted_items(link, msg.jobs, "a start"):
             return
-        for job_id, start in msg.jobs:
+        for job_id, start, *where in msg.jobs:  # (a scheduler adds the node's host)
             job = self.jobs.get(job_id)
             if job is not None:
                 job.start_time = start
+                job.where = where[0] if where else None
                 job.status = RUNNING
                 self.emit("started", job)
 

@@ -258,6 +258,17 @@ class JobCluster:
                                     else resolve_host(link.address[0]))
         return ip
 
+    def _job_ip(self, core_job):
+        """The IP address of the node that ran the job: through a scheduler,
+        the node it named in the job's start, else the job's node."""
+        where = core_job.where
+        if where is None:
+            return self._ip_of(core_job.node)
+        ip = self._ips.get(where)
+        if ip is None:
+            ip = self._ips[where] = resolve_host(where)
+        return ip
+
     def _alloc_for(self, link):
         for alloc in self._allocs:
             if link.address != "embedded" and (alloc.host, alloc.port) == tuple(link.address):
@@ -325,7 +336,7 @@ class JobCluster:
             return
         node = self._nodes.get(core_job.node)
         job.start_time = core_job.start_time
-        job.ip_addr = self._ip_of(core_job.node)
+        job.ip_addr = self._job_ip(core_job)
         if node is not None:
             self._busy_on[job] = node
             node.busy += 1
@@ -395,7 +406,7 @@ class JobCluster:
         if self._recover is not None:
             job._on_id = None
             self._recover.done(core_job.id)  # received: recover_jobs leaves it out
-        job.finish_from(core_job, self._ip_of(core_job.node))
+        job.finish_from(core_job, self._job_ip(core_job))
 
     def _save_file(self, core_job, name, data):
         try:

@@ -87,6 +87,11 @@ class NodeRuntime:
         self._started = False
         self.draining = False
         self._idle = None  # set when the last session ends, while draining
+        # Shared sessions (a dpool-scheduler's, option ``shared``): together
+        # they hold ``shared_cpus`` CPUs, taken by the first and freed with
+        # the last; the scheduler decides how many of their jobs run at once.
+        self.shared = 0
+        self.shared_cpus = 0
 
     async def start(self):
         if not self._started:
@@ -165,10 +170,29 @@ class NodeRuntime:
             session.watch(liveness.Settings())
         return session
 
+    def grant(self, options):
+        """CPUs for a new session with these options (0: refused)."""
+        if options.get("shared") and self.shared:
+            self.shared += 1
+            return self.shared_cpus
+        want = options.get("cpus") or self.free_cpus
+        cpus = min(want, self.free_cpus)
+        if cpus > 0:
+            self.free_cpus -= cpus
+            if options.get("shared"):
+                self.shared, self.shared_cpus = 1, cpus
+        return max(cpus, 0)
+
     def release(self, session):
         if session in self.sessions:
             self.sessions.discard(session)
-            self.free_cpus += session.cpus
+            if not session.options.get("shared") or session.cpus <= 0:
+                self.free_cpus += session.cpus
+            else:
+                self.shared -= 1
+                if not self.shared:
+                    self.free_cpus += self.shared_cpus
+                    self.shared_cpus = 0
             if not self.sessions and self._idle is not None:
                 self._idle.set()
 
@@ -293,14 +317,12 @@ class Session:
 
     def on_session(self, msg, frames):
         options = self.options = msg.options
-        want = options.get("cpus") or self.node.free_cpus
-        self.cpus = min(want, self.node.free_cpus)
+        self.cpus = self.node.grant(options)
         if self.cpus <= 0:
             self.conn.send([P.encode(P.Refused, f"node {self.node.name} has no free CPUs (all "
                                                f"{self.node.cpus} are in use by other clients)")])
             self.end("refused")
             return
-        self.node.free_cpus -= self.cpus
         if "heartbeat" in options and not self.node.embedded:
             self.watch(liveness.peer_settings(options["heartbeat"]))
         self.init_frames = tuple(frames[1:])
@@ -314,7 +336,9 @@ class Session:
         self.conn.send([P.encode(P.Ready, info)])
         log.log(self.node.log_level, "session %s: client %s, %d CPUs", self.sid, self.conn.peer,
                 self.cpus)
-        if not options.get("setup"):  # else: forked from the setup process
+        if not options.get("setup") and not options.get("anchor"):
+            # (setup: forked from the setup process; a scheduler's anchor
+            # session only holds the CPUs for its shared sessions)
             for _ in range(self.cpus):
                 self._spawn()
         if options.get("pulse_interval"):

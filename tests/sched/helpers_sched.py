@@ -1,0 +1,69 @@
+"""A ``dpool-scheduler`` subprocess for the scheduler's tests."""
+import pathlib
+import signal
+import subprocess
+import sys
+
+from helpers import node_env, poll_for
+
+
+class SchedulerProcess:
+    """``python -m dpool.daemons.scheduler`` in a subprocess, on a free port."""
+
+    def __init__(self, workdir, nodes, secret, host="127.0.0.1", port=0, args=(), prefix=()):
+        self.workdir = pathlib.Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.out_path = self.workdir / "scheduler.out"
+        self.err_path = self.workdir / "scheduler.err"
+        self.host, self.secret = host, secret
+        nodes = ",".join(f"{h}:{p}" for h, p in nodes)
+        cmd = [*prefix, sys.executable, "-m", "dpool.daemons.scheduler", "--host", host,
+               "--port", str(port), "--nodes", nodes, *args]
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         env=node_env(secret), cwd=self.workdir)
+        self.port = self.cpus = None
+
+    def wait_serving(self, timeout=30.0):
+        """Parse "dpool-scheduler: N of M nodes ready, C CPUs, on HOST:PORT (pid P)"."""
+        def line():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"dpool-scheduler exited with {self.proc.returncode}: "
+                                     f"{self.stderr()}")
+            text = self.out_path.read_text()
+            return text.split("\n", 1)[0] if "\n" in text else None
+        words = poll_for(line, timeout, message="dpool-scheduler to start").split()
+        self.cpus = int(words[6])
+        self.port = int(words[9].rsplit(":", 1)[1])
+        return self
+
+    @property
+    def address(self):
+        return (self.host, self.port)
+
+    def stderr(self):
+        return self.err_path.read_text(errors="replace")
+
+    def terminate(self, timeout=15.0, sig=signal.SIGINT):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"dpool-scheduler did not exit within {timeout}s") from None
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def start_scheduler(workdir, nodes, secret, **kwargs):
+    sched = SchedulerProcess(workdir, nodes, secret, **kwargs)
+    try:
+        return sched.wait_serving()
+    except BaseException:
+        sched.kill()
+        raise

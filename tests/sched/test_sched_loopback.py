@@ -1,0 +1,169 @@
+"""dpool-scheduler on loopback: two clients share three nodes (127.0.0.2-4)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import dpool
+from dpool.core.client import Client
+from dpool.errors import BrokenCluster
+from dpool.futures import Executor
+from helpers import node_env, pid_gone, poll_for, read_marker
+from helpers_sched import start_scheduler
+from tasks import hold, nap, nap_for
+
+from conftest import NODE_CPUS, SECRET
+
+HEARTBEAT = (0.2, 2.0)  # the clients' (interval, deadline): the scheduler's lease on them
+
+
+def client(sched, **kwargs):
+    kwargs.setdefault("heartbeat", HEARTBEAT)
+    return Client([sched.address], secret=SECRET, **kwargs).start()
+
+
+def share(jobs_a, jobs_b):
+    """The part of the CPU time client A got while both had jobs running."""
+    start = max(min(j.start_time for j in jobs_a), min(j.start_time for j in jobs_b))
+    end = min(max(j.end_time for j in jobs_a), max(j.end_time for j in jobs_b))
+
+    def used(jobs):
+        return sum(max(0.0, min(j.end_time, end) - max(j.start_time, start)) for j in jobs)
+    a, b = used(jobs_a), used(jobs_b)
+    return a / (a + b)
+
+
+def test_a_job_runs_through_the_scheduler_on_a_named_node(scheduler, three_nodes):
+    c = client(scheduler, session={"notify_start": True})
+    try:
+        assert c.nodes()[0].cpus == 3 * NODE_CPUS
+        jobs = [c.submit(nap_for, (0.2,)) for _ in range(3 * NODE_CPUS)]
+        assert [j.future.result(30) for j in jobs] == [0.2] * len(jobs)
+        # Each job's start names the node that ran it: all three ran some.
+        assert {j.where for j in jobs} == {n.host for n in three_nodes}
+    finally:
+        c.close()
+
+
+def test_two_clients_share_the_cpus_equally(scheduler):
+    a, b = client(scheduler), client(scheduler)
+    try:
+        jobs_a = [a.submit(nap, (0.3,)) for _ in range(40)]
+        poll_for(lambda: any(j.start_time for j in jobs_a) or any(j.future.done() for j in jobs_a),
+                 20, message="client A's jobs to start")
+        jobs_b = [b.submit(nap, (0.3,)) for _ in range(40)]
+        for job in jobs_a + jobs_b:
+            job.future.result(60)
+        assert 0.4 <= share(jobs_a, jobs_b) <= 0.6
+    finally:
+        a.close()
+        b.close()
+
+
+def test_executor_through_the_scheduler(scheduler):
+    with Executor(scheduler=f"127.0.0.1:{scheduler.port}", secret=SECRET) as ex:
+        assert list(ex.map(abs, range(-5, 5))) == [abs(x) for x in range(-5, 5)]
+        assert ex._max_workers == 3 * NODE_CPUS
+
+
+def test_shared_job_cluster_through_the_scheduler(scheduler, three_nodes):
+    cluster = dpool.SharedJobCluster(nap_for, scheduler_host="127.0.0.1",
+                                     scheduler_port=scheduler.port, secret=SECRET)
+    try:
+        jobs = [cluster.submit(0.2) for _ in range(3 * NODE_CPUS)]
+        assert [job() for job in jobs] == [0.2] * len(jobs)
+        assert all(job.status == dpool.DispyJob.Finished for job in jobs)
+        assert {job.ip_addr for job in jobs} == {n.host for n in three_nodes}
+    finally:
+        cluster.close()
+
+
+def _held(tmp_path, n, prefix):
+    return [str(tmp_path / f"{prefix}{i}") for i in range(n)]
+
+
+def _client_process(sched, markers, heartbeat=HEARTBEAT):
+    """A client in a subprocess holding every CPU with ``hold`` jobs."""
+    code = (f"from dpool.core.client import Client\nfrom tasks import hold\nimport time\n"
+            f"c = Client([{sched.address!r}], secret={SECRET!r}, heartbeat={heartbeat!r})"
+            f".start()\n"
+            f"jobs = [c.submit(hold, (m,)) for m in {markers!r}]\n"
+            f"print('submitted', flush=True)\ntime.sleep(120)\n")
+    return subprocess.Popen([sys.executable, "-c", code], env=node_env(), stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_dead_or_silent_client_hands_its_cpus_on(scheduler, tmp_path, how):
+    """Client A holds every CPU; B waits.  A is killed (its connection
+    closes) or stopped (silent: the scheduler's lease on it ends after its
+    heartbeat deadline): its jobs are killed on the nodes and B's run."""
+    markers = _held(tmp_path, 3 * NODE_CPUS, "a")
+    proc = _client_process(scheduler, markers)
+    b = client(scheduler)
+    try:
+        pids = [read_marker(m, 30)[0][0] for m in markers]
+        jobs = [b.submit(nap_for, (0.1,)) for _ in range(3 * NODE_CPUS)]
+        os.kill(proc.pid, how)
+        # At once for a closed connection; within the lease for a silent client.
+        assert [j.future.result(HEARTBEAT[1] + 10) for j in jobs] == [0.1] * len(jobs)
+        poll_for(lambda: all(pid_gone(pid) for pid in pids), 10,
+                 message="client A's jobs to be killed on the nodes")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+        b.close()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_scheduler_restart_hangs_nothing(tmp_path, three_nodes):
+    """The scheduler is killed under running jobs: they fail at once with
+    BrokenCluster (a silent scheduler: after the heartbeat deadline), the
+    nodes kill them; the client re-joins the restarted scheduler with
+    backoff and runs new jobs."""
+    nodes = [(n.host, n.port) for n in three_nodes]
+    port = _free_port()
+    sched = start_scheduler(tmp_path / "s1", nodes, SECRET, port=port)
+    c = client(sched)
+    try:
+        markers = _held(tmp_path, 2, "m")
+        jobs = [c.submit(hold, (m,)) for m in markers]
+        pids = [read_marker(m, 30)[0][0] for m in markers]
+        sched.kill()
+        for job in jobs:
+            with pytest.raises(BrokenCluster):
+                job.future.result(HEARTBEAT[1] + 10)
+        poll_for(lambda: all(pid_gone(pid) for pid in pids), 10,
+                 message="the jobs to be killed on the nodes")
+        sched = start_scheduler(tmp_path / "s2", nodes, SECRET, port=port)
+
+        def resubmitted():
+            try:
+                return c.submit(nap_for, (0.1,))
+            except BrokenCluster:
+                return None
+        job = poll_for(resubmitted, 30, interval=0.1, message="the client to re-join")
+        assert job.future.result(30) == 0.1
+    finally:
+        c.close()
+        sched.terminate()
+
+
+def test_a_node_without_the_scheduler_still_serves_one_client(three_nodes):
+    """Shared sessions are the scheduler's: a plain client session still
+    takes a node's CPUs for itself (unchanged)."""
+    node = three_nodes[0]
+    c = Client([(node.host, node.port)], secret=SECRET).start()
+    try:
+        assert c.submit(nap_for, (0.05,)).future.result(30) == 0.05
+    finally:
+        c.close()
