@@ -1,5 +1,7 @@
-"""Throwaway hosts in network namespaces for the fault matrix (needs root,
-``ip`` from iproute2 and ``nft`` from nftables).
+"""Throwaway hosts in network namespaces (needs root, ``ip`` from iproute2
+and ``nft`` from nftables): :class:`Lab` for the fault matrix, and
+:class:`LanLab` (two subnets, broadcast, a router, a host name per host; also
+``nsenter`` and ``unshare`` from util-linux) for discovery and the relay.
 
 A :class:`Lab` is one "client" namespace linked to each "node" namespace by
 a veth pair: node k is 10.210.k.2, the client's end of its link 10.210.k.1.
@@ -20,11 +22,18 @@ import contextlib
 import ctypes
 import itertools
 import os
+import shutil
 import subprocess
+
+import pytest
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _labs = itertools.count(1)
+LAB_TOOLS = ("ip", "nft", "nsenter", "unshare")
+needs_lab = pytest.mark.skipif(not all(shutil.which(t) for t in LAB_TOOLS),
+                               reason=f"needs {', '.join(LAB_TOOLS)}")
+LAB_SECRET = b"cluster-lab-secret-0123456789"   # the nodes' secret in tests/cluster
 
 
 def run(*cmd, input=None):
@@ -121,3 +130,186 @@ table inet dpf_loss {{
         text = run("ip", "netns", "exec", ns, "nft", "list", "table", "inet", "dpf_loss")
         words = text.split()
         return int(words[words.index("packets") + 1])
+
+
+class Host:
+    """One host of a :class:`LanLab`: a network namespace, a UTS namespace
+    (its own host name) and an address on one subnet."""
+
+    def __init__(self, lab, name, address, subnet):
+        self.name = name
+        self.ns = f"{lab.tag}{name}"
+        self.hostname = f"{name}-{lab.tag}"
+        self.address = address
+        self.subnet = subnet
+        self.uts = f"{lab.state}/uts-{name}"
+
+    def prefix(self):
+        """A command prefix that runs a program on this host (``nsenter``
+        execs in place: same pid)."""
+        return ("nsenter", f"--net=/run/netns/{self.ns}", f"--uts={self.uts}", "--")
+
+    def run(self, *cmd, input=None):
+        return run(*self.prefix(), *cmd, input=input)
+
+    def __repr__(self):
+        return f"<Host {self.name} {self.hostname} {self.address}>"
+
+
+class LanLab:
+    """Hosts on two subnets, for discovery (needs root, ``ip``, ``nsenter``,
+    ``unshare``; ``nft`` for the loss and counters).
+
+    ::
+
+        LAN 10.77.0.0/24 (bridge br0)              LAN2 10.78.0.0/24 (bridge br1)
+          client .10   a .11  b .12  c .13           d .11 (node)   e .12 (relay)
+          [extra .20, .21, ...]                      [extra2 .20, ...]
+                     router .1  ─── ip_forward ───  router .1
+
+    Every host is a network namespace plus a UTS namespace of its own, so
+    ``socket.gethostname()`` in a program started with :meth:`Host.prefix`
+    (or :meth:`prefix`) returns its :attr:`Host.hostname`.  Both bridges live
+    in one namespace of their own: nothing is attached to the root
+    namespace.  Broadcast works on each LAN; the router forwards unicast
+    (and never broadcast).  ``extra`` names more hosts on the LAN (e.g. an
+    attacker), ``extra2`` on LAN2.  Names carry the pid; :meth:`down` (the
+    fixture always calls it) removes everything.
+    """
+
+    LAN, LAN2 = "10.77.0", "10.78.0"
+
+    def __init__(self, nodes=("a", "b", "c"), remote=("d", "e"), extra=(), extra2=()):
+        self.tag = f"dpl{os.getpid()}x{next(_labs)}"
+        self.state = f"/run/{self.tag}"
+        self.hosts = {}
+        self._add("client", 10, self.LAN)
+        for k, name in enumerate(nodes):
+            self._add(name, 11 + k, self.LAN)
+        for k, name in enumerate(extra):
+            self._add(name, 20 + k, self.LAN)
+        for k, name in enumerate(remote):
+            self._add(name, 11 + k, self.LAN2)
+        for k, name in enumerate(extra2):
+            self._add(name, 20 + k, self.LAN2)
+        self.bridge = f"{self.tag}br"
+        self.router = f"{self.tag}r"
+        self.made = []
+        self.mounts = []
+
+    def _add(self, name, last, subnet):
+        self.hosts[name] = Host(self, name, f"{subnet}.{last}", subnet)
+
+    def __getitem__(self, name):
+        return self.hosts[name]
+
+    def on(self, subnet):
+        """The hosts on ``subnet`` (``LanLab.LAN`` or ``LanLab.LAN2``)."""
+        return [h for h in self.hosts.values() if h.subnet == subnet]
+
+    # ------------------------------------------------------------ up / down
+
+    def up(self):
+        try:
+            os.makedirs(self.state)
+            for ns in [self.bridge, self.router]:
+                self._netns(ns)
+            for br in ("br0", "br1"):
+                run("ip", "-n", self.bridge, "link", "add", br, "type", "bridge",
+                    "stp_state", "0", "mcast_snooping", "0")
+                run("ip", "-n", self.bridge, "link", "set", br, "up")
+            self._plug(self.router, "lan0", "br0", f"{self.LAN}.1", "r0")
+            self._plug(self.router, "lan1", "br1", f"{self.LAN2}.1", "r1")
+            run("ip", "netns", "exec", self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            for k, host in enumerate(self.hosts.values()):
+                self._host(host, f"h{k}")
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _netns(self, ns):
+        run("ip", "netns", "add", ns)
+        self.made.append(ns)
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1")
+
+    def _plug(self, ns, dev, bridge, address, port):
+        """A veth from ``ns`` (as ``dev``, ``address``/24) to ``bridge``."""
+        run("ip", "link", "add", port, "netns", self.bridge, "type", "veth",
+            "peer", "name", dev, "netns", ns)
+        run("ip", "-n", self.bridge, "link", "set", port, "master", bridge, "up")
+        broadcast = address.rsplit(".", 1)[0] + ".255"
+        run("ip", "-n", ns, "addr", "add", f"{address}/24", "brd", broadcast, "dev", dev)
+        run("ip", "-n", ns, "link", "set", dev, "up")
+
+    def _host(self, host, port):
+        self._netns(host.ns)
+        bridge = "br0" if host.subnet == self.LAN else "br1"
+        self._plug(host.ns, "eth0", bridge, host.address, port)
+        run("ip", "-n", host.ns, "route", "add", "default", "via", f"{host.subnet}.1")
+        open(host.uts, "w").close()
+        run("unshare", f"--uts={host.uts}", "hostname", host.hostname)
+        self.mounts.append(host.uts)
+
+    def down(self):
+        for path in reversed(self.mounts):
+            subprocess.run(["umount", path], capture_output=True, timeout=30)
+        self.mounts.clear()
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        self.made.clear()
+        if os.path.isdir(self.state):
+            for name in os.listdir(self.state):
+                os.unlink(os.path.join(self.state, name))
+            os.rmdir(self.state)
+
+    # ---------------------------------------------------------------- tools
+
+    def prefix(self, name):
+        return self.hosts[name].prefix()
+
+    def entered(self, name):
+        """Run the calling thread in host ``name``'s network namespace (its
+        host name stays the test process's own)."""
+        return entered(self.hosts[name].ns)
+
+    def route(self, on):
+        """Let the router forward between the two subnets, or not."""
+        run("ip", "netns", "exec", self.router, "sysctl", "-qw",
+            f"net.ipv4.ip_forward={int(bool(on))}")
+
+    def udp_loss(self, percent, names=None):
+        """Each host (all by default) drops ``percent`` % of the UDP
+        datagrams it receives from its LAN (nft ``numgen random`` on input,
+        so senders see no error: as loss on the wire)."""
+        permyriad = int(round(percent * 100))
+        for name in names or self.hosts:
+            self.hosts[name].run("nft", "-f", "-", input=f"""
+table inet dpl_loss {{
+  chain in {{ type filter hook input priority 0; policy accept;
+    iifname != "lo" meta l4proto udp numgen random mod 10000 < {permyriad} counter drop; }}
+}}""")
+
+    def udp_dropped(self, name):
+        """UDP datagrams :meth:`udp_loss` dropped on host ``name`` so far."""
+        return _packets(self.hosts[name].run("nft", "list", "table", "inet", "dpl_loss"))
+
+    def count_to(self, name):
+        """Start counting the packets host ``name`` receives addressed to it
+        (unicast: not broadcasts); :meth:`counted` reads the count."""
+        host = self.hosts[name]
+        host.run("nft", "-f", "-", input=f"""
+table inet dpl_count {{
+  chain in {{ type filter hook input priority -20; policy accept;
+    ip daddr {host.address} counter; }}
+}}""")
+
+    def counted(self, name):
+        return _packets(self.hosts[name].run("nft", "list", "table", "inet", "dpl_count"))
+
+
+def _packets(nft_listing):
+    words = nft_listing.split()
+    return sum(int(words[i + 1]) for i, w in enumerate(words) if w == "packets")

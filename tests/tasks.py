@@ -61,6 +61,13 @@ def nap(seconds, value=None):
     return value
 
 
+def hostname_after(seconds):
+    """The seed program's compute: sleep, then the node's host name."""
+    import socket
+    time.sleep(seconds)
+    return socket.gethostname()
+
+
 def nap_for(seconds):
     """Sleep ``seconds``, then return them."""
     return nap(seconds, seconds)
