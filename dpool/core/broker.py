@@ -10,8 +10,9 @@
        │      its computation (initializer, depends, setup: the ``preamble``)
        │      and one Leg per node (nodeport.py)
        ├── placement: whenever a node has a free CPU and clients have queued
-       │   jobs, the share policy picks the client (equal shares, work
-       │   conserving); a node never runs more jobs than it has CPUs
+       │   jobs, the share policy (core/share.py: FairShare) picks the job
+       │   (equal or weighted shares, work conserving; or FIFO); a node never
+       │   runs more jobs than it has CPUs
        └── NodePort (one per node): anchor session, CPUs, jobs running there
 
 Jobs keep the ids their client gave them (each client has its own session,
@@ -42,32 +43,17 @@ from ..errors import NodeLost
 from ..protocol import Outcome
 from ..transport import PROTOCOL_VERSION, Connection, start_server
 from .nodeport import Link, NodePort, Watch
+from .share import FairShare
 
 log = logging.getLogger("dpool.scheduler")
 
 #: Session options a leg does not pass on to its node: the scheduler answers
 #: those itself (heartbeats) or does not offer them through a scheduler.
 _NOT_FORWARDED = ("heartbeat", "cpus", "recover_token", "pulse_interval", "nodes", "weight")
+#: Seconds a new client waits, at most, for its sessions on the nodes before
+#: Ready (well within a client's connect timeout).
+LEG_WAIT = 5.0
 _ENV = (P.SetupDone, P.SetupFail, P.FileDone, P.Provisional, P.SendFile)
-
-
-class EqualShare:
-    """The share policy's shape (a stand-in until dpool.core's fair-share
-    class lands): ``pick(clients)`` names the client whose next job takes a
-    free CPU: the one with the fewest running jobs per unit of weight,
-    oldest first on a tie."""
-
-    def __init__(self) -> None:
-        self.order: dict[Any, float] = {}  # client -> weight, oldest first
-
-    def add(self, client: Any, weight: float = 1.0) -> None:
-        self.order[client] = max(float(weight), 1e-6)
-
-    def remove(self, client: Any) -> None:
-        self.order.pop(client, None)
-
-    def pick(self, candidates: list) -> Any:
-        return min(candidates, key=lambda c: c.running / self.order.get(c, 1.0))
 
 
 class ClientSession:
@@ -81,13 +67,15 @@ class ClientSession:
         self.legs: dict[NodePort, Link] = {}
         self.held: set[Link] = set()  # legs whose setup has not finished
         self.setup_state: str | None = None  # None, "done", "failed"
+        self.set_up = 0  # legs whose setup ran
         self.fns: dict[int, Any] = {}  # fn_id -> blob
         self.sent_fns: dict[Link, set[int]] = collections.defaultdict(set)
-        self.queue: collections.deque = collections.deque()  # (item, payload frames)
-        self.cancelled: set[int] = set()  # queued jobs cancelled (skipped when popped)
+        # Queued jobs: job id -> (item, payload frames); their order is the policy's.
+        self.pending: dict[int, tuple[tuple, list]] = {}
         self.placed: dict[int, tuple[Link, tuple, list]] = {}  # job id -> (leg, item, payload)
         self.tries: collections.Counter = collections.Counter()
         self.running = 0
+        self.weight = 1.0
         self.limit = 1 << 62
         self.files: dict[int, list] = {}  # file request -> [legs left, first error]
         self.ended = False
@@ -132,43 +120,70 @@ class ClientSession:
         self.init_frames = list(frames[1:])
         if "heartbeat" in self.options:
             broker.watch.add(self.conn, liveness.peer_settings(self.options["heartbeat"]))
-        broker.policy.add(self, float(self.options.get("weight", 1.0)))
+        try:
+            self.weight = float(self.options.get("weight", 1.0))
+            broker.fair.add_client(self, self.weight, nodes=())
+        except (TypeError, ValueError) as exc:
+            self.tell([P.encode(P.Refused, f"bad session option weight: {exc}")])
+            self.end("refused")
+            return
         self.limit = int(self.options.get("cpus") or 1 << 62)  # the most jobs running at once
-        info = broker.info()
+        ports = [port for port in broker.ready_nodes() if self.wants(port)]
+        if not ports:
+            self.tell([P.encode(P.Refused, f"no node of scheduler {broker.name} matches "
+                                           f"nodes={self.options.get('nodes')!r}")])
+            self.end("refused")
+            return
+        broker.spawn(self._ready_when_open([self.open_leg(port) for port in ports]))
+
+    async def _ready_when_open(self, tasks: list) -> None:
+        """Ready once the legs are open (or failed), within LEG_WAIT: the
+        client then sees the nodes' CPUs at once; a slower leg joins later."""
+        await asyncio.wait([task for task in tasks if task is not None], timeout=LEG_WAIT)
+        if self.ended:
+            return
+        info = self.broker.info()
         info["cpus"] = info["free_cpus"] = min(info["cpus"], self.limit)
         self.tell([P.encode(P.Ready, info)])
-        log.info("%s: session open, %d nodes", self, len(broker.ready_nodes()))
-        for port in broker.ready_nodes():
-            self.open_leg(port)
+        log.info("%s: session open, %d of %d nodes", self,
+                 sum(1 for leg in self.legs.values() if leg.ready), len(self.broker.ports))
 
     def on_func(self, msg: Any, frames: list) -> None:
         self.fns[msg.fn_id] = frames[1]
 
     def on_run(self, msg: Any, frames: list) -> None:
-        queue = self.queue
+        pending, ids = self.pending, []
         for item, payload in P.run_items(msg, frames):
-            queue.append((tuple(item), list(payload)))
+            job_id = item[0]
+            if job_id in pending or job_id in self.placed:
+                log.warning("%s: job %s sent twice; closing the session", self, job_id)
+                self.end("protocol error")
+                return
+            pending[job_id] = (tuple(item), list(payload))
+            ids.append((self, job_id))
+        self.broker.fair.submit(self, ids)
         self.broker.place_soon()
 
     def on_cancel(self, msg: Any, frames: list) -> None:
         by_leg: dict[Link, list[int]] = collections.defaultdict(list)
-        queued = {item[0] for item, _ in self.queue}
         for job_id in msg.job_ids:
             where = self.placed.get(job_id)
             if where is not None:
                 by_leg[where[0]].append(job_id)
-            elif job_id in queued and job_id not in self.cancelled:
-                self.cancelled.add(job_id)
-                self.report(job_id, Outcome.CANCELLED)
+            elif self.broker.fair.cancel((self, job_id)):
+                item, _ = self.pending.pop(job_id)
+                self.report(job_id, Outcome.CANCELLED, attempt=item[4])
         for leg, ids in by_leg.items():
             leg.send([P.encode(P.Cancel, ids)])
 
     def on_reclaim(self, msg: Any, frames: list) -> None:
         given: list[int] = []
-        while self.queue and len(given) < msg.count:
-            item, _ = self.queue.pop()
-            if item[0] not in self.cancelled:
-                given.append(item[0])
+        for job_id in reversed(list(self.pending)):  # the last submitted first
+            if len(given) >= msg.count:
+                break
+            if self.broker.fair.cancel((self, job_id)):
+                del self.pending[job_id]
+                given.append(job_id)
         self.tell([P.encode(P.GiveBack, given)])
 
     def on_forget(self, msg: Any, frames: list) -> None:
@@ -221,16 +236,16 @@ class ClientSession:
         return any(fnmatch.fnmatchcase(name, str(pattern))
                    for pattern in patterns for name in names)
 
-    def open_leg(self, port: NodePort) -> None:
+    def open_leg(self, port: NodePort) -> asyncio.Task | None:
         if self.ended or port in self.legs or not self.wants(port):
-            return
+            return None
         leg = self.legs[port] = Link(port)
         if self.options.get("setup"):
             self.held.add(leg)
         options = {key: value for key, value in self.options.items()
                    if key not in _NOT_FORWARDED}
         options["shared"] = True
-        self.broker.spawn(self._open(leg, options))
+        return self.broker.spawn(self._open(leg, options))
 
     async def _open(self, leg: Link, options: dict) -> None:
         try:
@@ -248,6 +263,7 @@ class ClientSession:
         if self.ended:
             leg.bye()
             return
+        self.sync()
         self.broker.place_soon()
 
     def usable(self, port: NodePort) -> Link | None:
@@ -281,16 +297,19 @@ class ClientSession:
                 port.busy -= 1
                 self.running -= 1
                 self.tries.pop(record[0], None)
+                self.broker.fair.done((self, record[0]))
         self.counts["done"] += len(msg.results)
+        if self.limit < 1 << 62:
+            self.sync()
         self.tell(frames)
         self.broker.place_soon()
 
     def on_leg_env(self, leg: Link, kind: type, msg: Any, frames: list) -> None:
         if kind is P.SetupDone:
             self.held.discard(leg)
-            if self.setup_state is None:
-                self.setup_state = "done"
-                self.tell([P.encode(P.SetupDone, {"cpus": self.broker.total_cpus()})])
+            self.set_up += 1
+            self.sync()
+            self._check_setup()
             self.broker.place_soon()
         elif kind is P.SetupFail:
             self._setup_failed = list(frames)
@@ -304,8 +323,15 @@ class ClientSession:
     _setup_failed: list | None = None
 
     def _check_setup(self) -> None:
-        """No leg left to set up and none done: the client's setup failed."""
-        if self.setup_state is None and self.options.get("setup") and not self.legs:
+        """Once no leg is left to set up: SetupDone for the client if some
+        node ran its setup (so its first jobs spread over all of them), else
+        SetupFail."""
+        if self.setup_state is not None or not self.options.get("setup") or self.held:
+            return
+        if self.set_up:
+            self.setup_state = "done"
+            self.tell([P.encode(P.SetupDone, {"cpus": self.broker.total_cpus()})])
+        elif not self.legs:
             self.setup_state = "failed"
             frames = self._setup_failed or [
                 P.encode(P.SetupFail),
@@ -336,12 +362,13 @@ class ClientSession:
             return
         self.requeue(leg, [job_id for job_id, where in self.placed.items() if where[0] is leg],
                      lost=True)
+        self.sync()
         for req_id in list(self.files):
             self.file_answered(req_id, f"node {leg.port} went away")
         self._check_setup()
 
     def requeue(self, leg: Link, job_ids: list, lost: bool = False) -> None:
-        front = []
+        fair = self.broker.fair
         for job_id in job_ids:
             where = self.placed.pop(job_id, None)
             if where is None:
@@ -354,9 +381,11 @@ class ClientSession:
                     self.report(job_id, Outcome.WORKER_LOST, serialize.dump_exception(NodeLost(
                         f"node {leg.port} was lost while running the job (tried "
                         f"{self.tries.pop(job_id)} times)")), attempt=where[1][4])
+                    fair.done((self, job_id))
                     continue
-            front.append((where[1], where[2]))
-        self.queue.extendleft(reversed(front))
+            self.pending[job_id] = (where[1], where[2])
+            fair.requeue((self, job_id))
+        self.sync()
         self.broker.place_soon()
 
     # ------------------------------------------------------------- to the client
@@ -367,25 +396,27 @@ class ClientSession:
 
     def report(self, job_id: int, outcome: int, frames: Any = (),
                attempt: int | None = None) -> None:
-        if attempt is None:
-            attempt = next((item[4] for item, _ in self.queue if item[0] == job_id), None)
         self.tell([P.encode(P.Done, [P.result(job_id, outcome, len(frames),
                                                    attempt=attempt)]), *frames])
 
-    def take(self, port: NodePort, leg: Link, count: int, batch: list) -> int:
-        """Up to ``count`` queued jobs for ``leg`` into ``batch``; how many."""
-        queue, cancelled, taken = self.queue, self.cancelled, 0
-        while queue and taken < count:
-            item, payload = queue.popleft()
-            if cancelled and item[0] in cancelled:
-                cancelled.discard(item[0])
-                continue
-            self.placed[item[0]] = (leg, item, payload)
-            batch.append((item, payload))
-            taken += 1
-        port.busy += taken
-        self.running += taken
-        return taken
+    def take(self, port: NodePort, job_id: int, batch: list) -> None:
+        """The policy picked this queued job for ``port``: into ``batch``."""
+        item, payload = entry = self.pending.pop(job_id)
+        self.placed[job_id] = (self.legs[port], item, payload)
+        batch.append(entry)
+        port.busy += 1
+        self.running += 1
+        if self.running >= self.limit:
+            self.sync()
+
+    def sync(self) -> None:
+        """Tell the policy which nodes this client's jobs may go to now: those
+        where its leg is ready and set up (none while it runs its ``cpus``)."""
+        if self.ended:
+            return
+        nodes = () if self.running >= self.limit else \
+            [port for port in self.legs if self.usable(port) is not None]
+        self.broker.fair.add_client(self, self.weight, nodes=nodes)
 
     def send(self, leg: Link, batch: list) -> None:
         sent = self.sent_fns[leg]
@@ -407,12 +438,12 @@ class ClientSession:
         self.ended = True
         broker = self.broker
         broker.watch.discard(self.conn)
-        broker.policy.remove(self)
+        broker.fair.remove_client(self)
         broker.clients.discard(self)
         for leg, _, _ in self.placed.values():
             leg.port.busy -= 1
         self.placed.clear()
-        self.queue.clear()
+        self.pending.clear()
         for leg in list(self.legs.values()):
             leg.bye()
         self.legs.clear()
@@ -429,12 +460,12 @@ class Broker:
     def __init__(self, nodes: list[tuple[str, int]], *, secret: bytes, ssl: Any = None,
                  node_ssl: Any = None, name: str | None = None, heartbeat: Any = None,
                  connect_timeout: float | None = None, max_retries: int = 2,
-                 policy: Any = None) -> None:
+                 fifo: bool = False) -> None:
         self.name = name or socket.gethostname()
         self.secret = secret
         self.ssl = ssl
         self.max_retries = max_retries
-        self.policy = policy or EqualShare()
+        self.fair = FairShare(fifo=fifo)
         self.watch = Watch()
         settings = liveness.settings(heartbeat)
         timeout = liveness.connect_timeout(connect_timeout)
@@ -446,6 +477,7 @@ class Broker:
         self.server: Any = None
         self._sids = iter(range(1, 1 << 62))
         self._place_scheduled = False
+        self.ahead = False  # one client alone: nodes hold a job more per CPU (see place)
         self.draining = False
 
     # ------------------------------------------------------------- nodes
@@ -511,31 +543,42 @@ class Broker:
             asyncio.get_running_loop().call_soon(self.place)
 
     def place(self) -> None:
-        """Fill every free CPU with a queued job, the policy choosing whose."""
+        """Fill every free CPU with a queued job, the policy choosing which:
+        first one job per CPU on every node, then (one client alone) one
+        more per CPU."""
         self._place_scheduled = False
-        waiting = [client for client in self.clients if client.queue]
-        if not waiting:
+        active = [client for client in self.clients if client.pending or client.placed]
+        ahead = len(active) <= 1
+        if self.ahead and not ahead:
+            self._reclaim_ahead(active)
+        self.ahead = ahead
+        for extra in (False, True) if ahead else (False,):
+            for port in self.ports:
+                self._fill(port, port.free(extra))
+
+    def _fill(self, port: NodePort, free: int) -> None:
+        fair = self.fair
+        if free <= 0 or not fair.has_work(port):
             return
-        pick = self.policy.pick
-        for port in self.ports:
-            free = port.free()
-            if free <= 0:
-                continue
-            batches: dict[ClientSession, list] = {}
-            while free > 0:
-                candidates = [c for c in waiting if c.queue and c.running < c.limit
-                              and c.usable(port) is not None]
-                if not candidates:
-                    break
-                client = pick(candidates)
-                batch = batches.setdefault(client, [])
-                if not client.take(port, client.legs[port], 1, batch):
-                    waiting.remove(client)
-                    continue
-                free -= 1
-            for client, batch in batches.items():
-                if batch:
-                    client.send(client.legs[port], batch)
+        batches: dict[ClientSession, list] = {}
+        while free > 0:
+            picked = fair.pick(port)
+            if picked is None:
+                break
+            client: Any = picked.client
+            job: Any = picked.job  # (client, job id)
+            client.take(port, job[1], batches.setdefault(client, []))
+            free -= 1
+        for client, batch in batches.items():
+            client.send(client.legs[port], batch)
+
+    def _reclaim_ahead(self, active: list[ClientSession]) -> None:
+        """A second client has work: the jobs the first one had waiting on
+        the nodes (beyond one per CPU) come back, to be shared."""
+        for client in active:
+            for port, leg in client.legs.items():
+                if port.busy > port.cpus and client.placed:
+                    leg.send([P.encode(P.Reclaim, port.busy - port.cpus)])
 
     # ------------------------------------------------------------- clients
 
@@ -550,7 +593,7 @@ class Broker:
 
     def status(self) -> dict:
         running = sum(client.running for client in self.clients)
-        queued = sum(len(client.queue) for client in self.clients)
+        queued = sum(len(client.pending) for client in self.clients)
         cpus = self.total_cpus()
         return {"name": self.name, "scheduler": True, "pid": os.getpid(), "cpus": cpus,
                 "free_cpus": max(0, cpus - running), "sessions": len(self.clients),
@@ -585,7 +628,7 @@ class Broker:
         for client in list(self.clients):
             if client.options:
                 client.tell([P.encode(P.Draining, grace)])
-                client.on_reclaim(P.Reclaim(len(client.queue)), [])
+                client.on_reclaim(P.Reclaim(len(client.pending)), [])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while any(client.placed for client in self.clients) and loop.time() < deadline:

@@ -190,8 +190,13 @@ class NodePort:
     def ready(self) -> bool:
         return self.anchor is not None and self.anchor.ready and not self.closed
 
-    def free(self) -> int:
-        return 0 if self.draining or not self.ready else self.cpus - self.busy
+    def free(self, ahead: bool = False) -> int:
+        """Jobs this node may take now: one per CPU, or with ``ahead`` (one
+        client alone on the scheduler) one more per CPU, waiting in its
+        session so that no CPU idles for a round trip to the scheduler."""
+        if self.draining or not self.ready:
+            return 0
+        return self.cpus * (2 if ahead else 1) - self.busy
 
     async def join(self, on_message: Callable[[Link, Any, list], None],
                    on_close: Callable[[Link, BaseException | None], None]) -> bool:

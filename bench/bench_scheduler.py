@@ -1,0 +1,154 @@
+"""32 nodes x 8 CPUs on loopback: jobs through dpool-scheduler vs an explicit node list.
+
+    python bench/bench_scheduler.py [--nodes 32] [--cpus 8] [--jobs 8000]
+                                    [--seconds 0.05] [--rounds 3]
+
+Starts ``--nodes`` dpool-node processes (``--cpus`` each) on 127.0.0.2,
+127.0.0.3, ... (free ports), then runs
+``--jobs`` jobs of ``time.sleep(--seconds)`` with an Executor, in turns
+(``--rounds`` each, the order alternating): given the node list, and given
+a dpool-scheduler over the nodes (started for its turn: while it runs it
+holds the nodes).  Each turn is warmed up first (two jobs per CPU, so every
+worker is up) and timed from the first submit to the last result.
+Efficiency is the ideal time (jobs x seconds / CPUs: 1.56 s for the
+defaults) over the measured one; the figure to read on a shared machine is
+the ratio of the two medians (scheduler / node list).
+"""
+import argparse
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dpool.futures import Executor  # noqa: E402
+
+
+def start(cmd, env, workdir, name):
+    out = open(os.path.join(workdir, f"{name}.out"), "w+b")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, cwd=workdir)
+    proc.out = out
+    return proc
+
+
+def first_line(proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.out.seek(0)
+        text = proc.out.read().decode(errors="replace")
+        if "\n" in text:
+            return text.split("\n", 1)[0]
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args[2]} exited: {text}")
+        time.sleep(0.05)
+    raise SystemExit(f"{proc.args[2]} did not start within {timeout} s")
+
+
+def listen_port(line):
+    """The port in "... on HOST:PORT (pid N)"."""
+    return int(line.rsplit(" (pid", 1)[0].rsplit(":", 1)[1])
+
+
+def start_nodes(args, env, workdir):
+    nodes = []
+    for k in range(args.nodes):
+        nodes.append(start(
+            [sys.executable, "-m", "dpool.daemons.node", "--host", f"127.0.0.{k + 2}",
+             "--port", "0", "--cpus", str(args.cpus), "--loglevel", "WARNING"],
+            env, workdir, f"node{k}"))
+    return nodes, [f"127.0.0.{k + 2}:{listen_port(first_line(proc))}"
+                   for k, proc in enumerate(nodes)]
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.out.close()
+
+
+def turn(mode, addresses, secret, env, workdir, jobs, seconds, cpus):
+    """One timed run; the scheduler (which holds the nodes while it runs)
+    only for the scheduler's turn, started before the clock starts."""
+    if mode == "node list":
+        return timed(dict(nodes=",".join(addresses), secret=secret), jobs, seconds, cpus)
+    sched = start([sys.executable, "-m", "dpool.daemons.scheduler", "--port", "0",
+                   "--nodes", ",".join(addresses), "--loglevel", "WARNING"],
+                  env, workdir, "scheduler")
+    try:
+        address = f"127.0.0.1:{listen_port(first_line(sched))}"
+        before = sum(psutil.Process(sched.pid).cpu_times()[:2])
+        elapsed = timed(dict(scheduler=address, secret=secret), jobs, seconds, cpus)
+        used = sum(psutil.Process(sched.pid).cpu_times()[:2]) - before
+        print(f"  (the scheduler process used {used:.2f} s of CPU: "
+              f"{1e6 * used / (jobs + 2 * cpus):.0f} us per job)", flush=True)
+        return elapsed
+    finally:
+        stop(sched)
+
+
+def timed(executor_args, jobs, seconds, cpus):
+    with Executor(**executor_args) as ex:
+        for f in [ex.submit(time.sleep, seconds) for _ in range(2 * cpus)]:
+            f.result()
+        start = time.perf_counter()
+        futures = [ex.submit(time.sleep, seconds) for _ in range(jobs)]
+        for f in futures:
+            f.result()
+        return time.perf_counter() - start
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", type=int, default=32)
+    p.add_argument("--cpus", type=int, default=8)
+    p.add_argument("--jobs", type=int, default=8000)
+    p.add_argument("--seconds", type=float, default=0.05)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    secret = secrets.token_hex(16)
+    env = dict(os.environ, DPOOL_SECRET=secret,
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    cpus = args.nodes * args.cpus
+    ideal = args.jobs * args.seconds / cpus
+    with tempfile.TemporaryDirectory() as workdir:
+        nodes, addresses = start_nodes(args, env, workdir)
+        try:
+            modes = ["node list", "scheduler"]
+            times = {mode: [] for mode in modes}
+            for r in range(args.rounds):
+                for mode in modes if r % 2 == 0 else reversed(modes):
+                    elapsed = turn(mode, addresses, secret, env, workdir, args.jobs,
+                                   args.seconds, cpus)
+                    times[mode].append(elapsed)
+                    print(f"round {r + 1} {mode:10s} {elapsed:6.2f} s  efficiency "
+                          f"{ideal / elapsed:6.1%}", flush=True)
+        finally:
+            for proc in nodes:
+                stop(proc)
+    medians = {mode: statistics.median(t) for mode, t in times.items()}
+    print(f"\n{args.jobs} jobs of sleep({args.seconds}) on {args.nodes} nodes x {args.cpus} "
+          f"CPUs: ideal {ideal:.2f} s")
+    for mode, median in medians.items():
+        print(f"  {mode:10s} median {median:6.2f} s  efficiency {ideal / median:6.1%}")
+    print(f"  scheduler / node list: {medians['scheduler'] / medians['node list']:.3f} "
+          f"(1.0 = the scheduler costs nothing)")
+    print(f"load: {os.getloadavg()[0]:.1f}; command: python bench/bench_scheduler.py "
+          f"--nodes {args.nodes} --cpus {args.cpus} --jobs {args.jobs} --seconds {args.seconds} "
+          f"--rounds {args.rounds}")
+
+
+if __name__ == "__main__":
+    main()
