@@ -1,7 +1,7 @@
 """``dpool-scheduler``: several clients share one set of dpool-nodes.
 
     dpool-scheduler --nodes HOST[:PORT],... [--host 127.0.0.1] [--port 51351]
-                    [--secret-file PATH] [--grace SECONDS] [--logfile PATH]
+                    [--secret-file PATH] [--fifo] [--grace SECONDS] [--logfile PATH]
     dpool-scheduler --version
 
 To its clients (``SharedJobCluster``, and any Client, JobCluster, Executor
@@ -39,6 +39,10 @@ def parse_args(argv=None):
                    help=f"TCP port (default {config.SCHEDULER_PORT}; 0 picks a free one)")
     p.add_argument("--secret-file", help="file holding the shared secret (else $DPOOL_SECRET)")
     p.add_argument("--name", help="scheduler name shown to clients (default: host name)")
+    p.add_argument("--fifo", action="store_true",
+                   help="run jobs in the order they were submitted, whoever submitted them "
+                        "(default: equal shares of the CPUs among the clients with work, "
+                        "or weighted by each client's session option 'weight')")
     p.add_argument("--grace", type=float, default=GRACE, metavar="SECONDS",
                    help=f"on SIGTERM, how long running jobs may take to finish (default "
                         f"{GRACE:g}); a second SIGTERM stops at once")
@@ -87,7 +91,7 @@ def main(argv=None):
     except (OSError, ValueError) as exc:
         print(f"dpool-scheduler: {exc}", file=sys.stderr)
         return 2
-    broker = Broker(nodes, secret=secret, name=args.name)
+    broker = Broker(nodes, secret=secret, name=args.name, fifo=args.fifo)
     try:
         asyncio.run(_serve(broker, args))
     except KeyboardInterrupt:
