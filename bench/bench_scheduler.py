@@ -15,6 +15,7 @@ defaults) over the measured one; the figure to read on a shared machine is
 the ratio of the two medians (scheduler / node list).
 """
 import argparse
+import asyncio
 import os
 import secrets
 import signal
@@ -29,13 +30,16 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from dpool.core.status import query_node  # noqa: E402
+from dpool.errors import DpoolError  # noqa: E402
 from dpool.futures import Executor  # noqa: E402
 
 
 def start(cmd, env, workdir, name):
     out = open(os.path.join(workdir, f"{name}.out"), "w+b")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, cwd=workdir)
+    with open(os.path.join(workdir, f"{name}.err"), "ab") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                env=env, cwd=workdir)
     proc.out = out
     return proc
 
@@ -84,11 +88,14 @@ def turn(mode, addresses, secret, env, workdir, jobs, seconds, cpus):
     only for the scheduler's turn, started before the clock starts."""
     if mode == "node list":
         return timed(dict(nodes=",".join(addresses), secret=secret), jobs, seconds, cpus)
+    # (a node the scheduler could not join at once, e.g. its handshake timed
+    # out on a loaded machine, is retried in the background: wait for all)
     sched = start([sys.executable, "-m", "dpool.daemons.scheduler", "--port", "0",
                    "--nodes", ",".join(addresses), "--loglevel", "WARNING"],
                   env, workdir, "scheduler")
     try:
         address = f"127.0.0.1:{listen_port(first_line(sched))}"
+        wait_for_nodes(address, secret, len(addresses))
         before = sum(psutil.Process(sched.pid).cpu_times()[:2])
         elapsed = timed(dict(scheduler=address, secret=secret), jobs, seconds, cpus)
         used = sum(psutil.Process(sched.pid).cpu_times()[:2]) - before
@@ -99,8 +106,33 @@ def turn(mode, addresses, secret, env, workdir, jobs, seconds, cpus):
         stop(sched)
 
 
+def wait_for_nodes(address, secret, count, timeout=300):
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = asyncio.run(query_node(host, int(port), secret.encode(), timeout=30))
+        except (OSError, TimeoutError, DpoolError):
+            status = {"nodes": []}
+        if sum(node["ready"] for node in status["nodes"]) == count:
+            return
+        time.sleep(1)
+    raise SystemExit(f"the scheduler did not join all {count} nodes within {timeout} s")
+
+
+def all_cpus(ex, cpus, timeout=300):
+    """Wait until the executor has every CPU (nodes it could not join at once
+    are retried in the background)."""
+    deadline = time.monotonic() + timeout
+    while sum(link.cpus for link in ex._client.nodes()) < cpus:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {ex._client.nodes()} joined within {timeout} s")
+        time.sleep(0.5)
+
+
 def timed(executor_args, jobs, seconds, cpus):
     with Executor(**executor_args) as ex:
+        all_cpus(ex, cpus)
         for f in [ex.submit(time.sleep, seconds) for _ in range(2 * cpus)]:
             f.result()
         start = time.perf_counter()

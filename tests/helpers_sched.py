@@ -10,7 +10,8 @@ from helpers import node_env, poll_for
 class SchedulerProcess:
     """``python -m dpool.daemons.scheduler`` in a subprocess, on a free port."""
 
-    def __init__(self, workdir, nodes, secret, host="127.0.0.1", port=0, args=(), prefix=()):
+    def __init__(self, workdir, nodes, secret, host="127.0.0.1", port=0, args=(), prefix=(),
+                 env=None):
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.out_path = self.workdir / "scheduler.out"
@@ -21,7 +22,8 @@ class SchedulerProcess:
                "--port", str(port), "--nodes", nodes, *args]
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                         env=node_env(secret), cwd=self.workdir)
+                                         env=node_env(secret, **(env or {})),
+                                         cwd=self.workdir)
         self.port = self.cpus = None
 
     def wait_serving(self, timeout=30.0):

@@ -39,7 +39,7 @@ from typing import Any
 from .. import liveness
 from .. import protocol as P
 from .. import serialize
-from ..errors import NodeLost
+from ..errors import BrokenCluster, NodeLost
 from ..protocol import Outcome
 from ..transport import PROTOCOL_VERSION, Connection, start_server
 from .nodeport import Link, NodePort, Watch
@@ -399,6 +399,17 @@ class ClientSession:
         self.tell([P.encode(P.Done, [P.result(job_id, outcome, len(frames),
                                                    attempt=attempt)]), *frames])
 
+    def stranded(self) -> bool:
+        """Jobs queued and no node to run them (all lost, or none matches)."""
+        return bool(self.pending) and not any(leg.ready for leg in self.legs.values())
+
+    def fail_pending(self, error: BaseException) -> None:
+        frames = serialize.dump_exception(error)
+        for job_id, (item, _) in list(self.pending.items()):
+            self.broker.fair.cancel((self, job_id))
+            del self.pending[job_id]
+            self.report(job_id, Outcome.WORKER_LOST, frames, attempt=item[4])
+
     def take(self, port: NodePort, job_id: int, batch: list) -> None:
         """The policy picked this queued job for ``port``: into ``batch``."""
         item, payload = entry = self.pending.pop(job_id)
@@ -468,6 +479,8 @@ class Broker:
         self.fair = FairShare(fifo=fifo)
         self.watch = Watch()
         settings = liveness.settings(heartbeat)
+        self.deadline = settings.deadline  # how long jobs wait for a node, at most
+        self._stranded: asyncio.TimerHandle | None = None
         timeout = liveness.connect_timeout(connect_timeout)
         self.ports = [NodePort(host, port, secret=secret, ssl=node_ssl, watch=self.watch,
                                settings=settings, connect_timeout=timeout)
@@ -555,6 +568,22 @@ class Broker:
         for extra in (False, True) if ahead else (False,):
             for port in self.ports:
                 self._fill(port, port.free(extra))
+        if self._stranded is None and any(client.stranded() for client in active):
+            self._stranded = asyncio.get_running_loop().call_later(self.deadline,
+                                                                   self._fail_stranded)
+
+    def _fail_stranded(self) -> None:
+        """Jobs that had no node to go to for the heartbeat deadline fail
+        (BrokenCluster), as a client's do when it has no node left."""
+        self._stranded = None
+        error = BrokenCluster(f"no node of scheduler {self.name} could run the job for "
+                              f"{self.deadline} s (all lost, or none matches the client's "
+                              f"nodes)")
+        for client in list(self.clients):
+            if client.stranded():
+                log.warning("%s: %d jobs with no node to run them fail", client,
+                            len(client.pending))
+                client.fail_pending(error)
 
     def _fill(self, port: NodePort, free: int) -> None:
         fair = self.fair
@@ -642,6 +671,8 @@ class Broker:
         for port in self.ports:
             port.close()
         self.watch.close()
+        if self._stranded is not None:
+            self._stranded.cancel()
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

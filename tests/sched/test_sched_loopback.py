@@ -11,7 +11,7 @@ import dpool
 from dpool.core.client import Client
 from dpool.errors import BrokenCluster
 from dpool.futures import Executor
-from helpers import node_env, pid_gone, poll_for, read_marker
+from helpers import node_env, pid_gone, poll_for, read_marker, start_node
 from helpers_sched import start_scheduler
 from tasks import hold, nap, nap_for
 
@@ -167,3 +167,26 @@ def test_a_node_without_the_scheduler_still_serves_one_client(three_nodes):
         assert c.submit(nap_for, (0.05,)).future.result(30) == 0.05
     finally:
         c.close()
+
+
+def test_jobs_with_no_node_left_fail_within_the_deadline(tmp_path):
+    """The scheduler's only node dies under running jobs: they go back to
+    the queue, and with no node to run them they fail (BrokenCluster) once
+    the scheduler's heartbeat deadline has passed, instead of waiting."""
+    node = start_node(tmp_path / "node", cpus=2, secret=SECRET, args=("--host", "127.0.0.5"))
+    sched = start_scheduler(tmp_path / "sched", [("127.0.0.5", node.port)], SECRET,
+                            env={"DPOOL_HEARTBEAT": "0.2,2"})
+    c = client(sched)
+    try:
+        markers = _held(tmp_path, 2, "m")
+        jobs = [c.submit(hold, (m,)) for m in markers]
+        for m in markers:
+            read_marker(m, 30)
+        node.kill()
+        for job in jobs:
+            with pytest.raises(BrokenCluster, match="could run the job"):
+                job.future.result(2 + 10)
+    finally:
+        c.close()
+        sched.terminate()
+        node.kill()
