@@ -4,6 +4,8 @@ import os
 
 from . import config
 from .core.client import Client, tls_context
+from .core import discover
+from .core.discover import is_pattern
 from .dispy.depends import code_files, file_messages
 from .dispy.env import JobEnv
 from .hosts import parse_address
@@ -13,7 +15,8 @@ NODES_ENV = "DPOOL_NODES"
 
 def node_addresses(nodes):
     """``"host:port,host"`` or a list of ``(host, port)``/``"host:port"`` ->
-    list of ``(host, port)``; a missing port is dpool-node's default."""
+    list of ``(host, port)``; a missing port is dpool-node's default.
+    Hosts may be patterns (``*``, ``10.77.*``): see :func:`split_patterns`."""
     if isinstance(nodes, str):
         nodes = [part for part in nodes.split(",") if part.strip()]
     elif isinstance(nodes, tuple) and len(nodes) == 2 and isinstance(nodes[1], int):
@@ -37,6 +40,19 @@ def where_to_run(nodes, scheduler):
     if nodes is None and os.environ.get(NODES_ENV, "").strip():
         nodes = os.environ[NODES_ENV]
     return None if nodes is None else node_addresses(nodes)
+
+
+def split_patterns(addresses):
+    """``(host, port)`` list -> (named nodes, patterns to discover over UDP)."""
+    return ([a for a in addresses if not is_pattern(a[0])],
+            [a for a in addresses if is_pattern(a[0])])
+
+
+def discovery_for(patterns, secret):
+    """The client's discovery settings for ``patterns`` (None if there are none)."""
+    if not patterns:
+        return None
+    return discover.settings(patterns, secret, patterns[0][1])
 
 
 def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
@@ -64,17 +80,26 @@ def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
     def prepare(link):  # remote nodes, added later ones too, get the depends files
         return (local, ()) if link.address == "embedded" else (session, messages)
 
+    addresses, patterns = (None, []) if addresses is None else split_patterns(addresses)
     if addresses is not None and workers:
         session["cpus"] = workers
-    secret = None if addresses is None else \
-        config.secret_for(secret, addresses, client_cert=bool(tls[1]))
+    secret = _secret(secret, addresses, patterns, tls)
     client = Client(addresses, cpus=workers if addresses is None else None, session=session,
                     secret=secret, initializer=initializer, initargs=initargs,
                     ssl=tls_context(*tls), prepare=prepare,
-                    connect_timeout=connect_timeout, heartbeat=heartbeat)
+                    connect_timeout=connect_timeout, heartbeat=heartbeat,
+                    discovery=discovery_for(patterns, secret))
     if files:
         JobEnv(client)  # the nodes answer each file (FileDone)
     return client.start()
+
+
+def _secret(secret, addresses, patterns, tls):
+    if addresses is None:
+        return None
+    if patterns and not addresses:
+        return config.discovery_secret(secret, patterns[0][1])
+    return config.secret_for(secret, addresses, client_cert=bool(tls[1]))
 
 
 def total_cpus(client):
@@ -88,10 +113,12 @@ def add_nodes(client, nodes, secret=None):
     backoff, as a lost node is, and used once they answer; a node that
     refuses (wrong secret, no free CPUs) raises nothing here and is logged.
     """
-    addresses = node_addresses(nodes)
+    addresses, patterns = split_patterns(node_addresses(nodes))
     if client.secret is None:  # an embedded-only client: find the nodes' secret now
-        client.secret = config.secret_for(secret, addresses)
-    links = client.add_nodes(addresses)
+        client.secret = _secret(secret, addresses, patterns, (None, None, None))
+    if patterns:
+        client.discover(patterns, client.secret, patterns[0][1])
+    links = client.add_nodes(addresses) if addresses else []
     return sum(1 for link in links if link.ready)
 
 

@@ -138,3 +138,14 @@ def secret_for(secret, addresses, client_cert=False):
         return b""
     raise ValueError("a secret is needed to talk to dpool nodes: pass secret=... or set "
                      "DPOOL_SECRET (nodes on this host also leave it in ~/.dpool)")
+
+
+def discovery_secret(secret, port):
+    """The secret of a client that finds its nodes by discovery: the one
+    given, else ``DPOOL_SECRET``, else the one a node on this host at
+    ``port`` left in ``dpool_home()``."""
+    secret = as_secret(secret) or env_secret() or find_local_secret(port)
+    if secret:
+        return secret
+    raise ValueError("finding nodes by discovery needs the nodes' secret: pass secret=... or "
+                     "set DPOOL_SECRET")

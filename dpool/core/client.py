@@ -247,8 +247,11 @@ class Client:
 
     def __init__(self, nodes=None, *, secret=None, ssl=None, cpus=None, session=None,
                  initializer=None, initargs=(), on_event=None, max_retries=2,
-                 connect_timeout=None, heartbeat=None, name="dpool-client", prepare=None):
+                 connect_timeout=None, heartbeat=None, name="dpool-client", prepare=None,
+                 discovery=None):
         self.node_addresses = nodes
+        self.discovery = discovery  # a core.discover.Discovery: more nodes found over UDP
+        self.finder = None
         self.secret = secret
         self.ssl = ssl
         self.embedded_cpus = cpus
@@ -420,14 +423,35 @@ class Client:
     # ---------------------------------------------------------- loop side
 
     async def _start(self):
-        if self.node_addresses is None:
+        if self.node_addresses is None and self.discovery is None:
             await self._start_embedded()
-        else:
-            await asyncio.gather(*(self._connect(addr) for addr in self.node_addresses))
-            if not any(link.ready for link in self.links):
-                errors = "; ".join(f"{link.address[0]}:{link.address[1]}: {describe(link.error)}"
-                                   for link in self.links)
-                raise BrokenCluster(f"no node could be used ({errors})")
+            return
+        await asyncio.gather(*(self._connect(addr) for addr in self.node_addresses or ()))
+        if self.discovery is not None:
+            await self.start_discovery()
+        if not any(link.ready for link in self.links):
+            errors = "; ".join(f"{link.address[0]}:{link.address[1]}: {describe(link.error)}"
+                               for link in self.links)
+            if self.discovery is not None and not self.links:
+                errors = self._nothing_found()
+            raise BrokenCluster(f"no node could be used ({errors})")
+
+    async def start_discovery(self):
+        """Start looking for nodes over UDP (loop thread); wait for the first."""
+        from .discover import Finder
+
+        if self.finder is None:
+            self.finder = Finder(self, self.discovery)
+            await self.finder.start()
+        await self.finder.settled(self.discovery.wait or self.connect_timeout)
+
+    def _nothing_found(self):
+        d = self.discovery
+        wanted = ", ".join(f"{host}:{port}" for host, port in d.patterns)
+        return (f"discovery found no node matching {wanted} within "
+                f"{d.wait or self.connect_timeout} s: are dpool-nodes running with the same "
+                f"secret, and is UDP port {'/'.join(map(str, sorted(d.ports())))} open to them "
+                f"(see docs/discovery.md)?")
 
     async def _start_embedded(self):
         from ..node.runtime import NodeRuntime
@@ -592,6 +616,20 @@ class Client:
                 self.broken = None
             return links
         return self._thread.run(connect_all(), self.connect_timeout + 5)
+
+    def discover(self, patterns, secret=None, node_port=None):
+        """Look for more nodes over UDP (user thread): ``patterns`` are
+        ``(host pattern, port)``; matching nodes join as they answer."""
+        from . import discover
+
+        async def run():
+            if self.discovery is None:
+                self.discovery = discover.settings([], secret or self.secret, node_port)
+            if self.finder is None:
+                self.finder = discover.Finder(self, self.discovery)
+                await self.finder.start()
+            self.finder.add(patterns)
+        self._thread.run(run(), 30)
 
     def close_link(self, link):
         """End the session with one node (user thread); its unfinished jobs
@@ -890,6 +928,8 @@ class Client:
 
     async def _shutdown(self, grace=2.0):
         self._drain()
+        if self.finder is not None:
+            self.finder.close()
         if self._ticker is not None:
             self._ticker.cancel()
         for task in list(self._rejoins.values()):

@@ -29,6 +29,7 @@ from .. import config, serialize
 from ..hosts import is_loopback
 from ..node.files import default_job_root, private_dir
 from ..node.server import NodeServer
+from ..transport import udp
 
 log = logging.getLogger("dpool.node")
 
@@ -86,6 +87,20 @@ def parse_args(argv=None):
     p.add_argument("--grace", type=float, default=GRACE, metavar="SECONDS",
                    help=f"on SIGTERM, how long running jobs may take to finish before they "
                         f"are killed (default {GRACE:g}); a second SIGTERM kills at once")
+    p.add_argument("--ext-host", "--ext-ip-addr", action="append", default=[], metavar="HOST",
+                   help="address clients should connect to, announced instead of this "
+                        "node's own (a node behind NAT); may be repeated")
+    p.add_argument("--discovery-port", type=_port, default=None, metavar="PORT",
+                   help="UDP port answering discovery pings (default: the TCP port's number)")
+    p.add_argument("--announce-port", type=_port, default=udp.LISTEN_PORT, metavar="PORT",
+                   help=f"UDP port the node's start announcement goes to (clients listen "
+                        f"there; default {udp.LISTEN_PORT})")
+    p.add_argument("--multicast", action="store_true",
+                   help=f"also announce to, and answer pings sent to, the multicast group "
+                        f"{udp.MULTICAST_GROUP}")
+    p.add_argument("--no-discovery", dest="discover", action="store_false",
+                   help="neither announce this node nor answer discovery pings (clients "
+                        "must name it)")
     p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
     p.add_argument("--generate-secret", action="store_true",
                    help="print a new strong secret (256 random bits) and exit; with "
@@ -161,7 +176,9 @@ def main(argv=None):
     server = NodeServer(args.host, args.port, cpus=cpus, secret=secret, name=args.name,
                         dest_root=dest_root, certfile=args.certfile, keyfile=args.keyfile,
                         cafile=args.cafile, keep_results=args.keep_results,
-                        receive_budget=args.receive_budget)
+                        receive_budget=args.receive_budget, discover=args.discover,
+                        ext_hosts=args.ext_host, udp_port=args.discovery_port,
+                        listen_port=args.announce_port, multicast=args.multicast)
     try:
         asyncio.run(_serve(server, args.grace))
     except KeyboardInterrupt:

@@ -32,6 +32,7 @@ import time
 
 from .. import config, liveness, serialize
 from ..core import client as core
+from ..core import discover
 from ..core.callbacks import CallbackThread
 from ..node.env import job as jobenv
 from .depends import collect, file_entry, file_messages
@@ -128,7 +129,7 @@ class JobCluster:
                                 "started": self._job_started, "done": self._job_done}
 
     def _take_nodes(self, nodes):
-        self._allocs = [] if nodes in (None, "*", ["*"]) else allocations(nodes, self.node_port)
+        self._allocs = [] if nodes is None else allocations(nodes, self.node_port)
         for alloc in self._allocs or [NodeAllocate("*")]:
             for dep in alloc.depends:  # missing files fail here, not per node
                 file_entry(dep)
@@ -213,16 +214,16 @@ class JobCluster:
     def _make_client(self, cpus):
         if not self._allocs:
             return self._local_client(cpus)
-        addresses = []
-        for spec in self._allocs:
-            if "*" in spec.host:
-                raise NotImplementedError(
-                    f"node pattern {spec.host!r} needs broadcast discovery, which dpool does "
-                    f"not have yet; name the nodes by host name or address")
-            addresses.append((spec.host, spec.port))
-        self._used_secret = config.secret_for(self.secret, addresses,
-                                              client_cert=self._client_cert)
-        return self._new_client(addresses, secret=self._used_secret).start()
+        addresses = [(a.host, a.port) for a in self._allocs if not discover.is_pattern(a.host)]
+        patterns = [(a.host, a.port) for a in self._allocs if discover.is_pattern(a.host)]
+        if patterns and not addresses:
+            self._used_secret = config.discovery_secret(self.secret, self.node_port)
+        else:
+            self._used_secret = config.secret_for(self.secret, addresses,
+                                                  client_cert=self._client_cert)
+        found = discover.settings(patterns, self._used_secret, self.node_port) \
+            if patterns else None
+        return self._new_client(addresses, secret=self._used_secret, discovery=found).start()
 
     def _local_client(self, cpus):
         self._embedded_cpus = config.resolve_cpus(cpus)
@@ -269,9 +270,17 @@ class JobCluster:
             ip = self._ips[where] = resolve_host(where)
         return ip
 
-    def _alloc_for(self, link):
+    def _alloc_for(self, link, ip, name):
+        """The NodeAllocate naming this node, else the first pattern it matches."""
+        if link.address == "embedded":
+            return NodeAllocate("*")
+        host, port = link.address
         for alloc in self._allocs:
-            if link.address != "embedded" and (alloc.host, alloc.port) == tuple(link.address):
+            if (alloc.host, alloc.port) == (host, port):
+                return alloc
+        for alloc in self._allocs:
+            if alloc.port == port and discover.is_pattern(alloc.host) \
+                    and alloc.matches(ip, name):
                 return alloc
         return NodeAllocate("*")
 
@@ -284,7 +293,7 @@ class JobCluster:
             cpus = self._embedded_cpus
         else:
             cpus = hello.get("free_cpus") or hello.get("cpus") or 0
-        alloc = self._alloc_for(link)
+        alloc = self._alloc_for(link, ip, name)
         info = hello.get("avail_info") or {}
         try:
             want = alloc.allocate(self, ip, name, cpus, DispyNodeAvailInfo.from_info(info),
@@ -598,6 +607,26 @@ class JobCluster:
             self._allocs.append(alloc)
             links.extend(self._client.add_nodes([(alloc.host, alloc.port)]))
         return 0 if all(link.ready for link in links) else -1
+
+    def discover_nodes(self, nodes):
+        """dispy's discover_nodes: look for ``nodes`` (a host, an address, a
+        NodeAllocate, or a list of them).  ``'*'`` and patterns (``'10.77.*'``)
+        are looked for over UDP (pinged now; matching nodes join as they
+        answer); named nodes are connected to, as by :meth:`allocate_node`."""
+        allocs = allocations(nodes if isinstance(nodes, list) else [nodes], self.node_port)
+        patterns = [a for a in allocs if discover.is_pattern(a.host)]
+        named = [a for a in allocs if not discover.is_pattern(a.host)]
+        if patterns:
+            for alloc in patterns:
+                for dep in alloc.depends:  # missing files fail here, not per node
+                    file_entry(dep)
+            secret = self._used_secret or config.discovery_secret(self.secret, self.node_port)
+            if not self._client.secret:
+                self._client.secret = self._used_secret = secret
+            self._allocs.extend(patterns)
+            self._client.discover([(a.host, a.port) for a in patterns], secret, self.node_port)
+        if named:
+            self.allocate_node(named)
 
     def deallocate_node(self, node):
         """Send no more jobs to this node (its running jobs finish); 0 or -1."""

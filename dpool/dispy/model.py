@@ -253,7 +253,7 @@ def exception_text(error):
 
 def resolve_host(host):
     """A host name or address -> IP address (the name itself if it won't resolve)."""
-    if "*" in host:
+    if any(c in host for c in "*?["):   # a pattern: matched against discovered nodes
         return host
     try:
         return socket.gethostbyname(host)

@@ -10,6 +10,7 @@ import secrets
 from .. import config, serialize
 from ..hosts import is_loopback
 from ..transport import PROTOCOL_VERSION, server_ssl_context, start_server
+from ..transport import discovery, udp
 from ..transport.budget import ReceiveBudget
 from .runtime import NodeRuntime
 
@@ -19,7 +20,9 @@ log = logging.getLogger("dpool.node")
 class NodeServer:
     def __init__(self, host="127.0.0.1", port=config.NODE_PORT, *, cpus, secret=None,
                  name=None, dest_root=None, certfile=None, keyfile=None, cafile=None,
-                 keep_results=None, receive_budget=None):
+                 keep_results=None, receive_budget=None, discover=True, ext_hosts=(),
+                 udp_port=None, announce_to=None, listen_port=udp.LISTEN_PORT,
+                 multicast=False):
         self.host = host
         self.port = port
         self.cpus = cpus
@@ -33,6 +36,14 @@ class NodeServer:
         self.server = None
         self.secret_path = None
         self.receive_budget = receive_budget   # bytes; None: the transport's default
+        # Discovery (docs/discovery.md): UDP on udp_port (default: the TCP port's
+        # number); ext_hosts are the addresses announced instead of ours (NAT).
+        self.discover = discover
+        self.ext_hosts = list(ext_hosts or ())
+        self.udp_port = udp_port
+        self.discovery_options = dict(announce_to=announce_to, listen_port=listen_port,
+                                      multicast=multicast)
+        self.responder = None
 
     def hello(self):
         return {"protocol": PROTOCOL_VERSION, "role": "node", "name": self.runtime.name,
@@ -55,16 +66,48 @@ class NodeServer:
         if local_secret:
             self.secret_path = config.write_local_secret(self.port, self.secret)
             log.info("no secret given: local clients read it from %s", self.secret_path)
+        if self.discover:
+            await self._start_discovery()
         return self
+
+    def discovery_body(self):
+        addrs = self.ext_hosts or ([] if self.host in ("", "0.0.0.0", "::") else [self.host]) \
+            or [a for a in udp.local_addresses()]
+        return discovery.node_body(self.runtime.name, self.port, self.runtime.cpus,
+                                   self.runtime.free_cpus, addrs, PROTOCOL_VERSION)
+
+    async def _start_discovery(self):
+        """Answer pings and announce this node (UDP); a node that can't
+        (no secret, port taken) still serves the clients that name it."""
+        if not self.secret:
+            log.info("discovery is off: it needs a shared secret")
+            return
+        port = self.port if self.udp_port is None else self.udp_port
+        try:
+            self.responder = await udp.Responder(
+                discovery.discovery_key(self.secret), self.discovery_body, self.host, port,
+                **self.discovery_options).start()
+        except OSError as exc:
+            log.warning("discovery is off: cannot use UDP port %d on %s: %s", port,
+                        self.host, exc.strerror or exc)
+            return
+        log.info("discovery: answering pings on UDP %s:%d", self.host, self.responder.udp_port)
+
+    def _stop_discovery(self):
+        if self.responder is not None:
+            self.responder.close()
+            self.responder = None
 
     async def drain(self, grace):
         """Graceful stop: accept no more clients; running jobs get ``grace``
         seconds; clients move queued jobs elsewhere.  Then :meth:`close`."""
+        self._stop_discovery()
         if self.server is not None:
             self.server.close()  # stops listening; sessions go on
         await self.runtime.drain(grace)
 
     async def close(self):
+        self._stop_discovery()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()

@@ -55,6 +55,10 @@ def _is_wildcard(host: str) -> bool:
 
 def broadcast_for(host: str) -> str | None:
     """The directed broadcast address of the interface holding ``host``."""
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:       # a name
+        host = socket.gethostbyname(host)
     if ipaddress.ip_address(host).is_loopback:
         return LOOPBACK_BROADCAST
     for _, addr, _, broadcast in interface_addresses():

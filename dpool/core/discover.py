@@ -1,0 +1,183 @@
+"""Discovery for a client: nodes found over UDP join the client's nodes.
+
+::
+
+    client loop thread
+    ──────────────────
+    Finder.start: Seeker (dpool.transport.udp) pings at PING_AT, then every
+      PING_EVERY s; hears pongs and announcements (nodes starting later)
+    on_found(Found) ─► matches a pattern? not known yet? ─► Client._connect:
+      the full TCP handshake and session, as for a node named by address
+
+A node found by discovery is used only once its TCP handshake has proved
+that it knows the secret: a datagram only tells the client where to look.
+"""
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..hosts import parse_address
+from ..transport import discovery as D
+from ..transport import udp
+
+log = logging.getLogger("dpool")
+
+#: Seconds after start at which the client pings (then every PING_EVERY s).
+PING_AT = (0.0, 0.3, 1.0, 2.5)
+PING_EVERY = 10.0
+#: Seconds a client starting with discovery waits for nodes to answer, at
+#: least (it goes on at once past that when a node is ready).
+SETTLE = 1.0
+
+PATTERN_CHARS = "*?["
+#: Comma-separated addresses to ping instead of every interface's broadcast
+#: address (a subnet's broadcast address, or hosts across a router).
+TARGETS_ENV = "DPOOL_DISCOVER_TO"
+#: The UDP port announcements go to and clients listen on (default 51351).
+ANNOUNCE_PORT_ENV = "DPOOL_ANNOUNCE_PORT"
+
+
+def is_pattern(host: str) -> bool:
+    return any(c in host for c in PATTERN_CHARS)
+
+
+@dataclass
+class Discovery:
+    """What to look for: ``patterns`` are ``(host pattern, port)`` pairs
+    (``fnmatch`` on the node's address or name: ``*``, ``10.77.*``,
+    ``10.77.0.1?``); ``ping_to`` (tests, relays) replaces the broadcast
+    targets; ``listen_port`` None: don't listen for announcements."""
+    patterns: list[tuple[str, int]]
+    secret: bytes
+    node_port: int
+    listen_port: int | None = udp.LISTEN_PORT
+    ping_to: list[tuple[str, int]] | None = None
+    host: str = ""
+    multicast: bool = False
+    wait: float | None = None        # default: the client's connect timeout
+
+    def matches(self, found: udp.Found) -> bool:
+        host, port = found.address
+        return any(port == want_port and (fnmatch.fnmatchcase(host, pattern)
+                                          or fnmatch.fnmatchcase(found.name, pattern))
+                   for pattern, want_port in self.patterns)
+
+    def ports(self) -> set[int]:
+        return {port for _, port in self.patterns} or {self.node_port}
+
+
+def announce_port() -> int:
+    """The announcement port: ``$DPOOL_ANNOUNCE_PORT``, else 51351."""
+    text = os.environ.get(ANNOUNCE_PORT_ENV, "").strip()
+    if not text:
+        return udp.LISTEN_PORT
+    if not text.isdigit() or not 0 < int(text) <= 65535:
+        raise ValueError(f"{ANNOUNCE_PORT_ENV}={text!r} is not a UDP port")
+    return int(text)
+
+
+def settings(patterns: Iterable[tuple[str, int]], secret: bytes, node_port: int,
+             **options) -> Discovery:
+    """A :class:`Discovery` for ``patterns``, ``$DPOOL_DISCOVER_TO`` (the
+    targets of pings, each ``host`` or ``host:port``) and
+    ``$DPOOL_ANNOUNCE_PORT`` taken into account."""
+    patterns = list(patterns)
+    ports = {port for _, port in patterns} or {node_port}
+    targets = [part.strip() for part in os.environ.get(TARGETS_ENV, "").split(",")
+               if part.strip()]
+    ping_to = None
+    if targets:
+        ping_to = [parse_address(t, port) for t in targets for port in sorted(ports)]
+    options.setdefault("listen_port", announce_port())
+    return Discovery(patterns, secret, node_port, ping_to=ping_to, **options)
+
+
+class Finder:
+    """Runs discovery for one :class:`~dpool.core.client.Client` (loop thread)."""
+
+    def __init__(self, client, settings: Discovery):
+        self.client = client
+        self.settings = settings
+        self.found: dict[tuple[str, int], udp.Found] = {}
+        self.connecting: dict[tuple[str, int], asyncio.Task] = {}
+        self.seeker: udp.Seeker | None = None
+        self._pinger: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self.seeker = udp.Seeker(D.discovery_key(s.secret), self._on_found,
+                                 node_port=s.node_port, host=s.host,
+                                 listen_port=s.listen_port, ping_to=s.ping_to,
+                                 multicast=s.multicast)
+        await self.seeker.start()
+        self._pinger = asyncio.get_running_loop().create_task(self._ping_loop())
+
+    def add(self, patterns: Iterable[tuple[str, int]]) -> None:
+        """Look for more patterns (dispy's discover_nodes), pinging at once."""
+        for pattern in patterns:
+            if pattern not in self.settings.patterns:
+                self.settings.patterns.append(pattern)
+        for known in list(self.found.values()):
+            self._on_found(known, again=True)
+        self.ping()
+
+    def ping(self) -> None:
+        if self.seeker is None:
+            return
+        s = self.settings
+        if s.ping_to is not None:
+            self.seeker.ping()
+            return
+        for port in self.settings.ports():
+            self.seeker.ping(udp.broadcast_targets(port, loopback=True))
+
+    async def _ping_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for at in PING_AT:
+            await asyncio.sleep(max(0.0, start + at - loop.time()))
+            self.ping()
+        while True:
+            await asyncio.sleep(PING_EVERY)
+            self.ping()
+
+    def _on_found(self, found: udp.Found, again: bool = False) -> None:
+        address = found.address
+        if (address in self.found and not again) or self.client.closed:
+            return
+        self.found[address] = found
+        if not self.settings.matches(found) or self._linked(address):
+            return
+        log.info("discovered node %s at %s:%d", found.name, *address)
+        task = asyncio.get_running_loop().create_task(self.client._connect(address))
+        self.connecting[address] = task
+        task.add_done_callback(lambda _: self.connecting.pop(address, None))
+
+    def _linked(self, address: tuple[str, int]) -> bool:
+        """Connected, connecting or being retried (a lost node rejoins by itself)."""
+        return address in self.connecting or address in self.client._rejoins or any(
+            link.address == address and link.ready for link in self.client.links)
+
+    async def settled(self, timeout: float) -> None:
+        """Return once a node is ready and no discovered node is still
+        connecting (after SETTLE s at least), or after ``timeout`` s."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while loop.time() - start < timeout:
+            ready = any(link.ready for link in self.client.links)
+            if ready and not self.connecting and loop.time() - start >= SETTLE:
+                return
+            await asyncio.sleep(0.05)
+
+    def close(self) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
+        for task in list(self.connecting.values()):
+            task.cancel()
+        if self.seeker is not None:
+            self.seeker.close()

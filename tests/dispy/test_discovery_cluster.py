@@ -1,0 +1,147 @@
+"""Discovery end to end on loopback: dpool-nodes on 127.0.0.2 and 127.0.0.3
+(the same port number, as nodes of a LAN) found by JobCluster, Executor and
+Pool with ``'*'`` and patterns, over pings to the loopback broadcast address
+and the nodes' announcements.  Ports are ephemeral (never 51350-51352), and
+pings go only to 127.255.255.255 (DPOOL_DISCOVER_TO)."""
+import socket
+import threading
+
+import pytest
+
+import dpool
+from dpool.errors import BrokenCluster
+from helpers import node_env, poll_for, start_node
+from tasks import identity
+
+pytestmark = pytest.mark.timeout(90)
+
+SECRET = b"discovery cluster test secret 32"
+
+
+def _free_port():
+    """A port number free for TCP and UDP on 127.0.0.2 and 127.0.0.3."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        socks = []
+        try:
+            for host in ("127.0.0.2", "127.0.0.3", "127.255.255.255"):
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    s = socket.socket(socket.AF_INET, kind)
+                    socks.append(s)
+                    s.bind((host, port))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no free port")
+
+
+@pytest.fixture
+def lan(tmp_path, monkeypatch):
+    """Start nodes with ``lan.start(k)`` (on 127.0.0.k); clients ping the
+    loopback broadcast address and listen for announcements on an
+    ephemeral-range port."""
+    port, announce = _free_port(), _free_port()
+    monkeypatch.setenv("DPOOL_DISCOVER_TO", "127.255.255.255")
+    monkeypatch.setenv("DPOOL_ANNOUNCE_PORT", str(announce))
+    nodes = []
+
+    class Lan:
+        def __init__(self):
+            self.port, self.announce, self.nodes = port, announce, nodes
+
+        def start(self, k, secret=SECRET, cpus=1):
+            node = start_node(tmp_path / f"node{k}-{len(nodes)}", port=port, cpus=cpus,
+                              secret=secret, args=("--host", f"127.0.0.{k}",
+                                                   "--announce-port", str(announce)),
+                              env=node_env(secret))
+            nodes.append(node)
+            return node
+    yield Lan()
+    for node in nodes:
+        node.terminate()
+
+
+def _hosts(cluster, n=8):
+    jobs = [cluster.submit(i) for i in range(n)]
+    assert [job() for job in jobs] == list(range(n))
+    return {job.ip_addr for job in jobs}
+
+
+def test_star_finds_every_node_and_only_after_the_handshake(lan):
+    lan.start(2)
+    lan.start(3)
+    lan.start(4, secret=b"another secret, not the cluster's")   # announces, never used
+    with dpool.JobCluster(identity, nodes=["*"], node_port=lan.port, secret=SECRET) as cluster:
+        poll_for(lambda: len(cluster.status().nodes) == 2)
+        assert _hosts(cluster) <= {"127.0.0.2", "127.0.0.3"}
+        assert {n.ip_addr for n in cluster.status().nodes} == {"127.0.0.2", "127.0.0.3"}
+
+
+@pytest.mark.parametrize("pattern, expected", [("127.0.0.3", {"127.0.0.3"}),
+                                               ("127.0.0.?", {"127.0.0.2", "127.0.0.3"}),
+                                               ("127.0.0.[3]", {"127.0.0.3"}),
+                                               ("127.0.*", {"127.0.0.2", "127.0.0.3"})])
+def test_patterns_pick_nodes(lan, pattern, expected):
+    lan.start(2)
+    lan.start(3)
+    nodes = [dpool.NodeAllocate(pattern, port=lan.port)]
+    with dpool.JobCluster(identity, nodes=nodes, secret=SECRET) as cluster:
+        poll_for(lambda: {n.ip_addr for n in cluster.status().nodes} == expected)
+        assert _hosts(cluster) <= expected
+
+
+def test_a_node_started_later_joins_and_is_initialized(lan):
+    lan.start(2)
+    seen, lock = [], threading.Lock()
+
+    def cluster_status(status, node, job):
+        with lock:
+            seen.append((status, node.ip_addr if node else None))
+    with dpool.JobCluster(identity, nodes=["*"], node_port=lan.port, secret=SECRET,
+                          cluster_status=cluster_status) as cluster:
+        assert {n.ip_addr for n in cluster.status().nodes} == {"127.0.0.2"}
+        lan.start(3)
+        poll_for(lambda: (dpool.DispyNode.Initialized, "127.0.0.3") in seen, timeout=15,
+                 message="the later node announced and joined")
+        assert "127.0.0.3" in {n.ip_addr for n in cluster.status().nodes}
+
+
+def test_discover_nodes_adds_a_pattern_to_a_running_cluster(lan):
+    lan.start(2)
+    lan.start(3)
+    with dpool.JobCluster(identity, nodes=["127.0.0.2"], node_port=lan.port,
+                          secret=SECRET) as cluster:
+        assert {n.ip_addr for n in cluster.status().nodes} == {"127.0.0.2"}
+        assert cluster.discover_nodes("*") is None
+        poll_for(lambda: len(cluster.status().nodes) == 2, timeout=15)
+
+
+def test_nothing_found_says_what_was_looked_for(lan):
+    with pytest.raises(BrokenCluster, match="discovery found no node matching"):
+        dpool.JobCluster(identity, nodes=["*"], node_port=lan.port, secret=SECRET,
+                         connect_timeout=2)
+
+
+def test_no_secret_says_how_to_give_one(lan):
+    with pytest.raises(ValueError, match="DPOOL_SECRET"):
+        dpool.JobCluster(identity, nodes=["*"], node_port=lan.port)
+
+
+def test_executor_and_pool_with_star(lan, monkeypatch):
+    from dpool.futures import Executor
+
+    lan.start(2)
+    lan.start(3)
+    with Executor(nodes=f"*:{lan.port}", secret=SECRET) as ex:
+        poll_for(lambda: len(ex._client.nodes()) == 2)
+        assert list(ex.map(identity, range(6))) == list(range(6))
+    monkeypatch.setenv("DPOOL_NODES", f"*:{lan.port}")
+    monkeypatch.setenv("DPOOL_SECRET", SECRET.decode())
+    with dpool.Pool() as pool:
+        poll_for(lambda: len(pool._client.nodes()) == 2)
+        assert pool.map(identity, range(6)) == list(range(6))
