@@ -22,6 +22,7 @@ A dispy program runs unchanged with ``import dpool as dispy``::
 node side of the job environment is :mod:`dpool.node.env.session` and
 :mod:`dpool.node.env.job`.
 """
+import errno
 import inspect
 import logging
 import os
@@ -33,6 +34,8 @@ import time
 from .. import config, liveness, serialize
 from ..core import client as core
 from ..core import discover
+from ..hosts import is_loopback
+from ..transport import udp
 from ..core.callbacks import CallbackThread
 from ..node.env import job as jobenv
 from .depends import collect, file_entry, file_messages
@@ -226,23 +229,31 @@ class JobCluster:
         return self._new_client(addresses, secret=self._used_secret, discovery=found).start()
 
     def _local_client(self, cpus):
+        """The dpool-node on this host at node_port, on 127.0.0.1 or (with a
+        secret) any of this host's addresses (a node bound to its LAN
+        address); else an embedded node."""
         self._embedded_cpus = config.resolve_cpus(cpus)
-        secret = self._used_secret = self.secret or config.find_local_secret(self.node_port)
         why = "no dpool-node at"
-        if secret is not None:
-            client = self._new_client([("127.0.0.1", self.node_port)], secret=secret,
+        local = self.secret or config.find_local_secret(self.node_port)
+        hosts = [("127.0.0.1", local)] + [(host, self.secret) for host in udp.local_addresses()
+                                          if not is_loopback(host)]
+        for host, secret in hosts:
+            if secret is None:
+                continue
+            self._used_secret = secret
+            client = self._new_client([(host, self.node_port)], secret=secret,
                                       connect_timeout=min(3, self._liveness["connect_timeout"]))
             try:
                 client.start()
-                log.info("using the dpool-node at 127.0.0.1:%d", self.node_port)
+                log.info("using the dpool-node at %s:%d", host, self.node_port)
                 return client
             except (BrokenCluster, DpoolError, OSError) as exc:
-                refused = isinstance(exc.__context__, ConnectionRefusedError) \
-                    or "refused" in str(exc)
-                if not refused:
-                    log.warning("the node at 127.0.0.1:%d could not be used (%s)",
-                                self.node_port, exc)
+                if not _refused(exc, client):
+                    log.warning("the node at %s:%d could not be used (%s)",
+                                host, self.node_port, exc)
                     why = "could not use the dpool-node at"
+                    break
+        self._used_secret = local
         client = self._new_client(None, cpus=self._embedded_cpus, ssl=None)
         client.start()
         log.info("%s 127.0.0.1:%d; started an embedded local node with "
@@ -752,6 +763,14 @@ def _check_callback(fn, nargs, what):
     except ValueError:
         pass
     return fn
+
+
+def _refused(exc, client):
+    """Whether nothing listens there (connection refused), the other errors
+    being a node that is there but can't be used."""
+    errors = [exc, exc.__context__, *(link.error for link in client.links)]
+    return "refused" in str(exc) or any(
+        isinstance(e, OSError) and e.errno == errno.ECONNREFUSED for e in errors)
 
 
 def _check_pulse_interval(value):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import Any
 
 import psutil
 
@@ -16,17 +17,26 @@ def interface_addresses() -> list[tuple[str, str, str | None, str | None]]:
     """``(ifname, ipv4 address, netmask, broadcast)`` for every IPv4 address.
 
     The broadcast address is computed from the netmask when the system does
-    not report one (except on loopback and /31, /32 networks, which have none).
+    not report a usable one (except on loopback and /31, /32 networks, which
+    have none): an address added without ``brd`` is reported by psutil with
+    its own address, or 0.0.0.0, as its "broadcast".
     """
     result = []
     for name, addrs in psutil.net_if_addrs().items():
         for addr in addrs:
             if addr.family != socket.AF_INET:
                 continue
-            broadcast = addr.broadcast
-            if broadcast is None and addr.netmask:
-                net = ipaddress.IPv4Network(f"{addr.address}/{addr.netmask}", strict=False)
-                if net.prefixlen < 31 and not net.is_loopback:
-                    broadcast = str(net.broadcast_address)
-            result.append((name, addr.address, addr.netmask, broadcast))
+            result.append((name, addr.address, addr.netmask, _broadcast(addr)))
     return result
+
+
+def _broadcast(addr: Any) -> str | None:
+    if not addr.netmask:
+        return addr.broadcast
+    net = ipaddress.IPv4Network(f"{addr.address}/{addr.netmask}", strict=False)
+    if net.prefixlen >= 31 or net.is_loopback:
+        return None
+    reported = addr.broadcast
+    if reported and reported != addr.address and ipaddress.IPv4Address(reported) in net:
+        return reported
+    return str(net.broadcast_address)

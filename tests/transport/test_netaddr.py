@@ -34,3 +34,17 @@ def test_no_pickle_in_the_transport():
         text = path.read_text()
         assert not re.search(r"^\s*(import|from)\s+\S*pickle", text, re.M), path
         assert "loads(" not in text.replace("json.loads(", ""), path
+
+
+@pytest.mark.parametrize("address, netmask, reported, expected", [
+    ("10.1.2.3", "255.255.255.0", "10.1.2.255", "10.1.2.255"),
+    ("10.1.2.3", "255.255.255.0", None, "10.1.2.255"),
+    ("10.1.2.3", "255.255.255.0", "10.1.2.3", "10.1.2.255"),    # added without brd
+    ("10.1.2.3", "255.255.255.0", "0.0.0.0", "10.1.2.255"),
+    ("10.1.2.3", "255.255.255.254", None, None),                # /31: no broadcast
+    ("127.0.0.1", "255.0.0.0", None, None),
+])
+def test_broadcast_address_of_an_interface(address, netmask, reported, expected):
+    import types
+    addr = types.SimpleNamespace(address=address, netmask=netmask, broadcast=reported)
+    assert netaddr._broadcast(addr) == expected

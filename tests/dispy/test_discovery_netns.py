@@ -1,0 +1,73 @@
+"""Discovery across network-namespace hosts (root), on the default ports
+(inside the namespaces only): per-interface directed broadcast from a
+multi-homed client, and a node bound to its LAN address found by a client
+on its own host."""
+import logging
+import shutil
+
+import pytest
+
+import dpool
+from helpers import poll_for, start_node
+from helpers_netns import Lab, entered
+from tasks import identity
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(90),
+              pytest.mark.skipif(not shutil.which("ip"), reason="needs ip (iproute2)")]
+SECRET = b"discovery netns test secret, 32b"
+
+
+@pytest.fixture
+def lab():
+    lab = Lab(nodes=2)
+    try:
+        yield lab.up()
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def nodes(lab, tmp_path):
+    """start(k): dpool-node on 10.210.k.2:51350 in the lab's node namespace k."""
+    started = []
+
+    def start(k):
+        node = start_node(tmp_path / f"n{k}", cpus=1, secret=SECRET, port=51350,
+                          prefix=lab.exec_prefix(lab.nodes[k - 1]),
+                          args=["--host", lab.address(k)])
+        started.append(node)
+        return node
+    yield start
+    for node in started:
+        node.terminate()
+
+
+def _ips(cluster, n=6):
+    jobs = [cluster.submit(i) for i in range(n)]
+    assert [job() for job in jobs] == list(range(n))
+    return {job.ip_addr for job in jobs}
+
+
+def test_star_broadcasts_on_every_interface_of_a_multihomed_client(lab, nodes):
+    """The client host has two links (10.210.1.1/24, 10.210.2.1/24): one
+    ping per interface's broadcast address finds the node on each."""
+    nodes(1)
+    nodes(2)
+    with entered(lab.client):
+        with dpool.JobCluster(identity, nodes=["*"], secret=SECRET) as cluster:
+            poll_for(lambda: len(cluster.status().nodes) == 2)
+            assert {n.ip_addr for n in cluster.status().nodes} == {"10.210.1.2", "10.210.2.2"}
+            _ips(cluster)
+
+
+def test_a_node_on_its_lan_address_is_found_on_its_own_host(lab, nodes, caplog):
+    """A dpool-node bound to 10.210.1.2 (not 127.0.0.1): a client on its
+    host with no nodes given uses it (not an embedded node), and so does
+    nodes=['*']."""
+    nodes(1)
+    with entered(lab.nodes[0]), caplog.at_level(logging.INFO, logger="dpool"):
+        with dpool.JobCluster(identity, secret=SECRET) as cluster:
+            assert _ips(cluster) == {"10.210.1.2"}
+        assert "using the dpool-node at 10.210.1.2:51350" in caplog.text
+        with dpool.JobCluster(identity, nodes=["*"], secret=SECRET) as cluster:
+            assert _ips(cluster) == {"10.210.1.2"}
