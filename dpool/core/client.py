@@ -617,14 +617,16 @@ class Client:
             return links
         return self._thread.run(connect_all(), self.connect_timeout + 5)
 
-    def discover(self, patterns, secret=None, node_port=None):
+    def discover(self, patterns, secret=None, node_port=None, **options):
         """Look for more nodes over UDP (user thread): ``patterns`` are
-        ``(host pattern, port)``; matching nodes join as they answer."""
+        ``(host pattern, port)``; matching nodes join as they answer;
+        ``options`` those of :func:`dpool.core.discover.settings`."""
         from . import discover
 
         async def run():
             if self.discovery is None:
-                self.discovery = discover.settings([], secret or self.secret, node_port)
+                self.discovery = discover.settings([], secret or self.secret, node_port,
+                                                   **options)
             if self.finder is None:
                 self.finder = discover.Finder(self, self.discovery)
                 await self.finder.start()

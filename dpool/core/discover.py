@@ -134,7 +134,7 @@ class Finder:
             self.seeker.ping()
             return
         for port in self.settings.ports():
-            self.seeker.ping(udp.broadcast_targets(port, loopback=True))
+            self.seeker.ping(self.seeker.targets(port))
 
     async def _ping_loop(self) -> None:
         loop = asyncio.get_running_loop()

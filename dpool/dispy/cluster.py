@@ -77,6 +77,7 @@ class JobCluster:
         if unknown:
             raise TypeError(f"JobCluster() got unexpected arguments: {', '.join(sorted(unknown))}")
         self._pulse_interval = _check_pulse_interval(dispy_options.get("pulse_interval"))
+        self._multicast = bool(dispy_options.get("ipv4_udp_multicast"))  # discovery's
         self._liveness = dict(connect_timeout=liveness.connect_timeout(connect_timeout),
                               heartbeat=liveness.settings(heartbeat))
         _configure_logging(loglevel)
@@ -224,8 +225,8 @@ class JobCluster:
         else:
             self._used_secret = config.secret_for(self.secret, addresses,
                                                   client_cert=self._client_cert)
-        found = discover.settings(patterns, self._used_secret, self.node_port) \
-            if patterns else None
+        found = discover.settings(patterns, self._used_secret, self.node_port,
+                                  multicast=self._multicast) if patterns else None
         return self._new_client(addresses, secret=self._used_secret, discovery=found).start()
 
     def _local_client(self, cpus):
@@ -635,7 +636,8 @@ class JobCluster:
             if not self._client.secret:
                 self._client.secret = self._used_secret = secret
             self._allocs.extend(patterns)
-            self._client.discover([(a.host, a.port) for a in patterns], secret, self.node_port)
+            self._client.discover([(a.host, a.port) for a in patterns], secret, self.node_port,
+                                  multicast=self._multicast)
         if named:
             self.allocate_node(named)
 

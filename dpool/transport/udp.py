@@ -165,6 +165,13 @@ class _Endpoint:
         self.rejections.close()
 
 
+def join_group(transport: asyncio.DatagramTransport, iface: str) -> None:
+    """Make the transport's socket a member of MULTICAST_GROUP on ``iface``."""
+    mreq = socket.inet_aton(MULTICAST_GROUP) + socket.inet_aton(iface)
+    transport.get_extra_info("socket").setsockopt(socket.IPPROTO_IP,
+                                                  socket.IP_ADD_MEMBERSHIP, mreq)
+
+
 class Responder(_Endpoint):
     """A node's side: answers verified pings, announces itself at start.
 
@@ -195,18 +202,21 @@ class Responder(_Endpoint):
             if broadcast:
                 await self._open(broadcast, self.udp_port)
         if self.multicast:
-            self._join_multicast(main)
+            await self._open_multicast()
         self._announcer = asyncio.get_running_loop().create_task(self._announce())
         return self
 
-    def _join_multicast(self, transport: asyncio.DatagramTransport) -> None:
-        sock = transport.get_extra_info("socket")
+    async def _open_multicast(self) -> None:
+        """A socket bound to MULTICAST_GROUP, member on the node's interface;
+        announcements to the group leave from the node's address."""
         iface = "0.0.0.0" if _is_wildcard(self.host) else self.host
-        mreq = socket.inet_aton(MULTICAST_GROUP) + socket.inet_aton(iface)
         try:
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+            transport = await self._open(MULTICAST_GROUP, self.udp_port)
+            join_group(transport, iface)
+            self.transports[0].get_extra_info("socket").setsockopt(
+                socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(iface))
         except OSError as exc:
-            log.warning("discovery: cannot join multicast group %s: %s", MULTICAST_GROUP, exc)
+            log.warning("discovery: cannot use multicast group %s: %s", MULTICAST_GROUP, exc)
 
     def targets(self) -> list[Address]:
         if self.announce_to is not None:
@@ -321,29 +331,52 @@ class Seeker(_Endpoint):
             else:
                 self.listen_port = listener.get_extra_info("sockname")[1]
                 if self.multicast:
-                    sock = listener.get_extra_info("socket")
-                    mreq = socket.inet_aton(MULTICAST_GROUP) + socket.inet_aton("0.0.0.0")
-                    try:
-                        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
-                    except OSError as exc:
-                        log.warning("discovery: cannot join %s: %s", MULTICAST_GROUP, exc)
+                    self._join_everywhere(listener)
         return self
 
-    def targets(self) -> list[Address]:
+    @staticmethod
+    def _join_everywhere(transport: asyncio.DatagramTransport) -> None:
+        """Join MULTICAST_GROUP on every interface with an IPv4 address."""
+        for _, addr, _, _ in interface_addresses():
+            try:
+                join_group(transport, addr)
+            except OSError as exc:
+                log.debug("discovery: cannot join %s on %s: %s", MULTICAST_GROUP, addr, exc)
+
+    def targets(self, port: int | None = None) -> list[Address]:
+        """Where pings go: ``ping_to``, else every directed broadcast address
+        (and the group, with multicast) at ``port`` (default ``node_port``)."""
         if self.ping_to is not None:
             return self.ping_to
-        out = broadcast_targets(self.node_port, loopback=True)
+        port = port or self.node_port
+        out = broadcast_targets(port, loopback=True)
         if self.multicast:
-            out.append((MULTICAST_GROUP, self.node_port))
+            out.append((MULTICAST_GROUP, port))
         return out
 
     def ping(self, targets: Iterable[Address] | None = None) -> None:
-        """Send one ping (a fresh nonce) to each target."""
+        """Send one ping (a fresh nonce) to each target; to the multicast
+        group, out of every interface."""
         if self._pinger is None:
             return
         for target in (self.targets() if targets is None else targets):
-            data = D.encode(self.key, D.PING, {"role": "client"}, pad_to=D.PING_SIZE)
-            self._send(self._pinger, data, target)
+            if target[0] == MULTICAST_GROUP:
+                self._ping_group(target)
+            else:
+                self._send(self._pinger, self._ping_data(), target)
+
+    def _ping_data(self) -> bytes:
+        return D.encode(self.key, D.PING, {"role": "client"}, pad_to=D.PING_SIZE)
+
+    def _ping_group(self, target: Address) -> None:
+        assert self._pinger is not None
+        sock = self._pinger.get_extra_info("socket")
+        for _, addr, _, _ in interface_addresses():
+            try:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(addr))
+            except OSError:
+                continue
+            self._send(self._pinger, self._ping_data(), target)
 
     def handle(self, msg: D.Message, addr: Address, transport: asyncio.DatagramTransport
                ) -> None:

@@ -145,3 +145,67 @@ def test_executor_and_pool_with_star(lan, monkeypatch):
     with dpool.Pool() as pool:
         poll_for(lambda: len(pool._client.nodes()) == 2)
         assert pool.map(identity, range(6)) == list(range(6))
+
+
+class _Forwarder:
+    """A TCP port forward (what a NAT gateway does): ``listen`` -> ``target``."""
+
+    def __init__(self, listen, target):
+        self.target = target
+        self.server = socket.create_server(listen)
+        self.socks = [self.server]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            peer = socket.create_connection(self.target)
+            self.socks += [conn, peer]
+            for a, b in ((conn, peer), (peer, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                b.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self):
+        for s in self.socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self.thread.join(5)
+
+
+def test_a_node_behind_nat_is_reached_at_its_ext_host(lan, tmp_path):
+    """dpool-node --ext-host: the node announces the gateway's address (here
+    127.0.0.4, forwarding to the node on 127.0.0.2) and the client connects
+    there."""
+    forward = _Forwarder(("127.0.0.4", lan.port), ("127.0.0.2", lan.port))
+    try:
+        node = start_node(tmp_path / "natted", port=lan.port, cpus=1, secret=SECRET,
+                          args=("--host", "127.0.0.2", "--ext-host", "127.0.0.4",
+                                "--announce-port", str(lan.announce)), env=node_env(SECRET))
+        lan.nodes.append(node)
+        with dpool.JobCluster(identity, nodes=["*"], node_port=lan.port,
+                              secret=SECRET) as cluster:
+            assert _hosts(cluster, 3) == {"127.0.0.4"}
+    finally:
+        for node in lan.nodes:
+            node.terminate()
+        lan.nodes.clear()
+        forward.close()

@@ -71,3 +71,27 @@ def test_a_node_on_its_lan_address_is_found_on_its_own_host(lab, nodes, caplog):
         assert "using the dpool-node at 10.210.1.2:51350" in caplog.text
         with dpool.JobCluster(identity, nodes=["*"], secret=SECRET) as cluster:
             assert _ips(cluster) == {"10.210.1.2"}
+
+
+def test_multicast_finds_a_node_that_broadcast_does_not_reach(lab, tmp_path):
+    """dpool-node --multicast and JobCluster(ipv4_udp_multicast=True): the
+    client pings 239.192.51.35 out of each interface; the node's subnet has
+    no directed broadcast address here (a /31 link), so only multicast finds it."""
+    from helpers_netns import run
+
+    ns = lab.nodes[0]
+    run("ip", "-n", ns, "addr", "add", "10.211.0.1/31", "dev", "eth0")
+    run("ip", "-n", lab.client, "addr", "add", "10.211.0.0/31", "dev", "v1")
+    for where in (ns, lab.client):
+        run("ip", "-n", where, "route", "add", "224.0.0.0/4", "dev",
+            "eth0" if where == ns else "v1")
+    node = start_node(tmp_path / "mc", cpus=1, secret=SECRET, port=51350,
+                      prefix=lab.exec_prefix(ns),
+                      args=["--host", "10.211.0.1", "--multicast"])
+    try:
+        with entered(lab.client):
+            with dpool.JobCluster(identity, nodes=["10.211.*"], secret=SECRET,
+                                  ipv4_udp_multicast=True, connect_timeout=5) as cluster:
+                assert _ips(cluster) == {"10.211.0.1"}
+    finally:
+        node.terminate()
