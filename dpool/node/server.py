@@ -71,8 +71,10 @@ class NodeServer:
         return self
 
     def discovery_body(self):
-        addrs = self.ext_hosts or ([] if self.host in ("", "0.0.0.0", "::") else [self.host]) \
-            or [a for a in udp.local_addresses()]
+        if self.ext_hosts or self.host not in ("", "0.0.0.0", "::"):
+            addrs = self.ext_hosts or [self.host]
+        else:   # all addresses: IPv4 ones listed, IPv6 (scoped) ones: the source
+            addrs = udp.local_addresses() if self.host != "::" else []
         return discovery.node_body(self.runtime.name, self.port, self.runtime.cpus,
                                    self.runtime.free_cpus, addrs, PROTOCOL_VERSION)
 

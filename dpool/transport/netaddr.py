@@ -10,7 +10,7 @@ from typing import Any
 
 import psutil
 
-__all__ = ["interface_addresses"]
+__all__ = ["interface_addresses", "interfaces_with_ipv6"]
 
 
 def interface_addresses() -> list[tuple[str, str, str | None, str | None]]:
@@ -40,3 +40,10 @@ def _broadcast(addr: Any) -> str | None:
     if reported and reported != addr.address and ipaddress.IPv4Address(reported) in net:
         return reported
     return str(net.broadcast_address)
+
+
+def interfaces_with_ipv6() -> set[str]:
+    """The names of the interfaces, loopback aside, that have an IPv6 address."""
+    return {name for name, addrs in psutil.net_if_addrs().items()
+            for addr in addrs if addr.family == socket.AF_INET6
+            and not ipaddress.IPv6Address(addr.address.split("%", 1)[0]).is_loopback}

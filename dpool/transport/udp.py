@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from . import discovery as D
-from .netaddr import interface_addresses
+from .netaddr import interface_addresses, interfaces_with_ipv6
 from .rejections import RejectionLog
 
 __all__ = ["Responder", "Seeker", "Found", "broadcast_targets", "LISTEN_PORT"]
@@ -82,9 +82,22 @@ def local_addresses() -> list[str]:
     return sorted(set(addrs), key=lambda a: (ipaddress.ip_address(a).is_loopback, a))
 
 
+def _is_v6(host: str) -> bool:
+    return ":" in host
+
+
+def ipv6_targets(port: int) -> list[Address]:
+    """The all-nodes group ff02::1 on every interface with an IPv6 address
+    (IPv6 has no broadcast)."""
+    return [(f"ff02::1%{name}", port) for name in sorted(interfaces_with_ipv6())]
+
+
 def _udp_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    v6 = _is_v6(host)
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -106,8 +119,8 @@ class _Protocol(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.transport is not None:
-            self.receive(data, (addr[0], addr[1]), self.transport)
+        if self.transport is not None:   # addr whole: an IPv6 one keeps its scope
+            self.receive(data, addr, self.transport)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("discovery socket: %s", exc)
@@ -139,7 +152,7 @@ class _Endpoint:
         except D.Rejected as exc:
             self.rejected += 1
             self.rejections.reject(addr[0], exc.reason, "discovery: dropped %s from %s:%d",
-                                   exc, *addr)
+                                   exc, addr[0], addr[1])
             return
         self.handle(msg, addr, transport)
 
@@ -152,7 +165,7 @@ class _Endpoint:
             transport.sendto(data, addr)
             self.sent += 1
         except OSError as exc:   # ENETUNREACH and the like: one target fails, not all
-            log.debug("discovery: cannot send to %s:%d: %s", *addr, exc)
+            log.debug("discovery: cannot send to %s:%d: %s", addr[0], addr[1], exc)
 
     @property
     def port(self) -> int:
@@ -197,11 +210,11 @@ class Responder(_Endpoint):
     async def start(self) -> Responder:
         main = await self._open(self.host, self.udp_port)
         self.udp_port = main.get_extra_info("sockname")[1]
-        if not _is_wildcard(self.host):
+        if not _is_wildcard(self.host) and not _is_v6(self.host):
             broadcast = broadcast_for(self.host)
             if broadcast:
                 await self._open(broadcast, self.udp_port)
-        if self.multicast:
+        if self.multicast and not _is_v6(self.host):
             await self._open_multicast()
         self._announcer = asyncio.get_running_loop().create_task(self._announce())
         return self
@@ -221,6 +234,8 @@ class Responder(_Endpoint):
     def targets(self) -> list[Address]:
         if self.announce_to is not None:
             return self.announce_to
+        if _is_v6(self.host):
+            return ipv6_targets(self.listen_port)
         if _is_wildcard(self.host):
             out = broadcast_targets(self.listen_port)
         else:
@@ -253,7 +268,7 @@ class Responder(_Endpoint):
         if pong is None:
             self.rejected += 1
             self.rejections.reject(addr[0], "small", "discovery: a ping from %s:%d is smaller "
-                                   "than the pong would be; not answered", *addr)
+                                   "than the pong would be; not answered", addr[0], addr[1])
             return
         self.pongs += 1
         self._send(self.transports[0], pong, addr)   # from the node's own address
@@ -262,6 +277,18 @@ class Responder(_Endpoint):
         if self._announcer is not None:
             self._announcer.cancel()
         super().close()
+
+
+def _scoped(addr: Any) -> str:
+    """An address's host, with its scope if it is an IPv6 link-local one
+    (recvfrom gives the scope apart: ``fe80::1`` + scope id 2 -> ``fe80::1%eth0``)."""
+    host = addr[0]
+    if len(addr) == 4 and addr[3] and "%" not in host:
+        try:
+            return f"{host}%{socket.if_indextoname(addr[3])}"
+        except OSError:
+            return f"{host}%{addr[3]}"
+    return host
 
 
 @dataclass(frozen=True)
@@ -319,9 +346,12 @@ class Seeker(_Endpoint):
         self.multicast = multicast
         self.ping_to = list(ping_to) if ping_to is not None else None
         self._pinger: asyncio.DatagramTransport | None = None
+        self._pinger6: asyncio.DatagramTransport | None = None
 
     async def start(self) -> Seeker:
         self._pinger = await self._open(self.host, 0)
+        if not self.host and interfaces_with_ipv6():
+            await self._open_ipv6()
         if self.listen_port is not None:
             try:
                 listener = await self._open("", self.listen_port, reuse_port=True)
@@ -333,6 +363,15 @@ class Seeker(_Endpoint):
                 if self.multicast:
                     self._join_everywhere(listener)
         return self
+
+    async def _open_ipv6(self) -> None:
+        """IPv6 where the host has it: a ping socket, and a listener."""
+        try:
+            self._pinger6 = await self._open("::", 0)
+            if self.listen_port is not None:
+                await self._open("::", self.listen_port, reuse_port=True)
+        except OSError as exc:
+            log.warning("discovery: no IPv6: %s", exc)
 
     @staticmethod
     def _join_everywhere(transport: asyncio.DatagramTransport) -> None:
@@ -352,6 +391,8 @@ class Seeker(_Endpoint):
         out = broadcast_targets(port, loopback=True)
         if self.multicast:
             out.append((MULTICAST_GROUP, port))
+        if self._pinger6 is not None:
+            out += ipv6_targets(port)
         return out
 
     def ping(self, targets: Iterable[Address] | None = None) -> None:
@@ -362,6 +403,9 @@ class Seeker(_Endpoint):
         for target in (self.targets() if targets is None else targets):
             if target[0] == MULTICAST_GROUP:
                 self._ping_group(target)
+            elif _is_v6(target[0]):
+                if self._pinger6 is not None:
+                    self._send(self._pinger6, self._ping_data(), target)
             else:
                 self._send(self._pinger, self._ping_data(), target)
 
@@ -382,6 +426,6 @@ class Seeker(_Endpoint):
                ) -> None:
         if msg.kind == D.PING:
             return
-        found = found_from(msg, addr)
+        found = found_from(msg, (_scoped(addr), addr[1]))
         if found is not None:
             self.on_found(found)

@@ -95,3 +95,25 @@ def test_multicast_finds_a_node_that_broadcast_does_not_reach(lab, tmp_path):
                 assert _ips(cluster) == {"10.211.0.1"}
     finally:
         node.terminate()
+
+
+def test_ipv6_nodes_are_found_through_the_all_nodes_group(lab, tmp_path):
+    """IPv6 has no broadcast: a client pings ff02::1 on each interface with
+    IPv6, and a node on '::' answers from its address."""
+    from helpers_netns import run
+
+    ns = lab.nodes[0]
+    run("ip", "-n", ns, "addr", "add", "fd00:210:1::2/64", "dev", "eth0", "nodad")
+    run("ip", "-n", lab.client, "addr", "add", "fd00:210:1::1/64", "dev", "v1", "nodad")
+    node = start_node(tmp_path / "v6", cpus=1, secret=SECRET, port=51350,
+                      prefix=lab.exec_prefix(ns), args=["--host", "::"])
+    try:
+        with entered(lab.client):
+            with dpool.JobCluster(identity, nodes=["*"], secret=SECRET,
+                                  connect_timeout=5) as cluster:
+                poll_for(lambda: cluster.status().nodes)
+                ips = {n.ip_addr for n in cluster.status().nodes}
+                assert len(ips) == 1 and ":" in ips.pop()
+                assert [job() for job in [cluster.submit(i) for i in range(3)]] == [0, 1, 2]
+    finally:
+        node.terminate()
