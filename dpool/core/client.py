@@ -617,6 +617,15 @@ class Client:
             return links
         return self._thread.run(connect_all(), self.connect_timeout + 5)
 
+    def knows(self, address):
+        """Whether ``address`` is a node in use, or lost and being retried."""
+        return address in self._rejoins or any(link.address == address and link.ready
+                                                for link in self.links)
+
+    async def join(self, address):
+        """Loop thread: connect to one more node (a lost one is retried)."""
+        await self._connect(address)
+
     def discover(self, patterns, secret=None, node_port=None, **options):
         """Look for more nodes over UDP (user thread): ``patterns`` are
         ``(host pattern, port)``; matching nodes join as they answer;

@@ -157,14 +157,13 @@ class Finder:
         if not self.settings.matches(found) or self._linked(address):
             return
         log.info("discovered node %s at %s:%d", found.name, *address)
-        task = asyncio.get_running_loop().create_task(self.client._connect(address))
+        task = asyncio.get_running_loop().create_task(self.client.join(address))
         self.connecting[address] = task
         task.add_done_callback(lambda _: self.connecting.pop(address, None))
 
     def _linked(self, address: tuple[str, int]) -> bool:
         """Connected, connecting or being retried (a lost node rejoins by itself)."""
-        return address in self.connecting or address in self.client._rejoins or any(
-            link.address == address and link.ready for link in self.client.links)
+        return address in self.connecting or self.client.knows(address)
 
     async def settled(self, timeout: float) -> None:
         """Return once a node is ready and no discovered node is still
