@@ -8,7 +8,11 @@ One message on the wire::
 
 A frame is any C-contiguous bytes-like object (``bytes``, ``bytearray``,
 ``memoryview``, a ``PickleBuffer``'s memoryview...).  Nothing here looks inside
-a frame.
+a frame.  The top bit of a length (``BYTES_FLAG``) says that the frame is a
+whole ``bytes`` object on the sender's side (set for frames of at least
+``COALESCE`` bytes): the receiver then rebuilds it as a ``bytes`` object in
+place (inplace.py), so that turning it back into the user's ``bytes`` costs
+no copy.
 
 Sending: :func:`encode` returns the header plus the frames as a list ready for
 a scatter-gather write; small pieces are joined (cheap, fewer iovecs), large
@@ -20,7 +24,8 @@ hands out the memory the next bytes should be read into and
 :meth:`FrameDecoder.buffer_updated` consumes them.  Headers and small frames
 go through one reusable receive buffer; a frame (or a header) of at least
 ``LARGE`` bytes gets its own ``bytearray``, which grows as its bytes arrive
-(the socket reads into the reusable buffer, each read is appended): nothing
+(the socket reads into the reusable buffer, each read is appended; a ``bytes``
+frame grows the same way as a ``bytes`` object, see inplace.py): nothing
 is ever allocated from a declared length, so a peer that declares a huge
 frame costs only the bytes it really sends.  (Appending costs one copy from
 a cache-hot buffer; the alternative, a zero-filled buffer of the declared
@@ -38,6 +43,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from dpool.errors import ProtocolError
 
+from . import inplace
+
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer as Frame  # bytes, bytearray, memoryview, ...
 
@@ -49,8 +56,12 @@ LARGE = 64 * 1024
 COALESCE = 32 * 1024
 RECV_BUFFER_SIZE = 256 * 1024
 
-#: A received message: its frames (``bytes``, ``bytearray`` for large ones).
+#: A received message: its frames (``bytes``, ``bytearray`` for large ones
+#: that were not a whole ``bytes`` object on the sender's side).
 Message = list[bytes | bytearray]
+#: Set in a frame's length word when the frame is a whole ``bytes`` object.
+BYTES_FLAG = 1 << 63
+_LENGTH_MASK = BYTES_FLAG - 1
 
 _COUNT = struct.Struct("<I")
 _unpack_count = _COUNT.unpack_from
@@ -79,10 +90,22 @@ def _nbytes(frame: Frame) -> int:
     return len(frame) if type(frame) is bytes else memoryview(frame).nbytes
 
 
+def _is_whole_bytes(frame: Frame) -> bool:
+    if type(frame) is bytes:
+        return True
+    return (type(frame) is memoryview and type(frame.obj) is bytes
+            and frame.nbytes == len(frame.obj))
+
+
+def _length_word(frame: Frame, size: int) -> int:
+    """``size``, flagged when a large frame is a whole ``bytes`` object."""
+    return size | BYTES_FLAG if size >= COALESCE and _is_whole_bytes(frame) else size
+
+
 def header(frames: Sequence[Frame]) -> bytes:
     """The wire header (frame count, then each frame's length) for ``frames``."""
     n = len(frames)
-    return _header_struct(n).pack(n, *[_nbytes(f) for f in frames])
+    return _header_struct(n).pack(n, *[_length_word(f, _nbytes(f)) for f in frames])
 
 
 def _as_bytes_view(frame: Frame) -> memoryview:
@@ -102,9 +125,10 @@ def encode(frames: Sequence[Frame]) -> list[bytes | memoryview]:
     """
     n = len(frames)
     lengths = [_nbytes(f) for f in frames]
-    head = _header_struct(n).pack(n, *lengths)
     if sum(lengths) < COALESCE:
+        head = _header_struct(n).pack(n, *lengths)
         return [b"".join([head, *frames])] if n else [head]
+    head = _header_struct(n).pack(n, *map(_length_word, frames, lengths))
     parts: list[bytes | memoryview] = []
     run: list[Frame] = [head]
     for frame, size in zip(frames, lengths):
@@ -167,7 +191,10 @@ class FrameDecoder:
         self._count = -1       # frames in the current message; -1: reading count
         self._lengths: tuple[int, ...] | None = None  # the current message's frame lengths
         self._frames: list[bytes | bytearray] | None = None  # its frames decoded so far
-        self._big: bytearray | None = None  # growing as its bytes arrive
+        self._big: bytearray | inplace.GrowingBytes | None = None  # growing as its bytes arrive
+        self._flags: tuple[int, ...] | None = None  # BYTES_FLAG per frame, or None: none set
+        self._address = 0       # of _buf's data (for GrowingBytes), when used
+        self._address_holder: object = None
         self._big_size = 0     # the size it will have
         self._held = 0         # bytes of the current message held in frames
         self._failed: ProtocolError | None = None
@@ -203,7 +230,7 @@ class FrameDecoder:
             raise self._failed
         try:
             if self._big is not None:
-                self._big += self._mv[:nbytes]
+                self._append(self._big, 0, nbytes)
                 if len(self._big) < self._big_size:
                     return []
                 self._finish_big()
@@ -230,6 +257,11 @@ class FrameDecoder:
     def _set_lengths(self, lengths: tuple[int, ...]) -> None:
         limits = self.limits
         biggest = max(lengths)
+        self._flags = None
+        if biggest & BYTES_FLAG:
+            self._flags = tuple(x & BYTES_FLAG for x in lengths)
+            lengths = tuple(x & _LENGTH_MASK for x in lengths)
+            biggest = max(lengths)
         if biggest > limits.max_frame_bytes:
             raise ProtocolError(
                 f"frame length {biggest} bytes is over the limit "
@@ -242,14 +274,34 @@ class FrameDecoder:
         self._lengths = lengths
         self._frames = []
 
-    def _start_big(self, size: int, pos: int, end: int) -> tuple[bytearray | None, int]:
+    def _append(self, big: bytearray | inplace.GrowingBytes, pos: int, nbytes: int) -> None:
+        """Append ``_buf[pos:pos + nbytes]`` to ``big``."""
+        if type(big) is bytearray:
+            big += self._mv[pos:pos + nbytes]
+            return
+        assert isinstance(big, inplace.GrowingBytes)
+        if not self._address:
+            self._address, self._address_holder = inplace.address_of(self._buf)
+        big.extend(self._address + pos, nbytes)
+
+    def _new_big(self, size: int) -> bytearray | inplace.GrowingBytes:
+        """An empty buffer for the next item of ``size`` bytes: a growing
+        ``bytes`` object for a flagged frame (where possible), else a bytearray."""
+        flags = self._flags
+        if flags is not None and self._frames is not None and flags[len(self._frames)] \
+                and inplace.AVAILABLE:
+            return inplace.GrowingBytes(size)
+        return bytearray()
+
+    def _start_big(self, size: int, pos: int, end: int) -> tuple[bytes | bytearray | None, int]:
         """Give the item of ``size`` bytes at ``pos`` its own buffer, holding
         what has arrived of it so far."""
         have = min(size, end - pos)
-        big = bytearray(self._mv[pos:pos + have])
+        big = self._new_big(size)
+        self._append(big, pos, have)
         if have == size:
             self._held += size
-            return big, pos + have
+            return _finished(big), pos + have
         self._big, self._big_size = big, size
         return None, pos + have
 
@@ -258,11 +310,12 @@ class FrameDecoder:
         assert big is not None
         self._big = None
         if self._lengths is None:
+            assert type(big) is bytearray
             self._set_lengths(_lengths_struct(self._count).unpack_from(big))
         else:
             assert self._frames is not None
             self._held += len(big)
-            self._frames.append(big)
+            self._frames.append(_finished(big))
 
     def _parse(self) -> list[Message]:
         out: list[Message] = []
@@ -305,7 +358,12 @@ class FrameDecoder:
                         return out
                 out.append(frames)
                 self._count, self._lengths, self._frames = -1, None, None
+                self._flags = None
                 self._held = 0
         finally:
             self._pos = pos
         return out
+
+
+def _finished(big: bytearray | inplace.GrowingBytes) -> bytes | bytearray:
+    return big if type(big) is bytearray else big.finish()  # type: ignore[union-attr]

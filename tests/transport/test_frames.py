@@ -10,7 +10,8 @@ from dpool.errors import ProtocolError, VersionMismatch
 from dpool.transport import FrameDecoder, Limits, encode, header
 from dpool.transport import auth
 from dpool.transport.blocking import sendmsg_all
-from dpool.transport.frames import LARGE, RECV_BUFFER_SIZE
+from dpool.transport import inplace
+from dpool.transport.frames import BYTES_FLAG, LARGE, RECV_BUFFER_SIZE
 
 
 def wire(messages):
@@ -56,8 +57,56 @@ def test_decode_mixed_sizes_and_types():
     messages = [[], [b""], [b"x"], [big], [b"a", big, b"b", b""], [b"q"] * 100]
     out = FrameDecoder().feed(wire(messages))
     assert as_bytes(out) == messages
-    assert isinstance(out[3][0], bytearray)        # large: its own buffer
+    assert isinstance(out[3][0], bytes if inplace.AVAILABLE else bytearray)  # large bytes
     assert isinstance(out[2][0], bytes)
+    [[frame]] = FrameDecoder().feed(wire([[bytearray(big)]]))
+    assert type(frame) is bytearray and frame == big   # large, not bytes: its own buffer
+
+
+def test_header_flags_large_whole_bytes_frames():
+    """A large frame that is a whole ``bytes`` object (or a view of all of one)
+    is flagged, so the receiver can rebuild it as ``bytes`` without a copy."""
+    big = b"b" * LARGE
+    flagged = len(big) | BYTES_FLAG
+    assert header([big]) == struct.pack("<IQ", 1, flagged)
+    assert header([memoryview(big)]) == struct.pack("<IQ", 1, flagged)
+    assert header([memoryview(big)[1:]]) == struct.pack("<IQ", 1, len(big) - 1)
+    assert header([bytearray(big), b"x" * 10]) == struct.pack("<IQQ", 2, len(big), 10)
+
+
+@pytest.mark.skipif(not inplace.AVAILABLE, reason="bytes filled in place: CPython only")
+@pytest.mark.parametrize("chunk", [1, 1000, 65536, 1 << 20])
+def test_bytes_frame_is_received_as_bytes_in_any_split(chunk):
+    big = bytes(range(256)) * 3000
+    data = wire([[b"head", big, bytearray(big), b"tail"]])
+    dec, out = FrameDecoder(), []
+    for i in range(0, len(data), chunk):
+        out += dec.feed(data[i:i + chunk])
+    [[head, frame, other, tail]] = out
+    assert type(frame) is bytes and frame == big and hash(frame) == hash(big)
+    assert type(other) is bytearray and other == big
+    assert (head, tail) == (b"head", b"tail") and not dec.partial and dec.held == 0
+
+
+@pytest.mark.skipif(not inplace.AVAILABLE, reason="bytes filled in place: CPython only")
+def test_growing_bytes_frees_an_unfinished_frame():
+    import tracemalloc
+    data = bytearray(b"q" * (4 << 20))
+    address, holder = inplace.address_of(data)
+    tracemalloc.start()
+    try:
+        grown = inplace.GrowingBytes(10 << 20)
+        grown.extend(address, len(data))
+        assert len(grown) == 4 << 20
+        assert tracemalloc.get_traced_memory()[0] >= 4 << 20
+        with pytest.raises(ValueError, match="of its"):
+            grown.finish()
+        with pytest.raises(ValueError, match="do not fit"):
+            grown.extend(address, 7 << 20)
+        del grown
+        assert tracemalloc.get_traced_memory()[0] < 1 << 20
+    finally:
+        tracemalloc.stop()
 
 
 def test_large_frame_grows_as_its_bytes_arrive():
@@ -81,7 +130,7 @@ def test_large_frame_grows_as_its_bytes_arrive():
         if fed < len(data):
             assert out == [] and dec.held == fed - 12
     [[frame]] = out
-    assert type(frame) is bytearray and frame == payload
+    assert type(frame) is (bytes if inplace.AVAILABLE else bytearray) and frame == payload
     assert not dec.partial and dec.held == 0
 
 
@@ -96,6 +145,22 @@ def test_huge_declared_frame_holds_only_the_bytes_sent():
         tracemalloc.stop()
     assert dec.held == 100_000 and dec.partial
     assert peak < 2**20
+
+
+def test_huge_declared_bytes_frame_holds_only_the_bytes_sent():
+    """The same for a frame flagged as ``bytes`` (received into a bytes object)."""
+    import tracemalloc
+    dec = FrameDecoder()
+    tracemalloc.start()
+    try:
+        dec.feed(struct.pack("<IQ", 1, 3 * 2**30 | BYTES_FLAG) + b"x" * 100_000)
+        for _ in range(8):
+            dec.feed(b"y" * (1 << 20))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert dec.held == 100_000 + (8 << 20) and dec.partial
+    assert peak < 8 * 2**20 * 9 // 8 + 2 * 2**20
 
 
 def test_big_header_goes_through_own_buffer():
@@ -188,10 +253,10 @@ def test_huge_counts_rejected(count):
         FrameDecoder().feed(struct.pack("<I", count))
 
 
-@given(length=st.integers(4 * 2**30 + 1, 2**64 - 1))
-def test_huge_lengths_rejected(length):
+@given(length=st.integers(4 * 2**30 + 1, BYTES_FLAG - 1), flag=st.sampled_from([0, BYTES_FLAG]))
+def test_huge_lengths_rejected(length, flag):
     with pytest.raises(ProtocolError, match="max_frame_bytes"):
-        FrameDecoder().feed(struct.pack("<IQ", 1, length))
+        FrameDecoder().feed(struct.pack("<IQ", 1, length | flag))
 
 
 # -- sendmsg_all with partial sends -----------------------------------------------------
