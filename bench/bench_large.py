@@ -1,5 +1,7 @@
 """Large data (issue 15): one ``bytes`` argument (the job returns its length)
-and one ``bytes`` result (the job returns ``b"y" * n``), at several sizes, for
+and one ``bytes`` result (the job returns ``b"y" * n``), at several sizes, and
+the same with a NumPy ``float64`` array (``--kinds numpy``; pickle protocol 5
+out-of-band buffers; left out when NumPy is not installed), for
 
 * ``local``: ``dpool.futures.Executor(max_workers=1)`` (embedded node),
 * ``node``:  the same against a ``dpool-node`` subprocess on 127.0.0.1 (TCP,
@@ -7,68 +9,84 @@ and one ``bytes`` result (the job returns ``b"y" * n``), at several sizes, for
 * ``mp``:    ``multiprocessing.Pool(1)``, the reference,
 
 each measurement in a fresh client process.  Reports MB/s, the client's peak
-RSS above its baseline (the user's own object excluded) and, for ``node``,
-the node's process tree peak (node + worker), both in multiples of the
-payload.  Memory is sampled every 5 ms.
+RSS above its baseline (the user's own object excluded) and the far side's
+(the workers; for ``node``, the node and its workers), both in multiples of
+the payload, from the kernel's high-water marks (Linux).  The last table gives each dpool
+path's speed as a ratio to ``mp`` measured in the same run (median of
+``--repeat`` rounds, the modes interleaved within each round).
 
-    python bench/bench_large.py                    # 1 MB, 100 MB, 1 GB, 2 GB
-    python bench/bench_large.py --sizes 1 100      # MB
+    python bench/bench_large.py                    # 1 MB, 100 MB, 1 GB, 2 GB; bytes and NumPy
+    python bench/bench_large.py --sizes 1 100 --kinds bytes --repeat 3
 
 The machine is shared: run it alone, compare with ``mp`` in the same run.
 """
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import psutil
 
 
 def size_of(data):
-    return len(data)
+    return data.nbytes if hasattr(data, "nbytes") else len(data)
 
 
 def make(n):
     return b"y" * n
 
 
-class PeakSampler:
-    """Peak RSS of some processes, sampled every 5 ms in a thread."""
+def make_array(n):
+    import numpy
+    return numpy.full(n // 8, 1.5)
+
+
+def argument(kind, n):
+    if kind == "numpy":
+        import numpy
+        return numpy.full(n // 8, 2.5)
+    return b"x" * n
+
+
+def _status(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class HighWater:
+    """Peak RSS above the start of some processes: the kernel's high-water
+    mark of each (Linux ``VmHWM``, reset through ``/proc/PID/clear_refs`` on
+    entry), summed (an upper bound of their total's peak).  Nothing runs
+    meanwhile: a sampling thread would take a share of the 2 cores measured."""
 
     def __init__(self, pids_fn):
-        self._pids_fn = pids_fn
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def total(self):
-        total = 0
-        for pid in self._pids_fn():
-            try:
-                total += psutil.Process(pid).memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.total())
-            time.sleep(0.005)
+        self._pids = pids_fn()
+        self.grown = 0
 
     def __enter__(self):
-        self.base = self.total()
-        self.peak = self.base
-        self._thread.start()
+        self.base = {}
+        for pid in self._pids:
+            try:
+                with open(f"/proc/{pid}/clear_refs", "w") as f:
+                    f.write("5")
+                self.base[pid] = _status(pid, "VmRSS")
+            except OSError:
+                pass
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.total())
+        for pid, rss in self.base.items():
+            try:
+                self.grown += max(0, _status(pid, "VmHWM") - rss)
+            except OSError:
+                pass
 
 
 def tree(pid):
@@ -79,7 +97,7 @@ def tree(pid):
         return []
 
 
-def one(mode, direction, mb, node_pid=None, port=None):
+def one(mode, kind, direction, mb, node_pid=None, port=None):
     """A single measurement (run in its own process); returns a dict."""
     n = mb * 1_000_000
     me = os.getpid()
@@ -100,68 +118,116 @@ def one(mode, direction, mb, node_pid=None, port=None):
                      else (lambda: [c.pid for c in psutil.Process(me).children(recursive=True)]))
         close = ex.shutdown
     try:
-        submit(size_of, b"warm-up")
-        data = b"x" * n if direction == "send" else None
-        with PeakSampler(lambda: [me]) as client, PeakSampler(node_tree) as far:
+        submit(size_of, argument(kind, 64))   # (imports NumPy in the worker too)
+        data = argument(kind, n) if direction == "send" else None
+        with HighWater(lambda: [me]) as client, HighWater(node_tree) as far:
             t = time.perf_counter()
             if direction == "send":
                 assert submit(size_of, data) == n
             else:
-                result = submit(make, n)
-                assert len(result) == n
+                result = submit(make_array if kind == "numpy" else make, n)
+                assert size_of(result) == n
             elapsed = time.perf_counter() - t
     finally:
         close()
     # a result is the user's own object: count it out, as the argument is
     own = n if direction == "result" else 0
-    return {"mode": mode, "dir": direction, "mb": mb, "mbs": round(mb / elapsed),
-            "client_x": round((client.peak - client.base - own) / n, 2),
-            "far_x": round((far.peak - far.base) / n, 2)}
+    return {"mode": mode, "kind": kind, "dir": direction, "mb": mb, "mbs": round(mb / elapsed, 1),
+            "client_x": round((client.grown - own) / n, 2),
+            "far_x": round((far.grown - own) / n, 2)}
 
 
 def start_node():
     home = tempfile.mkdtemp()
     env = dict(os.environ, DPOOL_SECRET="bench-large-secret-0123456789", DPOOL_HOME=home)
     proc = subprocess.Popen([sys.executable, "-m", "dpool.daemons.node", "--port", "0",
-                             "--cpus", "1"], stdout=subprocess.PIPE, env=env, text=True)
+                             "--cpus", "1", "--loglevel", "WARNING"],
+                            stdout=subprocess.PIPE, env=env, text=True)
     line = proc.stdout.readline()
     port = int(line.split(" on ")[1].split()[0].rsplit(":", 1)[1])
     return proc, port, env
+
+
+def measure(proc, port, env, mode, kind, direction, mb):
+    cmd = [sys.executable, __file__, "--one", mode, kind, direction, str(mb),
+           "--node", str(proc.pid), str(port)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode:
+        print(f"{mode} {kind} {direction} {mb} MB failed: {out.stderr[-500:]}")
+        return None
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{r['mb']:>6} MB {r['kind']:<6} {r['mode']:<6} {r['dir']:<7} {r['mbs']:>6} MB/s  "
+          f"client +{r['client_x']:.2f}x  node/workers +{r['far_x']:.2f}x", flush=True)
+    return r
+
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2] if values else None
+
+
+def report(rows, args):
+    """The table of medians, with each dpool path's ratio to mp.Pool."""
+    print(f"\n{' '.join(sys.argv)}    ({load()})")
+    print("| size | kind | path | send MB/s (x mp) | result MB/s (x mp) "
+          "| client send / result | node+workers send / result |")
+    print("|---|---|---|---|---|---|---|")
+    def med(mode, kind, direction, mb, key):
+        return median([r[key] for r in rows if (r["mode"], r["kind"], r["dir"], r["mb"])
+                       == (mode, kind, direction, mb)])
+    for mb in args.sizes:
+        for kind in args.kinds:
+            for mode in args.modes:
+                cells = []
+                for direction in ("send", "result"):
+                    speed, ref = med(mode, kind, direction, mb, "mbs"), med("mp", kind,
+                                                                           direction, mb, "mbs")
+                    ratio = f" ({speed / ref:.2f}x)" if speed and ref and mode != "mp" else ""
+                    cells.append(f"{speed}{ratio}")
+                mem = [med(mode, kind, d, mb, key) for key in ("client_x", "far_x")
+                       for d in ("send", "result")]
+                print(f"| {mb} MB | {kind} | {mode} | {cells[0]} | {cells[1]} | "
+                      f"{mem[0]} / {mem[1]} | {mem[2]} / {mem[3]} |")
+
+
+def load():
+    one_min, five, fifteen = os.getloadavg()
+    return f"load average {one_min:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} CPUs"
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 100, 1000, 2000], help="MB")
     p.add_argument("--modes", nargs="+", default=["local", "node", "mp"])
-    p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--kinds", nargs="+", default=["bytes", "numpy"])
+    p.add_argument("--repeat", type=int, default=1, help="rounds (medians are reported)")
+    p.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--node", nargs=2, type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        mode, direction, mb = args.one
+        mode, kind, direction, mb = args.one
         node_pid, port = args.node or (None, None)
-        print(json.dumps(one(mode, direction, int(mb), node_pid, port)))
+        print(json.dumps(one(mode, kind, direction, int(mb), node_pid, port)))
         return
+    if "numpy" in args.kinds and importlib.util.find_spec("numpy") is None:
+        print("NumPy is not installed: the numpy rows are left out")
+        args.kinds = [k for k in args.kinds if k != "numpy"]
+    print(load())
     proc, port, env = start_node()
     rows = []
     try:
-        for mb in args.sizes:
-            for mode in args.modes:
-                for direction in ("send", "result"):
-                    cmd = [sys.executable, __file__, "--one", mode, direction, str(mb),
-                           "--node", str(proc.pid), str(port)]
-                    out = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                                         timeout=600)
-                    if out.returncode:
-                        print(f"{mode} {direction} {mb} MB failed: {out.stderr[-500:]}")
-                        continue
-                    rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                    r = rows[-1]
-                    print(f"{r['mb']:>6} MB {r['mode']:<6} {r['dir']:<7} {r['mbs']:>6} MB/s  "
-                          f"client +{r['client_x']:.2f}x  node/workers +{r['far_x']:.2f}x",
-                          flush=True)
+        for _ in range(args.repeat):
+            for mb in args.sizes:
+                for kind in args.kinds:
+                    for direction in ("send", "result"):
+                        for mode in args.modes:
+                            r = measure(proc, port, env, mode, kind, direction, mb)
+                            if r is not None:
+                                rows.append(r)
     finally:
         proc.terminate()
         proc.wait()
+    report(rows, args)
 
 
 if __name__ == "__main__":
