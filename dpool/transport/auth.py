@@ -94,7 +94,8 @@ Hello = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
 
 log = logging.getLogger("dpool.transport")
 
-PROTOCOL_VERSION = 2  # 2: attempt numbers in RUN and DONE, HEARTBEAT
+# 2: attempt numbers in RUN and DONE, HEARTBEAT; 3: BYTES_FLAG in frame lengths
+PROTOCOL_VERSION = 3
 
 MAGIC = b"DPOOL\x00\x02\x00"
 NONCE_SIZE = 32
