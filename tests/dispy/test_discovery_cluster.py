@@ -209,3 +209,14 @@ def test_a_node_behind_nat_is_reached_at_its_ext_host(lan, tmp_path):
             node.terminate()
         lan.nodes.clear()
         forward.close()
+
+
+def test_a_node_with_no_discovery_answers_nothing(lan, tmp_path):
+    node = start_node(tmp_path / "quiet", port=lan.port, cpus=1, secret=SECRET,
+                      args=("--host", "127.0.0.2", "--no-discovery"), env=node_env(SECRET))
+    lan.nodes.append(node)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.2", lan.port))   # the node holds no UDP port
+    with pytest.raises(BrokenCluster, match="discovery found no node"):
+        dpool.JobCluster(identity, nodes=["*"], node_port=lan.port, secret=SECRET,
+                         connect_timeout=2)
