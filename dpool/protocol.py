@@ -19,6 +19,8 @@ Headers are only ever decoded on connections whose peer has authenticated
 Client -> node                         Node -> client
   Session  (options)                     Ready    (info)
   Func     (fn_id)       + blob          Refused  (reason)
+                                         Busy     (reason)  no free CPU (other
+                                            clients hold them all): try later
   Run      (jobs)        + payloads      Done     (results) + payloads
   Cancel   (job_ids)                     Started  (jobs: [(job_id, time)])
   Bye      ()
@@ -124,6 +126,7 @@ class Op(IntEnum):
     GIVEBACK = 27
     DRAINING = 28
     RECLAIM = 29
+    BUSY = 30  # instead of READY: every CPU is taken by other clients; try again later
 
 
 class Call(IntEnum):
@@ -309,6 +312,13 @@ class Ready(NamedTuple):
 
 @message(Op.REFUSED)
 class Refused(NamedTuple):
+    reason: str
+
+
+@message(Op.BUSY)
+class Busy(NamedTuple):
+    """The node's CPUs are all taken by other clients' sessions: the client
+    may try again (it does, up to its connect timeout); the node closes."""
     reason: str
 
 

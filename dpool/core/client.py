@@ -74,6 +74,8 @@ def tls_context(cafile=None, certfile=None, keyfile=None):
 
 
 #: Functions a node session keeps at most (see Client._forget).
+#: How often a busy node (its CPUs all taken by other clients) is asked again.
+BUSY_POLL = 0.5
 _NODE_FUNCTIONS = 1024
 
 
@@ -126,6 +128,7 @@ class NodeLink:
         self.retry = True  # False: the node refused us, or we closed it: don't re-join
 
     hold = False  # True: READY but not given jobs until an extension admits it
+    busy = False  # True: the node answered Busy (other clients hold its CPUs)
     draining = False  # True: the node said it is shutting down
 
     @property
@@ -262,7 +265,8 @@ class Client:
         self.connect_timeout = liveness.connect_timeout(connect_timeout)
         self.liveness = liveness.settings(heartbeat)
         self._ticker = None  # the heartbeat timer (call_later handle)
-        self._rejoins = {}  # address -> task retrying a lost node
+        self._rejoins = {}  # address -> task retrying a lost (or busy) node
+        self._busy_until = {}  # address -> when to stop waiting for a busy node
         self.scheduler = Scheduler(max_retries=max_retries)
         self.functions = _FunctionTable()
         self.jobs = {}
@@ -277,6 +281,7 @@ class Client:
         self._thread = LoopThread(name)
         self.loop = self._thread.loop
         self._handlers = {P.Ready: self._on_ready, P.Refused: self._on_refused,
+                          P.Busy: self._on_busy,
                           P.Done: self._on_done, P.Started: self._on_started,
                           P.InitFail: self._on_initfail, P.Heartbeat: _ignore,
                           P.GiveBack: self._on_giveback, P.Draining: self._on_draining}
@@ -429,6 +434,7 @@ class Client:
         await asyncio.gather(*(self._connect(addr) for addr in self.node_addresses or ()))
         if self.discovery is not None:
             await self.start_discovery()
+        await self._wait_busy()
         if not any(link.ready for link in self.links):
             errors = "; ".join(f"{link.address[0]}:{link.address[1]}: {describe(link.error)}"
                                for link in self.links)
@@ -465,14 +471,28 @@ class Client:
         node.accept(theirs)
         await self._open_session(link)
 
-    async def _connect(self, address, link=None, quiet=False):
+    async def _wait_busy(self):
+        """No node is ready yet but some are busy with other clients: wait
+        until one is ready or none is waited for (each at most its connect
+        timeout; see :meth:`_connect`)."""
+        while not any(link.ready for link in self.links):
+            waits = [self._rejoins[address] for address in self._busy_until
+                     if address in self._rejoins]
+            if not waits:
+                return
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _connect(self, address, link=None, quiet=False, timeout=None):
         """Connect to a node and open a session, within connect_timeout.
         On failure the link keeps the error (never an empty text) and a node
-        that may come back is retried in the background."""
+        that may come back is retried in the background; a node busy with
+        other clients is waited for (the user told once) up to the connect
+        timeout from the first try."""
         host, port = address
         link = link or NodeLink(address)
         self._replace_link(link)
-        timeout = self.connect_timeout
+        timeout = timeout or self.connect_timeout
+        start = self.loop.time()
         try:
             async with asyncio.timeout(timeout):
                 link.conn = await connect(host, port, secret=self.secret or b"",
@@ -483,11 +503,22 @@ class Client:
                 exc = TimeoutError(f"no answer from {host}:{port} within the connect "
                                    f"timeout of {timeout} s")
             link.error = link.error or exc
-            if not quiet:
+            if link.busy:
+                self._on_busy_node(link, start)
+            elif not quiet:
                 log.warning("node %s:%s: %s", host, port, describe(link.error))
             if link.conn is not None:
                 link.conn.abort()
             self._maybe_rejoin(link)
+
+    def _on_busy_node(self, link, start):
+        """``link``'s node is busy: say so once, and wait for it (the rejoin
+        task retries) until the connect timeout from the first try."""
+        if link.address not in self._busy_until:
+            self._busy_until[link.address] = start + self.connect_timeout
+            log.warning("node %s:%s is busy with another client (%s); waiting for it up to "
+                        "the connect timeout of %g s", *link.address, describe(link.error),
+                        self.connect_timeout)
 
     def _replace_link(self, link):
         """Add ``link``; a lost link to the same address is replaced."""
@@ -572,6 +603,12 @@ class Client:
 
     def _on_refused(self, link, msg, frames):
         link.retry = False
+        link.error = DpoolError(msg.reason)
+        if not link.ready_future.done():
+            link.ready_future.set_exception(link.error)
+
+    def _on_busy(self, link, msg, frames):
+        link.busy = True
         link.error = DpoolError(msg.reason)
         if not link.ready_future.done():
             link.ready_future.set_exception(link.error)
@@ -726,11 +763,19 @@ class Client:
                                    cap=max(1.0, min(5.0, self.liveness.deadline / 2)))
         try:
             while not self.closed:
-                await asyncio.sleep(backoff.next())
+                until = self._busy_until.get(address)
+                if until is not None and self.loop.time() >= until:
+                    self._give_up_busy(address)
+                    return
+                await asyncio.sleep(backoff.next() if until is None else BUSY_POLL)
                 link = NodeLink(address)
-                await self._connect(address, link, quiet=True)
+                timeout = None if until is None else max(0.5, until - self.loop.time())
+                await self._connect(address, link, quiet=True, timeout=timeout)
                 if link.ready:
-                    log.warning("node %s (%s:%s) is back", link.name, *address)
+                    if self._busy_until.pop(address, None) is not None:
+                        log.info("node %s (%s:%s) is free now: using it", link.name, *address)
+                    else:
+                        log.warning("node %s (%s:%s) is back", link.name, *address)
                     self.broken = None
                     return
                 if not link.retry or isinstance(link.error, (AuthenticationError, ProtocolError)):
@@ -738,6 +783,16 @@ class Client:
                     return
         finally:
             self._rejoins.pop(address, None)
+
+    def _give_up_busy(self, address):
+        """The connect timeout passed and the node is still busy: not used."""
+        self._busy_until.pop(address, None)
+        for link in self.links:
+            if link.address == address and not link.ready and link.busy:
+                link.error = DpoolError(f"{describe(link.error)}; still busy with another "
+                                        f"client after the connect timeout of "
+                                        f"{self.connect_timeout:g} s")
+                log.warning("node %s:%s: %s (not used)", *address, link.error)
 
     def _drain(self):
         self._wake_pending = False

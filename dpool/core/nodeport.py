@@ -123,7 +123,7 @@ class Link:
             self.info, self.ready = msg.info, True
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
-        elif kind is P.Refused:
+        elif kind is P.Refused or kind is P.Busy:  # Busy: another client holds its CPUs
             self._fail(DpoolError(f"node {self.port}: {msg.reason}"))
         elif kind is not P.Heartbeat:
             on_message(self, msg, frames)

@@ -318,10 +318,10 @@ class Session:
     def on_session(self, msg, frames):
         options = self.options = msg.options
         self.cpus = self.node.grant(options)
-        if self.cpus <= 0:
-            self.conn.send([P.encode(P.Refused, f"node {self.node.name} has no free CPUs (all "
-                                               f"{self.node.cpus} are in use by other clients)")])
-            self.end("refused")
+        if self.cpus <= 0:  # the client tries again later (up to its connect timeout)
+            self.conn.send([P.encode(P.Busy, f"node {self.node.name} has no free CPUs (all "
+                                            f"{self.node.cpus} are in use by other clients)")])
+            self.end("busy")
             return
         if "heartbeat" in options and not self.node.embedded:
             self.watch(liveness.peer_settings(options["heartbeat"]))
@@ -723,5 +723,7 @@ class Session:
                 and self.options.get("cleanup", True):
             shutil.rmtree(self.dir, ignore_errors=True)
         counts = ", ".join(f"{n} {what}" for what, n in self.counts.items()) or "no jobs"
-        log.log(self.node.log_level, "session %s ended (%s): client %s; jobs: %s",
-                self.sid, why, self.conn.peer, counts)
+        # A busy node's waiting clients ask again every second or so: not news.
+        log.log(logging.DEBUG if why == "busy" else self.node.log_level,
+                "session %s ended (%s): client %s; jobs: %s", self.sid, why, self.conn.peer,
+                counts)

@@ -275,7 +275,7 @@ def test_a_silent_recoverable_client_is_kept_per_keep_results(nodes, node_secret
     # Detached, not ended: its CPUs stay taken and RECOVER gets it back.
     sock, header = open_session(a.port, node_secret)
     with sock:
-        assert type(header) is P.Refused and "no free CPUs" in header.reason
+        assert type(header) is P.Busy and "no free CPUs" in header.reason
     with authenticated_socket(a.port, node_secret) as sock:
         send(sock, P.Recover("tok", False))
         header = reply(sock)

@@ -1,0 +1,134 @@
+"""A node busy with another client: a second client waits for it (and is
+told why, once) up to its connect timeout, instead of failing at once with
+'no free CPUs' (issue 11, item 4).  Two clients on one local dpool-node
+(1 CPU, an ephemeral port); the same for JobCluster, Executor and Pool.
+"""
+import logging
+import threading
+import time
+
+import pytest
+
+import dpool
+from dpool.errors import BrokenCluster
+from dpool.futures import Executor
+from helpers import poll_for, start_node
+
+
+def compute(n):
+    return n * 2
+
+
+class Api:
+    """Open a client of one API on ``node``, run ``compute(n)``, close it."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def open(self, node, **kwargs):
+        kwargs = dict(nodes=[node.address], secret=node.secret, **kwargs)
+        if self.name == "jobcluster":
+            return dpool.JobCluster(compute, **kwargs)
+        if self.name == "executor":
+            return Executor(**kwargs)
+        return dpool.Pool(1, **kwargs)
+
+    def run(self, client, n):
+        if self.name == "jobcluster":
+            job = client.submit(n)
+            result = job(timeout=60)
+            assert job.status == dpool.DispyJob.Finished, job.exception
+            return result
+        if self.name == "executor":
+            return client.submit(compute, n).result(timeout=60)
+        return client.apply_async(compute, (n,)).get(timeout=60)
+
+    def close(self, client):
+        if self.name == "jobcluster":
+            client.close()
+        elif self.name == "executor":
+            client.shutdown()
+        else:
+            client.close()
+            client.join()
+
+
+APIS = [Api("jobcluster"), Api("executor"), Api("pool")]
+
+
+def busy_warnings(caplog, node):
+    return [r for r in caplog.records if r.levelno == logging.WARNING
+            and "busy with another client" in r.getMessage() and "waiting" in r.getMessage()
+            and f"127.0.0.1:{node.port}" in r.getMessage()]
+
+
+@pytest.mark.parametrize("api", APIS, ids=lambda api: api.name)
+def test_second_client_waits_for_the_busy_node_then_runs(api, node1, caplog):
+    caplog.set_level(logging.WARNING)
+    first = api.open(node1)
+    assert api.run(first, 1) == 2
+    outcome = {}
+
+    def second_client():
+        try:
+            client = api.open(node1, connect_timeout=60)
+            try:
+                outcome["result"] = api.run(client, 21)
+            finally:
+                api.close(client)
+        except BaseException as exc:  # reported by the test, below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=second_client)
+    thread.start()
+    try:
+        poll_for(lambda: busy_warnings(caplog, node1) or "error" in outcome, timeout=30,
+                 message="the second client to say the node is busy")
+        assert "error" not in outcome, outcome
+        time.sleep(0.5)  # it keeps waiting (no error) while the node stays busy
+        assert not outcome
+    finally:
+        api.close(first)
+        thread.join(90)
+    assert outcome == {"result": 42}
+    assert len(busy_warnings(caplog, node1)) == 1  # told once, not per retry
+
+
+@pytest.mark.parametrize("api", APIS, ids=lambda api: api.name)
+def test_busy_node_fails_after_the_connect_timeout(api, node1, caplog):
+    caplog.set_level(logging.WARNING)
+    first = api.open(node1)
+    try:
+        assert api.run(first, 1) == 2
+        t0 = time.monotonic()
+        with pytest.raises(BrokenCluster, match="busy with another client") as info:
+            api.open(node1, connect_timeout=1.5)
+        waited = time.monotonic() - t0
+        assert "connect timeout" in str(info.value)
+        assert waited >= 1.0  # it waited, instead of failing at once
+        assert len(busy_warnings(caplog, node1)) == 1
+    finally:
+        api.close(first)
+
+
+def test_with_another_node_free_the_client_starts_at_once_and_takes_the_busy_one_later(
+        tmp_path, node1, node_secret, caplog):
+    caplog.set_level(logging.WARNING)
+    free = start_node(tmp_path / "free", cpus=1, secret=node_secret)
+    try:
+        with Executor(nodes=[node1.address], secret=node_secret) as first:
+            assert first.submit(compute, 1).result(timeout=60) == 2
+            t0 = time.monotonic()
+            second = Executor(nodes=[node1.address, free.address], secret=node_secret,
+                              connect_timeout=60)
+            try:
+                assert time.monotonic() - t0 < 30  # not held up by the busy node
+                assert second.submit(compute, 2).result(timeout=60) == 4
+                assert len(busy_warnings(caplog, node1)) == 1
+                first.shutdown()
+                poll_for(lambda: len(second._client.nodes()) == 2, timeout=30,
+                         message="the busy node to join once free")
+            finally:
+                second.shutdown()
+    finally:
+        assert free.terminate() == 0
