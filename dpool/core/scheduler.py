@@ -32,6 +32,8 @@ Policies:
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
@@ -42,7 +44,7 @@ Node = Hashable
 JobId = int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made once per batch sent, and frozen costs 3x
 class Send:
     node: Node
     jobs: list[JobId]
@@ -80,7 +82,7 @@ Action = Send | Fail | CancelRemote | Cancelled | Reclaim
 RECLAIM_MIN = 0.01
 
 
-@dataclass
+@dataclass(slots=True)
 class NodeState:
     cpus: int
     inflight: set[JobId] = field(default_factory=set)
@@ -90,6 +92,12 @@ class NodeState:
     # answer gives them all back, or (a shorter answer) a job ends here.
     reclaiming: int = 0
     draining: bool = False  # stopping: no new jobs
+    # Kept by the Scheduler's indexes (see Scheduler._sync): the node's place
+    # in add order, its free CPUs as last counted, and those of its valid
+    # entry in the free-CPU heap (0: none).
+    seq: int = 0
+    free_seen: int = 0
+    heap_free: int = 0
 
     def limit(self) -> int:
         """Jobs this node may hold: two per CPU (the next job is always there
@@ -115,7 +123,7 @@ class NodeState:
         return max(0, len(self.inflight) - self.cpus)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Job:
     node: Node | None = None  # where it runs, None while queued
     pin: Node | None = None  # the only node it may run on
@@ -134,23 +142,38 @@ class Scheduler:
             collections.defaultdict(collections.deque)
         self.stale = 0  # outcomes dropped: not from the job's current attempt
         self.ema: float | None = None  # moving average of job durations on any node
+        # Indexes over the nodes, so that placing a job or ending one costs
+        # the same with 10 nodes or 10,000 (no scan of every node):
+        self._seqs = itertools.count()
+        self._free_heap: list[tuple[int, int, Node]] = []  # (-free CPUs, seq, node), lazy
+        self._free_total = 0  # free CPUs on all nodes
+        self._open: dict[Node, NodeState] = {}  # nodes with room for more jobs
+        self._waiting: dict[Node, NodeState] = {}  # nodes holding jobs they have not started
 
     # ----------------------------------------------------------------- events
 
     def submit(self, job_ids: Iterable[JobId], now: float = 0.0,
                pin: Node | None = None) -> list[Action]:
+        jobs, queue = self.jobs, (self.pinned[pin] if pin is not None else self.queue)
         for job_id in job_ids:
-            self.jobs[job_id] = _Job(pin=pin)
-            (self.pinned[pin] if pin is not None else self.queue).append(job_id)
+            jobs[job_id] = _Job(None, pin)
+            queue.append(job_id)
         return self._dispatch()
 
     def add_node(self, node: Node, cpus: int, now: float = 0.0) -> list[Action]:
-        self.nodes[node] = NodeState(cpus)
+        old = self.nodes.get(node)
+        if old is not None:
+            self._unindex(node, old)
+        state = self.nodes[node] = NodeState(cpus)
+        state.seq = next(self._seqs) if old is None else old.seq
+        self._sync(node, state)
         return self._dispatch()
 
     def set_cpus(self, node: Node, cpus: int) -> list[Action]:
-        if node in self.nodes:
-            self.nodes[node].cpus = cpus
+        state = self.nodes.get(node)
+        if state is not None:
+            state.cpus = cpus
+            self._sync(node, state)
         return self._dispatch()
 
     def remove_node(self, node: Node, now: float = 0.0,
@@ -160,6 +183,7 @@ class Scheduler:
         actions: list[Action] = []
         if state is None:
             return actions
+        self._unindex(node, state)
         error = NodeLost(reason or f"node {node} was lost")
         for job_id in sorted(state.inflight, reverse=True):
             job = self.jobs[job_id]
@@ -199,6 +223,7 @@ class Scheduler:
             if duration is not None:
                 state.ema = duration if state.ema is None else 0.8 * state.ema + 0.2 * duration
                 self.ema = duration if self.ema is None else 0.8 * self.ema + 0.2 * duration
+            self._sync(node, state)
         if job is None or not dispatch:
             return []
         return self._dispatch()
@@ -227,6 +252,8 @@ class Scheduler:
                 actions.append(Cancelled(job_id))
             else:
                 (self.pinned[job.pin] if job.pin is not None else self.queue).appendleft(job_id)
+        if state is not None:
+            self._sync(node, state)
         actions.extend(self._dispatch())
         return actions
 
@@ -235,6 +262,7 @@ class Scheduler:
         state = self.nodes.get(node)
         if state is not None:
             state.draining = True
+            self._sync(node, state)
         return self._dispatch()
 
     def cancel(self, job_id: JobId) -> list[Action]:
@@ -282,22 +310,90 @@ class Scheduler:
     # ---------------------------------------------------------------- private
 
     def _dispatch(self) -> list[Action]:
+        if not self.queue and not self.pinned and (self._free_total <= 0 or not self._waiting):
+            return []  # nothing to send or reclaim (the common case as a job ends)
         batches: dict[Node, list[JobId]] = {}
-        for node, queue in self.pinned.items():
+        for node, queue in list(self.pinned.items()) if self.pinned else ():
             state = self.nodes.get(node)
-            if state is not None:
+            if state is not None and queue:
                 self._fill(node, state, queue, batches, state.room())
-        if self.queue and self.nodes:
-            # One job per free CPU everywhere first, then the read-ahead.
-            for room in (NodeState.free_cpus, NodeState.room):
-                for node, state in sorted(self.nodes.items(), key=lambda kv: -room(kv[1])):
-                    self._fill(node, state, self.queue, batches, room(state))
-                    if not self.queue:
-                        break
+                self._sync(node, state)
+            if not queue:
+                del self.pinned[node]
+        if self.queue:
+            # One job per free CPU everywhere first (most free CPUs first),
+            # then the read-ahead (most room first); ties in add order.
+            self._fill_free(batches)
+            if self.queue:
+                self._fill_room(batches)
         actions: list[Action] = [Send(node, ids) for node, ids in batches.items()]
-        if not self._has_queued():
+        if self._free_total > 0 and self._waiting and not self._has_queued():
             actions.extend(self._reclaim())
         return actions
+
+    def _fill_free(self, batches: dict[Node, list[JobId]]) -> None:
+        heap, nodes = self._free_heap, self.nodes
+        while self.queue and heap:
+            minus_free, seq, node = heapq.heappop(heap)
+            state = nodes.get(node)
+            if state is None or state.seq != seq or state.heap_free != -minus_free:
+                continue  # stale: the node's free CPUs changed since, or it left
+            state.heap_free = 0
+            self._fill(node, state, self.queue, batches, -minus_free)
+            self._sync(node, state)
+
+    def _fill_room(self, batches: dict[Node, list[JobId]]) -> None:
+        for node, state in sorted(self._open.items(), key=lambda kv: (-kv[1].room(), kv[1].seq)):
+            self._fill(node, state, self.queue, batches, state.room())
+            self._sync(node, state)
+            if not self.queue:
+                break
+
+    def _sync(self, node: Node, state: NodeState) -> None:
+        """Bring the indexes up to date with ``state`` (call after any change
+        to its jobs in flight, CPUs, measured durations or draining)."""
+        held, cpus = len(state.inflight), state.cpus
+        if state.draining:
+            free, has_room = 0, False
+        elif held < cpus:
+            free, has_room = cpus - held, True
+        else:  # the limit is at least two per CPU
+            free, has_room = 0, held < 2 * cpus or state.limit() > held
+        if free != state.free_seen:
+            self._free_total += free - state.free_seen
+            state.free_seen = free
+        if free != state.heap_free:  # the entry in the heap (if any) goes stale
+            state.heap_free = free
+            if free > 0:
+                heap = self._free_heap
+                heapq.heappush(heap, (-free, state.seq, node))
+                if len(heap) > 4 * len(self.nodes) + 64:
+                    self._rebuild_heap()
+        opened, waiting = self._open, self._waiting
+        if has_room:
+            opened[node] = state
+        elif node in opened:
+            del opened[node]
+        if held > cpus:
+            waiting[node] = state
+        elif node in waiting:
+            del waiting[node]
+
+    def _unindex(self, node: Node, state: NodeState) -> None:
+        """``node`` leaves: out of every index (its heap entries go stale)."""
+        self._free_total -= state.free_seen
+        state.free_seen = state.heap_free = 0
+        self._open.pop(node, None)
+        self._waiting.pop(node, None)
+
+    def _rebuild_heap(self) -> None:
+        """Drop the stale entries (too many piled up)."""
+        heap = self._free_heap = []
+        for node, state in self.nodes.items():
+            free = state.heap_free = state.free_cpus()
+            if free > 0:
+                heap.append((-free, state.seq, node))
+        heapq.heapify(heap)
 
     def _has_queued(self) -> bool:
         jobs = self.jobs
@@ -311,9 +407,11 @@ class Scheduler:
     def _reclaim(self) -> list[Action]:
         """Free CPUs and nothing to send: ask nodes holding jobs they have
         not started to give them back."""
-        free = sum(state.free_cpus() for state in self.nodes.values())
+        free = self._free_total
         actions: list[Action] = []
-        for node, state in self.nodes.items():
+        if free <= 0 or not self._waiting:
+            return actions
+        for node, state in sorted(self._waiting.items(), key=lambda kv: kv[1].seq):
             if free <= 0:
                 break
             ema = self.ema if state.ema is None else state.ema

@@ -79,7 +79,8 @@ class ClientCounts:
 
 
 class _Client:
-    __slots__ = ("id", "weight", "nodes", "queue", "back", "queued", "running", "done")
+    __slots__ = ("id", "weight", "nodes", "queue", "back", "queued", "running", "done",
+                 "head")
 
     def __init__(self, client: ClientId, weight: float, nodes: frozenset[Node] | None) -> None:
         self.id = client
@@ -94,6 +95,7 @@ class _Client:
         self.queued = 0  # live entries in queue
         self.running: set[JobId] = set()
         self.done = 0
+        self.head: tuple[int, JobId] | None = None  # the next job, once known (see _head)
 
     def allows(self, node: Node | None) -> bool:
         return node is None or self.nodes is None or node in self.nodes
@@ -160,21 +162,25 @@ class FairShare:
         use): the job to run there, now counted as running; ``None`` only
         if no client allowed there has a job queued."""
         best: _Client | None = None
-        best_key: tuple[float, int] = (0.0, 0)
+        best_share = best_seq = 0.0
+        fifo = self.fifo
         for c in self._waiting.values():
-            if not c.allows(node):
+            if node is not None and c.nodes is not None and node not in c.nodes:
                 continue
-            seq = self._head(c)[0]
-            key = (0.0, seq) if self.fifo else ((len(c.running) + 1) / c.weight, seq)
-            if best is None or key < best_key:
-                best, best_key = c, key
+            seq = (c.head or self._head(c))[0]
+            share = 0.0 if fifo else (len(c.running) + 1) / c.weight
+            if best is None or share < best_share or (share == best_share and seq < best_seq):
+                best, best_share, best_seq = c, share, seq
         if best is None:
             return None
-        seq, job = self._head(best)
+        seq, job = best.head or self._head(best)
         (heapq.heappop(best.back) if best.back and best.back[0][0] == seq
          else best.queue.popleft())
+        best.head = None
         best.running.add(job)
-        self._queued(best, -1)
+        best.queued -= 1
+        if not best.queued:
+            del self._waiting[best.id]
         return Pick(best.id, job)
 
     def done(self, job: JobId) -> ClientId | None:
@@ -199,6 +205,7 @@ class FairShare:
         c, seq = held
         c.running.discard(job)
         heapq.heappush(c.back, (seq, job))
+        c.head = None
         self._queued(c, 1)
         return True
 
@@ -209,6 +216,7 @@ class FairShare:
         if held is None or job in held[0].running:
             return False
         del self._jobs[job]
+        held[0].head = None
         self._queued(held[0], -1)
         return True
 
@@ -232,6 +240,10 @@ class FairShare:
     def running(self) -> int:
         return sum(len(c.running) for c in self.clients.values())
 
+    def backlogged(self) -> int:
+        """How many clients have a job queued."""
+        return len(self._waiting)
+
     def has_work(self, node: Node | None = None) -> bool:
         """True if a job is queued that may run on ``node``."""
         return any(c.allows(node) for c in self._waiting.values())
@@ -251,15 +263,15 @@ class FairShare:
 
     def _head(self, c: _Client) -> tuple[int, JobId]:
         """``c``'s first live queued job, (seq, job) (dropping cancelled
-        ones on the way); ``c`` has one."""
+        ones on the way; kept in ``c.head`` until the queue changes); ``c``
+        has one."""
         back, queue = c.back, c.queue
         while back and not self._live(c, *back[0]):
             heapq.heappop(back)
         while queue and not self._live(c, *queue[0]):
             queue.popleft()
-        if back and (not queue or back[0][0] < queue[0][0]):
-            return back[0]
-        return queue[0]
+        c.head = back[0] if back and (not queue or back[0][0] < queue[0][0]) else queue[0]
+        return c.head
 
 
 def _check_weight(weight: float) -> None:

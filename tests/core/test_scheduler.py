@@ -466,6 +466,21 @@ class SchedulerNeverLosesJobs(RuleBasedStateMachine):
             assert state.inflight == {j for j, n in self.where.items() if n == node}
         assert set(self.s.nodes) == set(self.present)
 
+    @invariant()
+    def indexes_agree_with_a_scan(self):
+        """The scheduler's indexes (free-CPU heap and total, nodes with room,
+        nodes holding unstarted jobs) say what a scan of every node says."""
+        if not hasattr(self, "s"):
+            return
+        s, nodes = self.s, self.s.nodes
+        assert s._free_total == sum(state.free_cpus() for state in nodes.values())
+        assert set(s._open) == {n for n, state in nodes.items() if state.room() > 0}
+        assert set(s._waiting) == {n for n, state in nodes.items() if state.waiting() > 0}
+        valid = {(node, -free) for free, seq, node in s._free_heap
+                 if node in nodes and nodes[node].seq == seq and nodes[node].heap_free == -free}
+        assert valid == {(n, state.free_cpus()) for n, state in nodes.items()
+                         if state.free_cpus() > 0}
+
     def teardown(self):
         if not hasattr(self, "s"):
             return
