@@ -137,7 +137,7 @@ class Finder:
             self.seeker.ping()
             return
         for port in self.settings.ports():
-            self.seeker.ping(self.seeker.targets(port))
+            self.seeker.ping(self.seeker.targets_at(port))
 
     async def _ping_loop(self) -> None:
         loop = asyncio.get_running_loop()

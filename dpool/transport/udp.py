@@ -382,12 +382,15 @@ class Seeker(_Endpoint):
             except OSError as exc:
                 log.debug("discovery: cannot join %s on %s: %s", MULTICAST_GROUP, addr, exc)
 
-    def targets(self, port: int | None = None) -> list[Address]:
-        """Where pings go: ``ping_to``, else every directed broadcast address
-        (and the group, with multicast) at ``port`` (default ``node_port``)."""
+    def targets(self) -> list[Address]:
+        """Where :meth:`ping` sends by default: :meth:`targets_at` node_port."""
+        return self.targets_at(self.node_port)
+
+    def targets_at(self, port: int) -> list[Address]:
+        """``ping_to``, else every directed broadcast address (the group with
+        multicast, ff02::1 on each interface with IPv6) at ``port``."""
         if self.ping_to is not None:
             return self.ping_to
-        port = port or self.node_port
         out = broadcast_targets(port, loopback=True)
         if self.multicast:
             out.append((MULTICAST_GROUP, port))
