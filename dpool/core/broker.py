@@ -162,6 +162,8 @@ class ClientSession:
             pending[job_id] = (tuple(item), list(payload))
             ids.append((self, job_id))
         self.broker.fair.submit(self, ids)
+        if self.broker.draining:  # straight back: this scheduler is stopping
+            self.on_reclaim(P.Reclaim(len(pending)), [])
         self.broker.place_soon()
 
     def on_cancel(self, msg: Any, frames: list) -> None:
@@ -385,6 +387,8 @@ class ClientSession:
                     continue
             self.pending[job_id] = (where[1], where[2])
             fair.requeue((self, job_id))
+        if self.broker.draining:  # back to the client, to run elsewhere
+            self.on_reclaim(P.Reclaim(len(self.pending)), [])
         self.sync()
         self.broker.place_soon()
 
@@ -560,6 +564,8 @@ class Broker:
         first one job per CPU on every node, then (one client alone) one
         more per CPU."""
         self._place_scheduled = False
+        if self.draining:
+            return
         active = [client for client in self.clients if client.pending or client.placed]
         ahead = len(active) <= 1
         if self.ahead and not ahead:
@@ -658,6 +664,8 @@ class Broker:
             if client.options:
                 client.tell([P.encode(P.Draining, grace)])
                 client.on_reclaim(P.Reclaim(len(client.pending)), [])
+                for leg in client.legs.values():  # and those waiting on the nodes
+                    leg.send([P.encode(P.Reclaim, leg.port.cpus)])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while any(client.placed for client in self.clients) and loop.time() < deadline:

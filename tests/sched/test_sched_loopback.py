@@ -190,3 +190,57 @@ def test_jobs_with_no_node_left_fail_within_the_deadline(tmp_path):
         c.close()
         sched.terminate()
         node.kill()
+
+
+def test_a_heavier_client_gets_its_weighted_share(scheduler):
+    """Session option ``weight``: a client of weight 2 gets two thirds of the
+    CPUs while both have work."""
+    a, b = client(scheduler, session={"weight": 2}), client(scheduler)
+    try:
+        jobs_a = [a.submit(nap, (0.3,)) for _ in range(60)]
+        jobs_b = [b.submit(nap, (0.3,)) for _ in range(30)]
+        for job in jobs_a + jobs_b:
+            job.future.result(60)
+        assert 0.57 <= share(jobs_a, jobs_b) <= 0.77
+    finally:
+        a.close()
+        b.close()
+
+
+def test_shared_job_cluster_limited_to_some_nodes(scheduler, three_nodes):
+    """dispy's ``nodes`` of SharedJobCluster: the jobs run on those only."""
+    cluster = dpool.SharedJobCluster(nap_for, nodes=["127.0.0.3"], scheduler_host="127.0.0.1",
+                                     scheduler_port=scheduler.port, secret=SECRET)
+    try:
+        jobs = [cluster.submit(0.1) for _ in range(6)]
+        assert [job() for job in jobs] == [0.1] * 6
+        assert {job.ip_addr for job in jobs} == {"127.0.0.3"}
+    finally:
+        cluster.close()
+
+
+def test_sigterm_drains_the_scheduler(tmp_path, three_nodes):
+    """SIGTERM: running jobs finish, the queued ones go back to their client
+    (which, with no other node, fails them once the scheduler is gone; those
+    already waiting on a node's worker run there), and the scheduler exits 0."""
+    sched = start_scheduler(tmp_path / "sched", [(n.host, n.port) for n in three_nodes], SECRET)
+    c = client(sched)
+    try:
+        gate = str(tmp_path / "gate")
+        markers = _held(tmp_path, 3 * NODE_CPUS, "m")
+        running = [c.submit(hold, (m, gate)) for m in markers]
+        for m in markers:
+            read_marker(m, 30)
+        queued = [c.submit(nap_for, (0.1,)) for _ in range(3 * NODE_CPUS)]
+        sched.proc.send_signal(signal.SIGTERM)
+        open(gate, "w").close()
+        assert sched.proc.wait(30) == 0
+        assert all(isinstance(j.future.result(30), int) for j in running)
+        for job in queued:  # ran on a node already, or failed: none waits
+            try:
+                assert job.future.result(30) == 0.1
+            except BrokenCluster:
+                pass
+    finally:
+        c.close()
+        sched.kill()
