@@ -6,6 +6,9 @@ import sys
 
 from helpers import node_env, poll_for
 
+SECRET = b"scheduler-test-secret"  # the secret of tests/sched's nodes and scheduler
+NODE_CPUS = 2
+
 
 class SchedulerProcess:
     """``python -m dpool.daemons.scheduler`` in a subprocess, on a free port."""

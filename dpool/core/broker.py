@@ -42,6 +42,7 @@ from .. import serialize
 from ..errors import BrokenCluster, NodeLost
 from ..protocol import Outcome
 from ..transport import PROTOCOL_VERSION, Connection, start_server
+from .computation import Computation
 from .nodeport import Link, NodePort, Watch
 from .share import FairShare
 
@@ -53,7 +54,8 @@ _NOT_FORWARDED = ("heartbeat", "cpus", "recover_token", "pulse_interval", "nodes
 #: Seconds a new client waits, at most, for its sessions on the nodes before
 #: Ready (well within a client's connect timeout).
 LEG_WAIT = 5.0
-_ENV = (P.SetupDone, P.SetupFail, P.FileDone, P.Provisional, P.SendFile)
+_ENV = (P.SetupDone, P.SetupFail, P.FileDone)  # the computation's (computation.py)
+_PASSED_ON = (P.Provisional, P.SendFile)
 
 
 class ClientSession:
@@ -63,11 +65,8 @@ class ClientSession:
         self.broker, self.conn, self.sid = broker, conn, sid
         self.options: dict = {}
         self.init_frames: list = []
-        self.preamble: list[list] = []  # File(None) and Setup: sent to each new leg
         self.legs: dict[NodePort, Link] = {}
-        self.held: set[Link] = set()  # legs whose setup has not finished
-        self.setup_state: str | None = None  # None, "done", "failed"
-        self.set_up = 0  # legs whose setup ran
+        self.env = Computation(self)  # depends, setup, files: to every leg
         self.fns: dict[int, Any] = {}  # fn_id -> blob
         self.sent_fns: dict[Link, set[int]] = collections.defaultdict(set)
         # Queued jobs: job id -> (item, payload frames); their order is the policy's.
@@ -77,12 +76,11 @@ class ClientSession:
         self.running = 0
         self.weight = 1.0
         self.limit = 1 << 62
-        self.files: dict[int, list] = {}  # file request -> [legs left, first error]
         self.ended = False
         self.counts: collections.Counter = collections.Counter()
         self.handlers = {P.Session: self.on_session, P.Func: self.on_func, P.Run: self.on_run,
                          P.Cancel: self.on_cancel, P.Bye: self.on_bye, P.Forget: self.on_forget,
-                         P.File: self.on_file, P.Setup: self.on_setup,
+                         P.File: self.env.on_file, P.Setup: self.env.on_setup,
                          P.Heartbeat: lambda msg, frames: None, P.Reclaim: self.on_reclaim,
                          P.Status: self.on_status, P.Recover: self.on_recover}
 
@@ -197,24 +195,6 @@ class ClientSession:
                 sent.difference_update(drop)
                 leg.send([P.encode(P.Forget, drop)])
 
-    def on_file(self, msg: Any, frames: list) -> None:
-        if msg.req_id is None:  # a dependency: every node gets it, new ones too
-            self.on_setup(msg, frames)
-            return
-        legs = [leg for leg in self.legs.values() if leg.ready]
-        if not legs:
-            self.tell([P.encode(P.FileDone, msg.req_id, "no node is connected")])
-            return
-        self.files[msg.req_id] = [len(legs), None]
-        for leg in legs:
-            leg.send(list(frames))
-
-    def on_setup(self, msg: Any, frames: list) -> None:
-        self.preamble.append(list(frames))
-        for leg in self.legs.values():
-            if leg.conn is not None:
-                leg.send(list(frames))
-
     def on_status(self, msg: Any, frames: list) -> None:
         if not self.options:
             self.tell([P.encode(P.Status, self.broker.status())])
@@ -242,8 +222,7 @@ class ClientSession:
         if self.ended or port in self.legs or not self.wants(port):
             return None
         leg = self.legs[port] = Link(port)
-        if self.options.get("setup"):
-            self.held.add(leg)
+        self.env.leg_opening(leg)
         options = {key: value for key, value in self.options.items()
                    if key not in _NOT_FORWARDED}
         options["shared"] = True
@@ -251,16 +230,15 @@ class ClientSession:
 
     async def _open(self, leg: Link, options: dict) -> None:
         try:
-            await leg.open(options, self.init_frames, lambda: list(self.preamble),
+            await leg.open(options, self.init_frames, lambda: list(self.env.preamble),
                            self.on_leg_message, self.on_leg_closed)
         except Exception as exc:
             leg.abort()
             if self.legs.get(leg.port) is leg:
                 del self.legs[leg.port]
-            self.held.discard(leg)
             if not self.ended:
                 log.warning("%s: node %s: %s", self, leg.port, exc)
-                self._check_setup()
+                self.env.leg_gone(leg)
             return
         if self.ended:
             leg.bye()
@@ -270,7 +248,7 @@ class ClientSession:
 
     def usable(self, port: NodePort) -> Link | None:
         leg = self.legs.get(port)
-        if leg is None or not leg.ready or leg in self.held:
+        if leg is None or not leg.ready or leg in self.env.held:
             return None
         return leg
 
@@ -286,7 +264,9 @@ class ClientSession:
         elif kind is P.GiveBack:
             self.requeue(leg, msg.job_ids)
         elif kind in _ENV:
-            self.on_leg_env(leg, kind, msg, frames)
+            self.env.on_leg_message(leg, kind, msg, frames)
+        elif kind in _PASSED_ON:  # for the client's job, as they came
+            self.tell(list(frames))
         elif kind is P.InitFail:
             self.tell(list(frames))
             self.end("initializer failed")
@@ -306,68 +286,17 @@ class ClientSession:
         self.tell(frames)
         self.broker.place_soon()
 
-    def on_leg_env(self, leg: Link, kind: type, msg: Any, frames: list) -> None:
-        if kind is P.SetupDone:
-            self.held.discard(leg)
-            self.set_up += 1
-            self.sync()
-            self._check_setup()
-            self.broker.place_soon()
-        elif kind is P.SetupFail:
-            self._setup_failed = list(frames)
-            log.warning("%s: setup failed on node %s (left out)", self, leg.port)
-            leg.bye()
-        elif kind is P.FileDone:
-            self.file_answered(msg.req_id, msg.error)
-        else:  # Provisional, SendFile: for the client's job, as they came
-            self.tell(list(frames))
-
-    _setup_failed: list | None = None
-
-    def _check_setup(self) -> None:
-        """Once no leg is left to set up: SetupDone for the client if some
-        node ran its setup (so its first jobs spread over all of them), else
-        SetupFail."""
-        if self.setup_state is not None or not self.options.get("setup") or self.held:
-            return
-        if self.set_up:
-            self.setup_state = "done"
-            self.tell([P.encode(P.SetupDone, {"cpus": self.broker.total_cpus()})])
-        elif not self.legs:
-            self.setup_state = "failed"
-            frames = self._setup_failed or [
-                P.encode(P.SetupFail),
-                *serialize.dump_exception(NodeLost("no node could run the setup"))]
-            self.tell(frames)
-
-    def file_answered(self, req_id: int | None, error: str | None) -> None:
-        if req_id is None:
-            if error is not None:
-                log.warning("%s: a dependency could not be written: %s", self, error)
-            return
-        state = self.files.get(req_id)
-        if state is None:
-            return
-        state[0] -= 1
-        state[1] = state[1] or error
-        if state[0] <= 0:
-            del self.files[req_id]
-            self.tell([P.encode(P.FileDone, req_id, state[1])])
-
     def on_leg_closed(self, leg: Link, exc: BaseException | None) -> None:
         """The leg (or its node) went away: its jobs are placed again."""
         if self.legs.get(leg.port) is leg:
             del self.legs[leg.port]
-        self.held.discard(leg)
         self.sent_fns.pop(leg, None)
         if self.ended:
             return
         self.requeue(leg, [job_id for job_id, where in self.placed.items() if where[0] is leg],
                      lost=True)
         self.sync()
-        for req_id in list(self.files):
-            self.file_answered(req_id, f"node {leg.port} went away")
-        self._check_setup()
+        self.env.leg_gone(leg)
 
     def requeue(self, leg: Link, job_ids: list, lost: bool = False) -> None:
         fair = self.broker.fair

@@ -3,10 +3,7 @@ dpool-scheduler over them, on free ports."""
 import pytest
 
 from helpers import start_node
-from helpers_sched import start_scheduler
-
-SECRET = b"scheduler-test-secret"
-NODE_CPUS = 2
+from helpers_sched import NODE_CPUS, SECRET, start_scheduler
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,8 @@ from dpool.core.client import Client
 from dpool.errors import BrokenCluster
 from dpool.futures import Executor
 from helpers import node_env, pid_gone, poll_for, read_marker, start_node
-from helpers_sched import start_scheduler
+from helpers_sched import NODE_CPUS, SECRET, start_scheduler
 from tasks import hold, nap, nap_for
-
-from conftest import NODE_CPUS, SECRET
 
 HEARTBEAT = (0.2, 2.0)  # the clients' (interval, deadline): the scheduler's lease on them
 
@@ -244,3 +242,41 @@ def test_sigterm_drains_the_scheduler(tmp_path, three_nodes):
     finally:
         c.close()
         sched.kill()
+
+
+def helper(data, x):
+    return f"{data}:{x}"
+
+
+def setup_data():
+    """A setup: reads the file sent with depends (in the session folder)."""
+    global data, setup_pid
+    with open("data.txt") as f:
+        data = f.read().strip()
+    setup_pid = os.getpid()
+    return 0
+
+
+def uses_setup_data(x):
+    return helper(data, x), setup_pid  # (globals set by setup_data)
+
+
+def test_shared_job_cluster_depends_and_setup_reach_every_node(scheduler, tmp_path,
+                                                               monkeypatch):
+    """A SharedJobCluster's depends (a function, a file) and setup go to each
+    node through the scheduler: setup runs once on each node, jobs see both."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.txt").write_text("payload\n")
+    cluster = dpool.SharedJobCluster(uses_setup_data, depends=[helper, "data.txt"],
+                                     setup=setup_data, scheduler_host="127.0.0.1",
+                                     scheduler_port=scheduler.port, secret=SECRET)
+    try:
+        jobs = [cluster.submit(i) for i in range(12)]
+        results = [job(timeout=30) for job in jobs]
+        assert [r[0] for r in results] == [f"payload:{i}" for i in range(12)]
+        by_node = {}
+        for job, (_, pid) in zip(jobs, results):
+            by_node.setdefault(job.ip_addr, set()).add(pid)
+        assert len(by_node) == 3 and all(len(pids) == 1 for pids in by_node.values())
+    finally:
+        cluster.close()
