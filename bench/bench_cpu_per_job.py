@@ -1,6 +1,7 @@
 """CPU per job of the client + its embedded node, across commits.
 
     python bench/bench_cpu_per_job.py [--jobs 20000] [--runs 5] [REV ...]
+    python bench/bench_cpu_per_job.py --callgrind [--jobs 2000] [REV ...]
 
 For each REV (a git revision of this repository; default: the working
 tree only) the sources are exported (git archive) to a temporary folder
@@ -14,9 +15,16 @@ machine affects each alike.  The last column is the ratio to the first
 row.  Compare, e.g., a release candidate with the last release:
 
     python bench/bench_cpu_per_job.py v1.2 HEAD WORKTREE
+
+With ``--callgrind`` the figure is instructions per job instead, counted
+by ``valgrind --tool=callgrind`` (every thread of the client process, not
+the workers): the count of a run with 500 + N jobs minus that of a run
+with 500, over N.  Instruction counts barely move with the machine's
+load, so this is the figure to compare on a shared machine.
 """
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -65,13 +73,35 @@ def one_run(tree, jobs):
     return float(out.split()[-1])
 
 
+CALLGRIND_BASE = 500
+
+
+def instructions(tree, jobs):
+    """Instructions (callgrind "I refs") of the child process running ``jobs``."""
+    env = dict(os.environ, PYTHONPATH=tree)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out",
+               os.path.realpath(sys.executable), "-c", CHILD, str(jobs)]
+        err = subprocess.run(cmd, env=env, cwd=tree, check=True, capture_output=True,
+                             text=True).stderr
+    return int(re.search(r"I\s+refs:\s+([\d,]+)", err).group(1).replace(",", ""))
+
+
+def one_callgrind(tree, jobs):
+    return instructions(tree, CALLGRIND_BASE + jobs) - instructions(tree, CALLGRIND_BASE)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("revs", nargs="*", default=["WORKTREE"],
                     help="git revisions, or WORKTREE for the working tree")
     ap.add_argument("--jobs", type=int, default=20000)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--callgrind", action="store_true",
+                    help="instructions per job under valgrind (default --jobs 2000, --runs 1)")
     args = ap.parse_args()
+    if args.callgrind:
+        return main_callgrind(args)
     with tempfile.TemporaryDirectory() as tmp:
         trees = [export(rev, tmp) for rev in args.revs]
         best = [float("inf")] * len(trees)
@@ -82,6 +112,21 @@ def main():
           f"process_time (client + node), per job:")
     for rev, cpu in zip(args.revs, best):
         print(f"  {rev:>12}  {cpu / args.jobs * 1e6:7.2f} us   x{cpu / best[0]:.3f}")
+
+
+def main_callgrind(args):
+    jobs = 2000 if args.jobs == 20000 else args.jobs
+    runs = 1 if args.runs == 5 else args.runs
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = [export(rev, tmp) for rev in args.revs]
+        best = [float("inf")] * len(trees)
+        for _ in range(runs):
+            for i, tree in enumerate(trees):
+                best[i] = min(best[i], one_callgrind(tree, jobs))
+    print(f"{jobs} no-op jobs, JobCluster on the embedded node, callgrind instructions "
+          f"of the client process per job (best of {runs}):")
+    for rev, ins in zip(args.revs, best):
+        print(f"  {rev:>12}  {ins / jobs / 1000:7.1f}k   x{ins / best[0]:.3f}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import time
 import traceback
 import weakref
 from operator import itemgetter
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from .. import liveness
@@ -148,6 +148,11 @@ class NodeLink:
     def rx(self):
         """Bytes received from the node on this session's connection."""
         return self.conn.bytes_received if self.conn is not None else 0
+
+    def traffic(self):
+        """(tx, rx) in one call (once per finished job for JobCluster)."""
+        conn = self.conn
+        return (0, 0) if conn is None else (conn.bytes_sent, conn.bytes_received)
 
     def __repr__(self):
         return f"<node {self.name} {self.address}>"
@@ -906,18 +911,16 @@ class Client:
     def _on_done(self, link, msg, frames):
         if not self._trusted_items(link, msg.results, "a result"):
             return
-        jobs, scheduler = self.jobs, self.scheduler
+        jobs, finish = self.jobs, self.scheduler.finish
         for res, payload in P.results(msg, frames):
-            if not scheduler.current(link, res.job_id, res.attempt):
-                scheduler.done(link, res.job_id, attempt=res.attempt)  # counted as stale
+            start, end = res.start, res.end
+            duration = None if start is None or end is None else end - start
+            if not finish(link, res.job_id, res.attempt, duration):  # counted as stale
                 log.info("node %s: dropped a late outcome of job %s (attempt %s)",
                          link.name, res.job_id, res.attempt)
                 continue
-            start, end = res.start, res.end
-            duration = None if start is None or end is None else end - start
             link.in_flight.discard(res.job_id)
             job = jobs.pop(res.job_id, None)
-            scheduler.done(link, res.job_id, duration, dispatch=False)
             if job is None:
                 continue
             count = link.fns.get(job.fn_id)
@@ -929,7 +932,7 @@ class Client:
                 link.jobs_done += 1
                 link.cpu_time += duration
             self._resolve(job, res.outcome, payload)
-        self._act(scheduler.dispatch())
+        self._act(self.scheduler.dispatch())
 
     def _resolve(self, job, outcome, payload):
         if outcome == Outcome.OK:
@@ -956,17 +959,18 @@ class Client:
         job.value, job.error = value, error
         future = job.future
         self._unfinished.discard(future)
-        if not future.done():
-            if not job.sent and not future.set_running_or_notify_cancel():
-                job.cancelled = True
-                self.emit("done", job)
-                return
-            if error is None:
-                future.set_result(value)
-            else:
-                future.set_exception(error)
+        # A sent job's future is RUNNING and only this thread resolves it:
+        # no done() check (its lock) on the way.
+        if not job.sent and not future.done() and not future.set_running_or_notify_cancel():
+            job.cancelled = True
         else:
-            job.cancelled = future.cancelled()
+            try:
+                if error is None:
+                    future.set_result(value)
+                else:
+                    future.set_exception(error)
+            except InvalidStateError:  # resolved already (or cancelled by the user)
+                job.cancelled = future.cancelled()
         self.emit("done", job)
 
     def emit(self, kind, obj):

@@ -211,10 +211,21 @@ class Scheduler:
         With ``dispatch=False`` nothing is sent yet: a driver that takes many
         results at once calls :meth:`dispatch` after the last one.
         """
-        if not self.current(node, job_id, attempt):
-            self.stale += 1
+        if not self.finish(node, job_id, attempt, duration) or not dispatch:
             return []
-        job = self.jobs.pop(job_id, None)
+        return self._dispatch()
+
+    def finish(self, node: Node, job_id: JobId, attempt: int | None = None,
+               duration: float | None = None) -> bool:
+        """:meth:`done` without the dispatch, for a driver that takes many
+        results at once (it calls :meth:`dispatch` after the last one):
+        True if this is the job's current attempt (:meth:`current`), which
+        is now finished; False (counted in ``stale``) if not."""
+        job = self.jobs.get(job_id)
+        if job is None or job.node != node or (attempt is not None and attempt != job.tries):
+            self.stale += 1
+            return False
+        del self.jobs[job_id]
         state = self.nodes.get(node)
         if state is not None:
             state.inflight.discard(job_id)
@@ -224,9 +235,7 @@ class Scheduler:
                 state.ema = duration if state.ema is None else 0.8 * state.ema + 0.2 * duration
                 self.ema = duration if self.ema is None else 0.8 * self.ema + 0.2 * duration
             self._sync(node, state)
-        if job is None or not dispatch:
-            return []
-        return self._dispatch()
+        return True
 
     def dispatch(self) -> list[Action]:
         """Send what the nodes have room for."""

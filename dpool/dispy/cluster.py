@@ -377,10 +377,12 @@ class JobCluster:
             if busy_on is node and node.busy > 0:
                 node.busy -= 1
             node.jobs_done, node.cpu_time = link.jobs_done, link.cpu_time
-            node.tx, node.rx = link.tx, link.rx
+            node.tx, node.rx = link.traffic()
             node.update_time = time.time()
-        self._notify(job, job.status, link)
-        self._close_if_idle(link)
+        if self._callbacks is not None:
+            self._notify(job, job.status, link)
+        if link in self._closing:
+            self._close_if_idle(link)
 
     def _notify(self, job, status, link):
         if self._callbacks is None:

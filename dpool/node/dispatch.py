@@ -177,8 +177,10 @@ class Dispatcher:
             worker.outstanding.popleft()
         if worker.tasks_left is not None:
             worker.tasks_left -= 1
-        deliver = self.given.pop(job_id, None) is not None and job_id not in self.ghosts
-        self.ghosts.discard(job_id)
+        ghosts = self.ghosts
+        deliver = self.given.pop(job_id, None) is not None and job_id not in ghosts
+        if ghosts:
+            ghosts.discard(job_id)
         self._learn(duration)
         return deliver
 

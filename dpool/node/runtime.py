@@ -39,6 +39,7 @@ recoverable) exactly as when the client disconnects.
 """
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -559,7 +560,7 @@ class Session:
         conn = await wrap_socket(sock, peer=f"worker {pid}")
         worker = WorkerHandle(pid, conn, self.options.get("max_tasks"), zygote)
         conn.send([P.encode(P.Init, self.worker_options()), *self.init_frames])
-        conn.set_receiver(lambda frames: self.on_worker_message(worker, frames),
+        conn.set_receiver(functools.partial(self.on_worker_message, worker),
                           lambda exc=None: self.on_worker_closed(worker))
         if self.env is None or self.env.admit(worker):
             self._act(self.dispatcher.add_worker(worker))
@@ -670,7 +671,8 @@ class Session:
         self.counts[_OUTCOMES.get(record[1], "other")] += 1
         self.out.append((*record[:-1], self.attempts.pop(record[0], None)))
         self.out_frames.extend(frames)
-        self._schedule_flush()
+        if not self._flush_scheduled:
+            self._schedule_flush()
 
     def _schedule_flush(self):
         if not self._flush_scheduled:
