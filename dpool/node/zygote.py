@@ -24,7 +24,6 @@ with it.  The zygote and each worker are child subreapers (see
 (``setsid``, double fork) comes back to the worker, or to the zygote once
 the worker is gone, and is killed: nothing of a job outlives it.
 """
-import asyncio
 import collections
 import logging
 import os
@@ -177,6 +176,15 @@ def _kill_group(pid):
 
 # ------------------------------------------------------------------ node side
 
+def _asyncio():
+    """asyncio, for the node side only: the zygote process (``main``) never
+    uses it, and importing it would add to every pool's start-up (the first
+    task waits for the zygote to start; issue 13)."""
+    import asyncio
+
+    return asyncio
+
+
 def describe_exit(code):
     """Exit code as waitstatus_to_exitcode gives it, in words."""
     if code is None:
@@ -213,7 +221,7 @@ class Zygote:
         theirs.close()
         ours.setblocking(False)
         self.ctl = ours
-        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_readable)
+        _asyncio().get_running_loop().add_reader(ours.fileno(), self._on_readable)
 
     def _on_readable(self):
         try:
@@ -240,7 +248,7 @@ class Zygote:
 
     def _lost(self):
         self.dead = True
-        loop = asyncio.get_running_loop()
+        loop = _asyncio().get_running_loop()
         loop.remove_reader(self.ctl.fileno())
         while self._pending:
             fut = self._pending.popleft()
@@ -253,7 +261,7 @@ class Zygote:
     def _exit_future(self, pid):
         fut = self._exits.get(pid)
         if fut is None:
-            fut = self._exits[pid] = asyncio.get_running_loop().create_future()
+            fut = self._exits[pid] = _asyncio().get_running_loop().create_future()
         return fut
 
     @classmethod
@@ -264,7 +272,7 @@ class Zygote:
         zygote.pid = pid
         ctl.setblocking(False)
         zygote.ctl = ctl
-        asyncio.get_running_loop().add_reader(ctl.fileno(), zygote._on_readable)
+        _asyncio().get_running_loop().add_reader(ctl.fileno(), zygote._on_readable)
         return zygote
 
     async def spawn(self):
@@ -282,7 +290,7 @@ class Zygote:
         if self.dead or self.ctl is None:
             raise ConnectionError("the worker zygote is gone")
         pairs = [socket.socketpair() for _ in range(count)]
-        fut = asyncio.get_running_loop().create_future()
+        fut = _asyncio().get_running_loop().create_future()
         try:
             socket.send_fds(self.ctl, [kind], [theirs.fileno() for _, theirs in pairs])
         except OSError as exc:
@@ -294,7 +302,7 @@ class Zygote:
                 theirs.close()
         self._pending.append(fut)  # only once the request is sent: replies come in order
         try:
-            pid = await asyncio.wait_for(fut, 30)
+            pid = await _asyncio().wait_for(fut, 30)
         except BaseException:
             for ours, _ in pairs:
                 ours.close()
@@ -309,7 +317,7 @@ class Zygote:
             self._exits.pop(pid, None)
             return None  # the zygote died and took the report with it
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return await _asyncio().wait_for(_asyncio().shield(fut), timeout)
         except TimeoutError:
             return None
         finally:
@@ -338,7 +346,7 @@ class Zygote:
 
     def _close_ctl(self):
         try:
-            asyncio.get_running_loop().remove_reader(self.ctl.fileno())
+            _asyncio().get_running_loop().remove_reader(self.ctl.fileno())
         except (ValueError, OSError, RuntimeError):
             pass
         self.ctl.close()
@@ -351,7 +359,7 @@ class Zygote:
         for _ in range(200):
             if self.proc.poll() is not None:
                 break
-            await asyncio.sleep(0.01)
+            await _asyncio().sleep(0.01)
         else:
             self.proc.kill()
             self.proc.wait(5)

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING
 
 from dpool.errors import ConnectionClosed, ProtocolError
 
-from .frames import FrameDecoder, Limits, Message, encode
-from .streams import IOV_MAX
+from .frames import IOV_MAX, FrameDecoder, Limits, Message, encode
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer as Frame

@@ -36,6 +36,7 @@ length is checked against :class:`Limits` first.
 from __future__ import annotations
 
 import functools
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -367,3 +368,15 @@ class FrameDecoder:
 
 def _finished(big: bytearray | inplace.GrowingBytes) -> bytes | bytearray:
     return big if type(big) is bytearray else big.finish()  # type: ignore[union-attr]
+
+
+def _iov_max() -> int:
+    try:
+        return min(os.sysconf("SC_IOV_MAX"), 1024)
+    except (AttributeError, ValueError, OSError):
+        return 16
+
+
+#: The most buffers one ``sendmsg`` takes (what a write of :func:`encode`'s
+#: list is cut into).
+IOV_MAX = _iov_max()

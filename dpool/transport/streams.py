@@ -18,19 +18,14 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import collections
-import os
 import socket
 from typing import TYPE_CHECKING, Any
 
+from .frames import IOV_MAX
 from .records import RECORD_DATA, TAG, Parts, Sealer, take
 
 if TYPE_CHECKING:
     from .connection import Connection
-
-try:
-    IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
-except (AttributeError, ValueError, OSError):
-    IOV_MAX = 16
 
 CLOSE_TIMEOUT = 10.0  # seconds a graceful close waits for unsent data to go out
 HIGH_WATER = 4 * 2**20
