@@ -1,0 +1,272 @@
+"""Small tasks and start-up, every API, local and via a node (issue 13).
+
+    python bench/bench_small.py [--quick] [--rounds 3] [--json FILE]
+
+Each measure is a ratio against ``multiprocessing`` measured in the same
+run: the rounds are interleaved (dpool, reference, dpool, reference...) and
+each side's figure is its median over the rounds, so load from other jobs
+on the machine hits both alike.  "node" is a ``dpool-node`` subprocess on
+127.0.0.1, port 0, with a secret: every message after the handshake goes
+in AES-GCM records, as users run it.
+
+| measure | reference | target |
+|---|---|---|
+| round trip (submit, wait), local Executor / Pool.apply | mp.Pool.apply | <= 0.5x |
+| round trip via the node, Executor / JobCluster | mp.Pool.apply | <= 1.0x |
+| 10,000 no-ops at once, every API, local and via the node | mp.Pool.apply_async | >= 1.5x |
+| create + 1 task + shutdown, local / via the node | (absolute) | <= 0.05 s / 0.1 s |
+| 64 CPU-bound ~50 ms tasks, Executor.map | two bare processes | >= 0.97 |
+
+``--json FILE`` writes the ratios (what bench/check_regressions.py reads).
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CPUS = 2
+MP = multiprocessing.get_context("fork")
+SECRET = "bench-small-secret"
+
+
+def noop(x=None):
+    return x
+
+
+def spin(n):
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def clock(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------ what is timed
+
+class Side:
+    """One API on one placement (``kind``: executor, pool or cluster): one
+    task, a burst of tasks, and closing."""
+
+    def __init__(self, name, kind, make):
+        self.name, self.kind, self.make = name, kind, make
+        self.obj = None
+
+    def __enter__(self):
+        self.obj = self.make()
+        self.one(0)  # warm: workers started, function shipped
+        return self
+
+    def __exit__(self, *exc):
+        if self.kind == "executor":
+            self.obj.shutdown()
+        else:
+            self.obj.close()
+            if self.kind == "pool":
+                self.obj.join()
+
+    def one(self, arg):
+        if self.kind == "executor":
+            return self.obj.submit(noop, arg).result()
+        if self.kind == "pool":
+            return self.obj.apply(noop, (arg,))
+        return self.obj.submit(arg)()  # JobCluster(noop)
+
+    def many(self, n):
+        if self.kind == "executor":
+            for f in [self.obj.submit(noop, i) for i in range(n)]:
+                f.result()
+        elif self.kind == "pool":
+            for r in [self.obj.apply_async(noop, (i,)) for i in range(n)]:
+                r.get()
+        else:
+            for job in [self.obj.submit(i) for i in range(n)]:
+                job()
+
+
+def sides(node):
+    import dpool
+    from dpool.futures import Executor
+
+    kw = {} if node is None else {"nodes": [("127.0.0.1", node)], "secret": SECRET}
+    ckw = {} if node is None else {"nodes": [f"127.0.0.1:{node}"], "secret": SECRET}
+    where = "local" if node is None else "node"
+    return {
+        f"Executor {where}": Side(f"Executor.submit {where}", "executor",
+                                  lambda: Executor(CPUS, **kw)),
+        f"Pool {where}": Side(f"Pool.apply_async {where}", "pool",
+                              lambda: dpool.Pool(CPUS, **kw)),
+        f"JobCluster {where}": Side(f"JobCluster.submit {where}", "cluster",
+                                    lambda: dpool.JobCluster(noop, loglevel=40, **ckw)),
+    }
+
+
+def mp_side():
+    return Side("mp.Pool", "pool", lambda: MP.Pool(CPUS))
+
+
+def interleaved(ours, ref, rounds):
+    """Median seconds of ``ours()`` and ``ref()``, run in turn."""
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(clock(ours))
+        b.append(clock(ref))
+    return statistics.median(a), statistics.median(b)
+
+
+# ------------------------------------------------------------------ a node
+
+def start_node():
+    home = tempfile.mkdtemp(prefix="dpool-bench-")
+    env = dict(os.environ, DPOOL_SECRET=SECRET, DPOOL_HOME=home)
+    proc = subprocess.Popen([sys.executable, "-m", "dpool.daemons.node", "--port", "0",
+                             "--cpus", str(CPUS), "--loglevel", "WARNING"],
+                            stdout=subprocess.PIPE, env=env, text=True)
+    line = proc.stdout.readline()
+    port = int(line.split(" on ")[1].split()[0].rsplit(":", 1)[1])
+    return proc, port
+
+
+# ------------------------------------------------------------------- cases
+
+def case_round_trip(results, node, trips, rounds):
+    keys = ["Executor local", "Pool local"] if node is None else ["Executor node",
+                                                                   "JobCluster node"]
+    table = sides(node)
+    with mp_side() as ref:
+        for key in keys:
+            with table[key] as ours:
+                t_ours, t_ref = interleaved(lambda: [ours.one(i) for i in range(trips)],
+                                            lambda: [ref.one(i) for i in range(trips)], rounds)
+            target = 0.5 if node is None else 1.0
+            results[f"round trip {key}"] = report(
+                f"round trip, {key} vs mp.Pool.apply", t_ours / trips * 1e6,
+                t_ref / trips * 1e6, t_ours / t_ref, "<=", target, "us")
+
+
+def case_burst(results, node, n, rounds):
+    table = sides(node)
+    with mp_side() as ref:
+        for key, side in table.items():
+            with side as ours:
+                t_ours, t_ref = interleaved(lambda: ours.many(n), lambda: ref.many(n), rounds)
+            results[f"10k no-ops {key}"] = report(
+                f"{n} no-ops, {side.name} vs mp apply_async", n / t_ours, n / t_ref,
+                t_ref / t_ours, ">=", 1.5, "/s")
+
+
+def case_startup(results, node, rounds):
+    from dpool.futures import Executor
+
+    kw = {} if node is None else {"nodes": [("127.0.0.1", node)], "secret": SECRET}
+
+    def ours():
+        with Executor(CPUS, **kw) as ex:
+            ex.submit(noop, 1).result()
+
+    def ref():
+        with MP.Pool(CPUS) as pool:
+            pool.apply(noop, (1,))
+
+    ours()  # imports and the scrypt key of this node warm, as in a running program
+    t_ours, t_ref = interleaved(ours, ref, rounds)
+    where = "local" if node is None else "node"
+    target = 0.05 if node is None else 0.1
+    results[f"create+1+shutdown {where}"] = report(
+        f"create + 1 task + shutdown, Executor {where} (s; ref mp.Pool)", t_ours, t_ref,
+        t_ours, "<=", target, "s")
+
+
+def case_cpu_bound(results, rounds):
+    from dpool.futures import Executor
+
+    n = calibrate()
+    tasks = 64
+
+    def bare():
+        procs = [MP.Process(target=_bare_worker, args=(n, tasks // CPUS)) for _ in range(CPUS)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+
+    with Executor(CPUS) as ex:
+        ex.submit(noop).result()
+        t_ours, t_ref = interleaved(lambda: list(ex.map(spin, [n] * tasks)), bare,
+                                    max(2, rounds - 1))
+    results["cpu-bound"] = report("64 CPU-bound ~50 ms tasks vs 2 bare processes", t_ours,
+                                  t_ref, t_ref / t_ours, ">=", 0.97, "s")
+
+
+def calibrate(seconds=0.05):
+    n = 100_000
+    while clock(lambda: spin(n)) < seconds / 4:
+        n *= 2
+    return int(n * seconds / clock(lambda: spin(n)))
+
+
+def _bare_worker(n, count):
+    for _ in range(count):
+        spin(n)
+
+
+# ------------------------------------------------------------------ report
+
+def report(name, ours, ref, ratio, op, target, unit):
+    met = ratio <= target if op == "<=" else ratio >= target
+    print(f"[{'MET ' if met else 'MISS'}] {name:<58} dpool {ours:10.1f}{unit:<3} "
+          f"ref {ref:10.1f}{unit:<3} ratio {ratio:6.3f} (target {op} {target})"
+          if unit != "s" else
+          f"[{'MET ' if met else 'MISS'}] {name:<58} dpool {ours:10.4f}s   "
+          f"ref {ref:10.4f}s   value {ratio:6.3f} (target {op} {target})", flush=True)
+    return {"value": ratio, "op": op, "target": target}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer tasks")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", help="write the ratios here")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["local", "node", "cpu"], help="parts to leave out")
+    args = ap.parse_args()
+    trips, n = (200, 2000) if args.quick else (1000, 10_000)
+    load = os.getloadavg()
+    print(f"python {' '.join(sys.argv)}  (Python {sys.version.split()[0]}, {os.cpu_count()} "
+          f"CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f})\n")
+    results = {}
+    placements = [p for p in ("local", "node") if p not in args.skip]
+    for where in placements:
+        proc, node = (None, None) if where == "local" else start_node()
+        try:
+            case_round_trip(results, node, trips, args.rounds)
+            case_burst(results, node, n, args.rounds)
+            case_startup(results, node, max(args.rounds, 5))
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
+    if "cpu" not in args.skip:
+        case_cpu_bound(results, args.rounds)
+    met = sum(1 for r in results.values()
+              if (r["value"] <= r["target"] if r["op"] == "<=" else r["value"] >= r["target"]))
+    print(f"\n{met}/{len(results)} targets met; load average now "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"load": load, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
