@@ -82,8 +82,10 @@ def instructions(tree, jobs):
     with tempfile.TemporaryDirectory() as tmp:
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out",
                os.path.realpath(sys.executable), "-c", CHILD, str(jobs)]
-        err = subprocess.run(cmd, env=env, cwd=tree, check=True, capture_output=True,
-                             text=True).stderr
+        run = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"the child under valgrind failed:\n{run.stderr[-3000:]}")
+    err = run.stderr
     return int(re.search(r"I\s+refs:\s+([\d,]+)", err).group(1).replace(",", ""))
 
 
