@@ -133,10 +133,20 @@ def reply(key: bytes, ping: Message, body: Mapping[str, Any],
 def node_body(name: str, port: int, cpus: int, free_cpus: int, addrs: list[str],
               protocol: int) -> dict[str, Any]:
     """What a node says about itself (announce and pong); names and addresses
-    are cut to NAME_MAX, at most 4 addresses, so a pong fits in PING_SIZE."""
-    return {"role": "node", "name": str(name)[:NAME_MAX], "port": int(port),
+    are cut to NAME_MAX bytes of JSON, at most 4 addresses, so a pong fits in
+    PING_SIZE."""
+    return {"role": "node", "name": _cut(name), "port": int(port),
             "cpus": int(cpus), "free": int(free_cpus), "protocol": int(protocol),
-            "addrs": [str(a)[:NAME_MAX] for a in addrs[:4]]}
+            "addrs": [_cut(a) for a in addrs[:4]]}
+
+
+def _cut(text: Any) -> str:
+    """``text`` cut so that its JSON encoding (which escapes every non-ASCII
+    character, 6 or 12 bytes each) takes at most NAME_MAX bytes."""
+    text = str(text)[:NAME_MAX]
+    while len(json.dumps(text)) - 2 > NAME_MAX:
+        text = text[:-1]
+    return text
 
 
 class Verifier:

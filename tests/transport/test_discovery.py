@@ -66,6 +66,16 @@ def test_the_largest_node_body_fits_a_ping():
     assert D.reply(KEY, msg, body, now=1_000_000.0) is not None
 
 
+def test_a_non_ascii_node_name_and_addresses_still_fit_a_ping():
+    """JSON escapes non-ASCII (6 bytes a character, 12 for an emoji): the
+    cut is by encoded size, so a node named in any script still answers."""
+    msg = verifier().check(ping())
+    for text in ("Rechenknoten-Müller-", "計算ノード", "\U0001F600"):
+        body = D.node_body(text * 100, 65535, 10**6, 10**6, [text * 100] * 10, 99)
+        assert D.reply(KEY, msg, body, now=1_000_000.0) is not None, text
+        assert body["name"].startswith(text[:3])
+
+
 def test_forged_and_other_secret_rejected():
     v = verifier()
     data = bytearray(ping())
