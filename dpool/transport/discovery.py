@@ -198,10 +198,21 @@ class Verifier:
 
     @staticmethod
     def _body(data: bytes) -> Mapping[str, Any]:
-        try:
-            body = json.loads(data)
+        try:   # NaN, Infinity and 1e999 are refused: no float that int() can't take
+            body = json.loads(data, parse_constant=_not_json, parse_float=_finite)
         except (UnicodeDecodeError, ValueError):
             body = None
         if not isinstance(body, dict):
             raise Rejected("malformed", "a datagram whose body is not a JSON object")
         return body
+
+
+def _not_json(text: str) -> float:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return value

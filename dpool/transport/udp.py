@@ -28,7 +28,7 @@ import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 from . import discovery as D
 from .netaddr import interface_addresses, interfaces_with_ipv6
@@ -310,17 +310,18 @@ def found_from(msg: D.Message, source: Address) -> Found | None:
     addresses, else the first address it lists (an external one behind NAT,
     or the address it is bound to), else the source."""
     body = msg.body
-    try:
-        port = int(body["port"])
-        addrs = [str(a) for a in body.get("addrs") or []]
-        cpus, free = int(body.get("cpus", 0)), int(body.get("free", 0))
-    except (KeyError, TypeError, ValueError):
-        return None
-    if body.get("role") != "node" or not 0 < port <= 65535:
-        return None
+    port, cpus, free = body.get("port"), body.get("cpus", 0), body.get("free", 0)
+    addrs, name = body.get("addrs") or [], body.get("name", "")
+    if body.get("role") != "node" or not _is_int(cpus) or not _is_int(free) \
+            or not _is_int(port) or not 0 < port <= 65535 or not isinstance(name, str) \
+            or not isinstance(addrs, list) or not all(a and isinstance(a, str) for a in addrs):
+        return None     # of the wrong shape: names no node
     host = source[0] if source[0] in addrs or not addrs else addrs[0]
-    return Found((host, port), str(body.get("name", ""))[:D.NAME_MAX], cpus, free, source,
-                 msg.kind, body)
+    return Found((host, port), name[:D.NAME_MAX], cpus, free, source, msg.kind, body)
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Seeker(_Endpoint):

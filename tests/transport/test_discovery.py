@@ -3,6 +3,7 @@ endpoints on loopback (dpool.transport.udp): forged, replayed, stale,
 oversized and truncated datagrams are dropped and nothing is sent back."""
 import asyncio
 import json
+import os
 import socket
 
 import pytest
@@ -144,6 +145,59 @@ def test_found_from_prefers_the_source_then_listed_addresses():
     assert udp.found_from(msg, ("10.0.0.1", 1)).address == ("10.0.0.1", 4242)
     bad = verifier().check(D.encode(KEY, D.PONG, {"role": "node"}, now=1_000_000.0))
     assert udp.found_from(bad, ("10.0.0.1", 1)) is None
+
+
+def _signed(kind, body_text):
+    import hashlib
+    import hmac
+    import time
+    data = body_text.encode()
+    msg = D._HEADER.pack(D.MAGIC, kind, 0, int(time.time() * 1000), os.urandom(16),
+                         len(data)) + data
+    return msg + hmac.new(KEY, msg, hashlib.sha256).digest()
+
+
+def test_non_finite_json_numbers_are_malformed():
+    """Python's json takes NaN and Infinity (not JSON): a verified body
+    carrying them is dropped, never handed on (int(inf) raises OverflowError)."""
+    for text in ('{"role":"node","port":Infinity}', '{"cpus":NaN}', '{"x":-Infinity}'):
+        assert reason(D.Verifier(KEY), _signed(D.ANNOUNCE, text)) == "malformed"
+
+
+@pytest.mark.parametrize("field", [
+    {"port": 1e308}, {"port": "4242"}, {"port": True}, {"port": [4242]},
+    {"cpus": 1e308}, {"free": "x"}, {"cpus": None},
+    {"addrs": "10.0.0.9"}, {"addrs": {"10.0.0.9": 1}}, {"addrs": [1]}, {"addrs": [None]},
+    {"addrs": [["10.0.0.9"]]}, {"addrs": [""]}, {"name": {"a": 1}},
+])
+def test_found_from_names_no_node_for_a_body_of_wrong_types(field):
+    """A verified body of the wrong shape names no node (None), never an
+    exception in the receive callback nor an address made of its pieces
+    (a string as addrs would be read a character at a time)."""
+    msg = verifier().check(D.encode(KEY, D.ANNOUNCE, dict(BODY, **field), now=1_000_000.0))
+    assert udp.found_from(msg, ("10.0.0.1", 1)) is None
+
+
+def test_a_seeker_survives_a_verified_body_of_wrong_types():
+    async def main():
+        found = []
+        seeker = await udp.Seeker(KEY, found.append, node_port=1, listen_port=0).start()
+        raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        target = ("127.0.0.1", seeker.listen_port)
+        try:
+            loop = asyncio.get_running_loop()
+            errors = []
+            loop.set_exception_handler(lambda _, ctx: errors.append(ctx))
+            for bad in ('{"role":"node","port":Infinity}', '{"role":"node","port":1e999}',
+                        '{"role":"node","port":4242,"cpus":1e400}'):
+                raw.sendto(_signed(D.ANNOUNCE, bad), target)
+            raw.sendto(D.encode(KEY, D.ANNOUNCE, BODY), target)
+            await _poll(lambda: found)
+            assert not errors and [f.address for f in found] == [("127.0.0.1", 4242)]
+        finally:
+            seeker.close()
+            raw.close()
+    asyncio.run(main())
 
 
 # ------------------------------------------------------------------ UDP on loopback
