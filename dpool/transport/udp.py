@@ -208,14 +208,20 @@ class Responder(_Endpoint):
         self._announcer: asyncio.Task | None = None
 
     async def start(self) -> Responder:
-        main = await self._open(self.host, self.udp_port)
-        self.udp_port = main.get_extra_info("sockname")[1]
-        if not _is_wildcard(self.host) and not _is_v6(self.host):
-            broadcast = broadcast_for(self.host)
-            if broadcast:
-                await self._open(broadcast, self.udp_port)
-        if self.multicast and not _is_v6(self.host):
-            await self._open_multicast()
+        """Open the sockets and start announcing; on failure (OSError: a
+        port taken) close what was opened and raise."""
+        try:
+            main = await self._open(self.host, self.udp_port)
+            self.udp_port = main.get_extra_info("sockname")[1]
+            if not _is_wildcard(self.host) and not _is_v6(self.host):
+                broadcast = broadcast_for(self.host)
+                if broadcast:
+                    await self._open(broadcast, self.udp_port)
+            if self.multicast and not _is_v6(self.host):
+                await self._open_multicast()
+        except BaseException:
+            self.close()
+            raise
         self._announcer = asyncio.get_running_loop().create_task(self._announce())
         return self
 

@@ -233,6 +233,41 @@ def test_a_ping_to_the_loopback_broadcast_finds_a_node_on_127_0_0_x():
     asyncio.run(main())
 
 
+def _free_udp_port(host):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _bindable(host, port):
+    """Whether a socket without SO_REUSEADDR can bind (host, port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def test_a_responder_that_fails_to_start_closes_what_it_opened():
+    """The node's broadcast address is taken (by a socket without
+    SO_REUSEADDR): start raises OSError (the node logs "discovery is off")
+    and its first socket, on the node's address, is closed, not leaked."""
+    async def main():
+        port = _free_udp_port("127.0.0.8")
+        taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        taken.bind((udp.LOOPBACK_BROADCAST, port))
+        try:
+            responder = udp.Responder(KEY, lambda: BODY, "127.0.0.8", port, announce_to=[])
+            with pytest.raises(OSError):
+                await responder.start()
+            assert not responder.transports
+            await _poll(lambda: _bindable("127.0.0.8", port))   # closes on the next turn
+        finally:
+            taken.close()
+    asyncio.run(main())
+
+
 def test_announcements_reach_every_listener_on_the_port():
     async def main():
         got1, got2 = [], []
