@@ -296,14 +296,15 @@ table inet dpl_loss {{
         """UDP datagrams :meth:`udp_loss` dropped on host ``name`` so far."""
         return _packets(self.hosts[name].run("nft", "list", "table", "inet", "dpl_loss"))
 
-    def count_to(self, name):
-        """Start counting the packets host ``name`` receives addressed to it
-        (unicast: not broadcasts); :meth:`counted` reads the count."""
+    def count(self, name, match=None):
+        """Start counting the packets host ``name`` receives that match the
+        nft expression ``match`` (default: unicast to its address, i.e. not
+        broadcasts); :meth:`counted` reads the count."""
         host = self.hosts[name]
+        match = match or f"ip daddr {host.address}"
         host.run("nft", "-f", "-", input=f"""
 table inet dpl_count {{
-  chain in {{ type filter hook input priority -20; policy accept;
-    ip daddr {host.address} counter; }}
+  chain in {{ type filter hook input priority -20; policy accept; {match} counter; }}
 }}""")
 
     def counted(self, name):

@@ -17,11 +17,12 @@ the nodes' subnet and passes them on::
 
 Only datagrams that verify under the cluster's discovery key (MAC,
 freshness, replay cache: :class:`~dpool.transport.discovery.Verifier`) are
-acted on; everything else is dropped with a rate-limited log line and
-nothing is sent back.  What the relay sends on is a new ANNOUNCE it signs
-itself, carrying the node's own body with its address first and ``via``
-(so the client connects to the node, never to the relay); the client then does the full
-TCP handshake with the node, as for any discovered node.
+acted on, and nodes are heard only from the relay's own subnets; everything
+else is dropped (with a rate-limited log line) and nothing is sent back.
+What the relay sends on is a new ANNOUNCE it signs itself, carrying the
+node's own body with its address first and ``via`` (so the client connects
+to the node, never to the relay); the client then does the full TCP
+handshake with the node, as for any discovered node.
 
 No amplification: a client named with ``--client`` (the operator's choice)
 gets every node the relay hears; an address learned from its pings (a
@@ -37,6 +38,7 @@ finds its nodes again within a ping.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import time
@@ -47,6 +49,7 @@ from typing import Any
 
 from ..transport import discovery as D
 from ..transport import udp
+from ..transport.netaddr import interface_addresses
 
 __all__ = ["Relay", "Credit", "relayed_body", "INTERVAL", "PING_AT"]
 
@@ -81,6 +84,12 @@ def relayed_body(body: Mapping[str, Any], source: str, via: str) -> dict[str, An
     out["addrs"] = addrs[:4]
     out["via"] = str(via)[:D.NAME_MAX]
     return out
+
+
+def local_networks() -> list[ipaddress.IPv4Network]:
+    """The IPv4 networks of this host's interfaces (loopback included)."""
+    return [ipaddress.IPv4Network(f"{addr}/{mask}", strict=False)
+            for _, addr, mask, _ in interface_addresses() if mask]
 
 
 @dataclass
@@ -142,6 +151,7 @@ class Relay(udp.Seeker):
         self._last_ping = float("-inf")
         self._pinger_task: asyncio.Task | None = None
         self._client_side: asyncio.DatagramTransport | None = None
+        self._networks: list[ipaddress.IPv4Network] | None = None
 
     async def start(self) -> Relay:
         await super().start()
@@ -183,7 +193,7 @@ class Relay(udp.Seeker):
     def _heard(self, found: udp.Found) -> None:
         """A verified ANNOUNCE or PONG from the subnet."""
         body = relayed_body(found.body, found.source[0], self.name)
-        if body is None:
+        if body is None or not self.local(found.source[0]):
             return
         now = self.clock()
         key = (found.source[0], int(body["port"]))
@@ -197,6 +207,14 @@ class Relay(udp.Seeker):
             self._forward(data, client)
         for client, credit in list(self.learned.items()):
             self._to_learned(data, client, credit, now)
+
+    def local(self, address: str) -> bool:
+        """Is ``address`` on one of this host's subnets?  (What is relayed
+        comes from the relay's own subnet, not from anyone who can reach it.)"""
+        if self._networks is None:
+            self._networks = local_networks()
+        ip = ipaddress.ip_address(address)
+        return any(ip in net for net in self._networks)
 
     def known(self) -> list[dict[str, Any]]:
         """The bodies of the nodes heard lately (expired ones dropped)."""

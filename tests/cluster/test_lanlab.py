@@ -111,7 +111,7 @@ def test_udp_loss_drops_a_share_and_counts(lanlab):
     sock = receiver(lanlab, "a")
     out = sender(lanlab, "client")
     try:
-        lanlab.count_to("a")
+        lanlab.count("a")
         lanlab.udp_loss(30, names=["a"])
         for i in range(400):
             out.sendto(b"%d" % i, (lanlab["a"].address, PORT))
