@@ -28,7 +28,6 @@ import time
 import traceback
 import weakref
 from operator import itemgetter
-from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from .. import liveness
@@ -39,6 +38,7 @@ from ..config import resolve_cpus
 from ..errors import (AuthenticationError, BrokenCluster, ConnectionClosed, DpoolError,
                       JobCancelled, NodeLost, ProtocolError)
 from ..transport import PROTOCOL_VERSION, client_ssl_context, connect, inproc_pair
+from .future import Future, resolve
 from .scheduler import Action, Cancelled, CancelRemote, Fail, Reclaim, Scheduler, Send
 
 log = logging.getLogger("dpool")
@@ -93,7 +93,7 @@ class Job:
         self.star = star
         self.frames = frames
         self.blob = None  # the function, serialized (set by Client.submit)
-        self.future: Future[Any] = Future()
+        self.future = Future()
         self.status = CREATED
         self.node = None
         self.where = None  # the host that ran it, when a scheduler (the node) says so
@@ -283,6 +283,8 @@ class Client:
         self._incoming: collections.deque[tuple[Job, Any]] = collections.deque()  # (job, pin)
         self._wake_pending = False
         self._unfinished = set()  # futures not yet resolved (for close/wait)
+        self._idle = threading.Condition(threading.Lock())  # notified when that set empties
+        self._outcomes = None  # while a DONE batch is read: [(future, value, error)]
         self._thread = LoopThread(name)
         self.loop = self._thread.loop
         self._handlers = {P.Ready: self._on_ready, P.Refused: self._on_refused,
@@ -371,10 +373,14 @@ class Client:
 
     def wait(self, timeout=None):
         """Wait until every job submitted so far has finished; True if so."""
-        from concurrent.futures import wait as _wait
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._unfinished, timeout)
 
-        done, not_done = _wait(list(self._unfinished), timeout)
-        return not not_done
+    def _settle(self):
+        """Wake wait() once no job is left (after the futures resolved)."""
+        if not self._unfinished:
+            with self._idle:
+                self._idle.notify_all()
 
     def close(self, wait=True, cancel=False, timeout=None):
         """Stop taking jobs; optionally wait for or cancel the rest; release all."""
@@ -408,6 +414,7 @@ class Client:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)
             self._unfinished.discard(job.future)
+        self._settle()
 
     def nodes(self):
         return [link for link in self.links if link.ready]
@@ -822,10 +829,12 @@ class Client:
         self._act(actions)
 
     def _act(self, actions):
-        for action in actions:
+        todo = collections.deque(actions)  # (a worklist: a Send may lead to more actions)
+        while todo:
+            action = todo.popleft()
             kind = type(action)
             if kind is Send:
-                self._send(action.node, action.jobs)
+                todo.extend(self._send(action.node, action.jobs))
             elif kind is Fail:
                 self._finish(self.jobs.pop(action.job, None), ABANDONED, error=action.error)
             elif kind is CancelRemote:
@@ -843,6 +852,8 @@ class Client:
                              error=JobCancelled("job cancelled"))
 
     def _send(self, link, ids):
+        """Send these jobs to the node; returns the actions that follow
+        (jobs cancelled while queued are dropped: others take their place)."""
         conn, jobs = link.conn, self.jobs
         header, frames, dropped, functions = [], [], [], []
         for job_id in ids:
@@ -873,13 +884,16 @@ class Client:
         except ConnectionClosed as exc:
             # Closed under us (its close callback, which runs later, does the
             # rest): these jobs go elsewhere now, with the node's others.
-            self._act(self.scheduler.remove_node(link, time.monotonic(), str(exc)))
-            return
+            return self.scheduler.remove_node(link, time.monotonic(), str(exc))
         if len(link.fns) > _NODE_FUNCTIONS:
             self._forget(link)
+        if not dropped:
+            return []
         for job_id in dropped:
-            self._act(self.scheduler.done(link, job_id))
+            self.scheduler.done(link, job_id, dispatch=False)
             self._unfinished.discard(jobs.pop(job_id).future)
+        self._settle()
+        return self.scheduler.dispatch()
 
     def _forget(self, link):
         """Tell the node to drop the least recently used functions that no
@@ -912,6 +926,17 @@ class Client:
         if not self._trusted_items(link, msg.results, "a result"):
             return
         jobs, finish = self.jobs, self.scheduler.finish
+        outcomes: list[tuple[Future, Any, BaseException | None]] = []
+        self._outcomes = outcomes  # resolved together, under one lock
+        try:
+            self._read_results(link, msg, frames, jobs, finish)
+        finally:
+            self._outcomes = None
+            resolve(outcomes)
+            self._settle()
+        self._act(self.scheduler.dispatch())
+
+    def _read_results(self, link, msg, frames, jobs, finish):
         for res, payload in P.results(msg, frames):
             start, end = res.start, res.end
             duration = None if start is None or end is None else end - start
@@ -932,7 +957,6 @@ class Client:
                 link.jobs_done += 1
                 link.cpu_time += duration
             self._resolve(job, res.outcome, payload)
-        self._act(self.scheduler.dispatch())
 
     def _resolve(self, job, outcome, payload):
         if outcome == Outcome.OK:
@@ -959,18 +983,16 @@ class Client:
         job.value, job.error = value, error
         future = job.future
         self._unfinished.discard(future)
-        # A sent job's future is RUNNING and only this thread resolves it:
-        # no done() check (its lock) on the way.
-        if not job.sent and not future.done() and not future.set_running_or_notify_cancel():
+        if future.done():
+            job.cancelled = future.cancelled()
+        elif not job.sent and not future.set_running_or_notify_cancel():
             job.cancelled = True
+        elif self._outcomes is not None:  # a DONE batch: resolved at its end
+            self._outcomes.append((future, value, error))
         else:
-            try:
-                if error is None:
-                    future.set_result(value)
-                else:
-                    future.set_exception(error)
-            except InvalidStateError:  # resolved already (or cancelled by the user)
-                job.cancelled = future.cancelled()
+            resolve(((future, value, error),))
+        if self._outcomes is None:
+            self._settle()
         self.emit("done", job)
 
     def emit(self, kind, obj):

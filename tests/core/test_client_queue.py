@@ -1,0 +1,45 @@
+"""The core Client with big queues (issue 16): many queued jobs cancelled
+at once, and wait() over many unfinished jobs."""
+import concurrent.futures as cf
+
+from dpool.core.client import Client
+from helpers import read_marker
+from tasks import double, hold
+
+
+def test_cancelling_a_big_queue_at_once_keeps_the_client_working(tmp_path):
+    """20,000 queued jobs cancelled by their futures while one job holds the
+    only CPU: when it ends, the scheduler hands the cancelled jobs out batch
+    after batch and each is dropped.  That used to recurse once per batch
+    (RecursionError in the loop thread: the embedded node was 'lost' and
+    every later job failed)."""
+    client = Client(None, cpus=1).start()
+    try:
+        marker, gate = str(tmp_path / "m"), str(tmp_path / "gate")
+        first = client.submit(hold, (marker, gate))
+        read_marker(marker)
+        queued = [client.submit(double, (i,)) for i in range(20_000)]
+        cancelled = sum(job.future.cancel() for job in queued)  # (not those sent already)
+        assert cancelled > 19_000
+        open(gate, "w").close()
+        assert isinstance(first.future.result(30), int)
+        assert client.submit(double, (21,)).future.result(30) == 42
+        assert sum(job.future.cancelled() for job in queued) == cancelled
+        assert client.wait(30)
+    finally:
+        open(gate, "a").close()
+        client.close()
+
+
+def test_wait_over_many_jobs_makes_no_condition_per_job():
+    """Client.wait() (every close(wait=True)) waits on one condition, not
+    on each future (a million Conditions would cost 1.3 GB)."""
+    client = Client(None, cpus=2).start()
+    try:
+        jobs = [client.submit(double, (i,)) for i in range(5000)]
+        assert client.wait(60)
+        assert [job.future.result(0) for job in jobs[:3]] == [0, 2, 4]
+        assert all(job.future._cond is None for job in jobs[3:])
+        assert all(isinstance(job.future, cf.Future) for job in jobs)
+    finally:
+        client.close()
