@@ -132,6 +132,8 @@ class Pool:
         """Like :meth:`apply`, but returns an :class:`AsyncResult` at once."""
         self._check_running()
         future = self._client.submit(func, args, kwds, defer_errors=True).future
+        if callback is None and error_callback is None:
+            return _FutureResult(future)  # (no Event, no done-callback: the future is enough)
         result = ApplyResult(self._runner(callback, error_callback), callback, error_callback)
         future.add_done_callback(result._from_future)
         return result
@@ -287,8 +289,11 @@ def _slices(items, size):
 class ApplyResult:
     """The result of :meth:`Pool.apply_async` (``multiprocessing``'s names)."""
 
+    _event_lock = threading.Lock()
+
     def __init__(self, runner, callback, error_callback):
-        self._event = threading.Event()
+        self._ready = False
+        self._event = None  # made when someone waits before it is ready
         self._runner = runner
         self._callback = callback
         self._error_callback = error_callback
@@ -296,7 +301,7 @@ class ApplyResult:
         self._value = None
 
     def ready(self):
-        return self._event.is_set()
+        return self._ready
 
     def successful(self):
         if not self.ready():
@@ -304,7 +309,21 @@ class ApplyResult:
         return self._success
 
     def wait(self, timeout=None):
+        if self._ready:
+            return
+        with self._event_lock:
+            if self._ready:
+                return
+            if self._event is None:
+                self._event = threading.Event()
         self._event.wait(timeout)
+
+    def _set_ready(self):
+        with self._event_lock:
+            self._ready = True
+            event = self._event
+        if event is not None:
+            event.set()
 
     def get(self, timeout=None):
         self.wait(timeout)
@@ -327,7 +346,7 @@ class ApplyResult:
         if callback is not None:
             self._runner.put(self._run_callback)
         else:
-            self._event.set()
+            self._set_ready()
 
     def _run_callback(self):
         callback = self._callback if self._success else self._error_callback
@@ -337,10 +356,40 @@ class ApplyResult:
             log.exception("dpool.Pool: the %s %r raised; the pool carries on",
                           "callback" if self._success else "error_callback", callback)
         finally:
-            self._event.set()
+            self._set_ready()
 
 
 AsyncResult = ApplyResult
+
+
+class _FutureResult(ApplyResult):
+    """An :class:`ApplyResult` without callbacks: a view of its future (120
+    bytes of state per task, instead of an Event and a done-callback)."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future):  # (no super().__init__: nothing of it is used)
+        self._future = future
+
+    def ready(self):
+        return self._future.done()
+
+    def successful(self):
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return _error_of(self._future) is None
+
+    def wait(self, timeout=None):
+        _wait(self._future, timeout)
+
+    def get(self, timeout=None):
+        future = self._future
+        if not _wait(future, timeout):
+            raise TimeoutError
+        error = _error_of(future)
+        if error is None:
+            return future.result()
+        raise error
 
 
 class MapResult(ApplyResult):
@@ -355,7 +404,7 @@ class MapResult(ApplyResult):
         self._count_lock = threading.Lock()
         if not futures:
             self._success, self._value = True, []
-            self._event.set()
+            self._set_ready()
         for future in futures:
             future.add_done_callback(self._chunk_done)
 
