@@ -18,10 +18,12 @@ local and the distributed case run the same code.
 Deliberate differences from ``ProcessPoolExecutor`` are listed in
 ``docs/executor-and-pool.md``.
 """
+import collections
 import concurrent.futures as _cf
 import itertools
 import threading
 import time
+import weakref
 
 from ._adapters import add_nodes, check_initializer, start_client, total_cpus
 from .progressbar import make_bar, track
@@ -105,34 +107,73 @@ class Executor(_cf.Executor):
 
     submit.__doc__ = _cf.Executor.submit.__doc__
 
-    def map(self, fn, *iterables, timeout=None, chunksize=1, progress=False):
+    def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None, progress=False):
         """Like :func:`map`, run on the workers; results come back lazily
         and in order.  Each chunk of ``chunksize`` calls is one job (one
         message each way).  ``timeout`` counts from this call: a result not
         ready by then raises ``TimeoutError`` from the iterator.
+
+        The iterables are read at once, unless ``buffersize`` (Python
+        3.14's argument, on every Python here) caps the jobs submitted and
+        not yet yielded: ``buffersize`` chunks are submitted now, and one
+        more each time the iterator moves on to the next chunk, so at most
+        ``buffersize * chunksize`` inputs are read ahead of the consumer and
+        at most that many results are held for it.
         ``progress=True`` (dpool's own) shows a tqdm bar of finished calls.
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None and not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None")
+        if buffersize is not None and buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
         end_time = None if timeout is None else timeout + time.monotonic()
-        submit = self._client.submit
         bar = make_bar(progress)  # (a bad option fails before anything is submitted)
+        chunks = _chunks(zip(*iterables), chunksize)
+        try:
+            futures = self._submit_chunks(fn, chunks, buffersize, bar)
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        if buffersize is None:
+            return _chained_results(futures, end_time)
+        return _buffered_results(futures, end_time, self._refiller(fn, chunks, bar), bar)
+
+    def _submit_chunks(self, fn, chunks, limit, bar):
+        """Submit ``limit`` (None: all) chunks; their futures (none submitted
+        if one fails to submit).  With a limit the bar's total stays open
+        (the input's length is unknown) and the caller closes it."""
+        submit = self._client.submit
         futures, sizes = [], []
         with self._shutdown_lock:
             if self._shutdown_thread:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             try:
-                for chunk in _chunks(zip(*iterables), chunksize):
+                for chunk in itertools.islice(chunks, limit):
                     futures.append(submit(fn, chunk, star=True, defer_errors=True).future)
                     sizes.append(len(chunk))
             except BaseException:
                 for future in futures:
                     future.cancel()
-                if bar is not None:
-                    bar.close()
                 raise
-        track(bar, futures, sizes)
-        return _chained_results(futures, end_time)
+        if limit is None:
+            track(bar, futures, sizes)
+        elif bar is not None:
+            for future, size in zip(futures, sizes):
+                future.add_done_callback(lambda _, size=size: bar.update(size))
+        return futures
+
+    def _refiller(self, fn, chunks, bar):
+        """The next chunk's future, or None when the input (or the executor)
+        is done; holds the executor weakly, as the stdlib's iterator does."""
+        executor = weakref.ref(self)
+
+        def refill():  # (after shutdown: RuntimeError, as the stdlib's submit)
+            ex = executor()
+            futures = [] if ex is None else ex._submit_chunks(fn, chunks, 1, bar)
+            return futures[0] if futures else None
+        return refill
 
     def shutdown(self, wait=True, *, cancel_futures=False):
         """Stop taking work; ``cancel_futures`` cancels what has not started.
@@ -178,21 +219,43 @@ def _chunks(iterable, n):
         yield chunk
 
 
+def _result(future, end_time):
+    """The chunk's results; the future cancelled if we give up on it."""
+    try:
+        if end_time is None:
+            return future.result()
+        return future.result(end_time - time.monotonic())
+    finally:
+        future.cancel()
+
+
+def _buffered_results(futures, end_time, refill, bar):
+    """Yield the items of each chunk in order, submitting one more chunk
+    (``refill``) each time one is taken; cancel the rest on an early stop."""
+    pending = collections.deque(futures)
+    del futures
+    try:
+        while pending:
+            future = refill()
+            if future is not None:
+                pending.append(future)
+            chunk = _result(pending.popleft(), end_time)
+            yield from chunk
+            del chunk
+    finally:
+        for future in pending:
+            future.cancel()
+        if bar is not None:
+            bar.close()
+
+
 def _chained_results(futures, end_time):
     """Yield the items of each chunk future in order; cancel the rest if the
     consumer stops early or a wait times out (as the stdlib does)."""
     futures.reverse()
     try:
         while futures:
-            future = futures.pop()
-            try:
-                if end_time is None:
-                    chunk = future.result()
-                else:
-                    chunk = future.result(end_time - time.monotonic())
-            finally:
-                future.cancel()
-            del future
+            chunk = _result(futures.pop(), end_time)
             yield from chunk
     finally:
         for future in futures:
