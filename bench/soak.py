@@ -19,7 +19,6 @@ zygote and workers) and open fds; the summary is printed at the end and
 written to ``OUT/summary.json``.
 """
 import argparse
-import concurrent.futures as cf
 import json
 import os
 import random
