@@ -25,6 +25,7 @@ import threading
 import time
 import weakref
 
+from . import protocol as P
 from ._adapters import add_nodes, check_initializer, start_client, total_cpus
 from .progressbar import make_bar, track
 
@@ -129,18 +130,21 @@ class Executor(_cf.Executor):
             raise ValueError("buffersize must be None or > 0")
         end_time = None if timeout is None else timeout + time.monotonic()
         bar = make_bar(progress)  # (a bad option fails before anything is submitted)
-        chunks = _chunks(zip(*iterables), chunksize)
+        if len(iterables) == 1:  # items as they are: no one-item tuple each
+            chunks, mode = _chunks(iterables[0], chunksize), P.Call.MAP
+        else:
+            chunks, mode = _chunks(zip(*iterables), chunksize), P.Call.STARMAP
         try:
-            futures = self._submit_chunks(fn, chunks, buffersize, bar)
+            futures = self._submit_chunks(fn, mode, chunks, buffersize, bar)
         except BaseException:
             if bar is not None:
                 bar.close()
             raise
         if buffersize is None:
             return _chained_results(futures, end_time)
-        return _buffered_results(futures, end_time, self._refiller(fn, chunks, bar), bar)
+        return _buffered_results(futures, end_time, self._refiller(fn, mode, chunks, bar), bar)
 
-    def _submit_chunks(self, fn, chunks, limit, bar):
+    def _submit_chunks(self, fn, mode, chunks, limit, bar):
         """Submit ``limit`` (None: all) chunks; their futures (none submitted
         if one fails to submit).  With a limit the bar's total stays open
         (the input's length is unknown) and the caller closes it."""
@@ -151,7 +155,7 @@ class Executor(_cf.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             try:
                 for chunk in itertools.islice(chunks, limit):
-                    futures.append(submit(fn, chunk, star=True, defer_errors=True).future)
+                    futures.append(submit(fn, chunk, star=mode, defer_errors=True).future)
                     sizes.append(len(chunk))
             except BaseException:
                 for future in futures:
@@ -164,14 +168,14 @@ class Executor(_cf.Executor):
                 future.add_done_callback(lambda _, size=size: bar.update(size))
         return futures
 
-    def _refiller(self, fn, chunks, bar):
+    def _refiller(self, fn, mode, chunks, bar):
         """The next chunk's future, or None when the input (or the executor)
         is done; holds the executor weakly, as the stdlib's iterator does."""
         executor = weakref.ref(self)
 
         def refill():  # (after shutdown: RuntimeError, as the stdlib's submit)
             ex = executor()
-            futures = [] if ex is None else ex._submit_chunks(fn, chunks, 1, bar)
+            futures = [] if ex is None else ex._submit_chunks(fn, mode, chunks, 1, bar)
             return futures[0] if futures else None
         return refill
 
@@ -213,7 +217,12 @@ class Executor(_cf.Executor):
 
 
 def _chunks(iterable, n):
-    """Lists of up to ``n`` items (itertools.batched is 3.12+)."""
+    """Lists of up to ``n`` items (itertools.batched is 3.12+); a list is
+    sliced, which is quicker than taking its items one by one."""
+    if isinstance(iterable, list):
+        for i in range(0, len(iterable), n):
+            yield iterable[i:i + n]
+        return
     iterator = iter(iterable)
     while chunk := list(itertools.islice(iterator, n)):
         yield chunk
