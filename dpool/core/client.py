@@ -333,7 +333,7 @@ class Client:
             raise BrokenCluster(f"the cluster is broken: {describe(self.broken)}") from self.broken
         try:
             fn_id, blob = self.functions.get(fn)
-            frames = serialize.dumps((args, kwargs or {}))
+            frames = tuple(serialize.dumps((args, kwargs or {})))  # (untracked by the GC)
         except Exception as exc:
             if not defer_errors:
                 raise
