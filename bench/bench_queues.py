@@ -77,15 +77,16 @@ def cell(api, n, node):
     submit, get, close = _open(api, node)
     assert get(submit(0)) == 0
     base = _status("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     handles = [submit(i) for i in range(n)]
     for i, h in enumerate(handles):
         assert get(h) == i
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = _status("VmHWM")
     del handles
     close()
-    print(json.dumps({"rate": n / elapsed, "bytes_per_task": (peak - base) / n}))
+    print(json.dumps({"rate": n / elapsed, "bytes_per_task": (peak - base) / n,
+                      "cpu_us": cpu / n * 1e6}))
 
 
 def map_cell(api, n, reps):
