@@ -983,6 +983,7 @@ class Client:
         job.value, job.error = value, error
         future = job.future
         self._unfinished.discard(future)
+        outcome = None
         if future.done():
             job.cancelled = future.cancelled()
         elif not job.sent and not future.set_running_or_notify_cancel():
@@ -990,10 +991,14 @@ class Client:
         elif self._outcomes is not None:  # a DONE batch: resolved at its end
             self._outcomes.append((future, value, error))
         else:
-            resolve(((future, value, error),))
+            outcome = (future, value, error)
+        # The handlers first: what they copy (a DispyJob's fields) is there
+        # for whoever the future wakes.
+        self.emit("done", job)
+        if outcome is not None:
+            resolve((outcome,))
         if self._outcomes is None:
             self._settle()
-        self.emit("done", job)
 
     def emit(self, kind, obj):
         if self.on_event is not None:
