@@ -175,7 +175,7 @@ class DispyJob:
     def _wait(self, timeout):
         """Wait on the core job's future while nobody made ``finish`` (an
         Event per job costs 1.2 KB): the client copies the fields in before
-        the future resolves.  Cancelled from another thread, or ``clear``\ ed:
+        the future resolves.  Cancelled from another thread, or after ``clear``:
         ``finish`` for the time left."""
         core = self._job
         if core is not None and self._event is None:
