@@ -1,12 +1,17 @@
-"""Maps over huge generators run in bounded memory (issue 16): inputs are
-read only a stated window ahead of the consumer (untimed: counts, not clocks).
+"""Big queues (issue 16), untimed: counts and bytes, not clocks.
+
+A queued no-op task costs the client at most 1.5 KB (tracemalloc, while a
+job holds the only worker).  Maps over huge generators run in bounded
+memory: inputs are read only a stated window ahead of the consumer.
 
 - ``Executor.map(..., buffersize=b, chunksize=c)``: at most ``b`` chunks
   submitted and not yet yielded, so ``(b + 1) * c`` inputs read ahead.
 - ``Pool.imap`` / ``imap_unordered``: at most ``max(64, 8 * processes)``
   chunks in flight (the window), so ``(window + 1) * chunksize`` read ahead.
 """
+import gc
 import itertools
+import tracemalloc
 
 import pytest
 
@@ -36,6 +41,48 @@ def fail_on_3(x):
     if x == 3:
         raise ValueError("three")
     return x
+
+
+def hold(gate):
+    """Keep the worker busy until ``gate`` exists."""
+    import os
+    import time
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+
+
+def queued_bytes(submit, n=20_000):
+    """tracemalloc bytes per task for ``n`` tasks submitted and still queued."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        handles = [submit(i) for i in range(n)]
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    return used / n, handles
+
+
+@pytest.mark.parametrize("api", ["executor", "pool"])
+def test_a_queued_no_op_task_costs_the_client_at_most_1_5_kb(api, tmp_path):
+    gate = str(tmp_path / "gate")
+    try:
+        if api == "executor":
+            with Executor(1) as executor:
+                busy = executor.submit(hold, gate)
+                per_task, futures = queued_bytes(lambda i: executor.submit(inc, i))
+                open(gate, "w").close()
+                assert busy.result(60) is None and futures[-1].result(60) == 20_000
+        else:
+            with dpool.Pool(1) as pool:
+                busy = pool.apply_async(hold, (gate,))
+                per_task, results = queued_bytes(lambda i: pool.apply_async(inc, (i,)))
+                open(gate, "w").close()
+                assert busy.get(60) is None and results[-1].get(60) == 20_000
+    finally:
+        open(gate, "a").close()
+    assert per_task <= 1536, per_task  # (before the light futures: 2.2 KB and 3.7 KB)
 
 
 @pytest.fixture
