@@ -228,6 +228,12 @@ def count_and_hold(log, gate, value=None, timeout=60.0):
     return value
 
 
+def hold_data(data, log, gate, timeout=60.0):
+    """:func:`count_and_hold` holding ``data``; return its length."""
+    count_and_hold(log, gate, timeout=timeout)
+    return len(data)
+
+
 # ------------------------------------------- initializers (Executor, Pool)
 
 def set_initialized(value):

@@ -94,7 +94,7 @@ class Dispatcher:
         self.queue = collections.deque()  # jobs not given to a worker yet
         self.workers = []  # the workers that may take jobs
         self.fns = set()  # function ids the session can load into workers
-        self.given = {}  # job id -> (worker, job) for jobs given to a worker
+        self.given = {}  # job id -> (worker, job) for jobs given to a worker (see dispatch)
         self.ghosts = set()  # cancelled after being given: drop their results
         self.ema = None  # moving average of job durations, seconds
         self.depth = 1
@@ -138,8 +138,13 @@ class Dispatcher:
                 worker.fns.add(fn_id)
                 actions.append(LoadFunction(worker, fn_id))
             batches.setdefault(worker, []).append(job)
+            # A job the worker runs first fails with the worker if it dies
+            # (worker_exited): its payload is not kept, so that a large
+            # argument is freed here once it has been sent.  Jobs waiting
+            # behind it are kept whole, to be requeued.
+            kept = job if worker.outstanding else (job[0], ())
             worker.outstanding.append(job_id)
-            self.given[job_id] = (worker, job)
+            self.given[job_id] = (worker, kept)
         actions.extend(Run(worker, jobs) for worker, jobs in batches.items())
         return actions
 

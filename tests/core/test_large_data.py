@@ -13,9 +13,12 @@ import json
 import subprocess
 import sys
 
+import psutil
 import pytest
 
-from helpers import node_env, start_node
+import dpool.futures
+import tasks
+from helpers import node_env, poll_for, start_node
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -136,3 +139,19 @@ def test_through_a_node_with_protection_copies_are_bounded(tmp_path, large_node,
         pytest.importorskip("numpy")
     client, tree = peaks_above_baseline(tmp_path, kind, direction, large_node)
     assert client <= 1.2 and tree <= 2.2, (client, tree)
+
+
+def test_a_node_frees_an_argument_once_sent_to_the_worker(tmp_path, large_node):
+    """While a job with a large argument runs, its node no longer holds the
+    argument (only the worker does)."""
+    node, log, gate = psutil.Process(large_node.pid), tmp_path / "log", tmp_path / "gate"
+    with dpool.futures.Executor(max_workers=1, nodes=[("127.0.0.1", large_node.port)],
+                                secret=large_node.secret) as ex:
+        assert ex.submit(tasks.size_of, b"warm-up").result(60) == 7
+        before = node.memory_info().rss
+        future = ex.submit(tasks.hold_data, b"x" * SIZE, str(log), str(gate))
+        poll_for(log.exists, 60, message="the job to start")
+        poll_for(lambda: node.memory_info().rss - before < SIZE // 8, 60,
+                 message="the node to free the argument sent to the worker")
+        gate.touch()
+        assert future.result(60) == SIZE

@@ -276,3 +276,28 @@ class DispatcherNeverLosesJobs(RuleBasedStateMachine):
 
 
 TestDispatcherNeverLosesJobs = DispatcherNeverLosesJobs.TestCase
+
+
+def test_a_job_that_runs_first_is_not_kept_with_its_payload():
+    """A large argument is held by the node only until it is sent to the
+    worker (issue 15): the job a worker runs first is lost with the worker if
+    it dies, so its payload need not be kept; a job waiting behind it is kept
+    whole, to be requeued."""
+    import gc
+    import weakref
+
+    class Frame:
+        pass
+
+    d, (a,) = ready(1)
+    d.depth = 2
+    first, behind = Frame(), Frame()
+    refs = weakref.ref(first), weakref.ref(behind)
+    jobs = [(RunItem(i, 1, 1, Call.CALL, 1), [frame]) for i, frame in enumerate((first, behind))]
+    actions = d.submit(jobs)
+    assert runs(actions) == {a: [0, 1]}
+    del first, behind, jobs, actions
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is not None
+    assert d.worker_exited(a, "was killed")[0].outcome == Outcome.WORKER_LOST
+    assert [j[0].job_id for j in d.queue] == [1] and d.queue[0][1] == [refs[1]()]
