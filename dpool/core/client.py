@@ -126,9 +126,14 @@ class NodeLink:
         self.in_flight = set()
         self.heartbeat = None  # a liveness.Heartbeat while the session is open (TCP only)
         self.retry = True  # False: the node refused us, or we closed it: don't re-join
+        # (token, terminate): take over the session a client that went away
+        # left there (Client.recover) instead of opening one.
+        self.recover = None
+        self.adopted = []  # the Jobs of that session, once READY
 
     hold = False  # True: READY but not given jobs until an extension admits it
     busy = False  # True: the node answered Busy (other clients hold its CPUs)
+    refusal = None  # the node's reason, if it refused the session
     draining = False  # True: the node said it is shutting down
 
     @property
@@ -434,6 +439,41 @@ class Client:
             return fn()
         return self._thread.run(run(), timeout)
 
+    def call_soon(self, fn):
+        """Run ``fn()`` in the loop thread without waiting for it (at once
+        when called from there)."""
+        if self.in_loop_thread():
+            fn()
+        else:
+            self.loop.call_soon_threadsafe(fn)
+
+    def recover(self, sessions, terminate=False):
+        """Take over sessions that a client gone away left on nodes (dispy's
+        ``recover_jobs``; the client had given each a ``recover_token``).
+
+        ``sessions`` is a list of ``((host, port), token)``.  Returns one
+        NodeLink per session, its ``error`` set (and ``refusal`` if the node
+        refused: it keeps nothing for that token) unless it is ready.  A ready
+        link's ``adopted`` lists the session's jobs as :class:`Job` records
+        with the ids the old client gave them (``fn_id`` and arguments
+        unknown); their futures resolve as their outcomes arrive, as any
+        job's do.  They run on that node only: one whose session is lost
+        first fails with :class:`NodeLost` (the node keeps it again, for a
+        later call).  ``terminate=True`` has the node cancel the jobs not
+        finished yet.  Call it before submitting anything to this client.
+        """
+        async def take_over():
+            links = [NodeLink(address) for address, _ in sessions]
+            for link, (_, token) in zip(links, sessions):
+                link.recover, link.retry = (token, bool(terminate)), False
+            await asyncio.gather(*(self._connect(link.address, link, quiet=True)
+                                   for link in links))
+            return links
+        links = self._thread.run(take_over(), self.connect_timeout + 5)
+        top = max((job.id for link in links for job in link.adopted), default=0)
+        self._ids = itertools.count(max(top + 1, next(self._ids)))  # no id taken twice
+        return links
+
     def pending(self):
         return len(self._unfinished)
 
@@ -547,6 +587,20 @@ class Client:
         link.ready_future = self.loop.create_future()
         link.conn.set_receiver(lambda frames: self._on_message(link, frames),
                                lambda exc=None: self._on_link_closed(link, exc))
+        if link.address != "embedded":  # in-process links don't go silent
+            link.conn.set_deadline(self.liveness.deadline)
+            link.heartbeat = liveness.Heartbeat(self.liveness, self.loop.time(),
+                                                link.conn.bytes_received, link.conn.bytes_sent)
+            self._start_ticker()
+        for message in self._opening(link):
+            link.conn.send(message)
+        await asyncio.wait_for(link.ready_future, self.connect_timeout)
+
+    def _opening(self, link):
+        """The messages that open a session: SESSION (its options from
+        ``prepare``, if any) and what ``prepare`` adds, or RECOVER."""
+        if link.recover is not None:
+            return [[P.encode(P.Recover, *link.recover)]]
         session, preamble = self.session, ()  # type: tuple[Any, Any]
         if self.prepare is not None:
             plan = self.prepare(link)
@@ -555,16 +609,9 @@ class Client:
                 link.retry = False
                 raise DpoolError("not used: the cluster's allocation gave it no CPUs")
             session, preamble = plan
-        if link.address != "embedded":  # in-process links don't go silent
+        if link.address != "embedded":
             session = dict(session, heartbeat=self.liveness.as_option())
-            link.conn.set_deadline(self.liveness.deadline)
-            link.heartbeat = liveness.Heartbeat(self.liveness, self.loop.time(),
-                                                link.conn.bytes_received, link.conn.bytes_sent)
-            self._start_ticker()
-        link.conn.send([P.encode(P.Session, session), *self.init_frames])
-        for message in preamble:
-            link.conn.send(message)
-        await asyncio.wait_for(link.ready_future, self.connect_timeout)
+        return [[P.encode(P.Session, session), *self.init_frames], *preamble]
 
     def _on_message(self, link, frames):
         msg = P.decode(frames[0])
@@ -606,8 +653,26 @@ class Client:
         link.ready = True
         if not link.ready_future.done():
             link.ready_future.set_result(None)
-        if not link.hold:
+        if link.recover is not None:
+            self._adopt(link, [*msg.info.get("kept", ()), *msg.info.get("pending", ())])
+        elif not link.hold:
             self.admit(link)
+
+    def _adopt(self, link, job_ids):
+        """A recovered session's jobs: in flight on ``link``, which gets no
+        new ones.  A job two nodes kept (its first node was cut off, not
+        stopped) is one Job, resolved by the first outcome."""
+        self.emit("node", link)
+        self._act(self.scheduler.add_node(link, 0, time.monotonic()))
+        fresh = [job_id for job_id in job_ids if job_id not in self.jobs]
+        for job_id in fresh:
+            job = self.jobs[job_id] = Job(job_id, None, None)
+            job.future.set_running_or_notify_cancel()
+            job.sent, job.status, job.node = True, RUNNING, link
+            self._unfinished.add(job.future)
+        self.scheduler.adopt(link, fresh)
+        link.in_flight.update(job_ids)
+        link.adopted = [self.jobs[job_id] for job_id in job_ids]
 
     def admit(self, link):
         self.emit("node", link)
@@ -615,6 +680,7 @@ class Client:
 
     def _on_refused(self, link, msg, frames):
         link.retry = False
+        link.refusal = msg.reason
         link.error = DpoolError(msg.reason)
         if not link.ready_future.done():
             link.ready_future.set_exception(link.error)
@@ -691,16 +757,18 @@ class Client:
             self.finder.add(patterns)
         self._thread.run(run(), 30)
 
-    def close_link(self, link):
-        """End the session with one node (user thread); its unfinished jobs
-        are moved to other nodes as for a lost node."""
+    def close_link(self, link, bye=True):
+        """End the session with one node (any thread); its unfinished jobs
+        are moved to other nodes as for a lost node.  With ``bye=False`` the
+        node is not told: it handles it as a client gone away (a recoverable
+        session is kept, for a later :meth:`recover`)."""
         def close():
             link.retry = False
             if link.conn is not None and not link.conn.closed:
-                if link.ready:
+                if link.ready and bye:
                     link.conn.send([P.encode(P.Bye)])
                 link.conn.close()
-        self.loop.call_soon_threadsafe(close)
+        self.call_soon(close)
 
     def set_cpus(self, link, cpus):
         """Use at most ``cpus`` of the CPUs a node granted (0: no new jobs)."""

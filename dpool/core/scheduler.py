@@ -28,6 +28,10 @@ Policies:
   resolves the job.  A late outcome (from a node declared lost that answers
   after all, or from an earlier attempt) is dropped and counted in
   ``stale``: a job is delivered exactly once.
+- A job taken over with its node's session (:meth:`Scheduler.adopt`, dispy's
+  ``recover_jobs``) is pinned to that node, whatever attempt its outcome
+  carries; it can't be sent anywhere else (the driver has no arguments for
+  it), so it fails if that node is lost or gives it back.
 """
 from __future__ import annotations
 
@@ -130,6 +134,7 @@ class _Job:
     tries: int = 0  # dispatches (the attempt number of the latest)
     returned: int = 0  # dispatches given back unstarted: not retries
     cancelling: bool = False  # a cancel was sent to its node
+    adopted: bool = False  # taken over on its node: its attempt is not known
 
 
 class Scheduler:
@@ -222,7 +227,8 @@ class Scheduler:
         True if this is the job's current attempt (:meth:`current`), which
         is now finished; False (counted in ``stale``) if not."""
         job = self.jobs.get(job_id)
-        if job is None or job.node != node or (attempt is not None and attempt != job.tries):
+        if job is None or job.node != node or \
+                (attempt is not None and attempt != job.tries and not job.adopted):
             self.stale += 1
             return False
         del self.jobs[job_id]
@@ -236,6 +242,15 @@ class Scheduler:
                 self.ema = duration if self.ema is None else 0.8 * self.ema + 0.2 * duration
             self._sync(node, state)
         return True
+
+    def adopt(self, node: Node, job_ids: Iterable[JobId]) -> None:
+        """Jobs already on ``node`` (sent there by another client, whose
+        session this driver took over): in flight there, pinned to it."""
+        state = self.nodes[node]
+        for job_id in job_ids:
+            self.jobs[job_id] = _Job(node=node, pin=node, adopted=True)
+            state.inflight.add(job_id)
+        self._sync(node, state)
 
     def dispatch(self) -> list[Action]:
         """Send what the nodes have room for."""
@@ -259,6 +274,10 @@ class Scheduler:
             if job.cancelling:
                 del self.jobs[job_id]
                 actions.append(Cancelled(job_id))
+            elif job.adopted:  # nothing here to send it with
+                del self.jobs[job_id]
+                actions.append(Fail(job_id, NodeLost(f"node {node} gave back a job it had "
+                                                     f"kept, unstarted")))
             else:
                 (self.pinned[job.pin] if job.pin is not None else self.queue).appendleft(job_id)
         if state is not None:
@@ -305,9 +324,11 @@ class Scheduler:
 
     def current(self, node: Node, job_id: JobId, attempt: int | None = None) -> bool:
         """True if an outcome of ``job_id`` from ``node`` (for ``attempt``)
-        is the one to deliver: the job is in flight there, in that attempt."""
+        is the one to deliver: the job is in flight there, in that attempt
+        (any attempt for an adopted job)."""
         job = self.jobs.get(job_id)
-        return job is not None and job.node == node and (attempt is None or attempt == job.tries)
+        return job is not None and job.node == node and \
+            (attempt is None or attempt == job.tries or job.adopted)
 
     def pending(self) -> int:
         """Jobs not finished yet (queued here or on a node)."""

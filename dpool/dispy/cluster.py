@@ -427,7 +427,7 @@ class JobCluster:
         with self._lock:
             self._jobs.discard(job)
         if self._recover is not None:
-            job._on_id = None
+            job.track_id(None)
             self._recover.done(core_job.id)  # received: recover_jobs leaves it out
         job.finish_from(core_job, self._job_ip(core_job))
 
@@ -479,7 +479,7 @@ class JobCluster:
             job.submitted(core_job, pin)
             if self._recover is not None:
                 self._recover.job(core_job.id, job.id)
-                job._on_id = lambda j: self._recover.job(j.core_job.id, j.id)
+                job.track_id(lambda j: self._recover.job(j.core_job.id, j.id))
         except BaseException:
             with self._lock:
                 self._jobs.discard(job)
@@ -665,7 +665,7 @@ class JobCluster:
                     self._client.cancel(job)
             self._closing[link] = True
             self._close_if_idle(link)
-        self._client.loop.call_soon_threadsafe(close)
+        self._client.call_soon(close)
         for job in self._pinned_waiting(link):
             self._client.cancel(job.core_job)
         return 0

@@ -104,5 +104,5 @@ class JobEnv:
                 waiter.set_result(f"node {link.name} is not connected")
                 return
             link.conn.send([P.encode(P.File, req_id, name, mode), data])
-        self.client.loop.call_soon_threadsafe(send)
+        self.client.call_soon(send)
         return waiter

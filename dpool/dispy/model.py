@@ -131,6 +131,30 @@ class DispyJob:
     def submitted(self, core_job, pin=None):
         self._job, self._pin = core_job, pin
 
+    def track_id(self, record):
+        """Call ``record(job)`` each time the id is set from now on (the
+        recover file records it); ``None`` stops it."""
+        self._on_id = record
+
+    @classmethod
+    def recovered(cls, job_id, core_job, ip_addr):
+        """A job of a client gone away, collected by ``recover_jobs``: its
+        outcome taken as JobCluster takes a job's (``args`` and ``kwargs``
+        None, as in dispy)."""
+        job = cls(None, None)
+        job.id, job.kwargs = job_id, None
+        job.finish_from(core_job, ip_addr)
+        return job
+
+    @classmethod
+    def abandoned(cls, job_id, why):
+        """A job that never ran and never will (``recover_jobs``: no node
+        kept it), ``why`` in its ``exception``."""
+        job = cls(None, None)
+        job.id, job.kwargs, job.exception, job._status = job_id, None, why, DispyJob.Abandoned
+        job._set_done()
+        return job
+
     def provisional(self, value):
         """A provisional result (dispy_provisional_result) arrived."""
         self.result = value

@@ -11,9 +11,11 @@
       a result received:            {"job": core id, "id_pickle": hex})
                                     {"done": core id})
     client gone without BYE: the node keeps the session (jobs go on, results
-      are kept) for --keep-results seconds (see dpool/core/node.py)
-    recover_jobs(F): per node, connect, RECOVER T ──► READY {kept, pending}
-      ◄── DONE ... until every job is in; BYE ends the session; F is removed
+      are kept) for --keep-results seconds (see dpool/node/runtime.py)
+    recover_jobs(F): a core Client (thread "dpool-recover"), Client.recover:
+      per node, connect, RECOVER T ──► READY {kept, pending}: Jobs adopted
+      ◄── DONE ... resolves them as any job (DispyJob.finish_from, as JobCluster)
+      until every job is in: BYE ends the sessions; F is removed
 
 The file holds the cluster's secret (as dispy's does): it is created
 exclusively (an existing file or a symbolic link at its path is refused,
@@ -21,7 +23,8 @@ never truncated or followed) and readable and writable by its owner only
 (0600, whatever the umask); the default name ends in 64 random bits, so it
 can't be guessed and planted in advance.
 """
-import asyncio
+import collections
+import concurrent.futures
 import datetime
 import errno
 import glob
@@ -31,14 +34,13 @@ import os
 import pickle
 import secrets
 import threading
+import time
 
 from .. import liveness
-from .. import protocol as P
-from ..protocol import Outcome
-from .. import serialize
-from ..core.client import tls_context
-from .model import DispyJob, exception_text, resolve_host
-from ..errors import DpoolError
+from ..core.client import Client, tls_context
+from ..errors import BrokenCluster, NodeLost
+from .env import JobEnv
+from .model import DispyJob, resolve_host
 
 log = logging.getLogger("dpool")
 
@@ -182,145 +184,101 @@ def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
         log.warning("recover_jobs: cannot read %s: %s", recover_file, exc)
         return []
     ssl = tls_context(header.get("cafile"), header.get("certfile"), header.get("keyfile"))
-    results = [None] * len(nodes)
-    complete = [False] * len(nodes)
-
-    async def main():
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        await asyncio.gather(*(_recover_node(i, address, token, secret, ssl, ids,
-                                             terminate_pending, deadline, results, complete)
-                               for i, (address, token, secret) in enumerate(nodes)))
-
-    runner = threading.Thread(target=asyncio.run, args=(main(),), name="dpool-recover")
-    runner.start()
-    runner.join()
-    jobs = _once(results, done)
-    if all(complete):
+    deadline = None if timeout is None else time.monotonic() + timeout
+    collected, complete = [], True
+    for secret, sessions in _by_secret(nodes).items():
+        got, all_in = _collect(sessions, secret, ssl, terminate_pending, deadline)
+        collected += got
+        complete = complete and all_in
+    jobs = _once(collected, ids, done)
+    if complete:
         jobs += _lost(ids, done, jobs)
         try:
             os.remove(recover_file)
         except OSError:
             pass
-    return jobs
+    return [job for _, job in jobs]
 
 
-def _once(results, done):
-    """The recovered jobs, each once: a job whose connection dropped while
-    its node stayed up may be kept there and also have run again elsewhere
-    (its result received by the client: left out, or recovered twice)."""
+def _by_secret(nodes):
+    """The sessions of the file, by the secret of their node (one client each)."""
+    groups = collections.defaultdict(list)
+    for address, token, secret in nodes:
+        groups[secret].append((address, token))
+    return groups
+
+
+def _remaining(deadline):
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _collect(sessions, secret, ssl, terminate, deadline):
+    """Take the sessions over with a core client and wait for their jobs:
+    ([(core Job, node IP)], True if every session was collected whole)."""
+    wait = _remaining(deadline)
+    connect = liveness.connect_timeout() if wait is None else \
+        max(1e-3, min(wait, liveness.connect_timeout()))
+    client = Client([], secret=secret, ssl=ssl, connect_timeout=connect, name="dpool-recover")
+    try:
+        JobEnv(client)  # a dispy session also sends starts, provisional results, load reports
+        links = client.recover(sessions, terminate)
+        for link in links:
+            _log_failure(link)
+        concurrent.futures.wait([job.future for link in links for job in link.adopted],
+                                _remaining(deadline))
+        return client.call(lambda: _settle(client, links))
+    finally:
+        client.close(wait=False)
+
+
+def _log_failure(link):
+    host, port = link.address
+    if link.refusal is not None:
+        log.warning("recover_jobs: node %s:%s refused: %s", host, port, link.refusal)
+    elif not link.ready:
+        log.warning("recover_jobs: node %s:%s: %s", host, port, link.error)
+
+
+def _settle(client, links):
+    """(Loop thread) the jobs whose outcome came from their node; a session
+    not collected whole is dropped without BYE, so its node keeps the rest."""
+    collected, complete = [], True
+    for link in links:
+        if link.refusal is not None:
+            continue  # nothing kept there (collected before, or expired)
+        ip = resolve_host(link.address[0])
+        for job in link.adopted:
+            if job.future.done() and not isinstance(job.error, (NodeLost, BrokenCluster)):
+                collected.append((job, ip))
+        if not (link.ready and all(job.future.done() for job in link.adopted)):
+            complete = False
+            client.close_link(link, bye=False)
+    return collected, complete
+
+
+def _once(collected, ids, done):
+    """The recovered jobs, each once, with the id the program last gave it:
+    a job whose connection dropped while its node stayed up may be kept
+    there and also have run again elsewhere (its result received by the
+    client: left out, or recovered twice)."""
     seen, jobs = set(done), []
-    for node_jobs in results:
-        for core_id, job in node_jobs or ():
-            if core_id not in seen:
-                seen.add(core_id)
-                jobs.append(job)
+    for core_job, ip in collected:
+        if core_job.id not in seen:
+            seen.add(core_job.id)
+            jobs.append((core_job.id, DispyJob.recovered(ids.get(core_job.id), core_job, ip)))
     return jobs
 
 
 def _lost(ids, done, recovered):
     """Jobs submitted but neither received nor kept by any node (e.g. still
     queued in the client when it died): Abandoned, and said so."""
-    got = {job._core_id for job in recovered}
+    got = {core_id for core_id, _ in recovered}
     lost = [core_id for core_id in ids if core_id not in done and core_id not in got]
     if lost:
         log.warning("recover_jobs: %d jobs were submitted but no node kept them (still "
                     "queued in the client when it went away, or their node's session "
                     "expired); they come back Abandoned: ids %s", len(lost),
                     ", ".join(repr(ids[core_id]) for core_id in lost[:20]))
-    jobs = []
-    for core_id in lost:
-        job = DispyJob(None, None, None)
-        job.id, job.args, job.kwargs, job._core_id = ids[core_id], None, None, core_id
-        job.exception = ("no node kept this job: it was still queued in the client when "
-                         "the client went away (or its node's session expired); it did not run")
-        job._status = DispyJob.Abandoned
-        job._set_done()
-        jobs.append(job)
-    return jobs
-
-
-async def _recover_node(i, address, token, secret, ssl, ids, terminate, deadline,
-                        results, complete):
-    from ..core.client import client_hello
-    from ..transport import connect
-
-    host, port = address
-    loop = asyncio.get_running_loop()
-    jobs = results[i] = []
-
-    def remaining():
-        return None if deadline is None else max(0.0, deadline - loop.time())
-
-    conn = None
-    try:
-        conn = await asyncio.wait_for(connect(host, port, secret=secret, hello=client_hello(),
-                                              ssl=ssl),
-                                      10.0 if deadline is None else min(10.0, remaining()))
-        conn.send([P.encode(P.Recover, token, bool(terminate))])
-        msg = P.decode((await asyncio.wait_for(conn.recv(), remaining()))[0])
-        if type(msg) is not P.Ready:
-            log.warning("recover_jobs: node %s:%s refused: %s", host, port,
-                        getattr(msg, "reason", msg))
-            complete[i] = True  # nothing kept there (collected before, or expired)
-            return
-        expected = set(msg.info["kept"]) | set(msg.info["pending"])
-        ip = resolve_host(host)
-        while expected:
-            frames = await _recv_alive(conn, remaining())
-            msg = P.decode(frames[0])
-            if type(msg) is not P.Done:
-                continue  # STARTED, AVAILINFO, provisional results: not kept
-            for res, payload in P.results(msg, frames):
-                if res.job_id in expected:
-                    expected.discard(res.job_id)
-                    jobs.append((res.job_id, _job(ids.get(res.job_id), res.job_id, ip, res,
-                                                  payload)))
-        conn.send([P.encode(P.Bye)])
-        complete[i] = True
-    except (TimeoutError, OSError, DpoolError) as exc:
-        log.warning("recover_jobs: node %s:%s: %s", host, port,
-                    "timed out" if isinstance(exc, TimeoutError) else exc)
-    finally:
-        if conn is not None:
-            conn.close()
-            await conn.wait_closed()
-
-
-async def _recv_alive(conn, timeout):
-    """The next message, sending heartbeats while waiting (the node ends a
-    session whose client is silent past its lease)."""
-    interval = liveness.HEARTBEAT_INTERVAL
-    while True:
-        wait = interval if timeout is None else min(interval, timeout)
-        try:
-            return await asyncio.wait_for(conn.recv(), wait)
-        except TimeoutError:
-            if timeout is not None:
-                timeout -= wait
-                if timeout <= 0:
-                    raise
-            conn.send([P.encode(P.Heartbeat)])
-
-
-def _job(job_id, core_id, ip, res, payload):
-    job = DispyJob(None, None, None)
-    job.id, job.args, job.kwargs, job._core_id = job_id, None, None, core_id
-    job.ip_addr, job.start_time, job.end_time = ip, res.start, res.end
-    job.stdout, job.stderr = res.stdout or "", res.stderr or ""
-    status = res.outcome
-    if status == Outcome.OK:
-        try:
-            job.result = serialize.loads(payload)
-            job._status = DispyJob.Finished
-        except Exception as exc:
-            job.exception, job._status = exception_text(exc), DispyJob.Terminated
-    elif status == Outcome.CANCELLED:
-        job._status = DispyJob.Cancelled
-    elif status == Outcome.KILLED:
-        job.exception, job._status = "job terminated (recover_jobs terminate_pending)", \
-            DispyJob.Terminated
-    else:
-        job.exception = exception_text(serialize.load_exception(payload))
-        job._status = DispyJob.Terminated if status == Outcome.ERROR else DispyJob.Abandoned
-    job._set_done()
-    return job
+    why = ("no node kept this job: it was still queued in the client when the client went "
+           "away (or its node's session expired); it did not run")
+    return [(core_id, DispyJob.abandoned(ids[core_id], why)) for core_id in lost]

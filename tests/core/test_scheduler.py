@@ -189,6 +189,22 @@ def test_a_cancelled_job_given_back_is_cancelled():
     assert s.pending() == 1
 
 
+def test_adopted_jobs_stay_on_their_node_whatever_their_attempt():
+    """Jobs taken over with a node's session (recover_jobs) were sent by
+    another client: any attempt of theirs is current, they go nowhere else,
+    and they fail if that node is lost or gives them back."""
+    s = Scheduler()
+    s.add_node("a", 0)                      # no CPU for new jobs
+    s.add_node("b", 1)
+    s.adopt("a", [7, 8, 9])
+    assert s.current("a", 7, attempt=3) and not s.current("b", 7)
+    assert s.done("a", 7, attempt=3) == [] and s.pending() == 2
+    assert [fail.job for fail in only(s.given_back("a", [8]), Fail)] == [8]
+    lost = only(s.remove_node("a"), Fail)
+    assert [fail.job for fail in lost] == [9] and isinstance(lost[0].error, NodeLost)
+    assert s.pending() == 0 and s.stale == 0
+
+
 def test_a_draining_node_gets_nothing_new_and_its_jobs_move():
     s = Scheduler()
     s.add_node("a", 1)
