@@ -477,6 +477,15 @@ class Client:
     def pending(self):
         return len(self._unfinished)
 
+    def incoming(self):
+        """Jobs submitted that the loop thread has not taken in yet."""
+        return len(self._incoming)
+
+    @property
+    def alive(self):
+        """True while the client's loop thread runs (until close() ends it)."""
+        return self._thread.thread.is_alive()
+
     # ---------------------------------------------------------- loop side
 
     async def _start(self):

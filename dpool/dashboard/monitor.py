@@ -68,7 +68,7 @@ class Monitor:
         # Nodes report when a job starts only if the session asked them to
         # (JobCluster with callbacks); otherwise a job sent counts as running.
         starts_known = bool(client.session.get("notify_start"))
-        running, queued = collections.Counter(), len(client._incoming)
+        running, queued = collections.Counter(), client.incoming()
         for job in client.jobs.values():
             if job.sent and job.node is not None and \
                     (job.start_time is not None or not starts_known):
@@ -100,7 +100,7 @@ class Monitor:
 
     def snapshot(self):
         """A dict for ``/api/status`` (the last one once the client closed)."""
-        closed = self.client.closed or not self.client._thread.thread.is_alive()
+        closed = self.client.closed or not self.client.alive
         if not closed:
             try:
                 self._refresh_loads()

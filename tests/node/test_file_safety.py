@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import dpool as dispy
-from helpers import node_env, start_node
+from helpers import cluster_on, node_env, start_node
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,17 +32,12 @@ def job_root():
     return st.st_uid, stat.S_IMODE(st.st_mode)
 
 
-def cluster_on(node, fn, **kwargs):
-    kwargs.setdefault("secret", node.secret)
-    return dispy.JobCluster(fn, nodes=[node.address], loglevel=None, **kwargs)
-
-
 def test_sent_files_are_never_world_writable_or_set_id(dpool_node, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in ("dep.bin", "per-job.bin", "sent.bin"):
         (tmp_path / name).write_bytes(b"data")
         os.chmod(tmp_path / name, 0o7777)
-    with cluster_on(dpool_node, modes, depends=["dep.bin"]) as cluster:
+    with cluster_on(dpool_node, modes, loglevel=None, depends=["dep.bin"]) as cluster:
         assert cluster.send_file("sent.bin", cluster.status().nodes[0]) == 0
         job = cluster.submit("dep.bin", "per-job.bin", "sent.bin",
                              dispy_job_depends=["per-job.bin"])
@@ -55,7 +50,7 @@ def test_sent_files_are_never_world_writable_or_set_id(dpool_node, tmp_path, mon
 
 
 def test_the_default_job_root_is_private(dpool_node):
-    with cluster_on(dpool_node, job_root) as cluster:
+    with cluster_on(dpool_node, job_root, loglevel=None) as cluster:
         uid, mode = cluster.submit()(timeout=10)
     assert uid == os.getuid() and mode == 0o700, oct(mode)
 
@@ -94,7 +89,7 @@ def test_a_dest_path_folder_owned_by_someone_else_is_refused(tmp_path, node_secr
         planted.mkdir()
         os.chown(planted, OTHER_UID, OTHER_UID)
         with pytest.raises(dispy.BrokenCluster, match="owned by uid 4242"):
-            cluster_on(node, modes, dest_path="shared")
+            cluster_on(node, modes, loglevel=None, dest_path="shared")
     finally:
         assert node.terminate() == 0
 
