@@ -256,6 +256,8 @@ class Client:
     An extension handles more message types (:meth:`register`), may hook
     each session's start (``prepare``) and uses :meth:`admit`,
     :meth:`leave_out`, :meth:`trusted`, :meth:`distrust` and :meth:`emit`.
+    :meth:`recover` takes over the sessions a client gone away left on
+    nodes (what dispy's ``recover_jobs`` runs on).
     """
 
     def __init__(self, nodes=None, *, secret=None, ssl=None, cpus=None, session=None,
@@ -440,12 +442,9 @@ class Client:
         return self._thread.run(run(), timeout)
 
     def call_soon(self, fn):
-        """Run ``fn()`` in the loop thread without waiting for it (at once
-        when called from there)."""
-        if self.in_loop_thread():
-            fn()
-        else:
-            self.loop.call_soon_threadsafe(fn)
+        """Run ``fn()`` in the loop thread, later (never at once, even from
+        there): without waiting for it."""
+        self.loop.call_soon_threadsafe(fn)
 
     def recover(self, sessions, terminate=False):
         """Take over sessions that a client gone away left on nodes (dispy's

@@ -15,12 +15,13 @@ A dispy program runs unchanged with ``import dpool as dispy``::
          FILE (depends) + SETUP messages after SESSION
     submit() ─► Client.submit ──►  events: node / started /          job_status(job)
                                    provisional / file / done  ──►    cluster_status(status,
-                                   (DispyJob and DispyNode fields      node, job)
-                                   are written here)                 one at a time, in order
+                                   (ClusterEvents writes the           node, job)
+                                   DispyJob and DispyNode fields)    one at a time, in order
 
-``JobCluster`` is an adapter over :class:`dpool.core.client.Client`; the
-node side of the job environment is :mod:`dpool.node.env.session` and
-:mod:`dpool.node.env.job`.
+``JobCluster`` is an adapter over :class:`dpool.core.client.Client`; its
+loop-thread side is :mod:`dpool.dispy.events`, its client extension
+:mod:`dpool.dispy.env`; the node side of the job environment is
+:mod:`dpool.node.env.session` and :mod:`dpool.node.env.job`.
 """
 import errno
 import inspect
@@ -40,6 +41,7 @@ from ..core.callbacks import CallbackThread
 from ..node.env import job as jobenv
 from .depends import collect, file_entry, file_messages
 from .env import JobEnv
+from .events import ClusterEvents
 from .recover import RecoverFile, default_name
 from .model import (ClusterStatus, DispyJob, DispyNode,
                           DispyNodeAvailInfo, NodeAllocate, allocations, resolve_host)
@@ -123,14 +125,7 @@ class JobCluster:
         self._recover = self._used_secret = None
         self._lock = threading.Lock()
         self._jobs = set()
-        self._nodes = {}  # NodeLink -> DispyNode (initialized nodes)
         self._closing = {}  # NodeLink -> close when idle
-        self._nodes_changed = threading.Condition()  # notified on every "node" event
-        self._ips = {}  # NodeLink -> its IP address, resolved once per node
-        self._busy_on = {}  # DispyJob -> the DispyNode it started on
-        self._event_handlers = {"node": self._node_changed, "provisional": self._provisional,
-                                "file": self._file_received, "avail": self._avail_event,
-                                "started": self._job_started, "done": self._job_done}
 
     def _take_nodes(self, nodes):
         self._allocs = [] if nodes is None else allocations(nodes, self.node_port)
@@ -147,6 +142,9 @@ class JobCluster:
             self._recover = RecoverFile(default_name() if recover_file is True else recover_file,
                                         *tls_files)
         self._callbacks = CallbackThread() if (self.job_status or self.cluster_status) else None
+        self._events = ClusterEvents(self.job_status, self.cluster_status, self._callbacks,
+                                     self._job_finished, self._node_closed)
+        self._nodes = self._events.nodes  # NodeLink -> DispyNode (initialized nodes)
         try:
             self._client = self._make_client(cpus)
             self._wait_for_setup(self._client)
@@ -161,8 +159,8 @@ class JobCluster:
         """Return once every node has run setup (or was left out); raise if
         no node is left.  A setup still running after ``timeout`` s goes on:
         jobs wait for it."""
-        with self._nodes_changed:
-            if not self._nodes_changed.wait_for(
+        with self._events.changed:
+            if not self._events.changed.wait_for(
                     lambda: not any(link.ready and link.hold for link in client.links), timeout):
                 log.warning("setup is still running on some nodes after %ss; jobs wait for "
                             "them", timeout)
@@ -206,7 +204,7 @@ class JobCluster:
         return options
 
     def _client_args(self):
-        return dict(session=self._session(), on_event=self._on_event, prepare=self._prepare,
+        return dict(session=self._session(), on_event=self._events, prepare=self._prepare,
                     ssl=self._ssl, **self._liveness)
 
     def _new_client(self, nodes, **options):
@@ -261,27 +259,6 @@ class JobCluster:
                  "%d CPUs", why, self.node_port, client.nodes()[0].cpus)
         return client
 
-    def _ip_of(self, link):
-        """The node's IP address, resolved once per node (never per job)."""
-        if link is None:
-            return None
-        ip = self._ips.get(link)
-        if ip is None:
-            ip = self._ips[link] = ("127.0.0.1" if link.address == "embedded"
-                                    else resolve_host(link.address[0]))
-        return ip
-
-    def _job_ip(self, core_job):
-        """The IP address of the node that ran the job: through a scheduler,
-        the node it named in the job's start, else the job's node."""
-        where = core_job.where
-        if where is None:
-            return self._ip_of(core_job.node)
-        ip = self._ips.get(where)
-        if ip is None:
-            ip = self._ips[where] = resolve_host(where)
-        return ip
-
     def _alloc_for(self, link, ip, name):
         """The NodeAllocate naming this node, else the first pattern it matches."""
         if link.address == "embedded":
@@ -299,7 +276,7 @@ class JobCluster:
     def _prepare(self, link):
         """Loop thread, before a session opens: CPUs, depends, setup for one node."""
         hello = getattr(link.conn, "hello", None) or {}
-        ip = self._ip_of(link)
+        ip = self._events.ip_of(link)
         name = hello.get("name") or socket.gethostname()
         if link.address == "embedded":
             cpus = self._embedded_cpus
@@ -333,113 +310,18 @@ class JobCluster:
 
     # -------------------------------------------------------------- events
 
-    def _on_event(self, kind, obj):
-        """Client loop thread: copy core state into DispyJobs and DispyNodes."""
-        self._event_handlers[kind](obj)
-
-    def _node_changed(self, link):
-        self._node_event(link)
-        with self._nodes_changed:
-            self._nodes_changed.notify_all()
-
-    def _provisional(self, event):
-        core_job, value = event
-        job = core_job.tag
-        job.provisional(value)
-        self._notify(job, job.status, core_job.node)
-
-    def _file_received(self, event):
-        self._save_file(*event)
-
-    def _job_started(self, core_job):
-        job = core_job.tag
-        if job is None:
-            return
-        node = self._nodes.get(core_job.node)
-        job.start_time = core_job.start_time
-        job.ip_addr = self._job_ip(core_job)
-        if node is not None:
-            self._busy_on[job] = node
-            node.busy += 1
-            node.update_time = time.time()
-        if self.cluster_status:
-            self._callbacks.put(self.cluster_status, DispyJob.Running, node, job.snapshot())
-
-    def _job_done(self, core_job):
-        job = core_job.tag
-        if job is None:
-            return
-        link = core_job.node
-        node = self._nodes.get(link)
-        busy_on = self._busy_on.pop(job, None)
-        self._finish(job, core_job)
-        if node is not None:
-            if busy_on is node and node.busy > 0:
-                node.busy -= 1
-            node.jobs_done, node.cpu_time = link.jobs_done, link.cpu_time
-            node.tx, node.rx = link.traffic()
-            node.update_time = time.time()
-        if self._callbacks is not None:
-            self._notify(job, job.status, link)
-        if link in self._closing:
-            self._close_if_idle(link)
-
-    def _notify(self, job, status, link):
-        if self._callbacks is None:
-            return
-        snap = job.snapshot()
-        if self.job_status:
-            self._callbacks.put(self.job_status, snap)
-        if self.cluster_status:
-            self._callbacks.put(self.cluster_status, status, self._nodes.get(link), snap)
-
-    def _node_event(self, link):
-        if link.ready and not link.hold:
-            node = DispyNode(self._ip_of(link), link.name, link.cpus)
-            node.avail_info = DispyNodeAvailInfo.from_info(link.info.get("avail_info"))
-            node.platform = (link.info.get("avail_info") or {}).get("platform", "")
-            node.update_time = time.time()
-            self._nodes[link] = node
-            status = DispyNode.Initialized
-        else:
-            node = self._nodes.pop(link, None)
-            if node is None:  # left out before it was initialized (e.g. setup failed)
-                node = DispyNode(self._ip_of(link), link.name, 0)
-            node.avail_cpus = node.busy = 0
-            node.exception = str(link.error) if link.error else None
-            node.update_time = time.time()
-            status = DispyNode.Closed
-            self._closing.pop(link, None)
-        if self.cluster_status:
-            self._callbacks.put(self.cluster_status, status, node, None)
-
-    def _avail_event(self, link):
-        node = self._nodes.get(link)
-        if node is None:
-            return
-        node.avail_info = DispyNodeAvailInfo.from_info(link.info.get("avail_info"))
-        node.tx, node.rx = link.tx, link.rx
-        node.update_time = time.time()
-        if self.cluster_status:
-            self._callbacks.put(self.cluster_status, DispyNode.AvailInfo, node, None)
-
-    def _finish(self, job, core_job):
+    def _job_finished(self, job, core_job):
+        """Loop thread, as a job ends (before its waiters wake)."""
         with self._lock:
             self._jobs.discard(job)
         if self._recover is not None:
             job.track_id(None)
             self._recover.done(core_job.id)  # received: recover_jobs leaves it out
-        job.finish_from(core_job, self._job_ip(core_job))
+        if core_job.node in self._closing:
+            self._close_if_idle(core_job.node)
 
-    def _save_file(self, core_job, name, data):
-        try:
-            path = jobenv.safe_path(os.getcwd(), name)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(data)
-        except (OSError, ValueError) as exc:
-            log.warning("a file sent by job %s could not be saved: %s",
-                        getattr(getattr(core_job, "tag", None), "id", "?"), exc)
+    def _node_closed(self, link):
+        self._closing.pop(link, None)
 
     # ------------------------------------------------------------ user API
 
@@ -472,8 +354,7 @@ class JobCluster:
         job = DispyJob(job_id, args, kwargs)
         with self._lock:
             self._jobs.add(job)
-        if self.cluster_status:
-            self._callbacks.put(self.cluster_status, DispyJob.Created, None, job.snapshot())
+        self._events.created(job)
         try:
             core_job = self._client.submit(fn, args, kwargs, tag=job, pin=pin)
             job.submitted(core_job, pin)
@@ -520,12 +401,7 @@ class JobCluster:
             if not self._client.wait(timeout):
                 return False
             self._client.close(wait=False)
-        for node in self._nodes.values():  # the loop thread has stopped
-            node.avail_cpus = node.busy = 0
-            node.update_time = time.time()
-            if self.cluster_status:
-                self._callbacks.put(self.cluster_status, DispyNode.Closed, node, None)
-        self._nodes.clear()
+        self._events.all_closed()  # the loop thread has stopped
         if self._callbacks is not None:
             self._callbacks.stop(10)
         if self._recover is not None:
@@ -691,13 +567,13 @@ class JobCluster:
         address = link.address
         self.close_node(node, terminate_pending)
         deadline = time.monotonic() + timeout
-        with self._nodes_changed:
-            self._nodes_changed.wait_for(lambda: not link.ready, timeout)
+        with self._events.changed:
+            self._events.changed.wait_for(lambda: not link.ready, timeout)
         if link.ready or address == "embedded":
             return -1
         new = self._client.add_nodes([address])[0]
-        with self._nodes_changed:
-            self._nodes_changed.wait_for(lambda: not (new.ready and new.hold),
+        with self._events.changed:
+            self._events.changed.wait_for(lambda: not (new.ready and new.hold),
                                          max(0.0, deadline - time.monotonic()))
         self._call(lambda: None)  # the loop has done with the event (a lost node's jobs)
         return 0 if new.ready and not new.hold else -1
