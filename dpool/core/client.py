@@ -279,6 +279,7 @@ class Client:
         self._ticker = None  # the heartbeat timer (call_later handle)
         self._rejoins = {}  # address -> task retrying a lost (or busy) node
         self._busy_until = {}  # address -> when to stop waiting for a busy node
+        self._busy_given_up = set()  # addresses left for being busy (discovery asks again)
         self.scheduler = Scheduler(max_retries=max_retries)
         self.functions = _FunctionTable()
         self.jobs = {}
@@ -558,6 +559,7 @@ class Client:
                 link.conn = await connect(host, port, secret=self.secret or b"",
                                           hello=client_hello(), ssl=self.ssl, timeout=timeout)
                 await self._open_session(link)
+            self._busy_given_up.discard(address)
         except (OSError, DpoolError, TimeoutError) as exc:
             if isinstance(exc, TimeoutError) and not str(exc):
                 exc = TimeoutError(f"no answer from {host}:{port} within the connect "
@@ -576,9 +578,10 @@ class Client:
         task retries) until the connect timeout from the first try."""
         if link.address not in self._busy_until:
             self._busy_until[link.address] = start + self.connect_timeout
-            log.warning("node %s:%s is busy with another client (%s); waiting for it up to "
-                        "the connect timeout of %g s", *link.address, describe(link.error),
-                        self.connect_timeout)
+            level = logging.DEBUG if link.address in self._busy_given_up else logging.WARNING
+            log.log(level, "node %s:%s is busy with another client (%s); waiting for it up "
+                    "to the connect timeout of %g s", *link.address, describe(link.error),
+                    self.connect_timeout)
 
     def _replace_link(self, link):
         """Add ``link``; a lost link to the same address is replaced."""
@@ -875,12 +878,20 @@ class Client:
     def _give_up_busy(self, address):
         """The connect timeout passed and the node is still busy: not used."""
         self._busy_until.pop(address, None)
+        level = logging.DEBUG if address in self._busy_given_up else logging.WARNING
+        self._busy_given_up.add(address)
         for link in self.links:
             if link.address == address and not link.ready and link.busy:
                 link.error = DpoolError(f"{describe(link.error)}; still busy with another "
                                         f"client after the connect timeout of "
                                         f"{self.connect_timeout:g} s")
-                log.warning("node %s:%s: %s (not used)", *address, link.error)
+                log.log(level, "node %s:%s: %s (not used)", *address, link.error)
+
+    def gave_up_busy(self, address):
+        """Whether ``address`` was left for being busy and is not being
+        waited for now (discovery, hearing from it again, asks again)."""
+        return address in self._busy_given_up and address not in self._busy_until \
+            and not self.knows(address)
 
     def _drain(self):
         self._wake_pending = False

@@ -151,8 +151,9 @@ class Finder:
 
     def _on_found(self, found: udp.Found, again: bool = False) -> None:
         address = found.address
-        if (address in self.found and not again) or self.client.closed:
-            return
+        if self.client.closed or (address in self.found and not again
+                                  and not self.client.gave_up_busy(address)):
+            return   # known (a node left for being busy is asked again)
         self.found[address] = found
         if not self.settings.matches(found) or self._linked(address):
             return

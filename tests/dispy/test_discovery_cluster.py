@@ -121,6 +121,30 @@ def test_discover_nodes_adds_a_pattern_to_a_running_cluster(lan):
         poll_for(lambda: len(cluster.status().nodes) == 2, timeout=15)
 
 
+def test_a_busy_node_given_up_joins_once_it_is_free(lan, caplog):
+    """A discovered node busy with another client is waited for up to the
+    connect timeout, then left; it keeps answering pings, and once free it
+    joins (as a node started later would), instead of being ignored for good."""
+    lan.start(2)
+    lan.start(3)
+    other = dpool.JobCluster(identity, nodes=["127.0.0.3"], node_port=lan.port, secret=SECRET)
+    try:
+        with caplog.at_level("WARNING", logger="dpool"), \
+                dpool.JobCluster(identity, nodes=["*"], node_port=lan.port, secret=SECRET,
+                                 connect_timeout=2) as cluster:
+            assert {n.ip_addr for n in cluster.status().nodes} == {"127.0.0.2"}
+            poll_for(lambda: any("still busy" in r.getMessage() for r in caplog.records),
+                     timeout=15, message="the busy node was given up")
+            other.close()
+            other = None
+            poll_for(lambda: len(cluster.status().nodes) == 2, timeout=30,
+                     message="the node, free now, joined")
+            assert _hosts(cluster) <= {"127.0.0.2", "127.0.0.3"}
+    finally:
+        if other is not None:
+            other.close()
+
+
 def test_nothing_found_says_what_was_looked_for(lan):
     with pytest.raises(BrokenCluster, match="discovery found no node matching"):
         dpool.JobCluster(identity, nodes=["*"], node_port=lan.port, secret=SECRET,
