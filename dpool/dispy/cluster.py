@@ -502,7 +502,8 @@ class JobCluster:
         """dispy's discover_nodes: look for ``nodes`` (a host, an address, a
         NodeAllocate, or a list of them).  ``'*'`` and patterns (``'10.77.*'``)
         are looked for over UDP (pinged now; matching nodes join as they
-        answer); named nodes are connected to, as by :meth:`allocate_node`."""
+        answer); named nodes are connected to, as by :meth:`allocate_node`.
+        Returns 0, as dispy's does."""
         allocs = allocations(nodes if isinstance(nodes, list) else [nodes], self.node_port)
         patterns = [a for a in allocs if discover.is_pattern(a.host)]
         named = [a for a in allocs if not discover.is_pattern(a.host)]
@@ -518,6 +519,7 @@ class JobCluster:
                                   multicast=self._multicast)
         if named:
             self.allocate_node(named)
+        return 0
 
     def deallocate_node(self, node):
         """Send no more jobs to this node (its running jobs finish); 0 or -1."""
