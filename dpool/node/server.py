@@ -85,10 +85,11 @@ class NodeServer:
             log.info("discovery is off: it needs a shared secret")
             return
         port = self.port if self.udp_port is None else self.udp_port
+        own_addresses = not self.ext_hosts and self.host in ("", "0.0.0.0")
         try:
             self.responder = await udp.Responder(
                 discovery.discovery_key(self.secret), self.discovery_body, self.host, port,
-                **self.discovery_options).start()
+                facing_first=own_addresses, **self.discovery_options).start()
         except OSError as exc:
             log.warning("discovery is off: cannot use UDP port %d on %s: %s", port,
                         self.host, exc.strerror or exc)

@@ -92,6 +92,20 @@ def ipv6_targets(port: int) -> list[Address]:
     return [(f"ff02::1%{name}", port) for name in sorted(interfaces_with_ipv6())]
 
 
+def facing_address(peer: str) -> str | None:
+    """The IPv4 address this host sends from to reach ``peer`` (a route
+    lookup: connect() on a UDP socket sends nothing); None for IPv6 or no route."""
+    if _is_v6(peer):
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            probe.connect((peer, 9))
+            return cast(str, probe.getsockname()[0])
+    except OSError:
+        return None
+
+
 def _udp_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     v6 = _is_v6(host)
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
@@ -196,9 +210,14 @@ class Responder(_Endpoint):
 
     def __init__(self, key: bytes, body: Callable[[], Mapping[str, Any]], host: str,
                  port: int, announce_to: Iterable[Address] | None = None,
-                 multicast: bool = False, listen_port: int = LISTEN_PORT):
+                 multicast: bool = False, listen_port: int = LISTEN_PORT,
+                 facing_first: bool = False):
         super().__init__(key, "discovery (node)")
         self.body = body
+        #: The body's addrs are this host's own: list first, in each datagram,
+        #: the one facing its destination (a node on 0.0.0.0 with more than
+        #: 4 addresses would otherwise send clients to one they can't reach).
+        self.facing_first = facing_first
         self.host = host or "0.0.0.0"
         self.udp_port = port
         self.multicast = multicast
@@ -255,9 +274,21 @@ class Responder(_Endpoint):
         """Send one announcement to every target."""
         if not self.transports:
             return
-        data = D.encode(self.key, D.ANNOUNCE, self.body())
+        body = self.body()
         for target in self.targets():
+            data = D.encode(self.key, D.ANNOUNCE, self._facing(body, target[0]))
             self._send(self.transports[0], data, target)
+
+    def _facing(self, body: Mapping[str, Any], peer: str) -> Mapping[str, Any]:
+        """``body`` with the address facing ``peer`` first in its addrs
+        (with ``facing_first``; at most 4 are listed)."""
+        addrs = body.get("addrs")
+        if not self.facing_first or not isinstance(addrs, list):
+            return body
+        local = facing_address(peer)
+        if local is None:
+            return body
+        return dict(body, addrs=[local, *(a for a in addrs if a != local)][:4])
 
     async def _announce(self) -> None:
         loop = asyncio.get_running_loop()
@@ -270,7 +301,7 @@ class Responder(_Endpoint):
                ) -> None:
         if msg.kind != D.PING:
             return
-        pong = D.reply(self.key, msg, self.body())
+        pong = D.reply(self.key, msg, self._facing(self.body(), addr[0]))
         if pong is None:
             self.rejected += 1
             self.rejections.reject(addr[0], "small", "discovery: a ping from %s:%d is smaller "

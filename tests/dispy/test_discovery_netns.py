@@ -117,3 +117,25 @@ def test_ipv6_nodes_are_found_through_the_all_nodes_group(lab, tmp_path):
                 assert [job() for job in [cluster.submit(i) for i in range(3)]] == [0, 1, 2]
     finally:
         node.terminate()
+
+
+def test_a_wildcard_node_with_many_addresses_is_reached_at_the_one_facing_the_client(
+        lab, tmp_path):
+    """A node on 0.0.0.0 lists at most 4 of its addresses (sorted): with 4
+    more that sort before its LAN address (as docker bridges or a VPN on a
+    busy host), the client still connects to the address it heard it from,
+    the one facing it, not to the first listed (unreachable from the client)."""
+    from helpers_netns import run
+
+    ns = lab.nodes[0]
+    for i in range(1, 5):
+        run("ip", "-n", ns, "addr", "add", f"10.10.0.{i}/32", "dev", "lo")
+    node = start_node(tmp_path / "wild", cpus=1, secret=SECRET, port=51350,
+                      prefix=lab.exec_prefix(ns), args=["--host", "0.0.0.0"])
+    try:
+        with entered(lab.client):
+            with dpool.JobCluster(identity, nodes=["*"], secret=SECRET,
+                                  connect_timeout=5) as cluster:
+                assert _ips(cluster) == {lab.address(1)}
+    finally:
+        node.terminate()
