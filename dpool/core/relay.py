@@ -51,7 +51,7 @@ from ..transport import discovery as D
 from ..transport import udp
 from ..transport.netaddr import interface_addresses
 
-__all__ = ["Relay", "Credit", "relayed_body", "INTERVAL", "PING_AT"]
+__all__ = ["Relay", "Credit", "relayed_body", "INTERVAL", "PING_AT", "MAX_NODES"]
 
 log = logging.getLogger("dpool.relay")
 
@@ -65,6 +65,8 @@ PING_AT = (0.0, 0.5, 1.5)
 MIN_PING_GAP = 1.0
 #: Learned clients remembered at most (the oldest is forgotten first).
 MAX_LEARNED = 256
+#: Nodes remembered at most (the one heard from longest ago is forgotten first).
+MAX_NODES = 2048
 #: The most credit (bytes) a learned client may hold.
 MAX_CREDIT = 8 * D.MAX_DATAGRAM
 
@@ -200,6 +202,7 @@ class Relay(udp.Seeker):
         new = key not in self.nodes
         self.nodes[key] = _Heard(body, now + 3 * self.interval)
         self.nodes.move_to_end(key)
+        self._forget_nodes(now)
         if new:
             log.info("heard node %s at %s:%d", body.get("name", "?"), *key)
         data = D.encode(self.key, D.ANNOUNCE, body)
@@ -218,10 +221,15 @@ class Relay(udp.Seeker):
 
     def known(self) -> list[dict[str, Any]]:
         """The bodies of the nodes heard lately (expired ones dropped)."""
-        now = self.clock()
-        for key in [k for k, heard in self.nodes.items() if heard.expires < now]:
-            del self.nodes[key]
+        self._forget_nodes(self.clock())
         return [heard.body for heard in self.nodes.values()]
+
+    def _forget_nodes(self, now: float) -> None:
+        """Drop the nodes not heard for 3 intervals, and the oldest past
+        MAX_NODES (the table is in the order they were last heard)."""
+        nodes = self.nodes
+        while nodes and (len(nodes) > MAX_NODES or next(iter(nodes.values())).expires < now):
+            nodes.popitem(last=False)
 
     # -------------------------------------------------------------- clients
 

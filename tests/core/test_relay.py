@@ -185,3 +185,27 @@ def test_relayed_announcements_are_not_relayed_again():
         await poll(lambda: second.verifier._seen)   # the second heard it (handled at once)...
         assert second.stats.forwarded == 0 and found == []   # ... and passed nothing on
     run(test)
+
+
+def heard(port, addr="127.0.0.1"):
+    """A verified pong from a node at ``addr``, as the relay's Seeker hands it on."""
+    body = D.node_body(f"n{port}", port, 1, 1, [addr], 2)
+    return udp.Found((addr, port), body["name"], 1, 1, (addr, 5000), D.PONG, body)
+
+
+def test_the_nodes_table_forgets_nodes_gone_quiet_and_stays_bounded():
+    """Without a client pinging the relay (only --clients), nodes that stopped
+    answering are forgotten all the same, and many valid ones (nodes restarted
+    on new ports) can't grow the table without bound."""
+    now = [0.0]
+    relay = R.Relay(KEY, node_port=1, port=0, listen_port=None, interval=10,
+                    clock=lambda: now[0])
+    for port in range(1000, 1100):
+        relay._heard(heard(port))
+    now[0] = 31.0                                 # past 3 intervals: all of them gone quiet
+    relay._heard(heard(2000))
+    assert list(relay.nodes) == [("127.0.0.1", 2000)]
+    for port in range(1, R.MAX_NODES + 500):
+        relay._heard(heard(port))
+    assert len(relay.nodes) == R.MAX_NODES
+    assert ("127.0.0.1", R.MAX_NODES + 499) in relay.nodes     # the newest kept
