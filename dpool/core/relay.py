@@ -178,9 +178,14 @@ class Relay(udp.Seeker):
         return udp.broadcast_targets(self.node_port)
 
     def ping_subnet(self) -> None:
+        """Ping the subnet once; a failure (no broadcast address: --host's
+        name did not resolve, say) is logged and the next ping tried anew."""
         self._last_ping = self.clock()
         self.stats.subnet_pings += 1
-        self.ping()
+        try:
+            self.ping()
+        except (OSError, ValueError) as exc:
+            log.warning("cannot ping the subnet: %s (trying again at the next ping)", exc)
 
     async def _ping_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -209,3 +209,25 @@ def test_the_nodes_table_forgets_nodes_gone_quiet_and_stays_bounded():
         relay._heard(heard(port))
     assert len(relay.nodes) == R.MAX_NODES
     assert ("127.0.0.1", R.MAX_NODES + 499) in relay.nodes     # the newest kept
+
+
+def test_a_failing_ping_of_the_subnet_does_not_stop_the_later_ones(caplog):
+    """The subnet's broadcast address can't be found once (e.g. --host is a
+    name and DNS fails for a moment): the relay logs it and pings again at its
+    next time, instead of its pinging task dying silently."""
+    async def test(net):
+        node = await net.node(1)
+        relay = R.Relay(KEY, node_port=1, port=0, host="127.0.0.1", listen_port=0,
+                        interval=60, ping_to=[("127.0.0.1", node.udp_port)])
+        targets, calls = relay.targets, []
+
+        def flaky():
+            calls.append(1)
+            if len(calls) == 1:
+                raise OSError("temporary failure in name resolution")
+            return targets()
+        relay.targets = flaky
+        net.closing.append(await relay.start())
+        await poll(lambda: [b["name"] for b in relay.known()] == ["n1"])
+        assert "cannot ping" in caplog.text
+    run(test)
