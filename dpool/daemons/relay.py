@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 
 from .. import config, serialize
@@ -29,10 +30,22 @@ log = logging.getLogger("dpool.relay")
 
 
 def _client(text):
+    """``HOST[:PORT]`` -> (IPv4 address, port), resolved once here: the relay
+    sends over IPv4, and a name that does not resolve (or an IPv6 client)
+    would otherwise be dropped at every send with only a DEBUG line."""
     try:
-        return parse_address(text, udp.LISTEN_PORT)
+        host, port = parse_address(text, udp.LISTEN_PORT)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if ":" in host:
+        raise argparse.ArgumentTypeError(f"{text}: IPv6 clients are not supported (the relay "
+                                         f"announces over IPv4); give an IPv4 address or name")
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot resolve {host!r} to an IPv4 address: "
+                                         f"{exc.strerror or exc}") from None
+    return infos[0][4][0], port
 
 
 def _interval(text):

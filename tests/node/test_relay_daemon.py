@@ -41,6 +41,8 @@ def test_version():
 @pytest.mark.parametrize("args,message", [
     ((), "needs the nodes' secret"),
     (("--client", "host:port"), "invalid node"),
+    (("--client", "no-such-host.invalid"), "cannot resolve 'no-such-host.invalid'"),
+    (("--client", "[::1]:51351"), "IPv6"),          # sent over IPv4: it never got there
     (("--interval", "0"), "not a positive number"),
 ])
 def test_bad_use_is_refused_with_a_message(args, message):
