@@ -379,6 +379,15 @@ def dumps(obj):
     return frames
 
 
+def dumps_call(args, kwargs=None):
+    """``dumps((args, kwargs or {}))``, a call's arguments, with the
+    check for the fast path made once for the common case (a tuple of plain
+    values, no keywords): it is on every submit's path."""
+    if not kwargs and type(args) is tuple and _is_simple(args, 1):
+        return [pickle.dumps((args, {}), PROTOCOL)]
+    return dumps((args, kwargs or {}))
+
+
 def loads(frames):
     """Inverse of :func:`dumps`; frames may be bytes, bytearray or memoryview.
 
