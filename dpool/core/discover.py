@@ -107,6 +107,7 @@ class Finder:
         self.client = client
         self.settings = settings
         self.found: dict[tuple[str, int], udp.Found] = {}
+        self.ids: dict[str, tuple[str, int]] = {}   # a node's id -> the address used
         self.connecting: dict[tuple[str, int], asyncio.Task] = {}
         self.seeker: udp.Seeker | None = None
         self._pinger: asyncio.Task | None = None
@@ -155,12 +156,27 @@ class Finder:
                                   and not self.client.gave_up_busy(address)):
             return   # known (a node left for being busy is asked again)
         self.found[address] = found
-        if not self.settings.matches(found) or self._linked(address):
+        if not self.settings.matches(found) or self._linked(address) \
+                or self._elsewhere(found):
             return
         log.info("discovered node %s at %s:%d", found.name, *address)
         task = asyncio.get_running_loop().create_task(self.client.join(address))
         self.connecting[address] = task
         task.add_done_callback(lambda _: self.connecting.pop(address, None))
+
+    def _elsewhere(self, found: udp.Found) -> bool:
+        """Whether the node is used (or being joined) at another address: a
+        node on 0.0.0.0 is heard at each of its addresses the client's pings
+        reach (127.0.0.1 and its LAN address, on its own host)."""
+        node_id = found.body.get("id")
+        if not isinstance(node_id, str) or not node_id:
+            return False
+        first = self.ids.setdefault(node_id, found.address)
+        if first != found.address and (first in self.connecting or any(
+                link.address == first and link.ready for link in self.client.links)):
+            return True   # (one being retried there does not count: it may be unreachable)
+        self.ids[node_id] = found.address
+        return False
 
     def _linked(self, address: tuple[str, int]) -> bool:
         """Connected, connecting or being retried (a lost node rejoins by itself)."""

@@ -131,13 +131,17 @@ def reply(key: bytes, ping: Message, body: Mapping[str, Any],
 
 
 def node_body(name: str, port: int, cpus: int, free_cpus: int, addrs: list[str],
-              protocol: int) -> dict[str, Any]:
+              protocol: int, node_id: str = "") -> dict[str, Any]:
     """What a node says about itself (announce and pong); names and addresses
     are cut to NAME_MAX bytes of JSON, at most 4 addresses, so a pong fits in
-    PING_SIZE."""
-    return {"role": "node", "name": _cut(name), "port": int(port),
+    PING_SIZE.  ``node_id`` (random per node process, at most 32 characters)
+    lets a client that hears one node at two addresses use it once."""
+    body = {"role": "node", "name": _cut(name), "port": int(port),
             "cpus": int(cpus), "free": int(free_cpus), "protocol": int(protocol),
             "addrs": [_cut(a) for a in addrs[:4]]}
+    if node_id:
+        body["id"] = _cut(node_id)[:32]
+    return body
 
 
 def _cut(text: Any) -> str:

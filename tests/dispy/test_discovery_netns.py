@@ -139,3 +139,22 @@ def test_a_wildcard_node_with_many_addresses_is_reached_at_the_one_facing_the_cl
                 assert _ips(cluster) == {lab.address(1)}
     finally:
         node.terminate()
+
+
+def test_a_wildcard_node_on_the_clients_host_is_used_once(lab, tmp_path, caplog):
+    """A client on the host of a node on 0.0.0.0 hears it at two addresses
+    (its pings to 127.255.255.255 and to the LAN's broadcast address both
+    reach it): it opens one session, not a second that the node refuses as
+    busy (the node's body carries an id per node process)."""
+    ns = lab.nodes[0]
+    node = start_node(tmp_path / "wild", cpus=1, secret=SECRET, port=51350,
+                      prefix=lab.exec_prefix(ns), args=["--host", "0.0.0.0"])
+    try:
+        with entered(ns), caplog.at_level("DEBUG", logger="dpool"):
+            with dpool.JobCluster(identity, nodes=["*"], secret=SECRET,
+                                  connect_timeout=5) as cluster:
+                _ips(cluster)
+                assert len(cluster.status().nodes) == 1
+                assert not [r for r in caplog.records if "busy" in r.getMessage()]
+    finally:
+        node.terminate()

@@ -62,7 +62,7 @@ def test_pings_are_padded_and_a_pong_never_exceeds_its_ping():
 
 
 def test_the_largest_node_body_fits_a_ping():
-    body = D.node_body("x" * 500, 65535, 10**6, 10**6, ["y" * 500] * 10, 99)
+    body = D.node_body("x" * 500, 65535, 10**6, 10**6, ["y" * 500] * 10, 99, node_id="z" * 500)
     msg = verifier().check(ping())
     assert D.reply(KEY, msg, body, now=1_000_000.0) is not None
 
