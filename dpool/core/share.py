@@ -275,5 +275,10 @@ class FairShare:
 
 
 def _check_weight(weight: float) -> None:
-    if not weight > 0:  # also refuses NaN
-        raise ValueError(f"a client's weight must be a number > 0, not {weight!r}")
+    message = f"a client's weight must be a number > 0, not {weight!r}"
+    try:
+        positive = weight > 0
+    except TypeError:  # a string, None, a complex number...
+        raise TypeError(message) from None
+    if not positive:  # also refuses NaN
+        raise ValueError(message)

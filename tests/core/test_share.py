@@ -159,6 +159,24 @@ def test_bad_input_is_refused_and_changes_nothing():
     assert fs.done(99) is None and not fs.requeue(99) and not fs.cancel(99)
 
 
+def test_a_weight_that_is_not_a_number_gets_a_clear_error_and_changes_nothing():
+    """Review of issue 11: a weight of the wrong type (a string from a
+    config file, None) raised Python's bare "'>' not supported between
+    instances of 'str' and 'int'", naming neither the weight nor the value."""
+    fs = FairShare()
+    for weight in ("2", None, [1], 1j):
+        with pytest.raises(TypeError, match=r"weight must be a number > 0, not "):
+            fs.add_client("a", weight=weight)
+    assert "a" not in fs.status()
+    fs.add_client("a", weight=2)
+    for weight in ("3", None):
+        with pytest.raises(TypeError, match="weight"):
+            fs.set_weight("a", weight)
+        with pytest.raises(TypeError, match="weight"):
+            fs.add_client("a", weight=weight, nodes=["n1"])
+    assert fs.counts("a").weight == 2.0 and fs.has_work("n2") is False
+
+
 # ------------------------------------------------------ properties (hypothesis)
 
 NODES = {"n1": 2, "n2": 3, "n3": 1}
