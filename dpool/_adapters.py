@@ -111,13 +111,19 @@ def add_nodes(client, nodes, secret=None):
 
     The others (not answering yet) are retried in the background with
     backoff, as a lost node is, and used once they answer; a node that
-    refuses (wrong secret, no free CPUs) raises nothing here and is logged.
+    refuses (wrong secret) raises nothing here and is logged, one busy with
+    another client is waited for (up to the connect timeout); one this
+    client already uses is left as it is.
     """
     addresses, patterns = split_patterns(node_addresses(nodes))
     if client.secret is None:  # an embedded-only client: find the nodes' secret now
         client.secret = _secret(secret, addresses, patterns, (None, None, None))
     if patterns:
         client.discover(patterns, client.secret, patterns[0][1])
+    # A node already in use (or being retried) is left as it is: a second
+    # session there would only be told the node is busy (with this client).
+    addresses = client.call(lambda: [address for address in dict.fromkeys(addresses)
+                                     if not client.knows(address)])
     links = client.add_nodes(addresses) if addresses else []
     return sum(1 for link in links if link.ready)
 

@@ -132,3 +132,64 @@ def test_with_another_node_free_the_client_starts_at_once_and_takes_the_busy_one
                 second.shutdown()
     finally:
         assert free.terminate() == 0
+
+
+def asyncio_errors(caplog):
+    return [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("api", APIS, ids=lambda api: api.name)
+def test_closing_while_a_busy_node_is_waited_for_is_prompt(api, tmp_path, node1, node_secret,
+                                                           caplog):
+    """Review of issue 11: a client that started on a free node while it
+    waits (connect timeout 60 s) for a busy one closes at once, mid-poll,
+    leaving no task, thread, socket or process behind (the autouse leak
+    check)."""
+    caplog.set_level(logging.WARNING)
+    free = start_node(tmp_path / "free", cpus=1, secret=node_secret)
+    first = api.open(node1)
+    try:
+        assert api.run(first, 1) == 2
+        kwargs = dict(nodes=[node1.address, free.address], secret=node_secret,
+                      connect_timeout=60)
+        if api.name == "jobcluster":
+            second = dpool.JobCluster(compute, **kwargs)
+        elif api.name == "executor":
+            second = Executor(**kwargs)
+        else:
+            second = dpool.Pool(1, **kwargs)
+        try:
+            assert api.run(second, 5) == 10
+            poll_for(lambda: busy_warnings(caplog, node1), timeout=30,
+                     message="the second client to say the node is busy")
+            time.sleep(1.3)  # a few polls of the busy node, the next one under way
+        finally:
+            t0 = time.monotonic()
+            api.close(second)
+            closed_in = time.monotonic() - t0
+        assert closed_in < 30, closed_in  # not held until the connect timeout (60 s)
+        assert not asyncio_errors(caplog), [r.getMessage() for r in asyncio_errors(caplog)]
+    finally:
+        api.close(first)
+        assert free.terminate() == 0
+
+
+@pytest.mark.parametrize("api", [APIS[1], APIS[2]], ids=lambda api: api.name)
+def test_adding_a_node_the_client_already_uses_is_not_a_busy_wait(api, node1, caplog):
+    """Review of issue 11: add_nodes() with a node this client already uses
+    opened a second session there, which the node answered Busy (its CPUs
+    are this client's): the client warned that the node was 'busy with
+    another client' and asked it again every 0.5 s up to the connect timeout,
+    then warned again.  Now a node already in use is left as it is."""
+    caplog.set_level(logging.WARNING)
+    client = api.open(node1)
+    try:
+        assert api.run(client, 1) == 2
+        assert client.add_nodes([node1.address]) == 0
+        assert client.add_nodes(f"127.0.0.1:{node1.port}") == 0
+        assert not client._client._rejoins  # nothing polls the node
+        assert not [r for r in caplog.records if "busy" in r.getMessage()]
+        assert api.run(client, 2) == 4
+        assert len(client._client.nodes()) == 1
+    finally:
+        api.close(client)
