@@ -193,3 +193,21 @@ def test_adding_a_node_the_client_already_uses_is_not_a_busy_wait(api, node1, ca
         assert len(client._client.nodes()) == 1
     finally:
         api.close(client)
+
+
+def test_a_jobcluster_without_nodes_waits_for_a_busy_local_node_briefly_then_runs_embedded(
+        node1, node_secret, caplog):
+    """Review of issue 11, pinning what the docs now say: with no ``nodes``,
+    a local dpool-node busy with another client is waited for at most 3 s
+    (not the connect timeout), then the cluster runs on an embedded node."""
+    caplog.set_level(logging.INFO)
+    with dpool.JobCluster(compute, nodes=[node1.address], secret=node_secret) as first:
+        assert first.submit(1)(timeout=60) == 2
+        with dpool.JobCluster(compute, node_port=node1.port, secret=node_secret,
+                              connect_timeout=60) as second:
+            job = second.submit(2)
+            assert job(timeout=60) == 4
+            assert [link.address for link in second._client.nodes()] == ["embedded"]
+    assert len(busy_warnings(caplog, node1)) == 1
+    assert "connect timeout of 3 s" in busy_warnings(caplog, node1)[0].getMessage()
+    assert any("started an embedded local node" in r.getMessage() for r in caplog.records)
