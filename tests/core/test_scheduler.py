@@ -415,6 +415,14 @@ class SchedulerNeverLosesJobs(RuleBasedStateMachine):
         self.apply(self.s.add_node(node, cpus))
 
     @precondition(lambda self: self.present)
+    @rule(data=st.data(), cpus=st.integers(0, 3))
+    def set_cpus(self, data, cpus):
+        """A node's CPU count changes (JobCluster's set_node_cpus, close_node: 0)."""
+        node = data.draw(st.sampled_from(sorted(self.present)))
+        self.present[node] = cpus
+        self.apply(self.s.set_cpus(node, cpus))
+
+    @precondition(lambda self: self.present)
     @rule(data=st.data())
     def remove_node(self, data):
         node = data.draw(st.sampled_from(sorted(self.present)))
@@ -508,6 +516,9 @@ class SchedulerNeverLosesJobs(RuleBasedStateMachine):
                 del self.where[job]
             self.apply(self.s.remove_node(node))
         self.draining.clear()
+        for node in sorted(n for n, cpus in self.present.items() if not cpus):
+            self.present[node] = 1
+            self.apply(self.s.set_cpus(node, 1))
         if not self.present:
             self.present["final"] = 1
             self.apply(self.s.add_node("final", 1))
