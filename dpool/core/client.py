@@ -537,11 +537,11 @@ class Client:
         until one is ready or none is waited for (each at most its connect
         timeout; see :meth:`_connect`)."""
         while not any(link.ready for link in self.links):
-            waits = [self._rejoins[address] for address in self._busy_until
-                     if address in self._rejoins]
-            if not waits:
+            if not any(address in self._rejoins for address in self._busy_until):
                 return
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            # Any retry may end it: another node, down at first, that is back.
+            await asyncio.wait(list(self._rejoins.values()),
+                               return_when=asyncio.FIRST_COMPLETED)
 
     async def _connect(self, address, link=None, quiet=False, timeout=None):
         """Connect to a node and open a session, within connect_timeout.

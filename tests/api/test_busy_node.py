@@ -4,6 +4,7 @@ told why, once) up to its connect timeout, instead of failing at once with
 (1 CPU, an ephemeral port); the same for JobCluster, Executor and Pool.
 """
 import logging
+import socket
 import threading
 import time
 
@@ -211,3 +212,53 @@ def test_a_jobcluster_without_nodes_waits_for_a_busy_local_node_briefly_then_run
     assert len(busy_warnings(caplog, node1)) == 1
     assert "connect timeout of 3 s" in busy_warnings(caplog, node1)[0].getMessage()
     assert any("started an embedded local node" in r.getMessage() for r in caplog.records)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+def test_a_node_that_comes_up_during_the_busy_wait_is_used_at_once(tmp_path, node1, node_secret,
+                                                                    caplog):
+    """Review of issue 11: the constructor waited only for the busy node's
+    retries, so a second node that was down at the first try and came up
+    during the wait (retried in the background, and ready) was not noticed
+    until the busy node freed up or the connect timeout passed."""
+    caplog.set_level(logging.WARNING)
+    port = free_port()  # nothing listens there yet
+    with Executor(nodes=[node1.address], secret=node_secret) as first:
+        assert first.submit(compute, 1).result(timeout=60) == 2
+        outcome = {}
+
+        def second_client():
+            try:
+                outcome["executor"] = Executor(nodes=[node1.address, ("127.0.0.1", port)],
+                                               secret=node_secret, connect_timeout=45)
+                outcome["at"] = time.monotonic()
+            except BaseException as exc:  # reported below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=second_client)
+        thread.start()
+        late = None
+        try:
+            poll_for(lambda: busy_warnings(caplog, node1) or outcome, timeout=30,
+                     message="the second client to say the node is busy")
+            assert not outcome, outcome
+            late = start_node(tmp_path / "late", port=port, cpus=1, secret=node_secret)
+            up = time.monotonic()
+            thread.join(60)
+            assert "error" not in outcome, outcome
+            second = outcome["executor"]
+            try:
+                assert outcome["at"] - up < 25  # not held until the connect timeout (45 s)
+                assert second.submit(compute, 3).result(timeout=60) == 6
+            finally:
+                second.shutdown()
+        finally:
+            thread.join(60)
+            if late is not None:
+                assert late.terminate() == 0
