@@ -73,9 +73,9 @@ def tls_context(cafile=None, certfile=None, keyfile=None):
     return client_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)
 
 
-#: Functions a node session keeps at most (see Client._forget).
 #: How often a busy node (its CPUs all taken by other clients) is asked again.
 BUSY_POLL = 0.5
+#: Functions a node session keeps at most (see Client._forget).
 _NODE_FUNCTIONS = 1024
 
 
