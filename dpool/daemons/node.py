@@ -19,31 +19,20 @@ elsewhere by their clients).
 """
 import argparse
 import asyncio
-import importlib.metadata
 import logging
 import os
-import signal
 import sys
 
-from .. import config, serialize
+from .. import config
 from ..hosts import is_loopback
 from ..node.files import default_job_root, private_dir
 from ..node.server import NodeServer
 from ..transport import udp
+from . import common
 
 log = logging.getLogger("dpool.node")
 
 GRACE = 30.0  # seconds running jobs get on SIGTERM
-
-
-def _port(text):
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:  # getaddrinfo would wrap it around silently
-        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (0 to 65535)")
-    return port
 
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
@@ -62,10 +51,9 @@ def _size(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="dpool-node",
-                                description=__doc__.split("\n\n")[0].replace("``", ""))
+    p = common.new_parser("dpool-node", __doc__)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=config.NODE_PORT,
+    p.add_argument("--port", type=common.port, default=config.NODE_PORT,
                    help=f"TCP port (default {config.NODE_PORT}; 0 picks a free one)")
     p.add_argument("--cpus", type=int, default=0,
                    help="CPUs to serve: 0 = all (default), negative = leave that many free")
@@ -90,9 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--ext-host", "--ext-ip-addr", action="append", default=[], metavar="HOST",
                    help="address clients should connect to, announced instead of this "
                         "node's own (a node behind NAT); may be repeated")
-    p.add_argument("--discovery-port", type=_port, default=None, metavar="PORT",
+    p.add_argument("--discovery-port", type=common.port, default=None, metavar="PORT",
                    help="UDP port answering discovery pings (default: the TCP port's number)")
-    p.add_argument("--announce-port", type=_port, default=udp.LISTEN_PORT, metavar="PORT",
+    p.add_argument("--announce-port", type=common.port, default=udp.LISTEN_PORT, metavar="PORT",
                    help=f"UDP port the node's start announcement goes to (clients listen "
                         f"there; default {udp.LISTEN_PORT})")
     p.add_argument("--multicast", action="store_true",
@@ -101,23 +89,13 @@ def parse_args(argv=None):
     p.add_argument("--no-discovery", dest="discover", action="store_false",
                    help="neither announce this node nor answer discovery pings (clients "
                         "must name it)")
-    p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
+    common.add_loglevel(p)
     p.add_argument("--generate-secret", action="store_true",
                    help="print a new strong secret (256 random bits) and exit; with "
                         "--secret-file PATH, write it to that new file (mode 0600) instead")
-    p.add_argument("--logfile", metavar="PATH", help="log to this file (default: stderr)")
-    versions = serialize.runtime_versions()
-    p.add_argument("--version", action="version",
-                   version=f"dpool-node {_version()} (Python {versions['python']}, "
-                           f"cloudpickle {versions['cloudpickle']})")
+    common.add_logfile(p)
+    common.add_version(p)
     return p.parse_args(argv)
-
-
-def _version():
-    try:
-        return importlib.metadata.version("dpool")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree
-        return "(not installed)"
 
 
 def load_secret(args):
@@ -157,9 +135,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.generate_secret:
         return generate_secret(args)
-    logging.basicConfig(level=getattr(logging, args.loglevel.upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        filename=args.logfile)
+    common.start_logging(args)
     try:
         secret, error = load_secret(args)
     except (OSError, ValueError) as exc:
@@ -195,13 +171,7 @@ def main(argv=None):
 
 
 async def _serve(server, grace):
-    stop, drain = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_sigterm():
-        (stop if drain.is_set() else drain).set()
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    stop, drain = common.drain_signals()
     try:
         await server.start()
     except BaseException:
@@ -213,25 +183,14 @@ async def _serve(server, grace):
     log.info("serving %d CPUs on %s:%s (pid %d)", server.cpus, server.host, server.port,
              os.getpid())
     try:
-        await _until_first(stop.wait(), drain.wait())
+        await common.until_first(stop.wait(), drain.wait())
         if not stop.is_set():
             log.info("SIGTERM: draining (a second SIGTERM or SIGINT stops at once)")
-            await _until_first(stop.wait(), server.drain(grace))
+            await common.until_first(stop.wait(), server.drain(grace))
         if stop.is_set():
             log.info("stopping now")
     finally:
         await server.close()
-
-
-async def _until_first(*coros):
-    """Run the coroutines until one ends; cancel the others."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    for task in done:
-        task.result()
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ import signal
 import socket
 import sys
 
-from .. import config, serialize
+from .. import config
 from ..core.relay import INTERVAL, Relay
 from ..hosts import parse_address
 from ..transport import discovery, udp
-from .node import _port, _version
+from . import common
 
 log = logging.getLogger("dpool.relay")
 
@@ -59,8 +59,7 @@ def _interval(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="dpool-relay",
-                                description=__doc__.split("\n\n")[0].replace("``", ""))
+    p = common.new_parser("dpool-relay", __doc__)
     p.add_argument("--client", type=_client, action="append", default=[],
                    metavar="HOST[:PORT]",
                    help=f"a client or scheduler to announce the nodes to, at its announcement "
@@ -68,22 +67,19 @@ def parse_args(argv=None):
     p.add_argument("--host", default="",
                    help="address to bind, whose interface's subnet is pinged (default: all "
                         "interfaces)")
-    p.add_argument("--port", type=_port, default=config.RELAY_PORT,
+    p.add_argument("--port", type=common.port, default=config.RELAY_PORT,
                    help=f"UDP port clients may ping the relay on (default {config.RELAY_PORT})")
-    p.add_argument("--node-port", type=_port, default=config.NODE_PORT,
+    p.add_argument("--node-port", type=common.port, default=config.NODE_PORT,
                    help=f"UDP port the nodes answer pings on (default {config.NODE_PORT})")
-    p.add_argument("--listen-port", type=_port, default=udp.LISTEN_PORT,
+    p.add_argument("--listen-port", type=common.port, default=udp.LISTEN_PORT,
                    help=f"UDP port the nodes announce themselves to (default "
                         f"{udp.LISTEN_PORT})")
     p.add_argument("--interval", type=_interval, default=INTERVAL, metavar="SECONDS",
                    help=f"seconds between pings of the subnet (default {INTERVAL:g})")
     p.add_argument("--secret-file", help="file holding the nodes' secret (else $DPOOL_SECRET)")
-    p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
-    p.add_argument("--logfile", metavar="PATH", help="log to this file (default: stderr)")
-    versions = serialize.runtime_versions()
-    p.add_argument("--version", action="version",
-                   version=f"dpool-relay {_version()} (Python {versions['python']}, "
-                           f"cloudpickle {versions['cloudpickle']})")
+    common.add_loglevel(p)
+    common.add_logfile(p)
+    common.add_version(p)
     return p.parse_args(argv)
 
 
@@ -95,9 +91,7 @@ def load_secret(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.loglevel.upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        filename=args.logfile)
+    common.start_logging(args)
     try:
         secret = load_secret(args)
     except (OSError, ValueError) as exc:

@@ -12,30 +12,28 @@ have work (see docs/scheduler.md).  The secret (``DPOOL_SECRET`` or
 drains: no new clients, queued jobs go back to their clients, running jobs
 get ``--grace`` seconds; a second SIGTERM, or SIGINT, stops at once.
 """
-import argparse
 import asyncio
 import logging
 import os
 import secrets
-import signal
 import sys
 
-from .. import config, serialize
+from .. import config
 from ..core.broker import Broker
 from ..hosts import is_loopback, parse_address
-from .node import GRACE, _port, _until_first, _version
+from . import common
+from .node import GRACE
 
 log = logging.getLogger("dpool.scheduler")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="dpool-scheduler",
-                                description=__doc__.split("\n\n")[0].replace("``", ""))
+    p = common.new_parser("dpool-scheduler", __doc__)
     p.add_argument("--nodes", required=False, default=os.environ.get("DPOOL_NODES", ""),
                    help="the nodes, HOST[:PORT] separated by commas (default $DPOOL_NODES; "
                         f"port {config.NODE_PORT} if none)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=config.SCHEDULER_PORT,
+    p.add_argument("--port", type=common.port, default=config.SCHEDULER_PORT,
                    help=f"TCP port (default {config.SCHEDULER_PORT}; 0 picks a free one)")
     p.add_argument("--secret-file", help="file holding the shared secret (else $DPOOL_SECRET)")
     p.add_argument("--name", help="scheduler name shown to clients (default: host name)")
@@ -46,12 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--grace", type=float, default=GRACE, metavar="SECONDS",
                    help=f"on SIGTERM, how long running jobs may take to finish (default "
                         f"{GRACE:g}); a second SIGTERM stops at once")
-    p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
-    p.add_argument("--logfile", metavar="PATH", help="log to this file (default: stderr)")
-    versions = serialize.runtime_versions()
-    p.add_argument("--version", action="version",
-                   version=f"dpool-scheduler {_version()} (Python {versions['python']}, "
-                           f"cloudpickle {versions['cloudpickle']})")
+    common.add_loglevel(p)
+    common.add_logfile(p)
+    common.add_version(p)
     return p.parse_args(argv)
 
 
@@ -82,9 +77,7 @@ def find_secret(args, nodes):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.loglevel.upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        filename=args.logfile)
+    common.start_logging(args)
     try:
         nodes = node_list(args.nodes)
         secret = find_secret(args, nodes)
@@ -104,10 +97,7 @@ def main(argv=None):
 
 
 async def _serve(broker, args):
-    stop, drain = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, lambda: (stop if drain.is_set() else drain).set())
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    stop, drain = common.drain_signals()
     try:
         await broker.start(args.host, args.port)
         if is_loopback(args.host) and not args.secret_file and not config.env_secret():
@@ -122,10 +112,10 @@ async def _serve(broker, args):
     log.info("listening on %s:%s: %d of %d nodes ready (%d CPUs)", args.host, broker.port,
              len(ready), len(broker.ports), broker.total_cpus())
     try:
-        await _until_first(stop.wait(), drain.wait())
+        await common.until_first(stop.wait(), drain.wait())
         if not stop.is_set():
             log.info("SIGTERM: draining (a second SIGTERM or SIGINT stops at once)")
-            await _until_first(stop.wait(), broker.drain(args.grace))
+            await common.until_first(stop.wait(), broker.drain(args.grace))
     finally:
         await broker.close()
         log.info("scheduler shut down")

@@ -1,0 +1,78 @@
+"""What the daemons (``dpool-node``, ``dpool-scheduler``, ``dpool-relay``)
+share: their parser's common options, logging set-up, and the SIGTERM-drains,
+SIGINT-stops signal handling."""
+import argparse
+import asyncio
+import importlib.metadata
+import logging
+import signal
+
+from .. import serialize
+
+
+def port(text):
+    """An argparse type: a port number, 0 to 65535."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:  # getaddrinfo would wrap it around silently
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (0 to 65535)")
+    return number
+
+
+def version():
+    try:
+        return importlib.metadata.version("dpool")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "(not installed)"
+
+
+def new_parser(prog, doc):
+    """A daemon's parser, described by the first paragraph of its module's docstring."""
+    return argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0].replace("``", ""))
+
+
+def add_loglevel(p):
+    p.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
+
+
+def add_logfile(p):
+    p.add_argument("--logfile", metavar="PATH", help="log to this file (default: stderr)")
+
+
+def add_version(p):
+    versions = serialize.runtime_versions()
+    p.add_argument("--version", action="version",
+                   version=f"{p.prog} {version()} (Python {versions['python']}, "
+                           f"cloudpickle {versions['cloudpickle']})")
+
+
+def start_logging(args):
+    logging.basicConfig(level=getattr(logging, args.loglevel.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        filename=args.logfile)
+
+
+def drain_signals():
+    """(stop, drain) events: the first SIGTERM sets drain, a second one (or
+    SIGINT) sets stop.  Call in the running loop."""
+    stop, drain = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm():
+        (stop if drain.is_set() else drain).set()
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    return stop, drain
+
+
+async def until_first(*coros):
+    """Run the coroutines until one ends; cancel the others."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        task.result()
