@@ -72,3 +72,36 @@ def start_scheduler(workdir, nodes, secret, **kwargs):
     except BaseException:
         sched.kill()
         raise
+
+
+def share(jobs_a, jobs_b):
+    """The part of the CPU time client A got while both had jobs running."""
+    start = max(min(j.start_time for j in jobs_a), min(j.start_time for j in jobs_b))
+    end = min(max(j.end_time for j in jobs_a), max(j.end_time for j in jobs_b))
+
+    def used(jobs):
+        return sum(max(0.0, min(j.end_time, end) - max(j.start_time, start)) for j in jobs)
+    a, b = used(jobs_a), used(jobs_b)
+    return a / (a + b)
+
+
+def holding_client(address, secret, heartbeat, markers, prefix=()):
+    """A client in a subprocess (run under ``prefix``, e.g. a namespace's)
+    holding CPUs with ``hold`` jobs, one a marker."""
+    code = (f"from dpool.core.client import Client\nfrom tasks import hold\nimport time\n"
+            f"c = Client([{address!r}], secret={secret!r}, heartbeat={heartbeat!r})"
+            f".start()\njobs = [c.submit(hold, (m,)) for m in {markers!r}]\ntime.sleep(120)\n")
+    return subprocess.Popen([*prefix, sys.executable, "-c", code], env=node_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+def resubmit(client, fn, args, timeout=30):
+    """Submit ``fn(*args)`` once the client has re-joined (BrokenCluster until then)."""
+    from dpool.errors import BrokenCluster
+
+    def resubmitted():
+        try:
+            return client.submit(fn, args)
+        except BrokenCluster:
+            return None
+    return poll_for(resubmitted, timeout, interval=0.1, message="the client to re-join")

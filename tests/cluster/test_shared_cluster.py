@@ -18,7 +18,7 @@ from dpool.core.client import Client
 from dpool.errors import BrokenCluster
 from helpers import REPO_ROOT, node_env, pid_gone, poll_for, read_marker, start_node
 from helpers_netns import LAB_SECRET, needs_lab
-from helpers_sched import start_scheduler
+from helpers_sched import holding_client, resubmit, share, start_scheduler
 from tasks import hold, hostname_after, nap, nap_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120), needs_lab,
@@ -67,17 +67,6 @@ def client_on(lab, name, sched, **kwargs):
         return Client([sched.address], secret=LAB_SECRET, **kwargs).start()
 
 
-def share(jobs_a, jobs_b):
-    """The part of the CPU time client A got while both had jobs running."""
-    start = max(min(j.start_time for j in jobs_a), min(j.start_time for j in jobs_b))
-    end = min(max(j.end_time for j in jobs_a), max(j.end_time for j in jobs_b))
-
-    def used(jobs):
-        return sum(max(0.0, min(j.end_time, end) - max(j.start_time, start)) for j in jobs)
-    a, b = used(jobs_a), used(jobs_b)
-    return a / (a + b)
-
-
 def test_two_clients_on_two_hosts_share_three_nodes_equally(lanlab, shared):
     a = client_on(lanlab, "client", shared, session={"notify_start": True})
     b = client_on(lanlab, "other", shared, session={"notify_start": True})
@@ -97,15 +86,6 @@ def test_two_clients_on_two_hosts_share_three_nodes_equally(lanlab, shared):
         b.close()
 
 
-def _client_process(lab, name, sched, markers):
-    """A client on host ``name`` (a subprocess) holding CPUs with ``hold`` jobs."""
-    code = (f"from dpool.core.client import Client\nfrom tasks import hold\nimport time\n"
-            f"c = Client([{sched.address!r}], secret={LAB_SECRET!r}, heartbeat={HEARTBEAT!r})"
-            f".start()\njobs = [c.submit(hold, (m,)) for m in {markers!r}]\ntime.sleep(120)\n")
-    return subprocess.Popen([*lab[name].prefix(), sys.executable, "-c", code], env=node_env(),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-
-
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
 def test_a_dead_or_silent_client_hands_its_cpus_to_the_other(lanlab, shared, tmp_path, how):
     """The client on "other" holds every CPU; the one on "client" waits.  The
@@ -113,7 +93,8 @@ def test_a_dead_or_silent_client_hands_its_cpus_to_the_other(lanlab, shared, tmp
     its heartbeat deadline, ends): its jobs are killed on the nodes, and the
     waiting client gets every CPU within the deadline."""
     markers = [str(tmp_path / f"held{i}") for i in range(len(NODES) * CPUS)]
-    proc = _client_process(lanlab, "other", shared, markers)
+    proc = holding_client(shared.address, LAB_SECRET, HEARTBEAT, markers,
+                          prefix=lanlab["other"].prefix())
     b = client_on(lanlab, "client", shared)
     try:
         pids = [read_marker(m, 60)[0][0] for m in markers]
@@ -164,12 +145,7 @@ def test_a_scheduler_restart_hangs_nothing(lanlab, shared, tmp_path):
                  message="the jobs to be killed on the nodes")
         again = _scheduler(lanlab, tmp_path / "sched2", shared.nodes)
         try:
-            def resubmitted():
-                try:
-                    return c.submit(hostname_after, (0.1,))
-                except BrokenCluster:
-                    return None
-            job = poll_for(resubmitted, 30, interval=0.1, message="the client to re-join")
+            job = resubmit(c, hostname_after, (0.1,))
             assert job.future.result(30) in {lanlab[name].hostname for name in NODES}
         finally:
             again.kill()

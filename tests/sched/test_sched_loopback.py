@@ -2,8 +2,6 @@
 import os
 import signal
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -11,8 +9,8 @@ import dpool
 from dpool.core.client import Client
 from dpool.errors import BrokenCluster
 from dpool.futures import Executor
-from helpers import node_env, pid_gone, poll_for, read_marker, start_node
-from helpers_sched import NODE_CPUS, SECRET, start_scheduler
+from helpers import pid_gone, poll_for, read_marker, start_node
+from helpers_sched import NODE_CPUS, SECRET, holding_client, resubmit, share, start_scheduler
 from tasks import hold, nap, nap_for
 
 HEARTBEAT = (0.2, 2.0)  # the clients' (interval, deadline): the scheduler's lease on them
@@ -21,17 +19,6 @@ HEARTBEAT = (0.2, 2.0)  # the clients' (interval, deadline): the scheduler's lea
 def client(sched, **kwargs):
     kwargs.setdefault("heartbeat", HEARTBEAT)
     return Client([sched.address], secret=SECRET, **kwargs).start()
-
-
-def share(jobs_a, jobs_b):
-    """The part of the CPU time client A got while both had jobs running."""
-    start = max(min(j.start_time for j in jobs_a), min(j.start_time for j in jobs_b))
-    end = min(max(j.end_time for j in jobs_a), max(j.end_time for j in jobs_b))
-
-    def used(jobs):
-        return sum(max(0.0, min(j.end_time, end) - max(j.start_time, start)) for j in jobs)
-    a, b = used(jobs_a), used(jobs_b)
-    return a / (a + b)
 
 
 def test_a_job_runs_through_the_scheduler_on_a_named_node(scheduler, three_nodes):
@@ -83,24 +70,13 @@ def _held(tmp_path, n, prefix):
     return [str(tmp_path / f"{prefix}{i}") for i in range(n)]
 
 
-def _client_process(sched, markers, heartbeat=HEARTBEAT):
-    """A client in a subprocess holding every CPU with ``hold`` jobs."""
-    code = (f"from dpool.core.client import Client\nfrom tasks import hold\nimport time\n"
-            f"c = Client([{sched.address!r}], secret={SECRET!r}, heartbeat={heartbeat!r})"
-            f".start()\n"
-            f"jobs = [c.submit(hold, (m,)) for m in {markers!r}]\n"
-            f"print('submitted', flush=True)\ntime.sleep(120)\n")
-    return subprocess.Popen([sys.executable, "-c", code], env=node_env(), stdout=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
-
-
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
 def test_a_dead_or_silent_client_hands_its_cpus_on(scheduler, tmp_path, how):
     """Client A holds every CPU; B waits.  A is killed (its connection
     closes) or stopped (silent: the scheduler's lease on it ends after its
     heartbeat deadline): its jobs are killed on the nodes and B's run."""
     markers = _held(tmp_path, 3 * NODE_CPUS, "a")
-    proc = _client_process(scheduler, markers)
+    proc = holding_client(scheduler.address, SECRET, HEARTBEAT, markers)
     b = client(scheduler)
     try:
         pids = [read_marker(m, 30)[0][0] for m in markers]
@@ -113,7 +89,6 @@ def test_a_dead_or_silent_client_hands_its_cpus_on(scheduler, tmp_path, how):
     finally:
         proc.kill()
         proc.wait(10)
-        proc.stdout.close()
         b.close()
 
 
@@ -143,13 +118,7 @@ def test_a_scheduler_restart_hangs_nothing(tmp_path, three_nodes):
         poll_for(lambda: all(pid_gone(pid) for pid in pids), 10,
                  message="the jobs to be killed on the nodes")
         sched = start_scheduler(tmp_path / "s2", nodes, SECRET, port=port)
-
-        def resubmitted():
-            try:
-                return c.submit(nap_for, (0.1,))
-            except BrokenCluster:
-                return None
-        job = poll_for(resubmitted, 30, interval=0.1, message="the client to re-join")
+        job = resubmit(c, nap_for, (0.1,))
         assert job.future.result(30) == 0.1
     finally:
         c.close()
