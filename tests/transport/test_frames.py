@@ -1,6 +1,8 @@
 """Pure tests of the wire format and the handshake steps (no I/O)."""
 import array
 import struct
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -161,6 +163,61 @@ def test_huge_declared_bytes_frame_holds_only_the_bytes_sent():
         tracemalloc.stop()
     assert dec.held == 100_000 + (8 << 20) and dec.partial
     assert peak < 8 * 2**20 * 9 // 8 + 2 * 2**20
+
+
+_OUT_OF_MEMORY = r"""
+import resource, struct, sys
+from dpool.errors import ProtocolError
+from dpool.transport import frames, inplace
+flag = frames.BYTES_FLAG if sys.argv[1] == "bytes" else 0
+dec = frames.FrameDecoder()
+dec.feed(struct.pack("<IQ", 1, (1 << 31) | flag))
+chunk = b"z" * (1 << 20)
+vm = int(open("/proc/self/statm").read().split()[0]) * 4096
+resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.RLIM_INFINITY))
+for _ in range(2048):
+    try:
+        dec.feed(chunk)
+    except BaseException as exc:
+        print(type(exc).__name__, flush=True)
+        break
+for _ in range(3):   # fed again (asyncio calls the reader again after an error)
+    try:
+        dec.feed(chunk)
+        print("fed", flush=True)
+    except BaseException as exc:
+        print(type(exc).__name__, flush=True)
+if inplace.AVAILABLE:   # the object itself, used again after a failed resize
+    src = bytearray(1 << 20)
+    address, holder = inplace.address_of(src)
+    grown = inplace.GrowingBytes(1 << 40)
+    for _ in range(2):
+        try:
+            grown.extend(address, 1 << 39)
+        except MemoryError:
+            print("MemoryError", flush=True)
+    for call in (lambda: grown.extend(address, 10), grown.finish):
+        try:
+            call()
+        except (MemoryError, ValueError) as exc:
+            print(type(exc).__name__, flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS, /proc")
+@pytest.mark.parametrize("kind", ["bytes", "bytearray"])
+def test_a_frame_the_receiver_has_no_memory_for_fails_the_decoder(kind):
+    """Running out of memory while a large frame grows ends the stream with a
+    ProtocolError, and the decoder stays failed: fed again, it neither crashes
+    (a bytes frame's object is gone after a failed resize: it segfaulted) nor
+    carries on with a chunk missing (a bytearray frame)."""
+    proc = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY, kind], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stdout.split()
+    assert lines[:4] == ["ProtocolError"] * 4, proc.stdout
+    if inplace.AVAILABLE:
+        assert lines[4:] == ["MemoryError", "MemoryError", "MemoryError", "ValueError"]
 
 
 def test_big_header_goes_through_own_buffer():
