@@ -241,6 +241,11 @@ class FrameDecoder:
         except ProtocolError as exc:
             self._failed = exc
             raise
+        except MemoryError as exc:
+            # The bytes just read are lost with the frame: the stream can't go on.
+            self._failed = ProtocolError(f"out of memory receiving a message "
+                                         f"({self.held} bytes of it held)")
+            raise self._failed from exc
 
     def feed(self, data: Frame) -> list[Message]:
         """Consume a chunk of the stream; return the messages it completed."""

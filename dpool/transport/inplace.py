@@ -95,7 +95,10 @@ class GrowingBytes:
 
     def _resize(self, cap: int) -> None:
         # On failure CPython frees the object, sets the pointer to NULL and
-        # raises MemoryError (ctypes re-raises it here).
+        # raises MemoryError (ctypes re-raises it here); the object is gone
+        # then, and passing NULL to the C API again would crash.
+        if not self._ptr.value:
+            raise MemoryError("this bytes object was freed when it could not grow")
         self._api.resize(ctypes.byref(self._ptr), cap)
         self._cap = cap
 
@@ -115,7 +118,7 @@ class GrowingBytes:
         """The complete object (all ``size`` bytes in)."""
         if self._len != self._size:
             raise ValueError(f"frame has {self._len} of its {self._size} bytes")
-        if self._cap != self._size:
+        if self._cap != self._size or not self._ptr.value:
             self._resize(self._size)
         data: bytes = ctypes.cast(self._ptr, ctypes.py_object).value
         self._api.decref(self._ptr)     # `data` holds the only reference now
