@@ -220,6 +220,32 @@ def test_a_frame_the_receiver_has_no_memory_for_fails_the_decoder(kind):
         assert lines[4:] == ["MemoryError", "MemoryError", "MemoryError", "ValueError"]
 
 
+@pytest.mark.skipif(not inplace.AVAILABLE, reason="bytes filled in place: CPython only")
+def test_growing_bytes_interrupted_in_finish_does_not_own_the_object_any_more(monkeypatch):
+    """A KeyboardInterrupt (SIGINT: dispy's cancel, Ctrl-C) raised as
+    finish() hands the object over must not leave GrowingBytes owning an
+    object whose reference it gave away: dropping it would free the object a
+    second time (heap corruption)."""
+    src = bytearray(b"q" * 200)
+    address, holder = inplace.address_of(src)
+    grown = inplace.GrowingBytes(len(src))
+    grown.extend(address, len(src))
+    real = grown._api.decref
+
+    def decref_then_interrupted(ptr, raised=[]):
+        real(ptr)
+        if not raised:   # as a signal handler does when the call returns
+            raised.append(1)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(grown._api, "decref", decref_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        grown.finish()
+    owns = grown._ptr.value
+    grown._ptr.value = None   # (so that this test itself frees nothing twice)
+    assert not owns
+
+
 def test_big_header_goes_through_own_buffer():
     messages = [[b"%d" % i for i in range(20000)]]   # 160 KB of lengths
     assert as_bytes(FrameDecoder().feed(wire(messages))) == messages
