@@ -120,7 +120,9 @@ class GrowingBytes:
             raise ValueError(f"frame has {self._len} of its {self._size} bytes")
         if self._cap != self._size or not self._ptr.value:
             self._resize(self._size)
-        data: bytes = ctypes.cast(self._ptr, ctypes.py_object).value
-        self._api.decref(self._ptr)     # `data` holds the only reference now
-        self._ptr.value = None
+        # Ours no more before anything can raise (a KeyboardInterrupt as a
+        # call returns): at worst the object leaks, it is never freed twice.
+        ptr, self._ptr = self._ptr, ctypes.c_void_p()
+        data: bytes = ctypes.cast(ptr, ctypes.py_object).value
+        self._api.decref(ptr)     # `data` holds the only reference now
         return data
