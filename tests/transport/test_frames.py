@@ -230,9 +230,9 @@ def test_growing_bytes_interrupted_in_finish_does_not_own_the_object_any_more(mo
     address, holder = inplace.address_of(src)
     grown = inplace.GrowingBytes(len(src))
     grown.extend(address, len(src))
-    real = grown._api.decref
+    real, raised = grown._api.decref, []
 
-    def decref_then_interrupted(ptr, raised=[]):
+    def decref_then_interrupted(ptr):
         real(ptr)
         if not raised:   # as a signal handler does when the call returns
             raised.append(1)
