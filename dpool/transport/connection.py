@@ -63,7 +63,9 @@ class Connection:
 
     * A message is a list of frames (bytes-like objects).  Messages arrive
       complete and in the order they were sent.  Received frames are
-      ``bytes`` when small and ``bytearray`` when large.
+      ``bytes`` when small and ``bytearray`` when large, except a large
+      frame that was a whole ``bytes`` object when sent: ``bytes`` (on
+      CPython, see frames.BYTES_FLAG).
     * Use the connection from the one event loop that created it.
     * ``send(frames)`` never blocks: the message is queued in full or, if
       the connection is closed, ``ConnectionClosed`` is raised and nothing
