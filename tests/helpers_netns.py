@@ -27,6 +27,8 @@ import subprocess
 
 import pytest
 
+from helpers import start_node
+
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _labs = itertools.count(1)
@@ -130,6 +132,36 @@ table inet dpf_loss {{
         text = run("ip", "netns", "exec", ns, "nft", "list", "table", "inet", "dpf_loss")
         words = text.split()
         return int(words[words.index("packets") + 1])
+
+
+@contextlib.contextmanager
+def lab_up(nodes=2):
+    """A :class:`Lab` with ``nodes`` node namespaces, up; always torn down."""
+    lab = Lab(nodes=nodes)
+    try:
+        yield lab.up()
+    finally:
+        lab.down()
+
+
+@contextlib.contextmanager
+def lab_nodes(lab, workdir, secret, cpus, stop):
+    """start(k, port, args): dpool-node in the lab's node namespace k on its
+    address (``node.addr``); each is ``stop(node)``-ed on exit."""
+    started = []
+
+    def start(k, port=0, args=()):
+        node = start_node(workdir / f"n{k}", cpus=cpus, secret=secret, port=port,
+                          prefix=lab.exec_prefix(lab.nodes[k - 1]),
+                          args=["--host", lab.address(k), *args])
+        node.addr = (lab.address(k), node.port)
+        started.append(node)
+        return node
+    try:
+        yield start
+    finally:
+        for node in started:
+            stop(node)
 
 
 class Host:

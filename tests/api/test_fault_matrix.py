@@ -18,10 +18,10 @@ import time
 import pytest
 
 from dpool.futures import Executor
-from helpers import node_env, poll_for, start_node
+from helpers import node_env, poll_for
 from helpers_faults import (HEARTBEAT, check_deliveries, executions, link_for, measure,
                             pids_running, rerun_elsewhere, times_of)
-from helpers_netns import Lab, entered
+from helpers_netns import entered, lab_nodes, lab_up
 from tasks import counted
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(90),
@@ -34,31 +34,21 @@ SECRET = b"fault-matrix-secret"
 
 @pytest.fixture
 def lab():
-    lab = Lab(nodes=2)
-    try:
-        yield lab.up()
-    finally:
-        lab.down()
+    with lab_up(nodes=2) as lab:
+        yield lab
 
 
 @pytest.fixture
 def nodes(lab, tmp_path):
     """start(k): dpool-node in the lab's node namespace k, on 10.210.k.2."""
-    started = []
-
-    def start(k, port=0):
-        jobs = tmp_path / f"n{k}-jobs"
-        jobs.mkdir(exist_ok=True)
-        node = start_node(tmp_path / f"n{k}", cpus=2, secret=SECRET, port=port,
-                          prefix=lab.exec_prefix(lab.nodes[k - 1]),
-                          args=["--host", lab.address(k), "--dest-path", str(jobs)])
-        node.jobs = jobs
-        node.addr = (lab.address(k), node.port)
-        started.append(node)
-        return node
-    yield start
-    for node in started:
-        node.kill()
+    with lab_nodes(lab, tmp_path, SECRET, cpus=2, stop=lambda node: node.kill()) as start_in:
+        def start(k, port=0):
+            jobs = tmp_path / f"n{k}-jobs"
+            jobs.mkdir(exist_ok=True)
+            node = start_in(k, port, ["--dest-path", str(jobs)])
+            node.jobs = jobs
+            return node
+        yield start
 
 
 def ran_on(node, out, n, pids):

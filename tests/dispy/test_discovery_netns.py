@@ -9,7 +9,7 @@ import pytest
 
 import dpool
 from helpers import poll_for, start_node
-from helpers_netns import Lab, entered
+from helpers_netns import entered, lab_nodes, lab_up
 from tasks import identity
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(90),
@@ -19,27 +19,15 @@ SECRET = b"discovery netns test secret, 32b"
 
 @pytest.fixture
 def lab():
-    lab = Lab(nodes=2)
-    try:
-        yield lab.up()
-    finally:
-        lab.down()
+    with lab_up(nodes=2) as lab:
+        yield lab
 
 
 @pytest.fixture
 def nodes(lab, tmp_path):
     """start(k): dpool-node on 10.210.k.2:51350 in the lab's node namespace k."""
-    started = []
-
-    def start(k):
-        node = start_node(tmp_path / f"n{k}", cpus=1, secret=SECRET, port=51350,
-                          prefix=lab.exec_prefix(lab.nodes[k - 1]),
-                          args=["--host", lab.address(k)])
-        started.append(node)
-        return node
-    yield start
-    for node in started:
-        node.terminate()
+    with lab_nodes(lab, tmp_path, SECRET, cpus=1, stop=lambda node: node.terminate()) as start:
+        yield lambda k: start(k, port=51350)
 
 
 def _ips(cluster, n=6):
