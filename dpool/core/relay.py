@@ -202,6 +202,14 @@ class Relay(udp.Seeker):
         body = relayed_body(found.body, found.source[0], self.name)
         if body is None or not self.local(found.source[0]):
             return
+        try:
+            data = D.encode(self.key, D.ANNOUNCE, body)
+        except ValueError:       # it fitted; with our via it would not
+            self.rejected += 1
+            self.rejections.reject(found.source[0], "large", "relay: node %s's announcement "
+                                   "from %s is too large to relay; dropped",
+                                   body.get("name", "?"), found.source[0])
+            return
         now = self.clock()
         key = (found.source[0], int(body["port"]))
         new = key not in self.nodes
@@ -210,7 +218,6 @@ class Relay(udp.Seeker):
         self._forget_nodes(now)
         if new:
             log.info("heard node %s at %s:%d", body.get("name", "?"), *key)
-        data = D.encode(self.key, D.ANNOUNCE, body)
         for client in self.clients:
             self._forward(data, client)
         for client, credit in list(self.learned.items()):

@@ -231,3 +231,21 @@ def test_a_failing_ping_of_the_subnet_does_not_stop_the_later_ones(caplog):
         await poll(lambda: [b["name"] for b in relay.known()] == ["n1"])
         assert "cannot ping" in caplog.text
     run(test)
+
+
+def test_a_node_too_large_to_relay_is_dropped_with_a_log_line(caplog):
+    """A verified announcement that fits MAX_DATAGRAM, but not once the relay
+    adds its ``via``: dropped (logged, rate-limited) instead of raising in
+    the socket's callback at every datagram and being half remembered."""
+    async def test(net):
+        relay = R.Relay(KEY, node_port=1, port=0, listen_port=None, name="r" * D.NAME_MAX)
+        big = dict(D.node_body("n1", 4001, 1, 1, ["127.0.0.1"], 2), extra="")
+        big["extra"] = "x" * (D.MAX_DATAGRAM - len(D.encode(KEY, D.ANNOUNCE, big)) - 10)
+        assert len(D.encode(KEY, D.ANNOUNCE, big)) <= D.MAX_DATAGRAM    # a node may send it
+        found = udp.Found(("127.0.0.1", 4001), "n1", 1, 1, ("127.0.0.1", 5000), D.ANNOUNCE,
+                          big)
+        relay._heard(found)
+        assert not relay.nodes and relay.rejected == 1
+        assert "too large to relay" in caplog.text
+        relay.close()
+    run(test)
