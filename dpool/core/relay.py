@@ -249,8 +249,14 @@ class Relay(udp.Seeker):
                ) -> None:
         if msg.kind != D.PING:
             super().handle(msg, addr, transport)
-        elif transport is self._client_side:
+        elif transport is self._client_side and not self._from_itself(addr):
             self._client_ping(msg, addr)
+
+    def _from_itself(self, addr: Address) -> bool:
+        """Is ``addr`` the relay's own ping socket?  (Its subnet ping reached
+        its client port: answering would make it ping itself again and again.)"""
+        return (self._pinger is not None and addr[1] == self._pinger.get_extra_info(
+            "sockname")[1] and addr[0] in udp.local_addresses())
 
     def _client_ping(self, msg: D.Message, addr: Address) -> None:
         """A verified ping from a client: learn it, send what we know (within

@@ -249,3 +249,15 @@ def test_a_node_too_large_to_relay_is_dropped_with_a_log_line(caplog):
         assert "too large to relay" in caplog.text
         relay.close()
     run(test)
+
+
+def test_the_relays_own_ping_reaching_its_client_port_is_not_answered():
+    """--node-port equal to --port (or a second relay on the subnet with the
+    ports crossed): the relay's subnet ping reaches its own client port. It
+    must not take itself for a client (answer itself, ping again: a loop)."""
+    async def test(net):
+        relay = await net.relay(ping_to=[])
+        relay.ping([("127.0.0.1", relay.relay_port)])
+        await poll(lambda: len(relay.verifier._seen) == 1)       # heard (handled at once)
+        assert relay.stats.client_pings == 0 and not relay.learned
+    run(test)
