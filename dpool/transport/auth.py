@@ -9,7 +9,11 @@ The secret is never used directly: each side stretches it with
 a random salt the server draws once per process and sends in its challenge;
 the stretched key is cached per (secret, salt) in the process, so only the
 first connection to a node pays for it; a client stretches in a thread, not
-in its event loop.  Digests are HMAC-SHA256 under the
+in its event loop, one stretch at a time.  A node that closed the
+connection while the client stretched for it (its pre-auth deadline passed,
+e.g. a client meeting dozens of nodes on a loaded machine) is connected to
+again at once, once, by ``tcp.connect``: the key is cached then, so the
+node's deadline never has to cover the client's stretch.  Digests are HMAC-SHA256 under the
 stretched key, compared with :func:`hmac.compare_digest`.
 
 Authentication, the server proves first::
@@ -74,6 +78,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -137,6 +142,26 @@ def stretch(secret: bytes, salt: bytes) -> bytes:
                       "`dpool-node --generate-secret`)",
                       WeakSecretWarning, stacklevel=2)
     return hashlib.scrypt(secret, salt=salt, **SCRYPT)
+
+
+#: One stretch at a time in a process: a client meeting N nodes stretches
+#: for each in turn, so the first nodes' handshakes complete in time instead
+#: of all N finishing together, late (and N x 16 MiB at once).
+_STRETCH_LOCK = threading.Lock()
+
+
+def stretch_in_turn(secret: bytes, salt: bytes) -> tuple[bytes, bool]:
+    """``stretch`` one at a time; also says whether the key had to be computed."""
+    with _STRETCH_LOCK:
+        misses = stretch.cache_info().misses
+        key = stretch(secret, salt)
+        return key, stretch.cache_info().misses != misses
+
+
+class StretchedTooLate(AuthenticationError):
+    """The server closed the connection while the client stretched the secret
+    for its salt (past the server's pre-auth deadline, on a loaded machine or
+    meeting many nodes): the key is cached now, so connecting again is quick."""
 
 
 def _check_magic(msg: bytes, what: str) -> None:
@@ -329,12 +354,20 @@ async def client_handshake(conn: Connection, secret: bytes, hello: Hello, *,
                             f"without TLS; refusing it")
     transcript = challenge.raw + reply
     # In a thread (scrypt releases the GIL): the loop serves other
-    # connections meanwhile, and a client meeting many nodes (each its own
-    # salt) stretches for several at once, within their auth deadlines.
-    key = await asyncio.to_thread(stretch, secret, challenge.salt)
-    check_proof(key, b"S", transcript, await _read(conn, PROOF_SIZE))
-    conn._write_raw(prove(key, b"C", transcript))
-    check_status(await _read(conn, 1))
+    # connections meanwhile.  A client meeting many nodes (each its own salt)
+    # stretches for them in turn; a node whose deadline passed meanwhile is
+    # met again by connect() with the key cached (StretchedTooLate).
+    key, fresh = await asyncio.to_thread(stretch_in_turn, secret, challenge.salt)
+    try:
+        check_proof(key, b"S", transcript, await _read(conn, PROOF_SIZE))
+        conn._write_raw(prove(key, b"C", transcript))
+        check_status(await _read(conn, 1))
+    except (AuthenticationError, ConnectionClosed) as exc:
+        closed = isinstance(exc, ConnectionClosed) or isinstance(exc.__cause__, ConnectionClosed)
+        if fresh and closed:
+            raise StretchedTooLate(f"{conn.peer} closed the connection while this client "
+                                   f"stretched the secret for its salt") from exc
+        raise
     conn._start_framing(derive_keys(key, transcript, server=False)
                         if challenge.protect else None)
     return await _exchange_hello(conn, own_hello(hello), client=True)

@@ -18,7 +18,9 @@ Serving (one listening socket, accepted from a loop reader callback)::
         success: on_connection(conn) (plain function or coroutine function)
 
 A client whose connection is closed before the handshake began (the server
-was at one of its caps) retries with backoff until its connect timeout.
+was at one of its caps) retries with backoff until its connect timeout; one
+closed while the client stretched the secret for the server's salt (past
+the server's pre-auth deadline) connects again at once, with the key cached.
 """
 from __future__ import annotations
 
@@ -39,8 +41,9 @@ from typing import Any
 from dpool.errors import (AuthenticationError, ConnectionClosed, HandshakeRefused,
                           ProtocolError, VersionMismatch)
 
-from .auth import (MAGIC, PREAUTH_MAX, PROCESS_SALT, Hello, check_secret, client_handshake,
-                   encode_hello, own_hello, server_handshake, stretch, tls_required_notice)
+from .auth import (MAGIC, PREAUTH_MAX, PROCESS_SALT, Hello, StretchedTooLate, check_secret,
+                   client_handshake, encode_hello, own_hello, server_handshake, stretch,
+                   tls_required_notice)
 from .budget import ReceiveBudget
 from .connection import Connection
 from .frames import Limits
@@ -174,11 +177,16 @@ async def connect(host: str, port: int, *, secret: bytes, hello: Hello,
     secret = check_secret(secret)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    delay, refusals = RETRY_FIRST, 0
+    delay, refusals, restretched = RETRY_FIRST, 0, False
     while True:
         try:
             return await _connect_once(loop, host, port, secret, hello, ssl,
                                        server_hostname, deadline, timeout, limits)
+        except StretchedTooLate as exc:
+            if restretched:
+                raise AuthenticationError(str(exc)) from exc
+            restretched = True     # the key is cached now: again, at once
+            log.debug("%s:%s: %s; connecting again", host, port, exc)
         except HandshakeRefused:
             refusals += 1
             if deadline - loop.time() <= delay:
