@@ -1,4 +1,5 @@
 """dispy compatibility (issue #3) through the public API, against real nodes."""
+import functools
 import logging
 import os
 import threading
@@ -179,6 +180,24 @@ def test_depends_setup_once_per_node_and_cleanup(dpool_node, tmp_path, monkeypat
     cluster.close()
     poll_for(lambda: os.path.exists(marker + ".cleanup"), 10, message="cleanup to run")
     assert open(marker + ".cleanup").read() == "payload"
+
+
+def test_setup_and_cleanup_may_be_functools_partials(dpool_node, tmp_path, monkeypatch):
+    """dispy: setup is "a function or functools.partial", and so is cleanup;
+    the node failed with "'functools.partial' object has no attribute
+    '__globals__'".  The partial's function's globals are what setup sets."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.txt").write_text("partial\n")
+    marker = str(tmp_path / "setup-ran")
+    cluster = cluster_on(dpool_node, tasks.uses_setup, depends=[helper, "data.txt"],
+                         setup=functools.partial(tasks.setup_reads, "data.txt", marker),
+                         cleanup=functools.partial(tasks.cleanup_writes, "data.txt", marker))
+    try:
+        assert cluster.submit(1)(timeout=15)[0] == "partial:1"
+    finally:
+        cluster.close()
+    poll_for(lambda: os.path.exists(marker + ".cleanup"), 10, message="cleanup to run")
+    assert open(marker + ".cleanup").read() == "partial"
 
 
 def test_job_depends_and_dest_path(dpool_node, tmp_path, monkeypatch):

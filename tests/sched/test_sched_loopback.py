@@ -1,4 +1,5 @@
 """dpool-scheduler on loopback: two clients share three nodes (127.0.0.2-4)."""
+import functools
 import os
 import signal
 import socket
@@ -228,6 +229,41 @@ def setup_data():
 
 def uses_setup_data(x):
     return helper(data, x), setup_pid  # (globals set by setup_data)
+
+
+def setup_with(path):
+    """A setup taking an argument, given as functools.partial(setup_with, path)."""
+    global data, setup_pid
+    with open(path) as f:
+        data = f.read().strip()
+    setup_pid = os.getpid()
+
+
+def cleanup_with(marker):
+    with open(marker, "a") as f:
+        f.write(f"{data}\n")
+
+
+def test_shared_job_cluster_setup_and_cleanup_may_be_functools_partials(scheduler, tmp_path,
+                                                                       monkeypatch):
+    """dispy: setup and cleanup may be functools.partial objects; the nodes
+    failed them with "'functools.partial' object has no attribute '__globals__'"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.txt").write_text("partial\n")
+    marker = str(tmp_path / "cleaned")
+    cluster = dpool.SharedJobCluster(uses_setup_data, depends=[helper, "data.txt"],
+                                     setup=functools.partial(setup_with, "data.txt"),
+                                     cleanup=functools.partial(cleanup_with, marker),
+                                     scheduler_host="127.0.0.1",
+                                     scheduler_port=scheduler.port, secret=SECRET)
+    try:
+        assert [job(timeout=30)[0] for job in [cluster.submit(i) for i in range(6)]] == \
+            [f"partial:{i}" for i in range(6)]
+    finally:
+        cluster.close()
+    poll_for(lambda: os.path.exists(marker) and len(open(marker).read().split()) == 3, 15,
+             message="cleanup to run on the three nodes")
+    assert open(marker).read().split() == ["partial"] * 3
 
 
 def test_shared_job_cluster_depends_and_setup_reach_every_node(scheduler, tmp_path,

@@ -32,6 +32,7 @@ the session's workers are forked from it afterwards: they inherit the env and
 everything setup made (shared ``multiprocessing`` objects included), as job
 processes inherit from dispynode's setup process.
 """
+import functools
 import os
 import subprocess
 import sys
@@ -194,10 +195,16 @@ def _dispynode_globals():
     return {name: importlib.import_module(name) for name in DISPYNODE_MODULES}
 
 
+def _globals_of(fn):
+    """The globals of ``fn``, or of the function a functools.partial (or a
+    partial of a partial) wraps; None for other callables."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__globals__", None)
+
+
 def _inject(fn):
-    g = getattr(fn, "__globals__", None)
-    if g is None:
-        g = getattr(getattr(fn, "func", None), "__globals__", None)  # functools.partial
+    g = _globals_of(fn)
     if g is not None:
         for name, module in _modules.items():  # the function's own globals win
             g.setdefault(name, module)
@@ -258,7 +265,7 @@ def _setup(worker, env, frames):
         made = {}
         if setup is not None:
             _inject(setup)
-            scope = setup.__globals__
+            scope = _globals_of(setup) or {}   # (another callable sets no globals)
             before = dict(scope)
             status = setup(*setup_args)
             if status not in (None, 0, 1):
