@@ -76,6 +76,7 @@ class ClientSession:
         self.running = 0
         self.weight = 1.0
         self.limit = 1 << 62
+        self.told_cpus = 0  # the CPUs the last Ready announced (0: none sent yet)
         self.ended = False
         self.counts: collections.Counter = collections.Counter()
         self.handlers = {P.Session: self.on_session, P.Func: self.on_func, P.Run: self.on_run,
@@ -140,11 +141,17 @@ class ClientSession:
         await asyncio.wait([task for task in tasks if task is not None], timeout=LEG_WAIT)
         if self.ended:
             return
-        info = self.broker.info()
-        info["cpus"] = info["free_cpus"] = min(info["cpus"], self.limit)
-        self.tell([P.encode(P.Ready, info)])
+        self.tell_ready()
         log.info("%s: session open, %d of %d nodes", self,
                  sum(1 for leg in self.legs.values() if leg.ready), len(self.broker.ports))
+
+    def tell_ready(self) -> None:
+        """Ready: the scheduler's CPUs (up to the client's ``cpus``).  Sent
+        again when nodes join, so the client sends jobs for those CPUs too."""
+        info = self.broker.info()
+        info["cpus"] = info["free_cpus"] = min(info["cpus"], self.limit)
+        self.told_cpus = info["cpus"]
+        self.tell([P.encode(P.Ready, info)])
 
     def on_func(self, msg: Any, frames: list) -> None:
         self.fns[msg.fn_id] = frames[1]
@@ -464,6 +471,8 @@ class Broker:
         for client in list(self.clients):
             if client.options:
                 client.open_leg(port)
+            if client.told_cpus and min(self.total_cpus(), client.limit) > client.told_cpus:
+                client.tell_ready()   # more CPUs than it was told: it may send more jobs
 
     def on_anchor_message(self, link: Link, msg: Any, frames: list) -> None:
         if type(msg) is P.Draining:

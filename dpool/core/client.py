@@ -660,6 +660,12 @@ class Client:
         link.conn.abort()
 
     def _on_ready(self, link, msg, frames):
+        if link.ready:  # again: a scheduler whose CPUs changed (nodes joined)
+            old, link.info = link.cpus, {**link.info, **msg.info}
+            state = self.scheduler.nodes.get(link)
+            if state is not None and state.cpus == old:  # (not limited by set_cpus)
+                self._act(self.scheduler.set_cpus(link, link.cpus))
+            return
         link.info = msg.info
         link.ready = True
         if not link.ready_future.done():

@@ -160,6 +160,43 @@ def test_jobs_with_no_node_left_fail_within_the_deadline(tmp_path):
         node.kill()
 
 
+def _free_port(host):
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def test_a_client_gets_the_cpus_of_nodes_that_join_after_it(tmp_path):
+    """A client told (Ready) that the scheduler had one node's CPUs kept
+    sending no more than that many jobs at a time after two more nodes
+    joined: the scheduler tells its clients its new CPU total."""
+    hosts = ["127.0.0.5", "127.0.0.6", "127.0.0.7"]
+    ports = [None, _free_port(hosts[1]), _free_port(hosts[2])]
+    nodes = [start_node(tmp_path / "n0", cpus=2, secret=SECRET, args=("--host", hosts[0]))]
+    ports[0] = nodes[0].port
+    sched = start_scheduler(tmp_path / "sched", list(zip(hosts, ports)), SECRET)
+    c = client(sched)
+    markers, gate = _held(tmp_path, 6, "m"), str(tmp_path / "gate")
+    try:
+        assert c.nodes()[0].cpus == 2
+        for i in (1, 2):
+            nodes.append(start_node(tmp_path / f"n{i}", port=ports[i], cpus=2, secret=SECRET,
+                                    args=("--host", hosts[i])))
+        poll_for(lambda: sched.stderr().count(": 2 CPUs") >= 3, 30,
+                 message="the scheduler to join the two new nodes")
+        jobs = [c.submit(hold, (m, gate)) for m in markers]
+        for m in markers:   # all six at once: one per CPU of the three nodes
+            read_marker(m, 20)
+        open(gate, "w").close()
+        assert len({j.future.result(30) for j in jobs}) == 6
+    finally:
+        open(gate, "w").close()
+        c.close()
+        sched.terminate()
+        for node in nodes:
+            node.kill()
+
+
 def test_a_heavier_client_gets_its_weighted_share(scheduler):
     """Session option ``weight``: a client of weight 2 gets two thirds of the
     CPUs while both have work."""
