@@ -73,6 +73,7 @@ class ClientSession:
         self.pending: dict[int, tuple[tuple, list]] = {}
         self.placed: dict[int, tuple[Link, tuple, list]] = {}  # job id -> (leg, item, payload)
         self.tries: collections.Counter = collections.Counter()
+        self.cancelling: set[int] = set()  # placed jobs the client cancelled
         self.running = 0
         self.weight = 1.0
         self.limit = 1 << 62
@@ -177,6 +178,7 @@ class ClientSession:
             where = self.placed.get(job_id)
             if where is not None:
                 by_leg[where[0]].append(job_id)
+                self.cancelling.add(job_id)
             elif self.broker.fair.cancel((self, job_id)):
                 item, _ = self.pending.pop(job_id)
                 self.report(job_id, Outcome.CANCELLED, attempt=item[4])
@@ -286,6 +288,7 @@ class ClientSession:
                 port.busy -= 1
                 self.running -= 1
                 self.tries.pop(record[0], None)
+                self.cancelling.discard(record[0])
                 self.broker.fair.done((self, record[0]))
         self.counts["done"] += len(msg.results)
         if self.limit < 1 << 62:
@@ -313,6 +316,11 @@ class ClientSession:
                 continue
             leg.port.busy -= 1
             self.running -= 1
+            if job_id in self.cancelling:  # (its node was lost before it ended)
+                self.cancelling.discard(job_id)
+                self.report(job_id, Outcome.CANCELLED, attempt=where[1][4])
+                fair.done((self, job_id))
+                continue
             if lost:
                 self.tries[job_id] += 1
                 if self.tries[job_id] > self.broker.max_retries:

@@ -8,7 +8,7 @@ import pytest
 
 import dpool
 from dpool.core.client import Client
-from dpool.errors import BrokenCluster
+from dpool.errors import BrokenCluster, JobCancelled
 from dpool.futures import Executor
 from helpers import pid_gone, poll_for, read_marker, start_node
 from helpers_sched import NODE_CPUS, SECRET, holding_client, resubmit, share, start_scheduler
@@ -189,6 +189,45 @@ def test_a_client_gets_the_cpus_of_nodes_that_join_after_it(tmp_path):
             read_marker(m, 20)
         open(gate, "w").close()
         assert len({j.future.result(30) for j in jobs}) == 6
+    finally:
+        open(gate, "w").close()
+        c.close()
+        sched.terminate()
+        for node in nodes:
+            node.kill()
+
+
+def stubborn(marker, gate):
+    """``hold``, noting a SIGINT (a cancel with the session option
+    ``interrupt``) in ``marker + ".int"`` and going on."""
+    signal.signal(signal.SIGINT, lambda *_: open(marker + ".int", "w").close())
+    return hold(marker, gate)
+
+
+def test_a_cancelled_job_whose_node_is_lost_is_not_run_again(tmp_path):
+    """A job cancelled while it runs, whose node is lost before it ended:
+    the scheduler placed it again (as a lost node's job) and ran it anew on
+    another node; the client, which had asked to cancel it, waited for it.
+    It is reported cancelled instead."""
+    hosts = ["127.0.0.5", "127.0.0.6"]
+    nodes = [start_node(tmp_path / f"n{i}", cpus=1, secret=SECRET, args=("--host", host))
+             for i, host in enumerate(hosts)]
+    sched = start_scheduler(tmp_path / "sched", [(h, n.port) for h, n in zip(hosts, nodes)],
+                            SECRET)
+    c = client(sched, session={"notify_start": True, "interrupt": 30})
+    marker, gate = str(tmp_path / "m"), str(tmp_path / "gate")
+    try:
+        job = c.submit(stubborn, (marker, gate))
+        read_marker(marker, 30)
+        where = poll_for(lambda: job.where, 10, message="the job's node")
+        c.cancel(job)
+        poll_for(lambda: os.path.exists(marker + ".int"), 30,
+                 message="the cancel to reach the job")   # it goes on running
+        os.remove(marker)
+        nodes[hosts.index(where)].kill()
+        with pytest.raises(JobCancelled):
+            job.future.result(20)
+        assert not os.path.exists(marker)
     finally:
         open(gate, "w").close()
         c.close()
