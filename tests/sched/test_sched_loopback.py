@@ -236,6 +236,35 @@ def test_a_cancelled_job_whose_node_is_lost_is_not_run_again(tmp_path):
             node.kill()
 
 
+@pytest.mark.parametrize("what", ["garbage", "huge frame", "run before session"])
+def test_a_client_sending_nonsense_loses_its_connection_and_nobody_else_notices(scheduler,
+                                                                               what):
+    """An authenticated client sending garbage, a frame longer than any
+    allowed, or jobs before its session: the scheduler closes that
+    connection; another client's jobs run on."""
+    import struct
+
+    from dpool import protocol as P
+    from dpool.transport.frames import encode
+    from helpers import authenticated_socket, recv_until_closed
+    other = client(scheduler)
+    try:
+        job = other.submit(nap_for, (0.01,))
+        assert job.future.result(30) == 0.01
+        with authenticated_socket(scheduler.port, SECRET) as sock:
+            if what == "garbage":
+                sock.sendall(b"".join(encode([b"\xffnot a dpool message"])))
+            elif what == "huge frame":
+                sock.sendall(struct.pack("<IQ", 1, 2**40))
+            else:
+                sock.sendall(b"".join(encode([P.encode(P.Run, [(1, 1, 0, 0, 1)])])))
+            recv_until_closed(sock, 20)   # (fails unless the scheduler closes it)
+        jobs = [other.submit(nap_for, (0.01,)) for _ in range(6)]
+        assert [j.future.result(30) for j in jobs] == [0.01] * 6
+    finally:
+        other.close()
+
+
 def test_a_heavier_client_gets_its_weighted_share(scheduler):
     """Session option ``weight``: a client of weight 2 gets two thirds of the
     CPUs while both have work."""
