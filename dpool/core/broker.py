@@ -234,7 +234,7 @@ class ClientSession:
         self.env.leg_opening(leg)
         options = {key: value for key, value in self.options.items()
                    if key not in _NOT_FORWARDED}
-        options["shared"] = True
+        options["shared"] = port.group
         return self.broker.spawn(self._open(leg, options))
 
     async def _open(self, leg: Link, options: dict) -> None:
@@ -253,6 +253,8 @@ class ClientSession:
             leg.bye()
             return
         self.sync()
+        if not self.pending and self.broker.ahead:  # its jobs waiting on busy nodes: here
+            self.broker._reclaim_ahead([self])
         self.broker.place_soon()
 
     def usable(self, port: NodePort) -> Link | None:
@@ -430,8 +432,9 @@ class Broker:
         self.deadline = settings.deadline  # how long jobs wait for a node, at most
         self._stranded: asyncio.TimerHandle | None = None
         timeout = liveness.connect_timeout(connect_timeout)
+        group = os.urandom(8).hex()  # a node shares its CPUs among this scheduler's sessions only
         self.ports = [NodePort(host, port, secret=secret, ssl=node_ssl, watch=self.watch,
-                               settings=settings, connect_timeout=timeout)
+                               settings=settings, connect_timeout=timeout, group=group)
                       for host, port in nodes]
         self.clients: set[ClientSession] = set()
         self.tasks: set[asyncio.Task] = set()

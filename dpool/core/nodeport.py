@@ -168,8 +168,9 @@ class NodePort:
     clients running there (``busy``), its anchor session and re-join."""
 
     def __init__(self, host: str, port: int, *, secret: bytes, ssl: Any, watch: Watch,
-                 settings: liveness.Settings, connect_timeout: float) -> None:
+                 settings: liveness.Settings, connect_timeout: float, group: str) -> None:
         self.host, self.port = host, port
+        self.group = group  # this scheduler's name for its shared sessions (option ``shared``)
         self.secret, self.ssl = secret, ssl
         self.watch = watch
         self.liveness = settings
@@ -203,7 +204,8 @@ class NodePort:
         """Open the anchor session; True when the node is ready."""
         anchor = Link(self)
         try:
-            await anchor.open({"shared": True, "anchor": True}, [], list, on_message, on_close)
+            await anchor.open({"shared": self.group, "anchor": True}, [], list, on_message,
+                              on_close)
         except (OSError, DpoolError, TimeoutError) as exc:
             anchor.abort()
             self.error = exc

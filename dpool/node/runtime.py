@@ -93,6 +93,7 @@ class NodeRuntime:
         # the last; the scheduler decides how many of their jobs run at once.
         self.shared = 0
         self.shared_cpus = 0
+        self.shared_group = None  # the value of their option ``shared``: their scheduler
 
     async def start(self):
         if not self._started:
@@ -172,16 +173,21 @@ class NodeRuntime:
         return session
 
     def grant(self, options):
-        """CPUs for a new session with these options (0: refused)."""
-        if options.get("shared") and self.shared:
+        """CPUs for a new session with these options (0: refused).  Shared
+        sessions share CPUs only with those of the same scheduler (the
+        option's value names it): another scheduler finds the node busy."""
+        group = options.get("shared")
+        if group and self.shared:
+            if group != self.shared_group:
+                return 0
             self.shared += 1
             return self.shared_cpus
         want = options.get("cpus") or self.free_cpus
         cpus = min(want, self.free_cpus)
         if cpus > 0:
             self.free_cpus -= cpus
-            if options.get("shared"):
-                self.shared, self.shared_cpus = 1, cpus
+            if group:
+                self.shared, self.shared_cpus, self.shared_group = 1, cpus, group
         return max(cpus, 0)
 
     def release(self, session):
@@ -193,7 +199,7 @@ class NodeRuntime:
                 self.shared -= 1
                 if not self.shared:
                     self.free_cpus += self.shared_cpus
-                    self.shared_cpus = 0
+                    self.shared_cpus, self.shared_group = 0, None
             if not self.sessions and self._idle is not None:
                 self._idle.set()
 

@@ -160,18 +160,15 @@ def test_jobs_with_no_node_left_fail_within_the_deadline(tmp_path):
         node.kill()
 
 
-def _free_port(host):
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def test_a_client_gets_the_cpus_of_nodes_that_join_after_it(tmp_path):
-    """A client told (Ready) that the scheduler had one node's CPUs kept
-    sending no more than that many jobs at a time after two more nodes
-    joined: the scheduler tells its clients its new CPU total."""
+    """Six long jobs for a scheduler with one node of 2 CPUs up, then two
+    more nodes join.  The client, told (Ready) of 2 CPUs, sent no more than
+    4 jobs at a time; the 2 beyond one per CPU waited on the first node
+    behind its running jobs while the new nodes idled.  The scheduler now
+    tells its clients its new CPU total, and takes back jobs waiting on a
+    node for a node that joins."""
     hosts = ["127.0.0.5", "127.0.0.6", "127.0.0.7"]
-    ports = [None, _free_port(hosts[1]), _free_port(hosts[2])]
+    ports = [None, _free_port(), _free_port()]
     nodes = [start_node(tmp_path / "n0", cpus=2, secret=SECRET, args=("--host", hosts[0]))]
     ports[0] = nodes[0].port
     sched = start_scheduler(tmp_path / "sched", list(zip(hosts, ports)), SECRET)
@@ -179,14 +176,15 @@ def test_a_client_gets_the_cpus_of_nodes_that_join_after_it(tmp_path):
     markers, gate = _held(tmp_path, 6, "m"), str(tmp_path / "gate")
     try:
         assert c.nodes()[0].cpus == 2
+        jobs = [c.submit(hold, (m, gate)) for m in markers]
+        read_marker(markers[0], 20)
+        read_marker(markers[1], 20)
         for i in (1, 2):
             nodes.append(start_node(tmp_path / f"n{i}", port=ports[i], cpus=2, secret=SECRET,
                                     args=("--host", hosts[i])))
-        poll_for(lambda: sched.stderr().count(": 2 CPUs") >= 3, 30,
-                 message="the scheduler to join the two new nodes")
-        jobs = [c.submit(hold, (m, gate)) for m in markers]
         for m in markers:   # all six at once: one per CPU of the three nodes
             read_marker(m, 20)
+        assert c.nodes()[0].cpus == 6
         open(gate, "w").close()
         assert len({j.future.result(30) for j in jobs}) == 6
     finally:
@@ -263,6 +261,25 @@ def test_a_client_sending_nonsense_loses_its_connection_and_nobody_else_notices(
         assert [j.future.result(30) for j in jobs] == [0.01] * 6
     finally:
         other.close()
+
+
+def test_a_second_scheduler_does_not_share_a_node_another_one_holds(tmp_path):
+    """Two dpool-schedulers given the same node: the second one's sessions
+    joined the first one's shared CPUs, and each placed a job per CPU there
+    (twice as many jobs as CPUs).  The node holds its CPUs for one
+    scheduler; the other is told it is busy (and retries)."""
+    node = start_node(tmp_path / "node", cpus=2, secret=SECRET, args=("--host", "127.0.0.5"))
+    first = start_scheduler(tmp_path / "a", [("127.0.0.5", node.port)], SECRET)
+    second = None
+    try:
+        assert first.cpus == 2
+        second = start_scheduler(tmp_path / "b", [("127.0.0.5", node.port)], SECRET)
+        assert second.cpus == 0, "the second scheduler got the node's CPUs too"
+    finally:
+        if second is not None:
+            second.terminate()
+        first.terminate()
+        node.kill()
 
 
 def test_a_heavier_client_gets_its_weighted_share(scheduler):
