@@ -12,10 +12,10 @@ same run.
 """
 import statistics
 import threading
-import time
 import urllib.request
 
 import joblib
+from _common import best
 
 import dpool
 import dpool.joblib  # registers "dpool"
@@ -33,20 +33,11 @@ def burn(n):
     return total
 
 
-def best_of(fn, runs=3):
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def joblib_case(backend, calls, **options):
     def run():
         with joblib.parallel_backend(backend, n_jobs=2, **options):
             joblib.Parallel()(calls)
-    return best_of(run)
+    return best(run)
 
 
 def joblib_given_executor(calls):
@@ -71,7 +62,7 @@ def dashboard_case(watched):
         if poller:
             poller.start()
         try:
-            return best_of(lambda: pool.map(tiny, range(20000), chunksize=10))
+            return best(lambda: pool.map(tiny, range(20000), chunksize=10))
         finally:
             stop.set()
             if poller:

@@ -27,7 +27,6 @@ import argparse
 import concurrent.futures as cf
 import functools
 import logging
-import multiprocessing
 import os
 import secrets
 import shlex
@@ -39,10 +38,7 @@ import time
 import traceback
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-CPUS = 2
-MP = multiprocessing.get_context("fork")
+from _common import CPUS, MP, clock
 
 
 # ------------------------------------------------------- the tasks (in __main__)
@@ -314,12 +310,6 @@ ROWS = [  # (key, label, unit: which way is better)
     ("result", "{mb} MB result, MB/s", "higher"),
     ("create", "create + 1 task + shutdown, s", "lower"),
 ]
-
-
-def clock(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def measure_round(peer, args, blob, data, expected):

@@ -10,19 +10,14 @@ stdlib pools (fork) find them by reference.
 """
 import argparse
 import concurrent.futures as cf
-import multiprocessing
 import os
 import statistics
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import CPUS, MP, best, clock
 
 import dpool
 from dpool.futures import Executor
-
-CPUS = 2
-MP = multiprocessing.get_context("fork")
 
 
 def noop(x=None):
@@ -38,16 +33,6 @@ def spin(n):
     for i in range(n):
         total += i * i
     return total
-
-
-def clock(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def best(fn, repeat):
-    return min(clock(fn) for _ in range(repeat))
 
 
 # ------------------------------------------------------------------ cases

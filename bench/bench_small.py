@@ -21,18 +21,14 @@ in AES-GCM records, as users run it.
 """
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import CPUS, MP, clock
 
-CPUS = 2
-MP = multiprocessing.get_context("fork")
 SECRET = "bench-small-secret"
 
 
@@ -45,12 +41,6 @@ def spin(n):
     for i in range(n):
         total += i * i
     return total
-
-
-def clock(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 # ------------------------------------------------------------ what is timed
