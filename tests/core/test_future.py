@@ -165,3 +165,36 @@ def test_a_future_costs_a_tenth_of_the_stdlib_one_until_waited_on():
     f = Future()
     resolve([(f, 1, None)])
     assert f.result() == 1 and f._cond is None  # done before anyone waited: no Condition
+
+
+def _repr_states():
+    """(name, a function bringing a future to that state) for repr."""
+    def cancelled_notified(f):
+        f.cancel()
+        f.set_running_or_notify_cancel()
+    return [("pending", lambda f: None), ("running", lambda f: f.set_running_or_notify_cancel()),
+            ("cancelled", lambda f: f.cancel()), ("cancelled_and_notified", cancelled_notified),
+            ("returned", lambda f: f.set_result([])),
+            ("raised", lambda f: f.set_exception(KeyError()))]
+
+
+@pytest.mark.parametrize("name,bring", _repr_states(), ids=[n for n, _ in _repr_states()])
+def test_repr_is_the_stdlib_one_in_every_state(name, bring):
+    ours, theirs = Future(), cf.Future()
+    bring(ours)
+    bring(theirs)
+    assert repr(ours).replace(f"{id(ours):#x}", "ID") == \
+        repr(theirs).replace(f"{id(theirs):#x}", "ID")
+
+
+def test_pickling_is_refused_as_the_stdlib_one():
+    import pickle
+    with pytest.raises(TypeError):
+        pickle.dumps(cf.Future())
+    for f in (Future(), Future()):
+        with pytest.raises(TypeError):
+            pickle.dumps(f)
+    done = Future()
+    done.set_result(1)
+    with pytest.raises(TypeError):
+        pickle.dumps(done)
