@@ -30,8 +30,9 @@ it (taking it, which waits until the waiter is waiting).
 import threading
 from concurrent.futures import CancelledError, InvalidStateError, TimeoutError
 from concurrent.futures import Future as _StdFuture
-from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, LOGGER,
-                                      PENDING, RUNNING)
+from concurrent.futures._base import (_STATE_TO_DESCRIPTION_MAP, CANCELLED,
+                                      CANCELLED_AND_NOTIFIED, FINISHED, LOGGER, PENDING,
+                                      RUNNING)
 from typing import Any, Callable, Iterable
 
 __all__ = ["Future", "resolve"]
@@ -86,7 +87,8 @@ class Future(_StdFuture):
                        f"raised {type(self._exception).__name__}>"
             return f"<{type(self).__name__} at {id(self):#x} state=finished " \
                    f"returned {type(self._result).__name__}>"
-        return f"<{type(self).__name__} at {id(self):#x} state={state.lower()}>"
+        return f"<{type(self).__name__} at {id(self):#x} " \
+               f"state={_STATE_TO_DESCRIPTION_MAP[state]}>"
 
     def cancelled(self) -> bool:
         return self._state in _CANCELLED
