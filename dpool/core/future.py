@@ -77,6 +77,10 @@ class Future(_StdFuture):
         assert self._wl is not None
         return self._wl
 
+    def __getstate__(self) -> Any:
+        # The stdlib's fails on its lock; this one has none until waited on.
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object")
+
     # -- reading
 
     def __repr__(self) -> str:
