@@ -43,3 +43,34 @@ def test_wait_over_many_jobs_makes_no_condition_per_job():
         assert all(isinstance(job.future, cf.Future) for job in jobs)
     finally:
         client.close()
+
+
+def test_wait_returns_only_once_the_futures_are_resolved():
+    """wait() entered while the loop thread is finishing the last job (its
+    'done' event runs before the future resolves) must not return True with
+    that future still pending: it returned as soon as the job left the
+    unfinished set, before its future (and a DispyJob's fields) were set."""
+    import threading
+    seen, returned, threads = [], threading.Event(), []
+
+    def waiter(client, future):
+        ok = client.wait(30)
+        seen.append((ok, future.done()))
+        returned.set()
+
+    def on_event(kind, job):
+        if kind == "done" and not threads:
+            thread = threading.Thread(target=waiter, args=(client, job.future))
+            threads.append(thread)
+            thread.start()
+            returned.wait(2)  # (the bug: wait() returns at once, here)
+    client = Client(None, cpus=1, on_event=on_event).start()
+    try:
+        job = client.submit(double, (4,))
+        assert job.future.result(30) == 8
+        threads[0].join(30)
+        assert seen == [(True, True)]
+    finally:
+        client.close()
+        for thread in threads:
+            thread.join(30)
