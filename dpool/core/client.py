@@ -1026,6 +1026,9 @@ class Client:
         finally:
             self._outcomes = None
             resolve(outcomes)
+            discard = self._unfinished.discard
+            for future, _, _ in outcomes:
+                discard(future)
             self._settle()
         self._act(self.scheduler.dispatch())
 
@@ -1075,14 +1078,15 @@ class Client:
         job.frames = job.blob = None
         job.value, job.error = value, error
         future = job.future
-        self._unfinished.discard(future)
         outcome = None
+        batched = False
         if future.done():
             job.cancelled = future.cancelled()
         elif not job.sent and not future.set_running_or_notify_cancel():
             job.cancelled = True
         elif self._outcomes is not None:  # a DONE batch: resolved at its end
             self._outcomes.append((future, value, error))
+            batched = True
         else:
             outcome = (future, value, error)
         # The handlers first: what they copy (a DispyJob's fields) is there
@@ -1090,8 +1094,10 @@ class Client:
         self.emit("done", job)
         if outcome is not None:
             resolve((outcome,))
-        if self._outcomes is None:
-            self._settle()
+        if not batched:  # (only once resolved: wait() returns when this set is empty)
+            self._unfinished.discard(future)
+            if self._outcomes is None:
+                self._settle()
 
     def emit(self, kind, obj):
         if self.on_event is not None:
