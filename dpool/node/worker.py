@@ -48,6 +48,11 @@ class _Capture:
         return False
 
 
+class SessionGone(Exception):
+    """The session this worker was started for has ended (its directory is
+    gone): nothing to serve, so the worker exits quietly."""
+
+
 class Worker:
     def __init__(self, conn):
         self.conn = conn
@@ -77,7 +82,10 @@ class Worker:
         _name_process(options)
         cwd = options.get("cwd")
         if cwd:
-            os.chdir(cwd)
+            try:
+                os.chdir(cwd)
+            except FileNotFoundError:  # the session ended while we started
+                raise SessionGone(cwd) from None
             if cwd not in sys.path:
                 sys.path.insert(0, cwd)
         if len(frames) > 1:
@@ -222,8 +230,8 @@ def main(fd):
         if "dpool.node.env.job" in sys.modules:  # forked from a setup process
             sys.modules["dpool.node.env.job"].inherit(worker)
         worker.serve()
-    except (ConnectionError, EOFError, KeyboardInterrupt):
-        pass  # the node went away or closed us (or interrupted us between jobs)
+    except (ConnectionError, EOFError, KeyboardInterrupt, SessionGone):
+        pass  # the node or our session went away (or interrupted us between jobs)
     except BaseException:
         import traceback
 
