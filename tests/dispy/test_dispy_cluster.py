@@ -317,8 +317,11 @@ def test_close_node_and_resetup_node(dpool_node, tmp_path):
         assert cluster.submit(2)(timeout=10) == 2
         assert cluster.close_node("127.0.0.1") == 0
         poll_for(lambda: not cluster.status().nodes, 5, message="the node to be closed")
+        # cluster_status callbacks run on the callback thread, after the
+        # status has changed (as dispy's): wait for the second Closed
+        poll_for(lambda: events.count(DispyNode.Closed) == 2, 5,
+                 message="the second Closed callback")
         assert events.count(DispyNode.Initialized) == 2
-        assert events.count(DispyNode.Closed) == 2
     finally:
         cluster.close(timeout=5, terminate=True)
 
