@@ -35,10 +35,11 @@ from .. import protocol as P
 from ..protocol import Outcome, run_item
 from .. import serialize
 from ..config import resolve_cpus
-from ..errors import (AuthenticationError, BrokenCluster, ConnectionClosed, DpoolError,
-                      JobCancelled, NodeLost, ProtocolError)
-from ..transport import PROTOCOL_VERSION, client_ssl_context, connect, inproc_pair
+from ..errors import (BrokenCluster, ConnectionClosed, DpoolError, JobCancelled, NodeLost,
+                      ProtocolError)
+from ..transport import inproc_pair
 from .future import Future, resolve
+from .links import Links, NodeLink, client_hello, describe, tls_context  # noqa: F401 (API)
 from .scheduler import Action, Cancelled, CancelRemote, Fail, Reclaim, Scheduler, Send
 
 log = logging.getLogger("dpool")
@@ -49,32 +50,6 @@ CREATED, RUNNING, FINISHED, CANCELLED, TERMINATED, ABANDONED = (
     "Created", "Running", "Finished", "Cancelled", "Terminated", "Abandoned")
 
 
-def describe(exc):
-    """An exception's text, never empty (``TimeoutError()`` says nothing)."""
-    text = str(exc)
-    return text if text.strip() else type(exc).__name__
-
-
-def _ignore(link, msg, frames):
-    """Heartbeat: its bytes already counted as a sign of life."""
-
-
-def client_hello():
-    return {"protocol": PROTOCOL_VERSION, "role": "client", **serialize.runtime_versions()}
-
-
-def tls_context(cafile=None, certfile=None, keyfile=None):
-    """The TLS setup of every API: TLS to the nodes when any file is given.
-    The nodes' certificates are checked against ``cafile`` (the system CAs if
-    None); ``certfile`` and ``keyfile`` are this client's certificate, for
-    nodes that require one.  None (no TLS) when no file is given."""
-    if not (cafile or certfile):
-        return None
-    return client_ssl_context(cafile=cafile, certfile=certfile, keyfile=keyfile)
-
-
-#: How often a busy node (its CPUs all taken by other clients) is asked again.
-BUSY_POLL = 0.5
 #: Functions a node session keeps at most (see Client._forget).
 _NODE_FUNCTIONS = 1024
 
@@ -106,68 +81,6 @@ class Job:
         # was emitted: value or error, or cancelled by the user's future.cancel().
         self.value = self.error = None
         self.cancelled = False  # True: the user's future.cancel() won before it ran
-
-
-class NodeLink:
-    """The client's side of one session with one node."""
-
-    def __init__(self, address, conn=None):
-        self.address = address  # (host, port) or "embedded"
-        self.conn = conn
-        self.info = {}
-        self.fns = collections.OrderedDict()  # fn_id -> jobs in flight here (LRU order)
-        self.ready = False
-        self.error = None
-        self.jobs_done = 0
-        self.cpu_time = 0.0
-        self.ready_future = None
-        # Job ids given to this node and not done there: the only ones it may
-        # report on (results, starts, provisional results, files).
-        self.in_flight = set()
-        self.heartbeat = None  # a liveness.Heartbeat while the session is open (TCP only)
-        self.retry = True  # False: the node refused us, or we closed it: don't re-join
-        # (token, terminate): take over the session a client that went away
-        # left there (Client.recover) instead of opening one.
-        self.recover = None
-        self.adopted = []  # the Jobs of that session, once READY
-
-    hold = False  # True: READY but not given jobs until an extension admits it
-    busy = False  # True: the node answered Busy (other clients hold its CPUs)
-    refusal = None  # the node's reason, if it refused the session
-    draining = False  # True: the node said it is shutting down
-
-    @property
-    def name(self):
-        return self.info.get("name") or str(self.address)
-
-    @property
-    def cpus(self):
-        return self.info.get("cpus", 0)
-
-    @property
-    def tx(self):
-        """Bytes sent to the node on this session's connection."""
-        return self.conn.bytes_sent if self.conn is not None else 0
-
-    @property
-    def rx(self):
-        """Bytes received from the node on this session's connection."""
-        return self.conn.bytes_received if self.conn is not None else 0
-
-    def traffic(self):
-        """(tx, rx) in one call (once per finished job for JobCluster)."""
-        conn = self.conn
-        return (0, 0) if conn is None else (conn.bytes_sent, conn.bytes_received)
-
-    def __repr__(self):
-        return f"<node {self.name} {self.address}>"
-
-
-def _where(link):
-    """host:port of a link (nodes on one host share a name)."""
-    if isinstance(link.address, tuple):
-        return "%s:%s" % tuple(link.address)
-    return str(link.address)
 
 
 class LoopThread:
@@ -266,7 +179,6 @@ class Client:
                  discovery=None):
         self.node_addresses = nodes
         self.discovery = discovery  # a core.discover.Discovery: more nodes found over UDP
-        self.finder = None
         self.secret = secret
         self.ssl = ssl
         self.embedded_cpus = cpus
@@ -276,14 +188,9 @@ class Client:
         self.listeners = []  # more on_event-like callables (monitors: dpool.dashboard)
         self.connect_timeout = liveness.connect_timeout(connect_timeout)
         self.liveness = liveness.settings(heartbeat)
-        self._ticker = None  # the heartbeat timer (call_later handle)
-        self._rejoins = {}  # address -> task retrying a lost (or busy) node
-        self._busy_until = {}  # address -> when to stop waiting for a busy node
-        self._busy_given_up = set()  # addresses left for being busy (discovery asks again)
         self.scheduler = Scheduler(max_retries=max_retries)
         self.functions = _FunctionTable()
         self.jobs = {}
-        self.links = []
         self.broken = None
         self.closed = False
         self.embedded = None
@@ -295,11 +202,10 @@ class Client:
         self._outcomes = None  # while a DONE batch is read: [(future, value, error)]
         self._thread = LoopThread(name)
         self.loop = self._thread.loop
-        self._handlers = {P.Ready: self._on_ready, P.Refused: self._on_refused,
-                          P.Busy: self._on_busy,
-                          P.Done: self._on_done, P.Started: self._on_started,
-                          P.InitFail: self._on_initfail, P.Heartbeat: _ignore,
-                          P.GiveBack: self._on_giveback, P.Draining: self._on_draining}
+        self.net = Links(self)  # the links to the nodes: sessions, heartbeats, re-joins
+        self.register({P.Done: self._on_done, P.Started: self._on_started,
+                       P.InitFail: self._on_initfail, P.GiveBack: self._on_giveback,
+                       P.Draining: self._on_draining})
         # ``prepare(link)`` (loop thread, before SESSION) returns None to skip
         # the node, or (session options, [messages sent right after SESSION]);
         # it sets ``link.hold`` to keep the node from jobs until it is admitted.
@@ -308,7 +214,17 @@ class Client:
     def register(self, handlers):
         """Handle more message types: ``{record class: fn(link, msg, frames)}``,
         called in the loop thread (before :meth:`start`)."""
-        self._handlers.update(handlers)
+        self.net.handlers.update(handlers)
+
+    @property
+    def links(self):
+        """Every NodeLink: ready, being opened, or lost (the last per address)."""
+        return self.net.links
+
+    @property
+    def finder(self):
+        """The discovery Finder, once discovery runs."""
+        return self.net.finder
 
     # ------------------------------------------------------- user-side API
 
@@ -466,7 +382,7 @@ class Client:
             links = [NodeLink(address) for address, _ in sessions]
             for link, (_, token) in zip(links, sessions):
                 link.recover, link.retry = (token, bool(terminate)), False
-            await asyncio.gather(*(self._connect(link.address, link, quiet=True)
+            await asyncio.gather(*(self.net.connect(link.address, link, quiet=True)
                                    for link in links))
             return links
         links = self._thread.run(take_over(), self.connect_timeout + 5)
@@ -492,11 +408,11 @@ class Client:
         if self.node_addresses is None and self.discovery is None:
             await self._start_embedded()
             return
-        await asyncio.gather(*(self._connect(addr) for addr in self.node_addresses or ()))
+        await asyncio.gather(*(self.net.connect(addr) for addr in self.node_addresses or ()))
         if self.discovery is not None:
             await self.start_discovery()
-        await self._wait_busy()
-        if not any(link.ready for link in self.links):
+        await self.net.wait_busy()
+        if not self.net.any_ready():
             errors = "; ".join(f"{link.address[0]}:{link.address[1]}: {describe(link.error)}"
                                for link in self.links)
             if self.discovery is not None and not self.links:
@@ -505,11 +421,7 @@ class Client:
 
     async def start_discovery(self):
         """Start looking for nodes over UDP (loop thread); wait for the first."""
-        from .discover import Finder
-
-        if self.finder is None:
-            self.finder = Finder(self, self.discovery)
-            await self.finder.start()
+        await self.net.discover(self.discovery)
         await self.finder.settled(self.discovery.wait or self.connect_timeout)
 
     def _nothing_found(self):
@@ -530,84 +442,9 @@ class Client:
         ours, theirs = inproc_pair()
         link = NodeLink("embedded", ours)
         node.accept(theirs)
-        await self._open_session(link)
+        await self.net.open_session(link)
 
-    async def _wait_busy(self):
-        """No node is ready yet but some are busy with other clients: wait
-        until one is ready or none is waited for (each at most its connect
-        timeout; see :meth:`_connect`)."""
-        while not any(link.ready for link in self.links):
-            if not any(address in self._rejoins for address in self._busy_until):
-                return
-            # Any retry may end it: another node, down at first, that is back.
-            await asyncio.wait(list(self._rejoins.values()),
-                               return_when=asyncio.FIRST_COMPLETED)
-
-    async def _connect(self, address, link=None, quiet=False, timeout=None):
-        """Connect to a node and open a session, within connect_timeout.
-        On failure the link keeps the error (never an empty text) and a node
-        that may come back is retried in the background; a node busy with
-        other clients is waited for (the user told once) up to the connect
-        timeout from the first try."""
-        host, port = address
-        link = link or NodeLink(address)
-        self._replace_link(link)
-        timeout = timeout or self.connect_timeout
-        start = self.loop.time()
-        try:
-            async with asyncio.timeout(timeout):
-                link.conn = await connect(host, port, secret=self.secret or b"",
-                                          hello=client_hello(), ssl=self.ssl, timeout=timeout)
-                await self._open_session(link)
-            self._busy_given_up.discard(address)
-        except (OSError, DpoolError, TimeoutError) as exc:
-            if isinstance(exc, TimeoutError) and not str(exc):
-                exc = TimeoutError(f"no answer from {host}:{port} within the connect "
-                                   f"timeout of {timeout} s")
-            link.error = link.error or exc
-            if link.busy:
-                self._on_busy_node(link, start)
-            elif not quiet:
-                log.warning("node %s:%s: %s", host, port, describe(link.error))
-            if link.conn is not None:
-                link.conn.abort()
-            self._maybe_rejoin(link)
-
-    def _on_busy_node(self, link, start):
-        """``link``'s node is busy: say so once, and wait for it (the rejoin
-        task retries) until the connect timeout from the first try."""
-        if link.address not in self._busy_until:
-            self._busy_until[link.address] = start + self.connect_timeout
-            level = logging.DEBUG if link.address in self._busy_given_up else logging.WARNING
-            log.log(level, "node %s:%s is busy with another client (%s); waiting for it up "
-                    "to the connect timeout of %g s", *link.address, describe(link.error),
-                    self.connect_timeout)
-
-    def _replace_link(self, link):
-        """Add ``link``; a lost link to the same address is replaced."""
-        for i, old in enumerate(self.links):
-            if old is link:
-                return
-            if old.address == link.address and not old.ready and old.error is not None:
-                self.links[i] = link
-                return
-        self.links.append(link)
-
-    async def _open_session(self, link):
-        self._replace_link(link)
-        link.ready_future = self.loop.create_future()
-        link.conn.set_receiver(lambda frames: self._on_message(link, frames),
-                               lambda exc=None: self._on_link_closed(link, exc))
-        if link.address != "embedded":  # in-process links don't go silent
-            link.conn.set_deadline(self.liveness.deadline)
-            link.heartbeat = liveness.Heartbeat(self.liveness, self.loop.time(),
-                                                link.conn.bytes_received, link.conn.bytes_sent)
-            self._start_ticker()
-        for message in self._opening(link):
-            link.conn.send(message)
-        await asyncio.wait_for(link.ready_future, self.connect_timeout)
-
-    def _opening(self, link):
+    def opening(self, link):
         """The messages that open a session: SESSION (its options from
         ``prepare``, if any) and what ``prepare`` adds, or RECOVER."""
         if link.recover is not None:
@@ -623,17 +460,6 @@ class Client:
         if link.address != "embedded":
             session = dict(session, heartbeat=self.liveness.as_option())
         return [[P.encode(P.Session, session), *self.init_frames], *preamble]
-
-    def _on_message(self, link, frames):
-        msg = P.decode(frames[0])
-        handler = self._handlers.get(type(msg))
-        if handler is None:  # e.g. a job-environment message with no JobEnv registered
-            link.error = ProtocolError(f"node {link.name} sent {P.op_of(msg).name}, which "
-                                       f"this client does not expect: closing its connection")
-            log.error("%s", link.error)
-            link.conn.abort()
-            return
-        handler(link, msg, frames)
 
     def trusted(self, link, job_ids, what):
         """True if every job in ``job_ids`` is in flight on ``link``; else a
@@ -659,19 +485,13 @@ class Client:
         log.error("%s", link.error)
         link.conn.abort()
 
-    def _on_ready(self, link, msg, frames):
-        if link.ready:  # again: a scheduler whose CPUs changed (nodes joined)
-            old, link.info = link.cpus, {**link.info, **msg.info}
-            state = self.scheduler.nodes.get(link)
-            if state is not None and state.cpus == old:  # (not limited by set_cpus)
-                self._act(self.scheduler.set_cpus(link, link.cpus))
-            return
-        link.info = msg.info
-        link.ready = True
-        if not link.ready_future.done():
-            link.ready_future.set_result(None)
+    # ------------------------------------------- the links' owner (net)
+
+    def link_ready(self, link):
+        """A session opened (READY): its node takes jobs, or its recovered
+        jobs are adopted."""
         if link.recover is not None:
-            self._adopt(link, [*msg.info.get("kept", ()), *msg.info.get("pending", ())])
+            self._adopt(link, [*link.info.get("kept", ()), *link.info.get("pending", ())])
         elif not link.hold:
             self.admit(link)
 
@@ -695,18 +515,33 @@ class Client:
         self.emit("node", link)
         self._act(self.scheduler.add_node(link, link.cpus, time.monotonic()))
 
-    def _on_refused(self, link, msg, frames):
-        link.retry = False
-        link.refusal = msg.reason
-        link.error = DpoolError(msg.reason)
-        if not link.ready_future.done():
-            link.ready_future.set_exception(link.error)
+    def cpus_changed(self, link, info):
+        """READY again: a scheduler whose CPUs changed (nodes joined)."""
+        old, link.info = link.cpus, {**link.info, **info}
+        state = self.scheduler.nodes.get(link)
+        if state is not None and state.cpus == old:  # (not limited by set_cpus)
+            self._act(self.scheduler.set_cpus(link, link.cpus))
 
-    def _on_busy(self, link, msg, frames):
-        link.busy = True
-        link.error = DpoolError(msg.reason)
-        if not link.ready_future.done():
-            link.ready_future.set_exception(link.error)
+    def link_lost(self, link):
+        """A ready link closed: its jobs move on (the cluster is broken if
+        it was the last node)."""
+        self.emit("node", link)
+        if not self.closed or self._unfinished:
+            if link.draining:
+                log.info("node %s (%s) has shut down", link.name, link.where)
+            else:
+                log.warning("lost node %s (%s): %s", link.name, link.where,
+                            describe(link.error))
+        self._act(self.scheduler.remove_node(link, time.monotonic(), describe(link.error)))
+        if not self.net.any_ready():
+            self.broken = link.error
+            error = link.error if isinstance(link.error, BrokenCluster) else \
+                BrokenCluster(f"no node left to run jobs (last error: {describe(link.error)})")
+            self._act(self.scheduler.fail_queued(error))
+
+    def link_back(self, link):
+        """A lost (or busy) node re-joined."""
+        self.broken = None
 
     def _on_giveback(self, link, msg, frames):
         """Jobs the node did not run (we reclaimed them, or it is draining)."""
@@ -742,7 +577,7 @@ class Client:
         """Connect to more nodes (user thread); returns their NodeLinks."""
         async def connect_all():
             links = [NodeLink(address) for address in addresses]
-            await asyncio.gather(*(self._connect(address, link) for address, link
+            await asyncio.gather(*(self.net.connect(address, link) for address, link
                                    in zip(addresses, links)))
             if self.broken is not None and any(link.ready for link in links):
                 self.broken = None
@@ -751,12 +586,11 @@ class Client:
 
     def knows(self, address):
         """Whether ``address`` is a node in use, or lost and being retried."""
-        return address in self._rejoins or any(link.address == address and link.ready
-                                                for link in self.links)
+        return self.net.knows(address)
 
     async def join(self, address):
         """Loop thread: connect to one more node (a lost one is retried)."""
-        await self._connect(address)
+        await self.net.join(address)
 
     def discover(self, patterns, secret=None, node_port=None, **options):
         """Look for more nodes over UDP (user thread): ``patterns`` are
@@ -768,10 +602,7 @@ class Client:
             if self.discovery is None:
                 self.discovery = discover.settings([], secret or self.secret, node_port,
                                                    **options)
-            if self.finder is None:
-                self.finder = discover.Finder(self, self.discovery)
-                await self.finder.start()
-            self.finder.add(patterns)
+            await self.net.discover(self.discovery, patterns)
         self._thread.run(run(), 30)
 
     def close_link(self, link, bye=True):
@@ -779,125 +610,18 @@ class Client:
         are moved to other nodes as for a lost node.  With ``bye=False`` the
         node is not told: it handles it as a client gone away (a recoverable
         session is kept, for a later :meth:`recover`)."""
-        def close():
-            link.retry = False
-            if link.conn is not None and not link.conn.closed:
-                if link.ready and bye:
-                    link.conn.send([P.encode(P.Bye)])
-                link.conn.close()
-        self.call_soon(close)
+        self.call_soon(lambda: self.net.close_link(link, bye))
 
     def set_cpus(self, link, cpus):
         """Use at most ``cpus`` of the CPUs a node granted (0: no new jobs)."""
         self.loop.call_soon_threadsafe(
             lambda: self._act(self.scheduler.set_cpus(link, min(cpus, link.cpus))))
 
-    def _on_link_closed(self, link, exc):
-        if link.error is None:
-            link.error = exc or ConnectionClosed(f"node {link.name} closed the connection")
-        link.heartbeat = None
-        if link.ready_future is not None and not link.ready_future.done():
-            link.ready_future.set_exception(link.error)
-        was_ready, link.ready = link.ready, False
-        if not was_ready:
-            return
-        self.emit("node", link)
-        if not self.closed or self._unfinished:
-            if link.draining:
-                log.info("node %s (%s) has shut down", link.name, _where(link))
-            else:
-                log.warning("lost node %s (%s): %s", link.name, _where(link),
-                            describe(link.error))
-        self._act(self.scheduler.remove_node(link, time.monotonic(), describe(link.error)))
-        if not any(other.ready for other in self.links):
-            self.broken = link.error
-            error = link.error if isinstance(link.error, BrokenCluster) else \
-                BrokenCluster(f"no node left to run jobs (last error: {describe(link.error)})")
-            self._act(self.scheduler.fail_queued(error))
-        self._maybe_rejoin(link)
-
-    # ------------------------------------------------ liveness and re-join
-
     @property
     def late_results(self):
         """Outcomes dropped because they were not from a job's current
         attempt (a node declared lost answered after all)."""
         return self.scheduler.stale
-
-    def _start_ticker(self):
-        if self._ticker is None and not self.closed:
-            self._ticker = self.loop.call_later(self.liveness.tick, self._tick)
-
-    def _tick(self):
-        """Every ``liveness.tick`` s: heartbeats out, silent nodes lost."""
-        now = self.loop.time()
-        for link in list(self.links):
-            hb, conn = link.heartbeat, link.conn
-            if hb is None or conn is None or conn.closed:
-                continue
-            verdict = hb.tick(now, conn.bytes_received, conn.bytes_sent)
-            if verdict is liveness.SEND:
-                conn.send([P.encode(P.Heartbeat)])
-            elif verdict is liveness.LOST:
-                link.error = NodeLost(f"node {link.name} ({_where(link)}) sent nothing for "
-                                      f"{hb.silence(now):.1f} s (heartbeat deadline "
-                                      f"{self.liveness.deadline} s)")
-                conn.abort()  # its close callback moves its jobs elsewhere
-        self._ticker = self.loop.call_later(self.liveness.tick, self._tick)
-
-    def _maybe_rejoin(self, link):
-        """Retry a lost node in the background, unless it refused us, we
-        closed it, or it can't be used anyway (wrong secret, protocol)."""
-        address = link.address
-        if self.closed or not link.retry or not isinstance(address, tuple) \
-                or address in self._rejoins \
-                or isinstance(link.error, (AuthenticationError, ProtocolError)):
-            return
-        self._rejoins[address] = self.loop.create_task(self._rejoin(address))
-
-    async def _rejoin(self, address):
-        backoff = liveness.Backoff(first=min(0.25, self.liveness.interval),
-                                   cap=max(1.0, min(5.0, self.liveness.deadline / 2)))
-        try:
-            while not self.closed:
-                until = self._busy_until.get(address)
-                if until is not None and self.loop.time() >= until:
-                    self._give_up_busy(address)
-                    return
-                await asyncio.sleep(backoff.next() if until is None else BUSY_POLL)
-                link = NodeLink(address)
-                timeout = None if until is None else max(0.5, until - self.loop.time())
-                await self._connect(address, link, quiet=True, timeout=timeout)
-                if link.ready:
-                    if self._busy_until.pop(address, None) is not None:
-                        log.info("node %s (%s:%s) is free now: using it", link.name, *address)
-                    else:
-                        log.warning("node %s (%s:%s) is back", link.name, *address)
-                    self.broken = None
-                    return
-                if not link.retry or isinstance(link.error, (AuthenticationError, ProtocolError)):
-                    log.warning("node %s:%s: %s (not retried)", *address, describe(link.error))
-                    return
-        finally:
-            self._rejoins.pop(address, None)
-
-    def _give_up_busy(self, address):
-        """The connect timeout passed and the node is still busy: not used."""
-        self._busy_until.pop(address, None)
-        level = logging.DEBUG if address in self._busy_given_up else logging.WARNING
-        self._busy_given_up.add(address)
-        for link in self.links:
-            if link.address == address and not link.ready and link.busy:
-                link.error = DpoolError(f"{describe(link.error)}; still busy with another "
-                                        f"client after the connect timeout of "
-                                        f"{self.connect_timeout:g} s")
-                log.log(level, "node %s:%s: %s (not used)", *address, link.error)
-
-    def gave_up_busy(self, address):
-        """Whether ``address`` was left for being busy and is not being
-        waited for now (discovery, hearing from it again, asks again)."""
-        return address in self._busy_given_up and address not in self._busy_until \
-            and not self.knows(address)
 
     def _drain(self):
         self._wake_pending = False
@@ -916,7 +640,7 @@ class Client:
                 actions.extend(self.scheduler.submit([job.id], now, pin=pin))
         if plain:
             actions.extend(self.scheduler.submit(plain, now))
-        if self.broken is not None and not any(link.ready for link in self.links):
+        if self.broken is not None and not self.net.any_ready():
             actions.extend(self.scheduler.fail_queued(
                 BrokenCluster(f"no node left: {describe(self.broken)}")))
         self._act(actions)
@@ -1124,20 +848,10 @@ class Client:
 
     async def _shutdown(self, grace=2.0):
         self._drain()
-        if self.finder is not None:
-            self.finder.close()
-        if self._ticker is not None:
-            self._ticker.cancel()
-        for task in list(self._rejoins.values()):
-            task.cancel()
+        self.net.stop()
         error = BrokenCluster("the client was closed")
         self._act(self.scheduler.fail_queued(error))
-        for link in self.links:
-            if link.conn is not None and not link.conn.closed:
-                if link.ready:
-                    link.conn.send([P.encode(P.Bye)])
-                link.ready = False
-                link.conn.close()
+        self.net.close_all()
         for job in list(self.jobs.values()):
             state = self.scheduler.jobs.get(job.id)
             if state is not None and state.cancelling:  # its node did not answer in time
@@ -1148,14 +862,5 @@ class Client:
         self.jobs.clear()
         if self.embedded is not None:
             await self.embedded.close()
-        # A graceful close (TLS's in particular) needs the loop for a moment
-        # more: wait for it, briefly, then abort what is left.
-        conns = [link.conn for link in self.links if link.conn is not None]
-        if conns:
-            done, pending = await asyncio.wait(
-                [asyncio.ensure_future(conn.wait_closed()) for conn in conns], timeout=grace)
-            for future in pending:
-                future.cancel()
-            for conn in conns:
-                conn.abort()
+        await self.net.wait_closed(grace)
         await asyncio.sleep(0)

@@ -188,7 +188,7 @@ def test_adding_a_node_the_client_already_uses_is_not_a_busy_wait(api, node1, ca
         assert api.run(client, 1) == 2
         assert client.add_nodes([node1.address]) == 0
         assert client.add_nodes(f"127.0.0.1:{node1.port}") == 0
-        assert not client._client._rejoins  # nothing polls the node
+        assert not client._client.net.rejoins  # nothing polls the node
         assert not [r for r in caplog.records if "busy" in r.getMessage()]
         assert api.run(client, 2) == 4
         assert len(client._client.nodes()) == 1
