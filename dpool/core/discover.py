@@ -101,7 +101,8 @@ def settings(patterns: Iterable[tuple[str, int]], secret: bytes, node_port: int,
 
 
 class Finder:
-    """Runs discovery for one :class:`~dpool.core.client.Client` (loop thread)."""
+    """Runs discovery for one client's :class:`~dpool.core.links.Links`
+    (loop thread): found nodes join through it."""
 
     def __init__(self, client, settings: Discovery):
         self.client = client
