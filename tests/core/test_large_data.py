@@ -132,13 +132,12 @@ def large_node(tmp_path, node_secret):
 def test_through_a_node_with_protection_copies_are_bounded(tmp_path, large_node, kind,
                                                            direction):
     """Through a dpool-node with AES-GCM records: the client as above; the
-    node's process tree at most 2.2x (the node holds the frame whole while
-    forwarding it: 1x there, 1x in the worker; streaming it through is the
-    step still missing for issue 15's 1.5x)."""
+    node's process tree at most 1.5x (issue 15): the node must not hold a
+    whole large frame while its worker holds it too."""
     if kind == "numpy":
         pytest.importorskip("numpy")
     client, tree = peaks_above_baseline(tmp_path, kind, direction, large_node)
-    assert client <= 1.2 and tree <= 2.2, (client, tree)
+    assert client <= 1.2 and tree <= 1.5, (client, tree)
 
 
 def test_a_node_frees_an_argument_once_sent_to_the_worker(tmp_path, large_node):
