@@ -53,6 +53,7 @@ from ..protocol import Outcome
 from ..protocol import RESULT_END as _END, RESULT_JOB_ID as _JOB_ID, RESULT_START as _START
 from .. import serialize
 from ..transport import wrap_socket
+from ..transport.spool import SpooledFrame
 from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Run, Worker
 from .files import default_job_root, private_dir
 from .status import node_status
@@ -167,6 +168,10 @@ class NodeRuntime:
         """Take a new authenticated client connection."""
         session = Session(self, conn, next(self._ids))
         self.sessions.add(session)
+        if not self.embedded:
+            # A job's large argument waits in a memory file, not in this
+            # process, and goes to its worker by descriptor (transport/spool.py).
+            conn.spool_large_frames(_is_run)
         conn.set_receiver(session.on_message, session.on_close)
         if not self.embedded:  # a client must send Session within the default lease
             session.watch(liveness.Settings())
@@ -209,6 +214,15 @@ class NodeRuntime:
         await self.zygote.close()
         if not self.embedded:
             log.info("node %s shut down", self.name)
+
+
+def _is_run(frame):
+    """Whether a client's message (its first frame) is a Run: the messages
+    whose large frames are spooled."""
+    try:
+        return type(P.decode(frame)) is P.Run
+    except Exception:
+        return False
 
 
 class WorkerHandle(Worker):
@@ -583,6 +597,8 @@ class Session:
             kind = type(action)
             if kind is Run:
                 header, frames = [], [None]
+                if SpooledFrame.live:
+                    self._consumable(action.jobs)
                 for item, payload in action.jobs:
                     header.append(tuple(item))
                     frames.extend(payload)
@@ -597,6 +613,16 @@ class Session:
                 self._stop(action.worker)
             elif kind is Forget:
                 action.worker.conn.send([P.encode(P.Forget, action.fn_ids)])
+
+    def _consumable(self, jobs):
+        """Spooled frames of jobs whose payload this node keeps no more (see
+        Dispatcher.dispatch): the worker may free them as it reads them."""
+        given = self.dispatcher.given
+        for item, payload in jobs:
+            if not given[item[0]][1][1]:
+                for frame in payload:
+                    if type(frame) is SpooledFrame:
+                        frame.consume = True
 
     _dispatch_scheduled = False
 

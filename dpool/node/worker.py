@@ -204,7 +204,7 @@ def run_setup(fd):
 
     from .env import job as jobenv
 
-    conn = BlockingConnection(socket.socket(fileno=fd))
+    conn = BlockingConnection(socket.socket(fileno=fd), fds=True)
     worker = Worker(conn)
     try:
         while True:
@@ -223,7 +223,7 @@ def main(fd):
     """Entry point in a freshly forked worker; never returns."""
     import socket
 
-    conn = BlockingConnection(socket.socket(fileno=fd))
+    conn = BlockingConnection(socket.socket(fileno=fd), fds=True)
     code = 0
     try:
         worker = Worker(conn)

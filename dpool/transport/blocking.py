@@ -5,12 +5,15 @@ with one ``sendmsg`` (small messages: one ``sendall`` of a joined buffer);
 ``recv`` reads with ``recv_into`` into the decoder's buffers, so large frames
 land directly in their own ``bytearray``, and one read may yield several
 queued messages.  No authentication: use it on trusted links (a socketpair to
-the node).
+the node).  With ``fds=True`` it also takes the descriptors of frames in
+memory files that come with the messages (``SCM_RIGHTS``, see spool.py).
 """
 from __future__ import annotations
 
+import array
 import collections
 import math
+import os
 import select
 import socket
 import time
@@ -19,12 +22,16 @@ from typing import TYPE_CHECKING
 
 from dpool.errors import ConnectionClosed, ProtocolError
 
-from .frames import IOV_MAX, FrameDecoder, Limits, Message, encode
+from .frames import IOV_MAX, FrameDecoder, Limits, Message, encode, in_stream
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer as Frame
 
 __all__ = ["BlockingConnection"]
+
+#: Room for the descriptors one read may bring (253: SCM_MAX_FD, the most
+#: one sendmsg carries).
+_ANCILLARY = socket.CMSG_SPACE(253 * array.array("i").itemsize)
 
 
 def sendmsg_all(sock: socket.socket, parts: Iterable[bytes | memoryview]) -> None:
@@ -53,10 +60,12 @@ class BlockingConnection:
     at most.
     """
 
-    def __init__(self, sock: socket.socket, limits: Limits | None = None) -> None:
+    def __init__(self, sock: socket.socket, limits: Limits | None = None, *,
+                 fds: bool = False) -> None:
         sock.setblocking(True)
         self._sock = sock
-        self._decoder = FrameDecoder(limits)
+        self._fds: collections.deque[int] | None = collections.deque() if fds else None
+        self._decoder = FrameDecoder(limits, files=self._next_fd if fds else None)
         self._messages: collections.deque[Message] = collections.deque()
         self._eof = False
         self._poller: select.poll | None = None
@@ -70,9 +79,30 @@ class BlockingConnection:
 
     def close(self) -> None:
         self._sock.close()
+        while self._fds:
+            os.close(self._fds.popleft())
+
+    def _next_fd(self) -> int:
+        """The descriptor of the next frame in a memory file (ours to close)."""
+        if not self._fds:
+            raise ProtocolError("a frame in a memory file came without its descriptor")
+        return self._fds.popleft()
+
+    def _recv_fds(self, buf: memoryview, flags: int) -> int:
+        """``recv_into``, keeping the descriptors that come with the bytes."""
+        n, ancdata, msg_flags, _ = self._sock.recvmsg_into([buf], _ANCILLARY, flags)
+        assert self._fds is not None
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                self._fds.extend(fds)
+        if msg_flags & socket.MSG_CTRUNC:
+            raise ProtocolError("more descriptors than a message carries")
+        return n
 
     def send(self, frames: Sequence[Frame]) -> None:
-        parts = encode(frames)
+        parts = in_stream(encode(frames))
         try:
             if len(parts) == 1:
                 self._sock.sendall(parts[0])
@@ -125,7 +155,10 @@ class BlockingConnection:
             raise ConnectionClosed("connection closed by peer")
         buf = decoder.get_buffer()
         try:
-            n = self._sock.recv_into(buf, len(buf), flags)
+            if self._fds is not None:
+                n = self._recv_fds(buf, flags)
+            else:
+                n = self._sock.recv_into(buf, len(buf), flags)
         except BlockingIOError:
             return
         except ConnectionResetError as exc:

@@ -27,8 +27,9 @@ from dpool.errors import ConnectionClosed, ProtocolError
 
 from .auth import PREAUTH_MAX, Keys
 from .budget import ReceiveBudget
-from .frames import FrameDecoder, Limits, Message, _nbytes, encode
+from .frames import FrameDecoder, Limits, Message, Part, _nbytes, encode
 from .records import Sealer, SecureDecoder
+from . import spool as _spool
 from .streams import set_tcp_options
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class Stream(Protocol):
 
     @property
     def active(self) -> bool: ...
-    def write(self, parts: list[bytes | memoryview]) -> None: ...
+    def write(self, parts: list[Part]) -> None: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
     def set_sealer(self, sealer: Sealer) -> None: ...
@@ -124,6 +125,7 @@ class Connection:
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._lost_future = loop.create_future()
+        self._spool: Callable[[bytes | bytearray], bool] | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -193,6 +195,23 @@ class Connection:
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._lost_future)
+
+    def spool_large_frames(self, spool: Callable[[bytes | bytearray], bool]) -> None:
+        """Receive the large frames of each message whose first frame makes
+        ``spool(frame0)`` true into memory files (spool.SpooledFrame) instead
+        of memory, where the system has them (Linux): for a node, whose
+        workers take such frames by descriptor.  Each record is still
+        authenticated before its bytes are written."""
+        if _spool.AVAILABLE:
+            self._spool = spool
+            self._set_spool()
+
+    def _set_spool(self) -> None:
+        decoder = self._decoder
+        if isinstance(decoder, SecureDecoder):
+            decoder = decoder.inner
+        if decoder is not None:
+            decoder.spool = self._spool
 
     def set_deadline(self, seconds: float) -> None:
         """Have the kernel fail this connection when the peer stops answering
@@ -363,6 +382,7 @@ class Connection:
         if keys is not None:
             self._decoder = SecureDecoder(self._decoder, keys.recv)
             self._stream.set_sealer(Sealer(keys.send))
+        self._set_spool()
         self._preauth = False
         leftover, self._hs_buf = bytes(self._hs_buf), bytearray()
         if leftover:

@@ -12,7 +12,11 @@ a frame.  The top bit of a length (``BYTES_FLAG``) says that the frame is a
 whole ``bytes`` object on the sender's side (set for frames of at least
 ``COALESCE`` bytes): the receiver then rebuilds it as a ``bytes`` object in
 place (inplace.py), so that turning it back into the user's ``bytes`` costs
-no copy.
+no copy.  ``FILE_FLAG`` says that the frame's bytes are not in the stream but
+in a memory file whose descriptor came with the message (``SCM_RIGHTS``), and
+``CONSUME_FLAG`` that the receiver may free the file's pages as it reads
+them: only between a node and its workers, see spool.py; a decoder that was
+given no source of descriptors refuses such frames.
 
 Sending: :func:`encode` returns the header plus the frames as a list ready for
 a scatter-gather write; small pieces are joined (cheap, fewer iovecs), large
@@ -38,13 +42,13 @@ from __future__ import annotations
 import functools
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dpool.errors import ProtocolError
 
-from . import inplace
+from . import inplace, spool
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer as Frame  # bytes, bytearray, memoryview, ...
@@ -62,7 +66,15 @@ RECV_BUFFER_SIZE = 256 * 1024
 Message = list[bytes | bytearray]
 #: Set in a frame's length word when the frame is a whole ``bytes`` object.
 BYTES_FLAG = 1 << 63
-_LENGTH_MASK = BYTES_FLAG - 1
+#: Set when the frame's bytes are in a memory file passed with the message.
+FILE_FLAG = 1 << 62
+#: With FILE_FLAG: the receiver may free the file's pages as it reads them.
+CONSUME_FLAG = 1 << 61
+_FLAGS = BYTES_FLAG | FILE_FLAG | CONSUME_FLAG
+_LENGTH_MASK = CONSUME_FLAG - 1
+
+#: What a large item is received into.
+Big = bytearray | inplace.GrowingBytes | spool.SpoolFile
 
 _COUNT = struct.Struct("<I")
 _unpack_count = _COUNT.unpack_from
@@ -87,8 +99,10 @@ def _header_struct(n: int) -> struct.Struct:
     return struct.Struct(f"<I{n}Q")
 
 
-def _nbytes(frame: Frame) -> int:
-    return len(frame) if type(frame) is bytes else memoryview(frame).nbytes
+def _nbytes(frame: Any) -> int:
+    if type(frame) is bytes or type(frame) is spool.SpooledFrame:
+        return len(frame)
+    return memoryview(frame).nbytes
 
 
 def _is_whole_bytes(frame: Frame) -> bool:
@@ -98,8 +112,12 @@ def _is_whole_bytes(frame: Frame) -> bool:
             and frame.nbytes == len(frame.obj))
 
 
-def _length_word(frame: Frame, size: int) -> int:
-    """``size``, flagged when a large frame is a whole ``bytes`` object."""
+def _length_word(frame: Any, size: int) -> int:
+    """``size``, flagged when a large frame is a whole ``bytes`` object, or
+    is in a memory file."""
+    if type(frame) is spool.SpooledFrame:
+        return (size | FILE_FLAG | (CONSUME_FLAG if frame.consume else 0)
+                | (BYTES_FLAG if frame.whole_bytes else 0))
     return size | BYTES_FLAG if size >= COALESCE and _is_whole_bytes(frame) else size
 
 
@@ -117,12 +135,43 @@ def _as_bytes_view(frame: Frame) -> memoryview:
     return view
 
 
-def encode(frames: Sequence[Frame]) -> list[bytes | memoryview]:
+class FdMarker:
+    """In :func:`encode`'s list, first: the memory files of the message's
+    spooled frames, whose descriptors go with the bytes that follow (no
+    bytes of its own)."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: list[spool.SpooledFrame]) -> None:
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return 0
+
+    def fds(self) -> list[int]:
+        return [frame.fd for frame in self.frames]
+
+
+#: What :func:`encode` returns a list of.
+Part = bytes | memoryview | FdMarker
+
+
+def in_stream(parts: list[Part]) -> list[bytes | memoryview]:
+    """``parts`` for a stream that passes no descriptors (TypeError if they
+    hold frames in memory files)."""
+    if parts and type(parts[0]) is FdMarker:
+        raise TypeError("frames in memory files go only over a Unix socket")
+    return parts  # type: ignore[return-value]
+
+
+def encode(frames: Sequence[Any]) -> list[Part]:
     """Header and frames as a list of buffers for one scatter-gather write.
 
     Runs of small frames are joined together with the header; frames of at
     least ``COALESCE`` bytes are returned as flat memoryviews of the caller's
-    objects (no copy).  Empty pieces are left out.
+    objects (no copy).  Empty pieces are left out.  Spooled frames (memory
+    files, see spool.py) have no bytes in the stream: an :class:`FdMarker`
+    heads the list then, for a stream that passes descriptors.
     """
     n = len(frames)
     lengths = [_nbytes(f) for f in frames]
@@ -130,12 +179,16 @@ def encode(frames: Sequence[Frame]) -> list[bytes | memoryview]:
         head = _header_struct(n).pack(n, *lengths)
         return [b"".join([head, *frames])] if n else [head]
     head = _header_struct(n).pack(n, *map(_length_word, frames, lengths))
-    parts: list[bytes | memoryview] = []
+    parts: list[Part] = []
     run: list[Frame] = [head]
+    spooled: list[spool.SpooledFrame] = []
     for frame, size in zip(frames, lengths):
         if size < COALESCE:
             if size:
                 run.append(frame)
+            continue
+        if type(frame) is spool.SpooledFrame:
+            spooled.append(frame)
             continue
         if run:
             parts.append(b"".join(run))
@@ -143,6 +196,8 @@ def encode(frames: Sequence[Frame]) -> list[bytes | memoryview]:
         parts.append(_as_bytes_view(frame))
     if run:
         parts.append(b"".join(run))
+    if spooled:
+        parts.insert(0, FdMarker(spooled))
     return parts
 
 
@@ -180,10 +235,19 @@ class FrameDecoder:
     """
 
     def __init__(self, limits: Limits | None = None, *,
-                 buffer_size: int = RECV_BUFFER_SIZE, large: int = LARGE) -> None:
+                 buffer_size: int = RECV_BUFFER_SIZE, large: int = LARGE,
+                 files: Callable[[], int] | None = None) -> None:
         if buffer_size < 2 * large:
             raise ValueError("buffer_size must be at least twice `large`")
         self.limits = limits or Limits()
+        # Where the descriptors of frames in memory files come from (FILE_FLAG;
+        # None: such frames are refused), and what such a frame is read through.
+        self._files = files
+        self._scratch: tuple[memoryview, int, object] | None = None
+        #: ``spool(frame0) -> bool``: whether the large frames of a message
+        #: whose first frame is ``frame0`` go into memory files (spool.py).
+        self.spool: Callable[[bytes | bytearray], bool] | None = None
+        self._spooling: bool | None = None    # that answer, for the current message
         self._large = large
         self._buf = bytearray(buffer_size)
         self._mv = memoryview(self._buf)
@@ -192,8 +256,8 @@ class FrameDecoder:
         self._count = -1       # frames in the current message; -1: reading count
         self._lengths: tuple[int, ...] | None = None  # the current message's frame lengths
         self._frames: list[bytes | bytearray] | None = None  # its frames decoded so far
-        self._big: bytearray | inplace.GrowingBytes | None = None  # growing as its bytes arrive
-        self._flags: tuple[int, ...] | None = None  # BYTES_FLAG per frame, or None: none set
+        self._big: Big | None = None  # growing as its bytes arrive
+        self._flags: tuple[int, ...] | None = None  # flag bits per frame, or None: none set
         self._address = 0       # of _buf's data (for GrowingBytes), when used
         self._address_holder: object = None
         self._big_size = 0     # the size it will have
@@ -240,12 +304,21 @@ class FrameDecoder:
             return self._parse()
         except ProtocolError as exc:
             self._failed = exc
+            self.discard()
             raise
         except MemoryError as exc:
             # The bytes just read are lost with the frame: the stream can't go on.
             self._failed = ProtocolError(f"out of memory receiving a message "
                                          f"({self.held} bytes of it held)")
+            self.discard()
             raise self._failed from exc
+
+    def discard(self) -> None:
+        """Drop the part of a message received so far (the stream failed):
+        its memory, or its memory file, is freed now, not when a reference
+        cycle through the error's traceback is collected."""
+        self._big = None
+        self._frames = None
 
     def feed(self, data: Frame) -> list[Message]:
         """Consume a chunk of the stream; return the messages it completed."""
@@ -263,11 +336,13 @@ class FrameDecoder:
     def _set_lengths(self, lengths: tuple[int, ...]) -> None:
         limits = self.limits
         biggest = max(lengths)
-        self._flags = None
-        if biggest & BYTES_FLAG:
-            self._flags = tuple(x & BYTES_FLAG for x in lengths)
+        self._flags = self._spooling = None
+        if biggest > _LENGTH_MASK:
+            flags = self._flags = tuple(x & _FLAGS for x in lengths)
             lengths = tuple(x & _LENGTH_MASK for x in lengths)
             biggest = max(lengths)
+            if self._files is None and any(x & FILE_FLAG for x in flags):
+                raise ProtocolError("a frame in a memory file, on a link that takes none")
         if biggest > limits.max_frame_bytes:
             raise ProtocolError(
                 f"frame length {biggest} bytes is over the limit "
@@ -280,24 +355,63 @@ class FrameDecoder:
         self._lengths = lengths
         self._frames = []
 
-    def _append(self, big: bytearray | inplace.GrowingBytes, pos: int, nbytes: int) -> None:
+    def _append(self, big: Big, pos: int, nbytes: int) -> None:
         """Append ``_buf[pos:pos + nbytes]`` to ``big``."""
         if type(big) is bytearray:
             big += self._mv[pos:pos + nbytes]
+            return
+        if type(big) is spool.SpoolFile:
+            big.write(self._mv[pos:pos + nbytes])
             return
         assert isinstance(big, inplace.GrowingBytes)
         if not self._address:
             self._address, self._address_holder = inplace.address_of(self._buf)
         big.extend(self._address + pos, nbytes)
 
-    def _new_big(self, size: int) -> bytearray | inplace.GrowingBytes:
-        """An empty buffer for the next item of ``size`` bytes: a growing
-        ``bytes`` object for a flagged frame (where possible), else a bytearray."""
-        flags = self._flags
-        if flags is not None and self._frames is not None and flags[len(self._frames)] \
-                and inplace.AVAILABLE:
+    def _new_big(self, size: int) -> Big:
+        """An empty buffer for the next item of ``size`` bytes: a memory file
+        when spooling (see :attr:`spool`), a growing ``bytes`` object for a
+        frame flagged as one (where possible), else a bytearray."""
+        flags, frames = self._flags, self._frames
+        whole_bytes = bool(flags is not None and frames is not None
+                           and flags[len(frames)] & BYTES_FLAG)
+        if frames and self.spool is not None and size >= spool.MIN_SPOOL \
+                and spool.SpooledFrame.live < spool.MAX_LIVE:
+            if self._spooling is None:
+                self._spooling = bool(self.spool(frames[0]))
+            if self._spooling:
+                try:
+                    return spool.SpoolFile(size, whole_bytes)
+                except OSError:   # no descriptor left (EMFILE): in memory then
+                    pass
+        if whole_bytes and inplace.AVAILABLE:
             return inplace.GrowingBytes(size)
         return bytearray()
+
+    def _read_file(self, size: int, flags: int) -> bytes | bytearray:
+        """A frame of ``size`` bytes in a memory file (FILE_FLAG), read now."""
+        assert self._files is not None
+        fd = self._files()
+        try:
+            big = self._new_big(size)
+            if self._scratch is None:
+                scratch = bytearray(RECV_BUFFER_SIZE)
+                self._scratch = (memoryview(scratch), *inplace.address_of(scratch))
+            view, address, _ = self._scratch
+
+            def append(n: int) -> None:
+                if type(big) is bytearray:
+                    big.__iadd__(view[:n])
+                else:
+                    assert isinstance(big, inplace.GrowingBytes)
+                    big.extend(address, n)
+
+            spool.read_file(fd, size, bool(flags & CONSUME_FLAG), view, append)
+        except (OSError, ValueError) as exc:
+            raise ProtocolError(f"cannot read a frame in a memory file: {exc}") from None
+        finally:
+            os.close(fd)
+        return _finished(big)
 
     def _start_big(self, size: int, pos: int, end: int) -> tuple[bytes | bytearray | None, int]:
         """Give the item of ``size`` bytes at ``pos`` its own buffer, holding
@@ -349,9 +463,13 @@ class FrameDecoder:
                     pos += need
                 lengths, frames = self._lengths, self._frames
                 assert lengths is not None and frames is not None
+                flags = self._flags
                 while len(frames) < len(lengths):
                     size = lengths[len(frames)]
-                    if size >= large:
+                    if flags is not None and flags[len(frames)] & FILE_FLAG:
+                        frames.append(self._read_file(size, flags[len(frames)]))
+                        self._held += size
+                    elif size >= large:
                         big, pos = self._start_big(size, pos, end)
                         if big is None:
                             return out
@@ -364,14 +482,15 @@ class FrameDecoder:
                         return out
                 out.append(frames)
                 self._count, self._lengths, self._frames = -1, None, None
-                self._flags = None
+                self._flags = self._spooling = None
                 self._held = 0
         finally:
             self._pos = pos
         return out
 
 
-def _finished(big: bytearray | inplace.GrowingBytes) -> bytes | bytearray:
+def _finished(big: Big) -> Any:
+    """The frame ``big`` holds: a bytearray, bytes, or a spool.SpooledFrame."""
     return big if type(big) is bytearray else big.finish()  # type: ignore[union-attr]
 
 

@@ -122,6 +122,10 @@ class SecureDecoder:
         self._failed: ProtocolError | None = None
 
     @property
+    def inner(self) -> FrameDecoder:
+        return self._inner
+
+    @property
     def partial(self) -> bool:
         return self._pos != self._end or self._inner.partial
 
@@ -147,6 +151,7 @@ class SecureDecoder:
             return self._open_records()
         except ProtocolError as exc:
             self._failed = exc
+            self._inner.discard()
             raise
 
     def feed(self, data: ReadableBuffer) -> list[Message]:

@@ -11,17 +11,21 @@ large frame is never copied (asyncio's own socket transport on Python 3.11
 joins ``writelines`` and copies unsent data into its buffer).  With a sealer
 (records.py), written parts wait as plaintext and are sealed into records
 only as the socket takes them (``SEAL_AHEAD`` bytes ahead at most), so a
-large frame is never held twice.
+large frame is never held twice.  On a Unix socket, a message with frames in
+memory files (spool.py) sends their descriptors with its first bytes
+(``SCM_RIGHTS``); an :class:`~dpool.transport.frames.FdMarker` in the queue
+marks where.
 """
 from __future__ import annotations
 
 import asyncio
+import array
 import asyncio.sslproto
 import collections
 import socket
 from typing import TYPE_CHECKING, Any
 
-from .frames import IOV_MAX
+from .frames import IOV_MAX, FdMarker, Part, in_stream
 from .records import RECORD_DATA, TAG, Parts, Sealer, take
 
 if TYPE_CHECKING:
@@ -84,6 +88,7 @@ class SocketStream:
         self._plain: Parts = collections.deque()  # with a sealer: parts not yet sealed
         self._sealed_bytes = 0              # with a sealer: bytes in _out
         self._sealer: Sealer | None = None
+        self._markers = 0                   # FdMarkers in _out
         self._paused = False
         self._closing = False
         self._done = False
@@ -142,13 +147,17 @@ class SocketStream:
         """Seal everything written from now on (records.Sealer)."""
         self._sealer = sealer
 
-    def write(self, parts: list[bytes | memoryview]) -> None:
+    def write(self, parts: list[Part]) -> None:
         # Writes are corked until the end of this loop iteration: every
         # message sent meanwhile goes out in one sendmsg (one syscall for a
         # whole batch of small messages instead of one each; with a sealer,
         # one record for all of them).
         if self._closing:
             return
+        if parts and type(parts[0]) is FdMarker:
+            if self._sealer is not None or self._sock.family != socket.AF_UNIX:
+                raise TypeError("frames in memory files go only over a Unix socket")
+            self._markers += 1
         (self._out if self._sealer is None else self._plain).extend(parts)
         self._out_bytes += sum(map(len, parts))
         if not self._flush_pending and not self._writer_on:
@@ -190,7 +199,9 @@ class SocketStream:
                     self._seal_more()
                 if not out:
                     break
-                if len(out) == 1:
+                if self._markers:
+                    sent = self._send_marked(out)
+                elif len(out) == 1:
                     sent = self._sock.send(out[0])
                 else:
                     sent = self._sock.sendmsg([out[i] for i in range(min(len(out), IOV_MAX))])
@@ -218,6 +229,25 @@ class SocketStream:
                 self._loop.remove_writer(self._fd)
             if self._closing:
                 self._finish(None)
+
+    def _send_marked(self, out: Parts) -> int:
+        """Send from ``out``, which holds FdMarkers: the parts up to the next
+        marker, with the descriptors of the marker at the front, if any."""
+        first = out[0]
+        marker = first if type(first) is FdMarker else None
+        iov = []
+        for i in range(1 if marker is not None else 0, min(len(out), IOV_MAX)):
+            part = out[i]
+            if type(part) is FdMarker:
+                break
+            iov.append(part)
+        if marker is None:
+            return self._sock.sendmsg(iov)
+        fds = array.array("i", marker.fds())
+        sent = self._sock.sendmsg(iov, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        out.popleft()     # the descriptors went with the first byte
+        self._markers -= 1
+        return sent
 
     def close(self) -> None:
         """Stop reading; close once everything queued has been sent."""
@@ -250,6 +280,7 @@ class SocketStream:
         self._closing = True
         self._out.clear()
         self._plain.clear()
+        self._markers = 0
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
 
@@ -262,6 +293,7 @@ class SocketStream:
         self._loop.remove_writer(self._fd)
         self._out.clear()
         self._plain.clear()
+        self._markers = 0
         self._sock.close()
         self._conn._connection_lost(exc)
 
@@ -284,9 +316,10 @@ class TransportAdapter(asyncio.BufferedProtocol):
         assert self._transport is not None, "not connected yet"
         return self._transport
 
-    def write(self, parts: list[bytes | memoryview]) -> None:
-        self._conn.bytes_sent += sum(map(len, parts))
-        self.transport.writelines(parts)
+    def write(self, parts: list[Part]) -> None:
+        data = in_stream(parts)
+        self._conn.bytes_sent += sum(map(len, data))
+        self.transport.writelines(data)
 
     def close(self) -> None:
         self.transport.close()
