@@ -8,8 +8,12 @@ building the argument) does not count, and a process whose resident pages
 shrank meanwhile (file pages reclaimed under memory pressure) is not
 mistaken for one that grew.  The far side (the workers, and a ``dpool-node``
 with its workers) is measured the same way, as the sum of each process's own
-peak (an upper bound of the tree's peak)."""
+peak (an upper bound of the tree's peak).  A node hands a large argument
+to its worker in a memory file, which no process's resident set counts: the
+tree's peak with it is measured where the kernel's memory cgroup (v1) can
+be used, as the high-water mark of a cgroup holding the node's processes."""
 import json
+import os
 import subprocess
 import sys
 
@@ -60,9 +64,25 @@ def reset(pids):
 def grown(base):
     return sum(max(0, status(pid, "VmHWM") - rss) for pid, rss in base.items())
 
+def cgroup_reset(cgroup):
+    """Reset a memory cgroup's high-water mark; return its usage now."""
+    if not cgroup:
+        return 0
+    with open(os.path.join(cgroup, "memory.max_usage_in_bytes"), "w") as f:
+        f.write("0")
+    with open(os.path.join(cgroup, "memory.usage_in_bytes")) as f:
+        return int(f.read())
+
+def cgroup_grown(cgroup, base):
+    if not cgroup:
+        return 0
+    with open(os.path.join(cgroup, "memory.max_usage_in_bytes")) as f:
+        return int(f.read()) - base
+
 if __name__ == "__main__":
     kind, direction, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     kwargs, far = {}, psutil.Process()
+    cgroup = sys.argv[6] if len(sys.argv) > 6 else None
     if len(sys.argv) > 4:
         kwargs = dict(nodes=[("127.0.0.1", int(sys.argv[4]))],
                       secret=os.environ["DPOOL_SECRET"])
@@ -78,32 +98,40 @@ if __name__ == "__main__":
                 data = numpy.ones(n // 8)
             else:
                 data = b"x" * n
-            me, them = reset([os.getpid()]), reset(far_pids)
+            me, them, group = reset([os.getpid()]), reset(far_pids), cgroup_reset(cgroup)
             assert ex.submit(size_of, data).result() == n
         else:
-            me, them = reset([os.getpid()]), reset(far_pids)
+            me, them, group = reset([os.getpid()]), reset(far_pids), cgroup_reset(cgroup)
             result = ex.submit(make_array if kind == "numpy" else make_bytes, n).result()
             assert size_of(result) == n
         client, far_side = grown(me), grown(them)
+        tree = cgroup_grown(cgroup, group)
     # the user's own objects are not copies: the argument is in the client's
     # baseline, the result (in the client, and as made in the worker) is not
     own = n if direction == "result" else 0
-    print(json.dumps({"client": (client - own) / n, "far": (far_side - own) / n}))
+    print(json.dumps({"client": (client - own) / n, "far": (far_side - own) / n,
+                      "cgroup": (tree - own) / n}))
 '''
 
 
-def peaks_above_baseline(tmp_path, kind, direction, node=None):
-    """(client, far side) peaks above their baselines, in multiples of the payload."""
+def peaks_above_baseline(tmp_path, kind, direction, node=None, cgroup=None):
+    """(client, far side) peaks above their baselines, in multiples of the
+    payload; with ``cgroup`` (holding the node's processes), the third: its
+    peak, memory files included."""
     script = tmp_path / "peak_child.py"
     script.write_text(CHILD)
     cmd = [sys.executable, str(script), kind, direction, str(SIZE)]
     if node is not None:
         cmd += [str(node.port), str(node.pid)]
+    if cgroup is not None:
+        cmd.append(cgroup)
     env = node_env(node.secret if node is not None else None)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout.strip().splitlines()[-1])
+    if cgroup is not None:
+        return found["client"], found["far"], found["cgroup"]
     return found["client"], found["far"]
 
 
@@ -154,3 +182,57 @@ def test_a_node_frees_an_argument_once_sent_to_the_worker(tmp_path, large_node):
                  message="the node to free the argument sent to the worker")
         gate.touch()
         assert future.result(60) == SIZE
+
+
+def _memory_cgroup():
+    """Our memory cgroup's folder (cgroup v1), if we may make cgroups in it."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(line.split(":", 2)[2].strip() for line in f
+                        if line.split(":")[1] == "memory")
+    except (OSError, StopIteration, IndexError):
+        return None
+    folder = "/sys/fs/cgroup/memory" + path
+    usable = os.access(folder, os.W_OK) and os.path.exists(
+        os.path.join(folder, "memory.max_usage_in_bytes"))
+    return folder if usable else None
+
+
+@pytest.fixture
+def node_cgroup(large_node):
+    """A memory cgroup holding the node and its processes (workers forked
+    later join it too)."""
+    parent = _memory_cgroup()
+    if parent is None:
+        pytest.skip("needs a writable memory cgroup (v1) to count memory files")
+    folder = os.path.join(parent, f"dpool-test-large-{os.getpid()}")
+    os.mkdir(folder)
+    try:
+        node = psutil.Process(large_node.pid)
+        for proc in [node, *node.children(recursive=True)]:
+            with open(os.path.join(folder, "cgroup.procs"), "w") as f:
+                f.write(str(proc.pid))
+        yield folder
+        assert large_node.terminate() == 0, large_node.stderr()
+    finally:
+        large_node.kill()
+        poll_for(lambda: _rmdir(folder), 30, message="the test's cgroup to empty")
+
+
+def _rmdir(folder):
+    try:
+        os.rmdir(folder)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("direction", ["send", "result"])
+def test_through_a_node_memory_files_included_the_tree_holds_a_payload_once(
+        tmp_path, large_node, node_cgroup, direction):
+    """The node tree's peak as its memory cgroup counts it (memory files,
+    page cache and socket buffers included) stays within 1.5x too: the
+    worker frees the memory file's pages as it reads them."""
+    client, tree, group = peaks_above_baseline(tmp_path, "bytes", direction, large_node,
+                                               node_cgroup)
+    assert group <= 1.5, (client, tree, group)
