@@ -2,6 +2,8 @@
 
     dpool-scheduler --nodes HOST[:PORT],... [--host 127.0.0.1] [--port 51351]
                     [--secret-file PATH] [--fifo] [--grace SECONDS] [--logfile PATH]
+                    [--certfile F --keyfile F [--cafile F]]
+                    [--node-certfile F --node-keyfile F] [--node-cafile F]
     dpool-scheduler --version
 
 To its clients (``SharedJobCluster``, and any Client, JobCluster, Executor
@@ -11,6 +13,12 @@ have work (see docs/scheduler.md).  The secret (``DPOOL_SECRET`` or
 ``--secret-file``) is the one of the nodes and of the clients.  SIGTERM
 drains: no new clients, queued jobs go back to their clients, running jobs
 get ``--grace`` seconds; a second SIGTERM, or SIGINT, stops at once.
+
+TLS (docs/security.md): ``--certfile``/``--keyfile`` serve TLS to the
+clients, ``--cafile`` then requires client certificates signed by it (as
+dpool-node); ``--node-cafile`` verifies the nodes' certificates (TLS to the
+nodes), ``--node-certfile``/``--node-keyfile`` are the scheduler's own
+certificate for nodes that require one (as a client's cafile/certfile/keyfile).
 """
 import asyncio
 import logging
@@ -20,6 +28,8 @@ import sys
 
 from .. import config
 from ..core.broker import Broker
+from ..core.client import tls_context
+from ..transport import server_ssl_context
 from ..hosts import is_loopback, parse_address
 from . import common
 from .node import GRACE
@@ -44,6 +54,16 @@ def parse_args(argv=None):
     p.add_argument("--grace", type=float, default=GRACE, metavar="SECONDS",
                    help=f"on SIGTERM, how long running jobs may take to finish (default "
                         f"{GRACE:g}); a second SIGTERM stops at once")
+    p.add_argument("--certfile", help="TLS certificate (PEM) shown to the clients")
+    p.add_argument("--keyfile", help="TLS private key (PEM) of --certfile")
+    p.add_argument("--cafile", help="CA that client certificates must be signed by "
+                                    "(makes client certificates required)")
+    p.add_argument("--node-certfile", help="TLS certificate (PEM) shown to nodes that "
+                                           "require one (TLS to the nodes)")
+    p.add_argument("--node-keyfile", help="TLS private key (PEM) of --node-certfile")
+    p.add_argument("--node-cafile", help="CA that the nodes' certificates are checked "
+                                         "against (TLS to the nodes; the system CAs if only "
+                                         "--node-certfile is given)")
     common.add_loglevel(p)
     common.add_logfile(p)
     common.add_version(p)
@@ -75,6 +95,17 @@ def find_secret(args, nodes):
                      f"DPOOL_SECRET or --secret-file PATH (the nodes' secret)")
 
 
+def tls_contexts(args):
+    """(towards the clients, towards the nodes): TLS contexts or None."""
+    if (args.keyfile or args.cafile) and not args.certfile:
+        raise ValueError("--keyfile and --cafile need --certfile")
+    ssl = server_ssl_context(args.certfile, args.keyfile, cafile=args.cafile,
+                             require_client_cert=bool(args.cafile)) if args.certfile else None
+    if args.node_keyfile and not args.node_certfile:
+        raise ValueError("--node-keyfile needs --node-certfile")
+    return ssl, tls_context(args.node_cafile, args.node_certfile, args.node_keyfile)
+
+
 def main(argv=None):
     args = parse_args(argv)
     common.start_logging(args)
@@ -84,7 +115,13 @@ def main(argv=None):
     except (OSError, ValueError) as exc:
         print(f"dpool-scheduler: {exc}", file=sys.stderr)
         return 2
-    broker = Broker(nodes, secret=secret, name=args.name, fifo=args.fifo)
+    try:
+        ssl, node_ssl = tls_contexts(args)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        print(f"dpool-scheduler: cannot set up TLS: {exc}", file=sys.stderr)
+        return 2
+    broker = Broker(nodes, secret=secret, name=args.name, fifo=args.fifo, ssl=ssl,
+                    node_ssl=node_ssl)
     try:
         asyncio.run(_serve(broker, args))
     except KeyboardInterrupt:
