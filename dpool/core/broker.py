@@ -42,6 +42,7 @@ from .. import serialize
 from ..errors import BrokenCluster, NodeLost
 from ..protocol import Outcome
 from ..transport import PROTOCOL_VERSION, Connection, start_server
+from ..transport.budget import ReceiveBudget
 from .computation import Computation
 from .nodeport import Link, NodePort, Watch
 from .share import FairShare
@@ -421,10 +422,11 @@ class Broker:
     def __init__(self, nodes: list[tuple[str, int]], *, secret: bytes, ssl: Any = None,
                  node_ssl: Any = None, name: str | None = None, heartbeat: Any = None,
                  connect_timeout: float | None = None, max_retries: int = 2,
-                 fifo: bool = False) -> None:
+                 fifo: bool = False, receive_budget: int | None = None) -> None:
         self.name = name or socket.gethostname()
         self.secret = secret
         self.ssl = ssl
+        self.receive_budget = receive_budget  # bytes; None: the transport's default
         self.max_retries = max_retries
         self.fair = FairShare(fifo=fifo)
         self.watch = Watch()
@@ -595,8 +597,9 @@ class Broker:
 
     async def start(self, host: str, port: int) -> Broker:
         await asyncio.gather(*(self.add_node(node) for node in self.ports))
+        budget = ReceiveBudget(self.receive_budget) if self.receive_budget else None
         self.server = await start_server(self.accept, host, port, secret=self.secret,
-                                         hello=self.hello, ssl=self.ssl)
+                                         hello=self.hello, ssl=self.ssl, receive_budget=budget)
         return self
 
     @property

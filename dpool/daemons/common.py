@@ -21,6 +21,29 @@ def port(text):
     return number
 
 
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def size(text):
+    """An argparse type: a byte count, an integer with an optional K, M or G
+    suffix (powers of 1024)."""
+    unit = text[-1:].upper() if text[-1:].isalpha() else ""
+    try:
+        value = int(text[:len(text) - len(unit)]) * _UNITS[unit]
+    except (KeyError, ValueError):
+        value = -1
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a size in bytes (e.g. 512M, 2G)")
+    return value
+
+
+def add_receive_budget(p, who):
+    p.add_argument("--receive-budget", type=size, default=None, metavar="BYTES",
+                   help=f"bytes of partly received messages the {who} holds across all "
+                        "connections before it stops reading from all but one "
+                        "(backpressure); K, M, G suffixes (default 1G)")
+
+
 def version():
     try:
         return importlib.metadata.version("dpool")

@@ -17,7 +17,6 @@ queued jobs elsewhere, running jobs get ``--grace`` seconds to finish; a
 second SIGTERM, or SIGINT, stops at once (running jobs are killed and rerun
 elsewhere by their clients).
 """
-import argparse
 import asyncio
 import logging
 import os
@@ -33,21 +32,6 @@ from . import common
 log = logging.getLogger("dpool.node")
 
 GRACE = 30.0  # seconds running jobs get on SIGTERM
-
-
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
-
-
-def _size(text):
-    """A byte count: an integer with an optional K, M or G suffix (powers of 1024)."""
-    unit = text[-1:].upper() if text[-1:].isalpha() else ""
-    try:
-        value = int(text[:len(text) - len(unit)]) * _UNITS[unit]
-    except (KeyError, ValueError):
-        value = -1
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a size in bytes (e.g. 512M, 2G)")
-    return value
 
 
 def parse_args(argv=None):
@@ -68,10 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--keep-results", type=float, default=None, metavar="SECONDS",
                    help="how long the jobs and results of a recoverable session (JobCluster "
                         "recover_file) are kept after its client went away (default 3600)")
-    p.add_argument("--receive-budget", type=_size, default=None, metavar="BYTES",
-                   help="bytes of partly received messages the node holds across all "
-                        "connections before it stops reading from all but one "
-                        "(backpressure); K, M, G suffixes (default 1G)")
+    common.add_receive_budget(p, "node")
     p.add_argument("--grace", type=float, default=GRACE, metavar="SECONDS",
                    help=f"on SIGTERM, how long running jobs may take to finish before they "
                         f"are killed (default {GRACE:g}); a second SIGTERM kills at once")

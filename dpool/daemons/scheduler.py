@@ -1,7 +1,8 @@
 """``dpool-scheduler``: several clients share one set of dpool-nodes.
 
     dpool-scheduler --nodes HOST[:PORT],... [--host 127.0.0.1] [--port 51351]
-                    [--secret-file PATH] [--fifo] [--grace SECONDS] [--logfile PATH]
+                    [--secret-file PATH] [--fifo] [--grace SECONDS] [--receive-budget BYTES]
+                    [--logfile PATH]
                     [--certfile F --keyfile F [--cafile F]]
                     [--node-certfile F --node-keyfile F] [--node-cafile F]
     dpool-scheduler --version
@@ -64,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--node-cafile", help="CA that the nodes' certificates are checked "
                                          "against (TLS to the nodes; the system CAs if only "
                                          "--node-certfile is given)")
+    common.add_receive_budget(p, "scheduler")
     common.add_loglevel(p)
     common.add_logfile(p)
     common.add_version(p)
@@ -121,7 +123,7 @@ def main(argv=None):
         print(f"dpool-scheduler: cannot set up TLS: {exc}", file=sys.stderr)
         return 2
     broker = Broker(nodes, secret=secret, name=args.name, fifo=args.fifo, ssl=ssl,
-                    node_ssl=node_ssl)
+                    node_ssl=node_ssl, receive_budget=args.receive_budget)
     try:
         asyncio.run(_serve(broker, args))
     except KeyboardInterrupt:
