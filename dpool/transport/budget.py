@@ -7,7 +7,12 @@ may go on until its message is complete, so a message bigger than the whole
 budget still gets through; every other connection that holds or wants more
 stops reading (backpressure: the kernel's buffers fill and its peer's sends
 block) until the total is back within the limit or the overdraft is free.
-So at most ``limit`` + one message + one read per connection is held.
+A connection whose partly received message is within ``allowance`` bytes
+(4 MiB by default) is never stopped: one peer holding the overdraft (a huge
+message sent slowly) must not stall the others' ordinary messages and
+heartbeats (at a dpool-scheduler those are other clients:
+tests/sched/test_sched_overdraft.py).  So at most ``limit`` + one message +
+``allowance`` and one read per connection is held.
 """
 from __future__ import annotations
 
@@ -17,15 +22,19 @@ from collections.abc import Callable
 __all__ = ["ReceiveBudget", "DEFAULT_RECEIVE_BUDGET"]
 
 DEFAULT_RECEIVE_BUDGET = 1 * 2**30
+#: A connection holding at most this much of a message is never stopped.
+DEFAULT_ALLOWANCE = 4 * 2**20
 
 
 class ReceiveBudget:
     """Bytes being received across connections, at most ``limit`` (but one)."""
 
-    def __init__(self, limit: int = DEFAULT_RECEIVE_BUDGET) -> None:
+    def __init__(self, limit: int = DEFAULT_RECEIVE_BUDGET,
+                 allowance: int = DEFAULT_ALLOWANCE) -> None:
         if limit <= 0:
             raise ValueError(f"a receive budget must be positive, not {limit}")
         self.limit = limit
+        self.allowance = allowance
         self.used = 0
         self._held: dict[object, int] = {}    # connection -> bytes held
         self._overdraft: object = None        # the connection allowed past the limit
@@ -45,7 +54,7 @@ class ReceiveBudget:
         elif self._overdraft is conn:
             self._overdraft = None
         self._wake()
-        if not held or self.used <= self.limit or self._overdraft is conn:
+        if held <= self.allowance or self.used <= self.limit or self._overdraft is conn:
             return True
         if self._overdraft is None:
             self._overdraft = conn

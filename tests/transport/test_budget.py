@@ -11,7 +11,7 @@ def test_within_the_limit_everyone_reads():
 
 
 def test_past_the_limit_one_overdraft_goes_on_and_the_others_pause():
-    budget, resumed = ReceiveBudget(100), []
+    budget, resumed = ReceiveBudget(100, allowance=0), []
     assert budget.update("a", 90)
     assert budget.update("b", 20)             # over: b takes the overdraft
     assert budget.update("b", 500)            # a message bigger than the budget gets through
@@ -26,7 +26,7 @@ def test_past_the_limit_one_overdraft_goes_on_and_the_others_pause():
 
 
 def test_forget_releases_and_unpauses():
-    budget, resumed = ReceiveBudget(10), []
+    budget, resumed = ReceiveBudget(10, allowance=0), []
     budget.update("a", 50)
     assert not budget.update("b", 5)
     budget.pause("b", lambda: resumed.append("b"))
@@ -39,3 +39,15 @@ def test_forget_releases_and_unpauses():
 def test_budget_must_be_positive():
     with pytest.raises(ValueError):
         ReceiveBudget(0)
+
+
+def test_a_connection_within_its_allowance_reads_on_past_the_limit():
+    """One peer holding the overdraft (a huge message sent slowly) does not
+    stop the others' small messages (their heartbeats among them)."""
+    budget, resumed = ReceiveBudget(100, allowance=10), []
+    assert budget.update("a", 150)            # a holds the overdraft
+    assert budget.update("b", 10)             # within b's allowance: reads on
+    assert not budget.update("b", 11)         # past it: b waits for the overdraft
+    budget.pause("b", lambda: resumed.append("b"))
+    budget.update("a", 0)
+    assert resumed == ["b"]
