@@ -1,0 +1,103 @@
+"""SharedJobCluster through dpool-scheduler as dispy's: the nodes behind the
+scheduler are the cluster's nodes (submit_node, status, node_jobs,
+cluster_status callbacks), on loopback (three dpool-nodes on 127.0.0.2-4)."""
+import collections
+import threading
+
+import pytest
+
+import dpool
+from helpers import poll_for, read_marker
+from helpers_sched import NODE_CPUS, SECRET
+from tasks import hold, nap_for, write_file
+
+
+def shared(sched, fn=nap_for, **kwargs):
+    return dpool.SharedJobCluster(fn, scheduler_host="127.0.0.1", scheduler_port=sched.port,
+                                  secret=SECRET, loglevel=None, **kwargs)
+
+
+def test_submit_node_runs_on_the_named_node(scheduler, three_nodes):
+    cluster = shared(scheduler)
+    try:
+        for node in three_nodes:  # by address
+            jobs = [cluster.submit_node(node.host, 0.05) for _ in range(2 * NODE_CPUS)]
+            assert [job() for job in jobs] == [0.05] * len(jobs)
+            assert {job.ip_addr for job in jobs} == {node.host}
+        by_status = {n.ip_addr: n for n in cluster.status().nodes}
+        job = cluster.submit_node(by_status[three_nodes[1].host], 0.05)  # by DispyNode
+        assert job() == 0.05 and job.ip_addr == three_nodes[1].host
+        job = cluster.submit_job_id_node("mine", three_nodes[2].host, 0.05)
+        assert job() == 0.05 and job.ip_addr == three_nodes[2].host and job.id == "mine"
+    finally:
+        cluster.close()
+
+
+def test_submit_node_to_a_node_the_scheduler_does_not_have_raises(scheduler):
+    cluster = shared(scheduler)
+    try:
+        with pytest.raises(ValueError):
+            cluster.submit_node("127.0.0.9", 0.05)
+        with pytest.raises(ValueError):  # not a node of this cluster (nodes=)
+            limited = shared(scheduler, nodes=["127.0.0.2"])
+            try:
+                limited.submit_node("127.0.0.3", 0.05)
+            finally:
+                limited.close()
+    finally:
+        cluster.close()
+
+
+def test_status_lists_the_nodes_behind_the_scheduler(scheduler, three_nodes, tmp_path):
+    cluster = shared(scheduler, fn=hold)
+    gate = str(tmp_path / "gate")
+    try:
+        nodes = cluster.status().nodes
+        assert sorted(n.ip_addr for n in nodes) == [n.host for n in three_nodes]
+        assert all(n.cpus == NODE_CPUS and n.busy == 0 and n.jobs_done == 0 for n in nodes)
+        target = three_nodes[0].host
+        markers = [str(tmp_path / f"m{i}") for i in range(NODE_CPUS)]
+        jobs = [cluster.submit_node(target, m, gate) for m in markers]
+        for m in markers:
+            read_marker(m, 30)
+        busy = poll_for(lambda: {n.ip_addr: n.busy for n in cluster.status().nodes
+                                 if n.busy} or None, 10, message="the busy node in status()")
+        assert busy == {target: NODE_CPUS}
+        assert set(cluster.node_jobs(target)) == set(jobs)
+        assert cluster.node_jobs(three_nodes[1].host) == []
+        write_file(gate, "")
+        assert all(job() for job in jobs)
+        more = [cluster.submit(str(tmp_path / f"n{i}"), gate) for i in range(6)]
+        assert all(job() for job in more)
+        done = {n.ip_addr: n.jobs_done for n in cluster.status().nodes}
+        ran = collections.Counter(job.ip_addr for job in jobs + more)
+        assert done == {n.host: ran[n.host] for n in three_nodes}
+        assert all(n.busy == 0 for n in cluster.status().nodes)
+    finally:
+        write_file(gate, "")
+        cluster.close()
+
+
+def test_cluster_status_callbacks_name_the_nodes_behind_the_scheduler(scheduler, three_nodes):
+    events, lock = [], threading.Lock()
+
+    def cluster_status(status, node, job):
+        with lock:
+            events.append((status, node.ip_addr if node is not None else None,
+                           job.ip_addr if job is not None else None))
+
+    cluster = shared(scheduler, cluster_status=cluster_status)
+    try:
+        jobs = [cluster.submit(0.1) for _ in range(3 * NODE_CPUS)]
+        assert all(job() == 0.1 for job in jobs)
+    finally:
+        cluster.close()
+    hosts = sorted(n.host for n in three_nodes)
+    initialized = sorted(ip for status, ip, _ in events if status == dpool.DispyNode.Initialized)
+    assert initialized == hosts
+    finished = [(ip, job_ip) for status, ip, job_ip in events
+                if status == dpool.DispyJob.Finished]
+    assert len(finished) == len(jobs) and all(ip == job_ip for ip, job_ip in finished)
+    assert {ip for ip, _ in finished} == set(hosts)
+    closed = sorted(ip for status, ip, _ in events if status == dpool.DispyNode.Closed)
+    assert closed == hosts
