@@ -75,7 +75,9 @@ Node -> worker                         Worker -> node
 ``jobs`` in Run (both legs) is a list of :class:`RunItem` ``(job_id, fn_id,
 nframes, star, attempt)``: the payload frames of the jobs follow the header
 in that order.  ``star`` is a :class:`Call`; ``attempt`` numbers the client's
-dispatches of the job (1, 2, ...).  ``results`` in Done is a list of
+dispatches of the job (1, 2, ...); a client of a dpool-scheduler may add a
+sixth item, the host of the node behind the scheduler that must run the job
+(dispy's ``submit_node``), which the scheduler strips.  ``results`` in Done is a list of
 :class:`Result` ``(job_id, outcome, start, end, stdout, stderr, nframes,
 attempt)``; the node puts the attempt of the job's Run in the results it
 sends the client (the client delivers only its current attempt's).

@@ -59,6 +59,12 @@ _ENV = (P.SetupDone, P.SetupFail, P.FileDone)  # the computation's (computation.
 _PASSED_ON = (P.Provisional, P.SendFile)
 
 
+def _node_entry(port: NodePort) -> dict:
+    """A node as its clients see it (``nodes`` in Ready)."""
+    name = (port.anchor.info if port.anchor else {}).get("name") or port.host
+    return {"host": port.host, "port": port.port, "name": name, "cpus": port.cpus}
+
+
 class ClientSession:
     """One client of the scheduler."""
 
@@ -79,6 +85,11 @@ class ClientSession:
         self.weight = 1.0
         self.limit = 1 << 62
         self.told_cpus = 0  # the CPUs the last Ready announced (0: none sent yet)
+        self.told_nodes: list[NodePort] = []  # the nodes it listed (usable legs)
+        # Jobs pinned to a node (dispy's submit_node): job id -> the node's
+        # host, while queued or placed; host -> its queued job ids, in order.
+        self.pin_of: dict[int, str] = {}
+        self.pinned: dict[str, dict[int, None]] = {}
         self.ended = False
         self.counts: collections.Counter = collections.Counter()
         self.handlers = {P.Session: self.on_session, P.Func: self.on_func, P.Run: self.on_run,
@@ -148,11 +159,16 @@ class ClientSession:
                  sum(1 for leg in self.legs.values() if leg.ready), len(self.broker.ports))
 
     def tell_ready(self) -> None:
-        """Ready: the scheduler's CPUs (up to the client's ``cpus``).  Sent
-        again when nodes join, so the client sends jobs for those CPUs too."""
+        """Ready: the scheduler's CPUs (up to the client's ``cpus``) and the
+        nodes its jobs may run on now (``nodes``: host, port, name, cpus).
+        Sent again when nodes join, so the client sends jobs for those CPUs
+        too, and when that list changes (never announcing fewer CPUs: the
+        client's jobs would wait in the client instead of failing here)."""
         info = self.broker.info()
-        info["cpus"] = info["free_cpus"] = min(info["cpus"], self.limit)
-        self.told_cpus = info["cpus"]
+        cpus = max(min(info["cpus"], self.limit), self.told_cpus)
+        info["cpus"] = info["free_cpus"] = self.told_cpus = cpus
+        self.told_nodes = self.usable_ports()
+        info["nodes"] = [_node_entry(port) for port in self.told_nodes]
         self.tell([P.encode(P.Ready, info)])
 
     def on_func(self, msg: Any, frames: list) -> None:
@@ -166,6 +182,9 @@ class ClientSession:
                 log.warning("%s: job %s sent twice; closing the session", self, job_id)
                 self.end("protocol error")
                 return
+            if len(item) > 5:  # pinned to a node (dispy's submit_node)
+                self.pin(job_id, tuple(item[:5]), list(payload), item[5])
+                continue
             pending[job_id] = (tuple(item), list(payload))
             ids.append((self, job_id))
         self.broker.fair.submit(self, ids)
@@ -180,8 +199,9 @@ class ClientSession:
             if where is not None:
                 by_leg[where[0]].append(job_id)
                 self.cancelling.add(job_id)
-            elif self.broker.fair.cancel((self, job_id)):
+            elif self.broker.fair.cancel((self, job_id)) or self.unqueue_pin(job_id):
                 item, _ = self.pending.pop(job_id)
+                self.pin_of.pop(job_id, None)
                 self.report(job_id, Outcome.CANCELLED, attempt=item[4])
         for leg, ids in by_leg.items():
             leg.send([P.encode(P.Cancel, ids)])
@@ -288,6 +308,8 @@ class ClientSession:
         port, placed = leg.port, self.placed
         for record, _ in P.raw_results(msg, frames):
             if placed.pop(record[0], None) is not None:
+                if self.pin_of:
+                    self.pin_of.pop(record[0], None)
                 port.busy -= 1
                 self.running -= 1
                 self.tries.pop(record[0], None)
@@ -308,6 +330,7 @@ class ClientSession:
             return
         self.requeue(leg, [job_id for job_id, where in self.placed.items() if where[0] is leg],
                      lost=True)
+        self.fail_pinned(leg.port.host, f"node {leg.port} was lost")
         self.sync()
         self.env.leg_gone(leg)
 
@@ -323,6 +346,9 @@ class ClientSession:
                 self.cancelling.discard(job_id)
                 self.report(job_id, Outcome.CANCELLED, attempt=where[1][4])
                 fair.done((self, job_id))
+                continue
+            if job_id in self.pin_of:  # back to its node's queue, or failed with it
+                self.requeue_pin(job_id, where, lost, leg.port)
                 continue
             if lost:
                 self.tries[job_id] += 1
@@ -357,7 +383,8 @@ class ClientSession:
     def fail_pending(self, error: BaseException) -> None:
         frames = serialize.dump_exception(error)
         for job_id, (item, _) in list(self.pending.items()):
-            self.broker.fair.cancel((self, job_id))
+            self.broker.fair.cancel((self, job_id)) or self.unqueue_pin(job_id)
+            self.pin_of.pop(job_id, None)
             del self.pending[job_id]
             self.report(job_id, Outcome.WORKER_LOST, frames, attempt=item[4])
 
@@ -373,12 +400,86 @@ class ClientSession:
 
     def sync(self) -> None:
         """Tell the policy which nodes this client's jobs may go to now: those
-        where its leg is ready and set up (none while it runs its ``cpus``)."""
+        where its leg is ready and set up (none while it runs its ``cpus``);
+        and the client, when they changed since its last Ready."""
         if self.ended:
             return
-        nodes = () if self.running >= self.limit else \
-            [port for port in self.legs if self.usable(port) is not None]
-        self.broker.fair.add_client(self, self.weight, nodes=nodes)
+        usable = self.usable_ports()
+        self.broker.fair.add_client(self, self.weight,
+                                    nodes=() if self.running >= self.limit else usable)
+        if self.told_cpus and usable != self.told_nodes:
+            self.tell_ready()
+
+    def usable_ports(self) -> list[NodePort]:
+        return [port for port in self.legs if self.usable(port) is not None]
+
+    # ------------------------------------------- jobs pinned to a node (submit_node)
+
+    def pin(self, job_id: int, item: tuple, payload: list, host: Any) -> None:
+        """A job for the node at ``host`` only: queued for it, or failed
+        (NodeLost) at once when this client has no session there."""
+        if not any(port.host == host and port.ready for port in self.legs):
+            self.report(job_id, Outcome.WORKER_LOST, serialize.dump_exception(NodeLost(
+                f"node {host} is not a node of scheduler {self.broker.name} this client "
+                f"may use (or it was lost)")), attempt=item[4])
+            return
+        self.pending[job_id] = (item, payload)
+        self.pin_of[job_id] = host
+        self.pinned.setdefault(host, {})[job_id] = None
+        self.broker.pinned += 1
+
+    def unqueue_pin(self, job_id: int) -> bool:
+        """Take a queued pinned job out of its node's queue (True), if it is there."""
+        host = self.pin_of.get(job_id)
+        queue = None if host is None else self.pinned.get(host)
+        if host is None or queue is None or job_id not in queue:
+            return False
+        del queue[job_id]
+        if not queue:
+            del self.pinned[host]
+        self.broker.pinned -= 1
+        return True
+
+    def requeue_pin(self, job_id: int, where: tuple, lost: bool, port: NodePort) -> None:
+        """A pinned job given back (queued again for its node) or whose node
+        was lost (it fails: no other node may run it)."""
+        if lost:
+            del self.pin_of[job_id]
+            self.report(job_id, Outcome.WORKER_LOST, serialize.dump_exception(NodeLost(
+                f"node {port} was lost while running the job")), attempt=where[1][4])
+            return
+        self.pending[job_id] = (where[1], where[2])
+        self.pinned.setdefault(self.pin_of[job_id], {})[job_id] = None
+        self.broker.pinned += 1
+
+    def fail_pinned(self, host: str, why: str) -> None:
+        """The jobs queued for ``host`` fail (NodeLost) when this client has
+        no session left there."""
+        if host not in self.pinned or any(port.host == host for port in self.legs):
+            return
+        frames = serialize.dump_exception(NodeLost(why))
+        for job_id in list(self.pinned[host]):
+            self.unqueue_pin(job_id)
+            del self.pin_of[job_id]
+            item, _ = self.pending.pop(job_id)
+            self.report(job_id, Outcome.WORKER_LOST, frames, attempt=item[4])
+
+    def take_pinned(self, port: NodePort, free: int) -> int:
+        """Place this client's jobs pinned to ``port``'s host there, up to
+        ``free``; the CPUs left."""
+        queue = self.pinned.get(port.host)
+        leg = self.usable(port)
+        if not queue or leg is None:
+            return free
+        batch: list = []
+        while queue and free > 0 and self.running < self.limit:
+            job_id = next(iter(queue))
+            self.unqueue_pin(job_id)
+            self.take(port, job_id, batch)
+            free -= 1
+        if batch:
+            self.send(leg, batch)
+        return free
 
     def send(self, leg: Link, batch: list) -> None:
         sent = self.sent_fns[leg]
@@ -406,6 +507,8 @@ class ClientSession:
             leg.port.busy -= 1
         self.placed.clear()
         self.pending.clear()
+        broker.pinned -= sum(len(queue) for queue in self.pinned.values())
+        self.pinned.clear()
         for leg in list(self.legs.values()):
             leg.bye()
         self.legs.clear()
@@ -443,6 +546,7 @@ class Broker:
         self.server: Any = None
         self._sids = iter(range(1, 1 << 62))
         self._place_scheduled = False
+        self.pinned = 0  # jobs pinned to a node (submit_node) queued, all clients
         self.ahead = False  # one client alone: nodes hold a job more per CPU (see place)
         self.draining = False
 
@@ -543,6 +647,8 @@ class Broker:
                 client.fail_pending(error)
 
     def _fill(self, port: NodePort, free: int) -> None:
+        if self.pinned:  # jobs pinned to this node go first
+            free = self._fill_pinned(port, free)
         fair = self.fair
         if free <= 0 or not fair.has_work(port):
             return
@@ -557,6 +663,11 @@ class Broker:
             free -= 1
         for client, batch in batches.items():
             client.send(client.legs[port], batch)
+
+    def _fill_pinned(self, port: NodePort, free: int) -> int:
+        for session in list(self.clients):
+            free = session.take_pinned(port, free)
+        return free
 
     def _reclaim_ahead(self, active: list[ClientSession]) -> None:
         """A second client has work: the jobs the first one had waiting on

@@ -60,7 +60,7 @@ class Job:
 
     __slots__ = ("id", "fn_id", "frames", "future", "status", "node", "submit_time",
                  "start_time", "end_time", "stdout", "stderr", "sent", "tag", "star",
-                 "value", "error", "cancelled", "blob", "where", "__weakref__")
+                 "value", "error", "cancelled", "blob", "where", "place", "__weakref__")
 
     def __init__(self, job_id, fn_id, frames, tag=None, star=False):
         self.id = job_id
@@ -72,6 +72,7 @@ class Job:
         self.status = CREATED
         self.node = None
         self.where = None  # the host that ran it, when a scheduler (the node) says so
+        self.place = None  # the host it must run on, behind a scheduler (submit's place)
         self.submit_time = time.time()
         self.start_time = self.end_time = None
         self.stdout = self.stderr = None
@@ -156,7 +157,8 @@ class Client:
     ``initializer``/``initargs`` run once in each worker process.
     ``on_event(kind, obj)`` is called in the loop thread; it must be quick.
     The kinds: "started" and "done" (obj a Job), "node" (obj a NodeLink that
-    joined or was lost), and those of extensions (JobCluster's job
+    joined or was lost), "ready" (obj a NodeLink whose node said Ready again:
+    a scheduler whose CPUs or nodes changed), and those of extensions (JobCluster's job
     environment, :mod:`dpool.dispy.env`, adds "provisional", "file" and
     "avail").
     ``heartbeat`` is ``(interval, deadline)`` in seconds (default
@@ -237,7 +239,7 @@ class Client:
         return self
 
     def submit(self, fn, args=(), kwargs=None, tag=None, pin=None, star=False,
-               defer_errors=False):
+               defer_errors=False, place=None):
         """Queue one job; returns its :class:`Job` (``job.future`` resolves).
 
         A function or arguments that can't be serialized raise here, or with
@@ -249,7 +251,8 @@ class Client:
         with ``star=protocol.Call.MAP`` it is a list of items and the result
         ``[fn(x) for x in args]``: one message for a chunk of a map.
         ``tag`` is kept as ``job.tag``; ``pin`` names the only NodeLink
-        the job may run on.
+        the job may run on, and ``place`` (with ``pin`` a dpool-scheduler)
+        the host of the node behind it that must run it (dispy's submit_node).
         """
         if self.closed:
             raise RuntimeError("cannot submit: the client is closed")
@@ -264,6 +267,7 @@ class Client:
             return self._unsent(exc, tag, star)
         job = Job(next(self._ids), fn_id, frames, tag, int(star))  # a plain int on the wire
         job.blob = blob
+        job.place = place
         self._unfinished.add(job.future)  # the loop thread discards it when done
         self._incoming.append((job, pin))
         if not self._wake_pending:
@@ -521,6 +525,7 @@ class Client:
         state = self.scheduler.nodes.get(link)
         if state is not None and state.cpus == old:  # (not limited by set_cpus)
             self._act(self.scheduler.set_cpus(link, link.cpus))
+        self.emit("ready", link)
 
     def link_lost(self, link):
         """A ready link closed: its jobs move on (the cluster is broken if
@@ -690,8 +695,9 @@ class Client:
             job.node = link
             link.in_flight.add(job_id)
             job.status = RUNNING
-            header.append(run_item(job_id, job.fn_id, len(job.frames), job.star,
-                                   self.scheduler.attempt(job_id)))
+            item = run_item(job_id, job.fn_id, len(job.frames), job.star,
+                            self.scheduler.attempt(job_id))
+            header.append(item if job.place is None else (*item, job.place))
             frames.extend(job.frames)
         try:
             for message in functions:

@@ -339,7 +339,7 @@ class JobCluster:
     def submit_job_id_node(self, job_id, node, *args, **kwargs):
         return self._submit(job_id, self._link(node, strict=True), args, kwargs)
 
-    def _submit(self, job_id, pin, args, kwargs):
+    def _submit(self, job_id, pin, args, kwargs, place=None):
         files = kwargs.pop("dispy_job_depends", None)
         if self._program is not None:
             args = (self._program_file, *(str(a) for a in args))
@@ -356,7 +356,7 @@ class JobCluster:
             self._jobs.add(job)
         self._events.created(job)
         try:
-            core_job = self._client.submit(fn, args, kwargs, tag=job, pin=pin)
+            core_job = self._client.submit(fn, args, kwargs, tag=job, pin=pin, place=place)
             job.submitted(core_job, pin)
             if self._recover is not None:
                 self._recover.job(core_job.id, job.id)

@@ -12,6 +12,12 @@ DispyJobs and DispyNodes, and the user's callbacks queued, in order.
     "avail"       node.avail_info ─────────────────► cluster_status(AvailInfo, node, None)
     "done"        DispyJob.finish_from ────────────► job_status(job), cluster_status(...)
 
+Through a dpool-scheduler (SharedJobCluster) the cluster's nodes are the
+nodes behind it, as the scheduler lists them (``nodes`` in its Ready, sent
+again as they change: event "ready"): ``behind[link]`` holds a DispyNode per
+host, the callbacks name those, and a job's node is the one its start named
+(``Job.where``).
+
 Callbacks get snapshots (``DispyJob.snapshot``), as in dispy.  What the
 cluster does besides (its job set, the recover file, closing an idle node)
 it does in the hooks it gives: ``on_done(job, core_job)`` and
@@ -34,12 +40,14 @@ class ClusterEvents:
         self.callbacks = callbacks  # a CallbackThread, or None when there are no callbacks
         self.on_done, self.on_node_closed = on_done, on_node_closed
         self.nodes = {}  # NodeLink -> DispyNode (initialized nodes)
+        self.behind = {}  # a scheduler's NodeLink -> {host: DispyNode} (its nodes)
         self.changed = threading.Condition()  # notified on every "node" event
         self._ips = {}  # NodeLink (or host name) -> its IP address, resolved once
         self._busy_on = {}  # DispyJob -> the DispyNode it started on
         self._handlers = {"node": self._node_changed, "provisional": self._provisional,
                           "file": self._file_received, "avail": self._avail,
-                          "started": self._job_started, "done": self._job_done}
+                          "started": self._job_started, "done": self._job_done,
+                          "ready": self._ready_again}
 
     def __call__(self, kind, obj):
         """Client loop thread (the client's ``on_event``)."""
@@ -71,14 +79,27 @@ class ClusterEvents:
         if self.cluster_status:
             self.callbacks.put(self.cluster_status, DispyJob.Created, None, job.snapshot())
 
+    def node_of(self, core_job):
+        """The DispyNode a job runs (or ran) on: behind a scheduler, the one
+        its start named."""
+        behind = self.behind.get(core_job.node)
+        if behind is None:
+            return self.nodes.get(core_job.node)
+        return behind.get(core_job.where)
+
     def all_closed(self):
         """The cluster closed (its loop thread has stopped): every node Closed."""
-        for node in self.nodes.values():
-            node.avail_cpus = node.busy = 0
-            node.update_time = time.time()
-            if self.cluster_status:
-                self.callbacks.put(self.cluster_status, DispyNode.Closed, node, None)
+        for link, node in self.nodes.items():
+            for one in self.behind.get(link, {}).values() if link in self.behind else [node]:
+                self._closed(one)
         self.nodes.clear()
+        self.behind.clear()
+
+    def _closed(self, node):
+        node.avail_cpus = node.busy = 0
+        node.update_time = time.time()
+        if self.cluster_status:
+            self.callbacks.put(self.cluster_status, DispyNode.Closed, node, None)
 
     # ------------------------------------------------------------ loop thread
 
@@ -99,16 +120,48 @@ class ClusterEvents:
             node.update_time = time.time()
             status = DispyNode.Closed
             self.on_node_closed(link)
-        if self.cluster_status:
+        if link.info.get("scheduler"):  # its nodes, not the scheduler, are the cluster's
+            self._list_behind(link, status == DispyNode.Initialized)
+        elif self.cluster_status:
             self.callbacks.put(self.cluster_status, status, node, None)
         with self.changed:
             self.changed.notify_all()
+
+    def _ready_again(self, link):
+        """A scheduler's list of nodes changed."""
+        if link in self.nodes and link.info.get("scheduler"):
+            self._list_behind(link, True)
+
+    def _list_behind(self, link, up):
+        """The nodes behind a scheduler: Initialized as they are listed,
+        Closed as they leave the list (all of them when ``up`` is False)."""
+        known = self.behind.setdefault(link, {})
+        listed = {}
+        for entry in link.info.get("nodes", ()) if up else ():
+            name, cpus = listed.get(entry["host"], (entry["name"], 0))
+            listed[entry["host"]] = (name, cpus + entry["cpus"])
+        for host in [host for host in known if host not in listed]:
+            self._closed(known.pop(host))
+        for host, (name, cpus) in listed.items():
+            node = known.get(host)
+            if node is not None:
+                node.cpus = cpus
+                continue
+            ip = self._ips.get(host)
+            if ip is None:
+                ip = self._ips[host] = resolve_host(host)
+            node = known[host] = DispyNode(ip, name, cpus)
+            node.update_time = time.time()
+            if self.cluster_status:
+                self.callbacks.put(self.cluster_status, DispyNode.Initialized, node, None)
+        if not up:
+            del self.behind[link]
 
     def _provisional(self, event):
         core_job, value = event
         job = core_job.tag
         job.provisional(value)
-        self._notify(job, job.status, core_job.node)
+        self._notify(job, job.status, self.node_of(core_job))
 
     def _file_received(self, event):
         core_job, name, data = event
@@ -135,7 +188,7 @@ class ClusterEvents:
         job = core_job.tag
         if job is None:
             return
-        node = self.nodes.get(core_job.node)
+        node = self.node_of(core_job)
         job.start_time = core_job.start_time
         job.ip_addr = self.job_ip(core_job)
         if node is not None:
@@ -150,24 +203,29 @@ class ClusterEvents:
         if job is None:
             return
         link = core_job.node
-        node = self.nodes.get(link)
+        node = self.node_of(core_job)
         busy_on = self._busy_on.pop(job, None)
         self.on_done(job, core_job)
         job.finish_from(core_job, self.job_ip(core_job))
         if node is not None:
             if busy_on is node and node.busy > 0:
                 node.busy -= 1
-            node.jobs_done, node.cpu_time = link.jobs_done, link.cpu_time
-            node.tx, node.rx = link.traffic()
+            if link in self.behind:  # one of the nodes behind a scheduler
+                node.jobs_done += 1
+                if core_job.start_time and core_job.end_time:
+                    node.cpu_time += max(0.0, core_job.end_time - core_job.start_time)
+            else:
+                node.jobs_done, node.cpu_time = link.jobs_done, link.cpu_time
+                node.tx, node.rx = link.traffic()
             node.update_time = time.time()
         if self.callbacks is not None:
-            self._notify(job, job.status, link)
+            self._notify(job, job.status, node)
 
-    def _notify(self, job, status, link):
+    def _notify(self, job, status, node):
         if self.callbacks is None:
             return
         snap = job.snapshot()
         if self.job_status:
             self.callbacks.put(self.job_status, snap)
         if self.cluster_status:
-            self.callbacks.put(self.cluster_status, status, self.nodes.get(link), snap)
+            self.callbacks.put(self.cluster_status, status, node, snap)

@@ -9,13 +9,18 @@
 Everything a JobCluster does works the same way (jobs, callbacks,
 ``depends``, ``setup``/``cleanup``, ``dest_path``): the scheduler passes the
 computation to each node its jobs may run on, and each job's ``ip_addr``
-names the node that ran it.  See docs/scheduler.md.
+names the node that ran it.  The cluster's nodes are the nodes behind the
+scheduler, as it lists them (events.py: ``ClusterEvents.behind``):
+``status()``, ``node_jobs`` and the cluster_status callbacks show those, and
+``submit_node`` runs a job on one of them (the scheduler places it there).
+See docs/scheduler.md.
 """
+import collections
 import logging
 
 from ..config import scheduler_address
 from .cluster import JobCluster
-from .model import NodeAllocate
+from .model import ClusterStatus, DispyNode, NodeAllocate, resolve_host
 
 
 class SharedJobCluster(JobCluster):
@@ -45,6 +50,63 @@ class SharedJobCluster(JobCluster):
                          cleanup=cleanup, dest_path=dest_path, poll_interval=poll_interval,
                          reentrant=reentrant, secret=secret, keyfile=keyfile,
                          certfile=certfile, node_port=sport, **options)
+
+    # ------------------------------------------------- the nodes behind the scheduler
+
+    def submit_node(self, node, *args, **kwargs):
+        """Run a job on ``node`` (a DispyNode, IP address or host name of a
+        node behind the scheduler) only; ValueError if there is none."""
+        return self.submit_job_id_node(None, node, *args, **kwargs)
+
+    def submit_job_id_node(self, job_id, node, *args, **kwargs):
+        link, host = self._behind(node, strict=True)
+        return self._submit(job_id, link, args, kwargs, place=host)
+
+    def status(self):
+        """ClusterStatus of the nodes behind the scheduler (this cluster's)."""
+        def collect_status():
+            busy = collections.Counter((job.node, job.where)
+                                       for job in self._client.jobs.values()
+                                       if job.sent and job.where is not None)
+            nodes = []
+            for link, behind in self._events.behind.items():
+                for host, node in behind.items():
+                    node.busy = busy[(link, host)]
+                    nodes.append(node)
+            return ClusterStatus(nodes, self._client.pending())
+        if self._client.closed:
+            return ClusterStatus([], 0)
+        return self._call(collect_status)
+
+    def node_jobs(self, node, from_node=False):
+        """The jobs running on ``node`` (behind the scheduler); [] if unknown."""
+        link, host = self._behind(node)
+        if link is None:
+            return []
+        return self._call(lambda: [job.tag for job in self._client.jobs.values()
+                                   if job.node is link and job.where == host and job.sent
+                                   and job.tag is not None])
+
+    def _behind(self, node, strict=False):
+        """A DispyNode, IP address or host name -> (scheduler link, the
+        node's host as the scheduler names it), by address first, then name."""
+        if isinstance(node, DispyNode):
+            ip, name = node.ip_addr, node.name
+        elif isinstance(node, str):
+            ip, name = resolve_host(node), node
+        else:
+            ip = name = None
+        known = [(link, host, one) for link, behind in list(self._events.behind.items())
+                 for host, one in list(behind.items())]
+        for match in (lambda host, one: one.ip_addr == ip or host == name,
+                      lambda host, one: one.name == name):
+            for link, host, one in known:
+                if name is not None and match(host, one):
+                    return link, host
+        if strict:
+            raise ValueError(f"{node!r} is not a node of this cluster (the nodes behind the "
+                             f"scheduler: {sorted(one.ip_addr for _, _, one in known)})")
+        return None, None
 
     def _session(self):
         # The start of each job carries the node that runs it (job.ip_addr).
