@@ -51,10 +51,15 @@ log = logging.getLogger("dpool.scheduler")
 
 #: Session options a leg does not pass on to its node: the scheduler answers
 #: those itself (heartbeats) or does not offer them through a scheduler.
-_NOT_FORWARDED = ("heartbeat", "cpus", "recover_token", "pulse_interval", "nodes", "weight")
+_NOT_FORWARDED = ("heartbeat", "cpus", "recover_token", "pulse_interval", "nodes", "weight",
+                  "exclusive")
 #: Seconds a new client waits, at most, for its sessions on the nodes before
 #: Ready (well within a client's connect timeout).
 LEG_WAIT = 5.0
+#: Seconds new clients are turned away (Busy) after an exclusive client was
+#: told to wait for the others, so that it gets in once they are done (it
+#: asks again every BUSY_POLL s, core/client.py).
+EXCLUSIVE_QUEUE = 2.0
 _ENV = (P.SetupDone, P.SetupFail, P.FileDone)  # the computation's (computation.py)
 _PASSED_ON = (P.Provisional, P.SendFile)
 
@@ -140,6 +145,11 @@ class ClientSession:
             self.end("refused")
             return
         self.limit = int(self.options.get("cpus") or 1 << 62)  # the most jobs running at once
+        busy = broker.busy_for(self)
+        if busy:  # the client asks again, up to its connect timeout
+            self.tell([P.encode(P.Busy, busy)])
+            self.end("busy")
+            return
         ports = [port for port in broker.ready_nodes() if self.wants(port)]
         if not ports:
             self.tell([P.encode(P.Refused, f"no node of scheduler {broker.name} matches "
@@ -500,6 +510,8 @@ class ClientSession:
             return
         self.ended = True
         broker = self.broker
+        if broker.exclusive is self:
+            broker.exclusive = None
         broker.watch.discard(self.conn)
         broker.fair.remove_client(self)
         broker.clients.discard(self)
@@ -547,6 +559,8 @@ class Broker:
         self._sids = iter(range(1, 1 << 62))
         self._place_scheduled = False
         self.pinned = 0  # jobs pinned to a node (submit_node) queued, all clients
+        self.exclusive: ClientSession | None = None  # the client that has the nodes to itself
+        self._exclusive_waits_until = 0.0  # new clients wait behind an exclusive one till then
         self.ahead = False  # one client alone: nodes hold a job more per CPU (see place)
         self.draining = False
 
@@ -687,6 +701,28 @@ class Broker:
         self.clients.add(client)
         conn.set_receiver(client.on_message, client.on_close)
         self.watch.add(conn, liveness.Settings())  # Session comes within the default lease
+
+    def busy_for(self, session: ClientSession) -> str | None:
+        """Why ``session`` must wait (dispy's exclusive clusters), or None.
+        An exclusive client has the scheduler to itself: it starts once no
+        other client has a session, and until it ends the others wait; while
+        it waits, new clients wait behind it."""
+        now = asyncio.get_running_loop().time()
+        if self.exclusive is not None:
+            return f"scheduler {self.name} is held by an exclusive cluster"
+        if session.options.get("exclusive"):
+            others = sum(1 for client in self.clients if client.options and client is not session)
+            if others:
+                self._exclusive_waits_until = now + EXCLUSIVE_QUEUE
+                log.info("%s: an exclusive cluster waits for the %d other clients", session,
+                         others)
+                return (f"an exclusive cluster waits for the {others} other clients of "
+                        f"scheduler {self.name} to finish")
+            self.exclusive = session
+            return None
+        if now < self._exclusive_waits_until:
+            return f"an exclusive cluster is waiting for scheduler {self.name}"
+        return None
 
     def status(self) -> dict:
         running = sum(client.running for client in self.clients)

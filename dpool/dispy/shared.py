@@ -27,8 +27,10 @@ class SharedJobCluster(JobCluster):
     """dispy's SharedJobCluster: ``computation`` runs on the nodes of the
     ``dpool-scheduler`` at ``scheduler_host:scheduler_port``, which shares
     them among its clients.  ``nodes`` limits this cluster to those nodes
-    (host names or addresses, ``*`` patterns allowed); ``exclusive=True``
-    (whole nodes for this cluster) is not offered and raises."""
+    (host names or addresses, ``*`` patterns allowed).  With
+    ``exclusive=True`` the cluster has the scheduler's nodes to itself, as in
+    dispy: it starts once no other client uses the scheduler (waiting up to
+    its connect timeout), and other clients wait until it closes."""
 
     def __init__(self, computation, nodes=None, depends=[], callback=None,  # noqa: B006 (dispy's)
                  cluster_status=None, ip_addr=None, port=None, scheduler_host=None,
@@ -36,9 +38,7 @@ class SharedJobCluster(JobCluster):
                  cleanup=True, dest_path=None, poll_interval=None, reentrant=False,
                  exclusive=False, secret="", keyfile=None, certfile=None, recover_file=None,
                  **options):
-        if exclusive:
-            raise NotImplementedError("SharedJobCluster(exclusive=True) is not supported: the "
-                                      "scheduler shares every node among its clients")
+        self._exclusive = bool(exclusive)
         if recover_file:
             raise NotImplementedError("SharedJobCluster(recover_file=...) is not supported: "
                                       "a scheduler keeps no results to recover")
@@ -111,6 +111,8 @@ class SharedJobCluster(JobCluster):
     def _session(self):
         # The start of each job carries the node that runs it (job.ip_addr).
         options = dict(super()._session(), notify_start=True)
+        if self._exclusive:
+            options["exclusive"] = True
         if self._only_nodes:
             options["nodes"] = self._only_nodes
         return options
