@@ -44,6 +44,7 @@ from ..protocol import Outcome
 from ..transport import PROTOCOL_VERSION, Connection, start_server
 from ..transport.budget import ReceiveBudget
 from .computation import Computation
+from .keep import KEEP_RESULTS, Kept
 from .nodeport import Link, NodePort, Watch
 from .share import FairShare
 
@@ -96,6 +97,7 @@ class ClientSession:
         self.pin_of: dict[int, str] = {}
         self.pinned: dict[str, dict[int, None]] = {}
         self.ended = False
+        self.kept: Kept | None = None  # while detached (gone, recoverable): its results
         self.counts: collections.Counter = collections.Counter()
         self.handlers = {P.Session: self.on_session, P.Func: self.on_func, P.Run: self.on_run,
                          P.Cancel: self.on_cancel, P.Bye: self.on_bye, P.Forget: self.on_forget,
@@ -121,6 +123,10 @@ class ClientSession:
         handler(msg, frames)
 
     def on_close(self, exc: BaseException | None = None) -> None:
+        if not self.ended and self.options.get("recover_token") and self.kept is None \
+                and not self.broker.draining:
+            self.detach(exc)
+            return
         if not self.ended:
             log.info("%s disconnected%s", self, f" ({exc})" if exc else "")
         self.end("client disconnected")
@@ -241,8 +247,48 @@ class ClientSession:
         self.end("status")
 
     def on_recover(self, msg: Any, frames: list) -> None:
-        self.tell([P.encode(P.Refused, "a scheduler keeps no results to recover")])
-        self.end("refused")
+        """Recover instead of Session: take over a detached session (keep.py)."""
+        broker = self.broker
+        old = broker.detached.pop(msg.token, None) if not self.options else None
+        if old is None or old.ended:
+            self.tell([P.encode(P.Refused, f"scheduler {broker.name} keeps no results for "
+                                           f"that session (unknown, or the time to recover "
+                                           f"it has passed)")])
+            self.end("refused")
+            return
+        self.ended = True  # this session only hands its connection over
+        broker.clients.discard(self)
+        old.reattach(self.conn, msg.terminate)
+
+    # ------------------------------------------------- a client gone away (keep.py)
+
+    def detach(self, exc: BaseException | None) -> None:
+        keep = self.broker.keep_results
+        log.info("%s disconnected%s; its jobs go on and their results are kept for %ss "
+                 "(recover_jobs)", self, f" ({exc})" if exc else "", keep)
+        self.broker.watch.discard(self.conn)
+        self.kept = Kept(keep, lambda: self.end(f"the client did not come back within "
+                                                f"{keep}s"))
+        self.broker.detached[self.options["recover_token"]] = self
+
+    def reattach(self, conn: Connection, terminate: bool) -> None:
+        """``recover_jobs`` is here: Ready with the kept and unfinished jobs,
+        the kept results; the others follow as they end."""
+        kept, self.kept = self.kept, None
+        if kept is None:
+            return
+        kept.cancel()
+        self.conn = conn
+        conn.set_receiver(self.on_message, self.on_close)
+        unfinished = [*self.placed, *self.pending]
+        log.info("%s: recovered by %s: %d results kept, %d jobs unfinished", self, conn.peer,
+                 len(kept.job_ids), len(unfinished))
+        self.tell([P.encode(P.Ready, dict(self.broker.info(), recovered=True,
+                                          kept=kept.job_ids, pending=unfinished))])
+        for frames in kept.messages:
+            self.tell(frames)
+        if terminate and unfinished:
+            self.on_cancel(P.Cancel(unfinished), [])
 
     def on_bye(self, msg: Any, frames: list) -> None:
         self.end("client closed the session")
@@ -378,6 +424,10 @@ class ClientSession:
     # ------------------------------------------------------------- to the client
 
     def tell(self, frames: list) -> None:
+        if self.kept is not None:  # gone, recoverable: its results are kept
+            if not self.kept.add(frames):
+                self.end("more results than a session may keep")
+            return
         if not self.conn.closed:
             self.conn.send(frames)
 
@@ -512,6 +562,11 @@ class ClientSession:
         broker = self.broker
         if broker.exclusive is self:
             broker.exclusive = None
+        if self.kept is not None:
+            self.kept.cancel()
+            broker.detached.pop(self.options["recover_token"], None)
+            log.warning("%s: %s; discarding %d kept results and %d unfinished jobs", self,
+                        why, len(self.kept.job_ids), len(self.placed) + len(self.pending))
         broker.watch.discard(self.conn)
         broker.fair.remove_client(self)
         broker.clients.discard(self)
@@ -537,11 +592,14 @@ class Broker:
     def __init__(self, nodes: list[tuple[str, int]], *, secret: bytes, ssl: Any = None,
                  node_ssl: Any = None, name: str | None = None, heartbeat: Any = None,
                  connect_timeout: float | None = None, max_retries: int = 2,
-                 fifo: bool = False, receive_budget: int | None = None) -> None:
+                 fifo: bool = False, receive_budget: int | None = None,
+                 keep_results: float = KEEP_RESULTS) -> None:
         self.name = name or socket.gethostname()
         self.secret = secret
         self.ssl = ssl
         self.receive_budget = receive_budget  # bytes; None: the transport's default
+        self.keep_results = keep_results  # seconds a gone client's session is kept (keep.py)
+        self.detached: dict[str, ClientSession] = {}  # recover token -> detached session
         self.max_retries = max_retries
         self.fair = FairShare(fifo=fifo)
         self.watch = Watch()

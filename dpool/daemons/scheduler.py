@@ -1,8 +1,8 @@
 """``dpool-scheduler``: several clients share one set of dpool-nodes.
 
     dpool-scheduler --nodes HOST[:PORT],... [--host 127.0.0.1] [--port 51351]
-                    [--secret-file PATH] [--fifo] [--grace SECONDS] [--receive-budget BYTES]
-                    [--logfile PATH]
+                    [--secret-file PATH] [--fifo] [--grace SECONDS] [--logfile PATH]
+                    [--receive-budget BYTES] [--keep-results SECONDS]
                     [--certfile F --keyfile F [--cafile F]]
                     [--node-certfile F --node-keyfile F] [--node-cafile F]
     dpool-scheduler --version
@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--node-cafile", help="CA that the nodes' certificates are checked "
                                          "against (TLS to the nodes; the system CAs if only "
                                          "--node-certfile is given)")
+    p.add_argument("--keep-results", type=float, default=None, metavar="SECONDS",
+                   help="how long the jobs and results of a recoverable client (recover_file) "
+                        "are kept after it went away (default 3600)")
     common.add_receive_budget(p, "scheduler")
     common.add_loglevel(p)
     common.add_logfile(p)
@@ -123,7 +126,8 @@ def main(argv=None):
         print(f"dpool-scheduler: cannot set up TLS: {exc}", file=sys.stderr)
         return 2
     broker = Broker(nodes, secret=secret, name=args.name, fifo=args.fifo, ssl=ssl,
-                    node_ssl=node_ssl, receive_budget=args.receive_budget)
+                    node_ssl=node_ssl, receive_budget=args.receive_budget,
+                    **({} if args.keep_results is None else {"keep_results": args.keep_results}))
     try:
         asyncio.run(_serve(broker, args))
     except KeyboardInterrupt:

@@ -39,9 +39,6 @@ class SharedJobCluster(JobCluster):
                  exclusive=False, secret="", keyfile=None, certfile=None, recover_file=None,
                  **options):
         self._exclusive = bool(exclusive)
-        if recover_file:
-            raise NotImplementedError("SharedJobCluster(recover_file=...) is not supported: "
-                                      "a scheduler keeps no results to recover")
         self._only_nodes = _node_patterns(nodes)
         host, sport = scheduler_address(scheduler_host, scheduler_port)
         super().__init__(computation, nodes=[NodeAllocate(host, sport)], depends=depends,
@@ -49,7 +46,8 @@ class SharedJobCluster(JobCluster):
                          ext_ip_addr=ext_ip_addr, loglevel=loglevel, setup=setup,
                          cleanup=cleanup, dest_path=dest_path, poll_interval=poll_interval,
                          reentrant=reentrant, secret=secret, keyfile=keyfile,
-                         certfile=certfile, node_port=sport, **options)
+                         certfile=certfile, node_port=sport, recover_file=recover_file,
+                         **options)
 
     # ------------------------------------------------- the nodes behind the scheduler
 
