@@ -464,9 +464,11 @@ class ClientSession:
         and the client, when they changed since its last Ready."""
         if self.ended:
             return
+        if self.running >= self.limit:
+            self.broker.fair.add_client(self, self.weight, nodes=())
+            return
         usable = self.usable_ports()
-        self.broker.fair.add_client(self, self.weight,
-                                    nodes=() if self.running >= self.limit else usable)
+        self.broker.fair.add_client(self, self.weight, nodes=usable)
         if self.told_cpus and usable != self.told_nodes:
             self.tell_ready()
 

@@ -102,3 +102,24 @@ def test_cluster_status_callbacks_name_the_nodes_behind_the_scheduler(scheduler,
     assert {ip for ip, _ in finished} == set(hosts)
     closed = sorted(ip for status, ip, _ in events if status == dpool.DispyNode.Closed)
     assert closed == hosts
+
+
+def test_a_job_pinned_to_a_busy_node_waits_for_it_and_can_be_cancelled(scheduler, three_nodes,
+                                                                        tmp_path):
+    cluster = shared(scheduler, fn=hold)
+    gate = str(tmp_path / "gate")
+    target = three_nodes[2].host
+    try:
+        # 2 run, 2 wait on the node (one more per CPU), the rest wait in the scheduler
+        jobs = [cluster.submit_node(target, str(tmp_path / f"m{i}"), gate) for i in range(6)]
+        for i in range(NODE_CPUS):
+            read_marker(str(tmp_path / f"m{i}"), 30)
+        assert cluster.cancel(jobs[-1]) == 0
+        jobs[-1].finish.wait(30)
+        assert jobs[-1].status == dpool.DispyJob.Cancelled
+        write_file(gate, "")
+        assert all(job() for job in jobs[:-1])
+        assert {job.ip_addr for job in jobs[:-1]} == {target}
+    finally:
+        write_file(gate, "")
+        cluster.close()
