@@ -7,8 +7,8 @@ import threading
 import pytest
 
 import dpool
-from helpers import poll_for, read_marker
-from helpers_sched import NODE_CPUS, SECRET
+from helpers import poll_for, read_marker, start_node
+from helpers_sched import NODE_CPUS, SECRET, start_scheduler
 from tasks import hold, nap_for, write_file
 
 
@@ -123,3 +123,27 @@ def test_a_job_pinned_to_a_busy_node_waits_for_it_and_can_be_cancelled(scheduler
     finally:
         write_file(gate, "")
         cluster.close()
+
+
+def test_a_job_pinned_to_a_node_that_is_lost_fails(tmp_path, three_nodes):
+    """It is not run elsewhere: Abandoned with NodeLost (as a JobCluster's)."""
+    extra = start_node(tmp_path / "extra", cpus=1, secret=SECRET, args=("--host", "127.0.0.5"))
+    sched = start_scheduler(tmp_path / "scheduler", [("127.0.0.5", extra.port)]
+                            + [(n.host, n.port) for n in three_nodes], SECRET)
+    try:
+        cluster = shared(sched, fn=hold)
+        try:
+            job = cluster.submit_node("127.0.0.5", str(tmp_path / "m"), str(tmp_path / "never"))
+            read_marker(str(tmp_path / "m"), 30)
+            extra.kill()
+            job.finish.wait(30)
+            assert job.status == dpool.DispyJob.Abandoned and "lost" in job.exception
+            with pytest.raises(ValueError):  # no longer a node of the cluster
+                poll_for(lambda: "127.0.0.5" not in {n.ip_addr for n in cluster.status().nodes},
+                         20, message="the lost node to leave status()")
+                cluster.submit_node("127.0.0.5", str(tmp_path / "m2"), str(tmp_path / "never"))
+        finally:
+            cluster.close()
+    finally:
+        extra.kill()
+        assert sched.terminate() == 0, sched.stderr()
