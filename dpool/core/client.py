@@ -38,6 +38,7 @@ from ..config import resolve_cpus
 from ..errors import (BrokenCluster, ConnectionClosed, DpoolError, JobCancelled, NodeLost,
                       ProtocolError)
 from ..transport import inproc_pair
+from .direct import MAX_ARGUMENT, DirectFuture, DirectLine
 from .future import Future, resolve
 from .links import Links, NodeLink, client_hello, describe, tls_context  # noqa: F401 (API)
 from .scheduler import Action, Cancelled, CancelRemote, Fail, Reclaim, Scheduler, Send
@@ -54,6 +55,21 @@ CREATED, RUNNING, FINISHED, CANCELLED, TERMINATED, ABANDONED = (
 _NODE_FUNCTIONS = 1024
 
 
+def outcome_of(outcome, payload):
+    """A job's ``(status, value, error)`` from its Result's outcome and payload."""
+    if outcome == Outcome.OK:
+        try:
+            return FINISHED, serialize.loads(payload), None
+        except Exception as exc:  # e.g. the result's class is not importable here
+            return TERMINATED, None, exc
+    if outcome == Outcome.CANCELLED:
+        return CANCELLED, None, JobCancelled("job cancelled before it ran")
+    if outcome == Outcome.KILLED:
+        return TERMINATED, None, JobCancelled("job cancelled: its process was killed")
+    error = serialize.load_exception(payload)
+    return (TERMINATED if outcome == Outcome.ERROR else ABANDONED), None, error
+
+
 class Job:
     """The client's record of one job.  Fields are written by the loop thread
     before the future resolves, so they are safe to read after it has."""
@@ -62,13 +78,13 @@ class Job:
                  "start_time", "end_time", "stdout", "stderr", "sent", "tag", "star",
                  "value", "error", "cancelled", "blob", "where", "place", "__weakref__")
 
-    def __init__(self, job_id, fn_id, frames, tag=None, star=False):
+    def __init__(self, job_id, fn_id, frames, tag=None, star=False, future=None):
         self.id = job_id
         self.fn_id = fn_id
         self.star = star
         self.frames = frames
         self.blob = None  # the function, serialized (set by Client.submit)
-        self.future = Future()
+        self.future = Future() if future is None else future
         self.status = CREATED
         self.node = None
         self.where = None  # the host that ran it, when a scheduler (the node) says so
@@ -202,6 +218,8 @@ class Client:
         self._unfinished = set()  # futures not yet resolved (for close/wait)
         self._idle = threading.Condition(threading.Lock())  # notified when that set empties
         self._outcomes = None  # while a DONE batch is read: [(future, value, error)]
+        self._direct = None  # a DirectLine: calls straight to a lent worker (embedded)
+        self._extended = False  # an extension registered handlers (no direct calls)
         self._thread = LoopThread(name)
         self.loop = self._thread.loop
         self.net = Links(self)  # the links to the nodes: sessions, heartbeats, re-joins
@@ -217,6 +235,7 @@ class Client:
         """Handle more message types: ``{record class: fn(link, msg, frames)}``,
         called in the loop thread (before :meth:`start`)."""
         self.net.handlers.update(handlers)
+        self._extended = True
 
     @property
     def links(self):
@@ -265,6 +284,12 @@ class Client:
             if not defer_errors:
                 raise
             return self._unsent(exc, tag, star)
+        line = self._direct
+        if line is not None and not star and pin is None and not self._unfinished \
+                and not self._incoming and line.free() and not self.listeners:
+            job = self._submit_direct(line, fn_id, blob, frames, tag)
+            if job is not None:
+                return job
         job = Job(next(self._ids), fn_id, frames, tag, int(star))  # a plain int on the wire
         job.blob = blob
         job.place = place
@@ -277,6 +302,63 @@ class Client:
             except RuntimeError:  # the loop closed under us: close() raced this submit
                 self._fail_leftovers()
         return job
+
+    def _submit_direct(self, line, fn_id, blob, frames, tag):
+        """Nothing else in flight: the job goes straight to the lent worker
+        (see dpool.core.direct); None if it can't (the normal path then)."""
+        if sum(memoryview(frame).nbytes for frame in frames) > MAX_ARGUMENT:
+            return None
+        job = Job(next(self._ids), fn_id, frames, tag, 0, DirectFuture(line))
+        job.blob = blob
+        job.future.set_running_or_notify_cancel()
+        job.sent, job.status, job.node = True, RUNNING, line.link
+        self._unfinished.add(job.future)
+        if line.start(job):
+            return job
+        self._unfinished.discard(job.future)
+        return None
+
+    def _direct_done(self, job, frames):
+        """A direct call's answer (read by whichever thread waited for it)."""
+        try:
+            msg = P.decode(frames[0])
+            ((res, payload),) = P.results(msg, frames)
+            if res.job_id != job.id:
+                raise ProtocolError(f"answer for job {res.job_id}")
+        except Exception as exc:
+            self._direct_failed(job, ProtocolError(f"the worker sent an unexpected message "
+                                                   f"for a direct call: {describe(exc)}"))
+            return
+        job.start_time, job.end_time, job.stdout, job.stderr = \
+            res.start, res.end, res.stdout, res.stderr
+        job.node.jobs_done += 1
+        job.node.cpu_time += res.end - res.start
+        self._direct_finish(job, *outcome_of(res.outcome, payload))
+
+    def _direct_failed(self, job, error):
+        self._direct_finish(job, ABANDONED, None, error)
+
+    def _direct_finish(self, job, status, value, error):
+        job.status = status
+        job.frames = job.blob = None
+        job.value, job.error = value, error
+        job.future._line = None
+        resolve(((job.future, value, error),))
+        self._unfinished.discard(job.future)
+        self._settle()
+
+    def _direct_adopt(self, job, link):
+        """(loop thread) A direct call whose worker's socket ended becomes a
+        job in flight on the embedded node (which reports its outcome);
+        False if it was failed instead (closing)."""
+        job.future._line = None
+        if self._direct.closed or self.scheduler.nodes.get(link) is None:  # shut down
+            self._direct_failed(job, BrokenCluster("the client was closed"))
+            return False
+        self.jobs[job.id] = job
+        link.in_flight.add(job.id)
+        self.scheduler.adopt(link, [job.id])
+        return True
 
     def _unsent(self, exc, tag, star):
         """A job that could not be serialized: its future fails at once with
@@ -301,6 +383,11 @@ class Client:
 
     def wait(self, timeout=None):
         """Wait until every job submitted so far has finished; True if so."""
+        line = self._direct
+        if line is not None:
+            job = line.job
+            if job is not None:  # nobody may be reading its answer: the loop thread will
+                line.handoff(job.future)
         with self._idle:
             return self._idle.wait_for(lambda: not self._unfinished, timeout)
 
@@ -445,8 +532,11 @@ class Client:
         self.embedded = node
         ours, theirs = inproc_pair()
         link = NodeLink("embedded", ours)
-        node.accept(theirs)
+        session = node.accept(theirs)
         await self.net.open_session(link)
+        if self.on_event is None and not self._extended and not any(
+                self.session.get(option) for option in ("max_tasks", "capture", "notify_start")):
+            self._direct = DirectLine(self, session, link)
 
     def opening(self, link):
         """The messages that open a session: SESSION (its options from
@@ -631,6 +721,8 @@ class Client:
     def _drain(self):
         self._wake_pending = False
         incoming = self._incoming
+        if self._direct is not None and incoming:
+            self._direct.reclaim()  # the lent worker serves the dispatcher again
         plain, now = [], time.monotonic()
         actions: list[Action] = []
         while incoming:
@@ -755,6 +847,9 @@ class Client:
             self._read_results(link, msg, frames, jobs, finish)
         finally:
             self._outcomes = None
+            if self._direct is not None and len(self._unfinished) <= len(outcomes) \
+                    and not self._incoming:
+                self._direct.offer()  # idle now: the next lone call may go direct
             resolve(outcomes)
             discard = self._unfinished.discard
             for future, _, _ in outcomes:
@@ -785,21 +880,7 @@ class Client:
             self._resolve(job, res.outcome, payload)
 
     def _resolve(self, job, outcome, payload):
-        if outcome == Outcome.OK:
-            try:
-                value = serialize.loads(payload)
-            except Exception as exc:  # e.g. the result's class is not importable here
-                self._finish(job, TERMINATED, error=exc)
-            else:
-                self._finish(job, FINISHED, value=value)
-        elif outcome == Outcome.CANCELLED:
-            self._finish(job, CANCELLED, error=JobCancelled("job cancelled before it ran"))
-        elif outcome == Outcome.KILLED:
-            self._finish(job, TERMINATED,
-                         error=JobCancelled("job cancelled: its process was killed"))
-        else:
-            error = serialize.load_exception(payload)
-            self._finish(job, TERMINATED if outcome == Outcome.ERROR else ABANDONED, error=error)
+        self._finish(job, *outcome_of(outcome, payload))
 
     def _finish(self, job, status, value=None, error=None):
         if job is None:
@@ -842,17 +923,24 @@ class Client:
                 log.exception("dpool: event listener failed on %s", kind)
 
     def _cancel(self, job):
+        if self._direct is not None and self._direct.job is job:
+            self._direct.cancel()
+            return
         if job.id not in self.jobs:
             # Not drained yet: drain first so the scheduler knows it.
             self._drain()
         self._act(self.scheduler.cancel(job.id))
 
     def _cancel_all(self):
+        if self._direct is not None:
+            self._direct.cancel()
         self._drain()
         for job_id in list(self.jobs):
             self._act(self.scheduler.cancel(job_id))
 
     async def _shutdown(self, grace=2.0):
+        if self._direct is not None:
+            self._direct.close()
         self._drain()
         self.net.stop()
         error = BrokenCluster("the client was closed")

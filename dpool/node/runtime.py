@@ -265,6 +265,7 @@ class Session:
         self._expiry = None
         self.attempts = {}  # job id -> the attempt number the client gave it (Run)
         self._heartbeat = self._ticker = None
+        self.lent = None  # the worker lent to the embedding client (see lend)
 
     # -------------------------------------------------------------- liveness
 
@@ -587,6 +588,42 @@ class Session:
         else:
             self.dispatch()
 
+    # ------------------------------------- direct calls (embedded node only)
+
+    def lend(self):
+        """``(worker, socket)``: an idle worker the embedding client may talk
+        to itself (dpool.core.direct), out of the dispatcher's hands, or None.
+        Only a worker that already ran a job (its INIT went well) is lent, and
+        only while nothing waits here; :meth:`take_back` returns it."""
+        if not self.node.embedded or self.ended or self.draining or self.env is not None \
+                or self.lent is not None or self.dispatcher.queue:
+            return None
+        for worker in self.workers:
+            if worker.fns and not worker.outstanding and not worker.dead \
+                    and worker.killing is None:
+                sock = worker.conn.lend()
+                if sock is not None:
+                    self.workers.remove(worker)
+                    self.lent = worker
+                    return worker, sock
+        return None
+
+    def take_back(self, worker, item=None):
+        """The lent ``worker`` is the dispatcher's again; ``item`` (a RunItem)
+        is a job the client gave it that is still its to answer: the session
+        now waits for it as for its own (its result, or WORKER_LOST)."""
+        if self.lent is worker:
+            self.lent = None
+        if self.ended or worker.dead:
+            return
+        if item is not None:
+            worker.outstanding.append(item.job_id)
+            self.dispatcher.given[item.job_id] = (worker, (item, ()))
+            self.attempts[item.job_id] = item.attempt
+        self.workers.append(worker)
+        worker.conn.take_back()
+        self.dispatch()
+
     def dispatch(self):
         """Give queued jobs to workers with room: one RUN message per worker."""
         self._act(self.dispatcher.dispatch())
@@ -743,7 +780,8 @@ class Session:
         self._flush()
         self.ended = True
         self.unwatch()
-        for worker in self.workers:
+        lent, self.lent = self.lent, None
+        for worker in [*self.workers, *([lent] if lent is not None else [])]:
             worker.dead = True
             worker.zygote.kill(worker.pid, forget=True)
             worker.conn.abort()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -192,6 +193,27 @@ class Connection:
             self._closing = True
             self._wake_waiters()
             self._stream.abort()
+
+    def lend(self) -> socket.socket | None:
+        """Stop reading and return a duplicate of the stream's socket, for a
+        thread that talks to the peer itself while this connection rests (the
+        embedded node lends an idle worker to the client).  None when that
+        can't be done now: closed, not a plain socket stream, or a message
+        received or queued in part.  :meth:`take_back` resumes reading."""
+        stream = self._stream
+        idle = getattr(stream, "idle", None)
+        if self.closed or self._pending or idle is None or not idle() \
+                or self._decoder is None or self._decoder.partial:
+            return None
+        sock = stream.get_extra_info("socket")
+        if sock is None:
+            return None
+        stream.pause_reading()
+        return sock.dup()
+
+    def take_back(self) -> None:
+        """Read again after :meth:`lend` (the borrower is done with the peer)."""
+        self._resume_reading()
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._lost_future)

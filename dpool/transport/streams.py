@@ -135,6 +135,10 @@ class SocketStream:
             self._conn.bytes_received += n
             self._conn._buffer_updated(n)
 
+    def idle(self) -> bool:
+        """True when nothing is queued to send and the stream is open."""
+        return not (self._out or self._plain or self._closing)
+
     def pause_reading(self) -> None:
         if not self._closing:
             self._loop.remove_reader(self._fd)

@@ -1,0 +1,402 @@
+"""Direct calls: the calling thread talks to a worker itself when nothing else is in flight.
+
+::
+
+    user thread                               client loop thread + embedded node
+    ───────────                               ──────────────────────────────────
+                                              the client goes idle: the node lends
+                                              one idle worker (Session.lend: out of
+                                              its dispatcher, its socket not read)
+    submit, nothing else in flight ──► RUN written to that worker's socket here
+    result() ──► its DONE read here, the future resolved here
+                 (no loop-thread wake-up on either leg: the round trip is the
+                  worker's, plus pickling)
+
+    anything else hands the reading to the loop thread (it watches the socket):
+    add_done_callback, concurrent.futures.wait/as_completed, done(), a
+    result() that times out, Client.wait/close, a second job submitted (the
+    worker then goes back to the dispatcher once this job is done).  A worker
+    that dies under a direct call: its job goes back to the node's session,
+    which reports it WORKER_LOST exactly as for any job it gave a worker.
+
+One :class:`DirectLine` per client (embedded node only; Executor and Pool,
+not JobCluster, whose events run in the loop thread).  At most one thread
+reads the worker's socket at a time: ``owner`` says who (the lock guards it).
+"""
+from __future__ import annotations
+
+import collections
+import math
+import select
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import protocol as P
+from ..errors import BrokenCluster, ProtocolError
+from ..transport.frames import FrameDecoder, encode
+from .future import _DONE, Future
+
+if TYPE_CHECKING:
+    import socket
+
+__all__ = ["DirectFuture", "DirectLine", "MAX_ARGUMENT"]
+
+#: Arguments up to this many bytes go the direct way (larger ones stream
+#: through the node, which writes them as the worker reads).
+MAX_ARGUMENT = 256 * 1024
+#: Functions the lent worker keeps loaded by direct calls, at most.
+MAX_FUNCTIONS = 256
+
+_USER, _LOOP = "user", "loop"  # who reads the worker's socket (``owner``)
+_EOF = object()  # the worker's socket ended (or sent something unreadable)
+
+
+class DirectFuture(Future):
+    """The future of a direct call: waiting on it reads the worker's answer
+    in the waiting thread; every other way of waiting hands the reading to
+    the loop thread first (so the future resolves with nobody in result())."""
+
+    __slots__ = ("_line",)
+
+    def __init__(self, line: DirectLine | None) -> None:
+        super().__init__()
+        self._line = line
+
+    def _wait(self, timeout: float | None) -> str:
+        line = self._line
+        if line is not None and self._state not in _DONE:
+            start = time.monotonic()
+            line.collect(self, timeout)
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.monotonic() - start))
+        return super()._wait(timeout)
+
+    def done(self) -> bool:
+        if self._state in _DONE:
+            return True
+        if self._line is not None:
+            self._line.handoff(self)
+        return self._state in _DONE
+
+    @property
+    def _condition(self) -> Any:  # type: ignore[override]
+        if self._line is not None and self._state not in _DONE:
+            self._line.handoff(self)
+        return Future._condition.fget(self)  # type: ignore[attr-defined]
+
+    def add_done_callback(self, fn: Any) -> None:
+        if self._line is not None and self._state not in _DONE:
+            self._line.handoff(self)
+        super().add_done_callback(fn)
+
+
+class DirectLine:
+    """The client's end of a worker the embedded node lent it (see module doc).
+
+    ``client`` is the core Client (its ``_direct_*`` methods finish jobs),
+    ``session`` the embedded node's Session, ``link`` its NodeLink."""
+
+    def __init__(self, client: Any, session: Any, link: Any) -> None:
+        self.client, self.session, self.link = client, session, link
+        self.loop = client.loop
+        self.lock = threading.Lock()
+        self.worker: Any = None  # the lent WorkerHandle, None: no lease
+        self.sock: socket.socket | None = None  # our duplicate of its socket
+        self.poller: Any = None
+        self.decoder: FrameDecoder | None = None
+        self.fns: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.job: Any = None  # the Job in flight on the line
+        self.owner: str | None = None  # who reads (or writes) the socket now
+        self.dead = False  # the worker is gone: no more direct calls on this lease
+        self.closed = False
+
+    # ------------------------------------------------------------ user side
+
+    def free(self) -> bool:
+        """(a hint, without the lock) True if a call may go direct now."""
+        return self.worker is not None and self.job is None and self.owner is None \
+            and not self.dead and not self.closed
+
+    def start(self, job: Any) -> bool:
+        """Send ``job`` (a plain call, its future a DirectFuture on this
+        line, set running) to the lent worker; False if the line is not
+        free (the caller takes the normal path)."""
+        with self.lock:
+            if not self.free():
+                return False
+            self.job, self.owner = job, _USER
+        try:
+            self._send(job)
+        except OSError:  # the worker is gone: the loop thread takes it back
+            with self.lock:
+                self.job, self.owner, self.dead = None, None, True
+            return False
+        with self.lock:
+            self.owner = None
+        return True
+
+    def collect(self, future: DirectFuture, timeout: float | None) -> None:
+        """Read the answer to ``future``'s job here, within ``timeout``
+        (then the loop thread reads on); nothing if someone else reads."""
+        with self.lock:
+            job = self.job
+            if job is None or job.future is not future or self.owner is not None:
+                return
+            self.owner = _USER
+        frames = None
+        try:
+            frames = self._read(timeout)
+        finally:
+            if frames is None:  # timed out (or interrupted): the loop thread reads on
+                with self.lock:
+                    self.owner = None
+                self.handoff(future)
+        if frames is not None:
+            self._end(job, frames)
+
+    def handoff(self, future: DirectFuture) -> None:
+        """Make sure ``future`` resolves with nobody reading in a user
+        thread: the loop thread watches the worker's socket (any thread)."""
+        with self.lock:
+            job = self.job
+            if job is None or job.future is not future or self.owner is not None:
+                return
+            closed = self.closed
+            if not closed:
+                self.owner = _LOOP
+        if not closed:
+            try:
+                self.loop.call_soon_threadsafe(self._watch)
+                return
+            except RuntimeError:  # the loop is gone: the client closed
+                pass
+        with self.lock:  # (closing: the session's end kills the worker)
+            self.closed = True
+            if self.job is not job:
+                return
+            self.job = self.owner = None
+            sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+        self.client._direct_failed(job, BrokenCluster("the client was closed"))
+
+    # ------------------------------------------------------------ loop side
+
+    def offer(self) -> None:
+        """(loop thread, the client idle) Borrow an idle worker, if any."""
+        if self.worker is not None or self.closed:
+            return
+        lease = self.session.lend()
+        if lease is None:
+            return
+        self.worker, self.sock = lease
+        self.decoder = FrameDecoder()
+        self.poller = select.poll()
+        self.poller.register(self.sock.fileno(), select.POLLIN)
+        self.fns.clear()
+        self.dead = False
+
+    def reclaim(self) -> None:
+        """(loop thread) Other jobs came: the worker goes back to the
+        dispatcher, at once if idle, else once the direct call is answered
+        (the loop thread reads it unless a user thread already does)."""
+        with self.lock:
+            if self.worker is None or self.closed:
+                return
+            if self.job is not None:
+                if self.owner is not None:
+                    return  # its reader ends it, then calls reclaim again
+                self.owner = _LOOP
+                watch = True
+            else:
+                watch = False
+                worker, sock = self._end_lease()
+        if watch:
+            self._watch()
+        else:
+            self.session.take_back(worker)
+            sock.close()
+
+    def cancel(self) -> None:
+        """(loop thread) Cancel the direct call in flight, as the node
+        cancels a running job: its worker is killed, and the call, the
+        session's again (see _convert), is reported KILLED."""
+        with self.lock:
+            job, worker = self.job, self.worker
+            if job is None or self.closed:
+                return
+            watch = self.owner is None
+            if watch:
+                self.owner = _LOOP
+        worker.killing = job.id
+        self.session._stop(worker)
+        if watch:
+            self._watch()
+
+    def close(self) -> None:
+        """(loop thread, the client shutting down) No more direct calls; a
+        call no user thread is reading fails as the client's other jobs do
+        (the session's end kills the lent worker)."""
+        with self.lock:
+            self.closed = True
+            if self.owner == _USER:
+                return  # its reader sees the worker end, and closes the socket
+            job, owner, self.job = self.job, self.owner, None
+            sock, self.sock = self.sock, None
+        if owner == _LOOP and sock is not None:
+            self.loop.remove_reader(sock.fileno())
+        if sock is not None:
+            sock.close()
+        if job is not None:
+            self.client._direct_failed(job, BrokenCluster("the client was closed"))
+
+    def _watch(self) -> None:
+        if self.owner == _LOOP and self.sock is not None and not self.closed:
+            self.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        sock, job = self.sock, self.job
+        frames = self._read_some()
+        if frames is None:
+            return
+        if sock is not None:
+            self.loop.remove_reader(sock.fileno())
+        self._end(job, frames)
+
+    def _convert(self, job: Any, worker: Any, sock: Any) -> None:
+        """(loop thread) The worker's socket ended under a direct call: the
+        job becomes the session's (which reports it WORKER_LOST, or KILLED
+        after a cancel, once the worker's exit is known), the worker goes
+        back to it (the lease ended when the end was read)."""
+        sock.close()
+        item = P.RunItem(job.id, job.fn_id, 0, 0, 1)
+        if self.client._direct_adopt(job, self.link):
+            self.session.take_back(worker, item)
+        else:
+            self.session.take_back(worker)
+
+    def _end_lease(self) -> tuple[Any, Any]:
+        """(under the lock) The lease is over: (worker, socket)."""
+        worker, sock = self.worker, self.sock
+        self.worker = self.sock = self.poller = self.decoder = None
+        self.job = self.owner = None
+        return worker, sock
+
+    # --------------------------------------------------------------- common
+
+    def _end(self, job: Any, frames: Any) -> None:
+        """The owner has the answer (or the end of the socket)."""
+        lease: tuple[Any, Any] = (None, None)
+        with self.lock:
+            self.job = self.owner = None
+            closing = self.closed
+            if frames is _EOF or (self.worker is not None and self.worker.killing is not None):
+                self.dead = True  # (a cancel's kill came after the answer: gone too)
+            dead = self.dead
+            sock = self.sock if closing else None
+            if closing:
+                self.sock = None
+            elif frames is _EOF:
+                lease = self._end_lease()
+        if sock is not None:
+            sock.close()
+        client = self.client
+        if frames is not _EOF:
+            client._direct_done(job, frames)
+        elif closing:
+            client._direct_failed(job, BrokenCluster("the client was closed"))
+        elif not self._in_loop(self._convert, job, *lease):  # the client closed meanwhile
+            lease[1].close()
+            client._direct_failed(job, BrokenCluster("the client was closed"))
+            return
+        else:
+            return
+        if not closing and (dead or client._unfinished or client._incoming):
+            self._in_loop(self.reclaim)  # others are waiting for this CPU
+
+    def _in_loop(self, fn: Any, *args: Any) -> bool:
+        """Call ``fn(*args)`` in the loop thread; False if its loop is gone."""
+        if self.client.in_loop_thread():
+            fn(*args)
+            return True
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the client closed meanwhile
+            return False
+        return True
+
+    def _send(self, job: Any) -> None:
+        messages = []
+        fn_id = job.fn_id
+        if fn_id in self.fns:
+            self.fns.move_to_end(fn_id)
+        else:
+            if len(self.fns) >= MAX_FUNCTIONS:
+                drop = [self.fns.popitem(last=False)[0] for _ in range(MAX_FUNCTIONS // 4)]
+                self.worker.fns.difference_update(drop)
+                messages.append([P.encode(P.Forget, drop)])
+            messages.append([P.encode(P.Func, fn_id), job.blob])
+            self.fns[fn_id] = None
+            self.worker.fns.add(fn_id)
+        messages.append([P.encode(P.Run, [P.run_item(job.id, fn_id, len(job.frames), 0, 1)]),
+                         *job.frames])
+        parts = [part for message in messages for part in encode(message)]
+        _send_all(self.sock, parts)
+
+    def _read(self, timeout: float | None) -> Any:
+        """(the owner) The next message, _EOF, or None after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = self.poller
+        while True:
+            if deadline is None:
+                ms = -1
+            else:
+                left = deadline - time.monotonic()
+                ms = max(0, math.ceil(left * 1000))
+            if poller.poll(ms):
+                frames = self._read_some()
+                if frames is not None:
+                    return frames
+            elif deadline is not None and ms == 0:
+                return None
+
+    def _read_some(self) -> Any:
+        decoder, sock = self.decoder, self.sock
+        if decoder is None or sock is None:
+            return _EOF
+        try:
+            n = sock.recv_into(decoder.get_buffer())
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return _EOF
+        if not n:
+            return _EOF
+        try:
+            messages = decoder.buffer_updated(n)
+        except ProtocolError:
+            return _EOF
+        return messages[0] if messages else None  # (one job: one answer)
+
+
+def _send_all(sock: Any, parts: list[Any]) -> None:
+    """Write every buffer of ``parts`` to a non-blocking socket."""
+    out = None
+    while parts:
+        try:
+            sent = sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            if out is None:
+                out = select.poll()
+                out.register(sock.fileno(), select.POLLOUT)
+            out.poll()
+            continue
+        while sent:
+            size = len(parts[0])
+            if sent >= size:
+                sent -= size
+                parts.pop(0)
+            else:
+                parts[0] = memoryview(parts[0])[sent:]
+                sent = 0
