@@ -740,7 +740,9 @@ class Session:
         self.counts[_OUTCOMES.get(record[1], "other")] += 1
         self.out.append((*record[:-1], self.attempts.pop(record[0], None)))
         self.out_frames.extend(frames)
-        if not self._flush_scheduled:
+        if not self.dispatcher.given:
+            self._flush()  # no other job here: no other result to wait for
+        elif not self._flush_scheduled:
             self._schedule_flush()
 
     def _schedule_flush(self):

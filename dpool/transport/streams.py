@@ -152,10 +152,11 @@ class SocketStream:
         self._sealer = sealer
 
     def write(self, parts: list[Part]) -> None:
-        # Writes are corked until the end of this loop iteration: every
-        # message sent meanwhile goes out in one sendmsg (one syscall for a
-        # whole batch of small messages instead of one each; with a sealer,
-        # one record for all of them).
+        # The first message of a loop iteration goes out at once (a lone
+        # message waits for nothing: the round trip's case); the messages
+        # that follow it in the same iteration are corked until its end and
+        # go out in one sendmsg (one syscall for a whole batch of small
+        # messages instead of one each; with a sealer, one record for all).
         if self._closing:
             return
         if parts and type(parts[0]) is FdMarker:
@@ -167,6 +168,7 @@ class SocketStream:
         if not self._flush_pending and not self._writer_on:
             self._flush_pending = True
             self._loop.call_soon(self._flush)
+            self._write_now()
         if not self._paused and self._out_bytes > HIGH_WATER:
             self._paused = True
             self._conn._pause_writing()
@@ -182,6 +184,29 @@ class SocketStream:
         if self._out and not self._done and not self._writer_on:
             self._writer_on = True
             self._loop.add_writer(self._fd, self._write_ready)
+
+    def _write_now(self) -> None:
+        """One send of what is queued, as far as the kernel takes it now.
+        An error is left to the flush already scheduled, which meets it
+        again and closes the stream outside the caller's stack."""
+        if self._plain:
+            self._seal_more()
+        out = self._out
+        if not out:
+            return
+        try:
+            if self._markers:
+                sent = self._send_marked(out)
+            elif len(out) == 1:
+                sent = self._sock.send(out[0])
+            else:
+                sent = self._sock.sendmsg([out[i] for i in range(min(len(out), IOV_MAX))])
+        except OSError:
+            return
+        advance(out, sent)
+        self._out_bytes -= sent
+        self._sealed_bytes -= sent
+        self._conn.bytes_sent += sent
 
     def _seal_more(self) -> None:
         """Seal queued plaintext into ``_out`` until SEAL_AHEAD bytes wait there."""
