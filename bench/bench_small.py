@@ -1,6 +1,7 @@
 """Small tasks and start-up, every API, local and via a node (issue 13).
 
-    python bench/bench_small.py [--quick] [--rounds 3] [--json FILE]
+    python bench/bench_small.py [--quick] [--rounds 3] [--json FILE] [--skip cpu]
+                                [--only round-trip burst startup]
 
 Each measure is a ratio against ``multiprocessing`` measured in the same
 run: the rounds are interleaved (dpool, reference, dpool, reference...) and
@@ -230,6 +231,9 @@ def main():
     ap.add_argument("--json", help="write the ratios here")
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["local", "node", "cpu"], help="parts to leave out")
+    ap.add_argument("--only", nargs="*", default=["round-trip", "burst", "startup"],
+                    choices=["round-trip", "burst", "startup"],
+                    help="the cases to run on each placement (default: all)")
     args = ap.parse_args()
     trips, n = (200, 2000) if args.quick else (1000, 10_000)
     load = os.getloadavg()
@@ -240,9 +244,12 @@ def main():
     for where in placements:
         proc, node = (None, None) if where == "local" else start_node()
         try:
-            case_round_trip(results, node, trips, args.rounds)
-            case_burst(results, node, n, args.rounds)
-            case_startup(results, node, max(args.rounds, 5))
+            if "round-trip" in args.only:
+                case_round_trip(results, node, trips, args.rounds)
+            if "burst" in args.only:
+                case_burst(results, node, n, args.rounds)
+            if "startup" in args.only:
+                case_startup(results, node, max(args.rounds, 5))
         finally:
             if proc is not None:
                 proc.terminate()

@@ -183,6 +183,9 @@ class Client:
     elsewhere), then retried with backoff and used again when it answers.
     ``connect_timeout`` bounds connecting to a node and opening the session
     (default ``$DPOOL_CONNECT_TIMEOUT``, else 10 s).
+    ``direct`` (embedded node, no ``on_event``): a call submitted while
+    nothing else is in flight goes from the calling thread straight to an
+    idle worker (:mod:`dpool.core.direct`); False: always through the loop.
 
     An extension handles more message types (:meth:`register`), may hook
     each session's start (``prepare``) and uses :meth:`admit`,
@@ -194,7 +197,7 @@ class Client:
     def __init__(self, nodes=None, *, secret=None, ssl=None, cpus=None, session=None,
                  initializer=None, initargs=(), on_event=None, max_retries=2,
                  connect_timeout=None, heartbeat=None, name="dpool-client", prepare=None,
-                 discovery=None):
+                 discovery=None, direct=True):
         self.node_addresses = nodes
         self.discovery = discovery  # a core.discover.Discovery: more nodes found over UDP
         self.secret = secret
@@ -219,6 +222,7 @@ class Client:
         self._idle = threading.Condition(threading.Lock())  # notified when that set empties
         self._outcomes = None  # while a DONE batch is read: [(future, value, error)]
         self._direct = None  # a DirectLine: calls straight to a lent worker (embedded)
+        self._direct_ok = direct
         self._extended = False  # an extension registered handlers (no direct calls)
         self._thread = LoopThread(name)
         self.loop = self._thread.loop
@@ -352,7 +356,8 @@ class Client:
         job in flight on the embedded node (which reports its outcome);
         False if it was failed instead (closing)."""
         job.future._line = None
-        if self._direct.closed or self.scheduler.nodes.get(link) is None:  # shut down
+        line = self._direct
+        if line is None or line.closed or self.scheduler.nodes.get(link) is None:  # shut down
             self._direct_failed(job, BrokenCluster("the client was closed"))
             return False
         self.jobs[job.id] = job
@@ -534,7 +539,7 @@ class Client:
         link = NodeLink("embedded", ours)
         session = node.accept(theirs)
         await self.net.open_session(link)
-        if self.on_event is None and not self._extended and not any(
+        if self._direct_ok and self.on_event is None and not self._extended and not any(
                 self.session.get(option) for option in ("max_tasks", "capture", "notify_start")):
             self._direct = DirectLine(self, session, link)
 

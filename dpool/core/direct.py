@@ -28,17 +28,15 @@ from __future__ import annotations
 import collections
 import math
 import select
+import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import protocol as P
 from ..errors import BrokenCluster, ProtocolError
 from ..transport.frames import FrameDecoder, encode
 from .future import _DONE, Future
-
-if TYPE_CHECKING:
-    import socket
 
 __all__ = ["DirectFuture", "DirectLine", "MAX_ARGUMENT"]
 
@@ -110,6 +108,7 @@ class DirectLine:
         self.owner: str | None = None  # who reads (or writes) the socket now
         self.dead = False  # the worker is gone: no more direct calls on this lease
         self.closed = False
+        self.watched: int | None = None  # the fd the loop thread watches, if any
 
     # ------------------------------------------------------------ user side
 
@@ -196,6 +195,7 @@ class DirectLine:
         self.poller.register(self.sock.fileno(), select.POLLIN)
         self.fns.clear()
         self.dead = False
+        self._arm()
 
     def reclaim(self) -> None:
         """(loop thread) Other jobs came: the worker goes back to the
@@ -210,12 +210,13 @@ class DirectLine:
                 self.owner = _LOOP
                 watch = True
             else:
-                watch = False
+                watch, dead = False, self.dead
                 worker, sock = self._end_lease()
         if watch:
             self._watch()
         else:
-            self.session.take_back(worker)
+            self._disarm()
+            self.session.take_back(worker, gone=dead or _ended(sock))
             sock.close()
 
     def cancel(self) -> None:
@@ -242,26 +243,47 @@ class DirectLine:
             self.closed = True
             if self.owner == _USER:
                 return  # its reader sees the worker end, and closes the socket
-            job, owner, self.job = self.job, self.owner, None
+            job, self.job = self.job, None
             sock, self.sock = self.sock, None
-        if owner == _LOOP and sock is not None:
-            self.loop.remove_reader(sock.fileno())
+        self._disarm()
         if sock is not None:
             sock.close()
         if job is not None:
             self.client._direct_failed(job, BrokenCluster("the client was closed"))
 
+    def _arm(self) -> None:
+        """(loop thread) Watch the lent worker while no call uses it: one
+        that dies idle is given back (and replaced) at once, not found dead
+        by the next call.  The watch ends at its first event: a direct call's
+        answer is its reader's (no loop-thread wake-up per call)."""
+        if self.sock is not None and self.watched is None:
+            self.watched = self.sock.fileno()
+            self.loop.add_reader(self.watched, self._idle_event)
+
+    def _disarm(self) -> None:
+        if self.watched is not None:
+            self.loop.remove_reader(self.watched)
+            self.watched = None
+
+    def _idle_event(self) -> None:
+        self._disarm()
+        with self.lock:
+            free = self.worker is not None and self.job is None and self.owner is None
+            sock = self.sock
+        if free and sock is not None and _has_input(sock):  # the end, or news
+            self.reclaim()
+
     def _watch(self) -> None:
         if self.owner == _LOOP and self.sock is not None and not self.closed:
-            self.loop.add_reader(self.sock.fileno(), self._readable)
+            self.watched = self.sock.fileno()
+            self.loop.add_reader(self.watched, self._readable)
 
     def _readable(self) -> None:
-        sock, job = self.sock, self.job
+        job = self.job
         frames = self._read_some()
         if frames is None:
             return
-        if sock is not None:
-            self.loop.remove_reader(sock.fileno())
+        self._disarm()
         self._end(job, frames)
 
     def _convert(self, job: Any, worker: Any, sock: Any) -> None:
@@ -269,12 +291,13 @@ class DirectLine:
         job becomes the session's (which reports it WORKER_LOST, or KILLED
         after a cancel, once the worker's exit is known), the worker goes
         back to it (the lease ended when the end was read)."""
+        self._disarm()
         sock.close()
         item = P.RunItem(job.id, job.fn_id, 0, 0, 1)
         if self.client._direct_adopt(job, self.link):
-            self.session.take_back(worker, item)
+            self.session.take_back(worker, item, gone=True)
         else:
-            self.session.take_back(worker)
+            self.session.take_back(worker, gone=True)
 
     def _end_lease(self) -> tuple[Any, Any]:
         """(under the lock) The lease is over: (worker, socket)."""
@@ -378,6 +401,27 @@ class DirectLine:
         except ProtocolError:
             return _EOF
         return messages[0] if messages else None  # (one job: one answer)
+
+
+def _ended(sock: Any) -> bool:
+    """True if the peer closed its end (a lent worker that died while idle)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
+def _has_input(sock: Any) -> bool:
+    """True if the peer sent something or closed its end."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _send_all(sock: Any, parts: list[Any]) -> None:

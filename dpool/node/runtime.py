@@ -608,10 +608,12 @@ class Session:
                     return worker, sock
         return None
 
-    def take_back(self, worker, item=None):
+    def take_back(self, worker, item=None, gone=False):
         """The lent ``worker`` is the dispatcher's again; ``item`` (a RunItem)
         is a job the client gave it that is still its to answer: the session
-        now waits for it as for its own (its result, or WORKER_LOST)."""
+        now waits for it as for its own (its result, or WORKER_LOST).  A
+        worker known ``gone`` (its socket ended) gets no job: its connection
+        is read again only to see the end, and it is replaced as usual."""
         if self.lent is worker:
             self.lent = None
         if self.ended or worker.dead:
@@ -620,7 +622,8 @@ class Session:
             worker.outstanding.append(item.job_id)
             self.dispatcher.given[item.job_id] = (worker, (item, ()))
             self.attempts[item.job_id] = item.attempt
-        self.workers.append(worker)
+        if not gone:
+            self.workers.append(worker)
         worker.conn.take_back()
         self.dispatch()
 

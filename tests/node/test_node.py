@@ -379,7 +379,7 @@ def test_cancel_of_a_job_queued_in_a_worker_that_just_died(tmp_path):
     """Cancel of a job queued inside a worker whose death is not yet fully
     handled (its exit not reported yet) is not lost: the job is not requeued
     and run, its future fails with JobCancelled."""
-    client = Client(None, cpus=1).start()
+    client = Client(None, cpus=1, direct=False).start()  # (the dispatcher's path)
     zygote = None
     try:
         for _ in range(20):  # short jobs: the worker is given several at once
