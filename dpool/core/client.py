@@ -223,13 +223,13 @@ class Client:
         self._outcomes = None  # while a DONE batch is read: [(future, value, error)]
         self._direct = None  # a DirectLine: calls straight to a lent worker (embedded)
         self._direct_ok = direct
-        self._extended = False  # an extension registered handlers (no direct calls)
         self._thread = LoopThread(name)
         self.loop = self._thread.loop
         self.net = Links(self)  # the links to the nodes: sessions, heartbeats, re-joins
         self.register({P.Done: self._on_done, P.Started: self._on_started,
                        P.InitFail: self._on_initfail, P.GiveBack: self._on_giveback,
                        P.Draining: self._on_draining})
+        self._extended = False  # an extension registered handlers (no direct calls)
         # ``prepare(link)`` (loop thread, before SESSION) returns None to skip
         # the node, or (session options, [messages sent right after SESSION]);
         # it sets ``link.hold`` to keep the node from jobs until it is admitted.
