@@ -186,7 +186,10 @@ class DirectLine:
         """(loop thread, the client idle) Borrow an idle worker, if any."""
         if self.worker is not None or self.closed:
             return
-        lease = self.session.lend()
+        try:
+            lease = self.session.lend()
+        except OSError:  # no descriptor left for the duplicate: no direct calls now
+            return
         if lease is None:
             return
         self.worker, self.sock = lease

@@ -208,8 +208,9 @@ class Connection:
         sock = stream.get_extra_info("socket")
         if sock is None:
             return None
+        lent: socket.socket = sock.dup()
         stream.pause_reading()
-        return sock.dup()
+        return lent
 
     def take_back(self) -> None:
         """Read again after :meth:`lend` (the borrower is done with the peer)."""
