@@ -242,13 +242,13 @@ class DirectLine:
         """(loop thread, the client shutting down) No more direct calls; a
         call no user thread is reading fails as the client's other jobs do
         (the session's end kills the lent worker)."""
+        self._disarm()
         with self.lock:
             self.closed = True
             if self.owner == _USER:
                 return  # its reader sees the worker end, and closes the socket
             job, self.job = self.job, None
             sock, self.sock = self.sock, None
-        self._disarm()
         if sock is not None:
             sock.close()
         if job is not None:
