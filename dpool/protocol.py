@@ -220,8 +220,9 @@ run_items = _items_decoder(RunItem, "The jobs of a Run message, each with its pa
 results = _items_decoder(Result, "The results of a Done message, each with its payload frames.")
 raw_results = _items_decoder(
     Result, "The results of a Done message as they came (plain tuples, read with the "
-    "RESULT_* indices), each with its payload frames: for a node, which only passes "
-    "them on.", records=False)
+    "RESULT_* indices or unpacked in Result's field order), each with its payload "
+    "frames: for a node, which only passes them on, and the client, which reads "
+    "each once (no record per job).", records=False)
 # Where a Result's fields are in its plain tuple (see raw_results).
 RESULT_JOB_ID, RESULT_START, RESULT_END = (Result._fields.index(name)
                                            for name in ("job_id", "start", "end"))

@@ -39,12 +39,15 @@ from ..errors import (BrokenCluster, ConnectionClosed, DpoolError, JobCancelled,
                       ProtocolError)
 from ..transport import inproc_pair
 from .direct import MAX_ARGUMENT, DirectFuture, DirectLine
-from .future import Future, resolve
+from .future import Future, resolve, start
 from .links import Links, NodeLink, client_hello, describe, tls_context  # noqa: F401 (API)
 from .scheduler import Action, Cancelled, CancelRemote, Fail, Reclaim, Scheduler, Send
 
 log = logging.getLogger("dpool")
 _first = itemgetter(0)
+# Outcomes as the plain ints they arrive as (once per job: no enum lookups).
+_OK, _ERROR, _CANCELLED, _KILLED = map(int, (Outcome.OK, Outcome.ERROR, Outcome.CANCELLED,
+                                             Outcome.KILLED))
 
 # Job states (dispy's names; the dispy adapter exposes them as DispyJob.X).
 CREATED, RUNNING, FINISHED, CANCELLED, TERMINATED, ABANDONED = (
@@ -57,17 +60,17 @@ _NODE_FUNCTIONS = 1024
 
 def outcome_of(outcome, payload):
     """A job's ``(status, value, error)`` from its Result's outcome and payload."""
-    if outcome == Outcome.OK:
+    if outcome == _OK:
         try:
             return FINISHED, serialize.loads(payload), None
         except Exception as exc:  # e.g. the result's class is not importable here
             return TERMINATED, None, exc
-    if outcome == Outcome.CANCELLED:
+    if outcome == _CANCELLED:
         return CANCELLED, None, JobCancelled("job cancelled before it ran")
-    if outcome == Outcome.KILLED:
+    if outcome == _KILLED:
         return TERMINATED, None, JobCancelled("job cancelled: its process was killed")
     error = serialize.load_exception(payload)
-    return (TERMINATED if outcome == Outcome.ERROR else ABANDONED), None, error
+    return (TERMINATED if outcome == _ERROR else ABANDONED), None, error
 
 
 class Job:
@@ -773,27 +776,29 @@ class Client:
     def _send(self, link, ids):
         """Send these jobs to the node; returns the actions that follow
         (jobs cancelled while queued are dropped: others take their place)."""
-        conn, jobs = link.conn, self.jobs
-        header, frames, dropped, functions = [], [], [], []
-        for job_id in ids:
-            job = jobs[job_id]
-            if not job.sent:
-                if not job.future.set_running_or_notify_cancel():
-                    dropped.append(job_id)  # cancelled by the user while queued
-                    continue
-                job.sent = True
-            count = link.fns.get(job.fn_id)
+        conn, jobs, fns, in_flight = link.conn, self.jobs, link.fns, link.in_flight
+        batch = [jobs[job_id] for job_id in ids]
+        dropped = self._set_running(batch)
+        attempt = self.scheduler.attempt
+        header, frames, functions = [], [], []
+        last = None  # the function moved to the end of fns last (LRU order)
+        for job in batch:
+            job_id, fn_id = job.id, job.fn_id
+            if dropped and job_id in dropped:
+                continue
+            count = fns.get(fn_id)
             if count is None:
-                functions.append([P.encode(P.Func, job.fn_id), job.blob])
-                link.fns[job.fn_id] = 1
+                functions.append([P.encode(P.Func, fn_id), job.blob])
+                fns[fn_id] = 1
             else:
-                link.fns[job.fn_id] = count + 1
-                link.fns.move_to_end(job.fn_id)
+                fns[fn_id] = count + 1
+                if fn_id != last:
+                    fns.move_to_end(fn_id)
+            last = fn_id
             job.node = link
-            link.in_flight.add(job_id)
+            in_flight.add(job_id)
             job.status = RUNNING
-            item = run_item(job_id, job.fn_id, len(job.frames), job.star,
-                            self.scheduler.attempt(job_id))
+            item = run_item(job_id, fn_id, len(job.frames), job.star, attempt(job_id))
             header.append(item if job.place is None else (*item, job.place))
             frames.extend(job.frames)
         try:
@@ -809,11 +814,31 @@ class Client:
             self._forget(link)
         if not dropped:
             return []
-        for job_id in dropped:
+        for job_id in [job_id for job_id in ids if job_id in dropped]:
             self.scheduler.done(link, job_id, dispatch=False)
             self._unfinished.discard(jobs.pop(job_id).future)
         self._settle()
         return self.scheduler.dispatch()
+
+    @staticmethod
+    def _set_running(batch):
+        """The futures of the jobs not sent before set running, under one
+        lock; returns the ids of those the user cancelled while queued."""
+        fresh = [job for job in batch if not job.sent]
+        if not fresh:
+            return ()
+        cancelled = start([job.future for job in fresh])
+        for job in fresh:
+            job.sent = True
+        if not cancelled:
+            return ()
+        gone = set(map(id, cancelled))
+        dropped = set()
+        for job in fresh:
+            if id(job.future) in gone:
+                job.sent = False
+                dropped.add(job.id)
+        return dropped
 
     def _forget(self, link):
         """Tell the node to drop the least recently used functions that no
@@ -852,6 +877,7 @@ class Client:
             self._read_results(link, msg, frames, jobs, finish)
         finally:
             self._outcomes = None
+            self.scheduler.sync(link)
             if self._direct is not None and len(self._unfinished) <= len(outcomes) \
                     and not self._incoming:
                 self._direct.offer()  # idle now: the next lone call may go direct
@@ -863,26 +889,28 @@ class Client:
         self._act(self.scheduler.dispatch())
 
     def _read_results(self, link, msg, frames, jobs, finish):
-        for res, payload in P.results(msg, frames):
-            start, end = res.start, res.end
+        in_flight, fns = link.in_flight, link.fns
+        # (plain tuples, unpacked in protocol.Result's field order: no record
+        # per job on this path)
+        for (job_id, outcome, start, end, stdout, stderr, _, attempt), payload \
+                in P.raw_results(msg, frames):
             duration = None if start is None or end is None else end - start
-            if not finish(link, res.job_id, res.attempt, duration):  # counted as stale
+            if not finish(link, job_id, attempt, duration, False):  # counted as stale
                 log.info("node %s: dropped a late outcome of job %s (attempt %s)",
-                         link.name, res.job_id, res.attempt)
+                         link.name, job_id, attempt)
                 continue
-            link.in_flight.discard(res.job_id)
-            job = jobs.pop(res.job_id, None)
+            in_flight.discard(job_id)
+            job = jobs.pop(job_id, None)
             if job is None:
                 continue
-            count = link.fns.get(job.fn_id)
+            count = fns.get(job.fn_id)
             if count:
-                link.fns[job.fn_id] = count - 1
+                fns[job.fn_id] = count - 1
             if duration is not None:
-                job.start_time, job.end_time, job.stdout, job.stderr = \
-                    start, end, res.stdout, res.stderr
+                job.start_time, job.end_time, job.stdout, job.stderr = start, end, stdout, stderr
                 link.jobs_done += 1
                 link.cpu_time += duration
-            self._resolve(job, res.outcome, payload)
+            self._resolve(job, outcome, payload)
 
     def _resolve(self, job, outcome, payload):
         self._finish(job, *outcome_of(outcome, payload))

@@ -4,6 +4,7 @@
 
     Client.submit ──► Future()            120 bytes, 1 GC-tracked object
                                           (the stdlib's: 1.6 KB, 6 of them)
+    loop thread ──► start([future, ...])     (a RUN batch: one lock)
     loop thread ──► resolve([(future, value, error), ...])
                       one lock for the batch: results and states set,
                       then waiters woken, then done-callbacks run, in order
@@ -35,7 +36,7 @@ from concurrent.futures._base import (_STATE_TO_DESCRIPTION_MAP, CANCELLED,
                                       RUNNING)
 from typing import Any, Callable, Iterable
 
-__all__ = ["Future", "resolve"]
+__all__ = ["Future", "resolve", "start"]
 
 _lock = threading.Lock()  # every state change of every Future of this module
 _DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
@@ -177,6 +178,27 @@ class Future(_StdFuture):
         """(under _lock) the callbacks to run and the condition to notify."""
         callbacks, self._done_callbacks = self._done_callbacks, None
         return callbacks, self._cond
+
+
+def start(futures: Iterable[Future]) -> list[Future]:
+    """``set_running_or_notify_cancel()`` of each future, under one lock for
+    the batch (a RUN message's jobs): returns the futures that were
+    cancelled (their waiters told), the others are running now."""
+    cancelled = []
+    with _lock:
+        for future in futures:
+            state = future._state
+            if state == PENDING:
+                future._state = RUNNING
+            elif state == CANCELLED:
+                future._state = CANCELLED_AND_NOTIFIED
+                cancelled.append((future, future._cond))
+            else:
+                LOGGER.critical("Future %s in unexpected state: %s", id(future), state)
+                raise RuntimeError("Future in unexpected state")
+    for future, cond in cancelled:
+        _notify(future, cond, "add_cancelled")
+    return [future for future, _ in cancelled]
 
 
 def resolve(outcomes: Iterable[tuple[Future, Any, BaseException | None]],

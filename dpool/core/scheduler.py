@@ -221,11 +221,14 @@ class Scheduler:
         return self._dispatch()
 
     def finish(self, node: Node, job_id: JobId, attempt: int | None = None,
-               duration: float | None = None) -> bool:
+               duration: float | None = None, sync: bool = True) -> bool:
         """:meth:`done` without the dispatch, for a driver that takes many
         results at once (it calls :meth:`dispatch` after the last one):
         True if this is the job's current attempt (:meth:`current`), which
-        is now finished; False (counted in ``stale``) if not."""
+        is now finished; False (counted in ``stale``) if not.  With
+        ``sync=False`` the node's indexes are brought up to date only by
+        :meth:`sync` (once per batch of results: until then they show it
+        with less room than it has, which delays no placement past that)."""
         job = self.jobs.get(job_id)
         if job is None or job.node != node or \
                 (attempt is not None and attempt != job.tries and not job.adopted):
@@ -240,8 +243,16 @@ class Scheduler:
             if duration is not None:
                 state.ema = duration if state.ema is None else 0.8 * state.ema + 0.2 * duration
                 self.ema = duration if self.ema is None else 0.8 * self.ema + 0.2 * duration
-            self._sync(node, state)
+            if sync:
+                self._sync(node, state)
         return True
+
+    def sync(self, node: Node) -> None:
+        """Bring the indexes up to date with ``node`` (after :meth:`finish`
+        with ``sync=False``)."""
+        state = self.nodes.get(node)
+        if state is not None:
+            self._sync(node, state)
 
     def adopt(self, node: Node, job_ids: Iterable[JobId]) -> None:
         """Jobs already on ``node`` (sent there by another client, whose

@@ -269,10 +269,11 @@ class Dispatcher:
         return best
 
     def _learn(self, duration):
-        self.ema = duration if self.ema is None else 0.8 * self.ema + 0.2 * duration
-        if self.ema < SHORT_JOB:
-            self.depth = min(MAX_DEPTH, max(2, int(SHORT_JOB / max(self.ema, 1e-5))))
-        elif self.ema < PREFETCH_JOB:
+        ema = self.ema = duration if self.ema is None else 0.8 * self.ema + 0.2 * duration
+        if ema < SHORT_JOB:  # (once per job: no builtin calls where a test does)
+            depth = MAX_DEPTH if ema <= SHORT_JOB / MAX_DEPTH else int(SHORT_JOB / ema)
+            self.depth = depth if depth > 2 else 2
+        elif ema < PREFETCH_JOB:
             self.depth = 2  # the next job waits in the worker's socket: no gap
         else:
             self.depth = 1

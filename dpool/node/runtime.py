@@ -406,8 +406,10 @@ class Session:
         if self.draining:  # sent before the client heard Draining: back they go
             self._give_back([item[0] for item in msg.jobs])
             return
-        items = list(P.run_items(msg, frames))
-        self.attempts.update((item.job_id, item.attempt) for item, _ in items)
+        items = P.run_items(msg, frames)
+        attempts = self.attempts
+        for item, _ in items:
+            attempts[item.job_id] = item.attempt
         self._act(self.dispatcher.submit(items))
 
     def on_reclaim(self, msg, frames):
