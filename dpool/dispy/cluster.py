@@ -29,7 +29,6 @@ import logging
 import os
 import shutil
 import socket
-import threading
 import time
 
 from .. import config, liveness, serialize
@@ -123,7 +122,9 @@ class JobCluster:
     def _init_state(self):
         self._start = time.time()
         self._recover = self._used_secret = None
-        self._lock = threading.Lock()
+        # The jobs not done yet (close_node's pinned ones are looked up in
+        # it): one set.add in the user's thread and one set.discard in the
+        # loop thread per job, each atomic without a lock of ours.
         self._jobs = set()
         self._closing = {}  # NodeLink -> close when idle
 
@@ -312,8 +313,7 @@ class JobCluster:
 
     def _job_finished(self, job, core_job):
         """Loop thread, as a job ends (before its waiters wake)."""
-        with self._lock:
-            self._jobs.discard(job)
+        self._jobs.discard(job)
         if self._recover is not None:
             job.track_id(None)
             self._recover.done(core_job.id)  # received: recover_jobs leaves it out
@@ -352,8 +352,7 @@ class JobCluster:
             args, kwargs = (entries, self._cleanup_files, args, kwargs), {}
             fn = jobenv.run_with_files
         job = DispyJob(job_id, args, kwargs)
-        with self._lock:
-            self._jobs.add(job)
+        self._jobs.add(job)
         self._events.created(job)
         try:
             core_job = self._client.submit(fn, args, kwargs, tag=job, pin=pin, place=place)
@@ -362,8 +361,7 @@ class JobCluster:
                 self._recover.job(core_job.id, job.id)
                 job.track_id(lambda j: self._recover.job(j.core_job.id, j.id))
         except BaseException:
-            with self._lock:
-                self._jobs.discard(job)
+            self._jobs.discard(job)
             raise
         return job
 
@@ -549,8 +547,7 @@ class JobCluster:
         return 0
 
     def _pinned_waiting(self, link):
-        with self._lock:
-            jobs = list(self._jobs)
+        jobs = list(self._jobs)  # (a copy made in C: atomic)
         return [job for job in jobs if job.core_job is not None and not job.core_job.sent
                 and job.core_job.node is None and job.pinned_to is link]
 

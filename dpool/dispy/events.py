@@ -202,11 +202,12 @@ class ClusterEvents:
         job = core_job.tag
         if job is None:
             return
-        link = core_job.node
+        link, where = core_job.node, core_job.where
         node = self.node_of(core_job)
-        busy_on = self._busy_on.pop(job, None)
+        busy_on = self._busy_on.pop(job, None) if self._busy_on else None
         self.on_done(job, core_job)
-        job.finish_from(core_job, self.job_ip(core_job))
+        ip = self._ips.get(link if where is None else where)  # (job_ip, known: once per job)
+        job.finish_from(core_job, self.job_ip(core_job) if ip is None else ip)
         if node is not None:
             if busy_on is node and node.busy > 0:
                 node.busy -= 1

@@ -137,7 +137,10 @@ class Dispatcher:
                     continue
                 worker.fns.add(fn_id)
                 actions.append(LoadFunction(worker, fn_id))
-            batches.setdefault(worker, []).append(job)
+            batch = batches.get(worker)
+            if batch is None:
+                batch = batches[worker] = []
+            batch.append(job)
             # A job the worker runs first fails with the worker if it dies
             # (worker_exited): its payload is not kept, so that a large
             # argument is freed here once it has been sent.  Jobs waiting

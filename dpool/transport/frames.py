@@ -60,9 +60,6 @@ LARGE = 64 * 1024
 #: Frames smaller than this are joined with their neighbours when sending.
 COALESCE = 32 * 1024
 RECV_BUFFER_SIZE = 256 * 1024
-#: Messages of at most this many small frames, wholly received, are cut out
-#: of the receive buffer in one step (FrameDecoder._whole_small).
-FAST_FRAMES = 64
 
 #: A received message: its frames (``bytes``, ``bytearray`` for large ones
 #: that were not a whole ``bytes`` object on the sender's side).
@@ -177,7 +174,8 @@ def encode(frames: Sequence[Any]) -> list[Part]:
     heads the list then, for a stream that passes descriptors.
     """
     n = len(frames)
-    lengths = [_nbytes(f) for f in frames]
+    # (len inline for bytes, most frames: encode runs once per message)
+    lengths = [len(f) if type(f) is bytes else _nbytes(f) for f in frames]
     if sum(lengths) < COALESCE:
         head = _header_struct(n).pack(n, *lengths)
         return [b"".join([head, *frames])] if n else [head]
@@ -441,20 +439,19 @@ class FrameDecoder:
             self._frames.append(_finished(big))
 
     def _whole_small(self, pos: int, end: int) -> tuple[Message, int] | None:
-        """The message at ``pos`` if it is all in the buffer, of at most
-        ``FAST_FRAMES`` frames, each smaller than ``large`` and within the
-        limits (the common case: a job's header and payload), and the
-        position after it; else None (the general path takes it)."""
-        mv = self._mv
+        """The message at ``pos`` if it is all in the buffer, its frames
+        each smaller than ``large``, within the limits (the common case: a
+        job's header and payload, a batch of results), and the position
+        after it; else None (the general path takes it)."""
+        mv, limits = self._mv, self.limits
         count = _unpack_count(mv, pos)[0]
         body = pos + 4 + 8 * count
-        if not 0 < count <= FAST_FRAMES or body > end:
+        if body > end or not 0 < count <= limits.max_frames:
             return None
         lengths = _lengths_struct(count).unpack_from(mv, pos + 4)
         stop, biggest = body + sum(lengths), max(lengths)
-        limits = self.limits
         if stop > end or biggest >= self._large or biggest > limits.max_frame_bytes \
-                or count > limits.max_frames or stop - body > limits.max_message_bytes:
+                or stop - body > limits.max_message_bytes:
             return None
         frames: Message = []
         for size in lengths:
