@@ -39,7 +39,7 @@ from ..errors import (BrokenCluster, ConnectionClosed, DpoolError, JobCancelled,
                       ProtocolError)
 from ..transport import inproc_pair
 from .direct import MAX_ARGUMENT, DirectFuture, DirectLine
-from .future import Future, resolve, start
+from .future import Future, resolve, set_running
 from .links import Links, NodeLink, client_hello, describe, tls_context  # noqa: F401 (API)
 from .scheduler import Action, Cancelled, CancelRemote, Fail, Reclaim, Scheduler, Send
 
@@ -827,7 +827,7 @@ class Client:
         fresh = [job for job in batch if not job.sent]
         if not fresh:
             return ()
-        cancelled = start([job.future for job in fresh])
+        cancelled = set_running([job.future for job in fresh])
         for job in fresh:
             job.sent = True
         if not cancelled:

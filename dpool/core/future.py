@@ -4,7 +4,7 @@
 
     Client.submit ──► Future()            120 bytes, 1 GC-tracked object
                                           (the stdlib's: 1.6 KB, 6 of them)
-    loop thread ──► start([future, ...])     (a RUN batch: one lock)
+    loop thread ──► set_running([future, ...])   (a RUN batch: one lock)
     loop thread ──► resolve([(future, value, error), ...])
                       one lock for the batch: results and states set,
                       then waiters woken, then done-callbacks run, in order
@@ -36,7 +36,7 @@ from concurrent.futures._base import (_STATE_TO_DESCRIPTION_MAP, CANCELLED,
                                       RUNNING)
 from typing import Any, Callable, Iterable
 
-__all__ = ["Future", "resolve", "start"]
+__all__ = ["Future", "resolve", "set_running"]
 
 _lock = threading.Lock()  # every state change of every Future of this module
 _DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
@@ -180,7 +180,7 @@ class Future(_StdFuture):
         return callbacks, self._cond
 
 
-def start(futures: Iterable[Future]) -> list[Future]:
+def set_running(futures: Iterable[Future]) -> list[Future]:
     """``set_running_or_notify_cancel()`` of each future, under one lock for
     the batch (a RUN message's jobs): returns the futures that were
     cancelled (their waiters told), the others are running now."""

@@ -7,7 +7,7 @@ import tracemalloc
 
 import pytest
 
-from dpool.core.future import Future, resolve
+from dpool.core.future import Future, resolve, set_running
 
 
 def resolver(fn):
@@ -198,3 +198,23 @@ def test_pickling_is_refused_as_the_stdlib_one():
     done.set_result(1)
     with pytest.raises(TypeError):
         pickle.dumps(done)
+
+
+def test_set_running_of_a_batch_is_set_running_or_notify_cancel_of_each():
+    """The client starts a RUN batch's futures under one lock: each pending
+    one runs, each cancelled one is returned, its waiters told as by
+    set_running_or_notify_cancel (as_completed yields it)."""
+    pending, cancelled, reference = Future(), Future(), Future()
+    assert cancelled.cancel() and reference.cancel()
+    waiting = cf.as_completed([cancelled])  # a waiter installed before the start
+    got = []
+    thread = threading.Thread(target=lambda: got.extend(waiting))
+    thread.start()
+    assert set_running([pending, cancelled]) == [cancelled]
+    assert not reference.set_running_or_notify_cancel()
+    thread.join(10)
+    assert got == [cancelled]
+    assert pending.running()
+    assert cancelled._state == reference._state == cf._base.CANCELLED_AND_NOTIFIED
+    with pytest.raises(RuntimeError):  # as the stdlib's: a running future can't start again
+        set_running([pending])
