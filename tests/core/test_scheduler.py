@@ -444,6 +444,22 @@ class SchedulerNeverLosesJobs(RuleBasedStateMachine):
             self.asked.pop(node)  # (its answer may be lost: a job ended here)
         self.apply(self.s.done(node, job, duration=duration))
 
+    @precondition(lambda self: self.where)
+    @rule(data=st.data(), durations=st.lists(st.floats(0, 2), min_size=1, max_size=4))
+    def done_batch(self, data, durations):
+        """As the client takes a DONE batch: finish without syncing the
+        indexes, then sync once and dispatch (the invariants hold after)."""
+        node = data.draw(st.sampled_from(sorted(set(self.where.values()), key=str)))
+        jobs = sorted(job for job, where in self.where.items() if where == node)
+        for job, duration in zip(jobs, durations):
+            del self.where[job]
+            self.ended[job] = "done"
+            assert self.s.finish(node, job, None, duration, sync=False)
+        if self.asked.get(node):
+            self.asked.pop(node)  # (its answer may be lost: a job ended here)
+        self.s.sync(node)
+        self.apply(self.s.dispatch())
+
     @precondition(lambda self: self.jobs)
     @rule(data=st.data())
     def cancel(self, data):
