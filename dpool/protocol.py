@@ -224,8 +224,8 @@ raw_results = _items_decoder(
     "frames: for a node, which only passes them on, and the client, which reads "
     "each once (no record per job).", records=False)
 # Where a Result's fields are in its plain tuple (see raw_results).
-RESULT_JOB_ID, RESULT_START, RESULT_END = (Result._fields.index(name)
-                                           for name in ("job_id", "start", "end"))
+RESULT_JOB_ID, RESULT_START, RESULT_END, RESULT_NFRAMES = (
+    Result._fields.index(name) for name in ("job_id", "start", "end", "nframes"))
 
 
 # ------------------------------------------------------------- messages

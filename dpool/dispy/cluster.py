@@ -353,7 +353,8 @@ class JobCluster:
             fn = jobenv.run_with_files
         job = DispyJob(job_id, args, kwargs)
         self._jobs.add(job)
-        self._events.created(job)
+        if self.cluster_status:
+            self._events.created(job)
         try:
             core_job = self._client.submit(fn, args, kwargs, tag=job, pin=pin, place=place)
             job.submitted(core_job, pin)

@@ -51,6 +51,7 @@ from .. import liveness
 from .. import protocol as P
 from ..protocol import Outcome
 from ..protocol import RESULT_END as _END, RESULT_JOB_ID as _JOB_ID, RESULT_START as _START
+from ..protocol import RESULT_NFRAMES as _NFRAMES
 from .. import serialize
 from ..transport import wrap_socket
 from ..transport.spool import SpooledFrame
@@ -682,8 +683,11 @@ class Session:
                 # results are dropped now; its exit reports the cancel.
                 worker.zygote.kill(worker.pid)
                 return
-            done = self.dispatcher.done
-            for record, payload in P.raw_results(msg, frames):  # passed on as they came
+            done, results = self.dispatcher.done, msg.results
+            # (what a worker sends: one result per job, as it ends; passed on as it came)
+            items = ((results[0], frames[1:1 + results[0][_NFRAMES]]),) if len(results) == 1 \
+                else P.raw_results(msg, frames)
+            for record, payload in items:
                 if done(worker, record[_JOB_ID], record[_END] - record[_START]):
                     self._result(record, payload)
             if self.draining:
