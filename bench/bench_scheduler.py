@@ -83,11 +83,67 @@ def stop(proc):
     proc.out.close()
 
 
-def turn(mode, addresses, secret, env, workdir, jobs, seconds, cpus):
+class CpuMeter:
+    """CPU seconds (user + system) used by each part between start() and
+    stop(): this process (the client), the scheduler, the node daemons, and
+    their zygotes and workers.  Repeatable under load, unlike wall time."""
+
+    def __init__(self, nodes, sched=None):
+        self.parts = {"client": [psutil.Process()], "nodes": [psutil.Process(p.pid) for p in nodes]}
+        if sched is not None:
+            self.parts["scheduler"] = [psutil.Process(sched.pid)]
+
+    def _sample(self):
+        used = {}
+        for part, procs in self.parts.items():
+            used[part] = sum(_cpu(proc) for proc in procs)
+        used["workers"] = sum(_cpu(child) for proc in self.parts["nodes"]
+                              for child in proc.children(recursive=True))
+        return used
+
+    def start(self):
+        self.before = self._sample()
+
+    def stop(self):
+        after = self._sample()
+        self.used = {part: after[part] - self.before.get(part, 0.0) for part in after}
+
+
+def _cpu(proc):
+    try:
+        times = proc.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def phases(ends, submitted, seconds, cpus):
+    """Where the time went: start (until the first result), the steady rate
+    (10% to 90% of the results) against the ideal (cpus / seconds), the tail
+    (the last 10%)."""
+    n = len(ends)
+    lo, hi = ends[n // 10], ends[9 * n // 10]
+    rate = (9 * n // 10 - n // 10) / max(hi - lo, 1e-9)
+    print(f"  (submitted in {submitted:.2f} s; first result {ends[0]:.3f} s (ideal {seconds}), "
+          f"10% at {lo:.2f} s; steady {rate:.0f} jobs/s = {rate * seconds / cpus:.1%} of ideal; "
+          f"last 10% {ends[-1] - hi:.2f} s (ideal {0.1 * n * seconds / cpus:.2f}))", flush=True)
+
+
+def report_cpu(meter, jobs):
+    parts = ", ".join(f"{part} {1e6 * used / jobs:.0f}" for part, used in meter.used.items())
+    print(f"  (CPU per job, us: {parts}; total {1e6 * sum(meter.used.values()) / jobs:.0f})",
+          flush=True)
+
+
+def turn(mode, addresses, secret, env, workdir, jobs, seconds, cpus, nodes):
     """One timed run; the scheduler (which holds the nodes while it runs)
     only for the scheduler's turn, started before the clock starts."""
     if mode == "node list":
-        return timed(dict(nodes=",".join(addresses), secret=secret), jobs, seconds, cpus)
+        meter = CpuMeter(nodes)
+        elapsed = timed(dict(nodes=",".join(addresses), secret=secret), jobs, seconds, cpus,
+                        meter)
+        report_cpu(meter, jobs)
+        return elapsed
     # (a node the scheduler could not join at once, e.g. its handshake timed
     # out on a loaded machine, is retried in the background: wait for all)
     sched = start([sys.executable, "-m", "dpool.daemons.scheduler", "--port", "0",
@@ -96,11 +152,9 @@ def turn(mode, addresses, secret, env, workdir, jobs, seconds, cpus):
     try:
         address = f"127.0.0.1:{listen_port(first_line(sched))}"
         wait_for_nodes(address, secret, len(addresses))
-        before = sum(psutil.Process(sched.pid).cpu_times()[:2])
-        elapsed = timed(dict(scheduler=address, secret=secret), jobs, seconds, cpus)
-        used = sum(psutil.Process(sched.pid).cpu_times()[:2]) - before
-        print(f"  (the scheduler process used {used:.2f} s of CPU: "
-              f"{1e6 * used / (jobs + 2 * cpus):.0f} us per job)", flush=True)
+        meter = CpuMeter(nodes, sched)
+        elapsed = timed(dict(scheduler=address, secret=secret), jobs, seconds, cpus, meter)
+        report_cpu(meter, jobs)
         return elapsed
     finally:
         stop(sched)
@@ -145,16 +199,25 @@ def all_cpus(ex, cpus, timeout=300):
         time.sleep(0.5)
 
 
-def timed(executor_args, jobs, seconds, cpus):
+def timed(executor_args, jobs, seconds, cpus, meter):
     with Executor(**executor_args) as ex:
         all_cpus(ex, cpus)
         for f in [ex.submit(time.sleep, seconds) for _ in range(2 * cpus)]:
             f.result()
+        meter.start()
+        ends = []
         start = time.perf_counter()
-        futures = [ex.submit(time.sleep, seconds) for _ in range(jobs)]
+        futures = []
+        for _ in range(jobs):
+            futures.append(ex.submit(time.sleep, seconds))
+            futures[-1].add_done_callback(lambda _: ends.append(time.perf_counter()))
+        submitted = time.perf_counter() - start
         for f in futures:
             f.result()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        meter.stop()
+        phases(sorted(t - start for t in ends), submitted, seconds, cpus)
+        return elapsed
 
 
 def main():
@@ -182,7 +245,7 @@ def main():
             for r in range(args.rounds):
                 for mode in modes if r % 2 == 0 else reversed(modes):
                     elapsed = turn(mode, addresses, secret, env, workdir, args.jobs,
-                                   args.seconds, cpus)
+                                   args.seconds, cpus, nodes)
                     times[mode].append(elapsed)
                     print(f"round {r + 1} {mode:10s} {elapsed:6.2f} s  efficiency "
                           f"{ideal / elapsed:6.1%}", flush=True)

@@ -46,6 +46,7 @@ from ..transport.budget import ReceiveBudget
 from .computation import Computation
 from .keep import KEEP_RESULTS, Kept
 from .nodeport import Link, NodePort, Watch
+from .schedfind import FORGET_AFTER, start_finder
 from .share import FairShare
 
 log = logging.getLogger("dpool.scheduler")
@@ -595,7 +596,7 @@ class Broker:
                  node_ssl: Any = None, name: str | None = None, heartbeat: Any = None,
                  connect_timeout: float | None = None, max_retries: int = 2,
                  fifo: bool = False, receive_budget: int | None = None,
-                 keep_results: float = KEEP_RESULTS) -> None:
+                 keep_results: float = KEEP_RESULTS, discovery: Any = None) -> None:
         self.name = name or socket.gethostname()
         self.secret = secret
         self.ssl = ssl
@@ -608,11 +609,15 @@ class Broker:
         settings = liveness.settings(heartbeat)
         self.deadline = settings.deadline  # how long jobs wait for a node, at most
         self._stranded: asyncio.TimerHandle | None = None
-        timeout = liveness.connect_timeout(connect_timeout)
+        self.connect_timeout = timeout = liveness.connect_timeout(connect_timeout)
         group = os.urandom(8).hex()  # a node shares its CPUs among this scheduler's sessions only
-        self.ports = [NodePort(host, port, secret=secret, ssl=node_ssl, watch=self.watch,
-                               settings=settings, connect_timeout=timeout, group=group)
-                      for host, port in nodes]
+        self._port_options = dict(secret=secret, ssl=node_ssl, watch=self.watch,
+                                  settings=settings, connect_timeout=timeout, group=group)
+        self.ports = [NodePort(host, port, **self._port_options) for host, port in nodes]
+        self.discovery = discovery  # a core.discover.Discovery: nodes found over UDP join
+        self.finder: Any = None
+        self.forgotten: set[tuple[str, int]] = set()  # found nodes lost, then forgotten
+        self.closing = False
         self.clients: set[ClientSession] = set()
         self.tasks: set[asyncio.Task] = set()
         self.server: Any = None
@@ -654,8 +659,30 @@ class Broker:
 
     def rejoin(self, port: NodePort) -> None:
         if port.rejoin is None and not port.closed:
-            port.rejoin = self.spawn(port.keep_joining(self.on_anchor_message,
-                                                       self.on_anchor_closed, self.node_ready))
+            port.rejoin = self.spawn(port.keep_joining(
+                self.on_anchor_message, self.on_anchor_closed, self.node_ready,
+                give_up=FORGET_AFTER * self.deadline if port.found else None,
+                on_gone=self.forget))
+
+    async def add_found(self, address: tuple[str, int]) -> None:
+        """A node discovery found: joined as one given by address (a busy or
+        unreachable one is retried, then forgotten until it answers again)."""
+        if self.closing or any(port.address == address for port in self.ports):
+            return
+        port = NodePort(*address, **self._port_options)
+        port.found = True
+        self.forgotten.discard(address)
+        self.ports.append(port)
+        await self.add_node(port)
+
+    def forget(self, port: NodePort) -> None:
+        """A found node that stayed lost: dropped (discovery joins it again)."""
+        log.info("node %s: not back within %g s; forgotten until discovery finds it again",
+                 port, FORGET_AFTER * self.deadline)
+        if port in self.ports:
+            self.ports.remove(port)
+        port.close()
+        self.forgotten.add(port.address)
 
     def node_ready(self, port: NodePort) -> None:
         log.info("node %s: %d CPUs", port.name, port.cpus)
@@ -804,6 +831,9 @@ class Broker:
 
     async def start(self, host: str, port: int) -> Broker:
         await asyncio.gather(*(self.add_node(node) for node in self.ports))
+        if self.discovery is not None:
+            self.finder = await start_finder(self, self.discovery,
+                                             self.discovery.wait or self.connect_timeout)
         budget = ReceiveBudget(self.receive_budget) if self.receive_budget else None
         self.server = await start_server(self.accept, host, port, secret=self.secret,
                                          hello=self.hello, ssl=self.ssl, receive_budget=budget)
@@ -831,6 +861,9 @@ class Broker:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
+        self.closing = True
+        if self.finder is not None:
+            self.finder.close()
         if self.server is not None:
             self.server.close()
         for client in list(self.clients):

@@ -183,9 +183,14 @@ class NodePort:
         self.error: BaseException | None = None
         self.rejoin: asyncio.Task | None = None
         self.closed = False
+        self.found = False  # found by discovery (forgotten when lost for long)
 
     def __repr__(self) -> str:
         return self.name
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
 
     @property
     def ready(self) -> bool:
@@ -217,19 +222,27 @@ class NodePort:
 
     async def keep_joining(self, on_message: Callable[[Link, Any, list], None],
                            on_close: Callable[[Link, BaseException | None], None],
-                           on_ready: Callable[[NodePort], None]) -> None:
-        """Retry the node with backoff until it answers (or we close)."""
+                           on_ready: Callable[[NodePort], None], give_up: float | None = None,
+                           on_gone: Callable[[NodePort], None] | None = None) -> None:
+        """Retry the node with backoff until it answers (or we close); with
+        ``give_up``, call ``on_gone`` instead once that many seconds passed."""
         backoff = liveness.Backoff(first=min(0.25, self.liveness.interval),
                                    cap=max(1.0, min(5.0, self.liveness.deadline / 2)))
+        loop = asyncio.get_running_loop()
+        until = None if give_up is None else loop.time() + give_up
         try:
             while not self.closed:
                 if await self.join(on_message, on_close):
                     on_ready(self)
                     return
                 log.debug("node %s:%s: %s", self.host, self.port, describe(self.error))
+                if until is not None and loop.time() >= until and on_gone is not None:
+                    break
                 await asyncio.sleep(backoff.next())
         finally:
             self.rejoin = None
+        if not self.closed and on_gone is not None:
+            on_gone(self)
 
     def close(self) -> None:
         self.closed = True

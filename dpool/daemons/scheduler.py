@@ -1,6 +1,7 @@
 """``dpool-scheduler``: several clients share one set of dpool-nodes.
 
     dpool-scheduler --nodes HOST[:PORT],... [--host 127.0.0.1] [--port 51351]
+    dpool-scheduler --nodes '*'            # the nodes discovery finds (patterns: '10.77.*')
                     [--secret-file PATH] [--fifo] [--grace SECONDS] [--logfile PATH]
                     [--receive-budget BYTES] [--keep-results SECONDS]
                     [--certfile F --keyfile F [--cafile F]]
@@ -28,6 +29,7 @@ import secrets
 import sys
 
 from .. import config
+from ..core import discover
 from ..core.broker import Broker
 from ..core.client import tls_context
 from ..transport import server_ssl_context
@@ -42,7 +44,9 @@ def parse_args(argv=None):
     p = common.new_parser("dpool-scheduler", __doc__)
     p.add_argument("--nodes", required=False, default=os.environ.get("DPOOL_NODES", ""),
                    help="the nodes, HOST[:PORT] separated by commas (default $DPOOL_NODES; "
-                        f"port {config.NODE_PORT} if none)")
+                        f"port {config.NODE_PORT} if none); a host pattern ('*', '10.77.*', "
+                        "fnmatch on a node's address or name) takes the nodes discovery finds "
+                        "over UDP, also those joining later (docs/discovery.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=common.port, default=config.SCHEDULER_PORT,
                    help=f"TCP port (default {config.SCHEDULER_PORT}; 0 picks a free one)")
@@ -76,12 +80,28 @@ def parse_args(argv=None):
 
 
 def node_list(text):
-    """``"a:1,b"`` -> [("a", 1), ("b", NODE_PORT)]; ValueError when empty or bad."""
+    """``"a:1,b"`` -> [("a", 1), ("b", NODE_PORT)]; ValueError when empty or bad.
+    Patterns (``*``, ``10.77.*``) are included: see :func:`split_patterns`."""
     nodes = [parse_address(part.strip(), config.NODE_PORT)
              for part in text.split(",") if part.strip()]
     if not nodes:
-        raise ValueError("no nodes given: --nodes HOST[:PORT],... (or $DPOOL_NODES)")
+        raise ValueError("no nodes given: --nodes HOST[:PORT],... or a pattern such as '*' "
+                         "(or $DPOOL_NODES)")
     return nodes
+
+
+def split_patterns(nodes):
+    """(addresses, patterns) of :func:`node_list`'s nodes."""
+    return ([n for n in nodes if not discover.is_pattern(n[0])],
+            [n for n in nodes if discover.is_pattern(n[0])])
+
+
+def discovery_for(patterns, secret):
+    """The scheduler's discovery settings (``$DPOOL_DISCOVER_TO`` and
+    ``$DPOOL_ANNOUNCE_PORT`` as for a client), or None without patterns."""
+    if not patterns:
+        return None
+    return discover.settings(patterns, secret, patterns[0][1])
 
 
 def find_secret(args, nodes):
@@ -115,8 +135,12 @@ def main(argv=None):
     args = parse_args(argv)
     common.start_logging(args)
     try:
-        nodes = node_list(args.nodes)
+        nodes, patterns = split_patterns(node_list(args.nodes))
+        if patterns and not args.secret_file and not config.env_secret():
+            raise ValueError(f"discovering nodes ({args.nodes}) needs their secret: set "
+                             f"DPOOL_SECRET or --secret-file PATH")
         secret = find_secret(args, nodes)
+        found = discovery_for(patterns, secret)
     except (OSError, ValueError) as exc:
         print(f"dpool-scheduler: {exc}", file=sys.stderr)
         return 2
@@ -126,7 +150,7 @@ def main(argv=None):
         print(f"dpool-scheduler: cannot set up TLS: {exc}", file=sys.stderr)
         return 2
     broker = Broker(nodes, secret=secret, name=args.name, fifo=args.fifo, ssl=ssl,
-                    node_ssl=node_ssl, receive_budget=args.receive_budget,
+                    node_ssl=node_ssl, receive_budget=args.receive_budget, discovery=found,
                     **({} if args.keep_results is None else {"keep_results": args.keep_results}))
     try:
         asyncio.run(_serve(broker, args))

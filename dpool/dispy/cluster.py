@@ -299,6 +299,8 @@ class JobCluster:
             log.info("node %s (%s): not used (allocate returned %r)", ip, name, want)
             return None
         session = dict(self._session(), cpus=want)
+        if hello.get("scheduler") and want >= cpus:  # all of them: nodes joining it later too
+            del session["cpus"]
         if self._recover is not None and link.address != "embedded":
             session["recover_token"] = self._recover.new_session(link.address, self._used_secret)
         messages = file_messages(self._files + node_files)
