@@ -56,6 +56,10 @@ CREATED, RUNNING, FINISHED, CANCELLED, TERMINATED, ABANDONED = (
 
 #: Functions a node session keeps at most (see Client._forget).
 _NODE_FUNCTIONS = 1024
+#: Jobs per CPU a client keeps at a dpool-scheduler (2 at a node): the
+#: scheduler then has one queued per CPU when a job ends on a node, and
+#: refills it at once (tests/core/test_scheduler.py; docs/performance.md).
+SCHEDULER_DEPTH = 3
 
 
 def outcome_of(outcome, payload):
@@ -615,7 +619,10 @@ class Client:
 
     def admit(self, link):
         self.emit("node", link)
-        self._act(self.scheduler.add_node(link, link.cpus, time.monotonic()))
+        # A dpool-scheduler gets a job more per CPU than a node: queued in
+        # it, ready to go the moment a job ends on one of its nodes.
+        depth = SCHEDULER_DEPTH if link.info.get("scheduler") else 2
+        self._act(self.scheduler.add_node(link, link.cpus, time.monotonic(), depth))
 
     def cpus_changed(self, link, info):
         """READY again: a scheduler whose CPUs changed (nodes joined)."""

@@ -96,6 +96,7 @@ class NodeState:
     # answer gives them all back, or (a shorter answer) a job ends here.
     reclaiming: int = 0
     draining: bool = False  # stopping: no new jobs
+    depth: int = 2  # jobs per CPU held, before the read-ahead (see limit)
     # Kept by the Scheduler's indexes (see Scheduler._sync): the node's place
     # in add order, its free CPUs as last counted, and those of its valid
     # entry in the free-CPU heap (0: none).
@@ -105,11 +106,14 @@ class NodeState:
 
     def limit(self) -> int:
         """Jobs this node may hold: two per CPU (the next job is always there
-        when one ends), more as measured jobs get shorter (up to 65)."""
+        when one ends), more as measured jobs get shorter (up to 63 more).
+        A dpool-scheduler gets ``depth`` 3: it keeps two per CPU on its nodes
+        and the third queued, to refill a node the moment a job ends there
+        instead of a round trip to the client later."""
         if self.ema is None:
-            per_cpu = 2
+            per_cpu = self.depth
         else:
-            per_cpu = 2 + min(63, int(0.02 / max(self.ema, 1e-6)))
+            per_cpu = self.depth + min(63, int(0.02 / max(self.ema, 1e-6)))
         return self.cpus * per_cpu
 
     def room(self) -> int:
@@ -165,11 +169,11 @@ class Scheduler:
             queue.append(job_id)
         return self._dispatch()
 
-    def add_node(self, node: Node, cpus: int, now: float = 0.0) -> list[Action]:
+    def add_node(self, node: Node, cpus: int, now: float = 0.0, depth: int = 2) -> list[Action]:
         old = self.nodes.get(node)
         if old is not None:
             self._unindex(node, old)
-        state = self.nodes[node] = NodeState(cpus)
+        state = self.nodes[node] = NodeState(cpus, depth=depth)
         state.seq = next(self._seqs) if old is None else old.seq
         self._sync(node, state)
         return self._dispatch()

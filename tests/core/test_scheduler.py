@@ -40,6 +40,18 @@ def test_read_ahead_is_two_per_cpu_before_any_job_is_timed():
     assert s.queued() == 6 and s.pending() == 10
 
 
+def test_a_dpool_scheduler_holds_three_per_cpu_and_a_node_still_two():
+    """A scheduler (depth 3) keeps a job per CPU queued beyond what its nodes
+    hold, to refill them as jobs end; long jobs keep it at three."""
+    s = Scheduler()
+    s.add_node("sched", 2, depth=3)
+    s.add_node("node", 2)
+    out = sends(s.submit(range(20)))
+    assert (len(out["sched"]), len(out["node"])) == (6, 4)
+    s.done("sched", 0, duration=1.0)
+    assert len(s.nodes["sched"].inflight) == s.nodes["sched"].limit() == 6
+
+
 def test_node_added_after_submit_gets_the_queue_in_order():
     s = Scheduler()
     s.submit(range(5))
