@@ -1,7 +1,7 @@
 """32 nodes x 8 CPUs on loopback: jobs through dpool-scheduler vs an explicit node list.
 
     python bench/bench_scheduler.py [--nodes 32] [--cpus 8] [--jobs 8000]
-                                    [--seconds 0.05] [--rounds 3]
+                                    [--seconds 0.05] [--rounds 3] [--depth2] [--trace]
 
 Starts ``--nodes`` dpool-node processes (``--cpus`` each) on 127.0.0.2,
 127.0.0.3, ... (free ports), then runs
@@ -12,7 +12,14 @@ holds the nodes).  Each turn is warmed up first (two jobs per CPU, so every
 worker is up) and timed from the first submit to the last result.
 Efficiency is the ideal time (jobs x seconds / CPUs: 1.56 s for the
 defaults) over the measured one; the figure to read on a shared machine is
-the ratio of the two medians (scheduler / node list).
+the ratio of the two medians (scheduler / node list).  Each turn also
+prints the CPU each process used per job (repeatable under load) and the
+phases: the first result, the steady rate between 10% and 90% of the
+results, the last 10%.  ``--depth2`` adds turns through the scheduler with
+the client keeping 2 jobs per CPU there, as before 3 (client.SCHEDULER_DEPTH);
+``--trace`` (bench/trace_scheduler.py) prints how long a node went from a
+result to its next jobs, in the client and in the scheduler, and how often
+a node's result found no job queued in the scheduler.
 """
 import argparse
 import asyncio
@@ -30,6 +37,8 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import trace_scheduler  # noqa: E402
+from dpool.core import client as core_client  # noqa: E402
 from dpool.core.status import query_node  # noqa: E402
 from dpool.errors import DpoolError  # noqa: E402
 from dpool.futures import Executor  # noqa: E402
@@ -135,9 +144,24 @@ def report_cpu(meter, jobs):
           flush=True)
 
 
-def turn(mode, addresses, secret, env, workdir, jobs, seconds, cpus, nodes):
+def turn(mode, addresses, secret, env, workdir, jobs, seconds, cpus, nodes, trace=False):
     """One timed run; the scheduler (which holds the nodes while it runs)
     only for the scheduler's turn, started before the clock starts."""
+    trace_scheduler.reset()
+    try:
+        return _turn(mode, addresses, secret, env, workdir, jobs, seconds, cpus, nodes, trace)
+    finally:
+        if trace:
+            print(f"  (trace, client: {trace_scheduler.summary()})")
+            path = env.get("DPOOL_TRACE_OUT")
+            if path and os.path.exists(path):
+                with open(path) as f:
+                    print(f"  (trace, scheduler, warm-up included: {f.read().strip()})")
+                os.remove(path)
+
+
+def _turn(mode, addresses, secret, env, workdir, jobs, seconds, cpus, nodes, trace):
+    core_client.SCHEDULER_DEPTH = 2 if mode == "sched depth 2" else 3
     if mode == "node list":
         meter = CpuMeter(nodes)
         elapsed = timed(dict(nodes=",".join(addresses), secret=secret), jobs, seconds, cpus,
@@ -146,7 +170,9 @@ def turn(mode, addresses, secret, env, workdir, jobs, seconds, cpus, nodes):
         return elapsed
     # (a node the scheduler could not join at once, e.g. its handshake timed
     # out on a loaded machine, is retried in the background: wait for all)
-    sched = start([sys.executable, "-m", "dpool.daemons.scheduler", "--port", "0",
+    command = ["-c", "import trace_scheduler as t; t.run_scheduler()"] if trace else \
+        ["-m", "dpool.daemons.scheduler"]
+    sched = start([sys.executable, *command, "--port", "0",
                    "--nodes", ",".join(addresses), "--loglevel", "WARNING"],
                   env, workdir, "scheduler")
     try:
@@ -227,27 +253,34 @@ def main():
     p.add_argument("--jobs", type=int, default=8000)
     p.add_argument("--seconds", type=float, default=0.05)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--depth2", action="store_true",
+                   help="also turns through the scheduler with 2 jobs per CPU at it")
+    p.add_argument("--trace", action="store_true", help="trace the message flow")
     args = p.parse_args()
+    if args.trace:
+        trace_scheduler.patch_client()
     secret = secrets.token_hex(16)
     # Connecting to 32 nodes stretches the secret under 32 salts (scrypt, ~50 ms
     # of CPU each): on a loaded machine that takes longer than the default 10 s.
     os.environ.setdefault("DPOOL_CONNECT_TIMEOUT", "120")
-    env = dict(os.environ, DPOOL_SECRET=secret,
-               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, DPOOL_SECRET=secret, PYTHONPATH=os.pathsep.join(
+        filter(None, [ROOT, os.path.join(ROOT, "bench"), os.environ.get("PYTHONPATH")])))
     cpus = args.nodes * args.cpus
     ideal = args.jobs * args.seconds / cpus
     with tempfile.TemporaryDirectory() as workdir:
         nodes, addresses = start_nodes(args, env, workdir)
         try:
             meet(addresses, secret)
-            modes = ["node list", "scheduler"]
+            modes = ["node list", "scheduler"] + (["sched depth 2"] if args.depth2 else [])
             times = {mode: [] for mode in modes}
             for r in range(args.rounds):
                 for mode in modes if r % 2 == 0 else reversed(modes):
+                    if args.trace:
+                        env["DPOOL_TRACE_OUT"] = os.path.join(workdir, "trace.json")
                     elapsed = turn(mode, addresses, secret, env, workdir, args.jobs,
-                                   args.seconds, cpus, nodes)
+                                   args.seconds, cpus, nodes, args.trace)
                     times[mode].append(elapsed)
-                    print(f"round {r + 1} {mode:10s} {elapsed:6.2f} s  efficiency "
+                    print(f"round {r + 1} {mode:13s} {elapsed:6.2f} s  efficiency "
                           f"{ideal / elapsed:6.1%}", flush=True)
         finally:
             for proc in nodes:
@@ -256,12 +289,12 @@ def main():
     print(f"\n{args.jobs} jobs of sleep({args.seconds}) on {args.nodes} nodes x {args.cpus} "
           f"CPUs: ideal {ideal:.2f} s")
     for mode, median in medians.items():
-        print(f"  {mode:10s} median {median:6.2f} s  efficiency {ideal / median:6.1%}")
+        print(f"  {mode:13s} median {median:6.2f} s  efficiency {ideal / median:6.1%}")
     print(f"  scheduler / node list: {medians['scheduler'] / medians['node list']:.3f} "
           f"(1.0 = the scheduler costs nothing)")
     print(f"load: {os.getloadavg()[0]:.1f}; command: python bench/bench_scheduler.py "
           f"--nodes {args.nodes} --cpus {args.cpus} --jobs {args.jobs} --seconds {args.seconds} "
-          f"--rounds {args.rounds}")
+          f"--rounds {args.rounds}" + " --depth2" * args.depth2 + " --trace" * args.trace)
 
 
 if __name__ == "__main__":
