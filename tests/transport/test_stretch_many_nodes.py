@@ -44,3 +44,23 @@ def test_a_client_stretching_for_many_nodes_on_one_busy_core_still_meets_them_al
     finally:
         for node in nodes:
             node.terminate()
+
+
+def test_a_process_meeting_hundreds_of_nodes_stretches_each_salt_once(monkeypatch):
+    """A dpool-scheduler opens a session on each of its nodes for every
+    client (each node has its own salt).  The cache held 64 keys: with more
+    nodes every client stretched again for every node, one at a time
+    (50 ms each: 5 s for 100 nodes, past the scheduler's wait for them)."""
+    from dpool.transport import auth
+
+    salts = [bytes([i % 256, i // 256]) * 8 for i in range(500)]
+    stretched = []
+    monkeypatch.setattr(hashlib, "scrypt", lambda secret, salt, **kw: stretched.append(salt) or salt)
+    auth.stretch.cache_clear()
+    try:
+        for _ in range(3):   # three clients, each meeting every node
+            for salt in salts:
+                auth.stretch(SECRET, salt)
+        assert len(stretched) == len(salts)
+    finally:
+        auth.stretch.cache_clear()
