@@ -133,7 +133,12 @@ def check_secret(secret: object) -> bytes:
     return bytes(secret)
 
 
-@functools.lru_cache(maxsize=64)
+#: Keys kept (one per node process met: each has its own salt; 64 bytes
+#: each): a dpool-scheduler meets each of its nodes again for every client.
+STRETCH_CACHE = 16384
+
+
+@functools.lru_cache(maxsize=STRETCH_CACHE)
 def stretch(secret: bytes, salt: bytes) -> bytes:
     """The secret stretched with scrypt under ``salt`` (cached per process)."""
     if 0 < len(secret) < SHORT_SECRET:
