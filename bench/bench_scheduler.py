@@ -16,7 +16,8 @@ the ratio of the two medians (scheduler / node list).  Each turn also
 prints the CPU each process used per job (repeatable under load) and the
 phases: the first result, the steady rate between 10% and 90% of the
 results, the last 10%.  ``--depth2`` adds turns through the scheduler with
-the client keeping 2 jobs per CPU there, as before 3 (client.SCHEDULER_DEPTH);
+the client keeping 2 jobs per CPU there (as at a node; by default
+client.SCHEDULER_DEPTH);
 ``--trace`` (bench/trace_scheduler.py) prints how long a node went from a
 result to its next jobs, in the client and in the scheduler, and how often
 a node's result found no job queued in the scheduler.
@@ -42,6 +43,8 @@ from dpool.core import client as core_client  # noqa: E402
 from dpool.core.status import query_node  # noqa: E402
 from dpool.errors import DpoolError  # noqa: E402
 from dpool.futures import Executor  # noqa: E402
+
+DEPTH = core_client.SCHEDULER_DEPTH  # jobs per CPU a client keeps at a scheduler
 
 
 def start(cmd, env, workdir, name):
@@ -161,7 +164,7 @@ def turn(mode, addresses, secret, env, workdir, jobs, seconds, cpus, nodes, trac
 
 
 def _turn(mode, addresses, secret, env, workdir, jobs, seconds, cpus, nodes, trace):
-    core_client.SCHEDULER_DEPTH = 2 if mode == "sched depth 2" else 3
+    core_client.SCHEDULER_DEPTH = 2 if mode == "sched depth 2" else DEPTH
     if mode == "node list":
         meter = CpuMeter(nodes)
         elapsed = timed(dict(nodes=",".join(addresses), secret=secret), jobs, seconds, cpus,

@@ -57,9 +57,12 @@ CREATED, RUNNING, FINISHED, CANCELLED, TERMINATED, ABANDONED = (
 #: Functions a node session keeps at most (see Client._forget).
 _NODE_FUNCTIONS = 1024
 #: Jobs per CPU a client keeps at a dpool-scheduler (2 at a node): the
-#: scheduler then has one queued per CPU when a job ends on a node, and
-#: refills it at once (tests/core/test_scheduler.py; docs/performance.md).
-SCHEDULER_DEPTH = 3
+#: scheduler keeps 2 per CPU on its nodes and queues the rest, so that it
+#: refills a node the moment a job ends there instead of waiting for the
+#: client's next job, a round trip that on a loaded host took 130-340 ms
+#: (docs/performance.md, "Through dpool-scheduler"; the queue is the
+#: scheduler's: fair shares are unchanged).
+SCHEDULER_DEPTH = 8
 
 
 def outcome_of(outcome, payload):
@@ -619,7 +622,7 @@ class Client:
 
     def admit(self, link):
         self.emit("node", link)
-        # A dpool-scheduler gets a job more per CPU than a node: queued in
+        # A dpool-scheduler gets more jobs per CPU than a node: queued in
         # it, ready to go the moment a job ends on one of its nodes.
         depth = SCHEDULER_DEPTH if link.info.get("scheduler") else 2
         self._act(self.scheduler.add_node(link, link.cpus, time.monotonic(), depth))

@@ -107,9 +107,9 @@ class NodeState:
     def limit(self) -> int:
         """Jobs this node may hold: two per CPU (the next job is always there
         when one ends), more as measured jobs get shorter (up to 63 more).
-        A dpool-scheduler gets ``depth`` 3: it keeps two per CPU on its nodes
-        and the third queued, to refill a node the moment a job ends there
-        instead of a round trip to the client later."""
+        A dpool-scheduler gets a larger ``depth`` (client.SCHEDULER_DEPTH):
+        it keeps two per CPU on its nodes and queues the rest, to refill a
+        node the moment a job ends there."""
         if self.ema is None:
             per_cpu = self.depth
         else:

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
 
+from dpool.core.client import SCHEDULER_DEPTH
 from dpool.core.scheduler import (RECLAIM_MIN, Cancelled, CancelRemote, Fail, Reclaim,
                                   Scheduler, Send)
 from dpool.errors import NodeLost
@@ -40,16 +41,16 @@ def test_read_ahead_is_two_per_cpu_before_any_job_is_timed():
     assert s.queued() == 6 and s.pending() == 10
 
 
-def test_a_dpool_scheduler_holds_three_per_cpu_and_a_node_still_two():
-    """A scheduler (depth 3) keeps a job per CPU queued beyond what its nodes
-    hold, to refill them as jobs end; long jobs keep it at three."""
+def test_a_dpool_scheduler_holds_its_depth_per_cpu_and_a_node_still_two():
+    """A scheduler (the client gives it a larger depth) queues jobs beyond
+    what its nodes hold, to refill them as jobs end; long jobs keep it there."""
     s = Scheduler()
-    s.add_node("sched", 2, depth=3)
+    s.add_node("sched", 2, depth=SCHEDULER_DEPTH)
     s.add_node("node", 2)
-    out = sends(s.submit(range(20)))
-    assert (len(out["sched"]), len(out["node"])) == (6, 4)
+    out = sends(s.submit(range(40)))
+    assert (len(out["sched"]), len(out["node"])) == (2 * SCHEDULER_DEPTH, 4)
     s.done("sched", 0, duration=1.0)
-    assert len(s.nodes["sched"].inflight) == s.nodes["sched"].limit() == 6
+    assert len(s.nodes["sched"].inflight) == s.nodes["sched"].limit() == 2 * SCHEDULER_DEPTH
 
 
 def test_node_added_after_submit_gets_the_queue_in_order():
