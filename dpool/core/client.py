@@ -59,9 +59,9 @@ _NODE_FUNCTIONS = 1024
 #: Jobs per CPU a client keeps at a dpool-scheduler (2 at a node): the
 #: scheduler keeps 2 per CPU on its nodes and queues the rest, so that it
 #: refills a node the moment a job ends there instead of waiting for the
-#: client's next job, a round trip that on a loaded host took 130-340 ms
-#: (docs/performance.md, "Through dpool-scheduler"; the queue is the
-#: scheduler's: fair shares are unchanged).
+#: client's next job, a round trip that on a loaded host took 63-160 ms
+#: (median; docs/performance.md, "Through dpool-scheduler"). The queue is
+#: the scheduler's: fair shares are unchanged.
 SCHEDULER_DEPTH = 8
 
 

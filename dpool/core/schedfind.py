@@ -11,7 +11,7 @@
                     heartbeat deadlines, then forgotten: the Finder joins it
                     again when it next answers
 
-The Finder was written for a :class:`~dpool.core.client.Client`;
+The Finder was written for a client's :class:`~dpool.core.links.Links`;
 :class:`Joiner` is the Broker seen through that interface.
 """
 from __future__ import annotations

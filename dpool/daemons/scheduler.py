@@ -1,11 +1,11 @@
 """``dpool-scheduler``: several clients share one set of dpool-nodes.
 
     dpool-scheduler --nodes HOST[:PORT],... [--host 127.0.0.1] [--port 51351]
-    dpool-scheduler --nodes '*'            # the nodes discovery finds (patterns: '10.77.*')
                     [--secret-file PATH] [--fifo] [--grace SECONDS] [--logfile PATH]
                     [--receive-budget BYTES] [--keep-results SECONDS]
                     [--certfile F --keyfile F [--cafile F]]
                     [--node-certfile F --node-keyfile F] [--node-cafile F]
+    dpool-scheduler --nodes '*' ...   # the nodes discovery finds (or '10.77.*', ...)
     dpool-scheduler --version
 
 To its clients (``SharedJobCluster``, and any Client, JobCluster, Executor
