@@ -1,7 +1,7 @@
 """Small tasks and start-up, every API, local and via a node (issue 13).
 
     python bench/bench_small.py [--quick] [--rounds 3] [--json FILE] [--skip cpu]
-                                [--only round-trip burst startup]
+                                [--only round-trip burst startup map]
 
 Each measure is a ratio against ``multiprocessing`` measured in the same
 run: the rounds are interleaved (dpool, reference, dpool, reference...) and
@@ -17,6 +17,12 @@ in AES-GCM records, as users run it.
 | 10,000 no-ops at once, every API, local and via the node | mp.Pool.apply_async | >= 1.5x |
 | create + 1 task + shutdown, local / via the node | (absolute) | <= 0.05 s / 0.1 s |
 | 64 CPU-bound ~50 ms tasks, Executor.map | two bare processes | >= 0.97 |
+| map of 1M ints (a list, and a range), Pool.map, local and via the node | mp.Pool.map | >= 1.5x |
+| the same, Executor.map with mp's chunk size (1M / 8) | mp.Pool.map | >= 1.0x |
+| Executor.map with its default chunksize=1 (20,000 ints: one job each) | mp.Pool.map (1M) | (shown) |
+
+The maps' figures are items per second; ``mp.Pool.map`` gets the same input
+(a ``list`` or a ``range``) with its own default chunk size.
 
 ``--json FILE`` writes the ratios (what bench/check_regressions.py reads).
 """
@@ -35,6 +41,10 @@ SECRET = "bench-small-secret"
 
 def noop(x=None):
     return x
+
+
+def inc(x):
+    return x + 1
 
 
 def spin(n):
@@ -179,6 +189,41 @@ def case_startup(results, node, rounds):
         t_ours, "<=", target, "s")
 
 
+def case_map(results, node, n, rounds):
+    """issue 13's map rows: items/s of dpool's maps vs mp.Pool.map's, same input."""
+    import dpool
+    from dpool.futures import Executor
+
+    kw = {} if node is None else {"nodes": [("127.0.0.1", node)], "secret": SECRET}
+    where = "local" if node is None else "node"
+    chunk = -(-n // (CPUS * 4))  # what mp.Pool.map picks for n items
+    small = max(n // 50, 100)
+    with MP.Pool(CPUS) as ref, dpool.Pool(CPUS, **kw) as pool, Executor(CPUS, **kw) as ex:
+        for warm in (ref.map, pool.map, ex.map):
+            list(warm(inc, range(10)))
+        for kind, data in (("list", list(range(n))), ("range", range(n))):
+            cases = [("Pool.map", lambda: pool.map(inc, data), 1.5),
+                     (f"Executor.map chunksize={chunk}",
+                      lambda: list(ex.map(inc, data, chunksize=chunk)), 1.0)]
+            for name, ours, target in cases:
+                t_ours, t_ref = interleaved(lambda: _check(ours(), n),
+                                            lambda: _check(ref.map(inc, data), n),
+                                            rounds)
+                results[f"map {name.split()[0]} {kind} {where}"] = report(
+                    f"map {n} ints ({kind}), {name} {where} vs mp.Pool.map", n / t_ours,
+                    n / t_ref, t_ref / t_ours, ">=", target, "/s")
+        few = list(range(small))
+        t_ours, t_ref = interleaved(lambda: list(ex.map(inc, few)),
+                                    lambda: ref.map(inc, list(range(n))), rounds)
+        results[f"map Executor chunksize=1 {where}"] = report(
+            f"map {small} ints, Executor.map chunksize=1 {where} vs mp.Pool.map {n}",
+            small / t_ours, n / t_ref, small / t_ours / (n / t_ref), ">=", 1.0, "/s")
+
+
+def _check(out, n):
+    assert len(out) == n and out[-1] == n, "wrong map result"
+
+
 def case_cpu_bound(results, rounds):
     from dpool.futures import Executor
 
@@ -231,8 +276,8 @@ def main():
     ap.add_argument("--json", help="write the ratios here")
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["local", "node", "cpu"], help="parts to leave out")
-    ap.add_argument("--only", nargs="*", default=["round-trip", "burst", "startup"],
-                    choices=["round-trip", "burst", "startup"],
+    ap.add_argument("--only", nargs="*", default=["round-trip", "burst", "startup", "map"],
+                    choices=["round-trip", "burst", "startup", "map"],
                     help="the cases to run on each placement (default: all)")
     args = ap.parse_args()
     trips, n = (200, 2000) if args.quick else (1000, 10_000)
@@ -250,6 +295,8 @@ def main():
                 case_burst(results, node, n, args.rounds)
             if "startup" in args.only:
                 case_startup(results, node, max(args.rounds, 5))
+            if "map" in args.only:
+                case_map(results, node, 200_000 if args.quick else 1_000_000, args.rounds)
         finally:
             if proc is not None:
                 proc.terminate()
