@@ -111,10 +111,12 @@ class Pool:
 
     def _submit_items(self, fn, items, star):
         """One chunk of a map (``items``: a slice of the input) as one job;
-        the items travel as they are, no one-item tuple per item."""
+        the items travel as they are, no one-item tuple per item (a slice
+        of a ``range`` as a ``range``: three ints on the wire)."""
         mode = P.Call.STARMAP if star else P.Call.MAP
-        return self._client.submit(fn, items if isinstance(items, list) else list(items),
-                                   star=mode, defer_errors=True).future
+        if type(items) is not list and type(items) is not range:
+            items = list(items)
+        return self._client.submit(fn, items, star=mode, defer_errors=True).future
 
     def _runner(self, callback, error_callback):
         if callback is None and error_callback is None:

@@ -191,8 +191,8 @@ def _name_process(options):
 def _call(fn, args, kwargs, star):
     if not star:
         return fn(*args, **kwargs)
-    if star == Call.MAP:  # a chunk of a map: args is a list of items
-        return list(map(fn, args))
+    if star == Call.MAP:  # a chunk of a map: args is a list (or a range) of items
+        return [fn(x) for x in args]  # (a little quicker than list(map(fn, args)))
     return list(itertools.starmap(fn, args))  # Call.STARMAP: a list of argument tuples
 
 

@@ -10,6 +10,7 @@ import concurrent.futures as cf
 import gc
 import os
 import re
+import sys
 import threading
 import time
 import weakref
@@ -110,6 +111,42 @@ def test_asyncio_wrap_future(executor):
 def test_map_in_order(executor, chunksize):
     results = executor.map(tasks.add, range(20), range(100, 115), chunksize=chunksize)
     assert list(results) == [a + b for a, b in zip(range(20), range(100, 115))]
+
+
+def _buffered(kind, buffersize):
+    """map's buffersize argument (the stdlib has it from 3.14 on)."""
+    if buffersize is None or (kind == "stdlib" and sys.version_info < (3, 14)):
+        return {}
+    return {"buffersize": buffersize}
+
+
+@pytest.mark.parametrize("chunksize", [1, 4])
+def test_map_over_a_range(executor, kind, chunksize):
+    # dpool sends each chunk of a range as a range (its slices are ranges)
+    for r in [range(0, 50, 3), range(40, -7, -4), range(5, 5), range(10**12, 10**12 + 9)]:
+        assert list(executor.map(tasks.square, r, chunksize=chunksize)) == [x * x for x in r]
+        results = executor.map(tasks.square, r, chunksize=chunksize, **_buffered(kind, 2))
+        assert list(results) == [x * x for x in r]
+
+
+@pytest.mark.parametrize("buffersize", [None, 1])
+def test_map_closed_in_the_middle_of_a_chunk_yields_nothing_more(executor, kind, buffersize):
+    results = executor.map(tasks.square, range(10), chunksize=5, **_buffered(kind, buffersize))
+    assert next(results) == 0
+    results.close()
+    with pytest.raises(StopIteration):
+        next(results)
+    results.close()  # (again: nothing happens, as for a generator)
+
+
+@pytest.mark.parametrize("buffersize", [None, 1])
+def test_map_is_over_after_its_error(executor, kind, buffersize):
+    results = executor.map(tasks.fail_on, range(6), [3] * 6, chunksize=2,
+                           **_buffered(kind, buffersize))
+    assert [next(results), next(results)] == [0, 1]
+    with pytest.raises(ValueError, match="bad item 3"):
+        next(results)  # the chunk [2, 3] failed as a whole, as the stdlib's
+    assert list(results) == []
 
 
 def test_map_is_ordered_even_when_late_tasks_finish_first(executor):

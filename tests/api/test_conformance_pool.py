@@ -94,6 +94,24 @@ def test_map_and_starmap(pool, chunksize):
     assert pool.starmap(tasks.add, pairs, chunksize) == [a + b for a, b in pairs]
 
 
+RANGES = [range(0, 50, 3), range(40, -7, -4), range(5, 5), range(10**12, 10**12 + 9)]
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 4])
+def test_map_over_a_range(pool, chunksize):
+    # dpool sends each chunk of a range as a range (its slices are ranges)
+    for r in RANGES:
+        assert pool.map(tasks.square, r, chunksize) == [x * x for x in r]
+        assert pool.map_async(tasks.square, r, chunksize).get(5) == [x * x for x in r]
+    with pytest.raises(ValueError, match="bad item 3"):
+        pool.map(tasks.fail_on_3, range(8), chunksize)
+
+
+def test_starmap_over_a_range_fails_as_the_stdlib(pool):
+    with pytest.raises(TypeError):  # an int is no argument tuple
+        pool.starmap(tasks.add, range(3))
+
+
 def test_map_takes_any_iterable(pool):
     assert pool.map(tasks.square, (i for i in range(10))) == [i * i for i in range(10)]
     assert sorted(pool.map(tasks.square, {1, 2, 3})) == [1, 4, 9]

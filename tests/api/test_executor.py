@@ -87,6 +87,19 @@ def test_map_with_a_lambda_and_chunks():
             [i * i for i in range(100)]
 
 
+def test_map_sends_a_range_as_ranges():
+    with Executor(2) as executor:
+        seen, submit = [], executor._client.submit
+
+        def spy(fn, args, *rest, **kwargs):
+            seen.append(type(args))
+            return submit(fn, args, *rest, **kwargs)
+        executor._client.submit = spy
+        assert list(executor.map(tasks.square, range(50), chunksize=10)) == \
+            [x * x for x in range(50)]
+        assert seen == [range] * 5
+
+
 def test_no_resource_warning_on_normal_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResourceWarning)

@@ -34,6 +34,25 @@ def test_big_chunks_map_and_starmap(pool):
         pool.map(tasks.fail_on, range(n))
 
 
+def _spy_on_submit(client):
+    """The types of the job arguments ``client.submit`` gets from now on."""
+    seen, submit = [], client.submit
+
+    def spy(fn, args, *rest, **kwargs):
+        seen.append(type(args))
+        return submit(fn, args, *rest, **kwargs)
+    client.submit = spy
+    return seen
+
+
+def test_a_range_is_sent_as_ranges(pool):
+    seen = _spy_on_submit(pool._client)
+    assert pool.map(tasks.square, range(3, 103, 2), 10) == [x * x for x in range(3, 103, 2)]
+    assert pool.map(tasks.square, list(range(20)), 10) == [x * x for x in range(20)]
+    assert pool.map(tasks.square, tuple(range(20)), 10) == [x * x for x in range(20)]
+    assert seen == [range] * 5 + [list] * 4  # (a tuple's slices are made lists)
+
+
 def test_imap_reads_its_input_ahead_only_so_far(pool):
     pulled = itertools.count()
 
