@@ -39,7 +39,7 @@ Client -> node                         Node -> client
                                          or Refused; then Done as usual
 
 Recover, instead of Session, takes over a session opened with the option
-``recover_token`` whose client went away without Bye (see node/runtime.py).
+``recover_token`` whose client went away without Bye (see node/recovery.py).
 
   Status   (None)                        Status (info)  then the node closes
 

@@ -11,7 +11,7 @@
       a result received:            {"job": core id, "id_pickle": hex})
                                     {"done": core id})
     client gone without BYE: the node keeps the session (jobs go on, results
-      are kept) for --keep-results seconds (see dpool/node/runtime.py)
+      are kept) for --keep-results seconds (see dpool/node/recovery.py)
     recover_jobs(F): a core Client (thread "dpool-recover"), Client.recover:
       per node, connect, RECOVER T ──► READY {kept, pending}: Jobs adopted
       ◄── DONE ... resolves them as any job (DispyJob.finish_from, as JobCluster)

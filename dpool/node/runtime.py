@@ -23,13 +23,8 @@ each client ``Draining`` and gives its queued jobs back; each session ends
 when its running jobs have, or when the grace period is over.
 
 Recovery (dispy's ``recover_jobs``): a session opened with the option
-``recover_token`` whose client goes away without BYE is *detached*: its jobs
-go on, their results are kept (at most KEEP_MAX_RESULTS results and
-KEEP_MAX_BYTES bytes), and its CPUs stay allocated, for ``keep_results``
-seconds.  A new connection sending ``RECOVER token`` takes the session over:
-it gets the kept results, then the others as they come, and ends it with BYE.
-When the time passes (or the limits are exceeded) the session ends, its
-results and unfinished jobs are discarded, with one log line.
+``recover_token`` whose client goes away without BYE is kept for a while, and
+a new connection may take it over: see :mod:`dpool.node.recovery`.
 
 Liveness: a TCP session sends Heartbeat when it sent nothing for the interval
 the client asked for (Session's ``heartbeat`` option, see dpool.liveness),
@@ -57,6 +52,7 @@ from ..transport import wrap_socket
 from ..transport.spool import SpooledFrame
 from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Run, Worker
 from .files import default_job_root, private_dir
+from .recovery import KEEP_RESULTS, Kept, recoverable, take_over
 from .status import node_status
 from .zygote import Zygote, describe_exit
 
@@ -64,9 +60,6 @@ log = logging.getLogger("dpool.node")
 
 MAX_INTERRUPT_GRACE = 30.0  # seconds a cancelled job may take to clean up, at most
 MIN_PULSE = 0.1  # seconds: the shortest pulse_interval a session may ask for (as dispy)
-KEEP_RESULTS = 3600.0  # seconds a detached (recoverable) session is kept
-KEEP_MAX_RESULTS = 100_000  # results kept for a detached session, at most
-KEEP_MAX_BYTES = 1 << 30  # bytes of results kept for a detached session, at most
 _OUTCOMES = {Outcome.OK: "done", Outcome.ERROR: "raised", Outcome.WORKER_LOST: "worker lost",
              Outcome.CANCELLED: "cancelled", Outcome.KILLED: "killed"}
 
@@ -262,8 +255,7 @@ class Session:
                          P.Reclaim: self.on_reclaim}
         self.counts = collections.Counter()  # jobs by outcome, for the log
         self.draining = False
-        self.detached_at = None  # loop time the client went away (recoverable sessions)
-        self._expiry = None
+        self.kept = None  # a recovery.Kept while detached (its client gone, recoverable)
         self.attempts = {}  # job id -> the attempt number the client gave it (Run)
         self._heartbeat = self._ticker = None
         self.lent = None  # the worker lent to the embedding client (see lend)
@@ -284,6 +276,11 @@ class Session:
         if self._ticker is not None:
             self._ticker.cancel()
         self._heartbeat = self._ticker = None
+
+    @property
+    def lease(self):
+        """The liveness settings the session is watched with (None: not watched)."""
+        return self._heartbeat.settings if self._heartbeat is not None else None
 
     def _tick(self):
         conn, hb = self.conn, self._heartbeat
@@ -323,9 +320,10 @@ class Session:
         handler(msg, frames)
 
     def on_close(self, exc=None):
-        if not self.ended and self.cpus > 0 and self.options.get("recover_token") \
-                and not self.node.embedded:
-            self._detach(exc)
+        if not self.ended and recoverable(self):
+            self.unwatch()
+            self.started = []
+            self.kept = Kept(self, exc)
             return
         if not self.ended:
             log.info("session %s: client %s disconnected%s", self.sid, self.conn.peer,
@@ -468,74 +466,9 @@ class Session:
     def on_bye(self, msg, frames):
         self.end("client closed the session")
 
-    # ---------------------------------------------------------- recovery
-
-    def _detach(self, exc):
-        loop = asyncio.get_running_loop()
-        keep = self.node.keep_results
-        log.info("session %s: client %s disconnected%s; its jobs go on and their results "
-                 "are kept for %ss (recover_jobs)", self.sid, self.conn.peer,
-                 f" ({exc})" if exc else "", keep)
-        self.detached_at = loop.time()
-        self.unwatch()
-        self.started = []
-        self._kept_bytes = self._kept_counted = 0
-        self.node.detached[self.options["recover_token"]] = self
-        self._expiry = loop.call_later(keep, self._discard,
-                                       f"the client did not come back within {keep}s")
-
-    def _check_kept(self):
-        """While detached: results are kept, within limits."""
-        self.started = []
-        frames = self.out_frames
-        for frame in frames[self._kept_counted:]:
-            self._kept_bytes += memoryview(frame).nbytes
-        self._kept_counted = len(frames)
-        if len(self.out) > KEEP_MAX_RESULTS or self._kept_bytes > KEEP_MAX_BYTES:
-            self._discard(f"more results than a session may keep ({KEEP_MAX_RESULTS} "
-                          f"results, {KEEP_MAX_BYTES} bytes)")
-
-    def _discard(self, why):
-        if self.detached_at is None or self.ended:
-            return
-        self.detached_at = None
-        self.node.detached.pop(self.options["recover_token"], None)
-        log.warning("session %s: %s; discarding %d kept results and %d unfinished jobs",
-                    self.sid, why, len(self.out), len(self.dispatcher.pending()))
-        self.end(why)
-
     def on_recover(self, msg, frames):
         """RECOVER on a new connection: take over a detached session."""
-        old = self.node.detached.pop(msg.token, None) if self.cpus == 0 else None
-        if old is None or old.ended:
-            self.conn.send([P.encode(P.Refused, f"node {self.node.name} keeps no results for "
-                                               f"that session (unknown, or the time to "
-                                               f"recover it has passed)")])
-            self.end("refused")
-            return
-        self.ended = True  # this session only hands its connection over
-        self.node.release(self)
-        settings = self._heartbeat.settings if self._heartbeat is not None else None
-        self.unwatch()
-        old._reattach(self.conn, msg.terminate, settings)
-
-    def _reattach(self, conn, terminate, settings=None):
-        self._expiry.cancel()
-        self._expiry = self.detached_at = None
-        self.conn = conn
-        conn.set_receiver(self.on_message, self.on_close)
-        if settings is not None:
-            self.watch(settings)
-        pending = self.dispatcher.pending()
-        kept = [record[0] for record in self.out]
-        log.info("session %s: recovered by %s: %d results kept, %d jobs unfinished%s",
-                 self.sid, conn.peer, len(kept), len(pending),
-                 " (terminated)" if terminate and pending else "")
-        conn.send([P.encode(P.Ready, dict(self.node.info(), recovered=True, kept=kept,
-                                         pending=pending))])
-        self._schedule_flush()
-        if terminate and pending:
-            self.on_cancel(P.Cancel(pending), ())
+        take_over(self, msg)
 
     def on_env(self, msg, frames):
         """File and Setup: dispy's job environment (see node/env)."""
@@ -764,8 +697,8 @@ class Session:
     def _flush(self):
         self._flush_scheduled = False
         if self.ended or self.conn.closed:
-            if self.detached_at is not None and not self.ended:
-                self._check_kept()
+            if self.kept is not None and not self.ended:
+                self.kept.check()
             return
         if self.started:
             self.conn.send([P.encode(P.Started, self.started)])
@@ -780,10 +713,9 @@ class Session:
     def end(self, why):
         if self.ended:
             return
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-            self.node.detached.pop(self.options.get("recover_token"), None)
+        if self.kept is not None:
+            self.kept.stop()
+            self.kept = None
         if self.env is not None:
             if self.env.defer_end(why):  # the user's cleanup runs first
                 return

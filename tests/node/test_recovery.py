@@ -1,0 +1,71 @@
+"""A detached session's stay (dpool.node.recovery.Kept), without processes:
+its results are kept within limits, and it is discarded past them."""
+import asyncio
+from types import SimpleNamespace
+
+from dpool.node import recovery
+
+
+class Session:
+    """What Kept uses of a node session."""
+    sid, cpus, ended, kept, why = 1, 1, False, None, None
+
+    def __init__(self):
+        self.node = SimpleNamespace(keep_results=60.0, detached={}, embedded=False)
+        self.options = {"recover_token": "token"}
+        self.conn = SimpleNamespace(peer="client")
+        self.out, self.out_frames, self.started = [], [], []
+        self.dispatcher = SimpleNamespace(pending=lambda: [7])
+
+    def end(self, why):
+        self.why, self.ended = why, True
+        self.kept.stop()
+        self.kept = None
+
+
+def kept_session():
+    session = Session()
+    assert recovery.recoverable(session)
+    session.kept = recovery.Kept(session, None)
+    assert session.node.detached == {"token": session}
+    return session
+
+
+def test_results_past_keep_max_results_discard_the_session(monkeypatch):
+    monkeypatch.setattr(recovery, "KEEP_MAX_RESULTS", 2)
+
+    async def main():
+        session = kept_session()
+        session.out = [(1,), (2,)]
+        session.kept.check()
+        assert session.kept is not None
+        session.out.append((3,))
+        session.kept.check()
+        assert "more results than a session may keep" in session.why
+        assert session.node.detached == {}
+    asyncio.run(main())
+
+
+def test_result_bytes_past_keep_max_bytes_discard_the_session(monkeypatch):
+    monkeypatch.setattr(recovery, "KEEP_MAX_BYTES", 10)
+
+    async def main():
+        session = kept_session()
+        session.out_frames = [b"12345"]
+        session.kept.check()
+        session.out_frames.append(b"12345")
+        session.kept.check()   # 10 bytes counted once each: within the limit
+        assert session.kept is not None and session.kept.bytes == 10
+        session.out_frames.append(b"!")
+        session.kept.check()
+        assert session.why is not None and session.node.detached == {}
+    asyncio.run(main())
+
+
+def test_a_session_not_recovered_in_time_is_discarded():
+    async def main():
+        session = kept_session()
+        session.kept.discard("the client did not come back within 60s")  # (its expiry)
+        assert session.why.startswith("the client did not come back")
+        assert session.node.detached == {}
+    asyncio.run(main())
