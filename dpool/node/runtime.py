@@ -48,6 +48,7 @@ from ..protocol import Outcome
 from ..protocol import RESULT_END as _END, RESULT_JOB_ID as _JOB_ID, RESULT_START as _START
 from ..protocol import RESULT_NFRAMES as _NFRAMES
 from .. import serialize
+from ..errors import ConnectionClosed
 from ..transport import wrap_socket
 from ..transport.spool import SpooledFrame
 from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Run, Worker
@@ -217,6 +218,16 @@ def _is_run(frame):
         return type(P.decode(frame)) is P.Run
     except Exception:
         return False
+
+
+def _send(worker, frames):
+    """Send to a worker.  One whose connection is closing is skipped: its
+    close callback (Session.on_worker_closed) reports or requeues the jobs
+    it was given."""
+    try:
+        worker.conn.send(frames)
+    except ConnectionClosed:
+        pass
 
 
 class WorkerHandle(Worker):
@@ -579,16 +590,16 @@ class Session:
                     header.append(tuple(item))
                     frames.extend(payload)
                 frames[0] = P.encode(P.Run, header)
-                action.worker.conn.send(frames)
+                _send(action.worker, frames)
             elif kind is LoadFunction:
-                action.worker.conn.send([P.encode(P.Func, action.fn_id), self.fns[action.fn_id]])
+                _send(action.worker, [P.encode(P.Func, action.fn_id), self.fns[action.fn_id]])
             elif kind is Report:
                 error = () if action.error is None else serialize.dump_exception(action.error)
                 self._report(action.job_id, action.outcome, error)
             elif kind is Kill:
                 self._stop(action.worker)
             elif kind is Forget:
-                action.worker.conn.send([P.encode(P.Forget, action.fn_ids)])
+                _send(action.worker, [P.encode(P.Forget, action.fn_ids)])
 
     def _consumable(self, jobs):
         """Spooled frames of jobs whose payload this node keeps no more (see
