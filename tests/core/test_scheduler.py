@@ -569,3 +569,17 @@ def job_not_running(machine, job):
 
 
 TestSchedulerNeverLosesJobs = SchedulerNeverLosesJobs.TestCase
+
+
+def test_adding_a_node_it_holds_again_keeps_its_jobs_in_flight():
+    """add_node on a node already held (an extension admitting a node again,
+    a recovered session's node admitted) changes its CPUs only: before, a
+    new NodeState emptied its in-flight set, so its jobs were neither moved
+    when it was lost nor counted against its limit."""
+    s = Scheduler(max_retries=2)
+    s.submit(range(4))
+    assert sends(s.add_node("a", 1)) == {"a": [0, 1]}
+    assert sends(s.add_node("a", 1)) == {}  # still full: nothing more goes there
+    actions = s.remove_node("a")  # its two jobs go back to the queue
+    assert not only(actions, Fail) and s.queued() == 4
+    assert sends(s.add_node("b", 2)) == {"b": [0, 1, 2, 3]}
