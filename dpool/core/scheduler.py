@@ -170,11 +170,14 @@ class Scheduler:
         return self._dispatch()
 
     def add_node(self, node: Node, cpus: int, now: float = 0.0, depth: int = 2) -> list[Action]:
-        old = self.nodes.get(node)
-        if old is not None:
-            self._unindex(node, old)
+        """A node joined with ``cpus``; one held already only changes its
+        CPUs and depth (its jobs stay in flight there)."""
+        held = self.nodes.get(node)
+        if held is not None:
+            held.depth = depth
+            return self.set_cpus(node, cpus)
         state = self.nodes[node] = NodeState(cpus, depth=depth)
-        state.seq = next(self._seqs) if old is None else old.seq
+        state.seq = next(self._seqs)
         self._sync(node, state)
         return self._dispatch()
 
