@@ -365,6 +365,7 @@ class Links:
                     return
         finally:
             self.rejoins.pop(address, None)
+            self._busy_until.pop(address, None)  # (a busy wait ends with its retries)
 
     def _give_up_busy(self, address):
         """The connect timeout passed and the node is still busy: not used."""
