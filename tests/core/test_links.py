@@ -1,7 +1,6 @@
 """The client's links (dpool.core.links) against scripted nodes: each
 connect gets an in-process connection to a fake node that answers SESSION
 as told (no sockets, no handshake)."""
-import asyncio
 import time
 
 import pytest
