@@ -85,6 +85,7 @@ sends the client (the client delivers only its current attempt's).
 A new message: a code in :class:`Op`, a record registered with
 ``@message(Op.X)``; a handler for it where it is received.
 """
+import logging
 import pickle
 from enum import IntEnum
 from typing import Any, NamedTuple, Optional, Sequence
@@ -440,3 +441,34 @@ def op_of(msg: tuple) -> Op:
 def _short(obj, limit: int = 80) -> str:
     text = repr(obj)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+class Served:
+    """A session that serves one client's messages (the node's Session, the
+    scheduler's ClientSession): :meth:`on_message` calls the handler its
+    ``handlers`` holds for each message's record class.  A message that does
+    not decode, or that a client does not send, ends the session
+    (``end("protocol error")``) with one warning on ``log`` naming it
+    (``str(self)``)."""
+
+    ended = False
+    handlers: dict
+    log: logging.Logger
+
+    def end(self, why: str) -> None:
+        raise NotImplementedError
+
+    def on_message(self, frames: list) -> None:
+        if self.ended:
+            return
+        msg = None
+        try:
+            msg = decode(frames[0])
+            handler = self.handlers[type(msg)]
+        except Exception as exc:  # an authenticated peer sent nonsense
+            if isinstance(exc, KeyError) and msg is not None:
+                exc = ProtocolError(f"{op_of(msg).name} is not a message a client sends")
+            self.log.warning("%s: bad message (%s); closing it", self, exc)
+            self.end("protocol error")
+            return
+        handler(msg, frames)

@@ -72,8 +72,10 @@ def _node_entry(port: NodePort) -> dict:
     return {"host": port.host, "port": port.port, "name": name, "cpus": port.cpus}
 
 
-class ClientSession:
+class ClientSession(P.Served):
     """One client of the scheduler."""
+
+    log = log
 
     def __init__(self, broker: Broker, conn: Connection, sid: int) -> None:
         self.broker, self.conn, self.sid = broker, conn, sid
@@ -110,18 +112,6 @@ class ClientSession:
         return f"client {self.sid} ({self.conn.peer})"
 
     # ------------------------------------------------------------ from the client
-
-    def on_message(self, frames: list) -> None:
-        if self.ended:
-            return
-        try:
-            msg = P.decode(frames[0])
-            handler = self.handlers[type(msg)]
-        except Exception as exc:  # an authenticated peer sent nonsense
-            log.warning("%s: bad message (%s); closing its session", self, exc)
-            self.end("protocol error")
-            return
-        handler(msg, frames)
 
     def on_close(self, exc: BaseException | None = None) -> None:
         if not self.ended and self.options.get("recover_token") and self.kept is None \

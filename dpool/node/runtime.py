@@ -239,8 +239,10 @@ class WorkerHandle(Worker):
         self.conn = conn
 
 
-class Session:
+class Session(P.Served):
     """One client's jobs on this node."""
+
+    log = log
 
     def __init__(self, node, conn, sid):
         self.node = node
@@ -315,20 +317,8 @@ class Session:
 
     # ------------------------------------------------------------ client side
 
-    def on_message(self, frames):
-        if self.ended:
-            return
-        try:
-            msg = P.decode(frames[0])
-            handler = self.handlers[type(msg)]
-        except Exception as exc:  # an authenticated peer sent nonsense
-            if isinstance(exc, KeyError):
-                exc = f"{P.op_of(msg).name} is not a message a client sends"
-            log.warning("session %s from %s: bad message (%s); closing it",
-                        self.sid, self.conn.peer, exc)
-            self.end("protocol error")
-            return
-        handler(msg, frames)
+    def __repr__(self):
+        return f"session {self.sid} from {self.conn.peer}"
 
     def on_close(self, exc=None):
         if not self.ended and recoverable(self):
