@@ -334,3 +334,40 @@ def test_body_is_json_never_pickle():
     data = D.encode(KEY, D.ANNOUNCE, BODY, now=1_000_000.0)
     start, length = D.HEADER, int.from_bytes(data[30:32], "big")
     assert json.loads(data[start:start + length]) == BODY
+
+
+def test_the_replay_cache_holds_the_pongs_of_thousands_of_nodes():
+    """A client pinging N nodes remembers about 18 N nonces (its pings of the
+    first minute: 8 in the first 7.5 s, then one every 5 s; a pong each).
+    The cache of 8192 refused new pongs ("flood") past some 450 nodes."""
+    clock = Clock()
+    v = D.Verifier(KEY, clock=clock)
+    nodes = 3000
+    for round_ in range(18):
+        clock.now = 1_000_000.0 + round_ * 3
+        for node in range(nodes):
+            v.check(D.encode(KEY, D.PONG, BODY, now=clock.now), f"10.0.{node >> 8}.{node & 255}")
+    assert len(v._seen) == 18 * nodes
+
+
+def test_one_source_cannot_fill_the_replay_cache_for_the_others():
+    """At most source_share nonces from one sender's address: past that its
+    datagrams are refused, another source's still get in."""
+    v = D.Verifier(KEY, clock=Clock(), cache_size=4, source_share=2)
+    v.check(ping(), "10.0.0.1")
+    v.check(ping(), "10.0.0.1")
+    with pytest.raises(D.Rejected) as info:
+        v.check(ping(), "10.0.0.1")
+    assert info.value.reason == "flood"
+    v.check(ping(), "10.0.0.2")
+    v.check(ping(), "10.0.0.2")
+    assert reason(v, ping()) == "flood"   # (the whole cache is full too)
+
+
+def test_a_sources_share_frees_as_its_nonces_expire():
+    clock = Clock()
+    v = D.Verifier(KEY, clock=clock, cache_size=8, source_share=1)
+    v.check(ping(now=clock.now), "10.0.0.1")
+    clock.now += 2 * D.WINDOW + 1
+    v.check(ping(now=clock.now), "10.0.0.1")   # the first one's nonce expired
+    assert v._per_source == {"10.0.0.1": 1}
