@@ -6,7 +6,7 @@
     ──────────────────
     Finder.start: Seeker (dpool.transport.udp) pings at PING_AT, then every
       PING_EVERY s; hears pongs and announcements (nodes starting later)
-    on_found(Found) ─► matches a pattern? not known yet? ─► Client._connect:
+    on_found(Found) ─► matches a pattern? not known yet? ─► Links.connect:
       the full TCP handshake and session, as for a node named by address
 
 A node found by discovery is used only once its TCP handshake has proved
@@ -18,7 +18,9 @@ import asyncio
 import fnmatch
 import logging
 import os
-from collections.abc import Iterable
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..hosts import parse_address
@@ -36,6 +38,12 @@ PING_EVERY = 5.0
 #: Seconds a client starting with discovery waits for nodes to answer, at
 #: least (it goes on at once past that when a node is ready).
 SETTLE = 1.0
+#: Nodes a Finder remembers at most (and node ids): past it, the one heard
+#: from least recently is forgotten.
+MAX_FOUND = 4096
+#: Seconds after which a node not heard from is forgotten (heard again, it
+#: is found anew).
+FORGET_AFTER = 600.0
 
 PATTERN_CHARS = "*?["
 #: Comma-separated addresses to ping instead of every interface's broadcast
@@ -107,8 +115,11 @@ class Finder:
     def __init__(self, client, settings: Discovery):
         self.client = client
         self.settings = settings
-        self.found: dict[tuple[str, int], udp.Found] = {}
-        self.ids: dict[str, tuple[str, int]] = {}   # a node's id -> the address used
+        # Nodes heard of, least recently heard first, and when (the clock's time).
+        self.found: OrderedDict[tuple[str, int], udp.Found] = OrderedDict()
+        self.heard: dict[tuple[str, int], float] = {}
+        self.ids: OrderedDict[str, tuple[str, int]] = OrderedDict()  # node id -> address used
+        self.clock: Callable[[], float] = time.monotonic
         self.connecting: dict[tuple[str, int], asyncio.Task] = {}
         self.seeker: udp.Seeker | None = None
         self._pinger: asyncio.Task | None = None
@@ -149,14 +160,17 @@ class Finder:
             self.ping()
         while True:
             await asyncio.sleep(PING_EVERY)
+            self.forget_old()
             self.ping()
 
     def _on_found(self, found: udp.Found, again: bool = False) -> None:
         address = found.address
-        if self.client.closed or (address in self.found and not again
-                                  and not self.client.gave_up_busy(address)):
+        if self.client.closed:
+            return
+        known = address in self.found
+        self._remember(found)
+        if known and not again and not self.client.gave_up_busy(address):
             return   # known (a node left for being busy is asked again)
-        self.found[address] = found
         if not self.settings.matches(found) or self._linked(address) \
                 or self._elsewhere(found):
             return
@@ -164,6 +178,26 @@ class Finder:
         task = asyncio.get_running_loop().create_task(self.client.join(address))
         self.connecting[address] = task
         task.add_done_callback(lambda _: self.connecting.pop(address, None))
+
+    def _remember(self, found: udp.Found) -> None:
+        """``found`` heard now; past MAX_FOUND the least recently heard is forgotten."""
+        address = found.address
+        self.found[address] = found
+        self.found.move_to_end(address)
+        self.heard[address] = self.clock()
+        if len(self.found) > MAX_FOUND:
+            oldest, _ = self.found.popitem(last=False)
+            del self.heard[oldest]
+
+    def forget_old(self) -> None:
+        """Forget the nodes not heard from for FORGET_AFTER s, and the ids
+        of the nodes forgotten (each ping round)."""
+        found, heard = self.found, self.heard
+        limit = self.clock() - FORGET_AFTER
+        while found and heard[next(iter(found))] < limit:
+            del heard[found.popitem(last=False)[0]]
+        self.ids = OrderedDict((node_id, address) for node_id, address in self.ids.items()
+                               if address in found)
 
     def _elsewhere(self, found: udp.Found) -> bool:
         """Whether the node is used (or being joined) at another address: a
@@ -173,6 +207,9 @@ class Finder:
         if not isinstance(node_id, str) or not node_id:
             return False
         first = self.ids.setdefault(node_id, found.address)
+        self.ids.move_to_end(node_id)
+        if len(self.ids) > MAX_FOUND:
+            self.ids.popitem(last=False)
         if first != found.address and (first in self.connecting or any(
                 link.address == first and link.ready for link in self.client.links)):
             return True   # (one being retried there does not count: it may be unreachable)
