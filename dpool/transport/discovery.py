@@ -68,8 +68,13 @@ MAX_DATAGRAM = 1200
 PING_SIZE = 640
 #: Seconds a datagram's timestamp may be away from the receiver's clock.
 WINDOW = 30.0
-#: Nonces remembered at most; past it new datagrams are refused (fail closed).
-CACHE_SIZE = 8192
+#: Nonces remembered at most (some 11 MB); past it new datagrams are refused
+#: (fail closed).  A client pinging N nodes remembers about 18 N (the pongs
+#: of its first minute of pings): room for some 3,600 nodes.
+CACHE_SIZE = 65536
+#: Nonces remembered at most per source address, so that one source (a
+#: relay forwarding for its 2048 nodes fits) can't fill the cache for all.
+SOURCE_SHARE = 16384
 #: Fixed scrypt salt of the discovery key (one key per secret, cluster-wide).
 SALT = b"dpool-discovery1"
 #: Longest node name and address carried (longer ones are cut).
@@ -156,20 +161,24 @@ def _cut(text: Any) -> str:
 class Verifier:
     """Checks datagrams under one key: MAC, freshness, replays.
 
-    ``check(datagram)`` returns the :class:`Message` or raises
+    ``check(datagram, source)`` returns the :class:`Message` or raises
     :class:`Rejected`.  The replay cache holds the nonces of the verified
-    datagrams of the last ``window`` seconds (at most ``cache_size``).
+    datagrams of the last ``2 * window`` seconds: at most ``cache_size``,
+    and at most ``source_share`` of them from one ``source`` (the sender's
+    address).
     """
 
     def __init__(self, key: bytes, window: float = WINDOW, cache_size: int = CACHE_SIZE,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, source_share: int = SOURCE_SHARE):
         self.key = key
         self.window = window
         self.cache_size = cache_size
+        self.source_share = source_share
         self.clock = clock
-        self._seen: OrderedDict[bytes, float] = OrderedDict()   # nonce -> expiry
+        self._seen: OrderedDict[bytes, tuple[float, Any]] = OrderedDict()  # -> (expiry, source)
+        self._per_source: dict[Any, int] = {}   # source -> its nonces in _seen
 
-    def check(self, datagram: bytes) -> Message:
+    def check(self, datagram: bytes, source: Any = None) -> Message:
         size = len(datagram)
         if not HEADER + MAC_SIZE <= size <= MAX_DATAGRAM:
             raise Rejected("size", f"a datagram of {size} bytes")
@@ -186,19 +195,25 @@ class Verifier:
         if abs(now - stamp / 1000) > self.window:
             raise Rejected("stale", f"a datagram stamped {stamp / 1000 - now:+.0f} s from "
                                     f"this host's clock (window {self.window:g} s)")
-        self._remember(nonce, now)
+        self._remember(nonce, now, source)
         body = self._body(bytes(datagram[HEADER:HEADER + length]))
         return Message(kind, stamp / 1000, nonce, body, size)
 
-    def _remember(self, nonce: bytes, now: float) -> None:
-        seen = self._seen
-        while seen and next(iter(seen.values())) < now:
-            seen.popitem(last=False)
+    def _remember(self, nonce: bytes, now: float, source: Any) -> None:
+        seen, counts = self._seen, self._per_source
+        while seen and next(iter(seen.values()))[0] < now:
+            _, (_, old) = seen.popitem(last=False)
+            counts[old] -= 1
+            if not counts[old]:
+                del counts[old]
         if nonce in seen:
             raise Rejected("replayed", "a datagram seen before (replayed)")
         if len(seen) >= self.cache_size:
             raise Rejected("flood", "too many datagrams within the window")
-        seen[nonce] = now + 2 * self.window   # a clock step back can't let it in again
+        if counts.get(source, 0) >= self.source_share:
+            raise Rejected("flood", "too many datagrams from one source within the window")
+        seen[nonce] = (now + 2 * self.window, source)   # a clock step back can't let it in again
+        counts[source] = counts.get(source, 0) + 1
 
     @staticmethod
     def _body(data: bytes) -> Mapping[str, Any]:

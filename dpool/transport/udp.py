@@ -162,7 +162,7 @@ class _Endpoint:
 
     def _receive(self, data: bytes, addr: Address, transport: asyncio.DatagramTransport) -> None:
         try:
-            msg = self.verifier.check(data)
+            msg = self.verifier.check(data, addr[0])
         except D.Rejected as exc:
             self.rejected += 1
             self.rejections.reject(addr[0], exc.reason, "discovery: dropped %s from %s:%d",
