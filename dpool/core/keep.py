@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Callable
 
 from .. import protocol as P
-from ..node.runtime import KEEP_MAX_BYTES, KEEP_MAX_RESULTS, KEEP_RESULTS
+from ..node.recovery import KEEP_MAX_BYTES, KEEP_MAX_RESULTS, KEEP_RESULTS
 
 __all__ = ["Kept", "KEEP_RESULTS"]
 
