@@ -19,6 +19,8 @@ zygote and workers) and open fds; the summary is printed at the end and
 written to ``OUT/summary.json``.
 """
 import argparse
+import ctypes
+import gc
 import json
 import os
 import random
@@ -170,10 +172,43 @@ def _tree(pid):
     return out
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    """glibc's own count (all arenas): bytes malloc'd and in use, bytes free
+    but kept in its arenas, bytes in mmapped chunks; {} without glibc >= 2.33."""
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    fn.restype = _Mallinfo2
+    m = fn()
+    mb = 1 << 20
+    return {"client_malloc_used_mb": round((m.uordblks + m.hblkhd) / mb, 1),
+            "client_malloc_free_mb": round(m.fordblks / mb, 1)}
+
+
+def client_heap():
+    """The client's Python heap, cheaply: live gc-tracked objects, glibc's
+    in-use and free-but-kept bytes, and tracemalloc's count when it is on
+    (``--tracemalloc``; off by default, it slows every allocation)."""
+    import tracemalloc
+    row = {"client_gc_objects": len(gc.get_objects())}
+    row.update(_mallinfo2())
+    if tracemalloc.is_tracing():
+        row["client_traced_mb"] = round(tracemalloc.get_traced_memory()[0] / (1 << 20), 1)
+    return row
+
+
 def sample(nodes, stats, started):
     me = os.getpid()
     row = {"t": round(time.monotonic() - started, 1), "client_rss_mb": _rss_kb(me) / 1024,
            "client_fds": _fds(me), "threads": threading.active_count()}
+    row.update(client_heap())
     for node in nodes:
         pid = node.proc.pid
         tree = _tree(pid)
@@ -379,7 +414,8 @@ def run(args):
 
 def summarize(args, stats, restarted):
     rows = [json.loads(line) for line in open(os.path.join(args.out, "samples.jsonl"))]
-    keys = [k for k in rows[0] if k.endswith(("_mb", "_fds", "procs")) or k == "threads"]
+    keys = [k for k in rows[0] if k.endswith(("_mb", "_fds", "procs", "_objects"))
+            or k == "threads"]
     ranges = {k: [min(r[k] for r in rows), max(r[k] for r in rows), rows[-1][k]] for k in keys}
     snap = stats.snapshot()
     return {"minutes": args.minutes, "restarted": restarted, "by_kind": stats.by_kind,
@@ -396,7 +432,12 @@ def main():
     p.add_argument("--session-jobs", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=2_000)
     p.add_argument("--sample", type=float, default=30.0, help="seconds between samples")
+    p.add_argument("--tracemalloc", action="store_true",
+                   help="trace the client's Python allocations (slow; for diagnosis)")
     args = p.parse_args()
+    if args.tracemalloc:
+        import tracemalloc
+        tracemalloc.start()
     print("command: python bench/soak.py " + " ".join(sys.argv[1:]), flush=True)
     summary = run(args)
     print(json.dumps(summary, indent=1))
