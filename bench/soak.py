@@ -239,13 +239,9 @@ class Stats:
                     "wrong": self.wrong, "sessions": self.sessions, "executions": executions}
 
 
-def _outcome_of(get):
-    """``get()``'s value or the exception it raised.  Caught here, in a
-    frame of its own: caught in _run_batch, the exception's traceback would
-    hold _run_batch's frame, hence the whole batch and its 1 MB results,
-    until the garbage collector's next full pass."""
+def _outcome(future):
     try:
-        return get()
+        return future.result()
     except Exception as exc:
         return exc
 
@@ -254,10 +250,15 @@ def _run_batch(api, session, jobs, stats):
     """Submit ``jobs`` [(kind, fn, arg, check)], wait for all, check each."""
     if api == "executor":
         futures = [session.submit(fn, arg) for _, fn, arg, _ in jobs]
-        outcomes = [_outcome_of(f.result) for f in futures]
+        outcomes = [_outcome(f) for f in futures]
     elif api == "pool":
         results = [session.apply_async(fn, (arg,)) for _, fn, arg, _ in jobs]
-        outcomes = [_outcome_of(r.get) for r in results]
+        outcomes = []
+        for r in results:
+            try:
+                outcomes.append(r.get())
+            except Exception as exc:
+                outcomes.append(exc)
     else:
         cluster_jobs = [session.submit_fn(fn, arg) for _, fn, arg, _ in jobs]
         outcomes = [job.outcome() for job in cluster_jobs]
