@@ -208,10 +208,6 @@ class ClusterEvents:
         self.on_done(job, core_job)
         ip = self._ips.get(link if where is None else where)  # (job_ip, known: once per job)
         job.finish_from(core_job, self.job_ip(core_job) if ip is None else ip)
-        # The DispyJob keeps its core job; the core job's way back to it is no
-        # longer needed: without it a finished job the user drops (with its
-        # result) is freed at once, not at the garbage collector's next pass.
-        core_job.tag = None
         if node is not None:
             if busy_on is node and node.busy > 0:
                 node.busy -= 1

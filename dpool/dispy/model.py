@@ -175,6 +175,11 @@ class DispyJob:
                 self.result = None
                 self.exception = exception_text(core_job.error)
             self._status = DispyJob._from_core[core_job.status]
+        # The core job keeps this job (its tag, which the event handlers and
+        # the dashboard read); this job needs its core job no more: without
+        # the cycle, a finished job the user drops is freed at once with its
+        # result, not at the garbage collector's next full pass.
+        self._job = None
         self._set_done()
 
     def _set_done(self):
