@@ -125,6 +125,11 @@ def _as_completed(items, options):
 def _future_of(item):
     if isinstance(item, _cf.Future):
         return item
-    if item._job is None:
-        raise ValueError(f"job {item.id} was never submitted")
-    return item._job.future
+    core = item.core_job
+    if core is not None:
+        return core.future
+    if item.is_done():  # finished: its core job let go of
+        done = _cf.Future()
+        done.set_result(None)
+        return done
+    raise ValueError(f"job {item.id} was never submitted")

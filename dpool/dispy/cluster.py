@@ -370,9 +370,10 @@ class JobCluster:
 
     def cancel(self, job):
         """Cancel a queued (-> Cancelled) or running (-> Terminated) job; 0 or -1."""
-        if job.core_job is None or job.is_done():
+        core = job.core_job     # (None once finished)
+        if core is None or job.is_done():
             return -1
-        self._client.cancel(job.core_job)
+        self._client.cancel(core)
         return 0
 
     def wait(self, timeout=None):
@@ -546,13 +547,16 @@ class JobCluster:
             self._close_if_idle(link)
         self._client.call_soon(close)
         for job in self._pinned_waiting(link):
-            self._client.cancel(job.core_job)
+            core = job.core_job
+            if core is not None:    # (None: it finished meanwhile)
+                self._client.cancel(core)
         return 0
 
     def _pinned_waiting(self, link):
         jobs = list(self._jobs)  # (a copy made in C: atomic)
-        return [job for job in jobs if job.core_job is not None and not job.core_job.sent
-                and job.core_job.node is None and job.pinned_to is link]
+        return [job for job, core in ((job, job.core_job) for job in jobs)
+                if core is not None and not core.sent and core.node is None
+                and job.pinned_to is link]
 
     def _close_if_idle(self, link):
         if link in self._closing and not any(job.node is link

@@ -83,6 +83,15 @@ def test_progress_over_dispy_jobs():
     assert "6/6" in bar_text(buf)
 
 
+def test_progress_over_finished_dispy_jobs():
+    buf = io.StringIO()
+    with dpool.JobCluster(double, cpus=1) as cluster:
+        jobs = [cluster.submit(x) for x in range(3)]
+        assert [job() for job in jobs] == [0, 2, 4]   # finished before progress()
+        assert sorted(job.result for job in dpool.progress(jobs, file=buf)) == [0, 2, 4]
+    assert "3/3" in bar_text(buf)
+
+
 def test_progress_over_a_plain_iterable():
     buf = io.StringIO()
     assert list(dpool.progress([1, 2, 3], file=buf)) == [1, 2, 3]
