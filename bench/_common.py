@@ -21,3 +21,33 @@ def clock(fn):
 
 def best(fn, repeat=3):
     return min(clock(fn) for _ in range(repeat))
+
+
+def _bare_worker(task, arg, count):
+    # A session of its own, as each dpool worker has (the zygote forks it
+    # with setsid): with the kernel's autogroup scheduling (Linux's default,
+    # /proc/sys/kernel/sched_autogroup_enabled) each session is one group
+    # in the CPU's fair share, so on a loaded machine processes left in the
+    # benchmark's session share one slice while dpool's workers get one
+    # each, and the ratio measures the load, not dpool (1.4-2.2 "in dpool's
+    # favour" at load 30-50).
+    os.setsid()
+    for _ in range(count):
+        task(arg)
+
+
+def bare_processes(task, arg, tasks):
+    """Run ``task(arg)`` ``tasks`` times split over CPUS bare processes
+    (forked, no pool): the reference for CPU-bound work."""
+    procs = [MP.Process(target=_bare_worker, args=(task, arg, tasks // CPUS))
+             for _ in range(CPUS)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+
+
+def cpu_seconds():
+    """User + system CPU time of this process (all its threads) so far."""
+    times = os.times()
+    return times.user + times.system

@@ -14,7 +14,7 @@ import os
 import statistics
 import sys
 
-from _common import CPUS, MP, best, clock
+from _common import CPUS, MP, bare_processes, best, clock
 
 import dpool
 from dpool.futures import Executor
@@ -114,18 +114,9 @@ def calibrate(seconds=0.05):
     return int(n * seconds / clock(lambda: spin(n)))
 
 
-def _bare_worker(n, count):
-    for _ in range(count):
-        spin(n)
-
-
 def cpu_bound(tasks, n):
     def bare():
-        procs = [MP.Process(target=_bare_worker, args=(n, tasks // CPUS)) for _ in range(CPUS)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
+        bare_processes(spin, n, tasks)
 
     ours, bare_time = [], []
     with Executor(CPUS) as ex:
