@@ -21,6 +21,7 @@ the local and the distributed case run the same code.
 import asyncio
 import collections
 import itertools
+import os
 import socket
 import logging
 import threading
@@ -52,6 +53,29 @@ _OK, _ERROR, _CANCELLED, _KILLED = map(int, (Outcome.OK, Outcome.ERROR, Outcome.
 # Job states (dispy's names; the dispy adapter exposes them as DispyJob.X).
 CREATED, RUNNING, FINISHED, CANCELLED, TERMINATED, ABANDONED = (
     "Created", "Running", "Finished", "Cancelled", "Terminated", "Abandoned")
+
+
+#: Native ids of loop threads joined, which the OS may list for a moment more.
+_ending_threads: set[int] = set()
+
+
+def _fork_zygote():
+    """An embedded node's zygote forked from this process (see
+    :meth:`dpool.node.zygote.Zygote.fork`), or None where that's not safe.
+    A loop thread joined just now (the previous client's, closed right
+    before this one starts) ends in the kernel a moment after its join
+    returns: waited for, briefly, so that it does not count as a thread."""
+    from ..node.zygote import Zygote
+
+    if _ending_threads and threading.active_count() == 1:
+        deadline = time.monotonic() + 0.05
+        while True:
+            _ending_threads.difference_update(
+                [tid for tid in _ending_threads if not os.path.exists(f"/proc/self/task/{tid}")])
+            if not _ending_threads or time.monotonic() > deadline:
+                break
+            time.sleep(0.0005)
+    return Zygote.fork()
 
 
 #: Functions a node session keeps at most (see Client._forget).
@@ -136,6 +160,8 @@ class LoopThread:
         if self.thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout)
+            if not self.thread.is_alive() and self.thread.native_id is not None:
+                _ending_threads.add(self.thread.native_id)
 
 
 class _FunctionTable:
@@ -233,6 +259,9 @@ class Client:
         self._outcomes = None  # while a DONE batch is read: [(future, value, error)]
         self._direct = None  # a DirectLine: calls straight to a lent worker (embedded)
         self._direct_ok = direct
+        # The embedded node's zygote, forked now, while this may be the only
+        # thread (None: not safe here, the node starts one the slow way).
+        self._zygote = _fork_zygote() if nodes is None and discovery is None else None
         self._thread = LoopThread(name)
         self.loop = self._thread.loop
         self.net = Links(self)  # the links to the nodes: sessions, heartbeats, re-joins
@@ -541,8 +570,14 @@ class Client:
     async def _start_embedded(self):
         from ..node.runtime import NodeRuntime
 
-        node = NodeRuntime(resolve_cpus(self.embedded_cpus), name=socket.gethostname(),
-                           embedded=True)
+        zygote, self._zygote = self._zygote, None
+        try:
+            cpus = resolve_cpus(self.embedded_cpus)
+        except BaseException:
+            if zygote is not None:
+                await zygote.close()
+            raise
+        node = NodeRuntime(cpus, name=socket.gethostname(), embedded=True, zygote=zygote)
         await node.start()
         self.embedded = node
         ours, theirs = inproc_pair()
@@ -986,6 +1021,10 @@ class Client:
             self._direct.close()
         self._drain()
         self.net.stop()
+        if self._zygote is not None:  # forked, never handed to a node (not started)
+            zygote, self._zygote = self._zygote, None
+            await zygote.start()
+            await zygote.close()
         error = BrokenCluster("the client was closed")
         self._act(self.scheduler.fail_queued(error))
         self.net.close_all()

@@ -68,7 +68,8 @@ _OUTCOMES = {Outcome.OK: "done", Outcome.ERROR: "raised", Outcome.WORKER_LOST: "
 class NodeRuntime:
     """The part of a node that is not I/O setup: sessions, CPUs, workers."""
 
-    def __init__(self, cpus, name=None, dest_root=None, embedded=False, keep_results=None):
+    def __init__(self, cpus, name=None, dest_root=None, embedded=False, keep_results=None,
+                 zygote=None):
         self.cpus = cpus
         self.keep_results = KEEP_RESULTS if keep_results is None else keep_results
         self.detached = {}  # recover token -> Session whose client went away
@@ -77,7 +78,7 @@ class NodeRuntime:
         self.name = name or socket.gethostname()
         self.dest_root = dest_root  # the job root: see files.private_dir
         self.sessions = set()
-        self.zygote = Zygote()
+        self.zygote = zygote or Zygote()  # (a client may hand over one it forked)
         self._zygote_lock = asyncio.Lock()
         self._ids = itertools.count(1)
         self.worker_numbers = itertools.count(1)  # names workers as the stdlib does

@@ -219,12 +219,26 @@ def run_setup(fd):
         conn.close()
 
 
+def _fresh_random_state():
+    """A worker forked from a process that had imported numpy (a client
+    that forked the zygote, a setup process) would share its global random
+    state with every other worker: reseeded from the OS, as a fresh import
+    of numpy would be (the stdlib's ``random`` is, by Python, at each fork)."""
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        try:
+            np_random.seed()
+        except Exception:  # (a numpy too old or too new for this: left as it is)
+            pass
+
+
 def main(fd):
     """Entry point in a freshly forked worker; never returns."""
     import socket
 
     conn = BlockingConnection(socket.socket(fileno=fd), fds=True)
     code = 0
+    _fresh_random_state()
     try:
         worker = Worker(conn)
         if "dpool.node.env.job" in sys.modules:  # forked from a setup process

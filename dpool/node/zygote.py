@@ -51,9 +51,12 @@ def _set_pdeathsig(sig=signal.SIGKILL):
 # ---------------------------------------------------------------- zygote side
 
 def main(argv=None):
+    """The zygote started as a fresh interpreter (``subprocess``)."""
     argv = sys.argv[1:] if argv is None else argv
-    ctl = socket.socket(fileno=int(argv[0]))
-    parent = int(argv[1])
+    _run(socket.socket(fileno=int(argv[0])), int(argv[1]))
+
+
+def _run(ctl, parent):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _set_pdeathsig()
     if os.getppid() != parent:  # the node died before we armed the signal
@@ -62,6 +65,44 @@ def main(argv=None):
     from . import worker  # noqa: F401  (preloaded so every fork has it)
 
     _serve(ctl)
+
+
+def _forked_main(ctl, parent):
+    """The zygote as a fork of the client (see :meth:`Zygote.fork`): left
+    with what a fresh interpreter would have of the client's process (its
+    standard streams, environment and signal dispositions), never returns."""
+    try:
+        _forget_the_client()
+        _run(ctl, parent)
+    finally:
+        os._exit(1)
+
+
+def _forget_the_client():
+    """In a fork of the client, as ``multiprocessing``'s fork start method
+    leaves its children: stdin from /dev/null, the user's Python signal
+    handlers back to their defaults (an ignored signal stays ignored, as
+    across exec), none of the client's multiprocessing children, and the
+    client's objects frozen (``gc.freeze``): never collected here, so no
+    finalizer of the user's runs in the zygote or a worker.  Its file
+    descriptors stay open, as in any fork: a module's open file still
+    works in a worker."""
+    import gc
+
+    gc.freeze()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        try:
+            if callable(signal.getsignal(sig)):
+                signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    mpp = sys.modules.get("multiprocessing.process")
+    if mpp is not None:
+        mpp._children = set()
 
 
 def _serve(ctl, kept=frozenset()):
@@ -217,8 +258,17 @@ class Zygote:
         self._buf = b""
         self.dead = False  # the zygote process is gone (its workers with it)
         self.pid = None  # a setup process's pid (see adopt)
+        self.forked = False  # True: a fork of the client (see fork), not a fresh interpreter
 
     async def start(self):
+        """Start the zygote (unless :meth:`fork` did) and listen to it."""
+        if self.ctl is None:
+            self._exec()
+        _asyncio().get_running_loop().add_reader(self.ctl.fileno(), self._on_readable)
+
+    def _exec(self):
+        """The zygote as a fresh interpreter: safe from any thread, but the
+        first worker waits for its start-up and imports (tens of ms)."""
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -229,7 +279,40 @@ class Zygote:
         theirs.close()
         ours.setblocking(False)
         self.ctl = ours
-        _asyncio().get_running_loop().add_reader(ours.fileno(), self._on_readable)
+
+    @classmethod
+    def fork(cls):
+        """A zygote forked from this process, ready at once (its imports are
+        this process's), or None where that is not safe: anywhere but Linux,
+        from a thread other than the main one (the zygote dies with the
+        thread that forked it, PR_SET_PDEATHSIG), or while the process has
+        any other thread (a lock one holds would stay locked in the fork).
+        Call it before starting the loop thread that :meth:`start` runs on."""
+        if not can_fork_here():
+            return None
+        from . import worker  # noqa: F401  (imported once here, not in every zygote)
+
+        zygote = cls()
+        ours, theirs = socket.socketpair()
+        for stream in (sys.stdout, sys.stderr):  # (or the fork writes them again)
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+        parent = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError:  # (out of processes or memory: the node tries the usual way)
+            ours.close()
+            theirs.close()
+            return None
+        if pid == 0:
+            ours.close()
+            _forked_main(theirs, parent)
+        theirs.close()
+        ours.setblocking(False)
+        zygote.ctl, zygote.proc, zygote.forked = ours, _Forked(pid), True
+        return zygote
 
     def _on_readable(self):
         try:
@@ -304,6 +387,8 @@ class Zygote:
         except OSError as exc:
             for ours, _ in pairs:
                 ours.close()
+            if self.ctl is not None and self.pid is None:  # gone (its EOF may not be read yet)
+                self._lost()
             raise ConnectionError(f"cannot reach the worker zygote: {exc}") from exc
         finally:
             for _, theirs in pairs:
@@ -364,10 +449,82 @@ class Zygote:
         if self.ctl is None:
             return
         self._close_ctl()
-        for _ in range(200):
-            if self.proc.poll() is not None:
-                break
-            await _asyncio().sleep(0.01)
-        else:
+        if not await _exited(self.proc, 2.0):
             self.proc.kill()
             self.proc.wait(5)
+
+
+def can_fork_here():
+    """True where :meth:`Zygote.fork` may fork this process: Linux, the main
+    thread, and no other thread, Python's or not (/proc/self/task)."""
+    if not sys.platform.startswith("linux") or os.environ.get("DPOOL_ZYGOTE") == "exec":
+        return False
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() \
+            or threading.active_count() != 1:
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+class _Forked:
+    """What :class:`Zygote` uses of a ``Popen``, for a zygote it forked."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: its status is lost
+                self.returncode = -1
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self):
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout=None):
+        pid, status = os.waitpid(self.pid, 0)  # (after kill: at once)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+async def _exited(proc, timeout):
+    """Wait up to ``timeout`` s for ``proc`` to exit (reaped); True if it
+    did.  Woken by a pidfd where there is one (Linux 5.3+), else polled."""
+    asyncio = _asyncio()
+    if proc.poll() is not None:
+        return True
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is None:
+        for _ in range(int(timeout / 0.01)):
+            await asyncio.sleep(0.01)
+            if proc.poll() is not None:
+                return True
+        return False
+    exited = loop.create_future()
+    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+    try:
+        await asyncio.wait_for(exited, timeout)
+    except TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return proc.poll() is not None
