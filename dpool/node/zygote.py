@@ -5,6 +5,10 @@ client always has its event-loop thread, a node may have resolver threads):
 locks held by other threads at fork time stay locked forever in the child.
 So each node starts one zygote with ``subprocess`` (a fresh interpreter),
 which imports the worker code once and then forks a worker per request.
+A client whose process has no other thread yet (a script making its pool)
+forks its embedded node's zygote instead, before it starts its loop thread
+(:meth:`Zygote.fork`): ready at once, where a fresh interpreter's start-up
+and imports held up the first task (issue 13).
 
 ::
 
