@@ -24,14 +24,14 @@ def best(fn, repeat=3):
 
 
 def _bare_worker(task, arg, count):
-    # A session of its own, as each dpool worker has (the zygote forks it
-    # with setsid): with the kernel's autogroup scheduling (Linux's default,
-    # /proc/sys/kernel/sched_autogroup_enabled) each session is one group
-    # in the CPU's fair share, so on a loaded machine processes left in the
-    # benchmark's session share one slice while dpool's workers get one
-    # each, and the ratio measures the load, not dpool (1.4-2.2 "in dpool's
-    # favour" at load 30-50).
-    os.setsid()
+    # In the benchmark's session, as dpool's workers are in the client's
+    # (since 61dcff1; before, each had a session of its own).  Both sides
+    # must be alike there: with the kernel's autogroup scheduling (Linux's
+    # default, /proc/sys/kernel/sched_autogroup_enabled) each session is one
+    # group in the CPUs' fair share, so on a loaded machine a side whose
+    # processes have sessions of their own gets more CPU, and the ratio
+    # measures the load, not dpool (1.4-2.2 "in dpool's favour" at load
+    # 30-50 when its workers had their own sessions and these did not).
     for _ in range(count):
         task(arg)
 

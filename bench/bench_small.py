@@ -232,7 +232,7 @@ def _check(out, n):
 
 def case_cpu_bound(results, rounds):
     """Executor.map of 64 ~50 ms tasks vs the same split over two bare
-    processes, each in a session of its own as dpool's workers are (see
+    processes, in the same session as dpool's workers (see
     _common.bare_processes: with autogroup scheduling the reference is
     otherwise measured against the machine's load).  Rounds alternate which
     side goes first; also shown: the client process's own CPU time per
