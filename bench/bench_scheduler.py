@@ -101,7 +101,8 @@ class CpuMeter:
     their zygotes and workers.  Repeatable under load, unlike wall time."""
 
     def __init__(self, nodes, sched=None):
-        self.parts = {"client": [psutil.Process()], "nodes": [psutil.Process(p.pid) for p in nodes]}
+        self.parts = {"client": [psutil.Process()],
+                      "nodes": [psutil.Process(p.pid) for p in nodes]}
         if sched is not None:
             self.parts["scheduler"] = [psutil.Process(sched.pid)]
 

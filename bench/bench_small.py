@@ -17,9 +17,9 @@ in AES-GCM records, as users run it.
 | 10,000 no-ops at once, every API, local and via the node | mp.Pool.apply_async | >= 1.5x |
 | create + 1 task + shutdown, local / via the node | (absolute) | <= 0.05 s / 0.1 s |
 | 64 CPU-bound ~50 ms tasks, Executor.map | two bare processes | >= 0.97 |
-| map of 1M ints (a list, and a range), Pool.map, local and via the node | mp.Pool.map | >= 1.5x |
+| 1M ints (a list, and a range), Pool.map, local and via the node | mp.Pool.map | >= 1.5x |
 | the same, Executor.map with mp's chunk size (1M / 8) | mp.Pool.map | >= 1.0x |
-| Executor.map with its default chunksize=1 (20,000 ints: one job each) | mp.Pool.map (1M) | (shown) |
+| Executor.map, default chunksize=1 (20,000 ints, one job each) | mp.Pool.map (1M) | (shown) |
 
 The maps' figures are items per second; ``mp.Pool.map`` gets the same input
 (a ``list`` or a ``range``) with its own default chunk size.

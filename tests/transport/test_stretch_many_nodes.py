@@ -55,7 +55,8 @@ def test_a_process_meeting_hundreds_of_nodes_stretches_each_salt_once(monkeypatc
 
     salts = [bytes([i % 256, i // 256]) * 8 for i in range(500)]
     stretched = []
-    monkeypatch.setattr(hashlib, "scrypt", lambda secret, salt, **kw: stretched.append(salt) or salt)
+    monkeypatch.setattr(hashlib, "scrypt",
+                        lambda secret, salt, **kw: stretched.append(salt) or salt)
     auth.stretch.cache_clear()
     try:
         for _ in range(3):   # three clients, each meeting every node
