@@ -321,3 +321,10 @@ def cleanup_marks(marker):
 
 def cleanup_dies(marker):
     os._exit(7)
+
+
+def stop_on(x, bad):
+    """Raises StopIteration at ``bad``: a map must not take it for the end."""
+    if x == bad:
+        raise StopIteration(f"stop at {x}")
+    return x

@@ -149,6 +149,27 @@ def test_map_is_over_after_its_error(executor, kind, buffersize):
     assert list(results) == []
 
 
+def test_map_over_a_range_longer_than_sys_maxsize_with_buffersize(executor, kind):
+    # len() of such a range raises OverflowError: with buffersize the
+    # stdlib (3.14) reads it lazily, so must dpool
+    if kind == "stdlib" and sys.version_info < (3, 14):
+        pytest.skip("the stdlib's buffersize is 3.14+")
+    huge = range(sys.maxsize, 2 * sys.maxsize + 10, 1)
+    results = executor.map(tasks.square, huge, chunksize=3, buffersize=2)
+    assert [next(results) for _ in range(7)] == [x * x for x in huge[:7]]
+    results.close()
+
+
+@pytest.mark.parametrize("chunksize", [1, 2])
+def test_map_over_two_iterables_stopiteration_is_an_error(executor, chunksize):
+    # fn raising StopIteration is an error at its item, not the end of the
+    # results (the stdlib's generator turns it into RuntimeError)
+    results = executor.map(tasks.stop_on, range(6), [3] * 6, chunksize=chunksize)
+    assert [next(results) for _ in range(2)] == [0, 1]
+    with pytest.raises(RuntimeError):
+        list(results)
+
+
 def test_map_is_ordered_even_when_late_tasks_finish_first(executor):
     delays = [0.2, 0.1, 0.0, 0.0]
     assert list(executor.map(tasks.nap, delays, range(4))) == [0, 1, 2, 3]

@@ -9,6 +9,7 @@ import concurrent.futures.process
 import multiprocessing
 import multiprocessing.pool
 import re
+import sys
 import threading
 import time
 
@@ -132,6 +133,22 @@ def test_imap_in_order_and_imap_unordered(pool, chunksize):
     assert list(pool.imap(tasks.square, range(20), chunksize)) == [i * i for i in range(20)]
     assert sorted(pool.imap_unordered(tasks.square, range(20), chunksize)) == \
         sorted(i * i for i in range(20))
+
+
+def test_imap_over_a_range_longer_than_sys_maxsize(pool, kind):
+    # imap takes any iterable: a range whose len() raises OverflowError too
+    # (multiprocessing's task thread reads the whole input ahead, so here
+    # it would not finish: dpool's imap reads a window ahead)
+    if kind == "stdlib":
+        pytest.skip("multiprocessing's imap reads its whole input ahead")
+    huge = range(sys.maxsize, 2 * sys.maxsize + 10)
+    for it in (pool.imap(tasks.square, huge, 3), pool.imap_unordered(tasks.square, huge)):
+        assert len([next(it) for _ in range(5)]) == 5
+
+
+def test_map_over_a_range_longer_than_sys_maxsize_is_an_overflow_error(pool):
+    with pytest.raises(OverflowError):
+        pool.map(tasks.square, range(sys.maxsize, 2 * sys.maxsize + 10))
 
 
 def test_imap_is_ordered_even_when_late_tasks_finish_first(pool):
