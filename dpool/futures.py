@@ -221,9 +221,15 @@ def _chunks(iterable, n):
     """Lists of up to ``n`` items (itertools.batched is 3.12+); a list is
     sliced, which is quicker than taking its items one by one, and a
     ``range`` too (its slices are ranges: three ints on the wire)."""
-    if isinstance(iterable, (list, range)):
+    if isinstance(iterable, list):
         for i in range(0, len(iterable), n):
             yield iterable[i:i + n]
+        return
+    if isinstance(iterable, range):  # (no len(): past sys.maxsize it raises)
+        for i in itertools.count(0, n):
+            if not (chunk := iterable[i:i + n]):
+                return
+            yield chunk
         return
     iterator = iter(iterable)
     while chunk := list(itertools.islice(iterator, n)):
