@@ -201,7 +201,7 @@ class Pool:
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
-        total = len(iterable) if hasattr(iterable, "__len__") else None
+        total = _length(iterable)
         iterator = (IMapIterator if ordered else IMapUnorderedIterator)(
             self, func, iterable, chunksize, max(64, 8 * self._processes),
             make_bar(progress, total))
@@ -274,6 +274,15 @@ def _release(client, runner):
     client.close(wait=True)
     if runner is not None:
         runner.stop()
+
+
+def _length(iterable):
+    """``len(iterable)``, None if it has none (or one past ``sys.maxsize``:
+    a huge ``range``'s ``len()`` raises OverflowError, its iteration does not)."""
+    try:
+        return len(iterable) if hasattr(iterable, "__len__") else None
+    except OverflowError:
+        return None
 
 
 def _slices(items, size):
