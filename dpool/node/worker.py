@@ -20,7 +20,6 @@ with ``setsid``), keeping only those that existed before (e.g. a setup's).
 It exits when the node closes the socket, or after ``max_tasks`` jobs.
 """
 import io
-import itertools
 import os
 import sys
 import time
@@ -193,7 +192,9 @@ def _call(fn, args, kwargs, star):
         return fn(*args, **kwargs)
     if star == Call.MAP:  # a chunk of a map: args is a list (or a range) of items
         return [fn(x) for x in args]  # (a little quicker than list(map(fn, args)))
-    return list(itertools.starmap(fn, args))  # Call.STARMAP: a list of argument tuples
+    # Call.STARMAP: a list of argument tuples.  (A comprehension, not
+    # list(starmap()): fn raising StopIteration is an error, not the end.)
+    return [fn(*a) for a in args]
 
 
 def run_setup(fd):
