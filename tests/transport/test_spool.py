@@ -111,3 +111,20 @@ def test_a_worker_gets_spooled_frames_by_descriptor(consume):
         assert all(b * 512 <= 8192 for b in blocks)   # (a partial last page stays)
     else:
         assert all(b * 512 >= SIZE for b in blocks)
+
+
+def test_descriptors_waiting_in_a_worker_are_not_inherited():
+    """A message's descriptors arrive with its first bytes and may wait in the
+    worker while the job before it runs: a process that job starts
+    (os.system, Popen(close_fds=False)) must not inherit them."""
+    a, b = socket.socketpair()
+    conn = BlockingConnection(b, fds=True)
+    fd = os.memfd_create("test", os.MFD_CLOEXEC)
+    try:
+        with a:   # the start of a message whose first frame is still on its way
+            socket.send_fds(a, [struct.pack("<IQ", 1, 100) + b"abc"], [fd])
+            assert not conn.poll(0.5) and len(conn._fds) == 1
+            assert not os.get_inheritable(conn._fds[0])
+    finally:
+        os.close(fd)
+        conn.close()
