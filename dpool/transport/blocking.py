@@ -32,6 +32,7 @@ __all__ = ["BlockingConnection"]
 #: Room for the descriptors one read may bring (253: SCM_MAX_FD, the most
 #: one sendmsg carries).
 _ANCILLARY = socket.CMSG_SPACE(253 * array.array("i").itemsize)
+_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 
 def sendmsg_all(sock: socket.socket, parts: Iterable[bytes | memoryview]) -> None:
@@ -90,7 +91,11 @@ class BlockingConnection:
 
     def _recv_fds(self, buf: memoryview, flags: int) -> int:
         """``recv_into``, keeping the descriptors that come with the bytes."""
-        n, ancdata, msg_flags, _ = self._sock.recvmsg_into([buf], _ANCILLARY, flags)
+        # (close-on-exec from the start: a descriptor may wait here while the
+        # job before its message runs, and a process that job starts must not
+        # inherit it)
+        n, ancdata, msg_flags, _ = self._sock.recvmsg_into(
+            [buf], _ANCILLARY, flags | _CMSG_CLOEXEC)
         assert self._fds is not None
         for level, kind, data in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
