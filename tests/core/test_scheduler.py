@@ -473,6 +473,41 @@ class SchedulerNeverLosesJobs(RuleBasedStateMachine):
         self.s.sync(node)
         self.apply(self.s.dispatch())
 
+    @precondition(lambda self: self.where)
+    @rule(data=st.data(), between=st.sampled_from(["dispatch", "submit", "set_cpus", "remove",
+                                                   "cancel"]))
+    def done_batch_then_more(self, data, between):
+        """A DONE batch finished without syncing, then something else before
+        the sync (what the results' handlers may do on the loop thread:
+        dispatch, submit, close the node...): the invariants hold after."""
+        node = data.draw(st.sampled_from(sorted(set(self.where.values()), key=str)))
+        jobs = sorted(job for job, where in self.where.items() if where == node)
+        for job in jobs[:data.draw(st.integers(1, len(jobs)))]:
+            del self.where[job]
+            self.ended[job] = "done"
+            assert self.s.finish(node, job, None, 1.0, sync=False)
+        if self.asked.get(node):
+            self.asked.pop(node)
+        if between == "dispatch":
+            self.apply(self.s.dispatch())
+        elif between == "submit":
+            self.submit(data.draw(st.integers(1, 5)), False, data)
+        elif between == "set_cpus":
+            cpus = data.draw(st.integers(0, 3))
+            self.present[node] = cpus
+            self.apply(self.s.set_cpus(node, cpus))
+        elif between == "remove":
+            del self.present[node]
+            self.draining.discard(node)
+            self.asked.pop(node, None)
+            for job in [job for job, where in self.where.items() if where == node]:
+                del self.where[job]
+            self.apply(self.s.remove_node(node))
+        elif self.jobs:
+            self.cancel(data)
+        self.s.sync(node)
+        self.apply(self.s.dispatch())
+
     @precondition(lambda self: self.jobs)
     @rule(data=st.data())
     def cancel(self, data):
