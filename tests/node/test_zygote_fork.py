@@ -171,3 +171,38 @@ def test_the_environment_variable_keeps_the_fresh_interpreter():
         print(json.dumps({"forked": forked, "result": result, "after": children()}))
     """)
     assert out == {"forked": False, "result": 3, "after": []}
+
+
+def test_the_clients_pipes_and_sockets_are_not_held_by_the_forked_zygote():
+    """A pipe's write end or a listening socket the client had when it made
+    the pool, and closed afterwards, is closed: the reader sees end of file
+    and the port is free again, as with a fresh interpreter (which gets
+    none of them), not kept open by the zygote and every worker."""
+    out = run("""
+        import socket
+        r, w = os.pipe()
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with Executor(1) as ex:
+            forked = ex._client.embedded.zygote.forked
+            assert ex.submit(abs, -1).result(30) == 1
+            os.close(w)
+            server.close()
+            os.set_blocking(r, False)
+            try:
+                eof = os.read(r, 1) == b""
+            except BlockingIOError:  # a write end still open elsewhere
+                eof = False
+            again = socket.socket()
+            try:
+                again.bind(("127.0.0.1", port))
+                again.listen()
+                free = True
+            except OSError:
+                free = False
+            again.close()
+        print(json.dumps({"forked": forked, "eof": eof, "port_free": free}))
+    """)
+    assert out == {"forked": True, "eof": True, "port_free": True}
