@@ -76,26 +76,27 @@ def _forked_main(ctl, parent):
     with what a fresh interpreter would have of the client's process (its
     standard streams, environment and signal dispositions), never returns."""
     try:
-        _forget_the_client()
+        _forget_the_client(ctl.fileno())
         _run(ctl, parent)
     finally:
         os._exit(1)
 
 
-def _forget_the_client():
+def _forget_the_client(ctl_fd):
     """In a fork of the client, as ``multiprocessing``'s fork start method
     leaves its children: stdin from /dev/null, the user's Python signal
     handlers back to their defaults (an ignored signal stays ignored, as
     across exec), none of the client's multiprocessing children, and the
     client's objects frozen (``gc.freeze``): never collected here, so no
-    finalizer of the user's runs in the zygote or a worker.  Its file
-    descriptors stay open, as in any fork: a module's open file still
-    works in a worker."""
+    finalizer of the user's runs in the zygote or a worker.  Its files
+    stay open, as in any fork (a module's open file still works in a
+    worker), but not its pipes and sockets (see :func:`_drop_pipes_and_sockets`)."""
     import gc
 
     gc.freeze()
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
+    _drop_pipes_and_sockets(null, keep={0, 1, 2, ctl_fd})
     os.close(null)
     signal.set_wakeup_fd(-1)
     for sig in signal.valid_signals():
@@ -107,6 +108,27 @@ def _forget_the_client():
     mpp = sys.modules.get("multiprocessing.process")
     if mpp is not None:
         mpp._children = set()
+
+
+def _drop_pipes_and_sockets(null, keep):
+    """Put /dev/null (``null``) in place of every pipe and socket of the
+    client's but ``keep``: held here, a pipe's write end the client closes
+    would never give its reader end of file, a listening socket would keep
+    its port and a connection would never be closed, for as long as the
+    pool lives.  Replaced, not closed: the number stays taken, so a Python
+    object of the client's that still owns it never closes another file."""
+    import stat
+
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in keep or fd == null:
+            continue
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:  # (the listing's own descriptor, gone)
+            continue
+        if stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode):
+            os.dup2(null, fd, inheritable=False)
 
 
 def _serve(ctl, kept=frozenset()):
