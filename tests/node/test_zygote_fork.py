@@ -206,3 +206,29 @@ def test_the_clients_pipes_and_sockets_are_not_held_by_the_forked_zygote():
         print(json.dumps({"forked": forked, "eof": eof, "port_free": free}))
     """)
     assert out == {"forked": True, "eof": True, "port_free": True}
+
+
+def test_a_worker_uses_the_clients_multiprocessing_resource_tracker():
+    """The client's resource tracker (a pipe) stays usable in its forked
+    workers, as in ``fork`` children: a task's shared memory registers with
+    it, without a warning that the tracker died and a new one started."""
+    out = run("""
+        import warnings
+        from multiprocessing import resource_tracker, shared_memory
+
+        resource_tracker.ensure_running()
+
+        def shm(_):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                mem = shared_memory.SharedMemory(create=True, size=16)
+                mem.close()
+                mem.unlink()
+            return [str(w.message) for w in caught]
+
+        with Executor(1) as ex:
+            forked = ex._client.embedded.zygote.forked
+            caught = ex.submit(shm, 0).result(30)
+        print(json.dumps({"forked": forked, "warnings": caught}))
+    """)
+    assert out == {"forked": True, "warnings": []}
