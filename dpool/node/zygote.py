@@ -96,7 +96,7 @@ def _forget_the_client(ctl_fd):
     gc.freeze()
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    _drop_pipes_and_sockets(null, keep={0, 1, 2, ctl_fd})
+    _drop_pipes_and_sockets(null, keep={0, 1, 2, ctl_fd, *_multiprocessing_fds()})
     os.close(null)
     signal.set_wakeup_fd(-1)
     for sig in signal.valid_signals():
@@ -108,6 +108,14 @@ def _forget_the_client(ctl_fd):
     mpp = sys.modules.get("multiprocessing.process")
     if mpp is not None:
         mpp._children = set()
+
+
+def _multiprocessing_fds():
+    """The client's multiprocessing resource tracker's pipe, which its fork
+    children share (as ``fork`` children do)."""
+    tracker = sys.modules.get("multiprocessing.resource_tracker")
+    fd = getattr(getattr(tracker, "_resource_tracker", None), "_fd", None)
+    return [fd] if isinstance(fd, int) else []
 
 
 def _drop_pipes_and_sockets(null, keep):
