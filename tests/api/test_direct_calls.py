@@ -214,3 +214,24 @@ def test_threads_sharing_an_executor(executor):
     for thread in threads:
         thread.join(60)
     assert outs == [[(100 * k + i) ** 2 for i in range(30)] for k in range(4)]
+
+
+def test_an_interrupt_while_sending_a_direct_call_leaves_the_executor_usable(
+        executor, monkeypatch):
+    """Ctrl-C while submit writes the call to the lent worker: submit raises
+    it, and the executor goes on (the worker, its stream perhaps cut
+    mid-frame, is not lent forever; shutdown does not wait for the call)."""
+    import dpool.core.direct as direct
+
+    real = direct._send_all
+
+    def interrupted(sock, parts):
+        real(sock, [bytes(memoryview(parts[0])[:3])])  # a frame cut short
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(direct, "_send_all", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        executor.submit(tasks.square, 5)
+    monkeypatch.setattr(direct, "_send_all", real)
+    assert executor.submit(tasks.square, 6).result(30) == 36
+    assert executor.submit(tasks.square, 7).result(30) == 49
