@@ -131,6 +131,13 @@ class DirectLine:
             with self.lock:
                 self.job, self.owner, self.dead = None, None, True
             return False
+        except BaseException:  # (KeyboardInterrupt) its stream may end mid-frame
+            worker = self.worker
+            with self.lock:
+                self.job, self.owner, self.dead = None, None, True
+            worker.zygote.kill(worker.pid)  # replaced as any dead worker
+            self._in_loop(self.reclaim)
+            raise
         with self.lock:
             self.owner = None
         return True
