@@ -235,3 +235,36 @@ def test_an_interrupt_while_sending_a_direct_call_leaves_the_executor_usable(
     monkeypatch.setattr(direct, "_send_all", real)
     assert executor.submit(tasks.square, 6).result(30) == 36
     assert executor.submit(tasks.square, 7).result(30) == 49
+
+
+def test_a_job_submitted_while_a_direct_call_is_being_written_runs(monkeypatch):
+    """Thread A's direct call is still being written when thread B's job
+    reaches the loop thread (Pool.apply_async takes no lock): B's job must
+    get the worker once A's call is answered, with nobody waiting on A's."""
+    import dpool.core.direct as direct
+
+    real, sending, go = direct._send_all, threading.Event(), threading.Event()
+
+    def slow(sock, parts):
+        sending.set()
+        assert go.wait(30)
+        real(sock, parts)
+
+    with dpool.Pool(1) as pool:
+        assert pool.apply(tasks.identity, (0,)) == 0
+        monkeypatch.setattr(direct, "_send_all", slow)
+        first = []
+        writer = threading.Thread(
+            target=lambda: first.append(pool.apply_async(tasks.square, (2,))))
+        writer.start()
+        assert sending.wait(30)
+        monkeypatch.setattr(direct, "_send_all", real)
+        second = pool.apply_async(tasks.square, (3,))  # normal path: A's call is in flight
+        client = pool._client
+        poll_for(lambda: not client._incoming and not client._wake_pending,
+                 message="the loop thread to take the second job")
+        go.set()
+        writer.join(30)
+        assert type(first[0]._future) is DirectFuture
+        assert second.get(30) == 9
+        assert first[0].get(30) == 4
