@@ -107,6 +107,7 @@ class DirectLine:
         self.job: Any = None  # the Job in flight on the line
         self.owner: str | None = None  # who reads (or writes) the socket now
         self.dead = False  # the worker is gone: no more direct calls on this lease
+        self.wanted = False  # reclaim came while a user thread held the line
         self.closed = False
         self.watched: int | None = None  # the fd the loop thread watches, if any
 
@@ -140,6 +141,9 @@ class DirectLine:
             raise
         with self.lock:
             self.owner = None
+            wanted, self.wanted = self.wanted, False
+        if wanted:  # other jobs came meanwhile: the loop thread reads this call
+            self._in_loop(self.reclaim)
         return True
 
     def collect(self, future: DirectFuture, timeout: float | None) -> None:
@@ -215,8 +219,9 @@ class DirectLine:
             if self.worker is None or self.closed:
                 return
             if self.job is not None:
-                if self.owner is not None:
-                    return  # its reader ends it, then calls reclaim again
+                if self.owner is not None:  # its writer or reader calls reclaim again
+                    self.wanted = True
+                    return
                 self.owner = _LOOP
                 watch = True
             else:
@@ -323,6 +328,7 @@ class DirectLine:
         lease: tuple[Any, Any] = (None, None)
         with self.lock:
             self.job = self.owner = None
+            self.wanted = False
             closing = self.closed
             if frames is _EOF or (self.worker is not None and self.worker.killing is not None):
                 self.dead = True  # (a cancel's kill came after the answer: gone too)
