@@ -268,3 +268,48 @@ def test_a_job_submitted_while_a_direct_call_is_being_written_runs(monkeypatch):
         assert type(first[0]._future) is DirectFuture
         assert second.get(30) == 9
         assert first[0].get(30) == 4
+
+
+def test_pool_join_while_a_direct_call_is_being_written(monkeypatch):
+    """Pool.join from another thread while apply_async still writes its
+    direct call: join waits for the call (nobody else ever reads it) and
+    returns; the call's result is kept."""
+    import dpool.core.direct as direct
+
+    real, sending, go = direct._send_all, threading.Event(), threading.Event()
+
+    def slow(sock, parts):
+        sending.set()
+        assert go.wait(30)
+        real(sock, parts)
+
+    pool = dpool.Pool(1)
+    try:
+        assert pool.apply(tasks.identity, (0,)) == 0
+        line = pool._client._direct
+        handed, real_handoff = threading.Event(), line.handoff
+
+        def handoff(future):
+            real_handoff(future)
+            handed.set()
+
+        monkeypatch.setattr(line, "handoff", handoff)
+        monkeypatch.setattr(direct, "_send_all", slow)
+        first = []
+        writer = threading.Thread(
+            target=lambda: first.append(pool.apply_async(tasks.square, (2,))))
+        writer.start()
+        assert sending.wait(30)
+        pool.close()
+        joiner = threading.Thread(target=pool.join)
+        joiner.start()
+        assert handed.wait(30)  # join asked for the call's answer, while it is written
+        go.set()
+        writer.join(30)
+        joiner.join(30)
+        assert not joiner.is_alive()
+        assert first[0].get(0) == 4
+    finally:
+        go.set()
+        pool.terminate()
+        pool.join()
