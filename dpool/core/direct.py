@@ -107,7 +107,7 @@ class DirectLine:
         self.job: Any = None  # the Job in flight on the line
         self.owner: str | None = None  # who reads (or writes) the socket now
         self.dead = False  # the worker is gone: no more direct calls on this lease
-        self.wanted = False  # reclaim came while a user thread held the line
+        self.wanted = False  # the loop thread was asked to read while a user thread held the line
         self.closed = False
         self.watched: int | None = None  # the fd the loop thread watches, if any
 
@@ -142,8 +142,8 @@ class DirectLine:
         with self.lock:
             self.owner = None
             wanted, self.wanted = self.wanted, False
-        if wanted:  # other jobs came meanwhile: the loop thread reads this call
-            self._in_loop(self.reclaim)
+        if wanted:  # a hand-off, reclaim or cancel came meanwhile: the loop thread reads
+            self.handoff(job.future)
         return True
 
     def collect(self, future: DirectFuture, timeout: float | None) -> None:
@@ -171,6 +171,8 @@ class DirectLine:
         with self.lock:
             job = self.job
             if job is None or job.future is not future or self.owner is not None:
+                if job is not None and job.future is future:
+                    self.wanted = True  # its owner hands it over when done
                 return
             closed = self.closed
             if not closed:
@@ -245,6 +247,8 @@ class DirectLine:
             watch = self.owner is None
             if watch:
                 self.owner = _LOOP
+            else:
+                self.wanted = True
         worker.killing = job.id
         self.session._stop(worker)
         if watch:
@@ -258,7 +262,8 @@ class DirectLine:
         with self.lock:
             self.closed = True
             if self.owner == _USER:
-                return  # its reader sees the worker end, and closes the socket
+                self.wanted = True
+                return  # its reader (or writer) sees the end, and closes the socket
             job, self.job = self.job, None
             sock, self.sock = self.sock, None
         if sock is not None:
