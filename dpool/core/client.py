@@ -356,13 +356,15 @@ class Client:
         job.future.set_running_or_notify_cancel()
         job.sent, job.status, job.node = True, RUNNING, line.link
         self._unfinished.add(job.future)
-        started = False
         try:
-            started = line.start(job)
-        finally:  # (also when interrupted: no call was made)
-            if not started:
-                self._unfinished.discard(job.future)
-        return job if started else None
+            if line.start(job):
+                return job
+        except BaseException:  # interrupted: no call was made (a wait() may be waiting)
+            self._unfinished.discard(job.future)
+            self._settle()
+            raise
+        self._unfinished.discard(job.future)
+        return None
 
     def _direct_done(self, job, frames):
         """A direct call's answer (read by whichever thread waited for it)."""
