@@ -210,7 +210,7 @@ class DirectLine:
         self.poller = select.poll()
         self.poller.register(self.sock.fileno(), select.POLLIN)
         self.fns.clear()
-        self.dead = False
+        self.dead = self.wanted = False
         self._arm()
 
     def reclaim(self) -> None:
