@@ -2,6 +2,8 @@
 scheduler's nodes to itself.  It starts once no other client uses the
 scheduler, and other clients wait (Busy, up to their connect timeout) until
 it closes; while it waits, new clients wait behind it."""
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,7 +12,7 @@ import pytest
 import dpool
 from dpool.core.client import Client
 from dpool.errors import BrokenCluster
-from helpers import poll_for
+from helpers import node_env, poll_for
 from helpers_sched import NODE_CPUS, SECRET
 from tasks import nap_for
 
@@ -81,3 +83,43 @@ def test_an_exclusive_cluster_waits_for_the_others_and_new_ones_wait_behind_it(s
     finally:
         first.close()
         waiting.close()
+
+
+DYING_EXCLUSIVE = """
+import os, sys, time
+import dpool as dispy
+from tasks import nap_for
+port, secret, recover_file, tmp = sys.argv[1:]
+cluster = dispy.SharedJobCluster(nap_for, scheduler_host="127.0.0.1", scheduler_port=int(port),
+                                 secret=secret, recover_file=recover_file, exclusive=True,
+                                 loglevel=None)
+assert cluster.submit(0.01)() == 0.01
+open(os.path.join(tmp, "ready"), "w").close()
+time.sleep(60)
+"""
+
+
+def test_a_dead_exclusive_cluster_whose_jobs_ended_lets_the_others_in(scheduler, tmp_path):
+    """An exclusive cluster with a recover_file that dies is kept (its
+    results wait for recover_jobs, for keep_results seconds), but once none
+    of its jobs runs or waits it holds no node: the others get in."""
+    recover_file = str(tmp_path / "_dispy_exclusive")
+    proc = subprocess.Popen([sys.executable, "-c", DYING_EXCLUSIVE, str(scheduler.port),
+                             SECRET.decode(), recover_file, str(tmp_path)],
+                            env=node_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "client.err", "wb"))
+    try:
+        poll_for(lambda: (tmp_path / "ready").exists() or proc.poll() is not None, 60,
+                 message="the exclusive client to run its job")
+        assert proc.poll() is None, (tmp_path / "client.err").read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+    poll_for(lambda: "kept for" in scheduler.stderr(), 20,
+             message="the scheduler to keep the exclusive client's session")
+    other = shared(scheduler, connect_timeout=20)
+    try:
+        assert other.submit(0.05)() == 0.05
+    finally:
+        other.close()
+    assert "discarding" not in scheduler.stderr()  # still kept for recover_jobs
