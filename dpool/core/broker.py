@@ -427,6 +427,13 @@ class ClientSession(P.Served):
         self.tell([P.encode(P.Done, [P.result(job_id, outcome, len(frames),
                                                    attempt=attempt)]), *frames])
 
+    def uses_nodes(self) -> bool:
+        """An open session, unless detached with no job running or queued
+        (then it only keeps results for recover_jobs: exclusive clusters
+        need not wait for it)."""
+        return bool(self.options) and not (self.kept is not None and not self.placed
+                                           and not self.pending)
+
     def stranded(self) -> bool:
         """Jobs queued and no node to run them (all lost, or none matches)."""
         return bool(self.pending) and not any(leg.ready for leg in self.legs.values())
@@ -785,10 +792,13 @@ class Broker:
         other client has a session, and until it ends the others wait; while
         it waits, new clients wait behind it."""
         now = asyncio.get_running_loop().time()
+        if self.exclusive is not None and not self.exclusive.uses_nodes():
+            self.exclusive = None  # gone (detached), its jobs ended: only its results kept
         if self.exclusive is not None:
             return f"scheduler {self.name} is held by an exclusive cluster"
         if session.options.get("exclusive"):
-            others = sum(1 for client in self.clients if client.options and client is not session)
+            others = sum(1 for client in self.clients
+                         if client is not session and client.uses_nodes())
             if others:
                 self._exclusive_waits_until = now + EXCLUSIVE_QUEUE
                 log.info("%s: an exclusive cluster waits for the %d other clients", session,
