@@ -51,3 +51,34 @@ def test_a_connection_within_its_allowance_reads_on_past_the_limit():
     budget.pause("b", lambda: resumed.append("b"))
     budget.update("a", 0)
     assert resumed == ["b"]
+
+
+def test_the_allowances_together_stay_within_the_limit():
+    """Many peers each within its allowance (N clients x 4 MiB) do not
+    together hold more than the limit and one overdraft: past it they wait
+    as any other connection, and read on as the others' messages end."""
+    budget, resumed = ReceiveBudget(100, allowance=10), []
+    go_on = [conn for conn in range(30) if budget.update(conn, 10)]
+    assert len(go_on) * 10 <= 100 + 10
+    waiting = [conn for conn in range(30) if conn not in go_on]
+    for conn in waiting:
+        budget.pause(conn, lambda conn=conn: resumed.append(conn))
+    for conn in go_on:
+        budget.update(conn, 0)  # their messages are complete
+    assert resumed and set(resumed) <= set(waiting)
+
+
+def test_the_allowance_resumes_a_small_message_behind_a_slow_overdraft():
+    """A connection paused while the others were past the limit reads on,
+    within its allowance, once they are back under it, though one peer still
+    holds the overdraft."""
+    budget, resumed = ReceiveBudget(100, allowance=10), []
+    assert budget.update("big", 150)           # the overdraft, sent slowly
+    paused = [conn for conn in range(12) if not budget.update(conn, 10)]
+    assert paused == [10, 11]
+    for conn in paused:
+        budget.pause(conn, lambda conn=conn: resumed.append(conn))
+    for conn in range(12):
+        if conn not in paused:
+            budget.update(conn, 0)
+    assert set(resumed) == set(paused)         # "big" still holds the overdraft
