@@ -8,11 +8,14 @@ budget still gets through; every other connection that holds or wants more
 stops reading (backpressure: the kernel's buffers fill and its peer's sends
 block) until the total is back within the limit or the overdraft is free.
 A connection whose partly received message is within ``allowance`` bytes
-(4 MiB by default) is never stopped: one peer holding the overdraft (a huge
-message sent slowly) must not stall the others' ordinary messages and
+(4 MiB by default) is not stopped by the overdraft: one peer holding it (a
+huge message sent slowly) must not stall the others' ordinary messages and
 heartbeats (at a dpool-scheduler those are other clients:
-tests/sched/test_sched_overdraft.py).  So at most ``limit`` + one message +
-``allowance`` and one read per connection is held.
+tests/sched/test_sched_overdraft.py).  The allowance counts against the
+limit all the same: it holds while what the others hold (all but the
+overdraft) is within ``limit``, so many peers each within it (N clients x
+4 MiB) wait as any other past the limit.  So at most ``limit`` + one message
++ one read per connection is held.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ class ReceiveBudget:
         elif self._overdraft is conn:
             self._overdraft = None
         self._wake()
-        if held <= self.allowance or self.used <= self.limit or self._overdraft is conn:
+        if self.used <= self.limit or self._overdraft is conn or self._allowed(conn):
             return True
         if self._overdraft is None:
             self._overdraft = conn
@@ -70,9 +73,18 @@ class ReceiveBudget:
         self._paused.pop(conn, None)
         self.update(conn, 0)
 
+    def _allowed(self, conn: object) -> bool:
+        """``conn`` is within its allowance, and the others but the overdraft
+        within the limit: the overdraft does not stop it."""
+        overdraft = self._held.get(self._overdraft, 0) if self._overdraft is not None else 0
+        return self._held.get(conn, 0) <= self.allowance and self.used - overdraft <= self.limit
+
     def _wake(self) -> None:
         while self._paused and (self.used <= self.limit or self._overdraft is None):
             conn, resume = self._paused.popitem(last=False)
             if self.used > self.limit:
                 self._overdraft = conn
             resume()
+        if self._paused and self._overdraft is not None:
+            for conn in [conn for conn in self._paused if self._allowed(conn)]:
+                self._paused.pop(conn)()
