@@ -44,7 +44,7 @@ from ..protocol import Outcome
 from ..transport import PROTOCOL_VERSION, Connection, start_server
 from ..transport.budget import ReceiveBudget
 from .computation import Computation
-from .keep import KEEP_RESULTS, Kept
+from .keep import KEEP_RESULTS, Keeping, Kept
 from .nodeport import Link, NodePort, Watch
 from .schedfind import FORGET_AFTER, start_finder
 from .share import FairShare
@@ -259,7 +259,7 @@ class ClientSession(P.Served):
                  "(recover_jobs)", self, f" ({exc})" if exc else "", keep)
         self.broker.watch.discard(self.conn)
         self.kept = Kept(keep, lambda: self.end(f"the client did not come back within "
-                                                f"{keep}s"))
+                                                f"{keep}s"), self.broker.keeping)
         self.broker.detached[self.options["recover_token"]] = self
 
     def reattach(self, conn: Connection, terminate: bool) -> None:
@@ -417,7 +417,7 @@ class ClientSession(P.Served):
     def tell(self, frames: list) -> None:
         if self.kept is not None:  # gone, recoverable: its results are kept
             if not self.kept.add(frames):
-                self.end("more results than a session may keep")
+                self.end("more results than the scheduler may keep for the clients gone")
             return
         if not self.conn.closed:
             self.conn.send(frames)
@@ -600,6 +600,7 @@ class Broker:
         self.receive_budget = receive_budget  # bytes; None: the transport's default
         self.keep_results = keep_results  # seconds a gone client's session is kept (keep.py)
         self.detached: dict[str, ClientSession] = {}  # recover token -> detached session
+        self.keeping = Keeping()  # what the detached sessions keep, together
         self.max_retries = max_retries
         self.fair = FairShare(fifo=fifo)
         self.watch = Watch()

@@ -8,7 +8,10 @@ the Done messages for it are kept here, as they came, within the node's
 limits (``KEEP_MAX_RESULTS`` results, ``KEEP_MAX_BYTES`` bytes), for
 ``keep_results`` seconds.  ``recover_jobs`` then sends Recover(token) on a
 new connection: it gets Ready with the kept and unfinished job ids, the kept
-results, then the others as they end (ClientSession.reattach).
+results, then the others as they end (ClientSession.reattach).  Those limits
+bound what all the detached sessions of a scheduler keep together too
+(:class:`Keeping`): a session whose result would pass them is discarded, so
+N dead clients keep no more than one may.
 """
 from __future__ import annotations
 
@@ -18,16 +21,28 @@ from collections.abc import Callable
 from .. import protocol as P
 from ..node.recovery import KEEP_MAX_BYTES, KEEP_MAX_RESULTS, KEEP_RESULTS
 
-__all__ = ["Kept", "KEEP_RESULTS"]
+__all__ = ["Kept", "Keeping", "KEEP_RESULTS"]
+
+
+class Keeping:
+    """What the detached sessions of one scheduler keep, together."""
+
+    def __init__(self) -> None:
+        self.results = 0
+        self.bytes = 0
+
+    def within(self) -> bool:
+        return self.results <= KEEP_MAX_RESULTS and self.bytes <= KEEP_MAX_BYTES
 
 
 class Kept:
     """The results kept for a detached client, and its expiry timer."""
 
-    def __init__(self, keep: float, on_expiry: Callable[[], None]) -> None:
+    def __init__(self, keep: float, on_expiry: Callable[[], None], together: Keeping) -> None:
         self.messages: list[list] = []  # Done messages, as they came
         self.job_ids: list[int] = []
         self.bytes = 0
+        self.together = together
         self.timer = asyncio.get_running_loop().call_later(keep, on_expiry)
 
     def add(self, frames: list) -> bool:
@@ -36,10 +51,17 @@ class Kept:
         msg = P.decode(frames[0])
         if type(msg) is not P.Done:  # starts, provisional results...: not kept
             return True
+        size = sum(memoryview(frame).nbytes for frame in frames)
         self.messages.append(frames)
         self.job_ids.extend(record[0] for record in msg.results)
-        self.bytes += sum(memoryview(frame).nbytes for frame in frames)
-        return len(self.job_ids) <= KEEP_MAX_RESULTS and self.bytes <= KEEP_MAX_BYTES
+        self.bytes += size
+        self.together.results += len(msg.results)
+        self.together.bytes += size
+        return self.together.within()
 
     def cancel(self) -> None:
-        self.timer.cancel()
+        """Ended or recovered: what it kept is no longer counted."""
+        if not self.timer.cancelled():
+            self.timer.cancel()
+            self.together.results -= len(self.job_ids)
+            self.together.bytes -= self.bytes
