@@ -87,4 +87,6 @@ class ReceiveBudget:
             resume()
         if self._paused and self._overdraft is not None:
             for conn in [conn for conn in self._paused if self._allowed(conn)]:
-                self._paused.pop(conn)()
+                resume = self._paused.pop(conn, None)
+                if resume is not None:
+                    resume()
