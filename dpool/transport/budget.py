@@ -12,10 +12,10 @@ A connection whose partly received message is within ``allowance`` bytes
 huge message sent slowly) must not stall the others' ordinary messages and
 heartbeats (at a dpool-scheduler those are other clients:
 tests/sched/test_sched_overdraft.py).  The allowance counts against the
-limit all the same: it holds while what the others hold (all but the
-overdraft) is within ``limit``, so many peers each within it (N clients x
-4 MiB) wait as any other past the limit.  So at most ``limit`` + one message
-+ one read per connection is held.
+limit all the same: it holds while what the others hold (all but it and
+the overdraft) is within ``limit``, so many peers each within it (N clients
+x 4 MiB) wait as any other past the limit.  So at most ``limit`` + one
+message + ``allowance`` + one read per connection is held.
 """
 from __future__ import annotations
 
@@ -74,10 +74,11 @@ class ReceiveBudget:
         self.update(conn, 0)
 
     def _allowed(self, conn: object) -> bool:
-        """``conn`` is within its allowance, and the others but the overdraft
-        within the limit: the overdraft does not stop it."""
+        """``conn`` is within its allowance, and the others but it and the
+        overdraft within the limit: the overdraft does not stop it."""
+        held = self._held.get(conn, 0)
         overdraft = self._held.get(self._overdraft, 0) if self._overdraft is not None else 0
-        return self._held.get(conn, 0) <= self.allowance and self.used - overdraft <= self.limit
+        return held <= self.allowance and self.used - overdraft - held <= self.limit
 
     def _wake(self) -> None:
         while self._paused and (self.used <= self.limit or self._overdraft is None):
