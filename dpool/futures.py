@@ -192,6 +192,7 @@ class Executor(_cf.Executor):
                 # Only futures not yet running can be cancelled (as the stdlib).
                 for future in self._client.unfinished():
                     future.cancel()
+                self._client.cancel_queued()   # those a dpool-scheduler queues
             if not wait and self._closer is None:
                 # Not a daemon: the interpreter's exit waits for the submitted
                 # work, as it does for the stdlib's executor-manager thread.

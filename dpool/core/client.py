@@ -250,6 +250,7 @@ class Client:
         self.jobs = {}
         self.broken = None
         self.closed = False
+        self._cancel_queued = False  # shutdown(cancel_futures=True): jobs given back are cancelled
         self.embedded = None
         self._ids = itertools.count(1)
         self._incoming: collections.deque[tuple[Job, Any]] = collections.deque()  # (job, pin)
@@ -483,6 +484,25 @@ class Client:
     def nodes(self):
         return [link for link in self.links if link.ready]
 
+    def cancel_queued(self):
+        """Cancel the jobs a dpool-scheduler still queues for this client
+        (sent, so their futures run, but on no node yet: SCHEDULER_DEPTH per
+        CPU), as those queued here are: the scheduler gives them back
+        (Reclaim) and their futures are cancelled; from any thread."""
+        try:
+            self.loop.call_soon_threadsafe(self._reclaim_queued)
+        except RuntimeError:
+            pass  # closed already: nothing is queued anywhere
+
+    def _reclaim_queued(self):
+        self._cancel_queued = True
+        for link in self.links:
+            if link.ready and link.in_flight and link.info.get("scheduler"):
+                try:
+                    link.conn.send([P.encode(P.Reclaim, len(link.in_flight))])
+                except ConnectionClosed:
+                    pass  # its close callback settles its jobs
+
     def unfinished(self):
         """The futures of the jobs not finished yet."""
         return list(self._unfinished)
@@ -705,7 +725,10 @@ class Client:
             link.in_flight.discard(job_id)
             if link.fns.get(job.fn_id):
                 link.fns[job.fn_id] -= 1
-        self._act(self.scheduler.given_back(link, msg.job_ids, time.monotonic()))
+            if self._cancel_queued:  # shutdown(cancel_futures=True): never started
+                job.future._unstart()
+        self._act(self.scheduler.given_back(link, msg.job_ids, time.monotonic(),
+                                            cancel=self._cancel_queued))
 
     def _on_draining(self, link, msg, frames):
         log.info("node %s is shutting down: no new jobs go there (its running jobs have "

@@ -154,6 +154,19 @@ class Future(_StdFuture):
         _run(self, callbacks)
         return True
 
+    def _unstart(self) -> bool:
+        """A running future whose job was given back unstarted (a scheduler
+        still queued it): cancelled after all (its waiters told); False if
+        it is done already."""
+        with _lock:
+            if self._state != RUNNING:
+                return self._state in _CANCELLED
+            self._state = CANCELLED_AND_NOTIFIED
+            callbacks, cond = self._take()
+        _notify(self, cond, "add_cancelled")
+        _run(self, callbacks)
+        return True
+
     def set_running_or_notify_cancel(self) -> bool:
         with _lock:
             state = self._state

@@ -274,9 +274,11 @@ class Scheduler:
         """Send what the nodes have room for."""
         return self._dispatch()
 
-    def given_back(self, node: Node, job_ids: list[JobId], now: float = 0.0) -> list[Action]:
+    def given_back(self, node: Node, job_ids: list[JobId], now: float = 0.0,
+                   cancel: bool = False) -> list[Action]:
         """``node`` gave these jobs back unstarted (a Reclaim's answer, or
-        it is draining): they go to the front of the queue."""
+        it is draining): they go to the front of the queue (``cancel``:
+        they are cancelled instead)."""
         state = self.nodes.get(node)
         actions: list[Action] = []
         if state is not None and len(job_ids) >= state.reclaiming:
@@ -289,7 +291,7 @@ class Scheduler:
                 state.inflight.discard(job_id)
             job.node = None
             job.returned += 1  # it never ran: not a retry (its next dispatch is a new attempt)
-            if job.cancelling:
+            if job.cancelling or cancel:
                 del self.jobs[job_id]
                 actions.append(Cancelled(job_id))
             elif job.adopted:  # nothing here to send it with
