@@ -5,6 +5,7 @@ subprocess ("remote", over TCP with a secret).
 Where dpool differs from multiprocessing on purpose, the test branches on
 ``kind`` and says why (docs/executor-and-pool.md lists the same points).
 """
+import collections.abc
 import concurrent.futures.process
 import multiprocessing
 import multiprocessing.pool
@@ -133,6 +134,34 @@ def test_imap_in_order_and_imap_unordered(pool, chunksize):
     assert list(pool.imap(tasks.square, range(20), chunksize)) == [i * i for i in range(20)]
     assert sorted(pool.imap_unordered(tasks.square, range(20), chunksize)) == \
         sorted(i * i for i in range(20))
+
+
+class _Table(collections.abc.Mapping):
+    """A mapping whose keys are looked up, not hashed: like a dict on 3.12+
+    (where slices are hashable), ``table[0:0]`` is a KeyError."""
+
+    def __init__(self, pairs):
+        self._pairs = list(pairs)
+
+    def __getitem__(self, key):
+        for k, v in self._pairs:
+            if k == key:
+                return v
+        raise KeyError(key)
+
+    def __iter__(self):
+        return (k for k, _ in self._pairs)
+
+    def __len__(self):
+        return len(self._pairs)
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 2])
+def test_map_over_a_mapping_maps_its_keys(pool, chunksize):
+    # map takes its items by iterating (a mapping's keys), never by slicing
+    table = _Table((k, -k) for k in range(5))
+    assert pool.map(tasks.square, table, chunksize) == [k * k for k in range(5)]
+    assert pool.starmap(tasks.add, _Table(((k, 1), k) for k in range(3)), chunksize) == [1, 2, 3]
 
 
 def test_imap_over_a_range_longer_than_sys_maxsize(pool, kind):
