@@ -1,5 +1,6 @@
 """What the two stdlib drop-ins (:mod:`dpool.futures`, :mod:`dpool.pool`)
 share: where their nodes are, how their client starts, argument checks."""
+import itertools
 import os
 
 from . import config
@@ -131,3 +132,25 @@ def add_nodes(client, nodes, secret=None):
 def check_initializer(initializer):
     if initializer is not None and not callable(initializer):
         raise TypeError("initializer must be a callable")
+
+
+def chunks_of(iterable, n):
+    """Chunks of up to ``n`` items of ``iterable``, its items as iteration
+    gives them: a list's, a tuple's or a ``range``'s slices (quicker than
+    taking the items one by one; a range's slices are ranges, three ints on
+    the wire, taken without ``len()``, which past ``sys.maxsize`` raises),
+    any other's items in turn as lists (slicing is not iterating: a dict on
+    3.12+ takes a slice as a key, a DataFrame slices rows)."""
+    if type(iterable) in (list, tuple):
+        for i in range(0, len(iterable), n):
+            yield iterable[i:i + n]
+        return
+    if type(iterable) is range:
+        for i in itertools.count(0, n):
+            if not (chunk := iterable[i:i + n]):
+                return
+            yield chunk
+        return
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, n)):
+        yield chunk

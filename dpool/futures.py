@@ -26,7 +26,7 @@ import time
 import weakref
 
 from . import protocol as P
-from ._adapters import add_nodes, check_initializer, start_client, total_cpus
+from ._adapters import add_nodes, check_initializer, chunks_of, start_client, total_cpus
 from .progressbar import make_bar, track
 
 __all__ = ["Executor"]
@@ -131,9 +131,9 @@ class Executor(_cf.Executor):
         end_time = None if timeout is None else timeout + time.monotonic()
         bar = make_bar(progress)  # (a bad option fails before anything is submitted)
         if len(iterables) == 1:  # items as they are: no one-item tuple each
-            chunks, mode = _chunks(iterables[0], chunksize), P.Call.MAP
+            chunks, mode = chunks_of(iterables[0], chunksize), P.Call.MAP
         else:
-            chunks, mode = _chunks(zip(*iterables), chunksize), P.Call.STARMAP
+            chunks, mode = chunks_of(zip(*iterables), chunksize), P.Call.STARMAP
         try:
             futures = self._submit_chunks(fn, mode, chunks, buffersize, bar)
         except BaseException:
@@ -216,25 +216,6 @@ class Executor(_cf.Executor):
             threading.Thread(target=client.close, name="dpool-executor-shutdown").start()
         except RuntimeError:  # interpreter shutdown: nothing more to do
             pass
-
-
-def _chunks(iterable, n):
-    """Lists of up to ``n`` items (itertools.batched is 3.12+); a list is
-    sliced, which is quicker than taking its items one by one, and a
-    ``range`` too (its slices are ranges: three ints on the wire)."""
-    if isinstance(iterable, list):
-        for i in range(0, len(iterable), n):
-            yield iterable[i:i + n]
-        return
-    if isinstance(iterable, range):  # (no len(): past sys.maxsize it raises)
-        for i in itertools.count(0, n):
-            if not (chunk := iterable[i:i + n]):
-                return
-            yield chunk
-        return
-    iterator = iter(iterable)
-    while chunk := list(itertools.islice(iterator, n)):
-        yield chunk
 
 
 def _result(future, end_time):

@@ -33,7 +33,7 @@ import weakref
 from multiprocessing.pool import MaybeEncodingError
 
 from . import protocol as P
-from ._adapters import add_nodes, check_initializer, start_client, total_cpus
+from ._adapters import add_nodes, check_initializer, chunks_of, start_client, total_cpus
 from .node.worker import RESULT_REPR
 from .core.callbacks import CallbackThread
 from .progressbar import make_bar, track
@@ -174,7 +174,7 @@ class Pool:
         bar = make_bar(progress, len(iterable))
         futures, sizes = [], []
         try:
-            for items in _slices(iterable, chunksize) if len(iterable) else ():
+            for items in chunks_of(iterable, chunksize) if len(iterable) else ():
                 futures.append(self._submit_items(func, items, star))
                 sizes.append(len(items))
         except BaseException:
@@ -283,16 +283,6 @@ def _length(iterable):
         return len(iterable) if hasattr(iterable, "__len__") else None
     except OverflowError:
         return None
-
-
-def _slices(items, size):
-    """Slices of ``size`` items of a sized iterable."""
-    try:
-        items[0:0]
-    except TypeError:  # sized but not sliceable: a set, a dict view...
-        items = list(items)
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 # ----------------------------------------------------------------- results
