@@ -88,6 +88,5 @@ class ReceiveBudget:
             resume()
         if self._paused and self._overdraft is not None:
             for conn in [conn for conn in self._paused if self._allowed(conn)]:
-                resume = self._paused.pop(conn, None)
-                if resume is not None:
-                    resume()
+                if conn in self._paused:  # a resume() before may have let it go
+                    self._paused.pop(conn)()
