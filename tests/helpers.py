@@ -315,3 +315,26 @@ class SilentFlood:
             for key in list(sel.get_map().values()):
                 key.fileobj.close()
             sel.close()
+
+
+def free_port_on(hosts):
+    """A port number free for TCP and UDP on every address of ``hosts`` and
+    on the loopback broadcast address (discovery tests bind nodes there)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        socks = []
+        try:
+            for host in (*hosts, "127.255.255.255"):
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    s = socket.socket(socket.AF_INET, kind)
+                    socks.append(s)
+                    s.bind((host, port))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no free port")

@@ -195,18 +195,22 @@ class SocketStream:
         if not out:
             return
         try:
-            if self._markers:
-                sent = self._send_marked(out)
-            elif len(out) == 1:
-                sent = self._sock.send(out[0])
-            else:
-                sent = self._sock.sendmsg([out[i] for i in range(min(len(out), IOV_MAX))])
+            sent = self._send_some(out)
         except OSError:
             return
         advance(out, sent)
         self._out_bytes -= sent
         self._sealed_bytes -= sent
         self._conn.bytes_sent += sent
+
+    def _send_some(self, out: Parts) -> int:
+        """Send what the socket takes of ``out`` now (descriptors with their
+        message's first byte); the bytes sent."""
+        if self._markers:
+            return self._send_marked(out)
+        if len(out) == 1:
+            return self._sock.send(out[0])
+        return self._sock.sendmsg([out[i] for i in range(min(len(out), IOV_MAX))])
 
     def _seal_more(self) -> None:
         """Seal queued plaintext into ``_out`` until SEAL_AHEAD bytes wait there."""
@@ -228,12 +232,7 @@ class SocketStream:
                     self._seal_more()
                 if not out:
                     break
-                if self._markers:
-                    sent = self._send_marked(out)
-                elif len(out) == 1:
-                    sent = self._sock.send(out[0])
-                else:
-                    sent = self._sock.sendmsg([out[i] for i in range(min(len(out), IOV_MAX))])
+                sent = self._send_some(out)
                 advance(out, sent)
                 self._out_bytes -= sent
                 self._sealed_bytes -= sent

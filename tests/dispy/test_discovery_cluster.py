@@ -10,7 +10,7 @@ import pytest
 
 import dpool
 from dpool.errors import BrokenCluster
-from helpers import node_env, poll_for, start_node
+from helpers import free_port_on, node_env, poll_for, start_node
 from tasks import identity
 
 pytestmark = pytest.mark.timeout(90)
@@ -19,25 +19,7 @@ SECRET = b"discovery cluster test secret 32"
 
 
 def _free_port():
-    """A port number free for TCP and UDP on 127.0.0.2 and 127.0.0.3."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        socks = []
-        try:
-            for host in ("127.0.0.2", "127.0.0.3", "127.255.255.255"):
-                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                    s = socket.socket(socket.AF_INET, kind)
-                    socks.append(s)
-                    s.bind((host, port))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError("no free port")
+    return free_port_on(("127.0.0.2", "127.0.0.3"))
 
 
 @pytest.fixture

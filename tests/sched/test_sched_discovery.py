@@ -3,14 +3,13 @@ on 127.0.0.5-7 (one port number, as nodes of a LAN), a scheduler given
 ``--nodes '*:PORT'`` pinging the loopback broadcast address
 (DPOOL_DISCOVER_TO) and hearing announcements on a free port
 (DPOOL_ANNOUNCE_PORT): never the default ports."""
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from dpool.core.client import Client
-from helpers import node_env, poll_for, start_node
+from helpers import free_port_on, node_env, poll_for, start_node
 from helpers_sched import SECRET, start_scheduler
 from tasks import nap_for
 
@@ -19,26 +18,7 @@ HOSTS = ("127.0.0.5", "127.0.0.6", "127.0.0.7")
 
 
 def _free_port():
-    """A port number free for TCP and UDP on every host of HOSTS and on the
-    loopback broadcast address."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        socks = []
-        try:
-            for host in (*HOSTS, "127.255.255.255"):
-                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                    s = socket.socket(socket.AF_INET, kind)
-                    socks.append(s)
-                    s.bind((host, port))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise AssertionError("no free port")
+    return free_port_on(HOSTS)
 
 
 @pytest.fixture
