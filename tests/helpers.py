@@ -338,3 +338,17 @@ def free_port_on(hosts):
             for s in socks:
                 s.close()
     raise AssertionError("no free port")
+
+
+def kill_once_ready(args, tmp_path, timeout):
+    """Run the client program ``args`` (cwd ``tmp_path``) until it creates
+    ``tmp_path/ready``, then SIGKILL it; its stderr goes to ``client.err``."""
+    proc = subprocess.Popen(args, env=node_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "client.err", "wb"))
+    try:
+        poll_for(lambda: (tmp_path / "ready").exists() or proc.poll() is not None, timeout,
+                 message="the client to submit its jobs")
+        assert proc.poll() is None, (tmp_path / "client.err").read_text()
+    finally:
+        proc.kill()
+        proc.wait()

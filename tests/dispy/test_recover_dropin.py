@@ -3,13 +3,12 @@ it died, ids set after submit and of any type, a node's refusal logged as a
 warning; and dispy_send_file names relative to the job folder."""
 import logging
 import os
-import subprocess
 import sys
 
 import pytest
 
 import dpool as dispy
-from helpers import cluster_on, node_env, poll_for, start_node
+from helpers import cluster_on, kill_once_ready, poll_for, start_node
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,17 +31,8 @@ time.sleep(60)
 
 def killed_client(node, tmp_path):
     recover_file = str(tmp_path / "_dispy_dropin")
-    proc = subprocess.Popen([sys.executable, "-c", CLIENT, str(node.port), node.secret.decode(),
-                             recover_file, str(tmp_path)],
-                            env=node_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "client.err", "wb"))
-    try:
-        poll_for(lambda: (tmp_path / "ready").exists() or proc.poll() is not None, 30,
-                 message="the client to submit its jobs")
-        assert proc.poll() is None, (tmp_path / "client.err").read_text()
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_once_ready([sys.executable, "-c", CLIENT, str(node.port), node.secret.decode(),
+                     recover_file, str(tmp_path)], tmp_path, 30)
     return recover_file
 
 

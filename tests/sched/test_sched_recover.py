@@ -2,11 +2,10 @@
 recover_file that dies leaves its jobs running behind the scheduler, which
 keeps their results until recover_jobs collects them."""
 import os
-import subprocess
 import sys
 
 import dpool as dispy
-from helpers import node_env, poll_for
+from helpers import kill_once_ready, poll_for
 from helpers_sched import SECRET
 
 CLIENT = """
@@ -28,17 +27,8 @@ time.sleep(60)
 
 def killed_client(sched, tmp_path):
     recover_file = str(tmp_path / "_dispy_shared")
-    proc = subprocess.Popen([sys.executable, "-c", CLIENT, str(sched.port), SECRET.decode(),
-                             recover_file, str(tmp_path)],
-                            env=node_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "client.err", "wb"))
-    try:
-        poll_for(lambda: (tmp_path / "ready").exists() or proc.poll() is not None, 60,
-                 message="the client to submit its jobs")
-        assert proc.poll() is None, (tmp_path / "client.err").read_text()
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_once_ready([sys.executable, "-c", CLIENT, str(sched.port), SECRET.decode(), recover_file,
+                     str(tmp_path)], tmp_path, 60)
     return recover_file
 
 
