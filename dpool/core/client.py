@@ -59,6 +59,14 @@ CREATED, RUNNING, FINISHED, CANCELLED, TERMINATED, ABANDONED = (
 _ending_threads: set[int] = set()
 
 
+def _when_cancelled(on_cancel, job):
+    """A done-callback calling ``on_cancel(job)`` if the future was cancelled."""
+    def done(future):
+        if future.cancelled():
+            on_cancel(job)
+    return done
+
+
 def _fork_zygote():
     """An embedded node's zygote forked from this process (see
     :meth:`dpool.node.zygote.Zygote.fork`), or None where that's not safe.
@@ -628,6 +636,8 @@ class Client:
             session, preamble = plan
         if link.address != "embedded":
             session = dict(session, heartbeat=self.liveness.as_option())
+        if (getattr(link.conn, "hello", None) or {}).get("scheduler"):
+            session = dict(session, notify_start=True)  # futures run once their job starts
         return [[P.encode(P.Session, session), *self.init_frames], *preamble]
 
     def trusted(self, link, job_ids, what):
@@ -851,7 +861,8 @@ class Client:
         (jobs cancelled while queued are dropped: others take their place)."""
         conn, jobs, fns, in_flight = link.conn, self.jobs, link.fns, link.in_flight
         batch = [jobs[job_id] for job_id in ids]
-        dropped = self._set_running(batch)
+        queued = bool(link.info.get("scheduler"))  # queued there: running once started
+        dropped = self._set_running(batch, not queued, self._on_cancelled if queued else None)
         attempt = self.scheduler.attempt
         header, frames, functions = [], [], []
         last = None  # the function moved to the end of fns last (LRU order)
@@ -894,14 +905,19 @@ class Client:
         return self.scheduler.dispatch()
 
     @staticmethod
-    def _set_running(batch):
-        """The futures of the jobs not sent before set running, under one
-        lock; returns the ids of those the user cancelled while queued."""
-        fresh = [job for job in batch if not job.sent]
+    def _set_running(batch, start=True, on_cancel=None):
+        """The futures of the jobs not started before set running, under one
+        lock; returns the ids of those the user cancelled while queued.
+        With ``start=False`` (a dpool-scheduler's link) they stay pending
+        until their job starts on a node; ``on_cancel(job)`` is then called
+        if the user cancels one meanwhile (the scheduler must drop it)."""
+        fresh = [job for job in batch if not job.future.running()]
         if not fresh:
             return ()
-        cancelled = set_running([job.future for job in fresh])
+        cancelled = set_running([job.future for job in fresh], start)
         for job in fresh:
+            if on_cancel is not None and not job.sent:
+                job.future.add_done_callback(_when_cancelled(on_cancel, job))
             job.sent = True
         if not cancelled:
             return ()
@@ -938,6 +954,9 @@ class Client:
                 job.start_time = start
                 job.where = where[0] if where else None
                 job.status = RUNNING
+                future = job.future
+                if where and not future.running() and not future.done():  # a scheduler's
+                    job.future.set_running_or_notify_cancel()
                 self.emit("started", job)
 
     def _on_done(self, link, msg, frames):
@@ -1036,6 +1055,14 @@ class Client:
             # Not drained yet: drain first so the scheduler knows it.
             self._drain()
         self._act(self.scheduler.cancel(job.id))
+
+    def _on_cancelled(self, job):
+        """(any thread) The user cancelled the future of a job a scheduler
+        queues: the scheduler drops it (or stops it, if it started meanwhile)."""
+        try:
+            self.loop.call_soon_threadsafe(self._cancel, job)
+        except RuntimeError:
+            pass  # closed: nothing runs it any more
 
     def _cancel_all(self):
         if self._direct is not None:

@@ -155,11 +155,11 @@ class Future(_StdFuture):
         return True
 
     def _unstart(self) -> bool:
-        """A running future whose job was given back unstarted (a scheduler
-        still queued it): cancelled after all (its waiters told); False if
-        it is done already."""
+        """A future whose job was given back unstarted (a scheduler still
+        queued it): cancelled after all (its waiters told); False if it is
+        done already."""
         with _lock:
-            if self._state != RUNNING:
+            if self._state not in (RUNNING, PENDING):
                 return self._state in _CANCELLED
             self._state = CANCELLED_AND_NOTIFIED
             callbacks, cond = self._take()
@@ -193,16 +193,19 @@ class Future(_StdFuture):
         return callbacks, self._cond
 
 
-def set_running(futures: Iterable[Future]) -> list[Future]:
+def set_running(futures: Iterable[Future], start: bool = True) -> list[Future]:
     """``set_running_or_notify_cancel()`` of each future, under one lock for
     the batch (a RUN message's jobs): returns the futures that were
-    cancelled (their waiters told), the others are running now."""
+    cancelled (their waiters told), the others are running now.  With
+    ``start=False`` (jobs sent to a dpool-scheduler, which queues them) the
+    others stay pending: they run once their job starts on a node."""
     cancelled = []
     with _lock:
         for future in futures:
             state = future._state
             if state == PENDING:
-                future._state = RUNNING
+                if start:
+                    future._state = RUNNING
             elif state == CANCELLED:
                 future._state = CANCELLED_AND_NOTIFIED
                 cancelled.append((future, future._cond))

@@ -1,0 +1,49 @@
+"""An Executor's futures through a dpool-scheduler follow concurrent.futures:
+a future runs once its job started on a node, not while the job is queued
+at the scheduler; ``cancel()`` of such a queued job succeeds and takes the
+job out of the scheduler's queue (it never runs)."""
+import asyncio
+import os
+
+import pytest
+
+from dpool.core.status import query_node
+from dpool.futures import Executor
+from helpers import poll_for, start_node
+from helpers_sched import SECRET, start_scheduler
+from tasks import hold
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def scheduler_jobs(sched):
+    """(jobs placed on nodes, jobs queued in the scheduler), all clients."""
+    info = asyncio.run(query_node(*sched.address, SECRET))
+    return info["running"], info["queued"]
+
+
+def test_a_future_runs_once_its_job_started_and_cancels_while_queued(tmp_path):
+    node = start_node(tmp_path / "node", cpus=1, secret=SECRET, args=("--host", "127.0.0.5"))
+    sched = start_scheduler(tmp_path / "sched", [("127.0.0.5", node.port)], SECRET)
+    gate = str(tmp_path / "gate")
+    try:
+        with Executor(scheduler=sched.address, secret=SECRET) as ex:
+            first = ex.submit(hold, str(tmp_path / "m0"), gate)
+            poll_for(first.running, 30, message="the first job to start on the node")
+            assert os.path.exists(tmp_path / "m0")
+            queued = [ex.submit(hold, str(tmp_path / f"m{i}"), gate) for i in range(1, 5)]
+            poll_for(lambda: sum(scheduler_jobs(sched)) == 5, 30,
+                     message="the four jobs to reach the scheduler")
+            assert not any(f.running() or f.done() for f in queued), \
+                "a future runs while its job is only queued at the scheduler"
+            last = queued[-1]
+            assert last.cancel() and last.cancelled()
+            poll_for(lambda: sum(scheduler_jobs(sched)) == 4, 30,
+                     message="the cancelled job to leave the scheduler")
+            open(gate, "w").close()
+            assert [f.result(30) for f in (first, *queued[:-1])] and last.cancelled()
+            assert not os.path.exists(tmp_path / "m4"), "the cancelled job ran"
+            assert not last.running()
+    finally:
+        sched.terminate()
+        node.kill()
