@@ -43,6 +43,13 @@ Recover, instead of Session, takes over a session opened with the option
 
   Status   (None)                        Status (info)  then the node closes
 
+A client of a dpool-scheduler (a SharedJobCluster) may also send
+
+  NodeCall (req_id, op, host, arg)       NodeReply (req_id, result)
+
+for one node behind the scheduler (core/nodecalls.py): the scheduler acts
+on that client's use of that node only (its legs, its jobs, its share).
+
 Status, instead of Session, asks for the node's status (``dpool status``,
 see node/status.py); it takes no CPU.
 
@@ -130,6 +137,9 @@ class Op(IntEnum):
     DRAINING = 28
     RECLAIM = 29
     BUSY = 30  # instead of READY: every CPU is taken by other clients; try again later
+    # client <-> dpool-scheduler: one node behind it (a SharedJobCluster's node methods)
+    NODECALL = 31
+    NODEREPLY = 32
 
 
 class Call(IntEnum):
@@ -324,6 +334,23 @@ class Busy(NamedTuple):
     """The node's CPUs are all taken by other clients' sessions: the client
     may try again (it does, up to its connect timeout); the node closes."""
     reason: str
+
+
+@message(Op.NODECALL)
+class NodeCall(NamedTuple):
+    """Client -> dpool-scheduler: change this client's own use of one node
+    behind the scheduler (a SharedJobCluster's node methods); NodeReply
+    answers with the method's return value."""
+    req_id: int
+    op: str  # allocate, deallocate, close, resetup, cpus, file
+    host: str  # the node, as the scheduler names it (its Ready's nodes)
+    arg: Any  # close, resetup: terminate_pending; cpus: the count; file: (name, mode) + data
+
+
+@message(Op.NODEREPLY)
+class NodeReply(NamedTuple):
+    req_id: int
+    result: Any  # 0, -1, or (cpus) the CPUs of the node the client may use now
 
 
 @message(Op.DONE)

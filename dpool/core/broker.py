@@ -45,6 +45,7 @@ from ..transport import PROTOCOL_VERSION, Connection, start_server
 from ..transport.budget import ReceiveBudget
 from .computation import Computation
 from .keep import KEEP_RESULTS, Keeping, Kept
+from .nodecalls import NodeCalls
 from .nodeport import Link, NodePort, Watch
 from .schedfind import FORGET_AFTER, start_finder
 from .share import FairShare
@@ -83,6 +84,7 @@ class ClientSession(P.Served):
         self.init_frames: list = []
         self.legs: dict[NodePort, Link] = {}
         self.env = Computation(self)  # depends, setup, files: to every leg
+        self.calls = NodeCalls(self)  # its own use of each node (SharedJobCluster's node methods)
         self.fns: dict[int, Any] = {}  # fn_id -> blob
         self.sent_fns: dict[Link, set[int]] = collections.defaultdict(set)
         # Queued jobs: job id -> (item, payload frames); their order is the policy's.
@@ -106,7 +108,8 @@ class ClientSession(P.Served):
                          P.Cancel: self.on_cancel, P.Bye: self.on_bye, P.Forget: self.on_forget,
                          P.File: self.env.on_file, P.Setup: self.env.on_setup,
                          P.Heartbeat: lambda msg, frames: None, P.Reclaim: self.on_reclaim,
-                         P.Status: self.on_status, P.Recover: self.on_recover}
+                         P.Status: self.on_status, P.Recover: self.on_recover,
+                         P.NodeCall: self.calls.on_call}
 
     def __repr__(self) -> str:
         return f"client {self.sid} ({self.conn.peer})"
@@ -175,7 +178,8 @@ class ClientSession(P.Served):
         cpus = max(min(info["cpus"], self.limit), self.told_cpus)
         info["cpus"] = info["free_cpus"] = self.told_cpus = cpus
         self.told_nodes = self.usable_ports()
-        info["nodes"] = [_node_entry(port) for port in self.told_nodes]
+        info["nodes"] = [dict(_node_entry(port), cpus=self.calls.cpus_on(port))
+                         for port in self.told_nodes]
         self.tell([P.encode(P.Ready, info)])
 
     def on_func(self, msg: Any, frames: list) -> None:
@@ -288,8 +292,10 @@ class ClientSession(P.Served):
 
     def wants(self, port: NodePort) -> bool:
         """The client's ``nodes`` option (host patterns) admits ``port``."""
+        if port.host in self.calls.closed:  # (close_node)
+            return False
         patterns = self.options.get("nodes")
-        if not patterns:
+        if not patterns or port.host in self.calls.extra:  # (extra: allocate_node)
             return True
         names = (port.host, str((port.anchor.info if port.anchor else {}).get("name", "")))
         return any(fnmatch.fnmatchcase(name, str(pattern))
@@ -363,7 +369,7 @@ class ClientSession(P.Served):
                 self.cancelling.discard(record[0])
                 self.broker.fair.done((self, record[0]))
         self.counts["done"] += len(msg.results)
-        if self.limit < 1 << 62:
+        if self.limit < 1 << 62 or self.calls.caps:
             self.sync()
         self.tell(frames)
         self.broker.place_soon()
@@ -453,7 +459,7 @@ class ClientSession(P.Served):
         batch.append(entry)
         port.busy += 1
         self.running += 1
-        if self.running >= self.limit:
+        if self.running >= self.limit or port.host in self.calls.caps:
             self.sync()
 
     def sync(self) -> None:
@@ -466,7 +472,7 @@ class ClientSession(P.Served):
             self.broker.fair.add_client(self, self.weight, nodes=())
             return
         usable = self.usable_ports()
-        self.broker.fair.add_client(self, self.weight, nodes=usable)
+        self.broker.fair.add_client(self, self.weight, nodes=self.calls.placeable(usable))
         if self.told_cpus and usable != self.told_nodes:
             self.tell_ready()
 
@@ -532,7 +538,7 @@ class ClientSession(P.Served):
         if not queue or leg is None:
             return free
         batch: list = []
-        while queue and free > 0 and self.running < self.limit:
+        while queue and free > 0 and self.running < self.limit and self.calls.may_place(port):
             job_id = next(iter(queue))
             self.unqueue_pin(job_id)
             self.take(port, job_id, batch)

@@ -35,7 +35,8 @@ class Computation:
         self.state: str | None = None  # None, "done", "failed"
         self.set_up = 0  # legs whose setup ran
         self.failure: list | None = None  # a leg's SetupFail frames
-        self.files: dict[int, list] = {}  # file request -> [legs to answer, first error]
+        # file request -> [legs to answer, first error, fn(error) answering the client]
+        self.files: dict[int, list] = {}
 
     @property
     def needs_setup(self) -> bool:
@@ -62,7 +63,8 @@ class Computation:
         if not legs:
             self.session.tell([P.encode(P.FileDone, msg.req_id, "no node is connected")])
             return
-        self.files[msg.req_id] = [set(legs), None]
+        self.files[msg.req_id] = [set(legs), None, lambda error: self.session.tell(
+            [P.encode(P.FileDone, msg.req_id, error)])]
         for leg in legs:
             leg.send(list(frames))
 
@@ -101,7 +103,7 @@ class Computation:
         state[1] = state[1] or error
         if not state[0]:
             del self.files[req_id]
-            self.session.tell([P.encode(P.FileDone, req_id, state[1])])
+            state[2](state[1])  # the answer: FileDone, or a node call's NodeReply
 
     def check(self) -> None:
         """Once no leg is left to set up: SetupDone for the client if some
