@@ -494,8 +494,8 @@ class Client:
 
     def cancel_queued(self):
         """Cancel the jobs a dpool-scheduler still queues for this client
-        (sent, so their futures run, but on no node yet: SCHEDULER_DEPTH per
-        CPU), as those queued here are: the scheduler gives them back
+        (sent, but on no node yet: SCHEDULER_DEPTH per CPU), as those
+        queued here are: the scheduler gives them back
         (Reclaim) and their futures are cancelled; from any thread."""
         try:
             self.loop.call_soon_threadsafe(self._reclaim_queued)

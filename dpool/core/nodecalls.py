@@ -71,6 +71,11 @@ class NodeCalls:
     # ---------------------------------------------------------- the calls
 
     def on_call(self, msg: Any, frames: list) -> None:
+        if not self.session.options:  # before Session: nothing of the client's to act on
+            log.warning("%s: a node call before its session; closing it",
+                                     self.session)
+            self.session.end("protocol error")
+            return
         port = self.port_of(msg.host)
         try:
             if msg.op == "file":

@@ -1,6 +1,7 @@
 """A SharedJobCluster's node-addressed methods reach the nodes behind the
 dpool-scheduler (dispy's rules for naming a node), and each affects only
 this client's use of the node."""
+import asyncio
 import functools
 import os
 import socket
@@ -8,6 +9,9 @@ import socket
 import pytest
 
 import dpool
+from dpool import protocol as P
+from dpool.core.client import client_hello
+from dpool.transport import connect
 from helpers import poll_for
 from helpers_sched import SECRET
 from tasks import counter_setup, hold, nap_for, read_file
@@ -137,3 +141,19 @@ def test_send_file_and_resetup_node_reach_the_node(scheduler, three_nodes, tmp_p
         assert job().split() == ["setup"] * (setups + 1) and job.ip_addr == node1
     finally:
         cluster.close()
+
+
+def test_a_node_call_before_a_session_closes_the_connection(scheduler, three_nodes):
+    """The scheduler acts only on a client's own session: with none open,
+    a node call is a protocol error (nothing is changed, no leg opened)."""
+    async def call_first():
+        conn = await connect(*scheduler.address, secret=SECRET, hello=client_hello(),
+                             timeout=10)
+        got: asyncio.Queue = asyncio.Queue()
+        conn.set_receiver(got.put_nowait, lambda exc=None: got.put_nowait(None))
+        conn.send([P.encode(P.NodeCall, 1, "allocate", three_nodes[0].host, None)])
+        try:
+            return await asyncio.wait_for(got.get(), 10)
+        finally:
+            conn.abort()
+    assert asyncio.run(call_first()) is None
