@@ -157,3 +157,18 @@ def test_a_node_call_before_a_session_closes_the_connection(scheduler, three_nod
         finally:
             conn.abort()
     assert asyncio.run(call_first()) is None
+
+
+def test_allocate_node_adds_a_node_the_clusters_nodes_left_out(scheduler, three_nodes):
+    first, second = three_nodes[0].host, three_nodes[1].host
+    cluster = shared(scheduler, nodes=[first])
+    try:
+        assert {n.ip_addr for n in cluster.status().nodes} == {first}
+        assert cluster.allocate_node([first, second]) == -1  # one at a time, as dispy's
+        assert cluster.allocate_node(dpool.NodeAllocate(second)) == 0
+        poll_for(lambda: {n.ip_addr for n in cluster.status().nodes} == {first, second}, 30,
+                 message="the node allocated to join the cluster")
+        job = cluster.submit_node(second, 0.05)
+        assert job() == 0.05 and job.ip_addr == second
+    finally:
+        cluster.close()
