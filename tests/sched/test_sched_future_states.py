@@ -29,8 +29,8 @@ def test_a_future_runs_once_its_job_started_and_cancels_while_queued(tmp_path):
     try:
         with Executor(scheduler=sched.address, secret=SECRET) as ex:
             first = ex.submit(hold, str(tmp_path / "m0"), gate)
-            poll_for(first.running, 30, message="the first job to start on the node")
-            assert os.path.exists(tmp_path / "m0")
+            poll_for(lambda: first.running() and os.path.exists(tmp_path / "m0"), 30,
+                     message="the first job to start on the node")
             queued = [ex.submit(hold, str(tmp_path / f"m{i}"), gate) for i in range(1, 5)]
             poll_for(lambda: sum(scheduler_jobs(sched)) == 5, 30,
                      message="the four jobs to reach the scheduler")
