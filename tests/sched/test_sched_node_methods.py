@@ -4,17 +4,18 @@ this client's use of the node."""
 import asyncio
 import functools
 import os
+import queue
 import socket
 
 import pytest
 
 import dpool
 from dpool import protocol as P
-from dpool.core.client import client_hello
+from dpool.core.client import Client, client_hello
 from dpool.transport import connect
 from helpers import poll_for
 from helpers_sched import SECRET
-from tasks import counter_setup, hold, nap_for, read_file
+from tasks import counter_setup, hold, identity, nap_for, read_file
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -172,3 +173,25 @@ def test_allocate_node_adds_a_node_the_clusters_nodes_left_out(scheduler, three_
         assert job() == 0.05 and job.ip_addr == second
     finally:
         cluster.close()
+
+
+def test_bad_node_calls_answer_minus_one_and_lose_nothing(scheduler, three_nodes):
+    replies: queue.Queue = queue.Queue()
+    client = Client([scheduler.address], secret=SECRET)
+    client.register({P.NodeReply: lambda link, msg, frames: replies.put(msg)})
+    client.start()
+    try:
+        link = client.nodes()[0]
+        host = three_nodes[0].host
+        calls = [("cpus", host, "many"), ("file", host, ("x", 0o644)),  # (no data)
+                 ("file", host, "not a pair"), ("explode", host, None),
+                 ("cpus", "127.0.0.9", 1), ("cpus", ["not", "a host"], 1)]
+        for req_id, (op, where, arg) in enumerate(calls, 1):
+            client.call_soon(lambda r=req_id, o=op, w=where, a=arg: link.conn.send(
+                [P.encode(P.NodeCall, r, o, w, a)]))
+        got = sorted((replies.get(timeout=10) for _ in calls), key=lambda msg: msg.req_id)
+        assert [(msg.req_id, msg.result) for msg in got] == \
+            [(i, -1) for i in range(1, len(calls) + 1)]
+        assert client.submit(identity, (7,)).future.result(30) == 7  # the session goes on
+    finally:
+        client.close()
