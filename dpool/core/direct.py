@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import math
 import select
+import signal
 import socket
 import threading
 import time
@@ -122,48 +123,64 @@ class DirectLine:
         """Send ``job`` (a plain call, its future a DirectFuture on this
         line, set running) to the lent worker; False if the line is not
         free (the caller takes the normal path)."""
-        with self.lock:
-            if not self.free():
-                return False
-            self.job, self.owner = job, _USER
         try:
-            self._send(job)
-        except OSError:  # the worker is gone: the loop thread takes it back
             with self.lock:
-                self.job, self.owner, self.dead = None, None, True
-            return False
-        except BaseException:  # (KeyboardInterrupt) its stream may end mid-frame
-            worker = self.worker
+                if not self.free():
+                    return False
+                self.job, self.owner = job, _USER
+            try:
+                self._send(job)
+            except OSError:  # the worker is gone: the loop thread takes it back
+                with self.lock:
+                    self.job, self.owner, self.dead = None, None, True
+                return False
             with self.lock:
-                self.job, self.owner, self.dead = None, None, True
-            worker.zygote.kill(worker.pid)  # replaced as any dead worker
-            self._in_loop(self.reclaim)
+                self.owner = None
+                wanted, self.wanted = self.wanted, False
+            if wanted:  # a hand-off, reclaim or cancel came meanwhile: the loop thread reads
+                self.handoff(job.future)
+        except BaseException:  # (KeyboardInterrupt, anywhere in here)
+            with _HeldInterrupts():
+                self._interrupted(job)
             raise
-        with self.lock:
-            self.owner = None
-            wanted, self.wanted = self.wanted, False
-        if wanted:  # a hand-off, reclaim or cancel came meanwhile: the loop thread reads
-            self.handoff(job.future)
         return True
+
+    def _interrupted(self, job: Any) -> None:
+        """start() was interrupted: if it still holds the line, the call's
+        stream may end mid-frame, so its worker is killed (and replaced as
+        any dead worker); if it had handed the call over, the loop thread
+        reads its answer (nobody else may)."""
+        with self.lock:
+            mine = self.job is job and self.owner == _USER
+            if mine:
+                self.job, self.owner, self.dead = None, None, True
+            worker = self.worker
+        if mine:
+            worker.zygote.kill(worker.pid)
+            self._in_loop(self.reclaim)
+        else:
+            self.handoff(job.future)
 
     def collect(self, future: DirectFuture, timeout: float | None) -> None:
         """Read the answer to ``future``'s job here, within ``timeout``
         (then the loop thread reads on); nothing if someone else reads."""
-        with self.lock:
-            job = self.job
-            if job is None or job.future is not future or self.owner is not None:
-                return
-            self.owner = _USER
-        frames = None
+        took, job = False, None
         try:
-            frames = self._read(timeout)
+            with self.lock:
+                job = self.job
+                if job is None or job.future is not future or self.owner is not None:
+                    return
+                self.owner, took = _USER, True
+            self._answer(job, timeout)
         finally:
-            if frames is None:  # timed out (or interrupted): the loop thread reads on
-                with self.lock:
-                    self.owner = None
-                self.handoff(future)
-        if frames is not None:
-            self._end(job, frames)
+            if took and self.job is job and self.owner == _USER:
+                with _HeldInterrupts():  # timed out or interrupted: the loop thread reads on
+                    with self.lock:
+                        took = self.job is job and self.owner == _USER
+                        if took:
+                            self.owner = None
+                    if took:
+                        self.handoff(future)
 
     def handoff(self, future: DirectFuture) -> None:
         """Make sure ``future`` resolves with nobody reading in a user
@@ -205,12 +222,14 @@ class DirectLine:
             return
         if lease is None:
             return
-        self.worker, self.sock = lease
-        self.decoder = FrameDecoder()
-        self.poller = select.poll()
-        self.poller.register(self.sock.fileno(), select.POLLIN)
-        self.fns.clear()
-        self.dead = self.wanted = False
+        worker, sock = lease
+        decoder, poller = FrameDecoder(), select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        with self.lock:  # a user thread may submit now: it sees the whole line or none
+            self.sock, self.decoder, self.poller = sock, decoder, poller
+            self.fns.clear()
+            self.dead = self.wanted = False
+            self.worker = worker
         self._arm()
 
     def reclaim(self) -> None:
@@ -388,8 +407,10 @@ class DirectLine:
         parts = [part for message in messages for part in encode(message)]
         _send_all(self.sock, parts)
 
-    def _read(self, timeout: float | None) -> Any:
-        """(the owner) The next message, _EOF, or None after ``timeout``."""
+    def _answer(self, job: Any, timeout: float | None) -> None:
+        """(the owner) Read the answer to ``job`` and end it; return
+        without it after ``timeout``.  What is read off the socket reaches
+        the future before a Ctrl-C that lands meanwhile is raised."""
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = self.poller
         while True:
@@ -399,11 +420,13 @@ class DirectLine:
                 left = deadline - time.monotonic()
                 ms = max(0, math.ceil(left * 1000))
             if poller.poll(ms):
-                frames = self._read_some()
-                if frames is not None:
-                    return frames
+                with _HeldInterrupts():
+                    frames = self._read_some()
+                    if frames is not None:
+                        self._end(job, frames)
+                        return
             elif deadline is not None and ms == 0:
-                return None
+                return
 
     def _read_some(self) -> Any:
         decoder, sock = self.decoder, self.sock
@@ -422,6 +445,45 @@ class DirectLine:
         except ProtocolError:
             return _EOF
         return messages[0] if messages else None  # (one job: one answer)
+
+
+class _HeldInterrupts:
+    """In the main thread, a SIGINT that lands inside the ``with`` block is
+    delivered (Python's handler called) at its end, not in the middle: the
+    line's state changes hands there (bytes read off the socket but not yet
+    decoded, an answer decoded but not yet in its future), and a
+    KeyboardInterrupt raised inside would lose the answer or leave the line
+    owned by nobody.  Two ``signal.signal`` calls; nothing in other threads
+    (Python runs signal handlers in the main thread only)."""
+
+    __slots__ = ("previous", "caught")
+
+    def __enter__(self) -> _HeldInterrupts:
+        self.previous: Any = None
+        self.caught: tuple[int, Any] | None = None
+        if threading.get_ident() != _MAIN_THREAD:
+            return self
+        previous = signal.getsignal(signal.SIGINT)
+        if callable(previous):
+            try:
+                signal.signal(signal.SIGINT, self._catch)
+            except ValueError:  # (not the main interpreter)
+                return self
+            self.previous = previous
+        return self
+
+    def _catch(self, signum: int, frame: Any) -> None:
+        self.caught = (signum, frame)
+
+    def __exit__(self, *exc: Any) -> None:
+        previous = self.previous
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+            if self.caught is not None:
+                previous(*self.caught)  # (default: raises KeyboardInterrupt)
+
+
+_MAIN_THREAD = threading.main_thread().ident
 
 
 def _ended(sock: Any) -> bool:

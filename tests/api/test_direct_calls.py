@@ -3,6 +3,7 @@ the calling thread straight to a worker (dpool/core/direct.py).  Every way
 of waiting, failing and closing must behave as on the normal path."""
 import concurrent.futures as cf
 import os
+import signal
 import threading
 
 import pytest
@@ -313,3 +314,119 @@ def test_pool_join_while_a_direct_call_is_being_written(monkeypatch):
         go.set()
         pool.terminate()
         pool.join()
+
+
+def interrupt_main_thread():
+    """Ctrl-C, as the kernel delivers it: SIGINT, handled in the main thread."""
+    assert threading.current_thread() is threading.main_thread()
+    signal.raise_signal(signal.SIGINT)
+
+
+def once_in_main_thread(fn):
+    """``fn`` wrapped to interrupt the main thread before or after the first
+    call the main thread makes to it (a hook on the direct path)."""
+    armed = []
+
+    def hook(when):
+        def wrapper(*args, **kwargs):
+            fire = not armed and threading.current_thread() is threading.main_thread()
+            if fire:
+                armed.append(when)
+            if fire and when == "before":
+                interrupt_main_thread()
+            value = fn(*args, **kwargs)
+            if fire and when == "after":
+                interrupt_main_thread()
+            return value
+        return wrapper
+    return hook
+
+
+@pytest.mark.parametrize("point", [
+    ("buffer_updated", "before"),  # the answer's bytes read off the socket, not decoded
+    ("buffer_updated", "after"),   # decoded, not yet handed to the future
+    ("_end", "before"),            # read whole, the line not yet given back
+])
+def test_an_interrupt_while_the_answer_is_read_loses_nothing(executor, monkeypatch, point):
+    """Ctrl-C landing while result() takes the answer off the worker's
+    socket: result() raises KeyboardInterrupt, but the answer is kept (the
+    next result() returns it) and the worker is not lent forever."""
+    import dpool.core.direct as direct
+    from dpool.transport.frames import FrameDecoder
+
+    name, when = point
+    owner = FrameDecoder if name == "buffer_updated" else direct.DirectLine
+    future = direct_submit(executor, tasks.square, 7)
+    monkeypatch.setattr(owner, name, once_in_main_thread(getattr(owner, name))(when))
+    with pytest.raises(KeyboardInterrupt):
+        future.result(30)
+    monkeypatch.undo()
+    assert future.result(30) == 49
+    line = executor._client._direct
+    poll_for(line.free, message="the line to be free again")
+    assert direct_submit(executor, tasks.square, 8).result(30) == 64
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_interrupt_around_taking_the_line_leaves_it_usable(executor, monkeypatch, when):
+    """Ctrl-C in submit just before or just after the call was written
+    (its lock released, the call not yet handed over): submit raises it, and
+    the executor goes on (the worker is not held by a writer that is gone)."""
+    import dpool.core.direct as direct
+
+    line = executor._client._direct
+
+    class Lock:  # the line's lock, interrupting once as submit takes the line
+        def __init__(self, lock):
+            self.lock, self.armed = lock, when == "before"
+
+        def __enter__(self):
+            self.lock.acquire()
+
+        def __exit__(self, *exc):
+            self.lock.release()
+            if self.armed and threading.current_thread() is threading.main_thread():
+                self.armed = False
+                interrupt_main_thread()
+
+    monkeypatch.setattr(line, "lock", Lock(line.lock))
+    if when == "after":
+        monkeypatch.setattr(direct, "_send_all",
+                            once_in_main_thread(direct._send_all)("after"))
+    with pytest.raises(KeyboardInterrupt):
+        executor.submit(tasks.square, 5)
+    monkeypatch.undo()
+    assert executor.submit(tasks.square, 6).result(30) == 36
+    assert executor.submit(tasks.square, 7).result(30) == 49
+
+
+def test_a_call_submitted_while_a_worker_is_being_lent_goes_the_normal_way(
+        executor, monkeypatch):
+    """The loop thread lends the line a worker (offer) while a user thread
+    submits: the call must not go direct on a half-made line (its socket
+    set, its poller and decoder not yet)."""
+    import dpool.core.direct as direct
+
+    client = executor._client
+    line = client._direct
+    client.loop.call_soon_threadsafe(line.reclaim)  # the client is idle: no lease
+    poll_for(lambda: line.worker is None, message="the lease to end")
+    lending, go, real = threading.Event(), threading.Event(), direct.FrameDecoder
+
+    def slow_decoder():
+        lending.set()
+        assert go.wait(30)
+        return real()
+
+    monkeypatch.setattr(direct, "FrameDecoder", slow_decoder)
+    client.loop.call_soon_threadsafe(line.offer)
+    assert lending.wait(30)
+    try:
+        future = executor.submit(tasks.square, 3)
+        with pytest.raises(cf.TimeoutError):
+            future.result(0)  # (not answered yet: the loop thread is still lending)
+    finally:
+        go.set()
+    assert future.result(30) == 9
+    poll_for(line.free, message="the line to be lent")
+    assert direct_submit(executor, tasks.square, 4).result(30) == 16
