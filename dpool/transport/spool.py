@@ -19,7 +19,6 @@ descriptors refuses them (a client can't make a node read files).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -41,7 +40,9 @@ def _load_fallocate() -> ctypes._CFuncPtr | None:   # type: ignore[name-defined]
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # (the process's own symbols, libc's among them: ctypes.util.find_library
+        # would run ``ldconfig -p`` in a subprocess at every import of dpool)
+        libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.fallocate
     except (OSError, AttributeError):
         return None

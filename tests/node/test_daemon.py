@@ -122,6 +122,20 @@ def test_signal_exits_cleanly_and_kills_workers(tmp_path, node_secret, signals):
     assert "Traceback" not in node.stderr()
 
 
+def test_importing_the_worker_starts_no_process():
+    """The zygote imports the worker code after the node says it serves:
+    that import ran ``ldconfig -p`` (ctypes.util.find_library), a second
+    descendant that an idle node's test sometimes saw under load."""
+    code = ("import subprocess\n"
+            "def refuse(*a, **k): raise SystemExit('a process was started')\n"
+            "subprocess.Popen.__init__ = refuse\n"
+            "import dpool.node.worker, dpool.transport.spool as s\n"
+            "assert s.AVAILABLE\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=node_env(None),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_sigterm_idle_node(tmp_path, node_secret):
     node = start_node(tmp_path / "node", cpus=1, secret=node_secret)
     descendants = node.descendants()
