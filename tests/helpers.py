@@ -85,8 +85,11 @@ class NodeProcess:
         self.port = None
         self.cpus = None
 
-    def wait_serving(self, timeout=15.0):
-        """Parse "dpool-node: serving N CPUs on HOST:PORT (pid P)"."""
+    def wait_serving(self, timeout=60.0):
+        """Parse "dpool-node: serving N CPUs on HOST:PORT (pid P)".  The
+        deadline grows with the machine's load: a start takes about 0.3 s of
+        CPU (interpreter, imports, the secret's KDF) but 3.4-5.6 s of wall
+        time at load average 22 on 2 cores, and 15 s was passed at 30-40."""
         def line():
             if self.proc.poll() is not None:
                 raise AssertionError(f"dpool-node exited with {self.proc.returncode}: "

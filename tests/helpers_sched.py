@@ -29,8 +29,9 @@ class SchedulerProcess:
                                          cwd=self.workdir)
         self.port = self.cpus = None
 
-    def wait_serving(self, timeout=30.0):
-        """Parse "dpool-scheduler: N of M nodes ready, C CPUs, on HOST:PORT (pid P)"."""
+    def wait_serving(self, timeout=60.0):
+        """Parse "dpool-scheduler: N of M nodes ready, C CPUs, on HOST:PORT (pid P)"
+        (the deadline grows with load, as NodeProcess.wait_serving's)."""
         def line():
             if self.proc.poll() is not None:
                 raise AssertionError(f"dpool-scheduler exited with {self.proc.returncode}: "
