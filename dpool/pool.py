@@ -27,6 +27,7 @@ import itertools
 import logging
 import multiprocessing
 import queue
+import sys
 import threading
 import warnings
 import weakref
@@ -255,9 +256,12 @@ class Pool:
         client, runner = self._client, self._callbacks
         if client.in_loop_thread():
             return  # never block the client's own loop thread
-        if not running:
+        if not running and not sys.is_finalizing():
             # Closed but never joined: the queued work finishes, then the
-            # workers and the callback thread go (close()'s promise).
+            # workers and the callback thread go (close()'s promise).  Not
+            # at interpreter exit, where a new thread never starts (its
+            # start() would wait forever): released at once below, as
+            # multiprocessing's pools are terminated at exit.
             threading.Thread(target=_release, args=(client, runner),
                              name="dpool-pool-release", daemon=True).start()
             return

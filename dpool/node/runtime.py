@@ -205,9 +205,14 @@ class NodeRuntime:
                 self._idle.set()
 
     async def close(self):
+        tasks = []
         for session in list(self.sessions):
-            session.end("node shutting down")
+            tasks.extend(session.tasks)
+            session.end("node shutting down")  # (cancels its tasks)
         await self.zygote.close()
+        # Done before the loop stops, else a task its cancel has not reached
+        # yet (a worker's exit awaited) is "destroyed but pending" at exit.
+        await asyncio.gather(*tasks, return_exceptions=True)
         if not self.embedded:
             log.info("node %s shut down", self.name)
 
@@ -643,8 +648,8 @@ class Session(P.Served):
             self.env.on_worker_message(worker, msg, frames)
 
     def on_worker_closed(self, worker):
-        if not self.dispatcher.worker_closed(worker):
-            return
+        if not self.dispatcher.worker_closed(worker) or self.ended:
+            return  # (ended: its workers are killed and forgotten, nothing to wait for)
         task = asyncio.get_running_loop().create_task(self._worker_exited(worker))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
