@@ -3,6 +3,7 @@ queued no-op tasks, side by side with ``multiprocessing.Pool`` (issue 16),
 and the 1M-int maps of issue 13.
 
     python bench/bench_queues.py [--sizes 10000 100000 1000000] [--reps 1] [--no-node] [--no-map]
+                                 [--apis Executor.submit Pool.apply_async JobCluster.submit]
 
 Each cell runs in a fresh Python process (so one cell's heap does not count
 against the next), with a pool of 2 workers created and warmed up (one task)
@@ -135,7 +136,8 @@ def fmt_rate(r):
 
 def queue_table(args, env, node_port):
     modes = [("local", 0)] + ([("via node", node_port)] if node_port else [])
-    cells = [(api, n, mode, port) for n in args.sizes for mode, port in modes for api in APIS
+    apis = ["mp.apply_async"] + [api for api in args.apis if api != "mp.apply_async"]
+    cells = [(api, n, mode, port) for n in args.sizes for mode, port in modes for api in apis
              if not (api.startswith("mp.") and port)]
     results = {c: [] for c in cells}
     for _ in range(args.reps):
@@ -176,6 +178,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--apis", nargs="+", choices=APIS, default=APIS,
+                   help="the dpool APIs to measure (mp.Pool.apply_async always runs)")
     p.add_argument("--no-node", action="store_true")
     p.add_argument("--no-map", action="store_true")
     p.add_argument("--no-queues", action="store_true")

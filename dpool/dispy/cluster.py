@@ -358,7 +358,7 @@ class JobCluster:
         if self.cluster_status:
             self._events.created(job)
         try:
-            core_job = self._client.submit(fn, args, kwargs, tag=job, pin=pin, place=place)
+            core_job = self._client.submit(fn, args, kwargs, job, pin, place=place)
             job.submitted(core_job, pin)
             if self._recover is not None:
                 self._recover.job(core_job.id, job.id)
@@ -428,6 +428,8 @@ class JobCluster:
                     busy[job.node] = busy.get(job.node, 0) + 1
             for link, node in self._nodes.items():
                 node.busy = busy.get(link, 0)
+                if node.jobs_done != link.jobs_done:  # (not counted per job without callbacks)
+                    node.update_time = time.time()
                 node.jobs_done, node.cpu_time = link.jobs_done, link.cpu_time
                 node.tx, node.rx = link.tx, link.rx
             return ClusterStatus(list(self._nodes.values()), self._client.pending())

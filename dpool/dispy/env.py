@@ -30,7 +30,7 @@ class JobEnv:
         client.register({P.SetupDone: self.on_setup_done, P.SetupFail: self.on_setup_fail,
                          P.FileDone: self.on_file_done, P.Provisional: self.on_provisional,
                          P.SendFile: self.on_sendfile, P.AvailInfo: self.on_avail_info})
-        client.listeners.append(self.on_event)
+        self.listening = False  # on the client's events: from the first send_file on
 
     # ------------------------------------------------------------ loop thread
 
@@ -99,6 +99,9 @@ class JobEnv:
         self.waiters[req_id] = (link, waiter)
 
         def send():
+            if not self.listening:  # (not before: a listener costs a call per job)
+                self.listening = True
+                self.client.listeners.append(self.on_event)
             if not link.ready or link.conn.closed:
                 self.waiters.pop(req_id, None)
                 waiter.set_result(f"node {link.name} is not connected")

@@ -203,11 +203,19 @@ class ClusterEvents:
         if job is None:
             return
         link, where = core_job.node, core_job.where
-        node = self.node_of(core_job)
-        busy_on = self._busy_on.pop(job, None) if self._busy_on else None
         self.on_done(job, core_job)
         ip = self._ips.get(link if where is None else where)  # (job_ip, known: once per job)
         job.finish_from(core_job, self.job_ip(core_job) if ip is None else ip)
+        # Without callbacks nobody sees a node between two status() calls,
+        # and status() reads its counts from the link: only the nodes behind
+        # a scheduler (counted here, per job) need this for each job.
+        if self.callbacks is not None or link in self.behind:
+            self._node_done(job, core_job, link)
+
+    def _node_done(self, job, core_job, link):
+        """The job's node: one job less running, one more done; callbacks."""
+        node = self.node_of(core_job)
+        busy_on = self._busy_on.pop(job, None) if self._busy_on else None
         if node is not None:
             if busy_on is node and node.busy > 0:
                 node.busy -= 1

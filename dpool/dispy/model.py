@@ -6,7 +6,6 @@ that fills them in is :mod:`dpool.dispy.cluster`.  Status constants have dispy's
 values, so code that compares them with numbers keeps working.
 """
 import collections
-import copy
 from concurrent.futures import CancelledError
 import fnmatch
 import itertools
@@ -39,6 +38,9 @@ def _dispy_logger():
 
 logger = _dispy_logger()
 
+_NONE = object()  # DispyJob.kwargs set to None
+
+
 class DispyJob:
     """A job submitted to a cluster; ``job()`` waits for and returns its result.
 
@@ -63,27 +65,41 @@ class DispyJob:
                   core.ABANDONED: Abandoned}
     _ids = itertools.count(1)
 
-    _on_id = None  # called with the job when its id changes (the recover file)
+    # Slots, as dispy's DispyJob has (no attributes of the user's own): a
+    # million queued jobs each save a dict's worth of memory and their
+    # construction's attribute stores.
+    __slots__ = ("_id", "args", "_kwargs", "result", "stdout", "stderr", "exception",
+                 "submit_time", "start_time", "end_time", "_status", "ip_addr", "_event",
+                 "_done", "_job", "_pin", "_on_id", "__weakref__")
 
     def __init__(self, job_id=None, args=(), kwargs=None):
         self._id = job_id if job_id is not None else next(DispyJob._ids)
         self.args = args
-        self.kwargs = kwargs or {}
-        self.result = None
-        self.stdout = None
-        self.stderr = None
-        self.exception = None
+        self._kwargs = kwargs or None  # (an empty dict per job is 64 bytes)
+        self.result = self.stdout = self.stderr = self.exception = None
         self.submit_time = time.time()
-        self.start_time = None
-        self.end_time = None
+        self.start_time = self.end_time = None
         self._status = None  # set when final or provisional; else read from the core job
         self.ip_addr = None
         self._event = None  # ``finish``, made when someone needs to wait on it
         self._done = False
         self._job = None  # the core Job, once submitted
         self._pin = None  # the NodeLink it must run on, if any
+        self._on_id = None  # called with the job when its id changes (the recover file)
 
     _event_lock = threading.Lock()
+
+    @property
+    def kwargs(self):
+        """The keyword arguments it was submitted with (None for a recovered job)."""
+        kwargs = self._kwargs
+        if kwargs is None:  # none given: the dict is made when asked for
+            kwargs = self._kwargs = {}
+        return None if kwargs is _NONE else kwargs
+
+    @kwargs.setter
+    def kwargs(self, value):
+        self._kwargs = _NONE if value is None else value
 
     @property
     def id(self):
@@ -101,10 +117,13 @@ class DispyJob:
     @property
     def finish(self):
         """dispy's Event, set when the job is done (made on first use: most
-        jobs are done before anyone waits, and an Event per job is not free)."""
+        jobs are done before anyone waits, and an Event per job is not free).
+        The loop thread sets ``_done`` before it reads ``_event`` and this
+        sets ``_event`` before it reads ``_done``, so one of them sets the
+        Event (without a lock on the loop thread's side)."""
         event = self._event
         if event is None:
-            with DispyJob._event_lock:
+            with DispyJob._event_lock:  # (two user threads asking at once)
                 event = self._event
                 if event is None:
                     event = self._event = threading.Event()
@@ -129,7 +148,9 @@ class DispyJob:
         return self._done
 
     def submitted(self, core_job, pin=None):
-        self._job, self._pin = core_job, pin
+        self._pin = pin
+        if not self._done:  # (else finished already: no cycle through its core job)
+            self._job = core_job
 
     def track_id(self, record):
         """Call ``record(job)`` each time the id is set from now on (the
@@ -183,10 +204,10 @@ class DispyJob:
         self._set_done()
 
     def _set_done(self):
-        """Called once the job's fields are final: wakes every waiter."""
-        with DispyJob._event_lock:
-            self._done = True
-            event = self._event
+        """Called once the job's fields are final: wakes every waiter (see
+        ``finish`` for why no lock is needed)."""
+        self._done = True
+        event = self._event
         if event is not None:
             event.set()
 
@@ -228,7 +249,9 @@ class DispyJob:
 
     def snapshot(self):
         """A copy with the status frozen: what callbacks get (as in dispy)."""
-        job = copy.copy(self)
+        job = DispyJob.__new__(DispyJob)
+        for name in _COPIED:
+            setattr(job, name, getattr(self, name))
         job._status = self.status
         job._on_id = None
         return job
@@ -238,6 +261,9 @@ class DispyJob:
 
     def __repr__(self):
         return f"<DispyJob id={self.id!r} status={self.status}>"
+
+
+_COPIED = [name for name in DispyJob.__slots__ if name != "__weakref__"]
 
 
 class DispyNodeAvailInfo:
