@@ -64,11 +64,25 @@ def queued_bytes(submit, n=20_000):
     return used / n, handles
 
 
-@pytest.mark.parametrize("api", ["executor", "pool"])
+def hold_or_inc(x):
+    """JobCluster's one computation: hold the worker (a gate path), or inc."""
+    return hold(x) if isinstance(x, str) else x + 1
+
+
+@pytest.mark.parametrize("api", ["executor", "pool", "cluster"])
 def test_a_queued_no_op_task_costs_the_client_at_most_1_5_kb(api, tmp_path):
     gate = str(tmp_path / "gate")
     try:
-        if api == "executor":
+        if api == "cluster":  # (a DispyJob each, besides the core job: 1.15 KB)
+            cluster = dpool.JobCluster(hold_or_inc, cpus=1, loglevel=40)
+            try:
+                busy = cluster.submit(gate)
+                per_task, jobs = queued_bytes(cluster.submit)
+                open(gate, "w").close()
+                assert busy() is None and jobs[-1]() == 20_000, (busy.exception, jobs[-1].exception)
+            finally:
+                cluster.close()
+        elif api == "executor":
             with Executor(1) as executor:
                 busy = executor.submit(hold, gate)
                 per_task, futures = queued_bytes(lambda i: executor.submit(inc, i))
