@@ -86,6 +86,10 @@ def _fork_zygote():
     return Zygote.fork()
 
 
+#: Jobs one wake-up of the loop thread takes in from the submitting threads
+#: at most: the loop's other work (RUN messages, results, heartbeats) runs
+#: between batches while a user thread submits a million jobs.
+DRAIN_BATCH = 4096
 #: Functions a node session keeps at most (see Client._forget).
 _NODE_FUNCTIONS = 1024
 #: Jobs per CPU a client keeps at a dpool-scheduler (2 at a node): the
@@ -350,7 +354,7 @@ class Client:
         if not self._wake_pending:
             self._wake_pending = True
             try:
-                self.loop.call_soon_threadsafe(self._drain)
+                self.loop.call_soon_threadsafe(self._wake)
             except RuntimeError:  # the loop closed under us: close() raced this submit
                 self._fail_leftovers()
         return job
@@ -809,14 +813,24 @@ class Client:
         attempt (a node declared lost answered after all)."""
         return self.scheduler.stale
 
-    def _drain(self):
+    def _wake(self) -> None:
+        """Jobs were submitted: take up to DRAIN_BATCH of them, and come back
+        for the rest after the loop's other work."""
+        self._drain(DRAIN_BATCH)
+        if self._incoming and not self._wake_pending:
+            self._wake_pending = True
+            self.loop.call_soon(self._wake)
+
+    def _drain(self, limit: int = -1) -> None:
+        """Take the submitted jobs in (all of them, or up to ``limit``)."""
         self._wake_pending = False
         incoming = self._incoming
         if self._direct is not None and incoming:
             self._direct.reclaim()  # the lent worker serves the dispatcher again
         plain, now = [], time.monotonic()
         actions: list[Action] = []
-        while incoming:
+        while incoming and limit:
+            limit -= 1  # (from -1: no limit)
             job, pin = incoming.popleft()
             self.jobs[job.id] = job
             if pin is None:

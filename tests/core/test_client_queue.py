@@ -74,3 +74,30 @@ def test_wait_returns_only_once_the_futures_are_resolved():
         client.close()
         for thread in threads:
             thread.join(30)
+
+
+def test_the_loop_thread_takes_a_big_queue_in_batches():
+    """A user thread that submits faster than the loop thread takes the jobs
+    in must not keep the loop in one drain for the whole queue: nothing else
+    runs meanwhile (no RUN sent, no heartbeat; a dpool-node took a client
+    submitting a million jobs at load average 26 for gone, "sent nothing for
+    10.4 s", which this explains).  Here the loop is held while 20,000 jobs
+    queue up; once let go, a callback queued behind the drain finds jobs
+    still waiting."""
+    import threading
+
+    from dpool.core import client as core
+
+    client = Client(None, cpus=1).start()
+    try:
+        let_go, held = threading.Event(), threading.Event()
+        client.loop.call_soon_threadsafe(lambda: (held.set(), let_go.wait(30)))
+        assert held.wait(30)
+        jobs = [client.submit(double, (i,)) for i in range(20_000)]
+        seen = []
+        client.loop.call_soon_threadsafe(lambda: seen.append(len(client._incoming)))
+        let_go.set()
+        assert jobs[-1].future.result(60) == 2 * 19_999
+        assert seen and 0 < seen[0] <= 20_000 - core.DRAIN_BATCH, seen
+    finally:
+        client.close()
