@@ -79,7 +79,8 @@ def test_a_queued_no_op_task_costs_the_client_at_most_1_5_kb(api, tmp_path):
                 busy = cluster.submit(gate)
                 per_task, jobs = queued_bytes(cluster.submit)
                 open(gate, "w").close()
-                assert busy() is None and jobs[-1]() == 20_000, (busy.exception, jobs[-1].exception)
+                assert busy() is None, busy.exception
+                assert jobs[-1]() == 20_000, jobs[-1].exception
             finally:
                 cluster.close()
         elif api == "executor":
