@@ -40,6 +40,7 @@ from ..errors import (BrokenCluster, ConnectionClosed, DpoolError, JobCancelled,
                       ProtocolError)
 from ..transport import inproc_pair
 from .direct import MAX_ARGUMENT, DirectFuture, DirectLine
+from .tcpline import NODE_FUNCTIONS, TcpLine
 from .future import Future, resolve, set_running
 from .links import Links, NodeLink, client_hello, describe, tls_context  # noqa: F401 (API)
 from .scheduler import Action, Cancelled, CancelRemote, Fail, Reclaim, Scheduler, Send
@@ -91,7 +92,7 @@ def _fork_zygote():
 #: between batches while a user thread submits a million jobs.
 DRAIN_BATCH = 4096
 #: Functions a node session keeps at most (see Client._forget).
-_NODE_FUNCTIONS = 1024
+_NODE_FUNCTIONS = NODE_FUNCTIONS
 #: Jobs per CPU a client keeps at a dpool-scheduler (2 at a node): the
 #: scheduler keeps 2 per CPU on its nodes and queues the rest, so that it
 #: refills a node the moment a job ends there instead of waiting for the
@@ -231,9 +232,11 @@ class Client:
     elsewhere), then retried with backoff and used again when it answers.
     ``connect_timeout`` bounds connecting to a node and opening the session
     (default ``$DPOOL_CONNECT_TIMEOUT``, else 10 s).
-    ``direct`` (embedded node, no ``on_event``): a call submitted while
-    nothing else is in flight goes from the calling thread straight to an
-    idle worker (:mod:`dpool.core.direct`); False: always through the loop.
+    ``direct`` (no ``on_event``): a call submitted while nothing else is in
+    flight goes from the calling thread straight to an idle worker of the
+    embedded node (:mod:`dpool.core.direct`), or on the link to the
+    client's only node, RUN written and DONE read by the calling thread
+    (:mod:`dpool.core.tcpline`); False: always through the loop.
 
     An extension handles more message types (:meth:`register`), may hook
     each session's start (``prepare``) and uses :meth:`admit`,
@@ -270,7 +273,7 @@ class Client:
         self._unfinished = set()  # futures not yet resolved (for close/wait)
         self._idle = threading.Condition(threading.Lock())  # notified when that set empties
         self._outcomes = None  # while a DONE batch is read: [(future, value, error)]
-        self._direct = None  # a DirectLine: calls straight to a lent worker (embedded)
+        self._direct = None  # a DirectLine (embedded) or TcpLine (one node): direct calls
         self._direct_ok = direct
         # The embedded node's zygote, forked now, while this may be the only
         # thread (None: not safe here, the node starts one the slow way).
@@ -390,10 +393,11 @@ class Client:
             self._direct_failed(job, ProtocolError(f"the worker sent an unexpected message "
                                                    f"for a direct call: {describe(exc)}"))
             return
-        job.start_time, job.end_time, job.stdout, job.stderr = \
-            res.start, res.end, res.stdout, res.stderr
-        job.node.jobs_done += 1
-        job.node.cpu_time += res.end - res.start
+        if res.start is not None and res.end is not None:  # (a worker lost: no times)
+            job.start_time, job.end_time, job.stdout, job.stderr = \
+                res.start, res.end, res.stdout, res.stderr
+            job.node.jobs_done += 1
+            job.node.cpu_time += res.end - res.start
         self._direct_finish(job, *outcome_of(res.outcome, payload))
 
     def _direct_failed(self, job, error):
@@ -408,10 +412,12 @@ class Client:
         self._unfinished.discard(job.future)
         self._settle()
 
-    def _direct_adopt(self, job, link):
+    def _direct_adopt(self, job, link, pinned=True):
         """(loop thread) A direct call whose worker's socket ended becomes a
-        job in flight on the embedded node (which reports its outcome);
-        False if it was failed instead (closing)."""
+        job in flight on the embedded node (which reports its outcome), or
+        one the loop thread takes over on a node's link (``pinned=False``:
+        rerun elsewhere if that node is lost, as any job); False if it was
+        failed instead (closing)."""
         job.future._line = None
         line = self._direct
         if line is None or line.closed or self.scheduler.nodes.get(link) is None:  # shut down
@@ -419,7 +425,7 @@ class Client:
             return False
         self.jobs[job.id] = job
         link.in_flight.add(job.id)
-        self.scheduler.adopt(link, [job.id])
+        self.scheduler.adopt(link, [job.id], pinned)
         return True
 
     def _unsent(self, exc, tag, star):
@@ -677,6 +683,27 @@ class Client:
             self._adopt(link, [*link.info.get("kept", ()), *link.info.get("pending", ())])
         elif not link.hold:
             self.admit(link)
+            self._line_for(link)
+
+    def _line_for(self, link):
+        """Direct calls over ``link`` (a node over TCP, the client's only
+        one), when they may be made (see :mod:`dpool.core.tcpline`)."""
+        line = self._direct
+        if isinstance(line, TcpLine):
+            if line.lent is None and not line.closed:
+                line.link = link  # (the node re-joined: a new link)
+            return
+        if line is None and self._direct_ok and self.on_event is None and not self._extended \
+                and isinstance(link.address, tuple) and not link.info.get("scheduler") \
+                and not any(self.session.get(option)
+                            for option in ("max_tasks", "capture", "notify_start")):
+            self._direct = TcpLine(self, link)
+
+    def claim(self, link):
+        """(loop thread) True if the loop thread may use ``link`` now; False
+        while a user thread holds it for a direct call (asked to hand it back)."""
+        line = self._direct
+        return not isinstance(line, TcpLine) or line.link is not link or line.reclaim()
 
     def _adopt(self, link, job_ids):
         """A recovered session's jobs: in flight on ``link``, which gets no
@@ -800,7 +827,13 @@ class Client:
         are moved to other nodes as for a lost node.  With ``bye=False`` the
         node is not told: it handles it as a client gone away (a recoverable
         session is kept, for a later :meth:`recover`)."""
-        self.call_soon(lambda: self.net.close_link(link, bye))
+        def close():
+            line = self._direct
+            if isinstance(line, TcpLine) and not self.claim(link):
+                line.defer(close)  # a user thread holds the link: once it is back
+            else:
+                self.net.close_link(link, bye)
+        self.call_soon(close)
 
     def set_cpus(self, link, cpus):
         """Use at most ``cpus`` of the CPUs a node granted (0: no new jobs)."""
@@ -825,8 +858,10 @@ class Client:
         """Take the submitted jobs in (all of them, or up to ``limit``)."""
         self._wake_pending = False
         incoming = self._incoming
-        if self._direct is not None and incoming:
-            self._direct.reclaim()  # the lent worker serves the dispatcher again
+        line = self._direct
+        if line is not None and incoming and line.reclaim() is False:
+            line.defer(self._drain)  # a user thread holds the node's link: once it is back
+            return
         plain, now = [], time.monotonic()
         actions: list[Action] = []
         while incoming and limit:
@@ -947,15 +982,8 @@ class Client:
         """Tell the node to drop the least recently used functions that no
         job in flight there needs (a lambda made per call is a new function
         each time: without this the node and its workers would keep them all)."""
-        fns, drop = link.fns, []  # type: Any, list[Any]
-        excess = len(fns) - _NODE_FUNCTIONS * 3 // 4
-        for fn_id, count in fns.items():
-            if len(drop) >= excess:
-                break
-            if count == 0:
-                drop.append(fn_id)
-        for fn_id in drop:
-            del fns[fn_id]
+        drop = link.forgettable(_NODE_FUNCTIONS * 3 // 4)
+        link.forget(drop)
         if drop:
             link.conn.send([P.encode(P.Forget, drop)])
 
@@ -1088,6 +1116,8 @@ class Client:
     async def _shutdown(self, grace=2.0):
         if self._direct is not None:
             self._direct.close()
+            if isinstance(self._direct, TcpLine):
+                await self._direct.settle()
         self._drain()
         self.net.stop()
         if self._zygote is not None:  # forked, never handed to a node (not started)

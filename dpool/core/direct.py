@@ -37,6 +37,7 @@ from typing import Any
 from .. import protocol as P
 from ..errors import BrokenCluster, ProtocolError
 from ..transport.frames import FrameDecoder, encode
+from ..transport.lent import send_all as _send_all
 from .future import _DONE, Future
 
 __all__ = ["DirectFuture", "DirectLine", "MAX_ARGUMENT"]
@@ -506,24 +507,3 @@ def _has_input(sock: Any) -> bool:
         return True
     return True
 
-
-def _send_all(sock: Any, parts: list[Any]) -> None:
-    """Write every buffer of ``parts`` to a non-blocking socket."""
-    out = None
-    while parts:
-        try:
-            sent = sock.sendmsg(parts)
-        except (BlockingIOError, InterruptedError):
-            if out is None:
-                out = select.poll()
-                out.register(sock.fileno(), select.POLLOUT)
-            out.poll()
-            continue
-        while sent:
-            size = len(parts[0])
-            if sent >= size:
-                sent -= size
-                parts.pop(0)
-            else:
-                parts[0] = memoryview(parts[0])[sent:]
-                sent = 0

@@ -106,6 +106,23 @@ class NodeLink:
     def __repr__(self):
         return f"<node {self.name} {self.address}>"
 
+    def forgettable(self, keep):
+        """The least recently used functions in ``fns`` no job in flight
+        needs, enough to bring it down to ``keep`` if it can (to be removed
+        with :meth:`forget` as the node is told to forget them)."""
+        fns, drop = self.fns, []  # type: Any, list[Any]
+        excess = len(fns) - keep
+        for fn_id, count in fns.items():
+            if len(drop) >= excess:
+                break
+            if count == 0:
+                drop.append(fn_id)
+        return drop
+
+    def forget(self, drop):
+        for fn_id in drop:
+            del self.fns[fn_id]
+
 
 class Owner(Protocol):
     """What :class:`Links` needs from the client it serves."""
@@ -131,6 +148,10 @@ class Owner(Protocol):
 
     def link_back(self, link: NodeLink) -> None:
         """A lost (or busy) node re-joined."""
+
+    def claim(self, link: NodeLink) -> bool:
+        """True if ``link``'s connection may be used now (False: another
+        thread holds it for a moment and was asked to give it back)."""
 
 
 def _ignore(link, msg, frames):
@@ -317,7 +338,7 @@ class Links:
         settings = self.owner.liveness
         for link in list(self.links):
             hb, conn = link.heartbeat, link.conn
-            if hb is None or conn is None or conn.closed:
+            if hb is None or conn is None or conn.closed or not self.owner.claim(link):
                 continue
             verdict = hb.tick(now, conn.bytes_received, conn.bytes_sent)
             if verdict is liveness.SEND:

@@ -261,12 +261,15 @@ class Scheduler:
         if state is not None:
             self._sync(node, state)
 
-    def adopt(self, node: Node, job_ids: Iterable[JobId]) -> None:
+    def adopt(self, node: Node, job_ids: Iterable[JobId], pinned: bool = True) -> None:
         """Jobs already on ``node`` (sent there by another client, whose
-        session this driver took over): in flight there, pinned to it."""
+        session this driver took over): in flight there, pinned to it.
+        ``pinned=False``: sent there by this driver's own thread as a first
+        attempt (a direct call): in flight there as if dispatched."""
         state = self.nodes[node]
         for job_id in job_ids:
-            self.jobs[job_id] = _Job(node=node, pin=node, adopted=True)
+            self.jobs[job_id] = _Job(node=node, pin=node, adopted=True) if pinned \
+                else _Job(node=node, tries=1)
             state.inflight.add(job_id)
         self._sync(node, state)
 

@@ -212,9 +212,19 @@ class Connection:
         stream.pause_reading()
         return lent
 
-    def take_back(self) -> None:
-        """Read again after :meth:`lend` (the borrower is done with the peer)."""
+    def take_back(self, messages: Sequence[Message] = (),
+                  error: BaseException | None = None) -> None:
+        """Read again after :meth:`lend` (the borrower is done with the peer).
+        ``messages``: what the borrower read and leaves to this connection's
+        receiver (delivered now, in order); ``error``: the borrower found the
+        stream broken (a bad record, or cut in the middle): the connection
+        ends with it."""
+        if error is not None:
+            self._fail(error)
+            return
         self._resume_reading()
+        if messages:
+            self._deliver(messages)
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._lost_future)

@@ -70,6 +70,19 @@ class Sealer:
         self._seq += 1
         return [head, sealed]
 
+    @property
+    def seq(self) -> int:
+        """The number of the next record."""
+        return self._seq
+
+    def rewind(self, seq: int) -> None:
+        """Take back the records sealed since record ``seq``.  Only for
+        records none of whose bytes were sent (an interrupted direct call,
+        see lent.py): each nonce still goes on the wire at most once."""
+        if not 0 <= seq <= self._seq:
+            raise ValueError(f"can't rewind record {self._seq} to {seq}")
+        self._seq = seq
+
     def seal_all(self, parts: Parts) -> list[bytes]:
         """Every byte of ``parts`` (a deque, emptied) as a list of record pieces."""
         out: list[bytes] = []

@@ -1,0 +1,412 @@
+"""Direct calls over a node's TCP link: the calling thread writes the RUN
+record and reads the DONE itself while nothing else is in flight.
+
+::
+
+    user thread                                client loop thread
+    ───────────                                ──────────────────
+                                               the client goes idle with one
+                                               node: it parks that link (stops
+                                               reading it; Connection.lend)
+    submit, nothing else in flight ──► FUNC (once) + RUN sealed into a record
+                                       and written here (LentSocket)
+    result() ──► DONE read, its record opened, the future resolved here
+                 (no client loop-thread wake-up on either leg)
+
+    anything else takes the link back for the loop thread (it reads again,
+    the call in flight becomes one of its jobs, and what the user thread
+    read and can't handle is delivered to it): a second job submitted, a
+    cancel, a heartbeat tick (every ``liveness.tick`` s: a call longer than
+    that is read by the loop thread, which keeps the heartbeats), closing,
+    a result(timeout) that times out, done(), add_done_callback, wait(),
+    a message other than the call's DONE or a heartbeat, the end of the
+    stream or a bad record (the connection then ends as it would have in
+    the loop thread: the call is rerun or fails as any job of a lost node).
+
+The record state (sequence numbers of both directions) is the connection's
+own: at any time exactly one thread uses it, ``owner`` says which (the lock
+guards it): None and parked: nobody (a user thread may take it); USER: a
+user thread writes or reads; LOOP: it is being handed back to the loop.
+While the link is parked the loop thread touches neither the connection nor
+the link's bookkeeping (``fns``, ``in_flight``); every loop-thread path that
+would first calls :meth:`TcpLine.reclaim` and, if a user thread holds the
+link, :meth:`defer`\\s what it wanted to do until the link is handed back.
+"""
+from __future__ import annotations
+
+import math
+import os
+import select
+import threading
+import time
+from typing import Any
+
+from .. import protocol as P
+from ..errors import ConnectionClosed, ProtocolError
+from ..transport.lent import LentSocket
+
+__all__ = ["TcpLine"]
+
+_USER, _LOOP = "user", "loop"
+#: Functions a node keeps for a client; past that the unused ones are forgotten.
+NODE_FUNCTIONS = 1024
+_HEARTBEAT = P.encode(P.Heartbeat)  # (as it arrives: a fixed frame)
+
+
+class TcpLine:
+    """The client's direct calls over ``link`` (its only node link)."""
+
+    def __init__(self, client: Any, link: Any) -> None:
+        self.client, self.link = client, link
+        self.loop = client.loop
+        self.lock = threading.Lock()
+        self.lent: LentSocket | None = None  # while the link is parked
+        self.poller: Any = None
+        self.wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # the loop wants the link
+        self.job: Any = None  # the direct call in flight
+        self.owner: str | None = None
+        self.wanted = False  # the loop thread asked for the link back
+        self.closed = False
+        self.deferred: list[Any] = []  # loop-thread work waiting for the link
+        self._mid_read = False  # a user thread is decoding what it read
+
+    # ------------------------------------------------------------ user side
+
+    def free(self) -> bool:
+        """(a hint, without the lock) True if a call may go direct now."""
+        return self.lent is not None and self.job is None and self.owner is None \
+            and not self.closed
+
+    def start(self, job: Any) -> bool:
+        """Send ``job`` (a plain call, its future a DirectFuture on this line,
+        set running) on the parked link; False if the line is not free or the
+        link broke (the caller takes the normal path)."""
+        with self.lock:
+            if not self.free():
+                return False
+            self.job, self.owner = job, _USER
+        lent = self.lent
+        assert lent is not None
+        plan: tuple[Any, Any] = ([], [])
+        phase = 0  # 1: writing, 2: written (plain stores: an interrupt can't split them)
+        try:
+            plan = self._plan(job)
+            phase = 1
+            lent.send(plan[0])
+            phase = 2
+            self._count(job, plan[1])
+        except OSError as exc:  # the node is gone (or the socket broke mid-record)
+            self._cut_short(exc)
+            return False
+        except BaseException:  # (KeyboardInterrupt)
+            self._interrupted(job, lent, plan[1], phase)
+            raise
+        with self.lock:
+            if not (self.wanted or self.closed):
+                self.owner = None
+                return True
+            self.owner = _LOOP
+        self._in_loop(self._take_back, (), None)
+        return True
+
+    def _plan(self, job: Any) -> tuple[list[list[Any]], list[Any]]:
+        """(the owner) The messages for ``job`` (FORGET of functions no job
+        needs when the node holds too many, FUNC if the node lacks the
+        function, RUN) and the functions forgotten; nothing changed yet."""
+        fns, fn_id = self.link.fns, job.fn_id
+        messages = [[P.encode(P.Run, [P.run_item(job.id, fn_id, len(job.frames), 0, 1)]),
+                     *job.frames]]
+        if fn_id in fns:
+            return messages, []
+        messages.insert(0, [P.encode(P.Func, fn_id), job.blob])
+        drop = self.link.forgettable(NODE_FUNCTIONS * 3 // 4) \
+            if len(fns) >= NODE_FUNCTIONS else []
+        if drop:  # (as the loop thread's sends do)
+            messages.insert(0, [P.encode(P.Forget, drop)])
+        return messages, drop
+
+    def _count(self, job: Any, drop: list[Any]) -> None:
+        """(the owner, ``job`` sent) Its function is in flight on the link,
+        as the loop thread counts them; ``drop`` forgotten."""
+        self.link.forget(drop)
+        fns, fn_id = self.link.fns, job.fn_id
+        fns[fn_id] = fns.get(fn_id, 0) + 1
+        fns.move_to_end(fn_id)
+
+    def _interrupted(self, job: Any, lent: LentSocket, drop: list[Any], phase: int) -> None:
+        """(the owner) An interrupt while sending ``job``: if none of it
+        went, no call was made; if part of it went, the rest is written and
+        the call runs: the loop thread takes it (its future, which the
+        caller never got, resolves with nobody waiting); if that can't be
+        told, the connection ends (as for a lost node) and no call was made."""
+        went = phase == 2
+        if phase == 1:
+            nothing = lent.unsend()
+            if nothing is None:
+                self._cut_short(KeyboardInterrupt())
+                return
+            went = not nothing
+        if went:
+            try:
+                if phase == 1:
+                    lent.finish()
+                    self._count(job, drop)
+            except BaseException as again:
+                self._cut_short(again)
+                return
+        with self.lock:
+            if not went:
+                self.job = None
+            handback = went or self.wanted or self.closed
+            self.owner = _LOOP if handback else None
+        if handback:
+            self._in_loop(self._take_back, (), None)
+
+    def _cut_short(self, exc: BaseException) -> None:
+        """(the owner) The RUN did not go in full: the stream is cut in the
+        middle of a record, the connection ends (its jobs move on as for a
+        lost node); no call was made."""
+        with self.lock:
+            self.job, self.owner = None, _LOOP
+        self._in_loop(self._take_back, (), ConnectionClosed(
+            f"a direct call to node {self.link.name} was cut short: {exc!r}"))
+
+    def collect(self, future: Any, timeout: float | None) -> None:
+        """Read the answer to ``future``'s job here, within ``timeout``
+        (after which the loop thread reads on); nothing if it can't."""
+        handover: tuple[Any, Any] | None = ((), None)
+        with self.lock:
+            job = self.job
+            if job is None or job.future is not future or self.owner is not None:
+                return
+            self.owner = _USER
+            if self.wanted or self.closed:
+                self.owner = _LOOP
+                job = None
+        if job is not None:
+            handover = self._read(job, timeout)
+        if handover is not None:
+            self._in_loop(self._take_back, *handover)
+
+    def _read(self, job: Any, timeout: float | None) -> tuple[Any, Any] | None:
+        """(the owner) Read until ``job``'s DONE; None once it is finished
+        here, else what to hand the loop thread (messages, error) with the
+        line set to _LOOP."""
+        try:
+            outcome = self._wait_done(job, timeout)
+        except BaseException:  # (KeyboardInterrupt) mid-decode: the stream's state is lost
+            error = ConnectionClosed("interrupted while reading a direct call's answer") \
+                if self._mid_read else None
+            self._mid_read = False
+            with self.lock:
+                self.owner = _LOOP
+            self._in_loop(self._take_back, (), error)
+            raise
+        kind, frames, rest = outcome
+        if kind != "done":
+            with self.lock:
+                self.owner = _LOOP
+            return frames, rest
+        fns = self.link.fns
+        count = fns.get(job.fn_id)
+        if count:
+            fns[job.fn_id] = count - 1
+        with self.lock:
+            self.job = None
+            handback = bool(rest) or self.wanted or self.closed
+            self.owner = _LOOP if handback else None
+        self.client._direct_done(job, frames)
+        return (rest, None) if handback else None
+
+    def _wait_done(self, job: Any, timeout: float | None) -> tuple[str, Any, Any]:
+        """("done", DONE frames, [messages after it]) or ("other", [messages
+        for the loop thread], error or None)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller, lent, wake = self.poller, self.lent, self.wake
+        assert lent is not None
+        while True:
+            if deadline is None:
+                ms = -1
+            else:
+                ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            events = poller.poll(ms)
+            if not events:
+                if deadline is not None and ms == 0:
+                    return "other", (), None
+                continue
+            for fd, _ in events:
+                if fd == wake:
+                    return "other", (), None
+            self._mid_read = True
+            try:
+                messages = lent.receive()
+            except BlockingIOError:
+                self._mid_read = False
+                continue
+            except (OSError, ProtocolError) as exc:
+                self._mid_read = False
+                return "other", (), exc if isinstance(exc, ProtocolError) else None
+            self._mid_read = False
+            if messages is None:  # the end: the loop thread reads it too
+                return "other", (), None
+            found = self._sort(job, messages)
+            if found is not None:
+                return found
+
+    @staticmethod
+    def _sort(job: Any, messages: list[Any]) -> tuple[str, Any, Any] | None:
+        """Heartbeats dropped (their bytes are counted); the DONE of ``job``
+        alone: done; anything else goes to the loop thread, in order."""
+        kept = [frames for frames in messages if frames[0] != _HEARTBEAT]
+        if not kept:
+            return None
+        first = kept[0]
+        try:
+            msg = P.decode(first[0])
+        except ProtocolError:
+            return "other", kept, None
+        if type(msg) is P.Done and len(msg.results) == 1 and msg.results[0][0] == job.id:
+            return "done", first, kept[1:]
+        return "other", kept, None
+
+    def handoff(self, future: Any) -> None:
+        """Make sure ``future`` resolves with nobody reading in a user
+        thread: the loop thread takes the link back (any thread)."""
+        with self.lock:
+            job = self.job
+            if job is None or job.future is not future:
+                return
+            if self.owner is not None:
+                self.wanted = True  # its owner hands it over when done
+                if self.owner == _USER:
+                    os.eventfd_write(self.wake, 1)
+                return
+            self.owner = _LOOP
+        self._in_loop(self._take_back, (), None)
+
+    # ------------------------------------------------------------ loop side
+
+    def offer(self) -> None:
+        """(loop thread, the client going idle) Park the link once the
+        message being handled and those read with it are done."""
+        if self.lent is None and not self.closed:
+            self.loop.call_soon(self._park)
+
+    def _park(self) -> None:
+        """(loop thread) Park the link if the client is idle, the link its
+        only one and nothing is waiting on it."""
+        client = self.client
+        if self.lent is not None or self.closed or client._unfinished or client._incoming \
+                or self.deferred or not self._alone():
+            return
+        conn = self.link.conn
+        try:
+            sock = conn.lend()
+        except OSError:  # no descriptor left for the duplicate
+            return
+        if sock is None:
+            return
+        self.lent = LentSocket(conn, sock)
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), select.POLLIN)
+        self.poller.register(self.wake, select.POLLIN)
+        try:
+            os.eventfd_read(self.wake)  # (an old request)
+        except BlockingIOError:
+            pass
+        self.wanted = False
+
+    def _alone(self) -> bool:
+        link, net = self.link, self.client.net
+        return link.ready and not link.draining and link.conn is not None \
+            and not link.conn.closed and len(net.links) == 1 and net.links[0] is link \
+            and not net.rejoins and link.conn._budget is None
+
+    def reclaim(self) -> bool:
+        """(loop thread) The link is the loop thread's again: True at once,
+        or False if a user thread holds it (asked to hand it back; what the
+        caller wanted waits for that: :meth:`defer`)."""
+        with self.lock:
+            if self.lent is None:
+                return True
+            if self.owner is not None:
+                if self.owner == _USER:
+                    self.wanted = True
+                    os.eventfd_write(self.wake, 1)
+                return False
+            self.owner = _LOOP
+        self._take_back((), None)
+        return True
+
+    def defer(self, fn: Any) -> None:
+        """(loop thread) Call ``fn`` once the link is handed back."""
+        self.deferred.append(fn)
+
+    def cancel(self) -> None:
+        """(loop thread) Cancel the direct call in flight: as any job once
+        the link is the loop thread's (the call is one of its jobs then)."""
+        job = self.job
+        if job is None:
+            return
+        if self.reclaim():
+            self.client._cancel(job)
+        else:
+            self.defer(lambda: self.client._cancel(job))
+
+    def close(self) -> None:
+        """(loop thread, the client shutting down) No more direct calls."""
+        self.closed = True
+        self.reclaim()
+
+    async def settle(self, timeout: float = 5.0) -> None:
+        """(loop thread, closing) Wait until no user thread holds the link
+        (it was asked to hand it back; that takes a moment, except for a
+        user thread blocked writing to a node that stopped reading: then the
+        connection is aborted, its jobs failed as the node's)."""
+        import asyncio
+
+        end = self.loop.time() + timeout
+        while self.lent is not None and self.loop.time() < end:
+            self.reclaim()
+            if self.lent is not None:
+                await asyncio.sleep(0.001)
+        if self.lent is not None:
+            self.link.conn.abort()
+        os.close(self.wake)
+
+    def __del__(self) -> None:
+        if not self.closed:
+            try:
+                os.close(self.wake)
+            except OSError:
+                pass
+
+    def _take_back(self, messages: Any, error: BaseException | None) -> None:
+        """(loop thread, owner _LOOP) The link is the loop thread's again:
+        a call in flight becomes its job, ``messages`` (read by a user
+        thread) are delivered, ``error`` ends the connection."""
+        with self.lock:
+            job, self.job = self.job, None
+            lent, self.lent = self.lent, None
+            self.owner, self.wanted = None, False
+            deferred, self.deferred = self.deferred, []
+            self.poller = None
+        if lent is None:
+            return
+        lent.sock.close()
+        if job is not None:
+            self.client._direct_adopt(job, self.link, pinned=False)
+        self.link.conn.take_back(messages, error)
+        for fn in deferred:
+            self.loop.call_soon(fn)
+
+    def _in_loop(self, fn: Any, *args: Any) -> None:
+        """Call ``fn(*args)`` in the loop thread (closed loop: the client's
+        shutdown fails what is left)."""
+        if self.client.in_loop_thread():
+            fn(*args)
+            return
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the client closed meanwhile
+            pass
