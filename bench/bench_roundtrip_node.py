@@ -1,0 +1,59 @@
+"""Per-call round trips via a dpool-node (AES-GCM records) against
+mp.Pool.apply, interleaved in blocks of 200 calls; medians per call.
+
+    python bench/bench_roundtrip_node.py [--blocks 10]
+
+Under load a whole-run figure (bench_small's round trip) measures the
+machine's scheduler; medians of single calls, interleaved with the
+reference's, say more about what a call costs when both sides get a CPU.
+"""
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import time
+
+import _common  # noqa: F401  (this repository first on sys.path)
+import bench_small as b
+from dpool.futures import Executor
+
+
+def per_call(fn, n=200):
+    out = []
+    for i in range(n):
+        t = time.perf_counter()
+        fn(i)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--blocks", type=int, default=10)
+    args = ap.parse_args()
+    proc, port = b.start_node()
+    try:
+        ex = Executor(2, nodes=[("127.0.0.1", port)], secret=b.SECRET)
+        pool = mp.Pool(2)
+        for i in range(100):
+            ex.submit(abs, i).result()
+            pool.apply(abs, (i,))
+        ours, ref = [], []
+        for _ in range(args.blocks):
+            ours += per_call(lambda i: ex.submit(abs, i).result())
+            ref += per_call(lambda i: pool.apply(abs, (i,)))
+        mo, mr = (statistics.median(x) * 1e6 for x in (ours, ref))
+        print(f"python bench/bench_roundtrip_node.py --blocks {args.blocks}  "
+              f"(load average {os.getloadavg()[0]:.1f})")
+        print(f"Executor via a node {mo:.0f} us, mp.Pool.apply {mr:.0f} us per call (medians): "
+              f"ratio {mo / mr:.2f} (target <= 1.0)")
+        ex.shutdown()
+        pool.close()
+        pool.join()
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    main()
