@@ -106,27 +106,32 @@ class CpuMeter:
         if sched is not None:
             self.parts["scheduler"] = [psutil.Process(sched.pid)]
 
-    def _sample(self):
+    def _sample(self, kernel=False):
         used = {}
         for part, procs in self.parts.items():
-            used[part] = sum(_cpu(proc) for proc in procs)
-        used["workers"] = sum(_cpu(child) for proc in self.parts["nodes"]
+            used[part] = sum(_cpu(proc, kernel) for proc in procs)
+        used["workers"] = sum(_cpu(child, kernel) for proc in self.parts["nodes"]
                               for child in proc.children(recursive=True))
         return used
 
     def start(self):
-        self.before = self._sample()
+        self.before, self.before_kernel = self._sample(), self._sample(kernel=True)
 
     def stop(self):
-        after = self._sample()
+        after, kernel = self._sample(), self._sample(kernel=True)
         self.used = {part: after[part] - self.before.get(part, 0.0) for part in after}
+        self.kernel = {part: kernel[part] - self.before_kernel.get(part, 0.0) for part in kernel}
 
 
-def _cpu(proc):
+def _cpu(proc, kernel=False):
+    """CPU seconds of ``proc`` and its reaped children; with ``kernel``, only
+    the system (kernel) part."""
     try:
         times = proc.cpu_times()
     except psutil.Error:
         return 0.0
+    if kernel:
+        return times.system + times.children_system
     return times.user + times.system + times.children_user + times.children_system
 
 
@@ -143,7 +148,8 @@ def phases(ends, submitted, seconds, cpus):
 
 
 def report_cpu(meter, jobs):
-    parts = ", ".join(f"{part} {1e6 * used / jobs:.0f}" for part, used in meter.used.items())
+    parts = ", ".join(f"{part} {1e6 * used / jobs:.0f} ({1e6 * meter.kernel[part] / jobs:.0f} "
+                      f"kernel)" for part, used in meter.used.items())
     print(f"  (CPU per job, us: {parts}; total {1e6 * sum(meter.used.values()) / jobs:.0f})",
           flush=True)
 

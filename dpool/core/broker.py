@@ -104,6 +104,9 @@ class ClientSession(P.Served):
         self.ended = False
         self.kept: Kept | None = None  # while detached (gone, recoverable): its results
         self.counts: collections.Counter = collections.Counter()
+        # Done messages from the nodes not passed on yet: (results, frames)
+        # each; those of one pass of the loop go to the client as one (flush).
+        self.out: list[tuple[list, list]] = []
         self.handlers = {P.Session: self.on_session, P.Func: self.on_func, P.Run: self.on_run,
                          P.Cancel: self.on_cancel, P.Bye: self.on_bye, P.Forget: self.on_forget,
                          P.File: self.env.on_file, P.Setup: self.env.on_setup,
@@ -371,7 +374,9 @@ class ClientSession(P.Served):
         self.counts["done"] += len(msg.results)
         if self.limit < 1 << 62 or self.calls.caps:
             self.sync()
-        self.tell(frames)
+        if not self.out:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.out.append((msg.results, frames))
         self.broker.place_soon()
 
     def on_leg_closed(self, leg: Link, exc: BaseException | None) -> None:
@@ -420,7 +425,32 @@ class ClientSession(P.Served):
 
     # ------------------------------------------------------------- to the client
 
+    def flush(self) -> None:
+        """Pass on the results that came from the nodes in the last pass of
+        the loop: one Done message for them all (as the node sent it, if it
+        is the only one), so that the client reads one message, not one per
+        node (the scheduler's share of the path's CPU per job)."""
+        out, self.out = self.out, []
+        if self.ended:
+            return
+        if len(out) == 1:
+            self._tell(out[0][1])
+        elif out:
+            results: list = []
+            payload: list = []
+            for records, frames in out:
+                results += records
+                payload += frames[1:]
+            self._tell([P.encode(P.Done, results), *payload])
+
     def tell(self, frames: list) -> None:
+        """Send a message to the client (or keep it, while detached): after
+        the results waiting to be passed on, so that the order holds."""
+        if self.out:
+            self.flush()
+        self._tell(frames)
+
+    def _tell(self, frames: list) -> None:
         if self.kept is not None:  # gone, recoverable: its results are kept
             if not self.kept.add(frames):
                 self.end("more results than the scheduler may keep for the clients gone")

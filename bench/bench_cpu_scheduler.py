@@ -1,0 +1,229 @@
+"""Instructions per job in every process on the path through dpool-scheduler.
+
+    python bench/bench_cpu_scheduler.py [--nodes 1] [--cpus 4] [--jobs 400]
+                                        [--seconds 0.05] [--nodes-list] [REV ...]
+    python bench/bench_cpu_scheduler.py --profile [...]
+
+For each REV (a git revision; default: the working tree only; exported as
+bench/bench_cpu_per_job.py does) ``--nodes`` ``dpool-node``s (``--cpus``
+workers each, on 127.0.0.2, .3, ...), a ``dpool-scheduler`` over them and a
+client (an ``Executor`` given the scheduler's address; with
+``--nodes-list``, given the nodes instead, and no scheduler) each run under
+``valgrind --tool=callgrind`` (the nodes' zygotes too), and the client runs
+``time.sleep(--seconds)`` jobs: a warm-up, then ``BASE`` jobs, or
+``BASE + --jobs``.  The figure per process is the difference of the two
+runs' instruction counts over ``--jobs``: client, scheduler, nodes (the
+daemons, summed), zygotes.  The workers are not counted (their node kills
+them at its end, before valgrind writes their counts; bench_scheduler.py's
+CPU times put them at a sixth of the path's CPU).  Instruction counts
+barely move with the machine's load: the figure to compare CPU per job on
+a shared machine (``bench/bench_scheduler.py`` gives the wall time).  But
+every process is ~50x slower under valgrind, so more messages wait per
+pass of each loop than at full speed: a cut that batches messages shows
+larger here than it is.  The handshake deadline of the daemons is raised
+for the run.  ``--profile``: no valgrind, one run of ``--jobs``, and the
+cProfile of the scheduler and of the first node printed.
+"""
+import argparse
+import glob
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from bench_cpu_per_job import export  # noqa: E402
+
+BASE = 100
+ROOT_TREE = os.path.dirname(HERE)
+
+# A daemon under valgrind answers a handshake far slower than the 3 s the
+# other side allows: the deadline is raised (nothing else is changed).
+DAEMON = r"""
+import sys
+import dpool.transport.tcp as tcp
+tcp.start_server.__kwdefaults__["auth_timeout"] = 600.0
+from dpool.daemons import {module} as daemon
+sys.argv[0] = "{module}"
+profile = {profile!r}
+if profile:
+    import cProfile
+    prof = cProfile.Profile()
+    prof.enable()
+try:
+    daemon.main()
+finally:
+    if profile:
+        prof.disable()
+        prof.dump_stats(profile)
+"""
+
+CLIENT = r"""
+import sys, time
+from dpool.futures import Executor
+
+address, cpus, jobs, seconds, mode = sys.argv[1:6]
+cpus, jobs, seconds = int(cpus), int(jobs), float(seconds)
+kwargs = {"scheduler": address} if mode == "scheduler" else {"nodes": address}
+with Executor(**kwargs) as ex:
+    deadline = time.monotonic() + 600
+    while sum(link.cpus for link in ex._client.nodes()) < cpus:
+        assert time.monotonic() < deadline, "the node did not join"
+        time.sleep(0.2)
+    for f in [ex.submit(time.sleep, seconds) for _ in range(2 * cpus)]:
+        f.result()
+    for f in [ex.submit(time.sleep, seconds) for _ in range(jobs)]:
+        f.result()
+print("done", flush=True)
+"""
+
+
+PROFILE = False  # --profile: cProfile instead of valgrind
+
+
+def valgrind(out_dir, name, trace_children=False):
+    if PROFILE:
+        return [sys.executable]
+    return ["valgrind", "--tool=callgrind", f"--trace-children={'yes' if trace_children else 'no'}",
+            f"--callgrind-out-file={out_dir}/{name}.%p", os.path.realpath(sys.executable)]
+
+
+def listen_line(path, proc, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path, "rb") as f:
+            text = f.read().decode(errors="replace")
+        if "\n" in text:
+            line = text.split("\n", 1)[0]
+            return int(line.rsplit(" (pid", 1)[0].rsplit(":", 1)[1])
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited: {text}")
+        time.sleep(0.2)
+    raise RuntimeError(f"{proc.args} did not start")
+
+
+def daemon(tree, env, out_dir, module, args, name, trace_children=False):
+    out = os.path.join(out_dir, f"{name}.stdout")
+    with open(out, "wb") as o, open(os.path.join(out_dir, f"{name}.stderr"), "wb") as e:
+        proc = subprocess.Popen(valgrind(out_dir, name, trace_children)
+                                + ["-c", DAEMON.format(
+                                    module=module,
+                                    profile=os.path.join(out_dir, f"{name}.prof") if PROFILE else ""), *args],
+                                stdout=o, stderr=e, env=env, cwd=tree)
+    return proc, listen_line(out, proc)
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def totals(path):
+    """The instruction count in one callgrind output file."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    return 0
+
+
+def one_run(tree, args, jobs):
+    """Instructions per part for a run of ``jobs`` (after the warm-up)."""
+    env = dict(os.environ, PYTHONPATH=tree, DPOOL_SECRET=secrets.token_hex(16),
+               DPOOL_CONNECT_TIMEOUT="600")
+    with tempfile.TemporaryDirectory() as out_dir:
+        nodes, addresses, sched = [], [], None
+        try:
+            for k in range(args.nodes):
+                node, port = daemon(tree, env, out_dir, "node",
+                                    ["--host", f"127.0.0.{k + 2}", "--port", "0",
+                                     "--cpus", str(args.cpus), "--loglevel", "WARNING"],
+                                    f"node{k}", trace_children=True)
+                nodes.append(node)
+                addresses.append(f"127.0.0.{k + 2}:{port}")
+            address = ",".join(addresses)
+            mode = "nodes" if args.nodes_list else "scheduler"
+            if not args.nodes_list:
+                sched, port = daemon(tree, env, out_dir, "scheduler",
+                                     ["--port", "0", "--nodes", address, "--loglevel", "WARNING"],
+                                     "scheduler")
+                address = f"127.0.0.1:{port}"
+            subprocess.run(valgrind(out_dir, "client") + [
+                "-c", CLIENT, address, str(args.nodes * args.cpus), str(jobs), str(args.seconds), mode],
+                env=env, cwd=tree, check=True, capture_output=True, timeout=3600)
+        finally:
+            if sched is not None:
+                stop(sched)
+            for node in nodes:
+                stop(node)
+        if PROFILE:
+            show_profiles(out_dir)
+            return {}
+        # (the workers are SIGKILLed when their node stops: they leave no
+        # counts; the zygotes' are counted, as "zygotes")
+        parts = {"client": 0, "scheduler": 0, "nodes": 0, "zygotes": 0}
+        daemons = {node.pid for node in nodes}
+        for path in glob.glob(os.path.join(out_dir, "*.[0-9]*")):
+            name, pid = os.path.basename(path).rsplit(".", 1)
+            if name.startswith("node"):
+                name = "nodes" if int(pid) in daemons else "zygotes"
+            parts[name] += totals(path)
+        return parts
+
+
+def show_profiles(out_dir):
+    import pstats
+
+    for name in ("scheduler", "node0"):
+        path = os.path.join(out_dir, f"{name}.prof")
+        if os.path.exists(path):
+            print(f"==== {name}")
+            pstats.Stats(path).sort_stats("tottime").print_stats(25)
+
+
+def per_job(tree, args):
+    small, large = one_run(tree, args, BASE), one_run(tree, args, BASE + args.jobs)
+    return {part: (large[part] - small[part]) / args.jobs for part in small}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("revs", nargs="*", default=["WORKTREE"])
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--cpus", type=int, default=4)
+    ap.add_argument("--jobs", type=int, default=400)
+    ap.add_argument("--seconds", type=float, default=0.05)
+    ap.add_argument("--nodes-list", action="store_true",
+                    help="the client given the node, no scheduler")
+    ap.add_argument("--profile", action="store_true",
+                    help="no valgrind: print each daemon's cProfile (one run of --jobs)")
+    args = ap.parse_args()
+    if args.profile:
+        global PROFILE
+        PROFILE = True
+        return one_run(ROOT_TREE, args, args.jobs)
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = [export(rev, tmp) for rev in args.revs]
+        rows = [per_job(tree, args) for tree in trees]
+    print(f"{args.jobs} jobs of sleep({args.seconds}), {args.nodes} nodes x {args.cpus} CPUs, "
+          f"{'node list' if args.nodes_list else 'through dpool-scheduler'}: callgrind "
+          f"instructions per job (thousands), load {os.getloadavg()[0]:.1f}")
+    print(f"  {'':>12}  " + "  ".join(f"{part:>9}" for part in rows[0]) + "      total")
+    for rev, row in zip(args.revs, rows):
+        print(f"  {rev:>12}  " + "  ".join(f"{v / 1000:9.1f}" for v in row.values())
+              + f"  {sum(row.values()) / 1000:9.1f}")
+    print("command: python bench/bench_cpu_scheduler.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
