@@ -27,7 +27,6 @@ cProfile of the scheduler and of the first node printed.
 import argparse
 import glob
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -90,7 +89,8 @@ PROFILE = False  # --profile: cProfile instead of valgrind
 def valgrind(out_dir, name, trace_children=False):
     if PROFILE:
         return [sys.executable]
-    return ["valgrind", "--tool=callgrind", f"--trace-children={'yes' if trace_children else 'no'}",
+    children = "yes" if trace_children else "no"
+    return ["valgrind", "--tool=callgrind", f"--trace-children={children}",
             f"--callgrind-out-file={out_dir}/{name}.%p", os.path.realpath(sys.executable)]
 
 
@@ -111,10 +111,9 @@ def listen_line(path, proc, timeout=600):
 def daemon(tree, env, out_dir, module, args, name, trace_children=False):
     out = os.path.join(out_dir, f"{name}.stdout")
     with open(out, "wb") as o, open(os.path.join(out_dir, f"{name}.stderr"), "wb") as e:
+        profile = os.path.join(out_dir, f"{name}.prof") if PROFILE else ""
         proc = subprocess.Popen(valgrind(out_dir, name, trace_children)
-                                + ["-c", DAEMON.format(
-                                    module=module,
-                                    profile=os.path.join(out_dir, f"{name}.prof") if PROFILE else ""), *args],
+                                + ["-c", DAEMON.format(module=module, profile=profile), *args],
                                 stdout=o, stderr=e, env=env, cwd=tree)
     return proc, listen_line(out, proc)
 
