@@ -157,8 +157,9 @@ def one_run(tree, args, jobs):
                                      ["--port", "0", "--nodes", address, "--loglevel", "WARNING"],
                                      "scheduler")
                 address = f"127.0.0.1:{port}"
+            cpus = args.nodes * args.cpus
             subprocess.run(valgrind(out_dir, "client") + [
-                "-c", CLIENT, address, str(args.nodes * args.cpus), str(jobs), str(args.seconds), mode],
+                "-c", CLIENT, address, str(cpus), str(jobs), str(args.seconds), mode],
                 env=env, cwd=tree, check=True, capture_output=True, timeout=3600)
         finally:
             if sched is not None:

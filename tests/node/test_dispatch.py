@@ -7,8 +7,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from dpool.protocol import Call, Outcome, RunItem
 from dpool.errors import WorkerLost
-from dpool.node.dispatch import (HOLD_MAX, MAX_DEPTH, Dispatcher, Forget, Kill, LoadFunction, Report, Run,
-                                 Worker)
+from dpool.node.dispatch import (HOLD_MAX, MAX_DEPTH, Dispatcher, Forget, Kill, LoadFunction,
+                                 Report, Run, Worker)
 
 
 def job(job_id, fn_id=1):
