@@ -131,7 +131,8 @@ class Finder:
                                  listen_port=s.listen_port, ping_to=s.ping_to,
                                  multicast=s.multicast)
         await self.seeker.start()
-        self._pinger = asyncio.get_running_loop().create_task(self._ping_loop())
+        self._pinger = asyncio.get_running_loop().create_task(
+            udp.at_times(PING_AT, self.ping, every=PING_EVERY, then=self._ping_again))
 
     def add(self, patterns: Iterable[tuple[str, int]]) -> None:
         """Look for more patterns (dispy's discover_nodes), pinging at once."""
@@ -152,16 +153,9 @@ class Finder:
         for port in self.settings.ports():
             self.seeker.ping(self.seeker.targets_at(port))
 
-    async def _ping_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        for at in PING_AT:
-            await asyncio.sleep(max(0.0, start + at - loop.time()))
-            self.ping()
-        while True:
-            await asyncio.sleep(PING_EVERY)
-            self.forget_old()
-            self.ping()
+    def _ping_again(self) -> None:
+        self.forget_old()
+        self.ping()
 
     def _on_found(self, found: udp.Found, again: bool = False) -> None:
         address = found.address

@@ -159,7 +159,8 @@ class Relay(udp.Seeker):
         await super().start()
         self._client_side = await self._open(self.host, self.relay_port)
         self.relay_port = self._client_side.get_extra_info("sockname")[1]
-        self._pinger_task = asyncio.get_running_loop().create_task(self._ping_loop())
+        self._pinger_task = asyncio.get_running_loop().create_task(
+            udp.at_times(PING_AT, self.ping_subnet, every=self.interval))
         return self
 
     def close(self) -> None:
@@ -186,16 +187,6 @@ class Relay(udp.Seeker):
             self.ping()
         except (OSError, ValueError) as exc:
             log.warning("cannot ping the subnet: %s (trying again at the next ping)", exc)
-
-    async def _ping_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        for at in PING_AT:
-            await asyncio.sleep(max(0.0, start + at - loop.time()))
-            self.ping_subnet()
-        while True:
-            await asyncio.sleep(self.interval)
-            self.ping_subnet()
 
     def _heard(self, found: udp.Found) -> None:
         """A verified ANNOUNCE or PONG from the subnet."""

@@ -34,7 +34,7 @@ from . import discovery as D
 from .netaddr import interface_addresses, interfaces_with_ipv6
 from .rejections import RejectionLog
 
-__all__ = ["Responder", "Seeker", "Found", "broadcast_targets", "LISTEN_PORT"]
+__all__ = ["Responder", "Seeker", "Found", "broadcast_targets", "LISTEN_PORT", "at_times"]
 
 log = logging.getLogger("dpool.discovery")
 
@@ -47,6 +47,22 @@ LOOPBACK_BROADCAST = "127.255.255.255"
 ANNOUNCE_AT = (0.0, 0.5, 1.5, 4.0)
 
 Address = tuple[str, int]
+
+
+async def at_times(times: Iterable[float], action: Callable[[], None],
+                   every: float | None = None, then: Callable[[], None] | None = None) -> None:
+    """Call ``action`` at each of ``times`` (seconds from now); then, with
+    ``every``, call ``then`` (default ``action``) every ``every`` seconds
+    until cancelled.  The schedule of pings and announcements: UDP may drop
+    any one of them."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for at in times:
+        await asyncio.sleep(max(0.0, start + at - loop.time()))
+        action()
+    while every is not None:
+        await asyncio.sleep(every)
+        (then or action)()
 
 
 def _is_wildcard(host: str) -> bool:
@@ -241,7 +257,7 @@ class Responder(_Endpoint):
         except BaseException:
             self.close()
             raise
-        self._announcer = asyncio.get_running_loop().create_task(self._announce())
+        self._announcer = asyncio.get_running_loop().create_task(at_times(ANNOUNCE_AT, self.announce))
         return self
 
     async def _open_multicast(self) -> None:
@@ -289,13 +305,6 @@ class Responder(_Endpoint):
         if local is None:
             return body
         return dict(body, addrs=[local, *(a for a in addrs if a != local)][:4])
-
-    async def _announce(self) -> None:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        for at in ANNOUNCE_AT:
-            await asyncio.sleep(max(0.0, start + at - loop.time()))
-            self.announce()
 
     def handle(self, msg: D.Message, addr: Address, transport: asyncio.DatagramTransport
                ) -> None:
