@@ -9,6 +9,8 @@ import signal
 
 from .. import serialize
 
+log = logging.getLogger("dpool")
+
 
 def port(text):
     """An argparse type: a port number, 0 to 65535."""
@@ -99,3 +101,17 @@ async def until_first(*coros):
     await asyncio.gather(*pending, return_exceptions=True)
     for task in done:
         task.result()
+
+
+async def serve_until_stopped(service, grace, stop, drain):
+    """Serve until ``stop`` (SIGINT, a second SIGTERM); ``drain`` (the first
+    SIGTERM) drains ``service`` for up to ``grace`` s first; then close it."""
+    try:
+        await until_first(stop.wait(), drain.wait())
+        if not stop.is_set():
+            log.info("SIGTERM: draining (a second SIGTERM or SIGINT stops at once)")
+            await until_first(stop.wait(), service.drain(grace))
+        if stop.is_set():
+            log.info("stopping now")
+    finally:
+        await service.close()

@@ -163,15 +163,7 @@ async def _serve(server, grace):
           flush=True)
     log.info("serving %d CPUs on %s:%s (pid %d)", server.cpus, server.host, server.port,
              os.getpid())
-    try:
-        await common.until_first(stop.wait(), drain.wait())
-        if not stop.is_set():
-            log.info("SIGTERM: draining (a second SIGTERM or SIGINT stops at once)")
-            await common.until_first(stop.wait(), server.drain(grace))
-        if stop.is_set():
-            log.info("stopping now")
-    finally:
-        await server.close()
+    await common.serve_until_stopped(server, grace, stop, drain)
 
 
 if __name__ == "__main__":

@@ -25,15 +25,11 @@ certificate for nodes that require one (as a client's cafile/certfile/keyfile).
 import asyncio
 import logging
 import os
-import secrets
 import sys
 
 from .. import config
-from ..core import discover
-from ..core.broker import Broker
-from ..core.client import tls_context
-from ..transport import server_ssl_context
-from ..hosts import is_loopback, parse_address
+from ..core import schedsetup
+from ..hosts import is_loopback
 from . import common
 from .node import GRACE
 
@@ -79,79 +75,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def node_list(text):
-    """``"a:1,b"`` -> [("a", 1), ("b", NODE_PORT)]; ValueError when empty or bad.
-    Patterns (``*``, ``10.77.*``) are included: see :func:`split_patterns`."""
-    nodes = [parse_address(part.strip(), config.NODE_PORT)
-             for part in text.split(",") if part.strip()]
-    if not nodes:
-        raise ValueError("no nodes given: --nodes HOST[:PORT],... or a pattern such as '*' "
-                         "(or $DPOOL_NODES)")
-    return nodes
-
-
-def split_patterns(nodes):
-    """(addresses, patterns) of :func:`node_list`'s nodes."""
-    return ([n for n in nodes if not discover.is_pattern(n[0])],
-            [n for n in nodes if discover.is_pattern(n[0])])
-
-
-def discovery_for(patterns, secret):
-    """The scheduler's discovery settings (``$DPOOL_DISCOVER_TO`` and
-    ``$DPOOL_ANNOUNCE_PORT`` as for a client), or None without patterns."""
-    if not patterns:
-        return None
-    return discover.settings(patterns, secret, patterns[0][1])
-
-
-def find_secret(args, nodes):
-    """The secret (bytes), or raise ValueError saying how to give one."""
-    if args.secret_file:
-        return config.read_secret_file(args.secret_file)
-    secret = config.env_secret()
-    if secret:
-        return secret
-    if is_loopback(args.host):
-        try:  # loopback nodes leave theirs in ~/.dpool
-            return config.secret_for(None, nodes)
-        except ValueError:
-            return secrets.token_hex(32).encode()
-    raise ValueError(f"refusing to listen on {args.host} without a secret: set "
-                     f"DPOOL_SECRET or --secret-file PATH (the nodes' secret)")
-
-
-def tls_contexts(args):
-    """(towards the clients, towards the nodes): TLS contexts or None."""
-    if (args.keyfile or args.cafile) and not args.certfile:
-        raise ValueError("--keyfile and --cafile need --certfile")
-    ssl = server_ssl_context(args.certfile, args.keyfile, cafile=args.cafile,
-                             require_client_cert=bool(args.cafile)) if args.certfile else None
-    if args.node_keyfile and not args.node_certfile:
-        raise ValueError("--node-keyfile needs --node-certfile")
-    return ssl, tls_context(args.node_cafile, args.node_certfile, args.node_keyfile)
-
-
 def main(argv=None):
     args = parse_args(argv)
     common.start_logging(args)
+    tls = {key: getattr(args, key) for key in ("certfile", "keyfile", "cafile", "node_certfile",
+                                               "node_keyfile", "node_cafile")}
+    options = {} if args.keep_results is None else {"keep_results": args.keep_results}
     try:
-        nodes, patterns = split_patterns(node_list(args.nodes))
-        if patterns and not args.secret_file and not config.env_secret():
-            raise ValueError(f"discovering nodes ({args.nodes}) needs their secret: set "
-                             f"DPOOL_SECRET or --secret-file PATH")
-        secret = find_secret(args, nodes)
-        found = discovery_for(patterns, secret)
-    except (OSError, ValueError) as exc:
+        broker = schedsetup.make_broker(args.nodes, args.host, args.secret_file, tls,
+                                        name=args.name, fifo=args.fifo,
+                                        receive_budget=args.receive_budget, **options)
+    except schedsetup.SetupError as exc:
         print(f"dpool-scheduler: {exc}", file=sys.stderr)
         return 2
-    try:
-        ssl, node_ssl = tls_contexts(args)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        print(f"dpool-scheduler: cannot set up TLS: {exc}", file=sys.stderr)
-        return 2
-    broker = Broker(nodes, secret=secret, name=args.name, fifo=args.fifo, ssl=ssl,
-                    node_ssl=node_ssl, receive_budget=args.receive_budget, discovery=found,
-                    **({} if args.keep_results is None else {"keep_results": args.keep_results}))
     try:
         asyncio.run(_serve(broker, args))
     except KeyboardInterrupt:
@@ -165,27 +101,10 @@ def main(argv=None):
 
 async def _serve(broker, args):
     stop, drain = common.drain_signals()
-    try:
-        await broker.start(args.host, args.port)
-        if is_loopback(args.host) and not args.secret_file and not config.env_secret():
-            config.write_local_secret(broker.port, broker.secret)
-    except BaseException:
-        await broker.close()
-        raise
-    ready = broker.ready_nodes()
-    print(f"dpool-scheduler: {len(ready)} of {len(broker.ports)} nodes ready, "
-          f"{broker.total_cpus()} CPUs, on {args.host}:{broker.port} (pid {os.getpid()})",
-          flush=True)
-    log.info("listening on %s:%s: %d of %d nodes ready (%d CPUs)", args.host, broker.port,
-             len(ready), len(broker.ports), broker.total_cpus())
-    try:
-        await common.until_first(stop.wait(), drain.wait())
-        if not stop.is_set():
-            log.info("SIGTERM: draining (a second SIGTERM or SIGINT stops at once)")
-            await common.until_first(stop.wait(), broker.drain(args.grace))
-    finally:
-        await broker.close()
-        log.info("scheduler shut down")
+    local_secret = is_loopback(args.host) and not args.secret_file and not config.env_secret()
+    await schedsetup.start(broker, args.host, args.port, local_secret)
+    await common.serve_until_stopped(broker, args.grace, stop, drain)
+    log.info("scheduler shut down")
 
 
 if __name__ == "__main__":

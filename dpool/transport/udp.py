@@ -257,7 +257,8 @@ class Responder(_Endpoint):
         except BaseException:
             self.close()
             raise
-        self._announcer = asyncio.get_running_loop().create_task(at_times(ANNOUNCE_AT, self.announce))
+        self._announcer = asyncio.get_running_loop().create_task(
+            at_times(ANNOUNCE_AT, self.announce))
         return self
 
     async def _open_multicast(self) -> None:
