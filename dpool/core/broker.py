@@ -854,7 +854,9 @@ class Broker:
         cpus = self.total_cpus()
         return {"name": self.name, "scheduler": True, "pid": os.getpid(), "cpus": cpus,
                 "free_cpus": max(0, cpus - running), "sessions": len(self.clients),
-                "running": running, "queued": queued, "kept": 0,
+                "running": running, "queued": queued,
+                # sessions kept for recover_jobs (as a node's "kept"), and their results
+                "kept": len(self.detached), "kept_results": self.keeping.results,
                 "nodes": [{"name": port.name, "cpus": port.cpus, "busy": port.busy,
                            "ready": port.ready} for port in self.ports]}
 
