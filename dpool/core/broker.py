@@ -63,6 +63,9 @@ LEG_WAIT = 5.0
 #: told to wait for the others, so that it gets in once they are done (it
 #: asks again every BUSY_POLL s, core/client.py).
 EXCLUSIVE_QUEUE = 2.0
+#: Seconds over which changes to a client's nodes (joined, lost) are
+#: gathered into one Ready (ClientSession.tell_ready_soon).
+READY_COALESCE = 0.1
 _ENV = (P.SetupDone, P.SetupFail, P.FileDone)  # the computation's (computation.py)
 _PASSED_ON = (P.Provisional, P.SendFile)
 
@@ -96,7 +99,8 @@ class ClientSession(P.Served):
         self.weight = 1.0
         self.limit = 1 << 62
         self.told_cpus = 0  # the CPUs the last Ready announced (0: none sent yet)
-        self.told_nodes: list[NodePort] = []  # the nodes it listed (usable legs)
+        self.told_nodes: dict[NodePort, dict] = {}  # the nodes it was told of (usable legs)
+        self._ready_timer: asyncio.TimerHandle | None = None  # tell_ready_soon
         # Jobs pinned to a node (dispy's submit_node): job id -> the node's
         # host, while queued or placed; host -> its queued job ids, in order.
         self.pin_of: dict[int, str] = {}
@@ -173,17 +177,50 @@ class ClientSession(P.Served):
 
     def tell_ready(self) -> None:
         """Ready: the scheduler's CPUs (up to the client's ``cpus``) and the
-        nodes its jobs may run on now (``nodes``: host, port, name, cpus).
-        Sent again when nodes join, so the client sends jobs for those CPUs
-        too, and when that list changes (never announcing fewer CPUs: the
-        client's jobs would wait in the client instead of failing here)."""
+        nodes its jobs may run on now: the first lists them (``nodes``:
+        host, port, name, cpus), the later ones say what changed
+        (``nodes_added``, ``nodes_removed``; core.client.ready_info).  Sent
+        again when nodes join, so the client sends jobs for those CPUs too,
+        and when that list changes (never announcing fewer CPUs: the
+        client's jobs would wait in the client instead of failing here),
+        at most every READY_COALESCE s (tell_ready_soon), and before any
+        other message to the client, so that it never hears of a job or a
+        setup before the nodes it concerns."""
+        self._ready_timer = None
+        if self.ended:
+            return
+        first = not self.told_cpus
         info = self.broker.info()
         cpus = max(min(info["cpus"], self.limit), self.told_cpus)
+        entries = self.node_entries()
+        if first:
+            info["nodes"] = list(entries.values())
+        else:
+            del info["nodes"]
+            info["nodes_added"] = [entry for port, entry in entries.items()
+                                   if self.told_nodes.get(port) != entry]
+            info["nodes_removed"] = [[port.host, port.port] for port in self.told_nodes
+                                     if port not in entries]
+            if cpus == self.told_cpus and not info["nodes_added"] \
+                    and not info["nodes_removed"]:
+                return  # nothing new
         info["cpus"] = info["free_cpus"] = self.told_cpus = cpus
-        self.told_nodes = self.usable_ports()
-        info["nodes"] = [dict(_node_entry(port), cpus=self.calls.cpus_on(port))
-                         for port in self.told_nodes]
+        self.told_nodes = entries
         self.tell([P.encode(P.Ready, info)])
+
+    def node_entries(self) -> dict[NodePort, dict]:
+        """The nodes its jobs may run on now, as Ready lists them (the CPUs
+        of each it may use: set_node_cpus, nodecalls.py)."""
+        return {port: dict(_node_entry(port), cpus=self.calls.cpus_on(port))
+                for port in self.usable_ports()}
+
+    def tell_ready_soon(self) -> None:
+        """Ready again, once, READY_COALESCE s from now: nodes joining in a
+        burst (a scheduler's start, discovery) make one message, not one
+        each (with thousands of nodes, one each of every node is quadratic)."""
+        if self._ready_timer is None and self.told_cpus and not self.ended:
+            self._ready_timer = asyncio.get_running_loop().call_later(READY_COALESCE,
+                                                                      self.tell_ready)
 
     def on_func(self, msg: Any, frames: list) -> None:
         self.fns[msg.fn_id] = frames[1]
@@ -281,8 +318,10 @@ class ClientSession(P.Served):
         unfinished = [*self.placed, *self.pending]
         log.info("%s: recovered by %s: %d results kept, %d jobs unfinished", self, conn.peer,
                  len(kept.job_ids), len(unfinished))
+        self.told_nodes = self.node_entries()
         self.tell([P.encode(P.Ready, dict(self.broker.info(), recovered=True,
-                                          kept=kept.job_ids, pending=unfinished))])
+                                          kept=kept.job_ids, pending=unfinished,
+                                          nodes=list(self.told_nodes.values())))])
         for frames in kept.messages:
             self.tell(frames)
         if terminate and unfinished:
@@ -451,6 +490,9 @@ class ClientSession(P.Served):
         self._tell(frames)
 
     def _tell(self, frames: list) -> None:
+        if self._ready_timer is not None:  # a change of its nodes goes first (SetupDone...)
+            self._ready_timer.cancel()
+            self.tell_ready()
         if self.kept is not None:  # gone, recoverable: its results are kept
             if not self.kept.add(frames):
                 self.end("more results than the scheduler may keep for the clients gone")
@@ -503,8 +545,8 @@ class ClientSession(P.Served):
             return
         usable = self.usable_ports()
         self.broker.fair.add_client(self, self.weight, nodes=self.calls.placeable(usable))
-        if self.told_cpus and usable != self.told_nodes:
-            self.tell_ready()
+        if self.told_cpus and usable != list(self.told_nodes):
+            self.tell_ready_soon()
 
     def usable_ports(self) -> list[NodePort]:
         return [port for port in self.legs if self.usable(port) is not None]
@@ -603,6 +645,8 @@ class ClientSession(P.Served):
             broker.detached.pop(self.options["recover_token"], None)
             log.warning("%s: %s; discarding %d kept results and %d unfinished jobs", self,
                         why, len(self.kept.job_ids), len(self.placed) + len(self.pending))
+        if self._ready_timer is not None:
+            self._ready_timer.cancel()
         broker.watch.discard(self.conn)
         broker.fair.remove_client(self)
         broker.clients.discard(self)
@@ -724,7 +768,7 @@ class Broker:
             if client.options:
                 client.open_leg(port)
             if client.told_cpus and min(self.total_cpus(), client.limit) > client.told_cpus:
-                client.tell_ready()   # more CPUs than it was told: it may send more jobs
+                client.tell_ready_soon()   # more CPUs than it was told: it may send more jobs
 
     def on_anchor_message(self, link: Link, msg: Any, frames: list) -> None:
         if type(msg) is P.Draining:

@@ -117,6 +117,25 @@ def outcome_of(outcome, payload):
     return (TERMINATED if outcome == _ERROR else ABANDONED), None, error
 
 
+def ready_info(info, ready):
+    """A node's info after it said Ready again with ``ready``: a
+    dpool-scheduler's first Ready lists its nodes (``nodes``: host, port,
+    name, cpus of each), later ones say what changed (``nodes_added``,
+    entries new or changed; ``nodes_removed``, [host, port] pairs)."""
+    added, removed = ready.get("nodes_added"), ready.get("nodes_removed")
+    merged = {key: value for key, value in {**info, **ready}.items()
+              if key not in ("nodes_added", "nodes_removed")}
+    if added is None and removed is None:
+        return merged
+    nodes = {(entry["host"], entry["port"]): entry for entry in info.get("nodes", ())}
+    for host, port in removed or ():
+        nodes.pop((host, port), None)
+    for entry in added or ():
+        nodes[(entry["host"], entry["port"])] = entry
+    merged["nodes"] = list(nodes.values())
+    return merged
+
+
 class Job:
     """The client's record of one job.  Fields are written by the loop thread
     before the future resolves, so they are safe to read after it has."""
@@ -730,7 +749,7 @@ class Client:
 
     def cpus_changed(self, link, info):
         """READY again: a scheduler whose CPUs changed (nodes joined)."""
-        old, link.info = link.cpus, {**link.info, **info}
+        old, link.info = link.cpus, ready_info(link.info, info)
         state = self.scheduler.nodes.get(link)
         if state is not None and state.cpus == old:  # (not limited by set_cpus)
             self._act(self.scheduler.set_cpus(link, link.cpus))
