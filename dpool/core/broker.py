@@ -47,6 +47,7 @@ from .computation import Computation
 from .keep import KEEP_RESULTS, Keeping, Kept
 from .nodecalls import NodeCalls
 from .nodeport import Link, NodePort, Watch
+from .discover import MAX_FOUND
 from .schedfind import FORGET_AFTER, start_finder
 from .share import FairShare
 
@@ -63,6 +64,13 @@ LEG_WAIT = 5.0
 #: told to wait for the others, so that it gets in once they are done (it
 #: asks again every BUSY_POLL s, core/client.py).
 EXCLUSIVE_QUEUE = 2.0
+#: Clients gone with a recover_file whose sessions are kept at once, at most
+#: (past it, the one gone longest is let go): with KEEP_MAX_RESULTS and
+#: KEEP_MAX_BYTES (keep.py) what a churn of such clients leaves is bounded.
+MAX_DETACHED = 1024
+#: Found nodes forgotten (lost for long) remembered, at most, the oldest
+#: dropped first: as many as a client's Finder remembers (discover.MAX_FOUND).
+MAX_FORGOTTEN = MAX_FOUND
 #: Seconds over which changes to a client's nodes (joined, lost) are
 #: gathered into one Ready (ClientSession.tell_ready_soon).
 READY_COALESCE = 0.1
@@ -304,7 +312,11 @@ class ClientSession(P.Served):
         self.broker.watch.discard(self.conn)
         self.kept = Kept(keep, lambda: self.end(f"the client did not come back within "
                                                 f"{keep}s"), self.broker.keeping)
-        self.broker.detached[self.options["recover_token"]] = self
+        detached = self.broker.detached
+        detached[self.options["recover_token"]] = self
+        while len(detached) > MAX_DETACHED:  # the one gone longest is let go
+            next(iter(detached.values())).end(f"more than {MAX_DETACHED} clients gone "
+                                              f"with a recover_file at once")
 
     def reattach(self, conn: Connection, terminate: bool) -> None:
         """``recover_jobs`` is here: Ready with the kept and unfinished jobs,
@@ -502,6 +514,7 @@ class ClientSession(P.Served):
 
     def report(self, job_id: int, outcome: int, frames: Any = (),
                attempt: int | None = None) -> None:
+        self.tries.pop(job_id, None)  # (ended here: cancelled, failed, lost too often)
         self.tell([P.encode(P.Done, [P.result(job_id, outcome, len(frames),
                                                    attempt=attempt)]), *frames])
 
@@ -694,7 +707,8 @@ class Broker:
         self.ports = [NodePort(host, port, **self._port_options) for host, port in nodes]
         self.discovery = discovery  # a core.discover.Discovery: nodes found over UDP join
         self.finder: Any = None
-        self.forgotten: set[tuple[str, int]] = set()  # found nodes lost, then forgotten
+        # Found nodes lost, then forgotten (the oldest first past MAX_FORGOTTEN).
+        self.forgotten: dict[tuple[str, int], None] = {}
         self.closing = False
         self.clients: set[ClientSession] = set()
         self.tasks: set[asyncio.Task] = set()
@@ -749,7 +763,7 @@ class Broker:
             return
         port = NodePort(*address, **self._port_options)
         port.found = True
-        self.forgotten.discard(address)
+        self.forgotten.pop(address, None)
         self.ports.append(port)
         await self.add_node(port)
 
@@ -760,7 +774,9 @@ class Broker:
         if port in self.ports:
             self.ports.remove(port)
         port.close()
-        self.forgotten.add(port.address)
+        self.forgotten[port.address] = None
+        while len(self.forgotten) > MAX_FORGOTTEN:
+            del self.forgotten[next(iter(self.forgotten))]
 
     def node_ready(self, port: NodePort) -> None:
         log.info("node %s: %d CPUs", port.name, port.cpus)

@@ -161,3 +161,76 @@ async def poll(condition, timeout=10.0):
     while not condition():
         assert loop.time() < until, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+def run(*job_ids):
+    """A Run message of jobs of function 1, one payload frame each."""
+    return [P.encode(P.Run, [(job_id, 1, 1, 0, 1) for job_id in job_ids]),
+            *(b"args" for _ in job_ids)]
+
+
+def table_sizes(b):
+    """Every table of the broker that grows with clients or nodes."""
+    return {"clients": len(b.clients), "detached": len(b.detached),
+            "fair clients": len(b.fair.clients), "fair jobs": len(b.fair._jobs),
+            "watched": len(b.watch.beats), "tasks": len(b.tasks), "ports": len(b.ports),
+            "forgotten": len(b.forgotten), "kept results": b.keeping.results,
+            "busy": sum(port.busy for port in b.ports)}
+
+
+def test_a_churn_of_clients_and_found_nodes_leaves_the_tables_at_a_fixed_size(
+        fake_legs, monkeypatch):
+    """A scheduler runs for days: clients come (with jobs) and go (Bye,
+    closed, or gone with a recover_file), found nodes are lost and
+    forgotten; what it holds for them stops growing at its bounds."""
+    from dpool.core import broker as broker_module
+    monkeypatch.setattr(broker_module, "MAX_DETACHED", 8)
+    monkeypatch.setattr(broker_module, "MAX_FORGOTTEN", 16)
+
+    async def churn(b, n, round_):
+        for i in range(n):
+            recoverable = i % 3 == 2
+            options = {"weight": 1, **({"recover_token": f"{round_}-{i}"} if recoverable
+                                        else {})}
+            session = connect(b, options)
+            await poll(lambda: session.told_cpus)
+            session.conn.on_message([P.encode(P.Func, 1), b"fn"])
+            session.conn.on_message(run(1, 2, 3))
+            await poll(lambda: session.placed)
+            if i % 3 == 0:
+                session.conn.on_message([P.encode(P.Bye)])
+            else:  # closed without Bye; a recoverable one is kept
+                session.conn.closed = True
+                session.conn.on_close(ConnectionResetError("gone"))
+                while recoverable and session.placed:  # its jobs end while it is away
+                    leg = next(iter(session.placed.values()))[0]
+                    session.on_leg_message(leg, *done_from_node(session, leg))
+        for i in range(3 * n // 10):  # found nodes, lost for long: forgotten
+            port = fake_node(b, f"10.9.{round_}.{i}")
+            port.found = True
+            b.ports.append(port)
+            b.forget(port)
+        await poll(lambda: not b.tasks)
+
+    async def main():
+        b = broker()
+        b.ports.extend(fake_node(b, f"10.0.0.{i}") for i in range(3))
+        await churn(b, 60, 0)
+        first = table_sizes(b)
+        await churn(b, 300, 1)
+        second = table_sizes(b)
+        await b.close()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert first == second, (first, second)
+    assert second["detached"] == 8 and second["forgotten"] == 16
+    assert second["clients"] == second["fair clients"] == 8  # the detached ones
+    assert second["watched"] == second["tasks"] == 0 and second["ports"] == 3
+
+
+def done_from_node(session, leg):
+    """A Done for one of ``session``'s jobs on ``leg``, as its node sends it."""
+    job_id = next(job for job, where in session.placed.items() if where[0] is leg)
+    frames = done(job_id)
+    return P.decode(frames[0]), frames
