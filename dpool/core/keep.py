@@ -19,20 +19,9 @@ import asyncio
 from collections.abc import Callable
 
 from .. import protocol as P
-from ..node.recovery import KEEP_MAX_BYTES, KEEP_MAX_RESULTS, KEEP_RESULTS
+from ..node.recovery import KEEP_RESULTS, Keeping
 
 __all__ = ["Kept", "Keeping", "KEEP_RESULTS"]
-
-
-class Keeping:
-    """What the detached sessions of one scheduler keep, together."""
-
-    def __init__(self) -> None:
-        self.results = 0
-        self.bytes = 0
-
-    def within(self) -> bool:
-        return self.results <= KEEP_MAX_RESULTS and self.bytes <= KEEP_MAX_BYTES
 
 
 class Kept:

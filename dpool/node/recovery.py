@@ -3,8 +3,10 @@ client that went away.
 
 A session opened with the option ``recover_token`` whose client goes away
 without BYE is *detached* (:class:`Kept`): its jobs go on, their results are
-kept (at most KEEP_MAX_RESULTS results and KEEP_MAX_BYTES bytes), and its
-CPUs stay allocated, for the node's ``keep_results`` seconds.  A new
+kept, and its CPUs stay allocated, for the node's ``keep_results`` seconds.
+The node keeps at most KEEP_MAX_RESULTS results and KEEP_MAX_BYTES bytes
+for all its detached sessions together (:class:`Keeping`), so a client
+opening many sessions keeps no more than one may.  A new
 connection sending ``RECOVER token`` takes the session over
 (:func:`take_over`): it gets the kept results, then the others as they come,
 and ends it with BYE.  When the time passes (or the limits are exceeded) the
@@ -19,8 +21,21 @@ from .. import protocol as P
 log = logging.getLogger("dpool.node")
 
 KEEP_RESULTS = 3600.0  # seconds a detached (recoverable) session is kept
-KEEP_MAX_RESULTS = 100_000  # results kept for a detached session, at most
-KEEP_MAX_BYTES = 1 << 30  # bytes of results kept for a detached session, at most
+KEEP_MAX_RESULTS = 100_000  # results kept for the detached sessions together, at most
+KEEP_MAX_BYTES = 1 << 30  # bytes of results kept for them together, at most
+
+
+class Keeping:
+    """What the detached sessions of one node (or one dpool-scheduler,
+    core/keep.py) keep, together: past the limits, the session whose
+    result passed them is discarded."""
+
+    def __init__(self):
+        self.results = 0
+        self.bytes = 0
+
+    def within(self):
+        return self.results <= KEEP_MAX_RESULTS and self.bytes <= KEEP_MAX_BYTES
 
 
 def recoverable(session):
@@ -43,6 +58,7 @@ class Kept:
                  f" ({exc})" if exc else "", keep)
         self.token = session.options["recover_token"]
         self.bytes = self.counted = 0  # bytes of the first ``counted`` result frames
+        self.results = 0  # results counted in node.keeping
         node.detached[self.token] = session
         self.expiry = loop.call_later(keep, self.discard,
                                       f"the client did not come back within {keep}s")
@@ -52,12 +68,17 @@ class Kept:
         session = self.session
         session.started = []
         frames = session.out_frames
-        for frame in frames[self.counted:]:
-            self.bytes += memoryview(frame).nbytes
+        added = sum(memoryview(frame).nbytes for frame in frames[self.counted:])
         self.counted = len(frames)
-        if len(session.out) > KEEP_MAX_RESULTS or self.bytes > KEEP_MAX_BYTES:
-            self.discard(f"more results than a session may keep ({KEEP_MAX_RESULTS} "
-                         f"results, {KEEP_MAX_BYTES} bytes)")
+        together = session.node.keeping
+        together.bytes += added
+        together.results += len(session.out) - self.results
+        self.bytes += added
+        self.results = len(session.out)
+        if not together.within():
+            self.discard(f"more results than the node keeps for the clients gone "
+                         f"({KEEP_MAX_RESULTS} results, {KEEP_MAX_BYTES} bytes, all "
+                         f"sessions together)")
 
     def discard(self, why):
         """The time or the limits passed: the session ends, its results lost."""
@@ -71,7 +92,11 @@ class Kept:
     def stop(self):
         """The session ended or was recovered: it is kept no more."""
         self.expiry.cancel()
-        self.session.node.detached.pop(self.token, None)
+        node = self.session.node
+        node.detached.pop(self.token, None)
+        node.keeping.results -= self.results
+        node.keeping.bytes -= self.bytes
+        self.results = self.bytes = 0
 
 
 def take_over(new, msg):

@@ -53,7 +53,7 @@ from ..transport import wrap_socket
 from ..transport.spool import SpooledFrame
 from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Run, Worker
 from .files import default_job_root, private_dir
-from .recovery import KEEP_RESULTS, Kept, recoverable, take_over
+from .recovery import KEEP_RESULTS, Keeping, Kept, recoverable, take_over
 from .status import node_status
 from .zygote import Zygote, describe_exit
 
@@ -73,6 +73,7 @@ class NodeRuntime:
         self.cpus = cpus
         self.keep_results = KEEP_RESULTS if keep_results is None else keep_results
         self.detached = {}  # recover token -> Session whose client went away
+        self.keeping = Keeping()  # what they keep, together (within recovery's limits)
         self.embedded = embedded  # in the client's own process
         self.free_cpus = cpus
         self.name = name or socket.gethostname()

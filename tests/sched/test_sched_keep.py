@@ -5,6 +5,7 @@ import asyncio
 
 from dpool import protocol as P
 from dpool.core import keep
+from dpool.node import recovery
 
 
 def done(job_id, size):
@@ -12,7 +13,7 @@ def done(job_id, size):
 
 
 def test_the_detached_sessions_together_keep_within_one_sessions_limits(monkeypatch):
-    monkeypatch.setattr(keep, "KEEP_MAX_BYTES", 1000)
+    monkeypatch.setattr(recovery, "KEEP_MAX_BYTES", 1000)
 
     async def main():
         together = keep.Keeping()  # a scheduler's
