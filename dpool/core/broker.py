@@ -709,6 +709,11 @@ class Broker:
         self.finder: Any = None
         # Found nodes lost, then forgotten (the oldest first past MAX_FORGOTTEN).
         self.forgotten: dict[tuple[str, int], None] = {}
+        # One node at several addresses is used once (the first to join):
+        # node id -> its port; another address of it -> that port.
+        self.by_id: dict[str, NodePort] = {}
+        self._id_of: dict[NodePort, str] = {}  # (a node restarted has a new id)
+        self.aliases: dict[tuple[str, int], NodePort] = {}
         self.closing = False
         self.clients: set[ClientSession] = set()
         self.tasks: set[asyncio.Task] = set()
@@ -759,7 +764,8 @@ class Broker:
     async def add_found(self, address: tuple[str, int]) -> None:
         """A node discovery found: joined as one given by address (a busy or
         unreachable one is retried, then forgotten until it answers again)."""
-        if self.closing or any(port.address == address for port in self.ports):
+        if self.closing or address in self.aliases \
+                or any(port.address == address for port in self.ports):
             return
         port = NodePort(*address, **self._port_options)
         port.found = True
@@ -774,17 +780,49 @@ class Broker:
         if port in self.ports:
             self.ports.remove(port)
         port.close()
+        self._register(port, None)
+        for address in [a for a, of in self.aliases.items() if of is port]:
+            del self.aliases[address]  # discovery may join them now
         self.forgotten[port.address] = None
         while len(self.forgotten) > MAX_FORGOTTEN:
             del self.forgotten[next(iter(self.forgotten))]
 
     def node_ready(self, port: NodePort) -> None:
+        if self._twin(port):
+            return
         log.info("node %s: %d CPUs", port.name, port.cpus)
         for client in list(self.clients):
             if client.options:
                 client.open_leg(port)
             if client.told_cpus and min(self.total_cpus(), client.limit) > client.told_cpus:
                 client.tell_ready_soon()   # more CPUs than it was told: it may send more jobs
+
+    def _twin(self, port: NodePort) -> bool:
+        """Whether ``port`` is a node already in use at another address (its
+        id says so): then it is dropped, and its address remembered."""
+        node_id = port.node_id
+        if node_id is None:
+            return False
+        first = self.by_id.get(node_id, port)
+        if first is port or not first.ready or first.closed:
+            self._register(port, node_id)
+            return False
+        log.warning("node %s is the same node as %s (node id %s): using it once", port,
+                    first, node_id)
+        port.close()
+        if port in self.ports:
+            self.ports.remove(port)
+        self.aliases[port.address] = first
+        return True
+
+    def _register(self, port: NodePort, node_id: str | None) -> None:
+        """``port`` is the node of id ``node_id`` now (None: of none)."""
+        old = self._id_of.pop(port, None)
+        if old is not None and self.by_id.get(old) is port:
+            del self.by_id[old]
+        if node_id is not None:
+            self.by_id[node_id] = port
+            self._id_of[port] = node_id
 
     def on_anchor_message(self, link: Link, msg: Any, frames: list) -> None:
         if type(msg) is P.Draining:

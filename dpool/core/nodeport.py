@@ -193,6 +193,13 @@ class NodePort:
         return (self.host, self.port)
 
     @property
+    def node_id(self) -> str | None:
+        """The id the node sent in its anchor session's Ready (after the
+        authenticated handshake): the same node at any address."""
+        node_id = (self.anchor.info if self.anchor else {}).get("id")
+        return node_id if isinstance(node_id, str) and node_id else None
+
+    @property
     def ready(self) -> bool:
         return self.anchor is not None and self.anchor.ready and not self.closed
 

@@ -46,7 +46,8 @@ class Joiner:
 
     def knows(self, address: tuple[str, int]) -> bool:
         """A node in use, or lost and being retried."""
-        return any(port.address == address for port in self.broker.ports)
+        return address in self.broker.aliases or \
+            any(port.address == address for port in self.broker.ports)
 
     def gave_up_busy(self, address: tuple[str, int]) -> bool:
         """Forgotten (lost or busy for long): join it if it answers again."""

@@ -38,6 +38,7 @@ import functools
 import itertools
 import logging
 import os
+import secrets
 import shutil
 import socket
 import tempfile
@@ -77,6 +78,10 @@ class NodeRuntime:
         self.embedded = embedded  # in the client's own process
         self.free_cpus = cpus
         self.name = name or socket.gethostname()
+        # Random per node process: sent in each session's Ready (after the
+        # authenticated handshake) and in discovery datagrams, so that one
+        # node reached at two addresses is used once.
+        self.node_id = secrets.token_hex(8)
         self.dest_root = dest_root  # the job root: see files.private_dir
         self.sessions = set()
         self.zygote = zygote or Zygote()  # (a client may hand over one it forked)
@@ -103,7 +108,7 @@ class NodeRuntime:
         from .env.session import avail_info
 
         return {"name": self.name, "cpus": self.cpus, "free_cpus": self.free_cpus,
-                "avail_info": avail_info(self.dest_root)}
+                "avail_info": avail_info(self.dest_root), "id": self.node_id}
 
     async def spawn_worker(self):
         """Fork a worker: (zygote, pid, socket).  If the zygote died (its

@@ -44,7 +44,6 @@ class NodeServer:
         self.discovery_options = dict(announce_to=announce_to, listen_port=listen_port,
                                       multicast=multicast)
         self.responder = None
-        self.discovery_id = secrets.token_hex(8)   # one node heard at two addresses
 
     def hello(self):
         return {"protocol": PROTOCOL_VERSION, "role": "node", "name": self.runtime.name,
@@ -78,7 +77,7 @@ class NodeServer:
             addrs = udp.local_addresses() if self.host != "::" else []
         return discovery.node_body(self.runtime.name, self.port, self.runtime.cpus,
                                    self.runtime.free_cpus, addrs, PROTOCOL_VERSION,
-                                   node_id=self.discovery_id)
+                                   node_id=self.runtime.node_id)
 
     async def _start_discovery(self):
         """Answer pings and announce this node (UDP); a node that can't
