@@ -109,6 +109,11 @@ class ClientSession(P.Served):
         self.told_cpus = 0  # the CPUs the last Ready announced (0: none sent yet)
         self.told_nodes: dict[NodePort, dict] = {}  # the nodes it was told of (usable legs)
         self._ready_timer: asyncio.TimerHandle | None = None  # tell_ready_soon
+        self._sync_scheduled = False  # sync_soon
+        # The nodes where its leg is open and set up (kept as legs change,
+        # for the policy: FairShare.use_nodes); changed since the last Ready?
+        self.usable_set: dict[NodePort, None] = {}
+        self.nodes_changed = False
         # Jobs pinned to a node (dispy's submit_node): job id -> the node's
         # host, while queued or placed; host -> its queued job ids, in order.
         self.pin_of: dict[int, str] = {}
@@ -197,6 +202,7 @@ class ClientSession(P.Served):
         self._ready_timer = None
         if self.ended:
             return
+        self.nodes_changed = False
         first = not self.told_cpus
         info = self.broker.info()
         cpus = max(min(info["cpus"], self.limit), self.told_cpus)
@@ -359,6 +365,7 @@ class ClientSession(P.Served):
         if self.ended or port in self.legs or not self.wants(port):
             return None
         leg = self.legs[port] = Link(port)
+        self.recheck(port)  # (a leg closed here by nodecalls.py may have been usable)
         self.env.leg_opening(leg)
         options = {key: value for key, value in self.options.items()
                    if key not in _NOT_FORWARDED}
@@ -380,7 +387,8 @@ class ClientSession(P.Served):
         if self.ended:
             leg.bye()
             return
-        self.sync()
+        self.recheck(leg.port)
+        self.sync_soon()
         if not self.pending and self.broker.ahead:  # its jobs waiting on busy nodes: here
             self.broker._reclaim_ahead([self])
         self.broker.place_soon()
@@ -420,6 +428,7 @@ class ClientSession(P.Served):
                 port.busy -= 1
                 self.running -= 1
                 self.tries.pop(record[0], None)
+                self.broker.reopen(port)
                 self.cancelling.discard(record[0])
                 self.broker.fair.done((self, record[0]))
         self.counts["done"] += len(msg.results)
@@ -434,6 +443,7 @@ class ClientSession(P.Served):
         """The leg (or its node) went away: its jobs are placed again."""
         if self.legs.get(leg.port) is leg:
             del self.legs[leg.port]
+        self.recheck(leg.port)
         self.sent_fns.pop(leg, None)
         if self.ended:
             return
@@ -450,6 +460,7 @@ class ClientSession(P.Served):
             if where is None:
                 continue
             leg.port.busy -= 1
+            self.broker.reopen(leg.port)
             self.running -= 1
             if job_id in self.cancelling:  # (its node was lost before it ended)
                 self.cancelling.discard(job_id)
@@ -502,8 +513,9 @@ class ClientSession(P.Served):
         self._tell(frames)
 
     def _tell(self, frames: list) -> None:
-        if self._ready_timer is not None:  # a change of its nodes goes first (SetupDone...)
-            self._ready_timer.cancel()
+        if self._ready_timer is not None or (self.nodes_changed and self.told_cpus):
+            if self._ready_timer is not None:  # a change of its nodes goes first (SetupDone...)
+                self._ready_timer.cancel()
             self.tell_ready()
         if self.kept is not None:  # gone, recoverable: its results are kept
             if not self.kept.add(frames):
@@ -553,16 +565,44 @@ class ClientSession(P.Served):
         and the client, when they changed since its last Ready."""
         if self.ended:
             return
+        fair = self.broker.fair
         if self.running >= self.limit:
-            self.broker.fair.add_client(self, self.weight, nodes=())
+            fair.use_nodes(self, ())
             return
-        usable = self.usable_ports()
-        self.broker.fair.add_client(self, self.weight, nodes=self.calls.placeable(usable))
-        if self.told_cpus and usable != list(self.told_nodes):
+        calls = self.calls
+        # (the live set: nothing to copy as legs open; a copy, filtered,
+        # while node calls hold some nodes back: nodecalls.py)
+        fair.use_nodes(self, calls.placeable(self.usable_ports()) if calls.active
+                       else self.usable_set)
+        if self.told_cpus and self.nodes_changed:
             self.tell_ready_soon()
 
+    def recheck(self, port: NodePort) -> None:
+        """Whether its leg on ``port`` is usable (open, its setup done) may
+        have changed: keep ``usable_set`` so."""
+        usable = self.usable(port) is not None
+        if usable != (port in self.usable_set):
+            if usable:
+                self.usable_set[port] = None
+            else:
+                del self.usable_set[port]
+            self.nodes_changed = True
+
+    def sync_soon(self) -> None:
+        """:meth:`sync`, then placement, once the event loop's current
+        callbacks have run: legs opening together (nodes joining in a burst)
+        cost one pass over this client's legs, not one each."""
+        if not self._sync_scheduled:
+            self._sync_scheduled = True
+            asyncio.get_running_loop().call_soon(self._sync_now)
+
+    def _sync_now(self) -> None:
+        self._sync_scheduled = False
+        self.sync()
+        self.broker.place_soon()
+
     def usable_ports(self) -> list[NodePort]:
-        return [port for port in self.legs if self.usable(port) is not None]
+        return list(self.usable_set)
 
     # ------------------------------------------- jobs pinned to a node (submit_node)
 
@@ -665,6 +705,7 @@ class ClientSession(P.Served):
         broker.clients.discard(self)
         for leg, _, _ in self.placed.values():
             leg.port.busy -= 1
+            broker.reopen(leg.port)
         self.placed.clear()
         self.pending.clear()
         broker.pinned -= sum(len(queue) for queue in self.pinned.values())
@@ -705,6 +746,10 @@ class Broker:
         self._port_options = dict(secret=secret, ssl=node_ssl, watch=self.watch,
                                   settings=settings, connect_timeout=timeout, group=group)
         self.ports = [NodePort(host, port, **self._port_options) for host, port in nodes]
+        # The nodes that may have a free CPU (placement looks at those only):
+        # a node joins it when it is ready and as its jobs end, and leaves it
+        # once full (so placing a job costs the same with 10 nodes or 10,000).
+        self.open_ports: dict[NodePort, None] = {}
         self.discovery = discovery  # a core.discover.Discovery: nodes found over UDP join
         self.finder: Any = None
         # Found nodes lost, then forgotten (the oldest first past MAX_FORGOTTEN).
@@ -780,6 +825,7 @@ class Broker:
         if port in self.ports:
             self.ports.remove(port)
         port.close()
+        self.open_ports.pop(port, None)
         self._register(port, None)
         for address in [a for a, of in self.aliases.items() if of is port]:
             del self.aliases[address]  # discovery may join them now
@@ -787,14 +833,20 @@ class Broker:
         while len(self.forgotten) > MAX_FORGOTTEN:
             del self.forgotten[next(iter(self.forgotten))]
 
+    def reopen(self, port: NodePort) -> None:
+        """``port`` may have a free CPU (a job ended there, or it joined)."""
+        if not port.closed:
+            self.open_ports[port] = None
+
     def node_ready(self, port: NodePort) -> None:
         if self._twin(port):
             return
         log.info("node %s: %d CPUs", port.name, port.cpus)
+        self.reopen(port)
         for client in list(self.clients):
             if client.options:
                 client.open_leg(port)
-            if client.told_cpus and min(self.total_cpus(), client.limit) > client.told_cpus:
+            if client.told_cpus and client.limit > client.told_cpus:
                 client.tell_ready_soon()   # more CPUs than it was told: it may send more jobs
 
     def _twin(self, port: NodePort) -> bool:
@@ -858,10 +910,16 @@ class Broker:
         ahead = len(active) <= 1
         if self.ahead and not ahead:
             self._reclaim_ahead(active)
+        if ahead and not self.ahead:  # room for one more per CPU on every node
+            self.open_ports.update(dict.fromkeys(self.ports))
         self.ahead = ahead
-        for extra in (False, True) if ahead else (False,):
-            for port in self.ports:
-                self._fill(port, port.free(extra))
+        open_ports = self.open_ports
+        if self.fair.backlogged() or self.pinned:
+            for extra in (False, True) if ahead else (False,):
+                for port in list(open_ports):
+                    self._fill(port, port.free(extra))
+            for port in [port for port in open_ports if port.free(ahead) <= 0]:
+                del open_ports[port]  # full (or not ready, draining): back as jobs end
         if self._stranded is None and any(client.stranded() for client in active):
             self._stranded = asyncio.get_running_loop().call_later(self.deadline,
                                                                    self._fail_stranded)

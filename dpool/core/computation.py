@@ -80,9 +80,9 @@ class Computation:
         if kind is P.SetupDone:
             self.held.discard(leg)
             self.set_up += 1
-            self.session.sync()
+            self.session.recheck(leg.port)
+            self.session.sync_soon()
             self.check()
-            self.session.broker.place_soon()
         elif kind is P.SetupFail:
             self.failure = list(frames)
             log.warning("%s: setup failed on node %s (left out)", self.session, leg.port)

@@ -49,7 +49,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
-from collections.abc import Collection, Hashable, Iterable
+from collections.abc import Collection, Container, Hashable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -82,7 +82,7 @@ class _Client:
     __slots__ = ("id", "weight", "nodes", "queue", "back", "queued", "running", "done",
                  "head")
 
-    def __init__(self, client: ClientId, weight: float, nodes: frozenset[Node] | None) -> None:
+    def __init__(self, client: ClientId, weight: float, nodes: Container[Node] | None) -> None:
         self.id = client
         self.weight = weight
         self.nodes = nodes  # None: any node
@@ -124,6 +124,12 @@ class FairShare:
             self.clients[client] = _Client(client, float(weight), limit)
         else:
             known.weight, known.nodes = float(weight), limit
+
+    def use_nodes(self, client: ClientId, nodes: Container[Node]) -> None:
+        """The nodes ``client`` may use are those in ``nodes``, a container
+        the driver keeps up to date (not copied: a driver whose clients'
+        nodes change one at a time, as nodes join, pays nothing per change)."""
+        self.clients[client].nodes = nodes
 
     def set_weight(self, client: ClientId, weight: float) -> None:
         _check_weight(weight)

@@ -95,6 +95,7 @@ def fake_legs(monkeypatch):
             return None
         leg = self.legs[port] = Link(port)
         leg.ready, leg.conn = True, FakeConn(f"leg {port}")
+        self.recheck(port)
         self.sync()
         self.broker.place_soon()
         return self.broker.spawn(asyncio.sleep(0))
