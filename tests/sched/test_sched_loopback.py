@@ -184,7 +184,8 @@ def test_a_client_gets_the_cpus_of_nodes_that_join_after_it(tmp_path):
                                     args=("--host", hosts[i])))
         for m in markers:   # all six at once: one per CPU of the three nodes
             read_marker(m, 20)
-        assert c.nodes()[0].cpus == 6
+        # (the new total is told within READY_COALESCE s of the nodes joining)
+        poll_for(lambda: c.nodes()[0].cpus == 6, 10, message="the client told of 6 CPUs")
         open(gate, "w").close()
         assert len({j.future.result(30) for j in jobs}) == 6
     finally:
