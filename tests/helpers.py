@@ -1,6 +1,7 @@
 """Helpers the tests share (fixtures are in the conftest.py files, task
 functions in tasks.py): polling, a ``dpool-node`` subprocess, marker files,
 a JobCluster on a test node, raw-socket clients."""
+import asyncio
 import os
 import pathlib
 import signal
@@ -30,6 +31,15 @@ def poll_for(condition, timeout=10.0, interval=0.01, message="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+async def apoll(condition, timeout=10.0):
+    """:func:`poll_for` in a running event loop (it runs while we wait)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not condition():
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------- markers

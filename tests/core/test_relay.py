@@ -9,6 +9,7 @@ import socket
 from dpool.core import relay as R
 from dpool.transport import discovery as D
 from dpool.transport import udp
+from helpers import apoll as poll
 
 SECRET = b"relay test secret of 32 bytes..."
 KEY = D.discovery_key(SECRET)
@@ -16,14 +17,6 @@ KEY = D.discovery_key(SECRET)
 
 def body(n, port=4000, addr="127.0.0.1"):
     return D.node_body(f"n{n}", port + n, 2, 2, [addr], 2)
-
-
-async def poll(condition, timeout=10.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not condition():
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 class Net:

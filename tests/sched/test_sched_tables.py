@@ -10,6 +10,7 @@ from dpool import protocol as P
 from dpool.core.broker import Broker, ClientSession
 from dpool.core.client import ready_info
 from dpool.core.nodeport import Link, NodePort
+from helpers import apoll as poll
 
 
 class FakeConn:
@@ -154,14 +155,6 @@ def test_nodes_joining_reach_a_client_as_a_few_small_messages(fake_legs):
     size = sum(n for _, n in sent)
     print(f"{joining} nodes joining: {len(sent)} Ready messages, {size} bytes")
     assert size < 200 * (joining + 1), f"{size} bytes for {joining} nodes"
-
-
-async def poll(condition, timeout=10.0):
-    loop = asyncio.get_running_loop()
-    until = loop.time() + timeout
-    while not condition():
-        assert loop.time() < until, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def run(*job_ids):

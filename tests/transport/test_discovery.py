@@ -10,6 +10,7 @@ import pytest
 
 from dpool.transport import discovery as D
 from dpool.transport import udp
+from helpers import apoll as _poll
 
 SECRET = b"discovery test secret, 32 bytes!"
 KEY = D.discovery_key(SECRET)
@@ -207,14 +208,6 @@ async def _node_and_seeker(host="127.0.0.7", found=None):
     seeker = await udp.Seeker(KEY, (found if found is not None else []).append,
                               node_port=node.udp_port, listen_port=None).start()
     return node, seeker
-
-
-async def _poll(condition, timeout=10.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not condition():
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def test_a_ping_to_the_loopback_broadcast_finds_a_node_on_127_0_0_x():
