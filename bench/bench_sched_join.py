@@ -36,7 +36,7 @@ def fake_open_leg(self, port):
         return None
     leg = self.legs[port] = Link(port)
     leg.ready, leg.conn = True, T.FakeConn(f"leg {port}")
-    self.leg_usable(leg)
+    self.recheck(port)
     self.sync_soon()
     return self.broker.spawn(asyncio.sleep(0))
 
