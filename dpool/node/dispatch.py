@@ -41,8 +41,7 @@ SHORT_JOB = 0.002  # seconds: below this a worker gets several jobs at once
 MAX_DEPTH = 32
 PREFETCH_JOB = 0.05  # below this a worker also holds the job after its current one
 HOLD_FRACTION = 0.1  # of a job's duration: how long a busy session may hold a result...
-HOLD_MAX = 0.005  # ... seconds, at most (see Dispatcher.hold); none below
-HOLD_MIN = 0.0005  # (jobs under 5 ms: their results batch by themselves)
+HOLD_MAX = 0.005  # ... seconds, at most (see Dispatcher.hold)
 
 
 @dataclass(eq=False)
@@ -201,16 +200,13 @@ class Dispatcher:
         """Seconds the session may hold a result before sending it, to send
         it with the next ones: 0 unless jobs wait in the queue (every worker
         is busy and has its next job at hand, so the client's next jobs are
-        not needed yet); then a tenth of a job's duration, at most HOLD_MAX
-        (none below HOLD_MIN: a timer would cost more than it saves).
+        not needed yet); then a tenth of a job's duration, at most HOLD_MAX.
         A node whose 8 workers run 50 ms jobs sends about one message per
         two results instead of one per result: fewer messages to read and
         write for the node, a scheduler and the client."""
         if not self.queue or self.ema is None:
             return 0.0
         hold = HOLD_FRACTION * self.ema
-        if hold < HOLD_MIN:
-            return 0.0
         return hold if hold < HOLD_MAX else HOLD_MAX
 
     def started(self, job_id):
