@@ -23,8 +23,6 @@ Policies:
 - A cancelled job still in the queue is reported ``CANCELLED``; a running one
   has its worker killed; one waiting inside a worker is reported at once and
   its result, when it comes, dropped (a *ghost*).
-- A result may be held back briefly (``hold``) while jobs wait in the
-  queue, so that the results of several workers go out in one message.
 - Jobs in the queue can be handed back (``give_back``): the client moves
   them to a node with a free CPU, or away from a draining node.
 """
@@ -40,8 +38,6 @@ from ..protocol import Outcome
 SHORT_JOB = 0.002  # seconds: below this a worker gets several jobs at once
 MAX_DEPTH = 32
 PREFETCH_JOB = 0.05  # below this a worker also holds the job after its current one
-HOLD_FRACTION = 0.1  # of a job's duration: how long a busy session may hold a result...
-HOLD_MAX = 0.005  # ... seconds, at most (see Dispatcher.hold)
 
 
 @dataclass(eq=False)
@@ -195,19 +191,6 @@ class Dispatcher:
             ghosts.discard(job_id)
         self._learn(duration)
         return deliver
-
-    def hold(self):
-        """Seconds the session may hold a result before sending it, to send
-        it with the next ones: 0 unless jobs wait in the queue (every worker
-        is busy and has its next job at hand, so the client's next jobs are
-        not needed yet); then a tenth of a job's duration, at most HOLD_MAX.
-        A node whose 8 workers run 50 ms jobs sends about one message per
-        two results instead of one per result: fewer messages to read and
-        write for the node, a scheduler and the client."""
-        if not self.queue or self.ema is None:
-            return 0.0
-        hold = HOLD_FRACTION * self.ema
-        return hold if hold < HOLD_MAX else HOLD_MAX
 
     def started(self, job_id):
         """True if the client is to hear that ``job_id`` started."""

@@ -697,30 +697,18 @@ class Session(P.Served):
         self.out_frames.extend(frames)
         if not self.dispatcher.given:
             self._flush()  # no other job here: no other result to wait for
-        else:
-            self._schedule_flush(self.dispatcher.hold())
+        elif not self._flush_scheduled:
+            self._schedule_flush()
 
-    def _schedule_flush(self, delay=0.0):
-        """Flush in the next pass of the loop, or, with ``delay`` (the
-        dispatcher's hold), after that many seconds unless a flush comes
-        sooner: the results of other workers go out with these."""
-        if self._flush_scheduled:
-            return
-        if delay > 0:
-            if self._flush_timer is None:
-                self._flush_timer = asyncio.get_running_loop().call_later(delay, self._flush)
-            return
-        self._flush_scheduled = True
-        asyncio.get_running_loop().call_soon(self._flush)
+    def _schedule_flush(self):
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     _flush_scheduled = False
-    _flush_timer = None
 
     def _flush(self):
         self._flush_scheduled = False
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
         if self.ended or self.conn.closed:
             if self.kept is not None and not self.ended:
                 self.kept.check()

@@ -1,14 +1,13 @@
 """The node session's dispatcher (dpool/node/dispatch.py), without processes:
 worker choice, depth, requeue after a worker death, cancels, give-back."""
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from dpool.protocol import Call, Outcome, RunItem
 from dpool.errors import WorkerLost
-from dpool.node.dispatch import (HOLD_MAX, MAX_DEPTH, Dispatcher, Forget, Kill, LoadFunction,
-                                 Report, Run, Worker)
+from dpool.node.dispatch import (MAX_DEPTH, Dispatcher, Forget, Kill, LoadFunction, Report, Run,
+                                 Worker)
 
 
 def job(job_id, fn_id=1):
@@ -72,24 +71,6 @@ def test_depth_follows_measured_durations():
     for i in range(40, 80):
         d.done(a, i, 5.0)
     assert d.depth == 1
-
-
-def test_results_are_held_only_while_jobs_wait_in_the_queue():
-    d, (a, b) = ready()
-    d.submit([job(i) for i in range(3)])
-    assert d.hold() == 0.0  # no duration measured yet
-    assert d.done(a, 0, 0.02)
-    assert d.queue and d.hold() == pytest.approx(0.002)  # a tenth of a job, jobs waiting
-    d.done(b, 1, 0.02)
-    d.dispatch()
-    assert not d.queue and d.hold() == 0.0  # nothing waiting: the client's next jobs are needed
-
-
-def test_a_result_is_held_for_hold_max_at_most():
-    d, (a,) = ready(1)
-    d.submit([job(0), job(1)])
-    d.done(a, 0, 60.0)
-    assert d.hold() == HOLD_MAX
 
 
 def test_short_jobs_go_several_to_a_worker():
