@@ -51,6 +51,8 @@ from ..protocol import RESULT_NFRAMES as _NFRAMES
 from .. import serialize
 from ..errors import ConnectionClosed
 from ..transport import wrap_socket
+from ..transport.forward import Forward
+from ..transport.frames import Relayed
 from ..transport.spool import SpooledFrame
 from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Run, Worker
 from .files import default_job_root, private_dir
@@ -249,6 +251,7 @@ class WorkerHandle(Worker):
         super().__init__(pid=pid, tasks_left=max_tasks)
         self.zygote = zygote  # the one that forked it (and reports its exit)
         self.conn = conn
+        self.relay = None  # a transport.Forward: its result, relayed as it arrives
 
 
 class Session(P.Served):
@@ -529,6 +532,8 @@ class Session(P.Served):
             return
         conn = await wrap_socket(sock, peer=f"worker {pid}")
         worker = WorkerHandle(pid, conn, self.options.get("max_tasks"), zygote)
+        if not self.node.embedded:
+            conn.tap_large_messages(functools.partial(self._relay, worker))
         conn.send([P.encode(P.Init, self.worker_options()), *self.init_frames])
         conn.set_receiver(functools.partial(self.on_worker_message, worker),
                           lambda exc=None: self.on_worker_closed(worker))
@@ -624,15 +629,23 @@ class Session(P.Served):
         msg = P.decode(frames[0])
         kind = type(msg)
         if kind is P.Done:
+            relay = None
+            if type(frames[-1]) is Relayed:  # (messages before it may be delivered after
+                relay, worker.relay = worker.relay, None    # its relay began)
             if worker.killing is not None:
                 # Its running job was cancelled (and interrupted): this worker's
                 # results are dropped now; its exit reports the cancel.
+                if relay is not None:
+                    relay.abort()
                 worker.zygote.kill(worker.pid)
                 return
             done, results = self.dispatcher.done, msg.results
+            if relay is not None:
+                self._relayed(worker, results[0], relay)
+                results = ()
             # (what a worker sends: one result per job, as it ends; passed on as it came)
             items = ((results[0], frames[1:1 + results[0][_NFRAMES]]),) if len(results) == 1 \
-                else P.raw_results(msg, frames)
+                else P.raw_results(msg, frames) if results else ()
             for record, payload in items:
                 if done(worker, record[_JOB_ID], record[_END] - record[_START]):
                     self._result(record, payload)
@@ -684,6 +697,42 @@ class Session(P.Served):
         self.end("initializer failed")
 
     # --------------------------------------------------------- to the client
+
+    def _relay(self, worker, frames, lengths, flags):
+        """A worker's message with a large frame begins (frames.TapHook): a
+        transport.Forward that relays it to the client as it arrives, if it
+        is the result of the job the worker runs and the client is there to
+        take it; else None (it is received whole, as before)."""
+        conn = self.conn
+        if self.ended or conn.closed or conn.relaying or recoverable(self) \
+                or worker.killing is not None or worker.relay is not None:
+            return None
+        try:
+            msg = P.decode(frames[0])
+        except Exception:
+            return None   # (the whole message's decoding reports it)
+        if type(msg) is not P.Done or len(msg.results) != 1:
+            return None
+        record = msg.results[0]
+        job_id = record[_JOB_ID]
+        if record[_NFRAMES] != len(lengths) - 1 or not self.dispatcher.live(job_id) \
+                or self.dispatcher.given[job_id][0] is not worker:
+            return None
+        self._flush()  # the results before it go first
+        head = P.encode(P.Done, [(*record[:-1], self.attempts.get(job_id))])
+        worker.relay = Forward(conn, worker.conn, [head, *frames[1:]], lengths, flags)
+        return worker.relay
+
+    def _relayed(self, worker, record, relay):
+        """The whole of a relayed result came: deliver it, or abandon it if
+        it is not to be (the job was cancelled meanwhile)."""
+        job_id = record[_JOB_ID]
+        if self.dispatcher.done(worker, job_id, record[_END] - record[_START]):
+            self.counts[_OUTCOMES.get(record[1], "other")] += 1
+            self.attempts.pop(job_id, None)
+            relay.finish()
+        else:
+            relay.abort()
 
     def _report(self, job_id, outcome, frames=()):
         """The result of a job that did not run to its end (no times, no output)."""

@@ -28,7 +28,7 @@ from dpool.errors import ConnectionClosed, ProtocolError
 
 from .auth import PREAUTH_MAX, Keys
 from .budget import ReceiveBudget
-from .frames import FrameDecoder, Limits, Message, Part, _nbytes, encode
+from .frames import FrameDecoder, Limits, Message, Part, TapHook, _nbytes, encode
 from .records import Sealer, SecureDecoder
 from . import spool as _spool
 from .streams import set_tcp_options
@@ -42,6 +42,13 @@ __all__ = ["Connection", "inproc_pair"]
 
 OnMessage = Callable[[Message], object]
 OnClose = Callable[[BaseException | None], object]
+
+
+class Relay(Protocol):
+    """A message being relayed out (forward.Forward)."""
+
+    def nudge(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 class Stream(Protocol):
@@ -127,6 +134,9 @@ class Connection:
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._lost_future = loop.create_future()
         self._spool: Callable[[bytes | bytearray], bool] | None = None
+        self._tap: TapHook | None = None
+        self._relay: Relay | None = None     # a message being relayed out (forward.py)
+        self._held: list[list[Part]] = []   # messages sent meanwhile, written after it
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -143,7 +153,65 @@ class Connection:
     def send(self, frames: Sequence[Frame]) -> None:
         if self._closing or self._lost:
             raise self._closed_error()
+        if self._relay is not None:   # after the message being relayed
+            self._held.append(encode(frames))
+            self._relay.nudge()
+            return
         self._stream.write(encode(frames))
+
+    # -- relaying a message as it arrives (forward.py) -------------------------
+
+    @property
+    def relaying(self) -> bool:
+        """True while a message is being relayed out on this connection."""
+        return self._relay is not None
+
+    def begin_relay(self, relay: Relay) -> None:
+        """From now until :meth:`end_relay`, ``relay`` writes one message
+        with :meth:`relay_write`; messages sent meanwhile wait for its end."""
+        assert self._relay is None
+        self._relay = relay
+
+    def relay_write(self, parts: list[Part]) -> None:
+        if not (self._closing or self._lost):
+            self._stream.write(parts)
+
+    def end_relay(self) -> None:
+        """The relayed message is complete (or abandoned): what was sent
+        meanwhile goes out now."""
+        self._relay = None
+        held, self._held = self._held, []
+        for parts in held:
+            self.relay_write(parts)
+
+    @property
+    def write_paused(self) -> bool:
+        """True while more is queued than the high-water mark."""
+        return self._write_paused
+
+    def when_writable(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` once the queue is below the low-water mark
+        again, or the connection has closed."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        waiter.add_done_callback(lambda _: callback())
+        if self._closing or self._lost or not self._write_paused:
+            waiter.set_result(None)
+        else:
+            self._drain_waiters.append(waiter)
+
+    def pause_reading(self) -> None:
+        if not (self._closing or self._lost):
+            self._stream.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._resume_reading()
+
+    def tap_large_messages(self, tap: TapHook) -> None:
+        """Offer each received message that has a frame of at least
+        frames.MIN_TAP bytes to ``tap`` as that frame begins (see
+        frames.TapHook): for a node relaying a worker's result."""
+        self._tap = tap
+        self._set_spool()
 
     async def drain(self) -> None:
         if self._closing or self._lost:
@@ -183,6 +251,8 @@ class Connection:
         return self._pending.popleft()
 
     def close(self) -> None:
+        if self._relay is not None:   # (what is held goes before the close)
+            self._relay.abort()
         if not (self._closing or self._lost):
             self._closing = True
             self._wake_waiters()
@@ -245,6 +315,7 @@ class Connection:
             decoder = decoder.inner
         if decoder is not None:
             decoder.spool = self._spool
+            decoder.tap = self._tap
 
     def set_deadline(self, seconds: float) -> None:
         """Have the kernel fail this connection when the peer stops answering
@@ -380,7 +451,9 @@ class Connection:
                 exc = ConnectionClosed(
                     f"{self.peer} closed the connection in the middle of a message")
             self._exc = exc
-        self._decoder = cast(FrameDecoder, None)   # frees a partly received message now
+        if self._decoder is not None:
+            self._decoder.discard()   # frees a partly received message now
+        self._decoder = cast(FrameDecoder, None)
         if self._budget is not None:
             self._budget.forget(self)
         self._wake_waiters()

@@ -70,8 +70,43 @@ BYTES_FLAG = 1 << 63
 FILE_FLAG = 1 << 62
 #: With FILE_FLAG: the receiver may free the file's pages as it reads them.
 CONSUME_FLAG = 1 << 61
-_FLAGS = BYTES_FLAG | FILE_FLAG | CONSUME_FLAG
-_LENGTH_MASK = CONSUME_FLAG - 1
+#: The frame's bytes come in chunks, each after a word of its length, until
+#: a word says the frame ended (``CHUNK_END``) or that the message was
+#: abandoned (``CHUNK_ABORT``): a frame relayed as it arrives (forward.py).
+STREAM_FLAG = 1 << 60
+_FLAGS = BYTES_FLAG | FILE_FLAG | CONSUME_FLAG | STREAM_FLAG
+_LENGTH_MASK = STREAM_FLAG - 1
+#: In a streamed frame: a chunk's length word (< ``CHUNK_END``; 0 is an empty
+#: chunk, which only shows the sender is alive), or one of these two.
+CHUNK = struct.Struct("<Q")
+CHUNK_END = 1 << 63
+CHUNK_ABORT = 1 << 62
+
+
+class Relayed:
+    """In a message received with a :attr:`FrameDecoder.tap`: a frame that
+    went to the tap instead of being held (its size)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+class Tap(Protocol):
+    """Where a tapped message's frames go as their bytes arrive (forward.Forward)."""
+
+    def data(self, view: memoryview) -> None: ...
+    def frame_end(self, last: bool) -> None: ...
+    def abort(self) -> None: ...
+
+
+#: ``tap(frames_so_far, lengths, flags)``, asked when a message's first frame
+#: of at least ``MIN_TAP`` bytes begins: a Tap to take the rest of the
+#: message, or None (the message is received as usual).
+TapHook = Callable[[list[Any], tuple[int, ...], tuple[int, ...] | None], "Tap | None"]
+#: Frames at least this big may be tapped.
+MIN_TAP = 1 << 20
 
 #: What a large item is received into.
 Big = bytearray | inplace.GrowingBytes | spool.SpoolFile
@@ -249,6 +284,12 @@ class FrameDecoder:
         #: whose first frame is ``frame0`` go into memory files (spool.py).
         self.spool: Callable[[bytes | bytearray], bool] | None = None
         self._spooling: bool | None = None    # that answer, for the current message
+        #: ``tap(...)``: see TapHook; a message it takes is relayed, not held.
+        self.tap: TapHook | None = None
+        self._tapping: Tap | None = None   # the tap of the current message
+        self._tap_left = -1    # bytes of the current frame still to tap; -1: not begun
+        self._sbig: Big | None = None   # a streamed frame (STREAM_FLAG) being received
+        self._chunk = 0        # bytes of its current chunk still to come
         self._large = large
         self._buf = bytearray(buffer_size)
         self._mv = memoryview(self._buf)
@@ -273,7 +314,8 @@ class FrameDecoder:
     @property
     def held(self) -> int:
         """Bytes of the message being received that are held in memory."""
-        return self._held + (len(self._big) if self._big is not None else 0)
+        held = self._held + (len(self._big) if self._big is not None else 0)
+        return held + len(self._sbig) if self._sbig is not None else held
 
     def get_buffer(self) -> memoryview:
         """Writable memory for the next bytes of the stream (never empty)."""
@@ -318,8 +360,12 @@ class FrameDecoder:
         """Drop the part of a message received so far (the stream failed):
         its memory, or its memory file, is freed now, not when a reference
         cycle through the error's traceback is collected."""
-        self._big = None
+        self._big = self._sbig = None
         self._frames = None
+        self._chunk, self._tap_left = 0, -1
+        tap, self._tapping = self._tapping, None
+        if tap is not None:
+            tap.abort()
 
     def feed(self, data: Frame) -> list[Message]:
         """Consume a chunk of the stream; return the messages it completed."""
@@ -493,7 +539,23 @@ class FrameDecoder:
                 flags = self._flags
                 while len(frames) < len(lengths):
                     size = lengths[len(frames)]
-                    if flags is not None and flags[len(frames)] & FILE_FLAG:
+                    if size >= MIN_TAP and self.tap is not None and self._tapping is None \
+                            and frames:
+                        self._tapping = self.tap(frames, lengths, flags)
+                    if self._tapping is not None:
+                        pos = self._tap_frame(size, pos, end, len(frames) + 1 == len(lengths))
+                        if self._tap_left >= 0:
+                            return out
+                        frames.append(Relayed(size))   # type: ignore[arg-type]
+                    elif flags is not None and flags[len(frames)] & STREAM_FLAG:
+                        got, pos = self._streamed(size, pos, end)
+                        if got is None:
+                            return out
+                        if got is _ABORTED:
+                            self._reset()
+                            break
+                        frames.append(got)
+                    elif flags is not None and flags[len(frames)] & FILE_FLAG:
                         frames.append(self._read_file(size, flags[len(frames)]))
                         self._held += size
                     elif size >= large:
@@ -507,13 +569,78 @@ class FrameDecoder:
                         pos += size
                     else:
                         return out
-                out.append(frames)
-                self._count, self._lengths, self._frames = -1, None, None
-                self._flags = self._spooling = None
-                self._held = 0
+                else:
+                    out.append(frames)
+                    self._reset()
         finally:
             self._pos = pos
         return out
+
+    def _reset(self) -> None:
+        """Ready for the next message."""
+        self._count, self._lengths, self._frames = -1, None, None
+        self._flags = self._spooling = None
+        self._tapping = None
+        self._held = 0
+
+    def _tap_frame(self, size: int, pos: int, end: int, last: bool) -> int:
+        """Hand what has arrived of the current frame to the tap; the
+        position after it (``_tap_left`` is -1 once the frame is whole)."""
+        tap = self._tapping
+        assert tap is not None
+        if self._tap_left < 0:
+            self._tap_left = size
+        n = min(self._tap_left, end - pos)
+        if n:
+            tap.data(self._mv[pos:pos + n])
+            pos += n
+            self._tap_left -= n
+        if not self._tap_left:
+            self._tap_left = -1
+            tap.frame_end(last)
+        return pos
+
+    def _streamed(self, size: int, pos: int, end: int) -> tuple[Any, int]:
+        """Read chunks of a streamed frame (STREAM_FLAG) of ``size`` bytes:
+        ``(frame, pos)`` once its end came, ``(_ABORTED, pos)`` if the
+        message was abandoned, ``(None, pos)`` if more is to come."""
+        mv = self._mv
+        big = self._sbig
+        if big is None:
+            big = self._sbig = self._new_big(size) if size >= self._large else bytearray()
+        while True:
+            left = self._chunk
+            if left:
+                n = min(left, end - pos)
+                if not n:
+                    return None, pos
+                self._append(big, pos, n)
+                pos += n
+                self._chunk = left - n
+                continue
+            if end - pos < CHUNK.size:
+                return None, pos
+            word = CHUNK.unpack_from(mv, pos)[0]
+            pos += CHUNK.size
+            if word == CHUNK_ABORT:
+                self._sbig = None
+                return _ABORTED, pos
+            if word == CHUNK_END:
+                if len(big) != size:
+                    raise ProtocolError(f"a streamed frame ended after {len(big)} of its "
+                                        f"{size} bytes")
+                self._sbig = None
+                self._held += size
+                frame = _finished(big)
+                return (frame if size >= self._large else bytes(frame)), pos
+            if word > size - len(big):
+                raise ProtocolError(f"a chunk of {word} bytes overruns its streamed frame "
+                                    f"({len(big)} of {size} bytes received)")
+            self._chunk = word
+
+
+#: What :meth:`FrameDecoder._streamed` returns for an abandoned message.
+_ABORTED = object()
 
 
 def _finished(big: Big) -> Any:

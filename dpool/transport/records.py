@@ -170,6 +170,9 @@ class SecureDecoder:
     def feed(self, data: ReadableBuffer) -> list[Message]:
         return feed_buffered(self, data)
 
+    def discard(self) -> None:
+        self._inner.discard()
+
     def _open_records(self) -> list[Message]:
         out: list[Message] = []
         mv, pos, end = self._mv, self._pos, self._end

@@ -29,6 +29,10 @@ pytestmark = [pytest.mark.timeout(300),
                                  reason="reads the kernel's high-water marks in /proc")]
 
 SIZE = 256 * 2**20
+#: A node's tree above the worker's own result: it relays the result to the
+#: client as it arrives (transport/forward.py), holding bounded buffers
+#: only (it held the whole frame before: 1.0x).
+RELAYED = 0.25
 
 CHILD = '''
 import json, os, sys
@@ -161,11 +165,13 @@ def test_through_a_node_with_protection_copies_are_bounded(tmp_path, large_node,
                                                            direction):
     """Through a dpool-node with AES-GCM records: the client as above; the
     node's process tree at most 1.5x (issue 15): the node must not hold a
-    whole large frame while its worker holds it too."""
+    whole large frame while its worker holds it too; a result, it relays
+    as it arrives: the tree holds little more than the worker's result."""
     if kind == "numpy":
         pytest.importorskip("numpy")
     client, tree = peaks_above_baseline(tmp_path, kind, direction, large_node)
-    assert client <= 1.2 and tree <= 1.5, (client, tree)
+    assert client <= 1.2 and tree <= (RELAYED if direction == "result" else 1.5), \
+        (client, tree)
 
 
 def test_a_node_frees_an_argument_once_sent_to_the_worker(tmp_path, large_node):
@@ -232,7 +238,9 @@ def test_through_a_node_memory_files_included_the_tree_holds_a_payload_once(
         tmp_path, large_node, node_cgroup, direction):
     """The node tree's peak as its memory cgroup counts it (memory files,
     page cache and socket buffers included) stays within 1.5x too: the
-    worker frees the memory file's pages as it reads them."""
+    worker frees the memory file's pages as it reads them; a result is
+    relayed as it arrives."""
     client, tree, group = peaks_above_baseline(tmp_path, "bytes", direction, large_node,
                                                node_cgroup)
-    assert group <= 1.5, (client, tree, group)
+    print(f"client {client:.2f}, tree {tree:.2f}, cgroup {group:.2f}")
+    assert group <= (RELAYED if direction == "result" else 1.5), (client, tree, group)

@@ -405,7 +405,7 @@ def test_bad_frames_after_auth_close_only_that_connection(how, caplog):
             if how == "limits":
                 bad.send([b"x" * 1001])
             else:
-                bad._stream.write([struct.pack("<IQ", 1, 2**60)])
+                bad._stream.write([struct.pack("<IQ", 1, 2**59)])  # (bits 60-63: flags)
             await until(lambda: closed)
             assert isinstance(closed[0], ProtocolError)
             with pytest.raises(ConnectionClosed):

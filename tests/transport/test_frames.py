@@ -253,7 +253,7 @@ def test_big_header_goes_through_own_buffer():
 
 @pytest.mark.parametrize("raw, pattern", [
     (struct.pack("<I", 65537), r"65537 frames.*max_frames=65536"),
-    (struct.pack("<IQ", 1, 2**60), r"frame length 1152921504606846976.*max_frame_bytes"),
+    (struct.pack("<IQ", 1, 2**59), r"frame length 576460752303423488.*max_frame_bytes"),
     (struct.pack("<IQQQ", 3, 2**32, 2**32, 2**32),
      r"message length 12884901888.*max_message_bytes"),
 ])

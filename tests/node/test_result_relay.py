@@ -1,0 +1,156 @@
+"""A dpool-node relays a large result to its client as it arrives from the
+worker (issue 15): what the client gets when the relay is cut (the worker
+killed, the job cancelled), and that the connection and its other jobs go on.
+
+The client runs in a child process so that the test can stop it (SIGSTOP):
+a client that reads nothing makes the node stop reading the worker (the
+relay's backpressure), so the worker stays blocked in the middle of sending
+its result, with part of it already relayed.  (A node that held the result
+whole before sending it on read it all at once: the worker never blocked.)"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from helpers import node_env, pid_gone, poll_for, start_node
+
+pytestmark = [pytest.mark.timeout(180),
+              pytest.mark.skipif(not sys.platform.startswith("linux")
+                                 or os.uname().machine != "x86_64",
+                                 reason="reads /proc/PID/syscall (x86_64 numbers)")]
+
+SIZE = 64 * 2**20
+SENDMSG = 46  # x86_64
+
+CHILD = '''
+import json, os, sys, time
+import dpool, dpool.futures
+from dpool import DispyJob
+
+def wait_for(path):
+    while not os.path.exists(path):
+        time.sleep(0.01)
+
+def stalled_result(n, pid_file, gate):
+    with open(pid_file + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(pid_file + ".tmp", pid_file)
+    wait_for(gate)
+    return b"y" * n
+
+def other(gate):
+    wait_for(gate)
+    return "other"
+
+def make_bytes(n):
+    return b"z" * n
+
+mode, port, d, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+secret = os.environ["DPOOL_SECRET"]
+out = {}
+if mode == "kill":
+    with dpool.futures.Executor(max_workers=2, nodes=[("127.0.0.1", port)],
+                                secret=secret) as ex:
+        big = ex.submit(stalled_result, n, d + "/pid", d + "/gate")
+        small = ex.submit(other, d + "/gate2")
+        try:
+            big.result(120)
+            out["big"] = "no error"
+        except Exception as exc:
+            out["big"] = type(exc).__name__
+        out["other"] = small.result(120)
+        out["after"] = ex.submit(make_bytes, n).result(120) == b"z" * n
+else:
+    cluster = dpool.JobCluster(stalled_result, nodes=[("127.0.0.1", port)], secret=secret)
+    try:
+        job = cluster.submit(n, d + "/pid", d + "/gate")
+        wait_for(d + "/cancel")
+        cluster.cancel(job)
+        result = job()
+        out["terminated"] = job.status == DispyJob.Terminated
+        out["result"] = None if result is None else len(result)
+        again = cluster.submit(n, d + "/pid2", d + "/gate")
+        out["after"] = again() == b"y" * n
+    finally:
+        cluster.close()
+print(json.dumps(out))
+'''
+
+
+@pytest.fixture
+def node2(tmp_path, node_secret):
+    node = start_node(tmp_path / "node", cpus=2, secret=node_secret)
+    yield node
+    assert node.terminate() == 0, node.stderr()
+
+
+def _syscall(pid):
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _stall_a_result(tmp_path, node, mode):
+    """Start the child client; once its job runs, stop the client and let the
+    job return: returns (child, worker pid) with the worker blocked in the
+    middle of sending its result, part of it relayed."""
+    script = tmp_path / "relay_child.py"
+    script.write_text(CHILD)
+    child = subprocess.Popen([sys.executable, str(script), mode, str(node.port),
+                              str(tmp_path), str(SIZE)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=node_env(node.secret),
+                             cwd=tmp_path)
+    try:
+        poll_for((tmp_path / "pid").exists, 60, message="the job to start")
+        worker = int((tmp_path / "pid").read_text())
+        child.send_signal(signal.SIGSTOP)
+        (tmp_path / "gate").touch()
+        poll_for(lambda: _syscall(worker) == str(SENDMSG), 60,
+                 message="the worker to block sending its result (the node relaying it)")
+    except BaseException:
+        child.kill()
+        child.communicate()
+        raise
+    return child, worker
+
+
+def _finish(child):
+    out, err = child.communicate(timeout=150)
+    assert child.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_worker_killed_in_the_middle_of_a_relayed_result(tmp_path, node2):
+    """WorkerLost for that job, never a truncated result; the job finished
+    meanwhile on the same connection gets its result, and the next large
+    result arrives whole."""
+    child, worker = _stall_a_result(tmp_path, node2, "kill")
+    try:
+        os.kill(worker, signal.SIGKILL)
+        (tmp_path / "gate2").touch()
+        child.send_signal(signal.SIGCONT)
+        found = _finish(child)
+    finally:
+        child.kill()
+    assert found == {"big": "WorkerLost", "other": "other", "after": True}, found
+
+
+def test_job_cancelled_in_the_middle_of_a_relayed_result(tmp_path, node2):
+    """dispy's cancel of a job whose result is being relayed: the job is
+    Terminated (dispy's status for a running job cancelled) with no result,
+    and the connection serves the next job."""
+    child, worker = _stall_a_result(tmp_path, node2, "cancel")
+    try:
+        os.kill(worker, signal.SIGSTOP)   # it sends no more, even once the client reads
+        child.send_signal(signal.SIGCONT)
+        (tmp_path / "cancel").touch()
+        poll_for(lambda: pid_gone(worker), 60, message="the cancel to kill the worker")
+        found = _finish(child)
+    finally:
+        child.kill()
+    assert found["terminated"] and found["result"] is None and found["after"], found

@@ -1,0 +1,178 @@
+"""A message relayed as it arrives (transport/forward.py): a decoder's tap
+writes it on as streamed frames, and the receiving decoder rebuilds it, or
+drops it whole when the relay is abandoned, and reads on."""
+import pytest
+
+from dpool.errors import ProtocolError
+from dpool.transport.forward import Forward
+from dpool.transport.frames import (CHUNK, CHUNK_END, MIN_TAP, STREAM_FLAG, FrameDecoder,
+                                    Relayed, encode)
+
+BIG = b"".join(bytes([i]) * 4096 for i in range(256)) * 2   # 2 MiB, not one repeated byte
+
+
+class Dest:
+    """What a Forward writes to (a Connection's relay methods), recording bytes."""
+
+    def __init__(self):
+        self.wire = bytearray()
+        self.relay = None
+        self.held = []
+        self.write_paused = False
+
+    def begin_relay(self, relay):
+        self.relay = relay
+
+    def relay_write(self, parts):
+        for part in parts:
+            self.wire += part
+
+    def end_relay(self):
+        self.relay = None
+        for frames in self.held:
+            self.send(frames)
+        self.held = []
+
+    def send(self, frames):
+        if self.relay is not None:
+            self.held.append(frames)
+            self.relay.nudge()
+            return
+        for part in encode(frames):
+            self.wire += part
+
+    def when_writable(self, callback):
+        self.resume = callback
+
+
+class Source:
+    paused = False
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+
+
+def relaying_decoder(dest, source, rewrite=b"HEAD"):
+    """A decoder whose messages with a large frame are relayed to ``dest``,
+    their first frame replaced by ``rewrite``."""
+    decoder = FrameDecoder()
+    relays = []
+
+    def tap(frames, lengths, flags):
+        relays.append(Forward(dest, source, [rewrite, *frames[1:]], lengths, flags))
+        return relays[-1]
+    decoder.tap = tap
+    return decoder, relays
+
+
+def feed_in_pieces(decoder, data, piece=100_000):
+    out = []
+    for i in range(0, len(data), piece):
+        out += decoder.feed(data[i:i + piece])
+    return out
+
+
+def wire(frames):
+    return b"".join(bytes(p) for p in encode(frames))
+
+
+@pytest.mark.parametrize("frames", [
+    [b"first", BIG],
+    [b"first", b"small before", BIG, b"after", BIG[:MIN_TAP + 5], b""],
+])
+def test_a_relayed_message_arrives_whole_and_as_sent(frames):
+    dest, source = Dest(), Source()
+    decoder, relays = relaying_decoder(dest, source)
+    got = feed_in_pieces(decoder, wire(frames))
+    assert len(got) == 1 and all(type(f) is Relayed for f in got[0][len(got[0]) - 1:])
+    assert sum(type(f) is Relayed for f in got[0]) == len(frames) - frames.index(BIG)
+    assert decoder.held == 0
+    dest.send([b"sent meanwhile"])       # waits for the relayed message's end
+    relays[0].finish()
+    client = FrameDecoder()
+    received = feed_in_pieces(client, dest.wire, 65_537)
+    assert received == [[b"HEAD", *frames[1:]], [b"sent meanwhile"]]
+    assert type(received[0][frames.index(BIG)]) is bytes   # a whole bytes, rebuilt as one
+    assert not client.partial
+
+
+def test_an_abandoned_relay_is_dropped_and_the_stream_reads_on():
+    dest, source = Dest(), Source()
+    decoder, relays = relaying_decoder(dest, source)
+    data = wire([b"first", BIG])
+    assert feed_in_pieces(decoder, data[:len(data) // 2]) == []
+    dest.send([b"the job's fate"])
+    decoder.discard()       # the worker's connection ended in the middle
+    dest.send([b"next"])
+    client = FrameDecoder()
+    assert feed_in_pieces(client, dest.wire, 4096) == [[b"the job's fate"], [b"next"]]
+    assert client.held == 0 and not client.partial
+
+
+def test_a_silent_source_still_shows_the_relay_alive():
+    """Each message held behind a relay whose source wrote nothing since
+    makes it write an empty chunk (bytes the peer's liveness check counts)."""
+    dest, source = Dest(), Source()
+    decoder, relays = relaying_decoder(dest, source)
+    data = wire([b"first", BIG])
+    feed_in_pieces(decoder, data[:MIN_TAP])
+    before = len(dest.wire)
+    dest.send([b"heartbeat"])
+    assert len(dest.wire) == before        # bytes were relayed since
+    dest.send([b"heartbeat"])
+    assert len(dest.wire) == before + CHUNK.size
+    decoder.feed(data[MIN_TAP:])
+    relays[0].finish()
+    got = FrameDecoder().feed(dest.wire)
+    assert got == [[b"HEAD", BIG], [b"heartbeat"], [b"heartbeat"]]
+
+
+def test_the_source_pauses_while_the_destination_is_full():
+    dest, source = Dest(), Source()
+    decoder, relays = relaying_decoder(dest, source)
+    data = wire([b"first", BIG])
+    dest.write_paused = True
+    feed_in_pieces(decoder, data[:MIN_TAP])
+    assert source.paused
+    dest.write_paused = False
+    dest.resume()
+    assert not source.paused
+
+
+def test_more_bytes_than_announced_do_not_reach_the_relayed_message():
+    """A source that sends past its declared lengths: the relayed message is
+    exactly what was declared; the excess is a framing error on the source's
+    own link only."""
+    dest, source = Dest(), Source()
+    decoder, relays = relaying_decoder(dest, source)
+    got = feed_in_pieces(decoder, wire([b"first", BIG]))
+    relays[0].finish()
+    with pytest.raises(ProtocolError):
+        decoder.feed(b"\xff" * 64)
+    dest.send([b"next"])
+    assert FrameDecoder().feed(dest.wire) == [[b"HEAD", BIG], [b"next"]]
+    assert len(got) == 1
+
+
+def _streamed(size, chunks, end=CHUNK_END):
+    head = (1).to_bytes(4, "little") + (size | STREAM_FLAG).to_bytes(8, "little")
+    body = b"".join(CHUNK.pack(len(c)) + c for c in chunks)
+    return head + body + CHUNK.pack(end)
+
+
+@pytest.mark.parametrize("data, why", [
+    (_streamed(10, [b"x" * 11]), "overruns"),
+    (_streamed(10, [b"x" * 6, b"y" * 5]), "overruns"),
+    (_streamed(10, [b"x" * 9]), "ended after 9"),
+])
+def test_a_malformed_streamed_frame_is_a_protocol_error(data, why):
+    with pytest.raises(ProtocolError, match=why):
+        FrameDecoder().feed(data)
+
+
+def test_a_streamed_frame_may_be_small_and_chunked_any_way():
+    data = _streamed(10, [b"", b"abc", b"", b"defghij"]) + wire([b"next"])
+    assert FrameDecoder().feed(data) == [[b"abcdefghij"], [b"next"]]
