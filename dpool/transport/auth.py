@@ -99,8 +99,9 @@ Hello = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
 
 log = logging.getLogger("dpool.transport")
 
-# 2: attempt numbers in RUN and DONE, HEARTBEAT; 3: BYTES_FLAG in frame lengths
-PROTOCOL_VERSION = 3
+# 2: attempt numbers in RUN and DONE, HEARTBEAT; 3: BYTES_FLAG in frame lengths;
+# 4: STREAM_FLAG (a frame relayed in chunks, forward.py)
+PROTOCOL_VERSION = 4
 
 MAGIC = b"DPOOL\x00\x02\x00"
 NONCE_SIZE = 32
