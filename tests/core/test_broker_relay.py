@@ -33,7 +33,8 @@ class FakeFair:
 
 def session_with_jobs_on(legs_jobs):
     """A ClientSession whose jobs ``{leg: [job ids]}`` are placed on fake legs."""
-    broker = types.SimpleNamespace(fair=FakeFair(), place_soon=lambda: None)
+    broker = types.SimpleNamespace(fair=FakeFair(), place_soon=lambda: None,
+                                   reopen=lambda port: None)
     session = ClientSession(broker, FakeConn(), 1)
     for leg, job_ids in legs_jobs.items():
         for job_id in job_ids:
