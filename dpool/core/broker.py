@@ -43,6 +43,7 @@ from ..errors import BrokenCluster, NodeLost
 from ..protocol import Outcome
 from ..transport import PROTOCOL_VERSION, Connection, start_server
 from ..transport.budget import ReceiveBudget
+from ..transport.frames import _nbytes
 from .computation import Computation
 from .keep import KEEP_RESULTS, Keeping, Kept
 from .nodecalls import NodeCalls
@@ -74,6 +75,14 @@ MAX_FORGOTTEN = MAX_FOUND
 #: Seconds over which changes to a client's nodes (joined, lost) are
 #: gathered into one Ready (ClientSession.tell_ready_soon).
 READY_COALESCE = 0.1
+#: The nodes' Done messages of one pass merged into one for a client
+#: (ClientSession.flush) while it has at most this many frames and bytes;
+#: one past them goes alone, as it came.  Well within the client's Limits
+#: (transport.frames: max_frames, max_message_bytes), which each node's
+#: message is within but several merged need not be; merging large
+#: results saves nothing.
+MERGE_MAX_FRAMES = 4096
+MERGE_MAX_BYTES = 1 << 20
 _ENV = (P.SetupDone, P.SetupFail, P.FileDone)  # the computation's (computation.py)
 _PASSED_ON = (P.Provisional, P.SendFile)
 
@@ -299,6 +308,8 @@ class ClientSession(P.Served):
         """Recover instead of Session: take over a detached session (keep.py)."""
         broker = self.broker
         old = broker.detached.pop(msg.token, None) if not self.options else None
+        if old is not None:  # results read in this pass: kept, told after Ready
+            old.flush()
         if old is None or old.ended:
             self.tell([P.encode(P.Refused, f"scheduler {broker.name} keeps no results for "
                                            f"that session (unknown, or the time to recover "
@@ -495,15 +506,31 @@ class ClientSession(P.Served):
         out, self.out = self.out, []
         if self.ended:
             return
+        merged: list[tuple[list, list]] = []
+        nframes = nbytes = 0
+        for records, frames in out:
+            size = sum(map(_nbytes, frames))
+            if merged and (nframes + len(frames) > MERGE_MAX_FRAMES
+                           or nbytes + size > MERGE_MAX_BYTES):
+                self._tell_merged(merged)
+                merged, nframes, nbytes = [], 0, 0
+            merged.append((records, frames))
+            nframes += len(frames)
+            nbytes += size
+        if merged:
+            self._tell_merged(merged)
+
+    def _tell_merged(self, out: list[tuple[list, list]]) -> None:
+        """One Done for ``out`` (the node's own message if it is alone)."""
         if len(out) == 1:
             self._tell(out[0][1])
-        elif out:
-            results: list = []
-            payload: list = []
-            for records, frames in out:
-                results += records
-                payload += frames[1:]
-            self._tell([P.encode(P.Done, results), *payload])
+            return
+        results: list = []
+        payload: list = []
+        for records, frames in out:
+            results += records
+            payload += frames[1:]
+        self._tell([P.encode(P.Done, results), *payload])
 
     def tell(self, frames: list) -> None:
         """Send a message to the client (or keep it, while detached): after
@@ -689,6 +716,10 @@ class ClientSession(P.Served):
     def end(self, why: str) -> None:
         if self.ended:
             return
+        if self.out:  # the results read in this pass are the client's (or kept)
+            self.flush()
+            if self.ended:  # (past what may be kept for the clients gone)
+                return
         self.ended = True
         broker = self.broker
         if broker.exclusive is self:

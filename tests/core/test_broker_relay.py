@@ -15,6 +15,7 @@ pytestmark = pytest.mark.timeout(10)
 
 class FakeConn:
     closed = False
+    peer = "client"
 
     def __init__(self):
         self.sent = []
@@ -115,3 +116,82 @@ def test_results_waiting_when_the_session_ends_are_not_sent():
     session = session_with_jobs_on({a: [1]})
     deliver(session, [(a, done_message(1))], then=lambda: setattr(session, "ended", True))
     assert session.conn.sent == []
+
+
+def test_results_waiting_when_the_scheduler_ends_the_session_go_first():
+    # (Broker.close after drain: a result read in the pass that ends the
+    # session is the client's, not dropped: it ran once, it is not run again)
+    a = leg()
+    session = session_with_jobs_on({a: [1]})
+    session.broker.fair.remove_client = lambda client: None
+    session.broker.clients, session.broker.exclusive = set(), None
+    session.broker.watch = types.SimpleNamespace(discard=lambda conn: None)
+    session.broker.pinned = 0
+    session.conn.close = lambda: setattr(session.conn, "closed", True)
+    deliver(session, [(a, done_message(1))], then=lambda: session.end("scheduler shutting down"))
+    assert received(session) == [("Done", [1], [b"result 1"])]
+    assert session.conn.closed
+
+
+class FakeKeeping:
+    results = bytes = 0
+
+    def within(self):
+        return True
+
+
+def test_results_read_in_the_pass_of_a_recover_come_after_ready_and_the_kept_ones():
+    # The client trusts a Done only for the jobs Ready(recovered) listed: a
+    # result sent before it would close the recovered session (client._on_done)
+    a = leg()
+    session = session_with_jobs_on({a: [1, 2]})
+    broker = session.broker
+    broker.watch = types.SimpleNamespace(discard=lambda conn: None)
+    broker.keep_results, broker.keeping, broker.detached = 60.0, FakeKeeping(), {}
+    broker.clients, broker.info = set(), lambda: {"cpus": 1, "name": "sched"}
+    session.options = {"recover_token": "tok"}
+
+    async def run():
+        session.detach(None)
+        session.on_leg_message(a, P.decode(done_message(1)[0]), done_message(1))
+        await asyncio.sleep(0)  # kept
+        session.on_leg_message(a, P.decode(done_message(2)[0]), done_message(2))
+        new = ClientSession(broker, FakeConn(), 2)  # Recover read in the same pass
+        new.conn.set_receiver = lambda *handlers: None
+        new.on_recover(P.Recover("tok", False), [])
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return new.conn
+    session.conn = asyncio.run(run())
+    got = received(session)
+    assert got[0][0] == "Ready" and got[0][1][0]["kept"] == [1, 2]
+    assert got[1:] == [("Done", [1], [b"result 1"]), ("Done", [2], [b"result 2"])]
+
+
+def test_a_merged_message_stays_within_what_the_client_receives():
+    # The client's Limits (transport.frames) close a connection whose message
+    # declares more frames than max_frames: merging many nodes' results must
+    # not make one from messages each within it
+    from dpool.transport.frames import Limits
+    limit = Limits().max_frames
+    each = limit // 4
+    legs = [leg() for _ in range(6)]
+    ids = iter(range(1, 6 * each + 1))
+    jobs = {where: [next(ids) for _ in range(each)] for where in legs}
+    session = session_with_jobs_on(jobs)
+    deliver(session, [(where, done_message(*job_ids)) for where, job_ids in jobs.items()])
+    assert all(len(frames) <= limit for frames in session.conn.sent)
+    got = [job_id for _, job_ids, _ in received(session) for job_id in job_ids]
+    assert got == list(range(1, 6 * each + 1))  # each once, in order
+
+
+def test_large_results_are_not_merged_past_the_bytes_limit(monkeypatch):
+    # (bytes: max_message_bytes is 8 GiB; a smaller bound stands in for it)
+    from dpool.core import broker
+    monkeypatch.setattr(broker, "MERGE_MAX_BYTES", 100)
+    a, b, c = leg(), leg(), leg()
+    session = session_with_jobs_on({a: [1], b: [2], c: [3]})
+    big = [P.encode(P.Done, [P.result(1, P.Outcome.OK, 1)]), b"x" * 150]
+    deliver(session, [(a, big), (b, done_message(2)), (c, done_message(3))])
+    assert session.conn.sent[0] == big  # as it came
+    assert received(session)[1:] == [("Done", [2, 3], [b"result 2", b"result 3"])]
