@@ -87,6 +87,10 @@ _ENV = (P.SetupDone, P.SetupFail, P.FileDone)  # the computation's (computation.
 _PASSED_ON = (P.Provisional, P.SendFile)
 
 
+def _pinned_share(session: ClientSession) -> tuple[float, int]:
+    return (session.running + 1) / session.weight, session.sid
+
+
 def _node_entry(port: NodePort) -> dict:
     """A node as its clients see it (``nodes`` in Ready)."""
     name = (port.anchor.info if port.anchor else {}).get("name") or port.host
@@ -682,22 +686,17 @@ class ClientSession(P.Served):
             item, _ = self.pending.pop(job_id)
             self.report(job_id, Outcome.WORKER_LOST, frames, attempt=item[4])
 
-    def take_pinned(self, port: NodePort, free: int) -> int:
-        """Place this client's jobs pinned to ``port``'s host there, up to
-        ``free``; the CPUs left."""
+    def take_pinned(self, port: NodePort, batch: list) -> bool:
+        """One of this client's jobs pinned to ``port``'s host into
+        ``batch``; False if it has none it may place there now."""
         queue = self.pinned.get(port.host)
-        leg = self.usable(port)
-        if not queue or leg is None:
-            return free
-        batch: list = []
-        while queue and free > 0 and self.running < self.limit and self.calls.may_place(port):
-            job_id = next(iter(queue))
-            self.unqueue_pin(job_id)
-            self.take(port, job_id, batch)
-            free -= 1
-        if batch:
-            self.send(leg, batch)
-        return free
+        if (not queue or self.running >= self.limit or self.usable(port) is None
+                or not self.calls.may_place(port)):
+            return False
+        job_id = next(iter(queue))
+        self.unqueue_pin(job_id)
+        self.take(port, job_id, batch)
+        return True
 
     def send(self, leg: Link, batch: list) -> None:
         sent = self.sent_fns[leg]
@@ -987,8 +986,21 @@ class Broker:
             client.send(client.legs[port], batch)
 
     def _fill_pinned(self, port: NodePort, free: int) -> int:
-        for session in list(self.clients):
-            free = session.take_pinned(port, free)
+        """Jobs pinned to ``port``'s host, one CPU at a time to the client
+        furthest below its weighted share, ``(running + 1) / weight`` (the
+        fair share's rule; ties to the client that came first); the CPUs left."""
+        host = port.host
+        waiting = [session for session in self.clients if session.pinned.get(host)]
+        batches: dict[ClientSession, list] = {}
+        while free > 0 and waiting:
+            session = min(waiting, key=_pinned_share)
+            if session.take_pinned(port, batches.setdefault(session, [])):
+                free -= 1
+            else:
+                waiting.remove(session)
+        for session, batch in batches.items():
+            if batch:
+                session.send(session.legs[port], batch)
         return free
 
     def _reclaim_ahead(self, active: list[ClientSession]) -> None:

@@ -79,9 +79,11 @@ def test_set_node_cpus_limits_this_clients_jobs_on_the_node_only(scheduler, thre
                  message="the node's CPUs as this cluster may use them")
         assert {n.ip_addr: n.cpus for n in b.status().nodes}[node1] == 2
         jobs_a = [a.submit_node(node1, 0.3) for _ in range(3)]
-        jobs_b = [b.submit_node(node1, 0.5) for _ in range(2)]
-        assert [j() for j in jobs_a] == [0.3] * 3 and [j() for j in jobs_b] == [0.5] * 2
+        assert [j() for j in jobs_a] == [0.3] * 3
         assert not overlapped(jobs_a), "more of its jobs ran at once than set_node_cpus allows"
+        # b alone on the node (while a competes, fair share gives each one CPU)
+        jobs_b = [b.submit_node(node1, 0.5) for _ in range(2)]
+        assert [j() for j in jobs_b] == [0.5] * 2
         assert overlapped(jobs_b), "another client's set_node_cpus limited this one"
         assert a.set_node_cpus("127.0.0.9", 1) == -1
     finally:
@@ -195,3 +197,31 @@ def test_bad_node_calls_answer_minus_one_and_lose_nothing(scheduler, three_nodes
         assert client.submit(identity, (7,)).future.result(30) == 7  # the session goes on
     finally:
         client.close()
+
+
+def test_pinned_jobs_of_two_clients_share_the_node_fairly(scheduler, three_nodes, tmp_path):
+    """A CPU freeing on a node both clients pinned jobs to goes to the one
+    furthest below its share (the fair share's rule), whatever order the
+    scheduler holds its clients in."""
+    node1 = three_nodes[1].host  # 2 CPUs
+    a, b = shared(scheduler, fn=hold), shared(scheduler, fn=hold)
+    marks = {name: str(tmp_path / name) for name in ("a0", "a1", "a2", "b0")}
+    gates = {name: mark + ".gate" for name, mark in marks.items()}
+    jobs = []
+    try:
+        jobs += [a.submit_node(node1, marks[n], gates[n]) for n in ("a0", "a1", "a2")]
+        poll_for(lambda: os.path.exists(marks["a0"]) and os.path.exists(marks["a1"]), 30,
+                 message="a's first two jobs to take the node's CPUs")
+        jobs.append(b.submit_node(node1, marks["b0"], gates["b0"]))
+        assert b.set_node_cpus(node1, 2) == 2  # (after its Run: b0 queued there now)
+        open(gates["a0"], "w").close()
+        poll_for(lambda: os.path.exists(marks["a2"]) or os.path.exists(marks["b0"]), 30,
+                 message="a job to take the CPU freed")
+        assert os.path.exists(marks["b0"]) and not os.path.exists(marks["a2"]), \
+            "the client with 2 jobs running there took the CPU before the one with none"
+    finally:
+        for gate in gates.values():
+            open(gate, "w").close()
+        [job() for job in jobs]
+        a.close()
+        b.close()
