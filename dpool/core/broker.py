@@ -137,6 +137,7 @@ class ClientSession(P.Served):
         # Done messages from the nodes not passed on yet: (results, frames)
         # each; those of one pass of the loop go to the client as one (flush).
         self.out: list[tuple[list, list]] = []
+        self.starts: list[tuple] = []  # Started entries to pass on with them (flush)
         self.handlers = {P.Session: self.on_session, P.Func: self.on_func, P.Run: self.on_run,
                          P.Cancel: self.on_cancel, P.Bye: self.on_bye, P.Forget: self.on_forget,
                          P.File: self.env.on_file, P.Setup: self.env.on_setup,
@@ -420,9 +421,7 @@ class ClientSession(P.Served):
             self.on_done(leg, msg, frames)
         elif kind is P.Started:
             if self.options.get("notify_start"):
-                host = leg.port.host
-                self.tell([P.encode(P.Started, [(job[0], job[1], host)
-                                                     for job in msg.jobs])])
+                self.on_started(leg, msg)
         elif kind is P.GiveBack:
             self.requeue(leg, msg.job_ids)
         elif kind in _ENV:
@@ -449,10 +448,19 @@ class ClientSession(P.Served):
         self.counts["done"] += len(msg.results)
         if self.limit < 1 << 62 or self.calls.caps:
             self.sync()
-        if not self.out:
+        if not self.out and not self.starts:
             asyncio.get_running_loop().call_soon(self.flush)
         self.out.append((msg.results, frames))
         self.broker.place_soon()
+
+    def on_started(self, leg: Link, msg: Any) -> None:
+        """Jobs started on a node: passed on with the pass's results (flush),
+        one Started message ahead of their Done, not one per node's notice
+        (which would also split the pass's Done)."""
+        if not self.out and not self.starts:
+            asyncio.get_running_loop().call_soon(self.flush)
+        host = leg.port.host
+        self.starts += [(job[0], job[1], host) for job in msg.jobs]
 
     def on_leg_closed(self, leg: Link, exc: BaseException | None) -> None:
         """The leg (or its node) went away: its jobs are placed again."""
@@ -508,8 +516,11 @@ class ClientSession(P.Served):
         is the only one), so that the client reads one message, not one per
         node (the scheduler's share of the path's CPU per job)."""
         out, self.out = self.out, []
+        starts, self.starts = self.starts, []
         if self.ended:
             return
+        if starts:  # (before any Done: a job's start comes before its result)
+            self._tell([P.encode(P.Started, starts)])
         merged: list[tuple[list, list]] = []
         nframes = nbytes = 0
         for records, frames in out:
@@ -539,7 +550,7 @@ class ClientSession(P.Served):
     def tell(self, frames: list) -> None:
         """Send a message to the client (or keep it, while detached): after
         the results waiting to be passed on, so that the order holds."""
-        if self.out:
+        if self.out or self.starts:
             self.flush()
         self._tell(frames)
 

@@ -195,3 +195,16 @@ def test_large_results_are_not_merged_past_the_bytes_limit(monkeypatch):
     deliver(session, [(a, big), (b, done_message(2)), (c, done_message(3))])
     assert session.conn.sent[0] == big  # as it came
     assert received(session)[1:] == [("Done", [2, 3], [b"result 2", b"result 3"])]
+
+
+def test_starts_of_a_pass_go_as_one_message_ahead_of_its_results():
+    """A client's futures run once their job starts (notify_start): the
+    nodes' Started notices of one pass reach it as one message, before the
+    pass's Done, which they no longer split."""
+    a, b = leg(), leg()
+    session = session_with_jobs_on({a: [1, 2], b: [3]})
+    session.options = {"notify_start": True}
+    deliver(session, [(a, [P.encode(P.Started, [(2, 10.0)])]), (a, done_message(1)),
+                      (b, [P.encode(P.Started, [(3, 11.0)])]), (a, done_message(2))])
+    assert received(session) == [("Started", ([(2, 10.0, "node"), (3, 11.0, "node")],), []),
+                                 ("Done", [1, 2], [b"result 1", b"result 2"])]
