@@ -82,7 +82,7 @@ class NodeCalls:
                 self.send_file(msg.req_id, port, msg.arg, frames[1:])
                 return
             result = -1 if port is None else self._ops[msg.op](port, msg.arg)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             log.warning("%s: bad node call %r on %r: %s", self.session, msg.op, msg.host, exc)
             result = -1
         if asyncio.iscoroutine(result):

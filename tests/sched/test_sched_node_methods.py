@@ -187,7 +187,9 @@ def test_bad_node_calls_answer_minus_one_and_lose_nothing(scheduler, three_nodes
         host = three_nodes[0].host
         calls = [("cpus", host, "many"), ("file", host, ("x", 0o644)),  # (no data)
                  ("file", host, "not a pair"), ("explode", host, None),
-                 ("cpus", "127.0.0.9", 1), ("cpus", ["not", "a host"], 1)]
+                 ("cpus", "127.0.0.9", 1), ("cpus", ["not", "a host"], 1),
+                 ("cpus", host, float("inf")), ("cpus", host, float("nan")),
+                 (["op"], host, None), ("close", None, None)]
         for req_id, (op, where, arg) in enumerate(calls, 1):
             client.call_soon(lambda r=req_id, o=op, w=where, a=arg: link.conn.send(
                 [P.encode(P.NodeCall, r, o, w, a)]))
