@@ -210,10 +210,11 @@ class NodeCalls:
         if leg is None or not leg.ready or len(data) != 1 or not isinstance(name, str):
             self.reply(req_id, -1)
             return
+        mode = int(mode)  # (a bad one raises before the answer is registered: answered once)
         file_id = next(self._file_ids)
         self.session.env.files[file_id] = [{leg}, None,
                                            lambda error: self.reply(req_id, -1 if error else 0)]
-        leg.send([P.encode(P.File, file_id, name, int(mode)), *data])
+        leg.send([P.encode(P.File, file_id, name, mode), *data])
 
     def changed(self) -> None:
         self.session.sync()

@@ -227,3 +227,27 @@ def test_pinned_jobs_of_two_clients_share_the_node_fairly(scheduler, three_nodes
         [job() for job in jobs]
         a.close()
         b.close()
+
+
+def test_a_file_call_with_a_bad_mode_is_answered_once(scheduler, three_nodes):
+    # (the scheduler registered the file's answer before reading its mode:
+    # the leg's end answered the call a second time)
+    replies: queue.Queue = queue.Queue()
+    client = Client([scheduler.address], secret=SECRET)
+    client.register({P.NodeReply: lambda link, msg, frames: replies.put(msg)})
+    client.start()
+    try:
+        link = client.nodes()[0]
+        host = three_nodes[0].host
+        assert client.submit(identity, (7,)).future.result(30) == 7  # (its legs are open)
+        client.call_soon(lambda: link.conn.send([P.encode(P.NodeCall, 1, "file", host,
+                                                          ("x", "bad")), b"data"]))
+        client.call_soon(lambda: link.conn.send([P.encode(P.NodeCall, 2, "close", host,
+                                                          False)]))
+        got = [replies.get(timeout=10) for _ in range(2)]
+        assert sorted((msg.req_id, msg.result) for msg in got) == [(1, -1), (2, 0)]
+        client.call_soon(lambda: link.conn.send([P.encode(P.NodeCall, 3, "deallocate",
+                                                          host, None)]))
+        assert replies.get(timeout=10).req_id == 3, "a call answered twice"
+    finally:
+        client.close()
