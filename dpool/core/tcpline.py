@@ -44,6 +44,7 @@ from typing import Any
 from .. import protocol as P
 from ..errors import ConnectionClosed, ProtocolError
 from ..transport.lent import LentSocket
+from .direct import _HeldInterrupts
 
 __all__ = ["TcpLine"]
 
@@ -174,7 +175,6 @@ class TcpLine:
     def collect(self, future: Any, timeout: float | None) -> None:
         """Read the answer to ``future``'s job here, within ``timeout``
         (after which the loop thread reads on); nothing if it can't."""
-        handover: tuple[Any, Any] | None = ((), None)
         with self.lock:
             job = self.job
             if job is None or job.future is not future or self.owner is not None:
@@ -183,30 +183,82 @@ class TcpLine:
             if self.wanted or self.closed:
                 self.owner = _LOOP
                 job = None
-        if job is not None:
-            handover = self._read(job, timeout)
-        if handover is not None:
-            self._in_loop(self._take_back, *handover)
+        if job is None:
+            self._in_loop(self._take_back, (), None)
+            return
+        self._read(job, timeout)
 
-    def _read(self, job: Any, timeout: float | None) -> tuple[Any, Any] | None:
-        """(the owner) Read until ``job``'s DONE; None once it is finished
-        here, else what to hand the loop thread (messages, error) with the
-        line set to _LOOP."""
+    def _read(self, job: Any, timeout: float | None) -> None:
+        """(the owner) Read until ``job``'s DONE and finish it here, or hand
+        the link to the loop thread with what was read (a timeout, a request
+        for the link, anything else).  A SIGINT that lands once bytes are
+        read is delivered when they are handled (the DONE in its future, or
+        handed on), as on the local path: else they would be lost."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = self.poller
+        handled = False
         try:
-            outcome = self._wait_done(job, timeout)
+            while not handled:
+                if deadline is None:
+                    ms = -1
+                else:
+                    ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+                events = poller.poll(ms)
+                with _HeldInterrupts():
+                    handled = self._handle(job, events, deadline is not None and ms == 0)
         except BaseException:  # (KeyboardInterrupt) mid-decode: the stream's state is lost
-            error = ConnectionClosed("interrupted while reading a direct call's answer") \
-                if self._mid_read else None
-            self._mid_read = False
-            with self.lock:
-                self.owner = _LOOP
-            self._in_loop(self._take_back, (), error)
+            if not handled:
+                error = ConnectionClosed("interrupted while reading a direct call's "
+                                         "answer") if self._mid_read else None
+                self._mid_read = False
+                self._hand_back((), error)
             raise
-        kind, frames, rest = outcome
+
+    def _handle(self, job: Any, events: list[Any], timed_out: bool) -> bool:
+        """(the owner) What poll found: False to wait on, True once the line
+        is settled (``job`` finished here, or the link handed back)."""
+        if not events:
+            if timed_out:
+                self._hand_back((), None)
+            return timed_out
+        if any(fd == self.wake for fd, _ in events):
+            self._hand_back((), None)
+            return True
+        lent = self.lent
+        assert lent is not None
+        self._mid_read = True
+        try:
+            messages = lent.receive()
+        except BlockingIOError:
+            self._mid_read = False
+            return False
+        except (OSError, ProtocolError) as exc:
+            self._mid_read = False
+            self._hand_back((), exc if isinstance(exc, ProtocolError) else None)
+            return True
+        self._mid_read = False
+        if messages is None:  # the end: the loop thread reads it too
+            self._hand_back((), None)
+            return True
+        found = self._sort(job, messages)
+        if found is None:
+            return False
+        kind, frames, rest = found
         if kind != "done":
-            with self.lock:
-                self.owner = _LOOP
-            return frames, rest
+            self._hand_back(frames, rest)
+            return True
+        self._finish(job, frames, rest)
+        return True
+
+    def _hand_back(self, messages: Any, error: BaseException | None) -> None:
+        """(the owner) The loop thread takes the link, ``messages`` and ``error``."""
+        with self.lock:
+            self.owner = _LOOP
+        self._in_loop(self._take_back, messages, error)
+
+    def _finish(self, job: Any, frames: Any, rest: Any) -> None:
+        """(the owner) ``job``'s DONE read: its future resolved here; the
+        link handed back if asked for, or with what came after the DONE."""
         fns = self.link.fns
         count = fns.get(job.fn_id)
         if count:
@@ -216,42 +268,8 @@ class TcpLine:
             handback = bool(rest) or self.wanted or self.closed
             self.owner = _LOOP if handback else None
         self.client._direct_done(job, frames)
-        return (rest, None) if handback else None
-
-    def _wait_done(self, job: Any, timeout: float | None) -> tuple[str, Any, Any]:
-        """("done", DONE frames, [messages after it]) or ("other", [messages
-        for the loop thread], error or None)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        poller, lent, wake = self.poller, self.lent, self.wake
-        assert lent is not None
-        while True:
-            if deadline is None:
-                ms = -1
-            else:
-                ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
-            events = poller.poll(ms)
-            if not events:
-                if deadline is not None and ms == 0:
-                    return "other", (), None
-                continue
-            for fd, _ in events:
-                if fd == wake:
-                    return "other", (), None
-            self._mid_read = True
-            try:
-                messages = lent.receive()
-            except BlockingIOError:
-                self._mid_read = False
-                continue
-            except (OSError, ProtocolError) as exc:
-                self._mid_read = False
-                return "other", (), exc if isinstance(exc, ProtocolError) else None
-            self._mid_read = False
-            if messages is None:  # the end: the loop thread reads it too
-                return "other", (), None
-            found = self._sort(job, messages)
-            if found is not None:
-                return found
+        if handback:
+            self._in_loop(self._take_back, rest, None)
 
     @staticmethod
     def _sort(job: Any, messages: list[Any]) -> tuple[str, Any, Any] | None:

@@ -4,6 +4,7 @@ the calling thread (dpool/core/tcpline.py).  Every way of waiting, failing,
 cancelling and closing must behave as on the normal path."""
 import concurrent.futures as cf
 import os
+import signal
 import threading
 
 import pytest
@@ -340,15 +341,55 @@ def test_an_interrupt_while_reading_a_direct_call(executor, monkeypatch):
     import dpool.core.tcpline as tcpline
 
     future = direct_submit(executor, tasks.square, 8)
-    line = future._line
 
-    def interrupted(job, timeout):
+    def interrupted(self, job, events, timed_out):  # (as if in poll: nothing read)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(line, "_wait_done", interrupted)
+    monkeypatch.setattr(tcpline.TcpLine, "_handle", interrupted)
     with pytest.raises(KeyboardInterrupt):
         future.result(30)
     monkeypatch.undo()
     assert future.result(30) == 64  # the loop thread read it
     assert direct_submit(executor, tasks.square, 9).result(30) == 81
     assert tcpline  # (imported for the patch target's module)
+
+
+def interrupt_main_thread():
+    """Ctrl-C, as the kernel delivers it: SIGINT, handled in the main thread."""
+    assert threading.current_thread() is threading.main_thread()
+    signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.parametrize("point", [
+    (TcpLine, "_sort", "after"),    # the DONE read off the socket, not yet in its future
+    ("client", "_direct_done", "before"),  # the line given back, the answer not yet decoded
+])
+def test_an_interrupt_after_the_answer_was_read_loses_nothing(executor, monkeypatch, point):
+    """Ctrl-C landing once result() has taken the answer off the link (the
+    DONE read and opened, or being unpickled): result() raises
+    KeyboardInterrupt, but the answer is kept (the next result() returns
+    it) and the link is usable (on the local path: eb83d7b)."""
+    owner, name, when = point
+    if owner == "client":
+        owner = executor._client
+    real, fired = getattr(owner, name), []
+
+    def hook(*args, **kwargs):
+        fire = not fired and threading.current_thread() is threading.main_thread()
+        fired.append(1)
+        if fire and when == "before":
+            interrupt_main_thread()
+        value = real(*args, **kwargs)
+        if fire and when == "after":
+            interrupt_main_thread()
+        return value
+
+    future = direct_submit(executor, tasks.square, 7)
+    monkeypatch.setattr(owner, name, hook if owner is executor._client else staticmethod(hook))
+    with pytest.raises(KeyboardInterrupt):
+        future.result(30)
+    monkeypatch.undo()
+    assert future.result(30) == 49
+    assert direct_submit(executor, tasks.square, 8).result(30) == 64
+    executor._client.wait(30)
+    assert not executor._client._unfinished
