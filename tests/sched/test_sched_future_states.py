@@ -47,3 +47,31 @@ def test_a_future_runs_once_its_job_started_and_cancels_while_queued(tmp_path):
     finally:
         sched.terminate()
         node.kill()
+
+
+def test_a_pending_future_whose_job_is_placed_on_a_node_cancels_it_there(tmp_path):
+    """The scheduler's read-ahead places a job on a node before it starts:
+    its future is still pending, and ``cancel()`` stops the job on the node
+    (it never runs), as docs/scheduler.md says."""
+    node = start_node(tmp_path / "node", cpus=1, secret=SECRET, args=("--host", "127.0.0.5"))
+    sched = start_scheduler(tmp_path / "sched", [("127.0.0.5", node.port)], SECRET)
+    gate = str(tmp_path / "gate")
+    try:
+        with Executor(scheduler=sched.address, secret=SECRET) as ex:
+            first = ex.submit(hold, str(tmp_path / "m0"), gate)
+            poll_for(lambda: first.running() and os.path.exists(tmp_path / "m0"), 30,
+                     message="the first job to start on the node")
+            placed = ex.submit(hold, str(tmp_path / "m1"), gate)
+            poll_for(lambda: scheduler_jobs(sched) == (2, 0), 30,
+                     message="the second job placed on the node behind the first")
+            assert not placed.running() and placed.cancel() and placed.cancelled()
+            poll_for(lambda: scheduler_jobs(sched) == (1, 0), 30,
+                     message="the cancelled job to leave the node")
+            open(gate, "w").close()
+            assert first.result(30)
+            after = ex.submit(hold, str(tmp_path / "m2"), gate)
+            after.result(30)
+            assert not os.path.exists(tmp_path / "m1"), "the cancelled job ran on the node"
+    finally:
+        sched.terminate()
+        node.kill()
