@@ -337,6 +337,30 @@ def test_an_interrupt_while_sending_a_direct_call(executor, monkeypatch, cut):
              message="the interrupted call to be settled")
 
 
+def test_an_interrupt_that_cant_tell_how_far_the_send_got_ends_the_connection(
+        executor, monkeypatch):
+    """Ctrl-C in a send before it recorded anything: whether any bytes went
+    can't be told, so the connection ends (docs/security.md: never a nonce
+    reused, never half a record followed by another), as for a lost node: no
+    call was made, and a client whose only node that was is broken
+    (docs/failures.md: with no node left, BrokenCluster)."""
+    import dpool.transport.lent as lent
+
+    def interrupted(self, messages):
+        raise KeyboardInterrupt
+
+    client = executor._client
+    conn = line_of(client).link.conn
+    parked(client)
+    monkeypatch.setattr(lent.LentSocket, "send", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        executor.submit(tasks.square, 5)
+    monkeypatch.undo()
+    poll_for(lambda: conn.closed, message="the connection to end")
+    with pytest.raises(BrokenCluster, match="direct call .* was cut short"):
+        executor.submit(tasks.square, 6).result(30)
+
+
 def test_an_interrupt_while_reading_a_direct_call(executor, monkeypatch):
     import dpool.core.tcpline as tcpline
 
