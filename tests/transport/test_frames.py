@@ -13,7 +13,7 @@ from dpool.transport import FrameDecoder, Limits, encode, header
 from dpool.transport import auth
 from dpool.transport.blocking import sendmsg_all
 from dpool.transport import inplace
-from dpool.transport.frames import BYTES_FLAG, CONSUME_FLAG, LARGE, RECV_BUFFER_SIZE
+from dpool.transport.frames import BYTES_FLAG, LARGE, RECV_BUFFER_SIZE, STREAM_FLAG
 
 
 def wire(messages):
@@ -336,8 +336,10 @@ def test_huge_counts_rejected(count):
         FrameDecoder().feed(struct.pack("<I", count))
 
 
-@given(length=st.integers(4 * 2**30 + 1, CONSUME_FLAG - 1), flag=st.sampled_from([0, BYTES_FLAG]))
+@given(length=st.integers(4 * 2**30 + 1, STREAM_FLAG - 1),
+       flag=st.sampled_from([0, BYTES_FLAG, STREAM_FLAG, STREAM_FLAG | BYTES_FLAG]))
 def test_huge_lengths_rejected(length, flag):
+    # (bit 60 and up are flags: 2**60 is a streamed frame of length 0, not a huge length)
     with pytest.raises(ProtocolError, match="max_frame_bytes"):
         FrameDecoder().feed(struct.pack("<IQ", 1, length | flag))
 
