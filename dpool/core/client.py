@@ -288,6 +288,7 @@ class Client:
         self.embedded = None
         self._ids = itertools.count(1)
         self._incoming: collections.deque[tuple[Job, Any]] = collections.deque()  # (job, pin)
+        self._cancel_early: set[int] = set()  # ids cancelled before the loop took them in
         self._wake_pending = False
         self._unfinished = set()  # futures not yet resolved (for close/wait)
         self._idle = threading.Condition(threading.Lock())  # notified when that set empties
@@ -881,13 +882,16 @@ class Client:
         if line is not None and incoming and line.reclaim() is False:
             line.defer(self._drain)  # a user thread holds the node's link: once it is back
             return
-        plain, now = [], time.monotonic()
+        plain, now, early = [], time.monotonic(), self._cancel_early
         actions: list[Action] = []
         while incoming and limit:
             limit -= 1  # (from -1: no limit)
             job, pin = incoming.popleft()
             self.jobs[job.id] = job
-            if pin is None:
+            if early and job.id in early:  # (cancelled while queued here: never run)
+                early.discard(job.id)
+                actions.append(Cancelled(job.id))
+            elif pin is None:
                 plain.append(job.id)
             elif not pin.ready and pin.error is not None:  # lost: it won't come back
                 error = NodeLost(f"node {pin.name} was lost: {describe(pin.error)}")
@@ -1112,9 +1116,13 @@ class Client:
         if self._direct is not None and self._direct.job is job:
             self._direct.cancel()
             return
-        if job.id not in self.jobs:
-            # Not drained yet: drain first so the scheduler knows it.
-            self._drain()
+        incoming = self._incoming
+        if job.id not in self.jobs and incoming \
+                and incoming[0][0].id <= job.id <= incoming[-1][0].id:
+            # Not taken in yet (ids grow in submit order): cancelled as it is,
+            # not by taking the whole queue in now (DRAIN_BATCH's point).
+            self._cancel_early.add(job.id)
+            return
         self._act(self.scheduler.cancel(job.id))
 
     def _on_cancelled(self, job):

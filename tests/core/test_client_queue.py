@@ -3,6 +3,7 @@ at once, and wait() over many unfinished jobs."""
 import concurrent.futures as cf
 
 from dpool.core.client import Client
+from dpool.errors import JobCancelled
 from helpers import read_marker
 from tasks import double, hold
 
@@ -99,5 +100,32 @@ def test_the_loop_thread_takes_a_big_queue_in_batches():
         let_go.set()
         assert jobs[-1].future.result(60) == 2 * 19_999
         assert seen and 0 < seen[0] <= 20_000 - core.DRAIN_BATCH, seen
+    finally:
+        client.close()
+
+
+def test_a_cancel_behind_a_big_queue_keeps_the_batches():
+    """Cancelling a job the loop thread has not taken in yet must not take
+    the whole queue in at once (the one long drain that batches avoid): the
+    job is cancelled as it is taken in, never run, and the others run."""
+    import threading
+
+    from dpool.core import client as core
+
+    client = Client(None, cpus=1).start()
+    try:
+        let_go, held = threading.Event(), threading.Event()
+        client.loop.call_soon_threadsafe(lambda: (held.set(), let_go.wait(30)))
+        assert held.wait(30)
+        jobs = [client.submit(double, (i,)) for i in range(20_000)]
+        client.cancel(jobs[-2])
+        seen = []
+        client.loop.call_soon_threadsafe(lambda: seen.append(len(client._incoming)))
+        let_go.set()
+        assert jobs[-1].future.result(60) == 2 * 19_999
+        assert jobs[-2].future.cancelled() or isinstance(jobs[-2].future.exception(60),
+                                                         JobCancelled)
+        assert seen and 0 < seen[0] <= 20_000 - core.DRAIN_BATCH, seen
+        assert client.wait(60)
     finally:
         client.close()
