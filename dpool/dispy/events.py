@@ -208,8 +208,9 @@ class ClusterEvents:
         job.finish_from(core_job, self.job_ip(core_job) if ip is None else ip)
         # Without callbacks nobody sees a node between two status() calls,
         # and status() reads its counts from the link: only the nodes behind
-        # a scheduler (counted here, per job) need this for each job.
-        if self.callbacks is not None or link in self.behind:
+        # a scheduler (counted here, per job) need this for each job, and a
+        # job that started behind one lost since (its _busy_on entry).
+        if self.callbacks is not None or link in self.behind or self._busy_on:
             self._node_done(job, core_job, link)
 
     def _node_done(self, job, core_job, link):

@@ -147,3 +147,32 @@ def test_a_job_pinned_to_a_node_that_is_lost_fails(tmp_path, three_nodes):
     finally:
         extra.kill()
         assert sched.terminate() == 0, sched.stderr()
+
+
+def test_a_job_started_then_lost_with_its_scheduler_is_let_go(tmp_path, three_nodes):
+    """A SharedJobCluster without callbacks: a job started behind the
+    scheduler, then the scheduler is lost.  The job ends, and once the
+    program drops it, nothing of the cluster keeps it (with its result)."""
+    import gc
+    import weakref
+
+    sched = start_scheduler(tmp_path / "scheduler", [(n.host, n.port) for n in three_nodes],
+                            SECRET)
+    try:
+        cluster = shared(sched, fn=hold)
+        try:
+            job = cluster.submit(str(tmp_path / "m"), str(tmp_path / "never"))
+            read_marker(str(tmp_path / "m"), 30)
+            poll_for(lambda job=job: job.status == dpool.DispyJob.Running, 30,
+                     message="the job's start to be known")
+            sched.kill()
+            job.finish.wait(60)
+            assert job.status in (dpool.DispyJob.Abandoned, dpool.DispyJob.Terminated)
+            ref = weakref.ref(job)
+            del job
+            gc.collect()
+            assert ref() is None
+        finally:
+            cluster.close(timeout=5, terminate=True)
+    finally:
+        sched.kill()
