@@ -361,8 +361,9 @@ class JobCluster:
             core_job = self._client.submit(fn, args, kwargs, job, pin, place=place)
             job.submitted(core_job, pin)
             if self._recover is not None:
-                self._recover.job(core_job.id, job.id)
-                job.track_id(lambda j: self._recover.job(j.core_job.id, j.id))
+                core_id = core_job.id  # (not j.core_job: None once the job ended)
+                self._recover.job(core_id, job.id)
+                job.track_id(lambda j: self._recover.job(core_id, j.id))
         except BaseException:
             self._jobs.discard(job)
             raise

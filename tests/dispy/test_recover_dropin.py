@@ -113,3 +113,24 @@ def test_a_job_whose_connection_dropped_is_not_recovered_again(dpool_node, tmp_p
         assert dispy.recover_jobs(recover_file, timeout=10) == []
     finally:
         cluster.close(terminate=True)
+
+
+def test_an_id_set_on_a_job_that_ended_before_submit_returned(tmp_path, monkeypatch):
+    """``job = cluster.submit(x); job.id = x`` (dispy's seed program) with a
+    recover file, when the job ends before submit returns (the user thread
+    descheduled a moment; 8 in 3,000 instant jobs here): the id is set, no
+    AttributeError from the recover file's record of it."""
+    with dispy.JobCluster(abs, cpus=1, recover_file=str(tmp_path / "rec"),
+                          loglevel=None) as cluster:
+        core_submit = cluster._client.submit
+
+        def submit_and_end(*args, **kwargs):  # the job ends before submit returns
+            core_job = core_submit(*args, **kwargs)
+            core_job.future.exception(30)
+            poll_for(lambda: args[3].is_done(), 30, message="the job's end to be taken")
+            return core_job
+
+        monkeypatch.setattr(cluster._client, "submit", submit_and_end)
+        job = cluster.submit(-3)
+        job.id = "mine"
+        assert job() == 3 and job.id == "mine" and job.status == dispy.DispyJob.Finished
