@@ -44,6 +44,7 @@ def fake_open_leg(self, port):
 async def join(nodes: int, clients: int) -> tuple[float, int, int]:
     b = T.broker()
     b.ports.append(T.fake_node(b, "10.0.0.1"))
+    b.node_ready(b.ports[0])
     sessions = [T.connect(b) for _ in range(clients)]
     await T.poll(lambda: all(s.told_cpus for s in sessions))
     before = [len(s.conn.sent) for s in sessions]

@@ -121,6 +121,9 @@ class ClientSession(P.Served):
         self.limit = 1 << 62
         self.told_cpus = 0  # the CPUs the last Ready announced (0: none sent yet)
         self.told_nodes: dict[NodePort, dict] = {}  # the nodes it was told of (usable legs)
+        # The nodes whose entry may have changed since the last Ready: a
+        # Ready costs the changes, not all the nodes (tell_ready).
+        self.dirty: dict[NodePort, None] = {}
         self._ready_timer: asyncio.TimerHandle | None = None  # tell_ready_soon
         self._sync_scheduled = False  # sync_soon
         # The nodes where its leg is open and set up (kept as legs change,
@@ -220,27 +223,42 @@ class ClientSession(P.Served):
         first = not self.told_cpus
         info = self.broker.info()
         cpus = max(min(info["cpus"], self.limit), self.told_cpus)
-        entries = self.node_entries()
         if first:
-            info["nodes"] = list(entries.values())
+            self.told_nodes = self.node_entries()
+            self.dirty.clear()
+            info["nodes"] = list(self.told_nodes.values())
         else:
-            del info["nodes"]
-            info["nodes_added"] = [entry for port, entry in entries.items()
-                                   if self.told_nodes.get(port) != entry]
-            info["nodes_removed"] = [[port.host, port.port] for port in self.told_nodes
-                                     if port not in entries]
+            info["nodes_added"], info["nodes_removed"] = self.node_changes()
             if cpus == self.told_cpus and not info["nodes_added"] \
                     and not info["nodes_removed"]:
                 return  # nothing new
         info["cpus"] = info["free_cpus"] = self.told_cpus = cpus
-        self.told_nodes = entries
         self.tell([P.encode(P.Ready, info)])
+
+    def node_changes(self) -> tuple[list[dict], list[list]]:
+        """The entries new or changed, and the nodes gone, since the last
+        Ready (of the ``dirty`` ones only); ``told_nodes`` updated."""
+        told, usable = self.told_nodes, self.usable_set
+        added: list[dict] = []
+        removed: list[list] = []
+        for port in self.dirty:
+            if port in usable:
+                entry = self.node_entry(port)
+                if told.get(port) != entry:
+                    told[port] = entry
+                    added.append(entry)
+            elif told.pop(port, None) is not None:
+                removed.append([port.host, port.port])
+        self.dirty.clear()
+        return added, removed
 
     def node_entries(self) -> dict[NodePort, dict]:
         """The nodes its jobs may run on now, as Ready lists them (the CPUs
         of each it may use: set_node_cpus, nodecalls.py)."""
-        return {port: dict(_node_entry(port), cpus=self.calls.cpus_on(port))
-                for port in self.usable_ports()}
+        return {port: self.node_entry(port) for port in self.usable_ports()}
+
+    def node_entry(self, port: NodePort) -> dict:
+        return dict(_node_entry(port), cpus=self.calls.cpus_on(port))
 
     def tell_ready_soon(self) -> None:
         """Ready again, once, READY_COALESCE s from now: nodes joining in a
@@ -353,6 +371,7 @@ class ClientSession(P.Served):
         log.info("%s: recovered by %s: %d results kept, %d jobs unfinished", self, conn.peer,
                  len(kept.job_ids), len(unfinished))
         self.told_nodes = self.node_entries()
+        self.dirty.clear()
         self.tell([P.encode(P.Ready, dict(self.broker.info(), recovered=True,
                                           kept=kept.job_ids, pending=unfinished,
                                           nodes=list(self.told_nodes.values())))])
@@ -628,6 +647,7 @@ class ClientSession(P.Served):
                 self.usable_set[port] = None
             else:
                 del self.usable_set[port]
+            self.dirty[port] = None
             self.nodes_changed = True
 
     def sync_soon(self) -> None:
@@ -800,6 +820,9 @@ class Broker:
         self.by_id: dict[str, NodePort] = {}
         self._id_of: dict[NodePort, str] = {}  # (a node restarted has a new id)
         self.aliases: dict[tuple[str, int], NodePort] = {}
+        # The ready nodes' CPUs (total_cpus), kept as nodes join and leave.
+        self._counted: dict[NodePort, int] = {}
+        self._total = 0
         self.closing = False
         self.clients: set[ClientSession] = set()
         self.tasks: set[asyncio.Task] = set()
@@ -818,12 +841,20 @@ class Broker:
         return [port for port in self.ports if port.ready]
 
     def total_cpus(self) -> int:
-        return sum(port.cpus for port in self.ready_nodes())
+        """The CPUs of the ready nodes, kept as nodes join (node_ready) and
+        are lost (on_anchor_closed, forget): not counted for each client's
+        Ready (with 10,000 nodes joining that was quadratic)."""
+        return self._total
+
+    def _count(self, port: NodePort, cpus: int) -> None:
+        self._total += cpus - self._counted.pop(port, 0)
+        if cpus:
+            self._counted[port] = cpus
 
     def info(self) -> dict:
         cpus = self.total_cpus()
         return {"name": self.name, "cpus": cpus, "free_cpus": cpus, "pid": os.getpid(),
-                "scheduler": True, "nodes": len(self.ready_nodes())}
+                "scheduler": True}
 
     def hello(self) -> dict:
         cpus = self.total_cpus()
@@ -866,6 +897,7 @@ class Broker:
         if port in self.ports:
             self.ports.remove(port)
         port.close()
+        self._count(port, 0)
         self.open_ports.pop(port, None)
         self._register(port, None)
         for address in [a for a, of in self.aliases.items() if of is port]:
@@ -883,8 +915,11 @@ class Broker:
         if self._twin(port):
             return
         log.info("node %s: %d CPUs", port.name, port.cpus)
+        self._count(port, port.cpus)
         self.reopen(port)
         for client in list(self.clients):
+            if port in client.told_nodes:  # back: its entry may differ (cpus, name)
+                client.dirty[port] = None
             if client.options:
                 client.open_leg(port)
             if client.told_cpus and client.limit > client.told_cpus:
@@ -924,6 +959,7 @@ class Broker:
 
     def on_anchor_closed(self, link: Link, exc: BaseException | None) -> None:
         port = link.port
+        self._count(port, 0)
         if port.closed:
             return
         log.warning("lost node %s: %s", port, exc or "it closed the connection")

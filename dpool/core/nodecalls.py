@@ -134,8 +134,12 @@ class NodeCalls:
         else:
             self.caps[port.host] = allowed
         self.changed()
-        if self.session.told_cpus:
-            self.session.tell_ready()  # its nodes' CPUs as it may use them
+        session = self.session
+        for each in session.told_nodes:  # their entries in its next Ready
+            if each.host == port.host:
+                session.dirty[each] = None
+        if session.told_cpus:
+            session.tell_ready()  # its nodes' CPUs as it may use them
         return allowed
 
     def cpus_on(self, port: NodePort) -> int:

@@ -132,6 +132,7 @@ def test_nodes_joining_reach_a_client_as_a_few_small_messages(fake_legs):
         b = broker()
         first = fake_node(b, "10.0.0.1")
         b.ports.append(first)
+        b.node_ready(first)
         new = connect(b)
         await poll(lambda: new.told_cpus)
         for i in range(joining):
@@ -155,6 +156,48 @@ def test_nodes_joining_reach_a_client_as_a_few_small_messages(fake_legs):
     size = sum(n for _, n in sent)
     print(f"{joining} nodes joining: {len(sent)} Ready messages, {size} bytes")
     assert size < 200 * (joining + 1), f"{size} bytes for {joining} nodes"
+
+
+def test_a_ready_costs_the_changes_not_all_the_nodes(fake_legs, monkeypatch):
+    """A coalesced Ready after a few nodes joined looks at those nodes
+    only: with N nodes known, neither the client's entries nor the ready
+    nodes are all gone over again for it.  (Each Ready going over every
+    node made a join burst quadratic: Readies come every READY_COALESCE s,
+    as many as the burst lasts, bench/bench_sched_join.py.)"""
+    from dpool.core import broker as broker_module
+    known = 500
+
+    async def main():
+        b = broker()
+        b.ports.append(fake_node(b, "10.0.0.1"))
+        b.node_ready(b.ports[0])
+        new = connect(b)
+        await poll(lambda: new.told_cpus)
+        for i in range(known):
+            port = fake_node(b, f"10.1.{i // 250}.{i % 250}")
+            b.ports.append(port)
+            b.node_ready(port)
+        await poll(lambda: new.told_cpus == 8 * (known + 1))
+        await poll(lambda: new._ready_timer is None)
+        entries, scans = [], []
+        real_entry, real_ready = broker_module._node_entry, broker_module.Broker.ready_nodes
+        monkeypatch.setattr(broker_module, "_node_entry",
+                            lambda port: entries.append(port) or real_entry(port))
+        monkeypatch.setattr(broker_module.Broker, "ready_nodes",
+                            lambda self: scans.append(1) or real_ready(self))
+        for i in range(3):
+            port = fake_node(b, f"10.2.0.{i}")
+            b.ports.append(port)
+            b.node_ready(port)
+        await poll(lambda: new.told_cpus == 8 * (known + 4))
+        infos = [info for info, _ in readies(new.conn)]
+        await b.close()
+        return entries, scans, infos
+
+    entries, scans, infos = asyncio.run(main())
+    assert len(nodes_told(infos)) == known + 4
+    assert len(entries) <= 3, f"a Ready built {len(entries)} entries for 3 nodes joining"
+    assert not scans, f"{len(scans)} passes over all the nodes for 3 nodes joining"
 
 
 def run(*job_ids):
@@ -209,6 +252,8 @@ def test_a_churn_of_clients_and_found_nodes_leaves_the_tables_at_a_fixed_size(
     async def main():
         b = broker()
         b.ports.extend(fake_node(b, f"10.0.0.{i}") for i in range(3))
+        for port in b.ports:
+            b.node_ready(port)
         await churn(b, 60, 0)
         first = table_sizes(b)
         await churn(b, 300, 1)
