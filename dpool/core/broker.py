@@ -807,6 +807,7 @@ class Broker:
         self._port_options = dict(secret=secret, ssl=node_ssl, watch=self.watch,
                                   settings=settings, connect_timeout=timeout, group=group)
         self.ports = [NodePort(host, port, **self._port_options) for host, port in nodes]
+        self.given = {port.address for port in self.ports}  # (retried for ever, never forgotten)
         # The nodes that may have a free CPU (placement looks at those only):
         # a node joins it when it is ready and as its jobs end, and leaves it
         # once full (so placing a job costs the same with 10 nodes or 10,000).
@@ -902,6 +903,10 @@ class Broker:
         self._register(port, None)
         for address in [a for a, of in self.aliases.items() if of is port]:
             del self.aliases[address]  # discovery may join them now
+            if address in self.given:  # a given node's twin: retried, as given nodes are
+                again = NodePort(*address, **self._port_options)
+                self.ports.append(again)
+                self.rejoin(again)
         self.forgotten[port.address] = None
         while len(self.forgotten) > MAX_FORGOTTEN:
             del self.forgotten[next(iter(self.forgotten))]
