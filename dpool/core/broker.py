@@ -370,10 +370,17 @@ class ClientSession(P.Served):
         unfinished = [*self.placed, *self.pending]
         log.info("%s: recovered by %s: %d results kept, %d jobs unfinished", self, conn.peer,
                  len(kept.job_ids), len(unfinished))
+        if self._ready_timer is not None:  # this Ready says it all: none before it
+            self._ready_timer.cancel()
+            self._ready_timer = None
+        self.nodes_changed = False
         self.told_nodes = self.node_entries()
         self.dirty.clear()
-        self.tell([P.encode(P.Ready, dict(self.broker.info(), recovered=True,
-                                          kept=kept.job_ids, pending=unfinished,
+        info = self.broker.info()
+        info["cpus"] = info["free_cpus"] = self.told_cpus = \
+            max(min(info["cpus"], self.limit), self.told_cpus)
+        self.tell([P.encode(P.Ready, dict(info, recovered=True, kept=kept.job_ids,
+                                          pending=unfinished,
                                           nodes=list(self.told_nodes.values())))])
         for frames in kept.messages:
             self.tell(frames)

@@ -200,6 +200,43 @@ def test_a_ready_costs_the_changes_not_all_the_nodes(fake_legs, monkeypatch):
     assert not scans, f"{len(scans)} passes over all the nodes for 3 nodes joining"
 
 
+def test_a_recovered_client_hears_the_recovered_ready_first(fake_legs):
+    """A node joins while a client is away (its Ready with more CPUs
+    waiting out READY_COALESCE) and the client recovers in that window:
+    the first message on its new connection is the Ready of the recovery
+    (kept and unfinished jobs, nodes), not a Ready of the change, which the
+    client would take for the session's (and adopt none of its jobs)."""
+    async def main():
+        b = broker()
+        b.ports.append(fake_node(b, "10.0.0.1"))
+        b.node_ready(b.ports[0])
+        gone = connect(b, {"weight": 1, "recover_token": "t"})
+        await poll(lambda: gone.told_cpus)
+        gone.conn.on_message([P.encode(P.Func, 1), b"fn"])
+        gone.conn.on_message(run(1, 2))
+        await poll(lambda: len(gone.placed) == 2)
+        gone.conn.closed = True
+        gone.conn.on_close(ConnectionResetError("gone"))
+        port = fake_node(b, "10.0.0.2")
+        b.ports.append(port)
+        b.node_ready(port)
+        await poll(lambda: port in gone.usable_set)
+        waiting = gone._ready_timer is not None
+        conn = FakeConn()
+        b.accept(conn)
+        conn.on_message([P.encode(P.Recover, "t", False)])
+        first = P.decode(conn.sent[0][0])
+        infos = [info for info, _ in readies(conn)]
+        await b.close()
+        return waiting, first, infos
+
+    waiting, first, infos = asyncio.run(main())
+    assert waiting and type(first) is P.Ready, first
+    assert infos[0].get("recovered"), infos[0]
+    assert sorted(infos[0]["pending"]) == [1, 2]
+    assert len(nodes_told(infos)) == 2 and max(info["cpus"] for info in infos) == 16
+
+
 def run(*job_ids):
     """A Run message of jobs of function 1, one payload frame each."""
     return [P.encode(P.Run, [(job_id, 1, 1, 0, 1) for job_id in job_ids]),
