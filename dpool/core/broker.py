@@ -927,7 +927,7 @@ class Broker:
         if self._twin(port):
             return
         log.info("node %s: %d CPUs", port.name, port.cpus)
-        self._count(port, port.cpus)
+        self._count(port, port.cpus if port.ready else 0)  # (its anchor may be gone already)
         self.reopen(port)
         for client in list(self.clients):
             if port in client.told_nodes:  # back: its entry may differ (cpus, name)
