@@ -49,9 +49,9 @@ from ..protocol import Outcome
 from ..protocol import RESULT_END as _END, RESULT_JOB_ID as _JOB_ID, RESULT_START as _START
 from ..protocol import RESULT_NFRAMES as _NFRAMES
 from .. import serialize
-from ..errors import ConnectionClosed
+from ..errors import ConnectionClosed, WorkerLost
 from ..transport import wrap_socket
-from ..transport.forward import Forward
+from ..transport.forward import STALL, Forward
 from ..transport.frames import Relayed
 from ..transport.spool import SpooledFrame
 from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Run, Worker
@@ -720,19 +720,27 @@ class Session(P.Served):
             return None
         self._flush()  # the results before it go first
         head = P.encode(P.Done, [(*record[:-1], self.attempts.get(job_id))])
-        worker.relay = Forward(conn, worker.conn, [head, *frames[1:]], lengths, flags)
+        worker.relay = Forward(conn, worker.conn, [head, *frames[1:]], lengths, flags,
+                               stall=STALL)
         return worker.relay
 
     def _relayed(self, worker, record, relay):
         """The whole of a relayed result came: deliver it, or abandon it if
-        it is not to be (the job was cancelled meanwhile)."""
+        it is not to be (the job was cancelled meanwhile); a relay cut for a
+        stalled worker (Forward.cut) lost the result: WorkerLost."""
         job_id = record[_JOB_ID]
-        if self.dispatcher.done(worker, job_id, record[_END] - record[_START]):
+        if not self.dispatcher.done(worker, job_id, record[_END] - record[_START]):
+            relay.abort()
+        elif relay.cut:
+            log.warning("session %s: job %s: the relay of its result was cut (worker %s "
+                        "sent nothing for %s s)", self.sid, job_id, worker.pid, STALL)
+            self._report(job_id, Outcome.WORKER_LOST, serialize.dump_exception(WorkerLost(
+                f"the worker process (pid {worker.pid}) running this job stopped in the "
+                f"middle of sending its result for {STALL} s: its relay was cut")))
+        else:
             self.counts[_OUTCOMES.get(record[1], "other")] += 1
             self.attempts.pop(job_id, None)
             relay.finish()
-        else:
-            relay.abort()
 
     def _report(self, job_id, outcome, frames=()):
         """The result of a job that did not run to its end (no times, no output)."""

@@ -22,11 +22,18 @@ reads on; the node then reports the job's fate (WorkerLost, cancelled) in an
 ordinary message.  Messages the node sends meanwhile wait until the relayed
 one has ended (Connection.send holds them); while the worker sends nothing,
 each of them makes the relay write an empty chunk, so the client still sees
-the node alive.  A node killed mid-relay ends the connection in the middle
+the node alive.  A source silent for ``stall`` seconds (the worker stopped
+in the middle of its result) while messages wait (not while the relay
+itself holds the source back) has its relay cut: ``CHUNK_ABORT``, the
+waiting messages go out, :attr:`Forward.cut` is set, and the rest of the
+source's message is dropped as it comes (the caller reports the job's
+result as lost).  A node killed mid-relay ends the connection in the middle
 of a message: the client sees the node lost, as for any other message.
 """
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +48,9 @@ __all__ = ["Forward"]
 _END = CHUNK.pack(CHUNK_END)
 _ABORT = CHUNK.pack(CHUNK_ABORT)
 _EMPTY = CHUNK.pack(0)
+#: Seconds a relay's source may send nothing while messages wait behind it
+#: (what a dpool-node gives its relays; a Forward made without ``stall`` waits).
+STALL = 10.0
 
 
 class Forward:
@@ -54,12 +64,18 @@ class Forward:
     """
 
     def __init__(self, dest: Connection, source: Connection, head: Sequence[Any],
-                 lengths: Sequence[int], flags: Sequence[int] | None) -> None:
+                 lengths: Sequence[int], flags: Sequence[int] | None,
+                 stall: float | None = None) -> None:
         self._dest = dest
         self._source = source
         self._open = True
         self._paused = False
         self._quiet = True   # nothing written since the last nudge
+        #: True once the relay was cut for a silent source (see the module doc).
+        self.cut = False
+        self._stall = stall
+        self._last = time.monotonic()   # when the source last sent (or was let go on)
+        self._timer: asyncio.TimerHandle | None = None
         first = len(head)
         words = [_length_word(f, _nbytes(f)) for f in head]
         for i in range(first, len(lengths)):
@@ -76,6 +92,7 @@ class Forward:
         if not self._open:
             return
         self._quiet = False
+        self._last = time.monotonic()
         dest = self._dest
         dest.relay_write([b"".join((CHUNK.pack(len(view)), view))])
         if dest.write_paused and not self._paused:
@@ -105,11 +122,37 @@ class Forward:
         if self._open and self._quiet:
             self._dest.relay_write([_EMPTY])
         self._quiet = True
+        if self._open and self._timer is None and self._stall is not None:
+            self._wait_stall()
+
+    def _wait_stall(self) -> None:
+        assert self._stall is not None
+        self._timer = asyncio.get_running_loop().call_later(
+            max(0.0, self._last + self._stall - time.monotonic()), self._check_stall)
+
+    def _check_stall(self) -> None:
+        """(timer) Cut the relay if its source has been silent for ``stall``
+        seconds; a source the relay holds back (paused) is not silent."""
+        self._timer = None
+        if not self._open:
+            return
+        now = time.monotonic()
+        assert self._stall is not None
+        if self._paused:
+            self._last = now
+        elif now - self._last >= self._stall:
+            self.cut = True
+            self.abort()
+            return
+        self._wait_stall()
 
     def _end(self, word: bytes) -> None:
         if not self._open:
             return
         self._open = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._dest.relay_write([word])
         self._dest.end_relay()
         self._resume()
@@ -117,4 +160,5 @@ class Forward:
     def _resume(self) -> None:
         if self._paused:
             self._paused = False
+            self._last = time.monotonic()
             self._source.resume_reading()

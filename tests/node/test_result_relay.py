@@ -63,6 +63,21 @@ if mode == "kill":
             out["big"] = type(exc).__name__
         out["other"] = small.result(120)
         out["after"] = ex.submit(make_bytes, n).result(120) == b"z" * n
+elif mode == "stall":
+    with dpool.futures.Executor(max_workers=2, nodes=[("127.0.0.1", port)],
+                                secret=secret) as ex:
+        big = ex.submit(stalled_result, n, d + "/pid", d + "/gate")
+        small = ex.submit(other, d + "/gate2")
+        out["other"] = small.result(120)
+        with open(d + "/other.tmp", "w") as f:
+            f.write(out["other"])
+        os.rename(d + "/other.tmp", d + "/other")
+        try:
+            big.result(120)
+            out["big"] = "no error"
+        except Exception as exc:
+            out["big"] = type(exc).__name__
+        out["after"] = ex.submit(make_bytes, n).result(120) == b"z" * n
 else:
     cluster = dpool.JobCluster(stalled_result, nodes=[("127.0.0.1", port)], secret=secret)
     try:
@@ -154,3 +169,26 @@ def test_job_cancelled_in_the_middle_of_a_relayed_result(tmp_path, node2):
     finally:
         child.kill()
     assert found["terminated"] and found["result"] is None and found["after"], found
+
+
+def test_worker_stalled_in_the_middle_of_a_relayed_result(tmp_path, node2):
+    """A worker stopped in the middle of sending a relayed result (SIGSTOP)
+    does not hold up the other results on its client's connection: after
+    forward.STALL seconds with nothing from it the node cuts the relay
+    (CHUNK_ABORT) and the other job's result goes out; once the worker
+    goes on, its job gets WorkerLost (its result was cut), and the
+    connection serves the next large result whole."""
+    child, worker = _stall_a_result(tmp_path, node2, "stall")
+    try:
+        os.kill(worker, signal.SIGSTOP)
+        child.send_signal(signal.SIGCONT)
+        (tmp_path / "gate2").touch()
+        poll_for((tmp_path / "other").exists, 90,
+                 message="the other job's result, behind the stalled relay")
+        os.kill(worker, signal.SIGCONT)
+        found = _finish(child)
+    finally:
+        child.kill()
+        if not pid_gone(worker):
+            os.kill(worker, signal.SIGCONT)
+    assert found == {"big": "WorkerLost", "other": "other", "after": True}, found
