@@ -103,7 +103,10 @@ class Tap(Protocol):
 
 #: ``tap(frames_so_far, lengths, flags)``, asked when a message's first frame
 #: of at least ``MIN_TAP`` bytes begins: a Tap to take the rest of the
-#: message, or None (the message is received as usual).
+#: message, or None (the message is received as usual).  Not asked while
+#: messages completed before it in the same read wait to be returned (the
+#: tap's owner would pass this one on before having seen them): then the
+#: next such frame of the message, if any, is offered.
 TapHook = Callable[[list[Any], tuple[int, ...], tuple[int, ...] | None], "Tap | None"]
 #: Frames at least this big may be tapped.
 MIN_TAP = 1 << 20
@@ -540,7 +543,7 @@ class FrameDecoder:
                 while len(frames) < len(lengths):
                     size = lengths[len(frames)]
                     if size >= MIN_TAP and self.tap is not None and self._tapping is None \
-                            and frames:
+                            and frames and not out:
                         self._tapping = self.tap(frames, lengths, flags)
                     if self._tapping is not None:
                         pos = self._tap_frame(size, pos, end, len(frames) + 1 == len(lengths))

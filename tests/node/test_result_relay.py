@@ -192,3 +192,60 @@ def test_worker_stalled_in_the_middle_of_a_relayed_result(tmp_path, node2):
         if not pid_gone(worker):
             os.kill(worker, signal.SIGCONT)
     assert found == {"big": "WorkerLost", "other": "other", "after": True}, found
+
+
+def ordered_job(kind, gate):
+    import os
+    import time
+    if kind == "gated":
+        with open(gate + ".pid", "w") as f:
+            f.write(str(os.getpid()))
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+        return "gated"
+    if kind == "big":
+        return b"y" * (4 * 2**20)
+    return kind
+
+
+@pytest.fixture
+def node1(tmp_path, node_secret):
+    node = start_node(tmp_path / "node1", cpus=1, secret=node_secret)
+    yield node
+    assert node.terminate() == 0, node.stderr()
+
+
+def test_messages_before_a_relayed_result_reach_the_client_first(tmp_path, node1, caplog):
+    """A worker's Started for a job (dispy's job_status: notify_start) and
+    the beginning of that job's large Done read by the node at once: the
+    client gets the Started before the Done, never after it (a start for a
+    job already done there makes the client distrust the node and drop its
+    connection).  The node is stopped while the worker sends both."""
+    import logging
+
+    from helpers import cluster_on
+    caplog.set_level(logging.ERROR)
+    statuses = []
+    gate = str(tmp_path / "gate")
+    cluster = cluster_on(node1, ordered_job, job_status=lambda job: statuses.append(job.status))
+    try:
+        for _ in range(5):   # short jobs: the node gives its worker the next job early
+            assert cluster.submit("small", gate)() == "small"
+        gated = cluster.submit("gated", gate)
+        big = cluster.submit("big", gate)
+        poll_for(lambda: os.path.exists(gate + ".pid"), 60, message="the gated job to run")
+        worker = int(open(gate + ".pid").read())
+        os.kill(node1.pid, signal.SIGSTOP)
+        try:
+            open(gate, "w").close()
+            poll_for(lambda: _syscall(worker) == str(SENDMSG), 60,
+                     message="the worker to block sending the big result")
+        finally:
+            os.kill(node1.pid, signal.SIGCONT)
+        assert gated() == "gated"
+        assert big() == b"y" * (4 * 2**20)
+        assert cluster.submit("small", gate)() == "small"
+    finally:
+        cluster.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
