@@ -8,6 +8,7 @@ relay's backpressure), so the worker stays blocked in the middle of sending
 its result, with part of it already relayed.  (A node that held the result
 whole before sending it on read it all at once: the worker never blocked.)"""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 
-from helpers import node_env, pid_gone, poll_for, start_node
+from helpers import cluster_on, node_env, pid_gone, poll_for, start_node
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(not sys.platform.startswith("linux")
@@ -221,9 +222,6 @@ def test_messages_before_a_relayed_result_reach_the_client_first(tmp_path, node1
     client gets the Started before the Done, never after it (a start for a
     job already done there makes the client distrust the node and drop its
     connection).  The node is stopped while the worker sends both."""
-    import logging
-
-    from helpers import cluster_on
     caplog.set_level(logging.ERROR)
     statuses = []
     gate = str(tmp_path / "gate")
@@ -234,7 +232,7 @@ def test_messages_before_a_relayed_result_reach_the_client_first(tmp_path, node1
         gated = cluster.submit("gated", gate)
         big = cluster.submit("big", gate)
         poll_for(lambda: os.path.exists(gate + ".pid"), 60, message="the gated job to run")
-        worker = int(open(gate + ".pid").read())
+        worker = int((tmp_path / "gate.pid").read_text())
         os.kill(node1.pid, signal.SIGSTOP)
         try:
             open(gate, "w").close()
