@@ -176,3 +176,16 @@ def test_a_malformed_streamed_frame_is_a_protocol_error(data, why):
 def test_a_streamed_frame_may_be_small_and_chunked_any_way():
     data = _streamed(10, [b"", b"abc", b"", b"defghij"]) + wire([b"next"])
     assert FrameDecoder().feed(data) == [[b"abcdefghij"], [b"next"]]
+
+
+def test_no_relay_begins_while_earlier_messages_wait_to_be_returned():
+    """A message completed in the same read as the beginning of a large
+    frame: the tap is not asked (its owner would pass the large message on
+    before having seen the earlier one, e.g. a worker's Started after that
+    job's Done); the large message is received whole."""
+    dest, source = Dest(), Source()
+    decoder, relays = relaying_decoder(dest, source)
+    data = wire([b"started"]) + wire([b"first", BIG])
+    got = decoder.feed(data[:100_000]) + feed_in_pieces(decoder, data[100_000:])
+    assert got == [[b"started"], [b"first", BIG]] and not relays
+    assert not dest.wire
