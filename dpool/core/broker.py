@@ -32,6 +32,7 @@ import asyncio
 import collections
 import fnmatch
 import logging
+import math
 import os
 import socket
 from typing import Any
@@ -95,6 +96,22 @@ def _node_entry(port: NodePort) -> dict:
     """A node as its clients see it (``nodes`` in Ready)."""
     name = (port.anchor.info if port.anchor else {}).get("name") or port.host
     return {"host": port.host, "port": port.port, "name": name, "cpus": port.cpus}
+
+
+def session_limits(options: Any) -> tuple[float, int]:
+    """A Session's fair-share weight (finite, > 0; default 1) and job limit
+    (its ``cpus``: a whole number > 0, or none/0 for no limit), else
+    ValueError/TypeError naming the option and the value."""
+    if not isinstance(options, dict):
+        raise TypeError(f"options: a dict, not {type(options).__name__}")
+    weight, cpus = options.get("weight", 1.0), options.get("cpus") or 1 << 62
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+            or not 0 < weight < math.inf:
+        raise ValueError(f"weight={weight!r}: a finite number > 0")
+    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) \
+            or not 0 < cpus < math.inf or cpus != int(cpus):
+        raise ValueError(f"cpus={cpus!r}: a whole number > 0")
+    return float(weight), int(cpus)
 
 
 class ClientSession(P.Served):
@@ -170,18 +187,18 @@ class ClientSession(P.Served):
                                      "a session is open on this connection already")])
             self.end("refused")
             return
+        try:
+            self.weight, self.limit = session_limits(msg.options)
+        except (TypeError, ValueError) as exc:
+            log.warning("%s: session refused: %s", self, exc)
+            self.tell([P.encode(P.Refused, f"bad session option {exc}")])
+            self.end("refused")
+            return
         self.options = dict(msg.options)
         self.init_frames = list(frames[1:])
         if "heartbeat" in self.options:
             broker.watch.add(self.conn, liveness.peer_settings(self.options["heartbeat"]))
-        try:
-            self.weight = float(self.options.get("weight", 1.0))
-            broker.fair.add_client(self, self.weight, nodes=())
-        except (TypeError, ValueError) as exc:
-            self.tell([P.encode(P.Refused, f"bad session option weight: {exc}")])
-            self.end("refused")
-            return
-        self.limit = int(self.options.get("cpus") or 1 << 62)  # the most jobs running at once
+        broker.fair.add_client(self, self.weight, nodes=())
         busy = broker.busy_for(self)
         if busy:  # the client asks again, up to its connect timeout
             self.tell([P.encode(P.Busy, busy)])
