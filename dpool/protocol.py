@@ -93,6 +93,7 @@ A new message: a code in :class:`Op`, a record registered with
 ``@message(Op.X)``; a handler for it where it is received.
 """
 import logging
+import math
 import pickle
 from enum import IntEnum
 from typing import Any, NamedTuple, Optional, Sequence
@@ -468,6 +469,19 @@ def op_of(msg: tuple) -> Op:
 def _short(obj, limit: int = 80) -> str:
     text = repr(obj)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def session_cpus(options: Any) -> int:
+    """A Session's ``cpus`` option: a whole number > 0, or 0 for none
+    asked (absent, None, 0); else ValueError/TypeError naming it and the
+    value (both the node and the scheduler check it before acting)."""
+    if not isinstance(options, dict):
+        raise TypeError(f"options: a dict, not {type(options).__name__}")
+    cpus = options.get("cpus") or 0
+    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) \
+            or not 0 <= cpus < math.inf or cpus != int(cpus):
+        raise ValueError(f"cpus={cpus!r}: a whole number > 0")
+    return int(cpus)
 
 
 class Served:

@@ -102,16 +102,12 @@ def session_limits(options: Any) -> tuple[float, int]:
     """A Session's fair-share weight (finite, > 0; default 1) and job limit
     (its ``cpus``: a whole number > 0, or none/0 for no limit), else
     ValueError/TypeError naming the option and the value."""
-    if not isinstance(options, dict):
-        raise TypeError(f"options: a dict, not {type(options).__name__}")
-    weight, cpus = options.get("weight", 1.0), options.get("cpus") or 1 << 62
+    cpus = P.session_cpus(options) or 1 << 62
+    weight = options.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
             or not 0 < weight < math.inf:
         raise ValueError(f"weight={weight!r}: a finite number > 0")
-    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) \
-            or not 0 < cpus < math.inf or cpus != int(cpus):
-        raise ValueError(f"cpus={cpus!r}: a whole number > 0")
-    return float(weight), int(cpus)
+    return float(weight), cpus
 
 
 class ClientSession(P.Served):

@@ -353,6 +353,17 @@ class Session(P.Served):
         self.end("status")
 
     def on_session(self, msg, frames):
+        try:
+            P.session_cpus(msg.options)
+            pulse = msg.options.get("pulse_interval") or 0
+            if isinstance(pulse, bool) or not isinstance(pulse, (int, float)):
+                raise TypeError(f"pulse_interval={pulse!r}: a number of seconds")
+        except (TypeError, ValueError) as exc:  # before any CPU is granted
+            log.warning("session %s: client %s: bad session option %s", self.sid,
+                        self.conn.peer, exc)
+            self.conn.send([P.encode(P.Refused, f"bad session option {exc}")])
+            self.end("refused")
+            return
         options = self.options = msg.options
         self.cpus = self.node.grant(options)
         if self.cpus <= 0:  # the client tries again later (up to its connect timeout)
