@@ -62,7 +62,7 @@ async def garbage_after_session(address, messages):
     try:
         assert type(P.decode((await asyncio.wait_for(got.get(), 10))[0])) is P.Ready
         conn.send(messages)
-        while (frames := await asyncio.wait_for(got.get(), 10)) is not None:
+        while await asyncio.wait_for(got.get(), 10) is not None:
             pass
         return True
     finally:
