@@ -21,19 +21,17 @@ the local and the distributed case run the same code.
 import asyncio
 import collections
 import itertools
-import os
 import socket
 import logging
 import threading
 import time
 import traceback
-import weakref
 from operator import itemgetter
 from typing import Any
 
 from .. import liveness
 from .. import protocol as P
-from ..protocol import Outcome, run_item
+from ..protocol import run_item
 from .. import serialize
 from ..config import resolve_cpus
 from ..errors import (BrokenCluster, ConnectionClosed, DpoolError, JobCancelled, NodeLost,
@@ -42,22 +40,14 @@ from ..transport import inproc_pair
 from .direct import MAX_ARGUMENT, DirectFuture, DirectLine
 from .tcpline import NODE_FUNCTIONS, TcpLine
 from .future import Future, resolve, set_running
+from .job import (ABANDONED, CANCELLED, CREATED, FINISHED, RUNNING,  # noqa: F401 (API)
+                  TERMINATED, Job, _FunctionTable, outcome_of)
 from .links import Links, NodeLink, client_hello, describe, tls_context  # noqa: F401 (API)
+from .loopthread import LoopThread, _fork_zygote
 from .scheduler import Action, Cancelled, CancelRemote, Fail, Reclaim, Scheduler, Send
 
 log = logging.getLogger("dpool")
 _first = itemgetter(0)
-# Outcomes as the plain ints they arrive as (once per job: no enum lookups).
-_OK, _ERROR, _CANCELLED, _KILLED = map(int, (Outcome.OK, Outcome.ERROR, Outcome.CANCELLED,
-                                             Outcome.KILLED))
-
-# Job states (dispy's names; the dispy adapter exposes them as DispyJob.X).
-CREATED, RUNNING, FINISHED, CANCELLED, TERMINATED, ABANDONED = (
-    "Created", "Running", "Finished", "Cancelled", "Terminated", "Abandoned")
-
-
-#: Native ids of loop threads joined, which the OS may list for a moment more.
-_ending_threads: set[int] = set()
 
 
 def _when_cancelled(on_cancel, job):
@@ -66,25 +56,6 @@ def _when_cancelled(on_cancel, job):
         if future.cancelled():
             on_cancel(job)
     return done
-
-
-def _fork_zygote():
-    """An embedded node's zygote forked from this process (see
-    :meth:`dpool.node.zygote.Zygote.fork`), or None where that's not safe.
-    A loop thread joined just now (the previous client's, closed right
-    before this one starts) ends in the kernel a moment after its join
-    returns: waited for, briefly, so that it does not count as a thread."""
-    from ..node.zygote import Zygote
-
-    if _ending_threads and threading.active_count() == 1:
-        deadline = time.monotonic() + 0.05
-        while True:
-            _ending_threads.difference_update(
-                [tid for tid in _ending_threads if not os.path.exists(f"/proc/self/task/{tid}")])
-            if not _ending_threads or time.monotonic() > deadline:
-                break
-            time.sleep(0.0005)
-    return Zygote.fork()
 
 
 #: Jobs one wake-up of the loop thread takes in from the submitting threads
@@ -100,21 +71,6 @@ _NODE_FUNCTIONS = NODE_FUNCTIONS
 #: (median; docs/performance.md, "Through dpool-scheduler"). The queue is
 #: the scheduler's: fair shares are unchanged.
 SCHEDULER_DEPTH = 8
-
-
-def outcome_of(outcome, payload):
-    """A job's ``(status, value, error)`` from its Result's outcome and payload."""
-    if outcome == _OK:
-        try:
-            return FINISHED, serialize.loads(payload), None
-        except Exception as exc:  # e.g. the result's class is not importable here
-            return TERMINATED, None, exc
-    if outcome == _CANCELLED:
-        return CANCELLED, None, JobCancelled("job cancelled before it ran")
-    if outcome == _KILLED:
-        return TERMINATED, None, JobCancelled("job cancelled: its process was killed")
-    error = serialize.load_exception(payload)
-    return (TERMINATED if outcome == _ERROR else ABANDONED), None, error
 
 
 def ready_info(info, ready):
@@ -134,102 +90,6 @@ def ready_info(info, ready):
         nodes[(entry["host"], entry["port"])] = entry
     merged["nodes"] = list(nodes.values())
     return merged
-
-
-class Job:
-    """The client's record of one job.  Fields are written by the loop thread
-    before the future resolves, so they are safe to read after it has."""
-
-    __slots__ = ("id", "fn_id", "frames", "future", "status", "node", "submit_time",
-                 "start_time", "end_time", "stdout", "stderr", "sent", "tag", "star",
-                 "value", "error", "cancelled", "blob", "where", "place", "__weakref__")
-
-    def __init__(self, job_id, fn_id, frames, tag=None, star=False, future=None):
-        self.id = job_id
-        self.fn_id = fn_id
-        self.star = star
-        self.frames = frames
-        self.blob = None  # the function, serialized (set by Client.submit)
-        self.future = Future() if future is None else future
-        self.status = CREATED
-        self.node = None
-        self.where = None  # the host that ran it, when a scheduler (the node) says so
-        self.place = None  # the host it must run on, behind a scheduler (submit's place)
-        self.submit_time = time.time()
-        self.start_time = self.end_time = None
-        self.stdout = self.stderr = None
-        self.sent = False
-        self.tag = tag  # whatever the adapter wants to keep with the job
-        # The outcome, also readable without the future's lock once "done"
-        # was emitted: value or error, or cancelled by the user's future.cancel().
-        self.value = self.error = None
-        self.cancelled = False  # True: the user's future.cancel() won before it ran
-
-
-class LoopThread:
-    """One private asyncio loop in a daemon thread."""
-
-    def __init__(self, name="dpool-client"):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-        # Let callbacks scheduled during shutdown run, then close.
-        self.loop.run_until_complete(asyncio.sleep(0))
-        self.loop.close()
-
-    def run(self, coro, timeout=None):
-        """Run a coroutine on the loop and wait for it from another thread."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn, *args):
-        self.loop.call_soon_threadsafe(fn, *args)
-
-    def stop(self, timeout=10):
-        if self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout)
-            if not self.thread.is_alive() and self.thread.native_id is not None:
-                _ending_threads.add(self.thread.native_id)
-
-
-class _FunctionTable:
-    """Function -> (id, blob): each function is serialized once per client.
-
-    The table remembers the last ``size`` functions; a job keeps its own
-    reference to its function's blob until it is done, so a function that
-    falls out of the table (many lambdas made per call) is still there to
-    send to whichever node runs the job.
-    """
-
-    def __init__(self, size=4096):
-        self.size = size
-        self.table = collections.OrderedDict()  # id(fn) -> (weakref to fn, fn_id, blob)
-        self.ids = itertools.count(1)
-        self.lock = threading.Lock()
-
-    def get(self, fn):
-        """(fn_id, blob).  The table holds functions by weak reference only:
-        a callable the caller dropped (a bound method, a partial holding
-        data) is freed, not kept alive by dpool; one that can't be weakly
-        referenced is serialized on each call."""
-        entry = self.table.get(id(fn))
-        if entry is not None and entry[0]() is fn:
-            return entry[1], entry[2]
-        blob = serialize.dumps_function(fn)
-        with self.lock:
-            fn_id = next(self.ids)
-            try:
-                ref = weakref.ref(fn)
-            except TypeError:
-                return fn_id, blob
-            self.table[id(fn)] = (ref, fn_id, blob)
-            while len(self.table) > self.size:
-                self.table.popitem(last=False)
-        return fn_id, blob
 
 
 class Client:

@@ -1,0 +1,101 @@
+"""A client's record of one job, its states and outcome, and the table
+of the functions it serialized (see :mod:`dpool.core.client`)."""
+import collections
+import itertools
+import threading
+import time
+import weakref
+
+from .. import serialize
+from ..errors import JobCancelled
+from ..protocol import Outcome
+from .future import Future
+
+# Outcomes as the plain ints they arrive as (once per job: no enum lookups).
+_OK, _ERROR, _CANCELLED, _KILLED = map(int, (Outcome.OK, Outcome.ERROR, Outcome.CANCELLED,
+                                             Outcome.KILLED))
+
+# Job states (dispy's names; the dispy adapter exposes them as DispyJob.X).
+CREATED, RUNNING, FINISHED, CANCELLED, TERMINATED, ABANDONED = (
+    "Created", "Running", "Finished", "Cancelled", "Terminated", "Abandoned")
+
+
+def outcome_of(outcome, payload):
+    """A job's ``(status, value, error)`` from its Result's outcome and payload."""
+    if outcome == _OK:
+        try:
+            return FINISHED, serialize.loads(payload), None
+        except Exception as exc:  # e.g. the result's class is not importable here
+            return TERMINATED, None, exc
+    if outcome == _CANCELLED:
+        return CANCELLED, None, JobCancelled("job cancelled before it ran")
+    if outcome == _KILLED:
+        return TERMINATED, None, JobCancelled("job cancelled: its process was killed")
+    error = serialize.load_exception(payload)
+    return (TERMINATED if outcome == _ERROR else ABANDONED), None, error
+
+
+class Job:
+    """The client's record of one job.  Fields are written by the loop thread
+    before the future resolves, so they are safe to read after it has."""
+
+    __slots__ = ("id", "fn_id", "frames", "future", "status", "node", "submit_time",
+                 "start_time", "end_time", "stdout", "stderr", "sent", "tag", "star",
+                 "value", "error", "cancelled", "blob", "where", "place", "__weakref__")
+
+    def __init__(self, job_id, fn_id, frames, tag=None, star=False, future=None):
+        self.id = job_id
+        self.fn_id = fn_id
+        self.star = star
+        self.frames = frames
+        self.blob = None  # the function, serialized (set by Client.submit)
+        self.future = Future() if future is None else future
+        self.status = CREATED
+        self.node = None
+        self.where = None  # the host that ran it, when a scheduler (the node) says so
+        self.place = None  # the host it must run on, behind a scheduler (submit's place)
+        self.submit_time = time.time()
+        self.start_time = self.end_time = None
+        self.stdout = self.stderr = None
+        self.sent = False
+        self.tag = tag  # whatever the adapter wants to keep with the job
+        # The outcome, also readable without the future's lock once "done"
+        # was emitted: value or error, or cancelled by the user's future.cancel().
+        self.value = self.error = None
+        self.cancelled = False  # True: the user's future.cancel() won before it ran
+
+
+class _FunctionTable:
+    """Function -> (id, blob): each function is serialized once per client.
+
+    The table remembers the last ``size`` functions; a job keeps its own
+    reference to its function's blob until it is done, so a function that
+    falls out of the table (many lambdas made per call) is still there to
+    send to whichever node runs the job.
+    """
+
+    def __init__(self, size=4096):
+        self.size = size
+        self.table = collections.OrderedDict()  # id(fn) -> (weakref to fn, fn_id, blob)
+        self.ids = itertools.count(1)
+        self.lock = threading.Lock()
+
+    def get(self, fn):
+        """(fn_id, blob).  The table holds functions by weak reference only:
+        a callable the caller dropped (a bound method, a partial holding
+        data) is freed, not kept alive by dpool; one that can't be weakly
+        referenced is serialized on each call."""
+        entry = self.table.get(id(fn))
+        if entry is not None and entry[0]() is fn:
+            return entry[1], entry[2]
+        blob = serialize.dumps_function(fn)
+        with self.lock:
+            fn_id = next(self.ids)
+            try:
+                ref = weakref.ref(fn)
+            except TypeError:
+                return fn_id, blob
+            self.table[id(fn)] = (ref, fn_id, blob)
+            while len(self.table) > self.size:
+                self.table.popitem(last=False)
+        return fn_id, blob
