@@ -26,7 +26,6 @@ import logging
 import threading
 import time
 import traceback
-from operator import itemgetter
 from typing import Any
 
 from .. import liveness
@@ -34,7 +33,7 @@ from .. import protocol as P
 from ..protocol import run_item
 from .. import serialize
 from ..config import resolve_cpus
-from ..errors import (BrokenCluster, ConnectionClosed, DpoolError, JobCancelled, NodeLost,
+from ..errors import (BrokenCluster, ConnectionClosed, JobCancelled, NodeLost,
                       ProtocolError)
 from ..transport import inproc_pair
 from .direct import MAX_ARGUMENT, DirectFuture, DirectLine
@@ -44,10 +43,10 @@ from .job import (ABANDONED, CANCELLED, CREATED, FINISHED, RUNNING,  # noqa: F40
                   TERMINATED, Job, _FunctionTable, outcome_of)
 from .links import Links, NodeLink, client_hello, describe, tls_context  # noqa: F401 (API)
 from .loopthread import LoopThread, _fork_zygote
+from .nodeevents import SCHEDULER_DEPTH, NodeEvents, ready_info  # noqa: F401 (API)
 from .scheduler import Action, Cancelled, CancelRemote, Fail, Reclaim, Scheduler, Send
 
 log = logging.getLogger("dpool")
-_first = itemgetter(0)
 
 
 def _when_cancelled(on_cancel, job):
@@ -64,32 +63,6 @@ def _when_cancelled(on_cancel, job):
 DRAIN_BATCH = 4096
 #: Functions a node session keeps at most (see Client._forget).
 _NODE_FUNCTIONS = NODE_FUNCTIONS
-#: Jobs per CPU a client keeps at a dpool-scheduler (2 at a node): the
-#: scheduler keeps 2 per CPU on its nodes and queues the rest, so that it
-#: refills a node the moment a job ends there instead of waiting for the
-#: client's next job, a round trip that on a loaded host took 63-160 ms
-#: (median; docs/performance.md, "Through dpool-scheduler"). The queue is
-#: the scheduler's: fair shares are unchanged.
-SCHEDULER_DEPTH = 8
-
-
-def ready_info(info, ready):
-    """A node's info after it said Ready again with ``ready``: a
-    dpool-scheduler's first Ready lists its nodes (``nodes``: host, port,
-    name, cpus of each), later ones say what changed (``nodes_added``,
-    entries new or changed; ``nodes_removed``, [host, port] pairs)."""
-    added, removed = ready.get("nodes_added"), ready.get("nodes_removed")
-    merged = {key: value for key, value in {**info, **ready}.items()
-              if key not in ("nodes_added", "nodes_removed")}
-    if added is None and removed is None:
-        return merged
-    nodes = {(entry["host"], entry["port"]): entry for entry in info.get("nodes", ())}
-    for host, port in removed or ():
-        nodes.pop((host, port), None)
-    for entry in added or ():
-        nodes[(entry["host"], entry["port"])] = entry
-    merged["nodes"] = list(nodes.values())
-    return merged
 
 
 class Client:
@@ -161,9 +134,11 @@ class Client:
         self._thread = LoopThread(name)
         self.loop = self._thread.loop
         self.net = Links(self)  # the links to the nodes: sessions, heartbeats, re-joins
+        self.events = events = NodeEvents(self)  # sessions opening, changing, ending
+        self._trusted_items = events.trusted_items  # (bound once: read per Started/Done)
         self.register({P.Done: self._on_done, P.Started: self._on_started,
-                       P.InitFail: self._on_initfail, P.GiveBack: self._on_giveback,
-                       P.Draining: self._on_draining})
+                       P.InitFail: events.on_initfail, P.GiveBack: events.on_giveback,
+                       P.Draining: events.on_draining})
         self._extended = False  # an extension registered handlers (no direct calls)
         # ``prepare(link)`` (loop thread, before SESSION) returns None to skip
         # the node, or (session options, [messages sent right after SESSION]);
@@ -511,59 +486,35 @@ class Client:
                 self.session.get(option) for option in ("max_tasks", "capture", "notify_start")):
             self._direct = DirectLine(self, session, link)
 
-    def opening(self, link):
-        """The messages that open a session: SESSION (its options from
-        ``prepare``, if any) and what ``prepare`` adds, or RECOVER."""
-        if link.recover is not None:
-            return [[P.encode(P.Recover, *link.recover)]]
-        session, preamble = self.session, ()  # type: tuple[Any, Any]
-        if self.prepare is not None:
-            plan = self.prepare(link)
-            if plan is None:
-                link.ready_future.cancel()  # nobody waits for it
-                link.retry = False
-                raise DpoolError("not used: the cluster's allocation gave it no CPUs")
-            session, preamble = plan
-        if link.address != "embedded":
-            session = dict(session, heartbeat=self.liveness.as_option())
-        if (getattr(link.conn, "hello", None) or {}).get("scheduler"):
-            session = dict(session, notify_start=True)  # futures run once their job starts
-        return [[P.encode(P.Session, session), *self.init_frames], *preamble]
-
-    def trusted(self, link, job_ids, what):
-        """True if every job in ``job_ids`` is in flight on ``link``; else a
-        node reports on jobs it was not given (another node's, or none):
-        its link is closed, with one log line, and nothing of it is taken."""
-        strangers = [job_id for job_id in job_ids if job_id not in link.in_flight]
-        if not strangers:
-            return True
-        shown = ", ".join(map(str, strangers[:5])) + (" ..." if len(strangers) > 5 else "")
-        self.distrust(link, f"{what} for job {shown}, not given to it (or done there "
-                             f"already)")
-        return False
-
-    def _trusted_items(self, link, items, what):
-        """:meth:`trusted` for a message's items (tuples, the job id first),
-        without a list of their ids when all are in flight (once per Done)."""
-        return link.in_flight.issuperset(map(_first, items)) or \
-            self.trusted(link, [item[0] for item in items], what)
-
-    def distrust(self, link, what):
-        """``link``'s node sent ``what`` (not its own to answer): log, close."""
-        link.error = ProtocolError(f"node {link.name} sent {what}: closing its connection")
-        log.error("%s", link.error)
-        link.conn.abort()
-
     # ------------------------------------------- the links' owner (net)
+    # (and what extensions call: see NodeEvents)
+
+    def opening(self, link):
+        return self.events.opening(link)
 
     def link_ready(self, link):
-        """A session opened (READY): its node takes jobs, or its recovered
-        jobs are adopted."""
-        if link.recover is not None:
-            self._adopt(link, [*link.info.get("kept", ()), *link.info.get("pending", ())])
-        elif not link.hold:
-            self.admit(link)
-            self._line_for(link)
+        self.events.link_ready(link)
+
+    def cpus_changed(self, link, info):
+        self.events.cpus_changed(link, info)
+
+    def link_lost(self, link):
+        self.events.link_lost(link)
+
+    def link_back(self, link):
+        self.events.link_back(link)
+
+    def admit(self, link):
+        self.events.admit(link)
+
+    def trusted(self, link, job_ids, what):
+        return self.events.trusted(link, job_ids, what)
+
+    def distrust(self, link, what):
+        self.events.distrust(link, what)
+
+    def leave_out(self, link, what, frames):
+        self.events.leave_out(link, what, frames)
 
     def _line_for(self, link):
         """Direct calls over ``link`` (a node over TCP, the client's only
@@ -584,91 +535,6 @@ class Client:
         while a user thread holds it for a direct call (asked to hand it back)."""
         line = self._direct
         return not isinstance(line, TcpLine) or line.link is not link or line.reclaim()
-
-    def _adopt(self, link, job_ids):
-        """A recovered session's jobs: in flight on ``link``, which gets no
-        new ones.  A job two nodes kept (its first node was cut off, not
-        stopped) is one Job, resolved by the first outcome."""
-        self.emit("node", link)
-        self._act(self.scheduler.add_node(link, 0, time.monotonic()))
-        fresh = [job_id for job_id in job_ids if job_id not in self.jobs]
-        for job_id in fresh:
-            job = self.jobs[job_id] = Job(job_id, None, None)
-            job.future.set_running_or_notify_cancel()
-            job.sent, job.status, job.node = True, RUNNING, link
-            self._unfinished.add(job.future)
-        self.scheduler.adopt(link, fresh)
-        link.in_flight.update(job_ids)
-        link.adopted = [self.jobs[job_id] for job_id in job_ids]
-
-    def admit(self, link):
-        self.emit("node", link)
-        # A dpool-scheduler gets more jobs per CPU than a node: queued in
-        # it, ready to go the moment a job ends on one of its nodes.
-        depth = SCHEDULER_DEPTH if link.info.get("scheduler") else 2
-        self._act(self.scheduler.add_node(link, link.cpus, time.monotonic(), depth))
-
-    def cpus_changed(self, link, info):
-        """READY again: a scheduler whose CPUs changed (nodes joined)."""
-        old, link.info = link.cpus, ready_info(link.info, info)
-        state = self.scheduler.nodes.get(link)
-        if state is not None and state.cpus == old:  # (not limited by set_cpus)
-            self._act(self.scheduler.set_cpus(link, link.cpus))
-        self.emit("ready", link)
-
-    def link_lost(self, link):
-        """A ready link closed: its jobs move on (the cluster is broken if
-        it was the last node)."""
-        self.emit("node", link)
-        if not self.closed or self._unfinished:
-            if link.draining:
-                log.info("node %s (%s) has shut down", link.name, link.where)
-            else:
-                log.warning("lost node %s (%s): %s", link.name, link.where,
-                            describe(link.error))
-        self._act(self.scheduler.remove_node(link, time.monotonic(), describe(link.error)))
-        if not self.net.any_ready():
-            self.broken = link.error
-            error = link.error if isinstance(link.error, BrokenCluster) else \
-                BrokenCluster(f"no node left to run jobs (last error: {describe(link.error)})")
-            self._act(self.scheduler.fail_queued(error))
-
-    def link_back(self, link):
-        """A lost (or busy) node re-joined."""
-        self.broken = None
-
-    def _on_giveback(self, link, msg, frames):
-        """Jobs the node did not run (we reclaimed them, or it is draining)."""
-        for job_id in msg.job_ids:
-            job = self.jobs.get(job_id)
-            if job is None or not self.scheduler.current(link, job_id):
-                continue  # not in flight there: the scheduler ignores it too
-            link.in_flight.discard(job_id)
-            if link.fns.get(job.fn_id):
-                link.fns[job.fn_id] -= 1
-            if self._cancel_queued:  # shutdown(cancel_futures=True): never started
-                job.future._unstart()
-        self._act(self.scheduler.given_back(link, msg.job_ids, time.monotonic(),
-                                            cancel=self._cancel_queued))
-
-    def _on_draining(self, link, msg, frames):
-        log.info("node %s is shutting down: no new jobs go there (its running jobs have "
-                 "%ss to finish)", link.name, msg.grace)
-        link.draining = True
-        self._act(self.scheduler.drain(link, time.monotonic()))
-
-    def _on_initfail(self, link, msg, frames):
-        self.leave_out(link, "the initializer failed", frames)
-
-    def leave_out(self, link, what, frames):
-        """The node reported a failure (frames[1:]) that makes it unusable:
-        record it as the link's error and drop the link (its jobs move on)."""
-        exc = serialize.load_exception(frames[1:])
-        link.error = BrokenCluster(f"{what} on node {link.name}: {exc!r}")
-        link.retry = False
-        link.error.__cause__ = exc
-        log.error("node %s: %s (the node is left out)", link.name, link.error)
-        link.conn.abort()
 
     def add_nodes(self, addresses):
         """Connect to more nodes (user thread); returns their NodeLinks."""
