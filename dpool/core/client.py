@@ -33,10 +33,9 @@ from .. import protocol as P
 from ..protocol import run_item
 from .. import serialize
 from ..config import resolve_cpus
-from ..errors import (BrokenCluster, ConnectionClosed, JobCancelled, NodeLost,
-                      ProtocolError)
+from ..errors import (BrokenCluster, ConnectionClosed, JobCancelled, NodeLost)
 from ..transport import inproc_pair
-from .direct import MAX_ARGUMENT, DirectFuture, DirectLine
+from .directcalls import DirectCalls
 from .tcpline import NODE_FUNCTIONS, TcpLine
 from .future import Future, resolve, set_running
 from .job import (ABANDONED, CANCELLED, CREATED, FINISHED, RUNNING,  # noqa: F401 (API)
@@ -127,7 +126,6 @@ class Client:
         self._idle = threading.Condition(threading.Lock())  # notified when that set empties
         self._outcomes = None  # while a DONE batch is read: [(future, value, error)]
         self._direct = None  # a DirectLine (embedded) or TcpLine (one node): direct calls
-        self._direct_ok = direct
         # The embedded node's zygote, forked now, while this may be the only
         # thread (None: not safe here, the node starts one the slow way).
         self._zygote = _fork_zygote() if nodes is None and discovery is None else None
@@ -140,6 +138,10 @@ class Client:
                        P.InitFail: events.on_initfail, P.GiveBack: events.on_giveback,
                        P.Draining: events.on_draining})
         self._extended = False  # an extension registered handlers (no direct calls)
+        self.directs = directs = DirectCalls(self, direct)
+        # (bound once: what the lines call, and submit, per direct call)
+        self._submit_direct, self._direct_done = directs.submit, directs.done
+        self._direct_failed, self._direct_adopt = directs.failed, directs.adopt
         # ``prepare(link)`` (loop thread, before SESSION) returns None to skip
         # the node, or (session options, [messages sent right after SESSION]);
         # it sets ``link.hold`` to keep the node from jobs until it is admitted.
@@ -216,72 +218,6 @@ class Client:
             except RuntimeError:  # the loop closed under us: close() raced this submit
                 self._fail_leftovers()
         return job
-
-    def _submit_direct(self, line, fn_id, blob, frames, tag):
-        """Nothing else in flight: the job goes straight to the lent worker
-        (see dpool.core.direct); None if it can't (the normal path then)."""
-        if sum(memoryview(frame).nbytes for frame in frames) > MAX_ARGUMENT:
-            return None
-        job = Job(next(self._ids), fn_id, frames, tag, 0, DirectFuture(line))
-        job.blob = blob
-        job.future.set_running_or_notify_cancel()
-        job.sent, job.status, job.node = True, RUNNING, line.link
-        self._unfinished.add(job.future)
-        try:
-            if line.start(job):
-                return job
-        except BaseException:  # interrupted: no call was made (a wait() may be waiting)
-            self._unfinished.discard(job.future)
-            self._settle()
-            raise
-        self._unfinished.discard(job.future)
-        return None
-
-    def _direct_done(self, job, frames):
-        """A direct call's answer (read by whichever thread waited for it)."""
-        try:
-            msg = P.decode(frames[0])
-            ((res, payload),) = P.results(msg, frames)
-            if res.job_id != job.id:
-                raise ProtocolError(f"answer for job {res.job_id}")
-        except Exception as exc:
-            self._direct_failed(job, ProtocolError(f"the worker sent an unexpected message "
-                                                   f"for a direct call: {describe(exc)}"))
-            return
-        if res.start is not None and res.end is not None:  # (a worker lost: no times)
-            job.start_time, job.end_time, job.stdout, job.stderr = \
-                res.start, res.end, res.stdout, res.stderr
-            job.node.jobs_done += 1
-            job.node.cpu_time += res.end - res.start
-        self._direct_finish(job, *outcome_of(res.outcome, payload))
-
-    def _direct_failed(self, job, error):
-        self._direct_finish(job, ABANDONED, None, error)
-
-    def _direct_finish(self, job, status, value, error):
-        job.status = status
-        job.frames = job.blob = None
-        job.value, job.error = value, error
-        job.future._line = None
-        resolve(((job.future, value, error),))
-        self._unfinished.discard(job.future)
-        self._settle()
-
-    def _direct_adopt(self, job, link, pinned=True):
-        """(loop thread) A direct call whose worker's socket ended becomes a
-        job in flight on the embedded node (which reports its outcome), or
-        one the loop thread takes over on a node's link (``pinned=False``:
-        rerun elsewhere if that node is lost, as any job); False if it was
-        failed instead (closing)."""
-        job.future._line = None
-        line = self._direct
-        if line is None or line.closed or self.scheduler.nodes.get(link) is None:  # shut down
-            self._direct_failed(job, BrokenCluster("the client was closed"))
-            return False
-        self.jobs[job.id] = job
-        link.in_flight.add(job.id)
-        self.scheduler.adopt(link, [job.id], pinned)
-        return True
 
     def _unsent(self, exc, tag, star):
         """A job that could not be serialized: its future fails at once with
@@ -482,9 +418,7 @@ class Client:
         link = NodeLink("embedded", ours)
         session = node.accept(theirs)
         await self.net.open_session(link)
-        if self._direct_ok and self.on_event is None and not self._extended and not any(
-                self.session.get(option) for option in ("max_tasks", "capture", "notify_start")):
-            self._direct = DirectLine(self, session, link)
+        self.directs.embedded(session, link)
 
     # ------------------------------------------- the links' owner (net)
     # (and what extensions call: see NodeEvents)
@@ -515,20 +449,6 @@ class Client:
 
     def leave_out(self, link, what, frames):
         self.events.leave_out(link, what, frames)
-
-    def _line_for(self, link):
-        """Direct calls over ``link`` (a node over TCP, the client's only
-        one), when they may be made (see :mod:`dpool.core.tcpline`)."""
-        line = self._direct
-        if isinstance(line, TcpLine):
-            if line.lent is None and not line.closed:
-                line.link = link  # (the node re-joined: a new link)
-            return
-        if line is None and self._direct_ok and self.on_event is None and not self._extended \
-                and isinstance(link.address, tuple) and not link.info.get("scheduler") \
-                and not any(self.session.get(option)
-                            for option in ("max_tasks", "capture", "notify_start")):
-            self._direct = TcpLine(self, link)
 
     def claim(self, link):
         """(loop thread) True if the loop thread may use ``link`` now; False

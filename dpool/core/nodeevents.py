@@ -106,7 +106,7 @@ class NodeEvents:
             self._adopt(link, [*link.info.get("kept", ()), *link.info.get("pending", ())])
         elif not link.hold:
             self.admit(link)
-            self.client._line_for(link)
+            self.client.directs.line_for(link)
 
     def _adopt(self, link, job_ids):
         """A recovered session's jobs: in flight on ``link``, which gets no
