@@ -21,7 +21,6 @@ the local and the distributed case run the same code.
 import asyncio
 import collections
 import itertools
-import socket
 import logging
 import threading
 import time
@@ -32,10 +31,9 @@ from .. import liveness
 from .. import protocol as P
 from ..protocol import run_item
 from .. import serialize
-from ..config import resolve_cpus
 from ..errors import (BrokenCluster, ConnectionClosed, JobCancelled, NodeLost)
-from ..transport import inproc_pair
 from .directcalls import DirectCalls
+from .joining import Joining
 from .tcpline import NODE_FUNCTIONS, TcpLine
 from .future import Future, resolve, set_running
 from .job import (ABANDONED, CANCELLED, CREATED, FINISHED, RUNNING,  # noqa: F401 (API)
@@ -138,6 +136,7 @@ class Client:
                        P.InitFail: events.on_initfail, P.GiveBack: events.on_giveback,
                        P.Draining: events.on_draining})
         self._extended = False  # an extension registered handlers (no direct calls)
+        self.joining = Joining(self)  # the embedded node, or those named, found, added
         self.directs = directs = DirectCalls(self, direct)
         # (bound once: what the lines call, and submit, per direct call)
         self._submit_direct, self._direct_done = directs.submit, directs.done
@@ -167,7 +166,7 @@ class Client:
 
     def start(self):
         try:
-            self._thread.run(self._start(), self.connect_timeout + 5)
+            self._thread.run(self.joining.start(), self.connect_timeout + 5)
         except BaseException:
             self.close(wait=False, cancel=True)
             raise
@@ -332,33 +331,6 @@ class Client:
         there): without waiting for it."""
         self.loop.call_soon_threadsafe(fn)
 
-    def recover(self, sessions, terminate=False):
-        """Take over sessions that a client gone away left on nodes (dispy's
-        ``recover_jobs``; the client had given each a ``recover_token``).
-
-        ``sessions`` is a list of ``((host, port), token)``.  Returns one
-        NodeLink per session, its ``error`` set (and ``refusal`` if the node
-        refused: it keeps nothing for that token) unless it is ready.  A ready
-        link's ``adopted`` lists the session's jobs as :class:`Job` records
-        with the ids the old client gave them (``fn_id`` and arguments
-        unknown); their futures resolve as their outcomes arrive, as any
-        job's do.  They run on that node only: one whose session is lost
-        first fails with :class:`NodeLost` (the node keeps it again, for a
-        later call).  ``terminate=True`` has the node cancel the jobs not
-        finished yet.  Call it before submitting anything to this client.
-        """
-        async def take_over():
-            links = [NodeLink(address) for address, _ in sessions]
-            for link, (_, token) in zip(links, sessions):
-                link.recover, link.retry = (token, bool(terminate)), False
-            await asyncio.gather(*(self.net.connect(link.address, link, quiet=True)
-                                   for link in links))
-            return links
-        links = self._thread.run(take_over(), self.connect_timeout + 5)
-        top = max((job.id for link in links for job in link.adopted), default=0)
-        self._ids = itertools.count(max(top + 1, next(self._ids)))  # no id taken twice
-        return links
-
     def pending(self):
         return len(self._unfinished)
 
@@ -372,53 +344,6 @@ class Client:
         return self._thread.thread.is_alive()
 
     # ---------------------------------------------------------- loop side
-
-    async def _start(self):
-        if self.node_addresses is None and self.discovery is None:
-            await self._start_embedded()
-            return
-        await asyncio.gather(*(self.net.connect(addr) for addr in self.node_addresses or ()))
-        if self.discovery is not None:
-            await self.start_discovery()
-        await self.net.wait_busy()
-        if not self.net.any_ready():
-            errors = "; ".join(f"{link.address[0]}:{link.address[1]}: {describe(link.error)}"
-                               for link in self.links)
-            if self.discovery is not None and not self.links:
-                errors = self._nothing_found()
-            raise BrokenCluster(f"no node could be used ({errors})")
-
-    async def start_discovery(self):
-        """Start looking for nodes over UDP (loop thread); wait for the first."""
-        await self.net.discover(self.discovery)
-        await self.finder.settled(self.discovery.wait or self.connect_timeout)
-
-    def _nothing_found(self):
-        d = self.discovery
-        wanted = ", ".join(f"{host}:{port}" for host, port in d.patterns)
-        return (f"discovery found no node matching {wanted} within "
-                f"{d.wait or self.connect_timeout} s: are dpool-nodes running with the same "
-                f"secret, and is UDP port {'/'.join(map(str, sorted(d.ports())))} open to them "
-                f"(see docs/discovery.md)?")
-
-    async def _start_embedded(self):
-        from ..node.runtime import NodeRuntime
-
-        zygote, self._zygote = self._zygote, None
-        try:
-            cpus = resolve_cpus(self.embedded_cpus)
-        except BaseException:
-            if zygote is not None:
-                await zygote.close()
-            raise
-        node = NodeRuntime(cpus, name=socket.gethostname(), embedded=True, zygote=zygote)
-        await node.start()
-        self.embedded = node
-        ours, theirs = inproc_pair()
-        link = NodeLink("embedded", ours)
-        session = node.accept(theirs)
-        await self.net.open_session(link)
-        self.directs.embedded(session, link)
 
     # ------------------------------------------- the links' owner (net)
     # (and what extensions call: see NodeEvents)
@@ -457,15 +382,16 @@ class Client:
         return not isinstance(line, TcpLine) or line.link is not link or line.reclaim()
 
     def add_nodes(self, addresses):
-        """Connect to more nodes (user thread); returns their NodeLinks."""
-        async def connect_all():
-            links = [NodeLink(address) for address in addresses]
-            await asyncio.gather(*(self.net.connect(address, link) for address, link
-                                   in zip(addresses, links)))
-            if self.broken is not None and any(link.ready for link in links):
-                self.broken = None
-            return links
-        return self._thread.run(connect_all(), self.connect_timeout + 5)
+        return self.joining.add_nodes(addresses)
+
+    def discover(self, patterns, secret=None, node_port=None, **options):
+        self.joining.discover(patterns, secret, node_port, **options)
+
+    async def start_discovery(self):
+        await self.joining.start_discovery()
+
+    def recover(self, sessions, terminate=False):
+        return self.joining.recover(sessions, terminate)
 
     def knows(self, address):
         """Whether ``address`` is a node in use, or lost and being retried."""
@@ -474,19 +400,6 @@ class Client:
     async def join(self, address):
         """Loop thread: connect to one more node (a lost one is retried)."""
         await self.net.join(address)
-
-    def discover(self, patterns, secret=None, node_port=None, **options):
-        """Look for more nodes over UDP (user thread): ``patterns`` are
-        ``(host pattern, port)``; matching nodes join as they answer;
-        ``options`` those of :func:`dpool.core.discover.settings`."""
-        from . import discover
-
-        async def run():
-            if self.discovery is None:
-                self.discovery = discover.settings([], secret or self.secret, node_port,
-                                                   **options)
-            await self.net.discover(self.discovery, patterns)
-        self._thread.run(run(), 30)
 
     def close_link(self, link, bye=True):
         """End the session with one node (any thread); its unfinished jobs
