@@ -18,7 +18,6 @@ All three public APIs (Executor, Pool, JobCluster) are adapters over
 its own loop (workers are still separate processes, forked by a zygote), so
 the local and the distributed case run the same code.
 """
-import asyncio
 import collections
 import itertools
 import logging
@@ -34,6 +33,7 @@ from .. import serialize
 from ..errors import (BrokenCluster, ConnectionClosed, JobCancelled, NodeLost)
 from .directcalls import DirectCalls
 from .joining import Joining
+from .stopping import Stopping
 from .tcpline import NODE_FUNCTIONS, TcpLine
 from .future import Future, resolve, set_running
 from .job import (ABANDONED, CANCELLED, CREATED, FINISHED, RUNNING,  # noqa: F401 (API)
@@ -137,6 +137,8 @@ class Client:
                        P.Draining: events.on_draining})
         self._extended = False  # an extension registered handlers (no direct calls)
         self.joining = Joining(self)  # the embedded node, or those named, found, added
+        self.stopping = stopping = Stopping(self)  # jobs cancelled, the client closed
+        self._cancel, self._on_cancelled = stopping.cancel_in_loop, stopping.on_cancelled
         self.directs = directs = DirectCalls(self, direct)
         # (bound once: what the lines call, and submit, per direct call)
         self._submit_direct, self._direct_done = directs.submit, directs.done
@@ -215,7 +217,7 @@ class Client:
             try:
                 self.loop.call_soon_threadsafe(self._wake)
             except RuntimeError:  # the loop closed under us: close() raced this submit
-                self._fail_leftovers()
+                self.stopping.fail_leftovers()
         return job
 
     def _unsent(self, exc, tag, star):
@@ -228,16 +230,6 @@ class Client:
         job.future.set_running_or_notify_cancel()
         job.future.set_exception(exc)
         return job
-
-    def cancel(self, job):
-        """Cancel a queued or running job; its future fails with JobCancelled.
-        From any thread (from the loop thread it takes effect at once)."""
-        if job.future.done():
-            return
-        if self.in_loop_thread():
-            self._cancel(job)
-        else:
-            self.loop.call_soon_threadsafe(self._cancel, job)
 
     def wait(self, timeout=None):
         """Wait until every job submitted so far has finished; True if so."""
@@ -255,61 +247,17 @@ class Client:
             with self._idle:
                 self._idle.notify_all()
 
-    def close(self, wait=True, cancel=False, timeout=None):
-        """Stop taking jobs; optionally wait for or cancel the rest; release all."""
-        if self.closed and not self._thread.thread.is_alive():
-            return
-        if self.in_loop_thread():
-            raise RuntimeError("a dpool client can't be closed from its own loop thread "
-                               "(a done-callback or event handler runs there): close it "
-                               "from another thread")
-        self.closed = True
-        if cancel:
-            for future in list(self._unfinished):
-                future.cancel()
-            self.loop.call_soon_threadsafe(self._cancel_all)
-        if wait:
-            self.wait(timeout)
-        if self._thread.thread.is_alive():
-            try:
-                # A caller that gave a timeout gets at most half a second more.
-                self._thread.run(self._shutdown(2.0 if timeout is None else 0.5), 30)
-            except (TimeoutError, RuntimeError) as exc:
-                log.warning("client shutdown did not finish cleanly: %s", exc)
-            self._thread.stop()
-        self._fail_leftovers()
+    def cancel(self, job):
+        self.stopping.cancel(job)
 
-    def _fail_leftovers(self):
-        """Jobs a submit racing close() queued after the loop's last drain."""
-        error = BrokenCluster("the client was closed")
-        while self._incoming:
-            job, _ = self._incoming.popleft()
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(error)
-            self._unfinished.discard(job.future)
-        self._settle()
+    def cancel_queued(self):
+        self.stopping.cancel_queued()
+
+    def close(self, wait=True, cancel=False, timeout=None):
+        self.stopping.close(wait, cancel, timeout)
 
     def nodes(self):
         return [link for link in self.links if link.ready]
-
-    def cancel_queued(self):
-        """Cancel the jobs a dpool-scheduler still queues for this client
-        (sent, but on no node yet: SCHEDULER_DEPTH per CPU), as those
-        queued here are: the scheduler gives them back
-        (Reclaim) and their futures are cancelled; from any thread."""
-        try:
-            self.loop.call_soon_threadsafe(self._reclaim_queued)
-        except RuntimeError:
-            pass  # closed already: nothing is queued anywhere
-
-    def _reclaim_queued(self):
-        self._cancel_queued = True
-        for link in self.links:
-            if link.ready and link.in_flight and link.info.get("scheduler"):
-                try:
-                    link.conn.send([P.encode(P.Reclaim, len(link.in_flight))])
-                except ConnectionClosed:
-                    pass  # its close callback settles its jobs
 
     def unfinished(self):
         """The futures of the jobs not finished yet."""
@@ -671,57 +619,3 @@ class Client:
             except Exception:
                 log.exception("dpool: event listener failed on %s", kind)
 
-    def _cancel(self, job):
-        if self._direct is not None and self._direct.job is job:
-            self._direct.cancel()
-            return
-        incoming = self._incoming
-        if job.id not in self.jobs and incoming \
-                and incoming[0][0].id <= job.id <= incoming[-1][0].id:
-            # Not taken in yet (ids grow in submit order): cancelled as it is,
-            # not by taking the whole queue in now (DRAIN_BATCH's point).
-            self._cancel_early.add(job.id)
-            return
-        self._act(self.scheduler.cancel(job.id))
-
-    def _on_cancelled(self, job):
-        """(any thread) The user cancelled the future of a job a scheduler
-        queues: the scheduler drops it (or stops it, if it started meanwhile)."""
-        try:
-            self.loop.call_soon_threadsafe(self._cancel, job)
-        except RuntimeError:
-            pass  # closed: nothing runs it any more
-
-    def _cancel_all(self):
-        if self._direct is not None:
-            self._direct.cancel()
-        self._drain()
-        for job_id in list(self.jobs):
-            self._act(self.scheduler.cancel(job_id))
-
-    async def _shutdown(self, grace=2.0):
-        if self._direct is not None:
-            self._direct.close()
-            if isinstance(self._direct, TcpLine):
-                await self._direct.settle()
-        self._drain()
-        self.net.stop()
-        if self._zygote is not None:  # forked, never handed to a node (not started)
-            zygote, self._zygote = self._zygote, None
-            await zygote.start()
-            await zygote.close()
-        error = BrokenCluster("the client was closed")
-        self._act(self.scheduler.fail_queued(error))
-        self.net.close_all()
-        for job in list(self.jobs.values()):
-            state = self.scheduler.jobs.get(job.id)
-            if state is not None and state.cancelling:  # its node did not answer in time
-                self._finish(job, TERMINATED, error=JobCancelled(
-                    "job cancelled; its node did not confirm before the client closed"))
-            else:
-                self._finish(job, ABANDONED, error=error)
-        self.jobs.clear()
-        if self.embedded is not None:
-            await self.embedded.close()
-        await self.net.wait_closed(grace)
-        await asyncio.sleep(0)

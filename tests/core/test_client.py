@@ -41,7 +41,8 @@ def test_close_cancel_while_a_node_is_closing_cancels_the_others(dpool_node, nod
         read_marker(str(tmp_path / "b"))
         # close(cancel=True) right behind close_link(), in one loop turn
         # (from user threads the loop usually finishes the close in between).
-        client.call(lambda: (client.close_link(a), client.loop.call_soon(client._cancel_all)))
+        cancel_all = client.stopping.cancel_all
+        client.call(lambda: (client.close_link(a), client.loop.call_soon(cancel_all)))
         client.close(timeout=3)
         assert isinstance(jb.future.exception(0), JobCancelled)
         assert ja.future.done()
