@@ -17,6 +17,13 @@ All three public APIs (Executor, Pool, JobCluster) are adapters over
 :class:`Client`.  With no nodes given the client embeds a node runtime in
 its own loop (workers are still separate processes, forked by a zygote), so
 the local and the distributed case run the same code.
+
+The Client keeps the per-job paths (submit, drain, send, results); its
+other parts are objects of their own, each with the client as ``client``:
+:class:`~dpool.core.joining.Joining` (nodes join),
+:class:`~dpool.core.nodeevents.NodeEvents` (sessions open, change, end),
+:class:`~dpool.core.directcalls.DirectCalls` (direct calls) and
+:class:`~dpool.core.stopping.Stopping` (cancel, close).
 """
 import collections
 import itertools
