@@ -27,6 +27,7 @@ from ..hosts import is_loopback
 from ..node.files import default_job_root, private_dir
 from ..node.server import NodeServer
 from ..transport import udp
+from ..transport.streams import new_event_loop
 from . import common
 
 log = logging.getLogger("dpool.node")
@@ -137,7 +138,8 @@ def main(argv=None):
                         ext_hosts=args.ext_host, udp_port=args.discovery_port,
                         listen_port=args.announce_port, multicast=args.multicast)
     try:
-        asyncio.run(_serve(server, args.grace))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(_serve(server, args.grace))
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # e.g. the port is taken

@@ -665,8 +665,10 @@ class Session(P.Served):
                 if self.ended:
                     return
             # Once per loop iteration, after every worker's results of this
-            # pass are in: the freed room goes out as one RUN per worker.
-            if not self._dispatch_scheduled:
+            # pass are in: the freed room goes out as one RUN per worker
+            # (nothing queued, nothing to give: a lone call's loop iteration
+            # is spared).
+            if not self._dispatch_scheduled and self.dispatcher.queue:
                 self._dispatch_scheduled = True
                 asyncio.get_running_loop().call_soon(self._deferred_dispatch)
         elif kind is P.Started:

@@ -22,6 +22,7 @@ import asyncio
 import array
 import asyncio.sslproto
 import collections
+import selectors
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,24 @@ def set_tcp_options(sock: socket.socket, deadline: float = DEFAULT_DEADLINE) -> 
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
+class CountingSelector(selectors.DefaultSelector):
+    """The loop's selector, counting its waits: each loop iteration waits
+    once, so a stream tells the first message of an iteration from the
+    ones after it by the count, with no callback per message."""
+
+    epoch = 0
+
+    def select(self, timeout: float | None = None) -> Any:
+        self.epoch += 1
+        return super().select(timeout)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """An event loop whose streams cork without a callback per lone
+    message (see :meth:`SocketStream.write`): dpool-node's."""
+    return asyncio.SelectorEventLoop(CountingSelector())
+
+
 def advance(parts: Parts, sent: int) -> None:
     """Drop ``sent`` bytes from the front of a deque of byte ``parts``."""
     while sent:
@@ -92,6 +111,9 @@ class SocketStream:
         self._paused = False
         self._closing = False
         self._done = False
+        selector = getattr(loop, "_selector", None)
+        self._selector = selector if isinstance(selector, CountingSelector) else None
+        self._epoch = -1                    # the loop iteration of the last write
         sock.setblocking(False)
         conn._stream = self
         loop.add_reader(self._fd, self._read_ready)
@@ -157,6 +179,9 @@ class SocketStream:
         # that follow it in the same iteration are corked until its end and
         # go out in one sendmsg (one syscall for a whole batch of small
         # messages instead of one each; with a sealer, one record for all).
+        # On a loop with a CountingSelector the iteration is told by its
+        # count, and a callback is scheduled only for what waits (the rest
+        # of the iteration's messages, or what the socket did not take).
         if self._closing:
             return
         if parts and type(parts[0]) is FdMarker:
@@ -165,7 +190,16 @@ class SocketStream:
             self._markers += 1
         (self._out if self._sealer is None else self._plain).extend(parts)
         self._out_bytes += sum(map(len, parts))
-        if not self._flush_pending and not self._writer_on:
+        selector = self._selector
+        if selector is not None:
+            if not self._flush_pending and not self._writer_on:
+                if self._epoch != selector.epoch:  # the iteration's first: out now
+                    self._epoch = selector.epoch
+                    self._write_now()
+                if self._out or self._plain:
+                    self._flush_pending = True
+                    self._loop.call_soon(self._flush)
+        elif not self._flush_pending and not self._writer_on:
             self._flush_pending = True
             self._loop.call_soon(self._flush)
             self._write_now()

@@ -1,5 +1,8 @@
 """A lone message is written at once; the ones that follow it in the same
-loop iteration are corked to its end (issue 13's round trip)."""
+loop iteration are corked to its end (issue 13's round trip).  On the
+default loop a callback marks the iteration's end; on dpool-node's loop
+(``streams.new_event_loop``, a CountingSelector) the selector's count does,
+and a callback is scheduled only for what waits."""
 import asyncio
 import socket
 
@@ -7,8 +10,16 @@ import pytest
 
 from dpool.transport import wrap_socket
 from dpool.transport.frames import FrameDecoder
+from dpool.transport.streams import new_event_loop
 
 pytestmark = pytest.mark.timeout(30)
+
+LOOPS = pytest.mark.parametrize("factory", [None, new_event_loop], ids=["default", "counting"])
+
+
+def run(main, factory):
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
 
 
 def waiting(sock):
@@ -22,7 +33,8 @@ def waiting(sock):
         messages.extend(decoder.feed(data))
 
 
-def test_first_message_of_an_iteration_goes_out_at_once_the_rest_at_its_end():
+@LOOPS
+def test_first_message_of_an_iteration_goes_out_at_once_the_rest_at_its_end(factory):
     async def main():
         ours, theirs = socket.socketpair()
         conn = await wrap_socket(ours)
@@ -43,10 +55,11 @@ def test_first_message_of_an_iteration_goes_out_at_once_the_rest_at_its_end():
             await conn.wait_closed()
             theirs.close()
 
-    asyncio.run(main())
+    run(main, factory)
 
 
-def test_a_write_error_closes_the_connection_later_not_inside_send():
+@LOOPS
+def test_a_write_error_closes_the_connection_later_not_inside_send(factory):
     async def main():
         ours, theirs = socket.socketpair()
         conn = await wrap_socket(ours)
@@ -58,4 +71,35 @@ def test_a_write_error_closes_the_connection_later_not_inside_send():
         await conn.wait_closed()
         assert len(closed) == 1
 
-    asyncio.run(main())
+    run(main, factory)
+
+
+@LOOPS
+def test_what_the_socket_does_not_take_at_once_follows_and_order_is_kept(factory):
+    async def main():
+        ours, theirs = socket.socketpair()
+        conn = await wrap_socket(ours)
+        big = b"x" * (8 * 2**20)  # more than the socket buffer takes at once
+        got = []
+        try:
+            conn.send([big])
+            conn.send([b"after"])
+            await asyncio.sleep(0)
+            conn.send([b"later"])  # a new iteration, but behind what waits
+            decoder = FrameDecoder()
+            theirs.setblocking(False)
+            while len(got) < 3:
+                try:
+                    data = theirs.recv(2**20)
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+                    continue
+                got.extend(decoder.feed(data))
+        finally:
+            conn.abort()
+            await conn.wait_closed()
+            theirs.close()
+        assert [len(m[0]) for m in got] == [len(big), 5, 5]
+        assert bytes(got[1][0]) == b"after" and bytes(got[2][0]) == b"later"
+
+    run(main, factory)
