@@ -2,6 +2,7 @@
 
     python bench/bench_cpu_per_job.py [--jobs 20000] [--runs 5] [REV ...]
     python bench/bench_cpu_per_job.py --callgrind [--jobs 2000] [REV ...]
+    (either with --api Executor or --api Pool: those APIs' submit instead)
 
 For each REV (a git revision of this repository; default: the working
 tree only) the sources are exported (git archive) to a temporary folder
@@ -38,19 +39,29 @@ import dpool
 def noop(x=None):
     return x
 
-n = int(sys.argv[1])
-cluster = dpool.JobCluster(noop, loglevel=30, connect_timeout=120)  # (slow under valgrind)
+n, api = int(sys.argv[1]), sys.argv[2]
+if api == "JobCluster":
+    cluster = dpool.JobCluster(noop, loglevel=30, connect_timeout=120)  # (slow under valgrind)
+    submit, get, close = cluster.submit, (lambda job: job()), cluster.close
+elif api == "Executor":
+    from dpool.futures import Executor
+    ex = Executor(2, connect_timeout=120)
+    submit, get, close = (lambda i: ex.submit(noop, i)), (lambda f: f.result()), ex.shutdown
+else:
+    pool = dpool.Pool(2, connect_timeout=120)
+    submit, get, close = ((lambda i: pool.apply_async(noop, (i,))), (lambda h: h.get()),
+                          pool.terminate)
 try:
-    for job in [cluster.submit(i) for i in range(200)]:  # warm up
-        job()
+    for job in [submit(i) for i in range(200)]:  # warm up
+        get(job)
     gc.collect()
     t = time.process_time()
-    jobs = [cluster.submit(i) for i in range(n)]
+    jobs = [submit(i) for i in range(n)]
     for job in jobs:
-        job()
+        get(job)
     print(time.process_time() - t)
 finally:
-    cluster.close()
+    close()
 """
 
 
@@ -66,9 +77,9 @@ def export(rev, into):
     return dest
 
 
-def one_run(tree, jobs):
+def one_run(tree, jobs, api):
     env = dict(os.environ, PYTHONPATH=tree)
-    out = subprocess.run([sys.executable, "-c", CHILD, str(jobs)], env=env, cwd=tree,
+    out = subprocess.run([sys.executable, "-c", CHILD, str(jobs), api], env=env, cwd=tree,
                          check=True, capture_output=True, text=True).stdout
     return float(out.split()[-1])
 
@@ -76,12 +87,12 @@ def one_run(tree, jobs):
 CALLGRIND_BASE = 500
 
 
-def instructions(tree, jobs):
+def instructions(tree, jobs, api):
     """Instructions (callgrind "I refs") of the child process running ``jobs``."""
     env = dict(os.environ, PYTHONPATH=tree)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out",
-               os.path.realpath(sys.executable), "-c", CHILD, str(jobs)]
+               os.path.realpath(sys.executable), "-c", CHILD, str(jobs), api]
         run = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
     if run.returncode:
         raise RuntimeError(f"the child under valgrind failed:\n{run.stderr[-3000:]}")
@@ -92,8 +103,9 @@ def instructions(tree, jobs):
     return int(refs.replace(",", ""))
 
 
-def one_callgrind(tree, jobs):
-    return instructions(tree, CALLGRIND_BASE + jobs) - instructions(tree, CALLGRIND_BASE)
+def one_callgrind(tree, jobs, api):
+    return (instructions(tree, CALLGRIND_BASE + jobs, api)
+            - instructions(tree, CALLGRIND_BASE, api))
 
 
 def main():
@@ -102,6 +114,8 @@ def main():
                     help="git revisions, or WORKTREE for the working tree")
     ap.add_argument("--jobs", type=int, default=20000)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--api", choices=["JobCluster", "Executor", "Pool"], default="JobCluster",
+                    help="JobCluster.submit, Executor.submit or Pool.apply_async of a no-op")
     ap.add_argument("--callgrind", action="store_true",
                     help="instructions per job under valgrind (default --jobs 2000, --runs 1)")
     args = ap.parse_args()
@@ -112,8 +126,8 @@ def main():
         best = [float("inf")] * len(trees)
         for _ in range(args.runs):
             for i, tree in enumerate(trees):
-                best[i] = min(best[i], one_run(tree, args.jobs))
-    print(f"{args.jobs} no-op jobs, JobCluster on the embedded node, best of {args.runs} "
+                best[i] = min(best[i], one_run(tree, args.jobs, args.api))
+    print(f"{args.jobs} no-op jobs, {args.api} on the embedded node, best of {args.runs} "
           f"process_time (client + node), per job:")
     for rev, cpu in zip(args.revs, best):
         print(f"  {rev:>12}  {cpu / args.jobs * 1e6:7.2f} us   x{cpu / best[0]:.3f}")
@@ -127,8 +141,8 @@ def main_callgrind(args):
         best = [float("inf")] * len(trees)
         for _ in range(runs):
             for i, tree in enumerate(trees):
-                best[i] = min(best[i], one_callgrind(tree, jobs))
-    print(f"{jobs} no-op jobs, JobCluster on the embedded node, callgrind instructions "
+                best[i] = min(best[i], one_callgrind(tree, jobs, args.api))
+    print(f"{jobs} no-op jobs, {args.api} on the embedded node, callgrind instructions "
           f"of the client process per job (best of {runs}):")
     for rev, ins in zip(args.revs, best):
         print(f"  {rev:>12}  {ins / jobs / 1000:7.1f}k   x{ins / best[0]:.3f}")
