@@ -141,6 +141,24 @@ class _Job:
     adopted: bool = False  # taken over on its node: its attempt is not known
 
 
+class _Queued(_Job):
+    """The record of every job queued unpinned and never dispatched: one
+    shared, read-only instance (a million queued jobs are not a million
+    GC-tracked records; :meth:`Scheduler._fill` makes a job its own record
+    as it dispatches it)."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"the shared queued record is read-only ({name})")
+
+
+_QUEUED = object.__new__(_Queued)
+for _name, _default in (("node", None), ("pin", None), ("tries", 0), ("returned", 0),
+                        ("cancelling", False), ("adopted", False)):
+    object.__setattr__(_QUEUED, _name, _default)
+
+
 class Scheduler:
     def __init__(self, max_retries: int = 2) -> None:
         self.max_retries = max_retries
@@ -163,10 +181,17 @@ class Scheduler:
 
     def submit(self, job_ids: Iterable[JobId], now: float = 0.0,
                pin: Node | None = None) -> list[Action]:
-        jobs, queue = self.jobs, (self.pinned[pin] if pin is not None else self.queue)
-        for job_id in job_ids:
-            jobs[job_id] = _Job(None, pin)
-            queue.append(job_id)
+        jobs = self.jobs
+        if pin is None:
+            queue = self.queue
+            for job_id in job_ids:
+                jobs[job_id] = _QUEUED
+                queue.append(job_id)
+        else:
+            queue = self.pinned[pin]
+            for job_id in job_ids:
+                jobs[job_id] = _Job(None, pin)
+                queue.append(job_id)
         return self._dispatch()
 
     def add_node(self, node: Node, cpus: int, now: float = 0.0, depth: int = 2) -> list[Action]:
@@ -492,8 +517,11 @@ class Scheduler:
             job = jobs.get(job_id)
             if job is None or job.node is not None:
                 continue
-            job.node = node
-            job.tries += 1
+            if job is _QUEUED:
+                jobs[job_id] = _Job(node, None, 1)
+            else:
+                job.node = node
+                job.tries += 1
             state.inflight.add(job_id)
             batches.setdefault(node, []).append(job_id)
             room -= 1

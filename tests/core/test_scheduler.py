@@ -34,6 +34,32 @@ def test_no_node_no_send():
     assert s.pending() == 3 and s.queued() == 3
 
 
+def test_queued_jobs_share_one_record_until_dispatched():
+    """A million queued jobs are not a million GC-tracked records: the
+    unpinned ones share one read-only record; each gets its own as it is
+    dispatched, with its attempts counted from there."""
+    s = Scheduler()
+    s.submit(range(100))
+    shared = {id(job) for job in s.jobs.values()}
+    assert len(shared) == 1
+    record = s.jobs[0]
+    try:
+        record.tries = 5
+    except AttributeError:
+        pass
+    else:
+        raise AssertionError("the shared record was written")
+    assert record.tries == 0 and record.node is None
+    assert sends(s.add_node("a", 1)) == {"a": [0, 1]}
+    assert s.jobs[0] is not record and s.attempt(0) == 1 and s.jobs[2] is record
+    assert sends(s.given_back("a", [1])) == {"a": [1]}  # (a new attempt)
+    assert s.finish("a", 0, attempt=1) and s.attempt(1) == 2
+    assert sends(s.dispatch()) == {"a": [2]}
+    assert s.attempt(2) == 1 and s.jobs[3] is record
+    assert s.cancel(3) == [Cancelled(3)] and s.queued() == 96
+    assert record.tries == 0 and record.node is None and not record.cancelling
+
+
 def test_read_ahead_is_two_per_cpu_before_any_job_is_timed():
     s = Scheduler()
     assert s.add_node("a", 2) == []
