@@ -124,7 +124,7 @@ class Client:
         self._cancel_queued = False  # shutdown(cancel_futures=True): jobs given back are cancelled
         self.embedded = None
         self._ids = itertools.count(1)
-        self._incoming: collections.deque[tuple[Job, Any]] = collections.deque()  # (job, pin)
+        self._incoming: collections.deque[Job] = collections.deque()  # (not a tuple per job)
         self._cancel_early: set[int] = set()  # ids cancelled before the loop took them in
         self._wake_pending = False
         self._unfinished = set()  # futures not yet resolved (for close/wait)
@@ -216,9 +216,9 @@ class Client:
                 return job
         job = Job(next(self._ids), fn_id, frames, tag, int(star))  # a plain int on the wire
         job.blob = blob
-        job.place = place
+        job.place, job.pin = place, pin
         self._unfinished.add(job.future)  # the loop thread discards it when done
-        self._incoming.append((job, pin))
+        self._incoming.append(job)
         if not self._wake_pending:
             self._wake_pending = True
             try:
@@ -400,7 +400,8 @@ class Client:
         actions: list[Action] = []
         while incoming and limit:
             limit -= 1  # (from -1: no limit)
-            job, pin = incoming.popleft()
+            job = incoming.popleft()
+            pin = job.pin
             self.jobs[job.id] = job
             if early and job.id in early:  # (cancelled while queued here: never run)
                 early.discard(job.id)

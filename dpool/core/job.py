@@ -41,7 +41,8 @@ class Job:
 
     __slots__ = ("id", "fn_id", "frames", "future", "status", "node", "submit_time",
                  "start_time", "end_time", "stdout", "stderr", "sent", "tag", "star",
-                 "value", "error", "cancelled", "blob", "where", "place", "__weakref__")
+                 "value", "error", "cancelled", "blob", "where", "place", "pin",
+                 "__weakref__")
 
     def __init__(self, job_id, fn_id, frames, tag=None, star=False, future=None):
         self.id = job_id
@@ -54,6 +55,7 @@ class Job:
         self.node = None
         self.where = None  # the host that ran it, when a scheduler (the node) says so
         self.place = None  # the host it must run on, behind a scheduler (submit's place)
+        self.pin = None  # the only NodeLink it may run on (submit's pin)
         self.submit_time = time.time()
         self.start_time = self.end_time = None
         self.stdout = self.stderr = None

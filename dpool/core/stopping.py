@@ -59,7 +59,7 @@ class Stopping:
         """Jobs a submit racing close() queued after the loop's last drain."""
         error = BrokenCluster("the client was closed")
         while self.client._incoming:
-            job, _ = self.client._incoming.popleft()
+            job = self.client._incoming.popleft()
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)
             self.client._unfinished.discard(job.future)
@@ -90,7 +90,7 @@ class Stopping:
             return
         incoming = self.client._incoming
         if job.id not in self.jobs and incoming \
-                and incoming[0][0].id <= job.id <= incoming[-1][0].id:
+                and incoming[0].id <= job.id <= incoming[-1].id:
             # Not taken in yet (ids grow in submit order): cancelled as it is,
             # not by taking the whole queue in now (DRAIN_BATCH's point).
             self.client._cancel_early.add(job.id)

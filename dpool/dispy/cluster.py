@@ -205,7 +205,7 @@ class JobCluster:
         return options
 
     def _client_args(self):
-        return dict(session=self._session(), on_event=self._events, prepare=self._prepare,
+        return dict(session=self._session(), on_event=self._events.on_event, prepare=self._prepare,
                     ssl=self._ssl, **self._liveness)
 
     def _new_client(self, nodes, **options):
@@ -342,19 +342,12 @@ class JobCluster:
         return self._submit(job_id, self._link(node, strict=True), args, kwargs)
 
     def _submit(self, job_id, pin, args, kwargs, place=None):
-        files = kwargs.pop("dispy_job_depends", None)
-        if self._program is not None:
-            args = (self._program_file, *(str(a) for a in args))
         fn = self.computation
-        if files:
-            entries, names = collect(files)
-            if names:
-                raise TypeError("dispy_job_depends: functions and classes go in the "
-                                "cluster's depends; give files or modules here")
-            args, kwargs = (entries, self._cleanup_files, args, kwargs), {}
-            fn = jobenv.run_with_files
+        if self._program is not None or (kwargs and "dispy_job_depends" in kwargs):
+            fn, args, kwargs = self._special_call(args, kwargs)
         job = DispyJob(job_id, args, kwargs)
-        self._jobs.add(job)
+        jobs = self._jobs
+        jobs.add(job)
         if self.cluster_status:
             self._events.created(job)
         try:
@@ -365,9 +358,25 @@ class JobCluster:
                 self._recover.job(core_id, job.id)
                 job.track_id(lambda j: self._recover.job(core_id, j.id))
         except BaseException:
-            self._jobs.discard(job)
+            jobs.discard(job)
             raise
         return job
+
+    def _special_call(self, args, kwargs):
+        """(fn, args, kwargs) of a program's job or of one with
+        dispy_job_depends (files sent with the job)."""
+        fn = self.computation
+        files = kwargs.pop("dispy_job_depends", None)
+        if self._program is not None:
+            args = (self._program_file, *(str(a) for a in args))
+        if files:
+            entries, names = collect(files)
+            if names:
+                raise TypeError("dispy_job_depends: functions and classes go in the "
+                                "cluster's depends; give files or modules here")
+            args, kwargs = (entries, self._cleanup_files, args, kwargs), {}
+            fn = jobenv.run_with_files
+        return fn, args, kwargs
 
     def cancel(self, job):
         """Cancel a queued (-> Cancelled) or running (-> Terminated) job; 0 or -1."""

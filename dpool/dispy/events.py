@@ -49,9 +49,14 @@ class ClusterEvents:
                           "started": self._job_started, "done": self._job_done,
                           "ready": self._ready_again}
 
-    def __call__(self, kind, obj):
-        """Client loop thread (the client's ``on_event``)."""
-        self._handlers[kind](obj)
+    def on_event(self, kind, obj):
+        """Client loop thread (the client's ``on_event``): a job's end, on
+        every job's path, first."""
+        if kind == "done":
+            self._job_done(obj)
+        else:
+            self._handlers[kind](obj)
+
 
     def ip_of(self, link):
         """The node's IP address, resolved once per node (never per job)."""
