@@ -79,6 +79,15 @@ def echo_outputs(n):
     return n
 
 
+def echo_some(n):
+    """Prints for n % 3 == 0, nothing for 1, and closes its stdout for 2."""
+    if n % 3 == 0:
+        print(f"stdout of job {n}")
+    elif n % 3 == 2:
+        sys.stdout.close()
+    return n
+
+
 # ----------------------------------------------------------------- failures
 
 def fails(n):

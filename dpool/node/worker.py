@@ -35,16 +35,35 @@ _OK, _ERROR = int(Outcome.OK), int(Outcome.ERROR)
 
 
 class _Capture:
-    """Swap sys.stdout/sys.stderr for buffers around one job."""
+    """sys.stdout/sys.stderr swapped for buffers around each job.  A buffer
+    a job left empty and open serves the next job too (two new StringIO per
+    job cost more than a no-op job itself); one written to, or closed, is
+    replaced."""
 
-    def __enter__(self):
-        self.saved = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = self.out, self.err = io.StringIO(), io.StringIO()
-        return self
+    def __init__(self):
+        self.out, self.err = io.StringIO(), io.StringIO()
+        self.text = (None, None)
 
-    def __exit__(self, *exc):
-        sys.stdout, sys.stderr = self.saved
-        return False
+    def call(self, fn, args, kwargs, star):
+        """``_call`` with the output captured: ``self.text`` is then the
+        job's (stdout, stderr), each None if it wrote nothing."""
+        self.text = (None, None)
+        saved = sys.stdout, sys.stderr
+        out, err = sys.stdout, sys.stderr = self.out, self.err
+        try:
+            return _call(fn, args, kwargs, star)
+        finally:
+            sys.stdout, sys.stderr = saved
+            self.text = _written(out), _written(err)
+            if self.text[0] is not None or out.closed:
+                self.out = io.StringIO()
+            if self.text[1] is not None or err.closed:
+                self.err = io.StringIO()
+
+
+def _written(buf):
+    """What a job wrote to ``buf`` (None: nothing, or it closed it)."""
+    return None if buf.closed else buf.getvalue() or None
 
 
 class SessionGone(Exception):
@@ -56,7 +75,7 @@ class Worker:
     def __init__(self, conn):
         self.conn = conn
         self.fns = {}
-        self.capture = False
+        self.capture = None  # a _Capture when the session captures output
         self.notify_start = False
         self.max_tasks = None
         self.done = 0
@@ -75,7 +94,7 @@ class Worker:
 
     def on_init(self, msg, frames):
         options = msg.options
-        self.capture = options.get("capture", False)
+        self.capture = _Capture() if options.get("capture", False) else None
         self.notify_start = options.get("notify_start", False)
         self.max_tasks = options.get("max_tasks")
         _name_process(options)
@@ -138,11 +157,11 @@ class Worker:
             fn = self._function(fn_id)
             args, kwargs = serialize.loads(frames)
             if self.capture:
-                with _Capture() as cap:
-                    try:
-                        result = _call(fn, args, kwargs, star)
-                    finally:
-                        out, err = cap.out.getvalue(), cap.err.getvalue()
+                capture = self.capture
+                try:
+                    result = capture.call(fn, args, kwargs, star)
+                finally:
+                    out, err = capture.text
             else:
                 result = _call(fn, args, kwargs, star)
             payload = _dump_result(result)

@@ -19,7 +19,7 @@ from dpool import protocol as P
 from dpool.core.client import Client
 from dpool.errors import JobCancelled, WorkerLost
 from helpers import cluster_on, node_env, pid_gone, poll_for, read_marker
-from tasks import die_or_pid, dies, double, echo_outputs, fails, getpid, hold
+from tasks import die_or_pid, dies, double, echo_outputs, echo_some, fails, getpid, hold
 
 DispyJob = dpool.DispyJob
 pytestmark = pytest.mark.timeout(30)
@@ -169,6 +169,17 @@ def test_stdout_and_stderr_are_captured_per_job(dpool_node):
             assert job.stdout == f"stdout of job {n}\n"
             assert job.stderr == f"stderr of job {n}\n"
             assert job.exception is None
+
+
+def test_each_job_gets_its_own_output_when_jobs_print_or_not_or_close_stdout(dpool_node):
+    """A worker reuses a capture buffer a job left empty: no job sees
+    another's output, and a job closing its stdout spoils no later job."""
+    with cluster_on(dpool_node, echo_some) as cluster:
+        for n in range(12):
+            job = cluster.submit(n)
+            assert job(timeout=10) == n, job.exception
+            assert job.stdout == (f"stdout of job {n}\n" if n % 3 == 0 else "")
+            assert job.stderr == "" and job.exception is None
 
 
 def test_exception_comes_back_as_traceback_text(dpool_node):
