@@ -8,7 +8,9 @@ and the 1M-int maps of issue 13.
 Each cell runs in a fresh Python process (so one cell's heap does not count
 against the next), with a pool of 2 workers created and warmed up (one task)
 before timing: submit all N no-op tasks first, then collect all results.
-tasks/s is N over that whole time; memory per task is the client process's
+tasks/s is N over that whole time (``cpu_us`` in the per-cell lines: the
+client process's CPU per task, ``gc_us`` the garbage collector's share of
+it, ``collections`` per generation); memory per task is the client process's
 peak RSS (``VmHWM``) above its RSS after the warm-up, divided by N (so it
 counts everything the client holds for a task until its result is taken:
 the task, its future or result object, the queue entries; with the embedded
@@ -25,6 +27,7 @@ explicitly (its default, as the stdlib's, is 1), each the median of 3 in one
 process per API.
 """
 import argparse
+import gc
 import json
 import multiprocessing
 import os
@@ -32,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,21 +77,43 @@ def _open(api, node):
     return cluster.submit, (lambda job: job()), cluster.close
 
 
+class _GcClock:
+    """CPU time spent in the garbage collector (``gc.callbacks``; a
+    collection runs in the thread whose allocation triggered it)."""
+
+    def __init__(self):
+        self.total, self.collections, self._start = 0.0, [0, 0, 0], {}
+        gc.callbacks.append(self)
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._start[threading.get_ident()] = time.thread_time()
+        else:
+            self.total += time.thread_time() - self._start.pop(threading.get_ident())
+            self.collections[info["generation"]] += 1
+
+    def stop(self):
+        gc.callbacks.remove(self)
+
+
 def cell(api, n, node):
     """One measurement in this (fresh) process: JSON on stdout."""
     submit, get, close = _open(api, node)
     assert get(submit(0)) == 0
     base = _status("VmRSS")
+    clock = _GcClock()
     start, cpu = time.perf_counter(), time.process_time()
     handles = [submit(i) for i in range(n)]
     for i, h in enumerate(handles):
         assert get(h) == i
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    clock.stop()
     peak = _status("VmHWM")
     del handles
     close()
     print(json.dumps({"rate": n / elapsed, "bytes_per_task": (peak - base) / n,
-                      "cpu_us": cpu / n * 1e6}))
+                      "cpu_us": cpu / n * 1e6, "gc_us": clock.total / n * 1e6,
+                      "collections": clock.collections}))
 
 
 def map_cell(api, n, reps):
