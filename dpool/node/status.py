@@ -1,4 +1,5 @@
 """What a node says about itself when asked STATUS (``dpool status``)."""
+import functools
 import os
 import platform
 import sys
@@ -9,7 +10,12 @@ import psutil
 _STARTED = time.time()
 
 
+@functools.cache
 def dpool_version():
+    """dpool's installed version, looked up at the first STATUS (not at
+    import: importlib.metadata brings the email package, 20 modules and
+    thousands of objects every later full collection of a client with an
+    embedded node would go through)."""
     try:
         from importlib.metadata import version
 
@@ -17,8 +23,6 @@ def dpool_version():
     except Exception:  # not installed (run from a source tree)
         return "unknown"
 
-
-_VERSION = dpool_version()
 psutil.cpu_percent(None)  # the first call only starts the measurement
 
 
@@ -48,7 +52,7 @@ def node_status(runtime):
         load = round(os.getloadavg()[0], 2)
     except OSError:
         load = None
-    return {"name": runtime.name, "version": _VERSION,
+    return {"name": runtime.name, "version": dpool_version(),
             "python": "%d.%d.%d" % sys.version_info[:3], "platform": platform.platform(),
             "pid": os.getpid(), "uptime": round(time.time() - _STARTED, 1),
             "cpus": runtime.cpus, "free_cpus": runtime.free_cpus, "sessions": sessions,
