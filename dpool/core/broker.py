@@ -48,6 +48,7 @@ from ..transport.frames import _nbytes
 from .computation import Computation
 from .keep import KEEP_RESULTS, Keeping, Kept
 from .nodecalls import NodeCalls
+from .nodelist import NodeList
 from .nodeport import Link, NodePort, Watch
 from .discover import MAX_FOUND
 from .schedfind import FORGET_AFTER, start_finder
@@ -92,12 +93,6 @@ def _pinned_share(session: ClientSession) -> tuple[float, int]:
     return (session.running + 1) / session.weight, session.sid
 
 
-def _node_entry(port: NodePort) -> dict:
-    """A node as its clients see it (``nodes`` in Ready)."""
-    name = (port.anchor.info if port.anchor else {}).get("name") or port.host
-    return {"host": port.host, "port": port.port, "name": name, "cpus": port.cpus}
-
-
 def session_limits(options: Any) -> tuple[float, int]:
     """A Session's fair-share weight (finite, > 0; default 1) and job limit
     (its ``cpus``: a whole number > 0, or none/0 for no limit), else
@@ -133,16 +128,11 @@ class ClientSession(P.Served):
         self.weight = 1.0
         self.limit = 1 << 62
         self.told_cpus = 0  # the CPUs the last Ready announced (0: none sent yet)
-        self.told_nodes: dict[NodePort, dict] = {}  # the nodes it was told of (usable legs)
-        # The nodes whose entry may have changed since the last Ready: a
-        # Ready costs the changes, not all the nodes (tell_ready).
-        self.dirty: dict[NodePort, None] = {}
+        # The nodes where its leg is open and set up (for the policy:
+        # FairShare.use_nodes), and what its Ready messages told of them.
+        self.node_list = NodeList(self.calls.cpus_on)
         self._ready_timer: asyncio.TimerHandle | None = None  # tell_ready_soon
         self._sync_scheduled = False  # sync_soon
-        # The nodes where its leg is open and set up (kept as legs change,
-        # for the policy: FairShare.use_nodes); changed since the last Ready?
-        self.usable_set: dict[NodePort, None] = {}
-        self.nodes_changed = False
         # Jobs pinned to a node (dispy's submit_node): job id -> the node's
         # host, while queued or placed; host -> its queued job ids, in order.
         self.pin_of: dict[int, str] = {}
@@ -232,46 +222,19 @@ class ClientSession(P.Served):
         self._ready_timer = None
         if self.ended:
             return
-        self.nodes_changed = False
+        self.node_list.changed = False
         first = not self.told_cpus
         info = self.broker.info()
         cpus = max(min(info["cpus"], self.limit), self.told_cpus)
         if first:
-            self.told_nodes = self.node_entries()
-            self.dirty.clear()
-            info["nodes"] = list(self.told_nodes.values())
+            info["nodes"] = self.node_list.tell_all()
         else:
-            info["nodes_added"], info["nodes_removed"] = self.node_changes()
+            info["nodes_added"], info["nodes_removed"] = self.node_list.changes()
             if cpus == self.told_cpus and not info["nodes_added"] \
                     and not info["nodes_removed"]:
                 return  # nothing new
         info["cpus"] = info["free_cpus"] = self.told_cpus = cpus
         self.tell([P.encode(P.Ready, info)])
-
-    def node_changes(self) -> tuple[list[dict], list[list]]:
-        """The entries new or changed, and the nodes gone, since the last
-        Ready (of the ``dirty`` ones only); ``told_nodes`` updated."""
-        told, usable = self.told_nodes, self.usable_set
-        added: list[dict] = []
-        removed: list[list] = []
-        for port in self.dirty:
-            if port in usable:
-                entry = self.node_entry(port)
-                if told.get(port) != entry:
-                    told[port] = entry
-                    added.append(entry)
-            elif told.pop(port, None) is not None:
-                removed.append([port.host, port.port])
-        self.dirty.clear()
-        return added, removed
-
-    def node_entries(self) -> dict[NodePort, dict]:
-        """The nodes its jobs may run on now, as Ready lists them (the CPUs
-        of each it may use: set_node_cpus, nodecalls.py)."""
-        return {port: self.node_entry(port) for port in self.usable_ports()}
-
-    def node_entry(self, port: NodePort) -> dict:
-        return dict(_node_entry(port), cpus=self.calls.cpus_on(port))
 
     def tell_ready_soon(self) -> None:
         """Ready again, once, READY_COALESCE s from now: nodes joining in a
@@ -386,15 +349,12 @@ class ClientSession(P.Served):
         if self._ready_timer is not None:  # this Ready says it all: none before it
             self._ready_timer.cancel()
             self._ready_timer = None
-        self.nodes_changed = False
-        self.told_nodes = self.node_entries()
-        self.dirty.clear()
+        nodes = self.node_list.tell_all()
         info = self.broker.info()
         info["cpus"] = info["free_cpus"] = self.told_cpus = \
             max(min(info["cpus"], self.limit), self.told_cpus)
         self.tell([P.encode(P.Ready, dict(info, recovered=True, kept=kept.job_ids,
-                                          pending=unfinished,
-                                          nodes=list(self.told_nodes.values())))])
+                                          pending=unfinished, nodes=nodes))])
         for frames in kept.messages:
             self.tell(frames)
         if terminate and unfinished:
@@ -594,7 +554,7 @@ class ClientSession(P.Served):
         self._tell(frames)
 
     def _tell(self, frames: list) -> None:
-        if self._ready_timer is not None or (self.nodes_changed and self.told_cpus):
+        if self._ready_timer is not None or (self.node_list.changed and self.told_cpus):
             if self._ready_timer is not None:  # a change of its nodes goes first (SetupDone...)
                 self._ready_timer.cancel()
             self.tell_ready()
@@ -653,22 +613,16 @@ class ClientSession(P.Served):
         calls = self.calls
         # (the live set: nothing to copy as legs open; a copy, filtered,
         # while node calls hold some nodes back: nodecalls.py)
-        fair.use_nodes(self, calls.placeable(self.usable_ports()) if calls.active
-                       else self.usable_set)
-        if self.told_cpus and self.nodes_changed:
+        node_list = self.node_list
+        fair.use_nodes(self, calls.placeable(node_list.ports()) if calls.active
+                       else node_list.usable)
+        if self.told_cpus and node_list.changed:
             self.tell_ready_soon()
 
     def recheck(self, port: NodePort) -> None:
         """Whether its leg on ``port`` is usable (open, its setup done) may
-        have changed: keep ``usable_set`` so."""
-        usable = self.usable(port) is not None
-        if usable != (port in self.usable_set):
-            if usable:
-                self.usable_set[port] = None
-            else:
-                del self.usable_set[port]
-            self.dirty[port] = None
-            self.nodes_changed = True
+        have changed: keep its node list so."""
+        self.node_list.recheck(port, self.usable(port) is not None)
 
     def sync_soon(self) -> None:
         """:meth:`sync`, then placement, once the event loop's current
@@ -682,9 +636,6 @@ class ClientSession(P.Served):
         self._sync_scheduled = False
         self.sync()
         self.broker.place_soon()
-
-    def usable_ports(self) -> list[NodePort]:
-        return list(self.usable_set)
 
     # ------------------------------------------- jobs pinned to a node (submit_node)
 
@@ -943,8 +894,7 @@ class Broker:
         self._count(port, port.cpus if port.ready else 0)  # (its anchor may be gone already)
         self.reopen(port)
         for client in list(self.clients):
-            if port in client.told_nodes:  # back: its entry may differ (cpus, name)
-                client.dirty[port] = None
+            client.node_list.touch(port)  # back: its entry may differ (cpus, name)
             if client.options:
                 client.open_leg(port)
             if client.told_cpus and client.limit > client.told_cpus:

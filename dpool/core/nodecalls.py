@@ -135,9 +135,7 @@ class NodeCalls:
             self.caps[port.host] = allowed
         self.changed()
         session = self.session
-        for each in session.told_nodes:  # their entries in its next Ready
-            if each.host == port.host:
-                session.dirty[each] = None
+        session.node_list.touch_host(port.host)  # their entries in its next Ready
         if session.told_cpus:
             session.tell_ready()  # its nodes' CPUs as it may use them
         return allowed

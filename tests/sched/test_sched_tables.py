@@ -164,7 +164,7 @@ def test_a_ready_costs_the_changes_not_all_the_nodes(fake_legs, monkeypatch):
     nodes are all gone over again for it.  (Each Ready going over every
     node made a join burst quadratic: Readies come every READY_COALESCE s,
     as many as the burst lasts, bench/bench_sched_join.py.)"""
-    from dpool.core import broker as broker_module
+    from dpool.core import broker as broker_module, nodelist
     known = 500
 
     async def main():
@@ -180,8 +180,8 @@ def test_a_ready_costs_the_changes_not_all_the_nodes(fake_legs, monkeypatch):
         await poll(lambda: new.told_cpus == 8 * (known + 1))
         await poll(lambda: new._ready_timer is None)
         entries, scans = [], []
-        real_entry, real_ready = broker_module._node_entry, broker_module.Broker.ready_nodes
-        monkeypatch.setattr(broker_module, "_node_entry",
+        real_entry, real_ready = nodelist._node_entry, broker_module.Broker.ready_nodes
+        monkeypatch.setattr(nodelist, "_node_entry",
                             lambda port: entries.append(port) or real_entry(port))
         monkeypatch.setattr(broker_module.Broker, "ready_nodes",
                             lambda self: scans.append(1) or real_ready(self))
@@ -220,7 +220,7 @@ def test_a_recovered_client_hears_the_recovered_ready_first(fake_legs):
         port = fake_node(b, "10.0.0.2")
         b.ports.append(port)
         b.node_ready(port)
-        await poll(lambda: port in gone.usable_set)
+        await poll(lambda: port in gone.node_list.usable)
         waiting = gone._ready_timer is not None
         conn = FakeConn()
         b.accept(conn)
