@@ -44,11 +44,11 @@ from ..errors import BrokenCluster, NodeLost
 from ..protocol import Outcome
 from ..transport import PROTOCOL_VERSION, Connection, start_server
 from ..transport.budget import ReceiveBudget
-from ..transport.frames import _nbytes
 from .computation import Computation
 from .keep import KEEP_RESULTS, Keeping, Kept
 from .nodecalls import NodeCalls
 from .nodelist import NodeList
+from .resultmerge import ResultMerge
 from .nodeport import Link, NodePort, Watch
 from .discover import MAX_FOUND
 from .schedfind import FORGET_AFTER, start_finder
@@ -77,14 +77,6 @@ MAX_FORGOTTEN = MAX_FOUND
 #: Seconds over which changes to a client's nodes (joined, lost) are
 #: gathered into one Ready (ClientSession.tell_ready_soon).
 READY_COALESCE = 0.1
-#: The nodes' Done messages of one pass merged into one for a client
-#: (ClientSession.flush) while it has at most this many frames and bytes;
-#: one past them goes alone, as it came.  Well within the client's Limits
-#: (transport.frames: max_frames, max_message_bytes), which each node's
-#: message is within but several merged need not be; merging large
-#: results saves nothing.
-MERGE_MAX_FRAMES = 4096
-MERGE_MAX_BYTES = 1 << 20
 _ENV = (P.SetupDone, P.SetupFail, P.FileDone)  # the computation's (computation.py)
 _PASSED_ON = (P.Provisional, P.SendFile)
 
@@ -140,10 +132,7 @@ class ClientSession(P.Served):
         self.ended = False
         self.kept: Kept | None = None  # while detached (gone, recoverable): its results
         self.counts: collections.Counter = collections.Counter()
-        # Done messages from the nodes not passed on yet: (results, frames)
-        # each; those of one pass of the loop go to the client as one (flush).
-        self.out: list[tuple[list, list]] = []
-        self.starts: list[tuple] = []  # Started entries to pass on with them (flush)
+        self.merge = ResultMerge(self)  # the nodes' Done of one pass: one to the client
         self.handlers = {P.Session: self.on_session, P.Func: self.on_func, P.Run: self.on_run,
                          P.Cancel: self.on_cancel, P.Bye: self.on_bye, P.Forget: self.on_forget,
                          P.File: self.env.on_file, P.Setup: self.env.on_setup,
@@ -308,7 +297,7 @@ class ClientSession(P.Served):
         broker = self.broker
         old = broker.detached.pop(msg.token, None) if not self.options else None
         if old is not None:  # results read in this pass: kept, told after Ready
-            old.flush()
+            old.merge.flush()
         if old is None or old.ended:
             self.tell([P.encode(P.Refused, f"scheduler {broker.name} keeps no results for "
                                            f"that session (unknown, or the time to recover "
@@ -447,19 +436,11 @@ class ClientSession(P.Served):
         self.counts["done"] += len(msg.results)
         if self.limit < 1 << 62 or self.calls.caps:
             self.sync()
-        if not self.out and not self.starts:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self.out.append((msg.results, frames))
+        self.merge.done(msg.results, frames)
         self.broker.place_soon()
 
     def on_started(self, leg: Link, msg: Any) -> None:
-        """Jobs started on a node: passed on with the pass's results (flush),
-        one Started message ahead of their Done, not one per node's notice
-        (which would also split the pass's Done)."""
-        if not self.out and not self.starts:
-            asyncio.get_running_loop().call_soon(self.flush)
-        host = leg.port.host
-        self.starts += [(job[0], job[1], host) for job in msg.jobs]
+        self.merge.started(msg.jobs, leg.port.host)
 
     def on_leg_closed(self, leg: Link, exc: BaseException | None) -> None:
         """The leg (or its node) went away: its jobs are placed again."""
@@ -509,48 +490,12 @@ class ClientSession(P.Served):
 
     # ------------------------------------------------------------- to the client
 
-    def flush(self) -> None:
-        """Pass on the results that came from the nodes in the last pass of
-        the loop: one Done message for them all (as the node sent it, if it
-        is the only one), so that the client reads one message, not one per
-        node (the scheduler's share of the path's CPU per job)."""
-        out, self.out = self.out, []
-        starts, self.starts = self.starts, []
-        if self.ended:
-            return
-        if starts:  # (before any Done: a job's start comes before its result)
-            self._tell([P.encode(P.Started, starts)])
-        merged: list[tuple[list, list]] = []
-        nframes = nbytes = 0
-        for records, frames in out:
-            size = sum(map(_nbytes, frames))
-            if merged and (nframes + len(frames) > MERGE_MAX_FRAMES
-                           or nbytes + size > MERGE_MAX_BYTES):
-                self._tell_merged(merged)
-                merged, nframes, nbytes = [], 0, 0
-            merged.append((records, frames))
-            nframes += len(frames)
-            nbytes += size
-        if merged:
-            self._tell_merged(merged)
-
-    def _tell_merged(self, out: list[tuple[list, list]]) -> None:
-        """One Done for ``out`` (the node's own message if it is alone)."""
-        if len(out) == 1:
-            self._tell(out[0][1])
-            return
-        results: list = []
-        payload: list = []
-        for records, frames in out:
-            results += records
-            payload += frames[1:]
-        self._tell([P.encode(P.Done, results), *payload])
-
     def tell(self, frames: list) -> None:
         """Send a message to the client (or keep it, while detached): after
         the results waiting to be passed on, so that the order holds."""
-        if self.out or self.starts:
-            self.flush()
+        merge = self.merge
+        if merge.out or merge.starts:
+            merge.flush()
         self._tell(frames)
 
     def _tell(self, frames: list) -> None:
@@ -717,8 +662,8 @@ class ClientSession(P.Served):
     def end(self, why: str) -> None:
         if self.ended:
             return
-        if self.out:  # the results read in this pass are the client's (or kept)
-            self.flush()
+        if self.merge.out:  # the results read in this pass are the client's (or kept)
+            self.merge.flush()
             if self.ended:  # (past what may be kept for the clients gone)
                 return
         self.ended = True

@@ -187,8 +187,8 @@ def test_a_merged_message_stays_within_what_the_client_receives():
 
 def test_large_results_are_not_merged_past_the_bytes_limit(monkeypatch):
     # (bytes: max_message_bytes is 8 GiB; a smaller bound stands in for it)
-    from dpool.core import broker
-    monkeypatch.setattr(broker, "MERGE_MAX_BYTES", 100)
+    from dpool.core import resultmerge
+    monkeypatch.setattr(resultmerge, "MERGE_MAX_BYTES", 100)
     a, b, c = leg(), leg(), leg()
     session = session_with_jobs_on({a: [1], b: [2], c: [3]})
     big = [P.encode(P.Done, [P.result(1, P.Outcome.OK, 1)]), b"x" * 150]
