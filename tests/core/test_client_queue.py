@@ -1,7 +1,9 @@
 """The core Client with big queues (issue 16): many queued jobs cancelled
 at once, and wait() over many unfinished jobs."""
 import concurrent.futures as cf
+import threading
 
+from dpool.core import client as core
 from dpool.core.client import Client
 from dpool.errors import JobCancelled
 from helpers import read_marker
@@ -51,7 +53,6 @@ def test_wait_returns_only_once_the_futures_are_resolved():
     'done' event runs before the future resolves) must not return True with
     that future still pending: it returned as soon as the job left the
     unfinished set, before its future (and a DispyJob's fields) were set."""
-    import threading
     seen, returned, threads = [], threading.Event(), []
 
     def waiter(client, future):
@@ -77,6 +78,24 @@ def test_wait_returns_only_once_the_futures_are_resolved():
             thread.join(30)
 
 
+def queued_behind_a_held_loop(client, count):
+    """``count`` jobs submitted while the loop thread is held, and the event
+    that lets it go."""
+    let_go, held = threading.Event(), threading.Event()
+    client.loop.call_soon_threadsafe(lambda: (held.set(), let_go.wait(30)))
+    assert held.wait(30)
+    return [client.submit(double, (i,)) for i in range(count)], let_go
+
+
+def let_go_counting(client, let_go):
+    """Let the held loop thread go; returns a list that gets the number of
+    jobs not taken in yet when a callback queued behind its first drain runs."""
+    seen: list[int] = []
+    client.loop.call_soon_threadsafe(lambda: seen.append(len(client._incoming)))
+    let_go.set()
+    return seen
+
+
 def test_the_loop_thread_takes_a_big_queue_in_batches():
     """A user thread that submits faster than the loop thread takes the jobs
     in must not keep the loop in one drain for the whole queue: nothing else
@@ -85,19 +104,10 @@ def test_the_loop_thread_takes_a_big_queue_in_batches():
     10.4 s", which this explains).  Here the loop is held while 20,000 jobs
     queue up; once let go, a callback queued behind the drain finds jobs
     still waiting."""
-    import threading
-
-    from dpool.core import client as core
-
     client = Client(None, cpus=1).start()
     try:
-        let_go, held = threading.Event(), threading.Event()
-        client.loop.call_soon_threadsafe(lambda: (held.set(), let_go.wait(30)))
-        assert held.wait(30)
-        jobs = [client.submit(double, (i,)) for i in range(20_000)]
-        seen = []
-        client.loop.call_soon_threadsafe(lambda: seen.append(len(client._incoming)))
-        let_go.set()
+        jobs, let_go = queued_behind_a_held_loop(client, 20_000)
+        seen = let_go_counting(client, let_go)
         assert jobs[-1].future.result(60) == 2 * 19_999
         assert seen and 0 < seen[0] <= 20_000 - core.DRAIN_BATCH, seen
     finally:
@@ -108,20 +118,11 @@ def test_a_cancel_behind_a_big_queue_keeps_the_batches():
     """Cancelling a job the loop thread has not taken in yet must not take
     the whole queue in at once (the one long drain that batches avoid): the
     job is cancelled as it is taken in, never run, and the others run."""
-    import threading
-
-    from dpool.core import client as core
-
     client = Client(None, cpus=1).start()
     try:
-        let_go, held = threading.Event(), threading.Event()
-        client.loop.call_soon_threadsafe(lambda: (held.set(), let_go.wait(30)))
-        assert held.wait(30)
-        jobs = [client.submit(double, (i,)) for i in range(20_000)]
+        jobs, let_go = queued_behind_a_held_loop(client, 20_000)
         client.cancel(jobs[-2])
-        seen = []
-        client.loop.call_soon_threadsafe(lambda: seen.append(len(client._incoming)))
-        let_go.set()
+        seen = let_go_counting(client, let_go)
         assert jobs[-1].future.result(60) == 2 * 19_999
         assert jobs[-2].future.cancelled() or isinstance(jobs[-2].future.exception(60),
                                                          JobCancelled)

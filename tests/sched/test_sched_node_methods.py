@@ -177,28 +177,34 @@ def test_allocate_node_adds_a_node_the_clusters_nodes_left_out(scheduler, three_
         cluster.close()
 
 
-def test_bad_node_calls_answer_minus_one_and_lose_nothing(scheduler, three_nodes):
+@pytest.fixture
+def calling(scheduler, three_nodes):
+    """A client of the scheduler making node calls itself (a NodeCall on
+    its link), and the replies it gets."""
     replies: queue.Queue = queue.Queue()
     client = Client([scheduler.address], secret=SECRET)
     client.register({P.NodeReply: lambda link, msg, frames: replies.put(msg)})
     client.start()
-    try:
-        link = client.nodes()[0]
-        host = three_nodes[0].host
-        calls = [("cpus", host, "many"), ("file", host, ("x", 0o644)),  # (no data)
-                 ("file", host, "not a pair"), ("explode", host, None),
-                 ("cpus", "127.0.0.9", 1), ("cpus", ["not", "a host"], 1),
-                 ("cpus", host, float("inf")), ("cpus", host, float("nan")),
-                 (["op"], host, None), ("close", None, None)]
-        for req_id, (op, where, arg) in enumerate(calls, 1):
-            client.call_soon(lambda r=req_id, o=op, w=where, a=arg: link.conn.send(
-                [P.encode(P.NodeCall, r, o, w, a)]))
-        got = sorted((replies.get(timeout=10) for _ in calls), key=lambda msg: msg.req_id)
-        assert [(msg.req_id, msg.result) for msg in got] == \
-            [(i, -1) for i in range(1, len(calls) + 1)]
-        assert client.submit(identity, (7,)).future.result(30) == 7  # the session goes on
-    finally:
-        client.close()
+    yield client, replies
+    client.close()
+
+
+def test_bad_node_calls_answer_minus_one_and_lose_nothing(calling, three_nodes):
+    client, replies = calling
+    link = client.nodes()[0]
+    host = three_nodes[0].host
+    calls = [("cpus", host, "many"), ("file", host, ("x", 0o644)),  # (no data)
+             ("file", host, "not a pair"), ("explode", host, None),
+             ("cpus", "127.0.0.9", 1), ("cpus", ["not", "a host"], 1),
+             ("cpus", host, float("inf")), ("cpus", host, float("nan")),
+             (["op"], host, None), ("close", None, None)]
+    for req_id, (op, where, arg) in enumerate(calls, 1):
+        client.call_soon(lambda r=req_id, o=op, w=where, a=arg: link.conn.send(
+            [P.encode(P.NodeCall, r, o, w, a)]))
+    got = sorted((replies.get(timeout=10) for _ in calls), key=lambda msg: msg.req_id)
+    assert [(msg.req_id, msg.result) for msg in got] == \
+        [(i, -1) for i in range(1, len(calls) + 1)]
+    assert client.submit(identity, (7,)).future.result(30) == 7  # the session goes on
 
 
 def test_pinned_jobs_of_two_clients_share_the_node_fairly(scheduler, three_nodes, tmp_path):
@@ -229,25 +235,20 @@ def test_pinned_jobs_of_two_clients_share_the_node_fairly(scheduler, three_nodes
         b.close()
 
 
-def test_a_file_call_with_a_bad_mode_is_answered_once(scheduler, three_nodes):
+def test_a_file_call_with_a_bad_mode_is_answered_once(calling, three_nodes):
     # (the scheduler registered the file's answer before reading its mode:
     # the leg's end answered the call a second time)
-    replies: queue.Queue = queue.Queue()
-    client = Client([scheduler.address], secret=SECRET)
-    client.register({P.NodeReply: lambda link, msg, frames: replies.put(msg)})
-    client.start()
-    try:
-        link = client.nodes()[0]
-        host = three_nodes[0].host
-        assert client.submit(identity, (7,)).future.result(30) == 7  # (its legs are open)
-        client.call_soon(lambda: link.conn.send([P.encode(P.NodeCall, 1, "file", host,
-                                                          ("x", "bad")), b"data"]))
-        client.call_soon(lambda: link.conn.send([P.encode(P.NodeCall, 2, "close", host,
-                                                          False)]))
-        got = [replies.get(timeout=10) for _ in range(2)]
-        assert sorted((msg.req_id, msg.result) for msg in got) == [(1, -1), (2, 0)]
-        client.call_soon(lambda: link.conn.send([P.encode(P.NodeCall, 3, "deallocate",
-                                                          host, None)]))
-        assert replies.get(timeout=10).req_id == 3, "a call answered twice"
-    finally:
-        client.close()
+    client, replies = calling
+    link = client.nodes()[0]
+    host = three_nodes[0].host
+    assert client.submit(identity, (7,)).future.result(30) == 7  # (its legs are open)
+    client.call_soon(lambda: link.conn.send([P.encode(P.NodeCall, 1, "file", host,
+                                                      ("x", "bad")), b"data"]))
+    client.call_soon(lambda: link.conn.send([P.encode(P.NodeCall, 2, "close", host,
+                                                      False)]))
+    got = [replies.get(timeout=10) for _ in range(2)]
+    assert sorted((msg.req_id, msg.result) for msg in got) == [(1, -1), (2, 0)]
+    client.call_soon(lambda: link.conn.send([P.encode(P.NodeCall, 3, "deallocate",
+                                                      host, None)]))
+    assert replies.get(timeout=10).req_id == 3, "a call answered twice"
+
