@@ -4,6 +4,8 @@ repository first on ``sys.path``.  The tasks stay in each benchmark's
 by reference)."""
 import multiprocessing
 import os
+import signal
+import subprocess
 import sys
 import time
 
@@ -45,6 +47,35 @@ def bare_processes(task, arg, tasks):
         p.start()
     for p in procs:
         p.join()
+
+
+def first_line(read, proc, timeout, interval=0.05):
+    """The first line a daemon ``proc`` writes (``read()``: what it wrote so
+    far), once it is there (a daemon says where it listens on it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = read()
+        if "\n" in text:
+            return text.split("\n", 1)[0]
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args} exited: {text}")
+        time.sleep(interval)
+    raise SystemExit(f"{proc.args} did not start within {timeout} s")
+
+
+def listen_port(line):
+    """The port in "... on HOST:PORT (pid N)"."""
+    return int(line.rsplit(" (pid", 1)[0].rsplit(":", 1)[1])
+
+
+def stop(proc, timeout=30):
+    """Stop a daemon as Ctrl-C does (SIGINT); killed if not gone in ``timeout`` s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def cpu_seconds():

@@ -28,15 +28,15 @@ import argparse
 import glob
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import _common  # noqa: E402
+from _common import first_line, listen_port  # noqa: E402
 from bench_cpu_per_job import export  # noqa: E402
 
 BASE = 100
@@ -94,18 +94,9 @@ def valgrind(out_dir, name, trace_children=False):
             f"--callgrind-out-file={out_dir}/{name}.%p", os.path.realpath(sys.executable)]
 
 
-def listen_line(path, proc, timeout=600):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open(path, "rb") as f:
-            text = f.read().decode(errors="replace")
-        if "\n" in text:
-            line = text.split("\n", 1)[0]
-            return int(line.rsplit(" (pid", 1)[0].rsplit(":", 1)[1])
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited: {text}")
-        time.sleep(0.2)
-    raise RuntimeError(f"{proc.args} did not start")
+def read_text(path):
+    with open(path, "rb") as f:
+        return f.read().decode(errors="replace")
 
 
 def daemon(tree, env, out_dir, module, args, name, trace_children=False):
@@ -115,16 +106,11 @@ def daemon(tree, env, out_dir, module, args, name, trace_children=False):
         proc = subprocess.Popen(valgrind(out_dir, name, trace_children)
                                 + ["-c", DAEMON.format(module=module, profile=profile), *args],
                                 stdout=o, stderr=e, env=env, cwd=tree)
-    return proc, listen_line(out, proc)
+    return proc, listen_port(first_line(lambda: read_text(out), proc, 600, 0.2))
 
 
 def stop(proc):
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    _common.stop(proc, 300)  # (a daemon under valgrind: slow to end)
 
 
 def totals(path):

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,9 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import _common  # noqa: E402
 import trace_scheduler  # noqa: E402
+from _common import first_line, listen_port  # noqa: E402
 from dpool.core import client as core_client  # noqa: E402
 from dpool.core.status import query_node  # noqa: E402
 from dpool.errors import DpoolError  # noqa: E402
@@ -56,22 +57,10 @@ def start(cmd, env, workdir, name):
     return proc
 
 
-def first_line(proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc.out.seek(0)
-        text = proc.out.read().decode(errors="replace")
-        if "\n" in text:
-            return text.split("\n", 1)[0]
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args[2]} exited: {text}")
-        time.sleep(0.05)
-    raise SystemExit(f"{proc.args[2]} did not start within {timeout} s")
-
-
-def listen_port(line):
-    """The port in "... on HOST:PORT (pid N)"."""
-    return int(line.rsplit(" (pid", 1)[0].rsplit(":", 1)[1])
+def output(proc):
+    """What ``proc`` wrote so far (its stdout is a file)."""
+    proc.out.seek(0)
+    return proc.out.read().decode(errors="replace")
 
 
 def start_nodes(args, env, workdir):
@@ -81,17 +70,12 @@ def start_nodes(args, env, workdir):
             [sys.executable, "-m", "dpool.daemons.node", "--host", f"127.0.0.{k + 2}",
              "--port", "0", "--cpus", str(args.cpus), "--loglevel", "WARNING"],
             env, workdir, f"node{k}"))
-    return nodes, [f"127.0.0.{k + 2}:{listen_port(first_line(proc))}"
+    return nodes, [f"127.0.0.{k + 2}:{listen_port(first_line(lambda: output(proc), proc, 120))}"
                    for k, proc in enumerate(nodes)]
 
 
 def stop(proc):
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    _common.stop(proc)
     proc.out.close()
 
 
@@ -186,7 +170,7 @@ def _turn(mode, addresses, secret, env, workdir, jobs, seconds, cpus, nodes, tra
                    "--nodes", ",".join(addresses), "--loglevel", "WARNING"],
                   env, workdir, "scheduler")
     try:
-        address = f"127.0.0.1:{listen_port(first_line(sched))}"
+        address = f"127.0.0.1:{listen_port(first_line(lambda: output(sched), sched, 120))}"
         wait_for_nodes(address, secret, len(addresses))
         meter = CpuMeter(nodes, sched)
         elapsed = timed(dict(scheduler=address, secret=secret), jobs, seconds, cpus, meter)
