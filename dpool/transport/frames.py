@@ -282,7 +282,7 @@ class FrameDecoder:
         # Where the descriptors of frames in memory files come from (FILE_FLAG;
         # None: such frames are refused), and what such a frame is read through.
         self._files = files
-        self._scratch: tuple[memoryview, int, object] | None = None
+        self._scratch: memoryview | None = None
         #: ``spool(frame0) -> bool``: whether the large frames of a message
         #: whose first frame is ``frame0`` go into memory files (spool.py).
         self.spool: Callable[[bytes | bytearray], bool] | None = None
@@ -322,8 +322,15 @@ class FrameDecoder:
 
     def get_buffer(self) -> memoryview:
         """Writable memory for the next bytes of the stream (never empty)."""
-        if self._big is not None:   # (then nothing is pending in _buf)
-            return self._mv[:min(len(self._buf), self._big_size - len(self._big))]
+        big = self._big
+        if big is not None:   # (then nothing is pending in _buf)
+            if type(big) is inplace.GrowingBytes:
+                return self._room(big, len(self._buf))
+            return self._mv[:min(len(self._buf), self._big_size - len(big))]
+        big = self._sbig
+        if big is not None and self._chunk and self._pos == self._end \
+                and type(big) is inplace.GrowingBytes:
+            return self._room(big, min(len(self._buf), self._chunk))
         pos, end = self._pos, self._end
         if pos == end:
             self._pos = self._end = 0
@@ -340,11 +347,19 @@ class FrameDecoder:
         if self._failed is not None:
             raise self._failed
         try:
-            if self._big is not None:
-                self._append(self._big, 0, nbytes)
-                if len(self._big) < self._big_size:
+            big = self._big
+            if big is not None:
+                if type(big) is inplace.GrowingBytes:
+                    big.advance(nbytes)
+                else:
+                    self._append(big, 0, nbytes)
+                if len(big) < self._big_size:
                     return []
                 self._finish_big()
+            elif self._chunk and self._pos == self._end \
+                    and type(self._sbig) is inplace.GrowingBytes:
+                self._sbig.advance(nbytes)     # (into the room get_buffer gave)
+                self._chunk -= nbytes
             else:
                 self._end += nbytes
             return self._parse()
@@ -354,10 +369,24 @@ class FrameDecoder:
             raise
         except MemoryError as exc:
             # The bytes just read are lost with the frame: the stream can't go on.
-            self._failed = ProtocolError(f"out of memory receiving a message "
-                                         f"({self.held} bytes of it held)")
-            self.discard()
-            raise self._failed from exc
+            raise self._out_of_memory(exc) from exc
+
+    def _out_of_memory(self, exc: MemoryError) -> ProtocolError:
+        failed = self._failed = ProtocolError(f"out of memory receiving a message "
+                                              f"({self.held} bytes of it held)")
+        failed.__cause__ = exc
+        self.discard()
+        return failed
+
+    def _room(self, big: inplace.GrowingBytes, limit: int) -> memoryview:
+        """The next bytes of ``big``'s frame go straight into it; out of
+        memory, into the reusable buffer, and the decoder fails (when they
+        are reported: get_buffer raises nothing)."""
+        try:
+            return big.room(limit)
+        except MemoryError as exc:
+            self._out_of_memory(exc)
+            return self._mv
 
     def discard(self) -> None:
         """Drop the part of a message received so far (the stream failed):
@@ -434,8 +463,8 @@ class FrameDecoder:
                     return spool.SpoolFile(size, whole_bytes)
                 except OSError:   # no descriptor left (EMFILE): in memory then
                     pass
-        if whole_bytes and inplace.AVAILABLE:
-            return inplace.GrowingBytes(size)
+        if inplace.AVAILABLE:
+            return inplace.GrowingBytes(size, array=not whole_bytes)
         return bytearray()
 
     def _read_file(self, size: int, flags: int) -> bytes | bytearray:
@@ -444,19 +473,19 @@ class FrameDecoder:
         fd = self._files()
         try:
             big = self._new_big(size)
-            if self._scratch is None:
-                scratch = bytearray(RECV_BUFFER_SIZE)
-                self._scratch = (memoryview(scratch), *inplace.address_of(scratch))
-            view, address, _ = self._scratch
+            if type(big) is inplace.GrowingBytes:
+                # (straight into the object: no pass through a buffer)
+                spool.read_file(fd, size, bool(flags & CONSUME_FLAG), big.room, big.advance)
+            else:
+                if self._scratch is None:
+                    self._scratch = memoryview(bytearray(RECV_BUFFER_SIZE))
+                view, grown = self._scratch, big
+                assert type(grown) is bytearray
 
-            def append(n: int) -> None:
-                if type(big) is bytearray:
-                    big.__iadd__(view[:n])
-                else:
-                    assert isinstance(big, inplace.GrowingBytes)
-                    big.extend(address, n)
+                def append(n: int) -> None:
+                    grown.__iadd__(view[:n])
 
-            spool.read_file(fd, size, bool(flags & CONSUME_FLAG), view, append)
+                spool.read_file(fd, size, bool(flags & CONSUME_FLAG), lambda n: view[:n], append)
         except (OSError, ValueError) as exc:
             raise ProtocolError(f"cannot read a frame in a memory file: {exc}") from None
         finally:
@@ -480,8 +509,7 @@ class FrameDecoder:
         assert big is not None
         self._big = None
         if self._lengths is None:
-            assert type(big) is bytearray
-            self._set_lengths(_lengths_struct(self._count).unpack_from(big))
+            self._set_lengths(_lengths_struct(self._count).unpack_from(_finished(big)))
         else:
             assert self._frames is not None
             self._held += len(big)

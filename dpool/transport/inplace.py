@@ -1,19 +1,31 @@
-"""A ``bytes`` object filled in place as its bytes arrive (CPython only).
+"""``bytes`` and ``bytearray`` objects filled in place as their bytes arrive
+(CPython only).
 
-A large ``bytes`` frame (one the sender marked as a whole ``bytes`` object, see
-frames.py) is received into a ``bytes`` object of its own instead of a
-``bytearray``, so that the receiver needs no ``bytes(frame)`` copy to rebuild
-the user's ``bytes`` (a copy that costs a second full-size buffer, i.e. twice
-the memory for an instant and a pass of first-touch page faults).
+A large frame is received into an object of its own: a ``bytes`` object for
+one the sender marked as a whole ``bytes`` object (see frames.py), so that the
+receiver needs no ``bytes(frame)`` copy to rebuild the user's ``bytes`` (a copy
+that costs a second full-size buffer, i.e. twice the memory for an instant and
+a pass of first-touch page faults), else a ``bytearray`` (out-of-band pickle
+buffers: NumPy arrays).  The socket reads (or records are decrypted) straight
+into the object's memory (:meth:`GrowingBytes.room`): no pass through a
+receive buffer and no second copy.
 
 The object is made with the documented C API (``PyBytes_FromStringAndSize``
 with NULL: contents uninitialized, to be filled before the object is shared;
-``_PyBytes_Resize``: grow a brand new bytes object) and written through its
-address; nobody else sees it until :meth:`GrowingBytes.finish`.  Like the
-``bytearray`` it replaces, it grows with the bytes that really arrived (by
-1/8 at a time, never past the declared size), so a declared length costs
-nothing by itself.  Where this is not CPython, :data:`AVAILABLE` is False and
-frames.py keeps using a ``bytearray``.
+``_PyBytes_Resize``: grow a brand new bytes object; ``PyByteArray_Resize``;
+``PyMemoryView_FromMemory`` for the room handed out) and written through its
+address; nobody else sees it until :meth:`GrowingBytes.finish`.  Like a
+``bytearray`` appended to, it grows with the bytes that really arrived (by 1/8
+at a time, never past the declared size), so a declared length costs nothing
+by itself.
+
+Fresh memory costs a page fault per 4 KiB page the first time it is written
+(most of the time of a large transfer here: docs/performance.md, "Where the
+time goes at 1 GB"); the pages just ahead of what has arrived are faulted in
+``POPULATE`` bytes at a time with one ``madvise(MADV_POPULATE_WRITE)`` (Linux
+5.14+; 30% less kernel time than a fault per page), never past the object's
+capacity, which stays within 1/8 of what arrived.  Where this is not CPython,
+:data:`AVAILABLE` is False and frames.py appends to a ``bytearray``.
 """
 from __future__ import annotations
 
@@ -23,7 +35,12 @@ import sys
 __all__ = ["AVAILABLE", "GrowingBytes", "address_of"]
 
 #: At least this much room is added when the object grows.
-MIN_GROWTH = 1 << 20
+MIN_GROWTH = 256 << 10
+#: Pages are faulted in this many bytes at a time, ahead of the bytes arriving.
+POPULATE = 8 << 20
+_PAGE = 4096
+_MADV_POPULATE_WRITE = 23
+_PYBUF_WRITE = 0x200
 
 
 class _Api:
@@ -40,6 +57,18 @@ class _Api:
         self.resize = api._PyBytes_Resize
         self.resize.restype = ctypes.c_int
         self.resize.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.c_ssize_t)
+        self.new_array = api.PyByteArray_FromStringAndSize
+        self.new_array.restype = ctypes.c_void_p
+        self.new_array.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+        self.resize_array = api.PyByteArray_Resize
+        self.resize_array.restype = ctypes.c_int
+        self.resize_array.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+        self.array_data = api.PyByteArray_AsString
+        self.array_data.restype = ctypes.c_void_p
+        self.array_data.argtypes = (ctypes.c_void_p,)
+        self.view = api.PyMemoryView_FromMemory
+        self.view.restype = ctypes.py_object
+        self.view.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
         self.decref = api.Py_DecRef
         self.decref.restype = None
         self.decref.argtypes = (ctypes.c_void_p,)
@@ -54,8 +83,21 @@ def _load_api() -> _Api | None:
         return None
 
 
+def _load_madvise() -> ctypes._CFuncPtr | None:   # type: ignore[name-defined]
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise   # (releases the GIL)
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return fn
+
+
 _API = _load_api()
 AVAILABLE = _API is not None
+_madvise = _load_madvise()
 #: Where a bytes object's data starts (``ob_sval``), from the object's address.
 _DATA = bytes.__basicsize__ - 1
 
@@ -67,23 +109,39 @@ def address_of(buffer: bytearray) -> tuple[int, object]:
     return ctypes.addressof(holder), holder
 
 
+def populate(address: int, nbytes: int) -> None:
+    """Fault in the whole pages of ``nbytes`` at ``address`` for writing, in
+    one system call (a hint: nothing happens where it is not supported)."""
+    global _madvise
+    start = -(-address // _PAGE) * _PAGE
+    end = (address + nbytes) // _PAGE * _PAGE
+    if end <= start or _madvise is None:
+        return
+    if _madvise(start, end - start, _MADV_POPULATE_WRITE) != 0 \
+            and ctypes.get_errno() == 22:     # EINVAL: a kernel before 5.14
+        _madvise = None
+
+
 class GrowingBytes:
-    """A ``bytes`` object of ``size`` bytes under construction: append with
-    :meth:`extend`, get it with :meth:`finish` once all ``size`` bytes are in.
-    ``len()`` is the number of bytes appended so far.  Dropped unfinished, it
-    frees what it holds."""
+    """A ``bytes`` object (or, with ``array=True``, a ``bytearray``) of
+    ``size`` bytes under construction: write into :meth:`room` and count
+    the bytes with :meth:`advance`, or append with :meth:`extend`; get it
+    with :meth:`finish` once all ``size`` bytes are in.  ``len()`` is the
+    number of bytes in so far.  Dropped unfinished, it frees what it holds."""
 
-    __slots__ = ("_api", "_ptr", "_len", "_cap", "_size")
+    __slots__ = ("_api", "_ptr", "_len", "_cap", "_size", "_array", "_data", "_populated")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, array: bool = False) -> None:
         assert _API is not None and size >= 2   # 0 and 1 byte: shared singletons
         self._api = _API
         self._size = size
-        self._len = 0
-        self._ptr = ctypes.c_void_p(_API.new(None, 2))
+        self._array = array
+        self._len = self._populated = 0
+        self._ptr = ctypes.c_void_p(_API.new_array(None, 0) if array else _API.new(None, 2))
         if not self._ptr.value:
             raise MemoryError
-        self._cap = 2
+        self._cap = 0 if array else 2
+        self._data = 0
 
     def __len__(self) -> int:
         return self._len
@@ -94,27 +152,53 @@ class GrowingBytes:
             self._ptr.value = None
 
     def _resize(self, cap: int) -> None:
-        # On failure CPython frees the object, sets the pointer to NULL and
-        # raises MemoryError (ctypes re-raises it here); the object is gone
-        # then, and passing NULL to the C API again would crash.
-        if not self._ptr.value:
+        # On failure CPython frees a bytes object, sets the pointer to NULL
+        # and raises MemoryError (ctypes re-raises it here); the object is
+        # gone then, and passing NULL to the C API again would crash.
+        ptr = self._ptr
+        if not ptr.value:
             raise MemoryError("this bytes object was freed when it could not grow")
-        self._api.resize(ctypes.byref(self._ptr), cap)
+        if self._array:
+            self._api.resize_array(ptr, cap)
+            self._data = self._api.array_data(ptr) or 0
+        else:
+            self._api.resize(ctypes.byref(ptr), cap)
+            self._data = ptr.value + _DATA if ptr.value else 0
         self._cap = cap
 
-    def extend(self, address: int, nbytes: int) -> None:
-        """Append ``nbytes`` bytes read from memory at ``address``."""
+    def _reserve(self, nbytes: int) -> int:
+        """Room for ``nbytes`` more bytes (at most what is left of ``size``):
+        grown if need be, its pages faulted in; the address of that room."""
         need = self._len + nbytes
         if need > self._size:
             raise ValueError(f"{need} bytes do not fit in a frame of {self._size}")
         if need > self._cap:
             self._resize(min(self._size, need + max(need >> 3, MIN_GROWTH)))
-        base = self._ptr.value
-        assert base
-        ctypes.memmove(base + _DATA + self._len, address, nbytes)
-        self._len = need
+        if need > self._populated and self._size >= POPULATE:
+            start = max(self._populated, self._len)
+            self._populated = min(self._cap, max(need, self._len + POPULATE))
+            populate(self._data + start, self._populated - start)
+        return self._data + self._len
 
-    def finish(self) -> bytes:
+    def room(self, limit: int) -> memoryview:
+        """Writable memory for the next bytes, at most ``limit`` (and what is
+        left of ``size``); count what was written with :meth:`advance`.
+        Valid until the next call of any other method."""
+        n = min(limit, self._size - self._len)
+        return self._api.view(self._reserve(n), n, _PYBUF_WRITE)
+
+    def advance(self, nbytes: int) -> None:
+        """``nbytes`` bytes were written at the start of the last :meth:`room`."""
+        if not 0 <= nbytes <= self._cap - self._len:
+            raise ValueError(f"{nbytes} bytes do not fit in the room given")
+        self._len += nbytes
+
+    def extend(self, address: int, nbytes: int) -> None:
+        """Append ``nbytes`` bytes read from memory at ``address``."""
+        ctypes.memmove(self._reserve(nbytes), address, nbytes)
+        self._len += nbytes
+
+    def finish(self) -> bytes | bytearray:
         """The complete object (all ``size`` bytes in)."""
         if self._len != self._size:
             raise ValueError(f"frame has {self._len} of its {self._size} bytes")
@@ -123,6 +207,6 @@ class GrowingBytes:
         # Ours no more before anything can raise (a KeyboardInterrupt as a
         # call returns): at worst the object leaks, it is never freed twice.
         ptr, self._ptr = self._ptr, ctypes.c_void_p()
-        data: bytes = ctypes.cast(ptr, ctypes.py_object).value
+        data: bytes | bytearray = ctypes.cast(ptr, ctypes.py_object).value
         self._api.decref(ptr)     # `data` holds the only reference now
         return data

@@ -132,6 +132,7 @@ class SecureDecoder:
         self._mv = memoryview(self._buf)
         self._pos = 0
         self._end = 0
+        self._plain: memoryview | None = None   # a record that doesn't fit the decoder's room
         self._failed: ProtocolError | None = None
 
     @property
@@ -196,12 +197,14 @@ class SecureDecoder:
         inner = self._inner
         size = len(sealed) - TAG
         dst = inner.get_buffer()
+        direct = len(dst) >= size
+        if not direct:    # (the record ends past the room the decoder has)
+            if self._plain is None:
+                self._plain = memoryview(bytearray(RECORD_DATA))
+            dst = self._plain
         try:
-            if len(dst) >= size:
-                self._aead.decrypt_into(nonce, sealed, head, dst[:size])
-                return inner.buffer_updated(size)
-            data = self._aead.decrypt(nonce, sealed, head)
+            self._aead.decrypt_into(nonce, sealed, head, dst[:size])
         except InvalidTag:
             raise ProtocolError(f"record {seq} failed authentication (forged, changed, "
                                 f"replayed, reordered or dropped data)") from None
-        return inner.feed(data)
+        return inner.buffer_updated(size) if direct else inner.feed(dst[:size])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Callable
 
 __all__ = ["AVAILABLE", "SpoolFile", "SpooledFrame", "read_file", "MIN_SPOOL"]
 
@@ -31,6 +32,8 @@ MIN_SPOOL = 1 << 20
 MAX_LIVE = 64
 #: Bytes freed at a time from a spool file once read.
 PUNCH_EVERY = 8 << 20
+#: Bytes read from a spool file at a time.
+READ_CHUNK = 1 << 20
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -125,19 +128,18 @@ def punch(fd: int, offset: int, length: int) -> None:
         raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
 
 
-def read_file(fd: int, size: int, consume: bool, buffer: memoryview,
-              append: object) -> None:
-    """Read ``size`` bytes of the file ``fd`` from its start, through
-    ``buffer``, handing each chunk to ``append(nbytes)`` (the bytes are then
-    in ``buffer[:nbytes]``); with ``consume``, free each part once read.
+def read_file(fd: int, size: int, consume: bool, room: Callable[[int], memoryview],
+              advance: Callable[[int], None]) -> None:
+    """Read ``size`` bytes of the file ``fd`` from its start into ``room(n)``
+    (writable memory for up to ``n`` more bytes), reporting each read's count
+    with ``advance(nbytes)``; with ``consume``, free each part once read.
     Raises ValueError if the file holds fewer bytes."""
-    assert callable(append)
     offset = punched = 0
     while offset < size:
-        n = os.preadv(fd, [buffer[:min(len(buffer), size - offset)]], offset)
+        n = os.preadv(fd, [room(min(READ_CHUNK, size - offset))], offset)
         if n <= 0:
             raise ValueError(f"a spooled frame of {size} bytes holds only {offset}")
-        append(n)
+        advance(n)
         offset += n
         if consume and offset - punched >= PUNCH_EVERY:
             punch(fd, punched, offset - punched)
