@@ -57,6 +57,7 @@ class Stream(Protocol):
     @property
     def active(self) -> bool: ...
     def write(self, parts: list[Part]) -> None: ...
+    def write_records(self, pieces: list[bytes | memoryview]) -> None: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
     def set_sealer(self, sealer: Sealer) -> None: ...
@@ -175,6 +176,12 @@ class Connection:
     def relay_write(self, parts: list[Part]) -> None:
         if not (self._closing or self._lost):
             self._stream.write(parts)
+
+    def relay_records(self, pieces: list[bytes | memoryview]) -> None:
+        """Write ``pieces`` of a relayed message, each sealed at once in
+        records of its own (their memory may be reused on return)."""
+        if not (self._closing or self._lost):
+            self._stream.write_records(pieces)
 
     def end_relay(self) -> None:
         """The relayed message is complete (or abandoned): what was sent

@@ -88,13 +88,14 @@ class Forward:
     # -- from the source's decoder (frames.Tap) -------------------------------
 
     def data(self, view: memoryview) -> None:
-        """The next bytes of the current frame (copied: the view is reused)."""
+        """The next bytes of the current frame (sealed now, or copied: the
+        view is reused)."""
         if not self._open:
             return
         self._quiet = False
         self._last = time.monotonic()
         dest = self._dest
-        dest.relay_write([b"".join((CHUNK.pack(len(view)), view))])
+        dest.relay_records([CHUNK.pack(len(view)), view])
         if dest.write_paused and not self._paused:
             self._paused = True
             self._source.pause_reading()

@@ -207,6 +207,28 @@ class SocketStream:
             self._paused = True
             self._conn._pause_writing()
 
+    def write_records(self, pieces: list[bytes | memoryview]) -> None:
+        """Write ``pieces``, each sealed now into records of its own, so
+        the caller may reuse their memory at once and the receiver gets
+        each piece in records that hold nothing else (a relayed chunk's
+        bytes go straight into the frame they are part of, see
+        frames.FrameDecoder.get_buffer).  Without a sealer, or behind more
+        than SEAL_AHEAD bytes of plaintext not sealed yet: joined (a copy)
+        and written as usual."""
+        sealer = self._sealer
+        if sealer is None or self._closing or sum(map(len, self._plain)) > SEAL_AHEAD:
+            self.write([b"".join(pieces)])
+            return
+        plain = self._plain
+        while plain:     # (in order: what was written before goes first)
+            self._seal(take(plain, RECORD_DATA))
+        for piece in pieces:
+            view = memoryview(piece)
+            self._out_bytes += len(view)
+            for start in range(0, len(view), RECORD_DATA):
+                self._seal(view[start:start + RECORD_DATA])
+        self.write([])     # (sent, or its sending scheduled, as any write)
+
     _flush_pending = False
     _writer_on = False
 
@@ -248,15 +270,20 @@ class SocketStream:
 
     def _seal_more(self) -> None:
         """Seal queued plaintext into ``_out`` until SEAL_AHEAD bytes wait there."""
-        plain, out, sealer = self._plain, self._out, self._sealer
-        assert sealer is not None
+        plain = self._plain
         while plain and self._sealed_bytes < SEAL_AHEAD:
-            head, body = sealer.seal(take(plain, RECORD_DATA))
-            out.append(head)
-            out.append(body)
-            size = len(head) + len(body)
-            self._sealed_bytes += size
-            self._out_bytes += size - (len(body) - TAG)
+            self._seal(take(plain, RECORD_DATA))
+
+    def _seal(self, data: bytes | memoryview) -> None:
+        """Seal ``data`` (counted in ``_out_bytes`` already) into a record in ``_out``."""
+        sealer = self._sealer
+        assert sealer is not None
+        head, body = sealer.seal(data)
+        self._out.append(head)
+        self._out.append(body)
+        size = len(head) + len(body)
+        self._sealed_bytes += size
+        self._out_bytes += size - (len(body) - TAG)
 
     def _write_ready(self) -> None:
         out = self._out
@@ -382,6 +409,9 @@ class TransportAdapter(asyncio.BufferedProtocol):
         data = in_stream(parts)
         self._conn.bytes_sent += sum(map(len, data))
         self.transport.writelines(data)
+
+    def write_records(self, pieces: list[bytes | memoryview]) -> None:
+        self.write([b"".join(pieces)])
 
     def close(self) -> None:
         self.transport.close()

@@ -27,6 +27,8 @@ class Dest:
         for part in parts:
             self.wire += part
 
+    relay_records = relay_write
+
     def end_relay(self):
         self.relay = None
         for frames in self.held:

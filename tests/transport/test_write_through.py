@@ -103,3 +103,51 @@ def test_what_the_socket_does_not_take_at_once_follows_and_order_is_kept(factory
         assert bytes(got[1][0]) == b"after" and bytes(got[2][0]) == b"later"
 
     run(main, factory)
+
+
+@LOOPS
+def test_write_records_seals_each_piece_at_once_in_order(factory):
+    """``write_records`` (a relayed chunk, forward.py): what was written
+    before goes first, each piece is sealed at once in records of its own
+    (the receiver decrypts a chunk straight into its frame), and the
+    caller's buffer may be reused as soon as it returns."""
+    from dpool.transport.frames import header
+    from dpool.transport.records import HEAD, TAG, SecureDecoder, Sealer
+
+    key = b"k" * 32
+    payload = bytes(range(256)) * 1000
+
+    async def main():
+        ours, theirs = socket.socketpair()
+        conn = await wrap_socket(ours)
+        conn._stream.set_sealer(Sealer(key))
+        try:
+            conn.send([b"first"])
+            conn.send([b"second"])          # corked: still plaintext
+            reused = bytearray(payload)
+            conn.relay_records([header([reused]), memoryview(reused)])
+            reused[:] = bytes(len(reused))  # the caller's buffer, reused at once
+            conn.send([b"last"])
+            wire, decoder, got = bytearray(), SecureDecoder(FrameDecoder(), key), []
+            while len(got) < 4:
+                await asyncio.sleep(0.01)
+                try:
+                    data = theirs.recv(1 << 20, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                wire += data
+                got += decoder.feed(data)
+            assert [[bytes(f) for f in m] for m in got] == [[b"first"], [b"second"],
+                                                            [payload], [b"last"]]
+            sizes, pos = [], 0
+            while pos < len(wire):
+                size = int.from_bytes(wire[pos:pos + HEAD], "little")
+                sizes.append(size - TAG)
+                pos += HEAD + size
+            assert len(payload) in sizes     # the piece in a record of its own
+        finally:
+            conn.abort()
+            await conn.wait_closed()
+            theirs.close()
+
+    run(main, factory)
