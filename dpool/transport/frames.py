@@ -374,7 +374,7 @@ class FrameDecoder:
     def _out_of_memory(self, exc: MemoryError) -> ProtocolError:
         failed = self._failed = ProtocolError(f"out of memory receiving a message "
                                               f"({self.held} bytes of it held)")
-        failed.__cause__ = exc
+        failed.__cause__ = exc.with_traceback(None)   # (its frames would hold the frame's memory)
         self.discard()
         return failed
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import threading
 
 __all__ = ["AVAILABLE", "GrowingBytes", "address_of"]
 
@@ -38,6 +39,13 @@ __all__ = ["AVAILABLE", "GrowingBytes", "address_of"]
 MIN_GROWTH = 256 << 10
 #: Pages are faulted in this many bytes at a time, ahead of the bytes arriving.
 POPULATE = 8 << 20
+#: An object this big, once this much of it has arrived, has its pages
+#: faulted in by a thread of its own (:class:`_Populator`), at most this many
+#: threads in a process, up to this far ahead of the bytes arriving.
+THREAD_MIN = 32 << 20
+THREAD_AFTER = 4 << 20
+MAX_THREADS = 2
+THREAD_AHEAD = 64 << 20
 _PAGE = 4096
 _MADV_POPULATE_WRITE = 23
 _PYBUF_WRITE = 0x200
@@ -122,6 +130,67 @@ def populate(address: int, nbytes: int) -> None:
         _madvise = None
 
 
+class _Populator:
+    """A thread faulting in the pages of an object under construction ahead
+    of where it is being written, so that the page faults (most of the cost
+    of receiving a large frame) take the other CPU instead of the receiving
+    thread's: :meth:`ahead` asks for the pages up to an offset, :meth:`stop`
+    ends the thread.  The object's memory is only touched under
+    :attr:`lock`, which its owner holds to move or free it.  The thread
+    holds no reference to the object (dropped, it is freed and stops us)."""
+
+    live = 0     # threads running, in this process
+    _count = threading.Lock()    # (for live)
+
+    def __init__(self, address: int, offset: int) -> None:
+        self.lock = threading.Lock()
+        self.address = address      # of the object's data (updated under lock)
+        self._cv = threading.Condition(threading.Lock())
+        self._target = self._done = offset    # (the pages before it are in)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="dpool-populate", daemon=True)
+        self._counted(1)
+        try:
+            self._thread.start()
+        except BaseException:
+            self._counted(-1)
+            raise
+
+    @classmethod
+    def _counted(cls, change: int) -> None:
+        with cls._count:
+            cls.live += change
+
+    def ahead(self, offset: int) -> None:
+        """Fault in the pages up to ``offset`` (within the object's capacity)."""
+        if offset > self._target:
+            with self._cv:
+                self._target = offset
+                self._cv.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while self._target <= self._done and not self._stopped:
+                        self._cv.wait()
+                    if self._stopped:
+                        return
+                    start, end = self._done, min(self._target, self._done + POPULATE)
+                with self.lock:
+                    if not self._stopped:
+                        populate(self.address + start, end - start)
+                self._done = end
+        finally:
+            self._counted(-1)
+
+    def stop(self) -> None:
+        """End the thread (at once: it may finish a chunk it began)."""
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+
+
 class GrowingBytes:
     """A ``bytes`` object (or, with ``array=True``, a ``bytearray``) of
     ``size`` bytes under construction: write into :meth:`room` and count
@@ -129,7 +198,8 @@ class GrowingBytes:
     with :meth:`finish` once all ``size`` bytes are in.  ``len()`` is the
     number of bytes in so far.  Dropped unfinished, it frees what it holds."""
 
-    __slots__ = ("_api", "_ptr", "_len", "_cap", "_size", "_array", "_data", "_populated")
+    __slots__ = ("_api", "_ptr", "_len", "_cap", "_size", "_array", "_data", "_populated",
+                 "_populator")
 
     def __init__(self, size: int, array: bool = False) -> None:
         assert _API is not None and size >= 2   # 0 and 1 byte: shared singletons
@@ -142,11 +212,21 @@ class GrowingBytes:
             raise MemoryError
         self._cap = 0 if array else 2
         self._data = 0
+        self._populator: _Populator | None = None
 
     def __len__(self) -> int:
         return self._len
 
     def __del__(self) -> None:
+        populator = self._populator
+        if populator is not None:
+            populator.stop()
+            with populator.lock:    # (not in the middle of our pages)
+                self._free()
+        else:
+            self._free()
+
+    def _free(self) -> None:
         if self._ptr.value:
             self._api.decref(self._ptr)
             self._ptr.value = None
@@ -172,9 +252,26 @@ class GrowingBytes:
         need = self._len + nbytes
         if need > self._size:
             raise ValueError(f"{need} bytes do not fit in a frame of {self._size}")
+        populator = self._populator
         if need > self._cap:
-            self._resize(min(self._size, need + max(need >> 3, MIN_GROWTH)))
-        if need > self._populated and self._size >= POPULATE:
+            cap = min(self._size, need + max(need >> 3, MIN_GROWTH))
+            if populator is None:
+                self._resize(cap)
+            else:
+                with populator.lock:    # (our pages may move)
+                    self._resize(cap)
+                    populator.address = self._data
+        if populator is not None:
+            populator.ahead(min(self._cap, self._len + THREAD_AHEAD))
+        elif need > self._populated and self._size >= POPULATE:
+            if self._size >= THREAD_MIN and self._len >= THREAD_AFTER \
+                    and _Populator.live < MAX_THREADS and _madvise is not None:
+                try:
+                    self._populator = _Populator(self._data, self._populated)
+                except RuntimeError:   # no thread to be had: as before, then
+                    pass
+                else:
+                    return self._reserve(nbytes)
             start = max(self._populated, self._len)
             self._populated = min(self._cap, max(need, self._len + POPULATE))
             populate(self._data + start, self._populated - start)
@@ -202,6 +299,11 @@ class GrowingBytes:
         """The complete object (all ``size`` bytes in)."""
         if self._len != self._size:
             raise ValueError(f"frame has {self._len} of its {self._size} bytes")
+        populator, self._populator = self._populator, None
+        if populator is not None:
+            populator.stop()
+            with populator.lock:    # (it no longer touches our pages)
+                pass
         if self._cap != self._size or not self._ptr.value:
             self._resize(self._size)
         # Ours no more before anything can raise (a KeyboardInterrupt as a

@@ -389,3 +389,32 @@ def test_hello_decoding_and_versions():
     assert auth.own_hello(lambda: {"a": 1}) == {"a": 1, "protocol": auth.PROTOCOL_VERSION}
     with pytest.raises(TypeError):
         auth.check_secret("text")
+
+
+@pytest.mark.skipif(not inplace.AVAILABLE, reason="bytes filled in place: CPython only")
+@pytest.mark.parametrize("array", [False, True])
+@pytest.mark.parametrize("finish", [True, False])
+def test_a_large_object_is_filled_in_place_with_its_pages_faulted_in_ahead(array, finish):
+    """``room``/``advance`` fill the object itself; past THREAD_AFTER bytes of
+    a large one a thread faults its pages in ahead (a hint: the bytes are the
+    same either way) and ends with the object, finished or dropped."""
+    import threading
+    size = inplace.THREAD_MIN + 12345
+    piece = bytes(range(256)) * 1024
+    grown = inplace.GrowingBytes(size, array=array)
+    threads = set()
+    while len(grown) < (size if finish else size // 2):
+        room = grown.room(RECV_BUFFER_SIZE)
+        n = min(len(room), len(piece))
+        room[:n] = piece[:n]
+        grown.advance(n)
+        threads |= {t.name for t in threading.enumerate()}
+    if inplace._madvise is not None:
+        assert "dpool-populate" in threads
+    if finish:
+        data = grown.finish()
+        assert type(data) is (bytearray if array else bytes) and len(data) == size
+        whole = piece * (size // len(piece) + 1)
+        assert data == whole[:size]
+    del grown
+    # (the autouse fixture checks that the thread ended)
