@@ -11,7 +11,9 @@ out-of-band buffers; left out when NumPy is not installed), for
 each measurement in a fresh client process.  Reports MB/s, the client's peak
 RSS above its baseline (the user's own object excluded) and the far side's
 (the workers; for ``node``, the node and its workers), both in multiples of
-the payload, from the kernel's high-water marks (Linux).  The last table gives each dpool
+the payload, from the kernel's high-water marks (Linux), and the CPU seconds
+each side used (user + system, all threads: the figure to compare on a
+loaded machine).  The last table gives each dpool
 path's speed as a ratio to ``mp`` measured in the same run (median of
 ``--repeat`` rounds, the modes interleaved within each round).
 
@@ -89,6 +91,18 @@ class HighWater:
                 pass
 
 
+def cpu_times(pids):
+    """CPU seconds (user + system, all threads) of each process in ``pids``."""
+    out = {}
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+            out[pid] = times.user + times.system
+        except psutil.Error:
+            pass
+    return out
+
+
 def tree(pid):
     try:
         proc = psutil.Process(pid)
@@ -120,6 +134,8 @@ def one(mode, kind, direction, mb, node_pid=None, port=None):
     try:
         submit(size_of, argument(kind, 64))   # (imports NumPy in the worker too)
         data = argument(kind, n) if direction == "send" else None
+        far_pids = node_tree()
+        cpu_before = cpu_times([me] + far_pids)
         with HighWater(lambda: [me]) as client, HighWater(node_tree) as far:
             t = time.perf_counter()
             if direction == "send":
@@ -128,13 +144,18 @@ def one(mode, kind, direction, mb, node_pid=None, port=None):
                 result = submit(make_array if kind == "numpy" else make, n)
                 assert size_of(result) == n
             elapsed = time.perf_counter() - t
+        cpu_after = cpu_times([me] + far_pids)
     finally:
         close()
     # a result is the user's own object: count it out, as the argument is
     own = n if direction == "result" else 0
+    used = {pid: cpu_after[pid] - cpu_before[pid] for pid in cpu_after if pid in cpu_before}
+    roles = {"client": used.get(me, 0.0), "node": used.get(node_pid, 0.0),
+             "workers": sum(v for pid, v in used.items() if pid not in (me, node_pid))}
     return {"mode": mode, "kind": kind, "dir": direction, "mb": mb, "mbs": round(mb / elapsed, 1),
             "client_x": round((client.grown - own) / n, 2),
-            "far_x": round((far.grown - own) / n, 2)}
+            "far_x": round((far.grown - own) / n, 2),
+            "cpu": {role: round(v, 3) for role, v in roles.items()}}
 
 
 def start_node():
@@ -157,7 +178,9 @@ def measure(proc, port, env, mode, kind, direction, mb):
         return None
     r = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{r['mb']:>6} MB {r['kind']:<6} {r['mode']:<6} {r['dir']:<7} {r['mbs']:>6} MB/s  "
-          f"client +{r['client_x']:.2f}x  node/workers +{r['far_x']:.2f}x", flush=True)
+          f"client +{r['client_x']:.2f}x  node/workers +{r['far_x']:.2f}x  "
+          f"CPU s client {r['cpu']['client']} node {r['cpu']['node']} "
+          f"workers {r['cpu']['workers']}", flush=True)
     return r
 
 
