@@ -337,3 +337,11 @@ def stop_on(x, bad):
     if x == bad:
         raise StopIteration(f"stop at {x}")
     return x
+
+
+class IntSub(int):
+    """An int subclass: must come back from a map as itself, not as an int."""
+
+
+class FloatSub(float):
+    """A float subclass (as IntSub)."""
