@@ -13,6 +13,7 @@ and tells the node in its SESSION options.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -81,11 +82,17 @@ def settings(heartbeat=None) -> Settings:
 
 
 def peer_settings(option) -> Settings:
-    """The settings a peer asked for (SESSION options), clamped into range."""
+    """The settings a peer asked for (SESSION options), clamped into range.
+    A number that is not finite is refused (ValueError naming the option):
+    ``nan`` fails every comparison of the clamp, an infinite one means no
+    deadline; the node and the scheduler refuse such a Session."""
     try:
         interval, deadline = (float(x) for x in option)
     except (TypeError, ValueError):
         return Settings()
+    if not (math.isfinite(interval) and math.isfinite(deadline)):
+        raise ValueError(f"heartbeat={option!r}: the interval and the deadline must be "
+                         f"finite numbers of seconds")
     interval = min(max(interval, MIN_INTERVAL), MAX_DEADLINE / 2)
     return Settings(interval, min(max(deadline, 2 * interval), MAX_DEADLINE))
 

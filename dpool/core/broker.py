@@ -164,6 +164,8 @@ class ClientSession(P.Served):
             return
         try:
             self.weight, self.limit = session_limits(msg.options)
+            heartbeat = liveness.peer_settings(msg.options["heartbeat"]) \
+                if "heartbeat" in msg.options else None
         except (TypeError, ValueError) as exc:
             log.warning("%s: session refused: %s", self, exc)
             self.tell([P.encode(P.Refused, f"bad session option {exc}")])
@@ -171,8 +173,8 @@ class ClientSession(P.Served):
             return
         self.options = dict(msg.options)
         self.init_frames = list(frames[1:])
-        if "heartbeat" in self.options:
-            broker.watch.add(self.conn, liveness.peer_settings(self.options["heartbeat"]))
+        if heartbeat is not None:
+            broker.watch.add(self.conn, heartbeat)
         broker.fair.add_client(self, self.weight, nodes=())
         busy = broker.busy_for(self)
         if busy:  # the client asks again, up to its connect timeout

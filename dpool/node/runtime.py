@@ -37,6 +37,7 @@ import collections
 import functools
 import itertools
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -358,6 +359,10 @@ class Session(P.Served):
             pulse = msg.options.get("pulse_interval") or 0
             if isinstance(pulse, bool) or not isinstance(pulse, (int, float)):
                 raise TypeError(f"pulse_interval={pulse!r}: a number of seconds")
+            if not math.isfinite(pulse):
+                raise ValueError(f"pulse_interval={pulse!r}: a finite number of seconds")
+            heartbeat = liveness.peer_settings(msg.options["heartbeat"]) \
+                if "heartbeat" in msg.options else None
         except (TypeError, ValueError) as exc:  # before any CPU is granted
             log.warning("session %s: client %s: bad session option %s", self.sid,
                         self.conn.peer, exc)
@@ -371,8 +376,8 @@ class Session(P.Served):
                                             f"{self.node.cpus} are in use by other clients)")])
             self.end("busy")
             return
-        if "heartbeat" in options and not self.node.embedded:
-            self.watch(liveness.peer_settings(options["heartbeat"]))
+        if heartbeat is not None and not self.node.embedded:
+            self.watch(heartbeat)
         self.init_frames = tuple(frames[1:])
         try:
             self.dir = self._make_dir(options)

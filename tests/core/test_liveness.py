@@ -1,4 +1,6 @@
 """Heartbeat timing, re-join backoff and attempt numbers: pure, no sleeping."""
+import math
+
 import pytest
 
 from dpool import liveness
@@ -61,6 +63,13 @@ def test_peer_settings_are_clamped_not_trusted():
                                                           2 * liveness.MIN_INTERVAL)
     assert liveness.peer_settings("junk") == Settings()
     assert liveness.peer_settings((1e9, 1e9)).deadline == liveness.MAX_DEADLINE
+
+
+@pytest.mark.parametrize("bad", [(math.nan, 10.0), (1.0, math.nan), (math.inf, 10.0),
+                                 (1.0, math.inf), (-math.inf, 10.0), (math.nan, math.nan)])
+def test_a_peers_non_finite_heartbeat_is_refused_clearly(bad):
+    with pytest.raises(ValueError, match=r"heartbeat=.*finite"):
+        liveness.peer_settings(bad)
 
 
 def test_connect_timeout(monkeypatch):

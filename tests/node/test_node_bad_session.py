@@ -12,7 +12,10 @@ from dpool.transport import connect
 pytestmark = pytest.mark.timeout(60)
 
 BAD_OPTIONS = [{"cpus": 1.5}, {"cpus": float("nan")}, {"cpus": float("inf")},
-               {"cpus": "many"}, {"cpus": -1}, {"pulse_interval": "often"}]
+               {"cpus": "many"}, {"cpus": -1}, {"pulse_interval": "often"},
+               {"pulse_interval": float("nan")}, {"pulse_interval": float("inf")},
+               {"heartbeat": (float("nan"), 10.0)}, {"heartbeat": (1.0, float("nan"))},
+               {"heartbeat": (float("inf"), 10.0)}, {"heartbeat": (1.0, float("inf"))}]
 
 
 async def first_reply(port, secret, options):

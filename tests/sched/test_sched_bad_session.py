@@ -14,7 +14,8 @@ pytestmark = pytest.mark.timeout(120)
 
 BAD_OPTIONS = [{"cpus": float("inf")}, {"cpus": float("nan")}, {"cpus": "many"},
                {"cpus": -2}, {"cpus": [1]}, {"weight": float("inf")},
-               {"weight": float("nan")}, {"weight": 0}, {"weight": -1}]
+               {"weight": float("nan")}, {"weight": 0}, {"weight": -1},
+               {"heartbeat": (float("nan"), 10.0)}, {"heartbeat": (1.0, float("inf"))}]
 
 
 async def first_reply(address, options):
