@@ -26,6 +26,8 @@ loop-thread side is :mod:`dpool.dispy.events`, its client extension
 import errno
 import inspect
 import logging
+import math
+import numbers
 import os
 import shutil
 import socket
@@ -286,8 +288,9 @@ class JobCluster:
         alloc = self._alloc_for(link, ip, name)
         info = hello.get("avail_info") or {}
         try:
-            want = alloc.allocate(self, ip, name, cpus, DispyNodeAvailInfo.from_info(info),
-                                  info.get("platform", ""))
+            want = _allocated_cpus(alloc.allocate(self, ip, name, cpus,
+                                                  DispyNodeAvailInfo.from_info(info),
+                                                  info.get("platform", "")), cpus)
             # allocate may set this node's depends and setup_args (dispy's
             # node_setup example): read them now.
             node_files = [file_entry(dep) for dep in alloc.depends]
@@ -295,8 +298,8 @@ class JobCluster:
         except Exception:
             log.exception("NodeAllocate.allocate failed for %s; the node is left out", ip)
             return None
-        if not want or want <= 0:
-            log.info("node %s (%s): not used (allocate returned %r)", ip, name, want)
+        if not want:
+            log.info("node %s (%s): not used (allocate returned no CPUs)", ip, name)
             return None
         session = dict(self._session(), cpus=want)
         if hello.get("scheduler") and want >= cpus:  # all of them: nodes joining it later too
@@ -669,6 +672,22 @@ def _refused(exc, client):
     errors = [exc, exc.__context__, *(link.error for link in client.links)]
     return "refused" in str(exc) or any(
         isinstance(e, OSError) and e.errno == errno.ECONNREFUSED for e in errors)
+
+
+def _allocated_cpus(want, cpus):
+    """What ``NodeAllocate.allocate`` returned, as a whole number of CPUs,
+    used as dispy uses it: dispy keeps ``min(node's CPUs, want)`` and runs
+    jobs on the node while fewer than that are busy, so a fraction counts
+    as a whole CPU (1.5: 2 jobs at a time) and an infinite number as all of
+    the node's ``cpus``; nothing, 0 or less leaves the node out (0).
+    Anything else (nan, a string...) raises TypeError."""
+    if not want:
+        return 0
+    if not isinstance(want, numbers.Real) or want != want:
+        raise TypeError(f"NodeAllocate.allocate returned {want!r}, not a number of CPUs")
+    if want <= 0:
+        return 0
+    return cpus if want == math.inf else math.ceil(want)
 
 
 def _check_pulse_interval(value):

@@ -276,6 +276,38 @@ def test_node_allocate_override(dpool_node):
         cluster_on(dpool_node, tasks.identity, nodes=[NoCpu("127.0.0.1", dpool_node.port)])
 
 
+class Wants(dispy.NodeAllocate):
+    """allocate returns ``want``, whatever it is."""
+
+    def __init__(self, host, port, want):
+        super().__init__(host, port)
+        self.want = want
+
+    def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform=""):
+        return self.want
+
+
+@pytest.mark.parametrize("want, cpus", [(1.5, 2), (0.5, 1), (1.0, 1), (float("inf"), 2),
+                                        (7, 2)])
+def test_node_allocate_returning_a_fraction_uses_it_as_dispy(dpool_node, want, cpus):
+    """dispy keeps ``min(node's CPUs, allocate(...))`` and runs jobs on the
+    node while fewer than that are busy: a fraction of a CPU is a whole one
+    (1.5 -> 2 jobs at a time), an infinite number all of the node's."""
+    with cluster_on(dpool_node, tasks.identity,
+                    nodes=[Wants("127.0.0.1", dpool_node.port, want)]) as cluster:
+        assert [n.cpus for n in cluster.status().nodes] == [cpus]
+        assert [job(timeout=30) for job in [cluster.submit(i) for i in range(4)]] == \
+            [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("want", [float("nan"), "2", [2], -0.5])
+def test_node_allocate_returning_no_number_leaves_the_node_out(dpool_node, want, caplog):
+    with pytest.raises(BrokenCluster, match="allocation"):
+        cluster_on(dpool_node, tasks.identity, nodes=[Wants("127.0.0.1", dpool_node.port, want)])
+    if want == want and not isinstance(want, (int, float)):  # (not a number: an error logged)
+        assert "allocate returned" in caplog.text
+
+
 def test_node_methods(dpool_node, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sent.txt").write_text("sent later")
