@@ -2,6 +2,7 @@
 
     python bench/bench_cpu_scheduler.py [--nodes 1] [--cpus 4] [--jobs 400]
                                         [--seconds 0.05] [--nodes-list] [REV ...]
+    python bench/bench_cpu_scheduler.py --only nodes [scheduler] [client] [...]
     python bench/bench_cpu_scheduler.py --profile [...]
 
 For each REV (a git revision; default: the working tree only; exported as
@@ -21,8 +22,11 @@ a shared machine (``bench/bench_scheduler.py`` gives the wall time).  But
 every process is ~50x slower under valgrind, so more messages wait per
 pass of each loop than at full speed: a cut that batches messages shows
 larger here than it is.  The handshake deadline of the daemons is raised
-for the run.  ``--profile``: no valgrind, one run of ``--jobs``, and the
-cProfile of the scheduler and of the first node printed.
+for the run.  ``--only``: only those parts under valgrind (the others, and
+the zygotes and workers, run at full speed: quicker, and the node's or the
+scheduler's loop sees messages nearer their real pace).  ``--profile``: no
+valgrind, one run of ``--jobs``, and the cProfile of the scheduler and of
+the first node printed.
 """
 import argparse
 import glob
@@ -84,11 +88,18 @@ print("done", flush=True)
 
 
 PROFILE = False  # --profile: cProfile instead of valgrind
+ONLY = ()  # --only: the parts run under valgrind (the others natively, at full speed)
+
+
+def _part(name):
+    return "nodes" if name.startswith("node") else name
 
 
 def valgrind(out_dir, name, trace_children=False):
-    if PROFILE:
+    if PROFILE or (ONLY and _part(name) not in ONLY):
         return [sys.executable]
+    if ONLY:
+        trace_children = False  # (the zygote and workers at full speed too)
     children = "yes" if trace_children else "no"
     return ["valgrind", "--tool=callgrind", f"--trace-children={children}",
             f"--callgrind-out-file={out_dir}/{name}.%p", os.path.realpath(sys.executable)]
@@ -191,9 +202,14 @@ def main():
     ap.add_argument("--seconds", type=float, default=0.05)
     ap.add_argument("--nodes-list", action="store_true",
                     help="the client given the node, no scheduler")
+    ap.add_argument("--only", nargs="+", choices=("client", "scheduler", "nodes"),
+                    help="run only these parts under valgrind, the others natively: "
+                         "quicker, and the timing nearer a real run's (without the zygotes)")
     ap.add_argument("--profile", action="store_true",
                     help="no valgrind: print each daemon's cProfile (one run of --jobs)")
     args = ap.parse_args()
+    global ONLY
+    ONLY = tuple(args.only or ())
     if args.profile:
         global PROFILE
         PROFILE = True

@@ -82,7 +82,9 @@ def stop(proc):
 class CpuMeter:
     """CPU seconds (user + system) used by each part between start() and
     stop(): this process (the client), the scheduler, the node daemons, and
-    their zygotes and workers.  Repeatable under load, unlike wall time."""
+    their zygotes and workers.  Repeatable under load, unlike wall time.
+    Counted per process: a worker gone by stop() (a previous turn's, killed
+    meanwhile) counts nothing, one born after start() all it used."""
 
     def __init__(self, nodes, sched=None):
         self.parts = {"client": [psutil.Process()],
@@ -90,33 +92,43 @@ class CpuMeter:
         if sched is not None:
             self.parts["scheduler"] = [psutil.Process(sched.pid)]
 
-    def _sample(self, kernel=False):
-        used = {}
-        for part, procs in self.parts.items():
-            used[part] = sum(_cpu(proc, kernel) for proc in procs)
-        used["workers"] = sum(_cpu(child, kernel) for proc in self.parts["nodes"]
-                              for child in proc.children(recursive=True))
+    def _sample(self):
+        """{part: {pid: (cpu, kernel)}}"""
+        used = {part: {proc.pid: _cpu(proc) for proc in procs}
+                for part, procs in self.parts.items()}
+        used["workers"] = {child.pid: _cpu(child) for proc in self.parts["nodes"]
+                           for child in _children(proc)}
         return used
 
     def start(self):
-        self.before, self.before_kernel = self._sample(), self._sample(kernel=True)
+        self.before = self._sample()
 
     def stop(self):
-        after, kernel = self._sample(), self._sample(kernel=True)
-        self.used = {part: after[part] - self.before.get(part, 0.0) for part in after}
-        self.kernel = {part: kernel[part] - self.before_kernel.get(part, 0.0) for part in kernel}
+        after, self.used, self.kernel = self._sample(), {}, {}
+        for part, procs in after.items():
+            was = self.before.get(part, {})
+            self.used[part] = sum(cpu - was.get(pid, (0.0, 0.0))[0]
+                                  for pid, (cpu, _) in procs.items())
+            self.kernel[part] = sum(kernel - was.get(pid, (0.0, 0.0))[1]
+                                    for pid, (_, kernel) in procs.items())
 
 
-def _cpu(proc, kernel=False):
-    """CPU seconds of ``proc`` and its reaped children; with ``kernel``, only
-    the system (kernel) part."""
+def _children(proc):
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _cpu(proc):
+    """(CPU seconds, of which kernel) of ``proc`` itself (not its reaped
+    children: a zygote reaping a previous turn's workers would count their
+    whole lives)."""
     try:
         times = proc.cpu_times()
     except psutil.Error:
-        return 0.0
-    if kernel:
-        return times.system + times.children_system
-    return times.user + times.system + times.children_user + times.children_system
+        return 0.0, 0.0
+    return times.user + times.system, times.system
 
 
 def phases(ends, submitted, seconds, cpus):
