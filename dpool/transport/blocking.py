@@ -32,7 +32,11 @@ __all__ = ["BlockingConnection"]
 #: Room for the descriptors one read may bring (253: SCM_MAX_FD, the most
 #: one sendmsg carries).
 _ANCILLARY = socket.CMSG_SPACE(253 * array.array("i").itemsize)
-_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+# (plain ints: an enum's | and & cost more than the rest of a small read)
+_CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_SCM_RIGHTS = (socket.SOL_SOCKET, int(socket.SCM_RIGHTS))
 
 
 def sendmsg_all(sock: socket.socket, parts: Iterable[bytes | memoryview]) -> None:
@@ -98,11 +102,11 @@ class BlockingConnection:
             [buf], _ANCILLARY, flags | _CMSG_CLOEXEC)
         assert self._fds is not None
         for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            if (level, kind) == _SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
                 self._fds.extend(fds)
-        if msg_flags & socket.MSG_CTRUNC:
+        if msg_flags & _MSG_CTRUNC:
             raise ProtocolError("more descriptors than a message carries")
         return n
 
@@ -149,7 +153,7 @@ class BlockingConnection:
                     return False
                 ms = math.ceil(left * 1000)
             if poller.poll(ms):
-                self._read(socket.MSG_DONTWAIT)
+                self._read(_DONTWAIT)
         return True
 
     def _read(self, flags: int) -> None:
