@@ -43,6 +43,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import time
 
 from .. import liveness
 from .. import protocol as P
@@ -528,7 +529,6 @@ class Session(P.Served):
     def worker_options(self):
         """The INIT options of this session's worker processes."""
         return {"capture": self.options.get("capture", False), "cwd": self.dir,
-                "notify_start": self.options.get("notify_start", False),
                 "max_tasks": self.options.get("max_tasks"),
                 "process_name": self.options.get("process_name"),
                 "process_index": next(self.node.worker_numbers)}
@@ -614,6 +614,8 @@ class Session(P.Served):
                     frames.extend(payload)
                 frames[0] = P.encode(P.Run, header)
                 _send(action.worker, frames)
+                if action.worker.outstanding[0] == header[0][0]:  # it had no job: this one runs
+                    self._starts(header[0][0])
             elif kind is LoadFunction:
                 _send(action.worker, [P.encode(P.Func, action.fn_id), self.fns[action.fn_id]])
             elif kind is Report:
@@ -655,6 +657,14 @@ class Session(P.Served):
                     relay.abort()
                 worker.zygote.kill(worker.pid)
                 return
+            # Once per loop iteration, after every worker's results of this
+            # pass are in: the freed room goes out as one RUN per worker,
+            # before the results do (the jobs that start then are told with
+            # them); nothing queued, nothing to give: a lone call's loop
+            # iteration is spared.
+            if not self._dispatch_scheduled and self.dispatcher.queue:
+                self._dispatch_scheduled = True
+                asyncio.get_running_loop().call_soon(self._deferred_dispatch)
             done, results = self.dispatcher.done, msg.results
             if relay is not None:
                 self._relayed(worker, results[0], relay)
@@ -662,27 +672,37 @@ class Session(P.Served):
             # (what a worker sends: one result per job, as it ends; passed on as it came)
             items = ((results[0], frames[1:1 + results[0][_NFRAMES]]),) if len(results) == 1 \
                 else P.raw_results(msg, frames) if results else ()
+            head = worker.outstanding[0] if worker.outstanding else None
             for record, payload in items:
                 if done(worker, record[_JOB_ID], record[_END] - record[_START]):
                     self._result(record, payload)
+            self._next_starts(worker, head)
             if self.draining:
                 self._end_if_drained()
-                if self.ended:
-                    return
-            # Once per loop iteration, after every worker's results of this
-            # pass are in: the freed room goes out as one RUN per worker
-            # (nothing queued, nothing to give: a lone call's loop iteration
-            # is spared).
-            if not self._dispatch_scheduled and self.dispatcher.queue:
-                self._dispatch_scheduled = True
-                asyncio.get_running_loop().call_soon(self._deferred_dispatch)
-        elif kind is P.Started:
-            self.started.extend(job for job in msg.jobs if self.dispatcher.started(job[0]))
-            self._schedule_flush()
         elif kind is P.InitFail:
             self._init_failed(frames[1:])
         elif self.env is not None:
             self.env.on_worker_message(worker, msg, frames)
+
+    def _starts(self, job_id):
+        """``job_id`` starts now in its worker (dispy's job_status, a
+        scheduler's futures: the session option ``notify_start``): its
+        Started goes out with this pass's results.  The node tells it, not
+        the worker: a worker runs its jobs in the order given, so a job
+        starts when it is given to a worker that had none, or when the
+        result of the job before it comes; a message less per job from the
+        worker, and the notice rides on the pass that reads that result."""
+        if self.options.get("notify_start") and self.dispatcher.started(job_id):
+            self.started.append((job_id, time.time()))
+            self._schedule_flush()
+
+    def _next_starts(self, worker, head):
+        """The worker's first job was ``head`` before its results were
+        taken: if another is first now, it starts."""
+        outstanding = worker.outstanding
+        if outstanding and outstanding[0] != head and not worker.dead \
+                and worker.killing is None:
+            self._starts(outstanding[0])
 
     def on_worker_closed(self, worker):
         if not self.dispatcher.worker_closed(worker) or self.ended:
@@ -747,7 +767,10 @@ class Session(P.Served):
         it is not to be (the job was cancelled meanwhile); a relay cut for a
         stalled worker (Forward.cut) lost the result: WorkerLost."""
         job_id = record[_JOB_ID]
-        if not self.dispatcher.done(worker, job_id, record[_END] - record[_START]):
+        head = worker.outstanding[0] if worker.outstanding else None
+        delivered = self.dispatcher.done(worker, job_id, record[_END] - record[_START])
+        self._next_starts(worker, head)
+        if not delivered:
             relay.abort()
         elif relay.cut:
             log.warning("session %s: job %s: the relay of its result was cut (worker %s "
@@ -788,13 +811,18 @@ class Session(P.Served):
             if self.kept is not None and not self.ended:
                 self.kept.check()
             return
+        messages = []
         if self.started:
-            self.conn.send([P.encode(P.Started, self.started)])
+            messages.append([P.encode(P.Started, self.started)])
             self.started = []
         if self.out:
             out, frames = self.out, self.out_frames
             self.out, self.out_frames = [], []
-            self.conn.send([P.encode(P.Done, out), *frames])
+            messages.append([P.encode(P.Done, out), *frames])
+        if len(messages) == 1:
+            self.conn.send(messages[0])
+        elif messages:  # (the jobs that start as these end: one write)
+            self.conn.send_all(messages)
 
     # ---------------------------------------------------------------- ending
 

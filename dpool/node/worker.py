@@ -7,7 +7,6 @@
     INIT options + initializer  ──►  set cwd, run initializer
     FUNC fn_id + blob           ──►  cache the function under fn_id
     RUN [RunItem(job_id, fn_id, n, star)] + payloads ──► for each: load, run, dump
-                                ◄──  STARTED [(job_id, time)]   (if asked)
                                 ◄──  DONE [Result(job_id, outcome, start, end,
                                               stdout, stderr, n)] + payloads
 
@@ -76,7 +75,6 @@ class Worker:
         self.conn = conn
         self.fns = {}
         self.capture = None  # a _Capture when the session captures output
-        self.notify_start = False
         self.max_tasks = None
         self.done = 0
         self.kept = frozenset()  # child processes that outlive jobs (a setup's)
@@ -95,7 +93,6 @@ class Worker:
     def on_init(self, msg, frames):
         options = msg.options
         self.capture = _Capture() if options.get("capture", False) else None
-        self.notify_start = options.get("notify_start", False)
         self.max_tasks = options.get("max_tasks")
         _name_process(options)
         cwd = options.get("cwd")
@@ -150,8 +147,6 @@ class Worker:
 
     def run(self, job_id, fn_id, star, frames):
         start = time.time()
-        if self.notify_start:
-            self.conn.send([P.encode(P.Started, [(job_id, start)])])
         out = err = None
         try:
             fn = self._function(fn_id)

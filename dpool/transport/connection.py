@@ -28,7 +28,7 @@ from dpool.errors import ConnectionClosed, ProtocolError
 
 from .auth import PREAUTH_MAX, Keys
 from .budget import ReceiveBudget
-from .frames import FrameDecoder, Limits, Message, Part, TapHook, _nbytes, encode
+from .frames import FdMarker, FrameDecoder, Limits, Message, Part, TapHook, _nbytes, encode
 from .records import Sealer, SecureDecoder
 from . import spool as _spool
 from .streams import set_tcp_options
@@ -159,6 +159,18 @@ class Connection:
             self._relay.nudge()
             return
         self._stream.write(encode(frames))
+
+    def send_all(self, messages: Sequence[Sequence[Frame]]) -> None:
+        """Send ``messages`` in order, as one write where it can: one
+        syscall (and one record) for a few small messages that go together."""
+        if self._closing or self._lost:
+            raise self._closed_error()
+        encoded = [encode(frames) for frames in messages]
+        if self._relay is not None or any(type(parts[0]) is FdMarker for parts in encoded):
+            for frames in messages:  # (after a relayed message; descriptors: one at a time)
+                self.send(frames)
+            return
+        self._stream.write([part for parts in encoded for part in parts])
 
     # -- relaying a message as it arrives (forward.py) -------------------------
 
@@ -524,6 +536,10 @@ class _InprocConnection(Connection):
             size += len(frame) if type(frame) is bytes else _nbytes(frame)
         self.bytes_sent += size
         self._loop.call_soon(self._other._receive, message, self, size)
+
+    def send_all(self, messages: Sequence[Sequence[Frame]]) -> None:
+        for frames in messages:
+            self.send(frames)
 
     def _receive(self, frames: list[Any], sender: _InprocConnection, size: int) -> None:
         if sender._aborted or self._closing or self._lost:
