@@ -112,8 +112,8 @@ def take_over(new, msg):
         return
     new.ended = True  # this session only hands its connection over
     node.release(new)
-    settings = new.lease
-    new.unwatch()
+    settings = new.liveness.settings
+    new.liveness.unwatch()
     _reattach(old, new.conn, msg.terminate, settings)
 
 
@@ -124,7 +124,7 @@ def _reattach(session, conn, terminate, settings=None):
     session.conn = conn
     conn.set_receiver(session.on_message, session.on_close)
     if settings is not None:
-        session.watch(settings)
+        session.liveness.watch(settings)
     pending = session.dispatcher.pending()
     kept = [record[0] for record in session.out]
     log.info("session %s: recovered by %s: %d results kept, %d jobs unfinished%s",

@@ -58,6 +58,7 @@ from ..transport.frames import Relayed
 from ..transport.spool import SpooledFrame
 from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Run, Worker
 from .files import default_job_root, private_dir
+from .lease import SessionLiveness
 from .recovery import KEEP_RESULTS, Keeping, Kept, recoverable, take_over
 from .status import node_status
 from .zygote import Zygote, describe_exit
@@ -180,7 +181,7 @@ class NodeRuntime:
             conn.spool_large_frames(_is_run)
         conn.set_receiver(session.on_message, session.on_close)
         if not self.embedded:  # a client must send Session within the default lease
-            session.watch(liveness.Settings())
+            session.liveness.watch(liveness.Settings())
         return session
 
     def grant(self, options):
@@ -278,59 +279,17 @@ class Session(P.Served):
         self.init_frames = ()
         self.tasks = set()
         self.env = None  # a nodeenv.SessionEnv once the client sends FILE or SETUP
+        self.liveness = SessionLiveness(self)  # heartbeats out, the client's lease
         self.handlers = {P.Session: self.on_session, P.Func: self.on_func, P.Run: self.on_run,
                          P.Cancel: self.on_cancel, P.Bye: self.on_bye, P.Forget: self.on_forget,
                          P.File: self.on_env, P.Setup: self.on_env, P.Recover: self.on_recover,
-                         P.Status: self.on_status, P.Heartbeat: self.on_heartbeat,
+                         P.Status: self.on_status, P.Heartbeat: self.liveness.on_heartbeat,
                          P.Reclaim: self.on_reclaim}
         self.counts = collections.Counter()  # jobs by outcome, for the log
         self.draining = False
         self.kept = None  # a recovery.Kept while detached (its client gone, recoverable)
         self.attempts = {}  # job id -> the attempt number the client gave it (Run)
-        self._heartbeat = self._ticker = None
         self.lent = None  # the worker lent to the embedding client (see lend)
-
-    # -------------------------------------------------------------- liveness
-
-    def watch(self, settings):
-        """Send heartbeats and hold the client to its lease (``settings``)."""
-        self.unwatch()
-        conn = self.conn
-        conn.set_deadline(settings.deadline)
-        loop = asyncio.get_running_loop()
-        self._heartbeat = liveness.Heartbeat(settings, loop.time(), conn.bytes_received,
-                                             conn.bytes_sent)
-        self._ticker = loop.call_later(settings.tick, self._tick)
-
-    def unwatch(self):
-        if self._ticker is not None:
-            self._ticker.cancel()
-        self._heartbeat = self._ticker = None
-
-    @property
-    def lease(self):
-        """The liveness settings the session is watched with (None: not watched)."""
-        return self._heartbeat.settings if self._heartbeat is not None else None
-
-    def _tick(self):
-        conn, hb = self.conn, self._heartbeat
-        if self.ended or conn.closed or hb is None:
-            return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        verdict = hb.tick(now, conn.bytes_received, conn.bytes_sent)
-        if verdict is liveness.LOST:
-            log.warning("session %s: client %s sent nothing for %.1f s (lease %s s): "
-                        "treating it as gone", self.sid, conn.peer, hb.silence(now),
-                        hb.settings.deadline)
-            conn.abort()  # on_close ends (or detaches) the session
-            return
-        if verdict is liveness.SEND:
-            conn.send([P.encode(P.Heartbeat)])
-        self._ticker = loop.call_later(hb.settings.tick, self._tick)
-
-    def on_heartbeat(self, msg, frames):
-        """Nothing to do: its bytes already counted as a sign of life."""
 
     # ------------------------------------------------------------ client side
 
@@ -339,7 +298,7 @@ class Session(P.Served):
 
     def on_close(self, exc=None):
         if not self.ended and recoverable(self):
-            self.unwatch()
+            self.liveness.unwatch()
             self.started = []
             self.kept = Kept(self, exc)
             return
@@ -378,7 +337,7 @@ class Session(P.Served):
             self.end("busy")
             return
         if heartbeat is not None and not self.node.embedded:
-            self.watch(heartbeat)
+            self.liveness.watch(heartbeat)
         self.init_frames = tuple(frames[1:])
         try:
             self.dir = self._make_dir(options)
@@ -838,7 +797,7 @@ class Session(P.Served):
             self.env.end()
         self._flush()
         self.ended = True
-        self.unwatch()
+        self.liveness.unwatch()
         lent, self.lent = self.lent, None
         for worker in [*self.workers, *([lent] if lent is not None else [])]:
             worker.dead = True
