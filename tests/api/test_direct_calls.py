@@ -1,6 +1,10 @@
-"""Direct calls (issue 13): a lone call on a local Executor or Pool goes from
-the calling thread straight to a worker (dpool/core/direct.py).  Every way
-of waiting, failing and closing must behave as on the normal path."""
+"""Direct calls (issue 13): a lone call to an Executor or Pool goes from the
+calling thread straight to a worker: on a local one, to a worker the
+embedded node lent (dpool/core/direct.py, path "local"); on one whose only
+node is a dpool-node (AES-GCM records on), written and answered on the link
+in the calling thread (dpool/core/tcpline.py, path "tcp").  Every way of
+waiting, failing, cancelling and closing must behave as on the normal path:
+the tests that concern both paths run on both, the others on theirs."""
 import concurrent.futures as cf
 import os
 import signal
@@ -10,10 +14,113 @@ import pytest
 
 import dpool
 from dpool.core.direct import MAX_ARGUMENT, DirectFuture
-from dpool.errors import JobCancelled, WorkerLost
+from dpool.core.tcpline import TcpLine
+from dpool.errors import BrokenCluster, JobCancelled, NodeLost, WorkerLost
 from dpool.futures import Executor
 import tasks
-from helpers import poll_for
+from helpers import poll_for, start_node
+
+SECRET = b"direct-tcp-secret"
+#: A slow heartbeat: its tick takes the link back from direct calls (by
+#: design), which would make "this call went direct" a matter of timing.
+QUIET = (5.0, 30.0)
+#: Tests of one path only.
+LOCAL = pytest.mark.parametrize("path", ["local"], indirect=True)
+TCP = pytest.mark.parametrize("path", ["tcp"], indirect=True)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    node = start_node(tmp_path_factory.mktemp("node"), cpus=1, secret=SECRET)
+    yield node
+    node.terminate()
+
+
+class Local:
+    """Executors and pools of one local worker."""
+
+    def executor(self):
+        ex = Executor(1)
+        assert ex.submit(tasks.identity, 0).result(30) == 0  # a worker ran: lent from now on
+        return ex
+
+    def pool(self):
+        return dpool.Pool(1)
+
+    def park(self, client):
+        """(the embedded node lends its idle worker at once)"""
+
+    def wait_reader(self, client, result):
+        """(the reader holds the worker's socket at once)"""
+
+
+class Tcp:
+    """Executors and pools whose only node is ``node`` (one CPU)."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def executor(self, **kwargs):
+        return make_executor(self.node, **kwargs)
+
+    def pool(self):
+        return dpool.Pool(nodes=[self.node.address], secret=SECRET, heartbeat=QUIET)
+
+    def park(self, client):
+        parked(client)
+
+    def wait_reader(self, client, result):
+        poll_for(lambda: line_of(client).owner == "user" or result.ready(),
+                 message="the waiter to read the call")
+
+
+@pytest.fixture(params=["local", "tcp"])
+def path(request, node):
+    """The path a test runs on (the node is the module's, started before
+    the test's processes are counted: not one it must leave behind)."""
+    return Local() if request.param == "local" else Tcp(node)
+
+
+@pytest.fixture
+def executor(path):
+    with path.executor() as ex:
+        yield ex
+
+
+def make_executor(node, **kwargs):
+    ex = Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET, **kwargs)
+    assert ex.submit(tasks.identity, 0).result(30) == 0
+    return ex
+
+
+def line_of(client):
+    line = client._direct
+    assert isinstance(line, TcpLine)
+    return line
+
+
+def parked(client):
+    """Wait until a lone call may go direct over TCP (a call on the normal
+    path parks the link again when it ends)."""
+    line = line_of(client)
+    for _ in range(50):
+        try:
+            poll_for(line.free, timeout=1, message="the link to be parked")
+            return line
+        except AssertionError:
+            client.submit(tasks.identity, (0,)).future.result(30)
+    raise AssertionError("the node's link was never parked")
+
+
+def direct_submit(executor, fn, *args):
+    """Submit (over TCP once the link is parked), and check the call went
+    the direct way."""
+    client = executor._client
+    if isinstance(client._direct, TcpLine):
+        parked(client)
+    future = executor.submit(fn, *args)
+    assert type(future) is DirectFuture and future._line is client._direct
+    return future
 
 
 def gate_call(gate, value):
@@ -21,52 +128,67 @@ def gate_call(gate, value):
     return tasks.count_and_hold(gate + ".log", gate, value)
 
 
-@pytest.fixture
-def executor():
-    with Executor(1) as ex:
-        assert ex.submit(tasks.identity, 0).result(10) == 0  # a worker ran: lent from now on
-        yield ex
-
-
-def direct_submit(executor, fn, *args):
-    """Submit, and check the call went the direct way."""
-    future = executor.submit(fn, *args)
-    assert type(future) is DirectFuture and future._line is not None
-    return future
-
-
 def opened(gate):
     with open(gate, "w"):
         pass
 
 
+def interrupt_main_thread():
+    """Ctrl-C, as the kernel delivers it: SIGINT, handled in the main thread."""
+    assert threading.current_thread() is threading.main_thread()
+    signal.raise_signal(signal.SIGINT)
+
+
+def once_in_main_thread(fn):
+    """``fn`` wrapped to interrupt the main thread before or after the first
+    call the main thread makes to it (a hook on the direct path)."""
+    armed = []
+
+    def hook(when):
+        def wrapper(*args, **kwargs):
+            fire = not armed and threading.current_thread() is threading.main_thread()
+            if fire:
+                armed.append(when)
+            if fire and when == "before":
+                interrupt_main_thread()
+            value = fn(*args, **kwargs)
+            if fire and when == "after":
+                interrupt_main_thread()
+            return value
+        return wrapper
+    return hook
+
+
+# ------------------------------------------------------------- both paths
+
+
 def test_lone_calls_go_direct_and_return_in_order(executor):
     for i in range(50):
-        assert direct_submit(executor, tasks.square, i).result(10) == i * i
+        assert direct_submit(executor, tasks.square, i).result(30) == i * i
 
 
 def test_an_exception_comes_back_with_its_type_and_remote_traceback(executor):
     future = direct_submit(executor, tasks.raise_value_error, "boom")
     with pytest.raises(ValueError, match="boom") as info:
-        future.result(10)
+        future.result(30)
     assert "raise_value_error" in str(info.value.__cause__)
     assert isinstance(future.exception(), ValueError)
-    assert executor.submit(tasks.square, 3).result(10) == 9  # and the line still works
+    assert direct_submit(executor, tasks.square, 3).result(30) == 9  # the line still works
 
 
 def test_a_done_callback_fires_with_nobody_waiting(executor):
     seen, event = [], threading.Event()
     future = direct_submit(executor, tasks.square, 4)
     future.add_done_callback(lambda f: (seen.append(f.result()), event.set()))
-    assert event.wait(10)
+    assert event.wait(30)
     assert seen == [16]
 
 
 def test_as_completed_and_wait_see_a_direct_call(executor):
     future = direct_submit(executor, tasks.square, 5)
-    assert [f.result() for f in cf.as_completed([future], timeout=10)] == [25]
+    assert [f.result() for f in cf.as_completed([future], timeout=30)] == [25]
     future = direct_submit(executor, tasks.square, 6)
-    done, not_done = cf.wait([future], timeout=10)
+    done, not_done = cf.wait([future], timeout=30)
     assert done == {future} and not not_done
 
 
@@ -83,8 +205,8 @@ def test_a_result_that_times_out_keeps_its_answer(executor, tmp_path):
         future.result(0.05)
     assert future.running() and not future.cancel()  # running: can't be cancelled
     opened(gate)
-    assert future.result(10) == "late"
-    assert executor.submit(tasks.square, 2).result(10) == 4
+    assert future.result(30) == "late"
+    assert direct_submit(executor, tasks.square, 2).result(30) == 4
 
 
 def test_a_second_job_runs_while_nobody_reads_the_direct_call(executor, tmp_path):
@@ -95,32 +217,31 @@ def test_a_second_job_runs_while_nobody_reads_the_direct_call(executor, tmp_path
     second = executor.submit(tasks.square, 8)
     assert type(second) is not DirectFuture or second._line is None  # the normal path
     opened(gate)
-    assert second.result(10) == 64
-    assert first.result(10) == "first"
-    assert [f.result(10) for f in [executor.submit(tasks.square, i) for i in range(20)]] == \
+    assert second.result(30) == 64
+    assert first.result(30) == "first"
+    assert [f.result(30) for f in [executor.submit(tasks.square, i) for i in range(20)]] == \
         [i * i for i in range(20)]
 
 
 def test_a_worker_dying_under_a_direct_call_fails_only_that_call(executor):
     future = direct_submit(executor, tasks.kill_worker)
     with pytest.raises(WorkerLost, match="worker process"):
-        future.result(10)
-    assert executor.submit(tasks.square, 3).result(10) == 9  # a new worker serves
-    assert direct_submit(executor, tasks.square, 4).result(10) == 16
+        future.result(30)
+    assert executor.submit(tasks.square, 3).result(30) == 9  # a new worker serves
+    assert direct_submit(executor, tasks.square, 4).result(30) == 16
 
 
 def test_a_worker_dying_with_nobody_reading(executor):
     future = direct_submit(executor, tasks.exit_worker, 3)
     event = threading.Event()
     future.add_done_callback(lambda f: event.set())
-    assert event.wait(10)
+    assert event.wait(30)
     assert isinstance(future.exception(), WorkerLost)
 
 
-def test_shutdown_waits_for_a_direct_call_nobody_reads(tmp_path):
+def test_shutdown_waits_for_a_direct_call_nobody_reads(path, tmp_path):
     gate = str(tmp_path / "gate")
-    ex = Executor(1)
-    ex.submit(tasks.identity, 0).result(10)
+    ex = path.executor()
     future = direct_submit(ex, gate_call, gate, "done")
     closer = threading.Thread(target=ex.shutdown)
     closer.start()
@@ -130,13 +251,12 @@ def test_shutdown_waits_for_a_direct_call_nobody_reads(tmp_path):
     assert future.result(0) == "done"
 
 
-def test_shutdown_while_a_thread_reads_the_direct_call(tmp_path):
+def test_shutdown_while_a_thread_reads_the_direct_call(path, tmp_path):
     gate = str(tmp_path / "gate")
-    ex = Executor(1)
-    ex.submit(tasks.identity, 0).result(10)
+    ex = path.executor()
     future = direct_submit(ex, gate_call, gate, "read")
     results = []
-    reader = threading.Thread(target=lambda: results.append(future.result(30)))
+    reader = threading.Thread(target=lambda: results.append(future.result(60)))
     reader.start()
     ex.shutdown(wait=False)
     opened(gate)
@@ -145,68 +265,74 @@ def test_shutdown_while_a_thread_reads_the_direct_call(tmp_path):
     ex.shutdown(wait=True)
 
 
-def test_terminate_kills_a_direct_call(tmp_path):
+def test_terminate_kills_a_direct_call(path, tmp_path):
     gate = str(tmp_path / "gate")  # never opened
-    pool = dpool.Pool(1)
+    pool = path.pool()
     try:
         assert pool.apply(tasks.identity, (0,)) == 0
+        path.park(pool._client)
         result = pool.apply_async(gate_call, (gate, "never"))
         assert type(result._future) is DirectFuture
         poll_for(lambda: os.path.exists(gate + ".log"), message="the call to start")
         waiting = []
-        waiter = threading.Thread(target=lambda: waiting.append(result.wait(30)))
+        waiter = threading.Thread(target=lambda: waiting.append(result.wait(60)))
         waiter.start()
+        path.wait_reader(pool._client, result)
         pool.terminate()
         waiter.join(30)
         assert not waiter.is_alive()
-        with pytest.raises(JobCancelled, match="killed"):  # as on the normal path
+        with pytest.raises(JobCancelled):  # as on the normal path
             result.get(0)
     finally:
         pool.terminate()
         pool.join()
 
 
-def test_pool_apply_and_callbacks_on_the_direct_path():
-    with dpool.Pool(1) as pool:
+def test_pool_apply_and_callbacks_on_the_direct_path(path):
+    with path.pool() as pool:
         assert pool.apply(tasks.identity, (0,)) == 0
         assert [pool.apply(tasks.square, (i,)) for i in range(20)] == [i * i for i in range(20)]
         got, event = [], threading.Event()
+        path.park(pool._client)
         pool.apply_async(tasks.square, (9,), callback=lambda v: (got.append(v), event.set()))
-        assert event.wait(10)
+        assert event.wait(30)
         assert got == [81]
         errors, event = [], threading.Event()
+        path.park(pool._client)
         pool.apply_async(tasks.raise_value_error, ("bad",),
                          error_callback=lambda e: (errors.append(e), event.set()))
-        assert event.wait(10)
+        assert event.wait(30)
         assert isinstance(errors[0], ValueError)
 
 
 def test_many_functions_through_the_line(executor):
-    # A new lambda per call: the lent worker is told to forget old ones.
-    for i in range(300):
-        assert executor.submit(lambda x, i=i: x + i, 1).result(10) == i + 1
+    # A new lambda per call: the node (the lent worker) is told to forget old ones.
+    for i in range(1100):
+        assert executor.submit(lambda x, i=i: x + i, 1).result(30) == i + 1
+    assert len(executor._client._direct.link.fns) <= 1024
 
 
-def test_a_large_argument_takes_the_normal_path(executor):
+def test_a_large_argument_takes_the_normal_path(path, executor):
     data = b"x" * (MAX_ARGUMENT + 1)
+    path.park(executor._client)
     future = executor.submit(tasks.size_of, data)
     assert type(future) is not DirectFuture or future._line is None
-    assert future.result(10) == len(data)
-    assert direct_submit(executor, tasks.size_of, b"y").result(10) == 1
+    assert future.result(30) == len(data)
+    assert direct_submit(executor, tasks.size_of, b"y").result(30) == 1
 
 
 def test_map_and_bursts_after_direct_calls(executor):
-    assert direct_submit(executor, tasks.square, 2).result(10) == 4
+    assert direct_submit(executor, tasks.square, 2).result(30) == 4
     assert list(executor.map(tasks.square, range(100), chunksize=7)) == \
         [i * i for i in range(100)]
     futures = [executor.submit(tasks.square, i) for i in range(200)]
-    assert [f.result(10) for f in futures] == [i * i for i in range(200)]
-    assert direct_submit(executor, tasks.square, 3).result(10) == 9  # lent again once idle
+    assert [f.result(30) for f in futures] == [i * i for i in range(200)]
+    assert direct_submit(executor, tasks.square, 3).result(30) == 9  # direct again once idle
 
 
 def test_threads_sharing_an_executor(executor):
     def run(base, out):
-        out.extend(executor.submit(tasks.square, base + i).result(10) for i in range(30))
+        out.extend(executor.submit(tasks.square, base + i).result(30) for i in range(30))
 
     outs = [[] for _ in range(4)]
     threads = [threading.Thread(target=run, args=(100 * k, outs[k])) for k in range(4)]
@@ -215,8 +341,13 @@ def test_threads_sharing_an_executor(executor):
     for thread in threads:
         thread.join(60)
     assert outs == [[(100 * k + i) ** 2 for i in range(30)] for k in range(4)]
+    assert direct_submit(executor, tasks.square, 3).result(30) == 9
 
 
+# ------------------------------------------------------------- local only
+
+
+@LOCAL
 def test_an_interrupt_while_sending_a_direct_call_leaves_the_executor_usable(
         executor, monkeypatch):
     """Ctrl-C while submit writes the call to the lent worker: submit raises
@@ -316,32 +447,7 @@ def test_pool_join_while_a_direct_call_is_being_written(monkeypatch):
         pool.join()
 
 
-def interrupt_main_thread():
-    """Ctrl-C, as the kernel delivers it: SIGINT, handled in the main thread."""
-    assert threading.current_thread() is threading.main_thread()
-    signal.raise_signal(signal.SIGINT)
-
-
-def once_in_main_thread(fn):
-    """``fn`` wrapped to interrupt the main thread before or after the first
-    call the main thread makes to it (a hook on the direct path)."""
-    armed = []
-
-    def hook(when):
-        def wrapper(*args, **kwargs):
-            fire = not armed and threading.current_thread() is threading.main_thread()
-            if fire:
-                armed.append(when)
-            if fire and when == "before":
-                interrupt_main_thread()
-            value = fn(*args, **kwargs)
-            if fire and when == "after":
-                interrupt_main_thread()
-            return value
-        return wrapper
-    return hook
-
-
+@LOCAL
 @pytest.mark.parametrize("point", [
     ("buffer_updated", "before"),  # the answer's bytes read off the socket, not decoded
     ("buffer_updated", "after"),   # decoded, not yet handed to the future
@@ -367,6 +473,7 @@ def test_an_interrupt_while_the_answer_is_read_loses_nothing(executor, monkeypat
     assert direct_submit(executor, tasks.square, 8).result(30) == 64
 
 
+@LOCAL
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_an_interrupt_around_taking_the_line_leaves_it_usable(executor, monkeypatch, when):
     """Ctrl-C in submit just before or just after the call was written
@@ -400,6 +507,7 @@ def test_an_interrupt_around_taking_the_line_leaves_it_usable(executor, monkeypa
     assert executor.submit(tasks.square, 7).result(30) == 49
 
 
+@LOCAL
 def test_a_call_submitted_while_a_worker_is_being_lent_goes_the_normal_way(
         executor, monkeypatch):
     """The loop thread lends the line a worker (offer) while a user thread
@@ -430,3 +538,166 @@ def test_a_call_submitted_while_a_worker_is_being_lent_goes_the_normal_way(
     assert future.result(30) == 9
     poll_for(line.free, message="the line to be lent")
     assert direct_submit(executor, tasks.square, 4).result(30) == 16
+
+
+# --------------------------------------------------------------- TCP only
+
+
+@TCP
+def test_a_second_job_while_a_thread_reads_the_direct_call(executor, tmp_path):
+    gate = str(tmp_path / "gate")
+    first = direct_submit(executor, gate_call, gate, "first")
+    got = []
+    reader = threading.Thread(target=lambda: got.append(first.result(60)))
+    reader.start()
+    poll_for(lambda: line_of(executor._client).owner == "user",
+             message="the reader to hold the link")
+    second = executor.submit(tasks.square, 9)  # the reader hands the link back
+    opened(gate)
+    assert second.result(30) == 81
+    reader.join(30)
+    assert got == ["first"]
+
+
+def test_a_node_dying_under_a_direct_call(tmp_path):
+    node = start_node(tmp_path / "node", cpus=1, secret=SECRET)
+    try:
+        ex = Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET,
+                      connect_timeout=2)
+        try:
+            ex.submit(tasks.identity, 0).result(30)
+            future = direct_submit(ex, gate_call, str(tmp_path / "gate"), "never")
+            poll_for(lambda: os.path.exists(str(tmp_path / "gate.log")),
+                     message="the call to start")
+            node.kill()
+            with pytest.raises((NodeLost, BrokenCluster)):
+                future.result(60)
+        finally:
+            ex.shutdown(wait=False, cancel_futures=True)
+    finally:
+        node.kill()
+
+
+def test_a_heartbeat_tick_takes_a_long_call_over(node, tmp_path):
+    """A call longer than a heartbeat tick: the loop thread reads it on and
+    keeps the heartbeats (a node would drop a silent client)."""
+    gate = str(tmp_path / "gate")
+    with Executor(nodes=[node.address], secret=SECRET, heartbeat=(0.1, 2.0)) as ex:
+        ex.submit(tasks.identity, 0).result(30)
+        future = direct_submit(ex, gate_call, gate, "long")
+        got = []
+        reader = threading.Thread(target=lambda: got.append(future.result(60)))
+        reader.start()
+        line = line_of(ex._client)
+        poll_for(lambda: line.lent is None, message="the tick to take the link back")
+        opened(gate)
+        reader.join(30)
+        assert got == ["long"]
+
+
+@pytest.mark.parametrize("cut", [0, 3, None])
+@TCP
+def test_an_interrupt_while_sending_a_direct_call(executor, monkeypatch, cut):
+    """Ctrl-C while submit writes the call: submit raises it; nothing is
+    lost or hangs (nothing sent: no call, and the records not sent are
+    sealed again with the same numbers; part of it: the rest goes and the
+    call runs); the executor goes on, the connection intact."""
+    import dpool.transport.lent as lent
+
+    real = lent.LentSocket.finish
+
+    def interrupted(self):
+        if cut:
+            self._sends.append(self.sock.send(memoryview(self._out)[:cut]))
+        monkeypatch.setattr(lent.LentSocket, "finish", real)
+        raise KeyboardInterrupt
+
+    client = executor._client
+    conn = line_of(client).link.conn
+    parked(client)
+    monkeypatch.setattr(lent.LentSocket, "finish", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        if cut is None:  # all of it went: the interrupt lands as submit returns
+            monkeypatch.setattr(lent.LentSocket, "finish", real)
+            real_count = TcpLine._count
+
+            def count_then_interrupt(self, job, drop):
+                real_count(self, job, drop)
+                raise KeyboardInterrupt
+
+            monkeypatch.setattr(TcpLine, "_count", count_then_interrupt)
+        executor.submit(tasks.square, 5)
+    monkeypatch.undo()
+    assert executor.submit(tasks.square, 6).result(30) == 36
+    assert direct_submit(executor, tasks.square, 7).result(30) == 49
+    assert line_of(client).link.conn is conn and not conn.closed  # never cut
+    poll_for(lambda: not client._unfinished and not client.jobs,
+             message="the interrupted call to be settled")
+
+
+@TCP
+def test_an_interrupt_that_cant_tell_how_far_the_send_got_ends_the_connection(
+        executor, monkeypatch):
+    """Ctrl-C in a send before it recorded anything: whether any bytes went
+    can't be told, so the connection ends (docs/security.md: never a nonce
+    reused, never half a record followed by another), as for a lost node: no
+    call was made, and a client whose only node that was is broken
+    (docs/failures.md: with no node left, BrokenCluster)."""
+    import dpool.transport.lent as lent
+
+    def interrupted(self, messages):
+        raise KeyboardInterrupt
+
+    client = executor._client
+    conn = line_of(client).link.conn
+    parked(client)
+    monkeypatch.setattr(lent.LentSocket, "send", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        executor.submit(tasks.square, 5)
+    monkeypatch.undo()
+    poll_for(lambda: conn.closed, message="the connection to end")
+    with pytest.raises(BrokenCluster, match="direct call .* was cut short"):
+        executor.submit(tasks.square, 6).result(30)
+
+
+@TCP
+def test_an_interrupt_while_reading_a_direct_call(executor, monkeypatch):
+    import dpool.core.tcpline as tcpline
+
+    future = direct_submit(executor, tasks.square, 8)
+
+    def interrupted(self, job, events, timed_out):  # (as if in poll: nothing read)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tcpline.TcpLine, "_handle", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        future.result(30)
+    monkeypatch.undo()
+    assert future.result(30) == 64  # the loop thread read it
+    assert direct_submit(executor, tasks.square, 9).result(30) == 81
+    assert tcpline  # (imported for the patch target's module)
+
+
+@pytest.mark.parametrize("point", [
+    (TcpLine, "_sort", "after"),    # the DONE read off the socket, not yet in its future
+    ("client", "_direct_done", "before"),  # the line given back, the answer not yet decoded
+])
+@TCP
+def test_an_interrupt_after_the_answer_was_read_loses_nothing(executor, monkeypatch, point):
+    """Ctrl-C landing once result() has taken the answer off the link (the
+    DONE read and opened, or being unpickled): result() raises
+    KeyboardInterrupt, but the answer is kept (the next result() returns
+    it) and the link is usable (on the local path: eb83d7b)."""
+    owner, name, when = point
+    if owner == "client":
+        owner = executor._client
+    hook = once_in_main_thread(getattr(owner, name))(when)
+    future = direct_submit(executor, tasks.square, 7)
+    monkeypatch.setattr(owner, name, hook if owner is executor._client else staticmethod(hook))
+    with pytest.raises(KeyboardInterrupt):
+        future.result(30)
+    monkeypatch.undo()
+    assert future.result(30) == 49
+    assert direct_submit(executor, tasks.square, 8).result(30) == 64
+    executor._client.wait(30)
+    assert not executor._client._unfinished
