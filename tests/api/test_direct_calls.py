@@ -112,6 +112,14 @@ def parked(client):
     raise AssertionError("the node's link was never parked")
 
 
+def parked_link(executor):
+    """The client and its node's connection, once its link is parked."""
+    client = executor._client
+    conn = line_of(client).link.conn
+    parked(client)
+    return client, conn
+
+
 def direct_submit(executor, fn, *args):
     """Submit (over TCP once the link is parked), and check the call went
     the direct way."""
@@ -612,9 +620,7 @@ def test_an_interrupt_while_sending_a_direct_call(executor, monkeypatch, cut):
         monkeypatch.setattr(lent.LentSocket, "finish", real)
         raise KeyboardInterrupt
 
-    client = executor._client
-    conn = line_of(client).link.conn
-    parked(client)
+    client, conn = parked_link(executor)
     monkeypatch.setattr(lent.LentSocket, "finish", interrupted)
     with pytest.raises(KeyboardInterrupt):
         if cut is None:  # all of it went: the interrupt lands as submit returns
@@ -648,9 +654,7 @@ def test_an_interrupt_that_cant_tell_how_far_the_send_got_ends_the_connection(
     def interrupted(self, messages):
         raise KeyboardInterrupt
 
-    client = executor._client
-    conn = line_of(client).link.conn
-    parked(client)
+    client, conn = parked_link(executor)
     monkeypatch.setattr(lent.LentSocket, "send", interrupted)
     with pytest.raises(KeyboardInterrupt):
         executor.submit(tasks.square, 5)
