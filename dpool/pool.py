@@ -257,11 +257,15 @@ class Pool:
             # Closed but never joined: the queued work finishes, then the
             # workers and the callback thread go (close()'s promise).  Not
             # at interpreter exit, where a new thread never starts (its
-            # start() would wait forever): released at once below, as
-            # multiprocessing's pools are terminated at exit.
-            threading.Thread(target=_release, args=(client, runner),
-                             name="dpool-pool-release", daemon=True).start()
-            return
+            # start() would wait forever, or raise RuntimeError on Python
+            # 3.12+, from an atexit handler too): released at once below,
+            # as multiprocessing's pools are terminated at exit.
+            try:
+                threading.Thread(target=_release, args=(client, runner),
+                                 name="dpool-pool-release", daemon=True).start()
+                return
+            except RuntimeError:  # can't create new thread at interpreter shutdown
+                pass
         try:
             client.close(wait=False, cancel=True)
         except Exception:  # interpreter shutdown: nothing more to do

@@ -50,3 +50,43 @@ def test_a_used_and_closed_pool_exits_quietly(how, per_child, tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [str(n * (n - 1))]
     assert run.stderr == "", run.stderr
+
+
+DROPPED_AT_EXIT = textwrap.dedent("""
+    import atexit
+    import gc
+    import threading
+
+    import dpool
+
+    def no_new_thread(*args, **kwargs):  # what Python 3.12+ does at exit
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    def at_exit():
+        global pool
+        threading._start_new_thread = no_new_thread
+        pool = None   # its __del__ runs here, in an atexit handler
+        gc.collect()
+
+    if __name__ == "__main__":
+        pool = dpool.Pool(1)
+        print(pool.apply(abs, (-3,)))
+        pool.close()  # closed, never joined
+        atexit.register(at_exit)
+""")
+
+
+def test_a_pool_dropped_where_no_thread_starts_exits_quietly(tmp_path):
+    """Python 3.12+ refuses to start a thread in an atexit handler
+    (RuntimeError "can't create new thread at interpreter shutdown") while
+    ``sys.is_finalizing()`` is still False: a closed Pool collected there
+    is released at once, with nothing on stderr."""
+    script = tmp_path / "drop_pool.py"
+    script.write_text(DROPPED_AT_EXIT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, str(script)],
+                         capture_output=True, text=True, env=env, timeout=30)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["3"]
+    assert run.stderr == "", run.stderr
