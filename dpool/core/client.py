@@ -394,7 +394,10 @@ class Client:
         incoming = self._incoming
         line = self._direct
         if line is not None and incoming and line.reclaim() is False:
-            line.defer(self._drain)  # a user thread holds the node's link: once it is back
+            # A user thread holds the node's link: once it is back (no
+            # wake-up meanwhile: the loop thread waits, never spins).
+            self._wake_pending = True
+            line.defer(self._wake)
             return
         plain, now, early = [], time.monotonic(), self._cancel_early
         actions: list[Action] = []
