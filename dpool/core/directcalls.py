@@ -45,13 +45,14 @@ class DirectCalls:
         job.blob = blob
         job.future.set_running_or_notify_cancel()
         job.sent, job.status, job.node = True, RUNNING, line.link
-        self._unfinished.add(job.future)
         try:
+            self._unfinished.add(job.future)
             if line.start(job):
                 return job
-        except BaseException:  # interrupted: no call was made (a wait() may be waiting)
-            self._unfinished.discard(job.future)
-            self._settle()
+        except BaseException:  # interrupted: no call was made (a wait() may be waiting),
+            if not (isinstance(line, TcpLine) and line.interrupted is job):  # or it ends later
+                self._unfinished.discard(job.future)
+                self._settle()
             raise
         self._unfinished.discard(job.future)
         return None

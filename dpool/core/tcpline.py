@@ -70,6 +70,8 @@ class TcpLine:
         self.closed = False
         self.deferred: list[Any] = []  # loop-thread work waiting for the link
         self._mid_read = False  # a user thread is decoding what it read
+        self.counted: Any = None  # the last call whose function was counted in flight
+        self.interrupted: Any = None  # the last call made by a submit that was interrupted
 
     # ------------------------------------------------------------ user side
 
@@ -81,34 +83,38 @@ class TcpLine:
     def start(self, job: Any) -> bool:
         """Send ``job`` (a plain call, its future a DirectFuture on this line,
         set running) on the parked link; False if the line is not free or the
-        link broke (the caller takes the normal path)."""
-        with self.lock:
-            if not self.free():
-                return False
-            self.job, self.owner = job, _USER
-        lent = self.lent
-        assert lent is not None
-        plan: tuple[Any, Any] = ([], [])
-        phase = 0  # 1: writing, 2: written (plain stores: an interrupt can't split them)
+        link broke (the caller takes the normal path).  Interrupted
+        (KeyboardInterrupt, anywhere), see :meth:`_interrupted`."""
+        owned, begun = False, 0
+        drop: list[Any] = []
+        lent: LentSocket | None = None
         try:
-            plan = self._plan(job)
-            phase = 1
-            lent.send(plan[0])
-            phase = 2
-            self._count(job, plan[1])
-        except OSError as exc:  # the node is gone (or the socket broke mid-record)
-            self._cut_short(exc)
-            return False
+            with self.lock:
+                if not self.free():
+                    return False
+                lent = self.lent
+                assert lent is not None
+                # (one statement of plain stores: no interrupt can come in between)
+                self.job, self.owner, begun, owned = job, _USER, lent.sends, True
+            try:
+                messages, drop = self._plan(job)
+                lent.send(messages)
+            except OSError as exc:  # the node is gone (or the socket broke mid-record)
+                self._cut_short(lent, exc)
+                return False
+            self._count(job, drop)
+            with self.lock:
+                if not (self.wanted or self.closed):
+                    self.owner = None
+                    return True
+                self.owner = _LOOP
+            self._in_loop(self._take_back, lent, (), None)
+            return True
         except BaseException:  # (KeyboardInterrupt)
-            self._interrupted(job, lent, plan[1], phase)
+            if owned and lent is not None:
+                with _HeldInterrupts():
+                    self._interrupted(job, lent, begun, drop)
             raise
-        with self.lock:
-            if not (self.wanted or self.closed):
-                self.owner = None
-                return True
-            self.owner = _LOOP
-        self._in_loop(self._take_back, (), None)
-        return True
 
     def _plan(self, job: Any) -> tuple[list[list[Any]], list[Any]]:
         """(the owner) The messages for ``job`` (FORGET of functions no job
@@ -128,48 +134,55 @@ class TcpLine:
 
     def _count(self, job: Any, drop: list[Any]) -> None:
         """(the owner, ``job`` sent) Its function is in flight on the link,
-        as the loop thread counts them; ``drop`` forgotten."""
-        self.link.forget(drop)
+        as the loop thread counts them; ``drop`` forgotten.  Done again
+        after an interrupt, it changes nothing more."""
         fns, fn_id = self.link.fns, job.fn_id
-        fns[fn_id] = fns.get(fn_id, 0) + 1
+        for dropped in drop:
+            fns.pop(dropped, None)
+        if self.counted is not job:  # (one statement: counted and marked, or neither)
+            fns[fn_id], self.counted = fns.get(fn_id, 0) + 1, job
         fns.move_to_end(fn_id)
 
-    def _interrupted(self, job: Any, lent: LentSocket, drop: list[Any], phase: int) -> None:
-        """(the owner) An interrupt while sending ``job``: if none of it
-        went, no call was made; if part of it went, the rest is written and
-        the call runs: the loop thread takes it (its future, which the
-        caller never got, resolves with nobody waiting); if that can't be
-        told, the connection ends (as for a lost node) and no call was made."""
-        went = phase == 2
-        if phase == 1:
-            nothing = lent.unsend()
-            if nothing is None:
-                self._cut_short(KeyboardInterrupt())
-                return
-            went = not nothing
-        if went:
-            try:
-                if phase == 1:
-                    lent.finish()
-                    self._count(job, drop)
-            except BaseException as again:
-                self._cut_short(again)
-                return
+    def _interrupted(self, job: Any, lent: LentSocket, begun: int, drop: list[Any]) -> None:
+        """(a second Ctrl-C held) start() was interrupted.  If it still held
+        the line, the send's outcome says whether the call was made: if none
+        of it went, no call was made and the line goes on; if part or all of
+        it went, the call was made (the rest of its records, already sealed,
+        is written by the loop thread: the stream stays whole, no connection
+        cut).  A call made is the loop thread's (the link handed back once:
+        a hand-back names the lent socket it returns), kept until it ends
+        and cancelled: the caller never got its future."""
+        error = None
         with self.lock:
-            if not went:
-                self.job = None
-            handback = went or self.wanted or self.closed
-            self.owner = _LOOP if handback else None
-        if handback:
-            self._in_loop(self._take_back, (), None)
+            mine = self.job is job and self.owner == _USER
+            again = self.owner == _LOOP and self.lent is lent  # (handing back already)
+        if mine:
+            made, rest = lent.outcome(begun)
+        else:  # released or handed back once sent and counted, or cut short
+            made, rest = self.counted is job, None
+            if not made:
+                error = ConnectionClosed(f"a direct call to node {self.link.name} was cut short")
+        if mine:
+            if made and self.counted is not job:
+                self._count(job, drop)
+            with self.lock:
+                if not made:
+                    self.job = None
+                again = made or self.wanted or self.closed
+                self.owner = _LOOP if again else None
+        if again:
+            self._in_loop(self._take_back, lent, (), error, rest)
+        if made:
+            self.interrupted = job
+            self.client.cancel(job)
 
-    def _cut_short(self, exc: BaseException) -> None:
+    def _cut_short(self, lent: LentSocket, exc: BaseException) -> None:
         """(the owner) The RUN did not go in full: the stream is cut in the
         middle of a record, the connection ends (its jobs move on as for a
         lost node); no call was made."""
         with self.lock:
             self.job, self.owner = None, _LOOP
-        self._in_loop(self._take_back, (), ConnectionClosed(
+        self._in_loop(self._take_back, lent, (), ConnectionClosed(
             f"a direct call to node {self.link.name} was cut short: {exc!r}"))
 
     def collect(self, future: Any, timeout: float | None) -> None:
@@ -183,8 +196,9 @@ class TcpLine:
             if self.wanted or self.closed:
                 self.owner = _LOOP
                 job = None
+            lent = self.lent
         if job is None:
-            self._in_loop(self._take_back, (), None)
+            self._in_loop(self._take_back, lent, (), None)
             return
         self._read(job, timeout)
 
@@ -254,7 +268,7 @@ class TcpLine:
         """(the owner) The loop thread takes the link, ``messages`` and ``error``."""
         with self.lock:
             self.owner = _LOOP
-        self._in_loop(self._take_back, messages, error)
+        self._in_loop(self._take_back, self.lent, messages, error)
 
     def _finish(self, job: Any, frames: Any, rest: Any) -> None:
         """(the owner) ``job``'s DONE read: its future resolved here; the
@@ -267,9 +281,10 @@ class TcpLine:
             self.job = None
             handback = bool(rest) or self.wanted or self.closed
             self.owner = _LOOP if handback else None
+        lent = self.lent
         self.client._direct_done(job, frames)
         if handback:
-            self._in_loop(self._take_back, rest, None)
+            self._in_loop(self._take_back, lent, rest, None)
 
     @staticmethod
     def _sort(job: Any, messages: list[Any]) -> tuple[str, Any, Any] | None:
@@ -300,7 +315,7 @@ class TcpLine:
                     os.eventfd_write(self.wake, 1)
                 return
             self.owner = _LOOP
-        self._in_loop(self._take_back, (), None)
+        self._in_loop(self._take_back, self.lent, (), None)
 
     # ------------------------------------------------------------ loop side
 
@@ -353,7 +368,7 @@ class TcpLine:
                     os.eventfd_write(self.wake, 1)
                 return False
             self.owner = _LOOP
-        self._take_back((), None)
+        self._take_back(self.lent, (), None)
         return True
 
     def defer(self, fn: Any) -> None:
@@ -399,22 +414,25 @@ class TcpLine:
             except OSError:
                 pass
 
-    def _take_back(self, messages: Any, error: BaseException | None) -> None:
+    def _take_back(self, lent: LentSocket | None, messages: Any, error: BaseException | None,
+                   rest: Any = None) -> None:
         """(loop thread, owner _LOOP) The link is the loop thread's again:
         a call in flight becomes its job, ``messages`` (read by a user
-        thread) are delivered, ``error`` ends the connection."""
+        thread) are delivered, ``rest`` (wire bytes of an interrupted write)
+        is sent first, ``error`` ends the connection.  Nothing if ``lent``
+        was taken back already (a hand-back repeated after an interrupt)."""
         with self.lock:
+            if lent is None or self.lent is not lent:
+                return
             job, self.job = self.job, None
-            lent, self.lent = self.lent, None
+            self.lent = None
             self.owner, self.wanted = None, False
             deferred, self.deferred = self.deferred, []
             self.poller = None
-        if lent is None:
-            return
         lent.sock.close()
         if job is not None:
             self.client._direct_adopt(job, self.link, pinned=False)
-        self.link.conn.take_back(messages, error)
+        self.link.conn.take_back(messages, error, rest)
         for fn in deferred:
             self.loop.call_soon(fn)
 

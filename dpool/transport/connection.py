@@ -302,15 +302,18 @@ class Connection:
         return lent
 
     def take_back(self, messages: Sequence[Message] = (),
-                  error: BaseException | None = None) -> None:
+                  error: BaseException | None = None, rest: Any = None) -> None:
         """Read again after :meth:`lend` (the borrower is done with the peer).
         ``messages``: what the borrower read and leaves to this connection's
         receiver (delivered now, in order); ``error``: the borrower found the
         stream broken (a bad record, or cut in the middle): the connection
-        ends with it."""
+        ends with it; ``rest``: the wire bytes of a write the borrower began
+        and could not finish (interrupted), sent first."""
         if error is not None:
             self._fail(error)
             return
+        if rest:
+            cast(Any, self._stream).write_wire(rest)  # (lend() lends a SocketStream only)
         self._resume_reading()
         if messages:
             self._deliver(messages)

@@ -31,52 +31,60 @@ __all__ = ["LentSocket", "send_all"]
 class LentSocket:
     """Write and read ``conn``'s messages on ``sock`` (from ``conn.lend()``)."""
 
-    __slots__ = ("conn", "sock", "_sealer", "_decoder", "_out", "_sends", "_seq")
+    __slots__ = ("conn", "sock", "_sealer", "_decoder", "_out", "_sends", "_seq", "sends")
 
     def __init__(self, conn: Connection, sock: socket.socket) -> None:
         self.conn, self.sock = conn, sock
         self._sealer = getattr(conn._stream, "_sealer", None)
         self._decoder = conn._decoder
-        self._out: bytes | None = None  # the bytes of the send() under way
-        self._sends: list[int] | None = None  # what each send(2) took (None: none under way)
-        self._seq = 0  # the sealer's next record when that send() began
+        # The last send(): its wire bytes (None: not made yet, or sent and
+        # counted), what each send(2) of them took, and the sealer's next
+        # record when it began; ``sends``: how many send() calls began.
+        self._out: bytes | None = None
+        self._sends: list[int] = []
+        self._seq = 0
+        self.sends = 0
 
     def send(self, messages: Sequence[Sequence[Frame]]) -> None:
         """Send these messages in full (blocking while the socket is full;
         the connection's deadline bounds that); OSError if the peer is gone.
-        Interrupted (KeyboardInterrupt), :meth:`unsend` says how far it got."""
+        Interrupted (KeyboardInterrupt), :meth:`outcome` says how far it got."""
         sealer = self._sealer
         # (one statement of plain stores: no interrupt can come in between)
-        self._out, self._sends, self._seq = None, [], 0 if sealer is None else sealer._seq
+        self._out, self._sends, self._seq, self.sends = \
+            None, [], 0 if sealer is None else sealer._seq, self.sends + 1
         parts: list[Any] = [part for message in messages for part in encode(message)]
         if sealer is not None:
             parts = sealer.seal_all(collections.deque(parts))
         self._out = b"".join(parts)
         self.finish()
 
-    def unsend(self) -> bool | None:
-        """After an interrupted :meth:`send`: True if none of its bytes
-        went (its records, never sent, are taken back: the next send seals
-        with the same numbers, so each still goes on the wire at most once);
-        False if some did (:meth:`finish` sends the rest); None if it can't
-        tell (the send had not begun, or had ended): the caller must end the
-        connection."""
-        sends = self._sends
-        if sends is None:
-            return None
-        if sum(sends):
-            return False
-        if self._sealer is not None:
-            self._sealer.rewind(self._seq)
-        self._out = self._sends = None
-        return True
+    def outcome(self, begun: int) -> tuple[bool, memoryview | None]:
+        """After an interrupted :meth:`send` (``begun``: :attr:`sends` read
+        before it was called): ``(False, None)`` if none of its bytes went
+        (its records, never sent, are taken back: the next send seals with
+        the same numbers, so each still goes on the wire at most once);
+        ``(True, rest)`` if it went: in full (``rest`` None) or in part
+        (``rest``: its bytes still to write, before anything else)."""
+        out, sends = self._out, self._sends
+        done = sum(sends)
+        if self.sends == begun or not done:  # (not begun, or nothing written yet)
+            if self.sends != begun and self._sealer is not None:
+                self._sealer.rewind(self._seq)
+            self._out, self._sends = None, []
+            return False, None
+        if out is None:  # sent and counted
+            return True, None
+        self._out = None
+        self.conn.bytes_sent += done
+        return True, memoryview(out)[done:] if done < len(out) else None
 
     def finish(self) -> None:
         """Write what is left of the last :meth:`send`.  Each count goes
         into ``_sends`` inside one C call (list.extend over map), so an
         interrupt between two bytecodes never loses how much was written."""
         out, sends, sock = self._out, self._sends, self.sock
-        assert out is not None and sends is not None
+        assert out is not None
         view = memoryview(out)
         waiter = None
         while (done := sum(sends)) < len(out):
@@ -87,8 +95,8 @@ class LentSocket:
                     waiter = select.poll()
                     waiter.register(sock.fileno(), select.POLLOUT)
                 waiter.poll()
-        self.conn.bytes_sent += len(out)
-        self._out = self._sends = None
+        # (one statement: sent and counted, or neither)
+        self.conn.bytes_sent, self._out = self.conn.bytes_sent + len(out), None
 
     def receive(self) -> list[Message] | None:
         """The messages one read of what is there completes (maybe none);

@@ -229,6 +229,17 @@ class SocketStream:
                 self._seal(view[start:start + RECORD_DATA])
         self.write([])     # (sent, or its sending scheduled, as any write)
 
+    def write_wire(self, data: Part) -> None:
+        """Send ``data`` as it is (bytes already framed and sealed: the rest
+        of a write a borrower of the socket began, :mod:`.lent`), before
+        anything written later (the stream was idle when lent)."""
+        if self._closing:
+            return
+        self._out.appendleft(data)
+        self._out_bytes += len(data)
+        self._sealed_bytes += len(data)
+        self.write([])  # (sent as write() sends)
+
     _flush_pending = False
     _writer_on = False
 

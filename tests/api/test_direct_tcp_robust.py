@@ -1,6 +1,8 @@
 """Direct calls over TCP (dpool/core/tcpline.py): Ctrl-C at any point of a
 call, a link held by a user thread, and closing with a long queue.  Each
 fault is injected at a chosen point (hooks, a line tracer), never timed."""
+import signal
+import sys
 import threading
 import time
 
@@ -9,7 +11,8 @@ import pytest
 from dpool.core.tcpline import TcpLine
 import tasks
 from helpers import poll_for, start_node
-from test_direct_calls_tcp import SECRET, direct_submit, gate_call, line_of, make_executor, opened
+from test_direct_calls import (SECRET, direct_submit, gate_call, line_of, make_executor,
+                                   opened, parked)
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +74,81 @@ def test_the_loop_thread_blocks_while_a_user_thread_holds_the_link(
     assert got == ["first"]
     assert spins == 0, f"the loop thread re-ran its wake-up {spins} times"
     assert used < 0.05, f"the loop thread used {used:.3f} s of CPU waiting for the link"
+
+
+class InterruptAt:
+    """A profiler for the calling thread: Ctrl-C (SIGINT, handled as the
+    kernel's would be) at the ``at``-th point where Python may run a signal
+    handler in ``codes``: on entering one of them, or as a call made from
+    one of them returns (Python checks for signals there, not between two
+    plain stores)."""
+
+    def __init__(self, codes, at):
+        self.codes, self.at, self.points, self.where = codes, at, 0, None
+
+    def __call__(self, frame, event, arg):
+        code = frame.f_code
+        if event == "return":
+            code = frame.f_back.f_code if frame.f_back is not None else None
+        elif event not in ("call", "c_return"):
+            return
+        if code in self.codes:
+            self.points += 1
+            if self.points == self.at + 1:
+                self.where = f"{event} {frame.f_code.co_name}:{frame.f_lineno}"
+                signal.raise_signal(signal.SIGINT)
+
+
+def submit_code():
+    """What a direct call's submit runs (where Ctrl-C may land)."""
+    import dpool.transport.lent as lent
+    from dpool.core.client import Client
+
+    code = [Client._submit_direct, TcpLine.start, TcpLine._plan, TcpLine._count,
+            lent.LentSocket.send, lent.LentSocket.finish]
+    return {fn.__code__ for fn in code}
+
+
+def traced_submit(executor, tracer):
+    sys.setprofile(tracer)
+    try:
+        return executor.submit(tasks.square, 5)
+    finally:
+        sys.setprofile(None)
+
+
+def test_ctrl_c_anywhere_in_a_direct_submit_keeps_the_executor(executor, monkeypatch):
+    """Ctrl-C at each line a direct call's submit runs (the call's records
+    sealed, sent in part, sent in full, counted, the line released): submit
+    raises KeyboardInterrupt or returns the call's future; the connection is
+    never cut (a one-node executor would be broken for good), the link is
+    handed back at most once, a call that was made is tracked until it ends
+    (cancelled: nobody has its future), and the executor goes on."""
+    assert threading.current_thread() is threading.main_thread()
+    client = executor._client
+    line = line_of(client)
+    conn = line.link.conn
+    codes = submit_code()
+    parked(client)
+    dry = InterruptAt(codes, -1)
+    assert traced_submit(executor, dry).result(30) == 25
+    handbacks = []
+    real_take_back = type(conn).take_back
+    monkeypatch.setattr(conn, "take_back", lambda *a, **k: (
+        handbacks.append(1), real_take_back(conn, *a, **k))[1])
+    for at in range(dry.points):
+        parked(client)
+        handbacks.clear()
+        try:
+            future = traced_submit(executor, InterruptAt(codes, at))
+        except KeyboardInterrupt:
+            future = None
+        if future is not None:
+            assert future.result(30) == 25
+        assert executor.submit(tasks.square, 6).result(30) == 36, at
+        assert len(handbacks) <= 1, f"Ctrl-C at line {at}: the link handed back twice"
+        assert client.wait(30), f"Ctrl-C at line {at}: a call never ended"
+        assert not client._unfinished and not client.jobs, at
+        assert line_of(client) is line and line.link.conn is conn and not conn.closed, \
+            f"Ctrl-C at line {at} cut the connection"
+    assert direct_submit(executor, tasks.square, 7).result(30) == 49
