@@ -102,9 +102,9 @@ class InterruptAt:
 def submit_code():
     """What a direct call's submit runs (where Ctrl-C may land)."""
     import dpool.transport.lent as lent
-    from dpool.core.client import Client
+    from dpool.core.directcalls import DirectCalls
 
-    code = [Client._submit_direct, TcpLine.start, TcpLine._plan, TcpLine._count,
+    code = [DirectCalls.submit, TcpLine.start, TcpLine._plan, TcpLine._count,
             lent.LentSocket.send, lent.LentSocket.finish]
     return {fn.__code__ for fn in code}
 
