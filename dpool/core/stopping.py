@@ -106,35 +106,79 @@ class Stopping:
             pass  # closed: nothing runs it any more
 
     def cancel_all(self):
-        if self.client._direct is not None:
-            self.client._direct.cancel()
-        self.client._drain()
-        for job_id in list(self.jobs):
-            self.client._act(self.scheduler.cancel(job_id))
+        """(loop thread) Cancel every job: the queue taken in, then the jobs
+        cancelled, DRAIN_BATCH at a time with the loop's other work in
+        between (a million queued jobs never block it for long)."""
+        client = self.client
+        if client._direct is not None:
+            client._direct.cancel()
+        incoming = client._incoming
+        if incoming:
+            left = len(incoming)
+            client._drain(_batch())
+            if len(incoming) == left:  # a user thread holds the node's link: once it is back
+                client._direct.defer(self.cancel_all)
+            else:
+                self.loop.call_soon(self.cancel_all)
+            return
+        self._cancel_some(list(self.jobs))
+
+    def _cancel_some(self, job_ids, start=0):
+        """(loop thread) Cancel DRAIN_BATCH of ``job_ids`` from ``start``,
+        then come back for the rest."""
+        client, cancel, end = self.client, self.scheduler.cancel, start + _batch()
+        for job_id in job_ids[start:end]:
+            client._act(cancel(job_id))
+        if end < len(job_ids):
+            self.loop.call_soon(self._cancel_some, job_ids, end)
+
+    def _abandon(self, job, error):
+        """(closing) ``job`` ends unfinished."""
+        state = self.scheduler.jobs.get(job.id)
+        if state is not None and state.cancelling:  # its node did not answer in time
+            self.client._finish(job, TERMINATED, error=JobCancelled(
+                "job cancelled; its node did not confirm before the client closed"))
+        else:
+            self.client._finish(job, ABANDONED, error=error)
 
     async def _shutdown(self, grace=2.0):
         if self.client._direct is not None:
             self.client._direct.close()
             if isinstance(self.client._direct, TcpLine):
                 await self.client._direct.settle()
-        self.client._drain()
+        incoming = self.client._incoming
+        while incoming:  # (the loop's other work between batches)
+            left = len(incoming)
+            self.client._drain(_batch())
+            if len(incoming) == left:  # (a link never handed back: fail_leftovers)
+                break
+            await asyncio.sleep(0)
         self.client.net.stop()
         if self.client._zygote is not None:  # forked, never handed to a node (not started)
             zygote, self.client._zygote = self.client._zygote, None
             await zygote.start()
             await zygote.close()
         error = BrokenCluster("the client was closed")
-        self.client._act(self.scheduler.fail_queued(error))
+        failed, batch = self.scheduler.fail_queued(error), _batch()
+        for start in range(0, len(failed), batch):
+            self.client._act(failed[start:start + batch])
+            await asyncio.sleep(0)
         self.client.net.close_all()
-        for job in list(self.jobs.values()):
-            state = self.scheduler.jobs.get(job.id)
-            if state is not None and state.cancelling:  # its node did not answer in time
-                self.client._finish(job, TERMINATED, error=JobCancelled(
-                    "job cancelled; its node did not confirm before the client closed"))
-            else:
-                self.client._finish(job, ABANDONED, error=error)
+        jobs = list(self.jobs.values())
+        for start in range(0, len(jobs), batch):
+            for job in jobs[start:start + batch]:
+                self._abandon(job, error)
+            await asyncio.sleep(0)
         self.jobs.clear()
         if self.client.embedded is not None:
             await self.client.embedded.close()
         await self.client.net.wait_closed(grace)
         await asyncio.sleep(0)
+
+
+def _batch():
+    """How many queued jobs the loop thread handles per turn (the client's
+    DRAIN_BATCH, read when used)."""
+    from . import client
+
+    return client.DRAIN_BATCH

@@ -152,3 +152,59 @@ def test_ctrl_c_anywhere_in_a_direct_submit_keeps_the_executor(executor, monkeyp
         assert line_of(client) is line and line.link.conn is conn and not conn.closed, \
             f"Ctrl-C at line {at} cut the connection"
     assert direct_submit(executor, tasks.square, 7).result(30) == 49
+
+
+class Ticker:
+    """Counts the client loop's turns (a callback that comes back each turn)."""
+
+    def __init__(self, client):
+        self.loop, self.turns, self.on = client.loop, 0, True
+        self.loop.call_soon_threadsafe(self.tick)
+
+    def tick(self):
+        self.turns += 1
+        if self.on:
+            self.loop.call_soon(self.tick)
+
+
+def most_in_one_turn(turns):
+    return max((turns.count(turn) for turn in set(turns)), default=0)
+
+
+def queue_behind_a_held_call(executor, gate, n):
+    """A call holding the node's only CPU, then ``n`` jobs queued."""
+    first = executor.submit(gate_call, gate, "held")
+    return first, [executor.submit(tasks.square, i) for i in range(n)]
+
+
+@pytest.mark.parametrize("how", ["cancel_all", "shutdown"])
+def test_cancelling_or_closing_a_long_queue_lets_the_loop_turn(
+        node, monkeypatch, tmp_path, how):
+    """close(cancel=True)'s cancel of every job, and the shutdown's failing
+    of what is left, go DRAIN_BATCH jobs per loop turn (as submits are taken
+    in), not the whole queue at once; every job still ends."""
+    import dpool.core.client as client_module
+
+    monkeypatch.setattr(client_module, "DRAIN_BATCH", 8)
+    ex = make_executor(node)
+    client = ex._client
+    first, futures = queue_behind_a_held_call(ex, str(tmp_path / "gate"), 200)
+    turns, ticker = [], Ticker(client)
+    real_cancel, real_finish = client.scheduler.cancel, client._finish
+    monkeypatch.setattr(client.scheduler, "cancel", lambda job_id: (
+        turns.append(ticker.turns), real_cancel(job_id))[1])
+    monkeypatch.setattr(client, "_finish", lambda job, *a, **k: (
+        turns.append(ticker.turns), real_finish(job, *a, **k))[1])
+    try:
+        if how == "cancel_all":
+            client.loop.call_soon_threadsafe(client.stopping.cancel_all)
+            poll_for(lambda: all(f.done() for f in futures), timeout=30,
+                     message="every job cancelled")
+        else:
+            client.close(wait=False)  # what is left fails (BrokenCluster)
+    finally:
+        ticker.on = False
+        ex.shutdown(wait=True, cancel_futures=True)
+    assert first.done() and all(f.done() for f in futures)
+    assert len(turns) >= 150
+    assert most_in_one_turn(turns) <= 2 * 8, most_in_one_turn(turns)
