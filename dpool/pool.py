@@ -505,7 +505,14 @@ class IMapIterator:
             except IndexError:
                 pass
         with self._lock:
-            while not self._items:
+            # (popleft, not a check then a pop: another thread's quick path
+            # may take the item between the two.)
+            while True:
+                try:
+                    item = self._items.popleft()
+                    break
+                except IndexError:
+                    pass
                 try:
                     future = self._next_done(timeout)
                 except StopIteration:
@@ -518,7 +525,7 @@ class IMapIterator:
                 self._items.extend(future.result())
             if self._bar is not None:
                 self._bar.update(1)
-            return self._items.popleft()
+            return item
 
     __next__ = next
 

@@ -1,6 +1,7 @@
 """dpool.Pool: what the conformance suite cannot compare with
 multiprocessing (bounded imap read-ahead, terminate resolving everything,
 big map chunks, clean-up of a forgotten pool)."""
+import collections
 import concurrent.futures as cf
 import gc
 import itertools
@@ -177,3 +178,34 @@ def test_imap_on_a_broken_pool_raises_broken_cluster():
     finally:
         pool.terminate()
         pool.join()
+
+
+class _HookedDeque(collections.deque):
+    """A deque that runs ``hook`` once, when it is next asked whether it
+    holds anything and does: after the answer is made, before it is given
+    (a thread switch right after the check)."""
+
+    hook = None
+
+    def __len__(self):
+        n = super().__len__()
+        if n and self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook()
+        return n
+
+
+def test_imap_next_from_two_threads_gets_every_item_once(pool):
+    """A thread's next() takes a chunk's results in under the lock and sees
+    them there; a second consumer's next() (the quick path, without the
+    lock) takes the item before the first one pops it: the first must go on
+    to the next chunk, not raise IndexError (multiprocessing's IMapIterator
+    is thread-safe)."""
+    it = pool.imap(tasks.square, range(3), chunksize=1)
+    got = []
+    it._items = _HookedDeque()
+    other = threading.Thread(target=lambda: got.append(it.next(timeout=30)))
+    it._items.hook = lambda: (other.start(), other.join())
+    got.append(it.next(timeout=30))
+    got += list(it)
+    assert got == [0, 1, 4]
