@@ -54,15 +54,26 @@ class _Capture:
         finally:
             sys.stdout, sys.stderr = saved
             self.text = _written(out), _written(err)
-            if self.text[0] is not None or out.closed:
+            if not _reusable(out):
                 self.out = io.StringIO()
-            if self.text[1] is not None or err.closed:
+            if not _reusable(err):
                 self.err = io.StringIO()
 
 
 def _written(buf):
     """What a job wrote to ``buf`` (None: nothing, or it closed it)."""
     return None if buf.closed else buf.getvalue() or None
+
+
+def _reusable(buf):
+    """Whether the next job may have ``buf``: open, empty, at its start (a
+    job that wrote and truncated it stays past the end: NULs would pad the
+    next job's output), and held by nothing but the capture (a reference the
+    job kept, e.g. in a thread or a logging handler, could write into the
+    next job's output).  The references counted: self.out/err, the caller's
+    local, ``buf`` and getrefcount's argument."""
+    return not buf.closed and not buf.tell() and not buf.getvalue() \
+        and sys.getrefcount(buf) <= 4
 
 
 class SessionGone(Exception):

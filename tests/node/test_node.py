@@ -182,6 +182,45 @@ def test_each_job_gets_its_own_output_when_jobs_print_or_not_or_close_stdout(dpo
             assert job.stderr == "" and job.exception is None
 
 
+def _captured(capture, fn):
+    """(stdout, stderr) a worker sends for ``fn`` run with ``capture``."""
+    capture.call(fn, (), {}, False)
+    return capture.text
+
+
+def test_a_job_truncating_its_stdout_leaves_the_next_job_no_padding():
+    """A job that wrote, then truncate(0) (its position stays past the
+    end): the next job in the worker sees its own output, no NUL padding."""
+    from dpool.node.worker import _Capture
+
+    capture = _Capture()
+    assert _captured(capture, lambda: (print("abc"), sys.stdout.truncate(0))) == (None, None)
+    assert _captured(capture, lambda: print("mine")) == ("mine\n", None)
+    assert _captured(capture, lambda: sys.stderr.seek(5)) == (None, None)
+    assert _captured(capture, lambda: print("mine", file=sys.stderr)) == (None, "mine\n")
+
+
+def test_output_a_job_writes_after_it_ended_is_not_the_next_jobs():
+    """A job that wrote nothing but kept its stdout (a thread, a logging
+    handler) and writes to it after it ended: the next job sees only its own."""
+    import threading
+
+    from dpool.node.worker import _Capture
+
+    capture, go = _Capture(), threading.Event()
+    threads = []
+
+    def job_a():
+        out = sys.stdout
+        threads.append(threading.Thread(target=lambda: (go.wait(10), out.write("late A\n"))))
+        threads[0].start()
+
+    assert _captured(capture, job_a) == (None, None)
+    go.set()
+    threads[0].join()
+    assert _captured(capture, lambda: print("B")) == ("B\n", None)
+
+
 def test_exception_comes_back_as_traceback_text(dpool_node):
     with cluster_on(dpool_node, fails) as cluster:
         jobs = [cluster.submit(n) for n in range(3)]
