@@ -71,6 +71,8 @@ def settings(heartbeat=None) -> Settings:
     if isinstance(heartbeat, Settings):
         return heartbeat
     try:
+        if isinstance(heartbeat, (str, bytes)):  # ("15" is not (1, 5))
+            raise TypeError
         interval, deadline = (float(x) for x in heartbeat)
     except (TypeError, ValueError):
         raise ValueError(f"heartbeat must be (interval, deadline) in seconds, "

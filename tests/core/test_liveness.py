@@ -41,8 +41,11 @@ def test_lost_is_noticed_within_deadline_plus_one_tick():
     assert settings.deadline < t <= settings.deadline + settings.tick + 1e-9
 
 
-@pytest.mark.parametrize("bad", [(0, 10), (1, 1.5), (-1, 5), (1, 1e9), ("a", 3), (1,), "x"])
+@pytest.mark.parametrize("bad", [(0, 10), (1, 1.5), (-1, 5), (1, 1e9), ("a", 3), (1,), "x",
+                                 "15", b"\x01\x0a"])
 def test_bad_heartbeat_settings_are_refused_clearly(bad):
+    """(A two-digit string or two bytes is not (interval, deadline): "15"
+    must not be taken as (1, 5).)"""
     with pytest.raises(ValueError, match="heartbeat"):
         liveness.settings(bad)
 
