@@ -504,7 +504,11 @@ class IMapIterator:
                 return self._items.popleft()
             except IndexError:
                 pass
-        with self._lock:
+        # (A timed wait for the lock: another consumer may hold it while it
+        # waits for the next chunk; multiprocessing's waits on a condition.)
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
+            raise TimeoutError
+        try:
             # (popleft, not a check then a pop: another thread's quick path
             # may take the item between the two.)
             while True:
@@ -526,6 +530,8 @@ class IMapIterator:
             if self._bar is not None:
                 self._bar.update(1)
             return item
+        finally:
+            self._lock.release()
 
     __next__ = next
 

@@ -209,3 +209,28 @@ def test_imap_next_from_two_threads_gets_every_item_once(pool):
     got.append(it.next(timeout=30))
     got += list(it)
     assert got == [0, 1, 4]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_imap_next_with_a_timeout_times_out_while_another_consumer_waits(pool, ordered):
+    """multiprocessing's IMapIterator waits on a condition (the lock is let
+    go): a second consumer's next(timeout) raises TimeoutError in time
+    while a first one waits (here: holds the iterator's lock) for the next
+    chunk, and the items are all there later."""
+    it = (pool.imap if ordered else pool.imap_unordered)(tasks.square, range(3))
+    held, release = threading.Event(), threading.Event()
+
+    def other_consumer():
+        with it._lock:
+            held.set()
+            release.wait(30)  # (released by the test as soon as next() returned)
+    other = threading.Thread(target=other_consumer)
+    other.start()
+    held.wait(30)
+    try:
+        with pytest.raises(dpool.pool.TimeoutError):
+            it.next(timeout=0.01)
+    finally:
+        release.set()
+        other.join()
+    assert sorted([it.next(timeout=30)] + list(it)) == [0, 1, 4]
