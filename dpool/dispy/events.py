@@ -196,6 +196,9 @@ class ClusterEvents:
         node = self.node_of(core_job)
         job.start_time = core_job.start_time
         job.ip_addr = self.job_ip(core_job)
+        before = self._busy_on.pop(job, None)  # started again (a scheduler's retry)
+        if before is not None and before.busy > 0:
+            before.busy -= 1
         if node is not None:
             self._busy_on[job] = node
             node.busy += 1
