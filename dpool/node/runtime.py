@@ -684,6 +684,7 @@ class Session(P.Served):
                 self._give_back(self.dispatcher.give_back())
             self._end_if_drained()
         if not self.ended:
+            self.dispatch()  # the jobs it held: to a worker with room, now
             self._spawn()
 
     def _init_failed(self, exc_frames):

@@ -455,3 +455,33 @@ def test_cancel_of_a_job_queued_in_a_worker_that_just_died(tmp_path):
         if zygote is not None:
             os.kill(zygote.pid, signal.SIGCONT)
         client.close()
+
+
+def test_jobs_requeued_by_a_worker_death_go_to_an_idle_worker_at_once(tmp_path):
+    """The jobs waiting inside a worker that dies go back to the queue and
+    to a worker with room at once, not only when the dead one's replacement
+    has started (here it never does: the session's spawns are held)."""
+    client = Client(None, cpus=2, direct=False).start()  # (the dispatcher's path)
+    try:
+        for _ in range(20):  # short jobs: a worker is given several at once
+            client.submit(double, (1,)).future.result(10)
+        session = _session(client)
+        assert client.call(lambda: session.dispatcher.depth) >= 2
+        c = client.submit(hold, (str(tmp_path / "c"),))
+        a = client.submit(hold, (str(tmp_path / "a"), str(tmp_path / "gate")))
+        b = client.submit(double, (5,))
+        (doomed,), _ = read_marker(str(tmp_path / "c"))
+        read_marker(str(tmp_path / "a"))
+        held = [w for w in client.call(lambda: list(session.workers)) if w.pid == doomed]
+        assert client.call(lambda: list(held[0].outstanding)) == [c.id, b.id]
+        (tmp_path / "gate").touch()
+        assert a.future.result(10)  # the other worker is idle now
+        spawns = []
+        client.call(lambda: setattr(session, "_spawn", lambda: spawns.append(1)))
+        os.kill(doomed, signal.SIGKILL)
+        with pytest.raises(WorkerLost):
+            c.future.result(10)
+        assert spawns == [1]
+        assert b.future.result(10) == 10
+    finally:
+        client.close()
