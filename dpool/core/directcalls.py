@@ -50,6 +50,8 @@ class DirectCalls:
             if line.start(job):
                 return job
         except BaseException:  # interrupted: no call was made (a wait() may be waiting),
+            if isinstance(line, TcpLine):  # (made: as start() returned)
+                line.unreturned(job)
             if not (isinstance(line, TcpLine) and line.interrupted is job):  # or it ends later
                 self._unfinished.discard(job.future)
                 self._settle()

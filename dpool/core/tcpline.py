@@ -176,6 +176,15 @@ class TcpLine:
             self.interrupted = job
             self.client.cancel(job)
 
+    def unreturned(self, job: Any) -> None:
+        """The submit that made ``job``'s call was interrupted after
+        :meth:`start` (as it returned): nobody has its future, so the call
+        is cancelled and counted until it ends, as in :meth:`_interrupted`."""
+        with _HeldInterrupts():
+            if self.counted is job and self.interrupted is not job:
+                self.interrupted = job
+                self.client.cancel(job)
+
     def _cut_short(self, lent: LentSocket, exc: BaseException) -> None:
         """(the owner) The RUN did not go in full: the stream is cut in the
         middle of a record, the connection ends (its jobs move on as for a

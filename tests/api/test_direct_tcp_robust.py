@@ -211,3 +211,39 @@ def test_cancelling_or_closing_a_long_queue_lets_the_loop_turn(
     assert first.done() and all(f.done() for f in futures)
     assert len(turns) >= 150
     assert most_in_one_turn(turns) <= 2 * 8, most_in_one_turn(turns)
+
+
+def test_ctrl_c_as_a_direct_submit_returns_cancels_the_call(executor, monkeypatch, tmp_path):
+    """Ctrl-C landing as the line's start() returns into submit (the call
+    sent in full and counted, the line released; Python runs signal
+    handlers as a call returns): submit raises KeyboardInterrupt, the
+    caller never gets the future, so the call that was made is cancelled
+    and stays counted until it ends (before, it was dropped from the
+    unfinished set and left running on the node: shutdown(wait=True) did
+    not wait for it, and nobody would ever see its answer)."""
+    from dpool.errors import JobCancelled
+
+    client = executor._client
+    parked(client)
+    gate = str(tmp_path / "gate")
+    made = []
+    real_start = TcpLine.start
+
+    def start_then_interrupt(self, job):
+        if real_start(self, job):
+            made.append(job)
+            raise KeyboardInterrupt  # (as the signal lands in submit)
+        return False
+
+    monkeypatch.setattr(TcpLine, "start", start_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            executor.submit(gate_call, gate, "held")
+        monkeypatch.undo()
+        (job,) = made
+        assert job.future in client._unfinished, "a call made is no longer counted"
+        assert client.wait(30), "the interrupted call never ended"
+        assert isinstance(job.future.exception(0), JobCancelled)
+    finally:
+        opened(gate)
+    assert executor.submit(tasks.square, 6).result(30) == 36
