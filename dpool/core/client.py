@@ -388,8 +388,10 @@ class Client:
             self._wake_pending = True
             self.loop.call_soon(self._wake)
 
-    def _drain(self, limit: int = -1) -> None:
-        """Take the submitted jobs in (all of them, or up to ``limit``)."""
+    def _drain(self, limit: int = -1) -> bool:
+        """Take the submitted jobs in (all of them, or up to ``limit``);
+        False if a user thread holds the node's link (nothing taken: it
+        waits for the hand-back)."""
         self._wake_pending = False
         incoming = self._incoming
         line = self._direct
@@ -398,7 +400,7 @@ class Client:
             # wake-up meanwhile: the loop thread waits, never spins).
             self._wake_pending = True
             line.defer(self._wake)
-            return
+            return False
         plain, now, early = [], time.monotonic(), self._cancel_early
         actions: list[Action] = []
         while incoming and limit:
@@ -422,6 +424,7 @@ class Client:
             actions.extend(self.scheduler.fail_queued(
                 BrokenCluster(f"no node left: {describe(self.broken)}")))
         self._act(actions)
+        return True
 
     def _act(self, actions):
         todo = collections.deque(actions)  # (a worklist: a Send may lead to more actions)

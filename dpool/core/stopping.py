@@ -114,9 +114,7 @@ class Stopping:
             client._direct.cancel()
         incoming = client._incoming
         if incoming:
-            left = len(incoming)
-            client._drain(_batch())
-            if len(incoming) == left:  # a user thread holds the node's link: once it is back
+            if not client._drain(_batch()):  # a user thread holds the node's link: once it is back
                 client._direct.defer(self.cancel_all)
             else:
                 self.loop.call_soon(self.cancel_all)
@@ -148,9 +146,7 @@ class Stopping:
                 await self.client._direct.settle()
         incoming = self.client._incoming
         while incoming:  # (the loop's other work between batches)
-            left = len(incoming)
-            self.client._drain(_batch())
-            if len(incoming) == left:  # (a link never handed back: fail_leftovers)
+            if not self.client._drain(_batch()):  # (a link never handed back: fail_leftovers)
                 break
             await asyncio.sleep(0)
         self.client.net.stop()

@@ -247,3 +247,39 @@ def test_ctrl_c_as_a_direct_submit_returns_cancels_the_call(executor, monkeypatc
     finally:
         opened(gate)
     assert executor.submit(tasks.square, 6).result(30) == 36
+
+
+def test_cancel_all_goes_on_when_submits_refill_the_queue_as_it_drains(
+        node, monkeypatch, tmp_path):
+    """close(cancel=True)'s cancel of every job: submits racing it (from
+    other threads) that put as many jobs in the queue as one turn took out
+    are not a link held by a user thread (before, the queue's unchanged
+    length was taken for that: the cancel waited for a hand-back that never
+    came, and the jobs were never cancelled)."""
+    import dpool.core.client as client_module
+
+    monkeypatch.setattr(client_module, "DRAIN_BATCH", 4)
+    ex = make_executor(node)
+    client = ex._client
+    gate = str(tmp_path / "gate")
+    try:
+        first, futures = queue_behind_a_held_call(ex, gate, 8)
+        poll_for(lambda: not client._incoming, message="the queue taken in")
+        client._wake_pending = True  # (queued, not taken in yet: no wake-up)
+        futures += [ex.submit(tasks.square, i) for i in range(4)]
+        real_drain, refilled = client._drain, []
+
+        def drain_racing_submits(limit=-1):  # (the submits of another thread, meanwhile)
+            before = len(client._incoming)
+            took = real_drain(limit)
+            if not refilled and limit > 0:
+                refilled.extend(client.submit(tasks.square, i).future
+                                for i in range(before - len(client._incoming)))
+            return took
+        monkeypatch.setattr(client, "_drain", drain_racing_submits)
+        client.loop.call_soon_threadsafe(client.stopping.cancel_all)
+        poll_for(lambda: refilled and all(f.done() for f in futures + refilled),
+                 timeout=15, message="every job cancelled")
+    finally:
+        opened(gate)
+        ex.shutdown(wait=True, cancel_futures=True)
