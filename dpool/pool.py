@@ -606,7 +606,9 @@ class IMapUnorderedIterator(IMapIterator):
         if not self._count:
             raise StopIteration
         try:
-            future = self._done.get(timeout=timeout)
+            # (a negative timeout is no wait, as multiprocessing's: the queue
+            # would raise ValueError)
+            future = self._done.get(timeout=None if timeout is None else max(timeout, 0))
         except queue.Empty:
             raise TimeoutError from None
         self._count -= 1

@@ -234,3 +234,13 @@ def test_imap_next_with_a_timeout_times_out_while_another_consumer_waits(pool, o
         release.set()
         other.join()
     assert sorted([it.next(timeout=30)] + list(it)) == [0, 1, 4]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_imap_next_with_a_negative_timeout_is_a_timeout_of_zero(pool, ordered):
+    """multiprocessing's next(timeout=-1) does not wait: the item when it is
+    there (else TimeoutError), never a ValueError from the queue it waits on."""
+    it = (pool.imap if ordered else pool.imap_unordered)(tasks.square, [3])
+    poll_for(lambda: it._pending() and (it._inflight[0].done() if ordered
+                                        else not it._done.empty()))
+    assert it.next(timeout=-1) == 9
