@@ -151,3 +151,44 @@ def test_write_records_seals_each_piece_at_once_in_order(factory):
             theirs.close()
 
     run(main, factory)
+
+
+@LOOPS
+def test_messages_corked_in_timer_and_threadsafe_callbacks_and_before_a_close_go_out(factory):
+    """A write from a timer callback or a call_soon_threadsafe callback
+    (not a reader's) is corked and flushed as any; what is corked when the
+    connection closes goes out before the socket closes."""
+    import threading
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        conn = await wrap_socket(ours)
+        done = asyncio.Event()
+
+        def burst(*names):
+            for name in names:
+                conn.send([name])
+            done.set()
+
+        try:
+            loop.call_later(0, burst, b"t1", b"t2")
+            await done.wait()
+            done.clear()
+            thread = threading.Thread(
+                target=lambda: loop.call_soon_threadsafe(burst, b"s1", b"s2"))
+            thread.start()
+            await done.wait()
+            thread.join()
+            burst(b"c1", b"c2")   # (the second corked) then a close
+            conn.close()
+            await conn.wait_closed()
+            decoder, got = FrameDecoder(), []
+            while data := theirs.recv(65536):
+                got.extend(decoder.feed(data))
+            assert [bytes(m[0]) for m in got] == [b"t1", b"t2", b"s1", b"s2", b"c1", b"c2"]
+        finally:
+            conn.abort()
+            theirs.close()
+
+    run(main, factory)
