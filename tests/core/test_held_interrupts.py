@@ -1,0 +1,96 @@
+"""_HeldInterrupts (dpool/core/direct.py, used by the direct paths local and
+over TCP): a SIGINT landing inside the block reaches the handler at its end,
+the handler in place is the one called and is put back as it was, and
+nothing changes outside the main thread or the main interpreter."""
+import signal
+import threading
+
+import pytest
+
+from dpool.core.direct import _HeldInterrupts
+
+
+def test_a_sigint_inside_is_raised_at_the_end():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _HeldInterrupts():
+            signal.raise_signal(signal.SIGINT)
+            done.append("rest of the block")
+    assert done == ["rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_users_handler_is_called_once_after_the_block_and_kept():
+    calls, order = [], []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        order.append("handler")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        with _HeldInterrupts():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # (Python counts one pending)
+            order.append("block")
+        assert calls == [signal.SIGINT]
+        assert order == ["block", "handler"]
+        assert signal.getsignal(signal.SIGINT) is handler
+        with _HeldInterrupts():
+            order.append("quiet block")
+        assert calls == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_nothing_held_without_a_sigint():
+    with _HeldInterrupts() as held:
+        assert callable(signal.getsignal(signal.SIGINT))
+    assert held.caught is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_error_in_the_block_puts_the_handler_back():
+    with pytest.raises(ZeroDivisionError):
+        with _HeldInterrupts():
+            raise ZeroDivisionError
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_sigint_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _HeldInterrupts() as held:
+            signal.raise_signal(signal.SIGINT)
+        assert held.previous is None and held.caught is None
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_other_threads_change_nothing():
+    seen = []
+
+    def other():
+        with _HeldInterrupts() as held:
+            seen.append((held.previous, signal.getsignal(signal.SIGINT)))
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join(30)
+    assert seen == [(None, signal.default_int_handler)]
+
+
+def test_a_subinterpreter_changes_nothing():
+    interpreters = pytest.importorskip("_xxsubinterpreters")
+    iid = interpreters.create()
+    try:
+        interpreters.run_string(iid, (
+            "import signal\n"
+            "from dpool.core.direct import _HeldInterrupts\n"
+            "with _HeldInterrupts() as held:\n"
+            "    pass\n"
+            "assert held.previous is None, held.previous\n"))
+    finally:
+        interpreters.destroy(iid)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
