@@ -129,6 +129,7 @@ class Client:
         self._wake_pending = False
         self._unfinished = set()  # futures not yet resolved (for close/wait)
         self._idle = threading.Condition(threading.Lock())  # notified when that set empties
+        self._idle_waiters = 0  # threads in wait() (counted under _idle)
         self._outcomes = None  # while a DONE batch is read: [(future, value, error)]
         self._direct = None  # a DirectLine (embedded) or TcpLine (one node): direct calls
         # The embedded node's zygote, forked now, while this may be the only
@@ -246,11 +247,20 @@ class Client:
             if job is not None:  # nobody may be reading its answer: the loop thread will
                 line.handoff(job.future)
         with self._idle:
-            return self._idle.wait_for(lambda: not self._unfinished, timeout)
+            self._idle_waiters += 1
+            try:
+                return self._idle.wait_for(lambda: not self._unfinished, timeout)
+            finally:
+                self._idle_waiters -= 1
 
     def _settle(self):
-        """Wake wait() once no job is left (after the futures resolved)."""
-        if not self._unfinished:
+        """Wake wait() once no job is left (after the futures resolved).
+        Nothing if nobody waits (each direct call ends here): a waiter
+        counts itself under the lock before it looks at the set, and this
+        looks at the count after the set changed, so one of the two sees
+        the other (the waiter finds the set empty, or this notifies it once
+        it waits)."""
+        if not self._unfinished and self._idle_waiters:
             with self._idle:
                 self._idle.notify_all()
 

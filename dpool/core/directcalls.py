@@ -39,7 +39,10 @@ class DirectCalls:
     def submit(self, line, fn_id, blob, frames, tag):
         """Nothing else in flight: the job goes straight to the lent worker
         (see dpool.core.direct); None if it can't (the normal path then)."""
-        if sum(memoryview(frame).nbytes for frame in frames) > MAX_ARGUMENT:
+        first = frames[0]  # (the common case, one pickle: no generator to sum)
+        size = len(first) if len(frames) == 1 and type(first) is bytes else \
+            sum(memoryview(frame).nbytes for frame in frames)
+        if size > MAX_ARGUMENT:
             return None
         job = Job(next(self.client._ids), fn_id, frames, tag, 0, DirectFuture(line))
         job.blob = blob

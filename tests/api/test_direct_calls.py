@@ -352,6 +352,21 @@ def test_threads_sharing_an_executor(executor):
     assert direct_submit(executor, tasks.square, 3).result(30) == 9
 
 
+def test_wait_in_another_thread_returns_as_calls_end(executor):
+    """Client.wait() in another thread while this one makes calls (direct
+    ones when the line is free): each wait returns once the calls end (the
+    wake-up is skipped only while nobody waits)."""
+    client = executor._client
+    for i in range(30):
+        future = executor.submit(tasks.square, i)
+        waited = []
+        waiter = threading.Thread(target=lambda: waited.append(client.wait(60)))
+        waiter.start()
+        assert future.result(30) == i * i
+        waiter.join(30)
+        assert not waiter.is_alive() and waited == [True]
+
+
 # ------------------------------------------------------------- local only
 
 
