@@ -289,7 +289,7 @@ def test_terminate_kills_a_direct_call(path, tmp_path):
         pool.terminate()
         waiter.join(30)
         assert not waiter.is_alive()
-        with pytest.raises(JobCancelled):  # as on the normal path
+        with pytest.raises(JobCancelled, match="killed"):  # as on the normal path
             result.get(0)
     finally:
         pool.terminate()
