@@ -1,6 +1,7 @@
 """Stopping a client's jobs (one, those a dpool-scheduler queues, or all)
 and the client itself (see :mod:`dpool.core.client`)."""
 import asyncio
+import itertools
 import logging
 
 from .. import protocol as P
@@ -160,12 +161,12 @@ class Stopping:
             self.client._act(failed[start:start + batch])
             await asyncio.sleep(0)
         self.client.net.close_all()
-        jobs = list(self.jobs.values())
-        for start in range(0, len(jobs), batch):
-            for job in jobs[start:start + batch]:
+        jobs = self.jobs
+        while jobs:  # (until none is left: a racing submit's may be taken in meanwhile)
+            for job in list(itertools.islice(jobs.values(), batch)):
                 self._abandon(job, error)
+                jobs.pop(job.id, None)
             await asyncio.sleep(0)
-        self.jobs.clear()
         if self.client.embedded is not None:
             await self.client.embedded.close()
         await self.client.net.wait_closed(grace)

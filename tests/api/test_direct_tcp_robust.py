@@ -283,3 +283,35 @@ def test_cancel_all_goes_on_when_submits_refill_the_queue_as_it_drains(
     finally:
         opened(gate)
         ex.shutdown(wait=True, cancel_futures=True)
+
+
+def test_a_job_taken_in_while_the_shutdown_fails_the_rest_still_ends(
+        node, monkeypatch, tmp_path):
+    """The shutdown fails what is left DRAIN_BATCH jobs per loop turn: a
+    submit that raced close() (past its closed check) and is taken in
+    between two of those turns ends too (before, the jobs were counted
+    once, then all forgotten: that job's future never resolved)."""
+    ex = make_executor(node)
+    client = ex._client
+    gate = str(tmp_path / "gate")
+    first = ex.submit(gate_call, gate, "held")
+    poll_for(lambda: not client._incoming and client.jobs, message="the call taken in")
+    raced, real_abandon = [], client.stopping._abandon
+
+    def abandon_racing_a_submit(job, error):
+        if not raced:  # (a submit of another thread, past its check before close())
+            client.closed = False
+            try:
+                raced.append(client.submit(tasks.square, 3).future)
+            finally:
+                client.closed = True
+        real_abandon(job, error)
+
+    monkeypatch.setattr(client.stopping, "_abandon", abandon_racing_a_submit)
+    try:
+        client.close(wait=False)
+    finally:
+        opened(gate)
+        ex.shutdown(wait=True)
+    assert first.done() and raced
+    assert raced[0].done(), "a job taken in during the shutdown never ended"
