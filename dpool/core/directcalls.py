@@ -55,7 +55,12 @@ class DirectCalls:
         except BaseException:  # interrupted: no call was made (a wait() may be waiting),
             if isinstance(line, TcpLine):  # (made: as start() returned)
                 line.unreturned(job)
-            if not (isinstance(line, TcpLine) and line.interrupted is job):  # or it ends later
+                made = line.interrupted is job
+            else:  # made and on the line: the loop thread reads its answer
+                made = line.job is job
+                if made:
+                    line.handoff(job.future)
+            if not made:  # or it ends later
                 self._unfinished.discard(job.future)
                 self._settle()
             raise

@@ -531,6 +531,43 @@ def test_an_interrupt_around_taking_the_line_leaves_it_usable(executor, monkeypa
 
 
 @LOCAL
+def test_ctrl_c_as_a_local_direct_submit_returns_keeps_the_call_counted(
+        executor, monkeypatch, tmp_path):
+    """Ctrl-C landing as the line's start() returns into submit (the call
+    written in full to the lent worker): submit raises KeyboardInterrupt,
+    and the call that was made stays counted until it ends, its answer read
+    by the loop thread (before, it was dropped from the unfinished set:
+    Client.wait and shutdown(wait=True) returned while it ran, and the
+    shutdown killed it)."""
+    import dpool.core.direct as direct
+
+    client = executor._client
+    gate = str(tmp_path / "gate")
+    made = []
+    real_start = direct.DirectLine.start
+
+    def start_then_interrupt(self, job):
+        if real_start(self, job):
+            made.append(job)
+            raise KeyboardInterrupt  # (as the signal lands in submit)
+        return False
+
+    monkeypatch.setattr(direct.DirectLine, "start", start_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            executor.submit(gate_call, gate, "held")
+        monkeypatch.undo()
+        (job,) = made
+        assert job.future in client._unfinished, "a call made is no longer counted"
+        assert not client.wait(0)
+    finally:
+        opened(gate)
+    assert client.wait(30), "the interrupted call never ended"
+    assert job.future.result(0) == "held"
+    assert executor.submit(tasks.square, 6).result(30) == 36
+
+
+@LOCAL
 def test_a_call_submitted_while_a_worker_is_being_lent_goes_the_normal_way(
         executor, monkeypatch):
     """The loop thread lends the line a worker (offer) while a user thread
