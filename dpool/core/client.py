@@ -241,16 +241,18 @@ class Client:
 
     def wait(self, timeout=None):
         """Wait until every job submitted so far has finished; True if so."""
-        line = self._direct
-        if line is not None:
-            job = line.job
-            if job is not None:  # nobody may be reading its answer: the loop thread will
-                line.handoff(job.future)
-        with self._idle:
-            self._idle_waiters += 1
-            try:
+        with self._idle:  # (counted first: a direct call started after the look
+            self._idle_waiters += 1  # at the line below sees the count, see DirectCalls.submit)
+        try:
+            line = self._direct
+            if line is not None:
+                job = line.job
+                if job is not None:  # nobody may be reading its answer: the loop thread will
+                    line.handoff(job.future)
+            with self._idle:
                 return self._idle.wait_for(lambda: not self._unfinished, timeout)
-            finally:
+        finally:
+            with self._idle:
                 self._idle_waiters -= 1
 
     def _settle(self):

@@ -51,6 +51,8 @@ class DirectCalls:
         try:
             self._unfinished.add(job.future)
             if line.start(job):
+                if self.client._idle_waiters:  # a wait() that may have looked at the line
+                    line.handoff(job.future)  # before: nobody else may read the answer
                 return job
         except BaseException:  # interrupted: no call was made (a wait() may be waiting),
             if isinstance(line, TcpLine):  # (made: as start() returned)

@@ -572,6 +572,54 @@ def test_ctrl_c_as_a_local_direct_submit_returns_keeps_the_call_counted(
     assert executor.submit(tasks.square, 6).result(30) == 36
 
 
+def test_pool_join_waits_for_a_direct_call_started_after_it_began_waiting(
+        monkeypatch, tmp_path):
+    """apply_async racing close(): its direct call starts once join() already
+    waits in Client.wait (which hands a call in flight to the loop thread
+    only as it begins): join returns once the call ends, with nobody calling
+    get() (before, nobody read the call's answer: join hung until someone
+    asked for the result)."""
+    import dpool.core.direct as direct
+
+    gate = str(tmp_path / "gate")
+    real_start, go, starting = direct.DirectLine.start, threading.Event(), threading.Event()
+
+    def held_start(self, job):
+        starting.set()
+        assert go.wait(30)
+        return real_start(self, job)
+
+    pool = dpool.Pool(1)
+    client, results, joiner = pool._client, [], None
+    try:
+        assert pool.apply(tasks.identity, (0,)) == 0
+        monkeypatch.setattr(direct.DirectLine, "start", held_start)
+        submitter = threading.Thread(
+            target=lambda: results.append(pool.apply_async(gate_call, (gate, "held"))))
+        submitter.start()
+        assert starting.wait(30)  # past the closed checks, the call not yet made
+        pool.close()
+        joiner = threading.Thread(target=pool.join)
+        joiner.start()
+        poll_for(lambda: client._idle_waiters == 1, message="join to wait")
+        go.set()
+        submitter.join(30)
+        assert type(results[0]._future) is DirectFuture
+        opened(gate)
+        joiner.join(30)
+        assert not joiner.is_alive(), "join never saw the call end"
+        assert results[0].get(0) == "held"
+    finally:
+        go.set()
+        opened(gate)
+        if results:
+            results[0].get(30)  # (read here: the waiting join ends)
+        if joiner is not None:
+            joiner.join(30)
+        pool.terminate()
+        pool.join()
+
+
 @LOCAL
 def test_a_call_submitted_while_a_worker_is_being_lent_goes_the_normal_way(
         executor, monkeypatch):
