@@ -210,8 +210,10 @@ class GrowingBytes:
         self._ptr = ctypes.c_void_p(_API.new_array(None, 0) if array else _API.new(None, 2))
         if not self._ptr.value:
             raise MemoryError
+        # A new bytes object already has room for 2 bytes: its data address
+        # is needed before the first resize (appending 1 or 2 bytes first).
         self._cap = 0 if array else 2
-        self._data = 0
+        self._data = 0 if array else self._ptr.value + _DATA
         self._populator: _Populator | None = None
 
     def __len__(self) -> int:

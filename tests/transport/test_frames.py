@@ -393,6 +393,44 @@ def test_hello_decoding_and_versions():
 
 @pytest.mark.skipif(not inplace.AVAILABLE, reason="bytes filled in place: CPython only")
 @pytest.mark.parametrize("array", [False, True])
+@pytest.mark.parametrize("first", [1, 2, 3])
+@pytest.mark.parametrize("how", ["extend", "room"])
+def test_a_growing_object_takes_its_first_one_or_two_bytes(array, first, how):
+    """The first bytes of a large frame may be only 1 or 2 (a read that
+    ended just past its header): a new ``bytes`` object already has room
+    for 2, and they go into it (before, to address 0: a segfault)."""
+    data = bytes(range(256)) * 400
+    grown = inplace.GrowingBytes(len(data), array=array)
+    source = bytearray(data)
+    address, holder = inplace.address_of(source)
+    for start, end in ((0, first), (first, len(data))):
+        if how == "extend":
+            grown.extend(address + start, end - start)
+        else:
+            while len(grown) < end:
+                room = grown.room(end - len(grown))
+                room[:] = data[len(grown):len(grown) + len(room)]
+                grown.advance(len(room))
+    assert grown.finish() == data
+    del holder
+
+
+@pytest.mark.parametrize("first", [1, 2])
+def test_a_large_bytes_frame_whose_first_bytes_end_a_read(first):
+    """A large frame flagged as a whole ``bytes`` object whose first 1 or 2
+    bytes are all of it that the first read brings (the crash seen in
+    test_buffered_protocol_style_reads, there by chance)."""
+    big = bytes(range(256)) * (LARGE // 128)
+    stream = wire([[b"head", big]])
+    cut = stream.index(big[:64]) + first
+    dec = FrameDecoder()
+    out = dec.feed(stream[:cut]) + dec.feed(stream[cut:])
+    assert as_bytes(out) == [[b"head", big]]
+    assert type(out[0][1]) is (bytes if inplace.AVAILABLE else bytearray)
+
+
+@pytest.mark.skipif(not inplace.AVAILABLE, reason="bytes filled in place: CPython only")
+@pytest.mark.parametrize("array", [False, True])
 @pytest.mark.parametrize("finish", [True, False])
 def test_a_large_object_is_filled_in_place_with_its_pages_faulted_in_ahead(array, finish):
     """``room``/``advance`` fill the object itself; past THREAD_AFTER bytes of
