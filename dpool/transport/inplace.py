@@ -30,6 +30,7 @@ capacity, which stays within 1/8 of what arrived.  Where this is not CPython,
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import threading
 
@@ -184,11 +185,23 @@ class _Populator:
         finally:
             self._counted(-1)
 
+    @classmethod
+    def _after_fork(cls) -> None:
+        """(in a forked child) None of the parent's threads run here: none is
+        counted, and the count's lock may have been held by one of them."""
+        cls.live = 0
+        cls._count = threading.Lock()
+
     def stop(self) -> None:
         """End the thread (at once: it may finish a chunk it began)."""
         with self._cv:
             self._stopped = True
             self._cv.notify()
+
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_Populator._after_fork)
 
 
 class GrowingBytes:

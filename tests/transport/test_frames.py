@@ -456,3 +456,37 @@ def test_a_large_object_is_filled_in_place_with_its_pages_faulted_in_ahead(array
         assert data == whole[:size]
     del grown
     # (the autouse fixture checks that the thread ended)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_child_forked_while_a_populator_counted_itself_can_count_its_own():
+    """A fork while one of the page-faulting threads held the count's lock
+    (it starts or ends): the child has no such thread, and its own large
+    frames must not wait for that lock forever."""
+    import os
+    import time
+
+    populator = inplace._Populator
+    populator._count.acquire()          # (as a thread in the middle of _counted)
+    try:
+        pid = os.fork()
+        if pid == 0:                    # the child: count a thread of its own
+            try:
+                populator._counted(1)
+                populator._counted(-1)
+                os._exit(0 if populator.live == 0 else 2)
+            finally:
+                os._exit(3)
+    finally:
+        populator._count.release()
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung on the count's lock")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
