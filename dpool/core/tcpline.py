@@ -197,19 +197,38 @@ class TcpLine:
     def collect(self, future: Any, timeout: float | None) -> None:
         """Read the answer to ``future``'s job here, within ``timeout``
         (after which the loop thread reads on); nothing if it can't."""
-        with self.lock:
-            job = self.job
-            if job is None or job.future is not future or self.owner is not None:
+        held = None  # the lent socket, once this thread took it
+        try:
+            with self.lock:
+                job = self.job
+                if job is None or job.future is not future or self.owner is not None:
+                    return
+                # (one statement of plain stores: no interrupt can come in between)
+                self.owner, held = _USER, self.lent
+                if self.wanted or self.closed:
+                    self.owner = _LOOP
+                    job = None
+            if job is None:
+                self._in_loop(self._take_back, held, (), None)
                 return
-            self.owner = _USER
-            if self.wanted or self.closed:
-                self.owner = _LOOP
-                job = None
-            lent = self.lent
-        if job is None:
-            self._in_loop(self._take_back, lent, (), None)
-            return
-        self._read(job, timeout)
+            self._read(job, timeout)
+        except BaseException:  # (KeyboardInterrupt, maybe before _read took over)
+            if held is not None:
+                self._let_go(held, job)
+            raise
+
+    def _let_go(self, held: LentSocket, job: Any) -> None:
+        """collect() was interrupted: if the link it took is still held for
+        ``job`` (its read never began) or being handed back, it goes back
+        to the loop thread (a hand-back repeated does nothing)."""
+        with _HeldInterrupts():
+            with self.lock:
+                stuck = self.lent is held and (
+                    self.owner == _LOOP or self.owner == _USER and self.job is job)
+                if stuck:
+                    self.owner = _LOOP
+            if stuck:
+                self._in_loop(self._take_back, held, (), None)
 
     def _read(self, job: Any, timeout: float | None) -> None:
         """(the owner) Read until ``job``'s DONE and finish it here, or hand

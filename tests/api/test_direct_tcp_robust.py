@@ -315,3 +315,27 @@ def test_a_job_taken_in_while_the_shutdown_fails_the_rest_still_ends(
         ex.shutdown(wait=True)
     assert first.done() and raced
     assert raced[0].done(), "a job taken in during the shutdown never ended"
+
+
+def test_ctrl_c_as_result_takes_the_link_hands_it_back(executor, monkeypatch):
+    """Ctrl-C landing in result() once it took the link to read the answer
+    but before the read began (Python runs signal handlers as a function is
+    entered): the link is handed back, the answer is not lost and the
+    executor goes on (before, the link stayed held by nobody: the loop
+    thread waited for it for good, and every later job with it)."""
+    client = executor._client
+    future = direct_submit(executor, tasks.square, 5)
+    line = line_of(client)
+    real_read = TcpLine._read
+
+    def interrupted_on_entry(self, job, timeout):
+        monkeypatch.setattr(TcpLine, "_read", real_read)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TcpLine, "_read", interrupted_on_entry)
+    with pytest.raises(KeyboardInterrupt):
+        future.result(30)
+    monkeypatch.undo()
+    poll_for(lambda: line.owner != "user", timeout=10, message="the link handed back")
+    assert future.result(30) == 25
+    assert executor.submit(tasks.square, 6).result(30) == 36
