@@ -294,8 +294,6 @@ def test_a_job_taken_in_while_the_shutdown_fails_the_rest_still_ends(
     ex = make_executor(node)
     client = ex._client
     gate = str(tmp_path / "gate")
-    first = ex.submit(gate_call, gate, "held")
-    poll_for(lambda: not client._incoming and client.jobs, message="the call taken in")
     raced, real_abandon = [], client.stopping._abandon
 
     def abandon_racing_a_submit(job, error):
@@ -307,8 +305,13 @@ def test_a_job_taken_in_while_the_shutdown_fails_the_rest_still_ends(
                 client.closed = True
         real_abandon(job, error)
 
-    monkeypatch.setattr(client.stopping, "_abandon", abandon_racing_a_submit)
+    # The held job through the loop thread, never a direct call (which the
+    # line, once parked, would make of it: it is not among client.jobs).
+    monkeypatch.setattr(client, "_submit_direct", lambda *args: None)
     try:
+        first = ex.submit(gate_call, gate, "held")
+        poll_for(lambda: not client._incoming and client.jobs, message="the call taken in")
+        monkeypatch.setattr(client.stopping, "_abandon", abandon_racing_a_submit)
         client.close(wait=False)
     finally:
         opened(gate)
