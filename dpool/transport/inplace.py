@@ -199,7 +199,6 @@ class _Populator:
             self._cv.notify()
 
 
-
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_Populator._after_fork)
 

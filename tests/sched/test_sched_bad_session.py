@@ -1,6 +1,7 @@
 """A client's Session with bad option values is refused with a clear
 error, and costs the scheduler and its other clients nothing."""
 import asyncio
+import contextlib
 
 import pytest
 
@@ -34,23 +35,31 @@ async def first_reply(address, options):
         conn.abort()
 
 
-@pytest.mark.parametrize("options", BAD_OPTIONS, ids=repr)
-def test_a_session_with_a_bad_option_is_refused_and_loses_nothing(scheduler, three_nodes,
-                                                                 options):
+@contextlib.contextmanager
+def another_client_goes_on(scheduler):
+    """Around the body: another client's jobs run before and after it, the
+    scheduler still answers a good Session, and it is still running."""
     client = Client([scheduler.address], secret=SECRET)
     client.start()
     try:
         assert client.submit(identity, (1,)).future.result(30) == 1
-        reply, closed = asyncio.run(first_reply(scheduler.address, options))
-        assert type(reply) is P.Refused, f"no clear error, got {reply!r}"
-        assert next(iter(options)) in reply.reason
-        assert closed
+        yield
         assert client.submit(identity, (7,)).future.result(30) == 7  # the other goes on
         reply, _ = asyncio.run(first_reply(scheduler.address, {}))  # and it still serves
         assert type(reply) is P.Ready
     finally:
         client.close()
     assert scheduler.proc.poll() is None
+
+
+@pytest.mark.parametrize("options", BAD_OPTIONS, ids=repr)
+def test_a_session_with_a_bad_option_is_refused_and_loses_nothing(scheduler, three_nodes,
+                                                                 options):
+    with another_client_goes_on(scheduler):
+        reply, closed = asyncio.run(first_reply(scheduler.address, options))
+        assert type(reply) is P.Refused, f"no clear error, got {reply!r}"
+        assert next(iter(options)) in reply.reason
+        assert closed
 
 
 async def garbage_after_session(address, messages):
@@ -74,14 +83,5 @@ async def garbage_after_session(address, messages):
                                      P.encode(P.Cancel, 7), P.encode(P.Forget, 7),
                                      P.encode(P.Func, ["x"])], ids=repr)
 def test_a_message_a_handler_fails_on_ends_that_client_only(scheduler, three_nodes, message):
-    client = Client([scheduler.address], secret=SECRET)
-    client.start()
-    try:
-        assert client.submit(identity, (1,)).future.result(30) == 1
+    with another_client_goes_on(scheduler):
         assert asyncio.run(garbage_after_session(scheduler.address, [message]))
-        assert client.submit(identity, (7,)).future.result(30) == 7  # the other goes on
-        reply, _ = asyncio.run(first_reply(scheduler.address, {}))  # and it still serves
-        assert type(reply) is P.Ready
-    finally:
-        client.close()
-    assert scheduler.proc.poll() is None
