@@ -132,6 +132,7 @@ class ClientSession(P.Served):
         self.ended = False
         self.kept: Kept | None = None  # while detached (gone, recoverable): its results
         self.counts: collections.Counter = collections.Counter()
+        self.refused: set[Link] = set()  # legs that spoke of jobs not theirs (logged once)
         self.merge = ResultMerge(self)  # the nodes' Done of one pass: one to the client
         self.handlers = {P.Session: self.on_session, P.Func: self.on_func, P.Run: self.on_run,
                          P.Cancel: self.on_cancel, P.Bye: self.on_bye, P.Forget: self.on_forget,
@@ -413,11 +414,12 @@ class ClientSession(P.Served):
             if self.options.get("notify_start"):
                 self.on_started(leg, msg)
         elif kind is P.GiveBack:
-            self.requeue(leg, msg.job_ids)
+            self.requeue(leg, self.placed_on(leg, msg.job_ids, "a give-back"))
         elif kind in _ENV:
             self.env.on_leg_message(leg, kind, msg, frames)
         elif kind in _PASSED_ON:  # for the client's job, as they came
-            self.tell(list(frames))
+            if self.placed_on(leg, [msg.job_id], f"a {kind.__name__} message"):
+                self.tell(list(frames))
         elif kind is P.InitFail:
             self.tell(list(frames))
             self.end("initializer failed")
@@ -425,29 +427,67 @@ class ClientSession(P.Served):
 
     def on_done(self, leg: Link, msg: Any, frames: list) -> None:
         port, placed = leg.port, self.placed
-        for record, _ in P.raw_results(msg, frames):
-            if placed.pop(record[0], None) is not None:
-                if self.pin_of:
-                    self.pin_of.pop(record[0], None)
-                port.busy -= 1
-                self.running -= 1
-                self.tries.pop(record[0], None)
-                self.broker.reopen(port)
-                self.cancelling.discard(record[0])
-                self.broker.fair.done((self, record[0]))
+        results, foreign = P.raw_results(msg, frames), None
+        for record, _ in results:
+            job_id = record[0]
+            where = placed.get(job_id)
+            if where is None or where[0] is not leg:  # (not its job: refused below)
+                foreign = [*(foreign or ()), job_id]
+                continue
+            del placed[job_id]
+            if self.pin_of:
+                self.pin_of.pop(job_id, None)
+            port.busy -= 1
+            self.running -= 1
+            self.tries.pop(job_id, None)
+            self.broker.reopen(port)
+            self.cancelling.discard(job_id)
+            self.broker.fair.done((self, job_id))
+        if foreign:
+            self.refuse(leg, foreign, "a result")
+            results = [item for item in results if item[0][0] not in foreign]
+            if not results:
+                return
+            msg = P.Done([record for record, _ in results])
+            frames = [P.encode(P.Done, msg.results),
+                      *(frame for _, payload in results for frame in payload)]
         self.counts["done"] += len(msg.results)
         if self.limit < 1 << 62 or self.calls.caps:
             self.sync()
         self.merge.done(msg.results, frames)
         self.broker.place_soon()
 
+    def placed_on(self, leg: Link, job_ids: list, what: str) -> list:
+        """Those of ``job_ids`` placed on ``leg`` (the others refused)."""
+        placed = self.placed
+        own = [job_id for job_id in job_ids
+               if (where := placed.get(job_id)) is not None and where[0] is leg]
+        if len(own) < len(job_ids):
+            self.refuse(leg, [job_id for job_id in job_ids if job_id not in own], what)
+        return own
+
+    def refuse(self, leg: Link, job_ids: list, what: str) -> None:
+        """A node is trusted with its own jobs only: what it says of others
+        (another node's, or none) is dropped, with one log line per leg,
+        and their own nodes' jobs go on."""
+        if leg not in self.refused:
+            self.refused.add(leg)
+            log.error("node %s sent %s for job %s of client %s, not placed there (or done "
+                      "there already): ignored (logged once per node and client)", leg.port,
+                      what, ", ".join(map(str, job_ids[:5])), self.sid)
+
     def on_started(self, leg: Link, msg: Any) -> None:
-        self.merge.started(msg.jobs, leg.port.host)
+        jobs = msg.jobs
+        own = self.placed_on(leg, [job[0] for job in jobs], "a start")
+        if len(own) < len(jobs):
+            jobs = [job for job in jobs if job[0] in own]
+        self.merge.started(jobs, leg.port.host)
 
     def on_leg_closed(self, leg: Link, exc: BaseException | None) -> None:
         """The leg (or its node) went away: its jobs are placed again."""
         if self.legs.get(leg.port) is leg:
             del self.legs[leg.port]
+        self.refused.discard(leg)
         self.recheck(leg.port)
         self.sent_fns.pop(leg, None)
         if self.ended:

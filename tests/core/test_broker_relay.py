@@ -208,3 +208,37 @@ def test_starts_of_a_pass_go_as_one_message_ahead_of_its_results():
                       (b, [P.encode(P.Started, [(3, 11.0)])]), (a, done_message(2))])
     assert received(session) == [("Started", ([(2, 10.0, "node"), (3, 11.0, "node")],), []),
                                  ("Done", [1, 2], [b"result 1", b"result 2"])]
+
+
+# A node is trusted with its own jobs only (a confused or compromised node
+# knows the secret): what it says of another node's jobs, or of none, is
+# dropped with one log line, and the rightful node's job goes on.
+
+def test_a_node_cannot_answer_for_a_job_placed_on_another_node(caplog):
+    a, b = leg(), leg()
+    session = session_with_jobs_on({a: [1], b: [2]})
+    deliver(session, [(b, done_message(1, 2)), (b, done_message(1))])
+    assert received(session) == [("Done", [2], [b"result 2"])]
+    assert session.placed[1][0] is a and a.port.busy == 1 and b.port.busy == 0
+    assert session.running == 1 and session.broker.fair.ended == [2]
+    assert [r.getMessage().count("not placed there") for r in caplog.records] == [1]
+    deliver(session, [(a, done_message(1))])  # the rightful node's result still counts
+    assert received(session)[1:] == [("Done", [1], [b"result 1"])]
+    assert not session.placed and a.port.busy == 0
+
+
+def test_a_node_cannot_start_or_give_back_another_nodes_job(caplog):
+    a, b = leg(), leg()
+    session = session_with_jobs_on({a: [1], b: [2]})
+    session.options = {"notify_start": True}
+    fair = session.broker.fair
+    session.broker.draining = False
+    fair.requeue = lambda job: fair.ended.append(("requeued", job[1]))
+    fair.use_nodes = lambda session, nodes: None
+    deliver(session, [(b, [P.encode(P.Started, [(1, 10.0), (2, 11.0)])]),
+                      (b, [P.encode(P.GiveBack, [1])]),
+                      (b, [P.encode(P.Provisional, 1), b"partial"]),
+                      (a, done_message(1))])
+    assert received(session) == [("Started", ([(2, 11.0, "node")],), []),
+                                 ("Done", [1], [b"result 1"])]
+    assert session.broker.fair.ended == [1] and 1 not in session.pending
