@@ -170,3 +170,28 @@ def test_a_worker_killed_mid_lone_call_fails_it_on_every_api(node):
         with pytest.raises(WorkerLost, match="worker process"):
             future.result(30)
         assert direct_submit(ex, tasks.square, 4).result(30) == 16
+
+
+def test_a_second_client_arriving_while_a_lone_call_runs(node, tmp_path):
+    """Two clients of one CPU each on the node: the second one's lone calls
+    go direct and end while the first one's is held; that one then ends
+    with its value (a lent worker is its session's: never another's)."""
+    gate = str(tmp_path / "gate")
+    with Executor(1, nodes=[node.address], secret=SECRET, heartbeat=QUIET) as first:
+        first.submit(tasks.identity, 0).result(30)
+        held = direct_submit(first, gate_call, gate, "first")
+        got = []
+        reader = threading.Thread(target=lambda: got.append(held.result(60)))
+        reader.start()
+        try:
+            poll_for(lambda: held_pids(gate), message="the call to start")
+            with Executor(1, nodes=[node.address], secret=SECRET, heartbeat=QUIET,
+                          connect_timeout=30) as second:
+                second.submit(tasks.identity, 0).result(30)
+                assert [direct_submit(second, tasks.square, i).result(30)
+                        for i in range(10)] == [i * i for i in range(10)]
+            assert not held.done()
+        finally:
+            opened(gate)
+            reader.join(30)
+        assert got == ["first"]
