@@ -30,15 +30,18 @@ import tempfile
 from bench_cpu_per_job import export
 
 SECRET = "bench-roundtrip-legs-secret"
+PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe_offpath.py")
 
 CHILD = r"""
 import os, subprocess, sys
 
 api, calls, out, secret = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+daemon = ["-m", "dpool.daemons.node"] if sys.argv[5] == "node" \
+    else [sys.argv[5], "--probe-node"]  # (bench/probe_offpath.py)
 env = dict(os.environ, DPOOL_SECRET=secret, DPOOL_HOME=out)
 node = subprocess.Popen(
     ["valgrind", "--tool=callgrind", "--trace-children=yes", "--instr-atstart=no",
-     f"--callgrind-out-file={out}/cg.%p", sys.executable, "-m", "dpool.daemons.node",
+     f"--callgrind-out-file={out}/cg.%p", sys.executable, *daemon,
      "--port", "0", "--cpus", "2", "--loglevel", "WARNING"],
     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
 line = node.stdout.readline()
@@ -73,7 +76,8 @@ try:
     else:
         from dpool.futures import Executor
         client = Executor(2, nodes=[("127.0.0.1", port)], secret=secret,
-                          connect_timeout=120)
+                          connect_timeout=120, heartbeat=(60.0, 240.0) if daemon[0] != "-m"
+                          else None)
         one = lambda i: client.submit(noop, i).result()
     for i in range(200):
         one(i)
@@ -92,25 +96,25 @@ finally:
 """
 
 
-def legs(tree, api, calls, tries=3):
+def legs(tree, api, calls, probe=False, tries=3):
     """{"client", "node", "workers"}: instructions per call in ``tree``.
     (Under valgrind on a loaded machine the handshake may miss the node's
     deadline: the run is tried again.)"""
     for attempt in range(tries):
         try:
-            return _legs(tree, api, calls)
+            return _legs(tree, api, calls, probe)
         except RuntimeError as exc:
             if attempt == tries - 1:
                 raise
             print(f"(tried again: {str(exc).splitlines()[-1]})", file=sys.stderr)
 
 
-def _legs(tree, api, calls):
+def _legs(tree, api, calls, probe):
     env = dict(os.environ, PYTHONPATH=tree)
     with tempfile.TemporaryDirectory() as out:
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                f"--callgrind-out-file={out}/cg.%p", os.path.realpath(sys.executable), "-c",
-               CHILD, api, str(calls), out, SECRET]
+               CHILD, api, str(calls), out, SECRET, PROBE if probe else "node"]
         run = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
         found = re.search(r"client (\d+) node (\d+)", run.stdout)
         if run.returncode or not found:
@@ -144,16 +148,25 @@ def main():
                     help="git revisions, or WORKTREE for the working tree")
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--api", choices=["executor", "cluster"], default="executor")
+    ap.add_argument("--probe", action="store_true",
+                    help="a row more per revision: bench/probe_offpath.py's node (the "
+                         "node off a lone call's path: its calls run in the node's process)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [(rev, legs(export(rev, tmp), args.api, args.calls)) for rev in args.revs]
-    print(f"python bench/bench_roundtrip_legs.py --calls {args.calls} --api {args.api} "
+        rows = []
+        for rev in args.revs:
+            tree = export(rev, tmp)
+            rows.append((rev, legs(tree, args.api, args.calls)))
+            if args.probe:
+                rows.append((f"{rev} probe", legs(tree, args.api, args.calls, probe=True)))
+    probe = " --probe" if args.probe else ""
+    print(f"python bench/bench_roundtrip_legs.py --calls {args.calls} --api {args.api}{probe} "
           f"{' '.join(args.revs)}  (load average {os.getloadavg()[0]:.1f})")
     print(f"{args.api} via a dpool-node, callgrind instructions per round trip:")
     first = sum(rows[0][1].values())
     for rev, leg in rows:
         whole = sum(leg.values())
-        print(f"  {rev:>12}  client {leg['client'] / 1000:6.1f}k  node {leg['node'] / 1000:6.1f}k"
+        print(f"  {rev:>18}  client {leg['client'] / 1000:6.1f}k  node {leg['node'] / 1000:6.1f}k"
               f"  workers {leg['workers'] / 1000:6.1f}k  total {whole / 1000:6.1f}k"
               f"  x{whole / first:.3f}")
 
