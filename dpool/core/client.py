@@ -144,6 +144,10 @@ class Client:
                        P.InitFail: events.on_initfail, P.GiveBack: events.on_giveback,
                        P.Draining: events.on_draining})
         self._extended = False  # an extension registered handlers (no direct calls)
+        # True: ``on_event`` takes a direct call's "done" in whichever thread
+        # reads its answer, and the extension's messages may reach the loop
+        # thread through a TCP line's hand-back (JobCluster without callbacks)
+        self.direct_events = False
         self.joining = Joining(self)  # the embedded node, or those named, found, added
         self.stopping = stopping = Stopping(self)  # jobs cancelled, the client closed
         self._cancel, self._on_cancelled = stopping.cancel_in_loop, stopping.on_cancelled
@@ -382,9 +386,13 @@ class Client:
         self.call_soon(close)
 
     def set_cpus(self, link, cpus):
-        """Use at most ``cpus`` of the CPUs a node granted (0: no new jobs)."""
-        self.loop.call_soon_threadsafe(
-            lambda: self._act(self.scheduler.set_cpus(link, min(cpus, link.cpus))))
+        """Use at most ``cpus`` of the CPUs a node granted (0: no new jobs,
+        direct calls included: the parked link is taken back)."""
+        def apply():
+            if cpus <= 0:
+                self.claim(link)
+            self._act(self.scheduler.set_cpus(link, min(cpus, link.cpus)))
+        self.loop.call_soon_threadsafe(apply)
 
     @property
     def late_results(self):

@@ -2,6 +2,8 @@
 embedded node, :mod:`dpool.core.tcpline` on a node's link): a lone call
 started from the calling thread, its answer read there, a call the loop
 thread adopts, and which line a client gets (see :mod:`dpool.core.client`)."""
+import logging
+
 from .. import protocol as P
 from ..errors import BrokenCluster, ProtocolError
 from .direct import MAX_ARGUMENT, DirectFuture, DirectLine
@@ -10,6 +12,7 @@ from .job import ABANDONED, RUNNING, Job, outcome_of
 from .links import describe
 from .tcpline import TcpLine
 
+log = logging.getLogger("dpool")
 
 class DirectCalls:
     """Direct calls for one client: ``client._direct`` is the line (None:
@@ -23,11 +26,19 @@ class DirectCalls:
         self._unfinished = client._unfinished
         self._settle = client._settle
 
-    def allowed(self):
+    def allowed(self, tcp=False):
         """Whether this client may make direct calls at all: asked to, and
         nothing needs every job to go through the loop (events, an
-        extension, options a direct call does not honour)."""
+        extension, options a direct call does not honour).  Over TCP
+        (``tcp``) a client whose event handler takes a direct call's "done"
+        in any thread (``client.direct_events``: JobCluster without
+        callbacks) may, its extension's messages and captured output
+        included: the line hands every message but the call's DONE to the
+        loop thread, and the DONE carries the output."""
         c = self.client
+        if tcp and c.direct_events:
+            return self.ok and not any(c.session.get(option)
+                                       for option in ("max_tasks", "notify_start"))
         return self.ok and c.on_event is None and not c._extended and not any(
             c.session.get(option) for option in ("max_tasks", "capture", "notify_start"))
 
@@ -95,6 +106,12 @@ class DirectCalls:
         job.frames = job.blob = None
         job.value, job.error = value, error
         job.future._line = None
+        handler = self.client.on_event
+        if handler is not None:  # (JobCluster: the DispyJob's fields, before anyone wakes)
+            try:
+                handler("done", job)
+            except Exception:
+                log.exception("dpool: event handler failed on done")
         resolve(((job.future, value, error),))
         self._unfinished.discard(job.future)
         self._settle()
@@ -115,6 +132,12 @@ class DirectCalls:
         self.scheduler.adopt(link, [job.id], pinned)
         return True
 
+    def in_flight(self):
+        """(loop thread) The direct call in flight, if any (not in
+        ``client.jobs``: the line's until it ends or is adopted)."""
+        line = self.client._direct
+        return None if line is None else line.job
+
     def line_for(self, link):
         """Direct calls over ``link`` (a node over TCP, the client's only
         one), when they may be made (see :mod:`dpool.core.tcpline`)."""
@@ -124,5 +147,5 @@ class DirectCalls:
                 line.link = link  # (the node re-joined: a new link)
             return
         if line is None and isinstance(link.address, tuple) \
-                and not link.info.get("scheduler") and self.allowed():
+                and not link.info.get("scheduler") and self.allowed(tcp=True):
             self.client._direct = TcpLine(self.client, link)

@@ -106,7 +106,6 @@ class NodeEvents:
             self._adopt(link, [*link.info.get("kept", ()), *link.info.get("pending", ())])
         elif not link.hold:
             self.admit(link)
-            self.client.directs.line_for(link)
 
     def _adopt(self, link, job_ids):
         """A recovered session's jobs: in flight on ``link``, which gets no
@@ -130,6 +129,7 @@ class NodeEvents:
         # it, ready to go the moment a job ends on one of its nodes.
         depth = SCHEDULER_DEPTH if link.info.get("scheduler") else 2
         self.client._act(self.scheduler.add_node(link, link.cpus, time.monotonic(), depth))
+        self.client.directs.line_for(link)  # (an extension's node: once its setup is done)
 
     def cpus_changed(self, link, info):
         """READY again: a scheduler whose CPUs changed (nodes joined)."""

@@ -379,9 +379,11 @@ class TcpLine:
 
     def _alone(self) -> bool:
         link, net = self.link, self.client.net
+        state = self.client.scheduler.nodes.get(link)  # (None: not admitted, or gone)
         return link.ready and not link.draining and link.conn is not None \
             and not link.conn.closed and len(net.links) == 1 and net.links[0] is link \
-            and not net.rejoins and link.conn._budget is None
+            and not net.rejoins and link.conn._budget is None \
+            and state is not None and state.cpus > 0
 
     def reclaim(self) -> bool:
         """(loop thread) The link is the loop thread's again: True at once,

@@ -214,6 +214,10 @@ class JobCluster:
         """A core client with the job environment extension registered."""
         client = core.Client(nodes, **dict(self._client_args(), **options))
         self._env = JobEnv(client)
+        # Without callbacks a lone job may go direct over a node's link
+        # (dpool.core.tcpline): its end is taken in the thread that reads it
+        # (ClusterEvents._job_done touches nothing the loop thread does then).
+        client.direct_events = not (self.job_status or self.cluster_status)
         return client
 
     def _make_client(self, cpus):
@@ -323,7 +327,11 @@ class JobCluster:
             job.track_id(None)
             self._recover.done(core_job.id)  # received: recover_jobs leaves it out
         if core_job.node in self._closing:
-            self._close_if_idle(core_job.node)
+            link = core_job.node
+            if self._client.in_loop_thread():
+                self._close_if_idle(link)
+            else:  # (a direct call's end, read in a user thread)
+                self._client.call_soon(lambda: self._close_if_idle(link))
 
     def _node_closed(self, link):
         self._closing.pop(link, None)
@@ -436,7 +444,7 @@ class JobCluster:
         """ClusterStatus(nodes=[DispyNode...], jobs_pending=N)."""
         def collect_status():
             busy = {}
-            for job in self._client.jobs.values():
+            for job in self._running():
                 if job.sent and job.node is not None:
                     busy[job.node] = busy.get(job.node, 0) + 1
             for link, node in self._nodes.items():
@@ -555,7 +563,7 @@ class JobCluster:
         self._client.set_cpus(link, 0)
 
         def close():
-            for job in list(self._client.jobs.values()):
+            for job in self._running():
                 if job.node is link and (terminate_pending or not job.sent):
                     self._client.cancel(job)
             self._closing[link] = True
@@ -567,6 +575,15 @@ class JobCluster:
                 self._client.cancel(core)
         return 0
 
+    def _running(self):
+        """(loop thread) The client's jobs not finished, the direct call in
+        flight (not among them) included."""
+        jobs = list(self._client.jobs.values())
+        direct = self._client.directs.in_flight()
+        if direct is not None and direct.tag is not None:
+            jobs.append(direct)
+        return jobs
+
     def _pinned_waiting(self, link):
         jobs = list(self._jobs)  # (a copy made in C: atomic)
         return [job for job, core in ((job, job.core_job) for job in jobs)
@@ -574,8 +591,7 @@ class JobCluster:
                 and job.pinned_to is link]
 
     def _close_if_idle(self, link):
-        if link in self._closing and not any(job.node is link
-                                             for job in self._client.jobs.values()):
+        if link in self._closing and not any(job.node is link for job in self._running()):
             del self._closing[link]
             self._client.close_link(link)
 
@@ -616,7 +632,7 @@ class JobCluster:
         link = self._link(node)
         if link is None:
             return -1
-        return self._call(lambda: [job.tag for job in self._client.jobs.values()
+        return self._call(lambda: [job.tag for job in self._running()
                                    if job.node is link and job.sent and job.tag is not None])
 
     def send_file(self, path, node, relay=False, timeout=30):

@@ -129,7 +129,16 @@ class DispyJob:
                     event = self._event = threading.Event()
                     if self._done:
                         event.set()
+            self._handoff()
         return event
+
+    def _handoff(self):
+        """Someone may wait or poll without reading the answer: a direct
+        call's (dpool.core.direct) is read by the loop thread from now on
+        (``done()`` of a direct call's future hands it over)."""
+        core = self._job
+        if core is not None:
+            core.future.done()
 
     # The cluster's side (client loop thread or submit): never the user's.
 
@@ -243,9 +252,11 @@ class DispyJob:
     def status(self):
         if self._status is not None:
             return self._status
-        if self._job is None:
+        core = self._job
+        if core is None:
             return DispyJob.Created
-        return DispyJob._from_core[self._job.status]
+        core.future.done()  # (polled: a direct call is read by the loop thread, see _handoff)
+        return DispyJob._from_core[core.status]
 
     def snapshot(self):
         """A copy with the status frozen: what callbacks get (as in dispy)."""
