@@ -251,6 +251,14 @@ class Dispatcher:
         return [job[0].job_id for job in self.queue] + [job_id for job_id in self.given
                                                  if job_id not in self.ghosts]
 
+    def runs_at_once(self, fn_id):
+        """The worker a job of ``fn_id`` submitted now would run on at once
+        (nothing queued, a worker without jobs), or None."""
+        if self.queue or fn_id not in self.fns:
+            return None
+        worker = self._free_worker()
+        return worker if worker is not None and not worker.outstanding else None
+
     def running(self):
         """How many jobs workers hold (not cancelled)."""
         return sum(1 for job_id in self.given if job_id not in self.ghosts)

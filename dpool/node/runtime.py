@@ -54,7 +54,7 @@ from .. import serialize
 from ..errors import ConnectionClosed, WorkerLost
 from ..transport import wrap_socket
 from ..transport.forward import STALL, Forward
-from ..transport.frames import Relayed
+from ..transport.frames import BYTES_FLAG, Relayed
 from ..transport.spool import SpooledFrame
 from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Run, Worker
 from .files import default_job_root, private_dir
@@ -176,8 +176,11 @@ class NodeRuntime:
         session = Session(self, conn, next(self._ids))
         self.sessions.add(session)
         if not self.embedded:
-            # A job's large argument waits in a memory file, not in this
-            # process, and goes to its worker by descriptor (transport/spool.py).
+            # A job's large argument goes on to the worker that runs it as
+            # it arrives (transport/forward.py), or, when no worker takes it
+            # at once, waits in a memory file, not in this process, and goes
+            # to its worker by descriptor (transport/spool.py).
+            conn.tap_large_messages(session.stream_argument)
             conn.spool_large_frames(_is_run)
         conn.set_receiver(session.on_message, session.on_close)
         if not self.embedded:  # a client must send Session within the default lease
@@ -290,6 +293,8 @@ class Session(P.Served):
         self.kept = None  # a recovery.Kept while detached (its client gone, recoverable)
         self.attempts = {}  # job id -> the attempt number the client gave it (Run)
         self.lent = None  # the worker lent to the embedding client (see lend)
+        self.arg_relay = None  # (Forward, worker): a job's argument streamed to its worker
+        self._streaming = None  # (lengths, flags) of the Run being streamed, while it is given
 
     # ------------------------------------------------------------ client side
 
@@ -393,6 +398,9 @@ class Session(P.Served):
         self.dispatcher.fns.add(msg.fn_id)
 
     def on_run(self, msg, frames):
+        if type(frames[-1]) is Relayed:   # (its job went to a worker as it began)
+            self._argument_streamed()
+            return
         self.counts["received"] += len(msg.jobs)
         if self.draining:  # sent before the client heard Draining: back they go
             self._give_back([item[0] for item in msg.jobs])
@@ -402,6 +410,54 @@ class Session(P.Served):
         for item, _ in items:
             attempts[item.job_id] = item.attempt
         self._act(self.dispatcher.submit(items))
+
+    def stream_argument(self, frames, lengths, flags):
+        """A client's message with a large frame begins (frames.TapHook): a
+        Run of one job that a worker without jobs takes at once is given to
+        it now, and a transport.Forward streams the rest of the message to
+        that worker as it arrives (the worker reads the argument while the
+        client still sends it; this process holds a bounded part of it).
+        Else None: the message is received whole (into memory files), as
+        before.  Such a job's argument is not kept here: as for any job a
+        worker runs first, its worker's death fails it (WorkerLost)."""
+        if self.ended or self.draining or self.env is not None or self.arg_relay is not None \
+                or self.conn.closed or recoverable(self) \
+                or (flags is not None and any(flag & ~BYTES_FLAG for flag in flags)):
+            return None
+        try:
+            msg = P.decode(frames[0])
+        except Exception:
+            return None   # (the whole message's decoding reports it)
+        if type(msg) is not P.Run or len(msg.jobs) != 1:
+            return None
+        (item, _), = P.run_items(msg, frames)
+        worker = self.dispatcher.runs_at_once(item.fn_id)
+        if item.nframes != len(lengths) - 1 or worker is None or worker.conn.closed \
+                or worker.conn.relaying:
+            return None
+        self.counts["received"] += 1
+        self.attempts[item.job_id] = item.attempt
+        self._streaming = (lengths, flags)
+        try:
+            self._act(self.dispatcher.submit([(item, frames[1:])]))
+        finally:
+            self._streaming = None
+        return self.arg_relay[0] if self.arg_relay is not None else None
+
+    def _stream_to(self, worker, frames):
+        """Send a Run whose last frames are still coming from the client
+        (stream_argument): the worker gets them as they arrive."""
+        lengths, flags = self._streaming
+        if worker.conn.closed:
+            return
+        relay = Forward(worker.conn, self.conn, frames, lengths, flags)
+        self.arg_relay = (relay, worker)
+
+    def _argument_streamed(self):
+        """The whole of a streamed argument came: the worker's message ends."""
+        if self.arg_relay is not None:
+            relay, self.arg_relay = self.arg_relay[0], None
+            relay.finish()
 
     def on_reclaim(self, msg, frames):
         """The client has a free CPU elsewhere: jobs no worker has go back."""
@@ -572,7 +628,10 @@ class Session(P.Served):
                     header.append(tuple(item))
                     frames.extend(payload)
                 frames[0] = P.encode(P.Run, header)
-                _send(action.worker, frames)
+                if self._streaming is None:
+                    _send(action.worker, frames)
+                else:
+                    self._stream_to(action.worker, frames)
                 if action.worker.outstanding[0] == header[0][0]:  # it had no job: this one runs
                     self._starts(header[0][0])
             elif kind is LoadFunction:
@@ -664,6 +723,8 @@ class Session(P.Served):
             self._starts(outstanding[0])
 
     def on_worker_closed(self, worker):
+        if self.arg_relay is not None and self.arg_relay[1] is worker:
+            self.arg_relay[0].abort()   # (the rest of the argument is dropped as it comes)
         if not self.dispatcher.worker_closed(worker) or self.ended:
             return  # (ended: its workers are killed and forgotten, nothing to wait for)
         task = asyncio.get_running_loop().create_task(self._worker_exited(worker))
@@ -799,6 +860,7 @@ class Session(P.Served):
         self._flush()
         self.ended = True
         self.liveness.unwatch()
+        self.arg_relay = None
         lent, self.lent = self.lent, None
         for worker in [*self.workers, *([lent] if lent is not None else [])]:
             worker.dead = True

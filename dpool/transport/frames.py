@@ -105,8 +105,9 @@ class Tap(Protocol):
 #: of at least ``MIN_TAP`` bytes begins: a Tap to take the rest of the
 #: message, or None (the message is received as usual).  Not asked while
 #: messages completed before it in the same read wait to be returned (the
-#: tap's owner would pass this one on before having seen them): then the
-#: next such frame of the message, if any, is offered.
+#: tap's owner would pass this one on before having seen them): those are
+#: returned first, and the tap is asked when the next bytes come (the
+#: frame's first bytes wait in the receive buffer meanwhile).
 TapHook = Callable[[list[Any], tuple[int, ...], tuple[int, ...] | None], "Tap | None"]
 #: Frames at least this big may be tapped.
 MIN_TAP = 1 << 20
@@ -536,7 +537,12 @@ class FrameDecoder:
             body += size
         return frames, stop
 
+    #: True when the last call returned early: messages before a frame the
+    #: tap is to be asked about (an outer decoder returns them at once too).
+    tap_waits = False
+
     def _parse(self) -> list[Message]:
+        self.tap_waits = False
         out: list[Message] = []
         mv, large = self._mv, self._large
         pos, end = self._pos, self._end
@@ -571,7 +577,10 @@ class FrameDecoder:
                 while len(frames) < len(lengths):
                     size = lengths[len(frames)]
                     if size >= MIN_TAP and self.tap is not None and self._tapping is None \
-                            and frames and not out:
+                            and frames:
+                        if out:   # (they go first; the tap is asked at the next read)
+                            self.tap_waits = True
+                            return out
                         self._tapping = self.tap(frames, lengths, flags)
                     if self._tapping is not None:
                         pos = self._tap_frame(size, pos, end, len(frames) + 1 == len(lengths))

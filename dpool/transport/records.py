@@ -187,6 +187,11 @@ class SecureDecoder:
                     break
                 out += self._open(mv[pos:pos + HEAD], mv[pos + HEAD:pos + HEAD + size])
                 pos += HEAD + size
+                if out and self._inner.tap_waits:
+                    # (the inner decoder's tap is asked once they are taken;
+                    # the records left are opened at the next read: a record
+                    # was taken, so the buffer has room for it)
+                    break
         finally:
             self._pos = pos
         return out

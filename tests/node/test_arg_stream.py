@@ -1,0 +1,191 @@
+"""A dpool-node streams a large argument on to the worker as it arrives
+(issue 15): the worker reads it while the client still sends, the node
+holds a bounded part of it, and a client cut, or a worker killed, in the
+middle of the frame leaves the node and its workers clean, the job failed
+by the usual rules (WorkerLost), the connection and its next jobs going on.
+
+The client here is a raw authenticated socket so that the test sends the
+frame in two halves: what the worker has read in between shows whether
+the node stored the frame whole (a memory file) before passing it on."""
+import os
+import signal
+import socket
+import struct
+import time
+
+import psutil
+import pytest
+
+from dpool import protocol as P
+from dpool import serialize
+from dpool.transport.frames import BYTES_FLAG, encode
+from helpers import authenticated_socket, pid_gone, poll_for, start_node
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="reads /proc/PID/fd")]
+
+SIZE = 32 * 2**20
+HALF = SIZE // 2
+
+
+@pytest.fixture
+def node(tmp_path, node_secret):
+    node = start_node(tmp_path / "node", cpus=1, secret=node_secret)
+    yield node
+    assert node.terminate() == 0, node.stderr()
+
+
+def send(sock, msg, *frames):
+    sock.sendall(b"".join(encode([P.encode(type(msg), *msg), *frames])))
+
+
+def replies(sock):
+    """The node's next messages (lists of frames)."""
+    while True:
+        chunk = sock.recv(1 << 20)
+        assert chunk, "the node closed the connection"
+        messages = sock.decoder.feed(chunk)
+        if messages:
+            return messages
+
+
+def next_done(sock):
+    """The next Done's first result and its frames (other messages skipped)."""
+    while True:
+        for frames in replies(sock):
+            msg = P.decode(frames[0])
+            if type(msg) is P.Done:
+                return P.results(msg, frames)[0]
+
+
+def workers(node):
+    """The node's worker processes (its descendants but the zygote)."""
+    return [p for p in node.descendants() if p.ppid() != node.pid]
+
+
+def held_by_workers(node):
+    """The resident memory of the node's workers, bytes."""
+    total = 0
+    for proc in workers(node):
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def memory_files(pid):
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
+        except OSError:
+            pass
+    return count
+
+
+FUNC = b"".join(encode([P.encode(P.Func, 1), serialize.dumps_function(len)]))
+
+
+def open_session(node, secret, func=True):
+    sock = authenticated_socket(node.port, secret, timeout=60)
+    send(sock, P.Session({}))
+    assert type(P.decode(replies(sock)[0][0])) is P.Ready
+    poll_for(lambda: len(workers(node)) == 1, 30, message="the worker to start")
+    if func:
+        sock.sendall(FUNC)
+    return sock
+
+
+def run_head(job_id, data):
+    """The wire bytes of a Run of ``len(data)`` up to the large frame's bytes."""
+    small, big = serialize.dumps_call((data,))
+    frame0 = P.encode(P.Run, [P.run_item(job_id, 1, 2, int(P.Call.CALL))])
+    small = bytes(small)
+    return struct.pack("<IQQQ", 3, len(frame0), len(small), len(data) | BYTES_FLAG) \
+        + frame0 + small
+
+
+def send_half(node, sock, data, first=b""):
+    """Send ``first``, then a Run of ``len(data)`` up to half of its large
+    frame, in one write; wait for the worker to have read that half (the
+    node streams it on)."""
+    before = held_by_workers(node)
+    sock.sendall(first + run_head(1, data) + data[:HALF])
+    poll_for(lambda: held_by_workers(node) - before >= HALF - (1 << 20), 30,
+             message="the worker to hold the half of the argument sent so far")
+    assert memory_files(node.pid) == 0
+
+
+@pytest.mark.parametrize("func", ["before", "in the same record"])
+def test_a_large_argument_reaches_the_worker_as_it_arrives(node, node_secret, func):
+    """Its function sent before, or in the same record as the Run (a
+    client's first job): the Func is taken first, then the Run streams."""
+    data = os.urandom(1024) * (SIZE // 1024)
+    apart = func == "before"
+    with open_session(node, node_secret, func=apart) as sock:
+        send_half(node, sock, data, first=b"" if apart else FUNC)
+        sock.sendall(data[HALF:])
+        record, frames = next_done(sock)
+        assert record.job_id == 1 and record.outcome == P.Outcome.OK
+        assert serialize.loads(frames) == SIZE
+        # The next job (a small argument) on the same connection
+        send(sock, P.Run([P.run_item(2, 1, 1, int(P.Call.CALL))]),
+             *serialize.dumps_call((b"abc",)))
+        record, frames = next_done(sock)
+        assert record.job_id == 2 and serialize.loads(frames) == 3
+
+
+@pytest.mark.parametrize("ending", ["close", "reset"])
+def test_a_client_cut_in_the_middle_of_a_streamed_argument(node, node_secret, ending):
+    data = bytes(SIZE)
+    sock = open_session(node, node_secret)
+    with sock:
+        send_half(node, sock, data)
+        worker = workers(node)[0].pid
+        if ending == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # The session ends: its worker is killed, its CPU free again.
+    poll_for(lambda: pid_gone(worker), 30, message="the session's worker to be killed")
+    poll_for(lambda: not workers(node), 30, message="no worker left")
+    assert memory_files(node.pid) == 0
+    with open_session(node, node_secret) as sock:   # (the CPU is free: a worker starts)
+        send_half(node, sock, data)
+        sock.sendall(data[HALF:])
+        record, frames = next_done(sock)
+        assert record.outcome == P.Outcome.OK and serialize.loads(frames) == SIZE
+
+
+def test_a_worker_killed_in_the_middle_of_a_streamed_argument(node, node_secret):
+    data = bytes(SIZE)
+    with open_session(node, node_secret) as sock:
+        send_half(node, sock, data)
+        worker = workers(node)[0].pid
+        os.kill(worker, signal.SIGKILL)
+        poll_for(lambda: pid_gone(worker), 30, message="the worker to die")
+        sock.sendall(data[HALF:])
+        record, frames = next_done(sock)
+        assert record.job_id == 1 and record.outcome == P.Outcome.WORKER_LOST
+        assert "SIGKILL" in str(serialize.load_exception(frames))
+        # A new worker takes its place; the connection goes on.
+        poll_for(lambda: len(workers(node)) == 1, 30, message="a new worker")
+        send(sock, P.Run([P.run_item(2, 1, 1, int(P.Call.CALL))]),
+             *serialize.dumps_call((b"abcd",)))
+        record, frames = next_done(sock)
+        assert record.job_id == 2 and serialize.loads(frames) == 4
+    assert memory_files(node.pid) == 0
+
+
+def test_a_job_queued_behind_another_is_received_whole(node, node_secret):
+    """No idle worker: the argument waits in the node (a memory file) as
+    before, to be requeued if need be; it still runs."""
+    data = bytes(SIZE)
+    with open_session(node, node_secret) as sock:
+        send(sock, P.Func(2), serialize.dumps_function(time.sleep))
+        send(sock, P.Run([P.run_item(1, 2, 1, int(P.Call.CALL))]),
+             *serialize.dumps_call((1.0,)))
+        sock.sendall(run_head(3, data) + data)
+        record, _ = next_done(sock)
+        assert record.job_id == 1
+        record, frames = next_done(sock)
+        assert record.job_id == 3 and serialize.loads(frames) == SIZE
