@@ -241,8 +241,10 @@ class JobCluster:
         self._embedded_cpus = config.resolve_cpus(cpus)
         why = "no dpool-node at"
         local = self.secret or config.find_local_secret(self.node_port)
-        hosts = [("127.0.0.1", local)] + [(host, self.secret) for host in udp.local_addresses()
-                                          if not is_loopback(host)]
+        hosts = [("127.0.0.1", local)]
+        if self.secret:  # (without one, only 127.0.0.1 is tried: no look at the interfaces)
+            hosts += [(host, self.secret) for host in udp.local_addresses()
+                      if not is_loopback(host)]
         for host, secret in hosts:
             if secret is None:
                 continue

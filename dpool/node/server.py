@@ -13,6 +13,7 @@ from ..transport import PROTOCOL_VERSION, server_ssl_context, start_server
 from ..transport import discovery, udp
 from ..transport.budget import ReceiveBudget
 from .runtime import NodeRuntime
+from .status import start_measuring
 
 log = logging.getLogger("dpool.node")
 
@@ -29,6 +30,7 @@ class NodeServer:
         self.secret = secret
         self.runtime = NodeRuntime(cpus, name=name, dest_root=dest_root,
                                    keep_results=keep_results)
+        start_measuring()  # (the first STATUS's cpu_busy measured from here)
         self.ssl = None
         if certfile:
             self.ssl = server_ssl_context(certfile, keyfile, cafile=cafile,

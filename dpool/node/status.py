@@ -5,8 +5,6 @@ import platform
 import sys
 import time
 
-import psutil
-
 _STARTED = time.time()
 
 
@@ -23,7 +21,22 @@ def dpool_version():
     except Exception:  # not installed (run from a source tree)
         return "unknown"
 
-psutil.cpu_percent(None)  # the first call only starts the measurement
+_psutil = None
+
+
+def start_measuring():
+    """psutil, imported and its CPU measurement started (its first
+    ``cpu_percent`` call only starts it): at a TCP node's start
+    (``NodeServer``), else at the first STATUS; a client's embedded node is
+    never asked, and psutil's ~2,100 GC-tracked objects stay out of the
+    client's heap (walked by each full collection)."""
+    global _psutil
+    if _psutil is None:
+        import psutil
+
+        psutil.cpu_percent(None)
+        _psutil = psutil
+    return _psutil
 
 
 def session_jobs(session):
@@ -48,6 +61,7 @@ def node_status(runtime):
         r, q = session_jobs(session)
         running += r
         queued += q
+    psutil = start_measuring()
     try:
         load = round(os.getloadavg()[0], 2)
     except OSError:

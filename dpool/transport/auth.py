@@ -84,9 +84,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from dpool.errors import AuthenticationError, ConnectionClosed, ProtocolError, VersionMismatch
 
 if TYPE_CHECKING:
@@ -255,6 +252,8 @@ def check_status(status: bytes) -> None:
 
 def derive_keys(key: bytes, transcript: bytes, *, server: bool) -> Keys:
     """Per-connection record keys from the stretched key and both nonces."""
+    from cryptography.hazmat.primitives import hashes  # (see records._aesgcm)
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
     okm = HKDF(hashes.SHA256(), 2 * KEY_SIZE, salt=hashlib.sha256(transcript).digest(),
                info=b"dpool records v1").derive(key)
     to_server, to_client = okm[:KEY_SIZE], okm[KEY_SIZE:]

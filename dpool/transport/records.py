@@ -28,9 +28,6 @@ import collections
 import struct
 from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from dpool.errors import ProtocolError
 
 from .frames import FrameDecoder, Message, feed_buffered
@@ -54,13 +51,27 @@ def _nonce(seq: int) -> bytes:
     return seq.to_bytes(12, "big")
 
 
+# cryptography is imported with the first sealed connection, not with dpool:
+# a client that only uses its embedded node never needs it, and its ~2,800
+# GC-tracked objects would be walked by each full collection of the client.
+
+def _aesgcm(key: bytes) -> Any:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    return AESGCM(key)
+
+
+def _invalid_tag() -> type[Exception]:
+    from cryptography.exceptions import InvalidTag
+    return InvalidTag
+
+
 class Sealer:
     """The sending half: seals stream bytes into records, counting them."""
 
     __slots__ = ("_aead", "_seq")
 
     def __init__(self, key: bytes) -> None:
-        self._aead = AESGCM(key)
+        self._aead = _aesgcm(key)
         self._seq = 0
 
     def seal(self, data: bytes | memoryview) -> list[bytes]:
@@ -126,7 +137,7 @@ class SecureDecoder:
 
     def __init__(self, inner: FrameDecoder, key: bytes) -> None:
         self._inner = inner
-        self._aead = AESGCM(key)
+        self._aead = _aesgcm(key)
         self._seq = 0
         self._buf = bytearray(2 * RECORD_MAX)
         self._mv = memoryview(self._buf)
@@ -209,7 +220,7 @@ class SecureDecoder:
             dst = self._plain
         try:
             self._aead.decrypt_into(nonce, sealed, head, dst[:size])
-        except InvalidTag:
+        except _invalid_tag():
             raise ProtocolError(f"record {seq} failed authentication (forged, changed, "
                                 f"replayed, reordered or dropped data)") from None
         return inner.buffer_updated(size) if direct else inner.feed(dst[:size])
