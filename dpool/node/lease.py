@@ -43,6 +43,8 @@ class SessionLiveness:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
+        if self.session.holds_client_back():
+            hb.heard_at = now   # (its silence is the node's doing: not reading it)
         verdict = hb.tick(now, conn.bytes_received, conn.bytes_sent)
         if verdict is liveness.LOST:
             log.warning("session %s: client %s sent nothing for %.1f s (lease %s s): "

@@ -453,6 +453,11 @@ class Session(P.Served):
         relay = Forward(worker.conn, self.conn, frames, lengths, flags)
         self.arg_relay = (relay, worker)
 
+    def holds_client_back(self):
+        """True while the client is not read because the worker its job's
+        argument streams to takes nothing more now (see lease.py)."""
+        return self.arg_relay is not None and self.arg_relay[0].holding
+
     def _argument_streamed(self):
         """The whole of a streamed argument came: the worker's message ends."""
         if self.arg_relay is not None:

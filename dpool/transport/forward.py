@@ -113,6 +113,11 @@ class Forward:
 
     # -- from the caller --------------------------------------------------------
 
+    @property
+    def holding(self) -> bool:
+        """True while the relay holds its source back (``dest`` is full)."""
+        return self._paused
+
     def finish(self) -> None:
         """Complete the message (all of it came from the source)."""
         self._end(_END)

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 import time
 
 import psutil
@@ -87,9 +88,9 @@ def memory_files(pid):
 FUNC = b"".join(encode([P.encode(P.Func, 1), serialize.dumps_function(len)]))
 
 
-def open_session(node, secret, func=True):
+def open_session(node, secret, func=True, **options):
     sock = authenticated_socket(node.port, secret, timeout=60)
-    send(sock, P.Session({}))
+    send(sock, P.Session(options))
     assert type(P.decode(replies(sock)[0][0])) is P.Ready
     poll_for(lambda: len(workers(node)) == 1, 30, message="the worker to start")
     if func:
@@ -189,3 +190,29 @@ def test_a_job_queued_behind_another_is_received_whole(node, node_secret):
         assert record.job_id == 1
         record, frames = next_done(sock)
         assert record.job_id == 3 and serialize.loads(frames) == SIZE
+
+
+def test_a_worker_stopped_in_the_middle_of_a_streamed_argument_keeps_the_client(
+        node, node_secret):
+    """The node stops reading the client while the worker takes nothing (its
+    socket full): that silence is the node's own doing, not the client's,
+    so the client keeps its session past its lease; the job goes on when the
+    worker does."""
+    data = bytes(SIZE)
+    deadline = 2.0
+    with open_session(node, node_secret, heartbeat=(0.5, deadline)) as sock:
+        send_half(node, sock, data)
+        worker = workers(node)[0].pid
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            rest = threading.Thread(target=sock.sendall, args=(data[HALF:],))
+            rest.start()
+            time.sleep(3 * deadline)   # (what must not happen: the session ended)
+            assert psutil.Process(worker).status() == psutil.STATUS_STOPPED
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        rest.join(60)
+        assert not rest.is_alive()
+        record, frames = next_done(sock)
+        assert record.job_id == 1 and record.outcome == P.Outcome.OK
+        assert serialize.loads(frames) == SIZE
