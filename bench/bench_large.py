@@ -8,7 +8,11 @@ out-of-band buffers; left out when NumPy is not installed), for
   every message in AES-GCM records),
 * ``mp``:    ``multiprocessing.Pool(1)``, the reference,
 
-each measurement in a fresh client process.  Reports MB/s, the client's peak
+each measurement in a fresh client process.  Below 100 MB a measurement is
+several jobs of that size in a row (100 MB's worth, 5-50; ``--jobs``) after
+one more, and its MB/s is their median: a 1 MB job takes about a
+millisecond, and the first of its size in a process pays one-off costs (its
+rate is printed as "first").  Reports MB/s, the client's peak
 RSS above its baseline (the user's own object excluded) and the far side's
 (the workers; for ``node``, the node and its workers), both in multiples of
 the payload, from the kernel's high-water marks (Linux), and the CPU seconds
@@ -111,8 +115,21 @@ def tree(pid):
         return []
 
 
-def one(mode, kind, direction, mb, node_pid=None, port=None):
-    """A single measurement (run in its own process); returns a dict."""
+def clock(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def default_jobs(mb):
+    """Jobs per measurement: one at 100 MB and up, enough below for ~100 MB."""
+    return 1 if mb >= 100 else max(5, min(50, 100 // mb))
+
+
+def one(mode, kind, direction, mb, node_pid=None, port=None, jobs=1):
+    """A measurement (run in its own process): ``jobs`` jobs in a row (after
+    one more of the same size when ``jobs`` > 1), their median; returns a dict
+    (CPU seconds per job)."""
     n = mb * 1_000_000
     me = os.getpid()
     if mode == "mp":
@@ -131,31 +148,40 @@ def one(mode, kind, direction, mb, node_pid=None, port=None):
         node_tree = ((lambda: tree(node_pid)) if mode == "node"
                      else (lambda: [c.pid for c in psutil.Process(me).children(recursive=True)]))
         close = ex.shutdown
+    def job():
+        if direction == "send":
+            assert submit(size_of, data) == n
+        else:
+            assert size_of(submit(make_array if kind == "numpy" else make, n)) == n
+
     try:
         submit(size_of, argument(kind, 64))   # (imports NumPy in the worker too)
         data = argument(kind, n) if direction == "send" else None
+        # several jobs: the first of this size in the process apart (its
+        # one-off costs: fresh buffers, lazily made objects), the median of
+        # the others (one job of 1 MB is ~1 ms: one sample is noise)
+        first = clock(job) if jobs > 1 else None
         far_pids = node_tree()
         cpu_before = cpu_times([me] + far_pids)
         with HighWater(lambda: [me]) as client, HighWater(node_tree) as far:
-            t = time.perf_counter()
-            if direction == "send":
-                assert submit(size_of, data) == n
-            else:
-                result = submit(make_array if kind == "numpy" else make, n)
-                assert size_of(result) == n
-            elapsed = time.perf_counter() - t
+            times = [clock(job) for _ in range(jobs)]
         cpu_after = cpu_times([me] + far_pids)
     finally:
         close()
+    elapsed = median(times)
     # a result is the user's own object: count it out, as the argument is
+    # (after a first job, below 100 MB, the heap may hold its memory already:
+    # never below 0)
     own = n if direction == "result" else 0
-    used = {pid: cpu_after[pid] - cpu_before[pid] for pid in cpu_after if pid in cpu_before}
+    used = {pid: (cpu_after[pid] - cpu_before[pid]) / jobs
+            for pid in cpu_after if pid in cpu_before}
     roles = {"client": used.get(me, 0.0), "node": used.get(node_pid, 0.0),
              "workers": sum(v for pid, v in used.items() if pid not in (me, node_pid))}
     return {"mode": mode, "kind": kind, "dir": direction, "mb": mb, "mbs": round(mb / elapsed, 1),
-            "client_x": round((client.grown - own) / n, 2),
-            "far_x": round((far.grown - own) / n, 2),
-            "cpu": {role: round(v, 3) for role, v in roles.items()}}
+            "client_x": round(max(0, client.grown - own) / n, 2),
+            "far_x": round(max(0, far.grown - own) / n, 2),
+            "cpu": {role: round(v, 4) for role, v in roles.items()}, "jobs": jobs,
+            "first_mbs": round(mb / first, 1) if first else None}
 
 
 def start_node():
@@ -171,13 +197,15 @@ def start_node():
 
 def measure(proc, port, env, mode, kind, direction, mb):
     cmd = [sys.executable, __file__, "--one", mode, kind, direction, str(mb),
-           "--node", str(proc.pid), str(port)]
+           "--node", str(proc.pid), str(port), "--jobs", str(default_jobs(mb))]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if out.returncode:
         print(f"{mode} {kind} {direction} {mb} MB failed: {out.stderr[-500:]}")
         return None
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{r['mb']:>6} MB {r['kind']:<6} {r['mode']:<6} {r['dir']:<7} {r['mbs']:>6} MB/s  "
+    first = f" (first {r['first_mbs']})" if r.get("first_mbs") else ""
+    print(f"{r['mb']:>6} MB {r['kind']:<6} {r['mode']:<6} {r['dir']:<7} {r['mbs']:>6} MB/s"
+          f"{first}  "
           f"client +{r['client_x']:.2f}x  node/workers +{r['far_x']:.2f}x  "
           f"CPU s client {r['cpu']['client']} node {r['cpu']['node']} "
           f"workers {r['cpu']['workers']}", flush=True)
@@ -226,11 +254,14 @@ def main():
     p.add_argument("--repeat", type=int, default=1, help="rounds (medians are reported)")
     p.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--node", nargs=2, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--jobs", type=int, help="jobs per measurement (default: 1 at 100 MB and "
+                   "up, else 100 MB's worth, 5-50; the median)")
     args = p.parse_args()
     if args.one:
         mode, kind, direction, mb = args.one
         node_pid, port = args.node or (None, None)
-        print(json.dumps(one(mode, kind, direction, int(mb), node_pid, port)))
+        jobs = args.jobs or default_jobs(int(mb))
+        print(json.dumps(one(mode, kind, direction, int(mb), node_pid, port, jobs)))
         return
     if "numpy" in args.kinds and importlib.util.find_spec("numpy") is None:
         print("NumPy is not installed: the numpy rows are left out")
