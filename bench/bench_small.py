@@ -16,6 +16,7 @@ in AES-GCM records, as users run it.
 | round trip via the node, Executor / JobCluster | mp.Pool.apply | <= 1.0x |
 | 10,000 no-ops at once, every API, local and via the node | mp.Pool.apply_async | >= 1.5x |
 | create + 1 task + shutdown, local / via the node | (absolute) | <= 0.05 s / 0.1 s |
+| the same, a fresh process's first pool, imports in | (absolute; mp shown) | <= 0.05 s / 0.1 s |
 | 64 CPU-bound ~50 ms tasks, Executor.map | two bare processes | >= 0.97 |
 | 1M ints (a list, and a range), Pool.map, local and via the node | mp.Pool.map | >= 1.5x |
 | the same, Executor.map with mp's chunk size (1M / 8) | mp.Pool.map | >= 1.0x |
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 
-from _common import CPUS, MP, bare_processes, clock, cpu_seconds
+from _common import CPUS, MP, ROOT, bare_processes, clock, cpu_seconds
 
 SECRET = "bench-small-secret"
 
@@ -189,6 +190,50 @@ def case_startup(results, node, rounds):
         t_ours, "<=", target, "s")
 
 
+# A fresh process's first pool: imports + create + 1 task + shutdown, timed
+# inside the process from before its first import (the interpreter's own
+# start-up, the same for both, left out).
+_COLD = """
+import time
+start = time.perf_counter()
+{body}
+print(time.perf_counter() - start)
+"""
+_COLD_OURS = """from dpool.futures import Executor
+with Executor({cpus}, **{kw!r}) as ex:
+    ex.submit(abs, -1).result()"""
+_COLD_REF = """import multiprocessing
+with multiprocessing.get_context("fork").Pool({cpus}) as pool:
+    pool.apply(abs, (-1,))"""
+
+
+def _cold(body):
+    """Seconds a fresh interpreter takes to run ``body`` (imports included).
+    Imports read their cached bytecode, as an installed package's do (the
+    first run writes it)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-c", _COLD.format(body=body)], env=env, check=True,
+                         capture_output=True, text=True, timeout=120)
+    return float(out.stdout.split()[-1])
+
+
+def case_startup_cold(results, node, rounds):
+    kw = {} if node is None else {"nodes": [("127.0.0.1", node)], "secret": SECRET}
+    ours, ref = _COLD_OURS.format(cpus=CPUS, kw=kw), _COLD_REF.format(cpus=CPUS)
+    _cold(ours)  # bytecode written, as on a program's second run (a client's scrypt is in)
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(_cold(ours))
+        b.append(_cold(ref))
+    t_ours, t_ref = statistics.median(a), statistics.median(b)
+    where = "local" if node is None else "node"
+    target = 0.05 if node is None else 0.1
+    results[f"cold first pool {where}"] = report(
+        f"a fresh process's first Executor {where}, imports in (s; ref mp)", t_ours, t_ref,
+        t_ours, "<=", target, "s")
+
+
 def case_map(results, node, n, rounds):
     """issue 13's map rows: items/s of dpool's maps vs mp.Pool.map's, same
     input.  One dpool side open at a time: a node serves one client."""
@@ -309,6 +354,7 @@ def main():
                 case_burst(results, node, n, args.rounds)
             if "startup" in args.only:
                 case_startup(results, node, max(args.rounds, 5))
+                case_startup_cold(results, node, max(args.rounds, 5))
             if "map" in args.only:
                 case_map(results, node, 200_000 if args.quick else 1_000_000, args.rounds)
         finally:
