@@ -208,7 +208,7 @@ class Client:
             raise BrokenCluster(f"the cluster is broken: {describe(self.broken)}") from self.broken
         try:
             fn_id, blob = self.functions.get(fn)
-            frames = tuple(serialize.dumps_call(args, kwargs))  # (untracked by the GC)
+            frames = serialize.dumps_call(args, kwargs)  # (Job keeps a lone frame as is)
         except Exception as exc:
             if not defer_errors:
                 raise

@@ -39,7 +39,7 @@ class Job:
     """The client's record of one job.  Fields are written by the loop thread
     before the future resolves, so they are safe to read after it has."""
 
-    __slots__ = ("id", "fn_id", "frames", "future", "status", "node", "submit_time",
+    __slots__ = ("id", "fn_id", "_frames", "future", "status", "node", "submit_time",
                  "start_time", "end_time", "stdout", "stderr", "sent", "tag", "star",
                  "value", "error", "cancelled", "blob", "where", "place", "pin",
                  "__weakref__")
@@ -48,7 +48,10 @@ class Job:
         self.id = job_id
         self.fn_id = fn_id
         self.star = star
-        self.frames = frames
+        # One frame (the common case) is kept as it is, not in a tuple: one
+        # GC-allocated object less per queued job (see ``frames``).
+        self._frames = frames[0] if frames is not None and len(frames) == 1 \
+            and type(frames[0]) is bytes else frames
         self.blob = None  # the function, serialized (set by Client.submit)
         self.future = Future() if future is None else future
         self.status = CREATED
@@ -65,6 +68,19 @@ class Job:
         # was emitted: value or error, or cancelled by the user's future.cancel().
         self.value = self.error = None
         self.cancelled = False  # True: the user's future.cancel() won before it ran
+
+    @property
+    def frames(self):
+        """The call's frames, a sequence (None once done).  A queued job
+        holds a lone frame without a tuple: each GC-allocated object alive
+        per queued job brings the collector's next pass nearer, and with it
+        the full passes over every queued job."""
+        frames = self._frames
+        return (frames,) if type(frames) is bytes else frames
+
+    @frames.setter
+    def frames(self, frames):
+        self._frames = frames
 
 
 class _FunctionTable:

@@ -216,7 +216,7 @@ class JobCluster:
         self._env = JobEnv(client)
         # Without callbacks a lone job may go direct over a node's link
         # (dpool.core.tcpline): its end is taken in the thread that reads it
-        # (ClusterEvents._job_done touches nothing the loop thread does then).
+        # (ClusterEvents.on_event, a job's end, touches nothing the loop thread does then).
         client.direct_events = not (self.job_status or self.cluster_status)
         return client
 

@@ -46,16 +46,28 @@ class ClusterEvents:
         self._busy_on = {}  # DispyJob -> the DispyNode it started on
         self._handlers = {"node": self._node_changed, "provisional": self._provisional,
                           "file": self._file_received, "avail": self._avail,
-                          "started": self._job_started, "done": self._job_done,
-                          "ready": self._ready_again}
+                          "started": self._job_started, "ready": self._ready_again}
 
-    def on_event(self, kind, obj):
+    def on_event(self, kind, core_job):
         """Client loop thread (the client's ``on_event``): a job's end, on
-        every job's path, first."""
-        if kind == "done":
-            self._job_done(obj)
-        else:
-            self._handlers[kind](obj)
+        every job's path, handled here (one call per job less), the other
+        events by their handlers."""
+        if kind != "done":
+            self._handlers[kind](core_job)
+            return
+        job = core_job.tag
+        if job is None:
+            return
+        link, where = core_job.node, core_job.where
+        self.on_done(job, core_job)
+        ip = self._ips.get(link if where is None else where)  # (job_ip, known: once per job)
+        job.finish_from(core_job, self.job_ip(core_job) if ip is None else ip)
+        # Without callbacks nobody sees a node between two status() calls,
+        # and status() reads its counts from the link: only the nodes behind
+        # a scheduler (counted here, per job) need this for each job, and a
+        # job that started behind one lost since (its _busy_on entry).
+        if self.callbacks is not None or link in self.behind or self._busy_on:
+            self._node_done(job, core_job, link)
 
 
     def ip_of(self, link):
@@ -205,21 +217,6 @@ class ClusterEvents:
             node.update_time = time.time()
         if self.cluster_status:
             self.callbacks.put(self.cluster_status, DispyJob.Running, node, job.snapshot())
-
-    def _job_done(self, core_job):
-        job = core_job.tag
-        if job is None:
-            return
-        link, where = core_job.node, core_job.where
-        self.on_done(job, core_job)
-        ip = self._ips.get(link if where is None else where)  # (job_ip, known: once per job)
-        job.finish_from(core_job, self.job_ip(core_job) if ip is None else ip)
-        # Without callbacks nobody sees a node between two status() calls,
-        # and status() reads its counts from the link: only the nodes behind
-        # a scheduler (counted here, per job) need this for each job, and a
-        # job that started behind one lost since (its _busy_on entry).
-        if self.callbacks is not None or link in self.behind or self._busy_on:
-            self._node_done(job, core_job, link)
 
     def _node_done(self, job, core_job, link):
         """The job's node: one job less running, one more done; callbacks."""
