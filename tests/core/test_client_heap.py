@@ -8,30 +8,29 @@ import textwrap
 
 from dpool.core.job import Job
 
-_LOCAL_RUN = textwrap.dedent("""
+_LOCAL_CLUSTER = textwrap.dedent("""
     import sys
     import dpool
-    from dpool.futures import Executor
     from tasks import double
 
-    with Executor(1) as ex:
-        assert ex.submit(double, 2).result(60) == 4
     with dpool.JobCluster(double, cpus=1, loglevel=40) as cluster:
         assert cluster.submit(3)(timeout=60) == 6
     print(" ".join(sorted({m.split(".")[0] for m in sys.modules})))
 """)
 
 
-def test_a_local_run_imports_no_cryptography():
-    """The AES-GCM records and HKDF are for TCP links only: an Executor and
-    a JobCluster on their embedded node never import ``cryptography``
-    (2,800 GC-tracked objects every full collection of the client walks)."""
-    out = subprocess.run([sys.executable, "-c", _LOCAL_RUN], capture_output=True, text=True,
-                         timeout=120, cwd=str(_tests_dir()))
+def test_a_local_cluster_imports_neither_psutil_nor_cryptography():
+    """A JobCluster on its embedded node (no secret: only 127.0.0.1 is
+    tried before it starts one) never looks at the network interfaces
+    (psutil) nor seals a record (cryptography): together 4,900 GC-tracked
+    objects every full collection of the client would walk
+    (tests/node/test_startup_imports.py: the same for an Executor)."""
+    out = subprocess.run([sys.executable, "-c", _LOCAL_CLUSTER], capture_output=True,
+                         text=True, timeout=120, cwd=str(_tests_dir()))
     assert out.returncode == 0, out.stderr
     modules = set(out.stdout.split())
     assert "dpool" in modules
-    assert "cryptography" not in modules
+    assert not modules & {"psutil", "cryptography"}
 
 
 def test_a_queued_job_holds_a_lone_frame_without_a_tuple():
