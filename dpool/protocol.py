@@ -78,6 +78,9 @@ Node -> worker                         Worker -> node
   Func     (fn_id)       + blob          Done     (results)   + payloads
   Run      (jobs)        + payloads      Started  (jobs: [(job_id, time)])
   Forget   (fn_ids)
+  Cancel   (job_ids)  do not start these GiveBack (job_ids)  those dropped
+           (jobs waiting in the worker:    unstarted (one that had started
+           the node gives them elsewhere)  ends with its Done as usual)
 
 ``jobs`` in Run (both legs) is a list of :class:`RunItem` ``(job_id, fn_id,
 nframes, star, attempt)``: the payload frames of the jobs follow the header

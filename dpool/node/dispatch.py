@@ -15,6 +15,12 @@ Policies:
   frees first; 2 below ``PREFETCH_JOB`` seconds (the next job is already
   there when one ends); up to ``MAX_DEPTH`` below ``SHORT_JOB`` (tiny jobs
   stream).  Durations are measured (a moving average).
+- A job waiting inside a worker (behind the one it runs) is not out of
+  reach: ``ask_back`` (a client's Reclaim, a drain) and ``cancel`` ask the
+  worker not to start it (:class:`Revoke`); the worker answers with the ones
+  it dropped unstarted (:meth:`Dispatcher.revoked`), and a job it had
+  started meanwhile just ends as usual.  Until the answer the job counts as
+  the worker's (a worker that dies requeues it once, with the rest).
 - Each job goes to the worker with the fewest jobs; a worker about to reach
   its ``max_tasks`` gets no more than it will run.
 - A worker that dies fails only the job it was running (``WORKER_LOST``, or
@@ -24,7 +30,8 @@ Policies:
   has its worker killed; one waiting inside a worker is reported at once and
   its result, when it comes, dropped (a *ghost*).
 - Jobs in the queue can be handed back (``give_back``): the client moves
-  them to a node with a free CPU, or away from a draining node.
+  them to a node with a free CPU, or away from a draining node; those
+  waiting inside workers follow once the workers drop them (``ask_back``).
 """
 from __future__ import annotations
 
@@ -37,7 +44,18 @@ from ..protocol import Outcome
 
 SHORT_JOB = 0.002  # seconds: below this a worker gets several jobs at once
 MAX_DEPTH = 32
-PREFETCH_JOB = 0.05  # below this a worker also holds the job after its current one
+# Below this (seconds) a worker also holds the job after its current one, so
+# that it starts the moment the current one ends, with no wait for the node
+# (on a loaded machine the node's turn to run can take milliseconds; 0.05 s
+# left out sleep(0.05), which measures a little over).  A job held so can
+# be cancelled or taken back unstarted (Revoke), but it can no longer move
+# to a CPU that frees elsewhere: a worker reads the node's messages only
+# between jobs, so what it gives back comes when it would start anyway.
+PREFETCH_JOB = 0.1
+
+# Why a job is asked back (Dispatcher.revoking): for the client, cancelled
+# (reported), cancelled while asked back.
+_BACK, _GHOST, _CANCEL = "back", "ghost", "cancel"
 
 
 @dataclass(eq=False)
@@ -75,6 +93,14 @@ class Report:
 
 
 @dataclass(frozen=True)
+class Revoke:
+    """Ask ``worker`` not to start these jobs, which wait in it behind the
+    one it runs (it answers with those it dropped: Dispatcher.revoked)."""
+    worker: Worker
+    job_ids: list
+
+
+@dataclass(frozen=True)
 class Kill:
     worker: Worker
 
@@ -96,6 +122,10 @@ class Dispatcher:
         self.fns = set()  # function ids the session can load into workers
         self.given = {}  # job id -> (worker, job) for jobs given to a worker (see dispatch)
         self.ghosts = set()  # cancelled after being given: drop their results
+        # Jobs a Revoke asked a worker not to start, not answered yet, and
+        # why: _BACK to the client (ask_back), _GHOST cancelled (reported),
+        # _CANCEL cancelled while asked back (reported with the answer).
+        self.revoking = {}
         self.ema = None  # moving average of job durations, seconds
         self.depth = 1
 
@@ -165,17 +195,28 @@ class Dispatcher:
             worker = self.given.get(job_id, (None,))[0]
             if worker is None or job_id in self.ghosts:
                 continue
-            if worker.outstanding[0] == job_id:
+            revoking = self.revoking.get(job_id)
+            if revoking is not None:
+                # Asked back unanswered: whether it started is not known
+                # yet.  Dropped by the worker, it is reported cancelled
+                # then (revoked); if it ran, its result comes as usual.
+                if revoking is _BACK:
+                    self.revoking[job_id] = _CANCEL
+            elif worker.outstanding[0] == job_id:
                 if worker.dead:  # its exit reports it (worker_exited)
                     continue
                 if worker.killing is None:
                     worker.killing = job_id  # reported KILLED when the worker is gone
                     actions.append(Kill(worker))
             else:
-                # Waiting inside the worker (only short jobs wait there):
-                # reported cancelled now, its result dropped later.
+                # Waiting inside the worker: reported cancelled now; the
+                # worker is asked not to start it, and its result, if it
+                # did start it, is dropped.
                 self.ghosts.add(job_id)
                 actions.append(Report(job_id, Outcome.CANCELLED))
+                if not worker.dead:
+                    self.revoking[job_id] = _GHOST
+                    actions.append(Revoke(worker, [job_id]))
         return actions
 
     def done(self, worker, job_id, duration):
@@ -189,8 +230,56 @@ class Dispatcher:
         deliver = self.given.pop(job_id, None) is not None and job_id not in ghosts
         if ghosts:
             ghosts.discard(job_id)
+        if self.revoking:
+            self.revoking.pop(job_id, None)  # (it had started: the Revoke came late)
         self._learn(duration)
         return deliver
+
+    def ask_back(self, n=None):
+        """Ask workers not to start up to ``n`` (all if None) of the jobs
+        waiting in them behind the one they run, the last given first:
+        Revoke actions; :meth:`revoked` hands them back as the workers
+        answer."""
+        actions = []
+        n = len(self.given) if n is None else n
+        revoking = self.revoking
+        for worker in self.workers:
+            if n <= 0:
+                break
+            if len(worker.outstanding) < 2 or worker.dead or worker.killing is not None:
+                continue
+            ids = [job_id for job_id in list(worker.outstanding)[1:]
+                   if job_id not in revoking and job_id not in self.ghosts][-n:]
+            if ids:
+                revoking.update(dict.fromkeys(ids, _BACK))
+                actions.append(Revoke(worker, ids))
+                n -= len(ids)
+        return actions
+
+    def revoked(self, worker, job_ids):
+        """``worker`` dropped these jobs unstarted (its answer to Revoke):
+        returns ``(back, actions)``, the jobs (item, payload) to go back to
+        the client, in order, and the reports of those cancelled meanwhile."""
+        back, actions = [], []
+        for job_id in job_ids:
+            entry = self.given.get(job_id)
+            if entry is None or entry[0] is not worker or job_id not in worker.outstanding:
+                continue
+            del self.given[job_id]
+            worker.outstanding.remove(job_id)
+            why = self.revoking.pop(job_id, None)
+            if why is _GHOST:
+                self.ghosts.discard(job_id)  # (reported when cancelled)
+            elif why is _CANCEL:
+                actions.append(Report(job_id, Outcome.CANCELLED))
+            else:
+                back.append(entry[1])
+        return back, actions
+
+    def revoke_pending(self, job_id):
+        """True while a Revoke of ``job_id`` is unanswered: whether it
+        starts is not known yet."""
+        return job_id in self.revoking
 
     def started(self, job_id):
         """True if the client is to hear that ``job_id`` started."""
@@ -218,18 +307,24 @@ class Dispatcher:
         actions = []
         running = worker.outstanding.popleft()
         self.given.pop(running, None)
+        why = self.revoking.pop(running, None)
         if worker.killing == running:
             actions.append(Report(running, Outcome.KILLED))
         elif running in self.ghosts:
             self.ghosts.discard(running)
+        elif why is _CANCEL:  # (started or not: cancelled, and gone)
+            actions.append(Report(running, Outcome.CANCELLED))
         else:
             actions.append(Report(running, Outcome.WORKER_LOST, WorkerLost(
                 f"the worker process (pid {worker.pid}) running this job {how}")))
         for job_id in reversed(worker.outstanding):
             _, job = self.given.pop(job_id)
+            why = self.revoking.pop(job_id, None)
             if job_id in self.ghosts:
                 self.ghosts.discard(job_id)
-            else:
+            elif why is _CANCEL:
+                actions.append(Report(job_id, Outcome.CANCELLED))
+            else:  # (one asked back too: requeued here, once)
                 self.queue.appendleft(job)
         worker.outstanding.clear()
         return actions
@@ -243,6 +338,7 @@ class Dispatcher:
     def clear(self):
         self.queue.clear()
         self.workers.clear()
+        self.revoking.clear()
 
     # --------------------------------------------------------------- queries
 

@@ -18,8 +18,12 @@ removes its folder.
 
 Reclaim and drain: the client may ask for jobs no worker has taken back
 (``Reclaim``, to run them on a free CPU elsewhere); the node answers
-``GiveBack``.  :meth:`NodeRuntime.drain` (``dpool-node`` on SIGTERM) sends
-each client ``Draining`` and gives its queued jobs back; each session ends
+``GiveBack``, with the jobs of its queue at once and with those waiting in
+workers behind their running job once the workers have dropped them
+(Dispatcher.ask_back: a worker holds its next job only to start it without
+waiting for the node, and gives it back unstarted when asked).
+:meth:`NodeRuntime.drain` (``dpool-node`` on SIGTERM) sends each client
+``Draining`` and gives its queued jobs back; each session ends
 when its running jobs have, or when the grace period is over.
 
 Recovery (dispy's ``recover_jobs``): a session opened with the option
@@ -56,7 +60,7 @@ from ..transport import wrap_socket
 from ..transport.forward import STALL, Forward
 from ..transport.frames import BYTES_FLAG, Relayed
 from ..transport.spool import SpooledFrame
-from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Run, Worker
+from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Revoke, Run, Worker
 from .files import default_job_root, private_dir
 from .lease import SessionLiveness
 from .recovery import KEEP_RESULTS, Keeping, Kept, recoverable, take_over
@@ -465,8 +469,18 @@ class Session(P.Served):
             relay.finish()
 
     def on_reclaim(self, msg, frames):
-        """The client has a free CPU elsewhere: jobs no worker has go back."""
-        self._give_back(self.dispatcher.give_back(msg.count))
+        """The client has a free CPU elsewhere: jobs no worker has go back.
+        A scheduler's (its session ``shared``) also has those waiting in
+        workers back, once the workers drop them: it reclaims to hand the
+        CPUs to another client (fair shares), so the job after the running
+        one must not start here.  A client with its own nodes reclaims to
+        run a job sooner on a free CPU elsewhere: a job waiting in a worker
+        would come back only as that worker's running job ends, when it
+        starts here anyway, so it stays."""
+        given = self.dispatcher.give_back(msg.count)
+        self._give_back(given)
+        if len(given) < msg.count and self.options.get("shared"):
+            self._act(self.dispatcher.ask_back(msg.count - len(given)))
 
     def _give_back(self, job_ids):
         if job_ids:
@@ -484,6 +498,7 @@ class Session(P.Served):
         if not self.conn.closed:
             self.conn.send([P.encode(P.Draining, grace)])
             self._give_back(self.dispatcher.give_back())
+            self._act(self.dispatcher.ask_back())
         # (a detached session's queued jobs run on: no client is there to move them)
         self._end_if_drained()
 
@@ -646,6 +661,8 @@ class Session(P.Served):
                 self._report(action.job_id, action.outcome, error)
             elif kind is Kill:
                 self._stop(action.worker)
+            elif kind is Revoke:
+                _send(action.worker, [P.encode(P.Cancel, action.job_ids)])
             elif kind is Forget:
                 _send(action.worker, [P.encode(P.Forget, action.fn_ids)])
 
@@ -696,12 +713,17 @@ class Session(P.Served):
             items = ((results[0], frames[1:1 + results[0][_NFRAMES]]),) if len(results) == 1 \
                 else P.raw_results(msg, frames) if results else ()
             head = worker.outstanding[0] if worker.outstanding else None
+            revoking = self.dispatcher.revoking
             for record, payload in items:
+                if revoking:
+                    self._ran(record[_JOB_ID])
                 if done(worker, record[_JOB_ID], record[_END] - record[_START]):
                     self._result(record, payload)
             self._next_starts(worker, head)
             if self.draining:
                 self._end_if_drained()
+        elif kind is P.GiveBack:
+            self._revoked(worker, msg.job_ids)
         elif kind is P.InitFail:
             self._init_failed(frames[1:])
         elif self.env is not None:
@@ -721,11 +743,36 @@ class Session(P.Served):
 
     def _next_starts(self, worker, head):
         """The worker's first job was ``head`` before its results were
-        taken: if another is first now, it starts."""
+        taken: if another is first now, it starts (unless it was asked
+        back: then its result, if it comes, tells, see _ran)."""
         outstanding = worker.outstanding
         if outstanding and outstanding[0] != head and not worker.dead \
-                and worker.killing is None:
+                and worker.killing is None and outstanding[0] not in self.dispatcher.revoking:
             self._starts(outstanding[0])
+
+    def _ran(self, job_id):
+        """A result came for ``job_id``: if it had been asked back, its
+        start was not told (_next_starts): it is, just before the result."""
+        if self.dispatcher.revoke_pending(job_id):
+            self._starts(job_id)
+
+    def _revoked(self, worker, job_ids):
+        """The worker dropped these jobs unstarted, as asked (Revoke): those
+        taken back for the client go to it (or, with no client to take
+        them, to another worker here); the cancelled ones are reported."""
+        head = worker.outstanding[0] if worker.outstanding else None
+        back, actions = self.dispatcher.revoked(worker, job_ids)
+        self._act(actions)
+        self._next_starts(worker, head)
+        if back:
+            if self.conn.closed or self.ended:
+                self.dispatcher.queue.extendleft(reversed(back))
+            else:
+                self._give_back([item.job_id for item, _ in back])
+        if not self.ended:
+            self.dispatch()
+            if self.draining:
+                self._end_if_drained()
 
     def on_worker_closed(self, worker):
         if self.arg_relay is not None and self.arg_relay[1] is worker:
@@ -794,6 +841,7 @@ class Session(P.Served):
         stalled worker (Forward.cut) lost the result: WorkerLost."""
         job_id = record[_JOB_ID]
         head = worker.outstanding[0] if worker.outstanding else None
+        self._ran(job_id)
         delivered = self.dispatcher.done(worker, job_id, record[_END] - record[_START])
         self._next_starts(worker, head)
         if not delivered:

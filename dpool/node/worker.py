@@ -9,6 +9,9 @@
     RUN [RunItem(job_id, fn_id, n, star)] + payloads ──► for each: load, run, dump
                                 ◄──  DONE [Result(job_id, outcome, start, end,
                                               stdout, stderr, n)] + payloads
+    CANCEL [job_id] (not started yet) ──► dropped when it comes up
+                                ◄──  GIVEBACK [job_id]  (one that did start
+                                     just ends: its DONE comes as usual)
 
 A worker is forked by the zygote (:mod:`dpool.node.zygote`) with one end of a
 socketpair; its only peer is its node.  It runs in its own process group so
@@ -18,6 +21,7 @@ processes they left (their own children, and orphans that left the group
 with ``setsid``), keeping only those that existed before (e.g. a setup's).
 It exits when the node closes the socket, or after ``max_tasks`` jobs.
 """
+import collections
 import io
 import os
 import sys
@@ -90,16 +94,49 @@ class Worker:
         self.done = 0
         self.kept = frozenset()  # child processes that outlive jobs (a setup's)
         self.handlers = {P.Init: self.on_init, P.Func: self.on_func, P.Run: self.on_run,
-                         P.Forget: self.on_forget,
+                         P.Forget: self.on_forget, P.Cancel: self.on_cancel,
                          P.Setup: self.on_env, P.Env: self.on_env, P.Cleanup: self.on_env}
+        self.revoked = set()  # jobs received, not started, that the node asked back
+        self.backlog = collections.deque()  # (msg, frames) read while looking for those
 
     def serve(self):
         recv = self.conn.recv
         handlers = self.handlers
+        backlog = self.backlog
         while self.max_tasks is None or self.done < self.max_tasks:
-            frames = recv()
-            msg = P.decode(frames[0])
+            if backlog:
+                msg, frames = backlog.popleft()
+            else:
+                frames = recv()
+                msg = P.decode(frames[0])
             handlers[type(msg)](msg, frames)
+
+    def on_cancel(self, msg, frames):
+        """The node asks back jobs it gave this worker (Cancel), read while
+        idle: every job received has started, nothing to drop.  (Those read
+        before a job starts are taken by _asked_back.)"""
+
+    def _asked_back(self, job_id):
+        """Whether the node asked ``job_id`` back before it starts (a job
+        held here behind the one running: the node gives it to a client
+        that needs it, or it was cancelled).  What the node sent meanwhile
+        is read first, without blocking: its Cancels taken, the rest kept
+        for after the jobs in hand.  A Cancel that comes later finds the
+        job started; the node then gets its result as usual."""
+        conn = self.conn
+        if conn.take_in():
+            while conn.has_data:
+                frames = conn.recv()
+                msg = P.decode(frames[0])
+                if type(msg) is P.Cancel:
+                    self.revoked.update(msg.job_ids)
+                else:
+                    self.backlog.append((msg, frames))
+        revoked = self.revoked
+        if revoked and job_id in revoked:
+            revoked.discard(job_id)
+            return True
+        return False
 
     def on_init(self, msg, frames):
         options = msg.options
@@ -152,8 +189,13 @@ class Worker:
         the job it has no result for is the one that was running."""
         send = self.conn.send
         for item, payload in P.run_items(msg, frames):
+            if self._asked_back(item.job_id):  # not started: back to the node
+                send([P.encode(P.GiveBack, [item.job_id])])
+                continue
             record, payload = self.run(item.job_id, item.fn_id, item.star, payload)
             send([P.encode(P.Done, [record]), *payload])
+        if not self.backlog:
+            self.revoked.clear()  # (every job received has started: the rest came late)
         reaper.kill_children(self.kept)  # nothing of a job outlives it
 
     def run(self, job_id, fn_id, star, frames):

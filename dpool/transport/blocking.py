@@ -127,6 +127,20 @@ class BlockingConnection:
         """True if a whole received message is waiting."""
         return bool(self._messages)
 
+    def take_in(self) -> bool:
+        """Read what has arrived, without blocking: True if a whole message
+        waits (or the end: ``recv`` then raises).  One ``poll`` when
+        nothing has (cheaper than a read that fails)."""
+        if self._messages or self._eof:
+            return True
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self._sock.fileno(), select.POLLIN)
+        if poller.poll(0):
+            self._read(_DONTWAIT)
+        return bool(self._messages) or self._eof
+
     def recv(self) -> Message:
         messages = self._messages
         while not messages:

@@ -6,8 +6,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from dpool.protocol import Call, Outcome, RunItem
 from dpool.errors import WorkerLost
-from dpool.node.dispatch import (MAX_DEPTH, Dispatcher, Forget, Kill, LoadFunction, Report, Run,
-                                 Worker)
+from dpool.node.dispatch import (MAX_DEPTH, Dispatcher, Forget, Kill, LoadFunction, Report,
+                                 Revoke, Run, Worker)
 
 
 def job(job_id, fn_id=1):
@@ -168,10 +168,12 @@ def test_pending_lists_queued_then_given():
 @settings(max_examples=150, stateful_step_count=40, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 class DispatcherNeverLosesJobs(RuleBasedStateMachine):
-    """Random submit/done/cancel/worker death/give-back sequences: every job
-    ends exactly once (a result delivered, a Report, or given back); a worker
-    runs its jobs in order and holds at most ``depth`` of them; no job waits
-    in the queue while a live worker is idle."""
+    """Random submit/done/cancel/worker death/give-back/ask-back sequences:
+    every job ends exactly once (a result delivered, a Report, or given
+    back); a worker runs its jobs in order and holds at most ``depth`` of
+    them; no job waits in the queue while a live worker is idle.  A worker
+    asked not to start a job (Revoke) either drops it (``drop``, if it has
+    not started it) or runs it (``finish``)."""
 
     @initialize(workers=st.integers(1, 3), fns=st.sets(st.integers(1, 3), min_size=1))
     def start(self, workers, fns):
@@ -182,6 +184,8 @@ class DispatcherNeverLosesJobs(RuleBasedStateMachine):
         self.ended = {}
         self.jobs = set()
         self.next_id = 0
+        self.asked = {}  # worker -> job ids a Revoke asked it not to start
+        self.began = set()  # jobs a worker started (it can no longer drop them)
         for _ in range(workers):
             self.add_worker()
 
@@ -197,6 +201,12 @@ class DispatcherNeverLosesJobs(RuleBasedStateMachine):
                 assert len(action.worker.outstanding) <= max(self.d.depth, 1)
             elif kind is Report:
                 self.end(action.job_id, action.outcome)
+            elif kind is Revoke:
+                assert not action.worker.dead
+                for job_id in action.job_ids:
+                    assert job_id in self.held[action.worker]
+                    assert job_id not in self.began
+                    self.asked.setdefault(action.worker, set()).add(job_id)
             elif kind in (LoadFunction, Kill, Forget):
                 pass
             else:
@@ -232,6 +242,7 @@ class DispatcherNeverLosesJobs(RuleBasedStateMachine):
             return
         assert self.held[worker][0] == job_id  # in the order sent
         self.held[worker].pop(0)
+        self.began.add(job_id)
         if self.d.done(worker, job_id, duration):
             self.end(job_id, "done")
         else:
@@ -251,6 +262,27 @@ class DispatcherNeverLosesJobs(RuleBasedStateMachine):
         assert self.d.worker_closed(worker)
         self.apply(self.d.worker_exited(worker, "died"))
         self.held[worker] = []
+        self.asked.pop(worker, None)
+        self.apply(self.d.dispatch())
+
+    @rule(n=st.one_of(st.none(), st.integers(0, 3)))
+    def ask_back(self, n):
+        self.apply(self.d.ask_back(n))
+
+    def droppable(self):
+        return [(w, j) for w, ids in self.asked.items() for j in sorted(ids)
+                if not w.dead and j in self.held[w] and j not in self.began]
+
+    @precondition(lambda self: self.droppable())
+    @rule(data=st.data())
+    def drop(self, data):
+        worker, job_id = data.draw(st.sampled_from(self.droppable()))
+        self.held[worker].remove(job_id)
+        self.asked[worker].discard(job_id)
+        back, actions = self.d.revoked(worker, [job_id])
+        for item, _ in back:
+            self.end(item.job_id, "given back")
+        self.apply(actions)
         self.apply(self.d.dispatch())
 
     @rule(n=st.integers(0, 3))
@@ -301,3 +333,16 @@ def test_a_job_that_runs_first_is_not_kept_with_its_payload():
     assert refs[0]() is None and refs[1]() is not None
     assert d.worker_exited(a, "was killed")[0].outcome == Outcome.WORKER_LOST
     assert [j[0].job_id for j in d.queue] == [1] and d.queue[0][1] == [refs[1]()]
+
+
+def test_ask_back_takes_jobs_held_in_workers_the_last_first():
+    d, (a, b) = ready()
+    d.depth = 2
+    d.submit([job(i) for i in range(5)])  # a: 0 2, b: 1 3; 4 queued
+    assert d.give_back(2) == [4]
+    assert d.ask_back(1) == [Revoke(a, [2])]
+    assert d.ask_back(1) == [Revoke(b, [3])]
+    assert d.ask_back() == []  # nothing more held
+    back, _ = d.revoked(b, [3])
+    assert [item.job_id for item, _ in back] == [3]
+    assert d.pending() == [0, 1, 2]

@@ -1,0 +1,281 @@
+"""A job waiting in a worker behind the one it runs (the worker holds its
+next job to start it without waiting for the node) is not out of reach:
+the node asks the worker not to start it (Cancel to the worker), and the
+worker gives it back unstarted (GiveBack) or, having started it, runs it.
+
+At the session's level (no processes: the worker's side played here), and
+the worker's side in a forked worker."""
+import asyncio
+import os
+import socket
+import tempfile
+import time
+
+from dpool import protocol as P
+from dpool import serialize
+from dpool.node.dispatch import PREFETCH_JOB
+from dpool.node.runtime import Session, WorkerHandle
+from dpool.transport import inproc_pair
+from dpool.transport.blocking import BlockingConnection
+
+
+class ClientConn:
+    """The client's side as the session sees it: the messages sent."""
+    closed = False
+    peer = "client"
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, frames):
+        self.sent.append(P.decode(frames[0]))
+
+    def send_all(self, messages):
+        self.sent.extend(P.decode(frames[0]) for frames in messages)
+
+    def of(self, kind):
+        return [msg for msg in self.sent if type(msg) is kind]
+
+
+def _done(job_id):
+    return [P.encode(P.Done, [P.result(job_id, int(P.Outcome.OK), 1, 1.0, 1.1)]), b"result"]
+
+
+async def _session(jobs=(1, 2, 3), shared="a scheduler"):
+    """A session with one worker holding two jobs (the first running), the
+    rest queued; notify_start on; a scheduler's (``shared``) unless told.
+    Returns (session, client, worker, the worker's side)."""
+    ours, theirs = inproc_pair()
+    received = []
+    theirs.set_receiver(lambda frames: received.append(P.decode(frames[0])),
+                        lambda exc=None: None)
+    client = ClientConn()
+    session = Session(node=None, conn=client, sid=1)
+    session.options = {"notify_start": True, "shared": shared}
+    worker = WorkerHandle(pid=1, conn=ours, max_tasks=None, zygote=None)
+    session.dispatcher.depth = 2  # jobs of 50 ms: the next one waits in the worker
+    session._act(session.dispatcher.add_worker(worker))
+    session.on_message([P.encode(P.Func, 7), b"the function"])
+    session.on_message([P.encode(P.Run, [P.run_item(job, 7, 1, 0) for job in jobs]),
+                        *[b"args"] * len(jobs)])
+    await asyncio.sleep(0)
+    assert list(worker.outstanding) == [1, 2]
+    worker.received = received
+    return session, client, worker, (ours, theirs)
+
+
+async def _end(pair):
+    for conn in pair:
+        conn.close()
+    await asyncio.sleep(0)
+
+
+def _cancels(worker):
+    return [msg.job_ids for msg in worker.received if type(msg) is P.Cancel]
+
+
+def test_50ms_jobs_wait_in_their_worker():
+    """sleep(0.05) measures a little over 50 ms: such jobs are held in the
+    worker too (the prefetch that issue 11's 95% needs)."""
+    assert PREFETCH_JOB > 0.06
+
+
+def test_a_reclaim_takes_back_a_job_waiting_in_a_worker_once_it_drops_it():
+    async def main():
+        session, client, worker, pair = await _session()
+        session.on_message([P.encode(P.Reclaim, 2)])
+        await asyncio.sleep(0)
+        # the queued job at once, the one in the worker asked back
+        assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[3]]
+        assert _cancels(worker) == [[2]]
+        session.on_worker_message(worker, _done(1))
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[3], [2]]
+        started = [job for msg in client.of(P.Started) for job, _ in msg.jobs]
+        assert started == [1]  # 2 never started here: not told started
+        assert [r[0] for msg in client.of(P.Done) for r in msg.results] == [1]
+        assert session.dispatcher.pending() == [] and not worker.outstanding
+        await _end(pair)
+    asyncio.run(main())
+
+
+def test_a_client_with_its_own_nodes_reclaims_only_queued_jobs():
+    """Its Reclaim is to run a job sooner on a free CPU elsewhere: a job
+    held in a worker would come back only when it would start here."""
+    async def main():
+        session, client, worker, pair = await _session(shared=None)
+        session.on_message([P.encode(P.Reclaim, 2)])
+        await asyncio.sleep(0)
+        assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[3]]
+        assert _cancels(worker) == [] and not session.dispatcher.revoking
+        await _end(pair)
+    asyncio.run(main())
+
+
+def test_a_draining_node_asks_back_the_jobs_waiting_in_workers():
+    async def main():
+        session, client, worker, pair = await _session(shared=None)
+        ended = []
+        session.end = ended.append  # (what ending does is not this test's)
+        session.drain(30)
+        await asyncio.sleep(0)
+        assert _cancels(worker) == [[2]]
+        session.on_worker_message(worker, _done(1))
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
+        await asyncio.sleep(0)
+        assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[3], [2]]
+        assert ended == ["node shutting down"]  # nothing left running here
+        await _end(pair)
+    asyncio.run(main())
+
+
+def test_a_job_asked_back_that_the_worker_started_anyway_ends_as_usual():
+    """The Cancel came after the worker took the job up: its result comes,
+    told started just before it; nothing is given back for it."""
+    async def main():
+        session, client, worker, pair = await _session(jobs=(1, 2))
+        session.on_message([P.encode(P.Reclaim, 1)])
+        session.on_worker_message(worker, _done(1))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert [job for msg in client.of(P.Started) for job, _ in msg.jobs] == [1]
+        session.on_worker_message(worker, _done(2))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert [job for msg in client.of(P.Started) for job, _ in msg.jobs] == [1, 2]
+        kinds = [type(msg).__name__ for msg in client.sent]
+        assert kinds.index("Started", 2) < len(kinds) - 1 and kinds[-1] == "Done"
+        assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[]]
+        assert [r[0] for msg in client.of(P.Done) for r in msg.results] == [1, 2]
+        assert session.dispatcher.pending() == [] and not session.dispatcher.revoking
+        await _end(pair)
+    asyncio.run(main())
+
+
+def test_a_job_cancelled_while_asked_back_is_reported_cancelled_once():
+    async def main():
+        session, client, worker, pair = await _session(jobs=(1, 2))
+        session.on_message([P.encode(P.Reclaim, 1)])
+        session.on_message([P.encode(P.Cancel, [2])])
+        await asyncio.sleep(0)
+        assert _cancels(worker) == [[2]]  # (no second Cancel to the worker)
+        session.on_worker_message(worker, _done(1))
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        outcomes = {r[0]: r[1] for msg in client.of(P.Done) for r in msg.results}
+        assert outcomes == {1: P.Outcome.OK, 2: P.Outcome.CANCELLED}
+        assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[]]  # not given back
+        assert session.dispatcher.pending() == []
+        await _end(pair)
+    asyncio.run(main())
+
+
+def test_a_cancelled_job_waiting_in_a_worker_is_not_started_there():
+    """Cancelled while it waited in the worker: reported at once (as
+    before), and the worker is asked not to start it; it gives it back,
+    and nothing more is reported."""
+    async def main():
+        session, client, worker, pair = await _session(jobs=(1, 2))
+        session.on_message([P.encode(P.Cancel, [2])])
+        await asyncio.sleep(0)
+        assert _cancels(worker) == [[2]]
+        session.on_worker_message(worker, _done(1))
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        results = [(r[0], r[1]) for msg in client.of(P.Done) for r in msg.results]
+        assert sorted(results) == [(1, P.Outcome.OK), (2, P.Outcome.CANCELLED)]
+        assert not client.of(P.GiveBack)
+        assert [job for msg in client.of(P.Started) for job, _ in msg.jobs] == [1]
+        await _end(pair)
+    asyncio.run(main())
+
+
+def test_a_worker_dying_while_a_job_is_asked_back_requeues_it_once():
+    """The worker dies before it answers: the job asked back goes back to
+    the session's queue, once, and the next worker runs it."""
+    async def main():
+        session, client, worker, pair = await _session(jobs=(1, 2))
+        session.on_message([P.encode(P.Reclaim, 1)])
+        session.dispatcher.worker_closed(worker)
+        session._act(session.dispatcher.worker_exited(worker, "was killed by signal 9"))
+        assert [job[0].job_id for job in session.dispatcher.queue] == [2]
+        assert not session.dispatcher.revoking
+        outcomes = {r[0]: r[1] for msg in client.of(P.Done) for r in msg.results}
+        assert outcomes == {1: P.Outcome.WORKER_LOST}
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])  # (late: ignored)
+        assert [job[0].job_id for job in session.dispatcher.queue] == [2]
+        await _end(pair)
+    asyncio.run(main())
+
+
+def test_jobs_asked_back_with_no_client_to_take_them_run_here():
+    """A recoverable session whose client went away: what the workers
+    drop goes to the queue again (nobody to give it to)."""
+    async def main():
+        session, client, worker, pair = await _session(jobs=(1, 2))
+        session.on_message([P.encode(P.Reclaim, 1)])
+        client.closed = True
+        session.on_worker_message(worker, _done(1))
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
+        assert list(worker.outstanding) == [2]  # given to the worker again
+        await _end(pair)
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------ the worker's side
+
+def _fork_worker():
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ours.close()
+            from dpool.node import worker
+
+            worker.main(theirs.detach())
+        finally:
+            os._exit(99)
+    theirs.close()
+    return pid, BlockingConnection(ours)
+
+
+def _run(job_id, fn_id, *args):
+    return [P.encode(P.Run, [P.run_item(job_id, fn_id, 1, 0)]), *serialize.dumps_call(args)]
+
+
+def _answers(conn, n):
+    got = []
+    while len(got) < n:
+        frames = conn.recv()
+        msg = P.decode(frames[0])
+        got.append(msg.job_ids if type(msg) is P.GiveBack else
+                   [(r[0], r[1]) for r in msg.results])
+    return got
+
+
+def test_a_worker_gives_back_a_job_asked_back_before_it_starts():
+    """Run 1 (0.2 s), Run 2, Cancel 2 in one write: the worker runs 1,
+    gives 2 back unstarted (its function never runs), and a Cancel that
+    comes after a job ran changes nothing (the next job runs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        pid, conn = _fork_worker()
+        try:
+            conn.send([P.encode(P.Init, {"cwd": tmp})])
+            conn.send([P.encode(P.Func, 1), serialize.dumps_function(time.sleep)])
+            conn.send([P.encode(P.Func, 2), serialize.dumps_function(os.mkdir)])
+            conn.send(_run(1, 1, 0.2))
+            conn.send(_run(2, 2, os.path.join(tmp, "two")))
+            conn.send([P.encode(P.Cancel, [2])])
+            assert _answers(conn, 2) == [[(1, P.Outcome.OK)], [2]]
+            assert not os.path.exists(os.path.join(tmp, "two"))
+            conn.send([P.encode(P.Cancel, [1])])  # late: 1 ran
+            conn.send(_run(3, 2, os.path.join(tmp, "three")))
+            assert _answers(conn, 1) == [[(3, P.Outcome.OK)]]
+            assert os.path.isdir(os.path.join(tmp, "three"))
+        finally:
+            conn.close()
+            os.waitpid(pid, 0)
