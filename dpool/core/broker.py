@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from .. import liveness
@@ -541,16 +542,25 @@ class ClientSession(P.Served):
         self._tell(frames)
 
     def _tell(self, frames: list) -> None:
+        self._tell_all((frames,))
+
+    def _tell_all(self, messages: Sequence[list]) -> None:
+        """Send ``messages`` in order, in one write (a pass's Started and Done)."""
         if self._ready_timer is not None or (self.node_list.changed and self.told_cpus):
             if self._ready_timer is not None:  # a change of its nodes goes first (SetupDone...)
                 self._ready_timer.cancel()
             self.tell_ready()
         if self.kept is not None:  # gone, recoverable: its results are kept
-            if not self.kept.add(frames):
-                self.end("more results than the scheduler may keep for the clients gone")
+            for frames in messages:
+                if not self.kept.add(frames):
+                    self.end("more results than the scheduler may keep for the clients gone")
+                    return
             return
         if not self.conn.closed:
-            self.conn.send(frames)
+            if len(messages) == 1:
+                self.conn.send(messages[0])
+            else:
+                self.conn.send_all(messages)
 
     def report(self, job_id: int, outcome: int, frames: Any = (),
                attempt: int | None = None) -> None:

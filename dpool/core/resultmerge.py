@@ -52,30 +52,32 @@ class ResultMerge:
         starts, self.starts = self.starts, []
         if self.session.ended:
             return
+        messages: list[list] = []
         if starts:  # (before any Done: a job's start comes before its result)
-            self.session._tell([P.encode(P.Started, starts)])
+            messages.append([P.encode(P.Started, starts)])
         merged: list[tuple[list, list]] = []
         nframes = nbytes = 0
         for records, frames in out:
             size = sum(map(_nbytes, frames))
             if merged and (nframes + len(frames) > MERGE_MAX_FRAMES
                            or nbytes + size > MERGE_MAX_BYTES):
-                self._tell_merged(merged)
+                messages.append(self._merged(merged))
                 merged, nframes, nbytes = [], 0, 0
             merged.append((records, frames))
             nframes += len(frames)
             nbytes += size
         if merged:
-            self._tell_merged(merged)
+            messages.append(self._merged(merged))
+        if messages:  # (the Started and the Done of a pass: one write)
+            self.session._tell_all(messages)
 
-    def _tell_merged(self, out: list[tuple[list, list]]) -> None:
+    def _merged(self, out: list[tuple[list, list]]) -> list:
         """One Done for ``out`` (the node's own message if it is alone)."""
         if len(out) == 1:
-            self.session._tell(out[0][1])
-            return
+            return out[0][1]
         results: list = []
         payload: list = []
         for records, frames in out:
             results += records
             payload += frames[1:]
-        self.session._tell([P.encode(P.Done, results), *payload])
+        return [P.encode(P.Done, results), *payload]
