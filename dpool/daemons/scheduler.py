@@ -31,6 +31,7 @@ from .. import config
 from ..core import schedsetup
 from ..hosts import is_loopback
 from . import common
+from ..transport.streams import new_event_loop
 from .node import GRACE
 
 log = logging.getLogger("dpool.scheduler")
@@ -89,7 +90,10 @@ def main(argv=None):
         print(f"dpool-scheduler: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(broker, args))
+        # (the counting loop, as dpool-node's: a stream corks the messages
+        # after a loop pass's first without a callback per lone message)
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(_serve(broker, args))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
