@@ -49,6 +49,24 @@ def test_two_clients_share_the_cpus_equally(scheduler):
         b.close()
 
 
+def test_two_clients_share_the_cpus_equally_with_jobs_held_in_the_workers(scheduler):
+    """Jobs of 60 ms: each worker holds the next one behind the one it runs
+    (dispatch.PREFETCH_JOB); the scheduler's Reclaim, as B comes, has the
+    held ones of A back unstarted, so B gets its share as A's jobs end."""
+    a, b = client(scheduler), client(scheduler)
+    try:
+        jobs_a = [a.submit(nap, (0.06,)) for _ in range(300)]
+        poll_for(lambda: sum(j.future.done() for j in jobs_a) >= 20, 30,
+                 message="client A's jobs to run")
+        jobs_b = [b.submit(nap, (0.06,)) for _ in range(150)]
+        for job in jobs_a + jobs_b:
+            job.future.result(120)
+        assert 0.4 <= share(jobs_a, jobs_b) <= 0.6
+    finally:
+        a.close()
+        b.close()
+
+
 def test_executor_through_the_scheduler(scheduler):
     with Executor(scheduler=f"127.0.0.1:{scheduler.port}", secret=SECRET) as ex:
         assert list(ex.map(abs, range(-5, 5))) == [abs(x) for x in range(-5, 5)]
