@@ -23,6 +23,10 @@ class FakeConn:
     def send(self, frames):
         self.sent.append(list(frames))
 
+    def send_all(self, messages):  # (in one write: the order is what counts here)
+        for frames in messages:
+            self.send(frames)
+
 
 class FakeFair:
     def __init__(self):
