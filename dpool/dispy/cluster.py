@@ -23,6 +23,7 @@ loop-thread side is :mod:`dpool.dispy.events`, its client extension
 :mod:`dpool.dispy.env`; the node side of the job environment is
 :mod:`dpool.node.env.session` and :mod:`dpool.node.env.job`.
 """
+import decimal
 import errno
 import inspect
 import logging
@@ -223,7 +224,9 @@ class JobCluster:
     def _make_client(self, cpus):
         if not self._allocs:
             return self._local_client(cpus)
-        addresses = [(a.host, a.port) for a in self._allocs if not discover.is_pattern(a.host)]
+        # (one node named by several NodeAllocates is one node: _allocs_for)
+        addresses = list(dict.fromkeys((a.host, a.port) for a in self._allocs
+                                       if not discover.is_pattern(a.host)))
         patterns = [(a.host, a.port) for a in self._allocs if discover.is_pattern(a.host)]
         if patterns and not addresses:
             self._used_secret = config.discovery_secret(self.secret, self.node_port)
@@ -268,19 +271,29 @@ class JobCluster:
                  "%d CPUs", why, self.node_port, client.nodes()[0].cpus)
         return client
 
-    def _alloc_for(self, link, ip, name):
-        """The NodeAllocate naming this node, else the first pattern it matches."""
+    def _allocs_for(self, link):
+        """The NodeAllocates consulted for this node, in dispy's order: all
+        of those on its port, sorted as dispy sorts its list (on the address
+        as a regular expression, ``.`` escaped and ``*`` as ``.*``, greatest
+        first: a node's own address before the patterns matching it; equal
+        ones in the order given)."""
         if link.address == "embedded":
-            return NodeAllocate("*")
-        host, port = link.address
-        for alloc in self._allocs:
-            if (alloc.host, alloc.port) == (host, port):
-                return alloc
-        for alloc in self._allocs:
-            if alloc.port == port and discover.is_pattern(alloc.host) \
-                    and alloc.matches(ip, name):
-                return alloc
-        return NodeAllocate("*")
+            return [NodeAllocate("*")]
+        port = link.address[1]
+        return sorted((alloc for alloc in self._allocs if alloc.port == port),
+                      key=_dispy_order, reverse=True) or [NodeAllocate("*")]
+
+    def _allocate(self, link, ip, name, cpus, info):
+        """dispy's rule: each NodeAllocate in turn (:meth:`_allocs_for`)
+        until one's ``allocate`` gives CPUs (more than 0: 0, ``None`` or
+        less tries the next); (its CPUs, it), or (0, None) if none does."""
+        for alloc in self._allocs_for(link):
+            want = _allocated_cpus(alloc.allocate(self, ip, name, cpus,
+                                                  DispyNodeAvailInfo.from_info(info),
+                                                  info.get("platform", "")), cpus)
+            if want:
+                return want, alloc
+        return 0, None
 
     def _prepare(self, link):
         """Loop thread, before a session opens: CPUs, depends, setup for one node."""
@@ -291,21 +304,17 @@ class JobCluster:
             cpus = self._embedded_cpus
         else:
             cpus = hello.get("free_cpus") or hello.get("cpus") or 0
-        alloc = self._alloc_for(link, ip, name)
-        info = hello.get("avail_info") or {}
         try:
-            want = _allocated_cpus(alloc.allocate(self, ip, name, cpus,
-                                                  DispyNodeAvailInfo.from_info(info),
-                                                  info.get("platform", "")), cpus)
+            want, alloc = self._allocate(link, ip, name, cpus, hello.get("avail_info") or {})
+            if not want:
+                log.info("node %s (%s): not used (allocate returned no CPUs)", ip, name)
+                return None
             # allocate may set this node's depends and setup_args (dispy's
             # node_setup example): read them now.
             node_files = [file_entry(dep) for dep in alloc.depends]
             self._check_setup_args(alloc.setup_args)
         except Exception:
             log.exception("NodeAllocate.allocate failed for %s; the node is left out", ip)
-            return None
-        if not want:
-            log.info("node %s (%s): not used (allocate returned no CPUs)", ip, name)
             return None
         session = dict(self._session(), cpus=want)
         if hello.get("scheduler") and want >= cpus:  # all of them: nodes joining it later too
@@ -692,16 +701,22 @@ def _refused(exc, client):
         isinstance(e, OSError) and e.errno == errno.ECONNREFUSED for e in errors)
 
 
+def _dispy_order(alloc):
+    """The key dispy sorts its NodeAllocates on (see ``_allocs_for``)."""
+    return alloc.ip_addr.replace(".", "\\.").replace("*", ".*")
+
+
 def _allocated_cpus(want, cpus):
-    """What ``NodeAllocate.allocate`` returned, as a whole number of CPUs,
-    used as dispy uses it: dispy keeps ``min(node's CPUs, want)`` and runs
-    jobs on the node while fewer than that are busy, so a fraction counts
-    as a whole CPU (1.5: 2 jobs at a time) and an infinite number as all of
-    the node's ``cpus``; nothing, 0 or less leaves the node out (0).
+    """What ``NodeAllocate.allocate`` returned (any real number, a Decimal
+    too), as a whole number of CPUs, used as dispy uses it: dispy keeps
+    ``min(node's CPUs, want)`` and runs jobs on the node while fewer than
+    that are busy, so a fraction counts as a whole CPU (1.5: 2 jobs at a
+    time) and an infinite number as all of the node's ``cpus``; nothing, 0
+    or less is no CPU (0: the next NodeAllocate is asked).
     Anything else (nan, a string...) raises TypeError."""
     if not want:
         return 0
-    if not isinstance(want, numbers.Real) or want != want:
+    if not isinstance(want, (numbers.Real, decimal.Decimal)) or want != want:
         raise TypeError(f"NodeAllocate.allocate returned {want!r}, not a number of CPUs")
     if want <= 0:
         return 0

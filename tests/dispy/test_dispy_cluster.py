@@ -1,4 +1,6 @@
 """dispy compatibility (issue #3) through the public API, against real nodes."""
+import decimal
+import fractions
 import functools
 import logging
 import os
@@ -288,7 +290,9 @@ class Wants(dispy.NodeAllocate):
 
 
 @pytest.mark.parametrize("want, cpus", [(1.5, 2), (0.5, 1), (1.0, 1), (float("inf"), 2),
-                                        (7, 2)])
+                                        (7, 2), (decimal.Decimal("1.5"), 2),
+                                        (decimal.Decimal("Infinity"), 2),
+                                        (fractions.Fraction(1, 2), 1)])
 def test_node_allocate_returning_a_fraction_uses_it_as_dispy(dpool_node, want, cpus):
     """dispy keeps ``min(node's CPUs, allocate(...))`` and runs jobs on the
     node while fewer than that are busy: a fraction of a CPU is a whole one
@@ -298,6 +302,28 @@ def test_node_allocate_returning_a_fraction_uses_it_as_dispy(dpool_node, want, c
         assert [n.cpus for n in cluster.status().nodes] == [cpus]
         assert [job(timeout=30) for job in [cluster.submit(i) for i in range(4)]] == \
             [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("want", [0, None, -1])
+def test_node_allocate_giving_no_cpus_asks_the_next_one(dpool_node, want):
+    """dispy asks each NodeAllocate in turn (sorted on their addresses, a
+    node's own before a pattern; equal ones in the order given) and uses
+    the first whose allocate gives CPUs (0 or less: the next one is asked),
+    with its setup_args."""
+    host, port = dpool_node.address
+    nodes = [Wants(host, port, want), Wants(host, port, 1), Wants(host, port, 2)]
+    with cluster_on(dpool_node, tasks.identity, nodes=nodes) as cluster:
+        assert [n.cpus for n in cluster.status().nodes] == [1]
+        assert cluster.submit(5)(timeout=30) == 5
+
+
+def test_node_allocate_order_is_dispys():
+    """dispy's order: the address as a regular expression, greatest first."""
+    from dpool.dispy.cluster import _dispy_order
+    allocs = [dispy.NodeAllocate(host) for host in
+              ["*", "10.0.*", "10.0.0.5", "10.0.0.*", "192.168.1.2"]]
+    ordered = sorted(allocs, key=_dispy_order, reverse=True)
+    assert [a.host for a in ordered] == ["192.168.1.2", "10.0.0.5", "10.0.0.*", "10.0.*", "*"]
 
 
 @pytest.mark.parametrize("want", [float("nan"), "2", [2], -0.5])
