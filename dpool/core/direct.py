@@ -449,27 +449,37 @@ class DirectLine:
 
 
 class _HeldInterrupts:
-    """In the main thread, a SIGINT that lands inside the ``with`` block is
-    delivered (Python's handler called) at its end, not in the middle: the
-    line's state changes hands there (bytes read off the socket but not yet
-    decoded, an answer decoded but not yet in its future), and a
-    KeyboardInterrupt raised inside would lose the answer or leave the line
-    owned by nobody.  Nothing in other threads (Python runs signal handlers
-    in the main thread only); nothing if the handler is not Python's (SIG_IGN,
-    SIG_DFL, one set outside Python) or outside the main interpreter.
+    """In the main thread, a SIGINT, SIGTERM or SIGALRM that lands inside
+    the ``with`` block is delivered (Python's handler called) at its end,
+    not in the middle: the line's state changes hands there (bytes read off
+    the socket but not yet decoded, an answer decoded but not yet in its
+    future), and an exception raised inside (KeyboardInterrupt, or what the
+    program's own handler raises: SystemExit on SIGTERM, a timeout on
+    SIGALRM) would lose the answer or leave the line owned by nobody.  The
+    held signals' handlers are called in the order the signals came, each
+    once, after all were put back (one that raises: the next ones are still
+    called, their exceptions chained to it).  Nothing in other threads
+    (Python runs signal handlers in the main thread only); nothing for a
+    signal whose handler is not Python's (SIG_IGN, SIG_DFL, one set outside
+    Python), or outside the main interpreter.  Not held: other signals with
+    a Python handler (SIGHUP, SIGUSR1, ...): a handler of theirs that
+    raises inside the block can still lose an answer (looking at each more
+    signal costs ~550 instructions a block).
 
-    Costs one ``getsignal`` (no system call) and two ``rt_sigaction`` a
-    block, through ``_signal``'s C functions: ``signal.signal`` and
-    ``signal.getsignal`` wrap them in enum conversions that raise and catch
-    two exceptions (with the handler's repr) per ``signal`` call and one per
-    ``getsignal`` for any callable handler: 87k instructions a block
-    (callgrind, CPython 3.11), against 5.8k this way."""
+    Costs three ``getsignal`` (no system call) and, for SIGINT, two
+    ``rt_sigaction`` a block, through ``_signal``'s C functions:
+    ``signal.signal`` and ``signal.getsignal`` wrap them in enum
+    conversions that raise and catch two exceptions (with the handler's
+    repr) per ``signal`` call and one per ``getsignal`` for any callable
+    handler: 87k instructions a block (callgrind, CPython 3.11), against
+    6.6k this way (5.5k holding SIGINT only; bench/callgrind_held.py)."""
 
-    __slots__ = ("previous", "caught")
+    __slots__ = ("previous", "others", "caught")
 
     def __enter__(self) -> _HeldInterrupts:
         self.previous: Any = None
-        self.caught: tuple[int, Any] | None = None
+        self.others: list[tuple[int, Any]] | None = None
+        self.caught: list[tuple[int, Any]] | None = None
         if threading.get_ident() != _MAIN_THREAD:
             return self
         previous = _getsignal(_SIGINT)
@@ -479,17 +489,50 @@ class _HeldInterrupts:
             except ValueError:  # (not the main interpreter)
                 return self
             self.previous = previous
+        if type(_getsignal(_SIGTERM)) is not int or type(_getsignal(_SIGALRM)) is not int:
+            self._hold_others()  # (not SIG_DFL or SIG_IGN, as they mostly are)
         return self
 
+    def _hold_others(self) -> None:
+        """(rare: the program has a handler of its own for them)"""
+        held = self.others = []
+        for signum in _ALSO_HELD:
+            handler = _getsignal(signum)
+            if type(handler) not in _NOT_PYTHON:
+                try:
+                    _setsignal(signum, self._catch)
+                except ValueError:  # (not the main interpreter)
+                    return
+                held.append((signum, handler))
+
     def _catch(self, signum: int, frame: Any) -> None:
-        self.caught = (signum, frame)
+        if self.caught is None:
+            self.caught = [(signum, frame)]
+        elif all(seen != signum for seen, _ in self.caught):
+            self.caught.append((signum, frame))
 
     def __exit__(self, *exc: Any) -> None:
-        previous = self.previous
+        previous, others = self.previous, self.others
         if previous is not None:
             _setsignal(_SIGINT, previous)
-            if self.caught is not None:
-                previous(*self.caught)  # (default: raises KeyboardInterrupt)
+        if others is not None:
+            for signum, handler in others:
+                _setsignal(signum, handler)
+        if self.caught is not None:
+            handlers = dict(others or ())
+            handlers[_SIGINT] = previous
+            _deliver([(handlers[signum], signum, frame) for signum, frame in self.caught])
+
+
+def _deliver(calls: list[tuple[Any, int, Any]]) -> None:
+    """Call each held signal's handler (default SIGINT: raises
+    KeyboardInterrupt); one that raises does not stop the next ones."""
+    handler, signum, frame = calls[0]
+    try:
+        handler(signum, frame)
+    finally:
+        if len(calls) > 1:
+            _deliver(calls[1:])
 
 
 try:  # the C functions under signal.signal/getsignal (see _HeldInterrupts)
@@ -497,6 +540,9 @@ try:  # the C functions under signal.signal/getsignal (see _HeldInterrupts)
 except ImportError:  # (not CPython)
     _getsignal, _setsignal = signal.getsignal, signal.signal
 _SIGINT = int(signal.SIGINT)
+_SIGTERM, _SIGALRM = int(signal.SIGTERM), int(signal.SIGALRM)
+_ALSO_HELD = (_SIGTERM, _SIGALRM)
+_NOT_PYTHON = (int, type(None), signal.Handlers)  # SIG_DFL, SIG_IGN; set outside Python
 _MAIN_THREAD = threading.main_thread().ident
 
 

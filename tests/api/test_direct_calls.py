@@ -8,6 +8,7 @@ the tests that concern both paths run on both, the others on theirs."""
 import concurrent.futures as cf
 import os
 import signal
+import sys
 import threading
 
 import pytest
@@ -146,15 +147,16 @@ def opened(gate):
         pass
 
 
-def interrupt_main_thread():
+def interrupt_main_thread(signum=signal.SIGINT):
     """Ctrl-C, as the kernel delivers it: SIGINT, handled in the main thread."""
     assert threading.current_thread() is threading.main_thread()
-    signal.raise_signal(signal.SIGINT)
+    signal.raise_signal(signum)
 
 
-def once_in_main_thread(fn):
-    """``fn`` wrapped to interrupt the main thread before or after the first
-    call the main thread makes to it (a hook on the direct path)."""
+def once_in_main_thread(fn, signum=signal.SIGINT):
+    """``fn`` wrapped to interrupt the main thread (``signum``) before or
+    after the first call the main thread makes to it (a hook on the direct
+    path)."""
     armed = []
 
     def hook(when):
@@ -163,10 +165,10 @@ def once_in_main_thread(fn):
             if fire:
                 armed.append(when)
             if fire and when == "before":
-                interrupt_main_thread()
+                interrupt_main_thread(signum)
             value = fn(*args, **kwargs)
             if fire and when == "after":
-                interrupt_main_thread()
+                interrupt_main_thread(signum)
             return value
         return wrapper
     return hook
@@ -499,6 +501,47 @@ def test_an_interrupt_while_the_answer_is_read_loses_nothing(executor, monkeypat
     line = executor._client._direct
     poll_for(line.free, message="the line to be free again")
     assert direct_submit(executor, tasks.square, 8).result(30) == 64
+
+
+class Timeout(Exception):
+    """What a program's own SIGALRM handler raises (a timeout of its own)."""
+
+
+def raise_timeout(signum, frame):
+    raise Timeout
+
+
+def exit_143(signum, frame):
+    sys.exit(143)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGALRM, signal.SIGTERM])
+@pytest.mark.parametrize("path", ["local", "tcp"], indirect=True)
+def test_a_raising_handler_of_another_signal_while_the_answer_is_read_loses_nothing(
+        executor, path, monkeypatch, signum):
+    """A program's handler of SIGALRM or SIGTERM that raises (a timeout,
+    SystemExit), landing as result() has the answer decoded but not yet in
+    its future: result() raises it, and the answer is kept as for Ctrl-C."""
+    import dpool.core.direct as direct
+    from dpool.transport.frames import FrameDecoder
+
+    error, handler = (Timeout, raise_timeout) if signum == signal.SIGALRM else \
+        (SystemExit, exit_143)
+    previous = signal.signal(signum, handler)
+    try:
+        owner, name = (FrameDecoder, "buffer_updated") if isinstance(path, Local) else \
+            (TcpLine, "_sort")
+        future = direct_submit(executor, tasks.square, 7)
+        hook = once_in_main_thread(getattr(owner, name), signum)("after")
+        monkeypatch.setattr(owner, name, hook if owner is FrameDecoder else staticmethod(hook))
+        with pytest.raises(error):
+            future.result(30)
+        monkeypatch.undo()
+        assert future.result(30) == 49
+        assert direct_submit(executor, tasks.square, 8).result(30) == 64
+    finally:
+        signal.signal(signum, previous)
+    assert direct  # (the path patched: core/direct.py's and tcpline.py's)
 
 
 @LOCAL

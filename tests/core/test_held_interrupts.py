@@ -94,3 +94,63 @@ def test_a_subinterpreter_changes_nothing():
     finally:
         interpreters.destroy(iid)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+class Raises:
+    """A program's own handler that raises ``error`` (SIGTERM -> SystemExit,
+    SIGALRM -> a timeout of its own), installed for the test."""
+
+    def __init__(self, signum, error):
+        self.signum, self.error, self.calls = signum, error, []
+
+    def __call__(self, signum, frame):
+        self.calls.append(signum)
+        raise self.error
+
+    def __enter__(self):
+        self.previous = signal.signal(self.signum, self)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(self.signum, self.previous)
+
+
+class Timeout(Exception):
+    pass
+
+
+@pytest.mark.parametrize("signum, error", [(signal.SIGTERM, SystemExit(143)),
+                                           (signal.SIGALRM, Timeout())])
+def test_a_raising_handler_of_sigterm_or_sigalrm_runs_at_the_end(signum, error):
+    done = []
+    with Raises(signum, error) as handler:
+        with pytest.raises(type(error)):
+            with _HeldInterrupts():
+                signal.raise_signal(signum)
+                done.append("rest of the block")
+        assert done == ["rest of the block"] and handler.calls == [signum]
+        assert signal.getsignal(signum) is handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_every_signal_held_is_delivered_in_order_even_if_one_raises():
+    with Raises(signal.SIGALRM, Timeout()) as alarm, Raises(signal.SIGTERM, SystemExit(1)):
+        with pytest.raises(KeyboardInterrupt) as info:
+            with _HeldInterrupts():
+                signal.raise_signal(signal.SIGALRM)
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGALRM)  # (once more: one call, as Python's)
+        assert alarm.calls == [signal.SIGALRM]
+        assert isinstance(info.value.__context__, Timeout)  # (the first, chained)
+        assert signal.getsignal(signal.SIGALRM) is alarm
+
+
+def test_sigterm_and_sigalrm_without_a_python_handler_are_not_touched():
+    alarm = signal.signal(signal.SIGALRM, signal.SIG_DFL)  # (pytest-timeout's, if any)
+    try:
+        with _HeldInterrupts() as held:
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+            assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
+        assert held.others is None
+    finally:
+        signal.signal(signal.SIGALRM, alarm)
