@@ -3,6 +3,7 @@ cluster without callbacks, whose only node is a dpool-node, is written and
 answered on the node's link by the calling thread (dpool/core/tcpline.py),
 as Executor's lone calls are.  Every dispy property of the job, the
 cluster's counts and the node calls must be what the loop-thread path gives."""
+import signal
 import threading
 
 import pytest
@@ -270,6 +271,47 @@ def test_a_node_dying_under_a_direct_job(node, tmp_path):
             c.close(terminate=True)
     finally:
         doomed.kill()
+
+
+def test_ctrl_c_while_job_waits_keeps_the_answer(node, monkeypatch):
+    """Ctrl-C while job() reads a direct job's answer: job() raises, the
+    loop thread reads the answer, the next job() returns it."""
+    with cluster(node, tasks.double) as c:
+        job = direct(c, 8)
+
+        def interrupted(self, job, events, timed_out):  # (as if in poll: nothing read)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(TcpLine, "_handle", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            job()
+        monkeypatch.undo()
+        assert job(timeout=30) == 16 and job.status == DispyJob.Finished
+        assert direct(c, 9)(timeout=30) == 18
+
+
+def test_ctrl_c_as_the_job_is_filled_in_loses_nothing(node):
+    """Ctrl-C landing while the reading thread fills in the DispyJob (the
+    cluster's done event, run in the main thread): delivered once the job
+    is finished, its fields whole."""
+    assert threading.current_thread() is threading.main_thread()
+    with cluster(node, tasks.echo_outputs) as c:
+        handler = c._client.on_event
+
+        def on_event(kind, obj):
+            if kind == "done":
+                signal.raise_signal(signal.SIGINT)
+            handler(kind, obj)
+        c._client.on_event = on_event
+        job = direct(c, 3)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                job()
+        finally:
+            c._client.on_event = handler
+        assert job.is_done() and job.finish.is_set()
+        assert job.result == 3 and job.status == DispyJob.Finished
+        assert job.stdout == "stdout of job 3\n" and c.status().jobs_pending == 0
+        assert direct(c, 4)(timeout=30) == 4
 
 
 # ------------------------------------------------------------- not direct
