@@ -180,7 +180,7 @@ def one(mode, kind, direction, mb, node_pid=None, port=None, jobs=1):
     return {"mode": mode, "kind": kind, "dir": direction, "mb": mb, "mbs": round(mb / elapsed, 1),
             "client_x": round(max(0, client.grown - own) / n, 2),
             "far_x": round(max(0, far.grown - own) / n, 2),
-            "cpu": {role: round(v, 4) for role, v in roles.items()}, "jobs": jobs,
+            "cpu": {role: round(v, 6) for role, v in roles.items()}, "jobs": jobs,
             "first_mbs": round(mb / first, 1) if first else None}
 
 

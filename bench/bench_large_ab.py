@@ -73,10 +73,10 @@ def main():
         got = rows[tree]
         if not got:
             continue
-        cpu = {role: round(statistics.median(r["cpu"][role] for r in got), 3)
+        cpu = {role: round(statistics.median(r["cpu"][role] for r in got), 5)
                for role in ("client", "node", "workers")}
         print(f"  {tree}: {round(statistics.median(r['mbs'] for r in got), 1)} MB/s, CPU s {cpu}, "
-              f"total {round(sum(cpu.values()), 3)}")
+              f"total {round(sum(cpu.values()), 5)}")
 
 
 if __name__ == "__main__":

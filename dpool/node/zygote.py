@@ -52,6 +52,23 @@ def _set_pdeathsig(sig=signal.SIGKILL):
     libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
+#: Each way of a node-worker link holds this much in flight: a 1 MB frame
+#: goes in one write and is read without waiting for the writer (at the
+#: default ~208 KiB, five writer/reader wake-up pairs per MB).  The kernel
+#: caps it (net.core.wmem_max).
+LINK_BUFFER = 2 << 20
+
+
+def _link_pair():
+    pair = socket.socketpair()
+    for sock in pair:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LINK_BUFFER)
+        except OSError:
+            pass
+    return pair
+
+
 # ---------------------------------------------------------------- zygote side
 
 def main(argv=None):
@@ -414,7 +431,7 @@ class Zygote:
     async def _request(self, kind, count):
         if self.dead or self.ctl is None:
             raise ConnectionError("the worker zygote is gone")
-        pairs = [socket.socketpair() for _ in range(count)]
+        pairs = [_link_pair() for _ in range(count)]
         fut = _asyncio().get_running_loop().create_future()
         try:
             socket.send_fds(self.ctl, [kind], [theirs.fileno() for _, theirs in pairs])
