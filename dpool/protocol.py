@@ -53,6 +53,18 @@ on that client's use of that node only (its legs, its jobs, its share).
 Status, instead of Session, asks for the node's status (``dpool status``,
 see node/status.py); it takes no CPU.
 
+A client's channel (a second connection, its own handshake, on which one
+worker of the session serves lone calls; docs/performance.md "Round trips
+via a node: taking the node off the path"; the messages only so far, no
+node or client acts on them yet):
+
+Client -> node (channel)               Node -> client (main link)
+  Channel  (token)  instead of Session:    Recall      ()  give the channel back
+           the token of a live session     ChannelLost (why)  its worker died: its
+  Release  ()  the last message on a          call fails with WorkerLost
+           channel (after its last Run)
+Worker -> node: Returned () the channel's worker serves the node again
+
 Job environment (dispy's features; only sessions that ask for them):
 
 Client -> node                         Node -> client
@@ -144,6 +156,12 @@ class Op(IntEnum):
     # client <-> dpool-scheduler: one node behind it (a SharedJobCluster's node methods)
     NODECALL = 31
     NODEREPLY = 32
+    # a client's channel (see the module's docstring)
+    CHANNEL = 33
+    RELEASE = 34
+    RETURNED = 35
+    CHANNELLOST = 36
+    RECALL = 37
 
 
 class Call(IntEnum):
@@ -355,6 +373,34 @@ class NodeCall(NamedTuple):
 class NodeReply(NamedTuple):
     req_id: int
     result: Any  # 0, -1, or (cpus) the CPUs of the node the client may use now
+
+
+@message(Op.CHANNEL)
+class Channel(NamedTuple):
+    """Instead of Session, on a client's second connection: make it the
+    channel of the session whose Ready named this token."""
+    token: str
+
+
+@message(Op.RELEASE)
+class Release(NamedTuple):
+    """Client -> worker, the last message on a channel: no Run after it."""
+
+
+@message(Op.RETURNED)
+class Returned(NamedTuple):
+    """Worker -> node: its channel was released (or ended); it serves the node again."""
+
+
+@message(Op.CHANNELLOST)
+class ChannelLost(NamedTuple):
+    """Node -> client: the channel's worker died; its call fails with WorkerLost."""
+    why: str
+
+
+@message(Op.RECALL)
+class Recall(NamedTuple):
+    """Node -> client: the node needs the channel's worker back (Release it)."""
 
 
 @message(Op.DONE)

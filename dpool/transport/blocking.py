@@ -7,6 +7,10 @@ land directly in their own ``bytearray``, and one read may yield several
 queued messages.  No authentication: use it on trusted links (a socketpair to
 the node).  With ``fds=True`` it also takes the descriptors of frames in
 memory files that come with the messages (``SCM_RIGHTS``, see spool.py).
+With ``records=`` (a handoff.RecordState) it goes on with a sealed
+connection another process authenticated (a client's channel handed to a
+worker): every byte in and out travels in AEAD records (records.py), and a
+record is opened, its tag checked, before any of it is decoded.
 """
 from __future__ import annotations
 
@@ -23,9 +27,12 @@ from typing import TYPE_CHECKING
 from dpool.errors import ConnectionClosed, ProtocolError
 
 from .frames import IOV_MAX, FrameDecoder, Limits, Message, encode, in_stream
+from .records import Sealer, SecureDecoder
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer as Frame
+
+    from .handoff import RecordState
 
 __all__ = ["BlockingConnection"]
 
@@ -66,11 +73,16 @@ class BlockingConnection:
     """
 
     def __init__(self, sock: socket.socket, limits: Limits | None = None, *,
-                 fds: bool = False) -> None:
+                 fds: bool = False, records: RecordState | None = None) -> None:
         sock.setblocking(True)
         self._sock = sock
         self._fds: collections.deque[int] | None = collections.deque() if fds else None
-        self._decoder = FrameDecoder(limits, files=self._next_fd if fds else None)
+        self._decoder: FrameDecoder | SecureDecoder = FrameDecoder(
+            limits, files=self._next_fd if fds else None)
+        self._sealer: Sealer | None = None
+        if records is not None:
+            self._decoder = SecureDecoder(self._decoder, records.recv_key, records.recv_seq)
+            self._sealer = Sealer(records.send_key, records.send_seq)
         self._messages: collections.deque[Message] = collections.deque()
         self._eof = False
         self._poller: select.poll | None = None
@@ -111,7 +123,9 @@ class BlockingConnection:
         return n
 
     def send(self, frames: Sequence[Frame]) -> None:
-        parts = in_stream(encode(frames))
+        parts: Sequence[bytes | memoryview] = in_stream(encode(frames))
+        if self._sealer is not None:
+            parts = self._sealer.seal_all(collections.deque(parts))
         try:
             if len(parts) == 1:
                 self._sock.sendall(parts[0])

@@ -68,11 +68,12 @@ def _invalid_tag() -> type[Exception]:
 class Sealer:
     """The sending half: seals stream bytes into records, counting them."""
 
-    __slots__ = ("_aead", "_seq")
+    __slots__ = ("_aead", "_seq", "key")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, seq: int = 0) -> None:
+        self.key = key       # (kept to hand the stream on: see handoff.py)
         self._aead = _aesgcm(key)
-        self._seq = 0
+        self._seq = seq
 
     def seal(self, data: bytes | memoryview) -> list[bytes]:
         """``[header, ciphertext+tag]`` for up to ``RECORD_DATA`` bytes of ``data``."""
@@ -135,10 +136,11 @@ class SecureDecoder:
     (a :class:`~dpool.transport.frames.FrameDecoder`), with the same
     ``get_buffer`` / ``buffer_updated`` / ``feed`` / ``partial`` interface."""
 
-    def __init__(self, inner: FrameDecoder, key: bytes) -> None:
+    def __init__(self, inner: FrameDecoder, key: bytes, seq: int = 0) -> None:
         self._inner = inner
+        self.key = key       # (kept to hand the stream on: see handoff.py)
         self._aead = _aesgcm(key)
-        self._seq = 0
+        self._seq = seq
         self._buf = bytearray(2 * RECORD_MAX)
         self._mv = memoryview(self._buf)
         self._pos = 0
@@ -153,6 +155,11 @@ class SecureDecoder:
     @property
     def partial(self) -> bool:
         return self._pos != self._end or self._inner.partial
+
+    @property
+    def seq(self) -> int:
+        """The number of the next record to open."""
+        return self._seq
 
     @property
     def held(self) -> int:
