@@ -55,14 +55,17 @@ see node/status.py); it takes no CPU.
 
 A client's channel (a second connection, its own handshake, on which one
 worker of the session serves lone calls; docs/performance.md "Round trips
-via a node: taking the node off the path"; the messages only so far, no
-node or client acts on them yet):
+via a node: taking the node off the path"; a worker serves a channel it
+is given, no node or client makes one yet):
 
 Client -> node (channel)               Node -> client (main link)
   Channel  (token)  instead of Session:    Recall      ()  give the channel back
            the token of a live session     ChannelLost (why)  its worker died: its
   Release  ()  the last message on a          call fails with WorkerLost
            channel (after its last Run)
+Node -> worker: Channel ('') + the channel's record state (handoff.RecordState),
+  its socket with it (SCM_RIGHTS): the worker says Ready on the channel, runs
+  its Runs (Done with their attempts) until Release or its end, then
 Worker -> node: Returned () the channel's worker serves the node again
 
 Job environment (dispy's features; only sessions that ask for them):

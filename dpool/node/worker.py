@@ -28,6 +28,7 @@ import sys
 import time
 
 from .. import protocol as P
+from ..errors import ProtocolError
 from ..protocol import Call, Outcome
 from .. import serialize
 from ..transport import BlockingConnection
@@ -95,7 +96,8 @@ class Worker:
         self.kept = frozenset()  # child processes that outlive jobs (a setup's)
         self.handlers = {P.Init: self.on_init, P.Func: self.on_func, P.Run: self.on_run,
                          P.Forget: self.on_forget, P.Cancel: self.on_cancel,
-                         P.Setup: self.on_env, P.Env: self.on_env, P.Cleanup: self.on_env}
+                         P.Setup: self.on_env, P.Env: self.on_env, P.Cleanup: self.on_env,
+                         P.Channel: self.on_channel}
         self.revoked = set()  # jobs received, not started, that the node asked back
         self.backlog = collections.deque()  # (msg, frames) read while looking for those
 
@@ -196,6 +198,53 @@ class Worker:
             send([P.encode(P.Done, [record]), *payload])
         if not self.backlog:
             self.revoked.clear()  # (every job received has started: the rest came late)
+        reaper.kill_children(self.kept)  # nothing of a job outlives it
+
+    # ------------------------------------------------- a client's channel
+
+    def on_channel(self, msg, frames):
+        """The node lends this worker a client's channel: its socket came
+        with this message, its record state (handoff.RecordState) is frame
+        1.  The worker serves the client's lone calls on it until the client
+        releases it or it ends, then serves the node again (Returned).  What
+        the node sends meanwhile waits on the socketpair."""
+        import socket
+
+        from ..transport.handoff import RecordState
+
+        sock = socket.socket(fileno=self.conn.take_fd())
+        channel = BlockingConnection(sock, records=RecordState.unpack(frames[1]))
+        try:
+            self.serve_channel(channel)
+        finally:
+            channel.close()
+        self.conn.send([P.encode(P.Returned)])
+
+    def serve_channel(self, channel):
+        """Tell the client the channel is served (Ready), then run each Run
+        it sends, answering on it with the attempt its Run gave, until
+        Release or the channel's end.  A record that fails its tag, or a
+        message a client does not send on a channel, ends it (the client
+        then runs its call through the node)."""
+        try:
+            channel.send([P.encode(P.Ready, {"pid": os.getpid()})])
+            while True:
+                frames = channel.recv()
+                msg = P.decode(frames[0])
+                kind = type(msg)
+                if kind is P.Run:
+                    self._run_for_channel(channel, msg, frames)
+                elif kind is P.Func:
+                    self.on_func(msg, frames)
+                else:  # Release, or what has no place here
+                    return
+        except (OSError, EOFError, ProtocolError):  # the client went, or broke the stream
+            return
+
+    def _run_for_channel(self, channel, msg, frames):
+        for item, payload in P.run_items(msg, frames):
+            record, payload = self.run(item.job_id, item.fn_id, item.star, payload)
+            channel.send([P.encode(P.Done, [(*record[:-1], item.attempt)]), *payload])
         reaper.kill_children(self.kept)  # nothing of a job outlives it
 
     def run(self, job_id, fn_id, star, frames):

@@ -99,6 +99,11 @@ class BlockingConnection:
         while self._fds:
             os.close(self._fds.popleft())
 
+    def take_fd(self) -> int:
+        """A descriptor that came with a message that has no frame in a
+        memory file (a client's channel, handed to a worker), ours to close."""
+        return self._next_fd()
+
     def _next_fd(self) -> int:
         """The descriptor of the next frame in a memory file (ours to close)."""
         if not self._fds:
