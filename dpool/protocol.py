@@ -64,7 +64,8 @@ Client -> node (channel)               Node -> client (main link)
   Release  ()  the last message on a          call fails with WorkerLost
            channel (after its last Run)
 Node -> worker: Channel ('') + the channel's record state (handoff.RecordState),
-  its socket with it (SCM_RIGHTS): the worker says Ready on the channel, runs
+  its socket with it (SCM_RIGHTS): the worker answers Channel ('') (the
+  node closes its copy), says Ready on the channel, runs
   its Runs (Done with their attempts) until Release or its end, then
 Worker -> node: Returned () the channel's worker serves the node again
 

@@ -60,6 +60,7 @@ from ..transport import wrap_socket
 from ..transport.forward import STALL, Forward
 from ..transport.frames import BYTES_FLAG, Relayed
 from ..transport.spool import SpooledFrame
+from .channel import SessionChannel, open_channel
 from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Revoke, Run, Worker
 from .files import default_job_root, private_dir
 from .lease import SessionLiveness
@@ -83,6 +84,7 @@ class NodeRuntime:
         self.cpus = cpus
         self.keep_results = KEEP_RESULTS if keep_results is None else keep_results
         self.detached = {}  # recover token -> Session whose client went away
+        self.channels = {}  # channel token -> Session (see channel.py)
         self.keeping = Keeping()  # what they keep, together (within recovery's limits)
         self.embedded = embedded  # in the client's own process
         self.free_cpus = cpus
@@ -291,7 +293,7 @@ class Session(P.Served):
                          P.Cancel: self.on_cancel, P.Bye: self.on_bye, P.Forget: self.on_forget,
                          P.File: self.on_env, P.Setup: self.on_env, P.Recover: self.on_recover,
                          P.Status: self.on_status, P.Heartbeat: self.liveness.on_heartbeat,
-                         P.Reclaim: self.on_reclaim}
+                         P.Reclaim: self.on_reclaim, P.Channel: self.on_channel}
         self.counts = collections.Counter()  # jobs by outcome, for the log
         self.draining = False
         self.kept = None  # a recovery.Kept while detached (its client gone, recoverable)
@@ -299,6 +301,7 @@ class Session(P.Served):
         self.lent = None  # the worker lent to the embedding client (see lend)
         self.arg_relay = None  # (Forward, worker): a job's argument streamed to its worker
         self._streaming = None  # (lengths, flags) of the Run being streamed, while it is given
+        self.channel = SessionChannel(self)  # a worker serving the client's channel
 
     # ------------------------------------------------------------ client side
 
@@ -315,6 +318,16 @@ class Session(P.Served):
             log.info("session %s: client %s disconnected%s", self.sid, self.conn.peer,
                      f" ({exc})" if exc else "")
         self.end("client disconnected")
+
+    def on_channel(self, msg, frames):
+        """Channel instead of Session: this connection is to be served by a
+        worker of the session the token names (channel.py); this session
+        ends either way, taking no CPU."""
+        if self.cpus or self.options or self.node.embedded:
+            self.log.warning("%s: Channel after Session; closing it", self)
+            self.end("protocol error")
+            return
+        self.end("channel" if open_channel(self.node, self.conn, msg.token) else "refused")
 
     def on_status(self, msg, frames):
         """Status instead of Session: answer, take no CPU, end quietly."""
@@ -355,6 +368,9 @@ class Session(P.Served):
             self.end("refused")
             return
         info = dict(self.node.info(), cpus=self.cpus, dir=self.dir, pid=os.getpid())
+        if not self.node.embedded:
+            info["channel"] = self.channel.token
+            self.node.channels[self.channel.token] = self
         self.conn.send([P.encode(P.Ready, info)])
         log.log(self.node.log_level, "session %s: client %s, %d CPUs", self.sid, self.conn.peer,
                 self.cpus)
@@ -414,6 +430,8 @@ class Session(P.Served):
         for item, _ in items:
             attempts[item.job_id] = item.attempt
         self._act(self.dispatcher.submit(items))
+        if self.channel.worker is not None and self.dispatcher.queue:
+            self.channel.recall()  # (jobs wait here: the channel's worker is wanted)
 
     def stream_argument(self, frames, lengths, flags):
         """A client's message with a large frame begins (frames.TapHook): a
@@ -495,6 +513,7 @@ class Session(P.Served):
         """The node is stopping: no new jobs, the queued ones go back to the
         client; the session ends when its running jobs have."""
         self.draining = True
+        self.channel.recall()
         if not self.conn.closed:
             self.conn.send([P.encode(P.Draining, grace)])
             self._give_back(self.dispatcher.give_back())
@@ -503,7 +522,8 @@ class Session(P.Served):
         self._end_if_drained()
 
     def _end_if_drained(self):
-        if self.draining and not self.dispatcher.running() and not self.dispatcher.queue:
+        if self.draining and not self.dispatcher.running() and not self.dispatcher.queue \
+                and self.channel.worker is None:  # (the channel's call too: it is Recalled)
             self.end("node shutting down")
 
     def on_forget(self, msg, frames):
@@ -724,6 +744,8 @@ class Session(P.Served):
                 self._end_if_drained()
         elif kind is P.GiveBack:
             self._revoked(worker, msg.job_ids)
+        elif kind is P.Channel or kind is P.Returned:
+            self.channel.on_worker_message(worker, msg)
         elif kind is P.InitFail:
             self._init_failed(frames[1:])
         elif self.env is not None:
@@ -787,6 +809,12 @@ class Session(P.Served):
         code = await worker.zygote.exit_code(worker.pid)
         if self.env is not None:
             self.env.worker_exited(worker, code)
+        if self.channel.worker_exited(worker, describe_exit(code)):
+            if self.draining:
+                self._end_if_drained()
+            if not self.ended:
+                self._spawn()
+            return
         if self.ended:
             if worker in self.workers:
                 self.workers.remove(worker)
@@ -915,7 +943,8 @@ class Session(P.Served):
         self.liveness.unwatch()
         self.arg_relay = None
         lent, self.lent = self.lent, None
-        for worker in [*self.workers, *([lent] if lent is not None else [])]:
+        channel = self.channel.end()
+        for worker in [*self.workers, *(w for w in (lent, channel) if w is not None)]:
             worker.dead = True
             worker.zygote.kill(worker.pid, forget=True)
             worker.conn.abort()

@@ -205,8 +205,9 @@ class Worker:
     def on_channel(self, msg, frames):
         """The node lends this worker a client's channel: its socket came
         with this message, its record state (handoff.RecordState) is frame
-        1.  The worker serves the client's lone calls on it until the client
-        releases it or it ends, then serves the node again (Returned).  What
+        1.  The worker says it has it (Channel back), serves the client's
+        lone calls on it until the client releases it or it ends, then
+        serves the node again (Returned).  What
         the node sends meanwhile waits on the socketpair."""
         import socket
 
@@ -214,6 +215,7 @@ class Worker:
 
         sock = socket.socket(fileno=self.conn.take_fd())
         channel = BlockingConnection(sock, records=RecordState.unpack(frames[1]))
+        self.conn.send([P.encode(P.Channel, "")])  # taken: the node closes its copy
         try:
             self.serve_channel(channel)
         finally:

@@ -28,7 +28,7 @@ from dpool.errors import ConnectionClosed, ProtocolError
 
 from .auth import PREAUTH_MAX, Keys
 from .budget import ReceiveBudget
-from .frames import FdMarker, FrameDecoder, Limits, Message, Part, TapHook, _nbytes, encode
+from .frames import Descriptor, FdMarker, FrameDecoder, Limits, Message, Part, TapHook, _nbytes, encode
 from .records import Sealer, SecureDecoder
 from . import spool as _spool
 from .streams import set_tcp_options
@@ -159,6 +159,17 @@ class Connection:
             self._relay.nudge()
             return
         self._stream.write(encode(frames))
+
+    def send_with(self, frames: Sequence[Frame], fd: int) -> None:
+        """Send ``frames`` with the descriptor ``fd`` (``SCM_RIGHTS``, with
+        the message's first byte; Unix socket streams without records): the
+        peer takes it with ``BlockingConnection.take_fd``.  ``fd`` must stay
+        open until the peer says it has it."""
+        if self._closing or self._lost:
+            raise self._closed_error()
+        parts = encode(frames)
+        parts.insert(0, FdMarker([Descriptor(fd)]))
+        self._stream.write(parts)
 
     def send_all(self, messages: Sequence[Sequence[Frame]]) -> None:
         """Send ``messages`` in order, as one write where it can: one

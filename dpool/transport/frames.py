@@ -174,6 +174,16 @@ def _as_bytes_view(frame: Frame) -> memoryview:
     return view
 
 
+class Descriptor:
+    """A descriptor that goes with a message by itself (no frame of the
+    message is in it: a socket handed to a worker, see handoff.py)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+
 class FdMarker:
     """In :func:`encode`'s list, first: the memory files of the message's
     spooled frames, whose descriptors go with the bytes that follow (no
@@ -181,7 +191,7 @@ class FdMarker:
 
     __slots__ = ("frames",)
 
-    def __init__(self, frames: list[spool.SpooledFrame]) -> None:
+    def __init__(self, frames: Sequence[spool.SpooledFrame | Descriptor]) -> None:
         self.frames = frames
 
     def __len__(self) -> int:

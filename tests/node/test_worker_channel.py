@@ -83,6 +83,7 @@ def _function_frame():
 
 def test_a_lent_worker_serves_the_channel_then_the_node(lent):
     client = lent.client
+    assert type(P.decode(lent.node.recv()[0])) is P.Channel     # taken
     ready = P.decode(client.recv()[0])
     assert type(ready) is P.Ready and ready.info["pid"] == os.getpid()
     client.send([P.encode(P.Func, 1), _function_frame()])
@@ -101,6 +102,7 @@ def test_a_lent_worker_serves_the_channel_then_the_node(lent):
 
 def test_a_channel_that_ends_or_breaks_returns_the_worker(lent):
     client = lent.client
+    assert type(P.decode(lent.node.recv()[0])) is P.Channel
     P.decode(client.recv()[0])
     client._sock.sendall(b"\x20\x00\x00\x00" + b"x" * 32)   # a record that fails its tag
     assert type(P.decode(lent.node.recv()[0])) is P.Returned
@@ -110,6 +112,7 @@ def test_a_channel_that_ends_or_breaks_returns_the_worker(lent):
 
 def test_a_client_gone_mid_call_returns_the_worker(lent):
     client = lent.client
+    assert type(P.decode(lent.node.recv()[0])) is P.Channel
     P.decode(client.recv()[0])
     client.close()
     assert type(P.decode(lent.node.recv()[0])) is P.Returned
