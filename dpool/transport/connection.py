@@ -28,7 +28,8 @@ from dpool.errors import ConnectionClosed, ProtocolError
 
 from .auth import PREAUTH_MAX, Keys
 from .budget import ReceiveBudget
-from .frames import Descriptor, FdMarker, FrameDecoder, Limits, Message, Part, TapHook, _nbytes, encode
+from .frames import (Descriptor, FdMarker, FrameDecoder, Limits, Message, Part, TapHook,
+                     _nbytes, encode)
 from .records import Sealer, SecureDecoder
 from . import spool as _spool
 from .streams import set_tcp_options

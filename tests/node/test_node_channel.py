@@ -5,7 +5,6 @@ client's Release, and the faults: a forged or stale token, a lent worker
 killed mid-call (ChannelLost on the main link), a client that dies with a
 channel, a node stopping with a lent worker, two clients each with one."""
 import asyncio
-import os
 import signal
 import time
 
