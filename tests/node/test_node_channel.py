@@ -5,6 +5,7 @@ client's Release, and the faults: a forged or stale token, a lent worker
 killed mid-call (ChannelLost on the main link), a client that dies with a
 channel, a node stopping with a lent worker, two clients each with one."""
 import asyncio
+import os
 import signal
 import time
 
@@ -20,7 +21,9 @@ from tasks import getpid, identity, kill_worker, nap
 
 pytestmark = pytest.mark.timeout(90)
 
-FN = {identity: 1, nap: 2, kill_worker: 3, getpid: 4}
+# (a lambda goes by value: the node's workers can't import this module)
+NAP_PID = lambda seconds: (time.sleep(seconds), os.getpid())[1]  # noqa: E731
+FN = {identity: 1, nap: 2, kill_worker: 3, getpid: 4, NAP_PID: 5}
 
 
 class Raw:
@@ -134,10 +137,11 @@ def test_a_channel_serves_calls_then_goes_back_when_recalled(dpool_node, node_se
         chan.conn.send([P.encode(P.Release)])
         assert await chan.next() is None            # the worker closed it
         assert sorted([(await main.result())[0].job_id for _ in range(3)]) == [20, 21, 22]
-        main.call(30, getpid, with_func=False)
-        main.call(31, getpid, with_func=False)
+        # two jobs of a function of no known duration: one to each worker
+        main.call(30, NAP_PID, 0.3)
+        main.call(31, NAP_PID, 0.3, with_func=False)
         pids = {(await main.result())[1], (await main.result())[1]}
-        assert pid in pids                          # it serves the node again
+        assert pid in pids and len(pids) == 2       # it serves the node again
         main.conn.abort()
     run(main())
 
