@@ -1,6 +1,12 @@
 """Relaying a large message from one connection to another as it arrives.
 
-A ``dpool-node`` passes a worker's result on to its client.  Held whole
+A ``dpool-node`` passes a client's large job argument on to the worker that
+runs the job, and a worker's result on to its client.  For an argument (the
+node's Session.stream_argument), the client's connection is the source and
+the worker's the destination: the worker reads the argument while the client
+still sends it, the node holds a bounded part, and a client cut in the middle
+aborts the message (the worker drops it; the session ends with its client).
+The rest of this describes results, the first use.  Held whole
 until complete, a 1 GB result made the node's process tree hold it twice
 (the worker's object and the node's copy).  Instead, the node taps the
 worker connection's decoder (frames.TapHook) when the result's first large
