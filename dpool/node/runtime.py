@@ -469,9 +469,7 @@ class Session(P.Served):
     def _stream_to(self, worker, frames):
         """Send a Run whose last frames are still coming from the client
         (stream_argument): the worker gets them as they arrive."""
-        lengths, flags = self._streaming
-        if worker.conn.closed:
-            return
+        lengths, flags = self._streaming   # (its connection is open: stream_argument)
         relay = Forward(worker.conn, self.conn, frames, lengths, flags)
         self.arg_relay = (relay, worker)
 
