@@ -36,6 +36,21 @@ def test_one_job_per_worker_while_durations_are_unknown():
     assert [j[0].job_id for j in d.queue] == [2, 3, 4]
 
 
+def test_runs_at_once_names_the_worker_a_job_would_start_on_now():
+    """(a node streams a large argument only to the worker that runs its
+    job at once: see Session.stream_argument)"""
+    d, (a, b) = ready()
+    assert d.runs_at_once(1) is a
+    assert d.runs_at_once(2) is None   # an unknown function: reported as usual
+    assert runs(d.submit([job(0)])) == {a: [0]}
+    assert d.runs_at_once(1) is b
+    assert runs(d.submit([job(1)])) == {b: [1]}
+    assert d.runs_at_once(1) is None   # both busy: it would wait
+    d.submit([job(2)])
+    assert d.done(a, 0, 1.0)
+    assert d.runs_at_once(1) is None   # (job 2 waits for it, in the queue)
+
+
 def test_function_is_loaded_once_per_worker():
     d, (a,) = ready(1)
     assert [type(x) for x in d.submit([job(0)])] == [LoadFunction, Run]
