@@ -495,9 +495,10 @@ class Client:
             job.node = link
             in_flight.add(job_id)
             job.status = RUNNING
-            item = run_item(job_id, fn_id, len(job.frames), job.star, attempt(job_id))
+            call = job.frames  # (read once: a lone frame is put in a tuple when read)
+            item = run_item(job_id, fn_id, len(call), job.star, attempt(job_id))
             header.append(item if job.place is None else (*item, job.place))
-            frames.extend(job.frames)
+            frames.extend(call)
         try:
             for message in functions:
                 conn.send(message)
@@ -617,7 +618,7 @@ class Client:
         if job is None:
             return
         job.status = status
-        job.frames = job.blob = None
+        job._frames = job.blob = None  # (the slot: no property call per job)
         job.value, job.error = value, error
         future = job.future
         outcome = None

@@ -103,7 +103,7 @@ class DirectCalls:
 
     def finish(self, job, status, value, error):
         job.status = status
-        job.frames = job.blob = None
+        job._frames = job.blob = None  # (the slot: no property call per job)
         job.value, job.error = value, error
         job.future._line = None
         handler = self.client.on_event
