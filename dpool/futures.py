@@ -21,6 +21,7 @@ Deliberate differences from ``ProcessPoolExecutor`` are listed in
 import collections
 import concurrent.futures as _cf
 import itertools
+import sys
 import threading
 import time
 import weakref
@@ -30,6 +31,20 @@ from ._adapters import add_nodes, check_initializer, chunks_of, start_client, to
 from .progressbar import make_bar, track
 
 __all__ = ["Executor"]
+
+# Executors never shut down: their work is finished at the interpreter's
+# exit, before its threads are joined, as the stdlib's executors' is.  (At
+# finalization, where ``__del__`` would run for them, no thread starts.)
+_unclosed: "weakref.WeakSet[Executor]" = weakref.WeakSet()
+
+
+def _finish_unclosed():
+    for executor in list(_unclosed):
+        if not executor._shutdown_thread and not executor._client.closed:
+            executor._client.close()
+
+
+threading._register_atexit(_finish_unclosed)  # (the stdlib's executors' hook)
 
 # ------------------------------------------------------------ the executor
 
@@ -88,6 +103,7 @@ class Executor(_cf.Executor):
                                     tls=(cafile, certfile, keyfile),
                                     scheduler=scheduler)
         self._max_workers = total_cpus(self._client)
+        _unclosed.add(self)
 
     def add_nodes(self, nodes, secret=None):
         """Use more ``dpool-node``\\ s from now on (``nodes`` as in the
@@ -211,6 +227,12 @@ class Executor(_cf.Executor):
         # collection may run anywhere, the client's loop thread included.
         client = getattr(self, "_client", None)
         if client is None or client.closed:
+            return
+        if sys.is_finalizing():  # (made during the exit: no thread starts now)
+            try:
+                client.close(wait=False, cancel=True)
+            except Exception:  # interpreter shutdown: nothing more to do
+                pass
             return
         try:
             threading.Thread(target=client.close, name="dpool-executor-shutdown").start()
