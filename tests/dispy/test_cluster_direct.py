@@ -316,11 +316,13 @@ def test_ctrl_c_as_the_job_is_filled_in_loses_nothing(node):
 
 # ------------------------------------------------------------- not direct
 
-def test_a_cluster_with_callbacks_keeps_the_loop_path(node):
+def test_a_cluster_with_callbacks_keeps_the_loop_path(node, tmp_path):
     seen = []
-    with cluster(node, tasks.double, job_status=lambda job: seen.append(job.status)) as c:
+    with cluster(node, tasks.hold, job_status=lambda job: seen.append(job.status)) as c:
         assert c._client._direct is None
-        job = c.submit(2)
+        gate = str(tmp_path / "gate")
+        job = c.submit(str(tmp_path / "m"), gate)  # (held: core_job is there until the gate)
         assert type(job.core_job.future) is not DirectFuture
-        assert job(timeout=30) == 4
+        open(gate, "w").close()
+        assert job(timeout=30) > 0
     assert seen.count(DispyJob.Finished) == 2  # (the warm-up job's and this one's)
