@@ -444,8 +444,9 @@ class Session(P.Served):
         worker runs first, its worker's death fails it (WorkerLost)."""
         if self.ended or self.draining or self.env is not None or self.arg_relay is not None \
                 or self.conn.closed or recoverable(self) \
-                or (flags is not None and any(flag & ~BYTES_FLAG for flag in flags)):
-            return None
+                or (flags is not None and any(flag & ~BYTES_FLAG for flag in flags)) \
+                or any(type(frame) is SpooledFrame for frame in frames):
+            return None   # (spooled: an earlier large frame of it came while no worker was free)
         try:
             msg = P.decode(frames[0])
         except Exception:

@@ -7,7 +7,9 @@ by the usual rules (WorkerLost), the connection and its next jobs going on.
 The client here is a raw authenticated socket so that the test sends the
 frame in two halves: what the worker has read in between shows whether
 the node stored the frame whole (a memory file) before passing it on."""
+import operator
 import os
+import pathlib
 import signal
 import socket
 import struct
@@ -216,3 +218,54 @@ def test_a_worker_stopped_in_the_middle_of_a_streamed_argument_keeps_the_client(
         record, frames = next_done(sock)
         assert record.job_id == 1 and record.outcome == P.Outcome.OK
         assert serialize.loads(frames) == SIZE
+
+
+def _wait_for_reader(fifo):
+    """A write end of ``fifo``, once a reader (the worker's job) opened it."""
+    def writer():
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:    # (ENXIO: no reader yet)
+            return None
+    fds = []
+    poll_for(lambda: fds.append(writer()) or fds[-1] is not None, 30,
+             message="the worker to run the job reading the FIFO")
+    return fds[-1]
+
+
+def test_a_later_large_frame_of_a_message_whose_first_was_received_whole(
+        node, node_secret, tmp_path):
+    """A Run whose first large frame began while the worker was busy (so it
+    went into a memory file) and whose next large frame begins once the
+    worker is free: the job still runs, with both frames (NumPy's buffers,
+    or two large bytes, are such frames)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    size = 2 * 2**20
+    data = os.urandom(size)
+    payload = serialize.dumps_call((data, data[:1] + data[1:]))
+    assert len(payload) == 3
+    wire = b"".join(encode([P.encode(P.Run, [P.run_item(3, 3, 3, int(P.Call.CALL))]),
+                            *payload]))
+    first_end = len(wire) - size   # (where the first large frame ends)
+    with open_session(node, node_secret) as sock:
+        send(sock, P.Func(2), serialize.dumps_function(pathlib.Path.read_bytes))
+        send(sock, P.Func(3), serialize.dumps_function(operator.eq))
+        send(sock, P.Run([P.run_item(1, 2, 1, int(P.Call.CALL))]),
+             *serialize.dumps_call((fifo,)))
+        fd = _wait_for_reader(fifo)   # the worker is busy with job 1
+        try:
+            sock.sendall(wire[:first_end - 1])
+            poll_for(lambda: memory_files(node.pid) == 1, 30,
+                     message="the first large frame to go into a memory file")
+        finally:
+            os.write(fd, b"x")
+            os.close(fd)
+        record, frames = next_done(sock)
+        assert record.job_id == 1 and serialize.loads(frames) == b"x"
+        sock.sendall(wire[first_end - 1:])   # (the worker is free now)
+        record, frames = next_done(sock)
+        assert record.job_id == 3 and record.outcome == P.Outcome.OK, \
+            serialize.load_exception(frames)
+        assert serialize.loads(frames) is True
+    assert memory_files(node.pid) == 0
