@@ -21,6 +21,7 @@ Deliberate differences from ``ProcessPoolExecutor`` are listed in
 import collections
 import concurrent.futures as _cf
 import itertools
+import os
 import sys
 import threading
 import time
@@ -45,6 +46,9 @@ def _finish_unclosed():
 
 
 threading._register_atexit(_finish_unclosed)  # (the stdlib's executors' hook)
+# A forked child (multiprocessing's runs the hook when its target returns)
+# has copies of the parent's executors, not its own: their work is not its.
+os.register_at_fork(after_in_child=_unclosed.clear)
 
 # ------------------------------------------------------------ the executor
 

@@ -52,3 +52,45 @@ def test_an_executor_left_open_lets_the_interpreter_exit(how, tmp_path):
     assert run.stderr == "", run.stderr
     if how in ("pending", "no-wait"):
         assert marker.read_text() == "done"  # (the work given was finished)
+
+
+FORK_SCRIPT = textwrap.dedent("""
+    import multiprocessing, os, sys, time
+    from dpool.futures import Executor
+
+    def wait_for(path):
+        while not os.path.exists(path):
+            time.sleep(0.01)
+        return "released"
+
+    if __name__ == "__main__":
+        path = sys.argv[1]
+        ex = Executor(1)
+        future = ex.submit(wait_for, path)   # runs until the parent says
+        child = multiprocessing.get_context("fork").Process(target=int)
+        child.start()
+        child.join(30)
+        print(child.exitcode, flush=True)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+        open(path, "w").close()
+        print(future.result(60), flush=True)
+        ex.shutdown()
+""")
+
+
+def test_a_forked_child_exits_while_the_parents_executor_has_work(tmp_path):
+    """A child forked by multiprocessing runs ``threading._shutdown`` (the
+    executors' exit hook) when its target returns: the parent's executor,
+    copied into it, is not the child's to finish (as with the stdlib's, the
+    child does not wait for the parent's work): it used to wait there for
+    the parent's job, for good."""
+    script = tmp_path / "fork_with_executor.py"
+    script.write_text(FORK_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "go")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["0", "released"], run.stderr
