@@ -482,15 +482,20 @@ class _HeldInterrupts:
         self.caught: list[tuple[int, Any]] | None = None
         if threading.get_ident() != _MAIN_THREAD:
             return self
-        previous = _getsignal(_SIGINT)
-        if callable(previous):
-            try:
-                _setsignal(_SIGINT, self._catch)
-            except ValueError:  # (not the main interpreter)
-                return self
-            self.previous = previous
-        if type(_getsignal(_SIGTERM)) is not int or type(_getsignal(_SIGALRM)) is not int:
-            self._hold_others()  # (not SIG_DFL or SIG_IGN, as they mostly are)
+        try:
+            previous = _getsignal(_SIGINT)
+            if callable(previous):
+                self.previous = previous  # (before the swap: a signal may come between)
+                try:
+                    _setsignal(_SIGINT, self._catch)
+                except ValueError:  # (not the main interpreter)
+                    self.previous = None
+                    return self
+            if type(_getsignal(_SIGTERM)) is not int or type(_getsignal(_SIGALRM)) is not int:
+                self._hold_others()  # (not SIG_DFL or SIG_IGN, as they mostly are)
+        except BaseException:  # a signal's own handler raised meanwhile: all put back
+            self.__exit__()
+            raise
         return self
 
     def _hold_others(self) -> None:
@@ -499,11 +504,12 @@ class _HeldInterrupts:
         for signum in _ALSO_HELD:
             handler = _getsignal(signum)
             if type(handler) not in _NOT_PYTHON:
+                held.append((signum, handler))
                 try:
                     _setsignal(signum, self._catch)
                 except ValueError:  # (not the main interpreter)
+                    held.pop()
                     return
-                held.append((signum, handler))
 
     def _catch(self, signum: int, frame: Any) -> None:
         if self.caught is None:
@@ -513,15 +519,38 @@ class _HeldInterrupts:
 
     def __exit__(self, *exc: Any) -> None:
         previous, others = self.previous, self.others
-        if previous is not None:
-            _setsignal(_SIGINT, previous)
-        if others is not None:
-            for signum, handler in others:
+        try:
+            try:
+                if previous is not None:
+                    _setsignal(_SIGINT, previous)
+                if others is not None:
+                    for signum, handler in others:
+                        _setsignal(signum, handler)
+            except BaseException:  # a signal came, its handler (one put back) raised
+                _put_back([(_SIGINT, previous)] if previous is not None else [], others)
+                raise
+        finally:
+            if self.caught is not None:
+                handlers = dict(others or ())
+                handlers[_SIGINT] = previous
+                _deliver([(handlers[signum], signum, frame) for signum, frame in self.caught])
+
+
+def _put_back(held: list[tuple[int, Any]], others: list[tuple[int, Any]] | None) -> None:
+    """Put each ``(signum, handler)`` back, every one even if a signal comes
+    meanwhile and a handler put back already raises (``signal.signal`` runs
+    pending signals' handlers before it swaps: that swap is done again); the
+    first such exception is raised once all are back."""
+    error = None
+    for signum, handler in held + (others or []):
+        while True:
+            try:
                 _setsignal(signum, handler)
-        if self.caught is not None:
-            handlers = dict(others or ())
-            handlers[_SIGINT] = previous
-            _deliver([(handlers[signum], signum, frame) for signum, frame in self.caught])
+                break
+            except BaseException as exc:
+                error = error or exc
+    if error is not None:
+        raise error
 
 
 def _deliver(calls: list[tuple[Any, int, Any]]) -> None:

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from dpool.core import direct
 from dpool.core.direct import _HeldInterrupts
 
 
@@ -154,3 +155,45 @@ def test_sigterm_and_sigalrm_without_a_python_handler_are_not_touched():
         assert held.others is None
     finally:
         signal.signal(signal.SIGALRM, alarm)
+
+
+def _arrives_before_swap(monkeypatch, swapped, arrival, putting_back):
+    """``arrival`` comes just before ``swapped``'s handler is swapped (as the
+    block begins, or as it ends: ``putting_back``).  signal.signal runs the
+    handlers of pending signals before it swaps: one that raises leaves the
+    swap undone (raise_signal runs them at once, as that check would)."""
+    real = direct._setsignal
+    pending = [arrival]
+
+    def setsignal(signum, handler):
+        ours = isinstance(getattr(handler, "__self__", None), _HeldInterrupts)
+        if signum == swapped and pending and ours != putting_back:
+            signal.raise_signal(pending.pop())
+        return real(signum, handler)
+
+    monkeypatch.setattr(direct, "_setsignal", setsignal)
+
+
+def test_a_signal_raising_as_the_block_begins_puts_every_handler_back(monkeypatch):
+    _arrives_before_swap(monkeypatch, signal.SIGALRM, signal.SIGALRM, putting_back=False)
+    with Raises(signal.SIGALRM, Timeout()) as alarm, Raises(signal.SIGTERM, SystemExit(1)) as term:
+        with pytest.raises(Timeout):
+            with _HeldInterrupts():
+                pytest.fail("the block ran")
+        assert alarm.calls == [signal.SIGALRM]
+        assert signal.getsignal(signal.SIGTERM) is term
+        assert signal.getsignal(signal.SIGALRM) is alarm
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_raising_as_the_block_ends_loses_no_handler_and_no_held_signal(monkeypatch):
+    _arrives_before_swap(monkeypatch, signal.SIGTERM, signal.SIGINT, putting_back=True)
+    with Raises(signal.SIGALRM, Timeout()) as alarm, Raises(signal.SIGTERM, SystemExit(1)) as term:
+        with pytest.raises(BaseException) as info:
+            with _HeldInterrupts():
+                signal.raise_signal(signal.SIGALRM)
+        assert {type(info.value), type(info.value.__context__)} == {KeyboardInterrupt, Timeout}
+        assert alarm.calls == [signal.SIGALRM] and term.calls == []
+        assert signal.getsignal(signal.SIGTERM) is term
+        assert signal.getsignal(signal.SIGALRM) is alarm
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
