@@ -142,6 +142,11 @@ class SocketStream:
         if n:
             conn.bytes_received += n
             conn._buffer_updated(n)
+        elif self._out or self._plain:
+            # The peer shut down its writing side (FIN), and may still read
+            # (shutdown(SHUT_WR), or a proxy passing a half-close on): what
+            # is queued for it goes first, as on close(), then it ends.
+            self.close()
         else:
             self._finish(None)
 
