@@ -472,7 +472,7 @@ class _HeldInterrupts:
     conversions that raise and catch two exceptions (with the handler's
     repr) per ``signal`` call and one per ``getsignal`` for any callable
     handler: 87k instructions a block (callgrind, CPython 3.11), against
-    6.6k this way (5.5k holding SIGINT only; bench/callgrind_held.py)."""
+    6.7k this way (5.5k holding SIGINT only; bench/callgrind_held.py)."""
 
     __slots__ = ("previous", "others", "caught")
 
