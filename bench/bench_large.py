@@ -195,9 +195,9 @@ def start_node():
     return proc, port, env
 
 
-def measure(proc, port, env, mode, kind, direction, mb):
+def measure(proc, port, env, mode, kind, direction, mb, jobs=None):
     cmd = [sys.executable, __file__, "--one", mode, kind, direction, str(mb),
-           "--node", str(proc.pid), str(port), "--jobs", str(default_jobs(mb))]
+           "--node", str(proc.pid), str(port), "--jobs", str(jobs or default_jobs(mb))]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if out.returncode:
         print(f"{mode} {kind} {direction} {mb} MB failed: {out.stderr[-500:]}")
@@ -275,7 +275,8 @@ def main():
                 for kind in args.kinds:
                     for direction in ("send", "result"):
                         for mode in args.modes:
-                            r = measure(proc, port, env, mode, kind, direction, mb)
+                            r = measure(proc, port, env, mode, kind, direction, mb,
+                                        args.jobs)
                             if r is not None:
                                 rows.append(r)
     finally:
