@@ -588,7 +588,12 @@ class JobCluster:
 
     def _running(self):
         """(loop thread) The client's jobs not finished, the direct call in
-        flight (not among them) included."""
+        flight (not among them) included.  Polled (status(), node_jobs()),
+        a direct call is read by the loop thread from now on, as a polled
+        DispyJob.status hands it over: else its end shows at the next tick."""
+        direct = self._client.directs.in_flight()
+        if direct is not None:
+            direct.future.done()  # (the line's still while a user thread reads it)
         jobs = list(self._client.jobs.values())
         direct = self._client.directs.in_flight()
         if direct is not None and direct.tag is not None:

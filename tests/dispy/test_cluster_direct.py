@@ -160,6 +160,19 @@ def test_status_counts_a_direct_job_busy_then_done(node, tmp_path):
         assert info.nodes[0].cpu_time > 0
 
 
+def test_polling_cluster_status_alone_sees_the_end(node):
+    """A program that polls status() for jobs_pending == 0 (nobody calls
+    job() or wait()) sees a direct job end without waiting for the next
+    heartbeat tick (none comes during the test: QUIET)."""
+    with cluster(node, tasks.double) as c:
+        before = c.status().nodes[0].jobs_done
+        job = direct(c, 6)
+        poll_for(lambda: c.status().jobs_pending == 0, message="jobs_pending 0")
+        info = c.status()
+        assert [n.busy for n in info.nodes] == [0] and info.nodes[0].jobs_done == before + 1
+        assert job.is_done() and job.result == 12
+
+
 def test_cancel_terminates_a_direct_job(node, tmp_path):
     with cluster(node, tasks.hold) as c:
         job, gate, pid = started(tmp_path, c)
