@@ -106,6 +106,9 @@ class JobEnv:
                 self.waiters.pop(req_id, None)
                 waiter.set_result(f"node {link.name} is not connected")
                 return
+            if not self.client.claim(link):  # a user thread holds it (a direct call)
+                self.client._direct.defer(send)  # (once it is handed back)
+                return
             link.conn.send([P.encode(P.File, req_id, name, mode), data])
         self.client.call_soon(send)
         return waiter

@@ -216,6 +216,39 @@ def test_close_node_terminating_a_direct_job(node, tmp_path):
         poll_for(lambda: pid_gone(pid), 15, message="the job's process to end")
 
 
+def test_send_file_while_the_link_is_parked(node, tmp_path):
+    """send_file on a node whose link is parked for direct calls: the loop
+    thread takes the link back to write the file and read the node's
+    answer (before, it wrote on the parked link and nobody read the answer
+    until the next heartbeat tick: none in QUIET, so send_file timed out)."""
+    path = tmp_path / "sent.txt"
+    path.write_text("sent")
+    with cluster(node, tasks.double) as c:
+        parked(c)
+        assert c.send_file(str(path), "127.0.0.1", timeout=10) == 0
+        assert c.submit(7)(timeout=30) == 14
+
+
+def test_send_file_while_a_thread_reads_a_direct_job(node, tmp_path):
+    """send_file while a user thread holds the link (reading a direct
+    job's answer): written once the thread hands the link back."""
+    path = tmp_path / "sent.txt"
+    path.write_text("sent")
+    with cluster(node, tasks.hold) as c:
+        job, gate, pid = started(tmp_path, c)
+        got = []
+        reader = threading.Thread(target=lambda: got.append(job(timeout=30)))
+        reader.start()
+        try:
+            line = c._client._direct
+            poll_for(lambda: line.owner == "user", message="the reader to hold the link")
+            assert c.send_file(str(path), "127.0.0.1", timeout=10) == 0
+        finally:
+            open(gate, "w").close()
+            reader.join(30)
+        assert got == [pid] and job.status == DispyJob.Finished
+
+
 def test_submit_node_takes_the_normal_path(node, tmp_path):
     with cluster(node, tasks.hold) as c:
         parked(c)
