@@ -250,6 +250,15 @@ def check_status(status: bytes) -> None:
         raise ProtocolError(f"bad authentication status byte {bytes(status)!r}")
 
 
+def import_crypto() -> None:
+    """Import what sealed records need (cryptography, else imported with the
+    first sealed connection): a server sealing its connections calls this as
+    it starts, so that a missing cryptography fails its start, not each
+    client's handshake."""
+    import cryptography.hazmat.primitives.ciphers.aead
+    import cryptography.hazmat.primitives.kdf.hkdf  # noqa: F401
+
+
 def derive_keys(key: bytes, transcript: bytes, *, server: bool) -> Keys:
     """Per-connection record keys from the stretched key and both nonces."""
     from cryptography.hazmat.primitives import hashes  # (see records._aesgcm)

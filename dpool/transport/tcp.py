@@ -42,8 +42,8 @@ from dpool.errors import (AuthenticationError, ConnectionClosed, HandshakeRefuse
                           ProtocolError, VersionMismatch)
 
 from .auth import (MAGIC, PREAUTH_MAX, PROCESS_SALT, Hello, StretchedTooLate, check_secret,
-                   client_handshake, encode_hello, own_hello, server_handshake, stretch,
-                   tls_required_notice)
+                   client_handshake, encode_hello, import_crypto, own_hello,
+                   server_handshake, stretch, tls_required_notice)
 from .budget import ReceiveBudget
 from .connection import Connection
 from .frames import Limits
@@ -439,6 +439,8 @@ async def start_server(on_connection: OnConnection, host: str, port: int, *, sec
     if not callable(hello):
         encode_hello(own_hello(hello))     # fail now if it isn't JSON
     stretch(secret, PROCESS_SALT)          # once, now, rather than in the first handshake
+    if ssl is None:
+        import_crypto()                    # sealed records: cryptography missing fails now
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
