@@ -550,6 +550,10 @@ class FrameDecoder:
     #: True when the last call returned early: messages before a frame the
     #: tap is to be asked about (an outer decoder returns them at once too).
     tap_waits = False
+    #: Set by a decoder that feeds this one (records.SecureDecoder) while
+    #: messages this one returned are not returned to the owner yet: the tap
+    #: waits for them as for messages completed in the same call.
+    pending = False
 
     def _parse(self) -> list[Message]:
         self.tap_waits = False
@@ -588,7 +592,7 @@ class FrameDecoder:
                     size = lengths[len(frames)]
                     if size >= MIN_TAP and self.tap is not None and self._tapping is None \
                             and frames:
-                        if out:   # (they go first; the tap is asked at the next read)
+                        if out or self.pending:   # (they go first; the tap is asked next read)
                             self.tap_waits = True
                             return out
                         self._tapping = self.tap(frames, lengths, flags)

@@ -146,6 +146,7 @@ class SecureDecoder:
         self._pos = 0
         self._end = 0
         self._plain: memoryview | None = None   # a record that doesn't fit the decoder's room
+        self._left: memoryview | None = None    # the rest of it, held back (see _feed)
         self._failed: ProtocolError | None = None
 
     @property
@@ -154,7 +155,7 @@ class SecureDecoder:
 
     @property
     def partial(self) -> bool:
-        return self._pos != self._end or self._inner.partial
+        return self._pos != self._end or self._left is not None or self._inner.partial
 
     @property
     def seq(self) -> int:
@@ -194,6 +195,10 @@ class SecureDecoder:
 
     def _open_records(self) -> list[Message]:
         out: list[Message] = []
+        if self._left is not None:   # (the rest of a record, held back: see _feed)
+            out += self._feed(self._left, False)
+            if self._left is not None:
+                return out
         mv, pos, end = self._mv, self._pos, self._end
         try:
             while end - pos >= HEAD:
@@ -203,18 +208,20 @@ class SecureDecoder:
                                         f"{TAG}..{RECORD_DATA + TAG}: not a dpool record")
                 if end - pos < HEAD + size:
                     break
-                out += self._open(mv[pos:pos + HEAD], mv[pos + HEAD:pos + HEAD + size])
+                out += self._open(mv[pos:pos + HEAD], mv[pos + HEAD:pos + HEAD + size],
+                                  bool(out))
                 pos += HEAD + size
                 if out and self._inner.tap_waits:
-                    # (the inner decoder's tap is asked once they are taken;
-                    # the records left are opened at the next read: a record
-                    # was taken, so the buffer has room for it)
+                    # (the inner decoder's tap is asked once they are taken,
+                    # those of earlier records too; the records left are
+                    # opened at the next read: a record was taken, so the
+                    # buffer has room for it)
                     break
         finally:
             self._pos = pos
         return out
 
-    def _open(self, head: memoryview, sealed: memoryview) -> list[Message]:
+    def _open(self, head: memoryview, sealed: memoryview, pending: bool) -> list[Message]:
         nonce, seq = _nonce(self._seq), self._seq
         self._seq += 1
         inner = self._inner
@@ -230,4 +237,35 @@ class SecureDecoder:
         except _invalid_tag():
             raise ProtocolError(f"record {seq} failed authentication (forged, changed, "
                                 f"replayed, reordered or dropped data)") from None
-        return inner.buffer_updated(size) if direct else inner.feed(dst[:size])
+        if not direct:
+            return self._feed(dst[:size], pending)
+        inner.pending = pending   # (messages of earlier records not returned yet)
+        try:
+            return inner.buffer_updated(size)
+        finally:
+            inner.pending = False
+
+    def _feed(self, plain: memoryview, pending: bool) -> list[Message]:
+        """Feed a record's bytes to the inner decoder in pieces (they don't
+        fit its room).  A piece may complete messages before a large frame
+        the inner decoder's tap is to be asked about: the rest waits
+        (``_left``), to be fed at the next read, once they are returned.  (A
+        frame the tap takes is at least frames.MIN_TAP bytes, more than the
+        buffers hold: more of it is still to be read.)"""
+        inner = self._inner
+        out: list[Message] = []
+        self._left = None
+        try:
+            while len(plain):
+                inner.pending = pending or bool(out)
+                dst = inner.get_buffer()
+                k = min(len(dst), len(plain))
+                dst[:k] = plain[:k]
+                plain = plain[k:]
+                out += inner.buffer_updated(k)
+                if inner.tap_waits and len(plain):
+                    self._left = plain
+                    break
+        finally:
+            inner.pending = False
+        return out

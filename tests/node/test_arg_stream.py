@@ -269,3 +269,24 @@ def test_a_later_large_frame_of_a_message_whose_first_was_received_whole(
             serialize.load_exception(frames)
         assert serialize.loads(frames) is True
     assert memory_files(node.pid) == 0
+
+
+def test_a_run_in_the_record_before_a_streamed_one_is_not_overtaken(node, node_secret):
+    """A client's small Run in one record and the next Run's large frame
+    beginning in the next record, both read at once: the first Run is taken
+    first, so its job runs first on the one worker (the second one, no
+    worker free for it, is received whole)."""
+    data = os.urandom(1024) * (4 * 2**20 // 1024)
+    with open_session(node, node_secret) as sock:
+        send(sock, P.Run([P.run_item(2, 1, 1, int(P.Call.CALL))]),
+             *serialize.dumps_call((b"ab",)))
+        record, _ = next_done(sock)   # (the node has the function, the worker is free)
+        assert record.job_id == 2
+        first = b"".join(encode([P.encode(P.Run, [P.run_item(1, 1, 1, int(P.Call.CALL))]),
+                                 *serialize.dumps_call((b"abc",))]))
+        sock.sock.sendall(b"".join(sock.sealer.seal(first) + sock.sealer.seal(run_head(3, data))))
+        sock.sendall(data)
+        record, frames = next_done(sock)
+        assert record.job_id == 1 and serialize.loads(frames) == 3
+        record, frames = next_done(sock)
+        assert record.job_id == 3 and serialize.loads(frames) == len(data)

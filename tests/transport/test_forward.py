@@ -5,6 +5,7 @@ import pytest
 
 from dpool.errors import ProtocolError
 from dpool.transport.forward import Forward
+from dpool.transport.records import RECORD_DATA, SecureDecoder, Sealer
 from dpool.transport.frames import (CHUNK, CHUNK_END, MIN_TAP, STREAM_FLAG, FrameDecoder,
                                     Relayed, encode)
 
@@ -195,3 +196,59 @@ def test_a_relay_begins_only_after_earlier_messages_are_returned():
     assert len(relays) == 1 and len(got) == 1 and type(got[0][1]) is Relayed
     relays[0].finish()
     assert FrameDecoder().feed(bytes(dest.wire)) == [[b"HEAD", BIG]]
+
+
+def _sealed_decoder():
+    """A SecureDecoder whose inner decoder's tap records, each time it is
+    asked, the messages the decoder had returned by then; and a Sealer."""
+    key = bytes(range(32))
+    decoder = SecureDecoder(FrameDecoder(), key)
+    returned, asked = [], []
+
+    def tap(frames, lengths, flags):
+        asked.append(list(returned))
+        return None
+    decoder.inner.tap = tap
+    return decoder, Sealer(key), returned, asked
+
+
+def _read(decoder, data, returned):
+    """``data`` arrives in one read (as asyncio's BufferedProtocol feeds it)."""
+    dst = decoder.get_buffer()
+    dst[:len(data)] = data
+    returned += decoder.buffer_updated(len(data))
+
+
+def test_a_tap_is_asked_only_after_earlier_records_messages_are_returned():
+    """A message ending one record and a large frame beginning in the next,
+    both opened in the same read: the message is returned before the tap
+    is asked (else, e.g., a Run given at once overtakes the client's Run
+    just before it)."""
+    decoder, sealer, returned, asked = _sealed_decoder()
+    data = wire([b"earlier"]) + wire([b"first", BIG])
+    records = b"".join(sealer.seal(data[:len(wire([b"earlier"]))])
+                       + sealer.seal(data[len(wire([b"earlier"])):][:1000]))
+    _read(decoder, records, returned)
+    assert returned == [[b"earlier"]]
+    rest = data[len(wire([b"earlier"])) + 1000:]
+    for i in range(0, len(rest), 100_000):
+        _read(decoder, b"".join(sealer.seal(rest[i:i + 100_000])), returned)
+    assert asked == [[[b"earlier"]]]
+    assert returned == [[b"earlier"], [b"first", BIG]]
+
+
+def test_a_tap_is_asked_only_after_earlier_messages_of_a_record_fed_in_pieces():
+    """A record that doesn't fit the inner decoder's room is fed in pieces:
+    a message completed by one piece is returned before a later piece's
+    large frame is offered to the tap."""
+    decoder, sealer, returned, asked = _sealed_decoder()
+    earlier = wire([b"e" * 60_000])
+    data = earlier + wire([b"first", BIG])
+    _read(decoder, b"".join(sealer.seal(data[:30_000])), returned)   # (half of it)
+    _read(decoder, b"".join(sealer.seal(data[30_000:30_000 + RECORD_DATA])), returned)
+    assert returned == [[b"e" * 60_000]]
+    rest = data[30_000 + RECORD_DATA:]
+    for i in range(0, len(rest), 100_000):
+        _read(decoder, b"".join(sealer.seal(rest[i:i + 100_000])), returned)
+    assert asked == [[[b"e" * 60_000]]]
+    assert returned == [[b"e" * 60_000], [b"first", BIG]]
