@@ -59,7 +59,10 @@ class ClusterEvents:
         if job is None:
             return
         link, where = core_job.node, core_job.where
-        self.on_done(job, core_job)
+        try:
+            self.on_done(job, core_job)
+        except Exception:  # (the recover file not written: disk full) the job ends all the same
+            log.exception("dpool: job %s: its end could not be recorded", job.id)
         ip = self._ips.get(link if where is None else where)  # (job_ip, known: once per job)
         job.finish_from(core_job, self.job_ip(core_job) if ip is None else ip)
         # Without callbacks nobody sees a node between two status() calls,

@@ -11,6 +11,7 @@ import pytest
 import dpool
 from dpool.core.direct import DirectFuture
 from dpool.core.tcpline import TcpLine
+from dpool.dispy.recover import RecoverFile
 import tasks
 from helpers import cluster_on, pid_gone, poll_for, read_marker, start_node
 
@@ -141,6 +142,21 @@ def test_a_second_job_while_a_direct_one_runs(node, tmp_path):
         open(gate, "w").close()
         assert second(timeout=30) > 0 and job(timeout=30) == pid
         assert job.status == second.status == DispyJob.Finished
+
+
+def test_a_recover_file_that_fails_to_write_loses_no_job(node, tmp_path, monkeypatch):
+    """The recover file can't be written (disk full) as a job ends: the job
+    still ends, direct or not (before, its DispyJob was never finished and
+    job() waited forever)."""
+    with cluster(node, tasks.double, recover_file=str(tmp_path / "recover")) as c:
+        def full(self, core_id):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(RecoverFile, "done", full)
+        job = direct(c, 4)
+        assert job(timeout=10) == 8 and job.status == DispyJob.Finished
+        normal = c.submit_node("127.0.0.1", 5)
+        assert normal(timeout=10) == 10 and normal.status == DispyJob.Finished
+        monkeypatch.undo()
 
 
 # ----------------------------------------------------- counts and node calls
