@@ -290,3 +290,24 @@ def test_a_run_in_the_record_before_a_streamed_one_is_not_overtaken(node, node_s
         assert record.job_id == 1 and serialize.loads(frames) == 3
         record, frames = next_done(sock)
         assert record.job_id == 3 and serialize.loads(frames) == len(data)
+
+
+def test_a_forged_record_in_the_middle_of_a_streamed_argument(node, node_secret):
+    """A record failing its tag mid-frame: none of its bytes reach the
+    worker; the connection fails, the session ends, its worker is killed,
+    nothing is left in the node; the next session runs."""
+    data = bytes(SIZE)
+    with open_session(node, node_secret) as sock:
+        send_half(node, sock, data)
+        worker = workers(node)[0].pid
+        record = bytearray(b"".join(sock.sealer.seal(data[HALF:HALF + 1000])))
+        record[-1] ^= 1
+        sock.sock.sendall(bytes(record))
+        poll_for(lambda: pid_gone(worker), 30, message="the session's worker to be killed")
+    poll_for(lambda: not workers(node), 30, message="no worker left")
+    assert memory_files(node.pid) == 0
+    with open_session(node, node_secret) as sock:
+        send_half(node, sock, data)
+        sock.sendall(data[HALF:])
+        record, frames = next_done(sock)
+        assert record.outcome == P.Outcome.OK and serialize.loads(frames) == SIZE
