@@ -657,7 +657,10 @@ class JobCluster:
         if link is None:
             return -1
         name, mode, data = file_entry(path)
-        error = self._env.send_file(link, name, data, mode).result(timeout)
+        try:
+            error = self._env.send_file(link, name, data, mode).result(timeout)
+        except TimeoutError:
+            error = f"no answer from node {link.name} in {timeout} s"
         if error:
             log.warning("send_file(%r): %s", path, error)
             return -1

@@ -3,6 +3,7 @@ cluster without callbacks, whose only node is a dpool-node, is written and
 answered on the node's link by the calling thread (dpool/core/tcpline.py),
 as Executor's lone calls are.  Every dispy property of the job, the
 cluster's counts and the node calls must be what the loop-thread path gives."""
+from concurrent.futures import Future
 import signal
 import threading
 
@@ -11,6 +12,7 @@ import pytest
 import dpool
 from dpool.core.direct import DirectFuture
 from dpool.core.tcpline import TcpLine
+from dpool.dispy.env import JobEnv
 from dpool.dispy.recover import RecoverFile
 import tasks
 from helpers import cluster_on, pid_gone, poll_for, read_marker, start_node
@@ -263,6 +265,17 @@ def test_send_file_while_a_thread_reads_a_direct_job(node, tmp_path):
             open(gate, "w").close()
             reader.join(30)
         assert got == [pid] and job.status == DispyJob.Finished
+
+
+def test_send_file_unanswered_returns_minus_one(node, tmp_path, monkeypatch):
+    """send_file's node not answering within ``timeout``: -1, as for any
+    file not written (dispy's send_file returns 0 or -1), not TimeoutError."""
+    path = tmp_path / "sent.txt"
+    path.write_text("sent")
+    with cluster(node, tasks.double) as c:
+        monkeypatch.setattr(JobEnv, "send_file", lambda *args, **kwargs: Future())
+        assert c.send_file(str(path), "127.0.0.1", timeout=0.1) == -1
+        monkeypatch.undo()
 
 
 def test_submit_node_takes_the_normal_path(node, tmp_path):
