@@ -449,12 +449,13 @@ class Session(P.Served):
             return None   # (spooled: an earlier large frame of it came while no worker was free)
         try:
             msg = P.decode(frames[0])
+            if type(msg) is not P.Run or len(msg.jobs) != 1:
+                return None
+            (item, _), = P.run_items(msg, frames)
+            worker = self.dispatcher.runs_at_once(item.fn_id)
+            hash(item.job_id)   # (a key of the dispatcher's maps)
         except Exception:
-            return None   # (the whole message's decoding reports it)
-        if type(msg) is not P.Run or len(msg.jobs) != 1:
-            return None
-        (item, _), = P.run_items(msg, frames)
-        worker = self.dispatcher.runs_at_once(item.fn_id)
+            return None   # (a malformed Run: the whole message's handling reports it)
         if item.nframes != len(lengths) - 1 or worker is None or worker.conn.closed \
                 or worker.conn.relaying:
             return None

@@ -311,3 +311,30 @@ def test_a_forged_record_in_the_middle_of_a_streamed_argument(node, node_secret)
         sock.sendall(data[HALF:])
         record, frames = next_done(sock)
         assert record.outcome == P.Outcome.OK and serialize.loads(frames) == SIZE
+
+
+@pytest.mark.parametrize("item", [(1, 1), (1, [1], 1, 0, 1), ([1], 1, 1, 0, 1)])
+def test_a_malformed_run_with_a_large_argument_is_refused_as_a_small_one(
+        node, node_secret, item):
+    """A Run whose job is malformed: the node ends the connection as for any
+    bad message once it has it whole (not from the middle of its read, which
+    then took the record after it for a forged one); the node serves on."""
+    data = bytes(4 * 2**20)
+    with open_session(node, node_secret) as sock:
+        frame0 = P.encode(P.Run, [item])
+        small = bytes(serialize.dumps_call((data,))[0])
+        try:
+            sock.sendall(struct.pack("<IQQQ", 3, len(frame0), len(small), len(data) | BYTES_FLAG)
+                         + frame0 + small + data)
+            while sock.recv(1 << 16):
+                pass
+        except ConnectionResetError:
+            pass
+    poll_for(lambda: not workers(node), 30, message="the session to end")
+    assert "on_message callback" in node.stderr()
+    assert "Exception in callback" not in node.stderr()
+    assert "failed authentication" not in node.stderr()
+    with open_session(node, node_secret) as sock:
+        send(sock, P.Run([P.run_item(2, 1, 1, int(P.Call.CALL))]), *serialize.dumps_call((b"ab",)))
+        record, frames = next_done(sock)
+        assert record.job_id == 2 and serialize.loads(frames) == 2
