@@ -472,7 +472,10 @@ class _HeldInterrupts:
     conversions that raise and catch two exceptions (with the handler's
     repr) per ``signal`` call and one per ``getsignal`` for any callable
     handler: 87k instructions a block (callgrind, CPython 3.11), against
-    6.7k this way (5.5k holding SIGINT only; bench/callgrind_held.py)."""
+    7.3k this way (5.5k holding SIGINT only; bench/callgrind_held.py).
+    A handler the program sets inside the block (another signal's handler,
+    a finalizer) is kept: the block's end puts back only its own catcher's
+    (one more ``getsignal`` a signal held, ~0.55k)."""
 
     __slots__ = ("previous", "others", "caught")
 
@@ -519,15 +522,18 @@ class _HeldInterrupts:
 
     def __exit__(self, *exc: Any) -> None:
         previous, others = self.previous, self.others
+        if previous is None and others is None:
+            return
         try:
-            try:
-                if previous is not None:
+            try:  # (a handler set inside the block, not our catcher, is kept)
+                if previous is not None and getattr(_getsignal(_SIGINT), "__self__", None) is self:
                     _setsignal(_SIGINT, previous)
                 if others is not None:
                     for signum, handler in others:
-                        _setsignal(signum, handler)
+                        if getattr(_getsignal(signum), "__self__", None) is self:
+                            _setsignal(signum, handler)
             except BaseException:  # a signal came, its handler (one put back) raised
-                _put_back([(_SIGINT, previous)] if previous is not None else [], others)
+                _put_back([(_SIGINT, previous)] if previous is not None else [], others, self)
                 raise
         finally:
             if self.caught is not None:
@@ -536,16 +542,19 @@ class _HeldInterrupts:
                 _deliver([(handlers[signum], signum, frame) for signum, frame in self.caught])
 
 
-def _put_back(held: list[tuple[int, Any]], others: list[tuple[int, Any]] | None) -> None:
-    """Put each ``(signum, handler)`` back, every one even if a signal comes
-    meanwhile and a handler put back already raises (``signal.signal`` runs
-    pending signals' handlers before it swaps: that swap is done again); the
-    first such exception is raised once all are back."""
+def _put_back(held: list[tuple[int, Any]], others: list[tuple[int, Any]] | None,
+              block: _HeldInterrupts) -> None:
+    """Put each ``(signum, handler)`` back where ``block``'s catcher still
+    is, every one even if a signal comes meanwhile and a handler put back
+    already raises (``signal.signal`` runs pending signals' handlers before
+    it swaps: that swap is done again); the first such exception is raised
+    once all are back."""
     error = None
     for signum, handler in held + (others or []):
         while True:
             try:
-                _setsignal(signum, handler)
+                if getattr(_getsignal(signum), "__self__", None) is block:
+                    _setsignal(signum, handler)
                 break
             except BaseException as exc:
                 error = error or exc

@@ -197,3 +197,33 @@ def test_a_signal_raising_as_the_block_ends_loses_no_handler_and_no_held_signal(
         assert signal.getsignal(signal.SIGTERM) is term
         assert signal.getsignal(signal.SIGALRM) is alarm
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _replace(signum):
+    """A handler set inside the block (by the program: another signal's
+    handler, a finalizer): a new one, which the block's end must keep."""
+    def new(signum, frame):
+        new.calls.append(signum)
+    new.calls = []
+    signal.signal(signum, new)
+    return new
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGALRM])
+def test_a_handler_set_inside_the_block_is_kept(signum):
+    with Raises(signal.SIGALRM, Timeout()), Raises(signal.SIGINT, KeyboardInterrupt()):
+        with _HeldInterrupts():
+            new = _replace(signum)
+        assert signal.getsignal(signum) is new
+        signal.raise_signal(signum)
+        assert new.calls == [signum]
+
+
+def test_a_signal_held_before_its_handler_was_replaced_goes_to_the_one_then_in_place():
+    with Raises(signal.SIGALRM, Timeout()) as alarm:
+        with pytest.raises(Timeout):
+            with _HeldInterrupts():
+                signal.raise_signal(signal.SIGALRM)
+                new = _replace(signal.SIGALRM)
+        assert alarm.calls == [signal.SIGALRM] and new.calls == []
+        assert signal.getsignal(signal.SIGALRM) is new
