@@ -102,10 +102,12 @@ class Forward:
         self._last = time.monotonic()
         dest = self._dest
         dest.relay_records([CHUNK.pack(len(view)), view])
-        if dest.write_paused and not self._paused:
-            self._paused = True
+        if dest.write_paused:
+            # (again if something else, a receive budget, resumed it meanwhile)
             self._source.pause_reading()
-            dest.when_writable(self._resume)
+            if not self._paused:
+                self._paused = True
+                dest.when_writable(self._resume)
 
     def frame_end(self, last: bool) -> None:
         """The current frame is complete; the last one's end waits for

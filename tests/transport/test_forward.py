@@ -145,6 +145,24 @@ def test_the_source_pauses_while_the_destination_is_full():
     assert not source.paused
 
 
+def test_a_source_resumed_by_another_is_paused_again_while_the_destination_is_full():
+    """Something else (a node's receive budget) resumes the source while the
+    relay holds it back: its next bytes pause it again, so what waits for
+    the destination stays bounded."""
+    dest, source = Dest(), Source()
+    decoder, relays = relaying_decoder(dest, source)
+    data = wire([b"first", BIG])
+    dest.write_paused = True
+    decoder.feed(data[:300_000])
+    assert source.paused
+    source.resume_reading()   # (the budget's resume)
+    decoder.feed(data[300_000:400_000])
+    assert source.paused
+    dest.write_paused = False
+    dest.resume()
+    assert not source.paused
+
+
 def test_more_bytes_than_announced_do_not_reach_the_relayed_message():
     """A source that sends past its declared lengths: the relayed message is
     exactly what was declared; the excess is a framing error on the source's
