@@ -461,8 +461,17 @@ def _error_of(future):
     error = future.exception()
     text = getattr(error, RESULT_REPR, None)
     if isinstance(text, str):
-        return _encoding_error(error, text)
+        # (made once, kept on the error: each get() raises the same one, as
+        # multiprocessing's)
+        wrapped = getattr(error, _WRAPPED, None)
+        if wrapped is None:
+            wrapped = _encoding_error(error, text)
+            setattr(error, _WRAPPED, wrapped)
+        return wrapped
     return error
+
+
+_WRAPPED = "dpool_encoding_error"
 
 
 def _encoding_error(error, result_repr):

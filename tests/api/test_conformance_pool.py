@@ -308,6 +308,25 @@ def test_unpicklable_result(pool):
     assert pool.apply(tasks.square, (3,)) == 9
 
 
+@pytest.mark.parametrize("task", [tasks.return_unpicklable,
+                                  functools.partial(tasks.raise_value_error, "bad")],
+                         ids=["unsendable-result", "raised"])
+def test_get_of_a_failed_task_raises_the_same_error_each_time(pool, task):
+    # multiprocessing's get() raises the one error it got, each time (the
+    # object error_callback is given); an unsendable result's
+    # MaybeEncodingError used to be made anew by each get().
+    result = pool.apply_async(task)
+    result.wait(5)
+
+    def raised():
+        with pytest.raises(Exception) as info:
+            result.get(5)
+        return info.value
+
+    first = raised()
+    assert raised() is first
+
+
 def test_worker_process_names(pool):
     names = {name for name, _ in pool.map(tasks.process_name, range(8), chunksize=1)}
     assert "MainProcess" not in names
