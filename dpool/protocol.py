@@ -29,9 +29,10 @@ Client -> node                         Node -> client
                 ``heartbeat`` option (see dpool.liveness)
   Forget   (fn_ids)  functions no job in flight needs; the node drops
                      them and forwards Forget to the workers holding them
-  Reclaim  (count)  give back up to count   GiveBack (job_ids)  jobs that did not run
-           jobs no worker has taken         here (the answer to Reclaim, and unasked
-                                            while draining)
+  Reclaim  (count,  give back up to count   GiveBack (job_ids)  jobs that did not run
+           held)    jobs no worker has taken here (the answer to Reclaim, and unasked
+                    (held: those waiting in  while draining)
+                    workers too, once dropped)
                                          Draining (grace)  the node stops: no new
                                             jobs; running ones get grace s
   Recover  (token, terminate)            Ready (info + {"recovered": True,
@@ -343,6 +344,9 @@ class Status(NamedTuple):
 @message(Op.RECLAIM)
 class Reclaim(NamedTuple):
     count: int  # give back at most this many jobs no worker has taken
+    # and those waiting in workers behind their running job too (asked
+    # back: shutdown(cancel_futures=True); a scheduler's session always)
+    held: bool = False
 
 
 @message(Op.READY)
@@ -495,9 +499,21 @@ def encode(kind: type, *fields) -> bytes:
     once per job on some legs.)"""
     code, count = _CODES[kind]
     if len(fields) != count:
+        fields = _with_defaults(kind, fields)
+    if len(fields) != count:
         raise TypeError(f"{kind.__name__} takes {count} fields ({', '.join(kind._fields)}), "
                         f"not {len(fields)}")
     return _dumps((code, *fields), 5)
+
+
+def _with_defaults(kind: type, fields: tuple) -> tuple:
+    """``fields`` followed by the defaults of the record's later fields
+    (a field added with a default, e.g. Reclaim's ``held``)."""
+    defaults = kind._field_defaults  # type: ignore[attr-defined]
+    missing = kind._fields[len(fields):]  # type: ignore[attr-defined]
+    if all(name in defaults for name in missing):
+        return (*fields, *(defaults[name] for name in missing))
+    return fields
 
 
 def decode(frame) -> Any:

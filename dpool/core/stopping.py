@@ -70,7 +70,14 @@ class Stopping:
         """Cancel the jobs a dpool-scheduler still queues for this client
         (sent, but on no node yet: SCHEDULER_DEPTH per CPU), as those
         queued here are: the scheduler gives them back
-        (Reclaim) and their futures are cancelled; from any thread."""
+        (Reclaim) and their futures are cancelled; from any thread.  So
+        are those sent to a node beyond one per CPU (its futures run from
+        the send, and up to cpus x (2 + read-ahead) are in flight there):
+        the node keeps the first ones, the running ones among them, and
+        gives back the others it queues, and those a worker holds behind
+        its running job as that job ends (``held``).  At most one job per
+        CPU runs after the call beyond those running (the stdlib's
+        ProcessPoolExecutor: max_workers + 1)."""
         try:
             self.loop.call_soon_threadsafe(self._reclaim_queued)
         except RuntimeError:
@@ -79,9 +86,10 @@ class Stopping:
     def _reclaim_queued(self):
         self.client._cancel_queued = True
         for link in self.client.links:
-            if link.ready and link.in_flight and link.info.get("scheduler"):
+            count = len(link.in_flight) - (0 if link.info.get("scheduler") else link.cpus)
+            if link.ready and count > 0:
                 try:
-                    link.conn.send([P.encode(P.Reclaim, len(link.in_flight))])
+                    link.conn.send([P.encode(P.Reclaim, count, True)])
                 except ConnectionClosed:
                     pass  # its close callback settles its jobs
 

@@ -494,10 +494,12 @@ class Session(P.Served):
         one must not start here.  A client with its own nodes reclaims to
         run a job sooner on a free CPU elsewhere: a job waiting in a worker
         would come back only as that worker's running job ends, when it
-        starts here anyway, so it stays."""
+        starts here anyway, so it stays; unless the client asks for those
+        too (``held``: shutdown(cancel_futures=True) cancels the jobs that
+        have not started)."""
         given = self.dispatcher.give_back(msg.count)
         self._give_back(given)
-        if len(given) < msg.count and self.options.get("shared"):
+        if len(given) < msg.count and (msg.held or self.options.get("shared")):
             self._act(self.dispatcher.ask_back(msg.count - len(given)))
 
     def _give_back(self, job_ids):

@@ -114,6 +114,23 @@ def test_a_client_with_its_own_nodes_reclaims_only_queued_jobs():
     asyncio.run(main())
 
 
+def test_a_reclaim_of_held_jobs_asks_back_those_waiting_in_workers_too():
+    """shutdown(cancel_futures=True): a client with its own nodes asks
+    back the jobs not started (``held``), those a worker holds included."""
+    async def main():
+        session, client, worker, pair = await _session(shared=None)
+        session.on_message([P.encode(P.Reclaim, 3, True)])
+        await asyncio.sleep(0)
+        assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[3]]
+        assert _cancels(worker) == [[2]]
+        session.on_worker_message(worker, _done(1))
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
+        await asyncio.sleep(0)
+        assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[3], [2]]
+        await _end(pair)
+    asyncio.run(main())
+
+
 def test_a_draining_node_asks_back_the_jobs_waiting_in_workers():
     async def main():
         session, client, worker, pair = await _session(shared=None)
