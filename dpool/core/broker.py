@@ -429,11 +429,12 @@ class ClientSession(P.Served):
     def on_done(self, leg: Link, msg: Any, frames: list) -> None:
         port, placed = leg.port, self.placed
         results, foreign = P.raw_results(msg, frames), None
-        for record, _ in results:
-            job_id = record[0]
+        for item in results:
+            job_id = item[0][0]
             where = placed.get(job_id)
             if where is None or where[0] is not leg:  # (not its job: refused below)
-                foreign = [*(foreign or ()), job_id]
+                foreign = foreign or []  # (appended to: a long forged list costs no copies)
+                foreign.append(item)
                 continue
             del placed[job_id]
             if self.pin_of:
@@ -444,9 +445,10 @@ class ClientSession(P.Served):
             self.broker.reopen(port)
             self.cancelling.discard(job_id)
             self.broker.fair.done((self, job_id))
-        if foreign:
-            self.refuse(leg, foreign, "a result")
-            results = [item for item in results if item[0][0] not in foreign]
+        if foreign:  # (by record: a job's own result, then its id again, keeps the first)
+            self.refuse(leg, [item[0][0] for item in foreign], "a result")
+            dropped = set(map(id, foreign))
+            results = [item for item in results if id(item) not in dropped]
             if not results:
                 return
             msg = P.Done([record for record, _ in results])

@@ -246,3 +246,15 @@ def test_a_node_cannot_start_or_give_back_another_nodes_job(caplog):
     assert received(session) == [("Started", ([(2, 11.0, "node")],), []),
                                  ("Done", [1], [b"result 1"])]
     assert session.broker.fair.ended == [1] and 1 not in session.pending
+
+
+def test_a_result_sent_twice_in_one_done_still_reaches_the_client_once(caplog):
+    # The first record is the node's own job's result: the second one (the
+    # same id, done there already) is refused, not the first with it (the
+    # job was counted done, never told: the client waited for it forever).
+    a = leg()
+    session = session_with_jobs_on({a: [1, 2]})
+    deliver(session, [(a, done_message(1, 2, 1))])
+    assert received(session) == [("Done", [1, 2], [b"result 1", b"result 2"])]
+    assert not session.placed and a.port.busy == 0 and session.running == 0
+    assert [r.getMessage().count("not placed there") for r in caplog.records] == [1]
