@@ -34,6 +34,10 @@ def open_channel(node, conn, token):
         log.warning("a channel asked by %s names no session here; refused", conn.peer)
         conn.send([P.encode(P.Refused, "no session of this node has that channel token")])
         return False
+    if conn.mid_read:  # (read with it, past the records the worker would go on from)
+        log.warning("%s sent messages behind Channel before its answer; refused", conn.peer)
+        conn.send([P.encode(P.Refused, "a channel takes no message before its Ready")])
+        return False
     if not session.channel.lend(conn):
         conn.send([P.encode(P.Busy, "no worker of the session is free for a channel now")])
         return False

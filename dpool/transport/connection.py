@@ -125,6 +125,7 @@ class Connection:
         self._hs_rx = memoryview(bytearray(PREAUTH_MAX + 1))
         self._hs_waiter: asyncio.Future[None] | None = None
         self._pending: collections.deque[Message] = collections.deque()
+        self._more = False           # messages of this read wait behind the one handled
         self._on_message: OnMessage | None = None
         self._on_close: OnClose | None = None
         self._recv_waiter: asyncio.Future[None] | None = None
@@ -313,6 +314,13 @@ class Connection:
         stream.pause_reading()
         return lent
 
+    @property
+    def mid_read(self) -> bool:
+        """True in a message's handler while messages read with it wait
+        behind it (decoded, their records opened: a stream handed on now
+        would go on past them, handoff.py)."""
+        return self._more
+
     def take_back(self, messages: Sequence[Message] = (),
                   error: BaseException | None = None, rest: Any = None) -> None:
         """Read again after :meth:`lend` (the borrower is done with the peer).
@@ -421,6 +429,7 @@ class Connection:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
             return
+        last = len(messages) - 1
         for i, frames in enumerate(messages):
             if self._closing:
                 return
@@ -429,8 +438,10 @@ class Connection:
                 if on_message is None:
                     self._pending.extend(messages[i:])
                     return
+            self._more = i < last
             if not self._call_receiver(on_message, frames):
                 return
+        self._more = False
 
     # -- stream callbacks ------------------------------------------------------
 

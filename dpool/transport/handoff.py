@@ -53,10 +53,12 @@ def hand_off(conn: Connection) -> tuple[socket.socket, RecordState] | None:
     (nothing more is read or written on it by this process): for another
     process to go on with the connection.  None, and ``conn`` left as it
     was, when that can't be done now: not an idle plain socket stream with
-    sealed records (TLS, or something sent or received in part)."""
+    sealed records (TLS, or something sent or received in part), or
+    messages read with the one being handled wait behind it."""
     sealer = getattr(conn._stream, "_sealer", None)
     decoder = conn._decoder
-    if not isinstance(sealer, Sealer) or not isinstance(decoder, SecureDecoder):
+    if not isinstance(sealer, Sealer) or not isinstance(decoder, SecureDecoder) \
+            or conn.mid_read:
         return None
     sock = conn.lend()
     if sock is None:

@@ -244,3 +244,29 @@ def test_two_clients_each_with_a_channel(dpool_node, node_secret):
         for main in mains:
             main.conn.abort()
     run(main())
+
+
+def test_a_message_sent_with_channel_is_not_lost(dpool_node, node_secret):
+    """A Run the client writes right behind Channel (one record: the node
+    opens and decodes both in one read) was dropped unseen: the worker took
+    the stream past it and the call waited for good.  The channel is now
+    refused (nothing of it ran), the session unharmed."""
+    async def main():
+        port = dpool_node.port
+        main, info = await session(port, node_secret)
+        chan = await Raw.open(port, node_secret)
+        payload = serialize.dumps(((), {}))
+        chan.conn.send_all([
+            [P.encode(P.Channel, info["channel"])],
+            [P.encode(P.Run, [P.run_item(10, FN[getpid], len(payload), 0, 1)]), *payload]])
+        msg = await chan.next(timeout=20)
+        assert msg is not None and type(msg[0]) is P.Refused, msg
+        assert await chan.next() is None
+        chan, first = await channel(port, node_secret, info["channel"])
+        assert type(first) is P.Ready                # the token still opens one
+        chan.call(11, getpid, with_func=False)
+        record, value = await chan.result()
+        assert (record.job_id, value) == (11, first.info["pid"])
+        main.conn.abort()
+    run(main())
+
