@@ -225,9 +225,10 @@ class Worker:
     def serve_channel(self, channel):
         """Tell the client the channel is served (Ready), then run each Run
         it sends, answering on it with the attempt its Run gave, until
-        Release or the channel's end.  A record that fails its tag, or a
-        message a client does not send on a channel, ends it (the client
-        then runs its call through the node)."""
+        Release or the channel's end.  A record that fails its tag, a
+        message a client does not send on a channel, or one of the wrong
+        shape (checked by the node on its link), ends it, not this worker
+        (the client then runs its call through the node)."""
         try:
             channel.send([P.encode(P.Ready, {"pid": os.getpid()})])
             while True:
@@ -241,6 +242,8 @@ class Worker:
                 else:  # Release, or what has no place here
                     return
         except (OSError, EOFError, ProtocolError):  # the client went, or broke the stream
+            return
+        except (LookupError, TypeError, ValueError):  # a Func or Run of the wrong shape
             return
 
     def _run_for_channel(self, channel, msg, frames):

@@ -270,3 +270,22 @@ def test_a_message_sent_with_channel_is_not_lost(dpool_node, node_secret):
         main.conn.abort()
     run(main())
 
+
+@pytest.mark.parametrize("bad", [
+    [P.encode(P.Func, 9)],                                   # no function frame
+    [P.encode(P.Run, [(10, 4)])],                            # a Run item of the wrong shape
+])
+def test_a_malformed_message_on_a_channel_ends_it_not_its_worker(dpool_node, node_secret, bad):
+    async def main():
+        port = dpool_node.port
+        main, info = await session(port, node_secret)
+        chan, first = await channel(port, node_secret, info["channel"])
+        chan.conn.send(bad)
+        assert await chan.next() is None           # the channel ends
+        # the worker serves the node again: no ChannelLost, the same pid
+        main.call(30, NAP_PID, 0.3)
+        main.call(31, NAP_PID, 0.3, with_func=False)
+        pids = {(await main.result())[1], (await main.result())[1]}
+        assert first.info["pid"] in pids, pids
+        main.conn.abort()
+    run(main())
