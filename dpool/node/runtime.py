@@ -264,6 +264,7 @@ class WorkerHandle(Worker):
         self.zygote = zygote  # the one that forked it (and reports its exit)
         self.conn = conn
         self.relay = None  # a transport.Forward: its result, relayed as it arrives
+        self.heard = False  # it sent something: past the session's initializer
 
 
 class Session(P.Served):
@@ -457,8 +458,8 @@ class Session(P.Served):
         except Exception:
             return None   # (a malformed Run: the whole message's handling reports it)
         if item.nframes != len(lengths) - 1 or worker is None or worker.conn.closed \
-                or worker.conn.relaying:
-            return None
+                or worker.conn.relaying or (self.init_frames and not worker.heard):
+            return None   # (an initializer may still run: the worker would read nothing)
         self.counts["received"] += 1
         self.attempts[item.job_id] = item.attempt
         self._streaming = (lengths, flags)
@@ -706,6 +707,7 @@ class Session(P.Served):
             self.dispatch()
 
     def on_worker_message(self, worker, frames):
+        worker.heard = True
         msg = P.decode(frames[0])
         kind = type(msg)
         if kind is P.Done:

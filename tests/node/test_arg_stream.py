@@ -338,3 +338,30 @@ def test_a_malformed_run_with_a_large_argument_is_refused_as_a_small_one(
         send(sock, P.Run([P.run_item(2, 1, 1, int(P.Call.CALL))]), *serialize.dumps_call((b"ab",)))
         record, frames = next_done(sock)
         assert record.job_id == 2 and serialize.loads(frames) == 2
+
+
+def test_a_worker_still_running_the_initializer_is_not_streamed_to(node, node_secret, tmp_path):
+    """A session with an initializer: a worker that has not finished it
+    reads nothing, so a large argument streamed to it would hold the
+    client's whole connection (its next messages, its Cancels) until the
+    initializer ends; it is received whole instead, and runs after."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    data = bytes(64 * 2**20)
+    sock = authenticated_socket(node.port, node_secret, timeout=60)
+    with sock:
+        sock.sendall(b"".join(encode([P.encode(P.Session, {}),
+                                      *serialize.dumps((pathlib.Path.read_bytes, (fifo,)))])))
+        assert type(P.decode(replies(sock)[0][0])) is P.Ready
+        fd = _wait_for_reader(fifo)   # the worker runs its initializer
+        try:
+            sock.sendall(FUNC)
+            rest = threading.Thread(target=sock.sendall, args=(run_head(1, data) + data,))
+            rest.start()
+            poll_for(lambda: not rest.is_alive(), 60,
+                     message="the node to read the whole Run while the initializer runs")
+        finally:
+            os.close(fd)   # (the initializer returns)
+            rest.join(60)
+        record, frames = next_done(sock)
+        assert record.job_id == 1 and serialize.loads(frames) == len(data)
