@@ -137,8 +137,9 @@ class Pool:
             raise ValueError("Pool not running")
         future = self._client.submit(func, args, kwds, defer_errors=True).future
         if callback is None and error_callback is None:
-            return _FutureResult(future)  # (no Event, no done-callback: the future is enough)
-        result = ApplyResult(self._runner(callback, error_callback), callback, error_callback)
+            return _FutureResult(future, self)  # (no Event, no done-callback: the future does)
+        result = ApplyResult(self._runner(callback, error_callback), callback, error_callback,
+                             self)
         future.add_done_callback(result._from_future)
         return result
 
@@ -186,7 +187,8 @@ class Pool:
                 bar.close()
             raise
         track(bar, futures, sizes)
-        return MapResult(self._runner(callback, error_callback), futures, callback, error_callback)
+        return MapResult(self._runner(callback, error_callback), futures, callback, error_callback,
+                         self)
 
     def imap(self, func, iterable, chunksize=1, *, progress=False):
         """Lazy, ordered :meth:`map`: an iterator whose ``next(timeout)``
@@ -301,7 +303,8 @@ class ApplyResult:
 
     _event_lock = threading.Lock()
 
-    def __init__(self, runner, callback, error_callback):
+    def __init__(self, runner, callback, error_callback, pool=None):
+        self._pool = pool  # (kept until ready, as multiprocessing's: not collected, terminated)
         self._ready = False
         self._event = None  # made when someone waits before it is ready
         self._runner = runner
@@ -332,6 +335,7 @@ class ApplyResult:
         with self._event_lock:
             self._ready = True
             event = self._event
+        self._pool = None
         if event is not None:
             event.set()
 
@@ -376,10 +380,11 @@ class _FutureResult(ApplyResult):
     """An :class:`ApplyResult` without callbacks: a view of its future (120
     bytes of state per task, instead of an Event and a done-callback)."""
 
-    __slots__ = ("_future",)
+    __slots__ = ("_future", "_pool")
 
-    def __init__(self, future):  # (no super().__init__: nothing of it is used)
+    def __init__(self, future, pool):  # (no super().__init__: nothing of it is used)
         self._future = future
+        self._pool = pool  # (kept: a pool reachable only through its results runs them)
 
     def ready(self):
         return self._future.done()
@@ -400,8 +405,8 @@ class MapResult(ApplyResult):
     """The result of :meth:`Pool.map_async`: ready when every chunk is done;
     fails with the first error (in completion order), as ``multiprocessing``."""
 
-    def __init__(self, runner, futures, callback, error_callback):
-        super().__init__(runner, callback, error_callback)
+    def __init__(self, runner, futures, callback, error_callback, pool=None):
+        super().__init__(runner, callback, error_callback, pool)
         self._futures = futures
         self._left = len(futures)
         self._error = None

@@ -7,6 +7,7 @@ Where dpool differs from multiprocessing on purpose, the test branches on
 """
 import collections.abc
 import functools
+import gc
 import concurrent.futures.process
 import multiprocessing
 import multiprocessing.pool
@@ -14,6 +15,8 @@ import re
 import sys
 import threading
 import time
+import warnings
+import weakref
 
 import pytest
 
@@ -325,6 +328,35 @@ def test_get_of_a_failed_task_raises_the_same_error_each_time(pool, task):
 
     first = raised()
     assert raised() is first
+
+
+def test_a_pool_reachable_only_through_its_results_runs_them(kind, remote_node, tmp_path):
+    # multiprocessing's results hold their pool until they are ready, so
+    # ``Pool().apply_async(f).get()`` works; dpool's pool was collected at
+    # once and terminated: the jobs were cancelled.
+    if kind == "remote":
+        pool = dpool.Pool(1, nodes=[remote_node.address], secret=remote_node.secret)
+    else:
+        pool = pool_class(kind)(1)
+    log, gate = str(tmp_path / "log"), str(tmp_path / "gate")
+    results = [pool.apply_async(tasks.count_and_hold, (log, gate, "plain")),
+               pool.apply_async(tasks.count_and_hold, (log, gate, "called"), callback=len),
+               pool.map_async(tasks.square, [3])]
+    alive = weakref.ref(pool)
+    del pool
+    gc.collect()
+    open(gate, "w").close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # (the pool was never closed)
+        assert [result.get(30) for result in results] == ["plain", "called", [9]]
+        pool = alive()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+            if kind == "stdlib":
+                _release_pipes(pool)
+        del pool, results
+        gc.collect()
 
 
 def test_worker_process_names(pool):
