@@ -22,12 +22,12 @@ import select
 import socket
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from dpool.errors import ConnectionClosed, ProtocolError
 
 from .frames import IOV_MAX, FrameDecoder, Limits, Message, encode, in_stream
-from .records import Sealer, SecureDecoder
+from .records import RECORD_DATA, Sealer, SecureDecoder, take
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer as Frame
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from .handoff import RecordState
 
 __all__ = ["BlockingConnection"]
+
+#: Records sealed at most before they are sent (a sealed stream's send).
+_SEALED_BATCH = 8
 
 #: Room for the descriptors one read may bring (253: SCM_MAX_FD, the most
 #: one sendmsg carries).
@@ -129,10 +132,10 @@ class BlockingConnection:
 
     def send(self, frames: Sequence[Frame]) -> None:
         parts: Sequence[bytes | memoryview] = in_stream(encode(frames))
-        if self._sealer is not None:
-            parts = self._sealer.seal_all(collections.deque(parts))
         try:
-            if len(parts) == 1:
+            if self._sealer is not None:
+                self._send_sealed(collections.deque(parts))
+            elif len(parts) == 1:
                 self._sock.sendall(parts[0])
             else:
                 sendmsg_all(self._sock, parts)
@@ -140,6 +143,16 @@ class BlockingConnection:
             if self._sock.fileno() < 0 or isinstance(exc, (BrokenPipeError, ConnectionError)):
                 raise ConnectionClosed(f"connection is closed: {exc}") from exc
             raise
+
+    def _send_sealed(self, parts: collections.deque[bytes | memoryview]) -> None:
+        """Seal and send ``parts`` a few records at a time (a large
+        message is not sealed whole first: no second copy of it)."""
+        sealer = cast("Sealer", self._sealer)
+        while parts:
+            out: list[bytes] = []
+            while parts and len(out) < 2 * _SEALED_BATCH:  # (two pieces a record)
+                out += sealer.seal(take(parts, RECORD_DATA))
+            sendmsg_all(self._sock, out)
 
     @property
     def has_data(self) -> bool:

@@ -154,3 +154,26 @@ def test_record_state_is_fixed_size_and_checked():
     assert len(state.pack()) == 80 and RecordState.unpack(state.pack()) == state
     with pytest.raises(ProtocolError, match="79 bytes"):
         RecordState.unpack(state.pack()[:-1])
+
+
+def test_a_large_message_is_sealed_and_sent_a_few_records_at_a_time(monkeypatch):
+    """A channel's worker answers a large result in records sealed a few at a
+    time as they go out, not the whole message sealed first (a second copy
+    of the result in the worker: 2x the result where the node's path adds
+    nothing)."""
+    from dpool.transport import blocking
+    from dpool.transport.records import RECORD_DATA
+
+    sent = []
+    monkeypatch.setattr(blocking, "sendmsg_all",
+                        lambda sock, parts: sent.append(sum(len(p) for p in parts)))
+    a, b = socket.socketpair()
+    try:
+        state = RecordState(b"k" * 32, 5, b"r" * 32, 7)
+        big = bytearray(32 * 2**20)
+        BlockingConnection(a, records=state).send([b"head", big])
+        assert sum(sent) > len(big)
+        assert max(sent) <= 8 * RECORD_DATA + 4096, sent
+    finally:
+        a.close()
+        b.close()
