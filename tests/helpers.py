@@ -365,3 +365,14 @@ def kill_once_ready(args, tmp_path, timeout):
     finally:
         proc.kill()
         proc.wait()
+
+
+def memory_files(pid):
+    """How many memory files (memfd) process pid holds open."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
+        except OSError:
+            pass
+    return count

@@ -22,7 +22,7 @@ import pytest
 from dpool import protocol as P
 from dpool import serialize
 from dpool.transport.frames import BYTES_FLAG, encode
-from helpers import authenticated_socket, pid_gone, poll_for, start_node
+from helpers import authenticated_socket, memory_files, pid_gone, poll_for, start_node
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="reads /proc/PID/fd")]
@@ -75,16 +75,6 @@ def held_by_workers(node):
         except psutil.Error:
             pass
     return total
-
-
-def memory_files(pid):
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
-        except OSError:
-            pass
-    return count
 
 
 FUNC = b"".join(encode([P.encode(P.Func, 1), serialize.dumps_function(len)]))

@@ -10,21 +10,11 @@ import pytest
 
 from dpool import protocol as P
 from dpool.transport import spool
-from helpers import authenticated_socket, poll_for, start_node
+from helpers import authenticated_socket, memory_files, poll_for, start_node
 
 pytestmark = pytest.mark.skipif(not spool.AVAILABLE, reason="no memfd_create/fallocate")
 
 SIZE = 4 * spool.MIN_SPOOL
-
-
-def memory_files(pid):
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:")
-        except OSError:
-            pass
-    return count
 
 
 @pytest.fixture
