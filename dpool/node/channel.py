@@ -19,7 +19,7 @@ import logging
 import secrets
 
 from .. import protocol as P
-from ..transport.handoff import hand_off
+from ..transport.handoff import hand_off, sealed
 
 log = logging.getLogger("dpool.node")
 
@@ -27,12 +27,17 @@ log = logging.getLogger("dpool.node")
 def open_channel(node, conn, token):
     """``conn`` (a new connection) asked to be the channel of the session
     ``token`` names: True once a worker of that session has it; else the
-    answer (Refused: no such session; Busy: none of its workers is free
-    now) is sent on ``conn`` and False returned."""
+    answer (Refused: no such session, a TLS connection, messages sent
+    behind Channel; Busy: none of its workers is free now) is sent on
+    ``conn`` and False returned."""
     session = node.channels.get(token) if isinstance(token, str) else None
     if session is None:
         log.warning("a channel asked by %s names no session here; refused", conn.peer)
         conn.send([P.encode(P.Refused, "no session of this node has that channel token")])
+        return False
+    if not sealed(conn):  # (TLS: its state can't go to a worker, now or later)
+        conn.send([P.encode(P.Refused, "this node's connections (TLS) can't be handed to "
+                                       "a worker: no channel")])
         return False
     if conn.mid_read:  # (read with it, past the records the worker would go on from)
         log.warning("%s sent messages behind Channel before its answer; refused", conn.peer)

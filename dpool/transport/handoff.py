@@ -25,7 +25,7 @@ from .records import Sealer, SecureDecoder
 if TYPE_CHECKING:
     from .connection import Connection
 
-__all__ = ["RecordState", "hand_off"]
+__all__ = ["RecordState", "hand_off", "sealed"]
 
 _STATE = struct.Struct("<32sQ32sQ")
 
@@ -46,6 +46,13 @@ class RecordState(NamedTuple):
         if len(data) != _STATE.size:
             raise ProtocolError(f"record state of {len(data)} bytes, not {_STATE.size}")
         return cls(*_STATE.unpack(data))
+
+
+def sealed(conn: Connection) -> bool:
+    """Whether ``conn`` travels in this module's sealed records (not TLS):
+    only such a connection can ever be handed on."""
+    return isinstance(getattr(conn._stream, "_sealer", None), Sealer) \
+        and isinstance(conn._decoder, SecureDecoder)
 
 
 def hand_off(conn: Connection) -> tuple[socket.socket, RecordState] | None:

@@ -39,9 +39,9 @@ class Raw:
                           lambda exc=None: self.got.put_nowait(None))
 
     @classmethod
-    async def open(cls, port, secret):
+    async def open(cls, port, secret, ssl=None):
         return cls(await connect("127.0.0.1", port, secret=secret, hello=client_hello(),
-                                 timeout=20))
+                                 ssl=ssl, timeout=20))
 
     async def next(self, *skip, timeout=30):
         """The next message not of a type in ``skip`` (None: the end)."""
@@ -69,9 +69,9 @@ class Raw:
         return record, serialize.loads(payload) if record.outcome == P.Outcome.OK else None
 
 
-async def session(port, secret, **options):
+async def session(port, secret, ssl=None, **options):
     """A session (Ready's info) that ran one job, so a worker has its function."""
-    main = await Raw.open(port, secret)
+    main = await Raw.open(port, secret, ssl)
     main.conn.send([P.encode(P.Session, options)])
     msg, _ = await main.next()
     assert type(msg) is P.Ready, msg
@@ -287,5 +287,22 @@ def test_a_malformed_message_on_a_channel_ends_it_not_its_worker(dpool_node, nod
         main.call(31, NAP_PID, 0.3, with_func=False)
         pids = {(await main.result())[1], (await main.result())[1]}
         assert first.info["pid"] in pids, pids
+        main.conn.abort()
+    run(main())
+
+
+def test_a_tls_node_refuses_a_channel_it_can_never_hand_on(tls_node, pki):
+    """A TLS connection's state can't go to a worker: Refused (for good),
+    not Busy (which tells the client to try again at its next idle moment,
+    a connection and handshake each time, never served)."""
+    from dpool.transport.tcp import client_ssl_context
+
+    async def main():
+        ssl = client_ssl_context(cafile=pki["ca"], certfile=pki["client"])
+        main, info = await session(tls_node.port, tls_node.secret, ssl)
+        chan = await Raw.open(tls_node.port, tls_node.secret, ssl)
+        chan.conn.send([P.encode(P.Channel, info["channel"])])
+        msg = await chan.next()
+        assert msg is not None and type(msg[0]) is P.Refused, msg
         main.conn.abort()
     run(main())
