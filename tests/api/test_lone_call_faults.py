@@ -8,6 +8,7 @@ frees its worker and CPUs, work arriving while a lone call runs runs beside
 it, and a worker killed mid-call fails that call as a job of the node.
 (Ctrl-C at every point of a lone call: test_direct_tcp_robust.py and the
 "tcp" cases of test_direct_calls.py.)"""
+import contextlib
 import signal
 import subprocess
 import sys
@@ -126,6 +127,23 @@ def test_a_client_killed_mid_lone_call_frees_its_worker_and_cpus(node, tmp_path,
         assert ex.submit(tasks.square, 5).result(30) == 25
 
 
+@contextlib.contextmanager
+def held_lone_call(ex, gate, value):
+    """A lone call of ex held in its worker (until the block ends) while a
+    thread waits on it; it must then end with value."""
+    call = direct_submit(ex, gate_call, gate, value)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(call.result(60)))
+    reader.start()
+    try:
+        poll_for(lambda: held_pids(gate), message="the call to start")
+        yield call
+    finally:
+        opened(gate)
+        reader.join(30)
+    assert got == [value]
+
+
 def test_jobs_arriving_while_a_lone_call_runs_run_beside_it(node, tmp_path):
     """A lone call is held while a reader waits on it; 20 more jobs then
     run on the node's other CPU (some end while it is held); the held call
@@ -134,22 +152,13 @@ def test_jobs_arriving_while_a_lone_call_runs_run_beside_it(node, tmp_path):
     gate = str(tmp_path / "gate")
     with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
         ex.submit(tasks.identity, 0).result(30)
-        first = direct_submit(ex, gate_call, gate, "first")
-        got = []
-        reader = threading.Thread(target=lambda: got.append(first.result(60)))
-        reader.start()
-        try:
-            poll_for(lambda: held_pids(gate), message="the call to start")
+        with held_lone_call(ex, gate, "first") as first:
             others = [ex.submit(tasks.square, i) for i in range(20)]
             # (the node may queue some behind the held call: how many depends
             # on the client's window and the node's prefetch, not asserted)
             poll_for(lambda: any(f.done() for f in others), timeout=30,
                      message="the other CPU to serve them")
             assert not first.done()
-        finally:
-            opened(gate)
-            reader.join(30)
-        assert got == ["first"]
         assert [f.result(30) for f in others] == [i * i for i in range(20)]
         parked(ex._client)
         assert direct_submit(ex, tasks.square, 7).result(30) == 49
@@ -182,19 +191,10 @@ def test_a_second_client_arriving_while_a_lone_call_runs(node, tmp_path):
     gate = str(tmp_path / "gate")
     with Executor(1, nodes=[node.address], secret=SECRET, heartbeat=QUIET) as first:
         first.submit(tasks.identity, 0).result(30)
-        held = direct_submit(first, gate_call, gate, "first")
-        got = []
-        reader = threading.Thread(target=lambda: got.append(held.result(60)))
-        reader.start()
-        try:
-            poll_for(lambda: held_pids(gate), message="the call to start")
+        with held_lone_call(first, gate, "first") as held:
             with Executor(1, nodes=[node.address], secret=SECRET, heartbeat=QUIET,
                           connect_timeout=30) as second:
                 second.submit(tasks.identity, 0).result(30)
                 assert [direct_submit(second, tasks.square, i).result(30)
                         for i in range(10)] == [i * i for i in range(10)]
             assert not held.done()
-        finally:
-            opened(gate)
-            reader.join(30)
-        assert got == ["first"]
