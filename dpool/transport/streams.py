@@ -142,11 +142,14 @@ class SocketStream:
         if n:
             conn.bytes_received += n
             conn._buffer_updated(n)
-        elif self._out or self._plain:
+        elif (self._out or self._plain) and not conn._preauth and not conn._decoder.partial:
             # The peer shut down its writing side (FIN), and may still read
             # (shutdown(SHUT_WR), or a proxy passing a half-close on): what
-            # is queued for it goes first, as on close(), then it ends.
-            self.close()
+            # is queued for it goes first, then it ends, as on the
+            # connection's close() (which it is: closed to sends from now
+            # on, ConnectionClosed, not dropped without a word).  Cut in
+            # the middle of a message: ended now, with that error.
+            conn.close()
         else:
             self._finish(None)
 

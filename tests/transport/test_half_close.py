@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from dpool.errors import ConnectionClosed
 from dpool.transport.tcp import wrap_socket
 
 pytestmark = pytest.mark.timeout(60)
@@ -56,3 +57,42 @@ def test_a_peer_gone_altogether_still_ends_the_connection():
         return conn
 
     assert asyncio.run(run()).closed  # (our sends fail: EPIPE, as before)
+
+
+def test_after_the_peers_fin_the_connection_is_closed_to_sends():
+    # Connection.send's contract: a message is queued in full, or
+    # ConnectionClosed is raised.  After a peer's FIN the stream only
+    # flushes what was queued: a later send was dropped without a word
+    # (conn.closed stayed False for up to CLOSE_TIMEOUT), so a node sent a
+    # recoverable session's results into the void instead of keeping them.
+    ours, theirs = socket.socketpair()
+    got = []
+    reader = threading.Thread(target=read_to_the_end, args=(theirs, got))
+
+    async def run():
+        conn = await wrap_socket(ours)
+        conn.send([BIG])                  # most of it stays queued
+        theirs.shutdown(socket.SHUT_WR)   # the FIN is in our socket now
+        for _ in range(100):              # loop turns (no sleeps): it is read in one
+            if conn.closed:
+                break
+            await asyncio.sleep(0)
+        closed = conn.closed
+        refused = False
+        try:
+            conn.send([b"after the FIN"])
+        except ConnectionClosed:
+            refused = True
+        reader.start()
+        await asyncio.wait_for(conn.wait_closed(), 30)
+        return conn, closed, refused
+
+    try:
+        conn, closed, refused = asyncio.run(run())
+        reader.join(30)
+    finally:
+        theirs.close()
+    assert closed and refused, "a send after the peer's FIN was neither queued nor refused"
+    data = b"".join(got)
+    assert data.endswith(BIG) and b"after the FIN" not in data
+    assert conn._exc is None  # (what was queued went out: a clean end)
