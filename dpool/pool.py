@@ -257,21 +257,26 @@ class Pool:
         if running:
             _warn(f"unclosed running dpool pool {self!r}", ResourceWarning, source=self)
         client, runner = self._client, self._callbacks
-        if client.in_loop_thread():
+        in_loop = client.in_loop_thread()
+        if in_loop and sys.is_finalizing():
             return  # never block the client's own loop thread
-        if not running and not sys.is_finalizing():
+        if in_loop or (not running and not sys.is_finalizing()):
             # Closed but never joined: the queued work finishes, then the
             # workers and the callback thread go (close()'s promise).  Not
             # at interpreter exit, where a new thread never starts (its
             # start() would wait forever, or raise RuntimeError on Python
             # 3.12+, from an atexit handler too): released at once below,
             # as multiprocessing's pools are terminated at exit.
+            # (In the loop thread, where a result's done-callback let go of
+            # it, the release is handed to a thread too: its client can't
+            # be closed from there.)
             try:
-                threading.Thread(target=_release, args=(client, runner),
+                threading.Thread(target=_release, args=(client, runner, running),
                                  name="dpool-pool-release", daemon=True).start()
                 return
             except RuntimeError:  # can't create new thread at interpreter shutdown
-                pass
+                if in_loop:
+                    return
         try:
             client.close(wait=False, cancel=True)
         except Exception:  # interpreter shutdown: nothing more to do
@@ -280,9 +285,10 @@ class Pool:
             runner.stop(wait=False)  # its thread ends after the queued callbacks
 
 
-def _release(client, runner):
-    """A closed Pool collected before join(): what join() would release."""
-    client.close(wait=True)
+def _release(client, runner, cancel=False):
+    """A closed Pool collected before join(): what join() would release
+    (``cancel``: an open one, collected in its client's loop thread)."""
+    client.close(wait=not cancel, cancel=cancel)
     if runner is not None:
         runner.stop()
 

@@ -165,6 +165,26 @@ def test_a_closed_pool_dropped_without_join_releases_its_workers():
              message="the client to close")
 
 
+@pytest.mark.parametrize("closed", [False, True])
+def test_a_pool_let_go_by_its_last_result_in_the_loop_thread_is_released(tmp_path, closed):
+    # A result keeps its pool until it is ready; a map's result is made
+    # ready by the client's loop thread, where the pool was then collected:
+    # its __del__ released nothing there, the client and its workers stayed.
+    pool = dpool.Pool(1)
+    client = pool._client
+    gate = str(tmp_path / "gate")
+    result = pool.starmap_async(tasks.count_and_hold, [(str(tmp_path / "log"), gate, 7)])
+    if closed:
+        pool.close()
+    del pool
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        open(gate, "w").close()
+        assert result.get(30) == [7]
+        poll_for(lambda: client.closed and not client._thread.thread.is_alive(), 10,
+                 message="the client to close")
+
+
 def test_imap_on_a_broken_pool_raises_broken_cluster():
     # apply/map raise BrokenCluster (docs: difference 5); imap said
     # CancelledError("the pool was terminated"), which it was not.
