@@ -64,6 +64,8 @@ Client -> node (channel)               Node -> client (main link)
            the token of a live session     ChannelLost (why)  its worker died: its
   Release  ()  the last message on a          call fails with WorkerLost
            channel (after its last Run)
+           Nothing goes behind Channel before its answer (Ready from the
+           worker; Refused, Busy from the node): what does is Refused.
 Node -> worker: Channel ('') + the channel's record state (handoff.RecordState),
   its socket with it (SCM_RIGHTS): the worker answers Channel ('') (the
   node closes its copy), says Ready on the channel, runs
