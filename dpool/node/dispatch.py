@@ -196,13 +196,18 @@ class Dispatcher:
             if worker is None or job_id in self.ghosts:
                 continue
             revoking = self.revoking.get(job_id)
-            if revoking is not None:
+            if revoking is not None and worker.outstanding[0] != job_id:
                 # Asked back unanswered: whether it started is not known
                 # yet.  Dropped by the worker, it is reported cancelled
                 # then (revoked); if it ran, its result comes as usual.
                 if revoking is _BACK:
                     self.revoking[job_id] = _CANCEL
             elif worker.outstanding[0] == job_id:
+                # (asked back too, and the job before it ended: the worker
+                # started it unless its answer is on the way; a started job
+                # gets none, so it is stopped as a running one)
+                if revoking is _BACK:
+                    self.revoking[job_id] = _CANCEL
                 if worker.dead:  # its exit reports it (worker_exited)
                     continue
                 if worker.killing is None:

@@ -190,6 +190,51 @@ def test_a_job_cancelled_while_asked_back_is_reported_cancelled_once():
     asyncio.run(main())
 
 
+def test_a_job_asked_back_and_cancelled_once_it_may_run_has_its_worker_killed():
+    """Asked back, then its worker's running job ended: the worker has
+    started it (the Cancel came late) or is giving it back.  A cancel then
+    stops it as a running job's (the worker killed): before, it waited for
+    an answer that a started job never gets, and the job ran to its end."""
+    async def main():
+        session, client, worker, pair = await _session(jobs=(1, 2))
+        killed = []
+        session._stop = killed.append
+        session.on_message([P.encode(P.Reclaim, 1)])
+        session.on_worker_message(worker, _done(1))
+        await asyncio.sleep(0)
+        assert list(worker.outstanding) == [2]
+        session.on_message([P.encode(P.Cancel, [2])])
+        assert killed == [worker]
+        session.dispatcher.worker_closed(worker)
+        session._act(session.dispatcher.worker_exited(worker, "was killed by signal 9"))
+        await asyncio.sleep(0)
+        outcomes = [(r[0], r[1]) for msg in client.of(P.Done) for r in msg.results]
+        assert outcomes == [(1, P.Outcome.OK), (2, P.Outcome.KILLED)]
+        assert not session.dispatcher.revoking and session.dispatcher.pending() == []
+        await _end(pair)
+    asyncio.run(main())
+
+
+def test_a_job_cancelled_as_its_worker_gives_it_back_is_reported_once():
+    """The kill above raced the worker's GiveBack: reported cancelled
+    once (the GiveBack's answer), nothing more when the worker dies."""
+    async def main():
+        session, client, worker, pair = await _session(jobs=(1, 2))
+        session._stop = lambda worker: None
+        session.on_message([P.encode(P.Reclaim, 1)])
+        session.on_worker_message(worker, _done(1))
+        session.on_message([P.encode(P.Cancel, [2])])
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
+        session.dispatcher.worker_closed(worker)
+        session._act(session.dispatcher.worker_exited(worker, "was killed by signal 9"))
+        await asyncio.sleep(0)
+        outcomes = [(r[0], r[1]) for msg in client.of(P.Done) for r in msg.results]
+        assert outcomes == [(1, P.Outcome.OK), (2, P.Outcome.CANCELLED)]
+        assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[]]
+        await _end(pair)
+    asyncio.run(main())
+
+
 def test_a_cancelled_job_waiting_in_a_worker_is_not_started_there():
     """Cancelled while it waited in the worker: reported at once (as
     before), and the worker is asked not to start it; it gives it back,
