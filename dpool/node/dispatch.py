@@ -27,7 +27,10 @@ Policies:
   ``KILLED`` when a cancel killed it); the jobs queued behind it go back to
   the front of the queue.
 - A cancelled job still in the queue is reported ``CANCELLED``; a running one
-  has its worker killed; one waiting inside a worker is reported at once and
+  has its worker killed (the jobs held behind it asked back first: with
+  ``interrupt`` the job may end before the kill, and the next must not
+  start there); so has one asked back once it is first in its worker (it
+  may have started: no answer comes then); one waiting inside a worker is reported at once and
   its result, when it comes, dropped (a *ghost*).
 - Jobs in the queue can be handed back (``give_back``): the client moves
   them to a node with a free CPU, or away from a draining node; those
@@ -211,6 +214,13 @@ class Dispatcher:
                 if worker.dead:  # its exit reports it (worker_exited)
                     continue
                 if worker.killing is None:
+                    # The jobs held behind it must not start in a worker
+                    # about to be killed (with ``interrupt`` the job may end
+                    # first): asked back (requeued if it dies first).
+                    held = self._held(worker)
+                    if held:
+                        self.revoking.update(dict.fromkeys(held, _BACK))
+                        actions.append(Revoke(worker, held))
                     worker.killing = job_id  # reported KILLED when the worker is gone
                     actions.append(Kill(worker))
             else:
@@ -253,13 +263,19 @@ class Dispatcher:
                 break
             if len(worker.outstanding) < 2 or worker.dead or worker.killing is not None:
                 continue
-            ids = [job_id for job_id in list(worker.outstanding)[1:]
-                   if job_id not in revoking and job_id not in self.ghosts][-n:]
+            ids = self._held(worker)[-n:]
             if ids:
                 revoking.update(dict.fromkeys(ids, _BACK))
                 actions.append(Revoke(worker, ids))
                 n -= len(ids)
         return actions
+
+    def _held(self, worker):
+        """The jobs waiting in ``worker`` behind its running one, not asked
+        back or cancelled yet."""
+        revoking, ghosts = self.revoking, self.ghosts
+        return [job_id for job_id in list(worker.outstanding)[1:]
+                if job_id not in revoking and job_id not in ghosts]
 
     def revoked(self, worker, job_ids):
         """``worker`` dropped these jobs unstarted (its answer to Revoke):

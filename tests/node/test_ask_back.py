@@ -235,6 +235,39 @@ def test_a_job_cancelled_as_its_worker_gives_it_back_is_reported_once():
     asyncio.run(main())
 
 
+def test_a_job_held_behind_a_cancelled_running_job_is_not_started_there():
+    """dispy's cancel (``interrupt``): the running job gets SIGINT and
+    ends, then its worker is killed; the job held behind it must not start
+    in that worker (it was killed in it: WORKER_LOST for a job nobody
+    cancelled).  It is asked back, and runs elsewhere."""
+    async def main():
+        session, client, worker, pair = await _session(jobs=(1, 2))
+        session.options["interrupt"] = 5
+        signals = []
+
+        class Zygote:
+            def interrupt(self, pid):
+                signals.append("INT")
+
+            def kill(self, pid):
+                signals.append("KILL")
+        worker.zygote = Zygote()
+        session.on_message([P.encode(P.Cancel, [1])])
+        await asyncio.sleep(0)
+        assert signals == ["INT"]
+        assert _cancels(worker) == [[2]]
+        session.on_worker_message(worker, _done(1))  # (the job's KeyboardInterrupt)
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
+        session.dispatcher.worker_closed(worker)
+        session._act(session.dispatcher.worker_exited(worker, "was killed by signal 9"))
+        await asyncio.sleep(0)
+        outcomes = [(r[0], r[1]) for msg in client.of(P.Done) for r in msg.results]
+        assert (2, P.Outcome.WORKER_LOST) not in outcomes
+        assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[2]]
+        await _end(pair)
+    asyncio.run(main())
+
+
 def test_a_cancelled_job_waiting_in_a_worker_is_not_started_there():
     """Cancelled while it waited in the worker: reported at once (as
     before), and the worker is asked not to start it; it gives it back,
