@@ -465,6 +465,11 @@ class TransportAdapter(asyncio.BufferedProtocol):
         self._conn._buffer_updated(nbytes)
 
     def eof_received(self) -> bool:
+        # The peer's FIN: the connection is closed to sends, as a
+        # SocketStream's (asyncio's TLS sends what is queued, then ends).
+        conn = self._conn
+        if not conn._preauth and not conn._decoder.partial:
+            conn.close()
         return False
 
     def pause_writing(self) -> None:

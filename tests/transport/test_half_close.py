@@ -10,10 +10,12 @@ import threading
 import pytest
 
 from dpool.errors import ConnectionClosed
+from dpool.transport import client_ssl_context, connect, server_ssl_context, start_server
 from dpool.transport.tcp import wrap_socket
 
 pytestmark = pytest.mark.timeout(60)
 
+SECRET = b"a half-close test secret, long enough"
 BIG = bytes(range(256)) * (32 << 10)  # 8 MiB: more than the socket buffers hold
 
 
@@ -96,3 +98,43 @@ def test_after_the_peers_fin_the_connection_is_closed_to_sends():
     data = b"".join(got)
     assert data.endswith(BIG) and b"after the FIN" not in data
     assert conn._exc is None  # (what was queued went out: a clean end)
+
+
+def test_over_tls_too_a_peers_fin_closes_the_connection_to_sends(pki):
+    # The TLS stream (asyncio's) flushed what was queued on a FIN already,
+    # but conn.closed stayed False and sends were dropped without a word
+    # until the transport was gone, as for plain sockets before.
+    async def run():
+        server = await start_server(accepted.put_nowait, "127.0.0.1", 0, secret=SECRET,
+                                    hello={}, ssl=server_ssl_context(pki["node"]))
+        try:
+            ours = await connect("127.0.0.1", server.port, secret=SECRET, hello={},
+                                 ssl=client_ssl_context(cafile=pki["ca"]))
+            theirs = await accepted.get()
+            got = []
+            ours.set_receiver(lambda frames: got.append(bytes(frames[0])))
+            ours._stream.transport.pause_reading()   # reads nothing for now
+            theirs.send([BIG])                        # queued at the server
+            ours._stream.get_extra_info("socket").shutdown(socket.SHUT_WR)  # FIN only
+            for _ in range(100):                      # loop turns (no sleeps)
+                if theirs.closed:
+                    break
+                await asyncio.sleep(0)
+            closed = theirs.closed
+            refused = False
+            try:
+                theirs.send([b"after the FIN"])
+            except ConnectionClosed:
+                refused = True
+            ours._stream.transport.resume_reading()
+            await asyncio.wait_for(theirs.wait_closed(), 30)
+            await asyncio.wait_for(ours.wait_closed(), 30)
+            return closed, refused, got
+        finally:
+            server.close(abort_connections=True)
+            await server.wait_closed()
+
+    accepted = asyncio.Queue()
+    closed, refused, got = asyncio.run(run())
+    assert closed and refused, "a send after the peer's FIN was neither queued nor refused"
+    assert got == [BIG]
