@@ -60,6 +60,11 @@ LARGE = 64 * 1024
 #: Frames smaller than this are joined with their neighbours when sending.
 COALESCE = 32 * 1024
 RECV_BUFFER_SIZE = 256 * 1024
+#: Bytes read at most at once into a large frame's own object, or into a
+#: relay's buffer (a frame a tap passes on as it arrives), once the frame has
+#: 8 times that much: fewer reads, each a turn of the event loop and a pass
+#: through the decoder, than the receive buffer's size allows.
+LARGE_READ = 1 << 20
 
 #: A received message: its frames (``bytes``, ``bytearray`` for large ones
 #: that were not a whole ``bytes`` object on the sender's side).
@@ -302,6 +307,9 @@ class FrameDecoder:
         self.tap: TapHook | None = None
         self._tapping: Tap | None = None   # the tap of the current message
         self._tap_left = -1    # bytes of the current frame still to tap; -1: not begun
+        self._tapped = 0       # bytes of the current message tapped so far
+        self._relay: memoryview | None = None   # see _relay_room
+        self._into_relay = False    # the last get_buffer() was _relay_room's
         self._sbig: Big | None = None   # a streamed frame (STREAM_FLAG) being received
         self._chunk = 0        # bytes of its current chunk still to come
         self._large = large
@@ -336,15 +344,17 @@ class FrameDecoder:
         big = self._big
         if big is not None:   # (then nothing is pending in _buf)
             if type(big) is inplace.GrowingBytes:
-                return self._room(big, len(self._buf))
+                return self._room(big, self._read_size(len(big)))
             return self._mv[:min(len(self._buf), self._big_size - len(big))]
         big = self._sbig
         if big is not None and self._chunk and self._pos == self._end \
                 and type(big) is inplace.GrowingBytes:
-            return self._room(big, min(len(self._buf), self._chunk))
+            return self._room(big, min(self._read_size(len(big)), self._chunk))
         pos, end = self._pos, self._end
         if pos == end:
             self._pos = self._end = 0
+            if self._tap_left > 0 and self._tapping is not None:
+                return self._relay_room()
             return self._mv
         if len(self._buf) - end < self._large:
             # What is left is part of one item smaller than `large`.
@@ -353,11 +363,29 @@ class FrameDecoder:
             self._pos, self._end = 0, keep
         return self._mv[self._end:]
 
+    def _read_size(self, have: int) -> int:
+        """How much to read at once into a frame that has ``have`` bytes."""
+        return max(len(self._buf), min(LARGE_READ, have >> 3))
+
+    def _relay_room(self) -> memoryview:
+        """Where the next bytes of a frame being tapped are read (nothing
+        else is pending): a buffer of its own, up to LARGE_READ bytes once
+        8 times that much has been relayed, handed to the tap as is."""
+        size = self._read_size(self._tapped)
+        if size <= len(self._buf):
+            return self._mv
+        if self._relay is None:
+            self._relay = memoryview(bytearray(LARGE_READ))
+        self._into_relay = True
+        return self._relay[:min(size, self._tap_left)]
+
     def buffer_updated(self, nbytes: int) -> list[Message]:
         """Consume ``nbytes`` just written into the last ``get_buffer()``."""
         if self._failed is not None:
             raise self._failed
         try:
+            if self._into_relay:
+                return self._relayed(nbytes)
             big = self._big
             if big is not None:
                 if type(big) is inplace.GrowingBytes:
@@ -382,6 +410,17 @@ class FrameDecoder:
             # The bytes just read are lost with the frame: the stream can't go on.
             raise self._out_of_memory(exc) from exc
 
+    def _relayed(self, nbytes: int) -> list[Message]:
+        """``nbytes`` were read into :meth:`_relay_room`'s buffer: to the tap."""
+        self._into_relay = False
+        if self._tapping is None or self._relay is None:   # (discarded meanwhile)
+            return []
+        self._tapping.data(self._relay[:nbytes])
+        self._tap_left -= nbytes
+        self._tapped += nbytes
+        # (the frame's end, tap.frame_end, comes from _parse's _tap_frame)
+        return self._parse() if not self._tap_left else []
+
     def _out_of_memory(self, exc: MemoryError) -> ProtocolError:
         failed = self._failed = ProtocolError(f"out of memory receiving a message "
                                               f"({self.held} bytes of it held)")
@@ -405,7 +444,8 @@ class FrameDecoder:
         cycle through the error's traceback is collected."""
         self._big = self._sbig = None
         self._frames = None
-        self._chunk, self._tap_left = 0, -1
+        self._chunk, self._tap_left, self._tapped = 0, -1, 0
+        self._relay, self._into_relay = None, False
         tap, self._tapping = self._tapping, None
         if tap is not None:
             tap.abort()
@@ -635,7 +675,8 @@ class FrameDecoder:
         self._count, self._lengths, self._frames = -1, None, None
         self._flags = self._spooling = None
         self._tapping = None
-        self._held = 0
+        self._held = self._tapped = 0
+        self._relay = None
 
     def _tap_frame(self, size: int, pos: int, end: int, last: bool) -> int:
         """Hand what has arrived of the current frame to the tap; the
@@ -649,6 +690,7 @@ class FrameDecoder:
             tap.data(self._mv[pos:pos + n])
             pos += n
             self._tap_left -= n
+            self._tapped += n
         if not self._tap_left:
             self._tap_left = -1
             tap.frame_end(last)

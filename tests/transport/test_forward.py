@@ -270,3 +270,42 @@ def test_a_tap_is_asked_only_after_earlier_messages_of_a_record_fed_in_pieces():
         _read(decoder, b"".join(sealer.seal(rest[i:i + 100_000])), returned)
     assert asked == [[[b"e" * 60_000]]]
     assert returned == [[b"e" * 60_000], [b"first", BIG]]
+
+
+def test_a_long_relay_reads_larger_pieces_and_arrives_whole():
+    """Past 8x frames.LARGE_READ relayed, the decoder reads a relayed
+    frame up to LARGE_READ at a time into a buffer of its own, handed to
+    the tap as is: fewer, larger chunks, the same bytes; and an abandoned
+    relay there is dropped as before."""
+    from dpool.transport.frames import LARGE_READ, RECV_BUFFER_SIZE
+    payload = BIG * 12          # 24 MiB, distinct bytes every 4 KiB
+    dest, source = Dest(), Source()
+    decoder, relays = relaying_decoder(dest, source)
+    sizes = []
+
+    def tap(frames, lengths, flags):
+        relay = Forward(dest, source, [b"HEAD", *frames[1:]], lengths, flags)
+        data = relay.data
+        relay.data = lambda view: (sizes.append(len(view)), data(view))
+        relays.append(relay)
+        return relay
+    decoder.tap = tap
+    got = feed_in_pieces(decoder, wire([b"first", payload, b"tail"]), 3 << 20)
+    assert len(got) == 1 and all(type(f) is Relayed for f in got[0][1:])
+    relays[0].finish()
+    assert max(sizes) == LARGE_READ and sizes.count(LARGE_READ) >= 12
+    assert max(sizes[:8]) <= RECV_BUFFER_SIZE       # (small reads first)
+    assert decoder._relay is None                   # (freed with the message)
+    client = FrameDecoder()
+    assert feed_in_pieces(client, dest.wire, 1 << 20) == [[b"HEAD", payload, b"tail"]]
+
+    dest, source = Dest(), Source()
+    decoder, relays = relaying_decoder(dest, source)
+    data = wire([b"first", payload])
+    assert feed_in_pieces(decoder, data[:20 << 20], 3 << 20) == []
+    assert decoder._relay is not None
+    decoder.discard()       # the worker's connection ended in the middle
+    dest.send([b"next"])
+    client = FrameDecoder()
+    assert feed_in_pieces(client, dest.wire, 1 << 20) == [[b"next"]]
+    assert decoder._relay is None and not client.partial
