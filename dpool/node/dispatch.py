@@ -31,7 +31,9 @@ Policies:
   ``interrupt`` the job may end before the kill, and the next must not
   start there); so has one asked back once it is first in its worker (it
   may have started: no answer comes then); one waiting inside a worker is reported at once and
-  its result, when it comes, dropped (a *ghost*).
+  its result, when it comes, dropped (a *ghost*); if its worker's answer
+  is not a GiveBack but the result of the job before it (the worker had
+  started it), it is stopped as a running one too (``stop_started``).
 - Jobs in the queue can be handed back (``give_back``): the client moves
   them to a node with a free CPU, or away from a draining node; those
   waiting inside workers follow once the workers drop them (``ask_back``).
@@ -234,6 +236,34 @@ class Dispatcher:
                     actions.append(Revoke(worker, [job_id]))
         return actions
 
+    def cancelled_unanswered(self, worker):
+        """True if ``worker``'s first job was cancelled while it waited
+        there and the worker has not answered the Revoke: it may have
+        started it (the Cancel came after the worker's check)."""
+        outstanding = worker.outstanding
+        return bool(outstanding) and self.revoking.get(outstanding[0]) in (_GHOST, _CANCEL)
+
+    def stop_started(self, worker):
+        """``worker`` gave no GiveBack for its first job, cancelled while it
+        waited there (:meth:`cancelled_unanswered`), with the result of the
+        job before it: it started it, so it is stopped as a running one
+        (the worker killed, the jobs held behind it asked back), reported
+        cancelled once (now, unless it was already)."""
+        if worker.dead or worker.killing is not None or not self.cancelled_unanswered(worker):
+            return []
+        job_id = worker.outstanding[0]
+        actions = []
+        if self.revoking.pop(job_id) is _CANCEL:
+            self.ghosts.add(job_id)
+            actions.append(Report(job_id, Outcome.CANCELLED))
+        held = self._held(worker)
+        if held:
+            self.revoking.update(dict.fromkeys(held, _BACK))
+            actions.append(Revoke(worker, held))
+        worker.killing = job_id
+        actions.append(Kill(worker))
+        return actions
+
     def done(self, worker, job_id, duration):
         """A worker's result for ``job_id``: True if it goes to the client.
         Call :meth:`dispatch` once after a batch of results."""
@@ -289,8 +319,8 @@ class Dispatcher:
             del self.given[job_id]
             worker.outstanding.remove(job_id)
             why = self.revoking.pop(job_id, None)
-            if why is _GHOST:
-                self.ghosts.discard(job_id)  # (reported when cancelled)
+            if why is _GHOST or job_id in self.ghosts:  # (reported when cancelled,
+                self.ghosts.discard(job_id)          # or when stopped: stop_started)
             elif why is _CANCEL:
                 actions.append(Report(job_id, Outcome.CANCELLED))
             else:
@@ -329,10 +359,10 @@ class Dispatcher:
         running = worker.outstanding.popleft()
         self.given.pop(running, None)
         why = self.revoking.pop(running, None)
-        if worker.killing == running:
-            actions.append(Report(running, Outcome.KILLED))
-        elif running in self.ghosts:
+        if running in self.ghosts:  # (reported when cancelled; see stop_started)
             self.ghosts.discard(running)
+        elif worker.killing == running:
+            actions.append(Report(running, Outcome.KILLED))
         elif why is _CANCEL:  # (started or not: cancelled, and gone)
             actions.append(Report(running, Outcome.CANCELLED))
         else:

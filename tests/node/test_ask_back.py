@@ -14,7 +14,7 @@ import time
 from dpool import protocol as P
 from dpool import serialize
 from dpool.node.dispatch import PREFETCH_JOB
-from dpool.node.runtime import Session, WorkerHandle
+from dpool.node.runtime import GIVEBACK_WAIT, Session, WorkerHandle
 from dpool.transport import inproc_pair
 from dpool.transport.blocking import BlockingConnection
 
@@ -285,6 +285,89 @@ def test_a_cancelled_job_waiting_in_a_worker_is_not_started_there():
         assert sorted(results) == [(1, P.Outcome.OK), (2, P.Outcome.CANCELLED)]
         assert not client.of(P.GiveBack)
         assert [job for msg in client.of(P.Started) for job, _ in msg.jobs] == [1]
+        await _end(pair)
+    asyncio.run(main())
+
+
+def _poll(condition, timeout=10.0):
+    """(async) Wait for ``condition()`` on the loop, up to ``timeout``."""
+    async def wait():
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        return condition()
+    return wait()
+
+
+def test_a_cancelled_job_its_worker_started_before_the_cancel_came_is_stopped():
+    """Cancelled while it waited in the worker, but the worker had taken it
+    up already (its check for Cancels came first): the job ended, the
+    worker's answer is its result, not a GiveBack.  Once the job before it
+    has ended with no GiveBack for it, it is stopped as a running one (its
+    worker killed) and reported cancelled once: before, it ran to its end,
+    its CPU kept and its effects made, though reported cancelled."""
+    async def main():
+        session, client, worker, pair = await _session(jobs=(1, 2))
+        killed = []
+
+        class Zygote:
+            def kill(self, pid):
+                killed.append(pid)
+        worker.zygote = Zygote()
+        session.on_message([P.encode(P.Cancel, [2])])
+        session.on_worker_message(worker, _done(1))  # (no GiveBack: 2 has started)
+        assert await _poll(lambda: killed)
+        assert killed == [worker.pid]
+        session.on_worker_message(worker, _done(2))  # (it ended before the kill: dropped)
+        session.dispatcher.worker_closed(worker)
+        session._act(session.dispatcher.worker_exited(worker, "was killed by signal 9"))
+        await asyncio.sleep(0)
+        outcomes = [(r[0], r[1]) for msg in client.of(P.Done) for r in msg.results]
+        assert sorted(outcomes) == [(1, P.Outcome.OK), (2, P.Outcome.CANCELLED)]
+        assert [job for msg in client.of(P.Started) for job, _ in msg.jobs] == [1]
+        assert not session.dispatcher.revoking and session.dispatcher.pending() == []
+        await _end(pair)
+    asyncio.run(main())
+
+
+def test_a_cancelled_job_given_back_after_its_worker_was_told_to_stop_is_reported_once():
+    """The GiveBack came later than GIVEBACK_WAIT: the worker is killed all
+    the same, and the job is neither given back nor reported twice."""
+    async def main():
+        session, client, worker, pair = await _session(jobs=(1, 2))
+        killed = []
+        session._stop = killed.append
+        session.on_message([P.encode(P.Cancel, [2])])
+        session.on_worker_message(worker, _done(1))
+        assert await _poll(lambda: killed)
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
+        session.dispatcher.worker_closed(worker)
+        session._act(session.dispatcher.worker_exited(worker, "was killed by signal 9"))
+        await asyncio.sleep(0)
+        outcomes = [(r[0], r[1]) for msg in client.of(P.Done) for r in msg.results]
+        assert sorted(outcomes) == [(1, P.Outcome.OK), (2, P.Outcome.CANCELLED)]
+        assert not client.of(P.GiveBack) and session.dispatcher.pending() == []
+        assert not session.dispatcher.ghosts and not session.dispatcher.given
+        await _end(pair)
+    asyncio.run(main())
+
+
+def test_a_cancelled_job_given_back_just_after_the_result_before_it_costs_no_kill():
+    """The worker's GiveBack comes a little after the result of the job
+    before it (a read apart): the worker is not killed."""
+    async def main():
+        session, client, worker, pair = await _session(jobs=(1, 2))
+        killed = []
+        session._stop = killed.append
+        session.on_message([P.encode(P.Cancel, [2])])
+        session.on_worker_message(worker, _done(1))
+        await asyncio.sleep(0)
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
+        await asyncio.sleep(GIVEBACK_WAIT * 20)  # (past the wait: nothing more happens)
+        assert killed == []
+        outcomes = [(r[0], r[1]) for msg in client.of(P.Done) for r in msg.results]
+        assert sorted(outcomes) == [(1, P.Outcome.OK), (2, P.Outcome.CANCELLED)]
+        assert not session.dispatcher.revoking and session.dispatcher.pending() == []
         await _end(pair)
     asyncio.run(main())
 
