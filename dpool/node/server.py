@@ -17,6 +17,11 @@ from .status import start_measuring
 
 log = logging.getLogger("dpool.node")
 
+# Seconds a stopping node waits for a peer to read more of what is queued
+# for it: a peer that reads nothing (say half-closed, FIN sent) is cut off
+# then, instead of holding the stop for the stream's CLOSE_TIMEOUT (10 s).
+SHUTDOWN_STALL = 1.0
+
 
 class NodeServer:
     def __init__(self, host="127.0.0.1", port=config.NODE_PORT, *, cpus, secret=None,
@@ -113,8 +118,13 @@ class NodeServer:
         await self.runtime.drain(grace)
 
     async def close(self):
+        """Stop: no more clients, the sessions ended (their last messages
+        queued), then each connection's output sent, but for a peer that
+        stopped reading (``SHUTDOWN_STALL``): the caller's loop may end as
+        this returns (dpool-node)."""
         self._stop_discovery()
         if self.server is not None:
             self.server.close()
-            await self.server.wait_closed()
         await self.runtime.close()
+        if self.server is not None:
+            await self.server.wait_closed(stall=SHUTDOWN_STALL)

@@ -57,6 +57,8 @@ class Stream(Protocol):
 
     @property
     def active(self) -> bool: ...
+    @property
+    def unsent(self) -> int: ...
     def write(self, parts: list[Part]) -> None: ...
     def write_records(self, pieces: list[bytes | memoryview]) -> None: ...
     def close(self) -> None: ...
@@ -152,6 +154,12 @@ class Connection:
     @property
     def closed(self) -> bool:
         return self._closing or self._lost
+
+    @property
+    def unsent(self) -> int:
+        """Bytes sent that are still queued here (not in the kernel's buffer yet)."""
+        stream = self._stream
+        return 0 if stream is None or self._lost else stream.unsent
 
     def send(self, frames: Sequence[Frame]) -> None:
         if self._closing or self._lost:

@@ -165,6 +165,11 @@ class SocketStream:
             self._conn.bytes_received += n
             self._conn._buffer_updated(n)
 
+    @property
+    def unsent(self) -> int:
+        """Bytes queued here, not yet in the kernel's buffer."""
+        return self._out_bytes
+
     def idle(self) -> bool:
         """True when nothing is queued to send and the stream is open."""
         return not (self._out or self._plain or self._closing)
@@ -431,6 +436,10 @@ class TransportAdapter(asyncio.BufferedProtocol):
 
     def write_records(self, pieces: list[bytes | memoryview]) -> None:
         self.write([b"".join(pieces)])
+
+    @property
+    def unsent(self) -> int:
+        return self.transport.get_write_buffer_size() if self._transport is not None else 0
 
     def close(self) -> None:
         self.transport.close()

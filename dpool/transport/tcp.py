@@ -161,6 +161,22 @@ async def _connect_socket(loop: asyncio.AbstractEventLoop, host: str,
     raise errors[0]
 
 
+async def _ended_or_aborted(conns: list[Connection], stall: float) -> None:
+    """Wait for ``conns`` (closing) to end; abort each whose unsent output
+    did not shrink in the last ``stall`` seconds."""
+    ending = {asyncio.ensure_future(conn.wait_closed()): conn for conn in conns}
+    unsent = {conn: conn.unsent for conn in conns}
+    while ending:
+        done, _ = await asyncio.wait(ending, timeout=stall)
+        for task in done:
+            del ending[task]
+        for conn in ending.values():
+            left = conn.unsent
+            if left >= unsent[conn]:
+                conn.abort()
+            unsent[conn] = left
+
+
 async def connect(host: str, port: int, *, secret: bytes, hello: Hello,
                   ssl: _ssl.SSLContext | None = None,
                   server_hostname: str | None = None, timeout: float = 10.0,
@@ -290,13 +306,21 @@ class Server:
             for conn in list(self._live):
                 conn.abort()
 
-    async def wait_closed(self) -> None:
+    async def wait_closed(self, stall: float | None = None) -> None:
+        """Wait for the handshakes cancelled by :meth:`close` and for the
+        connections closed by then to end.  With ``stall``, one whose
+        output made no progress for ``stall`` seconds (a peer that reads
+        nothing: it would hold its close up to ``CLOSE_TIMEOUT``) is
+        aborted instead: what a peer that reads is owed still goes out."""
         tasks = set(self._handshakes)
         if self._aborted:
             tasks |= self._handlers
         await asyncio.gather(*tasks, return_exceptions=True)
-        waiting = [c.wait_closed() for c in list(self._conns) if c.closed]
-        await asyncio.gather(*waiting)
+        closing = [c for c in list(self._conns) if c.closed]
+        if stall is None:
+            await asyncio.gather(*[c.wait_closed() for c in closing])
+        else:
+            await _ended_or_aborted(closing, stall)
 
     async def __aenter__(self) -> Server:
         return self
