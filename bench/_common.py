@@ -83,3 +83,41 @@ def cpu_seconds():
     """User + system CPU time of this process (all its threads) so far."""
     times = os.times()
     return times.user + times.system
+
+
+def start_node_daemon(secret, cpus, prefix="dpool-bench-"):
+    """A ``dpool-node`` on 127.0.0.1, port 0, with ``secret`` and a fresh
+    DPOOL_HOME: ``(proc, port, env)`` (``env``: the node's, for its clients
+    too).  One that does not start is stopped and its home removed (a
+    SystemExit says why); :func:`stop_node_daemon` stops a started one."""
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix=prefix)
+    env = dict(os.environ, DPOOL_SECRET=secret, DPOOL_HOME=home)
+    proc = None
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "dpool.daemons.node", "--port", "0",
+                                 "--cpus", str(cpus), "--loglevel", "WARNING"],
+                                stdout=subprocess.PIPE, env=env, text=True)
+        line = proc.stdout.readline()
+        if " on " not in line:
+            raise SystemExit(f"dpool-node did not start (exit status {proc.poll()}): {line!r}")
+        return proc, listen_port(line.rstrip()), env
+    except BaseException:
+        stop_node_daemon(proc, env)
+        raise
+
+
+def stop_node_daemon(proc, env):
+    """Stop a node of :func:`start_node_daemon` (if ``proc``) and remove its home."""
+    import shutil
+
+    try:
+        if proc is not None:
+            if proc.poll() is None:
+                stop(proc)
+            if getattr(proc, "stdout", None) is not None:
+                proc.stdout.close()
+    finally:
+        if env.get("DPOOL_HOME"):
+            shutil.rmtree(env["DPOOL_HOME"], ignore_errors=True)

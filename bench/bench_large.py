@@ -32,10 +32,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import psutil
+from _common import start_node_daemon, stop_node_daemon
 
 
 def size_of(data):
@@ -185,24 +185,23 @@ def one(mode, kind, direction, mb, node_pid=None, port=None, jobs=1):
 
 
 def start_node():
-    home = tempfile.mkdtemp()
-    env = dict(os.environ, DPOOL_SECRET="bench-large-secret-0123456789", DPOOL_HOME=home)
-    proc = subprocess.Popen([sys.executable, "-m", "dpool.daemons.node", "--port", "0",
-                             "--cpus", "1", "--loglevel", "WARNING"],
-                            stdout=subprocess.PIPE, env=env, text=True)
-    line = proc.stdout.readline()
-    port = int(line.split(" on ")[1].split()[0].rsplit(":", 1)[1])
-    return proc, port, env
+    return start_node_daemon("bench-large-secret-0123456789", 1, prefix="dpool-bench-large-")
 
 
 def measure(proc, port, env, mode, kind, direction, mb, jobs=None):
     cmd = [sys.executable, __file__, "--one", mode, kind, direction, str(mb),
            "--node", str(proc.pid), str(port), "--jobs", str(jobs or default_jobs(mb))]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    cell = f"{mode} {kind} {direction} {mb} MB"
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=CELL_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return _failed(cell, f"no answer within {CELL_TIMEOUT} s")
     if out.returncode:
-        print(f"{mode} {kind} {direction} {mb} MB failed: {out.stderr[-500:]}")
-        return None
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+        return _failed(cell, out.stderr[-500:])
+    try:
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return _failed(cell, f"no result in its output: {out.stdout[-500:]!r}")
     first = f" (first {r['first_mbs']})" if r.get("first_mbs") else ""
     print(f"{r['mb']:>6} MB {r['kind']:<6} {r['mode']:<6} {r['dir']:<7} {r['mbs']:>6} MB/s"
           f"{first}  "
@@ -210,6 +209,16 @@ def measure(proc, port, env, mode, kind, direction, mb, jobs=None):
           f"CPU s client {r['cpu']['client']} node {r['cpu']['node']} "
           f"workers {r['cpu']['workers']}", flush=True)
     return r
+
+
+CELL_TIMEOUT = 900  # seconds a measurement may take (its process is killed then)
+FAILED = []  # the cells that failed in this run (reported at the end)
+
+
+def _failed(cell, why):
+    print(f"{cell} failed: {why}", flush=True)
+    FAILED.append(cell)
+    return None
 
 
 def median(values):
@@ -280,9 +289,10 @@ def main():
                             if r is not None:
                                 rows.append(r)
     finally:
-        proc.terminate()
-        proc.wait()
+        stop_node_daemon(proc, env)
     report(rows, args)
+    if FAILED:
+        print(f"\n{len(FAILED)} cells failed (left out above): {', '.join(FAILED)}")
 
 
 if __name__ == "__main__":

@@ -33,9 +33,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
+import traceback
 
-from _common import CPUS, MP, ROOT, bare_processes, clock, cpu_seconds
+from _common import (CPUS, MP, ROOT, bare_processes, clock, cpu_seconds, start_node_daemon,
+                     stop_node_daemon)
 
 SECRET = "bench-small-secret"
 
@@ -128,17 +129,6 @@ def interleaved(ours, ref, rounds):
 
 
 # ------------------------------------------------------------------ a node
-
-def start_node():
-    home = tempfile.mkdtemp(prefix="dpool-bench-")
-    env = dict(os.environ, DPOOL_SECRET=SECRET, DPOOL_HOME=home)
-    proc = subprocess.Popen([sys.executable, "-m", "dpool.daemons.node", "--port", "0",
-                             "--cpus", str(CPUS), "--loglevel", "WARNING"],
-                            stdout=subprocess.PIPE, env=env, text=True)
-    line = proc.stdout.readline()
-    port = int(line.split(" on ")[1].split()[0].rsplit(":", 1)[1])
-    return proc, port
-
 
 # ------------------------------------------------------------------- cases
 
@@ -328,6 +318,21 @@ def report(name, ours, ref, ratio, op, target, unit):
     return {"value": ratio, "op": op, "target": target}
 
 
+def _failed(what):
+    print(f"[FAIL] {what}", flush=True)
+    return what
+
+
+def _run_case(name, case, failed):
+    """Run a case; one that fails is reported (and kept in ``failed``) and
+    the run goes on with the next."""
+    try:
+        case()
+    except Exception as exc:  # (a bench reports what it could not measure)
+        traceback.print_exc()
+        failed.append(_failed(f"{name}: {type(exc).__name__}: {exc}"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer tasks")
@@ -343,30 +348,38 @@ def main():
     load = os.getloadavg()
     print(f"python {' '.join(sys.argv)}  (Python {sys.version.split()[0]}, {os.cpu_count()} "
           f"CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f})\n")
-    results = {}
+    results, failed = {}, []
     placements = [p for p in ("local", "node") if p not in args.skip]
     for where in placements:
-        proc, node = (None, None) if where == "local" else start_node()
+        if where == "local":
+            proc, node, env = None, None, None
+        else:
+            try:
+                proc, node, env = start_node_daemon(SECRET, CPUS)
+            except (SystemExit, Exception) as exc:
+                failed.append(_failed(f"starting the node ({exc})"))
+                continue
         try:
-            if "round-trip" in args.only:
-                case_round_trip(results, node, trips, args.rounds)
-            if "burst" in args.only:
-                case_burst(results, node, n, args.rounds)
-            if "startup" in args.only:
-                case_startup(results, node, max(args.rounds, 5))
-                case_startup_cold(results, node, max(args.rounds, 5))
-            if "map" in args.only:
-                case_map(results, node, 200_000 if args.quick else 1_000_000, args.rounds)
+            cases = [("round-trip", lambda: case_round_trip(results, node, trips, args.rounds)),
+                     ("burst", lambda: case_burst(results, node, n, args.rounds)),
+                     ("startup", lambda: case_startup(results, node, max(args.rounds, 5))),
+                     ("startup", lambda: case_startup_cold(results, node, max(args.rounds, 5))),
+                     ("map", lambda: case_map(results, node, 200_000 if args.quick
+                                              else 1_000_000, args.rounds))]
+            for name, case in cases:
+                if name in args.only:
+                    _run_case(f"{name} {where}", case, failed)
         finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(30)
+            if env is not None:
+                stop_node_daemon(proc, env)
     if "cpu" not in args.skip:
-        case_cpu_bound(results, args.rounds)
+        _run_case("cpu", lambda: case_cpu_bound(results, args.rounds), failed)
     met = sum(1 for r in results.values()
               if (r["value"] <= r["target"] if r["op"] == "<=" else r["value"] >= r["target"]))
     print(f"\n{met}/{len(results)} targets met; load average now "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    if failed:
+        print(f"{len(failed)} failed: {'; '.join(failed)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"load": load, "results": results}, f, indent=1)
