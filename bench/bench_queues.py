@@ -2,7 +2,7 @@
 queued no-op tasks, side by side with ``multiprocessing.Pool`` (issue 16),
 and the 1M-int maps of issue 13.
 
-    python bench/bench_queues.py [--sizes 10000 100000 1000000] [--reps 1] [--no-node] [--no-map]
+    python bench/bench_queues.py [--sizes 10000 100000 1000000] [--reps N] [--no-node] [--no-map]
                                  [--apis Executor.submit Pool.apply_async JobCluster.submit]
 
 Each cell runs in a fresh Python process (so one cell's heap does not count
@@ -14,9 +14,18 @@ it, ``collections`` per generation); memory per task is the client process's
 peak RSS (``VmHWM``) above its RSS after the warm-up, divided by N (so it
 counts everything the client holds for a task until its result is taken:
 the task, its future or result object, the queue entries; with the embedded
-node also the node's queue, which lives in the same process).  Cells run
-interleaved, ``--reps`` times each; the medians are printed, with the ratio
-to ``mp.Pool.apply_async`` of the same size.
+node also the node's queue, which lives in the same process).
+
+A 10k cell's burst lasts a fraction of a second, and on a shared machine
+one such burst against one of ``multiprocessing``'s says little (the same
+tree's ratio moved from 1.33x to 2.31x between runs).  So every dpool cell
+runs in pairs with an ``mp.Pool.apply_async`` cell of the same size, the two
+processes one right after the other (which of them goes first alternating
+from pair to pair), and the pairs of all cells interleaved: 9 pairs per
+cell at 10k, 3 at 100k, 1 at 1M (``--reps`` sets one count for every size).
+A cell's ratio is the median of its pairs' ratios, printed with their range
+and how many pairs met 1.5x; rates, CPU and memory are medians.  mp runs as
+often as dpool does, never less.
 
 "via node" cells use one ``dpool-node`` subprocess on 127.0.0.1 (2 CPUs,
 AES-GCM records), the same for every cell.
@@ -160,31 +169,60 @@ def fmt_rate(r):
     return f"{r / 1e6:.2f}M" if r >= 1e6 else f"{r / 1e3:.0f}k"
 
 
+def reps_for(n, reps=None):
+    """How many pairs a cell of ``n`` tasks runs: ``reps`` if given, else
+    enough for a short burst to say something (about 200,000 tasks' worth,
+    an odd count for a plain median): 9 at 10k, 3 at 100k, 1 at 1M."""
+    if reps:
+        return reps
+    return max(1, min(9, (200_000 // n) | 1))
+
+
 def queue_table(args, env, node_port):
+    """Each dpool cell runs in pairs with an ``mp.Pool.apply_async`` cell of
+    the same size, one right after the other (which goes first alternates
+    from pair to pair), ``reps_for(n)`` pairs per cell, all cells' pairs
+    interleaved; a cell's ratio is the median of its pairs' ratios, with
+    their range and how many pairs met 1.5x: the same number of runs on
+    each side, each ratio taken from neighbours in time."""
     modes = [("local", 0)] + ([("via node", node_port)] if node_port else [])
-    apis = ["mp.apply_async"] + [api for api in args.apis if api != "mp.apply_async"]
-    cells = [(api, n, mode, port) for n in args.sizes for mode, port in modes for api in apis
-             if not (api.startswith("mp.") and port)]
-    results = {c: [] for c in cells}
-    for _ in range(args.reps):
+    apis = [api for api in args.apis if api != "mp.apply_async"]
+    cells = [(api, n, mode, port) for n in args.sizes for mode, port in modes for api in apis]
+    pairs = {c: [] for c in cells}  # cell -> [(dpool's result, mp's result), ...]
+    for rep in range(max(reps_for(n, args.reps) for n in args.sizes)):
         for c in cells:
             api, n, mode, port = c
-            results[c].append(_child(["--cell", api, n, port], env))
-            print(f"  {api:18} {mode:8} {n:>9}: {results[c][-1]}", file=sys.stderr, flush=True)
-    print("| queued tasks | API | where | tasks/s | x mp.Pool.apply_async | memory per task "
-          "| mp.Pool memory per task |")
-    print("|---|---|---|---|---|---|---|")
-    for n in args.sizes:
-        ref = [r for c, r in results.items() if c[0].startswith("mp.") and c[1] == n][0]
-        ref_rate = statistics.median(r["rate"] for r in ref)
-        ref_mem = statistics.median(r["bytes_per_task"] for r in ref)
-        for (api, size, mode, _), rs in results.items():
-            if size != n or api.startswith("mp."):
+            if rep >= reps_for(n, args.reps):
                 continue
-            rate = statistics.median(r["rate"] for r in rs)
-            mem = statistics.median(r["bytes_per_task"] for r in rs)
-            print(f"| {n:,} | {api} | {mode} | {fmt_rate(rate)} (mp {fmt_rate(ref_rate)}) | "
-                  f"{rate / ref_rate:.2f}x | {mem / 1024:.2f} KB | {ref_mem / 1024:.2f} KB |")
+            runs = [("mp.apply_async", 0), (api, port)]
+            if rep % 2:
+                runs.reverse()
+            out = {}
+            for name, p in runs:
+                out[name] = _child(["--cell", name, n, p], env)
+                where = mode if name == api else ""
+                print(f"  {name:18} {where:8} {n:>9} "
+                      f"(pair {rep + 1}): {out[name]}", file=sys.stderr, flush=True)
+            pairs[c].append((out[api], out["mp.apply_async"]))
+    print("| queued tasks | API | where | pairs | tasks/s (mp) | x mp.Pool.apply_async, median "
+          "(range) | pairs >= 1.5x | client CPU per task (mp) | memory per task (mp) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    met = every = 0
+    for c, ps in pairs.items():
+        api, n, mode, _ = c
+        ours, ref = [p[0] for p in ps], [p[1] for p in ps]
+        ratios = sorted(a["rate"] / b["rate"] for a, b in ps)
+        med = lambda rs, key: statistics.median(r[key] for r in rs)  # noqa: E731
+        spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+        print(f"| {n:,} | {api} | {mode} | {len(ps)} | {fmt_rate(med(ours, 'rate'))} "
+              f"({fmt_rate(med(ref, 'rate'))}) | {statistics.median(ratios):.2f}x{spread} | "
+              f"{sum(r >= 1.5 for r in ratios)}/{len(ratios)} | "
+              f"{med(ours, 'cpu_us'):.1f} us ({med(ref, 'cpu_us'):.1f}) | "
+              f"{med(ours, 'bytes_per_task') / 1024:.2f} KB "
+              f"({med(ref, 'bytes_per_task') / 1024:.2f}) |")
+        met += statistics.median(ratios) >= 1.5
+        every += ratios[0] >= 1.5
+    print(f"\ncells >= 1.5x: {met} of {len(pairs)} by their median, {every} in every pair")
 
 
 def map_table(args, env):
@@ -203,7 +241,8 @@ def map_table(args, env):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--reps", type=int, default=None,
+                   help="pairs per cell (default: 9 at 10k, 3 at 100k, 1 at 1M; see reps_for)")
     p.add_argument("--apis", nargs="+", choices=APIS, default=APIS,
                    help="the dpool APIs to measure (mp.Pool.apply_async always runs)")
     p.add_argument("--no-node", action="store_true")
