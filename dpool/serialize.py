@@ -73,6 +73,7 @@ _SCAN_BUDGET = 1024
 _FAST_MAX_LEN = 32
 
 _ATOMS = frozenset({type(None), bool, int, float, str})
+_EMPTY: dict = {}  # a call's keywords when it has none (pickled only, never changed)
 
 _FunctionType = types.FunctionType
 _ModuleType = types.ModuleType
@@ -383,8 +384,13 @@ def dumps_call(args, kwargs=None):
     """``dumps((args, kwargs or {}))``, a call's arguments, with the
     check for the fast path made once for the common case (a tuple of plain
     values, no keywords): it is on every submit's path."""
-    if not kwargs and type(args) is tuple and _is_simple(args, 1):
-        return [pickle.dumps((args, {}), PROTOCOL)]
+    if not kwargs and type(args) is tuple and len(args) <= _FAST_MAX_LEN:
+        # (_is_simple(args, 1), inline: a tuple of atoms needs no call)
+        for x in args:
+            if type(x) not in _ATOMS and not _is_simple(x, 0):
+                break
+        else:
+            return [pickle.dumps((args, _EMPTY), PROTOCOL)]
     return dumps((args, kwargs or {}))
 
 

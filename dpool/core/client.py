@@ -42,7 +42,7 @@ from .directcalls import DirectCalls
 from .joining import Joining
 from .stopping import Stopping
 from .tcpline import NODE_FUNCTIONS, TcpLine
-from .future import Future, resolve, set_running
+from .future import DONE, Future, resolve, set_running
 from .job import (ABANDONED, CANCELLED, CREATED, FINISHED, RUNNING,  # noqa: F401 (API)
                   TERMINATED, Job, _FunctionTable, outcome_of)
 from .links import Links, NodeLink, client_hello, describe, tls_context  # noqa: F401 (API)
@@ -609,10 +609,7 @@ class Client:
                 job.start_time, job.end_time, job.stdout, job.stderr = start, end, stdout, stderr
                 link.jobs_done += 1
                 link.cpu_time += duration
-            self._resolve(job, outcome, payload)
-
-    def _resolve(self, job, outcome, payload):
-        self._finish(job, *outcome_of(outcome, payload))
+            self._finish(job, *outcome_of(outcome, payload))
 
     def _finish(self, job, status, value=None, error=None):
         if job is None:
@@ -623,7 +620,7 @@ class Client:
         future = job.future
         outcome = None
         batched = False
-        if future.done():
+        if future._state in DONE:  # (future.done(), without the call: every job's path)
             job.cancelled = future.cancelled()
         elif not job.sent and not future.set_running_or_notify_cancel():
             job.cancelled = True
@@ -634,7 +631,8 @@ class Client:
             outcome = (future, value, error)
         # The handlers first: what they copy (a DispyJob's fields) is there
         # for whoever the future wakes.
-        self.emit("done", job)
+        if self.on_event is not None or self.listeners:  # (no call per job without any)
+            self.emit("done", job)
         if outcome is not None:
             resolve((outcome,))
         if not batched:  # (only once resolved: wait() returns when this set is empty)

@@ -36,10 +36,10 @@ from concurrent.futures._base import (_STATE_TO_DESCRIPTION_MAP, CANCELLED,
                                       RUNNING)
 from typing import Any, Callable, Iterable
 
-__all__ = ["Future", "resolve", "set_running"]
+__all__ = ["DONE", "Future", "resolve", "set_running"]
 
 _lock = threading.Lock()  # every state change of every Future of this module
-_DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))
+_DONE = DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))  # (``_state in DONE``)
 _CANCELLED = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED))
 
 

@@ -2,6 +2,7 @@
 of the functions it serialized (see :mod:`dpool.core.client`)."""
 import collections
 import itertools
+import pickle
 import threading
 import time
 import weakref
@@ -10,6 +11,8 @@ from .. import serialize
 from ..errors import JobCancelled
 from ..protocol import Outcome
 from .future import Future
+
+_loads = pickle.loads
 
 # Outcomes as the plain ints they arrive as (once per job: no enum lookups).
 _OK, _ERROR, _CANCELLED, _KILLED = map(int, (Outcome.OK, Outcome.ERROR, Outcome.CANCELLED,
@@ -23,7 +26,9 @@ CREATED, RUNNING, FINISHED, CANCELLED, TERMINATED, ABANDONED = (
 def outcome_of(outcome, payload):
     """A job's ``(status, value, error)`` from its Result's outcome and payload."""
     if outcome == _OK:
-        try:
+        try:  # (serialize.loads, inline for the common lone frame: every job's path)
+            if len(payload) == 1:
+                return FINISHED, _loads(payload[0]), None
             return FINISHED, serialize.loads(payload), None
         except Exception as exc:  # e.g. the result's class is not importable here
             return TERMINATED, None, exc
