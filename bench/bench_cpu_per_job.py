@@ -2,7 +2,10 @@
 
     python bench/bench_cpu_per_job.py [--jobs 20000] [--runs 5] [REV ...]
     python bench/bench_cpu_per_job.py --callgrind [--jobs 2000] [REV ...]
-    (either with --api Executor or --api Pool: those APIs' submit instead)
+    (either with --api Executor or --api Pool: those APIs' submit instead;
+    --api mp: multiprocessing.Pool.apply_async's parent process, the
+    reference; --node: through a dpool-node on 127.0.0.1 started from each
+    tree, whose own CPU is not counted, instead of the embedded node)
 
 For each REV (a git revision of this repository; default: the working
 tree only) the sources are exported (git archive) to a temporary folder
@@ -24,8 +27,10 @@ with 500, over N.  Instruction counts barely move with the machine's
 load, so this is the figure to compare on a shared machine.
 """
 import argparse
+import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,22 +38,31 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = r"""
-import gc, sys, time
-import dpool
+import gc, os, sys, time
 
 def noop(x=None):
     return x
 
 n, api = int(sys.argv[1]), sys.argv[2]
-if api == "JobCluster":
-    cluster = dpool.JobCluster(noop, loglevel=30, connect_timeout=120)  # (slow under valgrind)
+port = int(os.environ.get("BENCH_NODE_PORT", "0"))  # a dpool-node's, else the embedded node
+kw = {"nodes": [("127.0.0.1", port)]} if port else {}
+if api == "mp":  # the reference: multiprocessing.Pool's parent process
+    import multiprocessing
+    pool = multiprocessing.get_context("fork").Pool(2)
+    submit, get, close = ((lambda i: pool.apply_async(noop, (i,))), (lambda h: h.get()),
+                          pool.terminate)
+elif api == "JobCluster":
+    import dpool
+    # (connect_timeout: slow under valgrind)
+    cluster = dpool.JobCluster(noop, loglevel=30, connect_timeout=120, **kw)
     submit, get, close = cluster.submit, (lambda job: job()), cluster.close
 elif api == "Executor":
     from dpool.futures import Executor
-    ex = Executor(2, connect_timeout=120)
+    ex = Executor(2, connect_timeout=120, **kw)
     submit, get, close = (lambda i: ex.submit(noop, i)), (lambda f: f.result()), ex.shutdown
 else:
-    pool = dpool.Pool(2, connect_timeout=120)
+    import dpool
+    pool = dpool.Pool(2, connect_timeout=120, **kw)
     submit, get, close = ((lambda i: pool.apply_async(noop, (i,))), (lambda h: h.get()),
                           pool.terminate)
 try:
@@ -64,6 +78,18 @@ finally:
     close()
 """
 
+# A dpool-node for --node: its handshake deadline raised, as the client
+# under valgrind answers far slower than the 3 s it allows (nothing else
+# is changed; the node itself does not run under valgrind).
+NODE = r"""
+import sys
+import dpool.transport.tcp as tcp
+tcp.start_server.__kwdefaults__["auth_timeout"] = 600.0
+from dpool.daemons import node
+sys.argv[0] = "dpool-node"
+node.main()
+"""
+
 
 def export(rev, into):
     """The tree of ``rev`` (or the working tree for WORKTREE) in ``into``."""
@@ -77,8 +103,34 @@ def export(rev, into):
     return dest
 
 
-def one_run(tree, jobs, api):
+@contextlib.contextmanager
+def node_env(tree, on):
+    """The environment of a client of ``tree``: with ``on``, a dpool-node of
+    the same tree on 127.0.0.1 (2 CPUs, AES-GCM records) for it to use."""
     env = dict(os.environ, PYTHONPATH=tree)
+    if not on:
+        yield env
+        return
+    env.update(DPOOL_SECRET=os.urandom(16).hex(), DPOOL_HOME=tempfile.mkdtemp())
+    node = subprocess.Popen([sys.executable, "-c", NODE, "--port", "0", "--cpus", "2",
+                             "--loglevel", "WARNING"], stdout=subprocess.PIPE, env=env,
+                            cwd=tree, text=True)
+    try:
+        line = node.stdout.readline()
+        env["BENCH_NODE_PORT"] = line.rsplit(" (pid", 1)[0].rsplit(":", 1)[1]
+        yield env
+    finally:
+        node.terminate()
+        node.wait()
+        shutil.rmtree(env["DPOOL_HOME"], ignore_errors=True)
+
+
+def one_run(tree, jobs, api, node=False):
+    with node_env(tree, node) as env:
+        return _one_run(tree, jobs, api, env)
+
+
+def _one_run(tree, jobs, api, env):
     out = subprocess.run([sys.executable, "-c", CHILD, str(jobs), api], env=env, cwd=tree,
                          check=True, capture_output=True, text=True).stdout
     return float(out.split()[-1])
@@ -87,10 +139,9 @@ def one_run(tree, jobs, api):
 CALLGRIND_BASE = 500
 
 
-def instructions(tree, jobs, api):
+def instructions(tree, jobs, api, node=False):
     """Instructions (callgrind "I refs") of the child process running ``jobs``."""
-    env = dict(os.environ, PYTHONPATH=tree)
-    with tempfile.TemporaryDirectory() as tmp:
+    with node_env(tree, node) as env, tempfile.TemporaryDirectory() as tmp:
         cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out",
                os.path.realpath(sys.executable), "-c", CHILD, str(jobs), api]
         run = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
@@ -103,9 +154,9 @@ def instructions(tree, jobs, api):
     return int(refs.replace(",", ""))
 
 
-def one_callgrind(tree, jobs, api):
-    return (instructions(tree, CALLGRIND_BASE + jobs, api)
-            - instructions(tree, CALLGRIND_BASE, api))
+def one_callgrind(tree, jobs, api, node=False):
+    return (instructions(tree, CALLGRIND_BASE + jobs, api, node)
+            - instructions(tree, CALLGRIND_BASE, api, node))
 
 
 def main():
@@ -114,8 +165,13 @@ def main():
                     help="git revisions, or WORKTREE for the working tree")
     ap.add_argument("--jobs", type=int, default=20000)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--api", choices=["JobCluster", "Executor", "Pool"], default="JobCluster",
-                    help="JobCluster.submit, Executor.submit or Pool.apply_async of a no-op")
+    ap.add_argument("--api", choices=["JobCluster", "Executor", "Pool", "mp"],
+                    default="JobCluster",
+                    help="JobCluster.submit, Executor.submit or Pool.apply_async of a no-op "
+                         "(mp: multiprocessing.Pool.apply_async, the parent process)")
+    ap.add_argument("--node", action="store_true",
+                    help="through a dpool-node on 127.0.0.1 (started from each tree; its "
+                         "own CPU is not counted) instead of the embedded node")
     ap.add_argument("--callgrind", action="store_true",
                     help="instructions per job under valgrind (default --jobs 2000, --runs 1)")
     args = ap.parse_args()
@@ -126,11 +182,17 @@ def main():
         best = [float("inf")] * len(trees)
         for _ in range(args.runs):
             for i, tree in enumerate(trees):
-                best[i] = min(best[i], one_run(tree, args.jobs, args.api))
-    print(f"{args.jobs} no-op jobs, {args.api} on the embedded node, best of {args.runs} "
-          f"process_time (client + node), per job:")
+                best[i] = min(best[i], one_run(tree, args.jobs, args.api, args.node))
+    print(f"{args.jobs} no-op jobs, {args.api} {_where(args)}, best of {args.runs} "
+          f"process_time (the client process), per job:")
     for rev, cpu in zip(args.revs, best):
         print(f"  {rev:>12}  {cpu / args.jobs * 1e6:7.2f} us   x{cpu / best[0]:.3f}")
+
+
+def _where(args):
+    if args.api == "mp":
+        return "(multiprocessing.Pool's parent)"
+    return "via a dpool-node" if args.node else "on the embedded node"
 
 
 def main_callgrind(args):
@@ -141,9 +203,10 @@ def main_callgrind(args):
         best = [float("inf")] * len(trees)
         for _ in range(runs):
             for i, tree in enumerate(trees):
-                best[i] = min(best[i], one_callgrind(tree, jobs, args.api))
-    print(f"{jobs} no-op jobs, {args.api} on the embedded node, callgrind instructions "
-          f"of the client process per job (best of {runs}):")
+                best[i] = min(best[i], one_callgrind(tree, jobs, args.api, args.node))
+    print(f"{jobs} no-op jobs, {args.api} {_where(args)}, callgrind instructions "
+          f"of the client process per job (best of {runs}; load average "
+          f"{os.getloadavg()[0]:.1f}):")
     for rev, ins in zip(args.revs, best):
         print(f"  {rev:>12}  {ins / jobs / 1000:7.1f}k   x{ins / best[0]:.3f}")
 

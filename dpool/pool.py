@@ -404,7 +404,10 @@ class _FutureResult(ApplyResult):
         _wait(self._future, timeout)
 
     def get(self, timeout=None):
-        return _outcome(self._future, timeout)
+        future = self._future
+        if future._state == _FINISHED and future._exception is None:
+            return future._result  # (_outcome's first case, without its call)
+        return _outcome(future, timeout)
 
 
 class MapResult(ApplyResult):

@@ -42,7 +42,7 @@ from .directcalls import DirectCalls
 from .joining import Joining
 from .stopping import Stopping
 from .tcpline import NODE_FUNCTIONS, TcpLine
-from .future import DONE, Future, resolve, set_running
+from .future import DONE, STARTED, Future, resolve, set_running
 from .job import (ABANDONED, CANCELLED, CREATED, FINISHED, RUNNING,  # noqa: F401 (API)
                   TERMINATED, Job, _FunctionTable, outcome_of)
 from .links import Links, NodeLink, client_hello, describe, tls_context  # noqa: F401 (API)
@@ -207,7 +207,11 @@ class Client:
         if self.broken is not None:
             raise BrokenCluster(f"the cluster is broken: {describe(self.broken)}") from self.broken
         try:
-            fn_id, blob = self.functions.get(fn)
+            entry = self.functions.table.get(id(fn))  # (functions.get's hit, inline)
+            if entry is not None and entry[0]() is fn:
+                fn_id, blob = entry[1], entry[2]
+            else:
+                fn_id, blob = self.functions.get(fn)
             frames = serialize.dumps_call(args, kwargs)  # (Job keeps a lone frame as is)
         except Exception as exc:
             if not defer_errors:
@@ -495,10 +499,14 @@ class Client:
             job.node = link
             in_flight.add(job_id)
             job.status = RUNNING
-            call = job.frames  # (read once: a lone frame is put in a tuple when read)
-            item = run_item(job_id, fn_id, len(call), job.star, attempt(job_id))
+            call = job._frames  # (the slot: a lone frame as is, see Job.frames)
+            if type(call) is bytes:
+                item = run_item(job_id, fn_id, 1, job.star, attempt(job_id))
+                frames.append(call)
+            else:
+                item = run_item(job_id, fn_id, len(call), job.star, attempt(job_id))
+                frames.extend(call)
             header.append(item if job.place is None else (*item, job.place))
-            frames.extend(call)
         try:
             for message in functions:
                 conn.send(message)
@@ -525,7 +533,7 @@ class Client:
         With ``start=False`` (a dpool-scheduler's link) they stay pending
         until their job starts on a node; ``on_cancel(job)`` is then called
         if the user cancels one meanwhile (the scheduler must drop it)."""
-        fresh = [job for job in batch if not job.future.running()]
+        fresh = [job for job in batch if job.future._state != STARTED]  # (not running())
         if not fresh:
             return ()
         cancelled = set_running([job.future for job in fresh], start)
@@ -631,8 +639,13 @@ class Client:
             outcome = (future, value, error)
         # The handlers first: what they copy (a DispyJob's fields) is there
         # for whoever the future wakes.
-        if self.on_event is not None or self.listeners:  # (no call per job without any)
+        if self.listeners:
             self.emit("done", job)
+        elif self.on_event is not None:  # (emit's work, without its call: every job's path)
+            try:
+                self.on_event("done", job)
+            except Exception:
+                log.exception("dpool: event handler failed on done")
         if outcome is not None:
             resolve((outcome,))
         if not batched:  # (only once resolved: wait() returns when this set is empty)

@@ -36,9 +36,10 @@ from concurrent.futures._base import (_STATE_TO_DESCRIPTION_MAP, CANCELLED,
                                       RUNNING)
 from typing import Any, Callable, Iterable
 
-__all__ = ["DONE", "Future", "resolve", "set_running"]
+__all__ = ["DONE", "STARTED", "Future", "resolve", "set_running"]
 
 _lock = threading.Lock()  # every state change of every Future of this module
+STARTED = RUNNING  # (``_state == STARTED``: running(), without the call)
 _DONE = DONE = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED))  # (``_state in DONE``)
 _CANCELLED = frozenset((CANCELLED, CANCELLED_AND_NOTIFIED))
 

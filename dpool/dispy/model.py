@@ -210,7 +210,10 @@ class DispyJob:
         # the cycle, a finished job the user drops is freed at once with its
         # result, not at the garbage collector's next full pass.
         self._job = None
-        self._set_done()
+        self._done = True  # (_set_done, inline: every job's path)
+        event = self._event
+        if event is not None:
+            event.set()
 
     def _set_done(self):
         """Called once the job's fields are final: wakes every waiter (see
