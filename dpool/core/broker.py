@@ -45,6 +45,7 @@ from ..errors import BrokenCluster, NodeLost
 from ..protocol import Outcome
 from ..transport import PROTOCOL_VERSION, Connection, start_server
 from ..transport.budget import ReceiveBudget
+from ..transport.streams import after_pass
 from .computation import Computation
 from .keep import KEEP_RESULTS, Keeping, Kept
 from .nodecalls import NodeCalls
@@ -948,7 +949,7 @@ class Broker:
     def place_soon(self) -> None:
         if not self._place_scheduled:
             self._place_scheduled = True
-            asyncio.get_running_loop().call_soon(self.place)
+            after_pass(self.place)
 
     def place(self) -> None:
         """Fill every free CPU with a queued job, the policy choosing which:

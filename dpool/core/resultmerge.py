@@ -3,11 +3,11 @@ messages read in one pass of the loop go as one (see
 :class:`dpool.core.broker.ClientSession`)."""
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from .. import protocol as P
 from ..transport.frames import _nbytes
+from ..transport.streams import after_pass
 
 #: The nodes' Done messages of one pass merged into one for a client
 #: (ResultMerge.flush) while it has at most this many frames and bytes;
@@ -32,7 +32,7 @@ class ResultMerge:
     def done(self, results: list, frames: list) -> None:
         """A node's Done: passed on at the end of this pass."""
         if not self.out and not self.starts:
-            asyncio.get_running_loop().call_soon(self.flush)
+            after_pass(self.flush)
         self.out.append((results, frames))
 
     def started(self, jobs: list, host: str) -> None:
@@ -40,7 +40,7 @@ class ResultMerge:
         one Started message ahead of their Done, not one per node's notice
         (which would also split the pass's Done)."""
         if not self.out and not self.starts:
-            asyncio.get_running_loop().call_soon(self.flush)
+            after_pass(self.flush)
         self.starts += [(job[0], job[1], host) for job in jobs]
 
     def flush(self) -> None:

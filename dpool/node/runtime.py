@@ -60,6 +60,7 @@ from ..transport import wrap_socket
 from ..transport.forward import STALL, Forward
 from ..transport.frames import BYTES_FLAG, Relayed
 from ..transport.spool import SpooledFrame
+from ..transport.streams import after_pass
 from .channel import SessionChannel, open_channel
 from .dispatch import Dispatcher, Forget, Kill, LoadFunction, Report, Revoke, Run, Worker
 from .files import default_job_root, private_dir
@@ -726,13 +727,13 @@ class Session(P.Served):
                 worker.zygote.kill(worker.pid)
                 return
             # Once per loop iteration, after every worker's results of this
-            # pass are in: the freed room goes out as one RUN per worker,
-            # before the results do (the jobs that start then are told with
-            # them); nothing queued, nothing to give: a lone call's loop
-            # iteration is spared.
+            # pass are in (in the same wake-up: after_pass): the freed room
+            # goes out as one RUN per worker, before the results do (the
+            # jobs that start then are told with them); nothing queued,
+            # nothing to give.
             if not self._dispatch_scheduled and self.dispatcher.queue:
                 self._dispatch_scheduled = True
-                asyncio.get_running_loop().call_soon(self._deferred_dispatch)
+                after_pass(self._deferred_dispatch)
             done, results = self.dispatcher.done, msg.results
             if relay is not None:
                 self._relayed(worker, results[0], relay)
@@ -925,7 +926,7 @@ class Session(P.Served):
     def _schedule_flush(self):
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            after_pass(self._flush)
 
     _flush_scheduled = False
 

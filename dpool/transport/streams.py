@@ -24,7 +24,7 @@ import asyncio.sslproto
 import collections
 import selectors
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .frames import IOV_MAX, FdMarker, Part, in_stream
 from .records import RECORD_DATA, TAG, Parts, Sealer, take
@@ -65,19 +65,80 @@ def set_tcp_options(sock: socket.socket, deadline: float = DEFAULT_DEADLINE) -> 
 class CountingSelector(selectors.DefaultSelector):
     """The loop's selector, counting its waits: each loop iteration waits
     once, so a stream tells the first message of an iteration from the
-    ones after it by the count, with no callback per message."""
+    ones after it by the count, with no callback per message.
+
+    It also runs the callbacks given to :func:`after_pass` once the pass
+    that gave them is over (all its handles have run), before the loop
+    waits again: work batched over a pass (a node's dispatch and its
+    results' flush, the messages one read brought) is done in the same
+    wake-up, where ``call_soon`` would cost the loop one more pass (an
+    ``epoll_wait`` and a ``_run_once``) for it."""
 
     epoch = 0
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._after: list[Callable[[], object]] = []
+
+    def after(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` when this pass is over (see :func:`after_pass`)."""
+        self._after.append(callback)
 
     def select(self, timeout: float | None = None) -> Any:
         self.epoch += 1
+        if self._after:
+            timeout = self._run_after(timeout)
         return super().select(timeout)
+
+    def _run_after(self, timeout: float | None) -> float | None:
+        """Run the after_pass callbacks (those they give run after the next
+        pass); the wait's timeout, shortened to what they scheduled."""
+        after, self._after = self._after, []
+        loop = self.loop
+        for callback in after:
+            try:
+                callback()
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:  # (as a Handle reports a callback's error)
+                if loop is None:
+                    raise
+                loop.call_exception_handler({
+                    "message": f"Exception in callback {callback!r} (after a pass)",
+                    "exception": exc})
+        # (asyncio's own loop state: what the loop's pass computed the
+        # timeout from, before these callbacks ran)
+        if self._after or getattr(loop, "_ready", None):
+            return 0
+        scheduled = getattr(loop, "_scheduled", None)
+        if scheduled and loop is not None:
+            due = max(0.0, scheduled[0].when() - loop.time())
+            return due if timeout is None else min(timeout, due)
+        return timeout
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """An event loop whose streams cork without a callback per lone
-    message (see :meth:`SocketStream.write`): dpool-node's."""
-    return asyncio.SelectorEventLoop(CountingSelector())
+    message (see :meth:`SocketStream.write`) and that runs :func:`after_pass`
+    callbacks in the pass's own wake-up: dpool-node's and dpool-scheduler's."""
+    selector = CountingSelector()
+    loop = asyncio.SelectorEventLoop(selector)
+    selector.loop = loop
+    return loop
+
+
+def after_pass(callback: Callable[[], object]) -> None:
+    """Call ``callback`` once the running loop's current pass is over: on a
+    :func:`new_event_loop` loop before it waits again (in the same
+    wake-up), on any other as ``call_soon`` (the next pass).  Errors are
+    reported to the loop's exception handler, as a callback's."""
+    loop = asyncio.get_running_loop()
+    selector = getattr(loop, "_selector", None)
+    if type(selector) is CountingSelector and selector.loop is loop:
+        selector.after(callback)
+    else:
+        loop.call_soon(callback)
 
 
 def advance(parts: Parts, sent: int) -> None:
@@ -112,7 +173,8 @@ class SocketStream:
         self._closing = False
         self._done = False
         selector = getattr(loop, "_selector", None)
-        self._selector = selector if isinstance(selector, CountingSelector) else None
+        self._selector = selector if type(selector) is CountingSelector \
+            and selector.loop is loop else None
         self._epoch = -1                    # the loop iteration of the last write
         sock.setblocking(False)
         conn._stream = self
@@ -211,7 +273,7 @@ class SocketStream:
                     self._write_now()
                 if self._out or self._plain:
                     self._flush_pending = True
-                    self._loop.call_soon(self._flush)
+                    selector.after(self._flush)  # (at the end of this pass)
         elif not self._flush_pending and not self._writer_on:
             self._flush_pending = True
             self._loop.call_soon(self._flush)
