@@ -752,6 +752,22 @@ class ClientSession(P.Served):
         broker.place_soon()
 
 
+#: A node's jobs ahead (one client alone: a second job per CPU, waiting
+#: there so that no CPU idles for a round trip to the scheduler) are topped
+#: up once this share of its CPUs has room for one, not at each result: one
+#: Run for several jobs, so the node (and this process) reads, wakes and
+#: sends a message less per job, while the node still holds a job ahead for
+#: all but a quarter of its CPUs (each of those is running one: its next one
+#: comes with the next top-up, a few results later).  A CPU free to run a
+#: job now is always filled at once (placement's first pass).
+TOP_UP_SHARE = 4
+
+
+def _top_up(port: NodePort) -> int:
+    """How many jobs ahead a node must have room for before it is given more."""
+    return max(1, port.cpus // TOP_UP_SHARE)
+
+
 class Broker:
     """The scheduler: accepts clients as a node does, drives the nodes."""
 
@@ -969,7 +985,10 @@ class Broker:
         if self.fair.backlogged() or self.pinned:
             for extra in (False, True) if ahead else (False,):
                 for port in list(open_ports):
-                    self._fill(port, port.free(extra))
+                    free = port.free(extra)
+                    if extra and free < _top_up(port):
+                        continue  # (its CPUs all have their next job: topped up later)
+                    self._fill(port, free)
             for port in [port for port in open_ports if port.free(ahead) <= 0]:
                 del open_ports[port]  # full (or not ready, draining): back as jobs end
         if self._stranded is None and any(client.stranded() for client in active):
