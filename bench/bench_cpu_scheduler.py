@@ -3,7 +3,8 @@
     python bench/bench_cpu_scheduler.py [--nodes 1] [--cpus 4] [--jobs 400]
                                         [--seconds 0.05] [--nodes-list] [REV ...]
     python bench/bench_cpu_scheduler.py --only nodes [scheduler] [client] [...]
-    python bench/bench_cpu_scheduler.py --profile [...]
+    python bench/bench_cpu_scheduler.py --profile [--profile-sort ncalls] [...]
+    python bench/bench_cpu_scheduler.py --keep DIR [...]
 
 For each REV (a git revision; default: the working tree only; exported as
 bench/bench_cpu_per_job.py does) ``--nodes`` ``dpool-node``s (``--cpus``
@@ -26,7 +27,9 @@ for the run.  ``--only``: only those parts under valgrind (the others, and
 the zygotes and workers, run at full speed: quicker, and the node's or the
 scheduler's loop sees messages nearer their real pace).  ``--profile``: no
 valgrind, one run of ``--jobs``, and the cProfile of the scheduler and of
-the first node printed.
+the first node printed.  ``--keep DIR``: each run's callgrind files are
+copied to DIR/<jobs>/ (``callgrind_annotate`` on the two runs' node files,
+subtracted, is where a node's instructions per job go).
 """
 import argparse
 import glob
@@ -88,6 +91,8 @@ print("done", flush=True)
 
 
 PROFILE = False  # --profile: cProfile instead of valgrind
+PROFILE_SORT, PROFILE_LINES = "tottime", 25  # --profile-sort, --profile-lines
+KEEP = None  # --keep DIR: the callgrind output files of each run are copied there
 ONLY = ()  # --only: the parts run under valgrind (the others natively, at full speed)
 
 
@@ -166,6 +171,8 @@ def one_run(tree, args, jobs):
         if PROFILE:
             show_profiles(out_dir)
             return {}
+        if KEEP:
+            _keep(out_dir, jobs)
         # (the workers are SIGKILLed when their node stops: they leave no
         # counts; the zygotes' are counted, as "zygotes")
         parts = {"client": 0, "scheduler": 0, "nodes": 0, "zygotes": 0}
@@ -178,6 +185,16 @@ def one_run(tree, args, jobs):
         return parts
 
 
+def _keep(out_dir, jobs):
+    """Copy a run's callgrind files to KEEP/<jobs>/ (for callgrind_annotate)."""
+    import shutil
+
+    dest = os.path.join(KEEP, str(jobs))
+    os.makedirs(dest, exist_ok=True)
+    for path in glob.glob(os.path.join(out_dir, "*.[0-9]*")):
+        shutil.copy(path, dest)
+
+
 def show_profiles(out_dir):
     import pstats
 
@@ -185,7 +202,7 @@ def show_profiles(out_dir):
         path = os.path.join(out_dir, f"{name}.prof")
         if os.path.exists(path):
             print(f"==== {name}")
-            pstats.Stats(path).sort_stats("tottime").print_stats(25)
+            pstats.Stats(path).sort_stats(PROFILE_SORT).print_stats(PROFILE_LINES)
 
 
 def per_job(tree, args):
@@ -205,14 +222,21 @@ def main():
     ap.add_argument("--only", nargs="+", choices=("client", "scheduler", "nodes"),
                     help="run only these parts under valgrind, the others natively: "
                          "quicker, and the timing nearer a real run's (without the zygotes)")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="copy each run's callgrind files to DIR/<jobs>/ (callgrind_annotate "
+                         "--inclusive=yes on the node's shows where its CPU goes)")
     ap.add_argument("--profile", action="store_true",
                     help="no valgrind: print each daemon's cProfile (one run of --jobs)")
+    ap.add_argument("--profile-sort", default="tottime",
+                    help="the profile's order (pstats: tottime, ncalls, cumtime...)")
+    ap.add_argument("--profile-lines", type=int, default=25)
     args = ap.parse_args()
-    global ONLY
+    global ONLY, KEEP
     ONLY = tuple(args.only or ())
+    KEEP = args.keep and os.path.abspath(args.keep)
     if args.profile:
-        global PROFILE
-        PROFILE = True
+        global PROFILE, PROFILE_SORT, PROFILE_LINES
+        PROFILE, PROFILE_SORT, PROFILE_LINES = True, args.profile_sort, args.profile_lines
         return one_run(ROOT_TREE, args, args.jobs)
     with tempfile.TemporaryDirectory() as tmp:
         trees = [export(rev, tmp) for rev in args.revs]
