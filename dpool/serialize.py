@@ -41,8 +41,6 @@ import types
 import concurrent.futures.process as _cf_process
 import multiprocessing.pool as _mp_pool
 
-import cloudpickle
-
 from dpool.errors import RemoteError
 
 __all__ = [
@@ -237,7 +235,21 @@ def _swap_items(obj, t, depth, budget):
 # --------------------------------------------------------------------------
 # Pickling by value (cloudpickle) only where needed
 
+def _cloudpickle():
+    """cloudpickle, imported by the first definition pickled by value (most
+    programs' pools never need it: importing it costs a fresh process's first
+    pool ~10% of its start-up, issue 13)."""
+    import cloudpickle
+
+    return cloudpickle
+
+
 def _registered_by_value(module_name):
+    # (a module registered by value was registered with cloudpickle: none
+    # while it is not imported)
+    cloudpickle = sys.modules.get("cloudpickle")
+    if cloudpickle is None:
+        return False
     try:
         registry = cloudpickle.list_registry_pickle_by_value()
     except AttributeError:  # pragma: no cover - very old cloudpickle
@@ -276,7 +288,7 @@ def _by_value(obj):
 
 
 def _cloudpickle_reduce(obj):
-    return pickle.loads, (cloudpickle.dumps(obj, protocol=PROTOCOL),)
+    return pickle.loads, (_cloudpickle().dumps(obj, protocol=PROTOCOL),)
 
 
 class _Pickler(pickle.Pickler):
@@ -347,7 +359,7 @@ def _pickle(obj, frames, callback):
         # Last resort: whatever cloudpickle can do that plain pickle can't.
         del frames[1:]
         try:
-            stream = cloudpickle.dumps(obj, protocol=PROTOCOL,
+            stream = _cloudpickle().dumps(obj, protocol=PROTOCOL,
                                        buffer_callback=callback)
         except Exception:
             # The pickler's own exception, as the stdlib's pools raise it
@@ -407,7 +419,7 @@ def loads(frames):
 
 def runtime_versions():
     """What a peer's pickles depend on, for the hello (see transport.auth)."""
-    return {"python": "%d.%d" % sys.version_info[:2], "cloudpickle": cloudpickle.__version__}
+    return {"python": "%d.%d" % sys.version_info[:2], "cloudpickle": _cloudpickle().__version__}
 
 
 def dumps_function(fn):

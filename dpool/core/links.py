@@ -198,7 +198,7 @@ class Links:
         try:
             async with asyncio.timeout(timeout):
                 link.conn = await connect(host, port, secret=owner.secret or b"",
-                                          hello=client_hello(), ssl=owner.ssl, timeout=timeout)
+                                          hello=client_hello, ssl=owner.ssl, timeout=timeout)
                 await self.open_session(link)
             self._busy_given_up.discard(address)
         except (OSError, DpoolError, TimeoutError) as exc:

@@ -15,6 +15,7 @@ def _fork_zygote():
     A loop thread joined just now (the previous client's, closed right
     before this one starts) ends in the kernel a moment after its join
     returns: waited for, briefly, so that it does not count as a thread."""
+    from ..node import platforminfo
     from ..node.zygote import Zygote
 
     if _ending_threads and threading.active_count() == 1:
@@ -25,7 +26,9 @@ def _fork_zygote():
             if not _ending_threads or time.monotonic() > deadline:
                 break
             time.sleep(0.0005)
-    return Zygote.fork()
+    zygote = Zygote.fork()
+    platforminfo.start()  # (its subprocess runs meanwhile: see platforminfo)
+    return zygote
 
 
 class LoopThread:

@@ -11,7 +11,6 @@ Errors (a missing file, an object that is none of these, a module without a
 source file) raise here, in the user's thread, when the cluster is created
 or the job submitted.
 """
-import inspect
 import os
 import stat
 
@@ -56,6 +55,8 @@ def module_entry(module):
 
 def collect(depends, cwd=None):
     """Split ``depends`` into ([FileEntry], {name: function or class})."""
+    import inspect  # (not with the module: a pool's start-up imports it, issue 13)
+
     if isinstance(depends, (str, bytes)) or not isinstance(depends, (list, tuple)):
         raise TypeError("depends must be a list (of file paths, modules, functions, classes)")
     files, names = [], {}

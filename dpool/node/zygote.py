@@ -84,6 +84,11 @@ def _run(ctl, parent):
         os._exit(0)
     reaper.set_subreaper()  # a dead worker's leftovers come to us, to be killed
     from . import worker  # noqa: F401  (preloaded so every fork has it)
+    # and cloudpickle, which a job's function pickled by value (one from
+    # ``__main__``, a lambda) needs: a client imports it only when it pickles
+    # such a function (dpool.serialize), after it forked this zygote, which
+    # imports it here, off the client's path, for all its workers
+    import cloudpickle  # noqa: F401
 
     _serve(ctl)
 

@@ -259,6 +259,18 @@ def import_crypto() -> None:
     import cryptography.hazmat.primitives.kdf.hkdf  # noqa: F401
 
 
+def _import_crypto_meanwhile() -> None:
+    """A fresh client's first sealed connection imports cryptography (~10 ms)
+    while its thread stretches the secret (scrypt releases the GIL), rather
+    than after (issue 13: a fresh process's first pool via a node).  A
+    missing cryptography raises where it did, in :func:`derive_keys`."""
+    try:
+        import_crypto()
+        import cryptography.hazmat.primitives.hashes  # noqa: F401  (derive_keys')
+    except ImportError:
+        pass
+
+
 def derive_keys(key: bytes, transcript: bytes, *, server: bool) -> Keys:
     """Per-connection record keys from the stretched key and both nonces."""
     from cryptography.hazmat.primitives import hashes  # (see records._aesgcm)
@@ -371,7 +383,12 @@ async def client_handshake(conn: Connection, secret: bytes, hello: Hello, *,
     # connections meanwhile.  A client meeting many nodes (each its own salt)
     # stretches for them in turn; a node whose deadline passed meanwhile is
     # met again by connect() with the key cached (StretchedTooLate).
-    key, fresh = await asyncio.to_thread(stretch_in_turn, secret, challenge.salt)
+    stretching = asyncio.get_running_loop().run_in_executor(None, stretch_in_turn, secret,
+                                                            challenge.salt)  # (started now)
+    mine = own_hello(hello)  # (meanwhile too: it may import what it names)
+    if challenge.protect:
+        _import_crypto_meanwhile()
+    key, fresh = await stretching
     try:
         check_proof(key, b"S", transcript, await _read(conn, PROOF_SIZE))
         conn._write_raw(prove(key, b"C", transcript))
@@ -384,7 +401,7 @@ async def client_handshake(conn: Connection, secret: bytes, hello: Hello, *,
         raise
     conn._start_framing(derive_keys(key, transcript, server=False)
                         if challenge.protect else None)
-    return await _exchange_hello(conn, own_hello(hello), client=True)
+    return await _exchange_hello(conn, mine, client=True)
 
 
 async def _exchange_hello(conn: Connection, mine: dict[str, Any], client: bool) -> dict[str, Any]:

@@ -143,9 +143,20 @@ async def _speaks_plain_dpool(loop: asyncio.AbstractEventLoop,
     return first == MAGIC[:1]
 
 
+def _numeric(host: str, port: int) -> list | None:
+    """getaddrinfo's answer for a numeric address, at once (no resolver
+    thread; as bytes, without the idna codec's import: a fresh client's first
+    connection, issue 13); None for a name."""
+    try:
+        return socket.getaddrinfo(host.encode("ascii") if isinstance(host, str) else host,
+                                  port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except (UnicodeError, OSError, TypeError):
+        return None
+
+
 async def _connect_socket(loop: asyncio.AbstractEventLoop, host: str,
                           port: int) -> socket.socket:
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = _numeric(host, port) or await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     errors: list[OSError] = []
     for family, type_, proto, _, addr in infos:
         sock = socket.socket(family, type_, proto)

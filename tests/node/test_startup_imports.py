@@ -16,17 +16,61 @@ import sys
 from dpool.futures import Executor
 with Executor(1) as ex:
     assert ex.submit(abs, -3).result() == 3
-print(sorted(m for m in ("psutil", "cryptography") if m in sys.modules))
+print(sorted(m for m in ("psutil", "cryptography", "cloudpickle") if m in sys.modules))
 """
 
 
-def test_a_local_pool_loads_neither_psutil_nor_cryptography():
+def _loaded(code):
+    """The last line a fresh interpreter running ``code`` prints."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    out = subprocess.run([sys.executable, "-c", FIRST_POOL], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[-2] == "[]"
+    return out.stdout.split("\n")[-2]
+
+
+def test_a_local_pool_loads_neither_psutil_nor_cryptography_nor_cloudpickle():
+    """(cloudpickle: only a function pickled by value needs it, see below)"""
+    assert _loaded(FIRST_POOL) == "[]"
+
+
+@pytest.mark.parametrize("api", ["import dpool.futures", "import dpool.pool",
+                                 "import dpool as dispy; dispy.JobCluster"])
+def test_importing_an_api_does_not_import_cloudpickle(api):
+    assert _loaded(f"import sys; {api}; print('cloudpickle' in sys.modules)") == "False"
+
+
+BY_VALUE = """
+import sys
+from dpool.futures import Executor
+with Executor(1) as ex:
+    before = "cloudpickle" in sys.modules
+    assert ex.submit(lambda x: -x, 3).result() == -3
+print(before, "cloudpickle" in sys.modules)
+"""
+
+
+def test_a_function_pickled_by_value_imports_cloudpickle_when_sent():
+    """A lambda (a __main__ function) goes by value: cloudpickle is imported
+    then, and the worker (forked from a zygote that preloads it) loads it."""
+    assert _loaded(BY_VALUE) == "False True"
+
+
+FIRST_NODE_POOL = """
+import sys
+from dpool.futures import Executor
+with Executor(1, nodes=[{address!r}], secret={secret!r}) as ex:
+    assert ex.submit(abs, -3).result() == 3
+print(sorted(m for m in ("psutil", "encodings.idna") if m in sys.modules))
+"""
+
+
+def test_a_pool_via_a_node_at_a_numeric_address_needs_no_resolver(dpool_node, node_secret):
+    """127.0.0.1 is connected to without a getaddrinfo in a thread (whose
+    host name encoding imports the idna codec)."""
+    code = FIRST_NODE_POOL.format(address=tuple(dpool_node.address), secret=node_secret)
+    assert _loaded(code) == "[]"
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux /proc")

@@ -24,7 +24,6 @@ names and names with ``..`` are refused (:func:`jobenv.safe_path`).
 import asyncio
 import logging
 import os
-import platform
 
 from ... import protocol as P
 from ... import serialize
@@ -32,6 +31,7 @@ from ...errors import WorkerLost
 from ...transport import wrap_socket
 from .job import safe_path
 from ..files import private_dir, write_private
+from .. import platforminfo
 from ..zygote import describe_exit
 
 log = logging.getLogger("dpool.node")
@@ -49,7 +49,7 @@ def avail_info(path=None):
             info = _avail_from_psutil(path)
     except OSError:  # e.g. the folder is gone, or /proc is not readable here
         return None
-    info["platform"] = platform.platform()
+    info["platform"] = platforminfo.get()
     return info
 
 
