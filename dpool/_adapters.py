@@ -5,11 +5,9 @@ import os
 
 from . import config
 from .core.client import Client, tls_context
-from .core import discover
-from .core.discover import is_pattern
 from .dispy.depends import code_files, file_messages
 from .dispy.env import JobEnv
-from .hosts import parse_address
+from .hosts import is_pattern, parse_address
 
 NODES_ENV = "DPOOL_NODES"
 
@@ -53,6 +51,8 @@ def discovery_for(patterns, secret):
     """The client's discovery settings for ``patterns`` (None if there are none)."""
     if not patterns:
         return None
+    from .core import discover  # (UDP discovery: imported by those that use it)
+
     return discover.settings(patterns, secret, patterns[0][1])
 
 

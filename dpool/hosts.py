@@ -8,7 +8,15 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-__all__ = ["is_loopback", "parse_address"]
+__all__ = ["is_loopback", "is_pattern", "parse_address"]
+
+#: A node address with one of these is a pattern for discovery (``*``, ``10.77.*``).
+PATTERN_CHARS = "*?["
+
+
+def is_pattern(host: str) -> bool:
+    """Whether ``host`` is a pattern (see :mod:`dpool.core.discover`), not an address."""
+    return any(c in host for c in PATTERN_CHARS)
 
 
 def _ip_is_loopback(text: str) -> bool:

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ..hosts import parse_address
+from ..hosts import PATTERN_CHARS, is_pattern, parse_address  # noqa: F401 (API)
 from ..transport import discovery as D
 from ..transport import udp
 
@@ -45,16 +45,11 @@ MAX_FOUND = 4096
 #: is found anew).
 FORGET_AFTER = 600.0
 
-PATTERN_CHARS = "*?["
 #: Comma-separated addresses to ping instead of every interface's broadcast
 #: address (a subnet's broadcast address, or hosts across a router).
 TARGETS_ENV = "DPOOL_DISCOVER_TO"
 #: The UDP port announcements go to and clients listen on (default 51351).
 ANNOUNCE_PORT_ENV = "DPOOL_ANNOUNCE_PORT"
-
-
-def is_pattern(host: str) -> bool:
-    return any(c in host for c in PATTERN_CHARS)
 
 
 @dataclass
