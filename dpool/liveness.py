@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from .records import Value
 
 HEARTBEAT_ENV = "DPOOL_HEARTBEAT"  # "interval,deadline" in seconds
 CONNECT_TIMEOUT_ENV = "DPOOL_CONNECT_TIMEOUT"
@@ -29,14 +29,15 @@ SEND = "send"  # time to send a heartbeat
 LOST = "lost"  # the peer was silent past the deadline
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(Value):
     """How often to send heartbeats and how much silence means "lost"."""
 
-    interval: float = HEARTBEAT_INTERVAL
-    deadline: float = HEARTBEAT_DEADLINE
+    __slots__ = _fields = ("interval", "deadline")
 
-    def __post_init__(self):
+    def __init__(self, interval: float = HEARTBEAT_INTERVAL,
+                 deadline: float = HEARTBEAT_DEADLINE) -> None:
+        self.interval = interval
+        self.deadline = deadline
         if not MIN_INTERVAL <= self.interval <= MAX_DEADLINE:
             raise ValueError(f"heartbeat interval {self.interval!r} s: must be "
                              f"{MIN_INTERVAL} to {MAX_DEADLINE} s")

@@ -39,43 +39,54 @@ import collections
 import heapq
 import itertools
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
-
 from ..errors import NodeLost
+from ..records import Record, Value
 
 #: A node as the driver names it (the client uses its link objects).
 Node = Hashable
 JobId = int
 
 
-@dataclass(slots=True)  # not frozen: made once per batch sent, and frozen costs 3x
-class Send:
-    node: Node
-    jobs: list[JobId]
+# (records, not dataclasses: see dpool.records)
+
+class Send(Record):
+    __slots__ = _fields = ("node", "jobs")
+
+    def __init__(self, node: Node, jobs: list[JobId]) -> None:
+        self.node = node
+        self.jobs = jobs
 
 
-@dataclass(frozen=True)
-class Fail:
-    job: JobId
-    error: BaseException
+class Fail(Value):
+    __slots__ = _fields = ("job", "error")
+
+    def __init__(self, job: JobId, error: BaseException) -> None:
+        self.job = job
+        self.error = error
 
 
-@dataclass(frozen=True)
-class CancelRemote:
-    node: Node
-    jobs: list[JobId]
+class CancelRemote(Value):
+    __slots__ = _fields = ("node", "jobs")
+
+    def __init__(self, node: Node, jobs: list[JobId]) -> None:
+        self.node = node
+        self.jobs = jobs
 
 
-@dataclass(frozen=True)
-class Cancelled:
-    job: JobId
+class Cancelled(Value):
+    __slots__ = _fields = ("job",)
+
+    def __init__(self, job: JobId) -> None:
+        self.job = job
 
 
-@dataclass(frozen=True)
-class Reclaim:
+class Reclaim(Value):
     """Ask ``node`` to give back up to ``count`` jobs it has not started."""
-    node: Node
-    count: int
+    __slots__ = _fields = ("node", "count")
+
+    def __init__(self, node: Node, count: int) -> None:
+        self.node = node
+        self.count = count
 
 
 Action = Send | Fail | CancelRemote | Cancelled | Reclaim
@@ -86,23 +97,28 @@ Action = Send | Fail | CancelRemote | Cancelled | Reclaim
 RECLAIM_MIN = 0.01
 
 
-@dataclass(slots=True)
-class NodeState:
-    cpus: int
-    inflight: set[JobId] = field(default_factory=set)
-    ema: float | None = None  # moving average of job durations on this node
-    done: int = 0
-    # Jobs a Reclaim asked back: no other Reclaim goes to this node until the
-    # answer gives them all back, or (a shorter answer) a job ends here.
-    reclaiming: int = 0
-    draining: bool = False  # stopping: no new jobs
-    depth: int = 2  # jobs per CPU held, before the read-ahead (see limit)
-    # Kept by the Scheduler's indexes (see Scheduler._sync): the node's place
-    # in add order, its free CPUs as last counted, and those of its valid
-    # entry in the free-CPU heap (0: none).
-    seq: int = 0
-    free_seen: int = 0
-    heap_free: int = 0
+class NodeState(Record):
+    __slots__ = _fields = ("cpus", "inflight", "ema", "done", "reclaiming", "draining", "depth",
+                           "seq", "free_seen", "heap_free")
+
+    def __init__(self, cpus: int, inflight: set[JobId] | None = None, ema: float | None = None,
+                 done: int = 0, reclaiming: int = 0, draining: bool = False, depth: int = 2,
+                 seq: int = 0, free_seen: int = 0, heap_free: int = 0) -> None:
+        self.cpus = cpus
+        self.inflight = set() if inflight is None else inflight
+        self.ema = ema  # moving average of job durations on this node
+        self.done = done
+        # Jobs a Reclaim asked back: no other Reclaim goes to this node until the
+        # answer gives them all back, or (a shorter answer) a job ends here.
+        self.reclaiming = reclaiming
+        self.draining = draining  # stopping: no new jobs
+        self.depth = depth  # jobs per CPU held, before the read-ahead (see limit)
+        # Kept by the Scheduler's indexes (see Scheduler._sync): the node's place
+        # in add order, its free CPUs as last counted, and those of its valid
+        # entry in the free-CPU heap (0: none).
+        self.seq = seq
+        self.free_seen = free_seen
+        self.heap_free = heap_free
 
     def limit(self) -> int:
         """Jobs this node may hold: two per CPU (the next job is always there
@@ -131,14 +147,17 @@ class NodeState:
         return max(0, len(self.inflight) - self.cpus)
 
 
-@dataclass(slots=True)
-class _Job:
-    node: Node | None = None  # where it runs, None while queued
-    pin: Node | None = None  # the only node it may run on
-    tries: int = 0  # dispatches (the attempt number of the latest)
-    returned: int = 0  # dispatches given back unstarted: not retries
-    cancelling: bool = False  # a cancel was sent to its node
-    adopted: bool = False  # taken over on its node: its attempt is not known
+class _Job(Record):
+    __slots__ = _fields = ("node", "pin", "tries", "returned", "cancelling", "adopted")
+
+    def __init__(self, node: Node | None = None, pin: Node | None = None, tries: int = 0,
+                 returned: int = 0, cancelling: bool = False, adopted: bool = False) -> None:
+        self.node = node  # where it runs, None while queued
+        self.pin = pin  # the only node it may run on
+        self.tries = tries  # dispatches (the attempt number of the latest)
+        self.returned = returned  # dispatches given back unstarted: not retries
+        self.cancelling = cancelling  # a cancel was sent to its node
+        self.adopted = adopted  # taken over on its node: its attempt is not known
 
 
 class _Queued(_Job):

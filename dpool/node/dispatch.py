@@ -41,11 +41,11 @@ Policies:
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import WorkerLost
 from ..protocol import Outcome
+from ..records import Fields, Value
 
 SHORT_JOB = 0.002  # seconds: below this a worker gets several jobs at once
 MAX_DEPTH = 32
@@ -63,57 +63,75 @@ PREFETCH_JOB = 0.1
 _BACK, _GHOST, _CANCEL = "back", "ghost", "cancel"
 
 
-@dataclass(eq=False)
-class Worker:
-    """What the dispatcher knows of one worker process."""
+class Worker(Fields):
+    """What the dispatcher knows of one worker process (records, not
+    dataclasses: see dpool.records)."""
 
-    pid: int = 0
-    tasks_left: int | None = None  # jobs it will still run (max_tasks), None: no limit
-    outstanding: collections.deque = field(default_factory=collections.deque)  # ids; [0] runs
-    fns: set = field(default_factory=set)  # function ids it has loaded
-    dead: bool = False
-    killing: Any = None  # the job id whose cancel killed it
+    _fields = ("pid", "tasks_left", "outstanding", "fns", "dead", "killing")
+
+    def __init__(self, pid: int = 0, tasks_left: int | None = None,
+                 outstanding: collections.deque | None = None, fns: set | None = None,
+                 dead: bool = False, killing: Any = None) -> None:
+        self.pid = pid
+        self.tasks_left = tasks_left  # jobs it will still run (max_tasks), None: no limit
+        # the ids of its jobs ([0] runs)
+        self.outstanding = collections.deque() if outstanding is None else outstanding
+        self.fns = set() if fns is None else fns  # function ids it has loaded
+        self.dead = dead
+        self.killing = killing  # the job id whose cancel killed it
 
 
 # ------------------------------------------------------------------- actions
 
-@dataclass(frozen=True)
-class LoadFunction:
-    worker: Worker
-    fn_id: Any
+class LoadFunction(Value):
+    __slots__ = _fields = ("worker", "fn_id")
+
+    def __init__(self, worker: Worker, fn_id: Any) -> None:
+        self.worker = worker
+        self.fn_id = fn_id
 
 
-@dataclass(frozen=True)
-class Run:
-    worker: Worker
-    jobs: list  # the queued jobs (RunItem, payload frames), in order
+class Run(Value):
+    __slots__ = _fields = ("worker", "jobs")
+
+    def __init__(self, worker: Worker, jobs: list) -> None:
+        self.worker = worker
+        self.jobs = jobs  # the queued jobs (RunItem, payload frames), in order
 
 
-@dataclass(frozen=True)
-class Report:
+class Report(Value):
     """An outcome the node makes up itself (no result from a worker)."""
-    job_id: Any
-    outcome: Outcome
-    error: BaseException | None = None
+    __slots__ = _fields = ("job_id", "outcome", "error")
+
+    def __init__(self, job_id: Any, outcome: Outcome, error: BaseException | None = None) -> None:
+        self.job_id = job_id
+        self.outcome = outcome
+        self.error = error
 
 
-@dataclass(frozen=True)
-class Revoke:
+class Revoke(Value):
     """Ask ``worker`` not to start these jobs, which wait in it behind the
     one it runs (it answers with those it dropped: Dispatcher.revoked)."""
-    worker: Worker
-    job_ids: list
+    __slots__ = _fields = ("worker", "job_ids")
+
+    def __init__(self, worker: Worker, job_ids: list) -> None:
+        self.worker = worker
+        self.job_ids = job_ids
 
 
-@dataclass(frozen=True)
-class Kill:
-    worker: Worker
+class Kill(Value):
+    __slots__ = _fields = ("worker",)
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
 
 
-@dataclass(frozen=True)
-class Forget:
-    worker: Worker
-    fn_ids: list
+class Forget(Value):
+    __slots__ = _fields = ("worker", "fn_ids")
+
+    def __init__(self, worker: Worker, fn_ids: list) -> None:
+        self.worker = worker
+        self.fn_ids = fn_ids
 
 
 class Dispatcher:

@@ -81,10 +81,10 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dpool.errors import AuthenticationError, ConnectionClosed, ProtocolError, VersionMismatch
+from dpool.records import Value
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -176,25 +176,29 @@ def _check_magic(msg: bytes, what: str) -> None:
 
 # -- pure steps --------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Challenge:
+class Challenge(Value):
     """Step 1 as the client reads it."""
 
-    raw: bytes
-    flags: int
-    salt: bytes
+    __slots__ = _fields = ("raw", "flags", "salt")
+
+    def __init__(self, raw: bytes, flags: int, salt: bytes) -> None:
+        self.raw = raw
+        self.flags = flags
+        self.salt = salt
 
     @property
     def protect(self) -> bool:
         return bool(self.flags & PROTECT)
 
 
-@dataclass(frozen=True)
-class Keys:
+class Keys(Value):
     """Per-connection record keys, one for each direction."""
 
-    send: bytes
-    recv: bytes
+    __slots__ = _fields = ("send", "recv")
+
+    def __init__(self, send: bytes, recv: bytes) -> None:
+        self.send = send
+        self.recv = recv
 
 
 def make_challenge(salt: bytes = PROCESS_SALT, protect: bool = True) -> bytes:

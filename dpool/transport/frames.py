@@ -43,10 +43,10 @@ import functools
 import os
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dpool.errors import ProtocolError
+from dpool.records import Record
 
 from . import inplace, spool
 
@@ -124,13 +124,16 @@ _COUNT = struct.Struct("<I")
 _unpack_count = _COUNT.unpack_from
 
 
-@dataclass
-class Limits:
+class Limits(Record):
     """Upper bounds on what a peer may declare; checked before allocating."""
 
-    max_frames: int = 65536
-    max_frame_bytes: int = 4 * 2**30
-    max_message_bytes: int = 8 * 2**30
+    _fields = ("max_frames", "max_frame_bytes", "max_message_bytes")
+
+    def __init__(self, max_frames: int = 65536, max_frame_bytes: int = 4 * 2**30,
+                 max_message_bytes: int = 8 * 2**30) -> None:
+        self.max_frames = max_frames
+        self.max_frame_bytes = max_frame_bytes
+        self.max_message_bytes = max_message_bytes
 
 
 @functools.lru_cache(maxsize=256)
