@@ -4,6 +4,7 @@ and the 1M-int maps of issue 13.
 
     python bench/bench_queues.py [--sizes 10000 100000 1000000] [--reps N] [--no-node] [--no-map]
                                  [--apis Executor.submit Pool.apply_async JobCluster.submit]
+                                 [--tree DIR]
 
 Each cell runs in a fresh Python process (so one cell's heap does not count
 against the next), with a pool of 2 workers created and warmed up (one task)
@@ -185,9 +186,11 @@ def _child(args, env):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def start_node(env):
+def start_node(env, tree=ROOT):
+    # (in ``tree``: ``-m`` puts the working directory first on sys.path)
     proc = subprocess.Popen([sys.executable, "-m", "dpool.daemons.node", "--port", "0",
-                             "--cpus", str(CPUS)], stdout=subprocess.PIPE, env=env, text=True)
+                             "--cpus", str(CPUS)], stdout=subprocess.PIPE, env=env, text=True,
+                            cwd=tree)
     line = proc.stdout.readline()
     return proc, int(line.split(" on ")[1].split()[0].rsplit(":", 1)[1])
 
@@ -274,6 +277,9 @@ def main():
                    help="pairs per cell (default: 9 at 10k, 3 at 100k, 1 at 1M; see reps_for)")
     p.add_argument("--apis", nargs="+", choices=APIS, default=APIS,
                    help="the dpool APIs to measure (mp.Pool.apply_async always runs)")
+    p.add_argument("--tree", default=ROOT,
+                   help="the dpool source tree the cells and the node run (default: this "
+                        "repository's): an old tree exported beside a new one for an A/B")
     p.add_argument("--no-node", action="store_true")
     p.add_argument("--no-map", action="store_true")
     p.add_argument("--no-queues", action="store_true")
@@ -286,9 +292,10 @@ def main():
         return map_cell(args.map_cell[0], int(args.map_cell[1]), 3)
     print("command: python bench/bench_queues.py " + " ".join(sys.argv[1:]))
     print("load before:", os.getloadavg())
+    path = os.pathsep.join(x for x in (args.tree, os.environ.get("PYTHONPATH")) if x)
     env = dict(os.environ, DPOOL_SECRET=os.urandom(16).hex(), DPOOL_HOME=tempfile.mkdtemp(),
-               PYTHONPATH=os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH")) if x))
-    node = None if args.no_node or args.no_queues else start_node(env)
+               PYTHONPATH=path)
+    node = None if args.no_node or args.no_queues else start_node(env, args.tree)
     try:
         if not args.no_queues:
             queue_table(args, env, node and node[1], node and node[0].pid)
