@@ -279,9 +279,25 @@ class _Results(itertools.chain):
 def _tracked(chunks, current):
     """The chunks as iterators, the one being read kept in ``current[0]``."""
     for chunk in chunks:
-        current[0] = it = iter(chunk)
+        current[0] = it = _draining(chunk)
         del chunk
         yield it
+
+
+#: The end of a chunk's results (see :func:`_draining`).
+_END = object()
+
+
+def _draining(chunk):
+    """An iterator over a chunk's results (a list, of this map's own) that
+    lets go of each result as it is taken, as the stdlib's map does: no
+    reference to a result the consumer has dropped stays behind.  (C calls
+    only: the list reversed, popped until the end marker.)"""
+    if type(chunk) is not list:
+        return iter(chunk)
+    chunk.append(_END)
+    chunk.reverse()
+    return iter(chunk.pop, _END)
 
 
 def _buffered_results(futures, end_time, refill, bar):

@@ -30,7 +30,10 @@ def outcome_of(outcome, payload):
             if len(payload) == 1:
                 return FINISHED, _loads(payload[0]), None
             return FINISHED, serialize.loads(payload), None
-        except Exception as exc:  # e.g. the result's class is not importable here
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # e.g. the result's class is not importable
+            # here, or its __reduce__ calls sys.exit: the job's error either way
             return TERMINATED, None, exc
     if outcome == _CANCELLED:
         return CANCELLED, None, JobCancelled("job cancelled before it ran")

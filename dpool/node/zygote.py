@@ -71,9 +71,19 @@ def _link_pair():
 
 # ---------------------------------------------------------------- zygote side
 
+#: The parent's ``multiprocessing`` authkey, for a zygote started as a fresh
+#: interpreter (as ``spawn`` hands it to its children).
+_AUTHKEY_ENV = "DPOOL_MP_AUTHKEY"
+
+
 def main(argv=None):
     """The zygote started as a fresh interpreter (``subprocess``)."""
     argv = sys.argv[1:] if argv is None else argv
+    authkey = os.environ.pop(_AUTHKEY_ENV, None)  # (not in its workers' environment)
+    if authkey:
+        import multiprocessing.process as mpp
+
+        mpp.current_process().authkey = bytes.fromhex(authkey)
     _run(socket.socket(fileno=int(argv[0])), int(argv[1]))
 
 
@@ -221,6 +231,7 @@ def _serve_request(ctl, children):
         reaper.set_subreaper()  # what its jobs leave comes back to it
         from . import worker
 
+        _after_fork_as_multiprocessing()
         if msg == b"Z":
             _setup_process(*fds)
         worker.main(fds[0])
@@ -232,6 +243,15 @@ def _serve_request(ctl, children):
     except OSError:
         return False  # the node is gone (or closing): kill the children and exit
     return True
+
+
+def _after_fork_as_multiprocessing():
+    """Run ``multiprocessing``'s after-fork hooks, as its fork children do:
+    a Manager proxy's connection cached by the process forked from is
+    dropped (its socket is not this process's), locks are reset."""
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None:
+        util._run_after_forkers()
 
 
 def _setup_process(ctl_fd, data_fd):
@@ -328,6 +348,10 @@ class Zygote:
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        mpp = sys.modules.get("multiprocessing.process")
+        if mpp is not None:  # its workers get this process's authkey, as its
+            # multiprocessing children do (a Manager's proxies work in them)
+            env[_AUTHKEY_ENV] = mpp.current_process().authkey.hex()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from dpool.node.zygote import main; main()",
              str(theirs.fileno()), str(os.getpid())],
