@@ -39,10 +39,22 @@ __all__ = ["Executor"]
 _unclosed: "weakref.WeakSet[Executor]" = weakref.WeakSet()
 
 
+#: ``Executor._shutdown_thread`` of an executor the interpreter's exit closed.
+_AT_EXIT = "interpreter shutdown"
+
+
 def _finish_unclosed():
     for executor in list(_unclosed):
         if not executor._shutdown_thread and not executor._client.closed:
+            executor._shutdown_thread = _AT_EXIT
             executor._client.close()
+
+
+def _refuse(shutdown):
+    """The stdlib's error for a submit after ``shutdown()``, or after the
+    interpreter's exit began (an ``atexit`` function's submit)."""
+    when = _AT_EXIT if shutdown is _AT_EXIT else "shutdown"
+    return RuntimeError(f"cannot schedule new futures after {when}")
 
 
 threading._register_atexit(_finish_unclosed)  # (the stdlib's executors' hook)
@@ -123,7 +135,7 @@ class Executor(_cf.Executor):
     def submit(self, fn, /, *args, **kwargs):
         with self._shutdown_lock:
             if self._shutdown_thread:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+                raise _refuse(self._shutdown_thread)
             return self._client.submit(fn, args, kwargs, defer_errors=True).future
 
     submit.__doc__ = _cf.Executor.submit.__doc__
@@ -173,7 +185,7 @@ class Executor(_cf.Executor):
         futures, sizes = [], []
         with self._shutdown_lock:
             if self._shutdown_thread:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+                raise _refuse(self._shutdown_thread)
             try:
                 for chunk in itertools.islice(chunks, limit):
                     futures.append(submit(fn, chunk, star=mode, defer_errors=True).future)

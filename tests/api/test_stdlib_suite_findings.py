@@ -153,3 +153,38 @@ def test_map_keeps_no_reference_to_a_result_once_taken(nodes, chunksize, buffers
             assert ref() is None
             taken += 1
         assert taken == 7
+
+
+# ------------------------------------------------- submit at the exit
+
+AT_EXIT_CLIENT = """
+import atexit
+from dpool.futures import Executor
+
+@atexit.register
+def run_last():
+    try:
+        executor.submit(abs, -1)
+    except RuntimeError as exc:
+        print(exc)
+
+if __name__ == "__main__":
+    executor = Executor(1)
+    print(executor.submit(abs, -42).result())
+"""
+
+
+def test_a_submit_at_the_interpreters_exit_raises_the_stdlibs_error(tmp_path):
+    # CPython's test_submit_after_interpreter_shutdown: an atexit function's
+    # submit (after the executor was closed by the exit) said "the client is
+    # closed".
+    import os
+    import subprocess
+
+    script = tmp_path / "client.py"
+    script.write_text(AT_EXIT_CLIENT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "DPOOL_NODES": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "42", "cannot schedule new futures after interpreter shutdown"]
