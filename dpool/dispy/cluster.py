@@ -393,11 +393,13 @@ class JobCluster:
             args = (self._program_file, *(str(a) for a in args))
         if files:
             entries, names = collect(files)
-            if names:
-                raise TypeError("dispy_job_depends: functions and classes go in the "
-                                "cluster's depends; give files or modules here")
-            args, kwargs = (entries, self._cleanup_files, args, kwargs), {}
-            fn = jobenv.run_with_files
+            if names and self._program is not None:
+                raise TypeError("dispy_job_depends: a program computation takes files "
+                                "and modules, not functions or classes")
+            # (names, the job's functions and classes, only when there are
+            # some: what a node of the version before them understands)
+            args = (entries, self._cleanup_files, args, kwargs) + ((names,) if names else ())
+            fn, kwargs = jobenv.run_with_files, {}
         return fn, args, kwargs
 
     def cancel(self, job):

@@ -90,6 +90,17 @@ def dispy_send_file(path, relay=False, timeout=None):
 
 # ------------------------------------------------------- run by the cluster
 
+def _interpreter(path):
+    """What runs a program computation, as dispynode chooses it: a ``.py``
+    file by the node's Python, a ``.java`` file by java (source launch),
+    anything else as an executable."""
+    if path.endswith(".py"):
+        return [sys.executable]
+    if path.lower().endswith(".java"):
+        return ["java"]
+    return []
+
+
 def run_program(program, *args):
     """A program computation: run ``program`` with the job's arguments.
 
@@ -100,25 +111,38 @@ def run_program(program, *args):
     path = os.path.join(os.getcwd(), program)
     if not os.path.isfile(path):
         path = program
-    proc = subprocess.run([path, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run([*_interpreter(path), path, *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     sys.stdout.write(proc.stdout.decode(errors="replace"))
     sys.stderr.write(proc.stderr.decode(errors="replace"))
     return proc.returncode
 
 
-def run_with_files(files, cleanup, args, kwargs):
-    """A job with ``dispy_job_depends`` files: write them, run, remove them."""
+def run_with_files(files, cleanup, args, kwargs, names=None):
+    """A job with ``dispy_job_depends``: write its files and put its
+    functions and classes (``names``) in the computation's globals, run,
+    then remove them (the globals as they were before: dispy's are the
+    job's only)."""
     written = []
+    fn = _namespace["__dpool_computation__"]
+    scope = _globals_of(fn) if names else None
+    before = {} if scope is None else {k: scope[k] for k in names if k in scope}
     try:
         for name, mode, data in files:
             path = safe_path(os.getcwd(), name)
             write_private(path, data, mode)
             written.append(path)
-        fn = _namespace["__dpool_computation__"]
         _inject(fn)
+        if scope is not None:
+            scope.update(names)
         return fn(*args, **kwargs)
     finally:
+        if scope is not None:
+            for name in names:
+                if name in before:
+                    scope[name] = before[name]
+                else:
+                    scope.pop(name, None)
         if cleanup:
             for path in written:
                 try:

@@ -1,0 +1,50 @@
+"""Departures from dispy found by running dispy's own examples
+(py3/examples/*.py) against dpool: each test pins one fix, against a
+``dpool-node``.  docs/dispy-compatibility.md "dispy's examples" lists the run.
+"""
+
+import dpool as dispy
+from helpers import cluster_on
+
+
+def delegate(func_name, n):
+    """dispy's delegate.py: the job's function is one sent with the job."""
+    return globals()[func_name](n)
+
+
+def _made_here():
+    def triple(n):  # (not a name of this module: sent by value)
+        return ("triple", 3 * n)
+    return triple
+
+
+class Box:
+    def __init__(self, n):
+        self.n = n
+
+
+def test_dispy_job_depends_sends_functions_and_classes_for_that_job(dpool_node):
+    # delegate.py: submit(..., dispy_job_depends=[func]) raised TypeError.
+    with cluster_on(dpool_node, delegate) as cluster:
+        job = cluster.submit("triple", 14, dispy_job_depends=[_made_here()])
+        assert job(timeout=30) == ("triple", 42), job.exception
+        job = cluster.submit("Box", 5, dispy_job_depends=[Box])
+        assert job(timeout=30).n == 5, job.exception
+        # a name sent with one job is gone for the next (dispy: per job)
+        job = cluster.submit("triple", 1)
+        job(timeout=30)
+        assert job.status == dispy.DispyJob.Terminated and "KeyError" in str(job.exception)
+
+
+def test_a_python_program_computation_runs_with_the_nodes_python(dpool_node, tmp_path):
+    # node_update.py: its node_update_script.py (mode 644, as in dispy's
+    # repository) ended Terminated with PermissionError: dispynode runs a
+    # ".py" program with its own Python, not as an executable.
+    prog = tmp_path / "update.py"
+    prog.write_text("import sys\nprint('args', *sys.argv[1:])\nsys.exit(int(sys.argv[1]))\n")
+    prog.chmod(0o644)
+    with cluster_on(dpool_node, str(prog)) as cluster:
+        job = cluster.submit(3, "x")
+        assert job(timeout=30) == 3, job.exception
+        assert job.status == dispy.DispyJob.Finished
+        assert job.stdout == "args 3 x\n"
