@@ -32,7 +32,9 @@ import numbers
 import os
 import shutil
 import socket
+import threading
 import time
+import weakref
 
 from .. import config, liveness, serialize
 from ..core import client as core
@@ -60,6 +62,22 @@ CANCEL_GRACE = 5.0  # seconds a cancelled running job has to end after its Keybo
 CLOSE_CANCEL_WAIT = 0.4  # seconds close(terminate=True) waits for nodes to confirm cancels
 _DISPY_ONLY = {"host", "dispy_port", "ext_host", "ip_addr", "ext_ip_addr", "ipv4_udp_multicast",
                "ping_interval", "pulse_interval", "poll_interval", "reentrant", "recover_file"}
+
+
+# The callback threads of clusters not closed: when the program ends, the
+# callbacks already queued still run (as dispy's exit handler runs them: a
+# job's Finished after the wait() that let the program end), before the
+# interpreter stops its threads.  A forked child leaves its parent's alone.
+_open_callbacks: "weakref.WeakSet[CallbackThread]" = weakref.WeakSet()
+
+
+def _run_queued_callbacks():
+    for callbacks in list(_open_callbacks):
+        callbacks.stop(10)
+
+
+threading._register_atexit(_run_queued_callbacks)
+os.register_at_fork(after_in_child=_open_callbacks.clear)
 
 
 class JobCluster:
@@ -146,6 +164,8 @@ class JobCluster:
             self._recover = RecoverFile(default_name() if recover_file is True else recover_file,
                                         *tls_files)
         self._callbacks = CallbackThread() if (self.job_status or self.cluster_status) else None
+        if self._callbacks is not None:
+            _open_callbacks.add(self._callbacks)
         self._events = ClusterEvents(self.job_status, self.cluster_status, self._callbacks,
                                      self._job_finished, self._node_closed)
         self._nodes = self._events.nodes  # NodeLink -> DispyNode (initialized nodes)

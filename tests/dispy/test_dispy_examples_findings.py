@@ -48,3 +48,41 @@ def test_a_python_program_computation_runs_with_the_nodes_python(dpool_node, tmp
         assert job(timeout=30) == 3, job.exception
         assert job.status == dispy.DispyJob.Finished
         assert job.stdout == "args 3 x\n"
+
+
+UNCLOSED_CLIENT = """
+import sys, time
+import dpool as dispy
+
+def compute(x):
+    return x
+
+def status(job):
+    time.sleep(0.5)  # (still running when the main thread ends)
+    print("callback", job.result, flush=True)
+
+if __name__ == "__main__":
+    cluster = dispy.JobCluster(compute, nodes=[("127.0.0.1", {port})], secret={secret!r},
+                               job_status=status)
+    cluster.submit(7)
+    cluster.wait()
+    print("waited", flush=True)
+"""
+
+
+def test_callbacks_queued_when_the_program_ends_still_run(dpool_node, tmp_path):
+    # job_scheduler.py ends (without close) once wait() returns; dispy's
+    # exit handler runs the callbacks already queued (the last job's
+    # Finished), dpool's daemon callback thread died with them.
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "client.py"
+    secret = dpool_node.secret.decode() if isinstance(dpool_node.secret, bytes) \
+        else dpool_node.secret
+    script.write_text(UNCLOSED_CLIENT.format(port=dpool_node.port, secret=secret))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.splitlines()) == ["callback 7", "waited"], out.stderr
