@@ -135,6 +135,8 @@ def run_with_files(files, cleanup, args, kwargs, names=None):
         _inject(fn)
         if scope is not None:
             scope.update(names)
+            for value in names.values():  # (dispy's names in theirs too: as
+                _inject(value)            # dispynode, one namespace for all)
         return fn(*args, **kwargs)
     finally:
         if scope is not None:
