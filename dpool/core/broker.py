@@ -989,7 +989,8 @@ class Broker:
                     if extra and free < _top_up(port):
                         continue  # (its CPUs all have their next job: topped up later)
                     self._fill(port, free)
-            for port in [port for port in open_ports if port.free(ahead) <= 0]:
+            for port in [port for port in open_ports
+                         if port.free(ahead) < (_top_up(port) if ahead else 1)]:
                 del open_ports[port]  # full (or not ready, draining): back as jobs end
         if self._stranded is None and any(client.stranded() for client in active):
             self._stranded = asyncio.get_running_loop().call_later(self.deadline,

@@ -71,6 +71,16 @@ def test_jobs_ahead_are_topped_up_once_a_quarter_of_the_cpus_has_room():
     assert port.busy in (15, 16)
 
 
+def test_a_node_waiting_for_its_top_up_is_not_looked_at_again_until_a_job_ends_there():
+    """(Placement looks at the nodes that may have room only: a node one
+    job short of its jobs ahead leaves that set until a job ends there.)"""
+    port = FakePort(8)
+    broker = broker_with(port)
+    broker.place()
+    results(broker, port, 1)
+    assert port.busy == 15 and port not in broker.open_ports
+
+
 def test_a_free_cpu_is_filled_at_once():
     port = FakePort(8)
     broker = broker_with(port)
