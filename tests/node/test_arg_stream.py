@@ -62,8 +62,16 @@ def next_done(sock):
 
 
 def workers(node):
-    """The node's worker processes (its descendants but the zygote)."""
-    return [p for p in node.descendants() if p.ppid() != node.pid]
+    """The node's worker processes (its descendants but the zygote; one
+    gone between the two looks is not counted)."""
+    found = []
+    for p in node.descendants():
+        try:
+            if p.ppid() != node.pid:
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def held_by_workers(node):
