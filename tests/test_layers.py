@@ -2,7 +2,7 @@
 
 Bottom to top (a module may import its own layer and the ones below)::
 
-    errors, config, hosts
+    errors, config, hosts, records
     transport
     protocol, serialize, liveness
     node
@@ -27,7 +27,7 @@ import dpool
 ROOT = pathlib.Path(dpool.__file__).resolve().parent
 
 LAYERS = [
-    ("dpool.errors", "dpool.config", "dpool.hosts"),
+    ("dpool.errors", "dpool.config", "dpool.hosts", "dpool.records"),
     ("dpool.transport",),
     ("dpool.protocol", "dpool.serialize", "dpool.liveness"),
     ("dpool.node",),
