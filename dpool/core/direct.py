@@ -20,7 +20,9 @@
     which reports it WORKER_LOST exactly as for any job it gave a worker.
 
 One :class:`DirectLine` per client (embedded node only; Executor and Pool,
-not JobCluster, whose events run in the loop thread).  At most one thread
+and JobCluster without callbacks: its "done" event is taken in any
+thread, and a job that sends its session something first, a provisional
+result or a file, goes on as the session's job from there).  At most one thread
 reads the worker's socket at a time: ``owner`` says who (the lock guards it).
 """
 from __future__ import annotations
@@ -320,11 +322,11 @@ class DirectLine:
 
     def _readable(self) -> None:
         job = self.job
-        frames = self._read_some()
-        if frames is None:
+        messages = self._read_some()
+        if messages is None:
             return
         self._disarm()
-        self._end(job, frames)
+        self._end(job, messages)
 
     def _convert(self, job: Any, worker: Any, sock: Any) -> None:
         """(loop thread) The worker's socket ended under a direct call: the
@@ -348,8 +350,19 @@ class DirectLine:
 
     # --------------------------------------------------------------- common
 
-    def _end(self, job: Any, frames: Any) -> None:
-        """The owner has the answer (or the end of the socket)."""
+    def _end(self, job: Any, messages: Any) -> None:
+        """The owner has the answer (or the end of the socket, or what the
+        worker sends its session first: see _pass_on)."""
+        msg, frames = None, messages
+        if messages is not _EOF:
+            frames = messages[0]
+            try:
+                msg = P.decode(frames[0])
+            except Exception:  # (the answer's check reports it)
+                msg = None
+            if msg is not None and type(msg) is not P.Done:
+                self._pass_on(job, messages)
+                return
         lease: tuple[Any, Any] = (None, None)
         with self.lock:
             self.job = self.owner = None
@@ -367,7 +380,7 @@ class DirectLine:
             sock.close()
         client = self.client
         if frames is not _EOF:
-            client._direct_done(job, frames)
+            client._direct_done(job, frames, msg)
         elif closing:
             client._direct_failed(job, BrokenCluster("the client was closed"))
         elif not self._in_loop(self._convert, job, *lease):  # the client closed meanwhile
@@ -378,6 +391,51 @@ class DirectLine:
             return
         if not closing and (dead or client._unfinished or client._incoming):
             self._in_loop(self.reclaim)  # others are waiting for this CPU
+
+    def _pass_on(self, job: Any, messages: list[Any]) -> None:
+        """(the owner) The worker sent its session something before the
+        call's answer (JobCluster: dispy's provisional result, a file): the
+        call goes on as a job of the session's, which gets these messages
+        (a message begun read whole first), then the answer, as any job's."""
+        gone = self._read_whole(messages)
+        with self.lock:
+            self.job = self.owner = None
+            self.wanted = False
+            closing = self.closed
+            if closing:
+                worker, sock = None, self.sock
+                self.sock = None
+            else:
+                worker, sock = self._end_lease()
+        if not closing and self._in_loop(self._hand_over, job, worker, sock, messages, gone):
+            return
+        if sock is not None:
+            sock.close()
+        self.client._direct_failed(job, BrokenCluster("the client was closed"))
+
+    def _read_whole(self, messages: list[Any]) -> bool:
+        """(the owner) Read on until no message is read in part, adding
+        those read to ``messages``; True if the socket ended."""
+        decoder = self.decoder
+        while decoder is not None and decoder.partial:
+            self.poller.poll()
+            more = self._read_some()
+            if more is _EOF:
+                return True
+            if more:
+                messages.extend(more)
+        return False
+
+    def _hand_over(self, job: Any, worker: Any, sock: Any, messages: list[Any],
+                   gone: bool) -> None:
+        """(loop thread) The call is the session's job now (_pass_on)."""
+        self._disarm()
+        sock.close()
+        item = P.RunItem(job.id, job.fn_id, 0, 0, 1)
+        if self.client._direct_adopt(job, self.link):
+            self.session.take_back(worker, item, gone=gone, messages=messages)
+        else:
+            self.session.take_back(worker, gone=gone)
 
     def _in_loop(self, fn: Any, *args: Any) -> bool:
         """Call ``fn(*args)`` in the loop thread; False if its loop is gone."""
@@ -422,9 +480,9 @@ class DirectLine:
                 ms = max(0, math.ceil(left * 1000))
             if poller.poll(ms):
                 with _HeldInterrupts():
-                    frames = self._read_some()
-                    if frames is not None:
-                        self._end(job, frames)
+                    messages = self._read_some()
+                    if messages is not None:
+                        self._end(job, messages)
                         return
             elif deadline is not None and ms == 0:
                 return
@@ -445,7 +503,7 @@ class DirectLine:
             messages = decoder.buffer_updated(n)
         except ProtocolError:
             return _EOF
-        return messages[0] if messages else None  # (one job: one answer)
+        return messages or None  # (one job: one answer, unless it sends its session more)
 
 
 class _HeldInterrupts:

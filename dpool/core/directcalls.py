@@ -26,17 +26,17 @@ class DirectCalls:
         self._unfinished = client._unfinished
         self._settle = client._settle
 
-    def allowed(self, tcp=False):
+    def allowed(self):
         """Whether this client may make direct calls at all: asked to, and
         nothing needs every job to go through the loop (events, an
-        extension, options a direct call does not honour).  Over TCP
-        (``tcp``) a client whose event handler takes a direct call's "done"
-        in any thread (``client.direct_events``: JobCluster without
-        callbacks) may, its extension's messages and captured output
-        included: the line hands every message but the call's DONE to the
-        loop thread, and the DONE carries the output."""
+        extension, options a direct call does not honour).  A client whose
+        event handler takes a direct call's "done" in any thread
+        (``client.direct_events``: JobCluster without callbacks) may, its
+        extension's messages and captured output included: both lines hand
+        every message but the call's DONE to the loop thread (the call then
+        goes on as a job of the loop's), and the DONE carries the output."""
         c = self.client
-        if tcp and c.direct_events:
+        if c.direct_events:
             return self.ok and not any(c.session.get(option)
                                        for option in ("max_tasks", "notify_start"))
         return self.ok and c.on_event is None and not c._extended and not any(
@@ -80,10 +80,12 @@ class DirectCalls:
         self._unfinished.discard(job.future)
         return None
 
-    def done(self, job, frames):
-        """A direct call's answer (read by whichever thread waited for it)."""
+    def done(self, job, frames, msg=None):
+        """A direct call's answer (read by whichever thread waited for it;
+        ``msg``: its first frame decoded, if it was)."""
         try:
-            msg = P.decode(frames[0])
+            if msg is None:
+                msg = P.decode(frames[0])
             ((res, payload),) = P.results(msg, frames)
             if res.job_id != job.id:
                 raise ProtocolError(f"answer for job {res.job_id}")
@@ -147,5 +149,5 @@ class DirectCalls:
                 line.link = link  # (the node re-joined: a new link)
             return
         if line is None and isinstance(link.address, tuple) \
-                and not link.info.get("scheduler") and self.allowed(tcp=True):
+                and not link.info.get("scheduler") and self.allowed():
             self.client._direct = TcpLine(self.client, link)

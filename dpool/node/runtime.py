@@ -627,9 +627,15 @@ class Session(P.Served):
         """``(worker, socket)``: an idle worker the embedding client may talk
         to itself (dpool.core.direct), out of the dispatcher's hands, or None.
         Only a worker that already ran a job (its INIT went well) is lent, and
-        only while nothing waits here; :meth:`take_back` returns it."""
-        if not self.node.embedded or self.ended or self.draining or self.env is not None \
+        only while nothing waits here; :meth:`take_back` returns it.  In a
+        dispy session (``env``) only once its setup is done, and not with a
+        user's cleanup (it runs in one of the session's own workers)."""
+        if not self.node.embedded or self.ended or self.draining \
                 or self.lent is not None or self.dispatcher.queue:
+            return None
+        env = self.env
+        if env is not None and (env.state not in (None, "done") or env.cleaning
+                                or self.options.get("cleanup_fn")):
             return None
         for worker in self.workers:
             if worker.fns and not worker.outstanding and not worker.dead \
@@ -641,12 +647,14 @@ class Session(P.Served):
                     return worker, sock
         return None
 
-    def take_back(self, worker, item=None, gone=False):
+    def take_back(self, worker, item=None, gone=False, messages=()):
         """The lent ``worker`` is the dispatcher's again; ``item`` (a RunItem)
         is a job the client gave it that is still its to answer: the session
         now waits for it as for its own (its result, or WORKER_LOST).  A
         worker known ``gone`` (its socket ended) gets no job: its connection
-        is read again only to see the end, and it is replaced as usual."""
+        is read again only to see the end, and it is replaced as usual.
+        ``messages``: what the client read from the worker that is the
+        session's (a job's provisional result, a file), handled first."""
         if self.lent is worker:
             self.lent = None
         if self.ended or worker.dead:
@@ -657,7 +665,7 @@ class Session(P.Served):
             self.attempts[item.job_id] = item.attempt
         if not gone:
             self.workers.append(worker)
-        worker.conn.take_back()
+        worker.conn.take_back(messages)
         self.dispatch()
 
     def dispatch(self):
