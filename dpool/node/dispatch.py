@@ -374,6 +374,12 @@ class Dispatcher:
         if not worker.outstanding:
             return []
         actions = []
+        if worker.killing is not None and worker.killing != worker.outstanding[0] \
+                and self.revoking.get(worker.outstanding[0]) is _BACK:
+            # Killed for a job it gave back after all (stop_started, the
+            # GiveBack late): its first job now is one held behind that one
+            # and asked back for the kill, not cancelled: requeued as they are.
+            return self._requeue_held(worker, actions)
         running = worker.outstanding.popleft()
         self.given.pop(running, None)
         why = self.revoking.pop(running, None)
@@ -386,6 +392,11 @@ class Dispatcher:
         else:
             actions.append(Report(running, Outcome.WORKER_LOST, WorkerLost(
                 f"the worker process (pid {worker.pid}) running this job {how}")))
+        return self._requeue_held(worker, actions)
+
+    def _requeue_held(self, worker, actions):
+        """The jobs left in the dead ``worker`` go back to the front of the
+        queue, but for the cancelled ones (reported, if not yet)."""
         for job_id in reversed(worker.outstanding):
             _, job = self.given.pop(job_id)
             why = self.revoking.pop(job_id, None)
