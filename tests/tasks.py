@@ -224,6 +224,15 @@ def hold(marker, gate=None, child=False, timeout=60.0):
             proc.wait()
 
 
+def hold_through_interrupt(marker, gate=None):
+    """:func:`hold`, but a KeyboardInterrupt (a JobCluster's cancel) ends
+    it with the value "interrupted"."""
+    try:
+        return hold(marker, gate)
+    except KeyboardInterrupt:
+        return "interrupted"
+
+
 def count_and_hold(log, gate, value=None, timeout=60.0):
     """Append this run's pid to ``log`` (one line per execution), wait for
     ``gate`` to exist (up to ``timeout`` s), return ``value``."""

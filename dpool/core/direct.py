@@ -368,6 +368,9 @@ class DirectLine:
             self.job = self.owner = None
             self.wanted = False
             closing = self.closed
+            cancelled = self._cancelled(job, frames)
+            if cancelled is not None:
+                frames = _EOF
             if frames is _EOF or (self.worker is not None and self.worker.killing is not None):
                 self.dead = True  # (a cancel's kill came after the answer: gone too)
             dead = self.dead
@@ -378,6 +381,8 @@ class DirectLine:
                 lease = self._end_lease()
         if sock is not None:
             sock.close()
+        if cancelled is not None:
+            cancelled.zygote.kill(cancelled.pid)
         client = self.client
         if frames is not _EOF:
             client._direct_done(job, frames, msg)
@@ -391,6 +396,18 @@ class DirectLine:
             return
         if not closing and (dead or client._unfinished or client._incoming):
             self._in_loop(self.reclaim)  # others are waiting for this CPU
+
+    def _cancelled(self, job: Any, frames: Any) -> Any:
+        """(under the lock) The worker, if ``frames`` answer a call its
+        cancel is killing (:meth:`cancel`; with the session's ``interrupt``
+        the job may end first): the answer is dropped and the worker killed,
+        as the node does with its own jobs (Session.on_worker_message), and
+        the call, the session's again, is reported KILLED (_convert)."""
+        worker = self.worker
+        if frames is _EOF or worker is None or worker.killing is None \
+                or worker.killing != job.id:
+            return None
+        return worker
 
     def _pass_on(self, job: Any, messages: list[Any]) -> None:
         """(the owner) The worker sent its session something before the

@@ -20,12 +20,14 @@ pytestmark = pytest.mark.timeout(60)
 
 WARM_UP = {tasks.double: (0,), tasks.echo_outputs: (0,), tasks.fails: (0,),
            tasks.provisional: (0,), tasks.die_or_value: (0,)}
+HOLDING = (tasks.hold, tasks.hold_through_interrupt)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _warm_hold(tmp_path_factory):
     warm = tmp_path_factory.mktemp("warm")
-    WARM_UP[tasks.hold] = (str(warm / "marker"), str(warm))  # (the gate is open)
+    for fn in HOLDING:
+        WARM_UP[fn] = (str(warm / "marker"), str(warm))  # (the gate is open)
 
 
 def cluster(fn, **kwargs):
@@ -127,6 +129,24 @@ def test_cancel_terminates_a_direct_job(tmp_path):
         assert job(timeout=30) is None
         assert job.status == DispyJob.Terminated
         poll_for(lambda: pid_gone(pid), 15, message="the job's process to end")
+        open(gate, "w").close()
+        assert c.submit(str(tmp_path / "m2"), gate)(timeout=30) > 0
+
+
+@pytest.mark.parametrize("fn", HOLDING, ids=["raises", "returns"])
+def test_a_cancelled_direct_job_is_terminated_as_on_the_loop_path(tmp_path, fn):
+    """The cancel's KeyboardInterrupt ends the job, whose answer comes on
+    the lent worker's socket: it is dropped (the node drops it so on the
+    loop path), the job is Terminated by the cancel with no result, not
+    Finished with what it returned (nor failed with its KeyboardInterrupt)."""
+    with cluster(fn) as c:
+        marker, gate = str(tmp_path / "m"), str(tmp_path / "gate")
+        job = direct(c, marker, gate)
+        read_marker(marker)
+        assert c.cancel(job) == 0
+        assert job(timeout=30) is None
+        assert job.status == DispyJob.Terminated
+        assert "JobCancelled" in job.exception
         open(gate, "w").close()
         assert c.submit(str(tmp_path / "m2"), gate)(timeout=30) > 0
 
