@@ -271,7 +271,9 @@ class DirectLine:
                 self.owner = _LOOP
             else:
                 self.wanted = True
-        worker.killing = job.id
+            # (under the lock: an answer read from now on is dropped, and the
+            # line gives the worker up, _end; read before, it leaves no job)
+            worker.killing = job.id
         self.session._stop(worker)
         if watch:
             self._watch()

@@ -151,6 +151,57 @@ def test_a_cancelled_direct_job_is_terminated_as_on_the_loop_path(tmp_path, fn):
         assert c.submit(str(tmp_path / "m2"), gate)(timeout=30) > 0
 
 
+class _HookedLock:
+    """A line's lock that runs ``hook`` once, as the loop thread first
+    releases it after ``arm``: a controlled interleaving of a cancel (loop
+    thread) and the answer read in a user thread."""
+
+    def __init__(self, lock, client):
+        self.lock, self.client, self.hook = lock, client, None
+
+    def __enter__(self):
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        self.lock.__exit__(*exc)
+        hook = self.hook
+        if hook is not None and self.client.in_loop_thread():
+            self.hook = None
+            hook()
+
+
+def test_a_direct_job_answered_as_its_cancel_comes_leaves_no_worker_to_be_killed_on_the_line(
+        tmp_path):
+    """The answer is read in the user thread just as the loop thread
+    cancels the call (between the cancel's look at the line and its kill):
+    whichever wins, the line takes no other call on the worker the cancel
+    kills (there a later lone job was lost, WORKER_LOST)."""
+    with cluster(tasks.hold) as c:
+        marker, gate = str(tmp_path / "m"), str(tmp_path / "gate")
+        line = lent(c)
+        job = direct(c, marker, gate)
+        read_marker(marker)
+        reader = threading.Thread(target=job, kwargs={"timeout": 30})
+        reader.start()
+        poll_for(lambda: line.owner == "user", timeout=30, message="the answer read in a thread")
+        hooked = line.lock = _HookedLock(line.lock, c._client)
+
+        def answer_read_now():
+            open(gate, "w").close()
+            poll_for(lambda: line.job is None, timeout=30, message="the answer read")
+        hooked.hook = answer_read_now
+        assert c.cancel(job) == 0
+        reader.join(30)
+        job(timeout=30)
+        c._client.call(lambda: None)  # (the loop thread's part of the cancel is over)
+        assert hooked.hook is None, "the interleaving did not happen"
+        assert job.status in (DispyJob.Finished, DispyJob.Terminated)
+        worker = line.worker
+        assert not (line.free() and worker.killing is not None), \
+            "the line's next call goes to a worker being killed"
+        assert c.submit(str(tmp_path / "m2"), gate)(timeout=30) > 0
+
+
 def test_a_worker_dying_under_a_direct_job():
     with cluster(tasks.die_or_value) as c:
         job = direct(c, "die")
