@@ -194,7 +194,9 @@ class DispyJob:
         """Take the final state of the core job (loop thread) and wake waiters."""
         self.start_time = core_job.start_time or self.start_time
         self.end_time = core_job.end_time or time.time()
-        self.stdout, self.stderr = core_job.stdout or "", core_job.stderr or ""
+        stdout, stderr = core_job.stdout, core_job.stderr
+        self.stdout = "" if stdout is None else stdout
+        self.stderr = "" if stderr is None else stderr
         self.ip_addr = ip_addr or self.ip_addr
         if core_job.cancelled:
             self._status = DispyJob.Cancelled

@@ -394,7 +394,7 @@ def test_program_computation(dpool_node, tmp_path):
         job = cluster.submit(3, "x")
         assert job(timeout=10) == 3
         assert job.status == DispyJob.Finished
-        assert job.stdout == "args: 3 x\n" and job.stderr == "oops\n"
+        assert job.stdout == b"args: 3 x\n" and job.stderr == b"oops\n"  # bytes, as dispy's
         long = cluster.submit("sleep")
 
         def sleeper():
@@ -487,4 +487,4 @@ def test_program_in_a_subfolder_of_the_working_directory(dpool_node, tmp_path, m
     with cluster_on(dpool_node, "bin/review-prog-7") as cluster:
         job = cluster.submit("a", 1)
         assert job(timeout=10) == 7, job.exception
-        assert job.stdout == "args: a 1\n"
+        assert job.stdout == b"args: a 1\n"

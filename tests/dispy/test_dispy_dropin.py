@@ -108,7 +108,7 @@ def test_submit_node_with_a_program_computation(dpool_node, tmp_path):
     with cluster_on(dpool_node, str(prog)) as cluster:
         (node,) = cluster.status().nodes
         job = cluster.submit_node(node, 4, "x")
-        assert job(timeout=30) == 4 and job.stdout == "args: 4 x\n", job.exception
+        assert job(timeout=30) == 4 and job.stdout == b"args: 4 x\n", job.exception
         job = cluster.submit_job_id_node("mine", node.ip_addr, 5)
         assert job(timeout=30) == 5 and job.id == "mine" and job.ip_addr == node.ip_addr
 

@@ -52,7 +52,9 @@ def test_a_python_program_computation_runs_with_the_nodes_python(dpool_node, tmp
         job = cluster.submit(3, "x")
         assert job(timeout=30) == 3, job.exception
         assert job.status == dispy.DispyJob.Finished
-        assert job.stdout == "args 3 x\n"
+        # node_update.py prints job.stdout.decode(): a program's output is
+        # bytes in dispy (a function's, text); it was text here
+        assert job.stdout == b"args 3 x\n" and job.stderr == b""
 
 
 UNCLOSED_CLIENT = """
