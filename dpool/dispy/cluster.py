@@ -80,6 +80,26 @@ threading._register_atexit(_run_queued_callbacks)
 os.register_at_fork(after_in_child=_open_callbacks.clear)
 
 
+#: JobCluster's parameters after ``cluster_status``, in dispy 4.15's order:
+#: what a program passing them by position means.
+DISPY_ORDER = ("host", "dispy_port", "ext_host", "ip_addr", "ext_ip_addr",
+               "ipv4_udp_multicast", "dest_path", "loglevel", "callback", "setup", "cleanup",
+               "ping_interval", "pulse_interval", "poll_interval", "reentrant", "secret",
+               "keyfile", "certfile", "recover_file")
+
+
+def by_dispys_order(name, order, args, kwargs):
+    """``kwargs`` plus the positional ``args`` named by ``order``."""
+    if len(args) > len(order):
+        raise TypeError(f"{name}() takes at most {5 + len(order)} positional arguments "
+                        f"({5 + len(args)} given)")
+    for key, value in zip(order, args):
+        if key in kwargs:
+            raise TypeError(f"{name}() got multiple values for argument {key!r}")
+        kwargs[key] = value
+    return kwargs
+
+
 class JobCluster:
     """Run one computation on the nodes of a cluster (dispy's JobCluster).
 
@@ -91,10 +111,16 @@ class JobCluster:
     """
 
     def __init__(self, computation, nodes=None, depends=(), job_status=None,
-                 cluster_status=None, dest_path=None, loglevel=logging.INFO, setup=None,
-                 cleanup=True, secret="", keyfile=None, certfile=None, cafile=None, cpus=None,
-                 node_port=None, port=None, callback=None, connect_timeout=None,
-                 heartbeat=None, **dispy_options):
+                 cluster_status=None, *args, **kwargs):
+        # (past cluster_status, arguments given by position are dispy's, in
+        # dispy's order; the rest are keywords, dpool's included)
+        self._init(computation, nodes, depends, job_status, cluster_status,
+                   **by_dispys_order("JobCluster", DISPY_ORDER, args, kwargs))
+
+    def _init(self, computation, nodes, depends, job_status, cluster_status, *, dest_path=None,
+              loglevel=logging.INFO, setup=None, cleanup=True, secret="", keyfile=None,
+              certfile=None, cafile=None, cpus=None, node_port=None, port=None, callback=None,
+              connect_timeout=None, heartbeat=None, **dispy_options):
         unknown = set(dispy_options) - _DISPY_ONLY
         if unknown:
             raise TypeError(f"JobCluster() got unexpected arguments: {', '.join(sorted(unknown))}")

@@ -93,3 +93,36 @@ def test_callbacks_queued_when_the_program_ends_still_run(dpool_node, tmp_path):
                          timeout=120, env=dict(os.environ))
     assert out.returncode == 0, out.stderr
     assert sorted(out.stdout.splitlines()) == ["callback 7", "waited"], out.stderr
+
+
+def working_folder(_):
+    import os
+
+    return os.getcwd()
+
+
+def test_arguments_past_cluster_status_by_position_are_dispys(dpool_node):
+    # dispy's JobCluster(computation, nodes, depends, job_status,
+    # cluster_status, host, dispy_port, ext_host, ip_addr, ext_ip_addr,
+    # ipv4_udp_multicast, dest_path, loglevel, callback, setup, cleanup,
+    # ping_interval, pulse_interval, poll_interval, reentrant, secret, ...):
+    # the sixth was taken as dpool's own dest_path, the seventh as loglevel...
+    import logging
+    import os
+
+    import pytest
+
+    secret = dpool_node.secret
+    args = [None] * 5 + [False, "dpool-test/positional", logging.INFO, None, None, True,
+                         None, None, None, False, secret]
+    with dispy.JobCluster(working_folder, [dpool_node.address], [], None, None,
+                          *args) as cluster:
+        job = cluster.submit(0)
+        cwd = job(timeout=30)
+        assert cwd and cwd.endswith(os.path.join("dpool-test", "positional")), job.exception
+    with pytest.raises(TypeError, match="multiple values for argument 'secret'"):
+        dispy.JobCluster(working_folder, [dpool_node.address], [], None, None, *args,
+                         secret=secret)
+    with pytest.raises(TypeError, match="at most 24 positional"):
+        dispy.JobCluster(working_folder, [dpool_node.address], [], None, None,
+                         *args, None, None, None, None)
