@@ -104,9 +104,10 @@ class JobCluster:
     """Run one computation on the nodes of a cluster (dispy's JobCluster).
 
     ``computation`` is a function, or the path (or PATH name) of a program.
-    With ``nodes=None`` (or ``'*'``) the cluster uses a ``dpool-node`` on
-    this host at ``node_port`` if one answers, else an embedded node with
-    ``cpus`` local CPUs.  ``secret`` (or ``DPOOL_SECRET``) authenticates with
+    With ``nodes=None`` the cluster uses a ``dpool-node`` on this host at
+    ``node_port`` if one answers, else an embedded node with ``cpus`` local
+    CPUs; ``'*'`` and patterns find nodes over authenticated UDP (which
+    needs the nodes' secret).  ``secret`` (or ``DPOOL_SECRET``) authenticates with
     the nodes.  See docs/dispy-compatibility.md for every argument.
     """
 
