@@ -141,6 +141,8 @@ class JobCluster:
         self._init_state()
         self._take_nodes(nodes)
         self._start_up(cpus, dispy_options.get("recover_file"), (cafile, certfile, keyfile))
+        if self._callbacks is not None:
+            self._callbacks.release()
 
     def _take_computation(self, computation, depends, setup, cleanup):
         """The computation (a function, or a program run by jobenv.run_program),
@@ -190,7 +192,11 @@ class JobCluster:
         if recover_file:  # opt-in (dispy always writes one): see docs
             self._recover = RecoverFile(default_name() if recover_file is True else recover_file,
                                         *tls_files)
-        self._callbacks = CallbackThread() if (self.job_status or self.cluster_status) else None
+        # Held until JobCluster() returns, as dispy's come (after its nodes
+        # are found): a cluster_status that submits to the node it is told
+        # of needs the program's ``cluster = JobCluster(...)`` done.
+        self._callbacks = CallbackThread(held=True) \
+            if (self.job_status or self.cluster_status) else None
         if self._callbacks is not None:
             _open_callbacks.add(self._callbacks)
         self._events = ClusterEvents(self.job_status, self.cluster_status, self._callbacks,

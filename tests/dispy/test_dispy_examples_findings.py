@@ -4,7 +4,7 @@
 """
 
 import dpool as dispy
-from helpers import cluster_on
+from helpers import cluster_on, poll_for
 
 
 def delegate(func_name, n):
@@ -126,3 +126,26 @@ def test_arguments_past_cluster_status_by_position_are_dispys(dpool_node):
     with pytest.raises(TypeError, match="at most 24 positional"):
         dispy.JobCluster(working_folder, [dpool_node.address], [], None, None,
                          *args, None, None, None, None)
+
+
+def test_callbacks_come_after_the_constructor_returned(dpool_node):
+    # job_scheduler.py, longrun.py, node_update.py: cluster_status submits
+    # to the node it is told of, with the module's ``cluster`` (and
+    # ``submitted``) set just after JobCluster() returns; the Initialized
+    # callback ran while the constructor waited for the node's set-up:
+    # NameError.
+    holder = []
+    seen = []
+
+    def status(status, node, job):
+        if status == dispy.DispyNode.Initialized:
+            seen.append(len(holder))
+
+    holder.append(cluster_on(dpool_node, working_folder, cluster_status=status))
+    cluster = holder[0]
+    try:
+        assert cluster.submit(0)(timeout=30), "the job failed"
+        poll_for(lambda: seen, 30, message="the Initialized callback")
+        assert seen == [1]
+    finally:
+        cluster.close()
