@@ -35,5 +35,8 @@ run_one() {
 for ex in $(ls *.py | grep -v -e sshportfw -e node_update_script); do
     if [ "$mode" = node ]; then run_one "$ex"; else run_one "$ex" & fi
 done
-wait $(jobs -p | grep -v "^$node_pid$") 2>/dev/null
-if [ -n "$node_pid" ]; then kill -INT "$node_pid"; wait "$node_pid"; fi
+if [ -n "$node_pid" ]; then
+    kill -INT "$node_pid"; wait "$node_pid"
+else
+    wait  # (the local examples)
+fi
