@@ -375,7 +375,7 @@ class FrameDecoder:
         else is pending): a buffer of its own, up to LARGE_READ bytes once
         8 times that much has been relayed, handed to the tap as is."""
         size = self._read_size(self._tapped)
-        if size <= len(self._buf):
+        if size < LARGE_READ:   # (not 8 times LARGE_READ yet: no buffer of half the bytes)
             return self._mv
         if self._relay is None:
             self._relay = memoryview(bytearray(LARGE_READ))

@@ -309,3 +309,36 @@ def test_a_long_relay_reads_larger_pieces_and_arrives_whole():
     client = FrameDecoder()
     assert feed_in_pieces(client, dest.wire, 1 << 20) == [[b"next"]]
     assert decoder._relay is None and not client.partial
+
+
+def test_a_relay_buffer_is_taken_only_past_8_large_reads():
+    """The relay's buffer of its own (frames.LARGE_READ bytes) comes once
+    8 times that much of the frame was relayed, as documented: a frame of
+    2 to 8 MiB relayed through the 256 KiB receive buffer holds no 1 MiB
+    buffer besides (it did from 2 MiB on: up to half the bytes relayed)."""
+    from dpool.transport.frames import LARGE_READ, RECV_BUFFER_SIZE
+    payload = BIG * 4           # 8 MiB
+    dest, source = Dest(), Source()
+    decoder, relays = relaying_decoder(dest, source)
+    held = []
+
+    def tap(frames, lengths, flags):
+        relay = Forward(dest, source, [b"HEAD", *frames[1:]], lengths, flags)
+        data = relay.data
+        relay.data = lambda view: (held.append((len(view), decoder._relay is not None)),
+                                   data(view))
+        relays.append(relay)
+        return relay
+    decoder.tap = tap
+    got = feed_in_pieces(decoder, wire([b"first", payload, BIG * 5]), 3 << 20)
+    assert len(got) == 1
+    relays[0].finish()
+    tapped = 0
+    for size, buffer in held:
+        assert not buffer or tapped >= 8 * LARGE_READ, (tapped, size)
+        assert size <= (LARGE_READ if buffer else RECV_BUFFER_SIZE)
+        tapped += size
+    assert (LARGE_READ, True) in held           # (and 1 MiB reads past 8 MiB)
+    assert decoder._relay is None
+    client = FrameDecoder()
+    assert feed_in_pieces(client, dest.wire, 1 << 20) == [[b"HEAD", payload, BIG * 5]]
