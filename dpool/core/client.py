@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 import traceback
+from concurrent.futures._base import CANCELLED as _USER_CANCELLED  # (not told yet)
 from typing import Any
 
 from .. import liveness
@@ -630,6 +631,8 @@ class Client:
         batched = False
         if future._state in DONE:  # (future.done(), without the call: every job's path)
             job.cancelled = future.cancelled()
+            if future._state == _USER_CANCELLED:  # (a scheduler queued it): its waiters
+                future.set_running_or_notify_cancel()  # told, as the stdlib's executors do
         elif not job.sent and not future.set_running_or_notify_cancel():
             job.cancelled = True
         elif self._outcomes is not None:  # a DONE batch: resolved at its end

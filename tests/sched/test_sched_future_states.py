@@ -3,6 +3,7 @@ a future runs once its job started on a node, not while the job is queued
 at the scheduler; ``cancel()`` of such a queued job succeeds and takes the
 job out of the scheduler's queue (it never runs)."""
 import asyncio
+import concurrent.futures as cf
 import os
 
 import pytest
@@ -79,3 +80,30 @@ def test_a_pending_future_whose_job_is_placed_on_a_node_cancels_it_there(tmp_pat
         after = ex.submit(hold, str(tmp_path / "m2"), gate)
         after.result(30)
         assert not os.path.exists(tmp_path / "m1"), "the cancelled job ran on the node"
+
+
+def test_a_future_cancelled_while_queued_at_the_scheduler_wakes_wait_and_as_completed(
+        tmp_path, sched):
+    """The stdlib's state machine: a future the user cancelled is notified
+    (CANCELLED_AND_NOTIFIED) once its executor drops the work, which is what
+    ``concurrent.futures.wait`` and ``as_completed`` wait for; a job taken
+    out of the scheduler's queue left it CANCELLED for good (both hung)."""
+    gate = str(tmp_path / "gate")
+    with Executor(scheduler=sched.address, secret=SECRET) as ex:
+        try:
+            first = first_job_running(ex, tmp_path, gate)
+            queued = [ex.submit(hold, str(tmp_path / f"m{i}"), gate) for i in range(1, 3)]
+            poll_for(lambda: sum(scheduler_jobs(sched)) == 3, 30,
+                     message="the two jobs to reach the scheduler")
+            last = queued[-1]
+            assert last.cancel()
+            client = ex._client
+            poll_for(lambda: client.call(lambda: all(job.future is not last
+                                                     for job in client.jobs.values())), 30,
+                     message="the client to drop the cancelled job")
+            done, _ = cf.wait([last], timeout=0)
+            assert last in done, "wait() does not see the cancelled future as done"
+            assert list(cf.as_completed([last], timeout=0)) == [last]
+        finally:
+            open(gate, "w").close()
+        assert first.result(30) and queued[0].result(30)
