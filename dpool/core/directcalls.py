@@ -108,12 +108,9 @@ class DirectCalls:
         job._frames = job.blob = None  # (the slot: no property call per job)
         job.value, job.error = value, error
         job.future._line = None
-        handler = self.client.on_event
-        if handler is not None:  # (JobCluster: the DispyJob's fields, before anyone wakes)
-            try:
-                handler("done", job)
-            except Exception:
-                log.exception("dpool: event handler failed on done")
+        client = self.client  # (JobCluster: the DispyJob's fields, before anyone wakes; the
+        if client.on_event is not None or client.listeners:  # listener of a board attached since)
+            client.emit("done", job)
         resolve(((job.future, value, error),))
         self._unfinished.discard(job.future)
         self._settle()

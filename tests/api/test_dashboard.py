@@ -1,6 +1,7 @@
 """The dashboard's JSON endpoint and token, and dispy's DispyHTTPServer API,
 over plain HTTP."""
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -11,7 +12,7 @@ import dpool
 from dpool.dashboard import serve
 from dpool.futures import Executor
 from helpers import poll_for
-from tasks import double, fails, nap
+from tasks import double, fails, hold, nap
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -186,3 +187,24 @@ def test_an_idle_connection_is_closed(monkeypatch):
         sock.settimeout(20)
         sock.sendall(b"GET /api/status HTTP/1.1\r\n")  # and never the rest
         assert sock.recv(100) == b""
+
+
+def test_a_direct_call_in_flight_when_the_board_attaches_is_counted_when_it_ends(tmp_path):
+    """A lone call goes straight to a lent worker (no loop thread, no event
+    at its start); a board attached while it runs counts it when it ends, as
+    it counts a loop job submitted before it attached (its end was told only
+    to the client's own handler, not to the board's listener)."""
+    gate, marker = str(tmp_path / "gate"), str(tmp_path / "m")
+    with Executor(1) as ex:
+        assert ex.submit(double, 1).result(30) == 2  # (the worker lent once it is ready)
+        future = ex.submit(hold, marker, gate)
+        try:
+            poll_for(lambda: os.path.exists(marker), message="the call to start")
+            line = ex._client._direct
+            assert line is not None and line.job is not None, "not a direct call"
+            board = serve(ex)
+        finally:
+            open(gate, "w").close()
+        with board:
+            assert future.result(30)
+            assert status(board)["sources"][0]["jobs"]["finished"] == 1
