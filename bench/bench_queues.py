@@ -83,7 +83,8 @@ def _open(api, node):
     if api == "Pool.apply_async":
         pool = dpool.Pool(CPUS, **kw)
         return (lambda i: pool.apply_async(noop, (i,))), (lambda h: h.get()), pool.terminate
-    cluster = dpool.JobCluster(noop, loglevel=40, **({"nodes": kw["nodes"]} if node else {}))
+    cluster = dpool.JobCluster(noop, loglevel=40,  # (CPUS workers, as mp's: not all the host's)
+                               **({"nodes": kw["nodes"]} if node else {"cpus": CPUS}))
     return cluster.submit, (lambda job: job()), cluster.close
 
 
