@@ -57,13 +57,15 @@ see node/status.py); it takes no CPU.
 A client's channel (a second connection, its own handshake, on which one
 worker of the session serves lone calls; docs/performance.md "Round trips
 via a node: taking the node off the path"; a worker serves a channel it
-is given, no node or client makes one yet):
+is given; core/channel.py opens one):
 
 Client -> node (channel)               Node -> client (main link)
   Channel  (token)  instead of Session:    Recall      ()  give the channel back
            the token of a live session     ChannelLost (why)  its worker died: its
   Release  ()  the last message on a          call fails with WorkerLost
            channel (after its last Run)
+  Halt     ()  (main link) the channel's call was cancelled: its worker is
+           stopped as a cancelled running job's; ChannelLost follows
            Nothing goes behind Channel before its answer (Ready from the
            worker; Refused, Busy from the node): what does is Refused.
 Node -> worker: Channel ('') + the channel's record state (handoff.RecordState),
@@ -169,6 +171,7 @@ class Op(IntEnum):
     RETURNED = 35
     CHANNELLOST = 36
     RECALL = 37
+    HALT = 38
 
 
 class Call(IntEnum):
@@ -411,6 +414,12 @@ class ChannelLost(NamedTuple):
 @message(Op.RECALL)
 class Recall(NamedTuple):
     """Node -> client: the node needs the channel's worker back (Release it)."""
+
+
+@message(Op.HALT)
+class Halt(NamedTuple):
+    """Client -> node (main link): the call on the channel was cancelled:
+    stop the channel's worker as a cancelled running job's (ChannelLost follows)."""
 
 
 @message(Op.DONE)

@@ -144,6 +144,8 @@ class Client:
         self.register({P.Done: self._on_done, P.Started: self._on_started,
                        P.InitFail: events.on_initfail, P.GiveBack: events.on_giveback,
                        P.Draining: events.on_draining})
+        self.net.handlers.update({P.Recall: self._on_channel_note,  # (no extension:
+                                  P.ChannelLost: self._on_channel_note})  # direct calls stay)
         self._extended = False  # an extension registered handlers (no direct calls)
         # True: ``on_event`` takes a direct call's "done" in whichever thread
         # reads its answer, and the extension's messages may reach the loop
@@ -334,6 +336,9 @@ class Client:
         self.events.cpus_changed(link, info)
 
     def link_lost(self, link):
+        line = self._direct
+        if isinstance(line, TcpLine):
+            line.link_lost(link)
         self.events.link_lost(link)
 
     def link_back(self, link):
@@ -353,9 +358,25 @@ class Client:
 
     def claim(self, link):
         """(loop thread) True if the loop thread may use ``link`` now; False
-        while a user thread holds it for a direct call (asked to hand it back)."""
+        while a user thread holds it for a direct call (asked to hand it back).
+        (A line lending the node's channel leaves the link to the loop thread.)"""
+        line = self._direct
+        return not isinstance(line, TcpLine) or not line.holds_link(link) or line.reclaim()
+
+    def _take_line(self, link):
+        """(loop thread) No more direct calls to ``link`` for now, on its
+        channel either: :meth:`claim`, the channel taken back too."""
         line = self._direct
         return not isinstance(line, TcpLine) or line.link is not link or line.reclaim()
+
+    def _on_channel_note(self, link, msg, frames):
+        """Recall or ChannelLost: for the line's channel to that node."""
+        line = self._direct
+        if isinstance(line, TcpLine) and line.link is link:
+            if type(msg) is P.Recall:
+                line.chan.on_recall()
+            else:
+                line.chan.on_lost(msg.why)
 
     def add_nodes(self, addresses):
         return self.joining.add_nodes(addresses)
@@ -384,7 +405,7 @@ class Client:
         session is kept, for a later :meth:`recover`)."""
         def close():
             line = self._direct
-            if isinstance(line, TcpLine) and not self.claim(link):
+            if isinstance(line, TcpLine) and not self._take_line(link):
                 line.defer(close)  # a user thread holds the link: once it is back
             else:
                 self.net.close_link(link, bye)
@@ -395,7 +416,7 @@ class Client:
         direct calls included: the parked link is taken back)."""
         def apply():
             if cpus <= 0:
-                self.claim(link)
+                self._take_line(link)
             self._act(self.scheduler.set_cpus(link, min(cpus, link.cpus)))
         self.loop.call_soon_threadsafe(apply)
 

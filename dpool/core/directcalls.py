@@ -3,6 +3,7 @@ embedded node, :mod:`dpool.core.tcpline` on a node's link): a lone call
 started from the calling thread, its answer read there, a call the loop
 thread adopts, and which line a client gets (see :mod:`dpool.core.client`)."""
 import logging
+import time
 
 from .. import protocol as P
 from ..errors import BrokenCluster, ProtocolError
@@ -130,6 +131,19 @@ class DirectCalls:
         link.in_flight.add(job.id)
         self.scheduler.adopt(link, [job.id], pinned)
         return True
+
+    def resubmit(self, job):
+        """(loop thread) A direct call whose node was lost while a user
+        thread held its line: a lost node's job, queued again (failed if no
+        node is left, as those)."""
+        job.future._line = None
+        job.node = None
+        self.jobs[job.id] = job
+        client = self.client
+        client._act(self.scheduler.submit([job.id], time.monotonic()))
+        if client.broken is not None and not client.net.any_ready():
+            client._act(self.scheduler.fail_queued(
+                BrokenCluster(f"no node left: {describe(client.broken)}")))
 
     def in_flight(self):
         """(loop thread) The direct call in flight, if any (not in

@@ -105,6 +105,8 @@ class Stopping:
             self.client._cancel_early.add(job.id)
             return
         self.client._act(self.scheduler.cancel(job.id))
+        if isinstance(self.client._direct, TcpLine):  # (on the node's channel: stopped there)
+            self.client._direct.chan.halt(job)
 
     def on_cancelled(self, job):
         """(any thread) The user cancelled the future of a job a scheduler

@@ -44,6 +44,7 @@ from typing import Any
 from .. import protocol as P
 from ..errors import ConnectionClosed, ProtocolError
 from ..transport.lent import LentSocket
+from .channel import ClientChannel
 from .direct import _HeldInterrupts
 
 __all__ = ["TcpLine"]
@@ -72,6 +73,10 @@ class TcpLine:
         self._mid_read = False  # a user thread is decoding what it read
         self.counted: Any = None  # the last call whose function was counted in flight
         self.interrupted: Any = None  # the last call made by a submit that was interrupted
+        # The node's channel (core/channel.py): lent instead of the link
+        # when open (``on_chan``); the link then stays the loop thread's.
+        self.chan = ClientChannel(self)
+        self.on_chan = False
 
     # ------------------------------------------------------------ user side
 
@@ -90,7 +95,7 @@ class TcpLine:
         lent: LentSocket | None = None
         try:
             with self.lock:
-                if not self.free():
+                if not self.free() or self.on_chan and self.chan.full(job.fn_id):
                     return False
                 lent = self.lent
                 assert lent is not None
@@ -123,6 +128,10 @@ class TcpLine:
         fns, fn_id = self.link.fns, job.fn_id
         messages = [[P.encode(P.Run, [P.run_item(job.id, fn_id, len(job.frames), 0, 1)]),
                      *job.frames]]
+        if self.on_chan:  # (its own table: no Forget there, see ClientChannel.full)
+            if fn_id not in self.chan.fns:
+                messages.insert(0, [P.encode(P.Func, fn_id), job.blob])
+            return messages, []
         if fn_id in fns:
             return messages, []
         messages.insert(0, [P.encode(P.Func, fn_id), job.blob])
@@ -137,6 +146,10 @@ class TcpLine:
         as the loop thread counts them; ``drop`` forgotten.  Done again
         after an interrupt, it changes nothing more."""
         fns, fn_id = self.link.fns, job.fn_id
+        if self.on_chan:  # (a set: adding again changes nothing)
+            self.chan.fns.add(fn_id)
+            self.counted = job
+            return
         for dropped in drop:
             fns.pop(dropped, None)
         if self.counted is not job:  # (one statement: counted and marked, or neither)
@@ -301,10 +314,13 @@ class TcpLine:
     def _finish(self, job: Any, frames: Any, rest: Any) -> None:
         """(the owner) ``job``'s DONE read: its future resolved here; the
         link handed back if asked for, or with what came after the DONE."""
-        fns = self.link.fns
-        count = fns.get(job.fn_id)
-        if count:
-            fns[job.fn_id] = count - 1
+        if not self.on_chan:
+            fns = self.link.fns
+            count = fns.get(job.fn_id)
+            if count:
+                fns[job.fn_id] = count - 1
+        else:
+            self.chan.calls += 1
         with self.lock:
             self.job = None
             handback = bool(rest) or self.wanted or self.closed
@@ -360,13 +376,18 @@ class TcpLine:
         if self.lent is not None or self.closed or client._unfinished or client._incoming \
                 or self.deferred or not self._alone():
             return
-        conn = self.link.conn
+        chan = self.chan
+        on_chan = chan.usable(self.link)
+        if not on_chan:
+            chan.maybe_open(self.link)
+        conn = chan.conn if on_chan else self.link.conn
         try:
             sock = conn.lend()
         except OSError:  # no descriptor left for the duplicate
             return
         if sock is None:
             return
+        self.on_chan = on_chan  # (before the line is lent: read by user threads under the lock)
         self.lent = LentSocket(conn, sock)
         self.poller = select.poll()
         self.poller.register(sock.fileno(), select.POLLIN)
@@ -385,17 +406,19 @@ class TcpLine:
             and not net.rejoins and link.conn._budget is None \
             and state is not None and state.cpus > 0
 
-    def reclaim(self) -> bool:
+    def reclaim(self, wake: bool = True) -> bool:
         """(loop thread) The link is the loop thread's again: True at once,
         or False if a user thread holds it (asked to hand it back; what the
-        caller wanted waits for that: :meth:`defer`)."""
+        caller wanted waits for that: :meth:`defer`).  ``wake=False``: a
+        user thread reading an answer hands it back once it has it."""
         with self.lock:
             if self.lent is None:
                 return True
             if self.owner is not None:
                 if self.owner == _USER:
                     self.wanted = True
-                    os.eventfd_write(self.wake, 1)
+                    if wake:
+                        os.eventfd_write(self.wake, 1)
                 return False
             self.owner = _LOOP
         self._take_back(self.lent, (), None)
@@ -416,6 +439,19 @@ class TcpLine:
         else:
             self.defer(lambda: self.client._cancel(job))
 
+    def holds_link(self, link: Any) -> bool:
+        """(loop thread) Whether ``link``'s connection is lent to the line
+        (not when the channel is: the link then stays the loop thread's)."""
+        return self.lent is not None and not self.on_chan and self.link is link
+
+    def link_lost(self, link: Any) -> None:
+        """(loop thread) ``link``'s session ended: its channel too (a call
+        on it is then a lost node's job)."""
+        if self.on_chan and self.link is link and not self.reclaim():
+            self.defer(lambda: self.chan.drop(link))
+            return
+        self.chan.drop(link)
+
     def close(self) -> None:
         """(loop thread, the client shutting down) No more direct calls."""
         self.closed = True
@@ -434,7 +470,8 @@ class TcpLine:
             if self.lent is not None:
                 await asyncio.sleep(0.001)
         if self.lent is not None:
-            self.link.conn.abort()
+            (self.chan.conn if self.on_chan else self.link.conn).abort()
+        await self.chan.close()
         os.close(self.wake)
 
     def __del__(self) -> None:
@@ -459,10 +496,14 @@ class TcpLine:
             self.owner, self.wanted = None, False
             deferred, self.deferred = self.deferred, []
             self.poller = None
+            on_chan, self.on_chan = self.on_chan, False
         lent.sock.close()
-        if job is not None:
-            self.client._direct_adopt(job, self.link, pinned=False)
-        self.link.conn.take_back(messages, error, rest)
+        if on_chan:
+            self.chan.taken_back(job, messages, error, rest)
+        else:
+            if job is not None:
+                self.client._direct_adopt(job, self.link, pinned=False)
+            self.link.conn.take_back(messages, error, rest)
         for fn in deferred:
             self.loop.call_soon(fn)
 

@@ -27,9 +27,9 @@ log = logging.getLogger("dpool.node")
 def open_channel(node, conn, token):
     """``conn`` (a new connection) asked to be the channel of the session
     ``token`` names: True once a worker of that session has it; else the
-    answer (Refused: no such session, a TLS connection, messages sent
-    behind Channel; Busy: none of its workers is free now) is sent on
-    ``conn`` and False returned."""
+    answer (Refused: no such session, a TLS connection, a session with a
+    job environment, messages sent behind Channel; Busy: none of its
+    workers is free now) is sent on ``conn`` and False returned."""
     session = node.channels.get(token) if isinstance(token, str) else None
     if session is None:
         log.warning("a channel asked by %s names no session here; refused", conn.peer)
@@ -38,6 +38,9 @@ def open_channel(node, conn, token):
     if not sealed(conn):  # (TLS: its state can't go to a worker, now or later)
         conn.send([P.encode(P.Refused, "this node's connections (TLS) can't be handed to "
                                        "a worker: no channel")])
+        return False
+    if session.env is not None:  # (dispy's job environment: its workers are never lent)
+        conn.send([P.encode(P.Refused, "a session with a job environment gets no channel")])
         return False
     if conn.mid_read:  # (read with it, past the records the worker would go on from)
         log.warning("%s sent messages behind Channel before its answer; refused", conn.peer)

@@ -299,7 +299,8 @@ class Session(P.Served):
                          P.Cancel: self.on_cancel, P.Bye: self.on_bye, P.Forget: self.on_forget,
                          P.File: self.on_env, P.Setup: self.on_env, P.Recover: self.on_recover,
                          P.Status: self.on_status, P.Heartbeat: self.liveness.on_heartbeat,
-                         P.Reclaim: self.on_reclaim, P.Channel: self.on_channel}
+                         P.Reclaim: self.on_reclaim, P.Channel: self.on_channel,
+                         P.Halt: self.on_halt}
         self.counts = collections.Counter()  # jobs by outcome, for the log
         self.draining = False
         self.kept = None  # a recovery.Kept while detached (its client gone, recoverable)
@@ -334,6 +335,13 @@ class Session(P.Served):
             self.end("protocol error")
             return
         self.end("channel" if open_channel(self.node, self.conn, msg.token) else "refused")
+
+    def on_halt(self, msg, frames):
+        """The client cancelled the call its channel's worker runs: that
+        worker is stopped as a cancelled running job's (ChannelLost follows)."""
+        worker = self.channel.worker
+        if worker is not None and not worker.dead:
+            self._stop(worker)
 
     def on_status(self, msg, frames):
         """Status instead of Session: answer, take no CPU, end quietly."""

@@ -6,8 +6,10 @@ to the node, tcpline.py) and must hold on any faster one: a call longer
 than the heartbeat deadline keeps the session, a client killed mid-call
 frees its worker and CPUs, work arriving while a lone call runs runs beside
 it, and a worker killed mid-call fails that call as a job of the node.
+Each runs with the lone call on the node's channel (core/channel.py: a
+worker answering the client itself), checked in each test.
 (Ctrl-C at every point of a lone call: test_direct_tcp_robust.py and the
-"tcp" cases of test_direct_calls.py.)"""
+"tcp" cases of test_direct_calls.py; on the channel: test_channel_calls.py.)"""
 import contextlib
 import signal
 import subprocess
@@ -24,7 +26,8 @@ from dpool.errors import WorkerLost
 from dpool.futures import Executor
 import tasks
 from helpers import node_env, poll_for, start_node
-from test_direct_calls import QUIET, SECRET, direct_submit, gate_call, line_of, opened, parked
+from test_channel_calls import channeled, on_channel
+from test_direct_calls import QUIET, SECRET, gate_call, line_of, opened
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +69,7 @@ def test_a_lone_call_longer_than_the_heartbeat_deadline_keeps_the_session(node, 
             client = ex._client
             ex.submit(tasks.identity, 0).result(30)
             conn = line_of(client).link.conn
-            future = ex.submit(gate_call, gate, "long")
+            future = on_channel(ex, gate_call, gate, "long")
             pid = poll_for(lambda: held_pids(gate), message="the call to start")[0]
             end = time.monotonic() + 2 * deadline
             poll_for(lambda: time.monotonic() > end, timeout=30, message="two deadlines")
@@ -79,7 +82,9 @@ def test_a_lone_call_longer_than_the_heartbeat_deadline_keeps_the_session(node, 
         client = pool._client
         assert pool.apply(tasks.identity, (0,)) == 0
         conn = line_of(client).link.conn
+        line = channeled(client)
         result = pool.apply_async(gate_call, (gate, "long"))
+        assert type(result._future) is DirectFuture and line.on_chan
         pid = poll_for(lambda: held_pids(gate), message="the call to start")[0]
         end = time.monotonic() + 2 * deadline
         poll_for(lambda: time.monotonic() > end, timeout=30, message="two deadlines")
@@ -91,11 +96,19 @@ def test_a_lone_call_longer_than_the_heartbeat_deadline_keeps_the_session(node, 
 
 CLIENT = textwrap.dedent("""
     import sys
+    import time
     import tasks
     from dpool.futures import Executor
     host, port, log, gate = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     ex = Executor(nodes=[(host, port)], secret={secret!r}, heartbeat={heartbeat!r})
-    ex.submit(tasks.identity, 0).result(60)
+    line = ex._client._direct
+    for _ in range(600):  # (the call held below goes on the node's channel)
+        ex.submit(tasks.identity, 0).result(60)
+        if line.on_chan and line.free():
+            break
+        time.sleep(0.05)
+    else:
+        sys.exit("no channel")
     ex.submit(tasks.count_and_hold, log, gate, "never").result(120)
 """)
 
@@ -131,7 +144,7 @@ def test_a_client_killed_mid_lone_call_frees_its_worker_and_cpus(node, tmp_path,
 def held_lone_call(ex, gate, value):
     """A lone call of ex held in its worker (until the block ends) while a
     thread waits on it; it must then end with value."""
-    call = direct_submit(ex, gate_call, gate, value)
+    call = on_channel(ex, gate_call, gate, value)
     got = []
     reader = threading.Thread(target=lambda: got.append(call.result(60)))
     reader.start()
@@ -160,8 +173,7 @@ def test_jobs_arriving_while_a_lone_call_runs_run_beside_it(node, tmp_path):
                      message="the other CPU to serve them")
             assert not first.done()
         assert [f.result(30) for f in others] == [i * i for i in range(20)]
-        parked(ex._client)
-        assert direct_submit(ex, tasks.square, 7).result(30) == 49
+        assert on_channel(ex, tasks.square, 7).result(30) == 49
 
 
 def test_a_worker_killed_mid_lone_call_fails_it_on_every_api(node):
@@ -170,18 +182,18 @@ def test_a_worker_killed_mid_lone_call_fails_it_on_every_api(node):
     is served by a new worker."""
     with dpool.Pool(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as pool:
         assert pool.apply(tasks.identity, (0,)) == 0
-        parked(pool._client)
+        line = channeled(pool._client)
         result = pool.apply_async(tasks.kill_worker)
-        assert type(result._future) is DirectFuture
+        assert type(result._future) is DirectFuture and line.on_chan
         with pytest.raises(WorkerLost, match="worker process"):
             result.get(30)
         assert pool.apply(tasks.square, (3,)) == 9
     with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
         ex.submit(tasks.identity, 0).result(30)
-        future = direct_submit(ex, tasks.kill_worker)
+        future = on_channel(ex, tasks.kill_worker)
         with pytest.raises(WorkerLost, match="worker process"):
             future.result(30)
-        assert direct_submit(ex, tasks.square, 4).result(30) == 16
+        assert on_channel(ex, tasks.square, 4).result(30) == 16
 
 
 def test_a_second_client_arriving_while_a_lone_call_runs(node, tmp_path):
@@ -195,6 +207,6 @@ def test_a_second_client_arriving_while_a_lone_call_runs(node, tmp_path):
             with Executor(1, nodes=[node.address], secret=SECRET, heartbeat=QUIET,
                           connect_timeout=30) as second:
                 second.submit(tasks.identity, 0).result(30)
-                assert [direct_submit(second, tasks.square, i).result(30)
+                assert [on_channel(second, tasks.square, i).result(30)
                         for i in range(10)] == [i * i for i in range(10)]
             assert not held.done()

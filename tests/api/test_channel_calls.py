@@ -1,0 +1,219 @@
+"""Lone calls on a node's channel (issue 13; dpool/core/channel.py): the
+client opens a second connection that one worker of its session serves,
+and its calling thread writes the RUN and reads the DONE there, the node
+off the call's path.  Every API takes it; the node's Recall, the worker's
+death (ChannelLost), a cancel, Ctrl-C in the middle of a record, the
+client's shutdown and a TLS client (no channel) are each shown here; the
+faults shared with today's path are in test_lone_call_faults.py, with the
+channel in use."""
+import os
+import signal
+import threading
+
+import pytest
+
+import dpool
+from dpool.core.direct import DirectFuture
+from dpool.errors import WorkerLost
+from dpool.futures import Executor
+import tasks
+from helpers import cluster_on, pid_gone, poll_for, start_node
+from test_direct_calls import QUIET, SECRET, gate_call, line_of, opened
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    node = start_node(tmp_path_factory.mktemp("node"), cpus=2, secret=SECRET)
+    yield node
+    node.terminate()
+
+
+def channeled(client, warm=lambda client: client.submit(tasks.identity, (0,)).future.result(30)):
+    """Wait until a lone call goes on the node's channel (lent, free);
+    ``warm(client)`` makes a call between looks (an idle moment)."""
+    line = line_of(client)
+    for _ in range(60):
+        try:
+            poll_for(lambda: line.on_chan and line.free(), timeout=1,
+                     message="the channel to be lent")
+            return line
+        except AssertionError:
+            warm(client)
+    raise AssertionError("no channel was ever lent")
+
+
+def on_channel(executor, fn, *args):
+    """Submit once the channel is lent; check the call went on it."""
+    line = channeled(executor._client)
+    future = executor.submit(fn, *args)
+    assert type(future) is DirectFuture and line.job is not None and line.on_chan
+    return future
+
+
+def held_pids(gate):
+    try:
+        with open(gate + ".log") as f:
+            return [int(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def test_lone_calls_take_the_channel_on_every_api(node):
+    with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
+        line = channeled(ex._client)
+        conn, before = line.link.conn, line.chan.calls
+        assert [on_channel(ex, tasks.square, i).result(30) for i in range(20)] == \
+            [i * i for i in range(20)]
+        assert line.chan.calls == before + 20
+        assert line.link.conn is conn and not conn.closed
+        future = on_channel(ex, os.getpid)
+        assert future.result(30) == line.chan.pid          # the channel's worker ran it
+    with dpool.Pool(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as pool:
+        line = channeled(pool._client)
+        before = line.chan.calls
+        assert [pool.apply(tasks.square, (i,)) for i in range(10)] == [i * i for i in range(10)]
+        assert line.chan.calls == before + 10
+
+    # JobCluster's sessions have dispy's job environment (setup, files,
+    # provisional results through the node): no node lends a worker to one,
+    # so its lone jobs stay on the link (tests/dispy/test_cluster_direct.py)
+    cluster = cluster_on(node, tasks.double, heartbeat=QUIET, secret=SECRET)
+    with cluster:
+        for i in range(5):
+            assert cluster.submit(i)(timeout=30) == 2 * i
+        line = line_of(cluster._client)
+        assert line.chan.opened == 0 and line.chan.opening is None
+
+
+def test_a_recall_releases_the_channel_and_jobs_run_on_every_cpu(node):
+    """Jobs queue at the node behind the lent worker: the node asks for it
+    back (Recall), the client releases the channel, every job runs; lone
+    calls then take a new channel."""
+    with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
+        line = channeled(ex._client)
+        opened_before = line.chan.opened
+        futures = [ex.submit(tasks.nap, 0.05, i) for i in range(12)]
+        assert [f.result(30) for f in futures] == list(range(12))
+        poll_for(lambda: line.chan.conn is None or line.chan.opened > opened_before,
+                 message="the channel released")
+        line = channeled(ex._client)
+        assert line.chan.opened > opened_before
+        assert on_channel(ex, tasks.square, 5).result(30) == 25
+
+
+def test_a_recall_while_a_thread_reads_waits_for_its_answer(node, tmp_path):
+    """The node recalls the worker while the calling thread waits on a call
+    on the channel: the call ends with its value, the jobs behind it run."""
+    gate = str(tmp_path / "gate")
+    with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
+        held = on_channel(ex, gate_call, gate, "held")
+        got = []
+        reader = threading.Thread(target=lambda: got.append(held.result(60)))
+        reader.start()
+        try:
+            poll_for(lambda: held_pids(gate), message="the call to start")
+            others = [ex.submit(tasks.nap, 0.05, i) for i in range(6)]
+            assert [f.result(30) for f in others] == list(range(6))
+        finally:
+            opened(gate)
+            reader.join(30)
+        assert got == ["held"]
+        assert on_channel(ex, tasks.square, 3).result(30) == 9
+
+
+def test_a_worker_killed_on_the_channel_fails_the_call_as_the_node_does(node):
+    with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
+        line = channeled(ex._client)
+        pid = line.chan.pid
+        future = on_channel(ex, tasks.kill_worker)
+        with pytest.raises(WorkerLost) as info:
+            future.result(30)
+        assert str(info.value).startswith(f"the worker process (pid {pid}) running this job")
+        assert "SIGKILL" in str(info.value)
+        assert on_channel(ex, tasks.square, 4).result(30) == 16
+
+
+def test_a_channel_worker_dying_while_idle_costs_no_call(node):
+    with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
+        line = channeled(ex._client)
+        pid = line.chan.pid
+        os.kill(pid, signal.SIGKILL)
+        poll_for(lambda: pid_gone(pid), message="the worker to die")
+        poll_for(lambda: line.chan.conn is None or line.chan.pid != pid,
+                 message="the channel's loss to be heard")
+        assert [ex.submit(tasks.square, i).result(30) for i in range(5)] == \
+            [i * i for i in range(5)]
+        assert on_channel(ex, tasks.square, 6).result(30) == 36
+
+
+def test_ctrl_c_mid_record_breaks_the_channel_only(node, tmp_path, monkeypatch):
+    """A KeyboardInterrupt in the middle of reading the answer's record
+    (its state lost): the channel is closed, the call rerun through the
+    node (a second run), the session's connection untouched."""
+    import dpool.transport.lent as lent
+
+    gate = str(tmp_path / "gate")
+    opened(gate)  # (the call returns at once)
+    with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
+        line = channeled(ex._client)
+        conn, chan = line.link.conn, line.chan.conn
+        real = lent.LentSocket.receive
+
+        def interrupted(self):
+            monkeypatch.setattr(lent.LentSocket, "receive", real)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(lent.LentSocket, "receive", interrupted)
+        future = on_channel(ex, gate_call, gate, "again")
+        with pytest.raises(KeyboardInterrupt):
+            future.result(30)
+        monkeypatch.undo()
+        assert future.result(30) == "again"
+        assert len(held_pids(gate)) == 2                 # run once more, by the node
+        assert chan.closed and line.link.conn is conn and not conn.closed
+        assert on_channel(ex, tasks.square, 7).result(30) == 49
+
+
+def test_shutdown_with_a_call_on_the_channel(node, tmp_path):
+    """The executor shuts down (wait=False) while a call on the channel
+    runs: nothing leaks (the autouse check), the worker is freed."""
+    gate = str(tmp_path / "gate")
+    ex = Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET)
+    try:
+        on_channel(ex, gate_call, gate, "held")
+        pid = poll_for(lambda: held_pids(gate), message="the call to start")[0]
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+        opened(gate)
+    poll_for(lambda: pid_gone(pid), timeout=30, message="the session's worker to go")
+
+
+def test_a_cancelled_call_on_the_channel_stops_its_worker(node, tmp_path):
+    """A call on the channel cancelled as it runs (Pool.terminate, an
+    interrupted submit, shutdown(cancel_futures=True) cancel running jobs):
+    the node stops the channel's worker (Halt), the call fails with
+    JobCancelled as a running job the node kills, the next call runs."""
+    from dpool.errors import JobCancelled
+
+    gate = str(tmp_path / "gate")
+    with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
+        client = ex._client
+        channeled(client)
+        job = client.submit(gate_call, (gate, "held"))
+        assert type(job.future) is DirectFuture
+        pid = poll_for(lambda: held_pids(gate), message="the call to start")[0]
+        client.cancel(job)
+        with pytest.raises(JobCancelled):
+            job.future.result(30)
+        poll_for(lambda: pid_gone(pid), 15, message="the worker to be stopped")
+        assert on_channel(ex, tasks.square, 8).result(30) == 64
+
+
+def test_a_tls_client_opens_no_channel(tls_node, pki):
+    with Executor(nodes=[tls_node.address], secret=tls_node.secret, cafile=pki["ca"],
+                  certfile=pki["client"], heartbeat=QUIET) as ex:
+        for i in range(5):
+            assert ex.submit(tasks.square, i).result(30) == i * i
+        line = line_of(ex._client)
+        assert line.chan.conn is None and line.chan.opening is None and line.chan.opened == 0
