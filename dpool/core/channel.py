@@ -68,6 +68,7 @@ class ClientChannel:
         self.lost: str | None = None  # ChannelLost's text, until acted on
         self.cut = False            # cut by this client in the middle of a record
         self.waiting: asyncio.TimerHandle | None = None  # ended under a call: notice awaited
+        self.retry: asyncio.TimerHandle | None = None  # the next try, after Busy or a failure
         self.closing: list[Any] = []  # connections closed here, to wait for at the end
         self.calls = 0              # calls answered on channels (tests, benchmarks)
         self.opened = 0             # channels opened (tests)
@@ -150,8 +151,21 @@ class ClientChannel:
         line.offer()
 
     def _later(self) -> None:
+        """Try again after the backoff, at that moment if the client is idle
+        then (lone calls on the parked link are idle moments too: nothing
+        else would come to try), else at the next idle moment after it."""
         self.next_try = self.loop.time() + self.delay
+        if self.retry is not None:
+            self.retry.cancel()
+        self.retry = self.loop.call_later(self.delay, self._try_again)
         self.delay = min(self.delay * 2, RETRY_MAX)
+
+    def _try_again(self) -> None:
+        self.retry = None
+        line, client = self.line, self.client
+        if not line.closed and not client._unfinished and not client._incoming \
+                and line._alone():
+            self.maybe_open(line.link)
 
     def _drop(self, conn: Any, abort: bool = False) -> None:
         conn.abort() if abort else conn.close()
@@ -329,6 +343,8 @@ class ClientChannel:
                 pass
         if self.waiting is not None:
             self.waiting.cancel()
+        if self.retry is not None:
+            self.retry.cancel()
         self.job = None
         self.release()
         closing, self.closing = self.closing, []

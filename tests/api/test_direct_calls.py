@@ -105,13 +105,23 @@ def line_of(client):
     return line
 
 
+def settled(line):
+    """True once the line lends the node's channel, or none will come (TLS,
+    a job environment, refused): no channel opens under a test's call."""
+    client, chan = line.client, line.chan
+    return line.on_chan or chan.refused or client.ssl is not None or client._extended \
+        or not isinstance(line.link.info.get("channel"), str)
+
+
 def parked(client):
     """Wait until a lone call may go direct over TCP (a call on the normal
-    path parks the link again when it ends)."""
+    path parks the link again when it ends), on the node's channel if it
+    offers one (tests/api/test_channel_calls.py)."""
     line = line_of(client)
     for _ in range(50):
         try:
-            poll_for(line.free, timeout=1, message="the link to be parked")
+            poll_for(lambda: line.free() and settled(line), timeout=1,
+                     message="the link to be parked")
             return line
         except AssertionError:
             client.submit(tasks.identity, (0,)).future.result(30)
@@ -735,10 +745,13 @@ def test_a_node_dying_under_a_direct_call(tmp_path):
 
 
 def test_a_heartbeat_tick_takes_a_long_call_over(node, tmp_path):
-    """A call longer than a heartbeat tick: the loop thread reads it on and
-    keeps the heartbeats (a node would drop a silent client)."""
+    """A call longer than a heartbeat tick on the parked link (no channel:
+    as if the node refused one): the loop thread reads it on and keeps the
+    heartbeats (a node would drop a silent client).  (On the node's channel
+    the link is never parked: test_lone_call_faults.py's long call.)"""
     gate = str(tmp_path / "gate")
     with Executor(nodes=[node.address], secret=SECRET, heartbeat=(0.1, 2.0)) as ex:
+        line_of(ex._client).chan.refused = True
         ex.submit(tasks.identity, 0).result(30)
         future = direct_submit(ex, gate_call, gate, "long")
         got = []
