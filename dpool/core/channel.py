@@ -96,7 +96,12 @@ class ClientChannel:
                 or self.line.closed or self.client.ssl is not None or self.client._extended:
             return  # (TLS, or a job environment (JobCluster): no node lends a worker to it)
         token = link.info.get("channel")
-        if not isinstance(token, str) or self.loop.time() < self.next_try:
+        if not isinstance(token, str):
+            return
+        wait = self.next_try - self.loop.time()
+        if wait > 0:  # (too early: then, if the client is idle at that moment)
+            if self.retry is None:
+                self.retry = self.loop.call_later(wait, self._try_again)
             return
         self.recalled_early = False
         self.opening = self.loop.create_task(self._open(link, token))
@@ -155,17 +160,22 @@ class ClientChannel:
         then (lone calls on the parked link are idle moments too: nothing
         else would come to try), else at the next idle moment after it."""
         self.next_try = self.loop.time() + self.delay
-        if self.retry is not None:
-            self.retry.cancel()
-        self.retry = self.loop.call_later(self.delay, self._try_again)
+        if self.retry is None:
+            self.retry = self.loop.call_later(self.delay, self._try_again)
         self.delay = min(self.delay * 2, RETRY_MAX)
 
     def _try_again(self) -> None:
         self.retry = None
+        if self.loop.time() < self.next_try:  # (put off meanwhile)
+            self.retry = self.loop.call_later(self.next_try - self.loop.time(), self._try_again)
+            return
         line, client = self.line, self.client
-        if not line.closed and not client._unfinished and not client._incoming \
-                and line._alone():
-            self.maybe_open(line.link)
+        if line.closed or self.conn is not None or not line._alone():
+            return  # (the next idle moment with the node alone tries: TcpLine._park)
+        if client._unfinished or client._incoming:  # busy now: a moment later
+            self.retry = self.loop.call_later(RETRY_FIRST, self._try_again)
+            return
+        self.maybe_open(line.link)
 
     def _drop(self, conn: Any, abort: bool = False) -> None:
         conn.abort() if abort else conn.close()

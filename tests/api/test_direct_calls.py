@@ -125,7 +125,11 @@ def parked(client):
             return line
         except AssertionError:
             client.submit(tasks.identity, (0,)).future.result(30)
-    raise AssertionError("the node's link was never parked")
+    chan = line.chan
+    raise AssertionError(f"the node's link was never parked (free {line.free()}, "
+                         f"channel: lent {line.on_chan}, open {chan.conn is not None}, "
+                         f"opening {chan.opening is not None}, job {chan.job}, "
+                         f"recalled {chan.recalled}, lost {chan.lost})")
 
 
 def parked_link(executor):

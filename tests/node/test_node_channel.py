@@ -306,3 +306,19 @@ def test_a_tls_node_refuses_a_channel_it_can_never_hand_on(tls_node, pki):
         assert msg is not None and type(msg[0]) is P.Refused, msg
         main.conn.abort()
     run(main())
+
+
+def test_a_session_with_a_job_environment_gets_no_channel(dpool_node, node_secret):
+    """dispy's job environment (files, setup: every JobCluster) keeps its
+    workers from being lent: such a session's channel is Refused (for
+    good), not Busy (the client would try again at each idle moment)."""
+    async def main():
+        port = dpool_node.port
+        main, info = await session(port, node_secret)
+        main.conn.send([P.encode(P.File, 7, "data.txt", 0o644), b"payload"])
+        msg, _ = await main.next(P.Heartbeat)
+        assert type(msg) is P.FileDone and msg.error is None, msg
+        _, answer = await channel(port, node_secret, info["channel"])
+        assert type(answer) is P.Refused and "job environment" in answer.reason, answer
+        main.conn.abort()
+    run(main())
