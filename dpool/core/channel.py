@@ -245,7 +245,7 @@ class ClientChannel:
             return
         if self.lost is not None:
             self._settle_lost()
-        elif self.cut or self.recalled:
+        elif self.cut:  # (cut here: nothing else will tell)
             self._rerun()
         else:  # ChannelLost (its worker died) or the main link's end will say
             self.waiting = self.loop.call_later(self.client.liveness.deadline, self._rerun)
