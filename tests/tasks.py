@@ -279,6 +279,12 @@ def provisional(n):
     return ("final", n)
 
 
+def provisional_then_hold(marker, gate=None):
+    """A provisional result, then :func:`hold`."""
+    dispy_provisional_result("holding")  # noqa: F821
+    return hold(marker, gate)
+
+
 def send_back(name, text):
     with open(name, "w") as f:
         f.write(text)

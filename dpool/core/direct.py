@@ -114,6 +114,10 @@ class DirectLine:
         self.wanted = False  # the loop thread was asked to read while a user thread held the line
         self.closed = False
         self.watched: int | None = None  # the fd the loop thread watches, if any
+        # A call _pass_on let go that the loop thread has not handed to the
+        # session yet (_hand_over), and whether a cancel came meanwhile.
+        self.passing: Any = None
+        self.passing_cancelled = False
 
     # ------------------------------------------------------------ user side
 
@@ -264,6 +268,8 @@ class DirectLine:
         session's again (see _convert), is reported KILLED."""
         with self.lock:
             job, worker = self.job, self.worker
+            if job is None and self.passing is not None:
+                self.passing_cancelled = True  # (cancelled once the session has it)
             if job is None or self.closed:
                 return
             watch = self.owner is None
@@ -426,6 +432,7 @@ class DirectLine:
                 self.sock = None
             else:
                 worker, sock = self._end_lease()
+                self.passing, self.passing_cancelled = job, False
         if not closing and self._in_loop(self._hand_over, job, worker, sock, messages, gone):
             return
         if sock is not None:
@@ -450,9 +457,14 @@ class DirectLine:
         """(loop thread) The call is the session's job now (_pass_on)."""
         self._disarm()
         sock.close()
+        with self.lock:
+            cancelled = self.passing_cancelled
+            self.passing, self.passing_cancelled = None, False
         item = P.RunItem(job.id, job.fn_id, 0, 0, 1)
         if self.client._direct_adopt(job, self.link):
             self.session.take_back(worker, item, gone=gone, messages=messages)
+            if cancelled:  # (a cancel that found it neither here nor there)
+                self.client.cancel(job)
         else:
             self.session.take_back(worker, gone=gone)
 

@@ -94,8 +94,9 @@ class Stopping:
                     pass  # its close callback settles its jobs
 
     def cancel_in_loop(self, job):
-        if self.client._direct is not None and self.client._direct.job is job:
-            self.client._direct.cancel()
+        direct = self.client._direct
+        if direct is not None and (direct.job is job or getattr(direct, "passing", None) is job):
+            direct.cancel()  # (passing: handed to the session meanwhile, see DirectLine)
             return
         incoming = self.client._incoming
         if job.id not in self.jobs and incoming \

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(60)
 
 WARM_UP = {tasks.double: (0,), tasks.echo_outputs: (0,), tasks.fails: (0,),
            tasks.provisional: (0,), tasks.die_or_value: (0,)}
-HOLDING = (tasks.hold, tasks.hold_through_interrupt)
+HOLDING = (tasks.hold, tasks.hold_through_interrupt, tasks.provisional_then_hold)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -133,7 +133,7 @@ def test_cancel_terminates_a_direct_job(tmp_path):
         assert c.submit(str(tmp_path / "m2"), gate)(timeout=30) > 0
 
 
-@pytest.mark.parametrize("fn", HOLDING, ids=["raises", "returns"])
+@pytest.mark.parametrize("fn", HOLDING[:2], ids=["raises", "returns"])
 def test_a_cancelled_direct_job_is_terminated_as_on_the_loop_path(tmp_path, fn):
     """The cancel's KeyboardInterrupt ends the job, whose answer comes on
     the lent worker's socket: it is dropped (the node drops it so on the
@@ -200,6 +200,41 @@ def test_a_direct_job_answered_as_its_cancel_comes_leaves_no_worker_to_be_killed
         assert not (line.free() and worker.killing is not None), \
             "the line's next call goes to a worker being killed"
         assert c.submit(str(tmp_path / "m2"), gate)(timeout=30) > 0
+
+
+def test_a_cancel_that_comes_as_a_direct_job_becomes_the_sessions_is_not_lost(tmp_path):
+    """The job's provisional result makes it the session's (_pass_on): a
+    cancel the loop thread takes between the line letting the call go and
+    the session taking it (_hand_over) finds it on neither; it still
+    stops the job (it ran on to its end, reported Finished)."""
+    with cluster(tasks.provisional_then_hold) as c:
+        marker, gate = str(tmp_path / "m"), str(tmp_path / "gate")
+        line = lent(c)
+        hand_over, handed = line._hand_over, []
+
+        def cancelled_meanwhile(job, *rest):
+            c._client.cancel(job)  # (loop thread: takes effect at once)
+            hand_over(job, *rest)
+            handed.append(job)
+        line._hand_over = cancelled_meanwhile
+        job = direct(c, marker, gate)
+        (pid,), _ = read_marker(marker)
+        reader = threading.Thread(target=job, kwargs={"timeout": 30})
+        reader.start()
+        poll_for(lambda: handed, timeout=30, message="the call handed to the session")
+        stopped = _polled(lambda: pid_gone(pid), timeout=10)  # (else it waits for the gate)
+        open(gate, "w").close()
+        reader.join(30)
+        job(timeout=30)
+        assert stopped and job.status == DispyJob.Terminated and job.result is None
+
+
+def _polled(condition, timeout):
+    try:
+        poll_for(condition, timeout=timeout)
+    except AssertionError:
+        return False
+    return True
 
 
 def test_a_worker_dying_under_a_direct_job():
