@@ -25,8 +25,11 @@ held for a whole batch of results at once.
 Why that is safe: a state change and the check "has anyone made a
 condition?" happen under ``_lock``; a condition is made under ``_lock`` too;
 whoever then waits checks the state under that condition.  So either the
-waiter sees the new state, or the resolver sees the condition and notifies
-it (taking it, which waits until the waiter is waiting).
+waiter sees the new state, or the resolver sees the condition and then
+changes the state under it too, telling the waiters in the same hold, as
+the stdlib does (``wait`` and ``as_completed`` read the states and then
+add their waiter, all under the conditions: a state changed between the
+two, then told, was counted twice).
 """
 import threading
 from concurrent.futures import CancelledError, InvalidStateError, TimeoutError
@@ -159,13 +162,19 @@ class Future(_StdFuture):
         """A future whose job was given back unstarted (a scheduler still
         queued it): cancelled after all (its waiters told); False if it is
         done already."""
-        with _lock:
+        def unstart() -> tuple[str, Any] | None:
             if self._state not in (RUNNING, PENDING):
-                return self._state in _CANCELLED
+                return None
             self._state = CANCELLED_AND_NOTIFIED
-            callbacks, cond = self._take()
-        _notify(self, cond, "add_cancelled")
-        _run(self, callbacks)
+            return "add_cancelled", self._take()[0]
+        with _lock:
+            told = unstart() if self._cond is None else None
+            if told is None and self._cond is None:
+                return self._state in _CANCELLED
+        told = told or _waited(self, unstart)
+        if told is None:
+            return self._state in _CANCELLED
+        _run(self, told[1])
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
@@ -177,9 +186,10 @@ class Future(_StdFuture):
             if state != CANCELLED:
                 LOGGER.critical("Future %s in unexpected state: %s", id(self), state)
                 raise RuntimeError("Future in unexpected state")
-            self._state = CANCELLED_AND_NOTIFIED
-            cond = self._cond
-        _notify(self, cond, "add_cancelled")
+            if self._cond is None:  # nobody waits on it: nobody to tell
+                self._state = CANCELLED_AND_NOTIFIED
+                return False
+        _waited(self, _cancel_told(self))
         return False
 
     def set_result(self, result: Any) -> None:
@@ -208,14 +218,16 @@ def set_running(futures: Iterable[Future], start: bool = True) -> list[Future]:
                 if start:
                     future._state = RUNNING
             elif state == CANCELLED:
-                future._state = CANCELLED_AND_NOTIFIED
-                cancelled.append((future, future._cond))
+                if future._cond is None:  # nobody waits on it: nobody to tell
+                    future._state = CANCELLED_AND_NOTIFIED
+                cancelled.append(future)
             else:
                 LOGGER.critical("Future %s in unexpected state: %s", id(future), state)
                 raise RuntimeError("Future in unexpected state")
-    for future, cond in cancelled:
-        _notify(future, cond, "add_cancelled")
-    return [future for future, _ in cancelled]
+    for future in cancelled:
+        if future._state == CANCELLED:  # (waited on: told under its condition)
+            _waited(future, _cancel_told(future))
+    return cancelled
 
 
 def resolve(outcomes: Iterable[tuple[Future, Any, BaseException | None]],
@@ -224,20 +236,73 @@ def resolve(outcomes: Iterable[tuple[Future, Any, BaseException | None]],
     lock for the batch; then wake its waiters and run its done-callbacks,
     future by future in the order given.  A future already done is skipped
     (``strict``: raises ``InvalidStateError``, as ``set_result`` does)."""
-    after = []
+    after: list[tuple[Future, Any, Any]] = []
     with _lock:
         for future, value, error in outcomes:
             if future._state in _DONE:
                 if strict:
                     raise InvalidStateError(f"{future._state}: {future!r}")
                 continue
+            if future._cond is not None:  # waited on: set under its condition, below
+                after.append((future, value, error))
+                continue
             future._result, future._exception = value, error
             future._state = FINISHED
-            if future._cond is not None or future._done_callbacks is not None:
-                after.append((future, *future._take()))
-    for future, callbacks, cond in after:
-        _notify(future, cond, "add_exception" if future._exception is not None else "add_result")
-        _run(future, callbacks)
+            if future._done_callbacks is not None:
+                after.append((future, _SET, future._take()[0]))
+    for future, value, error in after:
+        if value is _SET:
+            _run(future, error)
+            continue
+        told = _waited(future, _finish(future, value, error, strict))
+        if told is not None:
+            _run(future, told[1])
+
+
+_SET = object()  # (in resolve's list: a future set already, with its callbacks)
+
+
+def _finish(future: Future, value: Any, error: BaseException | None,
+            strict: bool) -> Callable[[], tuple[str, Any] | None]:
+    def finish() -> tuple[str, Any] | None:
+        if future._state in _DONE:
+            if strict:
+                raise InvalidStateError(f"{future._state}: {future!r}")
+            return None
+        future._result, future._exception = value, error
+        future._state = FINISHED
+        return ("add_exception" if error is not None else "add_result"), future._take()[0]
+    return finish
+
+
+def _cancel_told(future: Future) -> Callable[[], tuple[str, Any] | None]:
+    def tell() -> tuple[str, Any] | None:
+        if future._state != CANCELLED:
+            return None
+        future._state = CANCELLED_AND_NOTIFIED
+        return "add_cancelled", None
+    return tell
+
+
+def _waited(future: Future,
+            change: Callable[[], tuple[str, Any] | None]) -> tuple[str, Any] | None:
+    """Make ``change()`` (under _lock: ``(waiter method, callbacks)``, or
+    None if it no longer applies) to a future someone waits on, as the
+    stdlib changes a state: under the future's condition, its waiters told
+    in the same hold.  concurrent.futures.wait and as_completed read the
+    states under the conditions and then install their waiter: a state
+    changed between the two outside the condition was counted done there
+    AND told to the waiter (wait() returned with futures not done)."""
+    cond = future._cond  # (made already: nobody waits on a future without one)
+    assert cond is not None
+    with cond:
+        with _lock:
+            told = change()
+        if told is not None:
+            for waiter in future._wl or ():
+                getattr(waiter, told[0])(future)
+            cond.notify_all()
+    return told
 
 
 def _notify(future: Future, cond: threading.Condition | None, what: str | None) -> None:

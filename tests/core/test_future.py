@@ -218,3 +218,70 @@ def test_set_running_of_a_batch_is_set_running_or_notify_cancel_of_each():
     assert cancelled._state == reference._state == cf._base.CANCELLED_AND_NOTIFIED
     with pytest.raises(RuntimeError):  # as the stdlib's: a running future can't start again
         set_running([pending])
+
+
+class _ResolvedWhileHeld(threading.Condition):
+    """A future's condition: when the waiting thread takes it (as
+    concurrent.futures' _AcquireFutures does, before it reads the state),
+    ``change()`` runs in another thread, which goes as far as it can before
+    it needs this condition (the waiting thread holds it)."""
+
+    def __init__(self, change):
+        super().__init__()
+        self.change, self.thread, self.blocked = change, None, threading.Event()
+        take = self.acquire
+
+        def acquire(*args):
+            got = take(*args)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.change)
+                self.thread.start()
+                assert self.blocked.wait(10), "the change did not come to the condition"
+            return got
+        self.acquire = acquire
+
+    def __enter__(self):
+        if threading.current_thread() is self.thread:
+            self.blocked.set()
+        return super().__enter__()
+
+
+class _Recording(list):
+    """A future's waiter list that remembers every waiter added to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.added = []
+
+    def append(self, waiter):
+        self.added.append(waiter)
+        super().append(waiter)
+
+
+@pytest.mark.parametrize("change", ["resolve", "set_running", "set_running_or_notify_cancel"])
+def test_wait_counts_a_future_once_when_it_changes_as_it_is_waited_on(change):
+    """concurrent.futures.wait reads the futures' states under their
+    conditions, then installs its waiter: a state changed outside the
+    condition between the two (under dpool's own lock) was counted done AND
+    then told to the waiter, so wait() returned with a future not done (and
+    as_completed could yield one twice)."""
+    f, g = Future(), Future()
+    if change != "resolve":
+        f.cancel()
+    run = {"resolve": lambda: resolve([(f, 1, None)]),
+           "set_running": lambda: set_running([f]),
+           "set_running_or_notify_cancel": f.set_running_or_notify_cancel}[change]
+    f._wl, f._cond = [], _ResolvedWhileHeld(run)
+    g._wl, g._cond = _Recording(), threading.Condition()
+    out = []
+    waiting = threading.Thread(target=lambda: out.append(cf.wait([f, g], timeout=10)))
+    waiting.start()
+    try:
+        assert f._cond.blocked.wait(10)
+        f._cond.thread.join(10)  # f's change made and told: g is still pending
+        (waiter,) = g._wl.added
+        assert not waiter.event.is_set(), "wait() was told every future is done, g is not"
+    finally:
+        resolve([(g, 2, None)])
+        waiting.join(10)
+    assert out[0].done == {f, g} and not out[0].not_done
