@@ -207,8 +207,9 @@ class Worker:
         with this message, its record state (handoff.RecordState) is frame
         1.  The worker says it has it (Channel back), serves the client's
         lone calls on it until the client releases it or it ends, then
-        serves the node again (Returned).  What
-        the node sends meanwhile waits on the socketpair."""
+        serves the node again (Returned), without the functions only the
+        channel sent it.  What the node sends meanwhile waits on the
+        socketpair."""
         import socket
 
         from ..transport.handoff import RecordState
@@ -216,10 +217,15 @@ class Worker:
         sock = socket.socket(fileno=self.conn.take_fd())
         channel = BlockingConnection(sock, records=RecordState.unpack(frames[1]))
         self.conn.send([P.encode(P.Channel, "")])  # taken: the node closes its copy
+        known = set(self.fns)
         try:
             self.serve_channel(channel)
         finally:
             channel.close()
+            # (the node never learns of the channel's functions: no Forget
+            # would reach them, and the next channel sends its own)
+            for fn_id in self.fns.keys() - known:
+                del self.fns[fn_id]
         self.conn.send([P.encode(P.Returned)])
 
     def serve_channel(self, channel):

@@ -29,10 +29,11 @@ def _double(x):
 class Setup:
     """A worker thread with its node link, and a channel lent to it."""
 
-    def __init__(self):
+    def __init__(self, fns=()):
         node_side, worker_side = socket.socketpair()
         self.node = BlockingConnection(node_side)
         self.worker = Worker(BlockingConnection(worker_side, fds=True))
+        self.worker.fns.update(fns)   # (functions the node sent it before)
         ours, theirs = socket.socketpair()
         keys = os.urandom(32), os.urandom(32)
         state = RecordState(keys[0], 3, keys[1], 5)         # (as if after other records)
@@ -118,3 +119,27 @@ def test_a_client_gone_mid_call_returns_the_worker(lent):
     assert type(P.decode(lent.node.recv()[0])) is P.Returned
     lent.thread.join(10)
     assert lent.error is None
+
+
+def test_functions_sent_on_a_channel_are_dropped_when_it_ends(monkeypatch):
+    """The node never learns of the functions a client sends on a channel
+    (no Forget reaches them), and each channel the client opens again sends
+    its own (up to tcpline.NODE_FUNCTIONS): kept, they piled up in the
+    worker with every channel it served.  Those the node had sent it stay."""
+    monkeypatch.setattr(reaper, "kill_children", lambda keep: 0)
+    lent = Setup(fns={2: _function_frame()})
+    try:
+        client = lent.client
+        assert type(P.decode(lent.node.recv()[0])) is P.Channel
+        P.decode(client.recv()[0])
+        for fn_id in (1, 2):
+            client.send([P.encode(P.Func, fn_id), _function_frame()])
+            record, frames = _call(client, fn_id, 5, 1, fn_id=fn_id)
+            assert record.outcome == P.Outcome.OK and serialize.loads(frames) == 10
+        client.send([P.encode(P.Release)])
+        assert type(P.decode(lent.node.recv()[0])) is P.Returned
+        lent.thread.join(10)
+        assert lent.error is None
+        assert list(lent.worker.fns) == [2]
+    finally:
+        lent.close()
