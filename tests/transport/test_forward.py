@@ -1,7 +1,11 @@
 """A message relayed as it arrives (transport/forward.py): a decoder's tap
 writes it on as streamed frames, and the receiving decoder rebuilds it, or
 drops it whole when the relay is abandoned, and reads on."""
+import random
+
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from dpool.errors import ProtocolError
 from dpool.transport.forward import Forward
@@ -342,3 +346,62 @@ def test_a_relay_buffer_is_taken_only_past_8_large_reads():
     assert decoder._relay is None
     client = FrameDecoder()
     assert feed_in_pieces(client, dest.wire, 1 << 20) == [[b"HEAD", payload, BIG * 5]]
+
+
+def _read_in_pieces(decoder, data, pieces, relays=()):
+    """Read ``data`` through ``decoder``'s get_buffer/buffer_updated, each
+    read at most the next of ``pieces`` (cycled) bytes, as a socket would;
+    each relayed message's relay is finished as the message is returned
+    (as a node delivers it)."""
+    out, view, i, k = [], memoryview(data), 0, 0
+    while i < len(data):
+        dst = decoder.get_buffer()
+        n = min(len(dst), len(data) - i, pieces[k % len(pieces)])
+        dst[:n] = view[i:i + n]
+        i, k = i + n, k + 1
+        for frames in decoder.buffer_updated(n):
+            out.append(frames)
+            if frames and type(frames[-1]) is Relayed:
+                relays[sum(type(f[-1]) is Relayed for f in out if f) - 1].finish()
+    return out
+
+
+_SIZES = [0, 5, 70_000, MIN_TAP, MIN_TAP + 1, (2 << 20) + 3, (8 << 20) - 1, 8 << 20,
+          (8 << 20) + 1, (9 << 20) + 7]
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.generate])
+@given(sizes=st.lists(st.lists(st.sampled_from(_SIZES), max_size=3), min_size=1, max_size=3),
+       pieces=st.lists(st.integers(4096, 3 << 20), min_size=1, max_size=5),
+       records=st.none() | st.lists(st.integers(1000, RECORD_DATA), min_size=1, max_size=4),
+       seed=st.integers(0, 2**32))
+def test_relayed_messages_split_at_any_boundary_arrive_as_sent(sizes, pieces, records, seed):
+    """Reads and records cut anywhere (the receive buffer's 256 KiB, the
+    relay's 1 MiB pieces past 8 MiB, frame and record ends): each message
+    is relayed, or received, whole and as sent, and nothing is held after."""
+    rng = random.Random(seed)
+    messages = [[b"m%d" % i, *(rng.randbytes(n) for n in frame_sizes)]
+                for i, frame_sizes in enumerate(sizes)]
+    data = b"".join(wire(frames) for frames in messages)
+    dest, source = Dest(), Source()
+    inner, relays = relaying_decoder(dest, source)
+    decoder = inner
+    if records is not None:
+        key, sealed, i, k = bytes(32), bytearray(), 0, 0
+        sealer = Sealer(key)
+        while i < len(data):
+            n = records[k % len(records)]
+            sealed += b"".join(sealer.seal(data[i:i + n]))
+            i, k = i + n, k + 1
+        data, decoder = bytes(sealed), SecureDecoder(inner, key)
+    got = _read_in_pieces(decoder, data, pieces, relays)
+    assert len(got) == len(messages) and not decoder.partial
+    relayed = [m for m, frames in zip(messages, got) if type(frames[-1]) is Relayed]
+    assert [frames for frames in got if type(frames[-1]) is not Relayed] == \
+        [m for m, frames in zip(messages, got) if type(frames[-1]) is not Relayed]
+    assert len(relays) == len(relayed) and inner._relay is None and dest.relay is None
+    client = FrameDecoder()
+    assert _read_in_pieces(client, bytes(dest.wire), pieces[::-1]) == \
+        [[b"HEAD", *m[1:]] for m in relayed]
+    assert not client.partial
