@@ -73,6 +73,7 @@ class ClientChannel:
         self.calls = 0              # calls answered on channels (tests, benchmarks)
         self.opened = 0             # channels opened (tests)
         self.pid: Any = None        # the pid of the channel's worker, as it said
+        self.halted = False         # Halt sent: its worker is stopped whatever it runs then
 
     # ------------------------------------------------------------ opening
 
@@ -80,7 +81,8 @@ class ClientChannel:
         """Whether lone calls may go on the channel now (to be lent)."""
         conn = self.conn
         return conn is not None and self.link is link and not conn.closed \
-            and not self.recalled and self.lost is None and self.job is None
+            and not self.recalled and self.lost is None and self.job is None \
+            and not self.halted
 
     def full(self, fn_id: Any) -> bool:
         """(any thread) Whether ``fn_id`` can't be sent on the channel: a new
@@ -145,6 +147,7 @@ class ClientChannel:
     def _opened(self, conn: Any, link: Any, pid: Any) -> None:
         self.conn, self.link, self.fns, self.pid = conn, link, set(), pid
         self.recalled, self.lost, self.cut, self.delay = False, None, False, RETRY_FIRST
+        self.halted = False
         conn.set_receiver(lambda frames: self._on_message(conn, frames),
                           lambda exc=None: self._on_closed(conn, exc))
         self.opened += 1
@@ -311,8 +314,11 @@ class ClientChannel:
 
     def halt(self, job: Any) -> None:
         """The user cancelled ``job``, the call on the channel: the node
-        stops the channel's worker (ChannelLost then reports it cancelled)."""
+        stops the channel's worker (ChannelLost then reports it cancelled).
+        The node stops it whatever it runs when the Halt comes (the call may
+        end first, its DONE on its way): the channel takes no more calls."""
         if self.job is job and self.link is not None and self.link.conn is not None:
+            self.halted = True
             try:
                 self.link.conn.send([P.encode(P.Halt)])
             except ConnectionClosed:

@@ -13,6 +13,7 @@ import threading
 import pytest
 
 import dpool
+from dpool import protocol as P
 from dpool.core.direct import DirectFuture
 from dpool.errors import WorkerLost
 from dpool.futures import Executor
@@ -217,3 +218,37 @@ def test_a_tls_client_opens_no_channel(tls_node, pki):
             assert ex.submit(tasks.square, i).result(30) == i * i
         line = line_of(ex._client)
         assert line.chan.conn is None and line.chan.opening is None and line.chan.opened == 0
+
+
+def test_a_halt_that_comes_late_stops_no_later_call(node, tmp_path):
+    """A cancelled call's Halt reaches the node after the call ended on the
+    channel (its DONE was on its way): the node stops the channel's worker
+    whatever it runs then.  The channel took the next lone call meanwhile,
+    and that call was lost with the worker (WorkerLost).  A halted channel
+    now takes no more calls: the next goes via the node and keeps its value."""
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
+        client = ex._client
+        line = channeled(client)
+        conn = line.link.conn
+        real_send, held = conn.send, []
+
+        def send(frames):  # (the Halt held back: it reaches the node late)
+            if not held and frames[0] == P.encode(P.Halt):
+                held.append(frames)
+                return
+            real_send(frames)
+        conn.send = send
+        job = client.submit(gate_call, (first, "first"))
+        assert type(job.future) is DirectFuture and line.on_chan
+        poll_for(lambda: held_pids(first), message="the call to start")
+        client.cancel(job)
+        poll_for(lambda: held, message="the Halt")
+        opened(first)                    # the call ends: its DONE comes on the channel
+        poll_for(lambda: job.future.done(), message="the call's end")
+        poll_for(lambda: line.free(), message="the line free again")
+        later = ex.submit(gate_call, second, "second")
+        poll_for(lambda: held_pids(second), message="the next call to start")
+        client.call(lambda: real_send(held[0]))  # the Halt reaches the node now
+        opened(second)
+        assert later.result(30) == "second"
