@@ -310,6 +310,8 @@ class ClientChannel:
         conn, self.conn, self.fns = self.conn, None, set()
         if conn is not None:
             self._drop(conn, abort=True)
+            if self.line.holds_link(self.link):  # (halted: lone calls went on the link,
+                self._later()                    # and nothing else would try again)
         self.line.offer()
 
     def halt(self, job: Any) -> None:

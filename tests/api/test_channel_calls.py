@@ -252,3 +252,7 @@ def test_a_halt_that_comes_late_stops_no_later_call(node, tmp_path):
         client.call(lambda: real_send(held[0]))  # the Halt reaches the node now
         opened(second)
         assert later.result(30) == "second"
+        poll_for(lambda: line.chan.conn is None, message="the halted channel closed")
+        opened_before = line.chan.opened
+        channeled(client)
+        assert line.chan.opened > opened_before
