@@ -162,11 +162,12 @@ class Dispatcher:
         self.workers.append(worker)
         return self.dispatch()
 
-    def forget(self, fn_ids):
-        """The client needs these functions no more."""
+    def forget(self, fn_ids, lent=()):
+        """The client needs these functions no more (``lent``: workers out of
+        the dispatcher's hands that will serve it again, told too)."""
         self.fns.difference_update(fn_ids)
         actions = []
-        for worker in self.workers:
+        for worker in [*self.workers, *lent]:
             gone = [fn_id for fn_id in fn_ids if fn_id in worker.fns]
             if gone and not worker.dead:
                 worker.fns.difference_update(gone)

@@ -547,7 +547,8 @@ class Session(P.Served):
         left here): drop them, and have the workers that loaded them drop them."""
         for fn_id in msg.fn_ids:
             self.fns.pop(fn_id, None)
-        self._act(self.dispatcher.forget(msg.fn_ids))
+        lent = self.channel.worker  # (it reads the Forget once it serves the node again)
+        self._act(self.dispatcher.forget(msg.fn_ids, () if lent is None else (lent,)))
 
     def on_cancel(self, msg, frames):
         self._act(self.dispatcher.cancel(msg.job_ids))

@@ -322,3 +322,27 @@ def test_a_session_with_a_job_environment_gets_no_channel(dpool_node, node_secre
         assert type(answer) is P.Refused and "job environment" in answer.reason, answer
         main.conn.abort()
     run(main())
+
+
+def test_a_forget_while_the_worker_is_lent_reaches_it(dpool_node, node_secret):
+    """The client forgets a function while the worker that loaded it serves
+    the channel: the node told only its other workers, and the lent one
+    kept it for good (each lending kept more), the node still counting it
+    loaded there: a job of the forgotten function ran on it."""
+    async def main():
+        port = dpool_node.port
+        main, info = await session(port, node_secret, cpus=1)   # (getpid loaded)
+        chan, first = await channel(port, node_secret, info["channel"])
+        assert type(first) is P.Ready, first
+        main.conn.send([P.encode(P.Forget, [FN[getpid]])])
+        main.call(40, identity, 1)                  # (queued: the node recalls its worker)
+        msg, _ = await main.next(P.Heartbeat, P.Started)
+        assert type(msg) is P.Recall
+        chan.conn.send([P.encode(P.Release)])
+        assert await chan.next() is None
+        assert (await main.result())[0].job_id == 40
+        main.call(41, getpid, with_func=False)
+        record, _ = await main.result()
+        assert (record.job_id, record.outcome) == (41, P.Outcome.ERROR)
+        main.conn.abort()
+    run(main())
