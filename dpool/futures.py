@@ -296,20 +296,16 @@ def _tracked(chunks, current):
         yield it
 
 
-#: The end of a chunk's results (see :func:`_draining`).
-_END = object()
-
-
 def _draining(chunk):
     """An iterator over a chunk's results (a list, of this map's own) that
     lets go of each result as it is taken, as the stdlib's map does: no
     reference to a result the consumer has dropped stays behind.  (C calls
-    only: the list reversed, popped until the end marker.)"""
+    only: the list reversed, popped as many times as it has items; no end
+    marker, which a result's ``__eq__`` could claim to equal.)"""
     if type(chunk) is not list:
         return iter(chunk)
-    chunk.append(_END)
     chunk.reverse()
-    return iter(chunk.pop, _END)
+    return map(chunk.pop, itertools.repeat(-1, len(chunk)))
 
 
 def _buffered_results(futures, end_time, refill, bar):

@@ -155,6 +155,42 @@ def test_map_keeps_no_reference_to_a_result_once_taken(nodes, chunksize, buffers
         assert taken == 7
 
 
+class EqualToAll:
+    """A result that says it equals anything (as mock.ANY does)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __eq__(self, other):
+        return True
+
+    __hash__ = object.__hash__
+
+
+def make_equal_to_all(n):
+    return EqualToAll(n)
+
+
+def make_array(n):
+    import numpy
+
+    return numpy.array([n, n])
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_gives_every_result_whatever_its_eq_says(chunksize):
+    # The chunk's results were popped until one compared equal to an end
+    # marker (iter(pop, marker)): a result equal to anything ended the map
+    # early, silently; a numpy array's == (an array) raised ValueError.
+    with Executor(2) as executor:
+        got = list(executor.map(make_equal_to_all, range(7), chunksize=chunksize))
+        assert [r.n for r in got] == list(range(7))
+        numpy = pytest.importorskip("numpy")
+        arrays = list(executor.map(make_array, range(5), chunksize=chunksize))
+        assert [a.tolist() for a in arrays] == [[n, n] for n in range(5)]
+        del numpy
+
+
 # ------------------------------------------------- submit at the exit
 
 AT_EXIT_CLIENT = """
