@@ -62,6 +62,11 @@ def set_tcp_options(sock: socket.socket, deadline: float = DEFAULT_DEADLINE) -> 
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
+#: The longest wait the loop asks of its selector, as asyncio's own
+#: (base_events.MAXIMUM_SELECT_TIMEOUT): epoll takes ~24.8 days at most.
+MAX_WAIT = 24 * 3600.0
+
+
 class CountingSelector(selectors.DefaultSelector):
     """The loop's selector, counting its waits: each loop iteration waits
     once, so a stream tells the first message of an iteration from the
@@ -96,10 +101,11 @@ class CountingSelector(selectors.DefaultSelector):
         pass); the wait's timeout, shortened to what they scheduled."""
         after, self._after = self._after, []
         loop = self.loop
-        for callback in after:
+        for i, callback in enumerate(after):
             try:
                 callback()
             except (SystemExit, KeyboardInterrupt):
+                self._after[:0] = after[i + 1:]  # (the rest: when the loop runs again)
                 raise
             except BaseException as exc:  # (as a Handle reports a callback's error)
                 if loop is None:
@@ -109,11 +115,11 @@ class CountingSelector(selectors.DefaultSelector):
                     "exception": exc})
         # (asyncio's own loop state: what the loop's pass computed the
         # timeout from, before these callbacks ran)
-        if self._after or getattr(loop, "_ready", None):
+        if self._after or getattr(loop, "_ready", None) or getattr(loop, "_stopping", False):
             return 0
         scheduled = getattr(loop, "_scheduled", None)
         if scheduled and loop is not None:
-            due = max(0.0, scheduled[0].when() - loop.time())
+            due = min(max(0.0, scheduled[0].when() - loop.time()), MAX_WAIT)
             return due if timeout is None else min(timeout, due)
         return timeout
 

@@ -4,6 +4,7 @@ dpool-node's loop (streams.new_event_loop), not one pass later as
 ``call_soon`` would (issue 11: a loop pass less per job); on any other loop
 it is ``call_soon``."""
 import asyncio
+import socket
 
 import pytest
 
@@ -86,3 +87,70 @@ def test_on_another_loop_it_is_call_soon():
         await asyncio.sleep(0)
         assert order == ["after", "soon"]
     run(main, None)
+
+
+def test_a_long_timer_it_schedules_does_not_end_the_loop():
+    """A callback run after a pass that sets a timer far ahead (a node's
+    --keep-results of a month: a detached session's expiry), with no other
+    timer: the loop waits as asyncio's would (at most a day at a time), it
+    does not die of the wait's OverflowError (epoll takes ~24.8 days at most)."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        r, w = socket.socketpair()
+        got = loop.create_future()
+        loop.add_reader(r, lambda: got.done() or got.set_result(r.recv(1)))
+
+        def far():
+            loop.call_later(30 * 86400, lambda: None)
+            w.send(b"x")  # (woken by I/O: nothing ready, no timer before this one)
+        try:
+            after_pass(far)
+            assert await got == b"x"
+        finally:
+            loop.remove_reader(r)
+            r.close()
+            w.close()
+    run(main, new_event_loop)
+
+
+def test_after_a_keyboardinterrupt_the_rest_run_when_the_loop_runs_again():
+    """A KeyboardInterrupt (or SystemExit) raised by one callback leaves the
+    loop, as a handle's does, and the callbacks after it run when the loop
+    runs again, as asyncio keeps its ready handles: not dropped (a node's
+    flush or a stream's corked bytes never sent, their flag left set)."""
+    loop = new_event_loop()
+    ran = []
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    async def give():
+        after_pass(interrupt)
+        after_pass(lambda: ran.append("rest"))
+
+    async def nothing():
+        return None
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(give())
+        assert ran == []
+        loop.run_until_complete(nothing())
+        assert ran == ["rest"]
+    finally:
+        loop.close()
+
+
+def test_a_stop_it_calls_ends_the_loop_without_waiting():
+    """loop.stop() from a callback run after a pass: the loop ends after
+    this pass, as a stop() from a handle does, not after a wait for I/O or
+    the next timer (here a guard 10 s ahead, which must not be what ends it)."""
+    loop = new_event_loop()
+    waited = []
+    try:
+        loop.call_soon(after_pass, loop.stop)
+        guard = loop.call_later(10, lambda: (waited.append(True), loop.stop()))
+        loop.run_forever()
+        guard.cancel()
+        assert waited == []
+    finally:
+        loop.close()
