@@ -201,7 +201,7 @@ class ClientChannel:
         if conn is not None:
             conn.take_back(messages, error, rest)
         if self.lost is not None:
-            self._settle_lost()
+            self._lost_heard()
         elif self.recalled and self.job is None:
             self.release()
 
@@ -245,6 +245,10 @@ class ClientChannel:
         self.conn, self.fns = None, set()
         self._later()
         if self.job is None or self.line.closed:
+            self.lost = None  # (a ChannelLost heard: the call's DONE came first)
+            if self.waiting is not None:
+                self.waiting.cancel()
+                self.waiting = None
             return
         if self.lost is not None:
             self._settle_lost()
@@ -287,7 +291,19 @@ class ClientChannel:
         line = self.line
         if line.on_chan and not line.reclaim():
             return  # a user thread hands it back (taken_back)
-        self._settle_lost()
+        self._lost_heard()
+
+    def _lost_heard(self) -> None:
+        """(ChannelLost heard, the channel not lent) A call on the channel
+        is settled once the channel's end is read: a DONE its worker sent
+        before it died comes first there (the node closed its copy of the
+        socket before saying ChannelLost), and the call keeps its value."""
+        conn = self.conn
+        if self.job is None or conn is None or conn.closed:
+            self._settle_lost()
+        elif self.waiting is None:  # (_on_closed settles it; this if the end never comes)
+            self.waiting = self.loop.call_later(self.client.liveness.deadline,
+                                                self._settle_lost)
 
     def _settle_lost(self) -> None:
         why, self.lost = self.lost, None

@@ -256,3 +256,38 @@ def test_a_halt_that_comes_late_stops_no_later_call(node, tmp_path):
         opened_before = line.chan.opened
         channeled(client)
         assert line.chan.opened > opened_before
+
+
+def test_a_done_sent_before_the_worker_died_beats_channel_lost(node, tmp_path):
+    """The call ends on the channel (its DONE written there), then the
+    worker dies: the node's ChannelLost (main link) may be read before the
+    DONE (channel).  The call ended: it keeps its value, not WorkerLost."""
+    import fcntl
+    import struct
+    import termios
+
+    gate = str(tmp_path / "gate")
+    with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
+        client = ex._client
+        line = channeled(client)
+        future = on_channel(ex, gate_call, gate, "kept")
+        poll_for(lambda: held_pids(gate), message="the call to start")
+        with pytest.raises(TimeoutError):
+            future.result(timeout=0.01)           # the loop thread reads it from here
+        chan = line.chan
+        poll_for(lambda: chan.job is not None, message="the loop thread to take the call")
+        conn, pid = chan.conn, chan.pid
+        client.call(conn.pause_reading)           # (the DONE stays in the socket)
+        sock = conn._stream.get_extra_info("socket")
+
+        def unread():
+            got = fcntl.ioctl(sock.fileno(), termios.FIONREAD, struct.pack("i", 0))
+            return struct.unpack("i", got)[0]
+        opened(gate)
+        poll_for(lambda: unread() > 0, message="the DONE to reach the client")
+        os.kill(pid, signal.SIGKILL)
+        poll_for(lambda: chan.lost is not None or future.done(),
+                 message="the ChannelLost to be read")
+        client.call(conn.resume_reading)
+        assert future.result(30) == "kept"
+        assert on_channel(ex, tasks.square, 9).result(30) == 81
