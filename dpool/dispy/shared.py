@@ -22,11 +22,18 @@ from concurrent.futures import Future, TimeoutError
 
 from .. import protocol as P
 from ..config import scheduler_address
-from .cluster import JobCluster
+from .cluster import JobCluster, by_dispys_order
 from .depends import file_entry
 from .model import ClusterStatus, DispyNode, NodeAllocate, resolve_host
 
 log = logging.getLogger("dpool")
+
+#: SharedJobCluster's parameters after ``cluster_status``, in dispy 4.15's
+#: order: what a program passing them by position means.
+DISPY_SHARED_ORDER = ("host", "dispy_port", "client_port", "scheduler_host", "ext_host",
+                      "ip_addr", "ext_ip_addr", "loglevel", "callback", "setup", "cleanup",
+                      "dest_path", "poll_interval", "reentrant", "exclusive", "secret",
+                      "keyfile", "certfile", "recover_file")
 
 
 class SharedJobCluster(JobCluster):
@@ -38,24 +45,26 @@ class SharedJobCluster(JobCluster):
     dispy: it starts once no other client uses the scheduler (waiting up to
     its connect timeout), and other clients wait until it closes."""
 
-    def __init__(self, computation, nodes=None, depends=[], callback=None,  # noqa: B006 (dispy's)
-                 cluster_status=None, ip_addr=None, port=None, scheduler_host=None,
-                 scheduler_port=None, ext_ip_addr=None, loglevel=logging.INFO, setup=None,
-                 cleanup=True, dest_path=None, poll_interval=None, reentrant=False,
-                 exclusive=False, secret="", keyfile=None, certfile=None, recover_file=None,
-                 **options):
+    def __init__(self, computation, nodes=None, depends=(), job_status=None,
+                 cluster_status=None, *args, **kwargs):
+        # (past cluster_status, arguments given by position are dispy's, in
+        # dispy's order; the rest are keywords, dpool's included)
+        self._init_shared(computation, nodes, depends, job_status, cluster_status,
+                          **by_dispys_order("SharedJobCluster", DISPY_SHARED_ORDER, args,
+                                            kwargs))
+
+    def _init_shared(self, computation, nodes, depends, job_status, cluster_status, *,
+                     scheduler_host=None, scheduler_port=None, exclusive=False,
+                     client_port=None, port=None, **options):
+        # client_port, port (dispy's: where the client takes the scheduler's
+        # messages): none here, the client connects out to the scheduler.
         self._exclusive = bool(exclusive)
         self._replies = {}  # node call id -> (scheduler link, Future of its NodeReply)
         self._call_ids = itertools.count(1)
         self._only_nodes = _node_patterns(nodes)
         host, sport = scheduler_address(scheduler_host, scheduler_port)
-        super().__init__(computation, nodes=[NodeAllocate(host, sport)], depends=depends,
-                         callback=callback, cluster_status=cluster_status, ip_addr=ip_addr,
-                         ext_ip_addr=ext_ip_addr, loglevel=loglevel, setup=setup,
-                         cleanup=cleanup, dest_path=dest_path, poll_interval=poll_interval,
-                         reentrant=reentrant, secret=secret, keyfile=keyfile,
-                         certfile=certfile, node_port=sport, recover_file=recover_file,
-                         **options)
+        self._init(computation, [NodeAllocate(host, sport)], depends, job_status,
+                   cluster_status, node_port=sport, **options)
 
     # ------------------------------------------------- the nodes behind the scheduler
 

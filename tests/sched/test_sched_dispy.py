@@ -2,6 +2,7 @@
 scheduler are the cluster's nodes (submit_node, status, node_jobs,
 cluster_status callbacks), on loopback (three dpool-nodes on 127.0.0.2-4)."""
 import collections
+import os
 import threading
 
 import pytest
@@ -176,3 +177,44 @@ def test_a_job_started_then_lost_with_its_scheduler_is_let_go(tmp_path, three_no
             cluster.close(timeout=5, terminate=True)
     finally:
         sched.kill()
+
+
+def working_folder(_):
+    import os
+
+    return os.getcwd()
+
+
+def test_arguments_by_position_are_dispys(scheduler):
+    # dispy 4.15's SharedJobCluster(computation, nodes, depends, job_status,
+    # cluster_status, host, dispy_port, client_port, scheduler_host, ext_host,
+    # ip_addr, ext_ip_addr, loglevel, callback, setup, cleanup, dest_path,
+    # poll_interval, reentrant, exclusive, secret, keyfile, certfile,
+    # recover_file): past cluster_status they were taken in an older order
+    # (ip_addr, port, scheduler_host, scheduler_port, ...: the ninth,
+    # scheduler_host, as the scheduler's port), and client_port was refused.
+    seen = []
+    args = [None, None, 9700, "127.0.0.1", None, None, None, None, None, None, True,
+            "dpool-test/shared-positional", None, False, False, SECRET]
+    cluster = dpool.SharedJobCluster(working_folder, None, [],
+                                     lambda job: seen.append(job.status), None, *args,
+                                     scheduler_port=scheduler.port)
+    try:
+        job = cluster.submit(0)
+        cwd = job(timeout=30)
+        assert cwd and cwd.endswith(os.path.join("dpool-test", "shared-positional")), job.exception
+        poll_for(lambda: dpool.DispyJob.Finished in seen, message="job_status called")
+    finally:
+        cluster.close()
+    with pytest.raises(TypeError, match="multiple values for argument 'secret'"):
+        dpool.SharedJobCluster(working_folder, None, [], None, None, *args, secret=SECRET,
+                               scheduler_port=scheduler.port)
+    with pytest.raises(TypeError, match="at most 24 positional"):
+        dpool.SharedJobCluster(working_folder, None, [], None, None, *args, None, None, None,
+                               None, scheduler_port=scheduler.port)
+    cluster = dpool.SharedJobCluster(nap_for, scheduler_host="127.0.0.1", client_port=9700,
+                                     scheduler_port=scheduler.port, secret=SECRET, loglevel=None)
+    try:
+        assert cluster.submit(0.01)(timeout=30) == 0.01
+    finally:
+        cluster.close()
