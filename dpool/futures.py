@@ -172,10 +172,11 @@ class Executor(_cf.Executor):
             if bar is not None:
                 bar.close()
             raise
+        revoke = self._client.revoke
         if buffersize is None:
-            return _Results.of(_chained_results(futures, end_time))
+            return _Results.of(_chained_results(futures, end_time, revoke))
         return _Results.of(_buffered_results(futures, end_time,
-                                             self._refiller(fn, mode, chunks, bar), bar))
+                                             self._refiller(fn, mode, chunks, bar), bar, revoke))
 
     def _submit_chunks(self, fn, mode, chunks, limit, bar):
         """Submit ``limit`` (None: all) chunks; their futures (none submitted
@@ -308,7 +309,7 @@ def _draining(chunk):
     return map(chunk.pop, itertools.repeat(-1, len(chunk)))
 
 
-def _buffered_results(futures, end_time, refill, bar):
+def _buffered_results(futures, end_time, refill, bar, revoke):
     """Yield each chunk's results in order, submitting one more chunk
     (``refill``) each time one is taken; cancel the rest on an early stop."""
     pending = collections.deque(futures)
@@ -320,13 +321,12 @@ def _buffered_results(futures, end_time, refill, bar):
                 pending.append(future)
             yield _result(pending.popleft(), end_time)
     finally:
-        for future in pending:
-            future.cancel()
+        _cancel_rest(pending, revoke)
         if bar is not None:
             bar.close()
 
 
-def _chained_results(futures, end_time):
+def _chained_results(futures, end_time, revoke):
     """Yield each chunk's results in order; cancel the rest if the consumer
     stops early or a wait times out (as the stdlib does)."""
     futures.reverse()
@@ -334,5 +334,13 @@ def _chained_results(futures, end_time):
         while futures:
             yield _result(futures.pop(), end_time)
     finally:
-        for future in futures:
-            future.cancel()
+        _cancel_rest(futures, revoke)
+
+
+def _cancel_rest(futures, revoke):
+    """Cancel the calls not started (the stdlib's map does on an early stop):
+    those a node holds unstarted (sent ahead: their futures run from the
+    send) are asked back (``revoke``) and cancelled as they come back."""
+    sent = [future for future in futures if not future.cancel() and not future.done()]
+    if sent:
+        revoke(sent)

@@ -127,6 +127,7 @@ class Client:
         self._ids = itertools.count(1)
         self._incoming: collections.deque[Job] = collections.deque()  # (not a tuple per job)
         self._cancel_early: set[int] = set()  # ids cancelled before the loop took them in
+        self._revoked: set[int] = set()  # ids asked back to be cancelled (Stopping.revoke)
         self._wake_pending = False
         self._unfinished = set()  # futures not yet resolved (for close/wait)
         self._idle = threading.Condition(threading.Lock())  # notified when that set empties
@@ -282,6 +283,9 @@ class Client:
 
     def cancel_queued(self):
         self.stopping.cancel_queued()
+
+    def revoke(self, futures):
+        self.stopping.revoke(futures)
 
     def close(self, wait=True, cancel=False, timeout=None):
         self.stopping.close(wait, cancel, timeout)
@@ -644,6 +648,8 @@ class Client:
     def _finish(self, job, status, value=None, error=None):
         if job is None:
             return
+        if self._revoked:  # (it started after all, or came back)
+            self._revoked.discard(job.id)
         job.status = status
         job._frames = job.blob = None  # (the slot: no property call per job)
         job.value, job.error = value, error

@@ -162,6 +162,7 @@ class NodeEvents:
 
     def on_giveback(self, link, msg, frames):
         """Jobs the node did not run (we reclaimed them, or it is draining)."""
+        revoked = self.client._revoked
         for job_id in msg.job_ids:
             job = self.jobs.get(job_id)
             if job is None or not self.scheduler.current(link, job_id):
@@ -169,10 +170,11 @@ class NodeEvents:
             link.in_flight.discard(job_id)
             if link.fns.get(job.fn_id):
                 link.fns[job.fn_id] -= 1
-            if self.client._cancel_queued:  # shutdown(cancel_futures=True): never started
-                job.future._unstart()
+            if self.client._cancel_queued or job_id in revoked:  # never started
+                job.future._unstart()  # (shutdown(cancel_futures=True), Stopping.revoke)
         self.client._act(self.scheduler.given_back(link, msg.job_ids, time.monotonic(),
-                                            cancel=self.client._cancel_queued))
+                                            cancel=self.client._cancel_queued,
+                                            cancelled=revoked))
 
     def on_draining(self, link, msg, frames):
         log.info("node %s is shutting down: no new jobs go there (its running jobs have "

@@ -38,7 +38,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
-from collections.abc import Hashable, Iterable
+from collections.abc import Container, Hashable, Iterable
 from ..errors import NodeLost
 from ..records import Record, Value
 
@@ -322,10 +322,10 @@ class Scheduler:
         return self._dispatch()
 
     def given_back(self, node: Node, job_ids: list[JobId], now: float = 0.0,
-                   cancel: bool = False) -> list[Action]:
+                   cancel: bool = False, cancelled: Container[JobId] = ()) -> list[Action]:
         """``node`` gave these jobs back unstarted (a Reclaim's answer, or
-        it is draining): they go to the front of the queue (``cancel``:
-        they are cancelled instead)."""
+        it is draining): they go to the front of the queue (``cancel``, or
+        those in ``cancelled``: they are cancelled instead)."""
         state = self.nodes.get(node)
         actions: list[Action] = []
         if state is not None and len(job_ids) >= state.reclaiming:
@@ -338,7 +338,7 @@ class Scheduler:
                 state.inflight.discard(job_id)
             job.node = None
             job.returned += 1  # it never ran: not a retry (its next dispatch is a new attempt)
-            if job.cancelling or cancel:
+            if job.cancelling or cancel or job_id in cancelled:
                 del self.jobs[job_id]
                 actions.append(Cancelled(job_id))
             elif job.adopted:  # nothing here to send it with

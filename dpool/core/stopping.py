@@ -93,6 +93,33 @@ class Stopping:
                 except ConnectionClosed:
                     pass  # its close callback settles its jobs
 
+    def revoke(self, futures):
+        """(any thread) Cancel these futures' jobs that a node holds unstarted
+        (sent ahead: their futures run from the send), as closing
+        Executor.map's iterator cancels the calls not started: each node
+        holding some gives back those beyond one per CPU (Reclaim, with
+        those waiting in workers); these are cancelled as they come back,
+        the others go out again.  Those started finish."""
+        try:
+            self.loop.call_soon_threadsafe(self._revoke, {id(future) for future in futures})
+        except RuntimeError:
+            pass  # closed already: nothing runs them any more
+
+    def _revoke(self, wanted):
+        jobs = self.jobs
+        for link in self.client.links:
+            if not link.ready or link.info.get("scheduler"):  # (its futures start on a start)
+                continue
+            ids = [job_id for job_id in link.in_flight
+                   if job_id in jobs and id(jobs[job_id].future) in wanted]
+            count = len(link.in_flight) - link.cpus
+            if ids and count > 0:
+                self.client._revoked.update(ids)
+                try:
+                    link.conn.send([P.encode(P.Reclaim, count, True)])
+                except ConnectionClosed:
+                    pass  # its close callback moves its jobs
+
     def cancel_in_loop(self, job):
         direct = self.client._direct
         if direct is not None and (direct.job is job or getattr(direct, "passing", None) is job):

@@ -214,6 +214,30 @@ def test_map_closed_early_cancels_the_rest(make, tmp_path):
         assert len(f.readlines()) < 10  # a call or two may have started, not the 40
 
 
+def test_map_closed_early_cancels_the_calls_sent_ahead(make, kind, tmp_path):
+    """Calls a node holds unstarted count as not started: after a quick
+    first call the client sends the rest ahead (its read-ahead grows as
+    calls get shorter), and closing the iterator cancels those too, as the
+    stdlib's map cancels the calls not started (at most one per worker
+    more than those running may start, as the stdlib's call queue)."""
+    if kind == "stdlib":
+        pytest.skip("dpool's read-ahead: the stdlib queues max_workers + 1 calls")
+    executor = make(1)
+    assert list(executor.map(abs, range(-100, 0))) == list(range(100, 0, -1))  # (short calls:
+    log, first, rest = (str(tmp_path / name) for name in ("log", "first", "rest"))  # a read-ahead)
+    open(first, "w").close()
+    results = executor.map(tasks.count_and_hold, [log] * 40, [first] + [rest] * 39)
+    next(results)
+    links = executor._client.links
+    poll_for(lambda: sum(len(link.in_flight) for link in links) > 3,
+             message="more calls sent ahead to the node than one running and one held")
+    results.close()
+    open(rest, "w").close()
+    executor.shutdown(wait=True)
+    with open(log) as f:
+        assert len(f.readlines()) <= 3  # the first, the one running, the one held next
+
+
 # --------------------------------------------------------------- exceptions
 
 def test_exception_keeps_type_and_remote_traceback(executor):
