@@ -30,8 +30,10 @@ def outcome_of(outcome, payload):
             if len(payload) == 1:
                 return FINISHED, _loads(payload[0]), None
             return FINISHED, serialize.loads(payload), None
-        except KeyboardInterrupt:
-            raise
+        except KeyboardInterrupt as exc:
+            if threading.current_thread() is threading.main_thread():
+                raise  # (a Ctrl-C while a direct call's answer was read)
+            return TERMINATED, None, exc  # (the loop thread must go on)
         except BaseException as exc:  # e.g. the result's class is not importable
             # here, or its __reduce__ calls sys.exit: the job's error either way
             return TERMINATED, None, exc

@@ -58,6 +58,33 @@ def test_a_result_that_exits_when_unpickled_fails_its_future(nodes):
         assert executor.submit(double, 21).result(timeout=RESULT) == 42
 
 
+def _interrupt():
+    raise KeyboardInterrupt("raised by a result's unpickling")
+
+
+class InterruptsWhenUnpickled:
+    """A result whose unpickling (in the client) raises KeyboardInterrupt."""
+
+    def __reduce__(self):
+        return _interrupt, ()
+
+
+def return_interrupting():
+    return InterruptsWhenUnpickled()
+
+
+def test_a_result_that_interrupts_when_unpickled_fails_its_future(nodes):
+    # As the stdlib's manager thread takes any BaseException from a result's
+    # unpickling: the KeyboardInterrupt (not a Ctrl-C: raised in the client's
+    # loop thread) was re-raised there, ending the loop thread: the future
+    # never resolved and the executor took no more work.
+    with Executor(1, **nodes) as executor:
+        future = executor.submit(return_interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            future.result(timeout=RESULT)
+        assert executor.submit(double, 21).result(timeout=RESULT) == 42
+
+
 def test_a_pool_result_that_exits_when_unpickled_fails_its_get(nodes):
     with dpool.Pool(1, **nodes) as pool:
         with pytest.raises(SystemExit):
