@@ -45,7 +45,7 @@ from .stopping import Stopping
 from .tcpline import NODE_FUNCTIONS, TcpLine
 from .future import DONE, STARTED, Future, resolve, set_running
 from .job import (ABANDONED, CANCELLED, CREATED, FINISHED, RUNNING,  # noqa: F401 (API)
-                  TERMINATED, Job, _FunctionTable, outcome_of)
+                  TERMINATED, _KILLED, Job, _FunctionTable, count_killed, outcome_of)
 from .links import Links, NodeLink, client_hello, describe, tls_context  # noqa: F401 (API)
 from .loopthread import LoopThread, _fork_zygote
 from .nodeevents import SCHEDULER_DEPTH, NodeEvents, ready_info  # noqa: F401 (API)
@@ -643,6 +643,8 @@ class Client:
                 job.start_time, job.end_time, job.stdout, job.stderr = start, end, stdout, stderr
                 link.jobs_done += 1
                 link.cpu_time += duration
+            elif outcome == _KILLED:
+                count_killed(link, job)
             self._finish(job, *outcome_of(outcome, payload))
 
     def _finish(self, job, status, value=None, error=None):

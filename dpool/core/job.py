@@ -6,6 +6,7 @@ import pickle
 import threading
 import time
 import weakref
+from typing import Any
 
 from .. import serialize
 from ..errors import JobCancelled
@@ -21,6 +22,16 @@ _OK, _ERROR, _CANCELLED, _KILLED = map(int, (Outcome.OK, Outcome.ERROR, Outcome.
 # Job states (dispy's names; the dispy adapter exposes them as DispyJob.X).
 CREATED, RUNNING, FINISHED, CANCELLED, TERMINATED, ABANDONED = (
     "Created", "Running", "Finished", "Cancelled", "Terminated", "Abandoned")
+
+
+def count_killed(link: Any, job: "Job") -> None:
+    """``job`` was cancelled as it ran on ``link``'s node: done there, as
+    dispy counts a Terminated job (print_status), with its time up to now
+    when its start was told (notify_start)."""
+    link.jobs_done += 1
+    if job.start_time is not None:
+        job.end_time = time.time()
+        link.cpu_time += max(0.0, job.end_time - job.start_time)
 
 
 def outcome_of(outcome, payload):

@@ -51,6 +51,28 @@ def test_status_and_print_status(dpool_node, capsys):
         assert [job.id for job in jobs] == sorted(job.id for job in jobs)  # numbered like dispy
 
 
+
+@pytest.mark.parametrize("job_status", [None, lambda job: None])
+def test_print_status_counts_a_job_cancelled_while_running(dpool_node, tmp_path, capsys,
+                                                           job_status):
+    # dispy counts a Terminated job as done on its node (jobs_done, cpu_time),
+    # as provisional_results.py's and longrun.py's print_status() show; its
+    # time is known when the node tells the job's start (callbacks)
+    marker = str(tmp_path / "running")
+    with cluster_on(dpool_node, tasks.hold, job_status=job_status) as cluster:
+        job = cluster.submit(marker)
+        read_marker(marker)
+        assert cluster.cancel(job) == 0
+        job(timeout=10)
+        assert job.status == DispyJob.Terminated
+        (node,) = cluster.status().nodes
+        assert node.jobs_done == 1 and node.busy == 0
+        assert node.cpu_time > 0 if job_status else node.cpu_time == 0
+        cluster.print_status()
+        row = [line for line in capsys.readouterr().out.splitlines() if "127.0.0.1" in line]
+        assert row and row[0].split("|")[2].strip() == "1"
+
+
 # ---------------------------------------------------------------- 2. callbacks
 
 def test_callbacks_see_node_and_job_transitions_in_order(dpool_node):
