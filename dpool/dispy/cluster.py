@@ -388,8 +388,8 @@ class JobCluster:
         """Loop thread, as a job ends (before its waiters wake)."""
         self._jobs.discard(job)
         if self._program is not None:  # a program's output is bytes, as dispy's
-            core_job.stdout = (core_job.stdout or "").encode()
-            core_job.stderr = (core_job.stderr or "").encode()
+            core_job.stdout = (core_job.stdout or "").encode(errors="surrogateescape")
+            core_job.stderr = (core_job.stderr or "").encode(errors="surrogateescape")
         if self._recover is not None:
             job.track_id(None)
             self._recover.done(core_job.id)  # received: recover_jobs leaves it out

@@ -57,6 +57,18 @@ def test_a_python_program_computation_runs_with_the_nodes_python(dpool_node, tmp
         assert job.stdout == b"args 3 x\n" and job.stderr == b""
 
 
+def test_a_programs_output_is_its_bytes_as_they_were(dpool_node, tmp_path):
+    # dispy's job.stdout is the program's bytes; bytes not UTF-8 came back
+    # as U+FFFD (decoded with errors="replace" on the node, then encoded).
+    prog = tmp_path / "latin.py"
+    prog.write_text("import sys\nsys.stdout.buffer.write(b'caf\\xe9 \\xff\\n')\n"
+                    "sys.stderr.buffer.write(b'\\x80 ok')\n")
+    with cluster_on(dpool_node, str(prog)) as cluster:
+        job = cluster.submit()
+        assert job(timeout=30) == 0, job.exception
+        assert job.stdout == b"caf\xe9 \xff\n" and job.stderr == b"\x80 ok"
+
+
 UNCLOSED_CLIENT = """
 import sys, time
 import dpool as dispy

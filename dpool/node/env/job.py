@@ -113,8 +113,9 @@ def run_program(program, *args):
         path = program
     proc = subprocess.run([*_interpreter(path), path, *args], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    sys.stdout.write(proc.stdout.decode(errors="replace"))
-    sys.stderr.write(proc.stderr.decode(errors="replace"))
+    # (bytes not UTF-8 kept as surrogates: the client gives back the bytes)
+    sys.stdout.write(proc.stdout.decode(errors="surrogateescape"))
+    sys.stderr.write(proc.stderr.decode(errors="surrogateescape"))
     return proc.returncode
 
 
