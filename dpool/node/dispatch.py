@@ -18,8 +18,10 @@ Policies:
 - A job waiting inside a worker (behind the one it runs) is not out of
   reach: ``ask_back`` (a client's Reclaim, a drain) and ``cancel`` ask the
   worker not to start it (:class:`Revoke`); the worker answers with the ones
-  it dropped unstarted (:meth:`Dispatcher.revoked`), and a job it had
-  started meanwhile just ends as usual.  Until the answer the job counts as
+  it dropped unstarted (:meth:`Dispatcher.revoked`), ahead of the result of
+  the job before them, and a job it had started meanwhile just ends as
+  usual: a held job first in its worker (the result before it taken) with
+  no answer has started.  Until the answer the job counts as
   the worker's (a worker that dies requeues it once, with the rest).
 - Each job goes to the worker with the fewest jobs; a worker about to reach
   its ``max_tasks`` gets no more than it will run.
@@ -31,9 +33,9 @@ Policies:
   ``interrupt`` the job may end before the kill, and the next must not
   start there); so has one asked back once it is first in its worker (it
   may have started: no answer comes then); one waiting inside a worker is reported at once and
-  its result, when it comes, dropped (a *ghost*); if its worker's answer
-  is not a GiveBack but the result of the job before it (the worker had
-  started it), it is stopped as a running one too (``stop_started``).
+  its result, when it comes, dropped (a *ghost*); if the result of the job
+  before it comes with no GiveBack of it ahead (the worker had started it),
+  it is stopped as a running one too (``stop_started``).
 - Jobs in the queue can be handed back (``give_back``): the client moves
   them to a node with a free CPU, or away from a draining node; those
   waiting inside workers follow once the workers drop them (``ask_back``).
@@ -55,7 +57,7 @@ MAX_DEPTH = 32
 # left out sleep(0.05), which measures a little over).  A job held so can
 # be cancelled or taken back unstarted (Revoke), but it can no longer move
 # to a CPU that frees elsewhere: a worker reads the node's messages only
-# between jobs, so what it gives back comes when it would start anyway.
+# as a job ends, so what it gives back comes when it would start anyway.
 PREFETCH_JOB = 0.1
 
 # Why a job is asked back (Dispatcher.revoking): for the client, cancelled
@@ -227,9 +229,9 @@ class Dispatcher:
                 if revoking is _BACK:
                     self.revoking[job_id] = _CANCEL
             elif worker.outstanding[0] == job_id:
-                # (asked back too, and the job before it ended: the worker
-                # started it unless its answer is on the way; a started job
-                # gets none, so it is stopped as a running one)
+                # (asked back too, and the job before it ended with no
+                # GiveBack of it ahead of its result: the worker started it,
+                # so it is stopped as a running one)
                 if revoking is _BACK:
                     self.revoking[job_id] = _CANCEL
                 if worker.dead:  # its exit reports it (worker_exited)
@@ -257,8 +259,9 @@ class Dispatcher:
 
     def cancelled_unanswered(self, worker):
         """True if ``worker``'s first job was cancelled while it waited
-        there and the worker has not answered the Revoke: it may have
-        started it (the Cancel came after the worker's check)."""
+        there and the worker has not answered the Revoke: once the result
+        before it is taken, it has started (a worker sends its GiveBack
+        ahead of that result; the Cancel came after the worker's check)."""
         outstanding = worker.outstanding
         return bool(outstanding) and self.revoking.get(outstanding[0]) in (_GHOST, _CANCEL)
 
@@ -377,8 +380,9 @@ class Dispatcher:
         actions = []
         if worker.killing is not None and worker.killing != worker.outstanding[0] \
                 and self.revoking.get(worker.outstanding[0]) is _BACK:
-            # Killed for a job it gave back after all (stop_started, the
-            # GiveBack late): its first job now is one held behind that one
+            # Killed for a job it gave back after all (stop_started, a
+            # GiveBack after the result before it: a worker of ours sends it
+            # ahead; kept as a defence): its first job now is one held behind that one
             # and asked back for the kill, not cancelled: requeued as they are.
             return self._requeue_held(worker, actions)
         running = worker.outstanding.popleft()

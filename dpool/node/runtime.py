@@ -72,10 +72,6 @@ from .zygote import Zygote, describe_exit
 log = logging.getLogger("dpool.node")
 
 MAX_INTERRUPT_GRACE = 30.0  # seconds a cancelled job may take to clean up, at most
-# Seconds a node waits for a worker's GiveBack of a job cancelled while it
-# waited there, once the result before it came (the worker sends it right
-# after): none by then, the worker had started it, and is killed.
-GIVEBACK_WAIT = 0.005
 MIN_PULSE = 0.1  # seconds: the shortest pulse_interval a session may ask for (as dispy)
 _OUTCOMES = {Outcome.OK: "done", Outcome.ERROR: "raised", Outcome.WORKER_LOST: "worker lost",
              Outcome.CANCELLED: "cancelled", Outcome.KILLED: "killed"}
@@ -799,18 +795,10 @@ class Session(P.Served):
             if outstanding[0] not in self.dispatcher.revoking:
                 self._starts(outstanding[0])
             elif self.dispatcher.cancelled_unanswered(worker):
-                self._check_cancelled_start(worker)
-
-    def _check_cancelled_start(self, worker):
-        """The worker's first job was cancelled while it waited there, and
-        the result before it came without its GiveBack: the worker has
-        started it unless the GiveBack is on its way (sent right after that
-        result).  Given GIVEBACK_WAIT for it, then stopped as a running
-        job (Dispatcher.stop_started)."""
-        def check():
-            if not self.ended:
+                # Cancelled while it waited there, and the result before it
+                # came without its GiveBack (a worker sends that first): the
+                # worker has started it; stopped as a running job.
                 self._act(self.dispatcher.stop_started(worker))
-        asyncio.get_running_loop().call_later(GIVEBACK_WAIT, check)
 
     def _ran(self, job_id):
         """A result came for ``job_id``: if it had been asked back, its

@@ -10,8 +10,10 @@
                                 ◄──  DONE [Result(job_id, outcome, start, end,
                                               stdout, stderr, n)] + payloads
     CANCEL [job_id] (not started yet) ──► dropped when it comes up
-                                ◄──  GIVEBACK [job_id]  (one that did start
-                                     just ends: its DONE comes as usual)
+                                ◄──  GIVEBACK [job_id]  sent before the DONE of
+                                     the job before it (one whose CANCEL came
+                                     after that DONE starts: its DONE comes as
+                                     usual)
 
 A worker is forked by the zygote (:mod:`dpool.node.zygote`) with one end of a
 socketpair; its only peer is its node.  It runs in its own process group so
@@ -98,8 +100,8 @@ class Worker:
                          P.Forget: self.on_forget, P.Cancel: self.on_cancel,
                          P.Setup: self.on_env, P.Env: self.on_env, P.Cleanup: self.on_env,
                          P.Channel: self.on_channel}
-        self.revoked = set()  # jobs received, not started, that the node asked back
-        self.backlog = collections.deque()  # (msg, frames) read while looking for those
+        self.given_back = set()  # jobs received, not started, given back to the node
+        self.backlog = collections.deque()  # (msg, frames) read while looking for Cancels
 
     def serve(self):
         recv = self.conn.recv
@@ -115,30 +117,41 @@ class Worker:
 
     def on_cancel(self, msg, frames):
         """The node asks back jobs it gave this worker (Cancel), read while
-        idle: every job received has started, nothing to drop.  (Those read
-        before a job starts are taken by _asked_back.)"""
+        idle or between batches: every job received is started or given
+        back already, nothing to drop.  (Those read as a job ends are taken
+        by _give_back.)"""
 
-    def _asked_back(self, job_id):
-        """Whether the node asked ``job_id`` back before it starts (a job
-        held here behind the one running: the node gives it to a client
-        that needs it, or it was cancelled).  What the node sent meanwhile
-        is read first, without blocking: its Cancels taken, the rest kept
-        for after the jobs in hand.  A Cancel that comes later finds the
-        job started; the node then gets its result as usual."""
+    def _give_back(self, jobs, after):
+        """A job has ended, its result not sent yet: the jobs held here (those
+        of ``jobs``, the batch's items, from index ``after``, and those of
+        the Runs read meanwhile) that the node asked back (Cancel) are given
+        back now, AHEAD of that result, in their own GiveBack.  So the node,
+        which reads in order, knows when it takes the result that a held job
+        it asked back and got no GiveBack for has started (a Cancel read
+        after the result went out comes too late: that job starts): no wait,
+        no guess.  What else the node sent meanwhile is kept for after the
+        jobs in hand.  One non-blocking check (a poll) per job."""
         conn = self.conn
-        if conn.take_in():
-            while conn.has_data:
-                frames = conn.recv()
-                msg = P.decode(frames[0])
-                if type(msg) is P.Cancel:
-                    self.revoked.update(msg.job_ids)
-                else:
-                    self.backlog.append((msg, frames))
-        revoked = self.revoked
-        if revoked and job_id in revoked:
-            revoked.discard(job_id)
-            return True
-        return False
+        if not conn.take_in():
+            return
+        asked = set()
+        while conn.has_data:
+            frames = conn.recv()
+            msg = P.decode(frames[0])
+            if type(msg) is P.Cancel:
+                asked.update(msg.job_ids)
+            else:
+                self.backlog.append((msg, frames))
+        if not asked:
+            return
+        held = [job[0] for job in jobs[after:]]
+        for msg, _ in self.backlog:
+            if type(msg) is P.Run:
+                held.extend(job[0] for job in msg.jobs)
+        back = [job_id for job_id in held if job_id in asked and job_id not in self.given_back]
+        if back:
+            self.given_back.update(back)
+            conn.send([P.encode(P.GiveBack, back)])
 
     def on_init(self, msg, frames):
         options = msg.options
@@ -190,14 +203,14 @@ class Worker:
         results already made are safe with the node, and the node knows that
         the job it has no result for is the one that was running."""
         send = self.conn.send
-        for item, payload in P.run_items(msg, frames):
-            if self._asked_back(item.job_id):  # not started: back to the node
-                send([P.encode(P.GiveBack, [item.job_id])])
+        jobs, given_back = msg.jobs, self.given_back
+        for index, (item, payload) in enumerate(P.run_items(msg, frames), 1):
+            if given_back and item.job_id in given_back:  # (given back unstarted)
+                given_back.discard(item.job_id)
                 continue
             record, payload = self.run(item.job_id, item.fn_id, item.star, payload)
+            self._give_back(jobs, index)  # (before the result: see _give_back)
             send([P.encode(P.Done, [record]), *payload])
-        if not self.backlog:
-            self.revoked.clear()  # (every job received has started: the rest came late)
         reaper.kill_children(self.kept)  # nothing of a job outlives it
 
     # ------------------------------------------------- a client's channel

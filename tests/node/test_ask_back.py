@@ -14,7 +14,7 @@ import time
 from dpool import protocol as P
 from dpool import serialize
 from dpool.node.dispatch import PREFETCH_JOB
-from dpool.node.runtime import GIVEBACK_WAIT, Session, WorkerHandle
+from dpool.node.runtime import Session, WorkerHandle
 from dpool.transport import inproc_pair
 from dpool.transport.blocking import BlockingConnection
 
@@ -88,8 +88,8 @@ def test_a_reclaim_takes_back_a_job_waiting_in_a_worker_once_it_drops_it():
         # the queued job at once, the one in the worker asked back
         assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[3]]
         assert _cancels(worker) == [[2]]
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])  # (ahead of 1's result)
         session.on_worker_message(worker, _done(1))
-        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[3], [2]]
@@ -123,8 +123,8 @@ def test_a_reclaim_of_held_jobs_asks_back_those_waiting_in_workers_too():
         await asyncio.sleep(0)
         assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[3]]
         assert _cancels(worker) == [[2]]
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])  # (ahead of 1's result)
         session.on_worker_message(worker, _done(1))
-        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
         await asyncio.sleep(0)
         assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[3], [2]]
         await _end(pair)
@@ -139,8 +139,8 @@ def test_a_draining_node_asks_back_the_jobs_waiting_in_workers():
         session.drain(30)
         await asyncio.sleep(0)
         assert _cancels(worker) == [[2]]
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])  # (ahead of 1's result)
         session.on_worker_message(worker, _done(1))
-        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
         await asyncio.sleep(0)
         assert [msg.job_ids for msg in client.of(P.GiveBack)] == [[3], [2]]
         assert ended == ["node shutting down"]  # nothing left running here
@@ -178,8 +178,8 @@ def test_a_job_cancelled_while_asked_back_is_reported_cancelled_once():
         session.on_message([P.encode(P.Cancel, [2])])
         await asyncio.sleep(0)
         assert _cancels(worker) == [[2]]  # (no second Cancel to the worker)
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])  # (ahead of 1's result)
         session.on_worker_message(worker, _done(1))
-        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         outcomes = {r[0]: r[1] for msg in client.of(P.Done) for r in msg.results}
@@ -191,8 +191,8 @@ def test_a_job_cancelled_while_asked_back_is_reported_cancelled_once():
 
 
 def test_a_job_asked_back_and_cancelled_once_it_may_run_has_its_worker_killed():
-    """Asked back, then its worker's running job ended: the worker has
-    started it (the Cancel came late) or is giving it back.  A cancel then
+    """Asked back, then its worker's running job ended with no GiveBack
+    ahead of its result: the worker has started it (the Cancel came late).  A cancel then
     stops it as a running job's (the worker killed): before, it waited for
     an answer that a started job never gets, and the job ran to its end."""
     async def main():
@@ -256,8 +256,8 @@ def test_a_job_held_behind_a_cancelled_running_job_is_not_started_there():
         await asyncio.sleep(0)
         assert signals == ["INT"]
         assert _cancels(worker) == [[2]]
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])  # (ahead of 1's result)
         session.on_worker_message(worker, _done(1))  # (the job's KeyboardInterrupt)
-        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
         session.dispatcher.worker_closed(worker)
         session._act(session.dispatcher.worker_exited(worker, "was killed by signal 9"))
         await asyncio.sleep(0)
@@ -277,8 +277,8 @@ def test_a_cancelled_job_waiting_in_a_worker_is_not_started_there():
         session.on_message([P.encode(P.Cancel, [2])])
         await asyncio.sleep(0)
         assert _cancels(worker) == [[2]]
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])  # (ahead of 1's result)
         session.on_worker_message(worker, _done(1))
-        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         results = [(r[0], r[1]) for msg in client.of(P.Done) for r in msg.results]
@@ -331,8 +331,10 @@ def test_a_cancelled_job_its_worker_started_before_the_cancel_came_is_stopped():
 
 
 def test_a_cancelled_job_given_back_after_its_worker_was_told_to_stop_is_reported_once():
-    """The GiveBack came later than GIVEBACK_WAIT: the worker is killed all
-    the same, and the job is neither given back nor reported twice."""
+    """A GiveBack after the result of the job before it (a worker sends it
+    ahead of that result: this is a defence): the worker, killed at that
+    result, stays killed, and the job is neither given back nor reported
+    twice."""
     async def main():
         session, client, worker, pair = await _session(jobs=(1, 2))
         killed = []
@@ -352,18 +354,20 @@ def test_a_cancelled_job_given_back_after_its_worker_was_told_to_stop_is_reporte
     asyncio.run(main())
 
 
-def test_a_cancelled_job_given_back_just_after_the_result_before_it_costs_no_kill():
-    """The worker's GiveBack comes a little after the result of the job
-    before it (a read apart): the worker is not killed."""
+def test_a_cancelled_job_given_back_ahead_of_the_result_before_it_costs_no_kill():
+    """The worker's GiveBack comes ahead of the result of the job before it
+    (as a worker sends them), however late both are read: the worker is
+    not killed."""
     async def main():
         session, client, worker, pair = await _session(jobs=(1, 2))
         killed = []
         session._stop = killed.append
         session.on_message([P.encode(P.Cancel, [2])])
-        session.on_worker_message(worker, _done(1))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.02)
         session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
-        await asyncio.sleep(GIVEBACK_WAIT * 20)  # (past the wait: nothing more happens)
+        await asyncio.sleep(0.02)
+        session.on_worker_message(worker, _done(1))
+        await asyncio.sleep(0.02)
         assert killed == []
         outcomes = [(r[0], r[1]) for msg in client.of(P.Done) for r in msg.results]
         assert sorted(outcomes) == [(1, P.Outcome.OK), (2, P.Outcome.CANCELLED)]
@@ -397,8 +401,8 @@ def test_jobs_asked_back_with_no_client_to_take_them_run_here():
         session, client, worker, pair = await _session(jobs=(1, 2))
         session.on_message([P.encode(P.Reclaim, 1)])
         client.closed = True
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])  # (ahead of 1's result)
         session.on_worker_message(worker, _done(1))
-        session.on_worker_message(worker, [P.encode(P.GiveBack, [2])])
         assert list(worker.outstanding) == [2]  # given to the worker again
         await _end(pair)
     asyncio.run(main())
@@ -437,7 +441,7 @@ def _answers(conn, n):
 
 def test_a_worker_gives_back_a_job_asked_back_before_it_starts():
     """Run 1 (0.2 s), Run 2, Cancel 2 in one write: the worker runs 1,
-    gives 2 back unstarted (its function never runs), and a Cancel that
+    gives 2 back unstarted (its function never runs) ahead of 1's result, and a Cancel that
     comes after a job ran changes nothing (the next job runs)."""
     with tempfile.TemporaryDirectory() as tmp:
         pid, conn = _fork_worker()
@@ -448,7 +452,7 @@ def test_a_worker_gives_back_a_job_asked_back_before_it_starts():
             conn.send(_run(1, 1, 0.2))
             conn.send(_run(2, 2, os.path.join(tmp, "two")))
             conn.send([P.encode(P.Cancel, [2])])
-            assert _answers(conn, 2) == [[(1, P.Outcome.OK)], [2]]
+            assert _answers(conn, 2) == [[2], [(1, P.Outcome.OK)]]  # (2 ahead of 1's result)
             assert not os.path.exists(os.path.join(tmp, "two"))
             conn.send([P.encode(P.Cancel, [1])])  # late: 1 ran
             conn.send(_run(3, 2, os.path.join(tmp, "three")))
@@ -457,3 +461,76 @@ def test_a_worker_gives_back_a_job_asked_back_before_it_starts():
         finally:
             conn.close()
             os.waitpid(pid, 0)
+
+
+def _mark(path, delay):
+    """A job that says it ran (a line in ``path``) after ``delay`` seconds."""
+    time.sleep(delay)
+    with open(path, "a") as f:
+        f.write("ran\n")
+
+
+def test_a_giveback_read_late_kills_no_worker_and_the_next_held_job_runs_once():
+    """A session with a real (forked) worker holding jobs 1 (running), 2
+    and 3; 2 is cancelled while 1 runs.  The worker's GiveBack of 2 is read
+    by the node 50 ms late (the worker descheduled, the node busy): the
+    worker is not killed (there is no wait to run out: the GiveBack comes
+    ahead of the result of the job before it), 2 never runs, and 3 runs
+    exactly once, its result delivered.  Before, the node waited 5 ms for
+    the GiveBack after 1's result, then killed the worker, which had gone
+    on to 3: 3 was requeued and ran twice."""
+    async def main(tmp):
+        pid, real = _fork_worker()
+        ours, theirs = inproc_pair()
+        theirs.set_receiver(real.send, lambda exc=None: None)  # node -> the real worker
+        client = ClientConn()
+        session = Session(node=None, conn=client, sid=1)
+        session.options = {"notify_start": True, "shared": "a scheduler"}
+        killed = []
+
+        class Zygote:
+            def kill(self, pid):
+                killed.append(pid)
+        worker = WorkerHandle(pid=pid, conn=ours, max_tasks=None, zygote=Zygote())
+        session._stop = killed.append
+        session.dispatcher.depth = 3
+        try:
+            real.send([P.encode(P.Init, {"cwd": tmp})])
+            session._act(session.dispatcher.add_worker(worker))
+            session.on_message([P.encode(P.Func, 7), serialize.dumps_function(_mark)])
+            paths = [os.path.join(tmp, str(job)) for job in (1, 2, 3)]
+            calls = [serialize.dumps_call((path, 0.3 if job == 1 else 0))
+                     for job, path in zip((1, 2, 3), paths)]
+            session.on_message([P.encode(P.Run, [P.run_item(job, 7, len(call), 0)
+                                                 for job, call in zip((1, 2, 3), calls)]),
+                                *[frame for call in calls for frame in call]])
+            await asyncio.sleep(0)
+            assert list(worker.outstanding) == [1, 2, 3]
+            session.on_message([P.encode(P.Cancel, [2])])
+            results = []
+            while len(results) < 2:  # the worker's answers, passed on as they come
+                assert await _poll(real.take_in)
+                frames = real.recv()
+                msg = P.decode(frames[0])
+                if type(msg) is P.GiveBack:
+                    await asyncio.sleep(0.05)  # read late: 10 times the old wait
+                else:
+                    results.extend(r[0] for r in msg.results)
+                session.on_worker_message(worker, frames)
+                await asyncio.sleep(0.02)  # (a timer would fire meanwhile)
+            assert results == [1, 3]
+            assert await _poll(lambda: len(client.of(P.Done)) >= 2)
+            assert killed == []
+            outcomes = sorted((r[0], r[1]) for msg in client.of(P.Done) for r in msg.results)
+            assert outcomes == [(1, P.Outcome.OK), (2, P.Outcome.CANCELLED), (3, P.Outcome.OK)]
+            assert not os.path.exists(paths[1])
+            with open(paths[2]) as f:
+                assert f.read() == "ran\n"  # once
+            assert not session.dispatcher.revoking and session.dispatcher.pending() == []
+        finally:
+            real.close()
+            os.waitpid(pid, 0)
+            await _end((ours, theirs))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(main(tmp))

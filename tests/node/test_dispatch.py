@@ -364,8 +364,9 @@ def test_ask_back_takes_jobs_held_in_workers_the_last_first():
 
 
 def test_a_job_held_behind_a_stopped_one_whose_giveback_came_late_is_requeued_not_lost():
-    """stop_started killed the worker (no GiveBack within GIVEBACK_WAIT), but
-    the worker had dropped the cancelled job and gone on to the next, not
+    """stop_started killed the worker (no GiveBack ahead of the result before
+    the cancelled job: a worker of ours sends it so; this is a defence),
+    but the worker had dropped the cancelled job and gone on to the next, not
     cancelled, whose Revoke the kill made: the late GiveBack leaves that one
     first in the dying worker.  It is requeued as the other held jobs are,
     not failed WORKER_LOST (nor reported killed): its cancel was not asked."""
@@ -374,7 +375,7 @@ def test_a_job_held_behind_a_stopped_one_whose_giveback_came_late_is_requeued_no
     d.submit([job(0), job(1), job(2)])  # a: 0 runs, 1 and 2 wait
     d.cancel([1])  # waiting: reported, a Revoke
     assert d.done(a, 0, 0.5)
-    actions = d.stop_started(a)  # (no GiveBack in time)
+    actions = d.stop_started(a)  # (no GiveBack ahead of 0's result)
     assert Kill(a) in actions and Revoke(a, [2]) in actions
     assert d.revoked(a, [1]) == ([], [])  # the late GiveBack: dropped unstarted
     d.worker_closed(a)
