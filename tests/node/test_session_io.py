@@ -84,6 +84,7 @@ def test_the_node_tells_a_job_started_when_its_worker_takes_it_up():
         conn.sent.clear()
 
         session.on_message([P.encode(P.Cancel, [3])])  # waiting in the worker: a ghost
+        session.on_worker_message(worker, [P.encode(P.GiveBack, [3])])  # (ahead of 2's result)
         session.on_worker_message(worker, _done(2))
         await asyncio.sleep(0)
         await asyncio.sleep(0)
