@@ -6,8 +6,10 @@ tasks.py: import those by name; never import this module (each component
 folder may have its own conftest.py, and they all are ``conftest``)."""
 import os
 import secrets
+import signal
 import threading
 import time
+import warnings
 
 import psutil
 import pytest
@@ -86,6 +88,28 @@ def _alive(process):
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+_SESSION_PID = os.getpid()
+_WATCHED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_kept(request):
+    """After each test: the signal handlers it found, in the process that
+    started the session.  A full CI run (bytecode cached, load ~5) once found
+    SIGINT ignored (SIG_IGN, as dpool's zygote sets it) from some test on,
+    failing every later test that sends itself a SIGINT; which test set it
+    did not show.  A changed handler is put back and named in a warning."""
+    before = {sig: signal.getsignal(sig) for sig in _WATCHED_SIGNALS}
+    yield
+    assert os.getpid() == _SESSION_PID, "a forked child returned into the test session"
+    for sig, handler in before.items():
+        now = signal.getsignal(sig)
+        if now is not handler:
+            signal.signal(sig, handler)
+            warnings.warn(f"{request.node.nodeid} left {sig!r} with {now!r} "
+                          f"(was {handler!r}): put back", stacklevel=2)
 
 
 @pytest.fixture(autouse=True)
