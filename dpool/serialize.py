@@ -31,6 +31,7 @@ Exceptions raised by user code on a worker are sent with
 :func:`dump_exception` and rebuilt with :func:`load_exception`, which attaches
 the remote traceback as ``__cause__`` (a :class:`RemoteTraceback`).
 """
+import builtins
 import io
 import pickle
 import re
@@ -287,8 +288,66 @@ def _by_value(obj):
     return _registered_by_value(module_name)
 
 
+def _module_of(obj):
+    module_name = getattr(obj, "__module__", None)
+    module = sys.modules.get(module_name) if isinstance(module_name, str) else None
+    return module if isinstance(module, _ModuleType) else None
+
+
+class _GlobalsName(dict):
+    """What cloudpickle sends as the globals of the functions of one module
+    (pre-seeded in its ``globals_ref``): pickled as a call naming that
+    module's shared namespace on the other side, not as a fresh dict."""
+
+    __slots__ = ("module",)
+
+    def __reduce_ex__(self, protocol):
+        m = self.module
+        return _shared_namespace, (m.__name__, getattr(m, "__file__", None),
+                                   getattr(m, "__package__", None))
+
+
 def _cloudpickle_reduce(obj):
-    return pickle.loads, (_cloudpickle().dumps(obj, protocol=PROTOCOL),)
+    """By value, the globals of obj's module (functions, a class's methods)
+    named: every function from one module gets one namespace per process."""
+    module = _module_of(obj)
+    if module is None or isinstance(obj, _ModuleType):
+        return pickle.loads, (_cloudpickle().dumps(obj, protocol=PROTOCOL),)
+    f = io.BytesIO()
+    pickler = _cloudpickle().Pickler(f, protocol=PROTOCOL)
+    name = pickler.globals_ref[id(module.__dict__)] = _GlobalsName()
+    name.module = module
+    pickler.dump(obj)
+    return pickle.loads, (f.getvalue(),)
+
+
+class SharedGlobals(dict):
+    """The one namespace of a client module in this process (as the stdlib's
+    workers share one ``__main__``): every function or class pickled by
+    value from that module gets it as its globals.  cloudpickle updates a
+    function's globals with the client's values of the names it uses each
+    time one arrives; values already here are kept ("first value wins": a
+    worker's module is a snapshot, and what an initializer set with
+    ``global`` stays set).  Use ``dict.update`` to overwrite."""
+
+    __slots__ = ()
+
+    def update(self, *args, **kwargs):
+        for k, v in dict(*args, **kwargs).items():
+            if k not in self:
+                self[k] = v
+
+
+_shared_globals = {}  # module name -> SharedGlobals (a worker serves one session)
+
+
+def _shared_namespace(name, file, package):
+    ns = _shared_globals.get(name)
+    if ns is None:
+        ns = _shared_globals[name] = SharedGlobals(
+            __name__=name, __file__=file, __package__=package,
+            __builtins__=builtins)
+    return ns
 
 
 class _Pickler(pickle.Pickler):

@@ -542,3 +542,45 @@ def test_exception_with_an_object_in_its_message_keeps_its_type():
     out = load_exception(frames)
     assert type(out) is KeyError and not isinstance(out, RemoteError)
     assert isinstance(out.args[0], Key)
+
+
+def _module_with(tmp_name, source):
+    module = types.ModuleType(tmp_name)
+    exec(textwrap.dedent(source), module.__dict__)
+    return module
+
+
+def test_by_value_functions_of_one_module_share_one_namespace_first_value_wins(monkeypatch):
+    from dpool import serialize
+
+    module = _module_with("dpool_test_unimportable", """
+        G = None
+        def init(x):
+            global G
+            G = x
+        def f(i):
+            return G + i
+    """)
+    import cloudpickle
+
+    monkeypatch.setattr(serialize, "_shared_globals", {})
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        init_blob = dumps_function(module.init)
+        f_blob = dumps_function(module.f)             # the client's G (None) comes along
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    monkeypatch.delitem(sys.modules, module.__name__)   # (as in a worker)
+    loads_function(init_blob)(10)
+    f = loads_function(f_blob)
+    assert f(1) == 11                                  # what init set is kept
+    assert f.__globals__["__name__"] == "dpool_test_unimportable"
+    loads_function(init_blob)(20)                      # set later: seen
+    assert f(1) == 21
+
+
+def test_importable_functions_still_go_by_reference():
+    blob = dumps_function(os.path.join)
+    assert b"cloudpickle" not in blob and b"dpool-globals" not in blob
+    assert loads_function(blob) is os.path.join

@@ -135,7 +135,7 @@ def run_with_files(files, cleanup, args, kwargs, names=None):
             written.append(path)
         _inject(fn)
         if scope is not None:
-            scope.update(names)
+            dict.update(scope, names)
             for value in names.values():  # (dispy's names in theirs too: as
                 _inject(value)            # dispynode, one namespace for all)
         return fn(*args, **kwargs)
@@ -235,7 +235,7 @@ def _inject(fn):
     if g is not None:
         for name, module in _modules.items():  # the function's own globals win
             g.setdefault(name, module)
-        g.update(_namespace)
+        dict.update(g, _namespace)  # (overwrites: serialize.SharedGlobals keeps)
 
 
 def _base_names():
