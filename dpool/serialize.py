@@ -321,20 +321,26 @@ def _cloudpickle_reduce(obj):
     return pickle.loads, (f.getvalue(),)
 
 
+_DEFINITIONS = (types.FunctionType, type)
+
+
 class SharedGlobals(dict):
     """The one namespace of a client module in this process (as the stdlib's
     workers share one ``__main__``): every function or class pickled by
     value from that module gets it as its globals.  cloudpickle updates a
     function's globals with the client's values of the names it uses each
-    time one arrives; values already here are kept ("first value wins": a
-    worker's module is a snapshot, and what an initializer set with
-    ``global`` stays set).  Use ``dict.update`` to overwrite."""
+    time one arrives; data values already here are kept ("first value
+    wins": a worker's module is a snapshot, and what an initializer set with
+    ``global``, or put in a module-level dict, stays set), while functions
+    and classes arriving replace the ones here (a helper redefined in the
+    client, e.g. in a notebook, is run as redefined).  Use ``dict.update``
+    to overwrite everything."""
 
     __slots__ = ()
 
     def update(self, *args, **kwargs):
         for k, v in dict(*args, **kwargs).items():
-            if k not in self:
+            if k not in self or isinstance(v, _DEFINITIONS):
                 self[k] = v
 
 

@@ -580,6 +580,39 @@ def test_by_value_functions_of_one_module_share_one_namespace_first_value_wins(m
     assert f(1) == 21
 
 
+def test_a_redefined_helper_function_is_seen_but_data_a_worker_set_is_kept(monkeypatch):
+    """A notebook user fixes a helper and submits again: the worker must run
+    the new helper (each pickle carried it before the shared namespace);
+    data the worker's own code set (an initializer's cache) stays."""
+    from dpool import serialize
+    import cloudpickle
+
+    src_v1 = """
+        cache = {}
+        def init():
+            cache["k"] = 5
+        def helper(x):
+            return x + 1
+        def f(x):
+            return helper(x) + cache["k"]
+    """
+    module = _module_with("dpool_test_redefined", src_v1)
+    monkeypatch.setattr(serialize, "_shared_globals", {})
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        init_blob = dumps_function(module.init)
+        f_blob = dumps_function(module.f)
+        exec("def helper(x):\n    return x + 100\n", module.__dict__)   # redefined
+        f2_blob = dumps_function(module.f)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    monkeypatch.delitem(sys.modules, module.__name__)
+    loads_function(init_blob)()
+    assert loads_function(f_blob)(1) == 2 + 5
+    assert loads_function(f2_blob)(1) == 101 + 5      # the new helper, the worker's cache
+
+
 def test_importable_functions_still_go_by_reference():
     blob = dumps_function(os.path.join)
     assert b"cloudpickle" not in blob and b"dpool-globals" not in blob
