@@ -88,6 +88,24 @@ def test_lone_calls_take_the_channel_on_every_api(node):
         assert line.chan.opened == 0 and line.chan.opening is None
 
 
+def test_a_large_call_keeps_the_nodes_streamed_path(node):
+    """A call whose arguments pass CHANNEL_MAX_BYTES goes through the node
+    (streamed on to a worker as it arrives) even with the channel lent: on
+    the channel its worker read and opened it itself, 1 GB via a node
+    0.68x as fast, twice the worker's CPU (docs/performance.md)."""
+    from dpool.core.tcpline import CHANNEL_MAX_BYTES
+
+    with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
+        line = channeled(ex._client)
+        before = line.chan.calls
+        big = b"x" * (CHANNEL_MAX_BYTES + 1)
+        future = ex.submit(len, big)
+        assert type(future) is not DirectFuture
+        assert future.result(30) == len(big)
+        assert line.chan.calls == before
+        assert on_channel(ex, tasks.square, 3).result(30) == 9   # small ones still do
+
+
 def test_a_recall_releases_the_channel_and_jobs_run_on_every_cpu(node):
     """Jobs queue at the node behind the lent worker: the node asks for it
     back (Recall), the client releases the channel, every job runs; lone
