@@ -57,6 +57,8 @@ class DpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         self.secret = secret
         self._given = executor  # the user's: used, never shut down
         self._executor = executor
+        self._initializer = self._init_of(self.backend_kwargs)  # the context's
+        self._init = self._initializer  # this Parallel call's (configure)
         self._workers = None  # local processes asked for (None: all CPUs)
         self._futures = set()  # ours not done yet (the user's executor may run others)
         self._lock = threading.Lock()  # done callbacks run in the client's loop thread
@@ -80,11 +82,27 @@ class DpoolBackend(AutoBatchingMixin, ParallelBackendBase):
     def _start(self):
         """The executor's client, starting the executor if needed."""
         if self._executor is None:
-            self._executor = Executor(self._workers, nodes=self.nodes, secret=self.secret)
+            initializer, initargs = self._init
+            self._executor = Executor(self._workers, nodes=self.nodes, secret=self.secret,
+                                      initializer=initializer, initargs=initargs)
         return self._executor._client
+
+    def _init_of(self, kwargs):
+        """joblib's ``initializer``/``initargs`` (given to ``Parallel`` or
+        to the backend's context, as for its loky and multiprocessing
+        backends): run in every worker before its first task."""
+        initializer = kwargs.get("initializer")
+        if initializer is not None and self._given is not None:
+            raise ValueError("initializer= with executor=: give the initializer "
+                             "to your dpool.futures.Executor")
+        return initializer, tuple(kwargs.get("initargs", ()))
 
     def configure(self, n_jobs=1, parallel=None, prefer=None, require=None, **kwargs):
         self.parallel = parallel
+        init = self._init_of({**self.backend_kwargs, **kwargs})
+        if init != self._init:  # (an executor started without it: not this call's)
+            self.terminate()
+            self._init = init
         if n_jobs is not None and n_jobs > 0 and self._executor is None and self._local():
             self._workers = n_jobs  # local: no more processes than asked for
         return self.effective_n_jobs(n_jobs)
@@ -113,6 +131,7 @@ class DpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         """End of a Parallel call: release the workers (not the user's)."""
         executor, self._executor = self._executor, self._given
         self._workers = None
+        self._init = self._initializer
         if executor is not None and executor is not self._given:
             executor.shutdown(wait=True, cancel_futures=True)
         self.reset_batch_stats()

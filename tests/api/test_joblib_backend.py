@@ -116,3 +116,54 @@ def test_bad_backend_arguments():
     with Executor(1) as ex:
         with pytest.raises(ValueError, match="not both"):
             dpool.joblib.DpoolBackend(executor=ex, nodes="127.0.0.1:1")
+
+
+INITIALIZED = None  # what init_worker set, in a worker
+
+
+def init_worker(value):
+    global INITIALIZED
+    INITIALIZED = (value, os.getpid())
+
+
+def initialized(_):
+    return INITIALIZED
+
+
+def check_initializer_ran_in_every_worker(results, value):
+    assert results and all(r is not None and r[0] == value for r in results), results
+    assert all(r[1] != os.getpid() for r in results)
+
+
+def test_an_initializer_given_to_parallel_runs_in_every_worker():
+    # joblib's Parallel(initializer=, initargs=) (as its loky and
+    # multiprocessing backends; joblib's own test_initializer_parallel)
+    out = joblib.Parallel(backend="dpool", n_jobs=2, initializer=init_worker,
+                          initargs=("p",))(joblib.delayed(initialized)(x) for x in range(20))
+    check_initializer_ran_in_every_worker(out, "p")
+
+
+@pytest.mark.parametrize("context", ["parallel_config", "parallel_backend"])
+def test_an_initializer_given_to_the_backend_context_runs_in_every_worker(context):
+    with getattr(joblib, context)("dpool", n_jobs=2, initializer=init_worker,
+                                  initargs=("c",)):
+        out = joblib.Parallel()(joblib.delayed(initialized)(x) for x in range(20))
+    check_initializer_ran_in_every_worker(out, "c")
+
+
+def test_an_initializer_on_a_remote_node(remote_node):
+    address = "127.0.0.1:%d" % remote_node.port
+    out = joblib.Parallel(backend="dpool", nodes=address, secret=remote_node.secret,
+                          initializer=init_worker, initargs=("r",))(
+        joblib.delayed(initialized)(x) for x in range(8))
+    check_initializer_ran_in_every_worker(out, "r")
+
+
+def test_an_initializer_with_a_given_executor_is_refused():
+    from dpool.futures import Executor
+
+    with Executor(1) as ex:
+        with pytest.raises(ValueError, match="initializer"):
+            joblib.Parallel(backend=dpool.joblib.DpoolBackend(executor=ex),
+                            initializer=init_worker, initargs=("x",))(
+                joblib.delayed(initialized)(x) for x in range(2))
