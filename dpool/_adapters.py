@@ -2,11 +2,10 @@
 share: where their nodes are, how their client starts, argument checks."""
 import itertools
 import os
+import sys
 
 from . import config
-from .core.client import Client, tls_context
 from .dispy.depends import code_files, file_messages
-from .dispy.env import JobEnv
 from .hosts import is_pattern, parse_address
 
 NODES_ENV = "DPOOL_NODES"
@@ -85,14 +84,36 @@ def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
     if addresses is not None and workers:
         session["cpus"] = workers
     secret = _secret(secret, addresses, patterns, tls)
-    client = Client(addresses, cpus=workers if addresses is None else None, session=session,
-                    secret=secret, initializer=initializer, initargs=initargs,
-                    ssl=tls_context(*tls), prepare=prepare,
-                    connect_timeout=connect_timeout, heartbeat=heartbeat,
-                    discovery=discovery_for(patterns, secret))
-    if files:
-        JobEnv(client)  # the nodes answer each file (FileDone)
-    return client.start()
+    early = _begin_early(addresses, secret, tls)
+    try:
+        from .core.client import Client, tls_context  # (after _begin_early: see there)
+
+        client = Client(addresses, cpus=workers if addresses is None else None,
+                        session=session, secret=secret, initializer=initializer,
+                        initargs=initargs, ssl=tls_context(*tls), prepare=prepare,
+                        connect_timeout=connect_timeout, heartbeat=heartbeat,
+                        discovery=discovery_for(patterns, secret))
+        if files:
+            from .dispy.env import JobEnv
+
+            JobEnv(client)  # the nodes answer each file (FileDone)
+        return client.start()
+    finally:
+        if early is not None:
+            early.close()
+
+
+def _begin_early(addresses, secret, tls):
+    """In a fresh process (the client core not imported yet), its first
+    node's connection begun in a thread, which stretches the secret for the
+    node's salt while this thread imports the client core (asyncio, ...):
+    see :mod:`dpool.transport.early`.  Plain TCP only; None otherwise."""
+    if not addresses or not secret or any(tls) or "dpool.core.client" in sys.modules:
+        return None
+    from .transport import early
+
+    host, port = addresses[0]
+    return early.begin(host, port, bytes(secret))
 
 
 def _secret(secret, addresses, patterns, tls):

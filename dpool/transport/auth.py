@@ -71,7 +71,6 @@ caller adds anything else (Python and cloudpickle versions, cpus, name...).
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import hmac
@@ -159,6 +158,15 @@ def stretch_in_turn(secret: bytes, salt: bytes) -> tuple[bytes, bool]:
         misses = stretch.cache_info().misses
         key = stretch(secret, salt)
         return key, stretch.cache_info().misses != misses
+
+
+def stretch_early(secret: bytes, salt: bytes, then: Callable[[], None]) -> None:
+    """``stretch`` in turn, calling ``then`` first, the lock held: a
+    handshake's ``stretch_in_turn`` after ``then`` waits for this key
+    (:mod:`dpool.transport.early`)."""
+    with _STRETCH_LOCK:
+        then()
+        stretch(secret, salt)
 
 
 class StretchedTooLate(AuthenticationError):
@@ -371,11 +379,21 @@ async def server_handshake(conn: Connection, secret: bytes, hello: Hello, *,
 
 
 async def client_handshake(conn: Connection, secret: bytes, hello: Hello, *,
-                           tls: bool = False) -> dict[str, Any]:
-    """Steps 1-8 for the client side; sets and returns ``conn.hello``."""
-    reply = make_reply()
-    conn._write_raw(reply)       # at once: it holds nothing but a nonce
-    challenge = parse_challenge(await _read(conn, CHALLENGE_SIZE))
+                           tls: bool = False,
+                           begun: tuple[bytes, bytes] | None = None) -> dict[str, Any]:
+    """Steps 1-8 for the client side; sets and returns ``conn.hello``.
+    ``begun``: (the reply sent, the challenge read) on this connection's
+    socket by :mod:`dpool.transport.early`, which stretched (or is
+    stretching) the secret for its salt: the handshake goes on from there."""
+    import asyncio
+
+    if begun is None:
+        reply = make_reply()
+        conn._write_raw(reply)       # at once: it holds nothing but a nonce
+        raw = await _read(conn, CHALLENGE_SIZE)
+    else:
+        reply, raw = begun
+    challenge = parse_challenge(raw)
     if challenge.flags & TLS_REQUIRED:
         raise ProtocolError(f"the node at {conn.peer} requires TLS: connect with cafile=... "
                             f"(and certfile=/keyfile= if it asks for client certificates)")
@@ -399,7 +417,7 @@ async def client_handshake(conn: Connection, secret: bytes, hello: Hello, *,
         check_status(await _read(conn, 1))
     except (AuthenticationError, ConnectionClosed) as exc:
         closed = isinstance(exc, ConnectionClosed) or isinstance(exc.__cause__, ConnectionClosed)
-        if fresh and closed:
+        if (fresh or begun is not None) and closed:  # (begun: stretched meanwhile)
             raise StretchedTooLate(f"{conn.peer} closed the connection while this client "
                                    f"stretched the secret for its salt") from exc
         raise

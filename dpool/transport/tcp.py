@@ -44,6 +44,7 @@ from dpool.errors import (AuthenticationError, ConnectionClosed, HandshakeRefuse
 from .auth import (MAGIC, PREAUTH_MAX, PROCESS_SALT, Hello, StretchedTooLate, check_secret,
                    client_handshake, encode_hello, import_crypto, own_hello,
                    server_handshake, stretch, tls_required_notice)
+from . import early as _early
 from .budget import ReceiveBudget
 from .connection import Connection
 from .frames import Limits
@@ -232,12 +233,18 @@ async def _connect_once(loop: asyncio.AbstractEventLoop, host: str, port: int, s
                         limits: Limits | None) -> Connection:
     sock: socket.socket | None = None
     conn: Connection | None = None
+    begun: tuple[bytes, bytes] | None = None
     try:
         async with asyncio.timeout_at(deadline):
-            sock = await _connect_socket(loop, host, port)
+            if ssl is None and (early := _early.find(host, port, secret)) is not None:
+                await asyncio.wrap_future(early.ready)
+                if (got := early.take()) is not None:
+                    sock, begun = got[0], got[1:]
+            if sock is None:
+                sock = await _connect_socket(loop, host, port)
             conn = await _open(loop, sock, limits, ssl, server_side=False,
                                server_hostname=server_hostname or host)
-            await client_handshake(conn, secret, hello, tls=ssl is not None)
+            await client_handshake(conn, secret, hello, tls=ssl is not None, begun=begun)
     except TimeoutError:
         if sock is not None:
             _discard(conn, sock)
@@ -246,7 +253,7 @@ async def _connect_once(loop: asyncio.AbstractEventLoop, host: str, port: int, s
     except BaseException as exc:
         if sock is not None:
             _discard(conn, sock)
-        if isinstance(exc, AuthenticationError) and conn is not None \
+        if isinstance(exc, AuthenticationError) and conn is not None and not begun \
                 and conn.bytes_received == 0 and isinstance(exc.__cause__, ConnectionClosed) \
                 and not isinstance(exc.__cause__.__cause__, _ssl.SSLError):  # (a TLS alert)
             raise HandshakeRefused(f"{host}:{port} closed the connection before the "

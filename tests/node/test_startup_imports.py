@@ -73,6 +73,38 @@ def test_a_pool_via_a_node_at_a_numeric_address_needs_no_resolver(dpool_node, no
     assert _loaded(code) == "[]"
 
 
+LIGHT_IMPORT = """
+import sys
+import dpool.futures, dpool.pool
+print(sorted(m for m in ("asyncio", "ssl", "dpool.core.client") if m in sys.modules))
+"""
+
+
+def test_importing_the_stdlib_drop_ins_leaves_the_client_core_to_the_pool():
+    """The client core (asyncio, ssl with it) is imported as the first pool
+    is made: via a node, while its first connection's thread stretches the
+    secret (dpool.transport.early)."""
+    assert _loaded(LIGHT_IMPORT) == "[]"
+
+
+EARLY = """
+from dpool.transport import early
+taken, take = [], early.Early.take
+early.Early.take = lambda self: taken.append(take(self)) or taken[-1]
+from dpool.futures import Executor
+with Executor(1, nodes=[{address!r}], secret={secret!r}) as ex:
+    assert ex.submit(abs, -3).result() == 3
+print(sum(got is not None for got in taken), early._begun)
+"""
+
+
+def test_a_fresh_pool_via_a_node_takes_its_early_connection(dpool_node, node_secret):
+    """One connection begun before the client core's imports, taken by the
+    client's connection to the node, none left behind."""
+    code = EARLY.format(address=tuple(dpool_node.address), secret=node_secret)
+    assert _loaded(code) == "1 {}"
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux /proc")
 def test_avail_info_from_proc_matches_psutil(tmp_path):
     first = session._avail_from_proc(str(tmp_path))
