@@ -8,7 +8,6 @@ starts it as it forks its embedded node's zygote (:func:`start`), so the
 subprocess runs while the client starts its loop thread and its node; the
 session answer then takes the value (:func:`get`), exact as before.
 """
-import platform
 import threading
 
 _lock = threading.Lock()
@@ -20,8 +19,7 @@ def start() -> None:
     global _thread
     with _lock:
         if _thread is None:
-            _thread = threading.Thread(target=platform.platform, name="dpool-platform",
-                                       daemon=True)
+            _thread = threading.Thread(target=_platform, name="dpool-platform", daemon=True)
             _thread.start()
 
 
@@ -30,4 +28,12 @@ def get() -> str:
     thread = _thread
     if thread is not None:
         thread.join()
+    return _platform()
+
+
+def _platform() -> str:
+    """(``platform`` imported here, in the thread: its import compiles a
+    dozen regular expressions, a millisecond or two of the first pool's)"""
+    import platform
+
     return platform.platform()

@@ -74,7 +74,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import json
 import logging
 import os
 import threading
@@ -294,6 +293,8 @@ def derive_keys(key: bytes, transcript: bytes, *, server: bool) -> Keys:
 
 
 def encode_hello(hello: dict) -> bytes:
+    import json  # (here: a fresh client's early connection imports this module first)
+
     return json.dumps(hello, separators=(",", ":")).encode()
 
 
@@ -301,6 +302,8 @@ def decode_hello(frames: Sequence[ReadableBuffer], peer: str) -> dict[str, Any]:
     """Steps 6/7: the peer's hello message as a dict."""
     if len(frames) != 1:
         raise ProtocolError(f"hello from {peer} has {len(frames)} frames, expected 1")
+    import json
+
     try:
         hello = json.loads(bytes(frames[0]))
     except (ValueError, UnicodeDecodeError) as exc:

@@ -6,10 +6,11 @@ learns from the node's challenge, the first thing on the connection.  In a
 fresh process that stretch came after ``asyncio`` and the client core were
 imported (tens of ms of the GIL), then ran with the GIL idle (issue 13: a
 fresh process's first pool via a node).  :func:`begin` starts the
-connection in a thread as the pool is made, before those imports: it
-connects, sends the client's reply (step 2: a nonce), reads the challenge
-(step 1), and stretches the secret for its salt, while the process imports
-the rest (scrypt releases the GIL).  The client's connection to that
+connection as the pool is made, before those imports: it connects, sends
+the client's reply (step 2: a nonce) and reads the challenge (step 1)
+(in the calling thread if that is quick, see ``HERE_TIMEOUT``), and a
+thread stretches the secret for its salt while the process imports the
+rest (scrypt releases the GIL).  The client's connection to that
 address then takes the socket (:func:`find`) and carries on the same
 handshake from step 3 (:func:`dpool.transport.auth.client_handshake`), the
 key cached by then.  Nothing changes in what is sent or checked: the bytes
@@ -33,40 +34,65 @@ from .auth import CHALLENGE_SIZE, SHORT_SECRET, make_reply, parse_challenge, str
 #: The thread's connect and read deadline, seconds: what takes longer is
 #: left to the client's own connection (whose timeout is the user's).
 EARLY_TIMEOUT = 2.0
+#: How long the calling thread itself waits to connect to a numeric address
+#: and for the challenge, seconds, before it leaves the rest to the thread:
+#: a thread that meets a blocking call waits for the GIL again after it
+#: (up to ``sys.getswitchinterval()``, 5 ms, each time) while the process
+#: imports, so the quick steps are taken here (a loopback or LAN node
+#: answers in well under a millisecond).
+HERE_TIMEOUT = 0.05
 
 _lock = threading.Lock()
 _begun: dict[tuple[str, int, bytes], "Early"] = {}
 
 
 class Early:
-    """One connection begun in a thread: its socket, the reply sent and the
-    challenge read, once :attr:`ready` is done (its result None on failure)."""
+    """One connection begun (here, then in a thread): its socket, the reply
+    sent and the challenge read, once :attr:`ready` is done (its result
+    None on failure); the thread then stretches the secret for the salt."""
 
     def __init__(self, host: str, port: int, secret: bytes, timeout: float) -> None:
         self.key = (host, port, secret)
         self.ready: Future = Future()
         self._taken = False
+        self._sock: socket.socket | None = None
+        self._reply = make_reply()
+        self._raw = b""
+        if _numeric(host, port) is not None:
+            try:
+                self._steps(host, port, HERE_TIMEOUT)
+            except OSError:  # (timed out, refused...: the thread goes on or fails)
+                pass
         self._thread = threading.Thread(target=self._run, args=(host, port, secret, timeout),
                                         name="dpool-early-connect", daemon=True)
         self._thread.start()
 
+    def _steps(self, host: str, port: int, timeout: float) -> None:
+        """Connect, send the reply, read the challenge: those not done yet."""
+        if self._sock is None:
+            self._sock = _connect(host, port, timeout)
+            self._sock.sendall(self._reply)
+        self._sock.settimeout(timeout)
+        while len(self._raw) < CHALLENGE_SIZE:
+            # (no more than the challenge: what follows is the handshake's)
+            chunk = self._sock.recv(CHALLENGE_SIZE - len(self._raw))
+            if not chunk:
+                raise ConnectionError("closed")
+            self._raw += chunk
+
     def _run(self, host: str, port: int, secret: bytes, timeout: float) -> None:
-        sock = None
         try:
-            sock = _connect(host, port, timeout)
-            reply = make_reply()
-            sock.sendall(reply)
-            raw = _read(sock, CHALLENGE_SIZE)
-            challenge = parse_challenge(raw)
+            self._steps(host, port, timeout)
+            challenge = parse_challenge(self._raw)
         except Exception:  # (the client's own connection meets it again)
-            if sock is not None:
-                sock.close()
+            if self._sock is not None:
+                self._sock.close()
             self.ready.set_result(None)
             return
+        got = (self._sock, self._reply, self._raw)
         # The key is stretched (holding the stretch lock, taken before the
         # socket is handed over: the handshake's own stretch waits for it)
-        stretch_early(secret, challenge.salt,
-                      lambda: self.ready.set_result((sock, reply, raw)))
+        stretch_early(secret, challenge.salt, lambda: self.ready.set_result(got))
 
     def take(self) -> tuple[socket.socket, bytes, bytes] | None:
         """The connection (socket, reply sent, challenge read), once :attr:`ready`
@@ -97,10 +123,19 @@ def _close_socket(ready: Future) -> None:
         got[0].close()
 
 
+def _numeric(host: str, port: int) -> list | None:
+    try:
+        return socket.getaddrinfo(host.encode("ascii"), port, type=socket.SOCK_STREAM,
+                                  flags=socket.AI_NUMERICHOST)
+    except (UnicodeError, OSError):
+        return None
+
+
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
     """A blocking connection to ``host:port`` (a name is resolved as bytes:
     no codec import in this thread, which runs during the process's imports)."""
-    infos = socket.getaddrinfo(host.encode("ascii"), port, type=socket.SOCK_STREAM)
+    infos = _numeric(host, port) or socket.getaddrinfo(host.encode("ascii"), port,
+                                                       type=socket.SOCK_STREAM)
     err: OSError | None = None
     for family, type_, proto, _, addr in infos:
         sock = socket.socket(family, type_, proto)
@@ -112,17 +147,6 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
             sock.close()
             err = exc
     raise err or OSError(f"no address for {host}")
-
-
-def _read(sock: socket.socket, n: int) -> bytes:
-    """Exactly ``n`` bytes (no more: what follows is the handshake's)."""
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return data
 
 
 def begin(host: str, port: int, secret: bytes, timeout: float = EARLY_TIMEOUT) -> Early | None:
