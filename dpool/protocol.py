@@ -427,6 +427,9 @@ class Done(NamedTuple):
     results: list  # Result tuples (see results)
 
 
+_DONE = int(Op.DONE)
+
+
 @message(Op.STARTED)
 class Started(NamedTuple):
     jobs: list  # [(job_id, start time)]
@@ -515,6 +518,11 @@ def encode(kind: type, *fields) -> bytes:
         raise TypeError(f"{kind.__name__} takes {count} fields ({', '.join(kind._fields)}), "
                         f"not {len(fields)}")
     return _dumps((code, *fields), 5)
+
+
+def done_frame(results: list) -> bytes:
+    """``encode(Done, results)``, for a worker's result after each job."""
+    return _dumps((_DONE, results), 5)
 
 
 def _with_defaults(kind: type, fields: tuple) -> tuple:

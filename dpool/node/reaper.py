@@ -5,8 +5,9 @@ process group, so killing the group misses it, and its parent's death
 hands it to init.  With ``PR_SET_CHILD_SUBREAPER`` such an orphan is handed
 to its nearest subreaper ancestor instead, so it stays within reach:
 
-- each worker is a subreaper: after each batch of jobs it kills every child
-  it did not have before the jobs (a job's leftovers and orphans),
+- each worker is a subreaper: after each batch of jobs (in a burst, with
+  the next batch already read, at most every ``worker.REAP_EVERY``
+  seconds) it kills every child it did not have before the jobs (a job's leftovers and orphans),
   repeating until none is left (their children come to it in turn);
 - the zygote is a subreaper: when a worker dies (cancel, client gone, node
   stopping), the worker's leftovers come to the zygote, which kills every

@@ -20,12 +20,15 @@ socketpair; its only peer is its node.  It runs in its own process group so
 that killing the group also kills whatever the job started, and is a child
 subreaper (:mod:`dpool.node.reaper`): after each batch of jobs it kills the
 processes they left (their own children, and orphans that left the group
-with ``setsid``), keeping only those that existed before (e.g. a setup's).
+with ``setsid``), keeping only those that existed before (e.g. a setup's);
+in a burst of short jobs (the next batch already read) at most every
+``REAP_EVERY`` seconds.
 It exits when the node closes the socket, or after ``max_tasks`` jobs.
 """
 import collections
 import io
 import os
+import pickle
 import sys
 import time
 
@@ -38,6 +41,14 @@ from . import reaper
 
 
 _OK, _ERROR = int(Outcome.OK), int(Outcome.ERROR)
+_loads, _dumps = pickle.loads, pickle.dumps
+_ATOMS, _PROTOCOL = serialize._ATOMS, serialize.PROTOCOL  # (as serialize.dumps's fast path)
+
+#: While more work is already in hand when a batch of jobs ends, the check
+#: for what its jobs left (reaper.kill_children: a failing ``waitid``, ~1 us
+#: and a syscall) waits for the end of the batch that leaves nothing in
+#: hand, or this many seconds after the last check, whichever comes first.
+REAP_EVERY = 0.005
 
 
 class _Capture:
@@ -102,6 +113,7 @@ class Worker:
                          P.Channel: self.on_channel}
         self.given_back = set()  # jobs received, not started, given back to the node
         self.backlog = collections.deque()  # (msg, frames) read while looking for Cancels
+        self.reaped = 0.0  # time.monotonic() of the last look for what jobs left
 
     def serve(self):
         recv = self.conn.recv
@@ -210,8 +222,19 @@ class Worker:
                 continue
             record, payload = self.run(item.job_id, item.fn_id, item.star, payload)
             self._give_back(jobs, index)  # (before the result: see _give_back)
-            send([P.encode(P.Done, [record]), *payload])
-        reaper.kill_children(self.kept)  # nothing of a job outlives it
+            send([P.done_frame([record]), *payload])
+        self._reap()
+
+    def _reap(self):
+        """Kill what the jobs left (nothing of a job outlives it): after each
+        batch of jobs, but while more work is in hand already (a burst of
+        short jobs: the node's next Run read), at most every REAP_EVERY
+        seconds, at the latest when a batch ends with nothing in hand."""
+        now = time.monotonic()
+        if (self.backlog or self.conn.has_data) and now - self.reaped < REAP_EVERY:
+            return
+        self.reaped = now
+        reaper.kill_children(self.kept)
 
     # ------------------------------------------------- a client's channel
 
@@ -275,17 +298,24 @@ class Worker:
         start = time.time()
         out = err = None
         try:
-            fn = self._function(fn_id)
-            args, kwargs = serialize.loads(frames)
+            fn = self.fns[fn_id]
+            if type(fn) is bytes:  # (its first job here: loaded, kept loaded)
+                fn = self._function(fn_id)
+            # (serialize.loads / _call / _dump_result inline for the common
+            # case: a lone frame, a plain call, a plain value back)
+            args, kwargs = _loads(frames[0]) if len(frames) == 1 else serialize.loads(frames)
             if self.capture:
                 capture = self.capture
                 try:
                     result = capture.call(fn, args, kwargs, star)
                 finally:
                     out, err = capture.text
-            else:
+            elif star:
                 result = _call(fn, args, kwargs, star)
-            payload = _dump_result(result)
+            else:
+                result = fn(*args, **kwargs)
+            payload = [_dumps(result, _PROTOCOL)] if type(result) in _ATOMS \
+                else _dump_result(result)
             outcome = _OK
         except BaseException as exc:  # the job's failure is its result
             outcome = _ERROR

@@ -171,3 +171,60 @@ def test_a_setups_helper_lives_until_the_cluster_closes(dpool_node, tmp_path):
     finally:
         cluster.close()
     gone(helper)
+
+
+# ------------------------------------- a burst: the next Run already in hand
+
+def test_a_jobs_escapee_dies_within_a_burst_of_jobs_that_keeps_its_worker_busy(tmp_path):
+    """While its next Run is already read when a batch ends (a burst of
+    short jobs), a worker looks for what its jobs left at most every
+    REAP_EVERY seconds instead of after each batch: the escapee of the
+    burst's first job dies while the burst still runs (dpool.node.worker.
+    REAP_EVERY), not at its end."""
+    import socket
+
+    from dpool import protocol as P
+    from dpool import serialize
+    from dpool.transport.blocking import BlockingConnection
+
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ours.close()
+            from dpool.node import worker
+
+            worker.main(theirs.detach())
+        finally:
+            os._exit(99)
+    theirs.close()
+    conn = BlockingConnection(ours)
+
+    def run(job_id, fn_id, *args):
+        return [P.encode(P.Run, [P.run_item(job_id, fn_id, 1, 0)]), *serialize.dumps_call(args)]
+
+    marker, escapee, job_id = str(tmp_path / "pid"), None, 3
+    try:
+        conn.send([P.encode(P.Init, {"cwd": str(tmp_path)})])
+        conn.send([P.encode(P.Func, 1), serialize.dumps_function(escape)])
+        conn.send([P.encode(P.Func, 2), serialize.dumps_function(time.sleep)])
+        conn.send(run(1, 2, 0.001))   # (the worker's first look: after this one)
+        conn.send(run(2, 1, "setsid", marker))
+        for job_id in range(3, 19):   # in hand when jobs 1 and 2 end
+            conn.send(run(job_id, 2, 0.001))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            msg = P.decode(conn.recv()[0])   # a Done: one more Run, 16 ahead
+            assert type(msg) is P.Done and msg.results[0][1] == P.Outcome.OK, msg
+            job_id += 1
+            conn.send(run(job_id, 2, 0.001))
+            if escapee is None and os.path.exists(marker) and os.path.getsize(marker):
+                escapee = int(open(marker).read())
+            if escapee is not None and pid_gone(escapee):
+                break
+        assert escapee is not None and pid_gone(escapee)   # (the burst still going)
+    finally:
+        conn.close()
+        os.waitpid(pid, 0)
+        if escapee is not None and not pid_gone(escapee):
+            os.kill(escapee, signal.SIGKILL)
