@@ -71,27 +71,29 @@ class _Capture:
             return _call(fn, args, kwargs, star)
         finally:
             sys.stdout, sys.stderr = saved
-            self.text = _written(out), _written(err)
-            if not _reusable(out):
+            text_out, reuse = _taken(out)
+            if not reuse:
                 self.out = io.StringIO()
-            if not _reusable(err):
+            text_err, reuse = _taken(err)
+            if not reuse:
                 self.err = io.StringIO()
+            self.text = text_out, text_err
 
 
-def _written(buf):
-    """What a job wrote to ``buf`` (None: nothing, or it closed it)."""
-    return None if buf.closed else buf.getvalue() or None
-
-
-def _reusable(buf):
-    """Whether the next job may have ``buf``: open, empty, at its start (a
-    job that wrote and truncated it stays past the end: NULs would pad the
-    next job's output), and held by nothing but the capture (a reference the
-    job kept, e.g. in a thread or a logging handler, could write into the
-    next job's output).  The references counted: self.out/err, the caller's
+def _taken(buf):
+    """(what a job wrote to ``buf``: None if nothing, or if it closed it;
+    whether the next job may have ``buf``): open, empty, at its start (a job
+    that wrote and truncated it stays past the end: NULs would pad the next
+    job's output), and held by nothing but the capture (a reference the job
+    kept, e.g. in a thread or a logging handler, could write into the next
+    job's output).  The references counted: self.out/err, the caller's
     local, ``buf`` and getrefcount's argument."""
-    return not buf.closed and not buf.tell() and not buf.getvalue() \
-        and sys.getrefcount(buf) <= 4
+    if buf.closed:
+        return None, False
+    text = buf.getvalue()
+    if text:
+        return text, False
+    return None, not buf.tell() and sys.getrefcount(buf) <= 4
 
 
 class SessionGone(Exception):
