@@ -88,6 +88,9 @@ def start_client(workers, nodes, secret, max_tasks, initializer, initargs,
     try:
         from .core.client import Client, tls_context  # (after _begin_early: see there)
 
+        if early is not None:
+            _import_for_the_handshake()
+
         client = Client(addresses, cpus=workers if addresses is None else None,
                         session=session, secret=secret, initializer=initializer,
                         initargs=initargs, ssl=tls_context(*tls), prepare=prepare,
@@ -114,6 +117,17 @@ def _begin_early(addresses, secret, tls):
 
     host, port = addresses[0]
     return early.begin(host, port, bytes(secret))
+
+
+def _import_for_the_handshake():
+    """What a client's first handshake imports after its stretch (the sealed
+    records' cryptography, cloudpickle for the hello's versions), imported
+    here during the early connection's stretch instead."""
+    from . import serialize
+    from .transport.auth import import_crypto_meanwhile
+
+    import_crypto_meanwhile()
+    serialize.runtime_versions()
 
 
 def _secret(secret, addresses, patterns, tls):

@@ -270,7 +270,7 @@ def import_crypto() -> None:
     import cryptography.hazmat.primitives.kdf.hkdf  # noqa: F401
 
 
-def _import_crypto_meanwhile() -> None:
+def import_crypto_meanwhile() -> None:
     """A fresh client's first sealed connection imports cryptography (~10 ms)
     while its thread stretches the secret (scrypt releases the GIL), rather
     than after (issue 13: a fresh process's first pool via a node).  A
@@ -412,7 +412,7 @@ async def client_handshake(conn: Connection, secret: bytes, hello: Hello, *,
                                                             challenge.salt)  # (started now)
     mine = own_hello(hello)  # (meanwhile too: it may import what it names)
     if challenge.protect:
-        _import_crypto_meanwhile()
+        import_crypto_meanwhile()
     key, fresh = await stretching
     try:
         check_proof(key, b"S", transcript, await _read(conn, PROOF_SIZE))
