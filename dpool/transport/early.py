@@ -7,10 +7,10 @@ fresh process that stretch came after ``asyncio`` and the client core were
 imported (tens of ms of the GIL), then ran with the GIL idle (issue 13: a
 fresh process's first pool via a node).  :func:`begin` starts the
 connection as the pool is made, before those imports: it connects, sends
-the client's reply (step 2: a nonce) and reads the challenge (step 1)
-(in the calling thread if that is quick, see ``HERE_TIMEOUT``), and a
-thread stretches the secret for its salt while the process imports the
-rest (scrypt releases the GIL).  The client's connection to that
+the client's reply (step 2: a nonce) (in the calling thread if that is
+quick, see ``HERE_TIMEOUT``), and a thread reads the challenge (step 1)
+and stretches the secret for its salt while the process imports the rest
+(scrypt releases the GIL).  The client's connection to that
 address then takes the socket (:func:`find`) and carries on the same
 handshake from step 3 (:func:`dpool.transport.auth.client_handshake`), the
 key cached by then.  Nothing changes in what is sent or checked: the bytes
@@ -34,12 +34,13 @@ from .auth import CHALLENGE_SIZE, SHORT_SECRET, make_reply, parse_challenge, str
 #: The thread's connect and read deadline, seconds: what takes longer is
 #: left to the client's own connection (whose timeout is the user's).
 EARLY_TIMEOUT = 2.0
-#: How long the calling thread itself waits to connect to a numeric address
-#: and for the challenge, seconds, before it leaves the rest to the thread:
-#: a thread that meets a blocking call waits for the GIL again after it
-#: (up to ``sys.getswitchinterval()``, 5 ms, each time) while the process
-#: imports, so the quick steps are taken here (a loopback or LAN node
-#: answers in well under a millisecond).
+#: How long the calling thread itself waits to connect to a numeric address,
+#: seconds, before it leaves that to the thread: a thread that meets a
+#: blocking call waits for the GIL again after it (up to
+#: ``sys.getswitchinterval()``, 5 ms, each time) while the process imports,
+#: so the quick steps are taken here (connecting to a loopback or LAN node
+#: takes well under a millisecond); the challenge, which waits for the
+#: node's process, is the thread's to read.
 HERE_TIMEOUT = 0.05
 
 _lock = threading.Lock()
@@ -60,15 +61,21 @@ class Early:
         self._raw = b""
         if _numeric(host, port) is not None:
             try:
-                self._steps(host, port, HERE_TIMEOUT)
-            except OSError:  # (timed out, refused...: the thread goes on or fails)
-                pass
+                self._sock = _connect(host, port, HERE_TIMEOUT)
+                self._sock.sendall(self._reply)
+            except OSError:  # (timed out, refused...: the thread tries again, or fails)
+                self._sock = self._close(self._sock)
         self._thread = threading.Thread(target=self._run, args=(host, port, secret, timeout),
                                         name="dpool-early-connect", daemon=True)
         self._thread.start()
 
+    @staticmethod
+    def _close(sock: socket.socket | None) -> None:
+        if sock is not None:
+            sock.close()
+
     def _steps(self, host: str, port: int, timeout: float) -> None:
-        """Connect, send the reply, read the challenge: those not done yet."""
+        """Connect and send the reply (unless done), read the challenge."""
         if self._sock is None:
             self._sock = _connect(host, port, timeout)
             self._sock.sendall(self._reply)
@@ -85,8 +92,7 @@ class Early:
             self._steps(host, port, timeout)
             challenge = parse_challenge(self._raw)
         except Exception:  # (the client's own connection meets it again)
-            if self._sock is not None:
-                self._sock.close()
+            self._close(self._sock)
             self.ready.set_result(None)
             return
         got = (self._sock, self._reply, self._raw)
