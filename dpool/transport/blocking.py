@@ -89,6 +89,7 @@ class BlockingConnection:
         self._messages: collections.deque[Message] = collections.deque()
         self._eof = False
         self._poller: select.poll | None = None
+        self._found = False  # take_in's last look found bytes (see take_in)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -161,16 +162,21 @@ class BlockingConnection:
 
     def take_in(self) -> bool:
         """Read what has arrived, without blocking: True if a whole message
-        waits (or the end: ``recv`` then raises).  One ``poll`` when
-        nothing has (cheaper than a read that fails)."""
+        waits (or the end: ``recv`` then raises).  When the last look found
+        bytes, one non-blocking read (they tend to keep coming: a burst of
+        jobs, a worker's next job sent while it ran one); else one ``poll``
+        (cheaper than a read that fails), and the read only if it says so."""
         if self._messages or self._eof:
             return True
-        poller = self._poller
-        if poller is None:
-            poller = self._poller = select.poll()
-            poller.register(self._sock.fileno(), select.POLLIN)
-        if poller.poll(0):
-            self._read(_DONTWAIT)
+        if self._found:
+            self._found = self._read(_DONTWAIT)
+        else:
+            poller = self._poller
+            if poller is None:
+                poller = self._poller = select.poll()
+                poller.register(self._sock.fileno(), select.POLLIN)
+            if poller.poll(0):
+                self._found = self._read(_DONTWAIT)
         return bool(self._messages) or self._eof
 
     def recv(self) -> Message:
@@ -202,7 +208,9 @@ class BlockingConnection:
                 self._read(_DONTWAIT)
         return True
 
-    def _read(self, flags: int) -> None:
+    def _read(self, flags: int) -> bool:
+        """Read once (``flags``: 0 to block, _DONTWAIT not to): False if
+        nothing had come (a read that would block)."""
         decoder = self._decoder
         if self._eof:
             if decoder.partial:     # (the end was seen by poll())
@@ -215,14 +223,14 @@ class BlockingConnection:
             else:
                 n = self._sock.recv_into(buf, len(buf), flags)
         except BlockingIOError:
-            return
+            return False
         except ConnectionResetError as exc:
             self._eof = True
             raise ConnectionClosed(f"connection reset by peer: {exc}") from exc
         if not n:
             self._eof = True
             if flags:
-                return
+                return True
             if decoder.partial:
                 raise ConnectionClosed("connection closed by peer in the middle of a message")
             raise ConnectionClosed("connection closed by peer")
@@ -231,3 +239,4 @@ class BlockingConnection:
         except ProtocolError:
             self._eof = True
             raise
+        return True

@@ -8,6 +8,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 
 import pytest
 
@@ -543,6 +544,38 @@ def test_blocking_connection_round_trip():
         await conn.wait_closed()
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
     run(main())
+
+
+def test_take_in_never_blocks_and_sees_each_message_and_the_end():
+    """take_in (a worker's look between jobs): after a look that found
+    bytes it reads at once (no poll first), and a read that finds nothing
+    neither blocks nor loses the next message; the end comes as True, then
+    recv raises."""
+    ours, theirs = socket.socketpair()
+    conn, peer = BlockingConnection(theirs, fds=True), BlockingConnection(ours)
+    try:
+        assert not conn.take_in()               # nothing: a poll says so
+        peer.send([b"one"])
+        peer.send([b"two", b"2"])
+        poll_until = time.monotonic() + 10
+        while not conn.take_in():               # (until the bytes are there)
+            assert time.monotonic() < poll_until
+        assert [bytes(f) for f in conn.recv()] == [b"one"]
+        assert conn.take_in()                   # "two" read with it, kept
+        assert [bytes(f) for f in conn.recv()] == [b"two", b"2"]
+        assert not conn.take_in()               # a read straight away: nothing, no block
+        assert not conn.take_in()               # (then a poll again)
+        peer.send([b"three"])
+        assert conn.poll(10) and conn.take_in()
+        assert [bytes(f) for f in conn.recv()] == [b"three"]
+        peer.close()
+        while not conn.take_in():               # the end, however the look is made
+            assert time.monotonic() < poll_until
+        with pytest.raises(ConnectionClosed):
+            conn.recv()
+    finally:
+        conn.close()
+        peer.close()
 
 
 def test_blocking_connection_eof_mid_message_and_protocol_error():
