@@ -24,7 +24,10 @@ second (its worker processes).  To pay that once, give yours::
 
 Needs joblib (``pip install 'dpool[ecosystem]'``).
 """
+import copy
+import mmap
 import os
+import sys
 import threading
 
 import joblib
@@ -112,6 +115,8 @@ class DpoolBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def submit(self, func, callback=None):
         self._start()
+        if self._executor is not self._given and self._local():
+            func = _sharing_memmaps(func)
         future = self._executor.submit(func)
         with self._lock:
             self._futures.add(future)
@@ -144,6 +149,69 @@ class DpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             future.cancel()
         if not ensure_ready:
             self.terminate()
+
+
+# ------------------------------------------------------------ memmaps
+# joblib's process backends hand a task's ``numpy.memmap`` arguments to
+# their workers as memmaps of the same file, so what a task writes into one
+# is seen by the caller ("Writing parallel computation results in shared
+# memory" in joblib's docs); pickled as is, a memmap becomes an array copy
+# and the writes are lost.  Local workers share the caller's files: there,
+# a task's memmap arguments (contiguous ones, given directly as arguments)
+# are sent as (file, offset, shape) and opened again on the worker.
+
+
+class _SharedMemmap:
+    """A ``numpy.memmap`` argument, pickled as the way to map it again."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, array, mmap_start):
+        granularity_start = array.offset - array.offset % mmap.ALLOCATIONGRANULARITY
+        offset = granularity_start + array.ctypes.data - mmap_start
+        mode = "r+" if array.mode == "w+" else array.mode  # (w+ would truncate it)
+        order = "F" if not array.flags.c_contiguous else "C"
+        self.args = (array.filename, array.dtype, mode, offset, array.shape, order)
+
+    def __reduce__(self):
+        return _open_memmap, self.args
+
+
+def _open_memmap(filename, dtype, mode, offset, shape, order):
+    import numpy as np
+
+    return np.memmap(filename, dtype=dtype, mode=mode, offset=offset, shape=shape,
+                     order=order)
+
+
+def _shared(np, value):
+    """``value``, or a _SharedMemmap for a memmap of a file that can be
+    mapped again (not a 0-size or a non-contiguous view)."""
+    if not isinstance(value, np.memmap) or value.filename is None or value.size == 0:
+        return value
+    if getattr(value, "_mmap", None) is None:
+        return value
+    if not (value.flags.c_contiguous or value.flags.f_contiguous):
+        return value
+    start = np.frombuffer(value._mmap, dtype=np.uint8).ctypes.data
+    return _SharedMemmap(value, start)
+
+
+def _sharing_memmaps(batch):
+    """joblib's ``BatchedCalls`` with its calls' memmap arguments shared
+    (a shallow copy; ``batch`` itself if it has none)."""
+    np = sys.modules.get("numpy")
+    items = getattr(batch, "items", None)
+    if np is None or not items:
+        return batch
+    if not any(isinstance(v, np.memmap) for _, args, kwargs in items
+               for v in (*args, *kwargs.values())):
+        return batch
+    shared = copy.copy(batch)
+    shared.items = [(func, tuple(_shared(np, a) for a in args),
+                     {k: _shared(np, v) for k, v in kwargs.items()})
+                    for func, args, kwargs in items]
+    return shared
 
 
 def register():

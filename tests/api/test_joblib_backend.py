@@ -167,3 +167,29 @@ def test_an_initializer_with_a_given_executor_is_refused():
             joblib.Parallel(backend=dpool.joblib.DpoolBackend(executor=ex),
                             initializer=init_worker, initargs=("x",))(
                 joblib.delayed(initialized)(x) for x in range(2))
+
+
+def fill(out, start, value):
+    out[start:start + 2] = value
+
+
+def total(array):
+    return float(array.sum())
+
+
+def test_a_tasks_writes_into_a_memmap_argument_are_seen_by_the_caller(tmp_path):
+    # joblib's docs, "Writing parallel computation results in shared
+    # memory": its process backends hand memmap arguments over as memmaps
+    # of the same file (pickled as is they would be copies, writes lost)
+    np = pytest.importorskip("numpy")
+    path = str(tmp_path / "out.mmap")
+    out = np.memmap(path, dtype=np.float64, shape=(12,), mode="w+", offset=24)
+    view = out[2:]  # a view: its own offset in the file
+    with joblib.parallel_backend("dpool", n_jobs=2):
+        joblib.Parallel()(joblib.delayed(fill)(view, i, i + 1) for i in range(0, 10, 2))
+        sums = joblib.Parallel()(joblib.delayed(total)(a) for a in (out, view, out[::2]))
+    assert out.tolist() == [0, 0, 1, 1, 3, 3, 5, 5, 7, 7, 9, 9]
+    assert sums == [50.0, 50.0, 25.0]
+    read_only = np.memmap(path, dtype=np.float64, shape=(12,), mode="r", offset=24)
+    with joblib.parallel_backend("dpool", n_jobs=2):
+        assert joblib.Parallel()([joblib.delayed(total)(read_only)]) == [50.0]
