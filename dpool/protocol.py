@@ -120,9 +120,14 @@ import logging
 import math
 import pickle
 from enum import IntEnum
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .errors import ProtocolError
+
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:  # (the same classes for half the cost to define: issue 13, start-up)
+    from .records import NamedTuple
 
 
 class Op(IntEnum):

@@ -59,3 +59,46 @@ def test_a_bad_header_is_a_protocol_error(header):
 def test_an_op_registers_one_record():
     with pytest.raises(ValueError, match="already has a record"):
         P.message(P.Op.RUN)(P.Bye)
+
+
+# -- records.NamedTuple: typing.NamedTuple's classes, cheaper to define (issue 13) -----------
+
+def _made(body, base):
+    import typing
+    ns = {"base": base, "typing": typing}
+    exec(f"class Point(base):\n{body}", ns)
+    return ns["Point"]
+
+
+def _bases():
+    import typing
+
+    from dpool.records import NamedTuple
+    return typing.NamedTuple, NamedTuple
+
+
+def test_a_records_named_tuple_is_typings():
+    import typing
+    body = ('    """A point."""\n    x: int\n    y: typing.Optional[int] = None\n'
+            '    def norm(self):\n        return abs(self.x)\n')
+    for base in _bases():
+        cls = _made(body, base)
+        p = cls(-3)
+        assert (p, repr(p), p.norm(), p._replace(y=1), p._asdict()) == (
+            (-3, None), "Point(x=-3, y=None)", 3, (-3, 1), {"x": -3, "y": None})
+        assert (cls._fields, cls._field_defaults, cls.__doc__, cls.__match_args__) == (
+            ("x", "y"), {"y": None}, "A point.", ("x", "y"))
+        assert cls.__annotations__ == {"x": int, "y": typing.Optional[int]}
+        assert cls.__mro__[1:] == (tuple, object) and cls._make([1, 2]) == (1, 2)
+    assert pickle.loads(pickle.dumps(P.Run([1]))) == P.Run([1])
+
+
+@pytest.mark.parametrize("body", ["    x: int = 1\n    y: int\n",
+                                  "    x: int\n    _fields = ()\n"])
+def test_a_records_named_tuple_refuses_what_typings_refuses(body):
+    errors = []
+    for base in _bases():
+        with pytest.raises((TypeError, AttributeError)) as info:
+            _made(body, base)
+        errors.append(info.type)
+    assert errors[0] is errors[1]
