@@ -1,5 +1,7 @@
 """What the benchmarks share.  Import it before dpool: it puts this
-repository first on ``sys.path``.  The tasks stay in each benchmark's
+repository (or the tree named by ``DPOOL_BENCH_TREE``: another tree's
+sources measured with this tree's benchmark, see bench_large_ab.py) first
+on ``sys.path``.  The tasks stay in each benchmark's
 ``__main__`` (dpool ships them by value; the stdlib's fork pools find them
 by reference)."""
 import multiprocessing
@@ -10,7 +12,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.environ.get("DPOOL_BENCH_TREE") or ROOT)
 
 CPUS = 2
 MP = multiprocessing.get_context("fork")

@@ -51,6 +51,11 @@ def make_array(n):
     return numpy.full(n // 8, 1.5)
 
 
+def where(_=None):
+    """The dpool source file a process (a worker, as a job) runs."""
+    return sys.modules["dpool"].__file__
+
+
 def argument(kind, n):
     if kind == "numpy":
         import numpy
@@ -156,6 +161,7 @@ def one(mode, kind, direction, mb, node_pid=None, port=None, jobs=1):
 
     try:
         submit(size_of, argument(kind, 64))   # (imports NumPy in the worker too)
+        worker_dpool = submit(where, None) if mode != "mp" else None
         data = argument(kind, n) if direction == "send" else None
         # several jobs: the first of this size in the process apart (its
         # one-off costs: fresh buffers, lazily made objects), the median of
@@ -181,7 +187,9 @@ def one(mode, kind, direction, mb, node_pid=None, port=None, jobs=1):
             "client_x": round(max(0, client.grown - own) / n, 2),
             "far_x": round(max(0, far.grown - own) / n, 2),
             "cpu": {role: round(v, 6) for role, v in roles.items()}, "jobs": jobs,
-            "first_mbs": round(mb / first, 1) if first else None}
+            "first_mbs": round(mb / first, 1) if first else None,
+            "dpool": {"client": sys.modules["dpool"].__file__ if mode != "mp" else None,
+                      "worker": worker_dpool}}
 
 
 def start_node():
