@@ -56,6 +56,27 @@ def where(_=None):
     return sys.modules["dpool"].__file__
 
 
+def channel_calls(ex, submit, wait=10.0):
+    """Via a node, lone calls go on a channel once the client opened one
+    at an idle moment (docs/performance.md, "taking the node off the
+    path"): wait for it (small calls meanwhile, up to ``wait`` s), as a
+    program does that made a call before.  Returns a function giving the
+    number of calls the channel answered since (None: this dpool has no
+    channel, or none opened)."""
+    line = getattr(ex._client, "_direct", None)
+    chan = getattr(line, "chan", None)
+    if chan is None or os.environ.get("BENCH_LARGE_CHANNEL") == "off":
+        return None
+    deadline = time.monotonic() + wait
+    while not (line.on_chan and line.free()) and time.monotonic() < deadline:
+        submit(size_of, b"")
+        time.sleep(0.01)
+    if not line.on_chan:
+        return None
+    before = chan.calls
+    return lambda: chan.calls - before
+
+
 def argument(kind, n):
     if kind == "numpy":
         import numpy
@@ -148,6 +169,9 @@ def one(mode, kind, direction, mb, node_pid=None, port=None, jobs=1):
         kwargs = {}
         if mode == "node":
             kwargs = dict(nodes=[("127.0.0.1", port)], secret=os.environ["DPOOL_SECRET"])
+        if os.environ.get("BENCH_LARGE_CHANNEL") == "off":   # (the node's path, to compare)
+            from dpool.core.channel import ClientChannel
+            ClientChannel.maybe_open = lambda self, link: None
         ex = dpool.futures.Executor(max_workers=1, **kwargs)
         submit = lambda fn, arg: ex.submit(fn, arg).result()  # noqa: E731
         node_tree = ((lambda: tree(node_pid)) if mode == "node"
@@ -162,6 +186,7 @@ def one(mode, kind, direction, mb, node_pid=None, port=None, jobs=1):
     try:
         submit(size_of, argument(kind, 64))   # (imports NumPy in the worker too)
         worker_dpool = submit(where, None) if mode != "mp" else None
+        calls = channel_calls(ex, submit) if mode == "node" else None
         data = argument(kind, n) if direction == "send" else None
         # several jobs: the first of this size in the process apart (its
         # one-off costs: fresh buffers, lazily made objects), the median of
@@ -172,6 +197,7 @@ def one(mode, kind, direction, mb, node_pid=None, port=None, jobs=1):
         with HighWater(lambda: [me]) as client, HighWater(node_tree) as far:
             times = [clock(job) for _ in range(jobs)]
         cpu_after = cpu_times([me] + far_pids)
+        channel = calls() if calls else None
     finally:
         close()
     elapsed = median(times)
@@ -188,6 +214,7 @@ def one(mode, kind, direction, mb, node_pid=None, port=None, jobs=1):
             "far_x": round(max(0, far.grown - own) / n, 2),
             "cpu": {role: round(v, 6) for role, v in roles.items()}, "jobs": jobs,
             "first_mbs": round(mb / first, 1) if first else None,
+            "channel": channel,
             "dpool": {"client": sys.modules["dpool"].__file__ if mode != "mp" else None,
                       "worker": worker_dpool}}
 

@@ -106,7 +106,8 @@ def main():
                 if row is None:
                     continue
                 rows[tree].append(row)
-                print(f"{tree}: {row['mbs']} MB/s  CPU s {row['cpu']}  ({bench_large.load()})",
+                print(f"{tree}: {row['mbs']} MB/s  CPU s {row['cpu']}  channel calls "
+                      f"{row.get('channel')}  ({bench_large.load()})",
                       flush=True)
     finally:
         for proc, _, _ in nodes.values():

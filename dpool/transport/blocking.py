@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, cast
 from dpool.errors import ConnectionClosed, ProtocolError
 
 from .frames import IOV_MAX, FrameDecoder, Limits, Message, encode, in_stream
-from .records import RECORD_DATA, Sealer, SecureDecoder, take
+from .records import RECORD_DATA, RECORD_MAX, Sealer, SecureDecoder, take
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer as Frame
@@ -83,6 +83,7 @@ class BlockingConnection:
         self._decoder: FrameDecoder | SecureDecoder = FrameDecoder(
             limits, files=self._next_fd if fds else None)
         self._sealer: Sealer | None = None
+        self._sealed: memoryview | None = None  # records sealed, to send (see _send_sealed)
         if records is not None:
             self._decoder = SecureDecoder(self._decoder, records.recv_key, records.recv_seq)
             self._sealer = Sealer(records.send_key, records.send_seq)
@@ -147,13 +148,18 @@ class BlockingConnection:
 
     def _send_sealed(self, parts: collections.deque[bytes | memoryview]) -> None:
         """Seal and send ``parts`` a few records at a time (a large
-        message is not sealed whole first: no second copy of it)."""
+        message is not sealed whole first: no second copy of it), each
+        batch into the same buffer (``sendall`` has copied it to the kernel
+        before it is reused: no fresh pages per record)."""
         sealer = cast("Sealer", self._sealer)
+        out = self._sealed
+        if out is None:
+            out = self._sealed = memoryview(bytearray(_SEALED_BATCH * RECORD_MAX))
         while parts:
-            out: list[bytes] = []
-            while parts and len(out) < 2 * _SEALED_BATCH:  # (two pieces a record)
-                out += sealer.seal(take(parts, RECORD_DATA))
-            sendmsg_all(self._sock, out)
+            end = 0
+            while parts and len(out) - end >= RECORD_MAX:
+                end += sealer.seal_into(take(parts, RECORD_DATA), out[end:])
+            self._sock.sendall(out[:end])
 
     @property
     def has_data(self) -> bool:

@@ -35,7 +35,7 @@ from .frames import FrameDecoder, Message, feed_buffered
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
-__all__ = ["RECORD_DATA", "Sealer", "SecureDecoder", "take"]
+__all__ = ["OVERHEAD", "RECORD_DATA", "RECORD_MAX", "Sealer", "SecureDecoder", "take"]
 
 #: A queue of byte parts (bytes or flat memoryviews) waiting to be sent.
 Parts = collections.deque[Any]
@@ -45,6 +45,7 @@ TAG = 16
 _LEN = struct.Struct("<I")
 HEAD = _LEN.size
 RECORD_MAX = HEAD + RECORD_DATA + TAG
+OVERHEAD = HEAD + TAG              # a record's bytes besides its data
 
 
 def _nonce(seq: int) -> bytes:
@@ -81,6 +82,17 @@ class Sealer:
         sealed = self._aead.encrypt(_nonce(self._seq), data, head)
         self._seq += 1
         return [head, sealed]
+
+    def seal_into(self, data: bytes | memoryview, out: memoryview) -> int:
+        """Seal up to ``RECORD_DATA`` bytes of ``data`` into ``out`` (at
+        least ``len(data) + OVERHEAD`` bytes), header included; the record's
+        size.  No new buffer per record: a large message sealed into one
+        reused buffer does not fault fresh pages in for each record."""
+        size = len(data) + TAG
+        _LEN.pack_into(out, 0, size)
+        self._aead.encrypt_into(_nonce(self._seq), data, out[:HEAD], out[HEAD:HEAD + size])
+        self._seq += 1
+        return HEAD + size
 
     @property
     def seq(self) -> int:
