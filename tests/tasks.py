@@ -181,6 +181,33 @@ def kill_worker(_=None):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def killed_mid_result(n):
+    """Return ``n`` bytes; a thread SIGKILLs this worker once its main
+    thread has sealed and sent 16 records of them (it looks at the
+    sender's record count in its frame: ``_send_sealed``, a channel's
+    sealed send): dies in the middle of sending its result."""
+    import threading
+
+    main = threading.main_thread().ident
+
+    def sealer():
+        frame = sys._current_frames().get(main)
+        while frame is not None and frame.f_code.co_name != "_send_sealed":
+            frame = frame.f_back
+        return None if frame is None else frame.f_locals.get("sealer")
+
+    def kill():
+        while (found := sealer()) is None:
+            time.sleep(0.001)
+        first = found.seq
+        while found.seq < first + 16:
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=kill, daemon=True).start()
+    return b"r" * n
+
+
 def counted(outdir, i, seconds=0.0):
     """Job ``i`` of a fault test: each execution leaves a file
     ``<i>-<pid>-<ns>`` in ``outdir`` (helpers_faults counts them), then

@@ -154,6 +154,21 @@ def test_a_worker_killed_on_the_channel_fails_the_call_as_the_node_does(node):
         assert on_channel(ex, tasks.square, 4).result(30) == 16
 
 
+def test_a_worker_killed_in_the_middle_of_a_large_result_on_the_channel(node):
+    """The channel's worker dies while it seals and sends a 256 MiB result
+    (into its reused buffer): the call fails WorkerLost, as a worker dying in
+    the middle of a result the node relays does; no part of the result is
+    delivered, and the next calls go on (on a channel again)."""
+    with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
+        line = channeled(ex._client)
+        pid = line.chan.pid
+        future = on_channel(ex, tasks.killed_mid_result, 256 * 2**20)
+        with pytest.raises(WorkerLost) as info:
+            future.result(60)
+        assert f"pid {pid}" in str(info.value) and "SIGKILL" in str(info.value)
+        assert on_channel(ex, tasks.square, 4).result(30) == 16
+
+
 def test_a_channel_worker_dying_while_idle_costs_no_call(node):
     with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
         line = channeled(ex._client)

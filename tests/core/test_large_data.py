@@ -35,7 +35,7 @@ SIZE = 256 * 2**20
 RELAYED = 0.25
 
 CHILD = '''
-import json, os, sys
+import json, os, sys, time
 import psutil
 import dpool.futures
 
@@ -93,6 +93,16 @@ if __name__ == "__main__":
         far = psutil.Process(int(sys.argv[5]))
     with dpool.futures.Executor(max_workers=1, **kwargs) as ex:
         ex.submit(size_of, b"warm-up").result()
+        channel = os.environ.get("LARGE_CHANNEL") == "1"
+        if channel:  # (lone calls on the node's channel, once lent: core/channel.py)
+            line = ex._client._direct
+            for _ in range(3000):
+                if line.on_chan and line.free():
+                    break
+                ex.submit(size_of, b"idle moment").result()
+                time.sleep(0.01)
+            assert line.on_chan, "no channel was lent"
+            calls = line.chan.calls
         far_pids = [p.pid for p in far.children(recursive=True)]
         if len(sys.argv) > 4:
             far_pids.append(far.pid)
@@ -109,6 +119,8 @@ if __name__ == "__main__":
             result = ex.submit(make_array if kind == "numpy" else make_bytes, n).result()
             assert size_of(result) == n
         client, far_side = grown(me), grown(them)
+        if channel:
+            assert line.chan.calls == calls + 1, "the call did not go on the channel"
         tree = cgroup_grown(cgroup, group)
     # the user's own objects are not copies: the argument is in the client's
     # baseline, the result (in the client, and as made in the worker) is not
@@ -118,9 +130,10 @@ if __name__ == "__main__":
 '''
 
 
-def peaks_above_baseline(tmp_path, kind, direction, node=None, cgroup=None):
+def peaks_above_baseline(tmp_path, kind, direction, node=None, cgroup=None, channel=False):
     """(client, far side) peaks above their baselines, in multiples of the
-    payload; with ``cgroup`` (holding the node's processes), the third: its
+    payload (with ``channel``: a lone call on the node's channel, checked);
+    with ``cgroup`` (holding the node's processes), the third: its
     peak, memory files included."""
     script = tmp_path / "peak_child.py"
     script.write_text(CHILD)
@@ -130,6 +143,8 @@ def peaks_above_baseline(tmp_path, kind, direction, node=None, cgroup=None):
     if cgroup is not None:
         cmd.append(cgroup)
     env = node_env(node.secret if node is not None else None)
+    if channel:
+        env["LARGE_CHANNEL"] = "1"
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -172,6 +187,18 @@ def test_through_a_node_with_protection_copies_are_bounded(tmp_path, large_node,
     client, tree = peaks_above_baseline(tmp_path, kind, direction, large_node)
     assert client <= 1.2 and tree <= (RELAYED if direction == "result" else 1.5), \
         (client, tree)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "numpy"])
+def test_a_result_on_the_nodes_channel_copies_are_bounded(tmp_path, large_node, kind):
+    """A lone call's result via a node comes on the client's channel (its
+    worker seals the records itself, into one reused buffer, and the client
+    opens them into the result): the client at most 1.2x, the node's tree
+    no more above the worker's own result than a relayed one."""
+    if kind == "numpy":
+        pytest.importorskip("numpy")
+    client, tree = peaks_above_baseline(tmp_path, kind, "result", large_node, channel=True)
+    assert client <= 1.2 and tree <= RELAYED, (client, tree)
 
 
 def test_a_node_frees_an_argument_once_sent_to_the_worker(tmp_path, large_node):
