@@ -69,11 +69,20 @@ _DISPY_ONLY = {"host", "dispy_port", "ext_host", "ip_addr", "ext_ip_addr", "ipv4
 # job's Finished after the wait() that let the program end), before the
 # interpreter stops its threads.  A forked child leaves its parent's alone.
 _open_callbacks: "weakref.WeakSet[CallbackThread]" = weakref.WeakSet()
+EXIT_WAIT = 10.0  # seconds the exit waits for them, in all, however many clusters
+_clock = time.monotonic
 
 
 def _run_queued_callbacks():
-    for callbacks in list(_open_callbacks):
-        callbacks.stop(10)
+    """Every open cluster's queued callbacks run at once (each thread told
+    to end after them first), then one deadline for all of them: the exit
+    waits as long as the slowest, at most EXIT_WAIT s (not that per cluster)."""
+    threads = list(_open_callbacks)
+    for callbacks in threads:
+        callbacks.stop(wait=False)
+    deadline = _clock() + EXIT_WAIT
+    for callbacks in threads:
+        callbacks.thread.join(max(0.0, deadline - _clock()))
 
 
 threading._register_atexit(_run_queued_callbacks)

@@ -118,6 +118,37 @@ def test_callback_exception_is_logged_and_the_next_runs(dpool_node, caplog):
     assert "callback bug" in caplog.text
 
 
+def test_the_exit_wait_for_queued_callbacks_is_one_deadline_for_all_clusters(monkeypatch):
+    # A program that leaves N clusters unclosed, each with a callback still
+    # running, waited 10 s per cluster at its exit (N x 10 s): one deadline
+    # for all now, the threads told to end at once.
+    import weakref
+
+    from dpool.core.callbacks import CallbackThread
+    from dpool.dispy import cluster as cluster_mod
+
+    release, now, waits = threading.Event(), [0.0], []
+    threads = [CallbackThread() for _ in range(3)]
+    for callbacks in threads:
+        callbacks.put(release.wait, 30)  # (a callback the exit finds running)
+
+        def hung_join(timeout=None):  # the join of a hung thread: its whole timeout
+            waits.append(timeout)
+            now[0] += timeout or 0.0
+        monkeypatch.setattr(callbacks.thread, "join", hung_join)
+    monkeypatch.setattr(cluster_mod, "_open_callbacks", weakref.WeakSet(threads))
+    monkeypatch.setattr(cluster_mod, "_clock", lambda: now[0], raising=False)
+    try:
+        cluster_mod._run_queued_callbacks()
+        assert len(waits) == 3 and sum(waits) <= cluster_mod.EXIT_WAIT, waits
+        assert all(not callbacks.queue.empty() for callbacks in threads)  # their ends queued
+    finally:
+        release.set()
+        for callbacks in threads:
+            del callbacks.thread.join
+            callbacks.stop(10)
+
+
 def test_callback_signatures_are_checked():
     with pytest.raises(TypeError, match="job_status"):
         dispy.JobCluster(tasks.identity, nodes=[("127.0.0.1", 1)], job_status=lambda: None)
