@@ -211,10 +211,13 @@ class JobCluster:
         self._events = ClusterEvents(self.job_status, self.cluster_status, self._callbacks,
                                      self._job_finished, self._node_closed)
         self._nodes = self._events.nodes  # NodeLink -> DispyNode (initialized nodes)
+        self._client = None
         try:
             self._client = self._make_client(cpus)
             self._wait_for_setup(self._client)
-        except BaseException:
+        except BaseException:  # (a Ctrl-C in the wait too: nothing is left open)
+            if self._client is not None:
+                self._client.close(wait=False, cancel=True)
             if self._callbacks is not None:
                 self._callbacks.stop(10)
             if self._recover is not None:

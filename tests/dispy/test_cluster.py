@@ -348,3 +348,37 @@ def test_jobcluster_refuses_a_node_port_out_of_range():
             dpool.JobCluster(double, nodes=nodes, secret="x")
     with pytest.raises(ValueError, match="65535"):
         dpool.NodeAllocate("127.0.0.1", port=99999)
+
+
+# ------------------------------------------------------------ Ctrl-C
+
+@pytest.mark.parametrize("embedded", [False, True])
+def test_ctrl_c_during_the_setup_wait_closes_everything(dpool_node, tmp_path, embedded):
+    """A KeyboardInterrupt while JobCluster() waits for the nodes' setup
+    re-raises with the client closed (its threads, sockets, an embedded
+    node and the setup's process gone: the leak check) and nothing left
+    running: it left the client open."""
+    import functools
+    import signal
+    import threading
+
+    marker = str(tmp_path / "setup")
+    main = threading.main_thread().ident
+    before = set(threading.enumerate())
+
+    def interrupt():
+        read_marker(marker)  # the setup runs: JobCluster() waits for it
+        signal.pthread_kill(main, signal.SIGINT)
+    thread = threading.Thread(target=interrupt)
+    thread.start()
+    kwargs = dict(cpus=1) if embedded else dict(nodes=[dpool_node.address],
+                                                 secret=dpool_node.secret)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            dpool.JobCluster(getpid, setup=functools.partial(hold, marker), **kwargs)
+    finally:
+        thread.join(30)
+    pid = int(open(marker).read().split()[0])
+    poll_for(lambda: pid_gone(pid), timeout=10, message="the setup's process gone")
+    poll_for(lambda: set(threading.enumerate()) <= before, timeout=10,
+             message="the client's threads gone")
