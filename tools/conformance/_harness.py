@@ -11,14 +11,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: Where fetch_suites.sh put the suites (test_concurrent_futures.py).
 SUITES = os.environ.get("DPOOL_SUITES", "/tmp/dpool-suites")
 SECRET = "conformance-secret"
+#: The joblib release whose tests run_joblib.py runs (fetch_suites.sh's pin).
+JOBLIB_VERSION = "1.6.0"
 
 
-def use_paths():
-    """This folder and the suites' on sys.path, here and in the workers."""
-    for path in (SUITES, HERE):
-        sys.path.insert(0, path)
+def use_paths(*first):
+    """This folder and the suites' (and ``first``) on sys.path, here and in
+    the workers."""
+    paths = [*first, HERE, SUITES]
+    sys.path[:0] = paths
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (HERE, SUITES, os.environ.get("PYTHONPATH")) if p)
+        p for p in (*paths, os.environ.get("PYTHONPATH")) if p)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ for i in 0 1 2 3; do head -c 100000 /dev/urandom > data00$i; done  # job_schedul
 export PYTHONPATH="$here/shim:$PYTHONPATH"
 node_pid=
 if [ "$mode" = node ]; then
-    export EX_SECRET=examples-secret
+    export EX_SECRET=dispy-examples-secret  # (16+ bytes: no WeakSecretWarning)
     DPOOL_SECRET=$EX_SECRET python -m dpool.daemons.node --port 0 --cpus 2 > node.out 2> node.err &
     node_pid=$!
     for _ in $(seq 300); do grep -q serving node.out 2>/dev/null && break; sleep 0.2; done
