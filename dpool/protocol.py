@@ -60,12 +60,16 @@ via a node: taking the node off the path"; a worker serves a channel it
 is given; core/channel.py opens one):
 
 Client -> node (channel)               Node -> client (main link)
-  Channel  (token)  instead of Session:    Recall      ()  give the channel back
-           the token of a live session     ChannelLost (why)  its worker died: its
-  Release  ()  the last message on a          call fails with WorkerLost
+  Channel  (token, serial)  instead of     Recall      (serial)  give the channel back
+           Session: the token of a live    ChannelLost (why, serial)  its worker died:
+           session; serial: the client's      its call fails with WorkerLost
+           number for this channel
+  Release  ()  the last message on a
            channel (after its last Run)
-  Halt     ()  (main link) the channel's call was cancelled: its worker is
-           stopped as a cancelled running job's; ChannelLost follows
+  Halt     (serial)  (main link) the channel's call was cancelled: its
+           worker is stopped as a cancelled running job's; ChannelLost follows
+           (serial names the channel each of these concerns: one about an
+           earlier channel, come late, is ignored)
            Nothing goes behind Channel before its answer (Ready from the
            worker; Refused, Busy from the node): what does is Refused.
 Node -> worker: Channel ('') + the channel's record state (handoff.RecordState),
@@ -396,8 +400,12 @@ class NodeReply(NamedTuple):
 @message(Op.CHANNEL)
 class Channel(NamedTuple):
     """Instead of Session, on a client's second connection: make it the
-    channel of the session whose Ready named this token."""
+    channel of the session whose Ready named this token.  ``serial``: the
+    client's number for this channel (each one it asks for a new one),
+    named by the Recall, ChannelLost and Halt that concern it, so a late
+    one about an earlier channel is ignored (node <-> worker: 0)."""
     token: str
+    serial: int = 0
 
 
 @message(Op.RELEASE)
@@ -414,17 +422,20 @@ class Returned(NamedTuple):
 class ChannelLost(NamedTuple):
     """Node -> client: the channel's worker died; its call fails with WorkerLost."""
     why: str
+    serial: int  # the channel's (its Channel's serial)
 
 
 @message(Op.RECALL)
 class Recall(NamedTuple):
     """Node -> client: the node needs the channel's worker back (Release it)."""
+    serial: int  # the channel's (its Channel's serial)
 
 
 @message(Op.HALT)
 class Halt(NamedTuple):
     """Client -> node (main link): the call on the channel was cancelled:
     stop the channel's worker as a cancelled running job's (ChannelLost follows)."""
+    serial: int  # the channel's (its Channel's serial): another's is ignored
 
 
 @message(Op.DONE)

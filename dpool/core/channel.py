@@ -74,6 +74,8 @@ class ClientChannel:
         self.opened = 0             # channels opened (tests)
         self.pid: Any = None        # the pid of the channel's worker, as it said
         self.halted = False         # Halt sent: its worker is stopped whatever it runs then
+        self.serial = 0             # the number of the channel open or being opened (its
+        # Channel's): the node's Recall and ChannelLost name it, this client's Halt too
 
     # ------------------------------------------------------------ opening
 
@@ -95,8 +97,10 @@ class ClientChannel:
         """The client is idle with ``link`` its only one: open a channel if
         the node offers one and it is time to try."""
         if self.conn is not None or self.opening is not None or self.refused \
-                or self.line.closed or self.client.ssl is not None or self.client._extended:
-            return  # (TLS, or a job environment (JobCluster): no node lends a worker to it)
+                or self.job is not None or self.line.closed \
+                or self.client.ssl is not None or self.client._extended:
+            return  # (TLS, or a job environment (JobCluster): no node lends a worker to it;
+            # a call on the last channel waits for a notice that names that channel)
         token = link.info.get("channel")
         if not isinstance(token, str):
             return
@@ -106,9 +110,10 @@ class ClientChannel:
                 self.retry = self.loop.call_later(wait, self._try_again)
             return
         self.recalled_early = False
-        self.opening = self.loop.create_task(self._open(link, token))
+        self.serial += 1
+        self.opening = self.loop.create_task(self._open(link, token, self.serial))
 
-    async def _open(self, link: Any, token: str) -> None:
+    async def _open(self, link: Any, token: str, serial: int) -> None:
         conn = None
         try:
             try:
@@ -117,7 +122,7 @@ class ClientChannel:
                 async with asyncio.timeout(timeout):
                     conn = await connect(host, port, secret=self.client.secret or b"",
                                          hello=client_hello(), timeout=timeout)
-                    conn.send([P.encode(P.Channel, token)])
+                    conn.send([P.encode(P.Channel, token, serial)])
                     msg = P.decode((await conn.recv())[0])
             except (OSError, DpoolError, TimeoutError) as exc:
                 log.debug("node %s: no channel: %s", link.name, describe(exc))
@@ -270,8 +275,10 @@ class ClientChannel:
 
     # --------------------------------------------------- what the node says
 
-    def on_recall(self) -> None:
+    def on_recall(self, serial: int) -> None:
         """The node needs the channel's worker back."""
+        if serial != self.serial:
+            return  # (about an earlier channel: come late)
         if self.conn is None:
             # (the node lent a worker and wants it back before its Ready came)
             self.recalled_early = self.opening is not None
@@ -283,10 +290,10 @@ class ClientChannel:
         if self.job is None:
             self.release()
 
-    def on_lost(self, why: str) -> None:
+    def on_lost(self, why: str, serial: int) -> None:
         """The channel's worker died (the call on it fails with WorkerLost)."""
-        if self.conn is None and self.job is None:
-            return  # (released meanwhile)
+        if serial != self.serial or self.conn is None and self.job is None:
+            return  # (about an earlier channel, come late; or released meanwhile)
         self.lost = why
         line = self.line
         if line.on_chan and not line.reclaim():
@@ -338,7 +345,7 @@ class ClientChannel:
         if self.job is job and self.link is not None and self.link.conn is not None:
             self.halted = True
             try:
-                self.link.conn.send([P.encode(P.Halt)])
+                self.link.conn.send([P.encode(P.Halt, self.serial)])
             except ConnectionClosed:
                 pass
 

@@ -378,9 +378,9 @@ class Client:
         line = self._direct
         if isinstance(line, TcpLine) and line.link is link:
             if type(msg) is P.Recall:
-                line.chan.on_recall()
+                line.chan.on_recall(msg.serial)
             else:
-                line.chan.on_lost(msg.why)
+                line.chan.on_lost(msg.why, msg.serial)
 
     def add_nodes(self, addresses):
         return self.joining.add_nodes(addresses)

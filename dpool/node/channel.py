@@ -24,12 +24,13 @@ from ..transport.handoff import hand_off, sealed
 log = logging.getLogger("dpool.node")
 
 
-def open_channel(node, conn, token):
+def open_channel(node, conn, token, serial):
     """``conn`` (a new connection) asked to be the channel of the session
-    ``token`` names: True once a worker of that session has it; else the
-    answer (Refused: no such session, a TLS connection, a session with a
-    job environment, messages sent behind Channel; Busy: none of its
-    workers is free now) is sent on ``conn`` and False returned."""
+    ``token`` names (``serial``: the client's number for it): True once a
+    worker of that session has it; else the answer (Refused: no such
+    session, a TLS connection, a session with a job environment, messages
+    sent behind Channel, a serial not an int; Busy: none of its workers is
+    free now) is sent on ``conn`` and False returned."""
     session = node.channels.get(token) if isinstance(token, str) else None
     if session is None:
         log.warning("a channel asked by %s names no session here; refused", conn.peer)
@@ -46,7 +47,11 @@ def open_channel(node, conn, token):
         log.warning("%s sent messages behind Channel before its answer; refused", conn.peer)
         conn.send([P.encode(P.Refused, "a channel takes no message before its Ready")])
         return False
-    if not session.channel.lend(conn):
+    if type(serial) is not int:
+        log.warning("%s asked for a channel numbered %.40r; refused", conn.peer, serial)
+        conn.send([P.encode(P.Refused, "a channel's serial is an int")])
+        return False
+    if not session.channel.lend(conn, serial):
         conn.send([P.encode(P.Busy, "no worker of the session is free for a channel now")])
         return False
     return True
@@ -61,6 +66,7 @@ class SessionChannel:
         self.worker = None     # the worker serving the channel
         self.sock = None       # the node's copy of its socket, until the worker has it
         self.recalled = False  # Recall sent, Returned not yet
+        self.serial = None     # the lent channel's number (the client's, in its Channel)
 
     def lendable(self):
         """An idle worker of the session that may serve a channel now, or None."""
@@ -77,8 +83,9 @@ class SessionChannel:
                 return worker
         return None
 
-    def lend(self, conn):
-        """Hand ``conn`` to an idle worker (True), or leave it (False)."""
+    def lend(self, conn, serial):
+        """Hand ``conn``, the channel numbered ``serial``, to an idle worker
+        (True), or leave it (False)."""
         worker = self.lendable()
         if worker is None:
             return False
@@ -87,7 +94,7 @@ class SessionChannel:
             return False
         sock, state = handed
         self.session.workers.remove(worker)
-        self.worker, self.sock, self.recalled = worker, sock, False
+        self.worker, self.sock, self.recalled, self.serial = worker, sock, False, serial
         worker.conn.send_with([P.encode(P.Channel, ""), state.pack()], sock.fileno())
         return True
 
@@ -112,7 +119,7 @@ class SessionChannel:
         session = self.session
         if self.worker is not None and not self.recalled and not session.conn.closed:
             self.recalled = True
-            session.conn.send([P.encode(P.Recall)])
+            session.conn.send([P.encode(P.Recall, self.serial)])
 
     def worker_exited(self, worker, how):
         """True if ``worker`` was the lent one: the client hears ChannelLost."""
@@ -123,7 +130,7 @@ class SessionChannel:
         session = self.session
         if not session.ended and not session.conn.closed:
             why = f"the worker process (pid {worker.pid}) serving the channel {how}"
-            session.conn.send([P.encode(P.ChannelLost, why)])
+            session.conn.send([P.encode(P.ChannelLost, why, self.serial)])
         return True
 
     def end(self):

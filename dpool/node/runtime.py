@@ -330,13 +330,16 @@ class Session(P.Served):
             self.log.warning("%s: Channel after Session; closing it", self)
             self.end("protocol error")
             return
-        self.end("channel" if open_channel(self.node, self.conn, msg.token) else "refused")
+        lent = open_channel(self.node, self.conn, msg.token, msg.serial)
+        self.end("channel" if lent else "refused")
 
     def on_halt(self, msg, frames):
         """The client cancelled the call its channel's worker runs: that
-        worker is stopped as a cancelled running job's (ChannelLost follows)."""
+        worker is stopped as a cancelled running job's (ChannelLost follows).
+        A Halt about an earlier channel (come late: its worker came back,
+        then was lent again) stops nothing."""
         worker = self.channel.worker
-        if worker is not None and not worker.dead:
+        if worker is not None and not worker.dead and msg.serial == self.channel.serial:
             self._stop(worker)
 
     def on_status(self, msg, frames):

@@ -267,7 +267,7 @@ def test_a_halt_that_comes_late_stops_no_later_call(node, tmp_path):
         real_send, held = conn.send, []
 
         def send(frames):  # (the Halt held back: it reaches the node late)
-            if not held and frames[0] == P.encode(P.Halt):
+            if not held and type(P.decode(frames[0])) is P.Halt:
                 held.append(frames)
                 return
             real_send(frames)
@@ -324,3 +324,33 @@ def test_a_done_sent_before_the_worker_died_beats_channel_lost(node, tmp_path):
         client.call(conn.resume_reading)
         assert future.result(30) == "kept"
         assert on_channel(ex, tasks.square, 9).result(30) == 81
+
+
+def test_a_late_channel_lost_about_an_earlier_channel_costs_no_call(node, tmp_path):
+    """The node's ChannelLost about a channel whose worker died is read
+    late, once the client has opened its next channel (its end was read on
+    the channel itself meanwhile): it named no channel, and the next
+    channel was dropped, its call failing with WorkerLost.  It names its
+    channel now (Channel's serial) and a late one is ignored."""
+    gate = str(tmp_path / "gate")
+    with Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET) as ex:
+        client = ex._client
+        line = channeled(client)
+        handlers = client.net.handlers
+        real, held = handlers[P.ChannelLost], []
+        handlers[P.ChannelLost] = lambda *message: held.append(message)  # (read late)
+        pid, opened_before = line.chan.pid, line.chan.opened
+        os.kill(pid, signal.SIGKILL)
+        client.call(line.reclaim)        # (the loop thread reads the channel's end)
+        poll_for(lambda: held and line.chan.conn is None, message="the channel's end")
+        line = channeled(client)
+        assert line.chan.opened > opened_before and line.chan.pid != pid
+        conn = line.chan.conn
+        future = on_channel(ex, gate_call, gate, "kept")
+        poll_for(lambda: held_pids(gate), message="the call to start")
+        client.call(lambda: real(*held[0]))  # the late ChannelLost
+        opened(gate)
+        assert future.result(30) == "kept"
+        assert line.chan.conn is conn and not conn.closed
+        handlers[P.ChannelLost] = real
+        assert on_channel(ex, tasks.square, 10).result(30) == 100

@@ -81,10 +81,10 @@ async def session(port, secret, ssl=None, **options):
     return main, msg.info
 
 
-async def channel(port, secret, token):
+async def channel(port, secret, token, serial=1):
     """A channel: (Raw, the first message on it)."""
     chan = await Raw.open(port, secret)
-    chan.conn.send([P.encode(P.Channel, token)])
+    chan.conn.send([P.encode(P.Channel, token, serial)])
     msg = await chan.next()
     return chan, msg and msg[0]
 
@@ -350,5 +350,41 @@ def test_a_forget_while_the_worker_is_lent_reaches_it(dpool_node, node_secret):
         main.call(41, getpid, with_func=False)
         record, _ = await main.result()
         assert (record.job_id, record.outcome) == (41, P.Outcome.ERROR)
+        main.conn.abort()
+    run(main())
+
+
+def test_a_late_halt_about_an_earlier_channel_stops_nothing(dpool_node, node_secret):
+    """The client's Halt (a cancelled call on its channel) reaches the node
+    after that channel was released and the next one lent: Halt named no
+    channel, and the node stopped the next channel's worker, its call lost.
+    It names its channel now (Channel's serial): a late one stops nothing;
+    Recall and ChannelLost name theirs."""
+    async def main():
+        port = dpool_node.port
+        main, info = await session(port, node_secret, cpus=1)
+        chan, first = await channel(port, node_secret, info["channel"], serial=1)
+        assert type(first) is P.Ready, first
+        chan.conn.send([P.encode(P.Release)])
+        assert await chan.next() is None
+        for _ in range(100):   # (its worker's Returned: a moment the node doesn't order)
+            chan, first = await channel(port, node_secret, info["channel"], serial=2)
+            if type(first) is P.Ready:
+                break
+            assert type(first) is P.Busy, first
+            await asyncio.sleep(0.05)
+        assert type(first) is P.Ready, first
+        chan.call(10, NAP_PID, 0.5)
+        main.conn.send([P.encode(P.Halt, 1)])      # late: about the first channel
+        record, value = await chan.result()
+        assert (record.job_id, record.outcome, value) == (10, P.Outcome.OK, first.info["pid"])
+        main.call(11, identity, 11)                # (queued: the node recalls its worker)
+        msg, _ = await main.next(P.Heartbeat, P.Started)
+        assert msg == P.Recall(2), msg
+        chan.call(12, NAP_PID, 30, with_func=False)
+        main.conn.send([P.encode(P.Halt, 2)])      # this channel's: its worker is stopped
+        msg, _ = await main.next(P.Heartbeat, P.Started, P.Done)
+        assert type(msg) is P.ChannelLost and msg.serial == 2, msg
+        assert str(first.info["pid"]) in msg.why
         main.conn.abort()
     run(main())
