@@ -7,6 +7,7 @@ import time
 
 from .. import protocol as P
 from ..errors import BrokenCluster, ProtocolError
+from ..transport.frames import total_bytes
 from .direct import MAX_ARGUMENT, DirectFuture, DirectLine
 from .future import resolve
 from .job import ABANDONED, RUNNING, Job, outcome_of
@@ -51,10 +52,7 @@ class DirectCalls:
     def submit(self, line, fn_id, blob, frames, tag):
         """Nothing else in flight: the job goes straight to the lent worker
         (see dpool.core.direct); None if it can't (the normal path then)."""
-        first = frames[0]  # (the common case, one pickle: no generator to sum)
-        size = len(first) if len(frames) == 1 and type(first) is bytes else \
-            sum(memoryview(frame).nbytes for frame in frames)
-        if size > MAX_ARGUMENT:
+        if total_bytes(frames) > MAX_ARGUMENT:
             return None
         job = Job(next(self.client._ids), fn_id, frames, tag, 0, DirectFuture(line))
         job.blob = blob

@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import Callable
 
 from .. import protocol as P
+from ..transport.frames import total_bytes
 from ..node.recovery import KEEP_RESULTS, Keeping
 
 __all__ = ["Kept", "Keeping", "KEEP_RESULTS"]
@@ -40,7 +41,7 @@ class Kept:
         msg = P.decode(frames[0])
         if type(msg) is not P.Done:  # starts, provisional results...: not kept
             return True
-        size = sum(memoryview(frame).nbytes for frame in frames)
+        size = total_bytes(frames)
         self.messages.append(frames)
         self.job_ids.extend(record[0] for record in msg.results)
         self.bytes += size

@@ -43,6 +43,7 @@ from typing import Any
 
 from .. import protocol as P
 from ..errors import ConnectionClosed, ProtocolError
+from ..transport.frames import total_bytes
 from ..transport.lent import LentSocket
 from .channel import ClientChannel
 from .direct import _HeldInterrupts
@@ -63,9 +64,7 @@ CHANNEL_MAX_BYTES = 1 << 20
 
 
 def _large(frames: list[Any]) -> bool:
-    if len(frames) == 1 and type(frames[0]) is bytes:
-        return len(frames[0]) > CHANNEL_MAX_BYTES
-    return sum(memoryview(f).nbytes for f in frames) > CHANNEL_MAX_BYTES
+    return total_bytes(frames) > CHANNEL_MAX_BYTES
 
 
 class TcpLine:

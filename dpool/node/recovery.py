@@ -17,6 +17,7 @@ import asyncio
 import logging
 
 from .. import protocol as P
+from ..transport.frames import total_bytes
 
 log = logging.getLogger("dpool.node")
 
@@ -68,7 +69,7 @@ class Kept:
         session = self.session
         session.started = []
         frames = session.out_frames
-        added = sum(memoryview(frame).nbytes for frame in frames[self.counted:])
+        added = total_bytes(frames[self.counted:])
         self.counted = len(frames)
         together = session.node.keeping
         together.bytes += added

@@ -152,6 +152,13 @@ def _nbytes(frame: Any) -> int:
     return memoryview(frame).nbytes
 
 
+def total_bytes(frames: Sequence[Any]) -> int:
+    """The bytes a message's frames hold (a lone pickle: no generator)."""
+    if len(frames) == 1 and type(frames[0]) is bytes:
+        return len(frames[0])
+    return sum(memoryview(frame).nbytes for frame in frames)
+
+
 def _is_whole_bytes(frame: Frame) -> bool:
     if type(frame) is bytes:
         return True
