@@ -21,6 +21,19 @@ REPO_ROOT = TESTS_DIR.parent
 DEFAULT_PORT = 51350
 
 
+def load_bench(name, monkeypatch):
+    """``bench/<name>.py`` loaded afresh as a module under test (bench/ on
+    sys.path for the test's length: its ``_common``)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test",
+                                                  REPO_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def poll_for(condition, timeout=10.0, interval=0.01, message="condition"):
     """Wait until condition() is truthy; fail the test after ``timeout`` s."""
     deadline = time.monotonic() + timeout

@@ -2,7 +2,6 @@
 the median reported) reaches every measurement it runs; a measurement that
 fails or times out is reported and the run goes on; the node's home is
 removed whatever happens."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,20 +9,11 @@ import sys
 import tempfile
 import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _bench(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))  # (its _common)
-    spec = importlib.util.spec_from_file_location(
-        "bench_large_under_test", os.path.join(ROOT, "bench", "bench_large.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_bench
 
 
 def test_jobs_given_reaches_each_measurement(monkeypatch, capsys):
-    bench, commands = _bench(monkeypatch), []
+    bench, commands = load_bench("bench_large", monkeypatch), []
     node = types.SimpleNamespace(pid=1, terminate=lambda: None, wait=lambda: 0, poll=lambda: 0)
     monkeypatch.setattr(bench, "start_node", lambda: (node, 1, {}))
 
@@ -52,7 +42,7 @@ def _row(**kw):
 def test_a_measurement_that_times_out_is_reported_and_the_run_goes_on(monkeypatch, capsys):
     """Before, one timeout ended the whole run (TimeoutExpired out of
     main), and the node's home stayed behind (always: it was never removed)."""
-    bench, calls, homes, started = _bench(monkeypatch), [], [], []
+    bench, calls, homes, started = load_bench("bench_large", monkeypatch), [], [], []
     mkdtemp = tempfile.mkdtemp
     monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **kw: homes.append(mkdtemp(*a, **kw))
                         or homes[-1])

@@ -1,24 +1,15 @@
 """bench/bench_queues.py: every dpool cell runs as many workers as its
 multiprocessing partner (CPUS), whatever the host's CPU count."""
-import importlib.util
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_queues_under_test", os.path.join(ROOT, "bench", "bench_queues.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_bench
 
 
 def test_a_local_jobcluster_cell_runs_as_many_workers_as_mp_on_a_larger_host(monkeypatch):
     """mp.Pool(CPUS) is the reference: a local JobCluster took every CPU of
     the host (its cpus=None), so on a host of more than CPUS the ratio was
     against a pool of fewer workers than dpool's."""
-    bench = _bench()
+    bench = load_bench("bench_queues", monkeypatch)
     monkeypatch.setattr(os, "cpu_count", lambda: bench.CPUS + 2)
     submit, get, close = bench._open("JobCluster.submit", 0)
     try:

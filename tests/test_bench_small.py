@@ -1,25 +1,15 @@
 """bench/bench_small.py: a case that fails is reported and the run goes on
 with the others (local and via the node); the node it starts is stopped
 and its home removed whatever happens."""
-import importlib.util
 import os
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _bench(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))  # (its _common)
-    spec = importlib.util.spec_from_file_location(
-        "bench_small_under_test", os.path.join(ROOT, "bench", "bench_small.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_bench
 
 
 def test_a_failing_case_is_reported_and_the_run_goes_on(monkeypatch, capsys):
-    bench, bursts, homes = _bench(monkeypatch), [], []
+    bench, bursts, homes = load_bench("bench_small", monkeypatch), [], []
     mkdtemp = tempfile.mkdtemp
     monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **kw: homes.append(mkdtemp(*a, **kw))
                         or homes[-1])

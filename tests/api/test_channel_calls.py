@@ -19,7 +19,7 @@ from dpool.errors import WorkerLost
 from dpool.futures import Executor
 import tasks
 from helpers import cluster_on, pid_gone, poll_for, start_node
-from test_direct_calls import QUIET, SECRET, gate_call, line_of, opened
+from test_direct_calls import QUIET, SECRET, gate_call, held_pids, line_of, opened
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -51,14 +51,6 @@ def on_channel(executor, fn, *args):
     future = executor.submit(fn, *args)
     assert type(future) is DirectFuture and line.job is not None and line.on_chan
     return future
-
-
-def held_pids(gate):
-    try:
-        with open(gate + ".log") as f:
-            return [int(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
 
 
 def test_lone_calls_take_the_channel_on_every_api(node):

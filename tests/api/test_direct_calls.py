@@ -156,6 +156,15 @@ def gate_call(gate, value):
     return tasks.count_and_hold(gate + ".log", gate, value)
 
 
+def held_pids(gate):
+    """The pids of the processes that ran ``gate_call(gate, ...)`` so far."""
+    try:
+        with open(gate + ".log") as f:
+            return [int(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
 def opened(gate):
     with open(gate, "w"):
         pass

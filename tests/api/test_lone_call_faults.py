@@ -27,7 +27,7 @@ from dpool.futures import Executor
 import tasks
 from helpers import node_env, poll_for, start_node
 from test_channel_calls import channeled, on_channel
-from test_direct_calls import QUIET, SECRET, gate_call, line_of, opened
+from test_direct_calls import QUIET, SECRET, gate_call, held_pids, line_of, opened
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +44,6 @@ def gone(pid):
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
-
-
-def held_pids(gate):
-    """The pids of the processes that ran ``gate_call(gate, ...)`` so far."""
-    try:
-        with open(gate + ".log") as f:
-            return [int(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
 
 
 @pytest.mark.parametrize("api", ["executor", "pool"])

@@ -295,23 +295,29 @@ def test_provisional_results_of_a_direct_job(node):
         assert job(timeout=30) == ("final", 3) and job.status == DispyJob.Finished
 
 
+def submit_and_wait_in_threads(c):
+    """Three threads submit 30 jobs each to ``c`` (tasks.double), each
+    waiting for its job: every result is its own."""
+    out, errors = {}, []
+
+    def run(k):
+        try:
+            for i in range(30):
+                out[(k, i)] = c.submit(i)(timeout=30)
+        except BaseException as exc:  # (reported below)
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert out == {(k, i): 2 * i for k in range(3) for i in range(30)}
+
+
 def test_threads_submitting_and_waiting(node):
     with cluster(node, tasks.double) as c:
-        out, errors = {}, []
-
-        def run(k):
-            try:
-                for i in range(30):
-                    out[(k, i)] = c.submit(i)(timeout=30)
-            except BaseException as exc:  # (reported below)
-                errors.append(exc)
-        threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors
-        assert out == {(k, i): 2 * i for k in range(3) for i in range(30)}
+        submit_and_wait_in_threads(c)
 
 
 # ------------------------------------------------------------------ liveness

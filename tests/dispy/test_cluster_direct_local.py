@@ -14,6 +14,7 @@ import dpool
 from dpool.core.direct import DirectFuture, DirectLine
 import tasks
 from helpers import pid_gone, poll_for, read_marker
+from test_cluster_direct import submit_and_wait_in_threads
 
 DispyJob = dpool.DispyJob
 pytestmark = pytest.mark.timeout(60)
@@ -248,21 +249,7 @@ def test_a_worker_dying_under_a_direct_job():
 
 def test_threads_submitting_and_waiting():
     with cluster(tasks.double) as c:
-        out, errors = {}, []
-
-        def run(k):
-            try:
-                for i in range(30):
-                    out[(k, i)] = c.submit(i)(timeout=30)
-            except BaseException as exc:  # (reported below)
-                errors.append(exc)
-        threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors
-        assert out == {(k, i): 2 * i for k in range(3) for i in range(30)}
+        submit_and_wait_in_threads(c)
 
 
 def test_a_cluster_with_callbacks_keeps_the_loop_path():
