@@ -540,3 +540,28 @@ def test_lambda(pool, kind):
         assert pool.apply(fn, (2,)) == 20
         assert pool.map(fn, range(4)) == [0, 10, 20, 30]
         assert list(pool.imap_unordered(fn, [1])) == [10]
+
+
+def test_terminate_runs_none_of_the_imap_calls_sent_ahead(make, kind, tmp_path):
+    """terminate() with an imap's calls sent ahead to the node (the
+    client's read-ahead after quick calls: their futures run from the send)
+    runs none of those not started, as the stdlib's terminate (the tasks
+    in its queue never run); only the one running and the one held next
+    may have started."""
+    from helpers import poll_for
+
+    pool = make(1)
+    assert pool.map(abs, range(-100, 0)) == list(range(100, 0, -1))  # (short calls: a read-ahead)
+    log, first, rest = (str(tmp_path / name) for name in ("log", "first", "rest"))
+    open(first, "w").close()
+    results = pool.imap(functools.partial(tasks.count_and_hold, log), [first] + [rest] * 39)
+    next(results)
+    if kind != "stdlib":
+        links = pool._client.links
+        poll_for(lambda: sum(len(link.in_flight) for link in links) > 3,
+                 message="more calls sent ahead to the node than one running and one held")
+    pool.terminate()
+    open(rest, "w").close()  # (what was not stopped runs now)
+    pool.join()
+    with open(log) as f:
+        assert len(f.readlines()) <= 3
