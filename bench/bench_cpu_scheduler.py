@@ -59,6 +59,15 @@ from dpool.daemons import {module} as daemon
 sys.argv[0] = "{module}"
 profile = {profile!r}
 if profile:
+    import gc, time
+    _gc = [0.0, 0, None]
+    def _gc_time(phase, info):
+        if phase == "start":
+            _gc[2] = time.perf_counter()
+        elif _gc[2] is not None:
+            _gc[0] += time.perf_counter() - _gc[2]
+            _gc[1] += 1
+    gc.callbacks.append(_gc_time)
     import cProfile
     prof = cProfile.Profile()
     prof.enable()
@@ -68,6 +77,8 @@ finally:
     if profile:
         prof.disable()
         prof.dump_stats(profile)
+        with open(profile + ".gc", "w") as f:
+            f.write(f"{{_gc[0]:.6f}} {{_gc[1]}}")
 """
 
 CLIENT = r"""
@@ -197,12 +208,19 @@ def _keep(out_dir, jobs):
 
 def show_profiles(out_dir):
     import pstats
+    import shutil
 
     for name in ("scheduler", "node0"):
         path = os.path.join(out_dir, f"{name}.prof")
         if os.path.exists(path):
             print(f"==== {name}")
+            if os.path.exists(path + ".gc"):
+                with open(path + ".gc") as f:
+                    seconds, count = f.read().split()
+                print(f"(the garbage collector: {count} collections, {float(seconds):.3f} s)")
             pstats.Stats(path).sort_stats(PROFILE_SORT).print_stats(PROFILE_LINES)
+            if os.environ.get("BENCH_KEEP_PROFILES"):
+                shutil.copy(path, os.path.join(os.environ["BENCH_KEEP_PROFILES"], f"{name}.prof"))
 
 
 def per_job(tree, args):

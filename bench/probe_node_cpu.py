@@ -19,6 +19,7 @@ import argparse
 import os
 import re
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,10 @@ try:
                 cmd = ["perf", "stat", "-x", ",", "-e",
                        "task-clock,context-switches,raw_syscalls:sys_enter",
                        "-p", ",".join(map(str, pids))]
+            elif tool == "record":
+                cmd = ["perf", "record", "-q", "-e", "cpu-clock", "-F", "4999", "-g",
+                       "-o", os.path.join(out_dir, part + ".data"),
+                       "-p", ",".join(map(str, pids))]
             else:
                 cmd = ["strace", "-c", "-f", *(a for pid in pids for a in ("-p", str(pid)))]
             probes[part] = subprocess.Popen(cmd, stderr=open(os.path.join(out_dir, part + ".txt"),
@@ -122,6 +127,13 @@ def one(tree, args):
         subprocess.run([sys.executable, "-c", CHILD, HERE, str(args.jobs), str(args.cpus),
                         str(args.seconds), "1" if args.scheduler else "0", args.tool, out_dir],
                        env=env, cwd=tree, check=True, timeout=1800)
+        if args.tool == "record":
+            for part in ("node", "workers", "scheduler"):
+                data = os.path.join(out_dir, part + ".data")
+                if os.path.exists(data) and args.keep:
+                    os.makedirs(args.keep, exist_ok=True)
+                    shutil.copy(data, os.path.join(args.keep, part + ".data"))
+            return {}
         return {part: parse(os.path.join(out_dir, part + ".txt"), args.tool, args.jobs)
                 for part in ("node", "workers", "scheduler")
                 if os.path.exists(os.path.join(out_dir, part + ".txt"))}
@@ -134,7 +146,8 @@ def main():
     ap.add_argument("--cpus", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=0.05)
     ap.add_argument("--scheduler", action="store_true", help="through a dpool-scheduler")
-    ap.add_argument("--tool", choices=("perf", "strace"), default="perf")
+    ap.add_argument("--tool", choices=("perf", "strace", "record"), default="perf")
+    ap.add_argument("--keep", metavar="DIR", help="(record) copy each part's perf.data here")
     ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
     runs = {tree: [] for tree in args.trees}
