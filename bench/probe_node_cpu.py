@@ -6,7 +6,8 @@ name) attached to each part while an Executor runs ``--jobs`` jobs of
 (``--scheduler``) through a dpool-scheduler over it.
 
     python bench/probe_node_cpu.py [--jobs 2000] [--cpus 8] [--scheduler]
-                                   [--tool perf|strace] [--rounds 1] [TREE ...]
+                                   [--tool perf|strace|record] [--keep DIR]
+                                   [--rounds 1] [TREE ...]
 
 Each TREE (a directory holding a ``dpool`` package; default: this one) is run
 in turn, ``--rounds`` times, the trees alternating (an A/B on a shared
@@ -14,6 +15,8 @@ machine: compare medians).  Attached after a warm-up; figures per job.  On a
 machine where the load moves, the counts (syscalls, context switches) move
 less than the times; neither is load-free (how many messages one loop pass
 reads depends on the pace): see bench_cpu_scheduler.py for instructions.
+``--tool record``: ``perf record -g`` of each part instead (``--keep DIR``
+gets node.data, workers.data, scheduler.data for ``perf report -i``).
 """
 import argparse
 import os
