@@ -302,6 +302,7 @@ class Session(P.Served):
         self.kept = None  # a recovery.Kept while detached (its client gone, recoverable)
         self.attempts = {}  # job id -> the attempt number the client gave it (Run)
         self.lent = None  # the worker lent to the embedding client (see lend)
+        self.lent_forgotten = set()  # fn ids forgotten while it was (told at take_back)
         self.arg_relay = None  # (Forward, worker): a job's argument streamed to its worker
         self._streaming = None  # (lengths, flags) of the Run being streamed, while it is given
         self.channel = SessionChannel(self)  # a worker serving the client's channel
@@ -548,6 +549,8 @@ class Session(P.Served):
             self.fns.pop(fn_id, None)
         lent = self.channel.worker  # (it reads the Forget once it serves the node again)
         self._act(self.dispatcher.forget(msg.fn_ids, () if lent is None else (lent,)))
+        if self.lent is not None:  # (its socket is the client's now: told at take_back)
+            self.lent_forgotten.update(msg.fn_ids)
 
     def on_cancel(self, msg, frames):
         self._act(self.dispatcher.cancel(msg.job_ids))
@@ -665,6 +668,7 @@ class Session(P.Served):
         session's (a job's provisional result, a file), handled first."""
         if self.lent is worker:
             self.lent = None
+        forgotten, self.lent_forgotten = self.lent_forgotten, set()
         if self.ended or worker.dead:
             return
         if item is not None:
@@ -674,6 +678,11 @@ class Session(P.Served):
         if not gone:
             self.workers.append(worker)
         worker.conn.take_back(messages)
+        forgotten = [fn_id for fn_id in forgotten  # (unless sent again since)
+                     if fn_id in worker.fns and fn_id not in self.dispatcher.fns]
+        if forgotten and not gone:
+            worker.fns.difference_update(forgotten)
+            self._act([Forget(worker, forgotten)])
         self.dispatch()
 
     def dispatch(self):

@@ -14,6 +14,7 @@ import threading
 import pytest
 
 import dpool
+from dpool import protocol as P
 from dpool.core.direct import MAX_ARGUMENT, DirectFuture
 from dpool.core.tcpline import TcpLine
 from dpool.errors import BrokenCluster, JobCancelled, NodeLost, WorkerLost
@@ -879,3 +880,29 @@ def test_an_interrupt_after_the_answer_was_read_loses_nothing(executor, monkeypa
     assert direct_submit(executor, tasks.square, 8).result(30) == 64
     executor._client.wait(30)
     assert not executor._client._unfinished
+
+
+def test_a_forget_while_a_local_worker_is_lent_reaches_it():
+    """The client forgets a function (a Forget to the embedded node) while
+    the worker that loaded it is lent to the client for direct calls: the
+    node told only its other workers, and the lent one kept the function
+    for good, the node still counting it loaded there.  It is told once it
+    is the node's again (its socket is the client's until then)."""
+    with Executor(1) as ex:
+        client = ex._client
+        assert ex.submit(tasks.square, 2).result(30) == 4      # via the node: loaded
+        line = client._direct
+        poll_for(lambda: line.worker is not None, message="the worker to be lent")
+        worker, session, link = line.worker, line.session, line.link
+        (fn_id,) = link.fns
+        assert fn_id in worker.fns
+
+        def forget():
+            link.forget([fn_id])
+            link.conn.send([P.encode(P.Forget, [fn_id])])
+        client.call(forget)
+        poll_for(lambda: fn_id not in session.fns, message="the node to read the Forget")
+        client.call(line.reclaim)
+        poll_for(lambda: worker in session.workers, message="the worker back")
+        assert fn_id not in worker.fns
+        assert ex.submit(tasks.square, 3).result(30) == 9      # (sent again, loaded again)
