@@ -117,7 +117,7 @@ class DpoolBackend(AutoBatchingMixin, ParallelBackendBase):
         self._start()
         if self._executor is not self._given and self._local():
             func = _sharing_memmaps(func)
-        future = self._executor.submit(func)
+        future = self._executor.submit(_run, func)
         with self._lock:
             self._futures.add(future)
         future.add_done_callback(self._forget)
@@ -149,6 +149,14 @@ class DpoolBackend(AutoBatchingMixin, ParallelBackendBase):
             future.cancel()
         if not ensure_ready:
             self.terminate()
+
+
+def _run(batch):
+    """Run a task (joblib's ``BatchedCalls``) on a worker.  Sent by
+    reference, so the worker imports this module and has "dpool"
+    registered as joblib's are, for a task that names it (a nested
+    ``Parallel(backend="dpool")``), in a fresh interpreter (a node's) too."""
+    return batch()
 
 
 # ------------------------------------------------------------ memmaps

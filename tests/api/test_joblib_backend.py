@@ -193,3 +193,15 @@ def test_a_tasks_writes_into_a_memmap_argument_are_seen_by_the_caller(tmp_path):
     read_only = np.memmap(path, dtype=np.float64, shape=(12,), mode="r", offset=24)
     with joblib.parallel_backend("dpool", n_jobs=2):
         assert joblib.Parallel()([joblib.delayed(total)(read_only)]) == [50.0]
+
+
+def test_the_backend_is_registered_in_the_workers_that_run_its_tasks(remote_node):
+    # a task naming backend="dpool" (a nested Parallel; joblib's
+    # test_nested_loop, test_backend_nesting_level) finds it registered, in
+    # a worker that is a fresh interpreter (a node's) too.  (A lambda: sent
+    # by value, it does not import this module, which imports dpool.joblib.)
+    address = "127.0.0.1:%d" % remote_node.port
+    registered = lambda _: "dpool" in __import__("joblib.parallel").parallel.BACKENDS  # noqa: E731
+    out = joblib.Parallel(backend="dpool", nodes=address, secret=remote_node.secret)(
+        joblib.delayed(registered)(x) for x in range(4))
+    assert out == [True] * 4
