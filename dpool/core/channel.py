@@ -46,6 +46,10 @@ log = logging.getLogger("dpool")
 #: Seconds before trying again after Busy (or a failed try), doubling up to RETRY_MAX.
 RETRY_FIRST = 0.5
 RETRY_MAX = 30.0
+#: Seconds the client's close waits for a channel being opened (its
+#: handshake) before cutting it: cut mid-authentication, the node logs it as
+#: a rejected connection (a WARNING at each such shutdown).
+OPENING_GRACE = 0.5
 
 
 class ClientChannel:
@@ -122,6 +126,9 @@ class ClientChannel:
                 async with asyncio.timeout(timeout):
                     conn = await connect(host, port, secret=self.client.secret or b"",
                                          hello=client_hello(), timeout=timeout)
+                    if self.line.closed:  # (the client closes: it waited for this much)
+                        self._drop(conn)
+                        return
                     conn.send([P.encode(P.Channel, token, serial)])
                     msg = P.decode((await conn.recv())[0])
             except (OSError, DpoolError, TimeoutError) as exc:
@@ -376,6 +383,8 @@ class ClientChannel:
 
     async def close(self) -> None:
         """(the client closing, nothing lent) Release, close, wait for it."""
+        if self.opening is not None:  # (let a handshake under way end: see OPENING_GRACE)
+            await asyncio.wait([self.opening], timeout=OPENING_GRACE)
         if self.opening is not None:
             self.opening.cancel()
             try:

@@ -346,3 +346,40 @@ def test_a_late_channel_lost_about_an_earlier_channel_costs_no_call(node, tmp_pa
         assert line.chan.conn is conn and not conn.closed
         handlers[P.ChannelLost] = real
         assert on_channel(ex, tasks.square, 10).result(30) == 100
+
+
+def test_a_client_closing_as_its_channel_opens_leaves_no_rejection_logged(tmp_path,
+                                                                         monkeypatch):
+    """The client shuts down while its channel's handshake is under way (a
+    fresh process's one call, then shutdown: the channel opens at the idle
+    moment between): the opening was cut mid-authentication and the node
+    logged a WARNING "rejected connection ... closed the connection during
+    authentication" for each such client.  The client's close now lets the
+    handshake end (OPENING_GRACE) and closes the connection after it."""
+    import asyncio
+
+    from dpool.transport import auth
+
+    real, seen, mid = auth._read, [], threading.Event()
+
+    async def held(conn, n):  # (the channel's handshake waits for the client's close)
+        if conn not in seen[:1]:
+            seen.append(conn)
+        if conn is not seen[0]:
+            mid.set()
+            while not client._direct.closed:
+                await asyncio.sleep(0.01)
+        return await real(conn, n)
+    monkeypatch.setattr(auth, "_read", held)
+    node = start_node(tmp_path / "node", cpus=1, secret=SECRET)
+    try:
+        ex = Executor(nodes=[node.address], secret=SECRET, heartbeat=QUIET)
+        client = ex._client
+        try:
+            assert ex.submit(tasks.identity, 1).result(30) == 1   # then idle: a channel opens
+            assert mid.wait(30)
+        finally:
+            ex.shutdown()
+    finally:
+        node.terminate()
+    assert "during authentication" not in node.stderr()
