@@ -43,6 +43,9 @@ __all__ = ["ClientChannel"]
 
 log = logging.getLogger("dpool")
 
+#: What a JobCluster job sends back before its DONE (its worker writes them
+#: on the channel; the loop thread hands them to the cluster's handlers).
+_PASSED_ON = (P.Provisional, P.SendFile)
 #: Seconds before trying again after Busy (or a failed try), doubling up to RETRY_MAX.
 RETRY_FIRST = 0.5
 RETRY_MAX = 30.0
@@ -100,11 +103,14 @@ class ClientChannel:
     def maybe_open(self, link: Any) -> None:
         """The client is idle with ``link`` its only one: open a channel if
         the node offers one and it is time to try."""
+        client = self.client
         if self.conn is not None or self.opening is not None or self.refused \
-                or self.job is not None or self.line.closed \
-                or self.client.ssl is not None or self.client._extended:
-            return  # (TLS, or a job environment (JobCluster): no node lends a worker to it;
-            # a call on the last channel waits for a notice that names that channel)
+                or self.job is not None or self.line.closed or client.ssl is not None \
+                or client._extended and not client.direct_events:
+            return  # (TLS: no node hands a connection on; an extension's messages
+            # (JobCluster's) reach the loop thread from a channel only with
+            # direct_events; a call on the last channel waits for a notice
+            # that names that channel)
         token = link.info.get("channel")
         if not isinstance(token, str):
             return
@@ -223,10 +229,15 @@ class ClientChannel:
         except ProtocolError:
             msg = None
         job = self.job
-        if conn is self.conn and job is not None and type(msg) is P.Done \
+        kind = type(msg)
+        if conn is self.conn and job is not None and kind is P.Done \
                 and len(msg.results) == 1 and msg.results[0][0] == job.id:
             self.job = None
             self._answered(job, frames)
+            return
+        if conn is self.conn and job is not None and kind in _PASSED_ON \
+                and msg.job_id == job.id:  # (dispy's: as if the node had passed it on)
+            self.client.net.handlers[kind](self.link, msg, frames)
             return
         log.warning("node %s: unexpected %s on the channel: closed", self.link.name,
                     type(msg).__name__)

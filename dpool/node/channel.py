@@ -14,6 +14,15 @@ draining); the client writes ``Release`` on the channel after its last
 call and the worker says ``Returned``.  A lent worker that dies is told to
 the client on the main link (``ChannelLost``): the call it ran fails with
 WorkerLost.  The session's end kills the lent worker with the others.
+
+A JobCluster session (dispy's job environment) gets a channel too, once
+its setup is done and until its cleanup begins: its workers were forked
+from the setup process and run in the session's folder, so a lent one
+runs a job as it would for the node; what a job sends back before its
+end (provisional results, files) goes on the channel ahead of its DONE
+(worker.py ``on_channel``).  A lent worker the client's end (its Bye, or
+its death) finds on a channel comes back when the channel ends and runs
+the user's cleanup if no other worker took it.
 """
 import logging
 import secrets
@@ -28,9 +37,9 @@ def open_channel(node, conn, token, serial):
     """``conn`` (a new connection) asked to be the channel of the session
     ``token`` names (``serial``: the client's number for it): True once a
     worker of that session has it; else the answer (Refused: no such
-    session, a TLS connection, a session with a job environment, messages
-    sent behind Channel, a serial not an int; Busy: none of its workers is
-    free now) is sent on ``conn`` and False returned."""
+    session, a TLS connection, messages sent behind Channel, a serial not
+    an int; Busy: none of its workers is free now, or its job environment
+    is being set up or cleaned up) is sent on ``conn`` and False returned."""
     session = node.channels.get(token) if isinstance(token, str) else None
     if session is None:
         log.warning("a channel asked by %s names no session here; refused", conn.peer)
@@ -39,9 +48,6 @@ def open_channel(node, conn, token, serial):
     if not sealed(conn):  # (TLS: its state can't go to a worker, now or later)
         conn.send([P.encode(P.Refused, "this node's connections (TLS) can't be handed to "
                                        "a worker: no channel")])
-        return False
-    if session.env is not None:  # (dispy's job environment: its workers are never lent)
-        conn.send([P.encode(P.Refused, "a session with a job environment gets no channel")])
         return False
     if conn.mid_read:  # (read with it, past the records the worker would go on from)
         log.warning("%s sent messages behind Channel before its answer; refused", conn.peer)
@@ -55,6 +61,16 @@ def open_channel(node, conn, token, serial):
         conn.send([P.encode(P.Busy, "no worker of the session is free for a channel now")])
         return False
     return True
+
+
+def _env_busy(env):
+    """Whether dispy's job environment (a JobCluster session's) keeps its
+    workers from a channel now: its setup not done yet, or its cleanup
+    begun.  Once set up, a worker serves a channel as it serves the node
+    (forked from the setup process, in the session's folder; what a job
+    sends back, provisional results and files, goes on the channel ahead
+    of its DONE)."""
+    return env is not None and (env.state not in (None, "done") or env.cleaning)
 
 
 class SessionChannel:
@@ -72,7 +88,7 @@ class SessionChannel:
         """An idle worker of the session that may serve a channel now, or None."""
         session = self.session
         if self.worker is not None or session.ended or session.draining \
-                or session.env is not None or session.dispatcher.queue \
+                or _env_busy(session.env) or session.dispatcher.queue \
                 or session.options.get("max_tasks") or session.conn.closed \
                 or session.arg_relay is not None:
             return None
@@ -110,6 +126,9 @@ class SessionChannel:
         session = self.session
         if not session.ended and not worker.dead:
             session.workers.append(worker)
+            env = session.env
+            if env is not None and env.cleaning and env.cleanup_worker is None:
+                env.send_cleanup(worker)  # (the client went while it was lent: none ran it)
             session.dispatch()
             if session.draining:
                 session._end_if_drained()

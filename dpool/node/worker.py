@@ -256,9 +256,16 @@ class Worker:
         channel = BlockingConnection(sock, records=RecordState.unpack(frames[1]))
         self.conn.send([P.encode(P.Channel, "")])  # taken: the node closes its copy
         known = set(self.fns)
+        # (dispy's job environment: a job's provisional results and files go
+        # on the channel, ahead of its DONE there, as on the node's link)
+        jobenv = sys.modules.get("dpool.node.env.job") \
+            if getattr(self, "jobenv", None) is not None else None
+        node_conn = jobenv.use_connection(channel) if jobenv is not None else None
         try:
             self.serve_channel(channel)
         finally:
+            if jobenv is not None:
+                jobenv.use_connection(node_conn)
             channel.close()
             # (the node never learns of the channel's functions: no Forget
             # would reach them, and the next channel sends its own)

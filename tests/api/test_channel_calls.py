@@ -69,15 +69,16 @@ def test_lone_calls_take_the_channel_on_every_api(node):
         assert [pool.apply(tasks.square, (i,)) for i in range(10)] == [i * i for i in range(10)]
         assert line.chan.calls == before + 10
 
-    # JobCluster's sessions have dispy's job environment (setup, files,
-    # provisional results through the node): no node lends a worker to one,
-    # so its lone jobs stay on the link (tests/dispy/test_cluster_direct.py)
+    # JobCluster's too, once its node's setup is done (dispy's job
+    # environment: tests/dispy/test_cluster_channel.py)
     cluster = cluster_on(node, tasks.double, heartbeat=QUIET, secret=SECRET)
     with cluster:
+        assert cluster.submit(1)(timeout=30) == 2
+        line = channeled(cluster._client, lambda client: cluster.submit(0)(timeout=30))
+        before = line.chan.calls
         for i in range(5):
             assert cluster.submit(i)(timeout=30) == 2 * i
-        line = line_of(cluster._client)
-        assert line.chan.opened == 0 and line.chan.opening is None
+        assert line.chan.calls == before + 5
 
 
 def test_a_large_call_keeps_the_nodes_streamed_path(node):

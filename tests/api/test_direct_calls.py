@@ -108,9 +108,11 @@ def line_of(client):
 
 def settled(line):
     """True once the line lends the node's channel, or none will come (TLS,
-    a job environment, refused): no channel opens under a test's call."""
+    an extension without direct events, refused): no channel opens under a
+    test's call."""
     client, chan = line.client, line.chan
-    return line.on_chan or chan.refused or client.ssl is not None or client._extended \
+    return line.on_chan or chan.refused or client.ssl is not None \
+        or client._extended and not client.direct_events \
         or not isinstance(line.link.info.get("channel"), str)
 
 

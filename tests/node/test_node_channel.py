@@ -314,18 +314,21 @@ def test_a_tls_node_refuses_a_channel_it_can_never_hand_on(tls_node, pki):
     run(main())
 
 
-def test_a_session_with_a_job_environment_gets_no_channel(dpool_node, node_secret):
-    """dispy's job environment (files, setup: every JobCluster) keeps its
-    workers from being lent: such a session's channel is Refused (for
-    good), not Busy (the client would try again at each idle moment)."""
+def test_a_session_with_a_job_environment_gets_a_channel(dpool_node, node_secret):
+    """dispy's job environment (files, setup: every JobCluster) no longer
+    keeps its workers from a channel once it is set up: the worker runs
+    the channel's calls in the session's folder, where the file is."""
     async def main():
         port = dpool_node.port
         main, info = await session(port, node_secret)
         main.conn.send([P.encode(P.File, 7, "data.txt", 0o644), b"payload"])
         msg, _ = await main.next(P.Heartbeat)
         assert type(msg) is P.FileDone and msg.error is None, msg
-        _, answer = await channel(port, node_secret, info["channel"])
-        assert type(answer) is P.Refused and "job environment" in answer.reason, answer
+        chan, answer = await channel(port, node_secret, info["channel"])
+        assert type(answer) is P.Ready, answer
+        chan.call(2, identity, "on the channel")
+        record, value = await chan.result()
+        assert record.outcome == P.Outcome.OK and value == "on the channel"
         main.conn.abort()
     run(main())
 

@@ -88,6 +88,15 @@ def dispy_send_file(path, relay=False, timeout=None):
     return 0
 
 
+def use_connection(conn):
+    """(the worker) Send what a job sends back on ``conn`` from now on (a
+    client's channel while the worker serves it, node/worker.py
+    ``on_channel``); returns the connection used until now."""
+    global _conn
+    previous, _conn = _conn, conn
+    return previous
+
+
 # ------------------------------------------------------- run by the cluster
 
 def _interpreter(path):

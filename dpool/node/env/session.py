@@ -208,7 +208,7 @@ class SessionEnv:
         """A new worker: True if it may take jobs now, False if parked."""
         if self.state == "done" and worker.zygote is self.zygote:
             if self.cleaning and self.cleanup_worker is None:
-                self._send_cleanup(worker)  # the workers were killed: a new one runs it
+                self.send_cleanup(worker)  # the workers were killed: a new one runs it
             self._admitted += 1
             if self._admitted >= self.session.cpus:
                 self._announce_done()
@@ -293,11 +293,11 @@ class SessionEnv:
         self._timer = loop.call_later(CLEANUP_TIMEOUT, self._cleanup_timed_out)
         if live:
             idle = [w for w in live if not w.outstanding] or live
-            self._send_cleanup(idle[0])
+            self.send_cleanup(idle[0])
         # else: every worker is being killed (a cancel); its replacement runs cleanup
         return True
 
-    def _send_cleanup(self, worker):
+    def send_cleanup(self, worker):
         self.cleanup_worker = worker
         worker.conn.send([P.encode(P.Cleanup), *self.setup_frames])
 
