@@ -24,6 +24,29 @@ def clock(fn):
     return time.perf_counter() - start
 
 
+def settle(client, call, timeout=10.0):
+    """Warm up until a lone call takes its steady path: via a dpool-node,
+    once the node's channel is open and lent (the calling thread then talks
+    to a worker of its session; ``TcpLine.on_chan``, a debug attribute,
+    docs/performance.md); at once locally or when no channel will come
+    (TLS, refused).  ``call()`` makes one lone call between looks (an idle
+    moment: the channel opens at one).  Returns the calls made and the
+    seconds it took, or None for the seconds if no channel was lent within
+    ``timeout`` (a client that never opens one).  The channel opens 40-140
+    ms after the first call's answer at load 12 (docs/performance.md)."""
+    start, made = time.monotonic(), 0
+    while time.monotonic() - start < timeout:
+        line = client._direct
+        chan = getattr(line, "chan", None)
+        if line is None and made >= 20 or line is not None and (
+                chan is None or chan.refused or client.ssl is not None or line.on_chan):
+            return made, time.monotonic() - start  # (no direct line; local; no channel; lent)
+        call()
+        made += 1
+        time.sleep(0.001)  # (idle a moment: the client's loop thread opens it then)
+    return made, None
+
+
 def best(fn, repeat=3):
     return min(clock(fn) for _ in range(repeat))
 

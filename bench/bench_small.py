@@ -36,8 +36,8 @@ import subprocess
 import sys
 import traceback
 
-from _common import (CPUS, MP, ROOT, bare_processes, clock, cpu_seconds, start_node_daemon,
-                     stop_node_daemon)
+from _common import (CPUS, MP, ROOT, bare_processes, clock, cpu_seconds, settle,
+                     start_node_daemon, stop_node_daemon)
 
 SECRET = "bench-small-secret"
 
@@ -140,6 +140,7 @@ def case_round_trip(results, node, trips, rounds):
     with mp_side() as ref:
         for key in keys:
             with table[key] as ours:
+                settle(ours.obj._client, lambda: ours.one(0))  # (via a node: its channel)
                 t_ours, t_ref = interleaved(lambda: [ours.one(i) for i in range(trips)],
                                             lambda: [ref.one(i) for i in range(trips)], rounds)
             target = 0.5 if node is None else 1.0
