@@ -52,12 +52,16 @@ WARM_UP = {tasks.double: (0,), tasks.echo_outputs: (0,), tasks.fails: (0,),
 
 def parked(c):
     """Wait until a lone job may go direct (a job on the normal path parks
-    the link again when it ends)."""
+    the link again when it ends), on the link or on the node's channel
+    (tests/dispy/test_cluster_channel.py: both are the direct path)."""
     line = c._client._direct
     assert isinstance(line, TcpLine)
     for _ in range(50):
         try:
-            poll_for(line.free, timeout=1, message="the link to be parked")
+            # (not while the node's channel opens: once open it takes the
+            # link back from a thread reading a job on it, to lend the channel)
+            poll_for(lambda: line.free() and line.chan.opening is None, timeout=1,
+                     message="the link to be parked")
             return line
         except AssertionError:
             c.submit(*WARM_UP[c.computation])(timeout=30)
