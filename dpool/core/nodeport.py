@@ -16,6 +16,7 @@ on a node than it has CPUs: the CPU accounting is the broker's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -103,7 +104,8 @@ class Link:
             self.conn = conn
             def closed(exc: BaseException | None = None) -> None:
                 self._on_close(exc, on_close)
-            conn.set_receiver(lambda frames: self._on_frames(frames, on_message), closed)
+            conn.set_receiver(functools.partial(self._on_frames, on_message=on_message),
+                              closed)   # (a partial: no Python frame of its own per message)
             options = dict(options, heartbeat=port.liveness.as_option())
             conn.send([P.encode(P.Session, options), *frames])
             for message in preamble():

@@ -795,7 +795,8 @@ class Session(P.Served):
         worker, and the notice rides on the pass that reads that result."""
         if self.options.get("notify_start") and self.dispatcher.started(job_id):
             self.started.append((job_id, time.time()))
-            self._schedule_flush()
+            if not self._flush_scheduled:
+                self._schedule_flush()
 
     def _next_starts(self, worker, head):
         """The worker's first job was ``head`` before its results were

@@ -423,11 +423,14 @@ class Connection:
         try:
             on_message(frames)
         except Exception as exc:
-            log.exception("on_message callback for %s failed; aborting the connection",
-                          self.peer)
-            self._fail(exc)
+            self._receiver_failed(exc)
             return False
         return True
+
+    def _receiver_failed(self, exc: Exception) -> None:
+        log.exception("on_message callback for %s failed; aborting the connection", self.peer,
+                      exc_info=exc)
+        self._fail(exc)
 
     def _deliver(self, messages: Sequence[Message]) -> None:
         on_message = self._on_message
@@ -447,7 +450,10 @@ class Connection:
                     self._pending.extend(messages[i:])
                     return
             self._more = i < last
-            if not self._call_receiver(on_message, frames):
+            try:   # (as _call_receiver, inline: once per message)
+                on_message(frames)
+            except Exception as exc:
+                self._receiver_failed(exc)
                 return
         self._more = False
 

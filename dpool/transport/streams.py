@@ -200,8 +200,8 @@ class SocketStream:
 
     def _read_ready(self) -> None:
         conn = self._conn
-        try:
-            n = self._sock.recv_into(conn._get_buffer())
+        try:   # (conn._get_buffer(), inline: once per read)
+            n = self._sock.recv_into(conn._hs_rx if conn._preauth else conn._decoder.get_buffer())
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -346,7 +346,10 @@ class SocketStream:
             sent = self._send_some(out)
         except OSError:
             return
-        advance(out, sent)
+        if sent == self._out_bytes and not self._markers and not self._plain:
+            out.clear()   # (all of it, the usual case: nothing to walk through)
+        else:
+            advance(out, sent)
         self._out_bytes -= sent
         self._sealed_bytes -= sent
         self._conn.bytes_sent += sent
