@@ -89,6 +89,21 @@ async def channel(port, secret, token, serial=1):
     return chan, msg and msg[0]
 
 
+async def served_by(main, pid, first_job=30):
+    """The pids that ran pairs of calls on ``main`` (NAP_PID, sent with the
+    first) until the worker ``pid`` ran one, a bounded number of pairs: a
+    worker back from a channel serves the node again at a moment the node
+    doesn't order with these calls (the other worker may take both of a
+    pair), and which worker takes which job is the node's choice."""
+    seen, job = set(), first_job
+    while pid not in seen and job < first_job + 2 * 50:
+        main.call(job, NAP_PID, 0.1, with_func=job == first_job)
+        main.call(job + 1, NAP_PID, 0.1, with_func=False)
+        seen |= {(await main.result())[1], (await main.result())[1]}
+        job += 2
+    return seen
+
+
 def run(coro):
     async def main():
         try:
@@ -137,11 +152,7 @@ def test_a_channel_serves_calls_then_goes_back_when_recalled(dpool_node, node_se
         chan.conn.send([P.encode(P.Release)])
         assert await chan.next() is None            # the worker closed it
         assert sorted([(await main.result())[0].job_id for _ in range(3)]) == [20, 21, 22]
-        # two jobs of a function of no known duration: one to each worker
-        main.call(30, NAP_PID, 0.3)
-        main.call(31, NAP_PID, 0.3, with_func=False)
-        pids = {(await main.result())[1], (await main.result())[1]}
-        assert pid in pids and len(pids) == 2       # it serves the node again
+        assert pid in await served_by(main, pid)     # it serves the node again
         main.conn.abort()
     run(main())
 
@@ -282,17 +293,8 @@ def test_a_malformed_message_on_a_channel_ends_it_not_its_worker(dpool_node, nod
         chan, first = await channel(port, node_secret, info["channel"])
         chan.conn.send(bad)
         assert await chan.next() is None           # the channel ends
-        # the worker serves the node again: no ChannelLost, the same pid.
-        # Its return to the node takes a moment the node doesn't order with
-        # these calls (the other worker may take both of a pair): pairs of
-        # calls until the channel's worker takes one, a bounded number.
-        seen, job = set(), 30
-        while first.info["pid"] not in seen and job < 30 + 2 * 50:
-            main.call(job, NAP_PID, 0.1, with_func=job == 30)
-            main.call(job + 1, NAP_PID, 0.1, with_func=False)
-            seen |= {(await main.result())[1], (await main.result())[1]}
-            job += 2
-        assert first.info["pid"] in seen, seen
+        # the worker serves the node again: no ChannelLost, the same pid
+        assert first.info["pid"] in await served_by(main, first.info["pid"])
         main.conn.abort()
     run(main())
 
