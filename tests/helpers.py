@@ -389,3 +389,23 @@ def memory_files(pid):
         except OSError:
             pass
     return count
+
+
+def fork_worker():
+    """A dpool worker forked on one end of a socket pair: (its pid, a
+    BlockingConnection on the other end), for tests that speak the node's
+    side of the worker protocol themselves."""
+    from dpool.transport.blocking import BlockingConnection
+
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ours.close()
+            from dpool.node import worker
+
+            worker.main(theirs.detach())
+        finally:
+            os._exit(99)
+    theirs.close()
+    return pid, BlockingConnection(ours)

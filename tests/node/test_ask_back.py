@@ -7,7 +7,6 @@ At the session's level (no processes: the worker's side played here), and
 the worker's side in a forked worker."""
 import asyncio
 import os
-import socket
 import tempfile
 import time
 
@@ -16,7 +15,7 @@ from dpool import serialize
 from dpool.node.dispatch import PREFETCH_JOB
 from dpool.node.runtime import Session, WorkerHandle
 from dpool.transport import inproc_pair
-from dpool.transport.blocking import BlockingConnection
+from helpers import fork_worker
 
 
 class ClientConn:
@@ -410,19 +409,6 @@ def test_jobs_asked_back_with_no_client_to_take_them_run_here():
 
 # ------------------------------------------------------------ the worker's side
 
-def _fork_worker():
-    ours, theirs = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            ours.close()
-            from dpool.node import worker
-
-            worker.main(theirs.detach())
-        finally:
-            os._exit(99)
-    theirs.close()
-    return pid, BlockingConnection(ours)
 
 
 def _run(job_id, fn_id, *args):
@@ -444,7 +430,7 @@ def test_a_worker_gives_back_a_job_asked_back_before_it_starts():
     gives 2 back unstarted (its function never runs) ahead of 1's result, and a Cancel that
     comes after a job ran changes nothing (the next job runs)."""
     with tempfile.TemporaryDirectory() as tmp:
-        pid, conn = _fork_worker()
+        pid, conn = fork_worker()
         try:
             conn.send([P.encode(P.Init, {"cwd": tmp})])
             conn.send([P.encode(P.Func, 1), serialize.dumps_function(time.sleep)])
@@ -480,7 +466,7 @@ def test_a_giveback_read_late_kills_no_worker_and_the_next_held_job_runs_once():
     the GiveBack after 1's result, then killed the worker, which had gone
     on to 3: 3 was requeued and ran twice."""
     async def main(tmp):
-        pid, real = _fork_worker()
+        pid, real = fork_worker()
         ours, theirs = inproc_pair()
         theirs.set_receiver(real.send, lambda exc=None: None)  # node -> the real worker
         client = ClientConn()

@@ -181,24 +181,11 @@ def test_a_jobs_escapee_dies_within_a_burst_of_jobs_that_keeps_its_worker_busy(t
     REAP_EVERY seconds instead of after each batch: the escapee of the
     burst's first job dies while the burst still runs (dpool.node.worker.
     REAP_EVERY), not at its end."""
-    import socket
-
     from dpool import protocol as P
     from dpool import serialize
-    from dpool.transport.blocking import BlockingConnection
+    from helpers import fork_worker
 
-    ours, theirs = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            ours.close()
-            from dpool.node import worker
-
-            worker.main(theirs.detach())
-        finally:
-            os._exit(99)
-    theirs.close()
-    conn = BlockingConnection(ours)
+    pid, conn = fork_worker()
 
     def run(job_id, fn_id, *args):
         return [P.encode(P.Run, [P.run_item(job_id, fn_id, 1, 0)]), *serialize.dumps_call(args)]
